@@ -1,0 +1,78 @@
+//! What every request handler shares, built once from the config.
+
+use crate::config::{Config, CALLBACK_PATH};
+use crate::oidc::Provider;
+use crate::proxy::client::HttpClient;
+use crate::proxy::headers::Spoofable;
+use crate::session::SessionCookies;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub struct App {
+    pub cfg: Arc<Config>,
+    pub cookies: SessionCookies,
+    pub provider: Arc<Provider>,
+    pub upstream: HttpClient,
+    pub spoofable: Spoofable,
+    pub used_states: UsedStates,
+    pub request_id_prefix: String,
+}
+
+impl App {
+    pub fn new(cfg: Arc<Config>, provider: Arc<Provider>, upstream: HttpClient) -> Self {
+        let cookies = SessionCookies::new(
+            &cfg.cookie,
+            cfg.session.lifetime,
+            cfg.limits.max_cookie_chunks,
+            CALLBACK_PATH,
+        );
+        let prefix: String = crate::session::crypto::random_bytes::<4>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Self {
+            spoofable: Spoofable::new(&cfg.headers),
+            cookies,
+            provider,
+            upstream,
+            used_states: UsedStates::default(),
+            request_id_prefix: prefix,
+            cfg,
+        }
+    }
+}
+
+/// States already spent at the callback (replay defence on top of the single-use flow cookie).
+/// Bounded: expired entries are swept, and past the cap the oldest half is forgotten.
+#[derive(Default)]
+pub struct UsedStates {
+    inner: Mutex<HashMap<String, u64>>,
+}
+
+const MAX_USED_STATES: usize = 100_000;
+
+impl UsedStates {
+    /// Records `state` as used until `until`; false if it was already used.
+    pub fn claim(&self, state: &str, until: u64) -> bool {
+        let Ok(mut map) = self.inner.lock() else {
+            return false;
+        };
+        let now = crate::session::now_secs();
+        if map.len() >= MAX_USED_STATES {
+            map.retain(|_, exp| *exp > now);
+            if map.len() >= MAX_USED_STATES {
+                let mut exps: Vec<u64> = map.values().copied().collect();
+                exps.sort_unstable();
+                let cut = exps[exps.len() / 2];
+                map.retain(|_, exp| *exp > cut);
+            }
+        }
+        match map.get(state) {
+            Some(exp) if *exp > now => false,
+            _ => {
+                map.insert(state.to_string(), until);
+                true
+            }
+        }
+    }
+}

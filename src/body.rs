@@ -1,0 +1,83 @@
+//! One body type for everything the gateway sends or receives: a streamed hyper body,
+//! a buffer it wrote itself, or nothing. An enum, not a box: no allocation per request.
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+#[derive(Debug, Default)]
+pub enum Body {
+    #[default]
+    Empty,
+    Full(Option<Bytes>),
+    Streamed(Incoming),
+}
+
+impl Body {
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        Body::Full(Some(data.into()))
+    }
+}
+
+impl From<Incoming> for Body {
+    fn from(b: Incoming) -> Self {
+        Body::Streamed(b)
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Body::Streamed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(d) => d.is_none(),
+            Body::Streamed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Streamed(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Reads a body into memory, refusing more than `limit` bytes.
+pub async fn read_limited<B>(body: B, limit: usize) -> Result<Bytes, ReadError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, limit);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
+        Err(e) => Err(ReadError::Io(e.to_string())),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("body too large")]
+    TooLarge,
+    #[error("reading body: {0}")]
+    Io(String),
+}

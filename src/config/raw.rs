@@ -1,0 +1,202 @@
+//! Serde mirror of the YAML file. Every struct denies unknown keys so a typo fails fast;
+//! every field has a default so the minimal file works as written.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub listen: String,
+    pub upstream: String,
+    pub redirect_url: String,
+    pub provider: RawProvider,
+    pub cookie: RawCookie,
+    pub session: RawSession,
+    pub headers: RawHeaders,
+    pub timeouts: RawTimeouts,
+    pub limits: RawLimits,
+    pub post_logout_redirect_url: String,
+    pub log: RawLog,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4180".into(),
+            upstream: String::new(),
+            redirect_url: String::new(),
+            provider: RawProvider::default(),
+            cookie: RawCookie::default(),
+            session: RawSession::default(),
+            headers: RawHeaders::default(),
+            timeouts: RawTimeouts::default(),
+            limits: RawLimits::default(),
+            post_logout_redirect_url: String::new(),
+            log: RawLog::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProvider {
+    pub issuer_url: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub client_secret_file: String,
+    pub scopes: Vec<String>,
+    /// `auto` (from discovery), `client_secret_basic` or `client_secret_post`.
+    pub token_auth_method: String,
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+}
+
+impl Default for RawProvider {
+    fn default() -> Self {
+        Self {
+            issuer_url: String::new(),
+            client_id: String::new(),
+            client_secret: String::new(),
+            client_secret_file: String::new(),
+            scopes: vec!["openid".into(), "email".into(), "profile".into()],
+            token_auth_method: "auto".into(),
+            clock_skew: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCookie {
+    pub name: String,
+    pub secrets: Vec<String>,
+    pub secrets_file: String,
+    pub secure: bool,
+    pub domain: String,
+    pub same_site: String,
+    #[serde(with = "humantime_serde")]
+    pub flow_lifetime: Duration,
+}
+
+impl Default for RawCookie {
+    fn default() -> Self {
+        Self {
+            name: "_portcullis".into(),
+            secrets: Vec::new(),
+            secrets_file: String::new(),
+            secure: true,
+            domain: String::new(),
+            same_site: "lax".into(),
+            flow_lifetime: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSession {
+    #[serde(with = "humantime_serde")]
+    pub lifetime: Duration,
+}
+
+impl Default for RawSession {
+    fn default() -> Self {
+        Self {
+            lifetime: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHeaders {
+    /// Claim sent as the user header: `sub` or `email`.
+    pub user_claim: String,
+    pub user: String,
+    pub email: String,
+    pub groups: String,
+    pub preferred_username: String,
+    pub request_id: String,
+    pub pass_access_token: bool,
+}
+
+impl Default for RawHeaders {
+    fn default() -> Self {
+        Self {
+            user_claim: "sub".into(),
+            user: "X-Forwarded-User".into(),
+            email: "X-Forwarded-Email".into(),
+            groups: "X-Forwarded-Groups".into(),
+            preferred_username: "X-Forwarded-Preferred-Username".into(),
+            request_id: "X-Request-Id".into(),
+            pass_access_token: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTimeouts {
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect: Duration,
+    #[serde(with = "humantime_serde")]
+    pub upstream_response: Duration,
+    #[serde(with = "humantime_serde")]
+    pub provider: Duration,
+    #[serde(with = "humantime_serde")]
+    pub header_read: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown: Duration,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        Self {
+            upstream_connect: Duration::from_secs(5),
+            upstream_response: Duration::from_secs(60),
+            provider: Duration::from_secs(10),
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(90),
+            shutdown: Duration::from_secs(25),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_cookie_chunks: usize,
+    pub max_connections: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_cookie_chunks: 8,
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub level: String,
+    pub format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! Raw → typed configuration. Every problem is collected, each naming its key.
+
+use super::raw::RawConfig;
+use super::secret::{decode_cookie_key, CookieKey, Secret};
+use super::{ConfigError, ConfigErrors};
+use http::header::HeaderName;
+use std::net::SocketAddr;
+use std::time::Duration;
+use url::Url;
+
+/// The path prefix of the gateway's own endpoints.
+pub const FLOW_PREFIX: &str = "/oauth2/";
+pub const CALLBACK_PATH: &str = "/oauth2/callback";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+    pub redirect_url: Url,
+    /// Scheme + host (+ port) of `redirect_url`: where this gateway is reached.
+    pub public_origin: String,
+    pub post_logout_redirect_url: String,
+    pub provider: ProviderConfig,
+    pub cookie: CookieConfig,
+    pub session: SessionConfig,
+    pub headers: HeaderConfig,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Path prefix without a trailing slash ("" for none).
+    pub path_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenAuthMethod {
+    Auto,
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub issuer_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub scopes: Vec<String>,
+    pub token_auth_method: TokenAuthMethod,
+    pub clock_skew: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct CookieConfig {
+    /// The name the session cookie is set under (with `__Host-` when secure and host-only).
+    pub name: String,
+    pub keys: Vec<CookieKey>,
+    pub secure: bool,
+    pub domain: Option<String>,
+    pub same_site: SameSite,
+    pub flow_lifetime: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub lifetime: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserClaim {
+    Sub,
+    Email,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderConfig {
+    pub user_claim: UserClaim,
+    pub user: HeaderName,
+    pub email: HeaderName,
+    pub groups: HeaderName,
+    pub preferred_username: HeaderName,
+    pub request_id: HeaderName,
+    pub pass_access_token: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub upstream_connect: Duration,
+    pub upstream_response: Duration,
+    pub provider: Duration,
+    pub header_read: Duration,
+    pub idle: Duration,
+    pub shutdown: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_cookie_chunks: usize,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub json: bool,
+}
+
+struct Collector(Vec<ConfigError>);
+
+impl Collector {
+    fn err(&mut self, key: &str, msg: impl Into<String>) {
+        self.0.push(ConfigError::new(key, msg));
+    }
+}
+
+fn read_secret_file(c: &mut Collector, key: &str, path: &str) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            c.err(key, format!("cannot read {path}: {e}"));
+            None
+        }
+    }
+}
+
+fn parse_url(c: &mut Collector, key: &str, text: &str) -> Option<Url> {
+    if text.is_empty() {
+        c.err(key, "is required");
+        return None;
+    }
+    match Url::parse(text) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            if !u.username().is_empty() || u.password().is_some() {
+                c.err(key, "must not contain credentials");
+                return None;
+            }
+            Some(u)
+        }
+        Ok(_) => {
+            c.err(key, format!("`{text}` is not an http(s) URL with a host"));
+            None
+        }
+        Err(e) => {
+            c.err(key, format!("`{text}` is not a valid URL: {e}"));
+            None
+        }
+    }
+}
+
+fn header_name(c: &mut Collector, key: &str, text: &str) -> HeaderName {
+    HeaderName::from_bytes(text.as_bytes()).unwrap_or_else(|_| {
+        c.err(key, format!("`{text}` is not a valid header name"));
+        HeaderName::from_static("x-invalid")
+    })
+}
+
+fn positive(c: &mut Collector, key: &str, d: Duration) -> Duration {
+    if d.is_zero() {
+        c.err(key, "must be greater than zero");
+    }
+    d
+}
+
+pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+    let mut c = Collector(Vec::new());
+
+    let listen = raw.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+        c.err(
+            "listen",
+            format!(
+                "`{}` is not an address:port like 127.0.0.1:4180",
+                raw.listen
+            ),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 4180))
+    });
+
+    let upstream = parse_url(&mut c, "upstream", &raw.upstream).and_then(|u| {
+        if u.query().is_some() || u.fragment().is_some() {
+            c.err("upstream", "must not have a query or fragment");
+            return None;
+        }
+        let scheme = http::uri::Scheme::try_from(u.scheme()).ok()?;
+        let host = match u.host() {
+            Some(url::Host::Ipv6(a)) => format!("[{a}]"),
+            Some(h) => h.to_string(),
+            None => return None,
+        };
+        let authority = match u.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        };
+        let authority = http::uri::Authority::try_from(authority.as_str()).ok()?;
+        Some(UpstreamConfig {
+            scheme,
+            authority,
+            path_prefix: u.path().trim_end_matches('/').to_string(),
+        })
+    });
+
+    let redirect_url = parse_url(&mut c, "redirect_url", &raw.redirect_url);
+    if let Some(u) = &redirect_url {
+        if u.path() != CALLBACK_PATH {
+            c.err(
+                "redirect_url",
+                format!(
+                    "path `{}` is not served by the gateway: use `{CALLBACK_PATH}`",
+                    u.path()
+                ),
+            );
+        }
+        if u.query().is_some() || u.fragment().is_some() {
+            c.err("redirect_url", "must not have a query or fragment");
+        }
+    }
+    let public_origin = redirect_url
+        .as_ref()
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default();
+
+    let post_logout_redirect_url = if raw.post_logout_redirect_url.is_empty() {
+        format!("{public_origin}/oauth2/signed_out")
+    } else {
+        parse_url(
+            &mut c,
+            "post_logout_redirect_url",
+            &raw.post_logout_redirect_url,
+        )
+        .map(String::from)
+        .unwrap_or_default()
+    };
+
+    // Provider
+    let p = &raw.provider;
+    let issuer = parse_url(&mut c, "provider.issuer_url", &p.issuer_url);
+    if let Some(u) = &issuer {
+        if u.query().is_some() || u.fragment().is_some() {
+            c.err("provider.issuer_url", "must not have a query or fragment");
+        }
+    }
+    if p.client_id.is_empty() {
+        c.err("provider.client_id", "is required");
+    }
+    let client_secret = match (p.client_secret.is_empty(), p.client_secret_file.is_empty()) {
+        (false, false) => {
+            c.err(
+                "provider.client_secret",
+                "set either client_secret or client_secret_file, not both",
+            );
+            Secret::default()
+        }
+        (false, true) => Secret::new(p.client_secret.clone()),
+        (true, false) => {
+            read_secret_file(&mut c, "provider.client_secret_file", &p.client_secret_file)
+                .map(|s| Secret::new(s.trim_end_matches(['\r', '\n']).to_string()))
+                .unwrap_or_default()
+        }
+        (true, true) => {
+            c.err(
+                "provider.client_secret",
+                "is required (or provider.client_secret_file)",
+            );
+            Secret::default()
+        }
+    };
+    if !p.scopes.iter().any(|s| s == "openid") {
+        c.err("provider.scopes", "must include `openid`");
+    }
+    if let Some(s) = p
+        .scopes
+        .iter()
+        .find(|s| s.is_empty() || s.chars().any(|ch| ch.is_whitespace() || ch == '"'))
+    {
+        c.err("provider.scopes", format!("`{s}` is not a valid scope"));
+    }
+    let token_auth_method = match p.token_auth_method.as_str() {
+        "auto" => TokenAuthMethod::Auto,
+        "client_secret_basic" => TokenAuthMethod::ClientSecretBasic,
+        "client_secret_post" => TokenAuthMethod::ClientSecretPost,
+        other => {
+            c.err(
+                "provider.token_auth_method",
+                format!("`{other}`: use auto, client_secret_basic or client_secret_post"),
+            );
+            TokenAuthMethod::Auto
+        }
+    };
+
+    // Cookie
+    let ck = &raw.cookie;
+    let mut keys = Vec::new();
+    for (i, s) in ck.secrets.iter().enumerate() {
+        match decode_cookie_key(s) {
+            Ok(k) => keys.push(k),
+            Err(m) => c.err(&format!("cookie.secrets[{i}]"), m),
+        }
+    }
+    if !ck.secrets_file.is_empty() {
+        if let Some(text) = read_secret_file(&mut c, "cookie.secrets_file", &ck.secrets_file) {
+            for (i, line) in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .enumerate()
+            {
+                match decode_cookie_key(line) {
+                    Ok(k) => keys.push(k),
+                    Err(m) => c.err(&format!("cookie.secrets_file (entry {})", i + 1), m),
+                }
+            }
+        }
+    }
+    if keys.is_empty() && !c.0.iter().any(|e| e.key.starts_with("cookie.secrets")) {
+        c.err(
+            "cookie.secrets",
+            "at least one secret is required (or cookie.secrets_file); generate one with `portcullis secret`",
+        );
+    }
+    let valid_name = !ck.name.is_empty()
+        && ck
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if !valid_name {
+        c.err(
+            "cookie.name",
+            "must be non-empty and use only letters, digits, `_`, `-`, `.`",
+        );
+    }
+    let domain = (!ck.domain.is_empty()).then(|| ck.domain.clone());
+    let same_site = match ck.same_site.to_ascii_lowercase().as_str() {
+        "lax" => SameSite::Lax,
+        "strict" => SameSite::Strict,
+        "none" => {
+            if !ck.secure {
+                c.err("cookie.same_site", "`none` requires cookie.secure: true");
+            }
+            SameSite::None
+        }
+        other => {
+            c.err(
+                "cookie.same_site",
+                format!("`{other}`: use lax, strict or none"),
+            );
+            SameSite::Lax
+        }
+    };
+    let cookie_name = if ck.secure && domain.is_none() && !ck.name.starts_with("__") {
+        format!("__Host-{}", ck.name)
+    } else {
+        ck.name.clone()
+    };
+    if let Some(u) = &redirect_url {
+        if ck.secure && u.scheme() != "https" && !is_loopback(u) {
+            c.err(
+                "cookie.secure",
+                "is true but redirect_url is not https: browsers would drop the cookie (set cookie.secure: false for plain-http setups)",
+            );
+        }
+    }
+    let flow_lifetime = positive(&mut c, "cookie.flow_lifetime", ck.flow_lifetime);
+    let lifetime = positive(&mut c, "session.lifetime", raw.session.lifetime);
+
+    // Headers
+    let h = &raw.headers;
+    let user_claim = match h.user_claim.as_str() {
+        "sub" => UserClaim::Sub,
+        "email" => UserClaim::Email,
+        other => {
+            c.err("headers.user_claim", format!("`{other}`: use sub or email"));
+            UserClaim::Sub
+        }
+    };
+    let headers = HeaderConfig {
+        user_claim,
+        user: header_name(&mut c, "headers.user", &h.user),
+        email: header_name(&mut c, "headers.email", &h.email),
+        groups: header_name(&mut c, "headers.groups", &h.groups),
+        preferred_username: header_name(
+            &mut c,
+            "headers.preferred_username",
+            &h.preferred_username,
+        ),
+        request_id: header_name(&mut c, "headers.request_id", &h.request_id),
+        pass_access_token: h.pass_access_token,
+    };
+
+    let t = &raw.timeouts;
+    let timeouts = Timeouts {
+        upstream_connect: positive(&mut c, "timeouts.upstream_connect", t.upstream_connect),
+        upstream_response: positive(&mut c, "timeouts.upstream_response", t.upstream_response),
+        provider: positive(&mut c, "timeouts.provider", t.provider),
+        header_read: positive(&mut c, "timeouts.header_read", t.header_read),
+        idle: positive(&mut c, "timeouts.idle", t.idle),
+        shutdown: t.shutdown,
+    };
+    let l = &raw.limits;
+    if l.max_header_bytes < 4096 {
+        c.err("limits.max_header_bytes", "must be at least 4096");
+    }
+    if l.max_headers == 0 {
+        c.err("limits.max_headers", "must be greater than zero");
+    }
+    if !(1..=32).contains(&l.max_cookie_chunks) {
+        c.err("limits.max_cookie_chunks", "must be between 1 and 32");
+    }
+    if l.max_connections == 0 {
+        c.err("limits.max_connections", "must be greater than zero");
+    }
+    let log_json = match raw.log.format.as_str() {
+        "text" => false,
+        "json" => true,
+        other => {
+            c.err("log.format", format!("`{other}`: use text or json"));
+            false
+        }
+    };
+    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+        c.err(
+            "log.level",
+            format!(
+                "`{}` is not a level (error, warn, info, debug, trace) or filter",
+                raw.log.level
+            ),
+        );
+    }
+
+    if !c.0.is_empty() {
+        return Err(ConfigErrors(c.0));
+    }
+    let (Some(upstream), Some(redirect_url), Some(_)) = (upstream, redirect_url, issuer) else {
+        return Err(ConfigErrors(vec![ConfigError::new(
+            "",
+            "invalid configuration",
+        )]));
+    };
+    Ok(Config {
+        listen,
+        upstream,
+        redirect_url,
+        public_origin,
+        post_logout_redirect_url,
+        provider: ProviderConfig {
+            // Keep the issuer exactly as written: it must equal discovery's `issuer`.
+            issuer_url: p.issuer_url.clone(),
+            client_id: p.client_id.clone(),
+            client_secret,
+            scopes: p.scopes.clone(),
+            token_auth_method,
+            clock_skew: p.clock_skew,
+        },
+        cookie: CookieConfig {
+            name: cookie_name,
+            keys,
+            secure: ck.secure,
+            domain,
+            same_site,
+            flow_lifetime,
+        },
+        session: SessionConfig { lifetime },
+        headers,
+        timeouts,
+        limits: Limits {
+            max_header_bytes: l.max_header_bytes,
+            max_headers: l.max_headers,
+            max_cookie_chunks: l.max_cookie_chunks,
+            max_connections: l.max_connections,
+        },
+        log: LogConfig {
+            level: raw.log.level.clone(),
+            json: log_json,
+        },
+    })
+}
+
+fn is_loopback(u: &Url) -> bool {
+    match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
+    }
+}

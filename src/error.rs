@@ -1,0 +1,104 @@
+//! Errors on the request path, tagged by the side that failed. One mapping to HTTP.
+
+use crate::body::Body;
+use crate::pages;
+use http::{Response, StatusCode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Provider,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("upstream unavailable: {0}")]
+    UpstreamConnect(String),
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("provider unavailable: {0}")]
+    ProviderUnavailable(String),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl GatewayError {
+    pub fn side(&self) -> Side {
+        match self {
+            GatewayError::BadRequest(_) => Side::Client,
+            GatewayError::UpstreamConnect(_) | GatewayError::UpstreamTimeout => Side::Upstream,
+            GatewayError::ProviderUnavailable(_) => Side::Provider,
+            GatewayError::Internal(_) => Side::Internal,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::ProviderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The page shown: short, no internals (details go to the log).
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let (title, msg) = match &self {
+            GatewayError::BadRequest(m) => ("Bad request", *m),
+            GatewayError::UpstreamConnect(_) => (
+                "Bad gateway",
+                "The application behind this gateway is not reachable. Please try again shortly.",
+            ),
+            GatewayError::UpstreamTimeout => (
+                "Gateway timeout",
+                "The application behind this gateway did not answer in time.",
+            ),
+            GatewayError::ProviderUnavailable(_) => (
+                "Sign-in unavailable",
+                "The identity provider cannot be reached right now. Please try again shortly.",
+            ),
+            GatewayError::Internal(_) => ("Internal error", "Something went wrong in the gateway."),
+        };
+        let mut resp = pages::html(status, title, msg, "");
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("5"),
+            );
+        }
+        resp
+    }
+}
+
+/// An error with its sources, on one line (hyper's errors hide the useful part in `source`).
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_mapping_is_pinned() {
+        assert_eq!(GatewayError::BadRequest("x").status(), 400);
+        assert_eq!(GatewayError::UpstreamConnect("x".into()).status(), 502);
+        assert_eq!(GatewayError::UpstreamTimeout.status(), 504);
+        assert_eq!(GatewayError::ProviderUnavailable("x".into()).status(), 503);
+        assert_eq!(GatewayError::Internal("x").status(), 500);
+        assert_eq!(GatewayError::UpstreamTimeout.side(), Side::Upstream);
+    }
+}

@@ -1,0 +1,173 @@
+//! `GET /oauth2/callback`: check the state against its flow cookie, exchange the code,
+//! validate the ID token, seal the session, and send the user back.
+
+use super::{query_param, redirect};
+use crate::app::App;
+use crate::body::Body;
+use crate::oidc::ProviderError;
+use crate::pages;
+use crate::session::{crypto::random_bytes, now_secs, CookieJar, Session};
+use http::header::SET_COOKIE;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+fn fail(
+    app: &App,
+    status: StatusCode,
+    title: &str,
+    msg: &str,
+    state: Option<&str>,
+) -> Response<Body> {
+    let mut resp = pages::html(
+        status,
+        title,
+        msg,
+        "<p><a href=\"/oauth2/start?rd=%2F\">Try signing in again</a></p>",
+    );
+    if let Some(v) = state.and_then(|s| app.cookies.clear_flow(s)) {
+        resp.headers_mut().append(SET_COOKIE, v);
+    }
+    resp
+}
+
+pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    let query = req.uri().query();
+    let Some(state) = query_param(query, "state").filter(|s| !s.is_empty() && s.len() <= 512)
+    else {
+        return fail(
+            app,
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "The sign-in response has no state.",
+            None,
+        );
+    };
+    let jar = CookieJar::parse(req.headers());
+    let Some(flow) = app.cookies.open_flow(&jar, &state) else {
+        tracing::info!("callback with an unknown or expired state");
+        return fail(
+            app,
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "This sign-in attempt is unknown or has expired. Please start again.",
+            None,
+        );
+    };
+    let now = now_secs();
+    if now.saturating_sub(flow.created_at) > app.cookies.flow_lifetime.as_secs() {
+        return fail(
+            app,
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "This sign-in attempt has expired. Please start again.",
+            Some(&state),
+        );
+    }
+    if let Some(error) = query_param(query, "error") {
+        let desc = query_param(query, "error_description").unwrap_or_default();
+        tracing::info!(error = %error, "provider returned an error to the callback");
+        let msg = if desc.is_empty() {
+            format!("The identity provider refused the sign-in: {error}.")
+        } else {
+            format!("The identity provider refused the sign-in: {error}: {desc}")
+        };
+        let msg: String = msg.chars().take(500).collect();
+        return fail(
+            app,
+            StatusCode::FORBIDDEN,
+            "Sign-in refused",
+            &msg,
+            Some(&state),
+        );
+    }
+    let Some(code) = query_param(query, "code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
+        return fail(
+            app,
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "The sign-in response has no code.",
+            Some(&state),
+        );
+    };
+    // One use per state, even if the flow cookie is replayed.
+    if !app
+        .used_states
+        .claim(&state, now + app.cookies.flow_lifetime.as_secs())
+    {
+        return fail(
+            app,
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "This sign-in response was already used. Please start again.",
+            Some(&state),
+        );
+    }
+    let tokens = match app
+        .provider
+        .exchange_code(&code, &flow.pkce_verifier, &flow.nonce)
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "code exchange failed");
+            let (status, msg) = match &e {
+                ProviderError::InvalidGrant(_) => (
+                    StatusCode::BAD_REQUEST,
+                    "The sign-in code is invalid, expired or was already used. Please start again.",
+                ),
+                e if e.is_unavailable() => (
+                    StatusCode::BAD_GATEWAY,
+                    "The identity provider cannot be reached right now. Please try again shortly.",
+                ),
+                ProviderError::IdToken(_) => (
+                    StatusCode::BAD_REQUEST,
+                    "The identity provider's ID token did not validate.",
+                ),
+                _ => (
+                    StatusCode::BAD_GATEWAY,
+                    "The identity provider answered the code exchange with an error.",
+                ),
+            };
+            return fail(app, status, "Sign-in failed", msg, Some(&state));
+        }
+    };
+    let Some(id) = tokens.id else {
+        return fail(
+            app,
+            StatusCode::BAD_GATEWAY,
+            "Sign-in failed",
+            "No ID token.",
+            Some(&state),
+        );
+    };
+    let lifetime = app.cookies.lifetime.as_secs();
+    let session = Session {
+        id: random_bytes::<16>(),
+        created_at: now,
+        expires_at: now + lifetime,
+        access_token: tokens.access_token,
+        access_expires_at: tokens.expires_in.map_or(0, |d| now + d.as_secs()),
+        refresh_token: tokens.refresh_token,
+        id_token: tokens.id_token,
+        identity: id.identity,
+    };
+    let Some(lines) = app.cookies.set_session(&session, &jar, now) else {
+        return fail(
+            app,
+            StatusCode::BAD_GATEWAY,
+            "Sign-in failed",
+            "The provider's tokens are too large to keep in a session cookie.",
+            Some(&state),
+        );
+    };
+    tracing::info!(sub = %session.identity.sub, "login completed");
+    let mut resp = pages::redirect(&redirect::or_root(Some(&flow.return_to)));
+    let h = resp.headers_mut();
+    for v in lines {
+        h.append(SET_COOKIE, v);
+    }
+    if let Some(v) = app.cookies.clear_flow(&state) {
+        h.append(SET_COOKIE, v);
+    }
+    resp
+}

@@ -1,0 +1,149 @@
+//! The gateway's own endpoints under `/oauth2/`, plus `/healthz` and `/readyz`.
+
+mod callback;
+pub mod redirect;
+mod sign_out;
+
+use crate::app::App;
+use crate::body::Body;
+use crate::pages;
+use crate::session::{now_secs, CookieJar, FlowState};
+use http::header::{HeaderValue, SET_COOKIE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use std::sync::Arc;
+
+/// How many pending logins (flow cookies) one browser may have at once.
+pub const MAX_FLOWS: usize = 8;
+
+pub fn is_flow_path(path: &str) -> bool {
+    path.starts_with(crate::config::FLOW_PREFIX) || path == "/healthz" || path == "/readyz"
+}
+
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    let method = req.method().clone();
+    match (path, &method) {
+        ("/healthz", _) => pages::text(StatusCode::OK, "ok\n"),
+        ("/readyz", _) => {
+            if app.provider.is_ready() {
+                pages::text(StatusCode::OK, "ready\n")
+            } else {
+                pages::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "provider not discovered yet\n",
+                )
+            }
+        }
+        ("/oauth2/start", &Method::GET) => {
+            let rd = query_param(req.uri().query(), "rd");
+            let jar = CookieJar::parse(req.headers());
+            start_login(&app, &redirect::or_root(rd.as_deref()), &jar)
+        }
+        ("/oauth2/callback", &Method::GET) => callback::handle(&app, &req).await,
+        ("/oauth2/sign_out", &Method::GET) => sign_out::page(&app, &req),
+        ("/oauth2/sign_out", &Method::POST) => sign_out::submit(&app, req).await,
+        ("/oauth2/signed_out", &Method::GET) => pages::html(
+            StatusCode::OK,
+            "Signed out",
+            "You have been signed out.",
+            "<p><a href=\"/oauth2/start?rd=%2F\">Sign in again</a></p>",
+        ),
+        ("/oauth2/userinfo", &Method::GET) => userinfo(&app, &req),
+        (
+            "/oauth2/start" | "/oauth2/callback" | "/oauth2/sign_out" | "/oauth2/signed_out"
+            | "/oauth2/userinfo",
+            _,
+        ) => {
+            let mut r = pages::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            let allow = if path == "/oauth2/sign_out" {
+                "GET, POST"
+            } else {
+                "GET"
+            };
+            r.headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+            r
+        }
+        _ => pages::html(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "No such gateway endpoint.",
+            "",
+        ),
+    }
+}
+
+/// First value of a query parameter, percent-decoded.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn random_token() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(crate::session::crypto::random_bytes::<32>())
+}
+
+/// Redirects to the provider with a fresh state, nonce and PKCE challenge; the flow
+/// cookie (named after the state) remembers them and where to return.
+pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<Body> {
+    let state = random_token();
+    let nonce = random_token();
+    let (url, verifier) = match app.provider.authorization_url(&state, &nonce) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start login");
+            return crate::error::GatewayError::ProviderUnavailable(e.to_string()).into_response();
+        }
+    };
+    let flow = FlowState {
+        state,
+        nonce,
+        pkce_verifier: verifier,
+        return_to: return_to.to_string(),
+        created_at: now_secs(),
+    };
+    let mut resp = pages::redirect(&url);
+    let h = resp.headers_mut();
+    // Cap pending logins per browser: forget the others when there are too many.
+    let pending: Vec<&str> = app.cookies.flow_names(jar).collect();
+    if pending.len() >= MAX_FLOWS {
+        for n in pending {
+            if let Some(v) = app.cookies.expire_flow_named(n) {
+                h.append(SET_COOKIE, v);
+            }
+        }
+    }
+    if let Some(v) = app.cookies.set_flow(&flow) {
+        h.append(SET_COOKIE, v);
+    }
+    resp
+}
+
+fn userinfo(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    let jar = CookieJar::parse(req.headers());
+    match app.cookies.open_session(&jar, now_secs()) {
+        Ok(Some(s)) => {
+            let i = &s.identity;
+            pages::json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "sub": i.sub,
+                    "email": i.email,
+                    "email_verified": i.email_verified,
+                    "name": i.name,
+                    "preferred_username": i.preferred_username,
+                    "groups": i.groups,
+                    "session_expires_at": s.expires_at,
+                }),
+            )
+        }
+        _ => pages::json(
+            StatusCode::UNAUTHORIZED,
+            &serde_json::json!({"error": "unauthorized", "login_url": "/oauth2/start"}),
+        ),
+    }
+}

@@ -1,0 +1,122 @@
+//! Sign-out: a GET shows a confirmation form (so a third-party page cannot log users out);
+//! the POST, with a CSRF token bound to the session, clears it and ends the provider session.
+
+use crate::app::App;
+use crate::body::{read_limited, Body};
+use crate::config::secret::ct_eq;
+use crate::pages;
+use crate::session::{now_secs, CookieJar, Session};
+use http::header::{HeaderValue, ORIGIN, SET_COOKIE};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+const MAX_FORM: usize = 4096;
+
+fn csrf_token(app: &App, s: &Session) -> String {
+    app.cookies.keys.mac(b"sign_out", &s.id)
+}
+
+pub fn page(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    let jar = CookieJar::parse(req.headers());
+    let session = app.cookies.open_session(&jar, now_secs()).ok().flatten();
+    let (msg, csrf) = match &session {
+        Some(s) => (
+            format!(
+                "You are signed in as {}.",
+                s.identity.email.as_deref().unwrap_or(&s.identity.sub)
+            ),
+            csrf_token(app, s),
+        ),
+        None => ("You are not signed in.".to_string(), String::new()),
+    };
+    let form = format!(
+        "<form method=\"post\" action=\"/oauth2/sign_out\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+<button type=\"submit\">Sign out</button></form>",
+        pages::escape(&csrf)
+    );
+    let mut resp = pages::html(StatusCode::OK, "Sign out", &msg, &form);
+    // The form posts here, and the answer redirects to the provider's logout page.
+    if let Some(origin) = app
+        .provider
+        .metadata()
+        .and_then(|m| m.end_session_endpoint)
+        .and_then(|e| url::Url::parse(&e).ok())
+        .map(|u| u.origin().ascii_serialization())
+    {
+        pages::security_headers(resp.headers_mut(), Some(&origin));
+    }
+    resp
+}
+
+pub async fn submit(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    // A cross-site form post carries a foreign Origin: refuse it outright.
+    if let Some(origin) = parts.headers.get(ORIGIN) {
+        if origin.as_bytes() != app.cfg.public_origin.as_bytes() && origin != "null" {
+            return pages::html(
+                StatusCode::FORBIDDEN,
+                "Sign-out refused",
+                "Cross-site sign-out request.",
+                "",
+            );
+        }
+    }
+    let jar = CookieJar::parse(&parts.headers);
+    let session = app.cookies.open_session(&jar, now_secs()).ok().flatten();
+    if let Some(s) = &session {
+        let form = match read_limited(body, MAX_FORM).await {
+            Ok(b) => b,
+            Err(_) => {
+                return pages::html(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Sign-out refused",
+                    "Request too large.",
+                    "",
+                )
+            }
+        };
+        let sent = url::form_urlencoded::parse(&form)
+            .find(|(k, _)| k == "csrf")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        if !ct_eq(sent.as_bytes(), csrf_token(app, s).as_bytes()) {
+            return pages::html(
+                StatusCode::FORBIDDEN,
+                "Sign-out refused",
+                "The sign-out form has expired. Please use the sign-out page again.",
+                "<p><a href=\"/oauth2/sign_out\">Sign out</a></p>",
+            );
+        }
+        tracing::info!(sub = %s.identity.sub, "signed out");
+    }
+    let target = match (
+        app.provider.metadata().and_then(|m| m.end_session_endpoint),
+        &session,
+    ) {
+        (Some(end), Some(s)) => end_session_url(app, &end, s)
+            .unwrap_or_else(|| app.cfg.post_logout_redirect_url.clone()),
+        _ => app.cfg.post_logout_redirect_url.clone(),
+    };
+    let mut resp = pages::redirect(&target);
+    for v in app.cookies.clear_session(&jar) {
+        resp.headers_mut().append(SET_COOKIE, v);
+    }
+    resp
+}
+
+fn end_session_url(app: &App, endpoint: &str, s: &Session) -> Option<String> {
+    let mut u = url::Url::parse(endpoint).ok()?;
+    {
+        let mut q = u.query_pairs_mut();
+        if let Some(t) = &s.id_token {
+            q.append_pair("id_token_hint", t);
+        }
+        q.append_pair("client_id", app.provider.client_id());
+        q.append_pair(
+            "post_logout_redirect_uri",
+            &app.cfg.post_logout_redirect_url,
+        );
+    }
+    HeaderValue::from_str(u.as_str()).ok()?;
+    Some(u.into())
+}

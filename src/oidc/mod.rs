@@ -1,0 +1,405 @@
+//! The OpenID provider as the gateway sees it: discovery, JWKS, the authorization URL,
+//! code exchange and refresh (through the `oauth2` crate over our hyper client).
+
+pub mod http;
+pub mod idtoken;
+pub mod jwks;
+
+use self::http::{ProviderHttp, ProviderHttpError};
+use self::idtoken::{Expectations, IdTokenError, ValidIdToken};
+use self::jwks::KeySet;
+use crate::config::{Config, TokenAuthMethod};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use oauth2::basic::{
+    BasicErrorResponse, BasicErrorResponseType, BasicRevocationErrorResponse,
+    BasicTokenIntrospectionResponse, BasicTokenType,
+};
+use oauth2::{
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet,
+    EndpointSet, ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
+    RequestTokenError, Scope, StandardRevocableToken, StandardTokenResponse, TokenResponse,
+    TokenUrl,
+};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The discovery document fields the gateway uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Metadata {
+    pub issuer: String,
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub jwks_uri: String,
+    #[serde(default)]
+    pub userinfo_endpoint: Option<String>,
+    #[serde(default)]
+    pub end_session_endpoint: Option<String>,
+    #[serde(default)]
+    pub token_endpoint_auth_methods_supported: Vec<String>,
+    #[serde(default)]
+    pub backchannel_logout_supported: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IdTokenField {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<String>,
+}
+impl ExtraTokenFields for IdTokenField {}
+
+type TokenResp = StandardTokenResponse<IdTokenField, BasicTokenType>;
+type OAuthClient = oauth2::Client<
+    BasicErrorResponse,
+    TokenResp,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// A token endpoint answer, validated.
+#[derive(Clone)]
+pub struct Tokens {
+    pub access_token: String,
+    /// Seconds until the access token expires, when the provider said.
+    pub expires_in: Option<Duration>,
+    pub refresh_token: Option<String>,
+    pub id_token: Option<String>,
+    pub id: Option<ValidIdToken>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("provider not discovered yet")]
+    NotReady,
+    #[error(transparent)]
+    Http(#[from] ProviderHttpError),
+    #[error("provider returned HTTP {0}")]
+    Status(u16),
+    #[error("invalid provider response: {0}")]
+    Invalid(String),
+    /// The grant (code or refresh token) was refused: used, expired or revoked.
+    #[error("grant refused by the provider: {0}")]
+    InvalidGrant(String),
+    #[error("token endpoint error: {0}")]
+    TokenError(String),
+    #[error(transparent)]
+    IdToken(#[from] IdTokenError),
+}
+
+impl ProviderError {
+    /// True when the provider itself failed (unreachable, 5xx): the user did nothing wrong.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::NotReady | ProviderError::Http(_) | ProviderError::Status(500..=599)
+        )
+    }
+}
+
+struct Discovered {
+    meta: Metadata,
+    client: OAuthClient,
+    use_post: AtomicBool,
+}
+
+pub struct Provider {
+    issuer: String,
+    client_id: String,
+    client_secret: String,
+    redirect_url: String,
+    scopes: Vec<Scope>,
+    auth_method: TokenAuthMethod,
+    clock_skew: Duration,
+    http: ProviderHttp,
+    discovered: ArcSwapOption<Discovered>,
+    keys: ArcSwap<KeySet>,
+    last_jwks_fetch: Mutex<Option<Instant>>,
+}
+
+/// Unknown `kid`s trigger a JWKS re-fetch at most this often.
+const JWKS_MIN_INTERVAL: Duration = Duration::from_secs(10);
+
+fn discovery_url(issuer: &str) -> String {
+    format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    )
+}
+
+impl Provider {
+    pub fn new(cfg: &Config, http: ProviderHttp) -> Self {
+        Self {
+            issuer: cfg.provider.issuer_url.clone(),
+            client_id: cfg.provider.client_id.clone(),
+            client_secret: cfg.provider.client_secret.expose().to_string(),
+            redirect_url: cfg.redirect_url.to_string(),
+            scopes: cfg
+                .provider
+                .scopes
+                .iter()
+                .cloned()
+                .map(Scope::new)
+                .collect(),
+            auth_method: cfg.provider.token_auth_method,
+            clock_skew: cfg.provider.clock_skew,
+            http,
+            discovered: ArcSwapOption::empty(),
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            last_jwks_fetch: Mutex::new(None),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.discovered.load().is_some() && !self.keys.load().is_empty()
+    }
+
+    pub fn metadata(&self) -> Option<Metadata> {
+        self.discovered.load().as_ref().map(|d| d.meta.clone())
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Fetches discovery and JWKS once.
+    pub async fn discover(&self) -> Result<(), ProviderError> {
+        let resp = self.http.get(&discovery_url(&self.issuer)).await?;
+        if !resp.status().is_success() {
+            return Err(ProviderError::Status(resp.status().as_u16()));
+        }
+        let meta: Metadata = serde_json::from_slice(resp.body())
+            .map_err(|e| ProviderError::Invalid(format!("discovery document: {e}")))?;
+        if meta.issuer != self.issuer {
+            return Err(ProviderError::Invalid(format!(
+                "discovery issuer `{}` differs from provider.issuer_url `{}` (they must match exactly)",
+                meta.issuer, self.issuer
+            )));
+        }
+        let use_post = match self.auth_method {
+            TokenAuthMethod::ClientSecretBasic => false,
+            TokenAuthMethod::ClientSecretPost => true,
+            TokenAuthMethod::Auto => {
+                let m = &meta.token_endpoint_auth_methods_supported;
+                !m.is_empty()
+                    && !m.iter().any(|x| x == "client_secret_basic")
+                    && m.iter().any(|x| x == "client_secret_post")
+            }
+        };
+        let bad = |k: &str, e: url::ParseError| ProviderError::Invalid(format!("{k}: {e}"));
+        let client = oauth2::Client::new(ClientId::new(self.client_id.clone()))
+            .set_client_secret(ClientSecret::new(self.client_secret.clone()))
+            .set_auth_uri(
+                AuthUrl::new(meta.authorization_endpoint.clone())
+                    .map_err(|e| bad("authorization_endpoint", e))?,
+            )
+            .set_token_uri(
+                TokenUrl::new(meta.token_endpoint.clone()).map_err(|e| bad("token_endpoint", e))?,
+            )
+            .set_redirect_uri(
+                RedirectUrl::new(self.redirect_url.clone()).map_err(|e| bad("redirect_url", e))?,
+            );
+        let discovered = Discovered {
+            meta,
+            client,
+            use_post: AtomicBool::new(use_post),
+        };
+        self.fetch_jwks(&discovered.meta.jwks_uri).await?;
+        self.discovered.store(Some(Arc::new(discovered)));
+        Ok(())
+    }
+
+    /// Discovery with exponential backoff until it succeeds (the gateway is not ready until then).
+    pub async fn discover_until_ready(self: Arc<Self>) {
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match self.discover().await {
+                Ok(()) => {
+                    tracing::info!(issuer = %self.issuer, "provider discovered");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %self.issuer, error = %e, retry_in = ?delay, "provider discovery failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn fetch_jwks(&self, uri: &str) -> Result<(), ProviderError> {
+        if let Ok(mut last) = self.last_jwks_fetch.lock() {
+            *last = Some(Instant::now());
+        }
+        let resp = self.http.get(uri).await?;
+        if !resp.status().is_success() {
+            return Err(ProviderError::Status(resp.status().as_u16()));
+        }
+        let set = KeySet::parse(resp.body()).map_err(ProviderError::Invalid)?;
+        if set.is_empty() {
+            return Err(ProviderError::Invalid(
+                "JWKS has no usable signing key".into(),
+            ));
+        }
+        self.keys.store(Arc::new(set));
+        Ok(())
+    }
+
+    fn discovered(&self) -> Result<Arc<Discovered>, ProviderError> {
+        self.discovered.load_full().ok_or(ProviderError::NotReady)
+    }
+
+    /// The authorization URL for a new login: code flow with state, nonce and PKCE S256.
+    /// Returns the URL and the PKCE verifier to keep.
+    pub fn authorization_url(
+        &self,
+        state: &str,
+        nonce: &str,
+    ) -> Result<(String, String), ProviderError> {
+        let d = self.discovered()?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let state = state.to_string();
+        let (url, _) = d
+            .client
+            .authorize_url(move || CsrfToken::new(state))
+            .add_scopes(self.scopes.iter().cloned())
+            .set_pkce_challenge(challenge)
+            .add_extra_param("nonce", nonce)
+            .url();
+        Ok((url.into(), verifier.secret().clone()))
+    }
+
+    fn map_token_error(
+        e: RequestTokenError<ProviderHttpError, BasicErrorResponse>,
+    ) -> ProviderError {
+        match e {
+            RequestTokenError::ServerResponse(r) => match r.error() {
+                BasicErrorResponseType::InvalidGrant => {
+                    ProviderError::InvalidGrant(r.error_description().cloned().unwrap_or_default())
+                }
+                other => ProviderError::TokenError(other.to_string()),
+            },
+            RequestTokenError::Request(e) => ProviderError::Http(e),
+            RequestTokenError::Parse(e, _) => ProviderError::Invalid(e.to_string()),
+            RequestTokenError::Other(s) => {
+                // oauth2 reports non-JSON error statuses here, e.g. "Server returned empty error response" or a 5xx.
+                ProviderError::TokenError(s)
+            }
+        }
+    }
+
+    fn is_invalid_client(e: &RequestTokenError<ProviderHttpError, BasicErrorResponse>) -> bool {
+        matches!(e, RequestTokenError::ServerResponse(r) if *r.error() == BasicErrorResponseType::InvalidClient)
+    }
+
+    /// Exchanges an authorization code (with the PKCE verifier) and validates the ID token.
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        verifier: &str,
+        nonce: &str,
+    ) -> Result<Tokens, ProviderError> {
+        let d = self.discovered()?;
+        let mut post = d.use_post.load(Ordering::Relaxed);
+        let resp = loop {
+            let client = d.client.clone().set_auth_type(if post {
+                AuthType::RequestBody
+            } else {
+                AuthType::BasicAuth
+            });
+            let r = client
+                .exchange_code(AuthorizationCode::new(code.to_string()))
+                .set_pkce_verifier(PkceCodeVerifier::new(verifier.to_string()))
+                .request_async(&self.http)
+                .await;
+            match r {
+                // Client registered for client_secret_post although discovery lists basic too:
+                // learn it once (the code is not consumed by a failed client authentication).
+                Err(e)
+                    if !post
+                        && self.auth_method == TokenAuthMethod::Auto
+                        && Self::is_invalid_client(&e) =>
+                {
+                    post = true;
+                    d.use_post.store(true, Ordering::Relaxed);
+                }
+                r => break r.map_err(Self::map_token_error)?,
+            }
+        };
+        self.tokens(resp, Some(nonce)).await
+    }
+
+    /// Spends a refresh token. The ID token, when the provider returns one, is validated too.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens, ProviderError> {
+        let d = self.discovered()?;
+        let post = d.use_post.load(Ordering::Relaxed);
+        let client = d.client.clone().set_auth_type(if post {
+            AuthType::RequestBody
+        } else {
+            AuthType::BasicAuth
+        });
+        let resp = client
+            .exchange_refresh_token(&RefreshToken::new(refresh_token.to_string()))
+            .request_async(&self.http)
+            .await
+            .map_err(Self::map_token_error)?;
+        self.tokens(resp, None).await
+    }
+
+    async fn tokens(&self, resp: TokenResp, nonce: Option<&str>) -> Result<Tokens, ProviderError> {
+        let id_token = resp.extra_fields().id_token.clone();
+        let id = match &id_token {
+            Some(t) => Some(self.validate_id_token(t, nonce).await?),
+            None if nonce.is_some() => {
+                return Err(ProviderError::Invalid(
+                    "token response has no id_token".into(),
+                ))
+            }
+            None => None,
+        };
+        Ok(Tokens {
+            access_token: resp.access_token().secret().clone(),
+            expires_in: resp.expires_in(),
+            refresh_token: resp.refresh_token().map(|r| r.secret().clone()),
+            id_token,
+            id,
+        })
+    }
+
+    /// Validates an ID token; an unknown `kid` re-fetches the JWKS (rate-limited) once.
+    pub async fn validate_id_token(
+        &self,
+        token: &str,
+        nonce: Option<&str>,
+    ) -> Result<ValidIdToken, ProviderError> {
+        let exp = Expectations {
+            issuer: &self.issuer,
+            client_id: &self.client_id,
+            nonce,
+            clock_skew: self.clock_skew,
+            groups_claim: "groups",
+            now: crate::session::now_secs(),
+        };
+        match idtoken::validate(token, &self.keys.load(), &exp) {
+            Err(IdTokenError::UnknownKey(_)) if self.may_refetch_jwks() => {
+                let d = self.discovered()?;
+                self.fetch_jwks(&d.meta.jwks_uri).await?;
+                Ok(idtoken::validate(token, &self.keys.load(), &exp)?)
+            }
+            r => Ok(r?),
+        }
+    }
+
+    fn may_refetch_jwks(&self) -> bool {
+        self.last_jwks_fetch
+            .lock()
+            .map(|l| l.is_none_or(|t| t.elapsed() >= JWKS_MIN_INTERVAL))
+            .unwrap_or(false)
+    }
+}

@@ -1,0 +1,169 @@
+//! Who must log in, and how an unauthenticated request is answered.
+
+use crate::app::App;
+use crate::body::Body;
+use crate::flow;
+use crate::pages;
+use crate::session::{CookieJar, CookieReject, Session};
+use http::header::{HeaderMap, ACCEPT, SET_COOKIE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+
+/// What to do with a request for an app route.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Authenticated: forward it.
+    Forward,
+    /// A browser navigation without a session: send it to the provider.
+    Login,
+    /// Anything else without a session: 401, never a redirect.
+    Unauthorized,
+}
+
+/// Is this a top-level browser navigation (the kind that may be redirected to a login page)?
+pub fn is_browser_navigation(method: &Method, h: &HeaderMap) -> bool {
+    if method != Method::GET && method != Method::HEAD {
+        return false;
+    }
+    let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    if header("x-requested-with").is_some_and(|v| v.eq_ignore_ascii_case("xmlhttprequest")) {
+        return false;
+    }
+    if header("sec-fetch-mode").is_some_and(|m| m != "navigate") {
+        return false;
+    }
+    h.get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"))
+}
+
+pub fn decide(method: &Method, h: &HeaderMap, session: Option<&Session>) -> Decision {
+    match session {
+        Some(_) => Decision::Forward,
+        None if is_browser_navigation(method, h) => Decision::Login,
+        None => Decision::Unauthorized,
+    }
+}
+
+/// The result of opening the session cookie, left in the request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Rejected(pub CookieReject);
+
+#[derive(Clone)]
+pub struct AuthGateLayer {
+    app: Arc<App>,
+}
+
+impl AuthGateLayer {
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+impl<S> Layer<S> for AuthGateLayer {
+    type Service = AuthGate<S>;
+    fn layer(&self, inner: S) -> AuthGate<S> {
+        AuthGate {
+            app: self.app.clone(),
+            inner,
+        }
+    }
+}
+
+/// Lets authenticated requests through; answers the rest (login redirect or 401).
+#[derive(Clone)]
+pub struct AuthGate<S> {
+    app: Arc<App>,
+    inner: S,
+}
+
+impl<S> Service<Request<Incoming>> for AuthGate<S>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = futures_util::future::Either<
+        S::Future,
+        std::future::Ready<Result<Response<Body>, Infallible>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        use futures_util::future::Either;
+        let session = req.extensions().get::<Session>();
+        match decide(req.method(), req.headers(), session) {
+            Decision::Forward => Either::Left(self.inner.call(req)),
+            d => Either::Right(std::future::ready(Ok(self.deny(d, &req)))),
+        }
+    }
+}
+
+impl<S> AuthGate<S> {
+    fn deny(&self, d: Decision, req: &Request<Incoming>) -> Response<Body> {
+        let jar = CookieJar::parse(req.headers());
+        let mut resp = if d == Decision::Login {
+            let return_to = req
+                .uri()
+                .path_and_query()
+                .map(|pq| pq.as_str())
+                .unwrap_or("/");
+            flow::start_login(&self.app, &flow::redirect::or_root(Some(return_to)), &jar)
+        } else {
+            pages::json(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": "unauthorized", "login_url": "/oauth2/start"}),
+            )
+        };
+        // A cookie that did not open is cleared, so the browser stops sending it.
+        if req.extensions().get::<Rejected>().is_some() {
+            for v in self.app.cookies.clear_session(&jar) {
+                resp.headers_mut().append(SET_COOKIE, v);
+            }
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn browser_vs_api() {
+        let html = h(&[("accept", "text/html,application/xhtml+xml")]);
+        assert_eq!(decide(&Method::GET, &html, None), Decision::Login);
+        assert_eq!(decide(&Method::HEAD, &html, None), Decision::Login);
+        assert_eq!(decide(&Method::POST, &html, None), Decision::Unauthorized);
+        assert_eq!(
+            decide(&Method::GET, &h(&[("accept", "application/json")]), None),
+            Decision::Unauthorized
+        );
+        assert_eq!(decide(&Method::GET, &h(&[]), None), Decision::Unauthorized);
+        let xhr = h(&[
+            ("accept", "text/html"),
+            ("x-requested-with", "XMLHttpRequest"),
+        ]);
+        assert_eq!(decide(&Method::GET, &xhr, None), Decision::Unauthorized);
+        let fetch = h(&[("accept", "text/html"), ("sec-fetch-mode", "cors")]);
+        assert_eq!(decide(&Method::GET, &fetch, None), Decision::Unauthorized);
+    }
+}

@@ -1,0 +1,186 @@
+//! The last two steps: header hygiene and injection, then the streamed forward to the upstream.
+
+use super::headers::{inject_identity, is_upgrade, set_forwarded, strip_cookies, strip_hop_by_hop};
+use crate::app::App;
+use crate::body::Body;
+use crate::error::{source_chain, GatewayError};
+use crate::session::Session;
+use http::uri::PathAndQuery;
+use http::{header, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+
+/// Where a request came from, set by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub tls: bool,
+}
+
+#[derive(Clone)]
+pub struct HeaderHygieneLayer {
+    app: Arc<App>,
+}
+
+impl HeaderHygieneLayer {
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+impl<S> Layer<S> for HeaderHygieneLayer {
+    type Service = HeaderHygiene<S>;
+    fn layer(&self, inner: S) -> HeaderHygiene<S> {
+        HeaderHygiene {
+            app: self.app.clone(),
+            inner,
+        }
+    }
+}
+
+/// Strips what a client must not send upstream, then adds what the upstream trusts.
+#[derive(Clone)]
+pub struct HeaderHygiene<S> {
+    app: Arc<App>,
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for HeaderHygiene<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let upgrading = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        let session = req.extensions_mut().remove::<Session>();
+        let app = &self.app;
+        let h = req.headers_mut();
+        strip_hop_by_hop(h, upgrading);
+        app.spoofable.strip(h);
+        strip_cookies(h, |n| app.cookies.is_ours(n));
+        if let Some(c) = conn {
+            let host = h.get(header::HOST).cloned();
+            set_forwarded(
+                h,
+                c.remote.ip(),
+                if c.tls { "https" } else { "http" },
+                host.as_ref(),
+            );
+        }
+        if let Some(s) = &session {
+            inject_identity(h, s, &app.cfg.headers);
+        }
+        self.inner.call(req)
+    }
+}
+
+/// Sends the request to the upstream over the pooled client, streaming both bodies.
+#[derive(Clone)]
+pub struct Forward {
+    app: Arc<App>,
+}
+
+impl Forward {
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl Service<Request<Incoming>> for Forward {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> BoxFuture {
+        let app = self.app.clone();
+        Box::pin(async move {
+            Ok(match forward(&app, req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "upstream request failed");
+                    e.into_response()
+                }
+            })
+        })
+    }
+}
+
+fn upstream_uri(app: &App, original: &Uri) -> Result<Uri, GatewayError> {
+    let up = &app.cfg.upstream;
+    let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
+    let pq = if up.path_prefix.is_empty() {
+        PathAndQuery::try_from(pq)
+    } else {
+        PathAndQuery::try_from(format!("{}{}", up.path_prefix, pq))
+    }
+    .map_err(|_| GatewayError::BadRequest("invalid request target"))?;
+    Uri::builder()
+        .scheme(up.scheme.clone())
+        .authority(up.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| GatewayError::BadRequest("invalid request target"))
+}
+
+async fn forward(app: &App, mut req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+    let upgrading = req.headers().contains_key(header::UPGRADE);
+    let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    // HTTP/2 clients carry the host in the URI, not a Host header.
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+    parts.uri = upstream_uri(app, &parts.uri)?;
+    parts.version = Version::HTTP_11;
+    let out = Request::from_parts(parts, Body::from(body));
+    let timeout = app.cfg.timeouts.upstream_response;
+    let mut resp = match tokio::time::timeout(timeout, app.upstream.request(out)).await {
+        Err(_) => return Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => return Err(GatewayError::UpstreamConnect(source_chain(&e))),
+        Ok(Ok(r)) => r,
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, Body::Empty));
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    Ok(Response::from_parts(parts, Body::from(body)))
+}

@@ -1,0 +1,280 @@
+//! Header hygiene, as pure functions: hop-by-hop removal, spoofed-identity stripping,
+//! the gateway's cookies kept from the upstream, identity and X-Forwarded-* injection.
+
+use crate::config::HeaderConfig;
+use crate::session::Session;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// RFC 9110 §7.6.1 connection-specific headers, plus the legacy ones proxies still see.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// `Upgrade` (and `Connection: upgrade`) survive only for an upgrade being forwarded.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrading && *n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    if upgrading {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Is this an HTTP/1.1 upgrade request (websocket)?
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The names a client must never be able to set: the identity headers, the bearer,
+/// and the forwarding headers the gateway sets itself.
+#[derive(Debug, Clone)]
+pub struct Spoofable {
+    names: Vec<HeaderName>,
+}
+
+impl Spoofable {
+    pub fn new(cfg: &HeaderConfig) -> Self {
+        let mut names = vec![
+            header::AUTHORIZATION,
+            cfg.user.clone(),
+            cfg.email.clone(),
+            cfg.groups.clone(),
+            cfg.preferred_username.clone(),
+            HeaderName::from_static("x-forwarded-user"),
+            HeaderName::from_static("x-forwarded-email"),
+            HeaderName::from_static("x-forwarded-groups"),
+            HeaderName::from_static("x-forwarded-preferred-username"),
+            HeaderName::from_static("x-forwarded-access-token"),
+            HeaderName::from_static("x-auth-request-user"),
+            HeaderName::from_static("x-auth-request-email"),
+            HeaderName::from_static("x-auth-request-groups"),
+            HeaderName::from_static("x-auth-request-preferred-username"),
+            HeaderName::from_static("x-auth-request-access-token"),
+            HeaderName::from_static("x-forwarded-for"),
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderName::from_static("x-forwarded-host"),
+            HeaderName::from_static("x-forwarded-port"),
+            HeaderName::from_static("x-forwarded-uri"),
+            HeaderName::from_static("x-original-url"),
+            HeaderName::from_static("x-original-uri"),
+            HeaderName::from_static("x-real-ip"),
+            header::FORWARDED,
+        ];
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        Self { names }
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n.as_str() == name)
+    }
+
+    /// Removes every spoofable header. Header names are already lower-case; a name with `_`
+    /// is compared as if it had `-` (some servers and CGI treat them alike).
+    pub fn strip(&self, h: &mut HeaderMap) {
+        for n in &self.names {
+            h.remove(n);
+        }
+        if h.keys().any(|k| k.as_str().contains('_')) {
+            let doomed: Vec<HeaderName> = h
+                .keys()
+                .filter(|k| k.as_str().contains('_') && self.matches(&k.as_str().replace('_', "-")))
+                .cloned()
+                .collect();
+            for n in doomed {
+                h.remove(n);
+            }
+        }
+    }
+}
+
+/// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged.
+pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
+    let has_ours = h.get_all(header::COOKIE).iter().any(|v| {
+        v.to_str().map_or(true, |s| {
+            s.split(';')
+                .any(|p| is_ours(p.split_once('=').map_or(p, |(n, _)| n).trim()))
+        })
+    });
+    if !has_ours {
+        return;
+    }
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(';'))
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !is_ours(p.split_once('=').map_or(*p, |(n, _)| n).trim()))
+        .map(str::to_string)
+        .collect();
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
+    // Claims with characters a header cannot carry are left out rather than mangled.
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name.clone(), v);
+    }
+}
+
+/// Adds the bearer and the identity headers for an authenticated request.
+pub fn inject_identity(h: &mut HeaderMap, s: &Session, cfg: &HeaderConfig) {
+    if cfg.pass_access_token {
+        let mut v = String::with_capacity(7 + s.access_token.len());
+        v.push_str("Bearer ");
+        v.push_str(&s.access_token);
+        if let Ok(mut v) = HeaderValue::from_str(&v) {
+            v.set_sensitive(true);
+            h.insert(header::AUTHORIZATION, v);
+        }
+    }
+    put(h, &cfg.user, s.user(cfg.user_claim));
+    if let Some(e) = &s.identity.email {
+        put(h, &cfg.email, e);
+    }
+    if !s.identity.groups.is_empty() {
+        put(h, &cfg.groups, &s.identity.groups.join(","));
+    }
+    if let Some(u) = &s.identity.preferred_username {
+        put(h, &cfg.preferred_username, u);
+    }
+}
+
+/// Sets X-Forwarded-For/Proto/Host from what the gateway itself saw.
+pub fn set_forwarded(
+    h: &mut HeaderMap,
+    client_ip: std::net::IpAddr,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
+        h.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
+    if let Some(host) = host {
+        h.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    }
+}
+
+/// A client-sent request id is kept only if it is short and plain.
+pub fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UserClaim;
+
+    fn cfg() -> HeaderConfig {
+        HeaderConfig {
+            user_claim: UserClaim::Sub,
+            user: HeaderName::from_static("x-forwarded-user"),
+            email: HeaderName::from_static("x-forwarded-email"),
+            groups: HeaderName::from_static("x-forwarded-groups"),
+            preferred_username: HeaderName::from_static("x-forwarded-preferred-username"),
+            request_id: HeaderName::from_static("x-request-id"),
+            pass_access_token: true,
+        }
+    }
+
+    #[test]
+    fn strips_spoofed_including_underscore_variants() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "x-forwarded-user",
+            "x_forwarded_user",
+            "x-forwarded_email",
+            "authorization",
+            "x-real-ip",
+            "accept",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static("evil"),
+            );
+        }
+        Spoofable::new(&cfg()).strip(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("1"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-keep"]);
+    }
+
+    #[test]
+    fn cookie_stripping() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; _p=secret; b=2; _p_0=x"),
+        );
+        strip_cookies(&mut h, |n| n == "_p" || n == "_p_0");
+        assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("_p=secret"));
+        strip_cookies(&mut h, |n| n == "_p");
+        assert!(h.get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(&HeaderValue::from_static("abc-123_x.y")));
+        assert!(!valid_request_id(&HeaderValue::from_static("a b")));
+        assert!(!valid_request_id(
+            &HeaderValue::from_str(&"a".repeat(200)).unwrap()
+        ));
+    }
+}

@@ -1,0 +1,5 @@
+//! Forwarding to the upstream: the pooled client, header hygiene, the forward itself.
+
+pub mod client;
+pub mod forward;
+pub mod headers;

@@ -1,0 +1,439 @@
+//! Session and flow cookies: naming, chunking, sealing, and the `Set-Cookie` lines.
+
+use super::crypto::{KeyRing, OpenError};
+use super::{DecodeError, FlowState, Session};
+use crate::config::{CookieConfig, SameSite};
+use ::cookie::{Cookie, CookieBuilder};
+use http::header::{HeaderMap, HeaderValue, COOKIE};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+/// Values above this many bytes are split into `<name>_0`, `<name>_1`, …
+/// (browsers drop cookies over ~4096 bytes including the name and attributes).
+pub const CHUNK_SIZE: usize = 3800;
+
+/// Why a session cookie was not accepted (metrics label; all mean "no session").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CookieReject {
+    #[error("too many or missing chunks")]
+    Oversize,
+    #[error("{0}")]
+    Open(#[from] OpenError),
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    #[error("session expired")]
+    Expired,
+}
+
+impl CookieReject {
+    pub fn label(&self) -> &'static str {
+        match self {
+            CookieReject::Oversize => "oversize",
+            CookieReject::Open(OpenError::UnknownKey) => "unknown_key",
+            CookieReject::Open(_) | CookieReject::Decode(_) => "tampered",
+            CookieReject::Expired => "expired",
+        }
+    }
+}
+
+/// The request's cookies, parsed once, borrowing from the headers.
+#[derive(Debug, Default)]
+pub struct CookieJar<'a> {
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> CookieJar<'a> {
+    pub fn parse(headers: &'a HeaderMap) -> Self {
+        let mut pairs = Vec::new();
+        for value in headers.get_all(COOKIE) {
+            let Ok(text) = value.to_str() else { continue };
+            for part in text.split(';') {
+                if let Some((n, v)) = part.split_once('=') {
+                    let (n, v) = (n.trim(), v.trim());
+                    if !n.is_empty() {
+                        pairs.push((n, v.trim_matches('"')));
+                    }
+                }
+            }
+        }
+        Self { pairs }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        self.pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.pairs.iter().map(|(n, _)| *n)
+    }
+}
+
+/// Everything needed to read and write the gateway's cookies; built once.
+#[derive(Debug)]
+pub struct SessionCookies {
+    pub name: String,
+    flow_prefix: String,
+    chunk_prefix: String,
+    secure: bool,
+    domain: Option<String>,
+    same_site: ::cookie::SameSite,
+    flow_path: String,
+    pub lifetime: Duration,
+    pub flow_lifetime: Duration,
+    max_chunks: usize,
+    pub keys: KeyRing,
+}
+
+impl SessionCookies {
+    pub fn new(cfg: &CookieConfig, lifetime: Duration, max_chunks: usize, flow_path: &str) -> Self {
+        let base = cfg.name.trim_start_matches("__Host-");
+        let flow_prefix = if cfg.secure {
+            format!("__Secure-{}_flow_", base.trim_start_matches("__Secure-"))
+        } else {
+            format!("{base}_flow_")
+        };
+        Self {
+            chunk_prefix: format!("{}_", cfg.name),
+            name: cfg.name.clone(),
+            flow_prefix,
+            secure: cfg.secure,
+            domain: cfg.domain.clone(),
+            same_site: match cfg.same_site {
+                SameSite::Lax => ::cookie::SameSite::Lax,
+                SameSite::Strict => ::cookie::SameSite::Strict,
+                SameSite::None => ::cookie::SameSite::None,
+            },
+            flow_path: flow_path.to_string(),
+            lifetime,
+            flow_lifetime: cfg.flow_lifetime,
+            max_chunks,
+            keys: KeyRing::new(&cfg.keys),
+        }
+    }
+
+    /// Is this one of the gateway's cookies (session, chunk or flow)? Those never reach the upstream.
+    pub fn is_ours(&self, name: &str) -> bool {
+        name == self.name
+            || name
+                .strip_prefix(&self.chunk_prefix)
+                .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+            || name.starts_with(&self.flow_prefix)
+    }
+
+    fn chunk_name(&self, i: usize) -> String {
+        format!("{}{i}", self.chunk_prefix)
+    }
+
+    /// The sealed session value, reassembled from chunks when needed.
+    fn sealed_value<'a>(
+        &self,
+        jar: &CookieJar<'a>,
+    ) -> Result<Option<std::borrow::Cow<'a, str>>, CookieReject> {
+        if let Some(v) = jar.get(&self.name) {
+            return Ok(Some(v.into()));
+        }
+        // Count the chunks before allocating anything for them.
+        let count = jar
+            .names()
+            .filter(|n| n.starts_with(&self.chunk_prefix) && self.is_ours(n))
+            .count();
+        if count == 0 {
+            return Ok(None);
+        }
+        if count > self.max_chunks {
+            return Err(CookieReject::Oversize);
+        }
+        let mut value = String::with_capacity(count * CHUNK_SIZE);
+        for i in 0..count {
+            let part = jar.get(&self.chunk_name(i)).ok_or(CookieReject::Oversize)?;
+            if part.len() > CHUNK_SIZE {
+                return Err(CookieReject::Oversize);
+            }
+            value.push_str(part);
+        }
+        Ok(Some(value.into()))
+    }
+
+    /// Opens the session cookie. `Ok(None)`: no session cookie at all.
+    pub fn open_session(
+        &self,
+        jar: &CookieJar<'_>,
+        now: u64,
+    ) -> Result<Option<Session>, CookieReject> {
+        let Some(sealed) = self.sealed_value(jar)? else {
+            return Ok(None);
+        };
+        if sealed.len() > self.max_chunks * CHUNK_SIZE {
+            return Err(CookieReject::Oversize);
+        }
+        let plain = self.keys.open(self.name.as_bytes(), sealed.as_bytes())?;
+        let session = Session::decode(&plain)?;
+        if session.is_expired(now) {
+            return Err(CookieReject::Expired);
+        }
+        Ok(Some(session))
+    }
+
+    fn builder<'c>(&self, name: String, value: String, path: &'c str) -> CookieBuilder<'c> {
+        let mut b = Cookie::build((name, value))
+            .path(path)
+            .http_only(true)
+            .secure(self.secure)
+            .same_site(self.same_site);
+        if let Some(d) = &self.domain {
+            b = b.domain(d.clone());
+        }
+        b
+    }
+
+    fn line(b: CookieBuilder<'_>) -> Option<HeaderValue> {
+        HeaderValue::from_str(&b.build().to_string()).ok()
+    }
+
+    fn expire(&self, name: &str, path: &str) -> Option<HeaderValue> {
+        Self::line(
+            self.builder(name.to_string(), String::new(), path)
+                .max_age(::cookie::time::Duration::ZERO),
+        )
+    }
+
+    /// `Set-Cookie` lines that store `session`, clearing stale chunks the request carried.
+    /// `None` when the session does not fit in `limits.max_cookie_chunks` chunks.
+    pub fn set_session(
+        &self,
+        session: &Session,
+        jar: &CookieJar<'_>,
+        now: u64,
+    ) -> Option<Vec<HeaderValue>> {
+        let sealed = self.keys.seal(self.name.as_bytes(), &session.encode());
+        let max_age = session.expires_at.saturating_sub(now).min(i64::MAX as u64) as i64;
+        let max_age = ::cookie::time::Duration::seconds(max_age);
+        let mut out = Vec::new();
+        let written_chunks = if sealed.len() <= CHUNK_SIZE {
+            out.push(Self::line(
+                self.builder(self.name.clone(), sealed, "/")
+                    .max_age(max_age),
+            )?);
+            0
+        } else {
+            let chunks: Vec<&str> = sealed
+                .as_bytes()
+                .chunks(CHUNK_SIZE)
+                .filter_map(|c| std::str::from_utf8(c).ok())
+                .collect();
+            if chunks.len() > self.max_chunks {
+                return None;
+            }
+            for (i, c) in chunks.iter().enumerate() {
+                out.push(Self::line(
+                    self.builder(self.chunk_name(i), c.to_string(), "/")
+                        .max_age(max_age),
+                )?);
+            }
+            if jar.get(&self.name).is_some() {
+                out.extend(self.expire(&self.name, "/"));
+            }
+            chunks.len()
+        };
+        for n in jar.names() {
+            if let Some(idx) = n
+                .strip_prefix(&self.chunk_prefix)
+                .and_then(|r| r.parse::<usize>().ok())
+            {
+                if idx >= written_chunks && self.is_ours(n) {
+                    out.extend(self.expire(n, "/"));
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// `Set-Cookie` lines that delete the session (single value and every chunk present).
+    pub fn clear_session(&self, jar: &CookieJar<'_>) -> Vec<HeaderValue> {
+        let mut out: Vec<HeaderValue> = self.expire(&self.name, "/").into_iter().collect();
+        for n in jar.names() {
+            if n != self.name && n.starts_with(&self.chunk_prefix) && self.is_ours(n) {
+                out.extend(self.expire(n, "/"));
+            }
+        }
+        out
+    }
+
+    /// The flow cookie for one login attempt: its name is derived from the state.
+    pub fn flow_cookie_name(&self, state: &str) -> String {
+        let d = Sha256::digest(state.as_bytes());
+        let mut name = self.flow_prefix.clone();
+        for b in &d[..8] {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
+    }
+
+    pub fn set_flow(&self, flow: &FlowState) -> Option<HeaderValue> {
+        let name = self.flow_cookie_name(&flow.state);
+        let sealed = self.keys.seal(name.as_bytes(), &flow.encode());
+        let max_age = ::cookie::time::Duration::seconds(self.flow_lifetime.as_secs() as i64);
+        // SameSite=Lax: the provider sends the user back with a top-level GET.
+        let b = self
+            .builder(name, sealed, &self.flow_path)
+            .max_age(max_age)
+            .same_site(::cookie::SameSite::Lax);
+        Self::line(b)
+    }
+
+    pub fn clear_flow(&self, state: &str) -> Option<HeaderValue> {
+        self.expire(&self.flow_cookie_name(state), &self.flow_path)
+    }
+
+    /// Names of flow cookies the request carries (to cap them per client).
+    pub fn flow_names<'a>(&'a self, jar: &'a CookieJar<'_>) -> impl Iterator<Item = &'a str> + 'a {
+        jar.names().filter(|n| n.starts_with(&self.flow_prefix))
+    }
+
+    pub fn expire_flow_named(&self, name: &str) -> Option<HeaderValue> {
+        self.expire(name, &self.flow_path)
+    }
+
+    /// Opens the flow cookie bound to `state`; `None` if absent, unreadable, or not for this state.
+    pub fn open_flow(&self, jar: &CookieJar<'_>, state: &str) -> Option<FlowState> {
+        let name = self.flow_cookie_name(state);
+        let sealed = jar.get(&name)?;
+        let plain = self.keys.open(name.as_bytes(), sealed.as_bytes()).ok()?;
+        let flow = FlowState::decode(&plain).ok()?;
+        crate::config::secret::ct_eq(flow.state.as_bytes(), state.as_bytes()).then_some(flow)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CookieKey;
+    use crate::session::Identity;
+
+    fn cookies(max_chunks: usize) -> SessionCookies {
+        let cfg = CookieConfig {
+            name: "_p".into(),
+            keys: vec![CookieKey([3; 32])],
+            secure: false,
+            domain: None,
+            same_site: SameSite::Lax,
+            flow_lifetime: Duration::from_secs(600),
+        };
+        SessionCookies::new(
+            &cfg,
+            Duration::from_secs(3600),
+            max_chunks,
+            "/oauth2/callback",
+        )
+    }
+
+    fn session(token_len: usize) -> Session {
+        Session {
+            id: [1; 16],
+            created_at: 0,
+            expires_at: 1000,
+            access_token: "a".repeat(token_len),
+            access_expires_at: 0,
+            refresh_token: None,
+            id_token: None,
+            identity: Identity {
+                sub: "s".into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn request_headers(set_cookies: &[HeaderValue]) -> HeaderMap {
+        let pairs: Vec<String> = set_cookies
+            .iter()
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+            .filter(|p| !p.ends_with('='))
+            .collect();
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());
+        h
+    }
+
+    #[test]
+    fn single_and_chunked_round_trip() {
+        let c = cookies(8);
+        for len in [10, 5000, 12000] {
+            let s = session(len);
+            let empty = HeaderMap::new();
+            let lines = c.set_session(&s, &CookieJar::parse(&empty), 10).unwrap();
+            assert_eq!(
+                lines.len(),
+                if len < 3000 { 1 } else { len / 2800 + 1 }.max(lines.len().min(1))
+            );
+            let h = request_headers(&lines);
+            let got = c.open_session(&CookieJar::parse(&h), 10).unwrap().unwrap();
+            assert_eq!(got, s);
+        }
+    }
+
+    #[test]
+    fn too_many_chunks_rejected() {
+        let c = cookies(2);
+        assert!(c
+            .set_session(&session(12000), &CookieJar::default(), 10)
+            .is_none());
+        let mut h = HeaderMap::new();
+        let many: Vec<String> = (0..50).map(|i| format!("_p_{i}=x")).collect();
+        h.insert(COOKIE, HeaderValue::from_str(&many.join("; ")).unwrap());
+        assert_eq!(
+            c.open_session(&CookieJar::parse(&h), 10),
+            Err(CookieReject::Oversize)
+        );
+    }
+
+    #[test]
+    fn stale_chunks_cleared() {
+        let c = cookies(8);
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_static("_p_0=a; _p_1=b; other=1"));
+        let lines = c
+            .set_session(&session(10), &CookieJar::parse(&h), 10)
+            .unwrap();
+        let text: Vec<&str> = lines.iter().map(|v| v.to_str().unwrap()).collect();
+        assert!(text.iter().any(|l| l.starts_with("_p_0=;")), "{text:?}");
+        assert!(text.iter().any(|l| l.starts_with("_p_1=;")), "{text:?}");
+        assert!(!text.iter().any(|l| l.starts_with("other")));
+    }
+
+    #[test]
+    fn expired_session_rejected() {
+        let c = cookies(8);
+        let lines = c
+            .set_session(&session(10), &CookieJar::default(), 10)
+            .unwrap();
+        let h = request_headers(&lines);
+        assert_eq!(
+            c.open_session(&CookieJar::parse(&h), 1000),
+            Err(CookieReject::Expired)
+        );
+    }
+
+    #[test]
+    fn ours() {
+        let c = cookies(8);
+        assert!(c.is_ours("_p") && c.is_ours("_p_0") && c.is_ours("_p_flow_ab"));
+        assert!(!c.is_ours("_p_x") && !c.is_ours("_px") && !c.is_ours("other"));
+    }
+
+    #[test]
+    fn flow_bound_to_state() {
+        let c = cookies(8);
+        let f = FlowState {
+            state: "st".into(),
+            nonce: "n".into(),
+            pkce_verifier: "v".into(),
+            return_to: "/x".into(),
+            created_at: 1,
+        };
+        let line = c.set_flow(&f).unwrap();
+        let h = request_headers(&[line]);
+        let jar = CookieJar::parse(&h);
+        assert_eq!(c.open_flow(&jar, "st"), Some(f));
+        assert_eq!(c.open_flow(&jar, "other"), None);
+    }
+}

@@ -1,0 +1,190 @@
+//! The key ring: AES-256-GCM seal/open with a key id, so several keys can be live.
+//! Sealed layout: version (1) | key id (4) | nonce (12) | ciphertext+tag, base64url (no padding).
+//! The associated data is the cookie's name, so a value cannot be moved between cookies.
+
+use crate::config::CookieKey;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use sha2::{Digest, Sha256};
+
+const VERSION: u8 = 1;
+const KEY_ID_LEN: usize = 4;
+const NONCE_LEN: usize = 12;
+const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
+const TAG_LEN: usize = 16;
+
+/// Why a sealed value did not open. Callers treat all of them as "no session";
+/// the reason feeds metrics and debug logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("not valid base64")]
+    Encoding,
+    #[error("too short or unknown format version")]
+    Format,
+    #[error("sealed with a key that is not configured")]
+    UnknownKey,
+    #[error("authentication failed (tampered or wrong cookie)")]
+    Tampered,
+}
+
+struct Key {
+    id: [u8; KEY_ID_LEN],
+    cipher: Aes256Gcm,
+}
+
+/// Keys built once at start-up: the first seals, every key opens.
+pub struct KeyRing {
+    keys: Vec<Key>,
+    /// Derived MAC key for small non-secret tokens (CSRF), independent of the AEAD keys.
+    mac_key: [u8; 32],
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyRing({} keys)", self.keys.len())
+    }
+}
+
+fn key_id(key: &[u8; 32]) -> [u8; KEY_ID_LEN] {
+    let d = Sha256::new()
+        .chain_update(b"portcullis key id\0")
+        .chain_update(key)
+        .finalize();
+    let mut id = [0u8; KEY_ID_LEN];
+    id.copy_from_slice(&d[..KEY_ID_LEN]);
+    id
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // The OS RNG failing is not recoverable and never caused by a request.
+    if getrandom::fill(&mut b).is_err() {
+        std::process::abort();
+    }
+    b
+}
+
+impl KeyRing {
+    /// `keys` must not be empty (config validation guarantees it).
+    pub fn new(keys: &[CookieKey]) -> Self {
+        let mac_key = keys
+            .first()
+            .map(|k| {
+                Sha256::new()
+                    .chain_update(b"portcullis mac key\0")
+                    .chain_update(k.0)
+                    .finalize()
+                    .into()
+            })
+            .unwrap_or([0u8; 32]);
+        Self {
+            keys: keys
+                .iter()
+                .map(|k| Key {
+                    id: key_id(&k.0),
+                    cipher: Aes256Gcm::new(&k.0.into()),
+                })
+                .collect(),
+            mac_key,
+        }
+    }
+
+    /// Encrypts `plain` under the first key, bound to `aad`; returns base64url text.
+    pub fn seal(&self, aad: &[u8], plain: &[u8]) -> String {
+        let Some(key) = self.keys.first() else {
+            return String::new();
+        };
+        let nonce = random_bytes::<NONCE_LEN>();
+        let mut out = Vec::with_capacity(HEADER_LEN + plain.len() + TAG_LEN);
+        out.push(VERSION);
+        out.extend_from_slice(&key.id);
+        out.extend_from_slice(&nonce);
+        match key
+            .cipher
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
+        {
+            Ok(ct) => out.extend_from_slice(&ct),
+            // Only possible for plaintexts over 64 GiB.
+            Err(_) => return String::new(),
+        }
+        URL_SAFE_NO_PAD.encode(out)
+    }
+
+    /// Decrypts base64url text sealed by `seal` with any configured key.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let raw = URL_SAFE_NO_PAD
+            .decode(sealed)
+            .map_err(|_| OpenError::Encoding)?;
+        if raw.len() < HEADER_LEN + TAG_LEN || raw[0] != VERSION {
+            return Err(OpenError::Format);
+        }
+        let id = &raw[1..1 + KEY_ID_LEN];
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .ok_or(OpenError::UnknownKey)?;
+        let nonce = Nonce::from_slice(&raw[1 + KEY_ID_LEN..HEADER_LEN]);
+        key.cipher
+            .decrypt(
+                nonce,
+                Payload {
+                    msg: &raw[HEADER_LEN..],
+                    aad,
+                },
+            )
+            .map_err(|_| OpenError::Tampered)
+    }
+
+    /// A keyed digest (for CSRF tokens bound to a session), base64url.
+    pub fn mac(&self, purpose: &[u8], data: &[u8]) -> String {
+        let d = Sha256::new()
+            .chain_update(self.mac_key)
+            .chain_update(purpose)
+            .chain_update([0u8])
+            .chain_update(data)
+            .finalize();
+        URL_SAFE_NO_PAD.encode(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(b: u8) -> KeyRing {
+        KeyRing::new(&[CookieKey([b; 32])])
+    }
+
+    #[test]
+    fn round_trip_and_binding() {
+        let r = ring(1);
+        let s = r.seal(b"a", b"hello");
+        assert_eq!(r.open(b"a", s.as_bytes()).unwrap(), b"hello");
+        assert_eq!(r.open(b"b", s.as_bytes()), Err(OpenError::Tampered));
+        assert_eq!(ring(2).open(b"a", s.as_bytes()), Err(OpenError::UnknownKey));
+        assert_ne!(s, r.seal(b"a", b"hello"), "fresh nonce per seal");
+    }
+
+    #[test]
+    fn rotation_opens_with_old_key() {
+        let old = ring(1);
+        let s = old.seal(b"a", b"x");
+        let both = KeyRing::new(&[CookieKey([2; 32]), CookieKey([1; 32])]);
+        assert_eq!(both.open(b"a", s.as_bytes()).unwrap(), b"x");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let r = ring(1);
+        for g in ["", "!!!", "AAAA", &"A".repeat(100)] {
+            assert!(r.open(b"a", g.as_bytes()).is_err());
+        }
+        let mut s = r.seal(b"a", b"hello").into_bytes();
+        let last = s.len() - 1;
+        s[last] = if s[last] == b'A' { b'B' } else { b'A' };
+        assert!(r.open(b"a", &s).is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! The session: what a logged-in user carries, sealed into the session cookie.
+
+pub mod cookie;
+pub mod crypto;
+pub mod layer;
+
+pub use self::cookie::{CookieJar, CookieReject, SessionCookies};
+pub use crypto::{KeyRing, OpenError};
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Bumped when the encoding changes; older values then read as "no session".
+const SCHEMA: u8 = 1;
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Who the user is, from the ID token.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub sub: String,
+    pub email: Option<String>,
+    pub email_verified: bool,
+    pub name: Option<String>,
+    pub preferred_username: Option<String>,
+    pub groups: Vec<String>,
+    /// The provider's session id (`sid`), for back-channel logout.
+    pub sid: Option<String>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("sub", &self.sub)
+            .field("groups", &self.groups.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Random id: keys single-flight refresh and server-side storage.
+    pub id: [u8; 16],
+    pub created_at: u64,
+    /// End of the session's life (absolute, seconds since the epoch).
+    pub expires_at: u64,
+    pub access_token: String,
+    /// When the access token expires (0: the provider did not say).
+    pub access_expires_at: u64,
+    pub refresh_token: Option<String>,
+    pub id_token: Option<String>,
+    pub identity: Identity,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Tokens are never printed.
+        f.debug_struct("Session")
+            .field("identity", &self.identity)
+            .field("expires_at", &self.expires_at)
+            .field("access_expires_at", &self.access_expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown session schema")]
+    Schema,
+    #[error("malformed session")]
+    Malformed,
+}
+
+impl Session {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_extend(self, vec![SCHEMA]).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        match bytes.split_first() {
+            Some((&SCHEMA, rest)) => postcard::from_bytes(rest).map_err(|_| DecodeError::Malformed),
+            _ => Err(DecodeError::Schema),
+        }
+    }
+
+    pub fn is_expired(&self, now: u64) -> bool {
+        now >= self.expires_at
+    }
+
+    /// The user header value: subject or email.
+    pub fn user(&self, claim: crate::config::UserClaim) -> &str {
+        match claim {
+            crate::config::UserClaim::Email => {
+                self.identity.email.as_deref().unwrap_or(&self.identity.sub)
+            }
+            crate::config::UserClaim::Sub => &self.identity.sub,
+        }
+    }
+
+    /// The session id as text (for logs and storage keys; not a secret by itself).
+    pub fn id_hex(&self) -> String {
+        self.id.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// A pending login: what the callback needs to finish it. Sealed into a flow cookie.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowState {
+    pub state: String,
+    pub nonce: String,
+    pub pkce_verifier: String,
+    pub return_to: String,
+    pub created_at: u64,
+}
+
+impl fmt::Debug for FlowState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowState")
+            .field("return_to", &self.return_to)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlowState {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_extend(self, vec![SCHEMA]).unwrap_or_default()
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        match bytes.split_first() {
+            Some((&SCHEMA, rest)) => postcard::from_bytes(rest).map_err(|_| DecodeError::Malformed),
+            _ => Err(DecodeError::Schema),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn sample() -> Session {
+        Session {
+            id: [7; 16],
+            created_at: 1,
+            expires_at: 2,
+            access_token: "at".into(),
+            access_expires_at: 3,
+            refresh_token: Some("rt".into()),
+            id_token: None,
+            identity: Identity {
+                sub: "alice".into(),
+                email: Some("alice@example.com".into()),
+                email_verified: true,
+                groups: vec!["a".into(), "b".into()],
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        assert_eq!(Session::decode(&s.encode()).unwrap(), s);
+        assert_eq!(Session::decode(&[]), Err(DecodeError::Schema));
+        assert_eq!(
+            Session::decode(&[SCHEMA, 0xff]),
+            Err(DecodeError::Malformed)
+        );
+    }
+
+    #[test]
+    fn debug_hides_tokens() {
+        let s = format!("{:?}", sample());
+        assert!(!s.contains("\"at\"") && !s.contains("rt"), "{s}");
+    }
+}
