@@ -103,3 +103,114 @@ pub fn env_keys() -> Vec<((String, String), String)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+listen: "127.0.0.1:4180"
+upstream: "http://127.0.0.1:8081"
+provider:
+  issuer_url: "http://127.0.0.1:9000"
+  client_id: "portcullis"
+  client_secret: "s"
+  scopes: ["openid", "email", "profile", "offline_access"]
+redirect_url: "http://127.0.0.1:4180/oauth2/callback"
+cookie:
+  secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]
+  secure: false
+"#;
+
+    fn none() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn keys_of(r: Result<Config, ConfigErrors>) -> Vec<String> {
+        r.err()
+            .map(|e| e.0.into_iter().map(|e| e.key).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn minimal_file_works_with_defaults() {
+        let c = load_str(MINIMAL, none()).unwrap();
+        assert_eq!(c.cookie.name, "_portcullis");
+        assert_eq!(c.session.lifetime.as_secs(), 7 * 24 * 3600);
+        assert_eq!(c.public_origin, "http://127.0.0.1:4180");
+        assert_eq!(
+            c.post_logout_redirect_url,
+            "http://127.0.0.1:4180/oauth2/signed_out"
+        );
+        assert_eq!(c.upstream.authority.as_str(), "127.0.0.1:8081");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let k = keys_of(load_str(&format!("{MINIMAL}bogus: 1\n"), none()));
+        assert_eq!(k, ["bogus"]);
+        let text = MINIMAL.replace("client_id:", "client_idd:");
+        let e = load_str(&text, none()).unwrap_err().to_string();
+        assert!(e.contains("provider") && e.contains("client_idd"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_all_reported() {
+        let text = MINIMAL
+            .replace("http://127.0.0.1:9000", "not a url")
+            .replace(
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                "AAAAAAAAAAAAAAAAAAAAAA==",
+            )
+            .replace("/oauth2/callback", "/callback");
+        let k = keys_of(load_str(&text, none()));
+        assert_eq!(
+            k,
+            ["redirect_url", "provider.issuer_url", "cookie.secrets[0]"]
+        );
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let text = MINIMAL.replace("  client_secret: \"s\"\n", "");
+        assert_eq!(keys_of(load_str(&text, none())), ["provider.client_secret"]);
+        let env = vec![
+            (
+                "PORTCULLIS_PROVIDER_CLIENT_SECRET".to_string(),
+                "12345".to_string(),
+            ),
+            ("PORTCULLIS_COOKIE_SECURE".to_string(), "false".to_string()),
+            ("PORTCULLIS_SESSION_LIFETIME".to_string(), "1h".to_string()),
+            (
+                "PORTCULLIS_PROVIDER_SCOPES".to_string(),
+                "openid, email".to_string(),
+            ),
+        ];
+        let c = load_str(&text, env).unwrap();
+        assert_eq!(c.provider.client_secret.expose(), "12345");
+        assert_eq!(c.session.lifetime.as_secs(), 3600);
+        assert_eq!(c.provider.scopes, ["openid", "email"]);
+    }
+
+    #[test]
+    fn secure_cookie_gets_host_prefix() {
+        let text = MINIMAL.replace("secure: false", "secure: true").replace(
+            "http://127.0.0.1:4180/oauth2",
+            "https://app.example.com/oauth2",
+        );
+        assert_eq!(
+            load_str(&text, none()).unwrap().cookie.name,
+            "__Host-_portcullis"
+        );
+    }
+
+    #[test]
+    fn secrets_never_in_debug() {
+        let c = load_str(MINIMAL, none()).unwrap();
+        let d = format!("{c:?}");
+        assert!(
+            !d.contains("AAAAAAAA") && !d.contains("client_secret: Secret(\"s\")"),
+            "{d}"
+        );
+    }
+}
