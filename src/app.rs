@@ -15,6 +15,7 @@ pub struct App {
     pub upstream: HttpClient,
     pub spoofable: Spoofable,
     pub used_states: UsedStates,
+    pub refresher: crate::refresh::Refresher,
     pub request_id_prefix: String,
 }
 
@@ -36,6 +37,7 @@ impl App {
             provider,
             upstream,
             used_states: UsedStates::default(),
+            refresher: crate::refresh::Refresher::default(),
             request_id_prefix: prefix,
             cfg,
         }

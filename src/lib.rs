@@ -10,6 +10,7 @@ pub mod oidc;
 pub mod pages;
 pub mod policy;
 pub mod proxy;
+pub mod refresh;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -98,12 +98,15 @@ impl Default for RawCookie {
 pub struct RawSession {
     #[serde(with = "humantime_serde")]
     pub lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    pub refresh_before: Duration,
 }
 
 impl Default for RawSession {
     fn default() -> Self {
         Self {
             lifetime: Duration::from_secs(7 * 24 * 3600),
+            refresh_before: Duration::from_secs(60),
         }
     }
 }

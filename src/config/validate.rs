@@ -75,6 +75,8 @@ pub struct CookieConfig {
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub lifetime: Duration,
+    /// Refresh the access token when it expires within this.
+    pub refresh_before: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -470,7 +472,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             same_site,
             flow_lifetime,
         },
-        session: SessionConfig { lifetime },
+        session: SessionConfig {
+            lifetime,
+            refresh_before: raw.session.refresh_before,
+        },
         headers,
         timeouts,
         limits: Limits {

@@ -1,0 +1,276 @@
+//! Transparent refresh: an access token that has expired, or expires within
+//! `session.refresh_before`, is renewed with the refresh token before forwarding.
+//!
+//! Exactly once per session and refresh token: concurrent requests wait for the one
+//! in-flight refresh, and a just-refreshed result is remembered briefly so requests that
+//! still carry the old cookie reuse it instead of spending the old refresh token again
+//! (providers that rotate refresh tokens revoke the whole grant on reuse).
+
+use crate::app::App;
+use crate::body::Body;
+use crate::error::GatewayError;
+use crate::oidc::ProviderError;
+use crate::policy::Rejected;
+use crate::session::{now_secs, CookieJar, CookieReject, Session};
+use http::header::{HeaderValue, SET_COOKIE};
+use http::{Request, Response};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+use tower::{Layer, Service};
+
+/// How long a refresh result is reused by requests carrying the pre-refresh cookie.
+const REUSE_WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshFailure {
+    /// The provider refused the refresh token (revoked, expired, reused): the session is over.
+    InvalidGrant,
+    /// The provider could not be asked (down, 5xx, timeout): try again later.
+    Unavailable,
+}
+
+type Outcome = Result<Arc<Session>, RefreshFailure>;
+
+/// One refresh per (session id, token generation).
+type Key = ([u8; 16], u64);
+
+#[derive(Default)]
+pub struct Refresher {
+    flights: Mutex<HashMap<Key, (Arc<OnceCell<Outcome>>, Instant)>>,
+}
+
+/// Does this session need a refresh now?
+pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
+    s.access_expires_at != 0 && now + refresh_before.as_secs() >= s.access_expires_at
+}
+
+impl Refresher {
+    fn flight(&self, key: Key) -> Arc<OnceCell<Outcome>> {
+        let Ok(mut map) = self.flights.lock() else {
+            return Arc::new(OnceCell::new());
+        };
+        if map.len() > 1024 {
+            map.retain(|_, (cell, at)| !cell.initialized() || at.elapsed() < REUSE_WINDOW);
+        }
+        match map.get(&key) {
+            Some((cell, at)) if !cell.initialized() || at.elapsed() < REUSE_WINDOW => cell.clone(),
+            _ => {
+                let cell = Arc::new(OnceCell::new());
+                map.insert(key, (cell.clone(), Instant::now()));
+                cell
+            }
+        }
+    }
+
+    fn forget(&self, key: &Key) {
+        if let Ok(mut map) = self.flights.lock() {
+            map.remove(key);
+        }
+    }
+
+    /// Refreshes `s` (or joins the refresh already under way for it).
+    pub async fn refresh(&self, app: &App, s: &Session) -> Outcome {
+        let Some(rt) = s.refresh_token.as_deref() else {
+            return Err(RefreshFailure::InvalidGrant);
+        };
+        let key = (s.id, s.access_expires_at);
+        let cell = self.flight(key);
+        let outcome = cell
+            .get_or_init(|| async {
+                let r = run_refresh(app, s, rt).await;
+                if let Ok(mut map) = self.flights.lock() {
+                    // The reuse window starts when the result is known.
+                    if let Some(entry) = map.get_mut(&key) {
+                        entry.1 = Instant::now();
+                    }
+                }
+                r
+            })
+            .await
+            .clone();
+        if outcome == Err(RefreshFailure::Unavailable) {
+            // Not remembered: the next request tries again.
+            self.forget(&key);
+        }
+        outcome
+    }
+}
+
+async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
+    match app.provider.refresh(refresh_token).await {
+        Ok(t) => {
+            let now = now_secs();
+            let mut next = s.clone();
+            if let Some(id) = t.id {
+                // OIDC Core §12.2: a refreshed ID token must name the same user.
+                if id.identity.sub != s.identity.sub {
+                    tracing::warn!("refreshed ID token has a different subject; ending session");
+                    return Err(RefreshFailure::InvalidGrant);
+                }
+                next.identity = id.identity;
+                next.id_token = t.id_token;
+            }
+            next.access_token = t.access_token;
+            next.access_expires_at = t.expires_in.map_or(0, |d| now + d.as_secs());
+            if let Some(rt) = t.refresh_token {
+                next.refresh_token = Some(rt);
+            }
+            tracing::info!(sub = %next.identity.sub, "access token refreshed");
+            Ok(Arc::new(next))
+        }
+        Err(ProviderError::InvalidGrant(reason)) => {
+            tracing::info!(sub = %s.identity.sub, reason = %reason, "refresh token refused; session ended");
+            Err(RefreshFailure::InvalidGrant)
+        }
+        Err(e) => {
+            // Anything but an explicit invalid_grant is the provider's problem, not the user's:
+            // never log anyone out because the provider blinked.
+            tracing::warn!(error = %e, "refresh failed");
+            Err(RefreshFailure::Unavailable)
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RefreshLayer {
+    app: Arc<App>,
+}
+
+impl RefreshLayer {
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+impl<S> Layer<S> for RefreshLayer {
+    type Service = RefreshService<S>;
+    fn layer(&self, inner: S) -> RefreshService<S> {
+        RefreshService {
+            app: self.app.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RefreshService<S> {
+    app: Arc<App>,
+    inner: S,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl<S, B> Service<Request<B>> for RefreshService<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = futures_util::future::Either<S::Future, BoxFuture>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        use futures_util::future::Either;
+        let now = now_secs();
+        let due = req
+            .extensions()
+            .get::<Session>()
+            .is_some_and(|s| needs_refresh(s, now, self.app.cfg.session.refresh_before));
+        if !due {
+            return Either::Left(self.inner.call(req));
+        }
+        // Take the service that was polled ready; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let app = self.app.clone();
+        Either::Right(Box::pin(async move {
+            let Some(old) = req.extensions_mut().remove::<Session>() else {
+                return inner.call(req).await;
+            };
+            let still_valid = now < old.access_expires_at;
+            let outcome = if old.refresh_token.is_some() {
+                app.refresher.refresh(&app, &old).await
+            } else {
+                Err(RefreshFailure::InvalidGrant)
+            };
+            match outcome {
+                Ok(next) => {
+                    let lines = {
+                        let jar = CookieJar::parse(req.headers());
+                        app.cookies
+                            .set_session(&next, &jar, now)
+                            .unwrap_or_default()
+                    };
+                    req.extensions_mut().insert((*next).clone());
+                    let mut resp = inner.call(req).await?;
+                    append_cookies(&mut resp, lines);
+                    Ok(resp)
+                }
+                // No refresh possible but the token still works: use it while it lasts.
+                Err(_) if still_valid && old.refresh_token.is_none() => {
+                    req.extensions_mut().insert(old);
+                    inner.call(req).await
+                }
+                Err(RefreshFailure::Unavailable) if still_valid => {
+                    req.extensions_mut().insert(old);
+                    inner.call(req).await
+                }
+                Err(RefreshFailure::Unavailable) => Ok(GatewayError::ProviderUnavailable(
+                    "refresh failed and the access token has expired".into(),
+                )
+                .into_response()),
+                Err(RefreshFailure::InvalidGrant) => {
+                    // The session is over: the auth gate sends browsers to login, API calls get 401.
+                    req.extensions_mut().insert(Rejected(CookieReject::Expired));
+                    inner.call(req).await
+                }
+            }
+        }))
+    }
+}
+
+fn append_cookies(resp: &mut Response<Body>, lines: Vec<HeaderValue>) {
+    for v in lines {
+        resp.headers_mut().append(SET_COOKIE, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Identity;
+
+    #[test]
+    fn refresh_window() {
+        let mut s = Session {
+            id: [0; 16],
+            created_at: 0,
+            expires_at: 10_000,
+            access_token: "a".into(),
+            access_expires_at: 1000,
+            refresh_token: None,
+            id_token: None,
+            identity: Identity::default(),
+        };
+        let before = Duration::from_secs(60);
+        assert!(!needs_refresh(&s, 900, before));
+        assert!(needs_refresh(&s, 940, before));
+        assert!(needs_refresh(&s, 2000, before));
+        s.access_expires_at = 0;
+        assert!(
+            !needs_refresh(&s, 2000, before),
+            "unknown expiry: never refreshed"
+        );
+    }
+}
