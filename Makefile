@@ -1,0 +1,75 @@
+# portcullis: build, test, lint and demo entry points (GNU make).
+#
+#   make deps    install system packages (chromium, redis, nginx, prometheus)
+#                and the Node.js test/demo dependencies, when missing
+#   make build   release build of the gateway
+#   make test    deps + build + cargo tests + headless-browser end-to-end test
+#   make lint    rustfmt check + clippy with warnings as errors
+#   make demo    IdP + demo app + gateway on 127.0.0.1 (open http://127.0.0.1:4180/)
+#   make bench   cargo bench
+#   make clean   remove build outputs and tests/js/node_modules
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+# rustup installs cargo here; CI shells may not have it on PATH.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO ?= cargo
+NODE ?= node
+NPM ?= npm
+JS_DIR := tests/js
+PORTCULLIS_BIN ?= target/release/portcullis
+
+# npm writes node_modules/.package-lock.json on every install: use it as the
+# stamp, so `npm ci` runs only when node_modules is missing or older than the
+# lock file.
+JS_STAMP := $(JS_DIR)/node_modules/.package-lock.json
+
+.PHONY: all deps deps-system deps-node check-cargo build test e2e lint fmt demo bench clean
+
+all: build
+
+deps: deps-system deps-node
+
+deps-system:
+	./scripts/install-deps.sh
+
+deps-node: $(JS_STAMP)
+
+$(JS_STAMP): $(JS_DIR)/package-lock.json $(JS_DIR)/package.json
+	cd $(JS_DIR) && $(NPM) ci --no-audit --no-fund
+	touch $@
+
+check-cargo:
+	@command -v $(CARGO) >/dev/null 2>&1 || { \
+	  echo "ERROR: cargo not found. Install a Rust toolchain (>= 1.85); rustup is not reachable from this machine." >&2; \
+	  exit 1; }
+
+build: check-cargo
+	$(CARGO) build --release --locked
+
+test: deps build
+	$(CARGO) test --locked
+	PORTCULLIS_BIN=$(PORTCULLIS_BIN) $(NODE) $(JS_DIR)/browser-e2e.mjs
+
+# only the browser end-to-end test (expects an existing release build)
+e2e: deps
+	PORTCULLIS_BIN=$(PORTCULLIS_BIN) $(NODE) $(JS_DIR)/browser-e2e.mjs
+
+lint: check-cargo
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+fmt: check-cargo
+	$(CARGO) fmt --all
+
+demo: deps-node build
+	PORTCULLIS_BIN=$(PORTCULLIS_BIN) $(NODE) $(JS_DIR)/demo.mjs
+
+bench: check-cargo
+	$(CARGO) bench
+
+clean:
+	-$(CARGO) clean
+	rm -rf $(JS_DIR)/node_modules
