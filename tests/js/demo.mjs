@@ -1,0 +1,145 @@
+// `make demo`: the OpenID provider, the demo app and portcullis, all on
+// loopback, until Ctrl-C.
+//
+//   IdP      http://127.0.0.1:9000   (DEMO_IDP_PORT)  tests/js/idp.mjs
+//   app      http://127.0.0.1:8081   (DEMO_APP_PORT)  tests/js/demo-app.mjs
+//   gateway  http://127.0.0.1:4180   (DEMO_GW_PORT)   $PORTCULLIS_BIN --config config/demo.yaml
+//
+// With the default ports the gateway runs on config/demo.yaml; when a port is
+// overridden an equivalent config is written to a temp directory instead.
+// The gateway's log is streamed to the terminal; the IdP's and the app's go to
+// files in the temp directory.
+
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import {
+  JS_DIR, REPO_ROOT, spawnLogged, waitForHttp, killAll, gatewayConfigYaml,
+} from './procs.mjs';
+
+const DEFAULTS = { idp: 9000, app: 8081, gw: 4180 };
+const DEMO_CONFIG = path.join(REPO_ROOT, 'config', 'demo.yaml');
+const CLIENT_SECRET = 'portcullis-demo-secret'; // same as config/demo.yaml
+const DEMO_COOKIE_SECRET = 'gJDGcaRi/uH1koUW7MEmgnrRe/4o4uH2RZXQRJVpoUM='; // demo only, as in config/demo.yaml
+
+function port(name, dflt) {
+  const raw = process.env[name];
+  if (!raw) return dflt;
+  const p = Number.parseInt(raw, 10);
+  if (!(p > 0 && p < 65536)) fail(`invalid ${name}=${raw}`);
+  return p;
+}
+
+function fail(msg) {
+  process.stderr.write(`demo: ${msg}\n`);
+  process.exit(1);
+}
+
+function portFree(p) {
+  return new Promise((resolve) => {
+    const srv = net.createServer();
+    srv.once('error', () => resolve(false));
+    srv.listen(p, '127.0.0.1', () => srv.close(() => resolve(true)));
+  });
+}
+
+function box(lines) {
+  const width = Math.max(...lines.map((l) => [...l].length));
+  const out = [`╭${'─'.repeat(width + 2)}╮`];
+  for (const l of lines) out.push(`│ ${l}${' '.repeat(width - [...l].length)} │`);
+  out.push(`╰${'─'.repeat(width + 2)}╯`);
+  return out.join('\n');
+}
+
+const ports = {
+  idp: port('DEMO_IDP_PORT', DEFAULTS.idp),
+  app: port('DEMO_APP_PORT', DEFAULTS.app),
+  gw: port('DEMO_GW_PORT', DEFAULTS.gw),
+};
+const bin = path.resolve(REPO_ROOT, process.env.PORTCULLIS_BIN || 'target/release/portcullis');
+if (!fs.existsSync(bin)) fail(`gateway binary not found at ${bin}: run \`make build\` (or set PORTCULLIS_BIN)`);
+
+for (const [name, envName] of [['idp', 'DEMO_IDP_PORT'], ['app', 'DEMO_APP_PORT'], ['gw', 'DEMO_GW_PORT']]) {
+  if (!await portFree(ports[name])) {
+    fail(`127.0.0.1:${ports[name]} is already in use; stop what runs there or set ${envName} to another port`);
+  }
+}
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'portcullis-demo-'));
+const defaultPorts = ports.idp === DEFAULTS.idp && ports.app === DEFAULTS.app && ports.gw === DEFAULTS.gw;
+let configFile = DEMO_CONFIG;
+if (!defaultPorts) {
+  configFile = path.join(tmp, 'demo.yaml');
+  fs.writeFileSync(configFile, gatewayConfigYaml({
+    gwPort: ports.gw,
+    appPort: ports.app,
+    idpPort: ports.idp,
+    clientSecret: CLIENT_SECRET,
+    cookieSecret: DEMO_COOKIE_SECRET,
+    logLevel: 'info',
+  }));
+}
+const gwUrl = `http://127.0.0.1:${ports.gw}/`;
+
+let stopping = false;
+async function stopAll(code) {
+  if (stopping) return;
+  stopping = true;
+  process.stdout.write('\ndemo: stopping gateway, demo app and IdP ...\n');
+  await killAll();
+  process.stdout.write(`demo: stopped (logs in ${tmp})\n`);
+  process.exit(code);
+}
+process.on('SIGINT', () => stopAll(0));
+process.on('SIGTERM', () => stopAll(0));
+
+function watch(h) {
+  h.exited.then((info) => {
+    if (stopping) return;
+    process.stderr.write(`demo: ${h.name} stopped unexpectedly (${JSON.stringify(info)}); last output:\n${h.tail(20)}\n`);
+    stopAll(1);
+  });
+}
+
+try {
+  process.stdout.write(`demo: starting IdP on 127.0.0.1:${ports.idp} and demo app on 127.0.0.1:${ports.app} ...\n`);
+  const idp = spawnLogged('idp', process.execPath, [path.join(JS_DIR, 'idp.mjs')], {
+    logDir: tmp,
+    env: {
+      IDP_PORT: String(ports.idp),
+      IDP_CLIENT_ID: 'portcullis',
+      IDP_CLIENT_SECRET: CLIENT_SECRET,
+      IDP_REDIRECT_URIS: `http://127.0.0.1:${ports.gw}/oauth2/callback`,
+    },
+  });
+  const app = spawnLogged('demo-app', process.execPath, [path.join(JS_DIR, 'demo-app.mjs')], {
+    logDir: tmp,
+    env: { DEMO_APP_PORT: String(ports.app) },
+  });
+  await Promise.all([idp.waitForLine(/^READY /, 30_000), app.waitForLine(/^READY /, 30_000)]);
+  watch(idp);
+  watch(app);
+
+  const shown = (f) => (f.startsWith(`${REPO_ROOT}${path.sep}`) ? path.relative(REPO_ROOT, f) : f);
+  process.stdout.write(`demo: starting ${shown(bin)} --config ${shown(configFile)}\n`);
+  const gw = spawnLogged('portcullis', bin, ['--config', configFile], { logDir: tmp, echo: true });
+  await waitForHttp(`http://127.0.0.1:${ports.gw}/readyz`, { timeoutMs: 30_000, proc: gw });
+  watch(gw);
+
+  process.stdout.write(`\n${box([
+    'portcullis demo is running',
+    '',
+    `Open ${gwUrl} — log in with any username/password`,
+    '',
+    `gateway   ${gwUrl}`,
+    `IdP       http://127.0.0.1:${ports.idp}/  (log: ${idp.logFile})`,
+    `demo app  http://127.0.0.1:${ports.app}/  (log: ${app.logFile})`,
+    `sign out  ${gwUrl}oauth2/sign_out`,
+    '',
+    'Gateway log follows. Ctrl-C stops all three.',
+  ])}\n\n`);
+} catch (err) {
+  process.stderr.write(`demo: ${err.message}\n`);
+  await stopAll(1);
+}
