@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 
 pub struct App {
     pub cfg: Arc<Config>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set on SIGTERM: readiness turns false while connections drain.
+    pub draining: std::sync::atomic::AtomicBool,
     pub cookies: SessionCookies,
     pub provider: Arc<Provider>,
     pub upstream: HttpClient,
@@ -20,7 +23,12 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(cfg: Arc<Config>, provider: Arc<Provider>, upstream: HttpClient) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        provider: Arc<Provider>,
+        upstream: HttpClient,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         let cookies = SessionCookies::new(
             &cfg.cookie,
             cfg.session.lifetime,
@@ -39,8 +47,23 @@ impl App {
             used_states: UsedStates::default(),
             refresher: crate::refresh::Refresher::default(),
             request_id_prefix: prefix,
+            metrics,
+            draining: std::sync::atomic::AtomicBool::new(false),
             cfg,
         }
+    }
+}
+
+impl App {
+    /// Ready to take traffic: provider discovered with its keys, and not shutting down.
+    pub fn is_ready(&self) -> Result<(), &'static str> {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("shutting down");
+        }
+        if !self.provider.is_ready() {
+            return Err("provider not discovered yet");
+        }
+        Ok(())
     }
 }
 

@@ -1,11 +1,13 @@
 //! portcullis: an OpenID Connect authentication gateway in front of unmodified web apps.
 
+pub mod admin;
 pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod flow;
+pub mod metrics;
 pub mod oidc;
 pub mod pages;
 pub mod policy;
@@ -18,6 +20,7 @@ pub mod stack;
 
 use config::Config;
 use std::sync::Arc;
+use tokio::net::TcpListener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -28,11 +31,14 @@ pub enum StartError {
     },
     #[error("cannot build the HTTP client: {0}")]
     Client(std::io::Error),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Builds everything from the config and serves until SIGTERM/SIGINT.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
+    let metrics = Arc::new(metrics::Metrics::new()?);
     let client = proxy::client::build(&proxy::client::ClientOptions {
         connect_timeout: cfg.timeouts.upstream_connect,
         idle_timeout: cfg.timeouts.idle,
@@ -44,18 +50,42 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         oidc::http::ProviderHttp {
             client: client.clone(),
             timeout: cfg.timeouts.provider,
+            metrics: metrics.clone(),
         },
     ));
     tokio::spawn(provider.clone().discover_until_ready());
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
+    let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| StartError::Bind {
             addr: cfg.listen,
             source,
         })?;
-    tracing::info!(listen = %cfg.listen, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
-    let app = Arc::new(app::App::new(cfg, provider, client));
-    server::serve(app, listener, shutdown_signal()).await;
+    let admin = match cfg.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
+    let app = Arc::new(app::App::new(cfg.clone(), provider, client, metrics));
+    if let Some(l) = admin {
+        tokio::spawn(admin::serve(app.clone(), l));
+    }
+    // SIGTERM: fail readiness at once, keep accepting for shutdown_delay (so endpoints are
+    // removed first), then stop accepting and drain.
+    let draining = {
+        let app = app.clone();
+        async move {
+            shutdown_signal().await;
+            app.draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(delay = ?app.cfg.shutdown_delay, "not ready; closing the listener after the delay");
+            tokio::time::sleep(app.cfg.shutdown_delay).await;
+        }
+    };
+    server::serve(app, listener, draining).await;
     Ok(())
 }
 

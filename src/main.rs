@@ -72,6 +72,7 @@ fn init_tracing(log: &portcullis::config::LogConfig) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if log.json {
         builder.json().flatten_event(true).init();

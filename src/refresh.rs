@@ -40,9 +40,12 @@ type Outcome = Result<Arc<Session>, RefreshFailure>;
 /// One refresh per (session id, token generation).
 type Key = ([u8; 16], u64);
 
+/// A refresh in flight (or just finished), and when it started or finished.
+type Flight = (Arc<OnceCell<Outcome>>, Instant);
+
 #[derive(Default)]
 pub struct Refresher {
-    flights: Mutex<HashMap<Key, (Arc<OnceCell<Outcome>>, Instant)>>,
+    flights: Mutex<HashMap<Key, Flight>>,
 }
 
 /// Does this session need a refresh now?
@@ -81,8 +84,10 @@ impl Refresher {
         };
         let key = (s.id, s.access_expires_at);
         let cell = self.flight(key);
+        let mut ran = false;
         let outcome = cell
             .get_or_init(|| async {
+                ran = true;
                 let r = run_refresh(app, s, rt).await;
                 if let Ok(mut map) = self.flights.lock() {
                     // The reuse window starts when the result is known.
@@ -94,6 +99,13 @@ impl Refresher {
             })
             .await
             .clone();
+        let label = match (&outcome, ran) {
+            (Ok(_), true) => "success",
+            (Ok(_), false) => "reused",
+            (Err(RefreshFailure::InvalidGrant), _) => "invalid_grant",
+            (Err(RefreshFailure::Unavailable), _) => "unavailable",
+        };
+        app.metrics.refreshes.with_label_values(&[label]).inc();
         if outcome == Err(RefreshFailure::Unavailable) {
             // Not remembered: the next request tries again.
             self.forget(&key);

@@ -4,6 +4,7 @@
 use crate::app::App;
 use crate::body::Body;
 use crate::flow;
+use crate::metrics::{ResponseFacts, RouteKind};
 use crate::proxy::headers::valid_request_id;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -140,7 +141,14 @@ where
         use futures_util::future::Either;
         if flow::is_flow_path(req.uri().path()) {
             let app = self.app.clone();
-            Either::Right(Box::pin(async move { Ok(flow::handle(app, req).await) }))
+            Either::Right(Box::pin(async move {
+                let mut resp = flow::handle(app, req).await;
+                resp.extensions_mut().insert(ResponseFacts {
+                    route: Some(RouteKind::Flow),
+                    ..Default::default()
+                });
+                Ok(resp)
+            }))
         } else {
             Either::Left(self.routes.call(req))
         }

@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub post_logout_redirect_url: String,
     pub log: RawLog,
+    pub admin: RawAdmin,
+    pub lifecycle: RawLifecycle,
 }
 
 impl Default for RawConfig {
@@ -34,6 +36,8 @@ impl Default for RawConfig {
             limits: RawLimits::default(),
             post_logout_redirect_url: String::new(),
             log: RawLog::default(),
+            admin: RawAdmin::default(),
+            lifecycle: RawLifecycle::default(),
         }
     }
 }
@@ -200,6 +204,37 @@ impl Default for RawLog {
         Self {
             level: "info".into(),
             format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// `/metrics`, `/healthz`, `/readyz`; empty disables the admin listener.
+    pub listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLifecycle {
+    /// After SIGTERM: readiness fails at once, the listener keeps accepting this long.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
+}
+
+impl Default for RawLifecycle {
+    fn default() -> Self {
+        Self {
+            shutdown_delay: Duration::from_secs(5),
         }
     }
 }

@@ -27,6 +27,10 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: LogConfig,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); `None` when disabled.
+    pub admin_listen: Option<SocketAddr>,
+    /// After SIGTERM, how long to keep accepting while readiness reports 503.
+    pub shutdown_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +216,28 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             path_prefix: u.path().trim_end_matches('/').to_string(),
         })
     });
+
+    let admin_listen = if raw.admin.listen.is_empty() {
+        None
+    } else {
+        match raw.admin.listen.parse::<SocketAddr>() {
+            Ok(a) if a == listen => {
+                c.err("admin.listen", "must differ from listen");
+                None
+            }
+            Ok(a) => Some(a),
+            Err(_) => {
+                c.err(
+                    "admin.listen",
+                    format!(
+                        "`{}` is not an address:port like 127.0.0.1:9090",
+                        raw.admin.listen
+                    ),
+                );
+                None
+            }
+        }
+    };
 
     let redirect_url = parse_url(&mut c, "redirect_url", &raw.redirect_url);
     if let Some(u) = &redirect_url {
@@ -488,6 +514,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             level: raw.log.level.clone(),
             json: log_json,
         },
+        admin_listen,
+        shutdown_delay: raw.lifecycle.shutdown_delay,
     })
 }
 

@@ -13,11 +13,13 @@ use hyper::body::Incoming;
 
 fn fail(
     app: &App,
+    reason: &str,
     status: StatusCode,
     title: &str,
     msg: &str,
     state: Option<&str>,
 ) -> Response<Body> {
+    app.metrics.flow_failed(reason);
     let mut resp = pages::html(
         status,
         title,
@@ -36,6 +38,7 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
     else {
         return fail(
             app,
+            "bad_request",
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "The sign-in response has no state.",
@@ -47,6 +50,7 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
         tracing::info!("callback with an unknown or expired state");
         return fail(
             app,
+            "unknown_state",
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "This sign-in attempt is unknown or has expired. Please start again.",
@@ -57,6 +61,7 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
     if now.saturating_sub(flow.created_at) > app.cookies.flow_lifetime.as_secs() {
         return fail(
             app,
+            "expired",
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "This sign-in attempt has expired. Please start again.",
@@ -74,6 +79,7 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
         let msg: String = msg.chars().take(500).collect();
         return fail(
             app,
+            "provider_error",
             StatusCode::FORBIDDEN,
             "Sign-in refused",
             &msg,
@@ -83,6 +89,7 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let Some(code) = query_param(query, "code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
         return fail(
             app,
+            "bad_request",
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "The sign-in response has no code.",
@@ -96,6 +103,7 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
     {
         return fail(
             app,
+            "replayed_state",
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "This sign-in response was already used. Please start again.",
@@ -110,30 +118,35 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(error = %e, "code exchange failed");
-            let (status, msg) = match &e {
+            let (reason, status, msg) = match &e {
                 ProviderError::InvalidGrant(_) => (
+                    "invalid_grant",
                     StatusCode::BAD_REQUEST,
                     "The sign-in code is invalid, expired or was already used. Please start again.",
                 ),
                 e if e.is_unavailable() => (
+                    "provider_unavailable",
                     StatusCode::BAD_GATEWAY,
                     "The identity provider cannot be reached right now. Please try again shortly.",
                 ),
                 ProviderError::IdToken(_) => (
+                    "invalid_id_token",
                     StatusCode::BAD_REQUEST,
                     "The identity provider's ID token did not validate.",
                 ),
                 _ => (
+                    "token_error",
                     StatusCode::BAD_GATEWAY,
                     "The identity provider answered the code exchange with an error.",
                 ),
             };
-            return fail(app, status, "Sign-in failed", msg, Some(&state));
+            return fail(app, reason, status, "Sign-in failed", msg, Some(&state));
         }
     };
     let Some(id) = tokens.id else {
         return fail(
             app,
+            "no_id_token",
             StatusCode::BAD_GATEWAY,
             "Sign-in failed",
             "No ID token.",
@@ -154,6 +167,7 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let Some(lines) = app.cookies.set_session(&session, &jar, now) else {
         return fail(
             app,
+            "cookie_too_large",
             StatusCode::BAD_GATEWAY,
             "Sign-in failed",
             "The provider's tokens are too large to keep in a session cookie.",
@@ -161,6 +175,10 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
         );
     };
     tracing::info!(sub = %session.identity.sub, "login completed");
+    app.metrics
+        .login_flows
+        .with_label_values(&["completed", ""])
+        .inc();
     let mut resp = pages::redirect(&redirect::or_root(Some(&flow.return_to)));
     let h = resp.headers_mut();
     for v in lines {

@@ -25,16 +25,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     match (path, &method) {
         ("/healthz", _) => pages::text(StatusCode::OK, "ok\n"),
-        ("/readyz", _) => {
-            if app.provider.is_ready() {
-                pages::text(StatusCode::OK, "ready\n")
-            } else {
-                pages::text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "provider not discovered yet\n",
-                )
-            }
-        }
+        ("/readyz", _) => readyz(&app),
         ("/oauth2/start", &Method::GET) => {
             let rd = query_param(req.uri().query(), "rd");
             let jar = CookieJar::parse(req.headers());
@@ -71,6 +62,17 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             "No such gateway endpoint.",
             "",
         ),
+    }
+}
+
+pub fn readyz(app: &App) -> Response<Body> {
+    match app.is_ready() {
+        Ok(()) => pages::text(StatusCode::OK, "ready\n"),
+        Err(why) => {
+            let mut r = pages::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
+            *r.body_mut() = Body::full(format!("not ready: {why}\n"));
+            r
+        }
     }
 }
 
@@ -120,6 +122,10 @@ pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<
     if let Some(v) = app.cookies.set_flow(&flow) {
         h.append(SET_COOKIE, v);
     }
+    app.metrics
+        .login_flows
+        .with_label_values(&["started", ""])
+        .inc();
     resp
 }
 

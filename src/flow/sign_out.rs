@@ -88,6 +88,7 @@ pub async fn submit(app: &App, req: Request<Incoming>) -> Response<Body> {
             );
         }
         tracing::info!(sub = %s.identity.sub, "signed out");
+        app.metrics.logouts.with_label_values(&["user"]).inc();
     }
     let target = match (
         app.provider.metadata().and_then(|m| m.end_session_endpoint),

@@ -26,10 +26,43 @@ pub enum ProviderHttpError {
 pub struct ProviderHttp {
     pub client: HttpClient,
     pub timeout: Duration,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// Which provider endpoint a call goes to (a metrics label).
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint {
+    Discovery,
+    Jwks,
+    Token,
+}
+
+impl Endpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::Discovery => "discovery",
+            Endpoint::Jwks => "jwks",
+            Endpoint::Token => "token",
+        }
+    }
 }
 
 impl ProviderHttp {
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Bytes>, ProviderHttpError> {
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        endpoint: Endpoint,
+    ) -> Result<Response<Bytes>, ProviderHttpError> {
+        let start = std::time::Instant::now();
+        let r = self.send_inner(req).await;
+        self.metrics
+            .provider_seconds
+            .with_label_values(&[endpoint.label()])
+            .observe(start.elapsed().as_secs_f64());
+        r
+    }
+
+    async fn send_inner(&self, req: Request<Body>) -> Result<Response<Bytes>, ProviderHttpError> {
         let client = self.client.clone();
         let work = async move {
             let resp = client
@@ -47,12 +80,16 @@ impl ProviderHttp {
             .map_err(|_| ProviderHttpError::Timeout)?
     }
 
-    pub async fn get(&self, url: &str) -> Result<Response<Bytes>, ProviderHttpError> {
+    pub async fn get(
+        &self,
+        url: &str,
+        endpoint: Endpoint,
+    ) -> Result<Response<Bytes>, ProviderHttpError> {
         let req = Request::get(url)
             .header(http::header::ACCEPT, "application/json")
             .body(Body::Empty)
             .map_err(|e| ProviderHttpError::Request(e.to_string()))?;
-        self.send(req).await
+        self.send(req, endpoint).await
     }
 
     /// The `oauth2` crate's HTTP client contract.
@@ -62,7 +99,7 @@ impl ProviderHttp {
     ) -> Result<oauth2::HttpResponse, ProviderHttpError> {
         let (parts, body) = req.into_parts();
         let req = Request::from_parts(parts, Body::full(body));
-        let resp = self.send(req).await?;
+        let resp = self.send(req, Endpoint::Token).await?;
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(parts, body.to_vec()))
     }

@@ -170,7 +170,13 @@ impl Provider {
 
     /// Fetches discovery and JWKS once.
     pub async fn discover(&self) -> Result<(), ProviderError> {
-        let resp = self.http.get(&discovery_url(&self.issuer)).await?;
+        let resp = self
+            .http
+            .get(
+                &discovery_url(&self.issuer),
+                self::http::Endpoint::Discovery,
+            )
+            .await?;
         if !resp.status().is_success() {
             return Err(ProviderError::Status(resp.status().as_u16()));
         }
@@ -237,7 +243,7 @@ impl Provider {
         if let Ok(mut last) = self.last_jwks_fetch.lock() {
             *last = Some(Instant::now());
         }
-        let resp = self.http.get(uri).await?;
+        let resp = self.http.get(uri, self::http::Endpoint::Jwks).await?;
         if !resp.status().is_success() {
             return Err(ProviderError::Status(resp.status().as_u16()));
         }

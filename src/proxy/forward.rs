@@ -4,6 +4,7 @@ use super::headers::{inject_identity, is_upgrade, set_forwarded, strip_cookies, 
 use crate::app::App;
 use crate::body::Body;
 use crate::error::{source_chain, GatewayError};
+use crate::metrics::{ResponseFacts, RouteKind};
 use crate::session::Session;
 use http::uri::PathAndQuery;
 use http::{header, Request, Response, StatusCode, Uri, Version};
@@ -23,6 +24,10 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
 }
+
+/// The authenticated subject, carried to the access log.
+#[derive(Debug, Clone)]
+pub struct LogUser(pub Arc<str>);
 
 #[derive(Clone)]
 pub struct HeaderHygieneLayer {
@@ -84,6 +89,8 @@ where
         }
         if let Some(s) = &session {
             inject_identity(h, s, &app.cfg.headers);
+            req.extensions_mut()
+                .insert(LogUser(Arc::from(s.identity.sub.as_str())));
         }
         self.inner.call(req)
     }
@@ -112,16 +119,38 @@ impl Service<Request<Incoming>> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> BoxFuture {
+    fn call(&mut self, mut req: Request<Incoming>) -> BoxFuture {
         let app = self.app.clone();
+        let user = req.extensions_mut().remove::<LogUser>().map(|u| u.0);
         Box::pin(async move {
-            Ok(match forward(&app, req).await {
-                Ok(r) => r,
+            let start = std::time::Instant::now();
+            let result = forward(&app, req).await;
+            let upstream_time = start.elapsed();
+            let mut resp = match result {
+                Ok(r) => {
+                    app.metrics
+                        .upstream_seconds
+                        .observe(upstream_time.as_secs_f64());
+                    r
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "upstream request failed");
+                    let kind = match &e {
+                        GatewayError::UpstreamTimeout => "timeout",
+                        GatewayError::UpstreamConnect(m) if m.contains("onnect") => "connect",
+                        GatewayError::UpstreamConnect(_) => "reset",
+                        _ => "other",
+                    };
+                    app.metrics.upstream_errors.with_label_values(&[kind]).inc();
+                    tracing::warn!(error = %e, kind, "upstream request failed");
                     e.into_response()
                 }
-            })
+            };
+            resp.extensions_mut().insert(ResponseFacts {
+                route: Some(RouteKind::Proxied),
+                upstream_time: Some(upstream_time),
+                user,
+            });
+            Ok(resp)
         })
     }
 }

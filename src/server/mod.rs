@@ -65,10 +65,13 @@ pub async fn serve(
             .serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc)
             .into_owned();
         let conn = graceful.watch(conn);
+        let connections = app.metrics.connections.clone();
+        connections.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection closed with error");
             }
+            connections.dec();
             drop(permit);
         });
     }

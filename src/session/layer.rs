@@ -59,6 +59,11 @@ where
             Ok(None) => {}
             Err(reason) => {
                 tracing::debug!(reason = reason.label(), "session cookie rejected");
+                self.app
+                    .metrics
+                    .cookies_rejected
+                    .with_label_values(&[reason.label()])
+                    .inc();
                 req.extensions_mut().insert(Rejected(reason));
             }
         }
