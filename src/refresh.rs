@@ -210,14 +210,13 @@ where
             let Some(old) = req.extensions_mut().remove::<Session>() else {
                 return inner.call(req).await;
             };
-            let still_valid = now < old.access_expires_at;
-            let outcome = if old.refresh_token.is_some() {
-                app.refresher.refresh(&app, &old).await
-            } else {
-                Err(RefreshFailure::InvalidGrant)
-            };
+            let outcome = ensure_fresh(&app, old, now).await;
             match outcome {
-                Ok(next) => {
+                Fresh::Unchanged(s) => {
+                    req.extensions_mut().insert(s);
+                    inner.call(req).await
+                }
+                Fresh::Refreshed(next) => {
                     let lines = {
                         let jar = CookieJar::parse(req.headers());
                         app.cookies
@@ -229,26 +228,51 @@ where
                     append_cookies(&mut resp, lines);
                     Ok(resp)
                 }
-                // No refresh possible but the token still works: use it while it lasts.
-                Err(_) if still_valid && old.refresh_token.is_none() => {
-                    req.extensions_mut().insert(old);
-                    inner.call(req).await
-                }
-                Err(RefreshFailure::Unavailable) if still_valid => {
-                    req.extensions_mut().insert(old);
-                    inner.call(req).await
-                }
-                Err(RefreshFailure::Unavailable) => Ok(GatewayError::ProviderUnavailable(
+                Fresh::Unavailable => Ok(GatewayError::ProviderUnavailable(
                     "refresh failed and the access token has expired".into(),
                 )
                 .into_response()),
-                Err(RefreshFailure::InvalidGrant) => {
+                Fresh::Ended => {
                     // The session is over: the auth gate sends browsers to login, API calls get 401.
                     req.extensions_mut().insert(Rejected(CookieReject::Expired));
                     inner.call(req).await
                 }
             }
         }))
+    }
+}
+
+/// A session after the refresh step.
+pub enum Fresh {
+    /// Usable as it is (refresh not due, or the provider is down but the token still valid).
+    Unchanged(Session),
+    /// Renewed: forward with it and send its cookie back.
+    Refreshed(Arc<Session>),
+    /// Expired and the provider cannot renew it right now: 503.
+    Unavailable,
+    /// Over (refresh token refused, or none and the token expired): log in again.
+    Ended,
+}
+
+/// Refreshes `s` when due (once per session, shared with concurrent requests).
+pub async fn ensure_fresh(app: &App, s: Session, now: u64) -> Fresh {
+    if !needs_refresh(&s, now, app.cfg.session.refresh_before) {
+        return Fresh::Unchanged(s);
+    }
+    let still_valid = now < s.access_expires_at;
+    if s.refresh_token.is_none() {
+        // No refresh possible: use the token while it lasts.
+        return if still_valid {
+            Fresh::Unchanged(s)
+        } else {
+            Fresh::Ended
+        };
+    }
+    match app.refresher.refresh(app, &s).await {
+        Ok(next) => Fresh::Refreshed(next),
+        Err(RefreshFailure::Unavailable) if still_valid => Fresh::Unchanged(s),
+        Err(RefreshFailure::Unavailable) => Fresh::Unavailable,
+        Err(RefreshFailure::InvalidGrant) => Fresh::Ended,
     }
 }
 

@@ -142,9 +142,14 @@ where
         if flow::is_flow_path(req.uri().path()) {
             let app = self.app.clone();
             Either::Right(Box::pin(async move {
+                let route = if req.uri().path() == "/oauth2/auth" {
+                    RouteKind::ForwardAuth
+                } else {
+                    RouteKind::Flow
+                };
                 let mut resp = flow::handle(app, req).await;
                 resp.extensions_mut().insert(ResponseFacts {
-                    route: Some(RouteKind::Flow),
+                    route: Some(route),
                     ..Default::default()
                 });
                 Ok(resp)

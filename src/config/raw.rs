@@ -20,6 +20,8 @@ pub struct RawConfig {
     pub log: RawLog,
     pub admin: RawAdmin,
     pub lifecycle: RawLifecycle,
+    pub trusted_proxies: Vec<String>,
+    pub forward_auth: RawForwardAuth,
 }
 
 impl Default for RawConfig {
@@ -38,6 +40,8 @@ impl Default for RawConfig {
             log: RawLog::default(),
             admin: RawAdmin::default(),
             lifecycle: RawLifecycle::default(),
+            trusted_proxies: Vec::new(),
+            forward_auth: RawForwardAuth::default(),
         }
     }
 }
@@ -235,6 +239,30 @@ impl Default for RawLifecycle {
     fn default() -> Self {
         Self {
             shutdown_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawForwardAuth {
+    pub user: String,
+    pub email: String,
+    pub groups: String,
+    pub preferred_username: String,
+    pub access_token: String,
+    pub pass_access_token: bool,
+}
+
+impl Default for RawForwardAuth {
+    fn default() -> Self {
+        Self {
+            user: "X-Auth-Request-User".into(),
+            email: "X-Auth-Request-Email".into(),
+            groups: "X-Auth-Request-Groups".into(),
+            preferred_username: "X-Auth-Request-Preferred-Username".into(),
+            access_token: "X-Auth-Request-Access-Token".into(),
+            pass_access_token: true,
         }
     }
 }

@@ -31,6 +31,20 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// After SIGTERM, how long to keep accepting while readiness reports 503.
     pub shutdown_delay: Duration,
+    /// Only from these are X-Forwarded-* and the original URI honoured.
+    pub trusted_proxies: Vec<crate::policy::cidr::Cidr>,
+    pub forward_auth: ForwardAuthConfig,
+}
+
+/// Response headers of `GET /oauth2/auth`.
+#[derive(Debug, Clone)]
+pub struct ForwardAuthConfig {
+    pub user: HeaderName,
+    pub email: HeaderName,
+    pub groups: HeaderName,
+    pub preferred_username: HeaderName,
+    pub access_token: HeaderName,
+    pub pass_access_token: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -426,6 +440,27 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         pass_access_token: h.pass_access_token,
     };
 
+    let mut trusted_proxies = Vec::new();
+    for (i, p) in raw.trusted_proxies.iter().enumerate() {
+        match crate::policy::cidr::Cidr::parse(p) {
+            Ok(c) => trusted_proxies.push(c),
+            Err(m) => c.err(&format!("trusted_proxies[{i}]"), m),
+        }
+    }
+    let fa = &raw.forward_auth;
+    let forward_auth = ForwardAuthConfig {
+        user: header_name(&mut c, "forward_auth.user", &fa.user),
+        email: header_name(&mut c, "forward_auth.email", &fa.email),
+        groups: header_name(&mut c, "forward_auth.groups", &fa.groups),
+        preferred_username: header_name(
+            &mut c,
+            "forward_auth.preferred_username",
+            &fa.preferred_username,
+        ),
+        access_token: header_name(&mut c, "forward_auth.access_token", &fa.access_token),
+        pass_access_token: fa.pass_access_token,
+    };
+
     let t = &raw.timeouts;
     let timeouts = Timeouts {
         upstream_connect: positive(&mut c, "timeouts.upstream_connect", t.upstream_connect),
@@ -516,6 +551,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         },
         admin_listen,
         shutdown_delay: raw.lifecycle.shutdown_delay,
+        trusted_proxies,
+        forward_auth,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The gateway's own endpoints under `/oauth2/`, plus `/healthz` and `/readyz`.
 
 mod callback;
+mod forward_auth;
 pub mod redirect;
 mod sign_out;
 
@@ -41,6 +42,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             "<p><a href=\"/oauth2/start?rd=%2F\">Sign in again</a></p>",
         ),
         ("/oauth2/userinfo", &Method::GET) => userinfo(&app, &req),
+        ("/oauth2/auth", &Method::GET | &Method::HEAD) => forward_auth::handle(&app, &req).await,
         (
             "/oauth2/start" | "/oauth2/callback" | "/oauth2/sign_out" | "/oauth2/signed_out"
             | "/oauth2/userinfo",

@@ -1,5 +1,7 @@
 //! Who must log in, and how an unauthenticated request is answered.
 
+pub mod cidr;
+
 use crate::app::App;
 use crate::body::Body;
 use crate::flow;

@@ -5,6 +5,8 @@ use crate::app::App;
 use crate::body::Body;
 use crate::error::{source_chain, GatewayError};
 use crate::metrics::{ResponseFacts, RouteKind};
+use crate::policy::cidr::trusted;
+use crate::proxy::headers::PriorHop;
 use crate::session::Session;
 use http::uri::PathAndQuery;
 use http::{header, Request, Response, StatusCode, Uri, Version};
@@ -76,15 +78,18 @@ where
         let app = &self.app;
         let h = req.headers_mut();
         strip_hop_by_hop(h, upgrading);
+        let prior = match conn {
+            Some(c) if trusted(&app.cfg.trusted_proxies, c.remote.ip()) => PriorHop::read(h),
+            _ => PriorHop::default(),
+        };
         app.spoofable.strip(h);
         strip_cookies(h, |n| app.cookies.is_ours(n));
         if let Some(c) = conn {
-            let host = h.get(header::HOST).cloned();
             set_forwarded(
                 h,
                 c.remote.ip(),
                 if c.tls { "https" } else { "http" },
-                host.as_ref(),
+                prior,
             );
         }
         if let Some(s) = &session {

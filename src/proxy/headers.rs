@@ -172,22 +172,50 @@ pub fn inject_identity(h: &mut HeaderMap, s: &Session, cfg: &HeaderConfig) {
     }
 }
 
-/// Sets X-Forwarded-For/Proto/Host from what the gateway itself saw.
+/// What a trusted proxy in front of the gateway said about the original request.
+#[derive(Debug, Default)]
+pub struct PriorHop {
+    xff: Option<HeaderValue>,
+    proto: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+}
+
+impl PriorHop {
+    /// Reads the forwarding headers; call only for a connection from a trusted proxy.
+    pub fn read(h: &HeaderMap) -> Self {
+        Self {
+            xff: h.get("x-forwarded-for").cloned(),
+            proto: h
+                .get("x-forwarded-proto")
+                .filter(|v| *v == "http" || *v == "https")
+                .cloned(),
+            host: h.get("x-forwarded-host").cloned(),
+        }
+    }
+}
+
+/// Sets X-Forwarded-For/Proto/Host: from what the gateway itself saw, extended with what a
+/// trusted proxy said (`prior`); anything else a client sent was stripped before.
 pub fn set_forwarded(
     h: &mut HeaderMap,
     client_ip: std::net::IpAddr,
     proto: &'static str,
-    host: Option<&HeaderValue>,
+    prior: PriorHop,
 ) {
-    if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
+    let ip = client_ip.to_canonical().to_string();
+    let xff = match prior.xff.as_ref().and_then(|v| v.to_str().ok()) {
+        Some(chain) if !chain.trim().is_empty() => format!("{chain}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     h.insert(
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(proto),
+        prior.proto.unwrap_or(HeaderValue::from_static(proto)),
     );
-    if let Some(host) = host {
-        h.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    if let Some(host) = prior.host.or_else(|| h.get(header::HOST).cloned()) {
+        h.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
 }
 
