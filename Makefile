@@ -26,7 +26,10 @@ PORTCULLIS_BIN ?= target/release/portcullis
 # lock file.
 JS_STAMP := $(JS_DIR)/node_modules/.package-lock.json
 
-.PHONY: all deps deps-system deps-node check-cargo build test e2e lint fmt demo bench clean
+check-deploy: build
+	PORTCULLIS_BIN=$(PORTCULLIS_BIN) bash scripts/check-deploy.sh
+
+.PHONY: check-deploy all deps deps-system deps-node check-cargo build test e2e lint fmt demo bench clean
 
 all: build
 
@@ -51,6 +54,7 @@ build: check-cargo
 
 test: deps build
 	$(CARGO) test --locked
+	PORTCULLIS_BIN=$(PORTCULLIS_BIN) bash scripts/check-deploy.sh
 	PORTCULLIS_BIN=$(PORTCULLIS_BIN) $(NODE) $(JS_DIR)/browser-e2e.mjs
 
 # only the browser end-to-end test (expects an existing release build)

@@ -19,6 +19,9 @@ pub struct App {
     pub spoofable: Spoofable,
     pub used_states: UsedStates,
     pub refresher: crate::refresh::Refresher,
+    /// Redis for sessions and/or coordination, when configured.
+    pub redis: Option<Arc<crate::store::Redis>>,
+    pub revocations: Arc<crate::session::revocation::Revocations>,
     pub request_id_prefix: String,
 }
 
@@ -28,6 +31,7 @@ impl App {
         provider: Arc<Provider>,
         upstream: HttpClient,
         metrics: Arc<crate::metrics::Metrics>,
+        redis: Option<Arc<crate::store::Redis>>,
     ) -> Self {
         let cookies = SessionCookies::new(
             &cfg.cookie,
@@ -46,6 +50,8 @@ impl App {
             upstream,
             used_states: UsedStates::default(),
             refresher: crate::refresh::Refresher::default(),
+            redis,
+            revocations: Arc::default(),
             request_id_prefix: prefix,
             metrics,
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -62,6 +68,9 @@ impl App {
         }
         if !self.provider.is_ready() {
             return Err("provider not discovered yet");
+        }
+        if self.redis.as_ref().is_some_and(|r| !r.is_healthy()) {
+            return Err("redis unreachable");
         }
         Ok(())
     }

@@ -22,6 +22,8 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("provider unavailable: {0}")]
     ProviderUnavailable(String),
+    #[error("session store unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -32,6 +34,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => Side::Client,
             GatewayError::UpstreamConnect(_) | GatewayError::UpstreamTimeout => Side::Upstream,
             GatewayError::ProviderUnavailable(_) => Side::Provider,
+            GatewayError::StoreUnavailable(_) => Side::Internal,
             GatewayError::Internal(_) => Side::Internal,
         }
     }
@@ -41,7 +44,9 @@ impl GatewayError {
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::ProviderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::ProviderUnavailable(_) | GatewayError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,6 +67,10 @@ impl GatewayError {
             GatewayError::ProviderUnavailable(_) => (
                 "Sign-in unavailable",
                 "The identity provider cannot be reached right now. Please try again shortly.",
+            ),
+            GatewayError::StoreUnavailable(_) => (
+                "Temporarily unavailable",
+                "Sessions cannot be read right now. Please try again shortly.",
             ),
             GatewayError::Internal(_) => ("Internal error", "Something went wrong in the gateway."),
         };

@@ -17,6 +17,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod stack;
+pub mod store;
 
 use config::Config;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub enum StartError {
     },
     #[error("cannot build the HTTP client: {0}")]
     Client(std::io::Error),
+    #[error("cannot use redis: {0}")]
+    Redis(store::StoreError),
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -69,7 +72,24 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         None => None,
     };
     tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
-    let app = Arc::new(app::App::new(cfg.clone(), provider, client, metrics));
+    let redis = match &cfg.session.redis {
+        Some(rc) => Some(Arc::new(store::Redis::new(rc).map_err(StartError::Redis)?)),
+        None => {
+            tracing::warn!("back-channel logout is unavailable: it needs session.store: redis or session.coordination.redis_url");
+            None
+        }
+    };
+    let app = Arc::new(app::App::new(
+        cfg.clone(),
+        provider,
+        client,
+        metrics,
+        redis.clone(),
+    ));
+    if let Some(r) = redis {
+        tokio::spawn(r.clone().watch_health());
+        tokio::spawn(app.revocations.clone().sync(r, cfg.session.lifetime));
+    }
     if let Some(l) = admin {
         tokio::spawn(admin::serve(app.clone(), l));
     }

@@ -205,7 +205,7 @@ impl Metrics {
         for o in ["success", "reused", "invalid_grant", "unavailable"] {
             refreshes.with_label_values(&[o]);
         }
-        for reason in ["tampered", "expired", "unknown_key", "oversize"] {
+        for reason in ["tampered", "expired", "unknown_key", "oversize", "revoked"] {
             cookies_rejected.with_label_values(&[reason]);
         }
         for e in ["token", "jwks", "discovery"] {

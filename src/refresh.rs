@@ -88,7 +88,7 @@ impl Refresher {
         let outcome = cell
             .get_or_init(|| async {
                 ran = true;
-                let r = run_refresh(app, s, rt).await;
+                let r = coordinated_refresh(app, s, rt).await;
                 if let Ok(mut map) = self.flights.lock() {
                     // The reuse window starts when the result is known.
                     if let Some(entry) = map.get_mut(&key) {
@@ -111,6 +111,109 @@ impl Refresher {
             self.forget(&key);
         }
         outcome
+    }
+}
+
+/// How long one replica may hold a session's refresh lock.
+const LOCK_TTL: Duration = Duration::from_secs(15);
+
+/// With Redis, one refresh across all replicas: the lock holder refreshes and publishes the
+/// result (sealed) for the others, which wait for it instead of spending the token again.
+/// Without Redis (or when it is down, for the cookie store) the refresh is local.
+async fn coordinated_refresh(app: &App, s: &Session, rt: &str) -> Outcome {
+    let Some(redis) = app.redis.as_deref() else {
+        return persisted(app, run_refresh(app, s, rt).await).await;
+    };
+    let id = s.id_hex();
+    let generation = s.access_expires_at.to_string();
+    let result_key = redis.key(&["refreshed", &id, &generation]);
+    let lock_key = redis.key(&["lock", &id, &generation]);
+    let token = app
+        .cookies
+        .keys
+        .mac(b"lock", &crate::session::crypto::random_bytes::<16>());
+    let deadline = Instant::now() + LOCK_TTL;
+    let redis_down = |e: crate::store::StoreError| {
+        tracing::warn!(error = %e, "redis unavailable for refresh coordination");
+    };
+    loop {
+        match redis.get(&result_key).await {
+            Ok(Some(v)) => return shared_result(app, &result_key, &v),
+            Ok(None) => {}
+            Err(e) => {
+                redis_down(e);
+                return fallback(app, s, rt).await;
+            }
+        }
+        match redis.try_lock(&lock_key, &token, LOCK_TTL).await {
+            Ok(true) => {
+                // Another replica may have finished between our read and our lock.
+                if let Ok(Some(v)) = redis.get(&result_key).await {
+                    let _ = redis.unlock(&lock_key, &token).await;
+                    return shared_result(app, &result_key, &v);
+                }
+                let outcome = persisted(app, run_refresh(app, s, rt).await).await;
+                let published = match &outcome {
+                    Ok(next) => Some([&[1u8][..], &next.encode()].concat()),
+                    Err(RefreshFailure::InvalidGrant) => Some(vec![0u8]),
+                    Err(RefreshFailure::Unavailable) => None,
+                };
+                if let Some(p) = published {
+                    let sealed = app.cookies.keys.seal(result_key.as_bytes(), &p);
+                    if let Err(e) = redis
+                        .set_ex(&result_key, sealed.as_bytes(), REUSE_WINDOW)
+                        .await
+                    {
+                        redis_down(e);
+                    }
+                }
+                let _ = redis.unlock(&lock_key, &token).await;
+                return outcome;
+            }
+            Ok(false) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Ok(false) => return Err(RefreshFailure::Unavailable),
+            Err(e) => {
+                redis_down(e);
+                return fallback(app, s, rt).await;
+            }
+        }
+    }
+}
+
+/// Redis is down: the cookie store still refreshes (locally single-flight); the Redis store
+/// cannot, as it could not save the result.
+async fn fallback(app: &App, s: &Session, rt: &str) -> Outcome {
+    match app.cfg.session.store {
+        crate::config::StoreKind::Cookie => run_refresh(app, s, rt).await,
+        crate::config::StoreKind::Redis => Err(RefreshFailure::Unavailable),
+    }
+}
+
+/// Saves a refreshed session in the Redis store (the cookie store sends it as a cookie).
+async fn persisted(app: &App, outcome: Outcome) -> Outcome {
+    if let (Ok(next), crate::config::StoreKind::Redis) = (&outcome, app.cfg.session.store) {
+        if let Err(e) = app.save_session(next, &CookieJar::default(), false).await {
+            tracing::warn!(error = %e, "cannot save the refreshed session");
+            return Err(RefreshFailure::Unavailable);
+        }
+    }
+    outcome
+}
+
+fn shared_result(app: &App, key: &str, sealed: &[u8]) -> Outcome {
+    let plain = app
+        .cookies
+        .keys
+        .open(key.as_bytes(), sealed)
+        .map_err(|_| RefreshFailure::Unavailable)?;
+    match plain.split_first() {
+        Some((1, rest)) => Session::decode(rest)
+            .map(Arc::new)
+            .map_err(|_| RefreshFailure::Unavailable),
+        Some((0, _)) => Err(RefreshFailure::InvalidGrant),
+        _ => Err(RefreshFailure::Unavailable),
     }
 }
 
@@ -219,9 +322,7 @@ where
                 Fresh::Refreshed(next) => {
                     let lines = {
                         let jar = CookieJar::parse(req.headers());
-                        app.cookies
-                            .set_session(&next, &jar, now)
-                            .unwrap_or_default()
+                        app.refreshed_cookie(&next, &jar)
                     };
                     req.extensions_mut().insert((*next).clone());
                     let mut resp = inner.call(req).await?;
@@ -243,6 +344,8 @@ where
 }
 
 /// A session after the refresh step.
+// Moved once per request; boxing would cost an allocation on the hot path.
+#[allow(clippy::large_enum_variant)]
 pub enum Fresh {
     /// Usable as it is (refresh not due, or the provider is down but the token still valid).
     Unchanged(Session),

@@ -108,6 +108,43 @@ pub struct RawSession {
     pub lifetime: Duration,
     #[serde(with = "humantime_serde")]
     pub refresh_before: Duration,
+    /// `cookie` (the session lives in the cookie) or `redis` (the cookie holds only an id).
+    pub store: String,
+    pub redis: RawRedis,
+    pub coordination: RawCoordination,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    /// `redis://host:port/db` or `rediss://` (TLS).
+    pub url: String,
+    pub password: String,
+    pub password_file: String,
+    /// Every Redis call gives up after this.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub key_prefix: String,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            password: String::new(),
+            password_file: String::new(),
+            timeout: Duration::from_secs(1),
+            key_prefix: "portcullis:".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCoordination {
+    /// Cookie-store deployments: a Redis used only to coordinate refreshes across replicas
+    /// and to share back-channel logouts. Uses session.redis's password, timeout and prefix.
+    pub redis_url: String,
 }
 
 impl Default for RawSession {
@@ -115,6 +152,9 @@ impl Default for RawSession {
         Self {
             lifetime: Duration::from_secs(7 * 24 * 3600),
             refresh_before: Duration::from_secs(60),
+            store: "cookie".into(),
+            redis: RawRedis::default(),
+            coordination: RawCoordination::default(),
         }
     }
 }

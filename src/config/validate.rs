@@ -93,8 +93,26 @@ pub struct CookieConfig {
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub lifetime: Duration,
+    /// Where sessions live; `None` redis means no Redis at all.
+    pub store: StoreKind,
+    /// The Redis used for sessions (store: redis) or coordination only.
+    pub redis: Option<RedisConfig>,
     /// Refresh the access token when it expires within this.
     pub refresh_before: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Cookie,
+    Redis,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub password: Option<Secret>,
+    pub timeout: Duration,
+    pub key_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,6 +433,68 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     let flow_lifetime = positive(&mut c, "cookie.flow_lifetime", ck.flow_lifetime);
     let lifetime = positive(&mut c, "session.lifetime", raw.session.lifetime);
+    let rs = &raw.session;
+    let store = match rs.store.as_str() {
+        "cookie" => StoreKind::Cookie,
+        "redis" => StoreKind::Redis,
+        other => {
+            c.err("session.store", format!("`{other}`: use cookie or redis"));
+            StoreKind::Cookie
+        }
+    };
+    let redis_url = match store {
+        StoreKind::Redis => {
+            if rs.redis.url.is_empty() {
+                c.err("session.redis.url", "is required with session.store: redis");
+            }
+            if !rs.coordination.redis_url.is_empty() && rs.coordination.redis_url != rs.redis.url {
+                c.err(
+                    "session.coordination.redis_url",
+                    "not used with session.store: redis (coordination goes through session.redis.url)",
+                );
+            }
+            rs.redis.url.clone()
+        }
+        StoreKind::Cookie => rs.coordination.redis_url.clone(),
+    };
+    let redis_key = if store == StoreKind::Redis {
+        "session.redis.url"
+    } else {
+        "session.coordination.redis_url"
+    };
+    let scheme_ok = redis_url.starts_with("redis://") || redis_url.starts_with("rediss://");
+    if !redis_url.is_empty() && !scheme_ok {
+        c.err(redis_key, "must start with redis:// or rediss://");
+    } else if !redis_url.is_empty() && url::Url::parse(&redis_url).is_err() {
+        c.err(redis_key, "is not a valid URL");
+    }
+    let redis_password = match (
+        rs.redis.password.is_empty(),
+        rs.redis.password_file.is_empty(),
+    ) {
+        (true, true) => None,
+        (false, true) => Some(Secret::new(rs.redis.password.clone())),
+        (true, false) => read_secret_file(
+            &mut c,
+            "session.redis.password_file",
+            &rs.redis.password_file,
+        )
+        .map(|s| Secret::new(s.trim_end_matches(['\r', '\n']).to_string())),
+        (false, false) => {
+            c.err(
+                "session.redis.password",
+                "set either password or password_file, not both",
+            );
+            None
+        }
+    };
+    let redis_timeout = positive(&mut c, "session.redis.timeout", rs.redis.timeout);
+    let redis = (!redis_url.is_empty()).then(|| RedisConfig {
+        url: redis_url,
+        password: redis_password,
+        timeout: redis_timeout,
+        key_prefix: rs.redis.key_prefix.clone(),
+    });
 
     // Headers
     let h = &raw.headers;
@@ -535,6 +615,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         },
         session: SessionConfig {
             lifetime,
+            store,
+            redis,
             refresh_before: raw.session.refresh_before,
         },
         headers,

@@ -6,6 +6,7 @@ use crate::app::App;
 use crate::body::Body;
 use crate::oidc::ProviderError;
 use crate::pages;
+use crate::session::store::SaveError;
 use crate::session::{crypto::random_bytes, now_secs, CookieJar, Session};
 use http::header::SET_COOKIE;
 use http::{Request, Response, StatusCode};
@@ -164,15 +165,29 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
         id_token: tokens.id_token,
         identity: id.identity,
     };
-    let Some(lines) = app.cookies.set_session(&session, &jar, now) else {
-        return fail(
-            app,
-            "cookie_too_large",
-            StatusCode::BAD_GATEWAY,
-            "Sign-in failed",
-            "The provider's tokens are too large to keep in a session cookie.",
-            Some(&state),
-        );
+    let lines = match app.save_session(&session, &jar, true).await {
+        Ok(lines) => lines,
+        Err(SaveError::TooLarge) => {
+            return fail(
+                app,
+                "cookie_too_large",
+                StatusCode::BAD_GATEWAY,
+                "Sign-in failed",
+                "The provider's tokens are too large to keep in a session cookie.",
+                Some(&state),
+            )
+        }
+        Err(SaveError::Store(e)) => {
+            tracing::warn!(error = %e, "cannot store the new session");
+            return fail(
+                app,
+                "store_unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in failed",
+                "Sessions cannot be stored right now. Please try again shortly.",
+                Some(&state),
+            );
+        }
     };
     tracing::info!(sub = %session.identity.sub, "login completed");
     app.metrics

@@ -8,6 +8,7 @@ use crate::config::ForwardAuthConfig;
 use crate::error::GatewayError;
 use crate::pages;
 use crate::refresh::{ensure_fresh, Fresh};
+use crate::session::store::Loaded;
 use crate::session::{now_secs, CookieJar, Session};
 use http::header::{HeaderMap, HeaderName, HeaderValue, SET_COOKIE};
 use http::{Request, Response, StatusCode};
@@ -54,21 +55,22 @@ fn unauthorized(app: &App, jar: &CookieJar<'_>, clear: bool) -> Response<Body> {
 pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
     let now = now_secs();
-    let session = match app.cookies.open_session(&jar, now) {
-        Ok(Some(s)) => s,
-        Ok(None) => return unauthorized(app, &jar, false),
-        Err(reason) => {
+    let session = match app.load_session(&jar).await {
+        Ok(Loaded::Session(s)) => s,
+        Ok(Loaded::None) => return unauthorized(app, &jar, false),
+        Ok(Loaded::Rejected(reason)) => {
             app.metrics
                 .cookies_rejected
                 .with_label_values(&[reason.label()])
                 .inc();
             return unauthorized(app, &jar, true);
         }
+        Err(e) => return GatewayError::StoreUnavailable(e.to_string()).into_response(),
     };
     let (session, cookie_lines) = match ensure_fresh(app, session, now).await {
         Fresh::Unchanged(s) => (s, Vec::new()),
         Fresh::Refreshed(s) => {
-            let lines = app.cookies.set_session(&s, &jar, now).unwrap_or_default();
+            let lines = app.refreshed_cookie(&s, &jar);
             ((*s).clone(), lines)
         }
         Fresh::Unavailable => {

@@ -1,5 +1,6 @@
 //! The gateway's own endpoints under `/oauth2/`, plus `/healthz` and `/readyz`.
 
+mod backchannel;
 mod callback;
 mod forward_auth;
 pub mod redirect;
@@ -33,7 +34,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             start_login(&app, &redirect::or_root(rd.as_deref()), &jar)
         }
         ("/oauth2/callback", &Method::GET) => callback::handle(&app, &req).await,
-        ("/oauth2/sign_out", &Method::GET) => sign_out::page(&app, &req),
+        ("/oauth2/sign_out", &Method::GET) => sign_out::page(&app, &req).await,
         ("/oauth2/sign_out", &Method::POST) => sign_out::submit(&app, req).await,
         ("/oauth2/signed_out", &Method::GET) => pages::html(
             StatusCode::OK,
@@ -41,8 +42,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             "You have been signed out.",
             "<p><a href=\"/oauth2/start?rd=%2F\">Sign in again</a></p>",
         ),
-        ("/oauth2/userinfo", &Method::GET) => userinfo(&app, &req),
+        ("/oauth2/userinfo", &Method::GET) => userinfo(&app, &req).await,
         ("/oauth2/auth", &Method::GET | &Method::HEAD) => forward_auth::handle(&app, &req).await,
+        ("/oauth2/backchannel_logout", &Method::POST) => backchannel::handle(&app, req).await,
         (
             "/oauth2/start" | "/oauth2/callback" | "/oauth2/sign_out" | "/oauth2/signed_out"
             | "/oauth2/userinfo",
@@ -131,10 +133,11 @@ pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<
     resp
 }
 
-fn userinfo(app: &App, req: &Request<Incoming>) -> Response<Body> {
+async fn userinfo(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
-    match app.cookies.open_session(&jar, now_secs()) {
-        Ok(Some(s)) => {
+    match app.load_session(&jar).await {
+        Err(e) => crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response(),
+        Ok(crate::session::store::Loaded::Session(s)) => {
             let i = &s.identity;
             pages::json(
                 StatusCode::OK,

@@ -5,7 +5,8 @@ use crate::app::App;
 use crate::body::{read_limited, Body};
 use crate::config::secret::ct_eq;
 use crate::pages;
-use crate::session::{now_secs, CookieJar, Session};
+use crate::session::store::Loaded;
+use crate::session::{CookieJar, Session};
 use http::header::{HeaderValue, ORIGIN, SET_COOKIE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -16,9 +17,16 @@ fn csrf_token(app: &App, s: &Session) -> String {
     app.cookies.keys.mac(b"sign_out", &s.id)
 }
 
-pub fn page(app: &App, req: &Request<Incoming>) -> Response<Body> {
+async fn current(app: &App, jar: &CookieJar<'_>) -> Option<Session> {
+    match app.load_session(jar).await {
+        Ok(Loaded::Session(s)) => Some(s),
+        _ => None,
+    }
+}
+
+pub async fn page(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
-    let session = app.cookies.open_session(&jar, now_secs()).ok().flatten();
+    let session = current(app, &jar).await;
     let (msg, csrf) = match &session {
         Some(s) => (
             format!(
@@ -62,7 +70,7 @@ pub async fn submit(app: &App, req: Request<Incoming>) -> Response<Body> {
         }
     }
     let jar = CookieJar::parse(&parts.headers);
-    let session = app.cookies.open_session(&jar, now_secs()).ok().flatten();
+    let session = current(app, &jar).await;
     if let Some(s) = &session {
         let form = match read_limited(body, MAX_FORM).await {
             Ok(b) => b,
@@ -88,6 +96,10 @@ pub async fn submit(app: &App, req: Request<Incoming>) -> Response<Body> {
             );
         }
         tracing::info!(sub = %s.identity.sub, "signed out");
+        if let Err(e) = app.delete_session(s).await {
+            tracing::warn!(error = %e, "cannot delete the session from the store");
+            return crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response();
+        }
         app.metrics.logouts.with_label_values(&["user"]).inc();
     }
     let target = match (

@@ -4,6 +4,7 @@
 pub mod http;
 pub mod idtoken;
 pub mod jwks;
+pub mod logout;
 
 use self::http::{ProviderHttp, ProviderHttpError};
 use self::idtoken::{Expectations, IdTokenError, ValidIdToken};
@@ -399,6 +400,32 @@ impl Provider {
                 Ok(idtoken::validate(token, &self.keys.load(), &exp)?)
             }
             r => Ok(r?),
+        }
+    }
+
+    /// Validates a back-channel logout token (an unknown `kid` re-fetches the JWKS once).
+    pub async fn validate_logout_token(
+        &self,
+        token: &str,
+    ) -> Result<logout::LogoutToken, ProviderError> {
+        let now = crate::session::now_secs();
+        let check = |keys: &KeySet| {
+            logout::validate(
+                token,
+                keys,
+                &self.issuer,
+                &self.client_id,
+                self.clock_skew,
+                now,
+            )
+        };
+        match check(&self.keys.load()) {
+            Err(logout::LogoutTokenError::UnknownKey) if self.may_refetch_jwks() => {
+                let d = self.discovered()?;
+                self.fetch_jwks(&d.meta.jwks_uri).await?;
+                check(&self.keys.load()).map_err(|e| ProviderError::Invalid(e.to_string()))
+            }
+            r => r.map_err(|e| ProviderError::Invalid(e.to_string())),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Session and flow cookies: naming, chunking, sealing, and the `Set-Cookie` lines.
 
 use super::crypto::{KeyRing, OpenError};
-use super::{DecodeError, FlowState, Session};
+use super::{CookieValue, DecodeError, FlowState, Session};
 use crate::config::{CookieConfig, SameSite};
 use ::cookie::{Cookie, CookieBuilder};
 use http::header::{HeaderMap, HeaderValue, COOKIE};
@@ -23,6 +23,8 @@ pub enum CookieReject {
     Decode(#[from] DecodeError),
     #[error("session expired")]
     Expired,
+    #[error("session ended by a back-channel logout")]
+    Revoked,
 }
 
 impl CookieReject {
@@ -32,6 +34,7 @@ impl CookieReject {
             CookieReject::Open(OpenError::UnknownKey) => "unknown_key",
             CookieReject::Open(_) | CookieReject::Decode(_) => "tampered",
             CookieReject::Expired => "expired",
+            CookieReject::Revoked => "revoked",
         }
     }
 }
@@ -154,12 +157,9 @@ impl SessionCookies {
         Ok(Some(value.into()))
     }
 
-    /// Opens the session cookie. `Ok(None)`: no session cookie at all.
-    pub fn open_session(
-        &self,
-        jar: &CookieJar<'_>,
-        now: u64,
-    ) -> Result<Option<Session>, CookieReject> {
+    /// Opens the session cookie: a whole session, or (Redis store) a reference to one.
+    /// `Ok(None)`: no session cookie at all.
+    pub fn open(&self, jar: &CookieJar<'_>, now: u64) -> Result<Option<CookieValue>, CookieReject> {
         let Some(sealed) = self.sealed_value(jar)? else {
             return Ok(None);
         };
@@ -167,11 +167,49 @@ impl SessionCookies {
             return Err(CookieReject::Oversize);
         }
         let plain = self.keys.open(self.name.as_bytes(), sealed.as_bytes())?;
-        let session = Session::decode(&plain)?;
-        if session.is_expired(now) {
-            return Err(CookieReject::Expired);
+        match CookieValue::decode(&plain)? {
+            CookieValue::Full(s) if s.is_expired(now) => Err(CookieReject::Expired),
+            v => Ok(Some(v)),
         }
-        Ok(Some(session))
+    }
+
+    /// Opens a cookie that holds the whole session (the cookie store).
+    pub fn open_session(
+        &self,
+        jar: &CookieJar<'_>,
+        now: u64,
+    ) -> Result<Option<Session>, CookieReject> {
+        match self.open(jar, now)? {
+            Some(CookieValue::Full(s)) => Ok(Some(s)),
+            Some(CookieValue::Ref(_)) => Err(CookieReject::Decode(DecodeError::Schema)),
+            None => Ok(None),
+        }
+    }
+
+    /// `Set-Cookie` lines for a Redis-stored session: the cookie carries only its id.
+    pub fn set_ref(
+        &self,
+        id: &[u8; 16],
+        expires_at: u64,
+        jar: &CookieJar<'_>,
+        now: u64,
+    ) -> Vec<HeaderValue> {
+        let sealed = self
+            .keys
+            .seal(self.name.as_bytes(), &CookieValue::encode_ref(id));
+        let max_age = expires_at.saturating_sub(now).min(i64::MAX as u64) as i64;
+        let mut out: Vec<HeaderValue> = Self::line(
+            self.builder(self.name.clone(), sealed, "/")
+                .max_age(::cookie::time::Duration::seconds(max_age)),
+        )
+        .into_iter()
+        .collect();
+        for n in jar.names() {
+            if n != self.name && n.starts_with(&self.chunk_prefix) && self.is_ours(n) {
+                out.extend(self.expire(n, "/"));
+            }
+        }
+        out
     }
 
     fn builder<'c>(&self, name: String, value: String, path: &'c str) -> CookieBuilder<'c> {

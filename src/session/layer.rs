@@ -1,9 +1,16 @@
-//! Opens the session cookie and leaves the session (or why it was rejected) in the request.
+//! Finds the request's session (cookie, or Redis for the Redis store) and leaves it — or why it
+//! was rejected — in the request's extensions. Redis down: 503, the gateway keeps running.
 
 use crate::app::App;
+use crate::body::Body;
+use crate::error::GatewayError;
 use crate::policy::Rejected;
-use crate::session::{now_secs, CookieJar};
-use http::Request;
+use crate::session::store::Loaded;
+use crate::session::{now_secs, CookieJar, CookieReject, CookieValue};
+use http::{Request, Response};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
@@ -35,38 +42,77 @@ pub struct SessionService<S> {
     inner: S,
 }
 
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+fn attach<B>(app: &App, req: &mut Request<B>, loaded: Loaded) {
+    match loaded {
+        Loaded::Session(s) => {
+            req.extensions_mut().insert(s);
+        }
+        Loaded::None => {}
+        Loaded::Rejected(reason) => reject(app, req, reason),
+    }
+}
+
+fn reject<B>(app: &App, req: &mut Request<B>, reason: CookieReject) {
+    tracing::debug!(reason = reason.label(), "session cookie rejected");
+    app.metrics
+        .cookies_rejected
+        .with_label_values(&[reason.label()])
+        .inc();
+    req.extensions_mut().insert(Rejected(reason));
+}
+
 impl<S, B> Service<Request<B>> for SessionService<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = futures_util::future::Either<S::Future, BoxFuture>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> S::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        use futures_util::future::Either;
+        let now = now_secs();
         let opened = {
             let jar = CookieJar::parse(req.headers());
-            self.app.cookies.open_session(&jar, now_secs())
+            self.app.cookies.open(&jar, now)
         };
-        match opened {
-            Ok(Some(session)) => {
-                req.extensions_mut().insert(session);
+        let value = match opened {
+            Ok(Some(CookieValue::Full(s))) => {
+                // The cookie store: everything is here, no I/O on the hot path.
+                let loaded = self.app.check_revoked(s);
+                attach(&self.app, &mut req, loaded);
+                return Either::Left(self.inner.call(req));
             }
-            Ok(None) => {}
+            Ok(None) => return Either::Left(self.inner.call(req)),
             Err(reason) => {
-                tracing::debug!(reason = reason.label(), "session cookie rejected");
-                self.app
-                    .metrics
-                    .cookies_rejected
-                    .with_label_values(&[reason.label()])
-                    .inc();
-                req.extensions_mut().insert(Rejected(reason));
+                reject(&self.app, &mut req, reason);
+                return Either::Left(self.inner.call(req));
             }
-        }
-        self.inner.call(req)
+            Ok(Some(v)) => v,
+        };
+        // A reference: look the session up in Redis.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let app = self.app.clone();
+        Either::Right(Box::pin(async move {
+            match app.resolve(value, now).await {
+                Ok(loaded) => {
+                    attach(&app, &mut req, loaded);
+                    inner.call(req).await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "session store unavailable");
+                    Ok(GatewayError::StoreUnavailable(e.to_string()).into_response())
+                }
+            }
+        }))
     }
 }

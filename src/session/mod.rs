@@ -3,6 +3,8 @@
 pub mod cookie;
 pub mod crypto;
 pub mod layer;
+pub mod revocation;
+pub mod store;
 
 pub use self::cookie::{CookieJar, CookieReject, SessionCookies};
 pub use crypto::{KeyRing, OpenError};
@@ -106,6 +108,38 @@ impl Session {
     /// The session id as text (for logs and storage keys; not a secret by itself).
     pub fn id_hex(&self) -> String {
         self.id.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Schema byte of a cookie that only references a Redis-stored session.
+const REF_SCHEMA: u8 = 2;
+
+/// What a session cookie holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+// Moved once per request; boxing would cost an allocation on the hot path.
+#[allow(clippy::large_enum_variant)]
+pub enum CookieValue {
+    Full(Session),
+    Ref([u8; 16]),
+}
+
+impl CookieValue {
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        match bytes.split_first() {
+            Some((&SCHEMA, _)) => Session::decode(bytes).map(CookieValue::Full),
+            Some((&REF_SCHEMA, rest)) => rest
+                .try_into()
+                .map(CookieValue::Ref)
+                .map_err(|_| DecodeError::Malformed),
+            _ => Err(DecodeError::Schema),
+        }
+    }
+
+    pub fn encode_ref(id: &[u8; 16]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(17);
+        v.push(REF_SCHEMA);
+        v.extend_from_slice(id);
+        v
     }
 }
 

@@ -1,0 +1,84 @@
+//! `POST /oauth2/backchannel_logout` (OpenID Connect Back-Channel Logout 1.0): the provider
+//! says a user or provider session logged out; every matching session ends on every replica.
+
+use crate::app::App;
+use crate::body::{read_limited, Body};
+use crate::pages;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use std::time::Duration;
+
+const MAX_BODY: usize = 16 * 1024;
+
+fn answer(status: StatusCode, error: Option<&str>) -> Response<Body> {
+    let mut resp = match error {
+        Some(e) => pages::json(
+            status,
+            &serde_json::json!({"error": "invalid_request", "error_description": e}),
+        ),
+        None => pages::text(status, ""),
+    };
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
+    if app.redis.is_none() {
+        return answer(
+            StatusCode::NOT_IMPLEMENTED,
+            Some(
+                "back-channel logout needs session.store: redis or session.coordination.redis_url",
+            ),
+        );
+    }
+    let form = match read_limited(req.into_body(), MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => return answer(StatusCode::PAYLOAD_TOO_LARGE, Some("request too large")),
+    };
+    let Some(token) = url::form_urlencoded::parse(&form)
+        .find(|(k, _)| k == "logout_token")
+        .map(|(_, v)| v.into_owned())
+    else {
+        return answer(StatusCode::BAD_REQUEST, Some("missing logout_token"));
+    };
+    let claims = match app.provider.validate_logout_token(&token).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(error = %e, "back-channel logout token rejected");
+            return answer(StatusCode::BAD_REQUEST, Some("invalid logout_token"));
+        }
+    };
+    // Each logout token is accepted once (jti), across replicas.
+    if let Some(redis) = app.redis.as_deref() {
+        let key = redis.key(&["jti", &app.cookies.keys.mac(b"jti", claims.jti.as_bytes())]);
+        match redis.set_nx_ex(&key, Duration::from_secs(24 * 3600)).await {
+            Ok(true) => {}
+            Ok(false) => return answer(StatusCode::BAD_REQUEST, Some("logout_token replayed")),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record the logout token");
+                return answer(StatusCode::SERVICE_UNAVAILABLE, Some("try again"));
+            }
+        }
+    }
+    match app
+        .end_sessions(claims.sid.as_deref(), claims.sub.as_deref())
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(
+                sub = claims.sub.as_deref().unwrap_or("-"),
+                "back-channel logout"
+            );
+            app.metrics
+                .logouts
+                .with_label_values(&["backchannel"])
+                .inc();
+            answer(StatusCode::OK, None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "back-channel logout could not be recorded");
+            answer(StatusCode::SERVICE_UNAVAILABLE, Some("try again"))
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Where sessions live: in the cookie (default) or in Redis behind a cookie that carries only
+//! a sealed session id. Redis values are sealed with the same key ring, so Redis never sees a
+//! token in clear. Both paths apply the back-channel logout record.
+
+use super::{now_secs, CookieJar, CookieReject, CookieValue, Session};
+use crate::app::App;
+use crate::config::StoreKind;
+use crate::store::{Redis, StoreError};
+use http::HeaderValue;
+use std::time::Duration;
+
+/// The outcome of looking for the request's session.
+#[derive(Debug)]
+// Moved once per request; boxing would cost an allocation on the hot path.
+#[allow(clippy::large_enum_variant)]
+pub enum Loaded {
+    None,
+    Session(Session),
+    Rejected(CookieReject),
+}
+
+fn hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn session_key(redis: &Redis, id: &[u8; 16]) -> String {
+    redis.key(&["session", &hex(id)])
+}
+
+impl App {
+    /// Opens the session a cookie value stands for (looking it up in Redis for a reference).
+    pub async fn resolve(&self, value: CookieValue, now: u64) -> Result<Loaded, StoreError> {
+        let session = match value {
+            CookieValue::Full(s) => s,
+            CookieValue::Ref(id) => {
+                let Some(redis) = self
+                    .redis
+                    .as_deref()
+                    .filter(|_| self.cfg.session.store == StoreKind::Redis)
+                else {
+                    return Ok(Loaded::Rejected(CookieReject::Decode(
+                        super::DecodeError::Schema,
+                    )));
+                };
+                let key = session_key(redis, &id);
+                let Some(sealed) = redis.get(&key).await? else {
+                    return Ok(Loaded::Rejected(CookieReject::Expired));
+                };
+                let opened = self
+                    .cookies
+                    .keys
+                    .open(key.as_bytes(), &sealed)
+                    .map_err(CookieReject::from)
+                    .and_then(|p| Session::decode(&p).map_err(CookieReject::from));
+                match opened {
+                    Ok(s) if s.id == id && !s.is_expired(now) => s,
+                    Ok(_) => return Ok(Loaded::Rejected(CookieReject::Expired)),
+                    Err(r) => return Ok(Loaded::Rejected(r)),
+                }
+            }
+        };
+        Ok(self.check_revoked(session))
+    }
+
+    /// A session ended by back-channel logout is no session.
+    pub fn check_revoked(&self, s: Session) -> Loaded {
+        if self.revocations.is_revoked(&s) {
+            Loaded::Rejected(CookieReject::Revoked)
+        } else {
+            Loaded::Session(s)
+        }
+    }
+
+    /// The request's session, from the cookie and (for the Redis store) Redis.
+    pub async fn load_session(&self, jar: &CookieJar<'_>) -> Result<Loaded, StoreError> {
+        let now = now_secs();
+        match self.cookies.open(jar, now) {
+            Ok(None) => Ok(Loaded::None),
+            Err(r) => Ok(Loaded::Rejected(r)),
+            Ok(Some(v)) => self.resolve(v, now).await,
+        }
+    }
+
+    /// Stores a new or refreshed session; returns the `Set-Cookie` lines to send
+    /// (for the Redis store only the first time, as the cookie carries just the id).
+    pub async fn save_session(
+        &self,
+        s: &Session,
+        jar: &CookieJar<'_>,
+        first: bool,
+    ) -> Result<Vec<HeaderValue>, SaveError> {
+        let now = now_secs();
+        match (self.cfg.session.store, self.redis.as_deref()) {
+            (StoreKind::Redis, Some(redis)) => {
+                let key = session_key(redis, &s.id);
+                let ttl = Duration::from_secs(s.expires_at.saturating_sub(now).max(1));
+                let sealed = self.cookies.keys.seal(key.as_bytes(), &s.encode());
+                redis.set_ex(&key, sealed.as_bytes(), ttl).await?;
+                if first {
+                    // Indexes for back-channel logout (by provider session and by subject).
+                    if let Some(sid) = &s.identity.sid {
+                        redis
+                            .sadd_ex(&redis.key(&["sid", sid]), &hex(&s.id), ttl)
+                            .await?;
+                    }
+                    redis
+                        .sadd_ex(&redis.key(&["sub", &s.identity.sub]), &hex(&s.id), ttl)
+                        .await?;
+                    Ok(self.cookies.set_ref(&s.id, s.expires_at, jar, now))
+                } else {
+                    Ok(Vec::new())
+                }
+            }
+            _ => self
+                .cookies
+                .set_session(s, jar, now)
+                .ok_or(SaveError::TooLarge),
+        }
+    }
+
+    /// After a refresh: the new cookie (cookie store), or nothing (the Redis store was
+    /// updated by the refresh itself and the cookie only names the session).
+    pub fn refreshed_cookie(&self, s: &Session, jar: &CookieJar<'_>) -> Vec<HeaderValue> {
+        match (self.cfg.session.store, &self.redis) {
+            (StoreKind::Redis, Some(_)) => Vec::new(),
+            _ => self
+                .cookies
+                .set_session(s, jar, now_secs())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Deletes a Redis-stored session (nothing to do for the cookie store).
+    pub async fn delete_session(&self, s: &Session) -> Result<(), StoreError> {
+        if let (StoreKind::Redis, Some(redis)) = (self.cfg.session.store, self.redis.as_deref()) {
+            redis.del(&[session_key(redis, &s.id)]).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends every session of a provider session (`sid`) and/or user (`sub`), on every replica.
+    pub async fn end_sessions(
+        &self,
+        sid: Option<&str>,
+        sub: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let now = now_secs();
+        self.revocations
+            .record(
+                self.redis.as_deref(),
+                sid,
+                sub,
+                now,
+                self.cfg.session.lifetime,
+            )
+            .await?;
+        if let (StoreKind::Redis, Some(redis)) = (self.cfg.session.store, self.redis.as_deref()) {
+            let mut doomed = Vec::new();
+            for (kind, v) in [("sid", sid), ("sub", sub)] {
+                let Some(v) = v else { continue };
+                let index = redis.key(&[kind, v]);
+                for id in redis.smembers(&index).await? {
+                    doomed.push(redis.key(&["session", &id]));
+                }
+                doomed.push(index);
+            }
+            redis.del(&doomed).await?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("the session does not fit in limits.max_cookie_chunks cookies")]
+    TooLarge,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

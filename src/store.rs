@@ -1,0 +1,222 @@
+//! The Redis connection: session storage (`session.store: redis`), refresh coordination
+//! across replicas, and the shared record of back-channel logouts. Every call is bounded by
+//! `session.redis.timeout`; the connection is lazy and reconnects by itself.
+
+use crate::config::RedisConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, IntoConnectionInfo};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis timed out")]
+    Timeout,
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+pub struct Redis {
+    conn: ConnectionManager,
+    timeout: Duration,
+    prefix: String,
+    healthy: AtomicBool,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Redis")
+    }
+}
+
+/// Releases a lock only if it still holds our token.
+const UNLOCK: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+impl Redis {
+    /// Builds the (lazy) connection; fails only on a malformed URL.
+    pub fn new(cfg: &RedisConfig) -> Result<Self, StoreError> {
+        let mut info = cfg.url.as_str().into_connection_info()?;
+        if let Some(p) = &cfg.password {
+            let settings = info.redis_settings().clone().set_password(p.expose());
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info)?;
+        let mc = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.timeout))
+            .set_response_timeout(Some(cfg.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        Ok(Self {
+            conn: ConnectionManager::new_lazy_with_config(client, mc)?,
+            timeout: cfg.timeout,
+            prefix: cfg.key_prefix.clone(),
+            healthy: AtomicBool::new(false),
+        })
+    }
+
+    pub fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                k.push(':');
+            }
+            k.push_str(p);
+        }
+        k
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let r = match tokio::time::timeout(self.timeout, f).await {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(r) => r.map_err(StoreError::from),
+        };
+        self.healthy.store(r.is_ok(), Ordering::Relaxed);
+        r
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        self.run(async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Pings every couple of seconds so readiness reflects Redis even without traffic.
+    pub async fn watch_health(self: std::sync::Arc<Self>) {
+        let mut was = None;
+        loop {
+            let ok = self.ping().await.is_ok();
+            if was != Some(ok) {
+                if ok {
+                    tracing::info!("redis reachable");
+                } else {
+                    tracing::warn!("redis unreachable");
+                }
+                was = Some(ok);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut c = self.conn.clone();
+        self.run(async move { c.get(key).await }).await
+    }
+
+    pub async fn set_ex(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        let ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
+        self.run(async move { c.pset_ex(key, value, ms).await })
+            .await
+    }
+
+    pub async fn del(&self, keys: &[String]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        self.run(async move { c.del::<_, ()>(keys).await }).await
+    }
+
+    /// Adds `member` to a set and (re)sets the set's expiry.
+    pub async fn sadd_ex(&self, key: &str, member: &str, ttl: Duration) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        self.run(async move {
+            redis::pipe()
+                .atomic()
+                .sadd(key, member)
+                .ignore()
+                .expire(key, ttl.as_secs().max(1) as i64)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    pub async fn smembers(&self, key: &str) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn.clone();
+        self.run(async move { c.smembers(key).await }).await
+    }
+
+    /// SET NX PX: true when this caller now holds `key`.
+    pub async fn try_lock(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let ms = ttl.as_millis() as u64;
+        self.run(async move {
+            let r: Option<String> = redis::cmd("SET")
+                .arg(key)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ms)
+                .query_async(&mut c)
+                .await?;
+            Ok(r.is_some())
+        })
+        .await
+    }
+
+    pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        self.run(async move {
+            redis::Script::new(UNLOCK)
+                .key(key)
+                .arg(token)
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// SET NX with expiry; true if the key was new (e.g. a logout token's `jti`).
+    pub async fn set_nx_ex(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.try_lock(key, "1", ttl).await
+    }
+
+    /// Adds scored members to a sorted set and drops members scored below `min_score`.
+    pub async fn zadd_trim(
+        &self,
+        key: &str,
+        members: &[(u64, String)],
+        min_score: u64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        self.run(async move {
+            let mut p = redis::pipe();
+            p.atomic();
+            for (score, m) in members {
+                p.zadd(key, m, *score).ignore();
+            }
+            p.zrembyscore(key, "-inf", format!("({min_score}"))
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Members scored at or above `min_score`, with their scores.
+    pub async fn zrange_from(
+        &self,
+        key: &str,
+        min_score: u64,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut c = self.conn.clone();
+        self.run(async move { c.zrangebyscore_withscores(key, min_score, "+inf").await })
+            .await
+    }
+}
