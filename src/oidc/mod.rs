@@ -189,16 +189,49 @@ impl Provider {
                 meta.issuer, self.issuer
             )));
         }
-        let use_post = match self.auth_method {
-            TokenAuthMethod::ClientSecretBasic => false,
-            TokenAuthMethod::ClientSecretPost => true,
-            TokenAuthMethod::Auto => {
-                let m = &meta.token_endpoint_auth_methods_supported;
-                !m.is_empty()
-                    && !m.iter().any(|x| x == "client_secret_basic")
-                    && m.iter().any(|x| x == "client_secret_post")
-            }
+        let discovered = self.discovered_from(meta, None)?;
+        self.fetch_jwks(&discovered.meta.jwks_uri).await?;
+        self.discovered.store(Some(Arc::new(discovered)));
+        Ok(())
+    }
+
+    /// After a config reload: take over what the previous provider already discovered when
+    /// it is the same provider (the client secret may have changed). True if ready now.
+    pub fn adopt(&self, old: &Provider) -> bool {
+        if old.issuer != self.issuer {
+            return false;
+        }
+        let Some(prev) = old.discovered.load_full() else {
+            return false;
         };
+        let learned_post =
+            self.auth_method == old.auth_method && prev.use_post.load(Ordering::Relaxed);
+        match self.discovered_from(prev.meta.clone(), Some(learned_post)) {
+            Ok(d) => {
+                self.keys.store(old.keys.load_full());
+                self.discovered.store(Some(Arc::new(d)));
+                self.is_ready()
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn discovered_from(
+        &self,
+        meta: Metadata,
+        use_post: Option<bool>,
+    ) -> Result<Discovered, ProviderError> {
+        let use_post = use_post.unwrap_or(false)
+            || match self.auth_method {
+                TokenAuthMethod::ClientSecretBasic => false,
+                TokenAuthMethod::ClientSecretPost => true,
+                TokenAuthMethod::Auto => {
+                    let m = &meta.token_endpoint_auth_methods_supported;
+                    !m.is_empty()
+                        && !m.iter().any(|x| x == "client_secret_basic")
+                        && m.iter().any(|x| x == "client_secret_post")
+                }
+            };
         let bad = |k: &str, e: url::ParseError| ProviderError::Invalid(format!("{k}: {e}"));
         let client = oauth2::Client::new(ClientId::new(self.client_id.clone()))
             .set_client_secret(ClientSecret::new(self.client_secret.clone()))
@@ -212,14 +245,11 @@ impl Provider {
             .set_redirect_uri(
                 RedirectUrl::new(self.redirect_url.clone()).map_err(|e| bad("redirect_url", e))?,
             );
-        let discovered = Discovered {
+        Ok(Discovered {
             meta,
             client,
             use_post: AtomicBool::new(use_post),
-        };
-        self.fetch_jwks(&discovered.meta.jwks_uri).await?;
-        self.discovered.store(Some(Arc::new(discovered)));
-        Ok(())
+        })
     }
 
     /// Discovery with exponential backoff until it succeeds (the gateway is not ready until then).

@@ -75,6 +75,16 @@ where
         let upgrading = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
         let conn = req.extensions().get::<ConnInfo>().copied();
         let session = req.extensions_mut().remove::<Session>();
+        // HTTP/2 clients carry the host in the URI, not a Host header: give the upstream one.
+        if !req.headers().contains_key(header::HOST) {
+            let host = req
+                .uri()
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
+            if let Some(v) = host {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
         let app = &self.app;
         let h = req.headers_mut();
         strip_hop_by_hop(h, upgrading);
@@ -181,14 +191,6 @@ async fn forward(app: &App, mut req: Request<Incoming>) -> Result<Response<Body>
     let upgrading = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    // HTTP/2 clients carry the host in the URI, not a Host header.
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-    }
     parts.uri = upstream_uri(app, &parts.uri)?;
     parts.version = Version::HTTP_11;
     let out = Request::from_parts(parts, Body::from(body));

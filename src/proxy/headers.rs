@@ -116,27 +116,35 @@ impl Spoofable {
 
 /// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged.
 pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
-    let has_ours = h.get_all(header::COOKIE).iter().any(|v| {
-        v.to_str().map_or(true, |s| {
-            s.split(';')
-                .any(|p| is_ours(p.split_once('=').map_or(p, |(n, _)| n).trim()))
-        })
-    });
+    // Bytes, not &str: other cookies may carry UTF-8 and must pass unchanged.
+    fn name(pair: &[u8]) -> &[u8] {
+        let n = pair.split(|b| *b == b'=').next().unwrap_or(pair);
+        n.trim_ascii()
+    }
+    let ours = |pair: &[u8]| std::str::from_utf8(name(pair)).is_ok_and(&is_ours);
+    let has_ours = h
+        .get_all(header::COOKIE)
+        .iter()
+        .any(|v| v.as_bytes().split(|b| *b == b';').any(ours));
     if !has_ours {
         return;
     }
-    let kept: Vec<String> = h
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(';'))
-        .map(str::trim)
-        .filter(|p| !p.is_empty() && !is_ours(p.split_once('=').map_or(*p, |(n, _)| n).trim()))
-        .map(str::to_string)
-        .collect();
+    let mut kept: Vec<u8> = Vec::new();
+    for v in h.get_all(header::COOKIE) {
+        for pair in v.as_bytes().split(|b| *b == b';') {
+            let pair = pair.trim_ascii();
+            if pair.is_empty() || ours(pair) {
+                continue;
+            }
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(pair);
+        }
+    }
     h.remove(header::COOKIE);
     if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if let Ok(v) = HeaderValue::from_bytes(&kept) {
             h.insert(header::COOKIE, v);
         }
     }

@@ -49,7 +49,10 @@ impl<'a> CookieJar<'a> {
     pub fn parse(headers: &'a HeaderMap) -> Self {
         let mut pairs = Vec::new();
         for value in headers.get_all(COOKIE) {
-            let Ok(text) = value.to_str() else { continue };
+            // Other apps' cookies may carry UTF-8 (not visible ASCII): read the bytes.
+            let Ok(text) = std::str::from_utf8(value.as_bytes()) else {
+                continue;
+            };
             for part in text.split(';') {
                 if let Some((n, v)) = part.split_once('=') {
                     let (n, v) = (n.trim(), v.trim());
@@ -142,6 +145,11 @@ impl SessionCookies {
             .count();
         if count == 0 {
             return Ok(None);
+        }
+        // The gateway never writes a single chunk (short values are not chunked): a lone
+        // chunk is a whole value moved under another name.
+        if count == 1 {
+            return Err(CookieReject::Decode(DecodeError::Malformed));
         }
         if count > self.max_chunks {
             return Err(CookieReject::Oversize);

@@ -1,0 +1,397 @@
+//! `portcullis check` and `portcullis secret`: configuration validation as the
+//! operator sees it (exit codes, one line per error naming its key), environment
+//! overrides and secret files, some of them proven on a running gateway.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use support::procs::gateway_command;
+use support::*;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn lines(&self) -> Vec<&str> {
+        self.stderr.lines().collect()
+    }
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = gateway_command();
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run portcullis");
+    Run {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A valid configuration, as in the documentation.
+fn minimal() -> String {
+    format!(
+        r#"listen: "127.0.0.1:4180"
+upstream: "http://127.0.0.1:8081"
+provider: {{ issuer_url: "http://127.0.0.1:9000", client_id: "portcullis", client_secret: "s3cret", scopes: ["openid","email","profile","offline_access"] }}
+redirect_url: "http://127.0.0.1:4180/oauth2/callback"
+cookie: {{ secrets: ["{}"], secure: false }}
+"#,
+        key(1)
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn check_text(text: &str, env: &[(&str, &str)]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "portcullis.yaml", text);
+    run(&["check", "--config", p.to_str().unwrap()], env)
+}
+
+/// Asserts exit 2 and exactly the given number of error lines, each one a
+/// `config error: ...` line; returns the lines.
+fn assert_invalid(r: &Run, n: usize) -> Vec<String> {
+    assert_eq!(r.code, 2, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    let lines = r.lines();
+    assert_eq!(lines.len(), n, "expected {n} error line(s):\n{}", r.stderr);
+    for l in &lines {
+        assert!(l.starts_with("config error: "), "{l}");
+    }
+    assert!(!r.stdout.contains("config ok"), "{}", r.stdout);
+    lines.iter().map(|l| l.to_string()).collect()
+}
+
+#[test]
+fn minimal_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "ok.yaml", &minimal());
+    let r = run(&["check", "--config", p.to_str().unwrap()], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), format!("config ok: {}", p.display()));
+    assert_eq!(r.stderr, "");
+    // PORTCULLIS_CONFIG works as well as --config.
+    let r = run(&["check"], &[("PORTCULLIS_CONFIG", p.to_str().unwrap())]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_the_key() {
+    let top = check_text(&format!("{}bogus_key: 1\n", minimal()), &[]);
+    let l = assert_invalid(&top, 1);
+    assert!(l[0].contains("`bogus_key`"), "{}", l[0]);
+
+    let nested = check_text(&minimal().replace("client_secret:", "client_sekret:"), &[]);
+    let l = assert_invalid(&nested, 1);
+    assert!(
+        l[0].contains("provider") && l[0].contains("`client_sekret`"),
+        "{}",
+        l[0]
+    );
+
+    let deeper = check_text(
+        &format!("{}timeouts: {{ upstream_respons: 1s }}\n", minimal()),
+        &[],
+    );
+    let l = assert_invalid(&deeper, 1);
+    assert!(
+        l[0].contains("timeouts") && l[0].contains("`upstream_respons`"),
+        "{}",
+        l[0]
+    );
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            minimal().replace("http://127.0.0.1:9000", "not a url"),
+            "config error: provider.issuer_url: ",
+        ),
+        (
+            minimal().replace("http://127.0.0.1:9000", "ftp://idp.example"),
+            "config error: provider.issuer_url: ",
+        ),
+        (
+            minimal().replace(&key(1), "AAAAAAAAAAAAAAAAAAAAAA=="),
+            "config error: cookie.secrets[0]: must be 32 bytes after base64 decoding, got 16",
+        ),
+        (
+            minimal().replace(&key(1), "not base64 at all!"),
+            "config error: cookie.secrets[0]: ",
+        ),
+        (
+            minimal().replace(
+                &format!("[\"{}\"]", key(1)),
+                &format!("[\"{}\", \"c2hvcnQ=\"]", key(1)),
+            ),
+            "config error: cookie.secrets[1]: ",
+        ),
+        (
+            minimal().replace("4180/oauth2/callback", "4180/callback"),
+            "config error: redirect_url: ",
+        ),
+        (
+            minimal().replace("secure: false", "secure: maybe"),
+            "config error: cookie.secure: ",
+        ),
+        (
+            minimal().replace("\"127.0.0.1:4180\"", "\"localhost\""),
+            "config error: listen: ",
+        ),
+        (
+            minimal().replace("scopes: [\"openid\",", "scopes: ["),
+            "config error: provider.scopes: ",
+        ),
+    ];
+    for (text, want) in cases {
+        let r = check_text(&text, &[]);
+        let l = assert_invalid(&r, 1);
+        assert!(l[0].starts_with(want), "want {want:?}, got {:?}", l[0]);
+    }
+    // The redirect_url error names the path it refuses.
+    let r = check_text(
+        &minimal().replace("4180/oauth2/callback", "4180/callback"),
+        &[],
+    );
+    assert!(r.stderr.contains("`/callback`"), "{}", r.stderr);
+}
+
+#[test]
+fn every_error_is_reported_on_its_own_line() {
+    let text = minimal()
+        .replace("http://127.0.0.1:9000", "not a url")
+        .replace(&key(1), "AAAAAAAAAAAAAAAAAAAAAA==")
+        .replace("4180/oauth2/callback", "4180/callback")
+        .replace("client_id: \"portcullis\"", "client_id: \"\"");
+    let r = check_text(&text, &[]);
+    let lines = assert_invalid(&r, 4);
+    for key in [
+        "provider.issuer_url",
+        "cookie.secrets[0]",
+        "redirect_url",
+        "provider.client_id",
+    ] {
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("config error: {key}: ")))
+                .count(),
+            1,
+            "{key}:\n{}",
+            r.stderr
+        );
+    }
+    // A YAML syntax error is one line too.
+    let r = check_text("listen: [unclosed\n", &[]);
+    let l = assert_invalid(&r, 1);
+    assert!(l[0].starts_with("config error: invalid YAML"), "{}", l[0]);
+    // So are a missing file and no file at all.
+    let r = run(&["check", "--config", "/nonexistent/portcullis.yaml"], &[]);
+    let l = assert_invalid(&r, 1);
+    assert!(l[0].contains("/nonexistent/portcullis.yaml"), "{}", l[0]);
+    let r = run(&["check"], &[]);
+    assert_invalid(&r, 1);
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let without_secret = minimal().replace("client_secret: \"s3cret\", ", "");
+    let r = check_text(&without_secret, &[]);
+    let l = assert_invalid(&r, 1);
+    assert!(
+        l[0].starts_with("config error: provider.client_secret: "),
+        "{}",
+        l[0]
+    );
+    let r = check_text(
+        &without_secret,
+        &[("PORTCULLIS_PROVIDER_CLIENT_SECRET", "from-env")],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("config ok: "), "{}", r.stdout);
+    // An override wins over the file's value (here: making it invalid).
+    let r = check_text(
+        &minimal(),
+        &[("PORTCULLIS_PROVIDER_ISSUER_URL", "not a url")],
+    );
+    let l = assert_invalid(&r, 1);
+    assert!(
+        l[0].starts_with("config error: provider.issuer_url: "),
+        "{}",
+        l[0]
+    );
+    // Lists from the environment: comma separated.
+    let no_secrets = minimal().replace(&format!("secrets: [\"{}\"], ", key(1)), "");
+    let r = check_text(&no_secrets, &[]);
+    assert_invalid(&r, 1);
+    let both = format!("{},{}", key(2), key(3));
+    let r = check_text(&no_secrets, &[("PORTCULLIS_COOKIE_SECRETS", &both)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn secret_files_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = write(dir.path(), "client_secret", "from-a-file\n");
+    let ks = write(
+        dir.path(),
+        "cookie_secrets",
+        &format!("# current first\n{}\n\n{}\n", key(4), key(5)),
+    );
+    let text = minimal()
+        .replace(
+            "client_secret: \"s3cret\"",
+            &format!("client_secret_file: \"{}\"", cs.display()),
+        )
+        .replace(
+            &format!("secrets: [\"{}\"]", key(1)),
+            &format!("secrets_file: \"{}\"", ks.display()),
+        );
+    let r = check_text(&text, &[]);
+    assert_eq!(r.code, 0, "{}\n{text}", r.stderr);
+
+    // A missing file names its key.
+    let missing = text.replace(cs.to_str().unwrap(), "/nonexistent/client_secret");
+    let l = assert_invalid(&check_text(&missing, &[]), 1);
+    assert!(
+        l[0].starts_with("config error: provider.client_secret_file: ")
+            && l[0].contains("/nonexistent/client_secret"),
+        "{}",
+        l[0]
+    );
+    // A bad entry in the secrets file names the entry.
+    write(
+        dir.path(),
+        "cookie_secrets",
+        &format!("{}\nc2hvcnQ=\n", key(4)),
+    );
+    let l = assert_invalid(&check_text(&text, &[]), 1);
+    assert!(
+        l[0].starts_with("config error: cookie.secrets_file"),
+        "{}",
+        l[0]
+    );
+    assert!(l[0].contains('2'), "names the second entry: {}", l[0]);
+    // Both a secret and a secret file: ambiguous.
+    let both = minimal().replace(
+        "client_secret: \"s3cret\"",
+        &format!(
+            "client_secret: \"x\", client_secret_file: \"{}\"",
+            cs.display()
+        ),
+    );
+    let l = assert_invalid(&check_text(&both, &[]), 1);
+    assert!(
+        l[0].starts_with("config error: provider.client_secret"),
+        "{}",
+        l[0]
+    );
+}
+
+#[test]
+fn secret_command_prints_a_fresh_32_byte_key() {
+    use base64::Engine;
+    let a = run(&["secret"], &[]);
+    let b = run(&["secret"], &[]);
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    assert_eq!(a.stderr, "");
+    assert!(
+        a.stdout.ends_with('\n') && a.stdout.lines().count() == 1,
+        "{:?}",
+        a.stdout
+    );
+    let key_a = a.stdout.trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key_a)
+        .expect("standard base64");
+    assert_eq!(bytes.len(), 32);
+    assert_ne!(key_a, b.stdout.trim(), "two runs, two keys");
+    // It is accepted as a cookie secret.
+    let r = check_text(&minimal().replace(&key(1), key_a), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// The secret file and the environment override are what a running gateway uses:
+/// the provider only accepts the right client secret at the token endpoint.
+#[tokio::test]
+async fn running_gateway_uses_secret_files_and_env_overrides() {
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, &[("IDP_CLIENT_SECRET", "only-in-a-file")]).await;
+    let upstream = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cs = write(dir.path(), "client_secret", "only-in-a-file\n");
+    let ks = write(dir.path(), "cookie_secrets", &format!("{}\n", key(9)));
+
+    // From files.
+    let gw = Gateway::start(GatewayOpts {
+        client_secret: String::new(),
+        secrets: Vec::new(),
+        provider_extra: vec![format!("client_secret_file: \"{}\"", cs.display())],
+        cookie_extra: vec![format!("secrets_file: \"{}\"", ks.display())],
+        ..GatewayOpts::new(port, &idp, &upstream.url())
+    })
+    .await;
+    let b = Browser::new();
+    let r = login(&b, &gw, "/file", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let cookie = b.cookie_header(&gw.url("/"));
+    drop(gw);
+
+    // A wrong secret in the file, the right one from the environment.
+    let gw = Gateway::start(GatewayOpts {
+        client_secret: "wrong-secret".to_string(),
+        secrets: vec![key(9)],
+        env: vec![(
+            "PORTCULLIS_PROVIDER_CLIENT_SECRET".to_string(),
+            "only-in-a-file".to_string(),
+        )],
+        ..GatewayOpts::new(port, &idp, &upstream.url())
+    })
+    .await;
+    // The cookie sealed with the key from the file opens with the same key inline.
+    let r = send(
+        "GET",
+        &gw.url("/env"),
+        &[("accept", "application/json"), ("cookie", &cookie)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let b = Browser::new();
+    let r = login(&b, &gw, "/env", "bob").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(upstream.last().header("x-forwarded-user"), Some("bob"));
+    drop(gw);
+
+    // Control: the wrong secret alone fails the code exchange.
+    let gw = Gateway::start(GatewayOpts {
+        client_secret: "wrong-secret".to_string(),
+        ..GatewayOpts::new(port, &idp, &upstream.url())
+    })
+    .await;
+    let b = Browser::new();
+    let first = b.get(&gw.url("/")).await;
+    let (auth, _) = auth_redirect(&first);
+    let callback = idp_walk(&b, &auth, "carol").await;
+    let r = b.get(&callback).await;
+    assert_eq!(
+        r.status,
+        502,
+        "invalid_client at the token endpoint: {}",
+        r.dump()
+    );
+    assert!(r.set_cookie("_portcullis").is_none(), "{}", r.dump());
+}

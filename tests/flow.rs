@@ -1,0 +1,672 @@
+//! The OpenID Connect login flow end to end, against the real test provider:
+//! login round trip, state/code replay defences, provider errors, redirects
+//! after login, parallel logins, sign-out and userinfo.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use sha2::{Digest, Sha256};
+use support::*;
+
+/// The JSON payload of a JWT (no signature check: the IdP checks it).
+fn jwt_payload(jwt: &str) -> serde_json::Value {
+    use base64::Engine;
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3, "not a JWS compact token: {jwt}");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[1])
+        .expect("JWT payload base64");
+    serde_json::from_slice(&bytes).expect("JWT payload JSON")
+}
+
+/// Asserts that `resp` sets no (non-deleting) session cookie.
+fn assert_no_session_set(resp: &Resp) {
+    let set: Vec<SetCookie> = resp
+        .set_cookies()
+        .into_iter()
+        .filter(|c| {
+            c.name == "_portcullis"
+                || (c.name.starts_with("_portcullis_") && !c.name.starts_with("_portcullis_flow_"))
+        })
+        .filter(|c| !c.is_removal())
+        .collect();
+    assert!(set.is_empty(), "a session cookie was set: {}", resp.dump());
+}
+
+fn bearer_of(rec: &Recorded) -> String {
+    let auth = rec
+        .header("authorization")
+        .unwrap_or_else(|| panic!("no Authorization at the upstream: {rec:?}"));
+    auth.strip_prefix("Bearer ")
+        .unwrap_or_else(|| panic!("not a bearer: {auth}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn login_round_trip_delivers_the_bearer_to_the_upstream() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+
+    // 1. Unauthenticated navigation: 302 to the provider with a flow cookie.
+    let first = b.get(&s.gw.url("/app/page?q=1&r=%2F")).await;
+    let (auth, flow) = auth_redirect(&first);
+    assert!(
+        auth.starts_with(&s.idp.url("/auth?")),
+        "not the provider's authorization endpoint: {auth}"
+    );
+    let q = |n: &str| query_param(&auth, n);
+    assert_eq!(q("response_type").as_deref(), Some("code"));
+    assert_eq!(q("client_id").as_deref(), Some(CLIENT_ID));
+    assert_eq!(
+        q("redirect_uri"),
+        Some(s.gw.url("/oauth2/callback")),
+        "redirect_uri"
+    );
+    assert_eq!(
+        q("scope").as_deref(),
+        Some("openid email profile offline_access")
+    );
+    assert_eq!(q("code_challenge_method").as_deref(), Some("S256"));
+    let challenge = q("code_challenge").expect("code_challenge");
+    assert_eq!(challenge.len(), 43, "S256 challenge is 43 base64url chars");
+    let state = q("state").expect("state");
+    let nonce = q("nonce").expect("nonce");
+    assert!(state.len() >= 32 && nonce.len() >= 32 && state != nonce);
+    // The flow cookie is named after the state and scoped to the callback.
+    let digest = Sha256::digest(state.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(flow.name, format!("_portcullis_flow_{hex}"), "{}", flow.raw);
+    assert_eq!(flow.path(), Some("/oauth2/callback"), "{}", flow.raw);
+    assert!(flow.flag("httponly"), "{}", flow.raw);
+    assert_eq!(flow.attr("samesite"), Some("Lax"), "{}", flow.raw);
+    assert!(!flow.value.contains(&state), "flow cookie must be sealed");
+
+    // 2. The provider's login and consent, back to the callback.
+    let callback = idp_walk(&b, &auth, "alice").await;
+    assert!(
+        callback.starts_with(&s.gw.url("/oauth2/callback?")),
+        "{callback}"
+    );
+    assert_eq!(query_param(&callback, "state"), Some(state.clone()));
+    let before_tokens = s.idp.token_requests();
+    assert_eq!(before_tokens, 0);
+
+    // 3. The callback: session cookie, flow cookie cleared, back to the original URL.
+    let cb = b.get(&callback).await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    assert_eq!(cb.location(), Some("/app/page?q=1&r=%2F"));
+    let session = cb.set_cookie("_portcullis").expect("session cookie");
+    assert!(
+        !session.is_removal() && session.value.len() > 40,
+        "{}",
+        session.raw
+    );
+    assert_eq!(session.path(), Some("/"));
+    assert!(session.flag("httponly"), "{}", session.raw);
+    assert!(
+        !session.flag("secure"),
+        "cookie.secure is false: {}",
+        session.raw
+    );
+    let max_age: i64 = session.attr("max-age").expect("max-age").parse().unwrap();
+    assert!(
+        (7 * 24 * 3600 - 60..=7 * 24 * 3600).contains(&max_age),
+        "{max_age}"
+    );
+    let cleared = cb.set_cookie(&flow.name).expect("flow cookie cleared");
+    assert!(cleared.is_removal(), "{}", cleared.raw);
+    assert_eq!(cleared.path(), Some("/oauth2/callback"));
+    assert_eq!(s.idp.token_requests(), 1, "one code exchange");
+    assert_eq!(
+        b.cookie_names(&s.gw.url("/")),
+        vec!["_portcullis".to_string()]
+    );
+
+    // 4. The original URL, now authenticated: the upstream gets the bearer and identity.
+    let page = b.get(&s.gw.url("/app/page?q=1&r=%2F")).await;
+    assert_eq!(page.status, 200, "{}", page.dump());
+    assert_eq!(page.header("x-upstream"), Some("echo"));
+    let rec = s.upstream.last();
+    assert_eq!(rec.method, "GET");
+    assert_eq!(rec.path, "/app/page");
+    assert_eq!(rec.query.as_deref(), Some("q=1&r=%2F"));
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    assert_eq!(rec.header("x-forwarded-email"), Some("alice@example.test"));
+    assert_eq!(rec.header("x-forwarded-groups"), Some("users,user-alice"));
+    assert_eq!(rec.header("x-forwarded-preferred-username"), Some("alice"));
+    assert!(
+        rec.header("cookie").is_none(),
+        "gateway cookie leaked: {rec:?}"
+    );
+    let token = bearer_of(&rec);
+    assert!(token.len() >= 43, "{token}");
+    assert_eq!(
+        s.upstream.count(),
+        1,
+        "only the authenticated request reached the upstream"
+    );
+
+    // The bearer is a live access token of the provider, for alice.
+    let me = send(
+        "GET",
+        &s.idp.url("/me"),
+        &[("authorization", &format!("Bearer {token}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(me.status, 200, "{}", me.dump());
+    assert_eq!(me.json()["sub"], "alice");
+
+    // 5. The token never shows in what the gateway itself sent to the browser.
+    for r in b.history() {
+        if origin(&r.url) != origin(&s.gw.url("/")) || r.header("x-upstream").is_some() {
+            continue;
+        }
+        let mut all = r.text();
+        for (k, v) in &r.headers {
+            all.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+        }
+        assert!(
+            !all.contains(&token),
+            "access token visible in {}",
+            r.dump()
+        );
+    }
+    // ... nor in the gateway's headers on the proxied page.
+    for (k, v) in &page.headers {
+        assert!(
+            !String::from_utf8_lossy(v.as_bytes()).contains(&token),
+            "access token in response header {k}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reload_with_the_session_cookie_does_not_contact_the_provider() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let idp_before = s.idp.request_count();
+    let up_before = s.upstream.count();
+    let first_token = bearer_of(&s.upstream.last());
+    for path in ["/", "/a", "/b/c?d=e", "/"] {
+        let r = b.get(&s.gw.url(path)).await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        assert!(r.set_cookies().is_empty(), "no cookie churn: {}", r.dump());
+        let rec = s.upstream.last();
+        assert_eq!(bearer_of(&rec), first_token);
+        assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    }
+    assert_eq!(s.upstream.count(), up_before + 4);
+    assert_eq!(
+        s.idp.request_count(),
+        idp_before,
+        "the provider was contacted: {:?}",
+        s.idp.requests()
+    );
+}
+
+#[tokio::test]
+async fn requests_without_a_session_that_are_not_navigations_get_401_json() {
+    let s = Stack::start().await;
+    let url = s.gw.url("/api/items");
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("GET", vec![("accept", "application/json")]),
+        ("GET", vec![]),
+        (
+            "GET",
+            vec![
+                ("accept", "text/html"),
+                ("x-requested-with", "XMLHttpRequest"),
+            ],
+        ),
+        (
+            "GET",
+            vec![("accept", "text/html"), ("sec-fetch-mode", "cors")],
+        ),
+        ("POST", vec![("accept", "text/html")]),
+        ("DELETE", vec![("accept", "text/html")]),
+    ];
+    for (method, headers) in &cases {
+        let r = send(method, &url, headers, Vec::new()).await;
+        let what = format!("{method} {headers:?}");
+        assert_eq!(r.status, 401, "{what}: {}", r.dump());
+        assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
+        assert!(r.location().is_none(), "{what}: no redirect for APIs");
+        assert!(
+            r.set_cookies().is_empty(),
+            "{what}: no flow cookie for APIs"
+        );
+        let j = r.json();
+        assert_eq!(j["error"], "unauthorized", "{what}");
+        assert_eq!(j["login_url"], "/oauth2/start", "{what}");
+    }
+    // The control: a browser navigation is redirected to the provider.
+    let nav = send("GET", &url, &[("accept", BROWSER_ACCEPT)], Vec::new()).await;
+    assert_eq!(nav.status, 302, "{}", nav.dump());
+    assert_eq!(s.upstream.count(), 0, "nothing reached the upstream");
+    assert_eq!(s.idp.token_requests(), 0);
+}
+
+#[tokio::test]
+async fn start_rd_cannot_redirect_off_site() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    async fn land(s: &Stack, b: &Browser, rd: &str) -> String {
+        let start = b
+            .get(&s.gw.url(&format!("/oauth2/start?rd={}", enc(rd))))
+            .await;
+        let (auth, _) = auth_redirect(&start);
+        let callback = idp_walk(b, &auth, "alice").await;
+        let cb = b.get(&callback).await;
+        assert_eq!(cb.status, 302, "rd={rd:?}: {}", cb.dump());
+        assert!(
+            cb.set_cookie("_portcullis")
+                .is_some_and(|c| !c.is_removal()),
+            "rd={rd:?}: {}",
+            cb.dump()
+        );
+        cb.location().expect("Location").to_string()
+    }
+    // Control: a same-site path is honoured, query included.
+    assert_eq!(land(&s, &b, "/deep/link?a=b").await, "/deep/link?a=b");
+    for rd in [
+        "//evil.com",
+        "/\\evil.com",
+        "https://evil.com",
+        "/%2F%2Fevil.com",
+        "/%5Cevil.com",
+        "\\\\evil.com",
+        "javascript:alert(1)",
+        "///evil.com/x",
+        "/\t/evil.com",
+    ] {
+        assert_eq!(land(&s, &b, rd).await, "/", "rd={rd:?}");
+    }
+    // Missing rd: the root.
+    let start = b.get(&s.gw.url("/oauth2/start")).await;
+    let (auth, _) = auth_redirect(&start);
+    let cb = b.get(&idp_walk(&b, &auth, "alice").await).await;
+    assert_eq!(cb.location(), Some("/"));
+}
+
+#[tokio::test]
+async fn callback_with_a_state_that_has_no_flow_cookie_is_rejected() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    let start = b.get(&s.gw.url("/oauth2/start?rd=%2Fx")).await;
+    let (auth, _flow) = auth_redirect(&start);
+    let state = query_param(&auth, "state").unwrap();
+    // A real code for the real state, to be sure only the state/cookie check fails.
+    let callback = idp_walk(&b, &auth, "alice").await;
+    let code = query_param(&callback, "code").unwrap();
+
+    // (a) another state, while the browser holds the flow cookie of the real one
+    let r = b
+        .get(&s.gw.url(&format!(
+            "/oauth2/callback?code={}&state={}",
+            enc(&code),
+            enc("forged-state-value-0123456789abcdef")
+        )))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.dump());
+    assert!(r.header("content-type").unwrap().starts_with("text/html"));
+    assert!(r.text().contains("unknown or has expired"), "{}", r.dump());
+    assert_no_session_set(&r);
+
+    // (b) the right state but no flow cookie at all (another browser)
+    let r = send("GET", &callback, &[("accept", BROWSER_ACCEPT)], Vec::new()).await;
+    assert_eq!(r.status, 400, "{}", r.dump());
+    assert_no_session_set(&r);
+
+    // (c) no state at all
+    let r = b
+        .get(&s.gw.url(&format!("/oauth2/callback?code={}", enc(&code))))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.dump());
+    assert_no_session_set(&r);
+
+    assert_eq!(
+        s.idp.token_requests(),
+        0,
+        "no code exchange for a bad state"
+    );
+    // The flow is still usable by its owner afterwards.
+    let ok = b.get(&callback).await;
+    assert_eq!(ok.status, 302, "{}", ok.dump());
+    assert_eq!(ok.location(), Some("/x"));
+    assert_eq!(query_param(&callback, "state").unwrap(), state);
+}
+
+#[tokio::test]
+async fn replayed_callback_is_rejected() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    let (auth, _) = auth_redirect(&b.get(&s.gw.url("/")).await);
+    let callback = idp_walk(&b, &auth, "alice").await;
+    let flow_cookie = b.cookie_header(&callback);
+    assert!(
+        flow_cookie.starts_with("_portcullis_flow_"),
+        "{flow_cookie}"
+    );
+
+    let ok = b.get(&callback).await;
+    assert_eq!(ok.status, 302, "{}", ok.dump());
+    assert_eq!(s.idp.token_requests(), 1);
+
+    // Same URL, same flow cookie, a second time (an attacker who captured both).
+    let replay = send(
+        "GET",
+        &callback,
+        &[("accept", BROWSER_ACCEPT), ("cookie", &flow_cookie)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(replay.status, 400, "{}", replay.dump());
+    assert!(replay.text().contains("already used"), "{}", replay.dump());
+    assert_no_session_set(&replay);
+    assert_eq!(
+        s.idp.token_requests(),
+        1,
+        "the replay must not reach the token endpoint"
+    );
+}
+
+#[tokio::test]
+async fn reused_code_with_a_fresh_flow_is_rejected() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    let (auth, _) = auth_redirect(&b.get(&s.gw.url("/")).await);
+    let callback = idp_walk(&b, &auth, "alice").await;
+    let code = query_param(&callback, "code").unwrap();
+    assert_eq!(b.get(&callback).await.status, 302);
+    assert_eq!(s.idp.token_requests(), 1);
+
+    // A new browser starts its own (valid) flow and presents the spent code with it.
+    let b2 = Browser::new();
+    let (auth2, _) = auth_redirect(&b2.get(&s.gw.url("/oauth2/start?rd=%2F")).await);
+    let state2 = query_param(&auth2, "state").unwrap();
+    let r = b2
+        .get(&s.gw.url(&format!(
+            "/oauth2/callback?code={}&state={}&iss={}",
+            enc(&code),
+            enc(&state2),
+            enc(&s.idp.issuer())
+        )))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.dump());
+    assert!(
+        r.text().contains("invalid, expired or was already used"),
+        "{}",
+        r.dump()
+    );
+    assert_no_session_set(&r);
+    assert_eq!(s.idp.token_requests(), 2, "the exchange was attempted once");
+    assert!(b2.cookie(&s.gw.url("/"), "_portcullis").is_none());
+}
+
+#[tokio::test]
+async fn provider_error_renders_an_escaped_403_page() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    let (auth, flow) = auth_redirect(&b.get(&s.gw.url("/oauth2/start?rd=%2F")).await);
+    let state = query_param(&auth, "state").unwrap();
+    let r = b
+        .get(&s.gw.url(&format!(
+            "/oauth2/callback?error=access_denied&error_description={}&state={}",
+            enc("<script>x</script>"),
+            enc(&state)
+        )))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.dump());
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    let body = r.text();
+    assert!(body.contains("access_denied"), "{body}");
+    assert!(body.contains("&lt;script&gt;x&lt;/script&gt;"), "{body}");
+    assert!(!body.contains("<script>"), "unescaped: {body}");
+    assert!(
+        r.header("content-security-policy")
+            .is_some_and(|c| c.contains("default-src 'none'")),
+        "{}",
+        r.dump()
+    );
+    let cleared = r.set_cookie(&flow.name).expect("flow cookie cleared");
+    assert!(cleared.is_removal(), "{}", cleared.raw);
+    assert_no_session_set(&r);
+    assert_eq!(s.idp.token_requests(), 0);
+}
+
+#[tokio::test]
+async fn user_cancelling_at_the_provider_gets_403() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    let (auth, _) = auth_redirect(&b.get(&s.gw.url("/")).await);
+    // Walk to the login form, then press the IdP's "Cancel" link.
+    let first = b.get(&auth).await;
+    assert!(first.status.is_redirection(), "{}", first.dump());
+    let interaction = first.location_abs().unwrap();
+    let page = b.get(&interaction).await;
+    assert_eq!(page.status, 200, "{}", page.dump());
+    let abort = b.get(&format!("{interaction}/abort")).await;
+    assert!(abort.status.is_redirection(), "{}", abort.dump());
+    let mut next = abort.location_abs().unwrap();
+    // oidc-provider resumes at /auth/<uid>, which redirects to the callback.
+    while origin(&next) == origin(&s.idp.issuer()) {
+        let r = b.get(&next).await;
+        assert!(r.status.is_redirection(), "{}", r.dump());
+        next = r.location_abs().unwrap();
+    }
+    assert_eq!(
+        query_param(&next, "error").as_deref(),
+        Some("access_denied")
+    );
+    let r = b.get(&next).await;
+    assert_eq!(r.status, 403, "{}", r.dump());
+    assert!(r.text().contains("access_denied"), "{}", r.dump());
+    assert_no_session_set(&r);
+}
+
+#[tokio::test]
+async fn two_parallel_logins_both_succeed() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    let (auth_one, flow_one) = auth_redirect(&b.get(&s.gw.url("/one")).await);
+    let (auth_two, flow_two) = auth_redirect(&b.get(&s.gw.url("/two?x=2")).await);
+    assert_ne!(flow_one.name, flow_two.name);
+    // Both flows pending at once, and both provider walks done before either callback.
+    let cb_one = idp_walk(&b, &auth_one, "alice").await;
+    let cb_two = idp_walk(&b, &auth_two, "alice").await;
+    let names = b.cookie_names(&s.gw.url("/"));
+    assert!(
+        names.contains(&flow_one.name) && names.contains(&flow_two.name),
+        "{names:?}"
+    );
+
+    // Finish them in reverse order.
+    let r2 = b.get(&cb_two).await;
+    assert_eq!(r2.status, 302, "{}", r2.dump());
+    assert_eq!(r2.location(), Some("/two?x=2"));
+    assert!(r2
+        .set_cookie("_portcullis")
+        .is_some_and(|c| !c.is_removal()));
+    let r1 = b.get(&cb_one).await;
+    assert_eq!(r1.status, 302, "{}", r1.dump());
+    assert_eq!(r1.location(), Some("/one"));
+    assert!(r1
+        .set_cookie("_portcullis")
+        .is_some_and(|c| !c.is_removal()));
+    assert_eq!(s.idp.token_requests(), 2);
+    assert_eq!(
+        b.cookie_names(&s.gw.url("/")),
+        vec!["_portcullis".to_string()]
+    );
+
+    for path in ["/one", "/two?x=2"] {
+        let r = b.get(&s.gw.url(path)).await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        assert_eq!(s.upstream.last().header("x-forwarded-user"), Some("alice"));
+    }
+}
+
+#[tokio::test]
+async fn sign_out_end_to_end() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let page = b.get(&s.gw.url("/oauth2/sign_out")).await;
+    assert_eq!(page.status, 200, "{}", page.dump());
+    let html = page.text();
+    assert!(html.contains("alice@example.test"), "{html}");
+    assert!(
+        html.contains("<form method=\"post\" action=\"/oauth2/sign_out\">"),
+        "{html}"
+    );
+    let csrf = support::html::hidden_value(&html, "csrf").expect("csrf field");
+    assert!(csrf.len() >= 32, "{csrf}");
+    // The page allows its form to go to the provider's logout page.
+    let csp = page.header("content-security-policy").unwrap_or("");
+    assert!(csp.contains(&s.idp.issuer()), "{csp}");
+
+    let form = format!("csrf={}", enc(&csrf));
+    let r = b
+        .request(
+            "POST",
+            &s.gw.url("/oauth2/sign_out"),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &s.gw.origin()),
+            ],
+            form,
+        )
+        .await;
+    assert_eq!(r.status, 302, "{}", r.dump());
+    let loc = r.location().unwrap().to_string();
+    assert!(loc.starts_with(&s.idp.url("/session/end?")), "{loc}");
+    assert_eq!(query_param(&loc, "client_id").as_deref(), Some(CLIENT_ID));
+    assert_eq!(
+        query_param(&loc, "post_logout_redirect_uri"),
+        Some(s.gw.url("/oauth2/signed_out"))
+    );
+    let hint = query_param(&loc, "id_token_hint").expect("id_token_hint");
+    let claims = jwt_payload(&hint);
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], CLIENT_ID);
+    assert_eq!(claims["iss"], s.idp.issuer());
+    let cleared = r.set_cookie("_portcullis").expect("session cookie cleared");
+    assert!(cleared.is_removal(), "{}", cleared.raw);
+    assert_eq!(cleared.attr("max-age"), Some("0"));
+    assert_eq!(cleared.path(), Some("/"));
+    assert!(b.cookie(&s.gw.url("/"), "_portcullis").is_none());
+
+    // The provider accepts the logout request (valid hint, registered redirect URI).
+    let end = b.get(&loc).await;
+    assert_eq!(end.status, 200, "{}", end.dump());
+    assert!(!end.text().contains("IdP error"), "{}", end.dump());
+
+    // The landing page, and the browser is logged out of the gateway.
+    let landed = b.get(&s.gw.url("/oauth2/signed_out")).await;
+    assert_eq!(landed.status, 200);
+    assert!(landed.text().contains("signed out"), "{}", landed.dump());
+    let after = b.get(&s.gw.url("/")).await;
+    assert_eq!(after.status, 302, "{}", after.dump());
+}
+
+#[tokio::test]
+async fn sign_out_post_needs_the_csrf_token() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let csrf =
+        support::html::hidden_value(&b.get(&s.gw.url("/oauth2/sign_out")).await.text(), "csrf")
+            .expect("csrf");
+    let form_ct = ("content-type", "application/x-www-form-urlencoded");
+    let attempts: Vec<(String, Vec<(&str, &str)>)> = vec![
+        (String::new(), vec![form_ct]),
+        ("csrf=".to_string(), vec![form_ct]),
+        ("csrf=wrong-token".to_string(), vec![form_ct]),
+        (format!("other={}", enc(&csrf)), vec![form_ct]),
+        // the right token from a foreign origin
+        (
+            format!("csrf={}", enc(&csrf)),
+            vec![form_ct, ("origin", "http://evil.example")],
+        ),
+    ];
+    for (body, headers) in attempts {
+        let r = b
+            .request(
+                "POST",
+                &s.gw.url("/oauth2/sign_out"),
+                &headers,
+                body.clone(),
+            )
+            .await;
+        assert_eq!(r.status, 403, "body {body:?} {headers:?}: {}", r.dump());
+        assert!(r.set_cookies().is_empty(), "session kept: {}", r.dump());
+        assert!(r.location().is_none());
+    }
+    // Still signed in.
+    let r = b.get(&s.gw.url("/")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    // And the real token works.
+    let r = b
+        .request(
+            "POST",
+            &s.gw.url("/oauth2/sign_out"),
+            &[form_ct],
+            format!("csrf={}", enc(&csrf)),
+        )
+        .await;
+    assert_eq!(r.status, 302, "{}", r.dump());
+    assert!(r.set_cookie("_portcullis").is_some_and(|c| c.is_removal()));
+}
+
+#[tokio::test]
+async fn userinfo_returns_the_identity_as_json() {
+    let s = Stack::start().await;
+    let none = send(
+        "GET",
+        &s.gw.url("/oauth2/userinfo"),
+        &[("accept", "application/json")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(none.status, 401, "{}", none.dump());
+    assert_eq!(none.json()["error"], "unauthorized");
+
+    let b = s.login("alice").await;
+    let token = bearer_of(&s.upstream.last());
+    let r = b.api_get(&s.gw.url("/oauth2/userinfo")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let j = r.json();
+    assert_eq!(j["sub"], "alice");
+    assert_eq!(j["email"], "alice@example.test");
+    assert_eq!(j["email_verified"], true);
+    assert_eq!(j["preferred_username"], "alice");
+    assert_eq!(j["groups"], serde_json::json!(["users", "user-alice"]));
+    assert!(j["session_expires_at"].as_u64().unwrap() > 1_700_000_000);
+    assert!(
+        !r.text().contains(&token),
+        "userinfo leaks the access token"
+    );
+    assert_eq!(s.upstream.count(), 1, "userinfo is answered by the gateway");
+}
+
+#[tokio::test]
+async fn gateway_endpoints_answer_wrong_methods_and_unknown_paths() {
+    let s = Stack::start().await;
+    let r = send("POST", &s.gw.url("/oauth2/callback"), &[], Vec::new()).await;
+    assert_eq!(r.status, 405, "{}", r.dump());
+    assert_eq!(r.header("allow"), Some("GET"));
+    let r = send("PUT", &s.gw.url("/oauth2/sign_out"), &[], Vec::new()).await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, POST"));
+    let r = send("GET", &s.gw.url("/oauth2/nope"), &[], Vec::new()).await;
+    assert_eq!(r.status, 404, "{}", r.dump());
+    assert_eq!(
+        s.upstream.count(),
+        0,
+        "/oauth2/* never reaches the upstream"
+    );
+    let r = send("GET", &s.gw.url("/readyz"), &[], Vec::new()).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ready\n"));
+}

@@ -1,0 +1,513 @@
+//! The reverse proxy: what reaches the upstream (identity, stripped spoofing,
+//! cookies, request ids, bodies) and how upstream failures are answered.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use bytes::Bytes;
+use support::browser::{chunked, full, try_send_body};
+use support::upstream::Fnv;
+use support::*;
+
+fn bearer(rec: &Recorded) -> String {
+    rec.header("authorization")
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .unwrap_or_else(|| panic!("no bearer at the upstream: {rec:?}"))
+        .to_string()
+}
+
+/// An authenticated API request with extra headers; returns the gateway's answer.
+async fn api(s: &Stack, cookie: &str, method: &str, path: &str, extra: &[(&str, &str)]) -> Resp {
+    let mut h: Vec<(&str, &str)> = vec![("accept", "application/json"), ("cookie", cookie)];
+    h.extend_from_slice(extra);
+    send(method, &s.gw.url(path), &h, Vec::new()).await
+}
+
+#[tokio::test]
+async fn spoofed_identity_and_forwarding_headers_are_replaced() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let cookie = b.cookie_header(&s.gw.url("/"));
+    let real_token = bearer(&s.upstream.last());
+    let spoof: Vec<(&str, &str)> = vec![
+        ("X-Forwarded-User", "mallory"),
+        ("X-Forwarded-Email", "mallory@evil.test"),
+        ("X-Forwarded-Groups", "admins"),
+        ("X-Forwarded-Preferred-Username", "mallory"),
+        ("x_forwarded_user", "mallory"),
+        ("X_Forwarded_Email", "mallory@evil.test"),
+        ("x-forwarded_groups", "admins"),
+        ("X_FORWARDED_PREFERRED_USERNAME", "mallory"),
+        ("Authorization", "Bearer evil"),
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "evil.test"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("Forwarded", "for=6.6.6.6;host=evil.test"),
+        ("X-Auth-Request-User", "mallory"),
+        ("X-Forwarded-Access-Token", "evil"),
+        ("X-Kept", "yes"),
+    ];
+    let r = api(&s, &cookie, "GET", "/who", &spoof).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    assert_eq!(rec.path, "/who");
+    let host = format!("127.0.0.1:{}", s.gw.port);
+    let real_auth = format!("Bearer {real_token}");
+    for (name, want) in [
+        ("x-forwarded-user", "alice"),
+        ("x-forwarded-email", "alice@example.test"),
+        ("x-forwarded-groups", "users,user-alice"),
+        ("x-forwarded-preferred-username", "alice"),
+        ("authorization", real_auth.as_str()),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", host.as_str()),
+        ("host", host.as_str()),
+        ("x-kept", "yes"),
+    ] {
+        assert_eq!(rec.header_all(name), vec![want], "{name}: {rec:#?}");
+    }
+    for gone in [
+        "x_forwarded_user",
+        "x_forwarded_email",
+        "x-forwarded_groups",
+        "x_forwarded_preferred_username",
+        "x-real-ip",
+        "forwarded",
+        "x-auth-request-user",
+        "x-forwarded-access-token",
+    ] {
+        assert!(
+            rec.header(gone).is_none(),
+            "{gone} reached the upstream: {rec:#?}"
+        );
+    }
+    for (k, v) in &rec.headers {
+        assert!(
+            !v.contains("mallory") && !v.contains("evil") && !v.contains("6.6.6.6"),
+            "spoofed value reached the upstream in {k}: {v}"
+        );
+    }
+
+    // Without a session, spoofed identity headers get nobody in.
+    let before = s.upstream.count();
+    let r = send(
+        "GET",
+        &s.gw.url("/who"),
+        &[
+            ("accept", "application/json"),
+            ("x-forwarded-user", "alice"),
+            ("authorization", &real_auth),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.dump());
+    assert_eq!(s.upstream.count(), before);
+}
+
+#[tokio::test]
+async fn gateway_cookies_are_stripped_and_other_cookies_kept() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let session = b.cookie(&s.gw.url("/"), "_portcullis").unwrap();
+    let cookie = format!(
+        "a=1; _portcullis={session}; b=two; _portcullis_flow_0123456789abcdef=x; \
+         _portcullis_7=zz; theme=dark; _portcullis_x=kept; _portcullisy=kept2"
+    );
+    let r = api(&s, &cookie, "GET", "/c", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    assert_eq!(
+        rec.header_all("cookie"),
+        vec!["a=1; b=two; theme=dark; _portcullis_x=kept; _portcullisy=kept2"],
+        "{rec:#?}"
+    );
+    // Only gateway cookies: no Cookie header at all upstream.
+    let r = api(&s, &format!("_portcullis={session}"), "GET", "/c2", &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(s.upstream.last().header("cookie").is_none());
+    // Two Cookie header lines (as HTTP/2 clients may send): the app's survive.
+    let r = send(
+        "GET",
+        &s.gw.url("/c3"),
+        &[
+            ("accept", "application/json"),
+            ("cookie", "app=1; other=2"),
+            ("cookie", &format!("_portcullis={session}")),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    assert_eq!(rec.header_all("cookie"), vec!["app=1; other=2"], "{rec:#?}");
+}
+
+#[tokio::test]
+async fn session_survives_a_non_ascii_app_cookie() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let session = b.cookie(&s.gw.url("/"), "_portcullis").unwrap();
+    // Browsers send every cookie of the host in one header, including app cookies
+    // with raw UTF-8 values.
+    let cookie = format!("lang=Fran\u{e7}ais; _portcullis={session}");
+    let r = api(&s, &cookie, "GET", "/utf8", &[]).await;
+    assert_eq!(
+        r.status,
+        200,
+        "session ignored next to a UTF-8 cookie: {}",
+        r.dump()
+    );
+    let rec = s.upstream.last();
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    assert_eq!(
+        rec.header_all("cookie"),
+        vec!["lang=Fran\u{e7}ais"],
+        "{rec:#?}"
+    );
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_when_plain_and_generated_otherwise() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let cookie = b.cookie_header(&s.gw.url("/"));
+
+    let r = api(
+        &s,
+        &cookie,
+        "GET",
+        "/id",
+        &[("x-request-id", "abc-123.X:y_z")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id"), Some("abc-123.X:y_z"));
+    assert_eq!(
+        s.upstream.last().header_all("x-request-id"),
+        vec!["abc-123.X:y_z"]
+    );
+
+    let max = "a".repeat(128);
+    let r = api(&s, &cookie, "GET", "/id", &[("x-request-id", &max)]).await;
+    assert_eq!(r.header("x-request-id"), Some(max.as_str()));
+
+    let valid = |id: &str| {
+        !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c))
+    };
+    let mut generated = Vec::new();
+    let too_long = "x".repeat(129);
+    for bad in [
+        Some("bad id!"),
+        Some(too_long.as_str()),
+        Some("a<script>"),
+        Some(""),
+        None,
+    ] {
+        let extra: Vec<(&str, &str)> = bad.map(|v| ("x-request-id", v)).into_iter().collect();
+        let r = api(&s, &cookie, "GET", "/id", &extra).await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        let id = r.header("x-request-id").expect("id echoed").to_string();
+        assert!(valid(&id), "generated id {id:?} for {bad:?}");
+        assert_ne!(Some(id.as_str()), bad, "invalid id kept");
+        assert_eq!(
+            s.upstream.last().header_all("x-request-id"),
+            vec![id.as_str()],
+            "upstream and client see the same id"
+        );
+        generated.push(id);
+    }
+    let mut dedup = generated.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(
+        dedup.len(),
+        generated.len(),
+        "ids are unique: {generated:?}"
+    );
+
+    // Answers the gateway gives itself carry the id too.
+    let r = send(
+        "GET",
+        &s.gw.url("/id"),
+        &[("accept", "application/json"), ("x-request-id", "unauth-1")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("x-request-id"), Some("unauth-1"));
+    let r = send(
+        "GET",
+        &s.gw.url("/healthz"),
+        &[("x-request-id", "hz-1")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.header("x-request-id"), Some("hz-1"));
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let cookie = b.cookie_header(&s.gw.url("/"));
+    let r = api(
+        &s,
+        &cookie,
+        "GET",
+        "/hop",
+        &[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic YTpi"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "h2c"),
+            ("x-end-to-end", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    for gone in [
+        "x-secret-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "upgrade",
+        "te",
+        "transfer-encoding",
+    ] {
+        assert!(rec.header(gone).is_none(), "{gone} forwarded: {rec:#?}");
+    }
+    assert!(
+        rec.header_all("connection")
+            .iter()
+            .all(|v| !v.contains("x-secret-hop")),
+        "{rec:#?}"
+    );
+    assert_eq!(rec.header("x-end-to-end"), Some("1"));
+}
+
+#[tokio::test]
+async fn path_and_query_are_forwarded_verbatim() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let cookie = b.cookie_header(&s.gw.url("/"));
+    let r = api(&s, &cookie, "GET", "/a%20b/c%2Fd/?x=%2F&y=1&y=2&z", &[]).await;
+    assert_eq!(r.status, 200);
+    let rec = s.upstream.last();
+    assert_eq!(rec.path, "/a%20b/c%2Fd/");
+    assert_eq!(rec.query.as_deref(), Some("x=%2F&y=1&y=2&z"));
+    // The echo the upstream answered is what the client gets, byte for byte.
+    assert_eq!(r.json(), rec.to_json());
+    let r = api(&s, &cookie, "DELETE", "/items/7", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(s.upstream.last().method, "DELETE");
+}
+
+#[tokio::test]
+async fn request_bodies_are_streamed_through() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let cookie = b.cookie_header(&s.gw.url("/"));
+    let data: Vec<u8> = (0..5 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(7) % 251) as u8)
+        .collect();
+    let mut fnv = Fnv::default();
+    fnv.update(&data);
+    let headers = [
+        ("accept", "application/json"),
+        ("cookie", cookie.as_str()),
+        ("content-type", "application/octet-stream"),
+    ];
+
+    // With a Content-Length.
+    let r = try_send_body(
+        "POST",
+        &s.gw.url("/upload"),
+        &headers,
+        full(data.clone()),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    assert_eq!(rec.method, "POST");
+    assert_eq!(rec.body_len, data.len() as u64);
+    assert_eq!(rec.body_fnv, fnv.hex());
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    assert_eq!(r.json()["body_len"], data.len() as u64);
+
+    // Chunked, 64 KiB at a time, no Content-Length.
+    let chunks: Vec<Bytes> = data.chunks(64 * 1024).map(Bytes::copy_from_slice).collect();
+    let r = try_send_body(
+        "PUT",
+        &s.gw.url("/upload2"),
+        &headers,
+        chunked(chunks),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    assert_eq!(rec.method, "PUT");
+    assert_eq!(rec.body_len, data.len() as u64);
+    assert_eq!(rec.body_fnv, fnv.hex());
+
+    // Without a session, a POST body never reaches the upstream.
+    let before = s.upstream.count();
+    let r = try_send_body(
+        "POST",
+        &s.gw.url("/upload"),
+        &[("accept", "text/html")],
+        full(Bytes::from_static(b"x=1")),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(s.upstream.count(), before);
+}
+
+#[tokio::test]
+async fn upstream_down_gives_502_and_the_gateway_keeps_serving() {
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, &[]).await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let mut gw = Gateway::start(GatewayOpts::new(port, &idp, &dead)).await;
+    let b = Browser::new();
+    let r = login(&b, &gw, "/app", "alice").await;
+    assert_eq!(r.status, 502, "{}", r.dump());
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    let body = r.text();
+    assert!(body.contains("Bad gateway"), "{body}");
+    assert!(
+        !body.contains("refused") && !body.contains(&dead[7..]),
+        "internal details leaked: {body}"
+    );
+    gw.assert_healthy().await;
+    for _ in 0..3 {
+        let r = b.api_get(&gw.url("/again")).await;
+        assert_eq!(r.status, 502, "{}", r.dump());
+    }
+    // The session and the gateway's own endpoints are unaffected.
+    let me = b.api_get(&gw.url("/oauth2/userinfo")).await;
+    assert_eq!(me.status, 200, "{}", me.dump());
+    assert_eq!(me.json()["sub"], "alice");
+    gw.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn slow_upstream_gives_504_and_the_gateway_keeps_serving() {
+    let mut s = Stack::with(&[], "timeouts: { upstream_response: 1s }").await;
+    let b = s.login("alice").await;
+    let r = b.get(&s.gw.url("/slow")).await;
+    assert_eq!(r.status, 504, "{}", r.dump());
+    assert!(r.text().contains("Gateway timeout"), "{}", r.dump());
+    assert_eq!(
+        s.upstream.last().path,
+        "/slow",
+        "the request did reach the upstream"
+    );
+    s.gw.assert_healthy().await;
+    let r = b.get(&s.gw.url("/fast")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_requests_work() {
+    let s = Stack::start().await;
+    let r = send_h2("GET", &s.gw.url("/healthz"), &[], Vec::new())
+        .await
+        .expect("h2c /healthz");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.version, http::Version::HTTP_2);
+
+    let r = send_h2(
+        "GET",
+        &s.gw.url("/h2"),
+        &[("accept", "application/json")],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401, "{}", r.dump());
+
+    let b = s.login("alice").await;
+    let cookie = b.cookie_header(&s.gw.url("/"));
+    let r = send_h2(
+        "GET",
+        &s.gw.url("/h2/page?q=2"),
+        &[("accept", "application/json"), ("cookie", &cookie)],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.version, http::Version::HTTP_2);
+    let rec = s.upstream.last();
+    assert_eq!(rec.path, "/h2/page");
+    assert_eq!(rec.query.as_deref(), Some("q=2"));
+    assert_eq!(rec.version, "HTTP/1.1");
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    let host = format!("127.0.0.1:{}", s.gw.port);
+    assert_eq!(rec.header("host"), Some(host.as_str()));
+    assert_eq!(rec.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(rec.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert!(rec.header("cookie").is_none());
+
+    // A body over h2.
+    let r = try_send_body(
+        "POST",
+        &s.gw.url("/h2/post"),
+        &[("accept", "application/json"), ("cookie", &cookie)],
+        full(vec![b'z'; 100_000]),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(s.upstream.last().body_len, 100_000);
+}
+
+#[tokio::test]
+async fn http2_requests_get_x_forwarded_host() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let cookie = b.cookie_header(&s.gw.url("/"));
+    // Control: HTTP/1.1 carries it.
+    let r = api(&s, &cookie, "GET", "/h1", &[]).await;
+    assert_eq!(r.status, 200);
+    let host = format!("127.0.0.1:{}", s.gw.port);
+    assert_eq!(
+        s.upstream.last().header("x-forwarded-host"),
+        Some(host.as_str())
+    );
+    let r = send_h2(
+        "GET",
+        &s.gw.url("/h2"),
+        &[("accept", "application/json"), ("cookie", &cookie)],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    assert_eq!(rec.path, "/h2");
+    assert_eq!(
+        rec.header("x-forwarded-host"),
+        Some(host.as_str()),
+        "{rec:#?}"
+    );
+}

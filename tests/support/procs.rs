@@ -1,0 +1,373 @@
+//! Child processes: the test IdP (node) and the gateway binary, killed on drop,
+//! with their output kept in files and shown when a test fails.
+
+use super::{send, START_TIMEOUT};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// A child process killed (and reaped) on drop. Its stdout and stderr go to files in
+/// its own temporary directory; their tails are printed when the test is failing.
+pub struct Proc {
+    name: String,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, dir: tempfile::TempDir) -> Proc {
+        let out = File::create(dir.path().join("stdout")).expect("stdout file");
+        let err = File::create(dir.path().join("stderr")).expect("stderr file");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            dir,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last lines of both outputs, for failure messages.
+    pub fn tails(&self) -> String {
+        fn tail(s: &str, n: usize) -> String {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        format!(
+            "---- {} (pid {}) stdout tail ----\n{}\n---- {} stderr tail ----\n{}\n",
+            self.name,
+            self.child.id(),
+            tail(&self.stdout(), 40),
+            self.name,
+            tail(&self.stderr(), 40)
+        )
+    }
+
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("{}", self.tails());
+        }
+    }
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The test OpenID provider, `node tests/js/idp.mjs`.
+pub struct Idp {
+    pub port: u16,
+    proc: Proc,
+}
+
+impl Idp {
+    /// Starts the IdP with the given environment (added to the defaults) and waits
+    /// for its `READY` line. Retries on another port if the port was taken.
+    pub async fn start(env: &[(&str, &str)]) -> Idp {
+        let js = repo().join("tests/js");
+        assert!(
+            js.join("node_modules/oidc-provider").is_dir(),
+            "tests/js/node_modules is missing: run `make deps-node` (or `npm ci` in tests/js)"
+        );
+        let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_string());
+        let mut last = String::new();
+        for _attempt in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new(&node);
+            cmd.arg(js.join("idp.mjs")).current_dir(&js);
+            for (k, _) in std::env::vars() {
+                if k.starts_with("IDP_") {
+                    cmd.env_remove(k);
+                }
+            }
+            cmd.env("IDP_PORT", port.to_string());
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let dir = tempfile::Builder::new()
+                .prefix("portcullis-idp-")
+                .tempdir()
+                .expect("tempdir");
+            let mut proc = Proc::spawn("idp", cmd, dir);
+            let t0 = Instant::now();
+            loop {
+                if proc.stdout().lines().any(|l| l.starts_with("READY ")) {
+                    return Idp { port, proc };
+                }
+                if let Some(st) = proc.exited() {
+                    last = format!("idp exited with {st}\n{}", proc.tails());
+                    break;
+                }
+                if t0.elapsed() > START_TIMEOUT {
+                    panic!("idp not READY after {START_TIMEOUT:?}\n{}", proc.tails());
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            // Port taken between free_port() and node's listen(): try another.
+            if !last.contains("EADDRINUSE") {
+                break;
+            }
+        }
+        panic!("cannot start the idp: {last}");
+    }
+
+    /// An IdP whose client accepts the callback of a gateway on `gw_port`.
+    pub async fn start_for_gateway(gw_port: u16, env: &[(&str, &str)]) -> Idp {
+        let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
+        let mut all: Vec<(&str, &str)> = vec![("IDP_REDIRECT_URIS", redirect.as_str())];
+        all.extend_from_slice(env);
+        Idp::start(&all).await
+    }
+
+    pub fn issuer(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.issuer())
+    }
+
+    /// The `REQ ...` lines logged so far (one per request the IdP served).
+    pub fn requests(&self) -> Vec<String> {
+        self.proc
+            .stdout()
+            .lines()
+            .filter(|l| l.starts_with("REQ "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// How many requests the IdP served.
+    pub fn request_count(&self) -> usize {
+        self.requests().len()
+    }
+
+    /// How many token endpoint requests (code exchanges, refreshes) the IdP served.
+    pub fn token_requests(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|l| l.contains(" POST /token "))
+            .count()
+    }
+
+    pub fn tails(&self) -> String {
+        self.proc.tails()
+    }
+}
+
+/// The admin listener (`/metrics`) defaults to the fixed 127.0.0.1:9090, which
+/// parallel gateways cannot share: the tests turn it off.
+pub const ADMIN_YAML: &str = "admin: { listen: \"\" }";
+
+/// What goes into the gateway's YAML file (and its environment).
+#[derive(Clone, Debug)]
+pub struct GatewayOpts {
+    pub port: u16,
+    pub issuer: String,
+    pub upstream: String,
+    /// Left out of the file when empty.
+    pub client_secret: String,
+    /// `cookie.secrets`; left out of the file when empty.
+    pub secrets: Vec<String>,
+    /// Extra lines of the `provider:` mapping, e.g. `client_secret_file: "/x"`.
+    pub provider_extra: Vec<String>,
+    /// Extra lines of the `cookie:` mapping.
+    pub cookie_extra: Vec<String>,
+    /// Extra top-level YAML (must not repeat the keys written here).
+    pub extra: String,
+    /// Environment variables for the gateway process.
+    pub env: Vec<(String, String)>,
+}
+
+impl GatewayOpts {
+    pub fn new(port: u16, idp: &Idp, upstream: &str) -> GatewayOpts {
+        GatewayOpts {
+            port,
+            issuer: idp.issuer(),
+            upstream: upstream.to_string(),
+            client_secret: super::CLIENT_SECRET.to_string(),
+            secrets: vec![super::key(1)],
+            provider_extra: Vec::new(),
+            cookie_extra: Vec::new(),
+            extra: String::new(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut y = String::new();
+        y.push_str(&format!("listen: \"127.0.0.1:{}\"\n", self.port));
+        y.push_str(&format!("upstream: \"{}\"\n", self.upstream));
+        y.push_str("provider:\n");
+        y.push_str(&format!("  issuer_url: \"{}\"\n", self.issuer));
+        y.push_str(&format!("  client_id: \"{}\"\n", super::CLIENT_ID));
+        if !self.client_secret.is_empty() {
+            y.push_str(&format!("  client_secret: \"{}\"\n", self.client_secret));
+        }
+        y.push_str("  scopes: [\"openid\", \"email\", \"profile\", \"offline_access\"]\n");
+        for l in &self.provider_extra {
+            y.push_str(&format!("  {l}\n"));
+        }
+        y.push_str(&format!(
+            "redirect_url: \"http://127.0.0.1:{}/oauth2/callback\"\n",
+            self.port
+        ));
+        y.push_str("cookie:\n");
+        if !self.secrets.is_empty() {
+            let secrets: Vec<String> = self.secrets.iter().map(|s| format!("\"{s}\"")).collect();
+            y.push_str(&format!("  secrets: [{}]\n", secrets.join(", ")));
+        }
+        y.push_str("  secure: false\n");
+        for l in &self.cookie_extra {
+            y.push_str(&format!("  {l}\n"));
+        }
+        y.push_str("log: { level: \"portcullis=debug,info\" }\n");
+        y.push_str(ADMIN_YAML);
+        y.push('\n');
+        y.push_str(&self.extra);
+        y.push('\n');
+        y
+    }
+}
+
+/// The gateway binary under test, running `--config` on a generated file.
+pub struct Gateway {
+    pub port: u16,
+    pub opts: GatewayOpts,
+    proc: Proc,
+}
+
+/// The binary built by cargo for these tests.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_portcullis")
+}
+
+/// A `Command` for the gateway binary without any inherited configuration variables.
+pub fn gateway_command() -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.env("NO_COLOR", "1");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PORTCULLIS_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+impl Gateway {
+    /// Writes the config, starts the gateway and waits until `/readyz` answers 200.
+    pub async fn start(opts: GatewayOpts) -> Gateway {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-gw-")
+            .tempdir()
+            .expect("tempdir");
+        let cfg = dir.path().join("portcullis.yaml");
+        std::fs::write(&cfg, opts.yaml()).expect("write config");
+        let mut cmd = gateway_command();
+        cmd.arg("--config").arg(&cfg);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut proc = Proc::spawn("gateway", cmd, dir);
+        let t0 = Instant::now();
+        let ready = format!("http://127.0.0.1:{}/readyz", opts.port);
+        loop {
+            if let Some(st) = proc.exited() {
+                panic!(
+                    "gateway exited with {st} before ready\nconfig:\n{}\n{}",
+                    opts.yaml(),
+                    proc.tails()
+                );
+            }
+            if let Ok(r) = super::try_send("GET", &ready, &[], Vec::new()).await {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            if t0.elapsed() > START_TIMEOUT {
+                panic!(
+                    "gateway not ready after {START_TIMEOUT:?}\nconfig:\n{}\n{}",
+                    opts.yaml(),
+                    proc.tails()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Gateway {
+            port: opts.port,
+            opts,
+            proc,
+        }
+    }
+
+    pub fn origin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.origin())
+    }
+
+    /// Is the process still running?
+    pub fn alive(&mut self) -> bool {
+        self.proc.exited().is_none()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.proc.stderr()
+    }
+
+    pub fn tails(&self) -> String {
+        self.proc.tails()
+    }
+
+    /// Asserts the gateway answers `/healthz` with 200 (it kept serving).
+    pub async fn assert_healthy(&mut self) {
+        assert!(self.alive(), "gateway died\n{}", self.tails());
+        let r = send("GET", &self.url("/healthz"), &[], Vec::new()).await;
+        assert_eq!(r.status, 200, "healthz: {}", r.dump());
+        assert_eq!(r.text(), "ok\n");
+    }
+}
