@@ -29,7 +29,7 @@ fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
 }
 
 /// Serves the admin endpoints until the process exits.
-pub async fn serve(app: Arc<App>, listener: TcpListener) {
+pub async fn serve(live: crate::live::Live, listener: TcpListener) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -45,11 +45,11 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
                 continue;
             }
         };
-        let app = app.clone();
+        let live = live.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = handle(&app, &req);
+                let resp = handle(&live.load().app, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;

@@ -8,21 +8,50 @@ use crate::session::SessionCookies;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// What outlives a configuration reload: counters, in-flight refreshes, spent states.
+#[derive(Clone)]
+pub struct Shared {
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set on SIGTERM: readiness turns false while connections drain.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    pub used_states: Arc<UsedStates>,
+    pub refresher: Arc<crate::refresh::Refresher>,
+    pub revocations: Arc<crate::session::revocation::Revocations>,
+    pub request_id_prefix: Arc<str>,
+}
+
+impl Shared {
+    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        let prefix: String = crate::session::crypto::random_bytes::<4>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Self {
+            metrics,
+            draining: Arc::default(),
+            used_states: Arc::default(),
+            refresher: Arc::default(),
+            revocations: Arc::default(),
+            request_id_prefix: prefix.into(),
+        }
+    }
+}
+
+/// Everything a request needs, built from one configuration (rebuilt on reload).
 pub struct App {
     pub cfg: Arc<Config>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Set on SIGTERM: readiness turns false while connections drain.
-    pub draining: std::sync::atomic::AtomicBool,
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     pub cookies: SessionCookies,
     pub provider: Arc<Provider>,
     pub upstream: HttpClient,
     pub spoofable: Spoofable,
-    pub used_states: UsedStates,
-    pub refresher: crate::refresh::Refresher,
+    pub used_states: Arc<UsedStates>,
+    pub refresher: Arc<crate::refresh::Refresher>,
     /// Redis for sessions and/or coordination, when configured.
     pub redis: Option<Arc<crate::store::Redis>>,
     pub revocations: Arc<crate::session::revocation::Revocations>,
-    pub request_id_prefix: String,
+    pub request_id_prefix: Arc<str>,
 }
 
 impl App {
@@ -30,7 +59,7 @@ impl App {
         cfg: Arc<Config>,
         provider: Arc<Provider>,
         upstream: HttpClient,
-        metrics: Arc<crate::metrics::Metrics>,
+        shared: &Shared,
         redis: Option<Arc<crate::store::Redis>>,
     ) -> Self {
         let cookies = SessionCookies::new(
@@ -39,22 +68,18 @@ impl App {
             cfg.limits.max_cookie_chunks,
             CALLBACK_PATH,
         );
-        let prefix: String = crate::session::crypto::random_bytes::<4>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
         Self {
             spoofable: Spoofable::new(&cfg.headers),
             cookies,
             provider,
             upstream,
-            used_states: UsedStates::default(),
-            refresher: crate::refresh::Refresher::default(),
+            used_states: shared.used_states.clone(),
+            refresher: shared.refresher.clone(),
             redis,
-            revocations: Arc::default(),
-            request_id_prefix: prefix,
-            metrics,
-            draining: std::sync::atomic::AtomicBool::new(false),
+            revocations: shared.revocations.clone(),
+            request_id_prefix: shared.request_id_prefix.clone(),
+            metrics: shared.metrics.clone(),
+            draining: shared.draining.clone(),
             cfg,
         }
     }

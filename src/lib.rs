@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod flow;
+pub mod live;
 pub mod metrics;
 pub mod oidc;
 pub mod pages;
@@ -38,25 +39,11 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// Builds everything from the config and serves until SIGTERM/SIGINT.
-pub async fn run(cfg: Config) -> Result<(), StartError> {
+/// Builds everything from the config and serves until SIGTERM/SIGINT. With `config_path`,
+/// the configuration is reloaded on SIGHUP and when its files change.
+pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
-    let metrics = Arc::new(metrics::Metrics::new()?);
-    let client = proxy::client::build(&proxy::client::ClientOptions {
-        connect_timeout: cfg.timeouts.upstream_connect,
-        idle_timeout: cfg.timeouts.idle,
-        max_idle_per_host: 1024,
-    })
-    .map_err(StartError::Client)?;
-    let provider = Arc::new(oidc::Provider::new(
-        &cfg,
-        oidc::http::ProviderHttp {
-            client: client.clone(),
-            timeout: cfg.timeouts.provider,
-            metrics: metrics.clone(),
-        },
-    ));
-    tokio::spawn(provider.clone().discover_until_ready());
+    let shared = app::Shared::new(Arc::new(metrics::Metrics::new()?));
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -71,41 +58,32 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         ),
         None => None,
     };
-    tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
-    let redis = match &cfg.session.redis {
-        Some(rc) => Some(Arc::new(store::Redis::new(rc).map_err(StartError::Redis)?)),
-        None => {
-            tracing::warn!("back-channel logout is unavailable: it needs session.store: redis or session.coordination.redis_url");
-            None
-        }
-    };
-    let app = Arc::new(app::App::new(
+    let live: live::Live = Arc::new(arc_swap::ArcSwap::from_pointee(live::build(
         cfg.clone(),
-        provider,
-        client,
-        metrics,
-        redis.clone(),
-    ));
-    if let Some(r) = redis {
-        tokio::spawn(r.clone().watch_health());
-        tokio::spawn(app.revocations.clone().sync(r, cfg.session.lifetime));
-    }
+        &shared,
+        None,
+    )?));
+    tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
     if let Some(l) = admin {
-        tokio::spawn(admin::serve(app.clone(), l));
+        tokio::spawn(admin::serve(live.clone(), l));
+    }
+    if let Some(path) = config_path {
+        tokio::spawn(live::watch(path, live.clone(), shared.clone()));
     }
     // SIGTERM: fail readiness at once, keep accepting for shutdown_delay (so endpoints are
     // removed first), then stop accepting and drain.
     let draining = {
-        let app = app.clone();
+        let live = live.clone();
+        let flag = shared.draining.clone();
         async move {
             shutdown_signal().await;
-            app.draining
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(delay = ?app.cfg.shutdown_delay, "not ready; closing the listener after the delay");
-            tokio::time::sleep(app.cfg.shutdown_delay).await;
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            let delay = live.load().app.cfg.shutdown_delay;
+            tracing::info!(?delay, "not ready; closing the listener after the delay");
+            tokio::time::sleep(delay).await;
         }
     };
-    server::serve(app, listener, draining).await;
+    server::serve(live, listener, draining).await;
     Ok(())
 }
 

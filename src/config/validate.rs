@@ -34,6 +34,8 @@ pub struct Config {
     /// Only from these are X-Forwarded-* and the original URI honoured.
     pub trusted_proxies: Vec<crate::policy::cidr::Cidr>,
     pub forward_auth: ForwardAuthConfig,
+    /// Secret files this config was read from (watched for hot reload).
+    pub watched_files: Vec<std::path::PathBuf>,
 }
 
 /// Response headers of `GET /oauth2/auth`.
@@ -107,7 +109,7 @@ pub enum StoreKind {
     Redis,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     pub url: String,
     pub password: Option<Secret>,
@@ -635,6 +637,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         shutdown_delay: raw.lifecycle.shutdown_delay,
         trusted_proxies,
         forward_auth,
+        watched_files: [
+            &p.client_secret_file,
+            &ck.secrets_file,
+            &raw.session.redis.password_file,
+        ]
+        .into_iter()
+        .filter(|f| !f.is_empty())
+        .map(std::path::PathBuf::from)
+        .collect(),
     })
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientOptions {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,

@@ -1,8 +1,7 @@
 //! The listener: accept loop, per-connection hyper (h1/h2), graceful shutdown.
 
-use crate::app::App;
+use crate::live::Live;
 use crate::proxy::forward::ConnInfo;
-use crate::stack;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -13,12 +12,14 @@ use tokio::sync::Semaphore;
 use tower::Service;
 
 /// Serves until `shutdown` resolves, then drains connections for up to `timeouts.shutdown`.
+/// Connection-level settings (limits, timeouts) come from the config at start-up.
 pub async fn serve(
-    app: Arc<App>,
+    live: Live,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let cfg = app.cfg.clone();
+    let cfg = live.load().app.cfg.clone();
+    let metrics = live.load().app.metrics.clone();
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -32,7 +33,6 @@ pub async fn serve(
         .max_header_list_size(cfg.limits.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    let service = stack::build(app.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(cfg.limits.max_connections));
     tokio::pin!(shutdown);
@@ -55,17 +55,18 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let info = ConnInfo { remote, tls: false };
-        let svc = service.clone();
+        let live = live.clone();
         let hyper_svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             req.extensions_mut().insert(info);
-            let mut svc = svc.clone();
+            // The current generation: a config reload applies to the very next request.
+            let mut svc = live.load().stack.clone();
             svc.call(req)
         });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc)
             .into_owned();
         let conn = graceful.watch(conn);
-        let connections = app.metrics.connections.clone();
+        let connections = metrics.connections.clone();
         connections.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -1,0 +1,158 @@
+//! The running configuration and its hot reload. A generation is everything built from one
+//! config; the listeners read the current one per request, so a reload is one atomic swap.
+//! Reload on SIGHUP and whenever the config file or a secret file it names changes (checked
+//! by content every second, which also catches Kubernetes' `..data` symlink swaps).
+
+use crate::app::{App, Shared};
+use crate::config::{self, Config};
+use crate::oidc::{http::ProviderHttp, Provider};
+use crate::stack::{self, Gateway};
+use crate::store::Redis;
+use crate::{proxy, StartError};
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Generation {
+    pub app: Arc<App>,
+    pub stack: Gateway,
+}
+
+pub type Live = Arc<ArcSwap<Generation>>;
+
+fn client_options(cfg: &Config) -> proxy::client::ClientOptions {
+    proxy::client::ClientOptions {
+        connect_timeout: cfg.timeouts.upstream_connect,
+        idle_timeout: cfg.timeouts.idle,
+        max_idle_per_host: 1024,
+    }
+}
+
+/// Builds a generation, reusing from `prev` what still fits (connection pools, the discovered
+/// provider, the Redis connection) so a reload costs no cold start.
+pub fn build(
+    cfg: Arc<Config>,
+    shared: &Shared,
+    prev: Option<&App>,
+) -> Result<Generation, StartError> {
+    let client = match prev {
+        Some(p) if client_options(&p.cfg) == client_options(&cfg) => p.upstream.clone(),
+        _ => proxy::client::build(&client_options(&cfg)).map_err(StartError::Client)?,
+    };
+    let provider = Arc::new(Provider::new(
+        &cfg,
+        ProviderHttp {
+            client: client.clone(),
+            timeout: cfg.timeouts.provider,
+            metrics: shared.metrics.clone(),
+        },
+    ));
+    let adopted = prev.is_some_and(|p| provider.adopt(&p.provider));
+    if !adopted {
+        tokio::spawn(provider.clone().discover_until_ready());
+    }
+    let redis = match (&cfg.session.redis, prev) {
+        (Some(rc), Some(p)) if p.cfg.session.redis.as_ref() == Some(rc) => p.redis.clone(),
+        (Some(rc), _) => {
+            let r = Arc::new(Redis::new(rc).map_err(StartError::Redis)?);
+            tokio::spawn(r.clone().watch_health());
+            tokio::spawn(
+                shared
+                    .revocations
+                    .clone()
+                    .sync(r.clone(), cfg.session.lifetime),
+            );
+            Some(r)
+        }
+        (None, _) => None,
+    };
+    if redis.is_none() && prev.is_none_or(|p| p.redis.is_some()) {
+        tracing::warn!("back-channel logout is unavailable: it needs session.store: redis or session.coordination.redis_url");
+    }
+    let app = Arc::new(App::new(cfg, provider, client, shared, redis));
+    Ok(Generation {
+        stack: stack::build(app.clone()),
+        app,
+    })
+}
+
+/// A digest of the config file and every secret file it names.
+fn fingerprint(path: &Path, files: &[PathBuf]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for f in std::iter::once(path).chain(files.iter().map(PathBuf::as_path)) {
+        h.update(f.as_os_str().as_encoded_bytes());
+        match std::fs::read(f) {
+            Ok(bytes) => h.update(&bytes),
+            Err(_) => h.update(b"\0missing"),
+        }
+    }
+    h.finalize().into()
+}
+
+/// Watches for SIGHUP and file changes, forever.
+pub async fn watch(path: PathBuf, live: Live, shared: Shared) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut last = fingerprint(&path, &live.load().app.cfg.watched_files);
+    loop {
+        let forced = {
+            #[cfg(unix)]
+            {
+                let hup_recv = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = hup_recv => true,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                false
+            }
+        };
+        let now = fingerprint(&path, &live.load().app.cfg.watched_files);
+        if !forced && now == last {
+            continue;
+        }
+        reload(&path, &live, &shared);
+        // Secret files named by the new config may differ from the old ones.
+        last = fingerprint(&path, &live.load().app.cfg.watched_files);
+    }
+}
+
+fn reload(path: &Path, live: &Live, shared: &Shared) {
+    let result = |r: &str| shared.metrics.config_reloads.with_label_values(&[r]).inc();
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!(error = %e, "config reload rejected; the previous config keeps serving");
+            }
+            result("failure");
+            return;
+        }
+    };
+    let current = live.load_full();
+    let old = &current.app.cfg;
+    if cfg.listen != old.listen || cfg.admin_listen != old.admin_listen {
+        tracing::warn!("listen and admin.listen changes take effect only after a restart");
+    }
+    match build(Arc::new(cfg), shared, Some(&current.app)) {
+        Ok(next) => {
+            live.store(Arc::new(next));
+            tracing::info!("config reloaded");
+            result("success");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "config reload failed; the previous config keeps serving");
+            result("failure");
+        }
+    }
+}
