@@ -5,7 +5,10 @@ use crate::app::App;
 use crate::body::Body;
 use crate::flow;
 use crate::metrics::{ResponseFacts, RouteKind};
+use crate::pages;
+use crate::policy::routes::{host_only, Route};
 use crate::proxy::headers::valid_request_id;
+use crate::proxy::path::{normalize, PathError};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use std::convert::Infallible;
@@ -137,8 +140,19 @@ where
         self.routes.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         use futures_util::future::Either;
+        // One normalised path for everything after this point, the upstream included.
+        if let Err(e) = normalize_uri(&mut req) {
+            tracing::debug!(error = %e, "ambiguous request path refused");
+            let resp = pages::html(
+                http::StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The request path is ambiguous.",
+                "",
+            );
+            return Either::Right(Box::pin(std::future::ready(Ok(resp))));
+        }
         if flow::is_flow_path(req.uri().path()) {
             let app = self.app.clone();
             Either::Right(Box::pin(async move {
@@ -155,7 +169,53 @@ where
                 Ok(resp)
             }))
         } else {
+            let host = request_host(&req);
+            let matched = self
+                .app
+                .cfg
+                .routes
+                .iter()
+                .position(|r| r.matches(req.method(), host, req.uri().path()));
+            if let Some(i) = matched {
+                req.extensions_mut().insert(RouteIdx(i));
+            }
             Either::Left(self.routes.call(req))
         }
     }
+}
+
+/// Which configured route matched (index into `routes`); absent: the default (login).
+#[derive(Debug, Clone, Copy)]
+pub struct RouteIdx(pub usize);
+
+impl App {
+    pub fn route_of<B>(&self, req: &Request<B>) -> Option<&Route> {
+        req.extensions()
+            .get::<RouteIdx>()
+            .and_then(|i| self.cfg.routes.get(i.0))
+    }
+}
+
+/// The request's host (Host header, or the HTTP/2 authority), without the port.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .map(host_only)
+}
+
+fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), PathError> {
+    let normalized = match normalize(req.uri().path())? {
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Owned(p) => p,
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(pq.parse().map_err(|_| PathError::ForbiddenChar)?);
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| PathError::ForbiddenChar)?;
+    Ok(())
 }

@@ -22,6 +22,9 @@ pub struct RawConfig {
     pub lifecycle: RawLifecycle,
     pub trusted_proxies: Vec<String>,
     pub forward_auth: RawForwardAuth,
+    pub routes: Vec<RawRoute>,
+    pub authorization: RawAuthorization,
+    pub allowed_redirect_domains: Vec<String>,
 }
 
 impl Default for RawConfig {
@@ -42,6 +45,9 @@ impl Default for RawConfig {
             lifecycle: RawLifecycle::default(),
             trusted_proxies: Vec::new(),
             forward_auth: RawForwardAuth::default(),
+            routes: Vec::new(),
+            authorization: RawAuthorization::default(),
+            allowed_redirect_domains: Vec::new(),
         }
     }
 }
@@ -303,6 +309,64 @@ impl Default for RawForwardAuth {
             preferred_username: "X-Auth-Request-Preferred-Username".into(),
             access_token: "X-Auth-Request-Access-Token".into(),
             pass_access_token: true,
+        }
+    }
+}
+
+/// One entry of `routes` (ordered; the first match wins).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRoute {
+    /// Regular expression, anchored at the start of the normalised path.
+    pub path: Option<String>,
+    /// Literal prefix of the normalised path.
+    pub prefix: Option<String>,
+    pub methods: Vec<String>,
+    pub host: Option<String>,
+    /// skip | api | login
+    pub auth: Option<String>,
+    pub upstream: Option<String>,
+    pub allow: Option<RawAllow>,
+    pub timeouts: Option<RawRouteTimeouts>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRouteTimeouts {
+    #[serde(with = "humantime_serde")]
+    pub upstream_response: Option<Duration>,
+}
+
+/// Who may pass: any match of any list (all empty: every authenticated user).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAllow {
+    #[serde(alias = "emails")]
+    pub allowed_emails: Vec<String>,
+    #[serde(alias = "email_domains")]
+    pub allowed_email_domains: Vec<String>,
+    #[serde(alias = "groups")]
+    pub allowed_groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuthorization {
+    pub allowed_emails: Vec<String>,
+    pub allowed_email_domains: Vec<String>,
+    pub allowed_groups: Vec<String>,
+    pub groups_claim: String,
+    pub require_email_verified: bool,
+}
+
+impl Default for RawAuthorization {
+    fn default() -> Self {
+        Self {
+            allowed_emails: Vec::new(),
+            allowed_email_domains: Vec::new(),
+            allowed_groups: Vec::new(),
+            groups_claim: "groups".into(),
+            require_email_verified: true,
         }
     }
 }

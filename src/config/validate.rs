@@ -36,6 +36,10 @@ pub struct Config {
     pub forward_auth: ForwardAuthConfig,
     /// Secret files this config was read from (watched for hot reload).
     pub watched_files: Vec<std::path::PathBuf>,
+    pub routes: Vec<crate::policy::routes::Route>,
+    pub authorization: crate::policy::routes::Authorization,
+    /// Hosts (exact, or `.suffix`) that redirect targets may point to besides this one.
+    pub allowed_redirect_domains: Vec<String>,
 }
 
 /// Response headers of `GET /oauth2/auth`.
@@ -200,6 +204,34 @@ fn parse_url(c: &mut Collector, key: &str, text: &str) -> Option<Url> {
     }
 }
 
+/// An upstream base URL: http(s), a host, an optional path prefix, nothing else.
+pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
+    let u = Url::parse(text).map_err(|e| format!("`{text}` is not a valid URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err(format!("`{text}` is not an http(s) URL with a host"));
+    }
+    if u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() {
+        return Err("must not have credentials, a query or a fragment".into());
+    }
+    let scheme = http::uri::Scheme::try_from(u.scheme()).map_err(|e| e.to_string())?;
+    let host = match u.host() {
+        Some(url::Host::Ipv6(a)) => format!("[{a}]"),
+        Some(h) => h.to_string(),
+        None => return Err("has no host".into()),
+    };
+    let authority = match u.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    };
+    let authority =
+        http::uri::Authority::try_from(authority.as_str()).map_err(|e| e.to_string())?;
+    Ok(UpstreamConfig {
+        scheme,
+        authority,
+        path_prefix: u.path().trim_end_matches('/').to_string(),
+    })
+}
+
 fn header_name(c: &mut Collector, key: &str, text: &str) -> HeaderName {
     HeaderName::from_bytes(text.as_bytes()).unwrap_or_else(|_| {
         c.err(key, format!("`{text}` is not a valid header name"));
@@ -228,28 +260,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         SocketAddr::from(([127, 0, 0, 1], 4180))
     });
 
-    let upstream = parse_url(&mut c, "upstream", &raw.upstream).and_then(|u| {
-        if u.query().is_some() || u.fragment().is_some() {
-            c.err("upstream", "must not have a query or fragment");
-            return None;
-        }
-        let scheme = http::uri::Scheme::try_from(u.scheme()).ok()?;
-        let host = match u.host() {
-            Some(url::Host::Ipv6(a)) => format!("[{a}]"),
-            Some(h) => h.to_string(),
-            None => return None,
-        };
-        let authority = match u.port() {
-            Some(p) => format!("{host}:{p}"),
-            None => host,
-        };
-        let authority = http::uri::Authority::try_from(authority.as_str()).ok()?;
-        Some(UpstreamConfig {
-            scheme,
-            authority,
-            path_prefix: u.path().trim_end_matches('/').to_string(),
-        })
-    });
+    let upstream = if raw.upstream.is_empty() {
+        c.err("upstream", "is required");
+        None
+    } else {
+        parse_upstream(&raw.upstream)
+            .map_err(|m| c.err("upstream", m))
+            .ok()
+    };
 
     let admin_listen = if raw.admin.listen.is_empty() {
         None
@@ -543,6 +561,35 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         pass_access_token: fa.pass_access_token,
     };
 
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        match crate::policy::routes::build_route(r, parse_upstream) {
+            Ok(route) => routes.push(route),
+            Err((k, m)) => c.err(&format!("routes[{i}].{k}"), m),
+        }
+    }
+    let authorization = crate::policy::routes::build_authorization(&raw.authorization);
+    if authorization.groups_claim.is_empty() {
+        c.err("authorization.groups_claim", "must not be empty");
+    }
+    let mut allowed_redirect_domains = Vec::new();
+    for (i, d) in raw.allowed_redirect_domains.iter().enumerate() {
+        let d = d.trim().to_ascii_lowercase();
+        let bare = d.strip_prefix('.').unwrap_or(&d);
+        let valid = !bare.is_empty()
+            && bare.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if valid {
+            allowed_redirect_domains.push(d);
+        } else {
+            c.err(
+                &format!("allowed_redirect_domains[{i}]"),
+                "must be a host name like app.example.com or .example.com",
+            );
+        }
+    }
+
     let t = &raw.timeouts;
     let timeouts = Timeouts {
         upstream_connect: positive(&mut c, "timeouts.upstream_connect", t.upstream_connect),
@@ -646,6 +693,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         .filter(|f| !f.is_empty())
         .map(std::path::PathBuf::from)
         .collect(),
+        routes,
+        authorization,
+        allowed_redirect_domains,
     })
 }
 

@@ -194,7 +194,12 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
         .login_flows
         .with_label_values(&["completed", ""])
         .inc();
-    let mut resp = pages::redirect(&redirect::or_root(Some(&flow.return_to)));
+    let target = redirect::or_root_with(
+        Some(&flow.return_to),
+        &app.cfg.public_origin,
+        &app.cfg.allowed_redirect_domains,
+    );
+    let mut resp = pages::redirect(&target);
     let h = resp.headers_mut();
     for v in lines {
         h.append(SET_COOKIE, v);

@@ -7,6 +7,10 @@ use crate::body::Body;
 use crate::config::ForwardAuthConfig;
 use crate::error::GatewayError;
 use crate::pages;
+use crate::policy::cidr::trusted;
+use crate::policy::routes::{host_only, AuthMode, Denied, Route};
+use crate::proxy::forward::ConnInfo;
+use crate::proxy::path::normalize;
 use crate::refresh::{ensure_fresh, Fresh};
 use crate::session::store::Loaded;
 use crate::session::{now_secs, CookieJar, Session};
@@ -52,7 +56,42 @@ fn unauthorized(app: &App, jar: &CookieJar<'_>, clear: bool) -> Response<Body> {
     resp
 }
 
+/// The route the original request would take — known only when a trusted proxy says which
+/// URI it was (`X-Original-URL` from ingress-nginx, `X-Forwarded-Uri` from Traefik); a
+/// client anywhere else cannot choose it.
+fn original_route<'a>(app: &'a App, req: &Request<Incoming>) -> Option<&'a Route> {
+    let peer = req.extensions().get::<ConnInfo>()?;
+    if !trusted(&app.cfg.trusted_proxies, peer.remote.ip()) {
+        return None;
+    }
+    let h = req.headers();
+    let raw = h
+        .get("x-original-url")
+        .or_else(|| h.get("x-forwarded-uri"))
+        .and_then(|v| v.to_str().ok())?;
+    let uri: http::Uri = raw.parse().ok()?;
+    let path = normalize(uri.path()).ok()?;
+    let method = h
+        .get("x-forwarded-method")
+        .or_else(|| h.get("x-original-method"))
+        .and_then(|v| http::Method::from_bytes(v.as_bytes()).ok())
+        .unwrap_or(http::Method::GET);
+    let host = uri.authority().map(|a| host_only(a.as_str())).or_else(|| {
+        h.get("x-forwarded-host")
+            .and_then(|v| v.to_str().ok())
+            .map(host_only)
+    });
+    app.cfg
+        .routes
+        .iter()
+        .find(|r| r.matches(&method, host, &path))
+}
+
 pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    let route = original_route(app, req);
+    if route.is_some_and(|r| r.auth == AuthMode::Skip) {
+        return pages::text(StatusCode::ACCEPTED, "");
+    }
     let jar = CookieJar::parse(req.headers());
     let now = now_secs();
     let session = match app.load_session(&jar).await {
@@ -78,6 +117,19 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
         }
         Fresh::Ended => return unauthorized(app, &jar, true),
     };
+    if let Err(Denied(why)) = app
+        .cfg
+        .authorization
+        .check(&session.identity, route.and_then(|r| r.allow.as_ref()))
+    {
+        tracing::info!(reason = why, "authenticated user denied");
+        return pages::html(
+            StatusCode::FORBIDDEN,
+            "Access denied",
+            &format!("You are signed in, but {why}."),
+            "",
+        );
+    }
     let mut resp = pages::text(StatusCode::ACCEPTED, "");
     let h = resp.headers_mut();
     identity_headers(

@@ -31,7 +31,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         ("/oauth2/start", &Method::GET) => {
             let rd = query_param(req.uri().query(), "rd");
             let jar = CookieJar::parse(req.headers());
-            start_login(&app, &redirect::or_root(rd.as_deref()), &jar)
+            let target = redirect::or_root_with(
+                rd.as_deref(),
+                &app.cfg.public_origin,
+                &app.cfg.allowed_redirect_domains,
+            );
+            start_login(&app, &target, &jar)
         }
         ("/oauth2/callback", &Method::GET) => callback::handle(&app, &req).await,
         ("/oauth2/sign_out", &Method::GET) => sign_out::page(&app, &req).await,

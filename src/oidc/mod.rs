@@ -118,6 +118,7 @@ pub struct Provider {
     scopes: Vec<Scope>,
     auth_method: TokenAuthMethod,
     clock_skew: Duration,
+    groups_claim: String,
     http: ProviderHttp,
     discovered: ArcSwapOption<Discovered>,
     keys: ArcSwap<KeySet>,
@@ -150,6 +151,7 @@ impl Provider {
                 .collect(),
             auth_method: cfg.provider.token_auth_method,
             clock_skew: cfg.provider.clock_skew,
+            groups_claim: cfg.authorization.groups_claim.clone(),
             http,
             discovered: ArcSwapOption::empty(),
             keys: ArcSwap::from_pointee(KeySet::default()),
@@ -420,7 +422,7 @@ impl Provider {
             client_id: &self.client_id,
             nonce,
             clock_skew: self.clock_skew,
-            groups_claim: "groups",
+            groups_claim: &self.groups_claim,
             now: crate::session::now_secs(),
         };
         match idtoken::validate(token, &self.keys.load(), &exp) {

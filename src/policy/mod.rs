@@ -1,6 +1,9 @@
 //! Who must log in, and how an unauthenticated request is answered.
 
 pub mod cidr;
+pub mod routes;
+
+use routes::{AuthMode, Authorization, Denied, Rules};
 
 use crate::app::App;
 use crate::body::Body;
@@ -24,6 +27,8 @@ pub enum Decision {
     Login,
     /// Anything else without a session: 401, never a redirect.
     Unauthorized,
+    /// Logged in, but not allowed here: 403 with the reason.
+    Forbidden(Denied),
 }
 
 /// Is this a top-level browser navigation (the kind that may be redirected to a login page)?
@@ -44,11 +49,23 @@ pub fn is_browser_navigation(method: &Method, h: &HeaderMap) -> bool {
         .any(|v| v.contains("text/html"))
 }
 
-pub fn decide(method: &Method, h: &HeaderMap, session: Option<&Session>) -> Decision {
-    match session {
-        Some(_) => Decision::Forward,
-        None if is_browser_navigation(method, h) => Decision::Login,
-        None => Decision::Unauthorized,
+/// The whole policy for an app route, as a plain function.
+pub fn decide(
+    method: &Method,
+    h: &HeaderMap,
+    mode: AuthMode,
+    session: Option<&Session>,
+    authz: &Authorization,
+    route_rules: Option<&Rules>,
+) -> Decision {
+    match (mode, session) {
+        (AuthMode::Skip, _) => Decision::Forward,
+        (_, Some(s)) => match authz.check(&s.identity, route_rules) {
+            Ok(()) => Decision::Forward,
+            Err(d) => Decision::Forbidden(d),
+        },
+        (AuthMode::Login, None) if is_browser_navigation(method, h) => Decision::Login,
+        (_, None) => Decision::Unauthorized,
     }
 }
 
@@ -103,7 +120,17 @@ where
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         use futures_util::future::Either;
         let session = req.extensions().get::<Session>();
-        match decide(req.method(), req.headers(), session) {
+        let route = self.app.route_of(&req);
+        let mode = route.map_or(AuthMode::Login, |r| r.auth);
+        let rules = route.and_then(|r| r.allow.as_ref());
+        match decide(
+            req.method(),
+            req.headers(),
+            mode,
+            session,
+            &self.app.cfg.authorization,
+            rules,
+        ) {
             Decision::Forward => Either::Left(self.inner.call(req)),
             d => Either::Right(std::future::ready(Ok(self.deny(d, &req)))),
         }
@@ -113,18 +140,28 @@ where
 impl<S> AuthGate<S> {
     fn deny(&self, d: Decision, req: &Request<Incoming>) -> Response<Body> {
         let jar = CookieJar::parse(req.headers());
-        let mut resp = if d == Decision::Login {
-            let return_to = req
-                .uri()
-                .path_and_query()
-                .map(|pq| pq.as_str())
-                .unwrap_or("/");
-            flow::start_login(&self.app, &flow::redirect::or_root(Some(return_to)), &jar)
-        } else {
-            pages::json(
+        let mut resp = match d {
+            Decision::Login => {
+                let return_to = req
+                    .uri()
+                    .path_and_query()
+                    .map(|pq| pq.as_str())
+                    .unwrap_or("/");
+                flow::start_login(&self.app, &flow::redirect::or_root(Some(return_to)), &jar)
+            }
+            Decision::Forbidden(Denied(why)) => {
+                tracing::info!(reason = why, "authenticated user denied");
+                pages::html(
+                    StatusCode::FORBIDDEN,
+                    "Access denied",
+                    &format!("You are signed in, but {why}."),
+                    "<p><a href=\"/oauth2/sign_out\">Sign out</a> to use another account.</p>",
+                )
+            }
+            _ => pages::json(
                 StatusCode::UNAUTHORIZED,
                 &serde_json::json!({"error": "unauthorized", "login_url": "/oauth2/start"}),
-            )
+            ),
         };
         // A cookie that did not open is cleared, so the browser stops sending it.
         if req.extensions().get::<Rejected>().is_some() {
@@ -149,23 +186,42 @@ mod tests {
         m
     }
 
+    fn d(m: &Method, h: &HeaderMap) -> Decision {
+        let authz = routes::build_authorization(&Default::default());
+        decide(m, h, AuthMode::Login, None, &authz, None)
+    }
+
+    #[test]
+    fn route_modes() {
+        let authz = routes::build_authorization(&Default::default());
+        let html = h(&[("accept", "text/html")]);
+        assert_eq!(
+            decide(&Method::GET, &html, AuthMode::Skip, None, &authz, None),
+            Decision::Forward
+        );
+        assert_eq!(
+            decide(&Method::GET, &html, AuthMode::Api, None, &authz, None),
+            Decision::Unauthorized
+        );
+    }
+
     #[test]
     fn browser_vs_api() {
         let html = h(&[("accept", "text/html,application/xhtml+xml")]);
-        assert_eq!(decide(&Method::GET, &html, None), Decision::Login);
-        assert_eq!(decide(&Method::HEAD, &html, None), Decision::Login);
-        assert_eq!(decide(&Method::POST, &html, None), Decision::Unauthorized);
+        assert_eq!(d(&Method::GET, &html), Decision::Login);
+        assert_eq!(d(&Method::HEAD, &html), Decision::Login);
+        assert_eq!(d(&Method::POST, &html), Decision::Unauthorized);
         assert_eq!(
-            decide(&Method::GET, &h(&[("accept", "application/json")]), None),
+            d(&Method::GET, &h(&[("accept", "application/json")])),
             Decision::Unauthorized
         );
-        assert_eq!(decide(&Method::GET, &h(&[]), None), Decision::Unauthorized);
+        assert_eq!(d(&Method::GET, &h(&[])), Decision::Unauthorized);
         let xhr = h(&[
             ("accept", "text/html"),
             ("x-requested-with", "XMLHttpRequest"),
         ]);
-        assert_eq!(decide(&Method::GET, &xhr, None), Decision::Unauthorized);
+        assert_eq!(d(&Method::GET, &xhr), Decision::Unauthorized);
         let fetch = h(&[("accept", "text/html"), ("sec-fetch-mode", "cors")]);
-        assert_eq!(decide(&Method::GET, &fetch, None), Decision::Unauthorized);
+        assert_eq!(d(&Method::GET, &fetch), Decision::Unauthorized);
     }
 }

@@ -3,9 +3,11 @@
 use super::headers::{inject_identity, is_upgrade, set_forwarded, strip_cookies, strip_hop_by_hop};
 use crate::app::App;
 use crate::body::Body;
+use crate::config::UpstreamConfig;
 use crate::error::{source_chain, GatewayError};
 use crate::metrics::{ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
+use crate::policy::routes::AuthMode;
 use crate::proxy::headers::PriorHop;
 use crate::session::Session;
 use http::uri::PathAndQuery;
@@ -137,6 +139,10 @@ impl Service<Request<Incoming>> for Forward {
     fn call(&mut self, mut req: Request<Incoming>) -> BoxFuture {
         let app = self.app.clone();
         let user = req.extensions_mut().remove::<LogUser>().map(|u| u.0);
+        let kind = match app.route_of(&req).map(|r| r.auth) {
+            Some(AuthMode::Skip) => RouteKind::SkipAuth,
+            _ => RouteKind::Proxied,
+        };
         Box::pin(async move {
             let start = std::time::Instant::now();
             let result = forward(&app, req).await;
@@ -161,7 +167,7 @@ impl Service<Request<Incoming>> for Forward {
                 }
             };
             resp.extensions_mut().insert(ResponseFacts {
-                route: Some(RouteKind::Proxied),
+                route: Some(kind),
                 upstream_time: Some(upstream_time),
                 user,
             });
@@ -170,8 +176,7 @@ impl Service<Request<Incoming>> for Forward {
     }
 }
 
-fn upstream_uri(app: &App, original: &Uri) -> Result<Uri, GatewayError> {
-    let up = &app.cfg.upstream;
+fn upstream_uri(up: &UpstreamConfig, original: &Uri) -> Result<Uri, GatewayError> {
     let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
     let pq = if up.path_prefix.is_empty() {
         PathAndQuery::try_from(pq)
@@ -190,11 +195,17 @@ fn upstream_uri(app: &App, original: &Uri) -> Result<Uri, GatewayError> {
 async fn forward(app: &App, mut req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
     let upgrading = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let route = app.route_of(&req);
+    let up = route
+        .and_then(|r| r.upstream.as_ref())
+        .unwrap_or(&app.cfg.upstream);
+    let timeout = route
+        .and_then(|r| r.upstream_response)
+        .unwrap_or(app.cfg.timeouts.upstream_response);
     let (mut parts, body) = req.into_parts();
-    parts.uri = upstream_uri(app, &parts.uri)?;
+    parts.uri = upstream_uri(up, &parts.uri)?;
     parts.version = Version::HTTP_11;
     let out = Request::from_parts(parts, Body::from(body));
-    let timeout = app.cfg.timeouts.upstream_response;
     let mut resp = match tokio::time::timeout(timeout, app.upstream.request(out)).await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
         Ok(Err(e)) => return Err(GatewayError::UpstreamConnect(source_chain(&e))),

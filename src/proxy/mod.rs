@@ -3,3 +3,4 @@
 pub mod client;
 pub mod forward;
 pub mod headers;
+pub mod path;

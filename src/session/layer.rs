@@ -79,6 +79,14 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         use futures_util::future::Either;
+        // Public routes never look at the session (nor cost a Redis round trip).
+        if self
+            .app
+            .route_of(&req)
+            .is_some_and(|r| r.auth == crate::policy::routes::AuthMode::Skip)
+        {
+            return Either::Left(self.inner.call(req));
+        }
         let now = now_secs();
         let opened = {
             let jar = CookieJar::parse(req.headers());

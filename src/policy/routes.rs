@@ -1,0 +1,310 @@
+//! Routes (`routes:`) and who may pass (`authorization:`, per-route `allow:`).
+
+use crate::config::raw::{RawAllow, RawAuthorization, RawRoute};
+use crate::config::UpstreamConfig;
+use crate::session::Identity;
+use http::Method;
+use regex::Regex;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Forwarded without login (identity headers still stripped).
+    Skip,
+    /// Needs a session; never redirects (401).
+    Api,
+    /// Needs a session; browsers are sent to log in.
+    Login,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Regex(Regex),
+    Prefix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: PathMatch,
+    pub methods: Vec<Method>,
+    /// Lower-case host without port.
+    pub host: Option<String>,
+    pub auth: AuthMode,
+    pub upstream: Option<UpstreamConfig>,
+    pub upstream_response: Option<Duration>,
+    pub allow: Option<Rules>,
+}
+
+impl Route {
+    pub fn matches(&self, method: &Method, host: Option<&str>, path: &str) -> bool {
+        let path_ok = match &self.path {
+            PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+        };
+        path_ok
+            && (self.methods.is_empty() || self.methods.contains(method))
+            && self
+                .host
+                .as_deref()
+                .is_none_or(|h| host.is_some_and(|x| x.eq_ignore_ascii_case(h)))
+    }
+}
+
+/// Host of a Host header / authority, lower-case, without the port.
+pub fn host_only(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            authority
+        }
+    })
+}
+
+/// Any match of any list lets the user pass; all lists empty lets everyone pass.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    pub emails: Vec<String>,
+    pub domains: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+impl Rules {
+    fn from_raw(emails: &[String], domains: &[String], groups: &[String]) -> Self {
+        Self {
+            emails: emails
+                .iter()
+                .map(|e| e.trim().to_ascii_lowercase())
+                .collect(),
+            domains: domains
+                .iter()
+                .map(|d| d.trim().trim_start_matches('@').to_ascii_lowercase())
+                .collect(),
+            groups: groups.to_vec(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.emails.is_empty() && self.domains.is_empty() && self.groups.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Authorization {
+    pub rules: Rules,
+    pub require_email_verified: bool,
+    pub groups_claim: String,
+}
+
+/// Why a logged-in user may not pass (shown on the 403 page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied(pub &'static str);
+
+impl Authorization {
+    /// Checks the global rules, then the route's own.
+    pub fn check(&self, id: &Identity, route: Option<&Rules>) -> Result<(), Denied> {
+        self.check_rules(id, &self.rules)?;
+        match route {
+            Some(r) => self.check_rules(id, r),
+            None => Ok(()),
+        }
+    }
+
+    fn check_rules(&self, id: &Identity, rules: &Rules) -> Result<(), Denied> {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let email = id
+            .email
+            .as_deref()
+            .filter(|_| id.email_verified || !self.require_email_verified)
+            .map(str::to_ascii_lowercase);
+        if let Some(email) = &email {
+            if rules.emails.iter().any(|e| e == email) {
+                return Ok(());
+            }
+            // The domain is what follows the LAST '@': "a@evil.com@corp.com" is corp.com's
+            // only if the whole address is a valid single-@ address, which it is not.
+            let mut parts = email.rsplitn(2, '@');
+            if let (Some(domain), Some(local)) = (parts.next(), parts.next()) {
+                if !local.is_empty()
+                    && !local.contains('@')
+                    && rules.domains.iter().any(|d| d == domain)
+                {
+                    return Ok(());
+                }
+            }
+        }
+        if id.groups.iter().any(|g| rules.groups.contains(g)) {
+            return Ok(());
+        }
+        if id.email.is_some()
+            && email.is_none()
+            && (!rules.emails.is_empty() || !rules.domains.is_empty())
+        {
+            return Err(Denied(
+                "your email address is not verified by the identity provider",
+            ));
+        }
+        Err(Denied(
+            "your account is not on the list of users allowed here",
+        ))
+    }
+}
+
+pub fn build_authorization(raw: &RawAuthorization) -> Authorization {
+    Authorization {
+        rules: Rules::from_raw(
+            &raw.allowed_emails,
+            &raw.allowed_email_domains,
+            &raw.allowed_groups,
+        ),
+        require_email_verified: raw.require_email_verified,
+        groups_claim: raw.groups_claim.clone(),
+    }
+}
+
+fn allow(raw: &RawAllow) -> Rules {
+    Rules::from_raw(
+        &raw.allowed_emails,
+        &raw.allowed_email_domains,
+        &raw.allowed_groups,
+    )
+}
+
+/// Builds one route; errors are (key suffix, message).
+pub fn build_route(
+    raw: &RawRoute,
+    upstream: impl Fn(&str) -> Result<UpstreamConfig, String>,
+) -> Result<Route, (String, String)> {
+    let path = match (&raw.path, &raw.prefix) {
+        (Some(_), Some(_)) => {
+            return Err(("path".into(), "set either path or prefix, not both".into()))
+        }
+        (None, None) => {
+            return Err((
+                "path".into(),
+                "each route needs path (a regex) or prefix".into(),
+            ))
+        }
+        (Some(re), None) => {
+            let anchored = format!("^(?:{})", re.strip_prefix('^').unwrap_or(re));
+            PathMatch::Regex(
+                Regex::new(&anchored)
+                    .map_err(|e| ("path".to_string(), format!("invalid regex: {e}")))?,
+            )
+        }
+        (None, Some(p)) => {
+            if !p.starts_with('/') {
+                return Err(("prefix".into(), "must start with /".into()));
+            }
+            PathMatch::Prefix(p.clone())
+        }
+    };
+    let mut methods = Vec::new();
+    for m in &raw.methods {
+        let m = Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+            (
+                "methods".to_string(),
+                format!("`{m}` is not an HTTP method"),
+            )
+        })?;
+        methods.push(m);
+    }
+    let auth = match raw.auth.as_deref().unwrap_or("login") {
+        "skip" => AuthMode::Skip,
+        "api" => AuthMode::Api,
+        "login" => AuthMode::Login,
+        other => return Err(("auth".into(), format!("`{other}`: use skip, api or login"))),
+    };
+    if auth == AuthMode::Skip && raw.allow.is_some() {
+        return Err(("allow".into(), "makes no sense with auth: skip".into()));
+    }
+    let up = match &raw.upstream {
+        Some(u) => Some(upstream(u).map_err(|m| ("upstream".to_string(), m))?),
+        None => None,
+    };
+    Ok(Route {
+        path,
+        methods,
+        host: raw.host.as_ref().map(|h| h.to_ascii_lowercase()),
+        auth,
+        upstream: up,
+        upstream_response: raw.timeouts.as_ref().and_then(|t| t.upstream_response),
+        allow: raw.allow.as_ref().map(allow),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(email: &str, verified: bool, groups: &[&str]) -> Identity {
+        Identity {
+            sub: "s".into(),
+            email: Some(email.into()),
+            email_verified: verified,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn authz(domains: &[&str], groups: &[&str]) -> Authorization {
+        Authorization {
+            rules: Rules::from_raw(
+                &[],
+                &domains.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                &groups.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            ),
+            require_email_verified: true,
+            groups_claim: "groups".into(),
+        }
+    }
+
+    #[test]
+    fn email_domains_are_exact() {
+        let a = authz(&["corp.com"], &[]);
+        assert!(a.check(&id("a@corp.com", true, &[]), None).is_ok());
+        assert!(a.check(&id("A@CORP.COM", true, &[]), None).is_ok());
+        for bad in [
+            "a@evil.com@corp.com",
+            "a@sub.corp.com",
+            "a@corp.com.evil",
+            "a@evilcorp.com",
+            "@corp.com",
+            "corp.com",
+        ] {
+            assert!(a.check(&id(bad, true, &[]), None).is_err(), "{bad}");
+        }
+        assert!(
+            a.check(&id("a@corp.com", false, &[]), None).is_err(),
+            "unverified"
+        );
+    }
+
+    #[test]
+    fn groups_and_route_rules() {
+        let a = authz(&[], &[]);
+        let admins = Rules::from_raw(&[], &[], &["admins".to_string()]);
+        assert!(a
+            .check(&id("a@x", true, &["admins"]), Some(&admins))
+            .is_ok());
+        assert!(a
+            .check(&id("a@x", true, &["users"]), Some(&admins))
+            .is_err());
+        assert!(
+            a.check(&id("a@x", true, &[]), None).is_ok(),
+            "no rules: everyone"
+        );
+    }
+
+    #[test]
+    fn host_without_port() {
+        assert_eq!(host_only("a.example.com:8080"), "a.example.com");
+        assert_eq!(host_only("[::1]:80"), "::1");
+        assert_eq!(host_only("a"), "a");
+    }
+}

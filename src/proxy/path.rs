@@ -1,0 +1,186 @@
+//! One normalised path decides everything: the router, the route matcher and the upstream
+//! all see the same one. Dot segments and `//` are resolved; anything a server could read
+//! two ways (encoded `/` or `\`, NUL, `;` parameters, raw backslashes, controls, non-ASCII)
+//! is refused rather than guessed.
+
+use std::borrow::Cow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path must start with /")]
+    NotAbsolute,
+    #[error("path contains a forbidden character")]
+    ForbiddenChar,
+    #[error("path contains an encoded separator or NUL")]
+    EncodedSeparator,
+    #[error("path contains ';' parameters")]
+    Parameters,
+    #[error("path climbs above the root")]
+    AboveRoot,
+    #[error("malformed percent-encoding")]
+    BadEncoding,
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Canonical form of one segment: unreserved characters decoded, other escapes upper-cased.
+fn segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
+    let b = raw.as_bytes();
+    if !b.contains(&b'%') {
+        return Ok(Cow::Borrowed(raw));
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) else {
+                return Err(PathError::BadEncoding);
+            };
+            let c = h * 16 + l;
+            match c {
+                b'/' | b'\\' | 0 => return Err(PathError::EncodedSeparator),
+                b';' => return Err(PathError::Parameters),
+                c if c < 0x20 || c == 0x7f => return Err(PathError::ForbiddenChar),
+                c if is_unreserved(c) => out.push(c as char),
+                c => {
+                    out.push('%');
+                    out.push(char::from(b"0123456789ABCDEF"[usize::from(c >> 4)]));
+                    out.push(char::from(b"0123456789ABCDEF"[usize::from(c & 15)]));
+                }
+            }
+            i += 3;
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+        }
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// Normalises a request path. Returns the input unchanged (borrowed) when already canonical.
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if b.iter().any(|&c| c <= 0x20 || c >= 0x7f || c == b'\\') {
+        return Err(PathError::ForbiddenChar);
+    }
+    if b.contains(&b';') {
+        return Err(PathError::Parameters);
+    }
+    // Fast path: nothing to resolve.
+    let plain = !b.contains(&b'%')
+        && !path.contains("//")
+        && !path.split('/').any(|s| s == "." || s == "..");
+    if plain {
+        return Ok(Cow::Borrowed(path));
+    }
+    let mut out: Vec<Cow<'_, str>> = Vec::new();
+    let raw_segments: Vec<&str> = path[1..].split('/').collect();
+    let last = raw_segments.len().saturating_sub(1);
+    let mut trailing = false;
+    for (i, raw) in raw_segments.into_iter().enumerate() {
+        let seg = segment(raw)?;
+        match seg.as_ref() {
+            "." | "" => trailing = i == last,
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                trailing = i == last;
+            }
+            _ => {
+                out.push(seg);
+                trailing = false;
+            }
+        }
+    }
+    let mut s = String::with_capacity(path.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if s.is_empty() || trailing {
+        s.push('/');
+    }
+    if s == path {
+        return Ok(Cow::Borrowed(path));
+    }
+    Ok(Cow::Owned(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_paths_pass_unchanged() {
+        for p in ["/", "/a", "/a/b/", "/a%20b", "/%E2%82%AC", "/a.b/c..d/.e"] {
+            assert!(
+                matches!(normalize(p), Ok(Cow::Borrowed(x)) if x == p),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn dots_and_slashes_resolve() {
+        let cases = [
+            ("/public/../admin", "/admin"),
+            ("/public/./x", "/public/x"),
+            ("//admin", "/admin"),
+            ("/a//b", "/a/b"),
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/x/%2e%2e/y", "/y"),
+            ("/p/%2E%2E/admin", "/admin"),
+            ("/%61dmin", "/admin"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalize(input).unwrap(), *want, "{input}");
+        }
+        assert_eq!(normalize("/x/%3f/../y").unwrap(), "/x/y");
+        assert_eq!(normalize("/x%3fy%23z").unwrap(), "/x%3Fy%23z");
+        assert_eq!(normalize("/x/%3fy/").unwrap(), "/x/%3Fy/");
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        for p in [
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a%00",
+            "/a\\b",
+            "/a;b",
+            "/a%3bb",
+            "/..",
+            "/a/../..",
+            "/%zz",
+            "/%4",
+            "/%2e%2e/x",
+            "a",
+            "",
+            "/\u{e9}",
+            "/a b",
+            "/%09",
+        ] {
+            assert!(normalize(p).is_err(), "{p:?}");
+        }
+    }
+}
