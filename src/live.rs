@@ -24,6 +24,7 @@ pub type Live = Arc<ArcSwap<Generation>>;
 
 fn client_options(cfg: &Config) -> proxy::client::ClientOptions {
     proxy::client::ClientOptions {
+        tls: cfg.tls_client.clone(),
         connect_timeout: cfg.timeouts.upstream_connect,
         idle_timeout: cfg.timeouts.idle,
         max_idle_per_host: 1024,

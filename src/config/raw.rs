@@ -25,6 +25,20 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     pub authorization: RawAuthorization,
     pub allowed_redirect_domains: Vec<String>,
+    pub tls: RawTls,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    /// Serve HTTPS with this certificate chain and key (PEM); reloaded when they change.
+    pub cert_file: String,
+    pub key_file: String,
+    /// Extra CA certificates (PEM) trusted for https upstreams and the provider.
+    pub ca_file: String,
+    /// Client certificate and key (PEM) presented to https upstreams (mTLS).
+    pub client_cert_file: String,
+    pub client_key_file: String,
 }
 
 impl Default for RawConfig {
@@ -48,6 +62,7 @@ impl Default for RawConfig {
             routes: Vec::new(),
             authorization: RawAuthorization::default(),
             allowed_redirect_domains: Vec::new(),
+            tls: RawTls::default(),
         }
     }
 }

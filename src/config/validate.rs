@@ -40,6 +40,16 @@ pub struct Config {
     pub authorization: crate::policy::routes::Authorization,
     /// Hosts (exact, or `.suffix`) that redirect targets may point to besides this one.
     pub allowed_redirect_domains: Vec<String>,
+    /// Serve HTTPS: (certificate chain, key) files.
+    pub tls_server: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    pub tls_client: TlsClient,
+}
+
+/// Outbound TLS (upstream and provider): extra roots and an optional client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsClient {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// Response headers of `GET /oauth2/auth`.
@@ -590,6 +600,60 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     }
 
+    let tl = &raw.tls;
+    let pair = |c: &mut Collector, a: &str, b: &str, ka: &str, kb: &str| match (
+        a.is_empty(),
+        b.is_empty(),
+    ) {
+        (true, true) => None,
+        (false, false) => Some((std::path::PathBuf::from(a), std::path::PathBuf::from(b))),
+        (false, true) => {
+            c.err(kb, format!("is required with {ka}"));
+            None
+        }
+        (true, false) => {
+            c.err(ka, format!("is required with {kb}"));
+            None
+        }
+    };
+    let tls_server = pair(
+        &mut c,
+        &tl.cert_file,
+        &tl.key_file,
+        "tls.cert_file",
+        "tls.key_file",
+    );
+    if let Some((cert, key)) = &tls_server {
+        if let Err(e) = crate::server::tls::load_certified_key(cert, key) {
+            c.err("tls.cert_file", e);
+        }
+    }
+    let client_cert = pair(
+        &mut c,
+        &tl.client_cert_file,
+        &tl.client_key_file,
+        "tls.client_cert_file",
+        "tls.client_key_file",
+    );
+    let tls_client = TlsClient {
+        ca_file: (!tl.ca_file.is_empty()).then(|| std::path::PathBuf::from(&tl.ca_file)),
+        client_cert,
+    };
+    if let Err(e) = crate::server::tls::client_config(
+        tls_client.ca_file.as_deref(),
+        tls_client
+            .client_cert
+            .as_ref()
+            .map(|(a, b)| (a.as_path(), b.as_path())),
+    ) {
+        let key = if e.contains("client certificate") {
+            "tls.client_cert_file"
+        } else {
+            "tls.ca_file"
+        };
+        c.err(key, e);
+    }
+
     let t = &raw.timeouts;
     let timeouts = Timeouts {
         upstream_connect: positive(&mut c, "timeouts.upstream_connect", t.upstream_connect),
@@ -696,6 +760,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         routes,
         authorization,
         allowed_redirect_domains,
+        tls_server,
+        tls_client,
     })
 }
 

@@ -11,33 +11,33 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientOptions {
+    pub tls: crate::config::TlsClient,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_host: usize,
 }
 
-/// Builds a pooled client that speaks http and https (system roots, TLS 1.2+, h1/h2 via ALPN).
+/// Builds a pooled client that speaks http and https (system roots plus `tls.ca_file`,
+/// TLS 1.2+, h1/h2 via ALPN, optional client certificate).
 pub fn build(opts: &ClientOptions) -> Result<HttpClient, std::io::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(opts.connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
+    let tls = crate::server::tls::client_config(
+        opts.tls.ca_file.as_deref(),
+        opts.tls
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+    )
+    .map_err(std::io::Error::other)?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .or_else(|_| {
-            // No system roots (minimal images): plain-http upstreams still work.
-            Ok::<_, std::io::Error>(
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                    rustls::ClientConfig::builder()
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth(),
-                ),
-            )
-        })?
+        .with_tls_config(tls)
         .https_or_http()
+        // HTTP/1.1 upstream: keeps websocket upgrades and legacy apps simple.
         .enable_http1()
-        .enable_http2()
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())

@@ -1,5 +1,7 @@
 //! The listener: accept loop, per-connection hyper (h1/h2), graceful shutdown.
 
+pub mod tls;
+
 use crate::live::Live;
 use crate::proxy::forward::ConnInfo;
 use hyper::body::Incoming;
@@ -33,6 +35,20 @@ pub async fn serve(
         .max_header_list_size(cfg.limits.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
+    let tls = match &cfg.tls_server {
+        Some((cert, key)) => match tls::ReloadingCert::new(cert, key).and_then(|certs| {
+            tokio::spawn(certs.clone().watch());
+            tls::server_config(certs)
+        }) {
+            Ok(server_config) => Some(tokio_rustls::TlsAcceptor::from(server_config)),
+            Err(e) => {
+                // Validated at start-up; only a file changed in between can get here.
+                tracing::error!(error = %e, "cannot serve TLS");
+                return;
+            }
+        },
+        None => None,
+    };
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(cfg.limits.max_connections));
     tokio::pin!(shutdown);
@@ -54,7 +70,10 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo { remote, tls: false };
+        let info = ConnInfo {
+            remote,
+            tls: tls.is_some(),
+        };
         let live = live.clone();
         let hyper_svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             req.extensions_mut().insert(info);
@@ -62,14 +81,40 @@ pub async fn serve(
             let mut svc = live.load().stack.clone();
             svc.call(req)
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let handshake_timeout = cfg.timeouts.header_read;
         let connections = metrics.connections.clone();
         connections.inc();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let conn = builder.serve_connection_with_upgrades(
+                                TokioIo::new(tls_stream),
+                                hyper_svc,
+                            );
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection closed with error");
             }
             connections.dec();

@@ -1,0 +1,126 @@
+//! TLS: the server side (rustls, TLS 1.2+, h2 and http/1.1 via ALPN, certificates reloaded
+//! when their files change) and the client side (system roots plus an optional CA bundle,
+//! an optional client certificate for upstream mTLS).
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect();
+    let certs = certs.map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| format!("{}: no usable private key: {e}", path.display()))
+}
+
+/// Loads a certificate chain and its key, checking that they belong together.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let ck = CertifiedKey::from_der(read_chain(cert)?, read_key(key)?, &provider)
+        .map_err(|e| format!("certificate and key do not match: {e}"))?;
+    Ok(ck)
+}
+
+/// The serving certificate, swapped in place when its files change.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    current: ArcSwap<CertifiedKey>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl ReloadingCert {
+    pub fn new(cert: &Path, key: &Path) -> Result<Arc<Self>, String> {
+        Ok(Arc::new(Self {
+            current: ArcSwap::from_pointee(load_certified_key(cert, key)?),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        }))
+    }
+
+    /// Re-reads the files every couple of seconds; a bad pair is logged and the old one kept.
+    pub async fn watch(self: Arc<Self>) {
+        let stamp = |p: &Path| std::fs::read(p).ok();
+        let mut last = (stamp(&self.cert), stamp(&self.key));
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = (stamp(&self.cert), stamp(&self.key));
+            if now == last {
+                continue;
+            }
+            last = now;
+            match load_certified_key(&self.cert, &self.key) {
+                Ok(ck) => {
+                    self.current.store(Arc::new(ck));
+                    tracing::info!("TLS certificate reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one")
+                }
+            }
+        }
+    }
+}
+
+/// The server config: TLS 1.2 and 1.3 only, ALPN h2 then http/1.1.
+pub fn server_config(resolver: Arc<ReloadingCert>) -> Result<Arc<rustls::ServerConfig>, String> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The client config for upstream and provider calls.
+pub fn client_config(
+    ca_file: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for c in native.certs {
+        let _ = roots.add(c);
+    }
+    if let Some(ca) = ca_file {
+        for c in read_chain(ca)? {
+            roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
+    // ALPN is left to the connector.
+    match client_cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(read_chain(cert)?, read_key(key)?)
+            .map_err(|e| format!("client certificate: {e}")),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
