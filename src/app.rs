@@ -1,6 +1,6 @@
 //! What every request handler shares, built once from the config.
 
-use crate::config::{Config, CALLBACK_PATH};
+use crate::config::Config;
 use crate::oidc::Provider;
 use crate::proxy::client::HttpClient;
 use crate::proxy::headers::Spoofable;
@@ -66,7 +66,7 @@ impl App {
             &cfg.cookie,
             cfg.session.lifetime,
             cfg.limits.max_cookie_chunks,
-            CALLBACK_PATH,
+            "/",
         );
         Self {
             spoofable: Spoofable::new(&cfg.headers),
@@ -94,7 +94,11 @@ impl App {
         if !self.provider.is_ready() {
             return Err("provider not discovered yet");
         }
-        if self.redis.as_ref().is_some_and(|r| !r.is_healthy()) {
+        // Only the Redis store makes Redis a dependency of serving; a coordination-only Redis
+        // being down degrades to local refreshes and must not take every replica out.
+        if self.cfg.session.store == crate::config::StoreKind::Redis
+            && self.redis.as_ref().is_some_and(|r| !r.is_healthy())
+        {
             return Err("redis unreachable");
         }
         Ok(())

@@ -70,6 +70,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         id: Option<(http::HeaderName, HeaderValue)>,
+        // Draining after SIGTERM: tell HTTP/1 clients not to reuse the connection.
+        close: bool,
     }
 }
 
@@ -85,6 +87,10 @@ where
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
+        if *this.close {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some((name, value)) = this.id.take() {
             resp.headers_mut().insert(name, value);
         }
@@ -108,9 +114,12 @@ where
         let id = self.id_for(&req);
         let name = self.app.cfg.headers.request_id.clone();
         req.headers_mut().insert(name.clone(), id.clone());
+        let close = req.version() < http::Version::HTTP_2
+            && self.app.draining.load(std::sync::atomic::Ordering::Relaxed);
         WithRequestId {
             inner: self.inner.call(req),
             id: Some((name, id)),
+            close,
         }
     }
 }

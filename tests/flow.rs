@@ -77,7 +77,7 @@ async fn login_round_trip_delivers_the_bearer_to_the_upstream() {
     let digest = Sha256::digest(state.as_bytes());
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(flow.name, format!("_portcullis_flow_{hex}"), "{}", flow.raw);
-    assert_eq!(flow.path(), Some("/oauth2/callback"), "{}", flow.raw);
+    assert_eq!(flow.path(), Some("/"), "{}", flow.raw);
     assert!(flow.flag("httponly"), "{}", flow.raw);
     assert_eq!(flow.attr("samesite"), Some("Lax"), "{}", flow.raw);
     assert!(!flow.value.contains(&state), "flow cookie must be sealed");
@@ -116,7 +116,7 @@ async fn login_round_trip_delivers_the_bearer_to_the_upstream() {
     );
     let cleared = cb.set_cookie(&flow.name).expect("flow cookie cleared");
     assert!(cleared.is_removal(), "{}", cleared.raw);
-    assert_eq!(cleared.path(), Some("/oauth2/callback"));
+    assert_eq!(cleared.path(), Some("/"));
     assert_eq!(s.idp.token_requests(), 1, "one code exchange");
     assert_eq!(
         b.cookie_names(&s.gw.url("/")),

@@ -50,9 +50,12 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         }
     };
     // Each logout token is accepted once (jti), across replicas.
-    if let Some(redis) = app.redis.as_deref() {
-        let key = redis.key(&["jti", &app.cookies.keys.mac(b"jti", claims.jti.as_bytes())]);
-        match redis.set_nx_ex(&key, Duration::from_secs(24 * 3600)).await {
+    let jti_key = app
+        .redis
+        .as_deref()
+        .map(|r| r.key(&["jti", &app.cookies.keys.mac(b"jti", claims.jti.as_bytes())]));
+    if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
+        match redis.set_nx_ex(key, Duration::from_secs(24 * 3600)).await {
             Ok(true) => {}
             Ok(false) => return answer(StatusCode::BAD_REQUEST, Some("logout_token replayed")),
             Err(e) => {
@@ -61,10 +64,13 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
             }
         }
     }
-    match app
-        .end_sessions(claims.sid.as_deref(), claims.sub.as_deref())
-        .await
-    {
+    // With a sid, only that provider session ends (the user's other devices stay signed in);
+    // without one, every session of the user (Back-Channel Logout 1.0 §2.4).
+    let (sid, sub) = match claims.sid.as_deref() {
+        Some(sid) => (Some(sid), None),
+        None => (None, claims.sub.as_deref()),
+    };
+    match app.end_sessions(sid, sub).await {
         Ok(()) => {
             tracing::info!(
                 sub = claims.sub.as_deref().unwrap_or("-"),
@@ -78,6 +84,10 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         }
         Err(e) => {
             tracing::warn!(error = %e, "back-channel logout could not be recorded");
+            // Let the provider's retry through: the token was not acted upon.
+            if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
+                let _ = redis.del(std::slice::from_ref(key)).await;
+            }
             answer(StatusCode::SERVICE_UNAVAILABLE, Some("try again"))
         }
     }

@@ -1,6 +1,9 @@
 //! The listener: accept loop, per-connection hyper (h1/h2), graceful shutdown.
 
+mod deadline;
 pub mod tls;
+
+use deadline::FirstBytesDeadline;
 
 use crate::live::Live;
 use crate::proxy::forward::ConnInfo;
@@ -12,6 +15,18 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::Service;
+
+/// Takes a connection already waiting in the accept queue, if any, without waiting (a plain
+/// non-blocking accept: tokio's cached readiness may not know of it yet).
+fn accept_now(listener: &TcpListener) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    let (socket, addr) = socket2::SockRef::from(listener).accept().ok()?;
+    let addr = addr.as_socket()?;
+    let stream = std::net::TcpStream::from(socket);
+    stream.set_nonblocking(true).ok()?;
+    tokio::net::TcpStream::from_std(stream)
+        .ok()
+        .map(|s| (s, addr))
+}
 
 /// Serves until `shutdown` resolves, then drains connections for up to `timeouts.shutdown`.
 /// Connection-level settings (limits, timeouts) come from the config at start-up.
@@ -52,22 +67,40 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(cfg.limits.max_connections));
     tokio::pin!(shutdown);
+    // After the shutdown signal, connections already waiting in the kernel's accept queue are
+    // still taken (and served with Connection: close) rather than reset by closing the socket.
+    let mut closing = false;
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        let permit = if closing {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                _ = &mut shutdown => { closing = true; continue }
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            }
         };
-        let (stream, remote) = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: log, breathe, go on.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let accepted = if closing {
+            match accept_now(&listener) {
+                Some(x) => Ok(x),
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                _ = &mut shutdown => { closing = true; continue }
+                r = listener.accept() => r,
+            }
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: log, breathe, go on.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let info = ConnInfo {
@@ -90,15 +123,20 @@ pub async fn serve(
         tokio::spawn(async move {
             let result = match tls {
                 None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc);
+                    let conn = builder.serve_connection_with_upgrades(
+                        TokioIo::new(FirstBytesDeadline::new(stream, handshake_timeout)),
+                        hyper_svc,
+                    );
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
                             let conn = builder.serve_connection_with_upgrades(
-                                TokioIo::new(tls_stream),
+                                TokioIo::new(FirstBytesDeadline::new(
+                                    tls_stream,
+                                    handshake_timeout,
+                                )),
                                 hyper_svc,
                             );
                             watcher.watch(conn.into_owned()).await
@@ -122,6 +160,9 @@ pub async fn serve(
         });
     }
     drop(listener);
+    // Connections accepted just before the listener closed may not have sent their request
+    // yet: give them a moment to be served (with Connection: close) before closing idle ones.
+    tokio::time::sleep(cfg.timeouts.header_read.min(Duration::from_secs(1))).await;
     tracing::info!("draining connections");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),

@@ -93,7 +93,11 @@ pub struct SessionCookies {
 impl SessionCookies {
     pub fn new(cfg: &CookieConfig, lifetime: Duration, max_chunks: usize, flow_path: &str) -> Self {
         let base = cfg.name.trim_start_matches("__Host-");
-        let flow_prefix = if cfg.secure {
+        // Flow cookies are scoped like the session cookie (Path=/) so every request that may
+        // start a login sees the pending ones and can cap them; they never reach the upstream.
+        let flow_prefix = if cfg.name.starts_with("__Host-") {
+            format!("__Host-{base}_flow_")
+        } else if cfg.secure {
             format!("__Secure-{}_flow_", base.trim_start_matches("__Secure-"))
         } else {
             format!("{base}_flow_")
@@ -119,11 +123,13 @@ impl SessionCookies {
 
     /// Is this one of the gateway's cookies (session, chunk or flow)? Those never reach the upstream.
     pub fn is_ours(&self, name: &str) -> bool {
-        name == self.name
-            || name
-                .strip_prefix(&self.chunk_prefix)
-                .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
-            || name.starts_with(&self.flow_prefix)
+        name == self.name || self.is_chunk(name) || name.starts_with(&self.flow_prefix)
+    }
+
+    /// `<name>_<digits>`: a chunk of the session cookie (never a flow cookie).
+    fn is_chunk(&self, name: &str) -> bool {
+        name.strip_prefix(&self.chunk_prefix)
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
     }
 
     fn chunk_name(&self, i: usize) -> String {
@@ -139,10 +145,7 @@ impl SessionCookies {
             return Ok(Some(v.into()));
         }
         // Count the chunks before allocating anything for them.
-        let count = jar
-            .names()
-            .filter(|n| n.starts_with(&self.chunk_prefix) && self.is_ours(n))
-            .count();
+        let count = jar.names().filter(|n| self.is_chunk(n)).count();
         if count == 0 {
             return Ok(None);
         }
@@ -213,7 +216,7 @@ impl SessionCookies {
         .into_iter()
         .collect();
         for n in jar.names() {
-            if n != self.name && n.starts_with(&self.chunk_prefix) && self.is_ours(n) {
+            if self.is_chunk(n) {
                 out.extend(self.expire(n, "/"));
             }
         }
@@ -298,7 +301,7 @@ impl SessionCookies {
     pub fn clear_session(&self, jar: &CookieJar<'_>) -> Vec<HeaderValue> {
         let mut out: Vec<HeaderValue> = self.expire(&self.name, "/").into_iter().collect();
         for n in jar.names() {
-            if n != self.name && n.starts_with(&self.chunk_prefix) && self.is_ours(n) {
+            if self.is_chunk(n) {
                 out.extend(self.expire(n, "/"));
             }
         }
@@ -457,6 +460,21 @@ mod tests {
             c.open_session(&CookieJar::parse(&h), 1000),
             Err(CookieReject::Expired)
         );
+    }
+
+    #[test]
+    fn flow_cookies_are_not_chunks() {
+        let c = cookies(8);
+        let mut h = HeaderMap::new();
+        h.insert(
+            COOKIE,
+            HeaderValue::from_static("_p_flow_ab=x; _p_flow_cd=y"),
+        );
+        assert_eq!(c.open_session(&CookieJar::parse(&h), 10), Ok(None));
+        assert!(c
+            .clear_session(&CookieJar::parse(&h))
+            .iter()
+            .all(|v| !v.to_str().unwrap().contains("flow")));
     }
 
     #[test]

@@ -206,3 +206,14 @@ pub async fn login_cookie(gw: &Gateway, user: &str) -> String {
     );
     cookie
 }
+
+/// A real `redis-server` child process and a small RESP client (tests/sessions.rs).
+pub mod redis;
+
+/// Gateway processes under operational control, metrics, promtool, prometheus and nginx
+/// (tests/ops.rs).
+pub mod ops;
+
+/// Hostile inputs (open redirects, path confusion) and a byte-exact HTTP/1.1 sender
+/// (tests/policy.rs, tests/edges.rs).
+pub mod corpus;

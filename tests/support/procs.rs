@@ -371,3 +371,53 @@ impl Gateway {
         assert_eq!(r.text(), "ok\n");
     }
 }
+
+// Stopping and restarting the IdP on its port (tests/sessions.rs).
+impl Idp {
+    /// Everything the IdP printed on stdout so far (`REQ ...`, `BCL ...` lines).
+    pub fn stdout(&self) -> String {
+        self.proc.stdout()
+    }
+
+    /// Kills the IdP process: its port stops answering until `restart`.
+    pub fn kill(&mut self) {
+        self.proc.stop();
+    }
+
+    /// Starts a new IdP process on the same port with `env` (which must repeat what the
+    /// first start was given, e.g. `IDP_REDIRECT_URIS`). It is a fresh provider: empty
+    /// token store and a new signing key. Its log starts empty.
+    pub async fn restart(&mut self, env: &[(&str, &str)]) {
+        self.proc.stop();
+        let js = repo().join("tests/js");
+        let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_string());
+        let mut cmd = Command::new(&node);
+        cmd.arg(js.join("idp.mjs")).current_dir(&js);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("IDP_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("IDP_PORT", self.port.to_string());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-idp-")
+            .tempdir()
+            .expect("tempdir");
+        self.proc = Proc::spawn("idp", cmd, dir);
+        let t0 = Instant::now();
+        while !self.proc.stdout().lines().any(|l| l.starts_with("READY ")) {
+            if let Some(st) = self.proc.exited() {
+                panic!("restarted idp exited with {st}\n{}", self.proc.tails());
+            }
+            assert!(
+                t0.elapsed() < START_TIMEOUT,
+                "restarted idp not READY\n{}",
+                self.proc.tails()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The redirect validator never panics and never lets a target leave the allowed hosts.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use portcullis::flow::redirect::{safe_absolute, safe_relative};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(t) = std::str::from_utf8(data) else { return };
+    if let Some(ok) = safe_relative(t) {
+        assert!(ok.starts_with('/') && !ok.starts_with("//") && !ok.starts_with("/\\"));
+    }
+    let allowed = vec![".example.com".to_string()];
+    if let Some(ok) = safe_absolute(t, "https://gw.test", &allowed) {
+        let host = url::Url::parse(&ok).ok().and_then(|u| u.host_str().map(str::to_string));
+        let host = host.unwrap_or_default();
+        assert!(host == "gw.test" || host == "example.com" || host.ends_with(".example.com"));
+    }
+});

@@ -1,0 +1,1392 @@
+//! The edges of the gateway, over real sockets: forwarding headers and `trusted_proxies`,
+//! TLS (serving, ALPN, protocol floor, certificate reload, https and mTLS upstreams,
+//! `__Host-` cookies), request limits and hostile clients (oversized heads, slow-loris,
+//! connection cap, huge bodies, piles of flow cookies), and the gateway's own pages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::browser::{full, ReqBody};
+use support::corpus::{raw_exchange, raw_get};
+use support::procs::{gateway_command, Proc};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Every route public: these tests are about the connection, not the login.
+const ALL_PUBLIC: &str = r#"routes: [ { prefix: "/", auth: skip } ]"#;
+
+/// How long a hostile client may wait for the gateway to act (it should act within seconds).
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn aws_lc() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+// ---------------------------------------------------------------------------------------
+// A throw-away PKI made with the openssl CLI.
+// ---------------------------------------------------------------------------------------
+
+fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run the `openssl` CLI ({e}): install it (apt-get install openssl)")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A test CA and the leaf certificates it issues (P-256, SAN IP:127.0.0.1). Leaves are
+/// CA:FALSE: webpki refuses a CA certificate used as an end entity, so a bare `req -x509`
+/// self-signed certificate cannot be served to a rustls client.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-pki-")
+            .tempdir()
+            .expect("tempdir");
+        openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=portcullis test CA",
+            ],
+        );
+        Pki { dir }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues `<name>.pem` / `<name>.key` for `cn` (server and client auth).
+    fn issue(&self, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        std::fs::write(
+            d.join(format!("{name}.ext")),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        let serial = format!(
+            "0x{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                &serial,
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                &ext,
+            ],
+        );
+        (d.join(pem), d.join(key))
+    }
+}
+
+fn first_cert(pem: &Path) -> CertificateDer<'static> {
+    CertificateDer::pem_file_iter(pem)
+        .unwrap()
+        .next()
+        .expect("a certificate")
+        .unwrap()
+}
+
+/// Replaces `to` with the content of `from` by rename, so a reader never sees half a file.
+fn replace_file(from: &Path, to: &Path) {
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// An HTTPS client trusting the test CA.
+// ---------------------------------------------------------------------------------------
+
+fn client_config(
+    ca: &Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(aws_lc())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// One request over HTTPS (ALPN offers h2 and http/1.1, or http/1.1 only).
+async fn https_send(
+    ca: &Path,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: ReqBody,
+    offer_h2: bool,
+) -> Result<Resp, String> {
+    let cfg = client_config(ca, rustls::DEFAULT_VERSIONS);
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(cfg)
+        .https_only()
+        .enable_http1();
+    let connector = if offer_h2 {
+        b.enable_http2().build()
+    } else {
+        b.build()
+    };
+    let client: Client<_, ReqBody> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector);
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(body).map_err(|e| e.to_string())?;
+    let work = async {
+        let resp = client.request(req).await.map_err(|e| {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(inner) = src {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                src = inner.source();
+            }
+            s
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>(Resp {
+            method: method.to_string(),
+            url: url.to_string(),
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+        })
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .map_err(|_| format!("{method} {url}: no answer within {REQUEST_TIMEOUT:?}"))?
+}
+
+async fn https_get(ca: &Path, url: &str, headers: &[(&str, &str)]) -> Resp {
+    https_send(ca, "GET", url, headers, full(Bytes::new()), true)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// What a bare TLS handshake with the gateway negotiated.
+struct Handshake {
+    alpn: Option<Vec<u8>>,
+    version: rustls::ProtocolVersion,
+    peer: CertificateDer<'static>,
+}
+
+async fn handshake(
+    port: u16,
+    ca: &Path,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<Handshake, String> {
+    let mut cfg = client_config(ca, versions);
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tls = tokio::time::timeout(DEADLINE, connector.connect(name, tcp))
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let conn = tls.get_ref().1;
+    Ok(Handshake {
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        version: conn.protocol_version().expect("version"),
+        peer: conn.peer_certificates().expect("peer certificates")[0]
+            .clone()
+            .into_owned(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// A gateway that serves HTTPS (the harness' Gateway polls readiness over plain HTTP).
+// ---------------------------------------------------------------------------------------
+
+struct TlsGateway {
+    port: u16,
+    ca: PathBuf,
+    proc: Proc,
+}
+
+impl TlsGateway {
+    /// Starts the gateway on `yaml` and waits until `https://…/readyz` answers 200.
+    async fn start(port: u16, yaml: String, ca: &Path) -> TlsGateway {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-tls-gw-")
+            .tempdir()
+            .expect("tempdir");
+        let cfg = dir.path().join("portcullis.yaml");
+        std::fs::write(&cfg, &yaml).unwrap();
+        let mut cmd = gateway_command();
+        cmd.arg("--config").arg(&cfg);
+        let mut gw = TlsGateway {
+            port,
+            ca: ca.to_path_buf(),
+            proc: Proc::spawn("tls-gateway", cmd, dir),
+        };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = gw.proc.exited() {
+                panic!(
+                    "gateway exited with {st}\nconfig:\n{yaml}\n{}",
+                    gw.proc.tails()
+                );
+            }
+            let ready = https_send(
+                &gw.ca,
+                "GET",
+                &gw.url("/readyz"),
+                &[],
+                full(Bytes::new()),
+                false,
+            )
+            .await;
+            if ready.is_ok_and(|r| r.status == 200) {
+                return gw;
+            }
+            assert!(
+                t0.elapsed() < START_TIMEOUT,
+                "TLS gateway not ready\nconfig:\n{yaml}\n{}",
+                gw.proc.tails()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+fn tls_yaml(cert: &Path, key: &Path) -> String {
+    format!(
+        "tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+        cert.display(),
+        key.display()
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// An HTTPS upstream (optionally requiring a client certificate), in process.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct TlsHit {
+    path: String,
+    client_cert: bool,
+    forwarded_proto: Option<String>,
+}
+
+struct TlsUpstream {
+    port: u16,
+    hits: Arc<Mutex<Vec<TlsHit>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn tls_upstream(cert: &Path, key: &Path, client_ca: Option<&Path>) -> TlsUpstream {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(aws_lc())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(first_cert(ca)).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                aws_lc(),
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_single_cert(chain, key).unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits: Arc<Mutex<Vec<TlsHit>>> = Arc::default();
+    let recorded = hits.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let client_cert = tls.get_ref().1.peer_certificates().is_some();
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let hit = TlsHit {
+                            path: req.uri().path().to_string(),
+                            client_cert,
+                            forwarded_proto: req
+                                .headers()
+                                .get("x-forwarded-proto")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string),
+                        };
+                        recorded.lock().unwrap().push(hit.clone());
+                        let body =
+                            serde_json::json!({"path": hit.path, "client_cert": client_cert})
+                                .to_string();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from(body)),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    TlsUpstream { port, hits, task }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forwarding headers and trusted_proxies.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn forwarding_headers_are_replaced_unless_the_peer_is_a_trusted_proxy() {
+    let idp = Idp::start(&[]).await;
+    let upstream = Upstream::start();
+    let untrusted = Gateway::start(GatewayOpts {
+        extra: format!("{ALL_PUBLIC}\ntrusted_proxies: []"),
+        ..GatewayOpts::new(free_port(), &idp, &upstream.url())
+    })
+    .await;
+    let trusted = Gateway::start(GatewayOpts {
+        extra: format!("{ALL_PUBLIC}\ntrusted_proxies: [\"10.0.0.0/8\", \"127.0.0.0/8\"]"),
+        ..GatewayOpts::new(free_port(), &idp, &upstream.url())
+    })
+    .await;
+    let spoof: &[(&str, &str)] = &[
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.com"),
+        ("x-forwarded-port", "443"),
+        ("x-real-ip", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6;proto=https;host=evil.com"),
+        ("x_forwarded_for", "7.7.7.7"),
+    ];
+
+    let r = send("GET", &untrusted.url("/x"), spoof, Vec::new()).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = upstream.last();
+    assert_eq!(
+        rec.header_all("x-forwarded-for"),
+        vec!["127.0.0.1"],
+        "{rec:?}"
+    );
+    assert_eq!(rec.header("x-forwarded-proto"), Some("http"), "{rec:?}");
+    let own_host = format!("127.0.0.1:{}", untrusted.port);
+    assert_eq!(
+        rec.header("x-forwarded-host"),
+        Some(own_host.as_str()),
+        "{rec:?}"
+    );
+    for n in [
+        "x-forwarded-port",
+        "x-real-ip",
+        "forwarded",
+        "x_forwarded_for",
+    ] {
+        assert!(rec.header(n).is_none(), "{n} passed: {rec:?}");
+    }
+
+    let r = send("GET", &trusted.url("/x"), spoof, Vec::new()).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = upstream.last();
+    assert_eq!(
+        rec.header_all("x-forwarded-for"),
+        vec!["6.6.6.6, 127.0.0.1"],
+        "{rec:?}"
+    );
+    assert_eq!(rec.header("x-forwarded-proto"), Some("https"), "{rec:?}");
+    assert_eq!(rec.header("x-forwarded-host"), Some("evil.com"), "{rec:?}");
+    assert!(rec.header("x_forwarded_for").is_none(), "{rec:?}");
+
+    // A trusted proxy's chain is extended; a bogus proto is not believed; nothing sent: ours.
+    let r = send(
+        "GET",
+        &trusted.url("/x"),
+        &[
+            ("x-forwarded-for", "1.1.1.1, 10.1.1.1"),
+            ("x-forwarded-proto", "gopher"),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let rec = upstream.last();
+    assert_eq!(
+        rec.header("x-forwarded-for"),
+        Some("1.1.1.1, 10.1.1.1, 127.0.0.1")
+    );
+    assert_eq!(rec.header("x-forwarded-proto"), Some("http"));
+    let r = send("GET", &trusted.url("/y"), &[], Vec::new()).await;
+    assert_eq!(r.status, 200);
+    let rec = upstream.last();
+    assert_eq!(rec.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(rec.header("x-forwarded-proto"), Some("http"));
+    let own_host = format!("127.0.0.1:{}", trusted.port);
+    assert_eq!(rec.header("x-forwarded-host"), Some(own_host.as_str()));
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
+    let pki = Pki::new();
+    let (cert1, key1) = pki.issue("one", "gateway-one");
+    let (cert2, key2) = pki.issue("two", "gateway-two");
+    // The gateway serves from its own copies, replaced later.
+    let (cert, key) = (pki.path("serving.pem"), pki.path("serving.key"));
+    std::fs::copy(&cert1, &cert).unwrap();
+    std::fs::copy(&key1, &key).unwrap();
+
+    let idp = Idp::start(&[]).await;
+    let upstream = Upstream::start();
+    let port = free_port();
+    let opts = GatewayOpts {
+        extra: format!("{ALL_PUBLIC}\n{}", tls_yaml(&cert, &key)),
+        ..GatewayOpts::new(port, &idp, &upstream.url())
+    };
+    let gw = TlsGateway::start(port, opts.yaml(), &pki.ca()).await;
+
+    // HTTP/2 when offered, HTTP/1.1 otherwise; the upstream learns it was https.
+    let r = https_get(&gw.ca, &gw.url("/x?y=1"), &[("x-forwarded-proto", "http")]).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.version, http::Version::HTTP_2, "{}", r.dump());
+    let rec = upstream.last();
+    assert_eq!(rec.path, "/x");
+    assert_eq!(rec.header("x-forwarded-proto"), Some("https"), "{rec:?}");
+    assert_eq!(rec.header("x-forwarded-for"), Some("127.0.0.1"), "{rec:?}");
+    let own_host = format!("127.0.0.1:{port}");
+    assert_eq!(
+        rec.header("x-forwarded-host"),
+        Some(own_host.as_str()),
+        "{rec:?}"
+    );
+    let r = https_send(
+        &gw.ca,
+        "GET",
+        &gw.url("/h1"),
+        &[],
+        full(Bytes::new()),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.version, http::Version::HTTP_11);
+    assert_eq!(upstream.last().header("x-forwarded-proto"), Some("https"));
+
+    let h = handshake(
+        port,
+        &gw.ca,
+        &[b"h2", b"http/1.1"],
+        rustls::DEFAULT_VERSIONS,
+    )
+    .await
+    .unwrap();
+    assert_eq!(h.alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(h.version, rustls::ProtocolVersion::TLSv1_3);
+    assert_eq!(h.peer, first_cert(&cert1));
+    let h = handshake(port, &gw.ca, &[b"http/1.1"], rustls::DEFAULT_VERSIONS)
+        .await
+        .unwrap();
+    assert_eq!(h.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    let h = handshake(port, &gw.ca, &[], &[&rustls::version::TLS12])
+        .await
+        .unwrap();
+    assert_eq!(h.alpn, None);
+    assert_eq!(h.version, rustls::ProtocolVersion::TLSv1_2);
+
+    // TLS 1.1 (and 1.0) are refused; 1.2 works with the same tool.
+    let s_client = |flag: &str| {
+        let out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                flag,
+                "-cipher",
+                "DEFAULT@SECLEVEL=0",
+                "-servername",
+                "localhost",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `openssl s_client` ({e}): install openssl"));
+        (
+            out.status.success(),
+            format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = s_client("-tls1_2");
+    assert!(
+        ok && out.contains("TLSv1.2"),
+        "control: TLS 1.2 must work:\n{out}"
+    );
+    for flag in ["-tls1_1", "-tls1"] {
+        let (ok, out) = s_client(flag);
+        assert!(!ok, "{flag} handshake succeeded:\n{out}");
+        assert!(
+            out.contains("Cipher is (NONE)") && out.contains("no peer certificate available"),
+            "{flag}: the handshake got further than the ClientHello:\n{out}"
+        );
+    }
+    // Plain HTTP on the TLS port is not served.
+    let r = raw_exchange(port, &raw_get("/x", "127.0.0.1", &[]), DEADLINE).await;
+    assert!(r.status.is_none() && r.closed, "{r:?}");
+
+    // New certificate files: new connections get the new certificate within seconds.
+    let before = upstream.count();
+    replace_file(&key2, &key);
+    replace_file(&cert2, &cert);
+    let want = first_cert(&cert2);
+    let t0 = Instant::now();
+    loop {
+        let h = handshake(port, &gw.ca, &[b"http/1.1"], rustls::DEFAULT_VERSIONS)
+            .await
+            .unwrap();
+        if h.peer == want {
+            break;
+        }
+        assert_eq!(
+            h.peer,
+            first_cert(&cert1),
+            "neither the old nor the new certificate"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "certificate not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = https_get(&gw.ca, &gw.url("/after"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(upstream.count(), before + 1);
+    // A broken pair is not loaded: the current certificate stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let h = handshake(port, &gw.ca, &[], rustls::DEFAULT_VERSIONS)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.peer, want,
+        "a broken certificate file replaced the working one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_need_the_ca_file_and_mtls_needs_the_client_certificate() {
+    let pki = Pki::new();
+    let (up_cert, up_key) = pki.issue("upstream", "upstream");
+    let (client_cert, client_key) = pki.issue("client", "portcullis-client");
+    let plain = tls_upstream(&up_cert, &up_key, None).await;
+    let mtls = tls_upstream(&up_cert, &up_key, Some(&pki.ca())).await;
+    let idp = Idp::start(&[]).await;
+    let ca = pki.ca().display().to_string();
+    let client = format!(
+        "client_cert_file: \"{}\", client_key_file: \"{}\"",
+        client_cert.display(),
+        client_key.display()
+    );
+    // (upstream port, tls block, expected status, client certificate seen upstream)
+    let cases = [
+        (
+            plain.port,
+            format!("tls: {{ ca_file: \"{ca}\" }}"),
+            200,
+            Some(false),
+        ),
+        (plain.port, String::new(), 502, None),
+        (
+            mtls.port,
+            format!("tls: {{ ca_file: \"{ca}\", {client} }}"),
+            200,
+            Some(true),
+        ),
+        (
+            mtls.port,
+            format!("tls: {{ ca_file: \"{ca}\" }}"),
+            502,
+            None,
+        ),
+    ];
+    for (i, (up_port, tls, status, cert_seen)) in cases.iter().enumerate() {
+        let gw = Gateway::start(GatewayOpts {
+            extra: format!("{ALL_PUBLIC}\n{tls}"),
+            ..GatewayOpts::new(free_port(), &idp, &format!("https://127.0.0.1:{up_port}"))
+        })
+        .await;
+        let hits = if *up_port == plain.port {
+            &plain.hits
+        } else {
+            &mtls.hits
+        };
+        let before = hits.lock().unwrap().len();
+        let r = send("GET", &gw.url(&format!("/case/{i}")), &[], Vec::new()).await;
+        assert_eq!(r.status, *status, "case {i} ({tls}): {}", r.dump());
+        let seen = hits.lock().unwrap().clone();
+        match cert_seen {
+            Some(c) => {
+                assert_eq!(seen.len(), before + 1, "case {i}");
+                let hit = seen.last().unwrap();
+                assert_eq!(hit.path, format!("/case/{i}"));
+                assert_eq!(hit.client_cert, *c, "case {i}");
+                assert_eq!(hit.forwarded_proto.as_deref(), Some("http"), "case {i}");
+                assert_eq!(r.json()["path"], format!("/case/{i}"));
+            }
+            None => assert_eq!(seen.len(), before, "case {i}: the request got through"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_cookies_over_tls_use_the_host_prefix() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("gw", "gateway");
+    let port = free_port();
+    let origin = format!("https://127.0.0.1:{port}");
+    let idp = Idp::start(&[("IDP_REDIRECT_URIS", &format!("{origin}/oauth2/callback"))]).await;
+    let upstream = Upstream::start();
+    let opts = GatewayOpts {
+        extra: tls_yaml(&cert, &key),
+        ..GatewayOpts::new(port, &idp, &upstream.url())
+    };
+    let yaml = opts
+        .yaml()
+        .replace(
+            &format!("redirect_url: \"http://127.0.0.1:{port}/"),
+            &format!("redirect_url: \"{origin}/"),
+        )
+        .replace("  secure: false\n", "  secure: true\n");
+    assert!(
+        yaml.contains("secure: true") && yaml.contains(&origin),
+        "{yaml}"
+    );
+    let gw = TlsGateway::start(port, yaml, &pki.ca()).await;
+
+    let start = https_get(&gw.ca, &gw.url("/app?x=1"), &[("accept", BROWSER_ACCEPT)]).await;
+    assert_eq!(start.status, 302, "{}", start.dump());
+    let auth = start.location().unwrap().to_string();
+    let flow = start
+        .set_cookies()
+        .into_iter()
+        .find(|c| c.name.starts_with("__Host-_portcullis_flow_"))
+        .unwrap_or_else(|| panic!("no __Host- flow cookie: {}", start.dump()));
+    assert_eq!(flow.path(), Some("/"), "{}", flow.raw);
+    assert!(flow.flag("secure"), "{}", flow.raw);
+    let browser = Browser::new();
+    let callback = idp_walk(&browser, &auth, "alice").await;
+    assert!(
+        callback.starts_with(&format!("{origin}/oauth2/callback?")),
+        "{callback}"
+    );
+    let flow_cookie = format!("{}={}", flow.name, flow.value);
+    let cb = https_get(
+        &gw.ca,
+        &callback,
+        &[("accept", BROWSER_ACCEPT), ("cookie", &flow_cookie)],
+    )
+    .await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    assert_eq!(cb.location(), Some("/app?x=1"));
+    let session = cb
+        .set_cookie("__Host-_portcullis")
+        .unwrap_or_else(|| panic!("no __Host- session cookie: {}", cb.dump()));
+    assert!(!session.is_removal(), "{}", session.raw);
+    assert!(session.flag("secure"), "{}", session.raw);
+    assert!(session.flag("httponly"), "{}", session.raw);
+    assert_eq!(session.path(), Some("/"), "{}", session.raw);
+    assert!(
+        session.attr("domain").is_none() && !session.flag("domain"),
+        "{}",
+        session.raw
+    );
+    assert!(cb.set_cookie("_portcullis").is_none(), "{}", cb.dump());
+
+    let cookie = format!("__Host-_portcullis={}", session.value);
+    let r = https_get(&gw.ca, &gw.url("/app?x=1"), &[("cookie", &cookie)]).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = upstream.last();
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    assert_eq!(rec.header("x-forwarded-proto"), Some("https"));
+    assert!(rec.header("cookie").is_none(), "{rec:?}");
+    // The same sealed value under the plain name is no session.
+    let r = https_get(
+        &gw.ca,
+        &gw.url("/app"),
+        &[
+            ("cookie", &format!("_portcullis={}", session.value)),
+            ("accept", "application/json"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.dump());
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits and hostile clients.
+// ---------------------------------------------------------------------------------------
+
+fn request_with_headers(host: &str, headers: &[String]) -> Vec<u8> {
+    let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    raw_get("/limits", host, &refs)
+}
+
+#[tokio::test]
+async fn oversized_heads_are_refused_without_hanging() {
+    let s = Stack::with(
+        &[],
+        &format!("{ALL_PUBLIC}\nlimits: {{ max_header_bytes: 8192, max_headers: 20 }}"),
+    )
+    .await;
+    let port = s.gw.port;
+    let host = format!("127.0.0.1:{port}");
+
+    // Controls: just under both limits.
+    let ten: Vec<String> = (0..10)
+        .map(|i| format!("X-Filler-{i}: {}", "a".repeat(100)))
+        .collect();
+    let r = raw_exchange(port, &request_with_headers(&host, &ten), DEADLINE).await;
+    assert_eq!(r.status, Some(200), "{}", r.text);
+    let big = vec![format!("X-Big: {}", "b".repeat(6000))];
+    let r = raw_exchange(port, &request_with_headers(&host, &big), DEADLINE).await;
+    assert_eq!(r.status, Some(200), "{}", r.text);
+    let before = s.upstream.count();
+
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "one 16 KB header",
+            vec![format!("X-Big: {}", "b".repeat(16 * 1024))],
+        ),
+        (
+            "a 64 KB cookie",
+            vec![format!("Cookie: a={}", "c".repeat(64 * 1024))],
+        ),
+        (
+            "a 1 MB header",
+            vec![format!("X-Huge: {}", "h".repeat(1024 * 1024))],
+        ),
+        (
+            "30 headers",
+            (0..30).map(|i| format!("X-Many-{i}: v")).collect(),
+        ),
+        (
+            "500 headers",
+            (0..500).map(|i| format!("X-Many-{i}: v")).collect(),
+        ),
+    ];
+    for (what, headers) in &cases {
+        let r = raw_exchange(port, &request_with_headers(&host, headers), DEADLINE).await;
+        eprintln!("{what}: status {:?}, closed {}", r.status, r.closed);
+        assert!(r.closed, "{what}: the connection was left hanging: {r:?}");
+        assert!(
+            matches!(r.status, None | Some(431) | Some(400)),
+            "{what}: {:?}\n{}",
+            r.status,
+            r.text.chars().take(500).collect::<String>()
+        );
+    }
+    // Same over HTTP/2 (h2c): refused, not served.
+    let huge = "b".repeat(16 * 1024);
+    match send_h2("GET", &s.gw.url("/h2"), &[("x-big", &huge)], Vec::new()).await {
+        Ok(r) => assert_eq!(r.status, 431, "{}", r.dump()),
+        Err(e) => eprintln!("h2 request with a 16 KB header refused at the protocol level: {e}"),
+    }
+    assert_eq!(
+        s.upstream.count(),
+        before,
+        "an oversized request reached the upstream"
+    );
+    let mut gw = s.gw;
+    gw.assert_healthy().await;
+}
+
+/// Writes `prefix` and then one byte of `drip` every `every` until the server closes the
+/// connection; returns what was read and whether the server closed it within `deadline`.
+async fn slow_client(port: u16, prefix: &[u8], drip: &[u8], every: Duration) -> (bool, String) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    let _ = wr.write_all(prefix).await;
+    let t0 = Instant::now();
+    let mut i = 0;
+    while !reader.is_finished() && t0.elapsed() < DEADLINE {
+        if !drip.is_empty() && wr.write_all(&drip[i % drip.len()..][..1]).await.is_err() {
+            break;
+        }
+        i += 1;
+        tokio::time::sleep(every).await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(1), async {
+        while !reader.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok();
+    let got = if closed {
+        String::from_utf8_lossy(&reader.await.unwrap()).into_owned()
+    } else {
+        reader.abort();
+        String::new()
+    };
+    (closed, got)
+}
+
+#[tokio::test]
+async fn slow_and_idle_clients_are_disconnected() {
+    let s = Stack::with(
+        &[],
+        &format!("{ALL_PUBLIC}\ntimeouts: {{ header_read: 1s }}"),
+    )
+    .await;
+    let port = s.gw.port;
+
+    // Slow-loris: a request line and headers trickling in, one byte every 250 ms.
+    let (closed, got) = slow_client(
+        port,
+        b"GET /slow-loris HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+        b"X-Drip: aaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+        Duration::from_millis(250),
+    )
+    .await;
+    assert!(
+        closed,
+        "a slow-loris client kept its connection for {DEADLINE:?}"
+    );
+    assert!(!got.contains(" 200 "), "{got}");
+    // The same with a request line that never ends.
+    let (closed, got) = slow_client(port, b"GET /", b"aaaaaaaa", Duration::from_millis(250)).await;
+    assert!(
+        closed,
+        "an endless request line kept its connection for {DEADLINE:?}"
+    );
+    assert!(!got.contains(" 200 "), "{got}");
+
+    // An idle keep-alive connection, after a complete request, is closed.
+    let (closed, got) = slow_client(
+        port,
+        format!("GET /idle HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
+        b"",
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert!(
+        closed,
+        "an idle keep-alive connection stayed open for {DEADLINE:?}"
+    );
+    assert_eq!(
+        s.upstream.count(),
+        1,
+        "only the complete request was served"
+    );
+    let mut gw = s.gw;
+    gw.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn silent_connections_are_disconnected() {
+    let s = Stack::with(
+        &[],
+        &format!("{ALL_PUBLIC}\ntimeouts: {{ header_read: 1s }}"),
+    )
+    .await;
+    let (closed, _) = slow_client(s.gw.port, b"", b"", Duration::from_millis(100)).await;
+    assert!(
+        closed,
+        "a connection that sent nothing stayed open for {DEADLINE:?}"
+    );
+}
+
+#[tokio::test]
+async fn partial_http2_preface_is_disconnected() {
+    let s = Stack::with(
+        &[],
+        &format!("{ALL_PUBLIC}\ntimeouts: {{ header_read: 1s }}"),
+    )
+    .await;
+    let (closed, _) = slow_client(
+        s.gw.port,
+        b"PRI * HTTP/2.0\r\n",
+        b"",
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(
+        closed,
+        "a connection that sent half an HTTP/2 preface stayed open for {DEADLINE:?}"
+    );
+}
+
+#[tokio::test]
+async fn silent_connections_cannot_exhaust_max_connections() {
+    let s = Stack::with(
+        &[],
+        &format!("{ALL_PUBLIC}\nlimits: {{ max_connections: 5 }}\ntimeouts: {{ header_read: 1s }}"),
+    )
+    .await;
+    let port = s.gw.port;
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    // Well past header_read, a normal client must be served: the silent ones are gone.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = raw_exchange(port, &raw_get("/x", "127.0.0.1", &[]), DEADLINE).await;
+    assert_eq!(
+        r.status,
+        Some(200),
+        "5 idle sockets that never sent a byte lock everyone out for {DEADLINE:?}: {r:?}"
+    );
+    drop(silent);
+}
+
+/// Sends a complete keep-alive request on `stream` and reads its (Content-Length) response.
+async fn keep_alive_request(stream: &mut TcpStream, port: u16) -> String {
+    stream
+        .write_all(format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let work = async {
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    return text;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, work)
+        .await
+        .expect("keep-alive response")
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_wait_for_a_free_slot() {
+    let s = Stack::with(
+        &[],
+        &format!(
+            "{ALL_PUBLIC}\nlimits: {{ max_connections: 5 }}\ntimeouts: {{ header_read: 60s }}"
+        ),
+    )
+    .await;
+    let port = s.gw.port;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let r = keep_alive_request(&mut c, port).await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        held.push(c);
+    }
+    // The sixth: the kernel completes the handshake, the gateway does not serve it...
+    let mut sixth = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    sixth
+        .write_all(
+            format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let early = tokio::time::timeout(Duration::from_millis(1500), sixth.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "the sixth connection was served (or closed) while five were open: {early:?}"
+    );
+    // ... until one of the five goes away.
+    drop(held.pop());
+    let mut got = Vec::new();
+    tokio::time::timeout(DEADLINE, sixth.read_to_end(&mut got))
+        .await
+        .expect("the sixth connection was not served after a slot freed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(text.ends_with("ok\n"), "{text}");
+    // The held ones still work.
+    let r = keep_alive_request(&mut held[0], port).await;
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    drop(held);
+    let mut gw = s.gw;
+    gw.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn sign_out_with_a_huge_body_is_refused_cleanly() {
+    let s = Stack::start().await;
+    let cookie = login_cookie(&s.gw, "alice").await;
+    let port = s.gw.port;
+    let host = format!("127.0.0.1:{port}");
+    let body = vec![b'a'; 1024 * 1024];
+    let post = |cookie: Option<&str>, chunked: bool| {
+        let mut head = format!(
+            "POST /oauth2/sign_out HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n"
+        );
+        if let Some(c) = cookie {
+            head.push_str(&format!("Cookie: {c}\r\n"));
+        }
+        let mut req = Vec::new();
+        if chunked {
+            head.push_str("Transfer-Encoding: chunked\r\n\r\n");
+            req.extend_from_slice(head.as_bytes());
+            for chunk in body.chunks(64 * 1024) {
+                req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                req.extend_from_slice(chunk);
+                req.extend_from_slice(b"\r\n");
+            }
+            req.extend_from_slice(b"0\r\n\r\n");
+        } else {
+            head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+            req.extend_from_slice(head.as_bytes());
+            req.extend_from_slice(&body);
+        }
+        req
+    };
+    for chunked in [false, true] {
+        let r = raw_exchange(port, &post(Some(&cookie), chunked), DEADLINE).await;
+        assert_eq!(r.status, Some(413), "chunked={chunked}: {}", r.text);
+        assert!(r.closed, "chunked={chunked}");
+        assert!(
+            r.header("set-cookie").is_none(),
+            "session cleared: {}",
+            r.text
+        );
+    }
+    // Without a session there is nothing to sign out of: no error either way.
+    let r = raw_exchange(port, &post(None, false), DEADLINE).await;
+    let st = r.status.unwrap_or_else(|| panic!("no answer: {r:?}"));
+    assert!(st < 500, "{}", r.text);
+    // Still signed in, still healthy.
+    let me = send(
+        "GET",
+        &s.gw.url("/oauth2/userinfo"),
+        &[("cookie", &cookie)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(me.status, 200, "{}", me.dump());
+    let mut gw = s.gw;
+    gw.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn stale_flow_cookies_are_cleared_when_a_login_starts() {
+    let s = Stack::start().await;
+    let flows: Vec<String> = (0..20)
+        .map(|i| format!("_portcullis_flow_{i:016x}"))
+        .collect();
+    let cookie = flows
+        .iter()
+        .map(|n| format!("{n}=stale-flow-value"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let r = send(
+        "GET",
+        &s.gw.url("/oauth2/start?rd=%2F"),
+        &[("accept", BROWSER_ACCEPT), ("cookie", &cookie)],
+        Vec::new(),
+    )
+    .await;
+    let (_, fresh) = auth_redirect(&r);
+    assert!(!flows.contains(&fresh.name));
+    let set = r.set_cookies();
+    for n in &flows {
+        let c = set
+            .iter()
+            .find(|c| &c.name == n)
+            .unwrap_or_else(|| panic!("{n} not cleared: {}", r.dump()));
+        assert!(c.is_removal(), "{}", c.raw);
+        assert_eq!(c.path(), Some("/"), "{}", c.raw);
+    }
+    assert_eq!(set.len(), flows.len() + 1, "{}", r.dump());
+
+    // Below the cap nothing is cleared.
+    let r = send(
+        "GET",
+        &s.gw.url("/oauth2/start"),
+        &[
+            ("accept", BROWSER_ACCEPT),
+            (
+                "cookie",
+                &flows[..3]
+                    .iter()
+                    .map(|n| format!("{n}=x"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.set_cookies().len(), 1, "{}", r.dump());
+}
+
+#[tokio::test]
+async fn pending_logins_are_capped_in_a_real_browser() {
+    // Each started login leaves a flow cookie of a few hundred bytes for 10 minutes;
+    // uncapped, a page that keeps starting logins grows the callback's Cookie header.
+    let s = Stack::start().await;
+    let b = Browser::new();
+    let mut last = None;
+    for i in 0..12 {
+        let r = b.get(&s.gw.url(&format!("/tab/{i}"))).await;
+        last = Some(auth_redirect(&r).0);
+        let pending = b
+            .cookie_names(&s.gw.url("/oauth2/callback"))
+            .into_iter()
+            .filter(|n| n.starts_with("_portcullis_flow_"))
+            .count();
+        assert!(
+            (1..=8).contains(&pending),
+            "{pending} pending flows after {i}"
+        );
+    }
+    // The newest login still completes.
+    let callback = idp_walk(&b, &last.unwrap(), "alice").await;
+    let cb = b.get(&callback).await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    assert_eq!(cb.location(), Some("/tab/11"));
+}
+
+fn assert_page_headers(r: &Resp) {
+    let what = format!("{} {}", r.method, r.url);
+    let csp = r.header("content-security-policy").unwrap_or("");
+    assert!(csp.contains("default-src 'none'"), "{what}: CSP {csp:?}");
+    assert!(
+        csp.contains("frame-ancestors 'none'"),
+        "{what}: CSP {csp:?}"
+    );
+    assert_eq!(
+        r.header("x-content-type-options"),
+        Some("nosniff"),
+        "{what}"
+    );
+    assert!(
+        r.header("referrer-policy").is_some(),
+        "{what}: {}",
+        r.dump()
+    );
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{what}");
+}
+
+#[tokio::test]
+async fn gateway_pages_carry_security_headers_and_escape_what_they_echo() {
+    let s = Stack::with(
+        &[],
+        r#"routes: [ { prefix: "/admin/", allow: { groups: ["nobody"] } } ]"#,
+    )
+    .await;
+    let anon = Browser::new();
+    let pages = [
+        ("/oauth2/callback", 400),
+        ("/oauth2/callback?code=x", 400),
+        ("/oauth2/callback?state=unknown-state&code=x", 400),
+        ("/oauth2/sign_out", 200),
+        ("/oauth2/signed_out", 200),
+        ("/oauth2/nope", 404),
+        ("/a%2fb", 400),
+        ("/a;b", 400),
+    ];
+    for (path, status) in pages {
+        let r = anon.get(&s.gw.url(path)).await;
+        assert_eq!(r.status, status, "{path}: {}", r.dump());
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/html; charset=utf-8"),
+            "{path}"
+        );
+        assert_page_headers(&r);
+    }
+    let r = anon.api_get(&s.gw.url("/oauth2/userinfo")).await;
+    assert_eq!(r.status, 401);
+    assert_page_headers(&r);
+
+    // A provider error echoed on the callback page is escaped.
+    let (auth, _) = auth_redirect(&anon.get(&s.gw.url("/oauth2/start?rd=%2F")).await);
+    let state = query_param(&auth, "state").unwrap();
+    let r = anon
+        .get(&s.gw.url(&format!(
+            "/oauth2/callback?state={}&error={}&error_description={}",
+            enc(&state),
+            enc("<img src=x onerror=alert(1)>"),
+            enc("<script>alert(1)</script>\"'&")
+        )))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.dump());
+    assert_page_headers(&r);
+    let body = r.text();
+    assert!(
+        !body.contains("<script>") && !body.contains("<img"),
+        "unescaped: {body}"
+    );
+    assert!(
+        body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{body}"
+    );
+    assert!(
+        body.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "{body}"
+    );
+    assert!(body.contains("&quot;&#39;&amp;"), "{body}");
+
+    // Signed in: the sign-out page and an authorization 403.
+    let b = s.login("alice").await;
+    let r = b.get(&s.gw.url("/oauth2/sign_out")).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("alice@example.test"), "{}", r.dump());
+    assert_page_headers(&r);
+    let r = b.get(&s.gw.url("/admin/")).await;
+    assert_eq!(r.status, 403, "{}", r.dump());
+    assert_page_headers(&r);
+    assert!(r.text().contains("/oauth2/sign_out"), "{}", r.dump());
+}

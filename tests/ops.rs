@@ -1,0 +1,1121 @@
+//! Operating the gateway: the Prometheus exposition (checked by `promtool`, scraped by a
+//! real Prometheus), graceful SIGTERM under load, hot reload (secret files, SIGHUP,
+//! invalid configs, Kubernetes ConfigMap symlink swaps), logs without secrets, and
+//! forward auth behind a real nginx `auth_request`.
+//!
+//! Needs `promtool`, `prometheus` and `nginx` (`make deps`): a missing tool fails the
+//! test, it is never skipped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::ops::*;
+use support::*;
+
+/// Replaces the character at `i` with another base64url character.
+fn flip(v: &str, i: usize) -> String {
+    let mut b = v.as_bytes().to_vec();
+    b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(b).unwrap()
+}
+
+/// The bearer token the upstream received.
+fn bearer_of(rec: &Recorded) -> String {
+    rec.header("authorization")
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .unwrap_or_else(|| panic!("no bearer at the upstream: {rec:?}"))
+        .to_string()
+}
+
+/// An IdP, the echo upstream and the options of a gateway on a fresh port in front of it.
+async fn parts(idp_env: &[(&str, &str)]) -> (Idp, Upstream, GatewayOpts) {
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, idp_env).await;
+    let upstream = Upstream::start();
+    let opts = GatewayOpts::new(port, &idp, &upstream.url());
+    (idp, upstream, opts)
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_count_without_identifying_labels() {
+    let (idp, upstream, opts) = parts(&[]).await;
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value(r#"portcullis_login_flows_total{event="completed",reason=""}"#),
+        0.0
+    );
+
+    // One login, then a tampered cookie, then proxied requests.
+    let b = Browser::new();
+    let t = login_at(&b, &gw.origin(), "/ops-login-page", "alice").await;
+    assert_eq!(t.last.status, 200, "{}", t.last.dump());
+    let value = b
+        .cookie(&gw.url("/"), "_portcullis")
+        .expect("session cookie");
+    let cookie = format!("_portcullis={value}");
+
+    let tampered = format!("_portcullis={}", flip(&value, value.len() / 2));
+    let r = api_get(&gw.url("/ops-tampered-path"), &tampered).await;
+    assert_eq!(r.status, 401, "{}", r.dump());
+
+    for i in 0..5 {
+        let r = api_get(
+            &gw.url(&format!("/ops-proxied-path/{i}?q=ops-query")),
+            &cookie,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+    }
+    assert_eq!(upstream.count(), 6, "the login's last page and 5 API calls");
+
+    // A second gateway (same cookie keys) in front of a closed port.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let gw2 = OpsGateway::start(&OpsConfig::new(GatewayOpts::new(free_port(), &idp, &dead))).await;
+    let r = api_get(&gw2.url("/ops-dead-upstream"), &cookie).await;
+    assert_eq!(r.status, 502, "{}", r.dump());
+
+    let m = gw.metrics().await;
+    let (status, printed) = promtool_check_metrics(&m.text);
+    assert!(
+        status.success() && printed.trim().is_empty(),
+        "promtool check metrics: {status}\n{printed}\n---- exposition ----\n{}",
+        m.text
+    );
+    assert_eq!(
+        m.value(r#"portcullis_requests_total{method="GET",route="proxied",status="2xx"}"#),
+        6.0
+    );
+    assert_eq!(
+        m.value(r#"portcullis_requests_total{method="GET",route="proxied",status="4xx"}"#),
+        1.0,
+        "the tampered cookie's 401"
+    );
+    assert_eq!(
+        m.value(r#"portcullis_login_flows_total{event="started",reason=""}"#),
+        1.0
+    );
+    assert_eq!(
+        m.value(r#"portcullis_login_flows_total{event="completed",reason=""}"#),
+        1.0
+    );
+    let build: Vec<_> = m
+        .samples
+        .iter()
+        .filter(|(k, _)| k.starts_with("portcullis_build_info{version=\""))
+        .collect();
+    assert!(
+        build.len() == 1 && *build[0].1 == 1.0,
+        "build_info: {build:?}\n{}",
+        m.text
+    );
+    assert!(
+        m.samples
+            .keys()
+            .any(|k| k.starts_with("portcullis_request_duration_seconds_bucket{")),
+        "{}",
+        m.text
+    );
+    assert!(
+        m.value(r#"portcullis_request_duration_seconds_count{route="proxied"}"#) >= 7.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(m.value("portcullis_upstream_duration_seconds_count"), 6.0);
+    assert!(m.value("portcullis_upstream_duration_seconds_sum") > 0.0);
+    assert!(m.value("portcullis_connections_open") >= 0.0);
+    assert_eq!(m.value("portcullis_requests_in_flight"), 0.0);
+    assert_eq!(
+        m.value(r#"portcullis_session_cookies_rejected_total{reason="tampered"}"#),
+        1.0
+    );
+    assert!(
+        m.value(r#"portcullis_provider_request_duration_seconds_count{endpoint="token"}"#) >= 1.0
+    );
+    assert_eq!(
+        m.value(r#"portcullis_upstream_errors_total{kind="connect"}"#),
+        0.0
+    );
+
+    let m2 = gw2.metrics().await;
+    assert_eq!(
+        m2.value(r#"portcullis_upstream_errors_total{kind="connect"}"#),
+        1.0,
+        "{}",
+        gw2.tails()
+    );
+    assert_eq!(
+        m2.value(r#"portcullis_requests_total{method="GET",route="proxied",status="5xx"}"#),
+        1.0
+    );
+    let (status, printed) = promtool_check_metrics(&m2.text);
+    assert!(status.success() && printed.trim().is_empty(), "{printed}");
+
+    // Bounded labels only: no path, user, IP or query ever becomes a label value.
+    for text in [&m.text, &m2.text] {
+        for needle in [
+            "/ops-login-page",
+            "/ops-tampered-path",
+            "/ops-proxied-path",
+            "/ops-dead-upstream",
+            "ops-query",
+            "alice",
+            "127.0.0.1",
+        ] {
+            assert!(
+                !text.contains(needle),
+                "/metrics contains {needle:?}:\n{text}"
+            );
+        }
+    }
+    for v in m.label_values().iter().chain(m2.label_values().iter()) {
+        assert!(
+            !v.contains('/') && v.parse::<std::net::IpAddr>().is_err() && v.len() <= 16,
+            "label value {v:?} looks unbounded"
+        );
+    }
+    drop(idp);
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_the_admin_listener() {
+    let (_idp, _upstream, opts) = parts(&[]).await;
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let target = format!("127.0.0.1:{}", gw.admin_port.unwrap());
+    let prom = Prometheus::start("portcullis", &target).await;
+
+    let within = Duration::from_secs(30);
+    eventually(
+        within,
+        "prometheus has portcullis_build_info == 1",
+        || async {
+            let r = prom.query("portcullis_build_info").await?;
+            match r.as_slice() {
+                [one] if one["value"][1] == "1" && one["metric"]["job"] == "portcullis" => Ok(()),
+                _ => Err(format!("{r:?}\n{}", prom.tails())),
+            }
+        },
+    )
+    .await;
+    eventually(within, "up{job=\"portcullis\"} == 1", || async {
+        let r = prom.query("up{job=\"portcullis\"}").await?;
+        match r.as_slice() {
+            [one] if one["value"][1] == "1" => Ok(()),
+            _ => Err(format!("{r:?}")),
+        }
+    })
+    .await;
+    // The histograms arrive as real series too.
+    let r = prom
+        .query("portcullis_request_duration_seconds_bucket")
+        .await
+        .unwrap();
+    assert!(!r.is_empty(), "no request duration buckets scraped");
+    drop(prom);
+}
+
+// ---------------------------------------------------------------------------------------
+// SIGTERM
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct ClientReport {
+    id: usize,
+    keep_alive: bool,
+    ok: u64,
+    ok_after_signal: u64,
+    reconnects: u64,
+    refused_after_signal: bool,
+    failures: Vec<String>,
+}
+
+/// Sends proxied requests back to back: on a fresh connection each (`keep_alive: false`)
+/// or on one connection for as long as the server keeps it open. Stops at the first
+/// refused connection after the signal. Every request written to an accepted
+/// connection must come back 200; anything else is a failure.
+async fn load_client(
+    id: usize,
+    keep_alive: bool,
+    port: u16,
+    cookie: Arc<str>,
+    signalled: Arc<AtomicBool>,
+    total_ok: Arc<AtomicU64>,
+) -> ClientReport {
+    use hyper::client::conn::http1;
+    let mut rep = ClientReport {
+        id,
+        keep_alive,
+        ..ClientReport::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut conn: Option<http1::SendRequest<Empty<Bytes>>> = None;
+    let mut n = 0u64;
+    loop {
+        if Instant::now() > deadline {
+            rep.failures
+                .push("still running at the deadline: the listener never closed".into());
+            break;
+        }
+        let after = signalled.load(Ordering::SeqCst);
+        let mut sender = match conn.take() {
+            Some(mut s) => {
+                if s.ready().await.is_err() {
+                    // The server closed the idle connection: nothing was sent.
+                    rep.reconnects += 1;
+                    continue;
+                }
+                s
+            }
+            None => {
+                let stream = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    Ok(s) => s,
+                    // Refused (or reset while connecting, when the listener closed with the
+                    // connection still in its backlog): the gateway never took it.
+                    Err(e)
+                        if after
+                            && matches!(
+                                e.kind(),
+                                std::io::ErrorKind::ConnectionRefused
+                                    | std::io::ErrorKind::ConnectionReset
+                            ) =>
+                    {
+                        rep.refused_after_signal = true;
+                        break;
+                    }
+                    Err(e) => {
+                        rep.failures
+                            .push(format!("connect (after signal: {after}): {e}"));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                match http1::handshake(TokioIo::new(stream)).await {
+                    Ok((s, c)) => {
+                        tokio::spawn(async move {
+                            let _ = c.await;
+                        });
+                        s
+                    }
+                    Err(e) => {
+                        rep.failures.push(format!("handshake: {e}"));
+                        continue;
+                    }
+                }
+            }
+        };
+        n += 1;
+        let req = http::Request::get(format!("/load/{id}/{n}"))
+            .header("host", format!("127.0.0.1:{port}"))
+            .header("accept", "application/json")
+            .header("cookie", &*cookie)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(20), sender.send_request(req)).await {
+            Err(_) => rep.failures.push(format!(
+                "request {n} (after signal: {after}): no answer in 20 s"
+            )),
+            // Never written: the connection was closing before the request went out.
+            Ok(Err(e)) if e.is_canceled() => rep.reconnects += 1,
+            Ok(Err(e)) => rep
+                .failures
+                .push(format!("request {n} (after signal: {after}): {e:?}")),
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                let close = resp
+                    .headers()
+                    .get("connection")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                match resp.into_body().collect().await {
+                    Err(e) => rep
+                        .failures
+                        .push(format!("request {n} (after signal: {after}): body: {e}")),
+                    Ok(_) if status != 200 => rep
+                        .failures
+                        .push(format!("request {n} (after signal: {after}): {status}")),
+                    Ok(_) => {
+                        rep.ok += 1;
+                        total_ok.fetch_add(1, Ordering::SeqCst);
+                        if after {
+                            rep.ok_after_signal += 1;
+                        }
+                        if keep_alive && !close {
+                            conn = Some(sender);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    rep
+}
+
+/// SIGTERM with a slow request in flight: readiness fails at once, the listener keeps
+/// serving (new and keep-alive connections) during `shutdown_delay`, then refuses; the
+/// slow request completes and the process exits 0.
+#[tokio::test]
+async fn sigterm_fails_readiness_keeps_serving_then_drains_and_exits_0() {
+    let (_idp, upstream, mut opts) = parts(&[]).await;
+    opts.extra = "lifecycle: { shutdown_delay: 2s }\ntimeouts: { shutdown: 10s }".into();
+    let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+    let headers = [("accept", "application/json"), ("cookie", cookie.as_str())];
+
+    // A keep-alive connection, used before and during the delay.
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let (mut keep, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let keep_req = |path: &str| {
+        http::Request::get(path)
+            .header("host", format!("127.0.0.1:{}", gw.port))
+            .header("accept", "application/json")
+            .header("cookie", &cookie)
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let r = keep.send_request(keep_req("/keep/1")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.into_body().collect().await.unwrap();
+
+    let slow = {
+        let url = gw.url("/slow");
+        let cookie = cookie.clone();
+        tokio::spawn(async move {
+            try_send(
+                "GET",
+                &url,
+                &[("accept", "application/json"), ("cookie", &cookie)],
+                Vec::new(),
+            )
+            .await
+        })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the upstream got /slow",
+        || async {
+            if upstream.records().iter().any(|r| r.path == "/slow") {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+
+    gw.signal("TERM");
+    loop {
+        match try_send("GET", &gw.url("/readyz"), &[], Vec::new()).await {
+            Ok(r) if r.status == 503 => {
+                assert!(r.text().contains("shutting down"), "{}", r.dump());
+                break;
+            }
+            Ok(r) => assert_eq!(r.status, 200, "{}", r.dump()),
+            Err(e) => panic!(
+                "the listener closed before /readyz turned 503: {e}\n{}",
+                gw.tails()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let admin = send("GET", &gw.admin_url("/readyz"), &[], Vec::new()).await;
+    assert_eq!(admin.status, 503, "admin /readyz: {}", admin.dump());
+    let live = send("GET", &gw.admin_url("/healthz"), &[], Vec::new()).await;
+    assert_eq!(live.status, 200, "liveness stays up while draining");
+
+    // Still serving during the delay, on new and on kept-alive connections.
+    for i in 0..3 {
+        let r = send(
+            "GET",
+            &gw.url(&format!("/during/{i}")),
+            &headers,
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+    }
+    let r = keep.send_request(keep_req("/keep/2")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.into_body().collect().await.unwrap();
+
+    let slow = slow
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the in-flight slow request failed: {e}\n{}", gw.tails()));
+    assert_eq!(slow.status, 200, "{}", slow.dump());
+    assert_eq!(slow.json()["path"], "/slow");
+    let status = gw.wait_exit(Duration::from_secs(2 + 10 + 5)).await;
+    assert!(status.success(), "exit status {status}\n{}", gw.tails());
+    let refused = tokio::net::TcpStream::connect(("127.0.0.1", gw.port)).await;
+    assert!(refused.is_err(), "the listener is closed after exit");
+    let log = gw.stderr();
+    for line in [
+        "shutdown signal received",
+        "draining connections",
+        "all connections closed",
+    ] {
+        assert!(log.contains(line), "{line:?} not logged\n{}", gw.tails());
+    }
+}
+
+/// The issue's acceptance test: 8 clients (fresh connections and keep-alive) sending
+/// back to back through a SIGTERM. A refused connect after the listener closed ends a
+/// client; every request written to an accepted connection must get its 200.
+///
+/// Fails today: 1-5 of ~1,400 requests per run, in every run so far. Reproduce with
+/// `cargo test --test ops sigterm_under_continuous_load -- --ignored`:
+/// - keep-alive: `hyper::Error(IncompleteMessage)`. Responses during `shutdown_delay`
+///   carry no `Connection: close`, so clients keep reusing their connections; when the
+///   delay ends the gateway closes every idle keep-alive connection, including ones
+///   whose next request is already on the wire.
+/// - fresh connections: `Connection reset by peer` after connecting and writing the
+///   request. A connection accepted just before the listener closes has not had its
+///   request read yet; the graceful shutdown cancels it (debug log `connection closed
+///   with error error=Cancelled`) and the unread request makes the kernel send a RST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_continuous_load_fails_no_accepted_request() {
+    let (_idp, upstream, mut opts) = parts(&[]).await;
+    opts.extra = "lifecycle: { shutdown_delay: 1s }\ntimeouts: { shutdown: 10s }".into();
+    let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let cookie: Arc<str> = login_cookie_at(&gw.origin(), "alice").await.into();
+
+    let signalled = Arc::new(AtomicBool::new(false));
+    let total_ok = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..8)
+        .map(|id| {
+            tokio::spawn(load_client(
+                id,
+                id % 2 == 1,
+                gw.port,
+                cookie.clone(),
+                signalled.clone(),
+                total_ok.clone(),
+            ))
+        })
+        .collect();
+    eventually(Duration::from_secs(20), "load is flowing", || async {
+        let n = total_ok.load(Ordering::SeqCst);
+        if n >= 200 {
+            Ok(())
+        } else {
+            Err(format!("{n} requests so far"))
+        }
+    })
+    .await;
+
+    // A slow request in flight when the signal arrives.
+    let slow = {
+        let url = gw.url("/slow");
+        let cookie = cookie.clone();
+        tokio::spawn(async move {
+            try_send(
+                "GET",
+                &url,
+                &[("accept", "application/json"), ("cookie", &cookie)],
+                Vec::new(),
+            )
+            .await
+        })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the upstream got /slow",
+        || async {
+            if upstream.records().iter().any(|r| r.path == "/slow") {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+
+    signalled.store(true, Ordering::SeqCst);
+    gw.signal("TERM");
+
+    // Readiness fails at once, while the listener still accepts.
+    let t0 = Instant::now();
+    loop {
+        match try_send("GET", &gw.url("/readyz"), &[], Vec::new()).await {
+            Ok(r) if r.status == 503 => {
+                assert!(r.text().contains("shutting down"), "{}", r.dump());
+                break;
+            }
+            Ok(r) => assert_eq!(r.status, 200, "{}", r.dump()),
+            Err(e) => panic!(
+                "the listener closed before /readyz turned 503: {e}\n{}",
+                gw.tails()
+            ),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "/readyz still 200 after SIGTERM\n{}",
+            gw.tails()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let admin = send("GET", &gw.admin_url("/readyz"), &[], Vec::new()).await;
+    assert_eq!(admin.status, 503, "admin /readyz: {}", admin.dump());
+
+    let mut reports = Vec::new();
+    for c in clients {
+        reports.push(c.await.unwrap());
+    }
+    let slow = slow.await.unwrap();
+    let status = gw.wait_exit(Duration::from_secs(1 + 10 + 5)).await;
+
+    let failures: Vec<String> = reports
+        .iter()
+        .flat_map(|r| {
+            r.failures.iter().map(move |f| {
+                format!(
+                    "client {} ({}): {f}",
+                    r.id,
+                    if r.keep_alive { "keep-alive" } else { "fresh" }
+                )
+            })
+        })
+        .collect();
+    let summary: Vec<String> = reports
+        .iter()
+        .map(|r| {
+            format!(
+                "client {} keep_alive={} ok={} ok_after_signal={} reconnects={} refused={}",
+                r.id, r.keep_alive, r.ok, r.ok_after_signal, r.reconnects, r.refused_after_signal
+            )
+        })
+        .collect();
+    let summary = summary.join("\n");
+    assert!(
+        failures.is_empty(),
+        "{} failed request(s):\n{}\n{summary}\n{}",
+        failures.len(),
+        failures.join("\n"),
+        gw.tails()
+    );
+    for r in &reports {
+        assert!(r.refused_after_signal, "{summary}");
+    }
+    assert!(
+        reports.iter().map(|r| r.ok_after_signal).sum::<u64>() > 0,
+        "nothing was served during shutdown_delay:\n{summary}"
+    );
+    let slow = slow.unwrap_or_else(|e| panic!("the in-flight slow request failed: {e}"));
+    assert_eq!(slow.status, 200, "{}", slow.dump());
+    assert_eq!(slow.json()["path"], "/slow");
+    assert!(status.success(), "exit status {status}\n{}", gw.tails());
+}
+
+// ---------------------------------------------------------------------------------------
+// Hot reload
+// ---------------------------------------------------------------------------------------
+
+const RELOAD: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn reload_rotates_cookie_keys_from_the_secrets_file() {
+    let (_idp, upstream, mut opts) = parts(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("cookie_secrets");
+    let (k1, k2) = (key(1), key(2));
+    write_atomic(&secrets, &format!("{k1}\n"));
+    opts.secrets = Vec::new();
+    opts.cookie_extra = vec![format!("secrets_file: \"{}\"", secrets.display())];
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let old = login_cookie_at(&gw.origin(), "alice").await;
+
+    // Prepend k2: the k1 cookie still opens, new logins are sealed with k2.
+    write_atomic(&secrets, &format!("{k2}\n{k1}\n"));
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    let r = api_get(&gw.url("/data"), &old).await;
+    assert_eq!(r.status, 200, "k1 cookie with [k2, k1]: {}", r.dump());
+    assert_eq!(upstream.last().header("x-forwarded-user"), Some("alice"));
+    let new = login_cookie_at(&gw.origin(), "bob").await;
+
+    // Retire k1: the old cookie stops working, the new one (sealed with k2) keeps working.
+    write_atomic(&secrets, &format!("{k2}\n"));
+    eventually(RELOAD, "the k1 cookie is refused", || async {
+        let r = api_get(&gw.url("/data"), &old).await;
+        match r.status.as_u16() {
+            401 => Ok(()),
+            200 => Err("still 200".into()),
+            _ => panic!("unexpected answer: {}", r.dump()),
+        }
+    })
+    .await;
+    let r = api_get(&gw.url("/data"), &new).await;
+    assert_eq!(r.status, 200, "k2 cookie with [k2]: {}", r.dump());
+    assert_eq!(upstream.last().header("x-forwarded-user"), Some("bob"));
+    assert_eq!(gw.reloads("success").await, 2.0);
+    assert_eq!(gw.reloads("failure").await, 0.0);
+}
+
+#[tokio::test]
+async fn reload_picks_up_a_rotated_client_secret_file() {
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("client_secret");
+    write_atomic(&file, "wrong-secret\n");
+    opts.client_secret = String::new();
+    opts.provider_extra = vec![format!("client_secret_file: \"{}\"", file.display())];
+    let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let pid = gw.pid();
+
+    // The wrong secret: the code exchange fails.
+    let b = Browser::new();
+    let first = b.get(&gw.url("/")).await;
+    let (auth, _) = auth_redirect(&first);
+    let callback = idp_walk(&b, &auth, "alice").await;
+    let r = b.get(&callback).await;
+    assert_eq!(r.status, 502, "wrong client secret: {}", r.dump());
+    assert!(b.cookie(&gw.url("/"), "_portcullis").is_none());
+
+    // The right one, without a restart.
+    write_atomic(&file, &format!("{CLIENT_SECRET}\n"));
+    let origin = gw.origin();
+    eventually(RELOAD, "a fresh login succeeds", || async {
+        let b = Browser::new();
+        let first = b.get(&format!("{origin}/after")).await;
+        let (auth, _) = auth_redirect(&first);
+        let callback = idp_walk(&b, &auth, "alice").await;
+        let cb = b.get(&callback).await;
+        if cb.status == 302 && b.cookie(&format!("{origin}/"), "_portcullis").is_some() {
+            Ok(())
+        } else {
+            Err(cb.dump())
+        }
+    })
+    .await;
+    assert!(gw.alive(), "{}", gw.tails());
+    assert_eq!(gw.pid(), pid, "the same process");
+    assert!(gw.reloads("success").await >= 1.0);
+}
+
+#[tokio::test]
+async fn invalid_config_reload_is_rejected_and_the_old_one_keeps_serving() {
+    let (_idp, upstream, opts) = parts(&[]).await;
+    let cfg = OpsConfig::new(opts);
+    let mut gw = OpsGateway::start(&cfg).await;
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+
+    let mut bad = cfg.yaml();
+    bad.push_str("no_such_key: true\nheaders: { user: X-Should-Not-Apply }\n");
+    write_atomic(&gw.config, &bad);
+    gw.await_reloads("failure", 1.0, RELOAD).await;
+    assert!(
+        gw.stderr().contains("config reload rejected"),
+        "{}",
+        gw.tails()
+    );
+    assert!(gw.stderr().contains("no_such_key"), "{}", gw.tails());
+    gw.assert_healthy().await;
+    let r = api_get(&gw.url("/still"), &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = upstream.last();
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    assert!(rec.header("x-should-not-apply").is_none(), "{rec:?}");
+    let ready = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
+    assert_eq!(ready.status, 200, "{}", ready.dump());
+
+    // A valid config again: it applies, and the failure was counted once (not retried).
+    let mut good = cfg.clone();
+    good.gw.extra = "headers: { user: X-Remote-User }".into();
+    write_atomic(&gw.config, &good.yaml());
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    let r = api_get(&gw.url("/fixed"), &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(upstream.last().header("x-remote-user"), Some("alice"));
+    assert_eq!(gw.reloads("failure").await, 1.0);
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config() {
+    let (_idp, upstream, opts) = parts(&[]).await;
+    let cfg = OpsConfig::new(opts);
+    let gw = OpsGateway::start(&cfg).await;
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+
+    // An unchanged file: only the signal can cause this reload.
+    gw.signal("HUP");
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    assert!(gw.stderr().contains("config reloaded"), "{}", gw.tails());
+    let r = api_get(&gw.url("/after-hup"), &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+
+    // A changed file and the signal.
+    let mut next = cfg.clone();
+    next.gw.extra = "headers: { user: X-Remote-User }".into();
+    write_atomic(&gw.config, &next.yaml());
+    gw.signal("HUP");
+    eventually(RELOAD, "the upstream gets X-Remote-User", || async {
+        let r = api_get(&gw.url("/changed"), &cookie).await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        match upstream.last().header("x-remote-user") {
+            Some("alice") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(gw.reloads("success").await >= 2.0);
+    assert_eq!(gw.reloads("failure").await, 0.0);
+}
+
+#[tokio::test]
+async fn configmap_symlink_swap_is_picked_up() {
+    let (_idp, upstream, opts) = parts(&[]).await;
+    let cfg = OpsConfig::new(opts);
+    // The layout of a mounted ConfigMap: timestamped dirs, `..data` pointing at the
+    // current one, and the file a symlink through `..data`.
+    let dir = tempfile::Builder::new()
+        .prefix("portcullis-ops-cm-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path().to_path_buf();
+    std::fs::create_dir(d.join("..2026_01_01_00_00_00.1")).unwrap();
+    std::fs::write(
+        d.join("..2026_01_01_00_00_00.1/portcullis.yaml"),
+        cfg.yaml(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_01_01_00_00_00.1", d.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/portcullis.yaml", d.join("portcullis.yaml")).unwrap();
+    let gw = OpsGateway::spawn(dir, d.join("portcullis.yaml"), cfg.gw.port, cfg.admin_port).await;
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+    assert_eq!(upstream.last().header("x-forwarded-user"), Some("alice"));
+
+    // The kubelet's atomic update: a new dir, a new symlink, renamed over `..data`.
+    let mut next = cfg.clone();
+    next.gw.extra = "headers: { user_claim: email }".into();
+    std::fs::create_dir(d.join("..2026_01_02_00_00_00.2")).unwrap();
+    std::fs::write(
+        d.join("..2026_01_02_00_00_00.2/portcullis.yaml"),
+        next.yaml(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_01_02_00_00_00.2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    std::fs::remove_dir_all(d.join("..2026_01_01_00_00_00.1")).unwrap();
+
+    eventually(
+        RELOAD,
+        "the upstream sees the email as the user",
+        || async {
+            let r = api_get(&gw.url("/cm"), &cookie).await;
+            assert_eq!(r.status, 200, "{}", r.dump());
+            match upstream.last().header("x-forwarded-user") {
+                Some("alice@example.test") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(gw.reloads("failure").await, 0.0, "{}", gw.tails());
+}
+
+// ---------------------------------------------------------------------------------------
+// Logs
+// ---------------------------------------------------------------------------------------
+
+/// Runs a login, proxied requests, a tampered cookie and a sign-out at debug level with
+/// `log` as the log mapping; returns the gateway (for its stderr) and every secret value
+/// the run exposed, by name.
+async fn logged_run(log: &str) -> (OpsGateway, Vec<(&'static str, String)>) {
+    let (idp, upstream, opts) = parts(&[]).await;
+    let mut cfg = OpsConfig::new(opts);
+    cfg.log = log.to_string();
+    let gw = OpsGateway::start(&cfg).await;
+
+    let b = Browser::new();
+    let t = login_at(&b, &gw.origin(), "/logs/page?x=1", "alice").await;
+    assert_eq!(t.last.status, 200, "{}", t.last.dump());
+    let session = b
+        .cookie(&gw.url("/"), "_portcullis")
+        .expect("session cookie");
+    let cookie = format!("_portcullis={session}");
+    let access_token = bearer_of(&upstream.last());
+    for i in 0..3 {
+        let r = api_get(&gw.url(&format!("/logs/api/{i}")), &cookie).await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+    }
+    let r = send(
+        "POST",
+        &gw.url("/logs/form"),
+        &[("content-type", "application/json"), ("cookie", &cookie)],
+        "{\"a\":1}",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let tampered = format!("_portcullis={}", flip(&session, session.len() / 2));
+    let r = api_get(&gw.url("/logs/tampered"), &tampered).await;
+    assert_eq!(r.status, 401, "{}", r.dump());
+    let fa = api_get(&gw.url("/oauth2/auth"), &cookie).await;
+    assert_eq!(fa.status, 202, "{}", fa.dump());
+
+    // Sign-out: the confirmation page, then the POST with its CSRF token.
+    let page = b.get(&gw.url("/oauth2/sign_out")).await;
+    assert_eq!(page.status, 200, "{}", page.dump());
+    let csrf = support::html::hidden_value(&page.text(), "csrf").expect("csrf field");
+    let out = b
+        .request(
+            "POST",
+            &gw.url("/oauth2/sign_out"),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &gw.origin()),
+            ],
+            format!("csrf={}", enc(&csrf)),
+        )
+        .await;
+    assert_eq!(out.status, 302, "{}", out.dump());
+    let id_token = query_param(out.location().unwrap(), "id_token_hint").expect("id_token_hint");
+    let signature = id_token.rsplit('.').next().unwrap().to_string();
+    let after = api_get(&gw.url("/logs/after"), "").await;
+    assert_eq!(after.status, 401);
+
+    let secrets = vec![
+        ("access token", access_token),
+        ("session cookie (head)", session[..40].to_string()),
+        (
+            "session cookie (tail)",
+            session[session.len() - 40..].to_string(),
+        ),
+        ("flow cookie (head)", t.flow_cookie[..40].to_string()),
+        ("authorization code", t.code.clone()),
+        ("state", t.state.clone()),
+        ("client secret", CLIENT_SECRET.to_string()),
+        ("cookie secret", key(1)),
+        ("ID token", id_token),
+        ("ID token signature", signature),
+        ("sign-out CSRF token", csrf),
+    ];
+    for (name, v) in &secrets {
+        assert!(v.len() >= 16, "{name} is too short to search for: {v:?}");
+    }
+    drop(idp);
+    (gw, secrets)
+}
+
+fn assert_no_secrets(log: &str, secrets: &[(&str, String)]) {
+    for (name, v) in secrets {
+        if let Some(line) = log.lines().find(|l| l.contains(v.as_str())) {
+            panic!("the log shows the {name}: {line}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn debug_logs_never_contain_secrets() {
+    let (gw, secrets) = logged_run("{ level: debug }").await;
+    let log = gw.stderr();
+    assert_no_secrets(&log, &secrets);
+    assert!(
+        log.lines().any(|l| l.contains("DEBUG")),
+        "debug level is on:\n{log}"
+    );
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" access:") && l.contains("route=") && l.contains("status="))
+        .collect();
+    assert!(
+        access
+            .iter()
+            .any(|l| l.contains("proxied") && l.contains("status=200")),
+        "no access-log line for a proxied 200:\n{log}"
+    );
+    assert!(
+        access.iter().any(|l| l.contains("status=401")),
+        "no access-log line for the 401:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_without_secrets() {
+    let (gw, secrets) = logged_run("{ level: debug, format: json }").await;
+    let log = gw.stderr();
+    assert_no_secrets(&log, &secrets);
+    let mut access = Vec::new();
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line:?}"));
+        assert!(v.is_object(), "{line}");
+        if v["target"] == "access" {
+            access.push(v);
+        }
+    }
+    let proxied = access
+        .iter()
+        .find(|v| v["route"] == "proxied" && v["status"] == 200 && v["method"] == "GET")
+        .unwrap_or_else(|| panic!("no proxied GET 200 access line:\n{log}"));
+    assert!(proxied["request_id"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert!(proxied["gateway_ms"].is_number(), "{proxied}");
+    assert!(proxied["upstream_ms"].is_number(), "{proxied}");
+    assert_eq!(proxied["user"], "alice", "{proxied}");
+    assert!(
+        access
+            .iter()
+            .any(|v| v["route"] == "forward_auth" && v["status"] == 202),
+        "{log}"
+    );
+    assert!(
+        access
+            .iter()
+            .any(|v| v["route"] == "proxied" && v["status"] == 401),
+        "{log}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward auth behind nginx, trusted proxies
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn nginx_auth_request_forward_auth_end_to_end() {
+    let gw_port = free_port();
+    let upstream = Upstream::start();
+    let nginx = Nginx::start_forward_auth(gw_port, upstream.port).await;
+    let callback_url = nginx.url("/oauth2/callback");
+    let idp = Idp::start(&[("IDP_REDIRECT_URIS", &callback_url)]).await;
+    let mut cfg = OpsConfig::new(GatewayOpts {
+        extra: "trusted_proxies: [\"127.0.0.1/32\"]".into(),
+        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
+    });
+    cfg.admin_port = None;
+    cfg.redirect_url = Some(callback_url.clone());
+    let gw = OpsGateway::start(&cfg).await;
+
+    // Not signed in: nginx turns the gateway's 401 into the login redirect.
+    let b = Browser::new();
+    let r = b.get(&nginx.url("/some/page")).await;
+    assert_eq!(r.status, 302, "{}\n{}", r.dump(), nginx.tails());
+    assert_eq!(
+        r.location(),
+        Some("/oauth2/start?rd=/some/page"),
+        "{}",
+        r.dump()
+    );
+    assert_eq!(upstream.count(), 0);
+
+    // The login, all through nginx.
+    let start = b.get(&r.location_abs().unwrap()).await;
+    let (auth, _) = auth_redirect(&start);
+    assert_eq!(
+        query_param(&auth, "redirect_uri").as_deref(),
+        Some(callback_url.as_str())
+    );
+    let callback = idp_walk(&b, &auth, "alice").await;
+    assert!(
+        callback.starts_with(&format!("{callback_url}?")),
+        "{callback}"
+    );
+    let cb = b.get(&callback).await;
+    assert_eq!(cb.status, 302, "{}\n{}", cb.dump(), gw.tails());
+    assert_eq!(cb.location(), Some("/some/page"), "{}", cb.dump());
+    let page = b.get(&nginx.url("/some/page")).await;
+    assert_eq!(page.status, 200, "{}\n{}", page.dump(), nginx.tails());
+    let rec = upstream.last();
+    assert_eq!(rec.path, "/some/page");
+    assert_eq!(rec.header("x-user"), Some("alice"), "{rec:?}");
+    assert_eq!(rec.header("x-email"), Some("alice@example.test"), "{rec:?}");
+
+    // An API call without a session, through nginx: the login redirect too.
+    let r = send(
+        "GET",
+        &nginx.url("/api/things"),
+        &[("accept", "application/json")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.dump());
+    assert_eq!(r.location(), Some("/oauth2/start?rd=/api/things"));
+
+    // The forward-auth endpoint itself.
+    let cookie = b.cookie_header(&nginx.url("/"));
+    assert!(cookie.starts_with("_portcullis="), "{cookie}");
+    let fa = api_get(&gw.url("/oauth2/auth"), &cookie).await;
+    assert_eq!(fa.status, 202, "{}", fa.dump());
+    assert_eq!(fa.header("x-auth-request-user"), Some("alice"));
+    assert_eq!(
+        fa.header("x-auth-request-email"),
+        Some("alice@example.test")
+    );
+    assert_eq!(fa.header("x-auth-request-groups"), Some("users,user-alice"));
+    assert_eq!(
+        fa.header("x-auth-request-preferred-username"),
+        Some("alice")
+    );
+    assert!(
+        fa.header("x-auth-request-access-token")
+            .is_some_and(|t| t.len() >= 32),
+        "{}",
+        fa.dump()
+    );
+    let no = api_get(&gw.url("/oauth2/auth"), "").await;
+    assert_eq!(no.status, 401, "{}", no.dump());
+    assert!(no.header("x-auth-request-user").is_none());
+}
+
+#[tokio::test]
+async fn forwarded_for_is_extended_only_for_trusted_proxies() {
+    let (_idp, upstream, opts) = parts(&[]).await;
+    let untrusted = Gateway::start(GatewayOpts {
+        extra: "trusted_proxies: []".into(),
+        ..opts.clone()
+    })
+    .await;
+    let trusted = Gateway::start(GatewayOpts {
+        port: free_port(),
+        extra: "trusted_proxies: [\"127.0.0.1/32\"]".into(),
+        ..opts
+    })
+    .await;
+    let cookie = login_cookie(&untrusted, "alice").await;
+    let spoofed = |gw: &Gateway| {
+        let url = gw.url("/xff");
+        let cookie = cookie.clone();
+        async move {
+            let r = send(
+                "GET",
+                &url,
+                &[
+                    ("accept", "application/json"),
+                    ("cookie", &cookie),
+                    ("x-forwarded-for", "6.6.6.6"),
+                ],
+                Vec::new(),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.dump());
+        }
+    };
+
+    spoofed(&untrusted).await;
+    assert_eq!(
+        upstream.last().header_all("x-forwarded-for"),
+        vec!["127.0.0.1"],
+        "an untrusted peer's X-Forwarded-For is replaced"
+    );
+    spoofed(&trusted).await;
+    assert_eq!(
+        upstream.last().header_all("x-forwarded-for"),
+        vec!["6.6.6.6, 127.0.0.1"],
+        "a trusted proxy's X-Forwarded-For is extended"
+    );
+}

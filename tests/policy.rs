@@ -1,0 +1,754 @@
+//! Who gets through, over real sockets: `routes` (skip / api / login, methods, hosts,
+//! per-route upstreams and `allow` rules), the `authorization` lists, path confusion
+//! next to a public route, and the open-redirect corpus for `rd`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use support::corpus::{
+    raw_exchange, raw_get, OPEN_REDIRECTS, PATH_CONFUSION, PATH_STAYS_PUBLIC, SAME_ORIGIN,
+};
+use support::*;
+
+use std::time::{Duration, Instant};
+
+/// Identity and forwarding headers a client must never be able to hand the upstream.
+const SPOOFED: &[(&str, &str)] = &[
+    ("authorization", "Bearer forged-token"),
+    ("x-forwarded-user", "mallory"),
+    ("x-forwarded-email", "mallory@evil.test"),
+    ("x-forwarded-groups", "admins"),
+    ("x-forwarded-preferred-username", "mallory"),
+    ("x_forwarded_user", "mallory"),
+    ("x-auth-request-user", "mallory"),
+];
+
+const IDENTITY_HEADERS: &[&str] = &[
+    "authorization",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x_forwarded_user",
+    "x-auth-request-user",
+];
+
+fn routes_yaml(other_upstream: u16) -> String {
+    format!(
+        r#"routes:
+  - {{ path: "^/public/", methods: [GET, HEAD], auth: skip }}
+  - {{ prefix: "/api/", auth: api }}
+  - {{ prefix: "/admin/", allow: {{ groups: ["user-alice"] }} }}
+  - {{ prefix: "/other/", upstream: "http://127.0.0.1:{other_upstream}", auth: skip }}
+  - {{ prefix: "/hosted/", host: "app.example.com", auth: skip }}
+"#
+    )
+}
+
+fn headers_with<'a>(
+    base: &[(&'a str, &'a str)],
+    more: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut v = base.to_vec();
+    v.extend_from_slice(more);
+    v
+}
+
+fn assert_no_identity(rec: &Recorded, what: &str) {
+    for n in IDENTITY_HEADERS {
+        assert!(
+            rec.header(n).is_none(),
+            "{what}: the upstream received {n}: {rec:?}"
+        );
+    }
+}
+
+/// Asserts the security headers every gateway-rendered page carries.
+fn assert_page_headers(r: &Resp) {
+    let csp = r.header("content-security-policy").unwrap_or("");
+    assert!(csp.contains("default-src 'none'"), "CSP: {}", r.dump());
+    assert!(csp.contains("frame-ancestors 'none'"), "CSP: {}", r.dump());
+    assert_eq!(
+        r.header("x-content-type-options"),
+        Some("nosniff"),
+        "{}",
+        r.dump()
+    );
+    assert!(r.header("referrer-policy").is_some(), "{}", r.dump());
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{}", r.dump());
+}
+
+fn assert_401_json(r: &Resp, what: &str) {
+    assert_eq!(r.status, 401, "{what}: {}", r.dump());
+    assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
+    assert!(
+        r.location().is_none(),
+        "{what}: never a redirect: {}",
+        r.dump()
+    );
+    assert!(
+        r.set_cookies().iter().all(|c| !c.name.contains("_flow_")),
+        "{what}: no login started: {}",
+        r.dump()
+    );
+    assert_eq!(r.json()["error"], "unauthorized", "{what}");
+}
+
+#[tokio::test]
+async fn skip_routes_forward_without_login_and_never_pass_identity() {
+    let other = Upstream::start();
+    let s = Stack::with(&[], &routes_yaml(other.port)).await;
+    let alice = s.login("alice").await;
+    let session = alice.cookie_header(&s.gw.url("/"));
+    assert!(session.starts_with("_portcullis="), "{session}");
+    let with_theme = format!("theme=dark; {session}");
+
+    // Anonymous and with a valid session: the upstream sees neither the spoofed identity
+    // nor the real one, and never the gateway's cookie.
+    for cookie in [None, Some(with_theme.as_str())] {
+        for method in ["GET", "HEAD"] {
+            let what = format!("{method} /public/x (session: {})", cookie.is_some());
+            let mut h = headers_with(SPOOFED, &[("accept", BROWSER_ACCEPT)]);
+            if let Some(c) = cookie {
+                h.push(("cookie", c));
+            }
+            let before = s.upstream.count();
+            let r = send(method, &s.gw.url("/public/x?q=1"), &h, Vec::new()).await;
+            assert_eq!(r.status, 200, "{what}: {}", r.dump());
+            assert_eq!(r.header("x-upstream"), Some("echo"), "{what}");
+            assert!(r.set_cookies().is_empty(), "{what}: {}", r.dump());
+            assert_eq!(s.upstream.count(), before + 1, "{what}");
+            let rec = s.upstream.last();
+            assert_eq!(
+                (rec.method.as_str(), rec.path.as_str()),
+                (method, "/public/x")
+            );
+            assert_eq!(rec.query.as_deref(), Some("q=1"));
+            assert_no_identity(&rec, &what);
+            match cookie {
+                Some(_) => assert_eq!(rec.header("cookie"), Some("theme=dark"), "{what}"),
+                None => assert!(rec.header("cookie").is_none(), "{what}"),
+            }
+        }
+    }
+
+    // A method the route does not list is not public: a login route like any other. (Only
+    // GET/HEAD are browser navigations, so without a session these are all 401, never 302.)
+    let before = s.upstream.count();
+    for (method, accept) in [
+        ("POST", "application/json"),
+        ("POST", BROWSER_ACCEPT),
+        ("PUT", BROWSER_ACCEPT),
+        ("DELETE", "*/*"),
+    ] {
+        let r = send(
+            method,
+            &s.gw.url("/public/x"),
+            &headers_with(SPOOFED, &[("accept", accept)]),
+            "a=b",
+        )
+        .await;
+        assert_401_json(&r, &format!("anonymous {method} /public/x ({accept})"));
+    }
+    assert_eq!(
+        s.upstream.count(),
+        before,
+        "unlisted methods reached the upstream"
+    );
+    // ... and with a session it is forwarded with the real identity.
+    let r = alice
+        .request(
+            "POST",
+            &s.gw.url("/public/x"),
+            &headers_with(SPOOFED, &[("content-type", "text/plain")]),
+            "hello",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    assert_eq!(rec.method, "POST");
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    assert!(rec
+        .header("authorization")
+        .is_some_and(|a| a.starts_with("Bearer ") && a != "Bearer forged-token"));
+    assert!(rec.header("x_forwarded_user").is_none(), "{rec:?}");
+    assert_eq!(other.count(), 0);
+}
+
+#[tokio::test]
+async fn api_routes_answer_401_and_allow_rules_answer_403() {
+    let other = Upstream::start();
+    let s = Stack::with(&[], &routes_yaml(other.port)).await;
+
+    // /api/: 401 JSON even for a browser navigation; never a redirect.
+    for headers in [
+        vec![("accept", BROWSER_ACCEPT)],
+        vec![("accept", "text/html"), ("sec-fetch-mode", "navigate")],
+        vec![("accept", "application/json")],
+        vec![],
+    ] {
+        let r = send("GET", &s.gw.url("/api/x"), &headers, Vec::new()).await;
+        assert_401_json(&r, &format!("GET /api/x {headers:?}"));
+    }
+    // A cookie that does not open is no session (and is cleared), still 401.
+    let r = send(
+        "GET",
+        &s.gw.url("/api/x"),
+        &[
+            ("accept", BROWSER_ACCEPT),
+            ("cookie", "_portcullis=forged.value"),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.dump());
+    assert!(r.location().is_none());
+    assert!(
+        r.set_cookie("_portcullis").is_some_and(|c| c.is_removal()),
+        "the bad cookie is cleared: {}",
+        r.dump()
+    );
+    // /admin/ anonymous: a login route (browser 302, API 401).
+    let r = send(
+        "GET",
+        &s.gw.url("/admin/"),
+        &[("accept", BROWSER_ACCEPT)],
+        Vec::new(),
+    )
+    .await;
+    let (auth, _) = auth_redirect(&r);
+    assert!(auth.starts_with(&s.idp.url("/auth?")), "{auth}");
+    let r = send(
+        "GET",
+        &s.gw.url("/admin/"),
+        &[("accept", "application/json")],
+        Vec::new(),
+    )
+    .await;
+    assert_401_json(&r, "anonymous API GET /admin/");
+    assert_eq!(s.upstream.count(), 0);
+
+    let alice = s.login("alice").await;
+    let bob = s.login("bob").await;
+    assert_eq!(s.upstream.count(), 2, "the two logins landed on /");
+
+    // /api/ with a session: forwarded with the identity.
+    let r = alice.api_get(&s.gw.url("/api/x")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(s.upstream.last().path, "/api/x");
+    assert_eq!(s.upstream.last().header("x-forwarded-user"), Some("alice"));
+
+    // /admin/ allows the group user-alice: alice passes, bob gets a 403 page.
+    let r = alice.get(&s.gw.url("/admin/")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    assert_eq!(rec.path, "/admin/");
+    assert_eq!(rec.header("x-forwarded-groups"), Some("users,user-alice"));
+    let before = s.upstream.count();
+    // The same target however it is spelt (normalised before the rules apply).
+    for path in [
+        "/admin/",
+        "/admin/users?id=1",
+        "/x/../admin/",
+        "//admin/",
+        "/admin/./",
+        "/%61dmin/",
+        "/public/../admin/",
+    ] {
+        for accept in [BROWSER_ACCEPT, "application/json"] {
+            let r = bob
+                .request("GET", &s.gw.url(path), &[("accept", accept)], Vec::new())
+                .await;
+            let what = format!("bob GET {path} ({accept})");
+            assert_eq!(r.status, 403, "{what}: {}", r.dump());
+            assert_eq!(
+                r.header("content-type"),
+                Some("text/html; charset=utf-8"),
+                "{what}"
+            );
+            let body = r.text();
+            assert!(body.contains("Access denied"), "{what}: {body}");
+            assert!(
+                body.contains("not on the list of users allowed here"),
+                "{what}: {body}"
+            );
+            assert!(body.contains("href=\"/oauth2/sign_out\""), "{what}: {body}");
+            assert_page_headers(&r);
+            assert!(r.location().is_none(), "{what}");
+            assert!(
+                r.set_cookies().is_empty(),
+                "{what}: the session is kept: {}",
+                r.dump()
+            );
+        }
+    }
+    assert_eq!(
+        s.upstream.count(),
+        before,
+        "a denied request reached the upstream"
+    );
+    // Bob may use the rest of the app.
+    let r = bob.get(&s.gw.url("/elsewhere")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(s.upstream.last().header("x-forwarded-user"), Some("bob"));
+    assert_eq!(other.count(), 0);
+}
+
+#[tokio::test]
+async fn route_upstreams_and_hosts() {
+    let other = Upstream::start();
+    let s = Stack::with(&[], &routes_yaml(other.port)).await;
+
+    // /other/: its own upstream, no login.
+    let r = send(
+        "GET",
+        &s.gw.url("/other/x?y=1"),
+        &headers_with(SPOOFED, &[("accept", BROWSER_ACCEPT)]),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(other.count(), 1);
+    let rec = other.last();
+    assert_eq!(rec.path, "/other/x");
+    assert_eq!(rec.query.as_deref(), Some("y=1"));
+    assert_no_identity(&rec, "/other/x");
+    assert_eq!(s.upstream.count(), 0, "/other/ went to the main upstream");
+
+    // /hosted/: public only under Host app.example.com (any case, any port).
+    for host in [
+        "app.example.com",
+        "APP.Example.COM:8443",
+        "app.example.com:80",
+    ] {
+        let r = send(
+            "GET",
+            &s.gw.url("/hosted/x"),
+            &headers_with(SPOOFED, &[("accept", BROWSER_ACCEPT), ("host", host)]),
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "Host {host}: {}", r.dump());
+        let rec = s.upstream.last();
+        assert_eq!(rec.path, "/hosted/x");
+        assert_no_identity(&rec, host);
+    }
+    assert_eq!(s.upstream.count(), 3);
+    for host in [
+        None,
+        Some("evil.example.com"),
+        Some("app.example.com.evil.test"),
+    ] {
+        let mut h = vec![("accept", BROWSER_ACCEPT)];
+        if let Some(host) = host {
+            h.push(("host", host));
+        }
+        let r = send("GET", &s.gw.url("/hosted/x"), &h, Vec::new()).await;
+        assert_eq!(r.status, 302, "Host {host:?}: {}", r.dump());
+        let mut h = vec![("accept", "application/json")];
+        if let Some(host) = host {
+            h.push(("host", host));
+        }
+        let r = send("GET", &s.gw.url("/hosted/x"), &h, Vec::new()).await;
+        assert_401_json(&r, &format!("/hosted/x with Host {host:?}"));
+    }
+    assert_eq!(s.upstream.count(), 3, "a wrong Host reached the upstream");
+}
+
+/// One provider, several gateways that differ only in their `authorization` block.
+#[tokio::test]
+async fn authorization_lists_decide_after_login() {
+    let configs: Vec<(&str, &str)> = vec![
+        (
+            "domain example.test",
+            r#"authorization: { allowed_email_domains: ["example.test"] }"#,
+        ),
+        (
+            "domain corp.com",
+            r#"authorization: { allowed_email_domains: ["corp.com", "sub.example.test"] }"#,
+        ),
+        (
+            "emails + groups",
+            r#"authorization: { allowed_emails: ["BOB@Example.Test"], allowed_groups: ["user-carol"] }"#,
+        ),
+        (
+            "group users",
+            r#"authorization: { allowed_groups: ["users"] }"#,
+        ),
+        (
+            "missing groups claim",
+            r#"authorization: { allowed_groups: ["users"], groups_claim: "roles" }"#,
+        ),
+    ];
+    let ports: Vec<u16> = configs.iter().map(|_| free_port()).collect();
+    let uris: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}/oauth2/callback"))
+        .collect();
+    let idp = Idp::start(&[("IDP_REDIRECT_URIS", &uris.join(","))]).await;
+    let upstream = Upstream::start();
+    let mut gws = Vec::new();
+    for ((_, yaml), port) in configs.iter().zip(&ports) {
+        gws.push(
+            Gateway::start(GatewayOpts {
+                extra: yaml.to_string(),
+                ..GatewayOpts::new(*port, &idp, &upstream.url())
+            })
+            .await,
+        );
+    }
+    // (gateway, user, allowed?)
+    let cases: &[(usize, &str, bool)] = &[
+        (0, "alice", true),
+        (1, "alice", false),
+        (2, "alice", false),
+        (2, "bob", true),
+        (2, "carol", true),
+        (3, "alice", true),
+        (4, "alice", false),
+    ];
+    for &(i, user, allowed) in cases {
+        let what = format!("{user} at gateway `{}`", configs[i].0);
+        let b = Browser::new();
+        let before = upstream.count();
+        let r = login(&b, &gws[i], "/", user).await;
+        if allowed {
+            assert_eq!(r.status, 200, "{what}: {}", r.dump());
+            assert_eq!(upstream.count(), before + 1, "{what}");
+            assert_eq!(
+                upstream.last().header("x-forwarded-user"),
+                Some(user),
+                "{what}"
+            );
+        } else {
+            assert_eq!(r.status, 403, "{what}: {}", r.dump());
+            assert!(
+                r.text().contains("not on the list of users allowed here"),
+                "{what}: {}",
+                r.dump()
+            );
+            assert_page_headers(&r);
+            // API callers get the same 403 (they are logged in), not a 401.
+            let api = b.api_get(&gws[i].url("/data")).await;
+            assert_eq!(api.status, 403, "{what}: {}", api.dump());
+            assert_eq!(upstream.count(), before, "{what}: reached the upstream");
+        }
+    }
+    // Under a groups claim the provider does not send, nobody has any group.
+    let b = Browser::new();
+    login(&b, &gws[4], "/", "alice").await;
+    let me = b.api_get(&gws[4].url("/oauth2/userinfo")).await;
+    assert_eq!(me.status, 200, "{}", me.dump());
+    assert_eq!(me.json()["groups"], serde_json::json!([]), "{}", me.dump());
+}
+
+/// How a request target fared.
+fn row(target: &str, accept: &str, status: Option<u16>, reached: usize) -> String {
+    format!("{target:?} (accept {accept}): status {status:?}, upstream requests {reached}")
+}
+
+#[tokio::test]
+async fn path_confusion_never_reaches_a_protected_path_unauthenticated() {
+    let s = Stack::with(&[], r#"routes: [ { path: "^/public/", auth: skip } ]"#).await;
+    let port = s.gw.port;
+    let host = format!("127.0.0.1:{port}");
+    let deadline = Duration::from_secs(10);
+    let mut bad = Vec::new();
+    let mut table = Vec::new();
+    for target in PATH_CONFUSION {
+        for (accept, allowed) in [
+            ("text/html", &[400u16, 302][..]),
+            ("application/json", &[400u16, 401][..]),
+        ] {
+            let before = s.upstream.count();
+            let r = raw_exchange(
+                port,
+                &raw_get(target, &host, &[&format!("Accept: {accept}")]),
+                deadline,
+            )
+            .await;
+            let reached = s.upstream.count() - before;
+            let line = row(target, accept, r.status, reached);
+            if reached != 0 || !r.status.is_some_and(|st| allowed.contains(&st)) {
+                bad.push(format!("{line}\n{}", r.text));
+            }
+            if r.status == Some(302) {
+                let loc = r.header("location").unwrap_or_default();
+                if !loc.starts_with(&s.idp.url("/auth?")) {
+                    bad.push(format!("{line}: redirect to {loc}"));
+                }
+            }
+            table.push(line);
+        }
+    }
+    // Targets that decode (once) to a path under /public/ may be forwarded, but only there.
+    for target in PATH_STAYS_PUBLIC {
+        let before = s.upstream.count();
+        let r = raw_exchange(port, &raw_get(target, &host, &[]), deadline).await;
+        let reached = s.upstream.count() - before;
+        let line = row(target, "-", r.status, reached);
+        if reached > 0 {
+            let rec = s.upstream.last();
+            if r.status != Some(200)
+                || !rec.path.starts_with("/public/")
+                || rec.path.split('/').any(|seg| seg == ".." || seg == ".")
+            {
+                bad.push(format!("{line}: upstream got {:?}", rec.path));
+            }
+        } else if !r.status.is_some_and(|st| [400, 401].contains(&st)) {
+            bad.push(format!("{line}\n{}", r.text));
+        }
+        table.push(format!(
+            "{line} -> {:?}",
+            s.upstream.records().last().map(|r| r.path.clone())
+        ));
+    }
+    // The same over HTTP/2 (h2c), where the path is a pseudo-header.
+    for target in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/..%2fadmin",
+        "//public/../admin",
+    ] {
+        let before = s.upstream.count();
+        let r = send_h2(
+            "GET",
+            &s.gw.url(target),
+            &[("accept", "application/json")],
+            Vec::new(),
+        )
+        .await;
+        let reached = s.upstream.count() - before;
+        let status = r.as_ref().ok().map(|r| r.status.as_u16());
+        let line = row(target, "h2", status, reached);
+        if reached != 0 || !status.is_some_and(|st| [400, 401].contains(&st)) {
+            bad.push(line.clone());
+        }
+        table.push(line);
+    }
+    // Absolute-form targets and the asterisk form.
+    for raw in [
+        format!("GET http://{host}/public/../admin HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        format!("GET http://{host}/public/%2e%2e/admin HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    ] {
+        let before = s.upstream.count();
+        let r = raw_exchange(port, raw.as_bytes(), deadline).await;
+        let reached = s.upstream.count() - before;
+        let line = row(raw.lines().next().unwrap_or(""), "-", r.status, reached);
+        if reached != 0 || !r.status.is_some_and(|st| [400, 401].contains(&st)) {
+            bad.push(format!("{line}\n{}", r.text));
+        }
+        table.push(line);
+    }
+    assert!(
+        bad.is_empty(),
+        "path confusion:\n{}\n\nall results:\n{}",
+        bad.join("\n"),
+        table.join("\n")
+    );
+    // Only the PATH_STAYS_PUBLIC requests, if any, reached the upstream, and all under /public/.
+    for rec in s.upstream.records() {
+        assert!(rec.path.starts_with("/public/"), "{rec:?}");
+        assert_no_identity(&rec, &rec.path);
+    }
+
+    // What the upstream gets is the normalised path (query untouched).
+    for (target, want) in [
+        ("/public/./x", "/public/x"),
+        ("/public//x", "/public/x"),
+        ("/public/a/../x", "/public/x"),
+        ("/public/%78", "/public/x"),
+        ("/public/%7e%41", "/public/~A"),
+        ("/public/a%3fb", "/public/a%3Fb"),
+        ("/./public/x", "/public/x"),
+        ("//public/x", "/public/x"),
+    ] {
+        let r = raw_exchange(
+            port,
+            &raw_get(&format!("{target}?a=../..&b=%2F"), &host, &[]),
+            deadline,
+        )
+        .await;
+        assert_eq!(r.status, Some(200), "{target}: {}", r.text);
+        let rec = s.upstream.last();
+        assert_eq!(rec.path, want, "{target}");
+        assert_eq!(rec.query.as_deref(), Some("a=../..&b=%2F"), "{target}");
+    }
+}
+
+/// Does `location` (from a callback on `base`) keep the browser on the gateway's origin or
+/// an allowed domain? Resolved the way browsers do (the WHATWG URL standard).
+fn lands_safely(
+    location: &str,
+    base: &url::Url,
+    allowed_suffix: Option<&str>,
+) -> Result<(), String> {
+    if location
+        .bytes()
+        .any(|b| b == b'\\' || b <= 0x20 || b >= 0x7f)
+    {
+        return Err("backslash, whitespace, control or non-ASCII in Location".into());
+    }
+    let target = base
+        .join(location)
+        .map_err(|e| format!("a browser cannot resolve it: {e}"))?;
+    if !matches!(target.scheme(), "http" | "https") {
+        return Err(format!("scheme {}", target.scheme()));
+    }
+    if !target.username().is_empty() || target.password().is_some() {
+        return Err("userinfo".into());
+    }
+    let host = target.host_str().unwrap_or("");
+    if target.origin() == base.origin() {
+        return Ok(());
+    }
+    if let Some(suffix) = allowed_suffix {
+        let bare = suffix.trim_start_matches('.');
+        if host == bare || host.ends_with(suffix) {
+            return Ok(());
+        }
+    }
+    Err(format!("lands on {target}"))
+}
+
+/// A gateway whose public origin is `http://localhost:<port>` (so that IP literals are
+/// foreign hosts), reached by the tests on 127.0.0.1.
+struct RedirectGw {
+    gw: Gateway,
+    public: String,
+}
+
+impl RedirectGw {
+    fn base(&self) -> url::Url {
+        url::Url::parse(&format!("{}/oauth2/callback", self.public)).unwrap()
+    }
+
+    /// `/oauth2/start?rd=<rd>`, the provider (an already signed-in session there), the
+    /// callback: returns the callback's Location.
+    async fn land(&self, b: &Browser, idp: &Idp, rd: &str) -> String {
+        let start = b
+            .get(&self.gw.url(&format!("/oauth2/start?rd={}", enc(rd))))
+            .await;
+        let (auth, _) = auth_redirect(&start);
+        assert!(auth.starts_with(&idp.url("/auth?")), "rd={rd:?}: {auth}");
+        let callback = idp_walk(b, &auth, "alice").await;
+        assert!(
+            callback.starts_with(&format!("{}/oauth2/callback?", self.public)),
+            "rd={rd:?}: {callback}"
+        );
+        let callback = callback.replacen(&self.public, &self.gw.origin(), 1);
+        let cb = b.get(&callback).await;
+        assert_eq!(cb.status, 302, "rd={rd:?}: {}", cb.dump());
+        assert!(
+            cb.set_cookie("_portcullis")
+                .is_some_and(|c| !c.is_removal()),
+            "rd={rd:?}: no session: {}",
+            cb.dump()
+        );
+        cb.location()
+            .unwrap_or_else(|| panic!("rd={rd:?}: callback without Location: {}", cb.dump()))
+            .to_string()
+    }
+}
+
+#[tokio::test]
+async fn open_redirect_corpus_never_leaves_the_site() {
+    let t0 = Instant::now();
+    let ports = [free_port(), free_port()];
+    let publics: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://localhost:{p}"))
+        .collect();
+    let uris: Vec<String> = publics
+        .iter()
+        .map(|p| format!("{p}/oauth2/callback"))
+        .collect();
+    let idp = Idp::start(&[("IDP_REDIRECT_URIS", &uris.join(","))]).await;
+    let upstream = Upstream::start();
+    let mut gws = Vec::new();
+    for (i, (port, public)) in ports.iter().zip(&publics).enumerate() {
+        let mut opts = GatewayOpts::new(*port, &idp, &upstream.url());
+        if i == 0 {
+            opts.extra = r#"allowed_redirect_domains: [".example.com"]"#.to_string();
+        }
+        opts.env.push((
+            "PORTCULLIS_REDIRECT_URL".to_string(),
+            format!("{public}/oauth2/callback"),
+        ));
+        gws.push(RedirectGw {
+            gw: Gateway::start(opts).await,
+            public: public.clone(),
+        });
+    }
+    let (with_domains, plain) = (&gws[0], &gws[1]);
+    assert!(OPEN_REDIRECTS.len() >= 60);
+
+    // Controls on the gateway with `allowed_redirect_domains: [".example.com"]`.
+    let b = Browser::new();
+    for (rd, want) in [
+        ("/deep/link?a=b", "/deep/link?a=b".to_string()),
+        (
+            "https://app.example.com/x",
+            "https://app.example.com/x".to_string(),
+        ),
+        ("https://example.com/", "https://example.com/".to_string()),
+        (
+            "http://a.b.example.com/p?q=1#f",
+            "http://a.b.example.com/p?q=1#f".to_string(),
+        ),
+        ("https://example.com.evil.com", "/".to_string()),
+        ("https://app.example.com@evil.com", "/".to_string()),
+        (
+            &format!("{}/own", with_domains.public),
+            format!("{}/own", with_domains.public),
+        ),
+        ("", "/".to_string()),
+    ] {
+        assert_eq!(with_domains.land(&b, &idp, rd).await, want, "rd={rd:?}");
+    }
+    // Without allowed domains, another host is never honoured.
+    let b2 = Browser::new();
+    assert_eq!(
+        plain.land(&b2, &idp, "https://app.example.com/x").await,
+        "/"
+    );
+    assert_eq!(
+        plain.land(&b2, &idp, "/deep/link?a=b").await,
+        "/deep/link?a=b"
+    );
+
+    let mut bad = Vec::new();
+    let mut table = Vec::new();
+    for (g, suffix, browser) in [(with_domains, Some(".example.com"), &b), (plain, None, &b2)] {
+        for rd in OPEN_REDIRECTS {
+            let loc = g.land(browser, &idp, rd).await;
+            let verdict = lands_safely(&loc, &g.base(), suffix);
+            table.push(format!("{:<28} rd={rd:?} -> {loc:?}", g.public));
+            if let Err(why) = verdict {
+                bad.push(format!("{} rd={rd:?} -> Location {loc:?}: {why}", g.public));
+            }
+        }
+        for rd in SAME_ORIGIN {
+            let loc = g.land(browser, &idp, rd).await;
+            table.push(format!("{:<28} rd={rd:?} -> {loc:?}", g.public));
+            if let Err(why) = lands_safely(&loc, &g.base(), None) {
+                bad.push(format!("{} rd={rd:?} -> Location {loc:?}: {why}", g.public));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "open redirects:\n{}\n\nall:\n{}",
+        bad.join("\n"),
+        table.join("\n")
+    );
+    eprintln!(
+        "{}\n{} redirect targets checked in {:?}",
+        table.join("\n"),
+        table.len(),
+        t0.elapsed()
+    );
+    assert_eq!(upstream.count(), 0);
+}

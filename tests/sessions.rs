@@ -1,0 +1,1005 @@
+//! Sessions over time, against the real test provider and real Redis processes:
+//! transparent refresh (once per session, also across two gateway processes),
+//! revoked grants, the provider or Redis going down and coming back, back-channel
+//! logout across replicas, sign-out with the Redis store, and the metrics they move.
+//!
+//! Access tokens live 4 s at the test provider; with `session.refresh_before: 1s` a
+//! token is due 3 s after it was issued. Waits are either "until a token is surely
+//! due" (it was issued before a known instant) or polls with a deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::redis::RedisServer;
+use support::*;
+
+/// Access-token lifetime at the test provider, in seconds.
+const AT_TTL: u64 = 4;
+const AT_TTL_ENV: (&str, &str) = ("IDP_ACCESS_TOKEN_TTL", "4");
+const ROTATE_ENV: (&str, &str) = ("IDP_ROTATE_REFRESH_TOKEN", "1");
+/// How long eventual effects (logouts reaching a replica, recoveries) may take.
+const EVENTUALLY: Duration = Duration::from_secs(10);
+
+fn bearer_of(rec: &Recorded) -> String {
+    let auth = rec
+        .header("authorization")
+        .unwrap_or_else(|| panic!("no Authorization at the upstream: {rec:?}"));
+    auth.strip_prefix("Bearer ")
+        .unwrap_or_else(|| panic!("not a bearer: {auth}"))
+        .to_string()
+}
+
+/// The bearer the upstream received for the request that answered `resp`.
+fn bearer_in(resp: &Resp) -> String {
+    assert_eq!(resp.status, 200, "{}", resp.dump());
+    let j = resp.json();
+    let headers = j["headers"].as_array().expect("echoed headers");
+    let auth = headers
+        .iter()
+        .find(|h| h[0] == "authorization")
+        .and_then(|h| h[1].as_str())
+        .unwrap_or_else(|| panic!("no Authorization at the upstream: {}", resp.dump()));
+    auth.strip_prefix("Bearer ").expect("bearer").to_string()
+}
+
+/// The session cookie a response sets (not a removal), if any.
+fn new_session_cookie(resp: &Resp) -> Option<SetCookie> {
+    resp.set_cookie("_portcullis").filter(|c| !c.is_removal())
+}
+
+fn assert_session_cleared(resp: &Resp, what: &str) {
+    let c = resp
+        .set_cookie("_portcullis")
+        .unwrap_or_else(|| panic!("{what}: session cookie not cleared: {}", resp.dump()));
+    assert!(c.is_removal(), "{what}: {}", c.raw);
+}
+
+/// An API call (`Accept: application/json`) with a raw `Cookie` header.
+async fn api(gw: &Gateway, path: &str, cookie: &str) -> Resp {
+    send(
+        "GET",
+        &gw.url(path),
+        &[("accept", "application/json"), ("cookie", cookie)],
+        Vec::new(),
+    )
+    .await
+}
+
+/// A browser navigation (`Accept: text/html`) with a raw `Cookie` header.
+async fn navigate(gw: &Gateway, path: &str, cookie: &str) -> Resp {
+    send(
+        "GET",
+        &gw.url(path),
+        &[("accept", BROWSER_ACCEPT), ("cookie", cookie)],
+        Vec::new(),
+    )
+    .await
+}
+
+/// Sleeps until a token the gateway received before `issued_by` is due for a refresh
+/// (`AT_TTL - refresh_before` later; the gateway counts whole seconds from its receipt).
+async fn until_due(issued_by: Instant, refresh_before: u64) {
+    let due = issued_by + Duration::from_secs(AT_TTL - refresh_before) + Duration::from_millis(200);
+    tokio::time::sleep_until(due.into()).await;
+}
+
+/// Polls `probe` every 100 ms until it returns `Ok`, for up to `EVENTUALLY` (then panics
+/// with its last `Err`).
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: not within {EVENTUALLY:?}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// `IDP_REDIRECT_URIS` for gateways on these ports.
+fn redirect_uris(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}/oauth2/callback"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Store {
+    /// Cookie store, no Redis at all.
+    CookieOnly,
+    /// Cookie store with a coordination Redis.
+    Coordinated,
+    /// Redis store.
+    Redis,
+}
+
+/// The `session:` and `timeouts:` YAML of a gateway.
+fn session_yaml(store: Store, redis: Option<&RedisServer>, refresh_before: u64) -> String {
+    let url = || redis.expect("this store needs a Redis").url();
+    let store = match store {
+        Store::CookieOnly => "store: cookie".to_string(),
+        Store::Coordinated => format!(
+            "store: cookie, coordination: {{ redis_url: \"{}\" }}",
+            url()
+        ),
+        Store::Redis => format!("store: redis, redis: {{ url: \"{}\", timeout: 1s }}", url()),
+    };
+    format!(
+        "session: {{ refresh_before: {refresh_before}s, {store} }}\ntimeouts: {{ provider: 2s }}\n"
+    )
+}
+
+/// Gateway options on `port` with that session config and, optionally, an admin listener.
+fn gw_opts(
+    port: u16,
+    idp: &Idp,
+    upstream: &Upstream,
+    session: &str,
+    admin: Option<u16>,
+) -> GatewayOpts {
+    let mut o = GatewayOpts::new(port, idp, &upstream.url());
+    o.extra = session.to_string();
+    if let Some(a) = admin {
+        o.env
+            .push(("PORTCULLIS_ADMIN_LISTEN".into(), format!("127.0.0.1:{a}")));
+    }
+    o
+}
+
+/// `/metrics` of the admin listener on `port`.
+async fn metrics(port: u16) -> String {
+    let r = send(
+        "GET",
+        &format!("http://127.0.0.1:{port}/metrics"),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    r.text()
+}
+
+/// The value of one sample line (`name{labels}`) of a metrics page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Revokes a token at the provider's revocation endpoint. Revoking an (opaque) access
+/// token makes oidc-provider revoke every token of its grant, the refresh token included.
+async fn revoke_at_provider(idp: &Idp, token: &str) {
+    use base64::Engine;
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
+    let r = send(
+        "POST",
+        &idp.url("/token/revocation"),
+        &[
+            ("authorization", &format!("Basic {basic}")),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        format!("token={}&token_type_hint=access_token", enc(token)),
+    )
+    .await;
+    assert_eq!(r.status, 200, "revocation: {}", r.dump());
+    // The token is dead at the provider now.
+    let me = send(
+        "GET",
+        &idp.url("/me"),
+        &[("authorization", &format!("Bearer {token}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(me.status, 401, "revoked token still works: {}", me.dump());
+}
+
+/// RP-initiated logout at the provider with the browser's provider cookies: the
+/// provider's confirmation page, then "Yes, sign me out" (`logout=yes`).
+async fn end_provider_session(b: &Browser, idp: &Idp) {
+    let page = b
+        .get(&idp.url(&format!("/session/end?client_id={CLIENT_ID}")))
+        .await;
+    assert_eq!(page.status, 200, "provider logout page: {}", page.dump());
+    let form =
+        html::first_form(&page.text()).unwrap_or_else(|| panic!("no logout form: {}", page.dump()));
+    let mut fields: Vec<(String, String)> = form
+        .inputs
+        .iter()
+        .filter(|i| !i.name.is_empty())
+        .map(|i| (i.name.clone(), i.value.clone()))
+        .collect();
+    fields.push(("logout".into(), "yes".into()));
+    let action = url::Url::parse(&page.url)
+        .unwrap()
+        .join(&form.action)
+        .unwrap()
+        .to_string();
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish();
+    let r = b
+        .request(
+            "POST",
+            &action,
+            &[
+                ("accept", BROWSER_ACCEPT),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            body,
+        )
+        .await;
+    assert!(
+        r.status.is_redirection() || r.status == 200,
+        "provider logout confirmation: {}",
+        r.dump()
+    );
+    assert!(!r.text().contains("IdP error"), "{}", r.dump());
+}
+
+/// Fires `n` API requests per gateway at once, all with the same cookie.
+async fn burst(targets: &[(&Gateway, usize)], cookie: &str) -> Vec<Resp> {
+    let mut tasks = Vec::new();
+    for (gw, n) in targets {
+        for i in 0..*n {
+            let url = gw.url(&format!("/burst/{i}"));
+            let cookie = cookie.to_string();
+            tasks.push(tokio::spawn(async move {
+                send(
+                    "GET",
+                    &url,
+                    &[("accept", "application/json"), ("cookie", &cookie)],
+                    Vec::new(),
+                )
+                .await
+            }));
+        }
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("request task"));
+    }
+    out
+}
+
+/// A `Cookie` header value from a response's session cookie.
+fn cookie_of(sc: &SetCookie) -> String {
+    format!("{}={}", sc.name, sc.value)
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn expiring_token_is_refreshed_with_a_new_bearer_and_cookie() {
+    let gw_port = free_port();
+    let admin = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
+
+    let b = Browser::new();
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let first = bearer_of(&upstream.last());
+    let grants = idp.token_requests();
+    assert_eq!(grants, 1, "the login's code exchange");
+    let first_cookie = b.cookie(&gw.url("/"), "_portcullis").expect("session");
+
+    // Requests keep the first token until it is due, then one of them refreshes it.
+    let deadline = Instant::now() + EVENTUALLY;
+    let refreshed = loop {
+        let r = b.api_get(&gw.url("/poll")).await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        if bearer_in(&r) != first {
+            break r;
+        }
+        assert!(
+            new_session_cookie(&r).is_none(),
+            "cookie churn before the refresh: {}",
+            r.dump()
+        );
+        assert_eq!(idp.token_requests(), grants, "refreshed too early");
+        assert!(
+            Instant::now() < deadline,
+            "no refresh within {EVENTUALLY:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let second = bearer_in(&refreshed);
+    assert_eq!(
+        idp.token_requests(),
+        grants + 1,
+        "exactly one refresh grant"
+    );
+    let sc = new_session_cookie(&refreshed)
+        .unwrap_or_else(|| panic!("no new session cookie: {}", refreshed.dump()));
+    assert_ne!(sc.value, first_cookie, "the cookie must change");
+    assert_eq!(sc.path(), Some("/"), "{}", sc.raw);
+    assert!(sc.flag("httponly"), "{}", sc.raw);
+    assert!(
+        !refreshed.text().contains(&first_cookie),
+        "old cookie leaked to the upstream"
+    );
+
+    // The new bearer is a live token for the same user.
+    let me = send(
+        "GET",
+        &idp.url("/me"),
+        &[("authorization", &format!("Bearer {second}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(me.status, 200, "{}", me.dump());
+    assert_eq!(me.json()["sub"], "alice");
+
+    // The new cookie carries the new token: no more refreshes, no more cookies.
+    let again = b.api_get(&gw.url("/again")).await;
+    assert_eq!(bearer_in(&again), second);
+    assert!(new_session_cookie(&again).is_none(), "{}", again.dump());
+    assert_eq!(upstream.last().header("x-forwarded-user"), Some("alice"));
+    assert_eq!(idp.token_requests(), grants + 1);
+
+    let m = metrics(admin).await;
+    assert_eq!(
+        sample(&m, "portcullis_refreshes_total{outcome=\"success\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "portcullis_refreshes_total{outcome=\"invalid_grant\"}"),
+        Some(0.0),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_across_expiry_refresh_once() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+    let first = bearer_of(&upstream.last());
+    until_due(logged_in, 1).await;
+
+    let grants = idp.token_requests();
+    let rs = burst(&[(&gw, 50)], &cookie).await;
+    let statuses: Vec<u16> = rs.iter().map(|r| r.status.as_u16()).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(
+        idp.token_requests(),
+        grants + 1,
+        "one refresh grant for 50 concurrent requests: {:?}",
+        idp.requests()
+    );
+    let bearers: std::collections::BTreeSet<String> = rs.iter().map(bearer_in).collect();
+    assert_eq!(bearers.len(), 1, "all forwarded with the same token");
+    let second = bearers.into_iter().next().unwrap();
+    assert_ne!(second, first);
+    // Every response refreshes the cookie its request carried.
+    let new_cookie = new_session_cookie(&rs[0])
+        .unwrap_or_else(|| panic!("no new session cookie: {}", rs[0].dump()));
+    for r in &rs {
+        assert!(new_session_cookie(r).is_some(), "{}", r.dump());
+    }
+
+    // A straggler with the old cookie reuses that result instead of spending the
+    // (rotated, now invalid) refresh token again.
+    let late = api(&gw, "/late", &cookie).await;
+    assert_eq!(bearer_in(&late), second);
+    assert_eq!(idp.token_requests(), grants + 1);
+
+    // The refreshed cookie holds the rotated refresh token: the next refresh works.
+    let refreshed_at = Instant::now();
+    let cookie2 = cookie_of(&new_cookie);
+    until_due(refreshed_at, 1).await;
+    let r = api(&gw, "/next", &cookie2).await;
+    let third = bearer_in(&r);
+    assert!(third != second && third != first, "no second refresh");
+    assert_eq!(idp.token_requests(), grants + 2);
+    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+}
+
+/// Two gateway processes (same cookie keys and client) sharing a Redis; login on A.
+struct Replicas {
+    a: Gateway,
+    b: Gateway,
+    upstream: Upstream,
+    idp: Idp,
+    redis: RedisServer,
+    /// The login browser (it also holds the provider's cookies).
+    browser: Browser,
+    /// The `Cookie` header of the session.
+    cookie: String,
+    /// When the login had finished.
+    logged_in: Instant,
+    admin_a: u16,
+}
+
+impl Replicas {
+    async fn start(store: Store, idp_env: &[(&str, &str)], backchannel: Option<u16>) -> Self {
+        let redis = RedisServer::start().await;
+        let (pa, pb, admin_a) = (free_port(), free_port(), free_port());
+        let uris = redirect_uris(&[pa, pb]);
+        let bcl = backchannel.map(|p| format!("http://127.0.0.1:{p}/oauth2/backchannel_logout"));
+        let mut env: Vec<(&str, &str)> = vec![("IDP_REDIRECT_URIS", &uris)];
+        if let Some(u) = &bcl {
+            env.push(("IDP_BACKCHANNEL_LOGOUT_URI", u));
+        }
+        env.extend_from_slice(idp_env);
+        let idp = Idp::start(&env).await;
+        let upstream = Upstream::start();
+        let yaml = session_yaml(store, Some(&redis), 1);
+        let a = Gateway::start(gw_opts(pa, &idp, &upstream, &yaml, Some(admin_a))).await;
+        let b = Gateway::start(gw_opts(pb, &idp, &upstream, &yaml, None)).await;
+        let browser = Browser::new();
+        let r = login(&browser, &a, "/", "alice").await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        let logged_in = Instant::now();
+        let cookie = browser.cookie_header(&a.url("/"));
+        assert!(cookie.starts_with("_portcullis="), "{cookie}");
+        Replicas {
+            a,
+            b,
+            upstream,
+            idp,
+            redis,
+            browser,
+            cookie,
+            logged_in,
+            admin_a,
+        }
+    }
+}
+
+async fn two_replicas_refresh_once(store: Store) {
+    let s = Replicas::start(store, &[AT_TTL_ENV, ROTATE_ENV], None).await;
+    let first = bearer_of(&s.upstream.last());
+    // The session works on B as well (same keys; same Redis for the Redis store).
+    let on_b = api(&s.b, "/on-b", &s.cookie).await;
+    assert_eq!(bearer_in(&on_b), first);
+    until_due(s.logged_in, 1).await;
+
+    let grants = s.idp.token_requests();
+    let rs = burst(&[(&s.a, 25), (&s.b, 25)], &s.cookie).await;
+    let statuses: Vec<u16> = rs.iter().map(|r| r.status.as_u16()).collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{store:?}: {statuses:?}"
+    );
+    assert_eq!(
+        s.idp.token_requests(),
+        grants + 1,
+        "{store:?}: one refresh grant across both gateways: {:?}",
+        s.idp.requests()
+    );
+    let bearers: std::collections::BTreeSet<String> = rs.iter().map(bearer_in).collect();
+    assert_eq!(bearers.len(), 1, "{store:?}: all forwarded with one token");
+    let second = bearers.into_iter().next().unwrap();
+    assert_ne!(second, first);
+    match store {
+        Store::Redis => {
+            // The session in Redis was updated: the unchanged cookie now carries the new
+            // token on both gateways, without another refresh.
+            for gw in [&s.a, &s.b] {
+                let r = api(gw, "/after", &s.cookie).await;
+                assert_eq!(bearer_in(&r), second, "{store:?}");
+            }
+            assert_eq!(s.idp.token_requests(), grants + 1);
+            assert_eq!(s.redis.keys("portcullis:session:*").len(), 1);
+        }
+        _ => {
+            for r in &rs {
+                assert!(new_session_cookie(r).is_some(), "{store:?}: {}", r.dump());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_gateways_with_a_coordination_redis_refresh_once() {
+    two_replicas_refresh_once(Store::Coordinated).await;
+}
+
+#[tokio::test]
+async fn two_gateways_with_the_redis_store_refresh_once() {
+    two_replicas_refresh_once(Store::Redis).await;
+}
+
+#[tokio::test]
+async fn revoked_grant_ends_the_session() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+    revoke_at_provider(&idp, &bearer_of(&upstream.last())).await;
+
+    until_due(logged_in, 1).await;
+    let before = upstream.count();
+    let nav = navigate(&gw, "/page?x=1", &cookie).await;
+    assert_eq!(nav.status, 302, "browser: {}", nav.dump());
+    let loc = nav.location().unwrap_or_default();
+    assert!(loc.starts_with(&idp.url("/auth?")), "not a login: {loc}");
+    assert_session_cleared(&nav, "browser");
+    let call = api(&gw, "/api/x", &cookie).await;
+    assert_eq!(call.status, 401, "api: {}", call.dump());
+    assert_eq!(call.json()["error"], "unauthorized");
+    assert_session_cleared(&call, "api");
+    assert_eq!(upstream.count(), before, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn provider_down_during_refresh() {
+    // Due 1 s after issue, expired after 4 s.
+    let gw_port = free_port();
+    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
+    let env = [("IDP_REDIRECT_URIS", redirect.as_str()), AT_TTL_ENV];
+    let mut idp = Idp::start(&env).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 3);
+    let admin = free_port();
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let first = bearer_of(&upstream.last());
+    idp.kill();
+
+    // Still valid: served with the old token, whether or not a refresh was attempted.
+    let mut served_after_failed_refresh = false;
+    let deadline = Instant::now() + EVENTUALLY;
+    let expired = loop {
+        let r = api(&gw, "/while-down", &cookie).await;
+        if r.status != 200 {
+            break r;
+        }
+        assert_eq!(bearer_in(&r), first);
+        assert!(new_session_cookie(&r).is_none(), "{}", r.dump());
+        let m = metrics(admin).await;
+        served_after_failed_refresh |=
+            sample(&m, "portcullis_refreshes_total{outcome=\"unavailable\"}").unwrap_or(0.0) > 0.0;
+        assert!(
+            Instant::now() < deadline,
+            "token never expired\n{}",
+            gw.tails()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        served_after_failed_refresh,
+        "no request was served while the refresh failed\n{}",
+        gw.tails()
+    );
+    // Expired and not renewable right now: 503 with Retry-After, the session kept.
+    assert_eq!(expired.status, 503, "{}", expired.dump());
+    assert!(
+        expired.header("retry-after").is_some(),
+        "{}",
+        expired.dump()
+    );
+    assert!(
+        expired.set_cookie("_portcullis").is_none(),
+        "{}",
+        expired.dump()
+    );
+    let nav = navigate(&gw, "/page", &cookie).await;
+    assert_eq!(nav.status, 503, "browser: {}", nav.dump());
+    assert!(nav.header("retry-after").is_some());
+    assert!(nav.set_cookie("_portcullis").is_none(), "{}", nav.dump());
+
+    // The provider comes back — as a fresh process that knows no grant: the refresh
+    // token is refused, so the session is over (login / 401) instead of 503.
+    idp.restart(&env).await;
+    let api_after = eventually("gateway answers 401 once the provider is back", || async {
+        let r = api(&gw, "/back", &cookie).await;
+        if r.status == 401 {
+            Ok(r)
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    assert_session_cleared(&api_after, "api after recovery");
+    let nav = navigate(&gw, "/page", &cookie).await;
+    assert_eq!(nav.status, 302, "{}", nav.dump());
+    assert!(nav
+        .location()
+        .is_some_and(|l| l.starts_with(&idp.url("/auth?"))));
+    assert_session_cleared(&nav, "browser after recovery");
+}
+
+#[tokio::test]
+async fn redis_store_outage_gives_503_and_recovers() {
+    let mut redis = RedisServer::start_persistent().await;
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Redis, Some(&redis), 60);
+    let mut gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let first = bearer_of(&upstream.last());
+    assert_eq!(redis.keys("portcullis:session:*").len(), 1);
+
+    redis.kill();
+    let down = eventually("503 while Redis is down", || async {
+        let r = api(&gw, "/x", &cookie).await;
+        if r.status == 503 {
+            Ok(r)
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    assert!(down.header("retry-after").is_some(), "{}", down.dump());
+    assert!(down.set_cookie("_portcullis").is_none(), "{}", down.dump());
+    let nav = navigate(&gw, "/page", &cookie).await;
+    assert_eq!(nav.status, 503, "browser: {}", nav.dump());
+    eventually("/readyz 503 while Redis is down", || async {
+        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
+        if r.status == 503 {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    gw.assert_healthy().await;
+    // Requests without a session need no Redis.
+    let anon = send(
+        "GET",
+        &gw.url("/x"),
+        &[("accept", "application/json")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(anon.status, 401, "{}", anon.dump());
+
+    redis.restart().await;
+    let back = eventually("200 once Redis is back", || async {
+        let r = api(&gw, "/x", &cookie).await;
+        if r.status == 200 {
+            Ok(r)
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    assert_eq!(bearer_in(&back), first, "the same session survived");
+    eventually("/readyz 200 once Redis is back", || async {
+        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    gw.assert_healthy().await;
+}
+
+/// Relays the provider's back-channel logout requests to a gateway, keeping their
+/// bodies (so a test can replay a logout token).
+struct Relay {
+    bodies: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    fn serve(listener: tokio::net::TcpListener, target: String) -> Relay {
+        let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+        let kept = bodies.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let kept = kept.clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let kept = kept.clone();
+                            let target = target.clone();
+                            async move {
+                                let ct = req
+                                    .headers()
+                                    .get("content-type")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_string();
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|c| c.to_bytes())
+                                    .unwrap_or_default();
+                                kept.lock()
+                                    .unwrap()
+                                    .push(String::from_utf8_lossy(&body).into_owned());
+                                let status =
+                                    try_send("POST", &target, &[("content-type", &ct)], body)
+                                        .await
+                                        .map_or(http::StatusCode::BAD_GATEWAY, |r| r.status);
+                                let mut resp = http::Response::new(Full::new(Bytes::new()));
+                                *resp.status_mut() = status;
+                                Ok::<_, Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Relay { bodies, task }
+    }
+
+    fn bodies(&self) -> Vec<String> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn backchannel_logout_ends_the_session_on_both(store: Store) {
+    // The provider's back-channel logout URI is a relay in front of gateway A.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    let s = Replicas::start(store, &[], Some(relay_port)).await;
+    let relay = Relay::serve(listener, s.a.url("/oauth2/backchannel_logout"));
+
+    // Another user, signed in too, must not be affected.
+    let bob = login_cookie(&s.a, "bob").await;
+    for gw in [&s.a, &s.b] {
+        assert_eq!(api(gw, "/before", &s.cookie).await.status, 200);
+        assert_eq!(api(gw, "/before", &bob).await.status, 200);
+    }
+    if store == Store::Redis {
+        assert_eq!(s.redis.keys("portcullis:session:*").len(), 2);
+    }
+
+    end_provider_session(&s.browser, &s.idp).await;
+    eventually("the provider delivers the back-channel logout", || async {
+        let out = s.idp.stdout();
+        if out.lines().any(|l| l.starts_with("BCL ok")) {
+            Ok(())
+        } else {
+            Err(out.lines().filter(|l| l.starts_with("BCL")).collect())
+        }
+    })
+    .await;
+    let tokens = relay.bodies();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+
+    for (name, gw) in [("A", &s.a), ("B", &s.b)] {
+        let r = eventually(&format!("session ended on {name}"), || async {
+            let r = api(gw, "/after", &s.cookie).await;
+            if r.status == 401 {
+                Ok(r)
+            } else {
+                Err(r.dump())
+            }
+        })
+        .await;
+        assert_session_cleared(&r, name);
+        let nav = navigate(gw, "/after", &s.cookie).await;
+        assert_eq!(nav.status, 302, "{name}: {}", nav.dump());
+        // Bob is still signed in.
+        let r = api(gw, "/bob", &bob).await;
+        assert_eq!(r.status, 200, "{name}: bob: {}", r.dump());
+    }
+    if store == Store::Redis {
+        assert_eq!(
+            s.redis.keys("portcullis:session:*").len(),
+            1,
+            "alice's session was deleted from Redis"
+        );
+    }
+
+    // The same logout token again, to either gateway: refused (one use, across replicas).
+    for gw in [&s.a, &s.b] {
+        let r = send(
+            "POST",
+            &gw.url("/oauth2/backchannel_logout"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            tokens[0].clone(),
+        )
+        .await;
+        assert_eq!(r.status, 400, "replay: {}", r.dump());
+        assert_eq!(r.json()["error"], "invalid_request");
+    }
+    // Garbage and a missing token.
+    for body in ["logout_token=garbage", "logout_token=a.b.c", "other=1", ""] {
+        let r = send(
+            "POST",
+            &s.a.url("/oauth2/backchannel_logout"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body,
+        )
+        .await;
+        assert_eq!(r.status, 400, "{body:?}: {}", r.dump());
+    }
+
+    let m = metrics(s.admin_a).await;
+    assert_eq!(
+        sample(&m, "portcullis_logouts_total{kind=\"backchannel\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn backchannel_logout_with_a_coordination_redis_ends_the_session_on_both_gateways() {
+    backchannel_logout_ends_the_session_on_both(Store::Coordinated).await;
+}
+
+#[tokio::test]
+async fn backchannel_logout_with_the_redis_store_ends_the_session_on_both_gateways() {
+    backchannel_logout_ends_the_session_on_both(Store::Redis).await;
+}
+
+#[tokio::test]
+async fn backchannel_logout_without_redis_is_not_implemented() {
+    let s = Stack::start().await;
+    let r = send(
+        "POST",
+        &s.gw.url("/oauth2/backchannel_logout"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "logout_token=garbage",
+    )
+    .await;
+    assert_eq!(r.status, 501, "{}", r.dump());
+    assert_eq!(r.json()["error"], "invalid_request");
+}
+
+#[tokio::test]
+async fn sign_out_with_the_redis_store_deletes_the_session() {
+    let redis = RedisServer::start().await;
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Redis, Some(&redis), 60);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let b = Browser::new();
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let cookie = b.cookie_header(&gw.url("/"));
+    let token = bearer_of(&upstream.last());
+
+    let keys = redis.keys("portcullis:session:*");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    // The cookie names the session; Redis holds it sealed (no token in clear).
+    let stored = redis.get(&keys[0]).expect("session value");
+    assert!(
+        !String::from_utf8_lossy(&stored).contains(&token),
+        "access token in clear in Redis"
+    );
+    assert!(!cookie.contains(&token));
+
+    let page = b.get(&gw.url("/oauth2/sign_out")).await;
+    let csrf = html::hidden_value(&page.text(), "csrf").expect("csrf");
+    let out = b
+        .request(
+            "POST",
+            &gw.url("/oauth2/sign_out"),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &gw.origin()),
+            ],
+            format!("csrf={}", enc(&csrf)),
+        )
+        .await;
+    assert_eq!(out.status, 302, "{}", out.dump());
+    assert_session_cleared(&out, "sign-out");
+    assert_eq!(
+        redis.keys("portcullis:session:*"),
+        Vec::<String>::new(),
+        "the session is gone from Redis"
+    );
+    let after = api(&gw, "/x", &cookie).await;
+    assert_eq!(after.status, 401, "old cookie: {}", after.dump());
+    assert_session_cleared(&after, "old cookie");
+}
+
+#[tokio::test]
+async fn coordination_redis_down_falls_back_to_a_local_refresh() {
+    let mut redis = RedisServer::start().await;
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Coordinated, Some(&redis), 1);
+    let mut gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+    let first = bearer_of(&upstream.last());
+
+    redis.kill();
+    // The cookie store needs no Redis to serve a session.
+    let r = api(&gw, "/x", &cookie).await;
+    assert_eq!(bearer_in(&r), first);
+
+    until_due(logged_in, 1).await;
+    let grants = idp.token_requests();
+    let rs = burst(&[(&gw, 10)], &cookie).await;
+    let bearers: std::collections::BTreeSet<String> = rs.iter().map(bearer_in).collect();
+    assert_eq!(bearers.len(), 1, "one token for all");
+    assert!(!bearers.contains(&first), "not refreshed");
+    assert_eq!(
+        idp.token_requests(),
+        grants + 1,
+        "one local refresh while Redis is down"
+    );
+    for r in &rs {
+        assert!(new_session_cookie(r).is_some(), "{}", r.dump());
+    }
+    gw.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn backchannel_logout_with_a_sid_spares_the_users_other_sessions() {
+    let redis = RedisServer::start().await;
+    let gw_port = free_port();
+    let bcl = format!("http://127.0.0.1:{gw_port}/oauth2/backchannel_logout");
+    let idp = Idp::start_for_gateway(gw_port, &[("IDP_BACKCHANNEL_LOGOUT_URI", &bcl)]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Coordinated, Some(&redis), 60);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    // Alice on two devices: two provider sessions (two sids), two gateway sessions.
+    let laptop = Browser::new();
+    let phone = Browser::new();
+    for b in [&laptop, &phone] {
+        let r = login(b, &gw, "/", "alice").await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+    }
+    let laptop_cookie = laptop.cookie_header(&gw.url("/"));
+    let phone_cookie = phone.cookie_header(&gw.url("/"));
+
+    // She signs out of the provider on the laptop: its logout token names that sid.
+    end_provider_session(&laptop, &idp).await;
+    assert!(
+        idp.stdout().lines().any(|l| l.starts_with("BCL ok")),
+        "{}",
+        idp.tails()
+    );
+    eventually("the laptop session ended", || async {
+        let r = api(&gw, "/x", &laptop_cookie).await;
+        if r.status == 401 {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    // OpenID Connect Back-Channel Logout 1.0 §2.4: only without a sid are all of the
+    // subject's sessions logged out. The phone's provider session is still alive.
+    let r = api(&gw, "/x", &phone_cookie).await;
+    assert_eq!(r.status, 200, "the phone was signed out too: {}", r.dump());
+}
