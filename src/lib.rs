@@ -17,6 +17,7 @@ pub mod refresh;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod singleflight;
 pub mod stack;
 pub mod store;
 

@@ -45,10 +45,22 @@ fn main() -> ExitCode {
     {
         tracing::debug!("rustls crypto provider already installed");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // Worker threads: the cores this process may use (affinity and cgroup quota aware), or
+    // PORTCULLIS_WORKER_THREADS / TOKIO_WORKER_THREADS. One core: a single-threaded runtime,
+    // which skips the work-stealing machinery entirely.
+    let workers = std::env::var("PORTCULLIS_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

@@ -12,16 +12,15 @@ use crate::error::GatewayError;
 use crate::oidc::ProviderError;
 use crate::policy::Rejected;
 use crate::session::{now_secs, CookieJar, CookieReject, Session};
+use crate::singleflight::SingleFlight;
 use http::header::{HeaderValue, SET_COOKIE};
 use http::{Request, Response};
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::OnceCell;
 use tower::{Layer, Service};
 
 /// How long a refresh result is reused by requests carrying the pre-refresh cookie.
@@ -40,12 +39,16 @@ type Outcome = Result<Arc<Session>, RefreshFailure>;
 /// One refresh per (session id, token generation).
 type Key = ([u8; 16], u64);
 
-/// A refresh in flight (or just finished), and when it started or finished.
-type Flight = (Arc<OnceCell<Outcome>>, Instant);
-
-#[derive(Default)]
 pub struct Refresher {
-    flights: Mutex<HashMap<Key, Flight>>,
+    flights: SingleFlight<Key, Outcome>,
+}
+
+impl Default for Refresher {
+    fn default() -> Self {
+        Self {
+            flights: SingleFlight::new(REUSE_WINDOW),
+        }
+    }
 }
 
 /// Does this session need a refresh now?
@@ -54,51 +57,16 @@ pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
 }
 
 impl Refresher {
-    fn flight(&self, key: Key) -> Arc<OnceCell<Outcome>> {
-        let Ok(mut map) = self.flights.lock() else {
-            return Arc::new(OnceCell::new());
-        };
-        if map.len() > 1024 {
-            map.retain(|_, (cell, at)| !cell.initialized() || at.elapsed() < REUSE_WINDOW);
-        }
-        match map.get(&key) {
-            Some((cell, at)) if !cell.initialized() || at.elapsed() < REUSE_WINDOW => cell.clone(),
-            _ => {
-                let cell = Arc::new(OnceCell::new());
-                map.insert(key, (cell.clone(), Instant::now()));
-                cell
-            }
-        }
-    }
-
-    fn forget(&self, key: &Key) {
-        if let Ok(mut map) = self.flights.lock() {
-            map.remove(key);
-        }
-    }
-
     /// Refreshes `s` (or joins the refresh already under way for it).
     pub async fn refresh(&self, app: &App, s: &Session) -> Outcome {
         let Some(rt) = s.refresh_token.as_deref() else {
             return Err(RefreshFailure::InvalidGrant);
         };
         let key = (s.id, s.access_expires_at);
-        let cell = self.flight(key);
-        let mut ran = false;
-        let outcome = cell
-            .get_or_init(|| async {
-                ran = true;
-                let r = coordinated_refresh(app, s, rt).await;
-                if let Ok(mut map) = self.flights.lock() {
-                    // The reuse window starts when the result is known.
-                    if let Some(entry) = map.get_mut(&key) {
-                        entry.1 = Instant::now();
-                    }
-                }
-                r
-            })
-            .await
-            .clone();
+        let (outcome, ran) = self
+            .flights
+            .run(key, || coordinated_refresh(app, s, rt))
+            .await;
         let label = match (&outcome, ran) {
             (Ok(_), true) => "success",
             (Ok(_), false) => "reused",
@@ -108,7 +76,7 @@ impl Refresher {
         app.metrics.refreshes.with_label_values(&[label]).inc();
         if outcome == Err(RefreshFailure::Unavailable) {
             // Not remembered: the next request tries again.
-            self.forget(&key);
+            self.flights.forget(&key);
         }
         outcome
     }

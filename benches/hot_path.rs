@@ -1,0 +1,255 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Micro-benchmarks of the per-request path: cookie open (1, 4, 8 KB sessions), header
+//! hygiene, path normalisation, single-flight under contention, and the whole stack
+//! in-process (a real loopback upstream, a real hyper client).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::{HeaderMap, HeaderValue, Request};
+use portcullis::config::{self, Config};
+use portcullis::proxy::headers::{
+    inject_identity, set_forwarded, strip_cookies, strip_hop_by_hop, PriorHop, Spoofable,
+};
+use portcullis::session::{CookieJar, Identity, Session, SessionCookies};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SECRET: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+fn config(upstream_port: u16, listen_port: u16) -> Config {
+    let yaml = format!(
+        r#"
+listen: "127.0.0.1:{listen_port}"
+upstream: "http://127.0.0.1:{upstream_port}"
+provider: {{ issuer_url: "http://127.0.0.1:9", client_id: "c", client_secret: "s" }}
+redirect_url: "http://127.0.0.1:{listen_port}/oauth2/callback"
+cookie: {{ secrets: ["{SECRET}"], secure: false }}
+admin: {{ listen: "" }}
+log: {{ level: error }}
+"#
+    );
+    match config::load_str(&yaml, Vec::new()) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn session(token_bytes: usize) -> Session {
+    Session {
+        id: [3; 16],
+        created_at: 1,
+        expires_at: u64::MAX / 2,
+        access_token: "t".repeat(token_bytes),
+        access_expires_at: 0,
+        refresh_token: Some("r".repeat(43)),
+        id_token: Some("i".repeat(600)),
+        identity: Identity {
+            sub: "benchuser".into(),
+            email: Some("benchuser@example.test".into()),
+            email_verified: true,
+            name: Some("Bench User".into()),
+            preferred_username: Some("benchuser".into()),
+            groups: vec!["users".into(), "user-benchuser".into()],
+            sid: Some("sid".into()),
+        },
+    }
+}
+
+/// The Cookie header a browser would send back for `s`.
+fn cookie_header(cookies: &SessionCookies, s: &Session) -> HeaderValue {
+    let lines = cookies
+        .set_session(s, &CookieJar::default(), 2)
+        .unwrap_or_default();
+    let pairs: Vec<String> = lines
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|l| l.split(';').next().map(str::to_string))
+        .collect();
+    HeaderValue::from_str(&format!("theme=dark; {}; lang=en", pairs.join("; ")))
+        .unwrap_or(HeaderValue::from_static(""))
+}
+
+fn cookie_open(c: &mut Criterion) {
+    let cfg = config(1, 2);
+    let cookies = SessionCookies::new(&cfg.cookie, cfg.session.lifetime, 8, "/");
+    let mut g = c.benchmark_group("cookie_open");
+    // Access-token sizes giving ~1, ~4 and ~8 KB of cookie.
+    for (label, token) in [("1KB", 100), ("4KB", 2300), ("8KB", 5300)] {
+        let s = session(token);
+        let mut h = HeaderMap::new();
+        h.insert(http::header::COOKIE, cookie_header(&cookies, &s));
+        g.throughput(Throughput::Bytes(h[http::header::COOKIE].len() as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(label), &h, |b, h| {
+            b.iter(|| {
+                let jar = CookieJar::parse(h);
+                cookies.open(&jar, 10)
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("seal", label), &s, |b, s| {
+            b.iter(|| cookies.set_session(s, &CookieJar::default(), 10))
+        });
+    }
+    g.finish();
+}
+
+fn header_hygiene(c: &mut Criterion) {
+    let cfg = config(1, 2);
+    let cookies = SessionCookies::new(&cfg.cookie, cfg.session.lifetime, 8, "/");
+    let spoofable = Spoofable::new(&cfg.headers);
+    let s = session(43);
+    let mut base = HeaderMap::new();
+    for (k, v) in [
+        ("host", "app.example.com"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120 Safari/537.36",
+        ),
+        (
+            "accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        ),
+        ("accept-language", "en-US,en;q=0.9"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("connection", "keep-alive"),
+        ("x-forwarded-user", "mallory"),
+        ("x-request-id", "abc-123"),
+    ] {
+        base.insert(k, HeaderValue::from_static(v));
+    }
+    base.insert(http::header::COOKIE, cookie_header(&cookies, &s));
+    c.bench_function("header_hygiene", |b| {
+        b.iter(|| {
+            let mut h = base.clone();
+            strip_hop_by_hop(&mut h, false);
+            spoofable.strip(&mut h);
+            strip_cookies(&mut h, |n| cookies.is_ours(n));
+            set_forwarded(&mut h, [127, 0, 0, 1].into(), "http", PriorHop::default());
+            inject_identity(&mut h, &s, &cfg.headers);
+            h
+        })
+    });
+}
+
+fn path_normalize(c: &mut Criterion) {
+    let mut g = c.benchmark_group("path_normalize");
+    for p in ["/app/items/42", "/app/./x/../items/%34%32"] {
+        g.bench_with_input(BenchmarkId::from_parameter(p), p, |b, p| {
+            b.iter(|| portcullis::proxy::path::normalize(p).map(|c| c.len()))
+        });
+    }
+    g.finish();
+}
+
+fn single_flight(c: &mut Criterion) {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("{e}"),
+    };
+    let sf = Arc::new(portcullis::singleflight::SingleFlight::<u64, u64>::new(
+        Duration::from_secs(60),
+    ));
+    // 64 concurrent callers per key, a fresh key per iteration: one runs, 63 wait and share.
+    let mut key = 0u64;
+    c.bench_function("single_flight_64_callers", |b| {
+        b.to_async(&rt).iter(|| {
+            key += 1;
+            let sf = sf.clone();
+            let k = key;
+            async move {
+                let mut tasks = Vec::with_capacity(64);
+                for _ in 0..64 {
+                    let sf = sf.clone();
+                    tasks.push(tokio::spawn(async move {
+                        sf.run(k, || async {
+                            tokio::task::yield_now().await;
+                            k
+                        })
+                        .await
+                    }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            }
+        })
+    });
+}
+
+/// The whole request path: hyper client → portcullis (in-process, real sockets) → upstream.
+fn whole_stack(c: &mut Criterion) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("{e}"),
+    };
+    let (gateway_url, cookie) = rt.block_on(async {
+        // Upstream: 200 "ok" only with a bearer, like the load harness.
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_port = up.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = up.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        |req: Request<hyper::body::Incoming>| async move {
+                            let ok = req.headers().contains_key(http::header::AUTHORIZATION);
+                            let mut r = http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"ok\n"),
+                            ));
+                            if !ok {
+                                *r.status_mut() = http::StatusCode::UNAUTHORIZED;
+                            }
+                            Ok::<_, std::convert::Infallible>(r)
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw_port = gw.local_addr().unwrap().port();
+        let cfg = Arc::new(config(up_port, gw_port));
+        let shared =
+            portcullis::app::Shared::new(Arc::new(portcullis::metrics::Metrics::new().unwrap()));
+        let generation = portcullis::live::build(cfg, &shared, None).unwrap();
+        let cookie = cookie_header(&generation.app.cookies, &session(43));
+        let live = Arc::new(arc_swap::ArcSwap::from_pointee(generation));
+        tokio::spawn(portcullis::server::serve(live, gw, std::future::pending()));
+        (format!("http://127.0.0.1:{gw_port}/bench"), cookie)
+    });
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    c.bench_function("whole_stack_authenticated_request", |b| {
+        b.to_async(&rt).iter(|| async {
+            let req = Request::get(gateway_url.as_str())
+                .header(http::header::COOKIE, cookie.clone())
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    cookie_open,
+    header_hygiene,
+    path_normalize,
+    single_flight,
+    whole_stack
+);
+criterion_main!(benches);
