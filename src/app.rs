@@ -18,6 +18,32 @@ pub struct Shared {
     pub refresher: Arc<crate::refresh::Refresher>,
     pub revocations: Arc<crate::session::revocation::Revocations>,
     pub request_id_prefix: Arc<str>,
+    /// Open websocket tunnels: shutdown waits for them to end.
+    pub tunnels: Arc<Tunnels>,
+}
+
+/// Counts open upgraded connections (they live outside hyper's connection tracking).
+#[derive(Default)]
+pub struct Tunnels(std::sync::atomic::AtomicUsize);
+
+/// Held by a tunnel task for as long as the tunnel is open.
+pub struct TunnelGuard(Arc<Tunnels>);
+
+impl Tunnels {
+    pub fn open(self: &Arc<Self>) -> TunnelGuard {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TunnelGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -33,6 +59,7 @@ impl Shared {
             refresher: Arc::default(),
             revocations: Arc::default(),
             request_id_prefix: prefix.into(),
+            tunnels: Arc::default(),
         }
     }
 }
@@ -52,6 +79,7 @@ pub struct App {
     pub redis: Option<Arc<crate::store::Redis>>,
     pub revocations: Arc<crate::session::revocation::Revocations>,
     pub request_id_prefix: Arc<str>,
+    pub tunnels: Arc<Tunnels>,
 }
 
 impl App {
@@ -78,6 +106,7 @@ impl App {
             redis,
             revocations: shared.revocations.clone(),
             request_id_prefix: shared.request_id_prefix.clone(),
+            tunnels: shared.tunnels.clone(),
             metrics: shared.metrics.clone(),
             draining: shared.draining.clone(),
             cfg,

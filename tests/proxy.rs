@@ -514,3 +514,104 @@ async fn http2_requests_get_x_forwarded_host() {
         "{rec:#?}"
     );
 }
+
+/// A raw upstream that answers an upgrade with 101 and then echoes every byte back.
+fn echo_upgrade_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).to_lowercase());
+                let _ = s.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                );
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, heads)
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through_with_the_identity() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up_port, heads) = echo_upgrade_upstream();
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let gw = Gateway::start(GatewayOpts::new(
+        gw_port,
+        &idp,
+        &format!("http://127.0.0.1:{up_port}"),
+    ))
+    .await;
+    // Log in against the normal upstream path: the echo upstream answers 101 to everything,
+    // so take the session cookie from the callback instead of the final page.
+    let b = Browser::new();
+    let _ = login(&b, &gw, "/", "alice").await;
+    let cookie = b.cookie_header(&gw.url("/"));
+    assert!(cookie.contains("_portcullis="), "{cookie}");
+
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw_port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Forwarded-User: mallory\r\n\
+Cookie: {cookie}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed before the 101");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    // The tunnel carries bytes both ways.
+    for msg in [&b"hello"[..], b"second frame", &[0u8, 1, 2, 255]] {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
+    }
+    // The upstream saw the upgrade with the real identity and bearer, not the spoofed one.
+    let h = heads.lock().unwrap().last().cloned().unwrap();
+    assert!(h.starts_with("get /ws http/1.1"), "{h}");
+    assert!(
+        h.contains("upgrade: websocket") && h.contains("connection: upgrade"),
+        "{h}"
+    );
+    assert!(
+        h.contains("x-forwarded-user: alice") && !h.contains("mallory"),
+        "{h}"
+    );
+    assert!(h.contains("authorization: bearer "), "{h}");
+    assert!(!h.contains("_portcullis"), "{h}");
+}

@@ -214,7 +214,9 @@ async fn forward(app: &App, mut req: Request<Incoming>) -> Result<Response<Body>
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let open_tunnel = app.tunnels.open();
             tokio::spawn(async move {
+                let _open_tunnel = open_tunnel;
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((c, u)) => {
                         let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));

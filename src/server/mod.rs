@@ -164,8 +164,16 @@ pub async fn serve(
     // yet: give them a moment to be served (with Connection: close) before closing idle ones.
     tokio::time::sleep(cfg.timeouts.header_read.min(Duration::from_secs(1))).await;
     tracing::info!("draining connections");
+    let tunnels = live.load().app.tunnels.clone();
+    let drained = async {
+        graceful.shutdown().await;
+        // Websocket tunnels live outside hyper's connections: wait for them too.
+        while tunnels.count() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = drained => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(cfg.timeouts.shutdown) => tracing::warn!("shutdown timeout: closing remaining connections"),
     }
 }
