@@ -23,10 +23,12 @@ use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
 /// Where a request came from, set by the listener.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
+    /// The peer address as an X-Forwarded-For value.
+    pub ip: http::HeaderValue,
 }
 
 /// The authenticated subject, carried to the access log.
@@ -75,7 +77,7 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
         let upgrading = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
-        let conn = req.extensions().get::<ConnInfo>().copied();
+        let conn = req.extensions().get::<ConnInfo>().cloned();
         let session = req.extensions_mut().remove::<Session>();
         // HTTP/2 clients carry the host in the URI, not a Host header: give the upstream one.
         if !req.headers().contains_key(header::HOST) {
@@ -90,19 +92,14 @@ where
         let app = &self.app;
         let h = req.headers_mut();
         strip_hop_by_hop(h, upgrading);
-        let prior = match conn {
+        let prior = match &conn {
             Some(c) if trusted(&app.cfg.trusted_proxies, c.remote.ip()) => PriorHop::read(h),
             _ => PriorHop::default(),
         };
         app.spoofable.strip(h);
         strip_cookies(h, |n| app.cookies.is_ours(n));
-        if let Some(c) = conn {
-            set_forwarded(
-                h,
-                c.remote.ip(),
-                if c.tls { "https" } else { "http" },
-                prior,
-            );
+        if let Some(c) = &conn {
+            set_forwarded(h, &c.ip, if c.tls { "https" } else { "http" }, prior);
         }
         if let Some(s) = &session {
             inject_identity(h, s, &app.cfg.headers);

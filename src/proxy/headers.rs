@@ -20,7 +20,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Upgrade` (and `Connection: upgrade`) survive only for an upgrade being forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
-    let named: Vec<HeaderName> = h
+    let mut doomed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -28,16 +28,17 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .filter(|n| !(upgrading && *n == header::UPGRADE))
         .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in &HOP_BY_HOP {
+    // One pass over what is present rather than a removal per listed name.
+    doomed.extend(
+        h.keys()
+            .filter(|k| HOP_BY_HOP.contains(k) || (!upgrading && *k == header::UPGRADE))
+            .cloned(),
+    );
+    for n in doomed {
         h.remove(n);
     }
     if upgrading {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::UPGRADE);
     }
 }
 
@@ -91,27 +92,33 @@ impl Spoofable {
         Self { names }
     }
 
-    fn matches(&self, name: &str) -> bool {
-        self.names.iter().any(|n| n.as_str() == name)
-    }
-
     /// Removes every spoofable header. Header names are already lower-case; a name with `_`
     /// is compared as if it had `-` (some servers and CGI treat them alike).
     pub fn strip(&self, h: &mut HeaderMap) {
-        for n in &self.names {
+        // One pass over what the client sent (usually nothing matches, so nothing to remove).
+        let doomed: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| {
+                let k = k.as_str().as_bytes();
+                self.names
+                    .iter()
+                    .any(|n| same_dashed(k, n.as_str().as_bytes()))
+            })
+            .cloned()
+            .collect();
+        for n in doomed {
             h.remove(n);
         }
-        if h.keys().any(|k| k.as_str().contains('_')) {
-            let doomed: Vec<HeaderName> = h
-                .keys()
-                .filter(|k| k.as_str().contains('_') && self.matches(&k.as_str().replace('_', "-")))
-                .cloned()
-                .collect();
-            for n in doomed {
-                h.remove(n);
-            }
-        }
     }
+}
+
+/// Header-name equality where `_` in the client's name counts as `-`.
+fn same_dashed(client: &[u8], ours: &[u8]) -> bool {
+    client.len() == ours.len()
+        && client
+            .iter()
+            .zip(ours)
+            .all(|(c, o)| c == o || (*c == b'_' && *o == b'-'))
 }
 
 /// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged.
@@ -206,16 +213,18 @@ impl PriorHop {
 /// trusted proxy said (`prior`); anything else a client sent was stripped before.
 pub fn set_forwarded(
     h: &mut HeaderMap,
-    client_ip: std::net::IpAddr,
+    client_ip: &HeaderValue,
     proto: &'static str,
     prior: PriorHop,
 ) {
-    let ip = client_ip.to_canonical().to_string();
     let xff = match prior.xff.as_ref().and_then(|v| v.to_str().ok()) {
-        Some(chain) if !chain.trim().is_empty() => format!("{chain}, {ip}"),
-        _ => ip,
+        Some(chain) if !chain.trim().is_empty() => {
+            let ip = client_ip.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{chain}, {ip}")).ok()
+        }
+        _ => Some(client_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     h.insert(
@@ -225,6 +234,12 @@ pub fn set_forwarded(
     if let Some(host) = prior.host.or_else(|| h.get(header::HOST).cloned()) {
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
+}
+
+/// The X-Forwarded-For value for a peer address (built once per connection).
+pub fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_canonical().to_string())
+        .unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// A client-sent request id is kept only if it is short and plain.

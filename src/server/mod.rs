@@ -106,10 +106,11 @@ pub async fn serve(
         let info = ConnInfo {
             remote,
             tls: tls.is_some(),
+            ip: crate::proxy::headers::ip_header(remote.ip()),
         };
         let live = live.clone();
         let hyper_svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-            req.extensions_mut().insert(info);
+            req.extensions_mut().insert(info.clone());
             // The current generation: a config reload applies to the very next request.
             let mut svc = live.load().stack.clone();
             svc.call(req)

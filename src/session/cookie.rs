@@ -177,8 +177,10 @@ impl SessionCookies {
         if sealed.len() > self.max_chunks * CHUNK_SIZE {
             return Err(CookieReject::Oversize);
         }
-        let plain = self.keys.open(self.name.as_bytes(), sealed.as_bytes())?;
-        match CookieValue::decode(&plain)? {
+        let value =
+            self.keys
+                .open_with(self.name.as_bytes(), sealed.as_bytes(), CookieValue::decode)??;
+        match value {
             CookieValue::Full(s) if s.is_expired(now) => Err(CookieReject::Expired),
             v => Ok(Some(v)),
         }

@@ -3,7 +3,7 @@
 //! The associated data is the cookie's name, so a value cannot be moved between cookies.
 
 use crate::config::CookieKey;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -138,6 +138,51 @@ impl KeyRing {
             .map_err(|_| OpenError::Tampered)
     }
 
+    /// Like `open`, but decodes and decrypts in a reused per-thread buffer and hands the
+    /// plaintext to `f`: no allocation on the hot path.
+    pub fn open_with<T>(
+        &self,
+        aad: &[u8],
+        sealed: &[u8],
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, OpenError> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with(|cell| {
+            let Ok(mut buf) = cell.try_borrow_mut() else {
+                // Re-entered (cannot happen on the request path): fall back to allocating.
+                return self.open(aad, sealed).map(|p| f(&p));
+            };
+            buf.clear();
+            URL_SAFE_NO_PAD
+                .decode_vec(sealed, &mut buf)
+                .map_err(|_| OpenError::Encoding)?;
+            if buf.len() < HEADER_LEN + TAG_LEN || buf[0] != VERSION {
+                return Err(OpenError::Format);
+            }
+            let key = self
+                .keys
+                .iter()
+                .find(|k| k.id == buf[1..1 + KEY_ID_LEN])
+                .ok_or(OpenError::UnknownKey)?;
+            let (head, rest) = buf.split_at_mut(HEADER_LEN);
+            let (ct, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+            key.cipher
+                .decrypt_in_place_detached(
+                    Nonce::from_slice(&head[1 + KEY_ID_LEN..]),
+                    aad,
+                    ct,
+                    aes_gcm::Tag::from_slice(tag),
+                )
+                .map_err(|_| OpenError::Tampered)?;
+            let out = f(ct);
+            // Plaintext (tokens) does not linger in the buffer.
+            ct.fill(0);
+            Ok(out)
+        })
+    }
+
     /// A keyed digest (for CSRF tokens bound to a session), base64url.
     pub fn mac(&self, purpose: &[u8], data: &[u8]) -> String {
         let d = Sha256::new()
@@ -174,6 +219,24 @@ mod tests {
         let s = old.seal(b"a", b"x");
         let both = KeyRing::new(&[CookieKey([2; 32]), CookieKey([1; 32])]);
         assert_eq!(both.open(b"a", s.as_bytes()).unwrap(), b"x");
+    }
+
+    #[test]
+    fn open_with_matches_open() {
+        let r = ring(1);
+        let s = r.seal(b"a", b"hello world");
+        assert_eq!(
+            r.open_with(b"a", s.as_bytes(), |p| p.to_vec()).unwrap(),
+            b"hello world"
+        );
+        assert_eq!(
+            r.open_with(b"b", s.as_bytes(), |p| p.len()),
+            Err(OpenError::Tampered)
+        );
+        assert_eq!(
+            r.open_with(b"a", b"!!", |p| p.len()),
+            Err(OpenError::Encoding)
+        );
     }
 
     #[test]
