@@ -6,7 +6,7 @@
 #   make test    deps + build + cargo tests + headless-browser end-to-end test
 #   make lint    rustfmt check + clippy with warnings as errors
 #   make demo    IdP + demo app + gateway on 127.0.0.1 (open http://127.0.0.1:4180/)
-#   make bench   cargo bench
+#   make bench   criterion micro-benchmarks + wrk load test of the release gateway
 #   make clean   remove build outputs and tests/js/node_modules
 
 SHELL := /bin/bash
@@ -71,8 +71,8 @@ fmt: check-cargo
 demo: deps-node build
 	PORTCULLIS_BIN=$(PORTCULLIS_BIN) $(NODE) $(JS_DIR)/demo.mjs
 
-bench: check-cargo
-	$(CARGO) bench
+bench: build deps-node
+	CARGO=$(CARGO) PORTCULLIS_BIN=$(PORTCULLIS_BIN) bash scripts/bench.sh
 
 clean:
 	-$(CARGO) clean

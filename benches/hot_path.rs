@@ -51,6 +51,7 @@ fn session(token_bytes: usize) -> Session {
             groups: vec!["users".into(), "user-benchuser".into()],
             sid: Some("sid".into()),
         },
+        last_seen: 0,
     }
 }
 

@@ -200,6 +200,7 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
                 next.id_token = t.id_token;
             }
             next.access_token = t.access_token;
+            next.last_seen = now;
             next.access_expires_at = t.expires_in.map_or(0, |d| now + d.as_secs());
             if let Some(rt) = t.refresh_token {
                 next.refresh_token = Some(rt);
@@ -266,10 +267,10 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         use futures_util::future::Either;
         let now = now_secs();
-        let due = req
-            .extensions()
-            .get::<Session>()
-            .is_some_and(|s| needs_refresh(s, now, self.app.cfg.session.refresh_before));
+        let due = req.extensions().get::<Session>().is_some_and(|s| {
+            needs_refresh(s, now, self.app.cfg.session.refresh_before)
+                || s.needs_touch(now, self.app.cfg.session.idle_timeout)
+        });
         if !due {
             return Either::Left(self.inner.call(req));
         }
@@ -325,8 +326,25 @@ pub enum Fresh {
     Ended,
 }
 
-/// Refreshes `s` when due (once per session, shared with concurrent requests).
+/// Refreshes `s` when due (once per session, shared with concurrent requests), and records
+/// activity for the idle timeout.
 pub async fn ensure_fresh(app: &App, s: Session, now: u64) -> Fresh {
+    match refresh_if_due(app, s, now).await {
+        Fresh::Unchanged(mut s) if s.needs_touch(now, app.cfg.session.idle_timeout) => {
+            s.last_seen = now;
+            // The Redis store keeps it there; the cookie store sends a new cookie.
+            if app.cfg.session.store == crate::config::StoreKind::Redis {
+                if let Err(e) = app.save_session(&s, &CookieJar::default(), false).await {
+                    tracing::warn!(error = %e, "cannot record session activity");
+                }
+            }
+            Fresh::Refreshed(Arc::new(s))
+        }
+        other => other,
+    }
+}
+
+async fn refresh_if_due(app: &App, s: Session, now: u64) -> Fresh {
     if !needs_refresh(&s, now, app.cfg.session.refresh_before) {
         return Fresh::Unchanged(s);
     }
@@ -369,6 +387,7 @@ mod tests {
             refresh_token: None,
             id_token: None,
             identity: Identity::default(),
+            last_seen: 0,
         };
         let before = Duration::from_secs(60);
         assert!(!needs_refresh(&s, 900, before));

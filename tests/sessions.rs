@@ -1003,3 +1003,45 @@ async fn backchannel_logout_with_a_sid_spares_the_users_other_sessions() {
     let r = api(&gw, "/x", &phone_cookie).await;
     assert_eq!(r.status, 200, "the phone was signed out too: {}", r.dump());
 }
+
+/// `session.idle_timeout`: activity keeps a session alive (recorded by a re-issued cookie, or
+/// in Redis), and a session left unused longer than the timeout is over.
+async fn idle_timeout_ends_unused_sessions(store: Store) {
+    let redis = match store {
+        Store::CookieOnly => None,
+        _ => Some(RedisServer::start().await),
+    };
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let mut yaml = session_yaml(store, redis.as_ref(), 1);
+    yaml = yaml.replace("session: {", "session: { idle_timeout: 4s,");
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let mut cookie = login_cookie(&gw, "alice").await;
+    // Used every second for longer than the idle timeout: still alive.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        let r = api(&gw, "/api/x", &cookie).await;
+        assert_eq!(r.status, 200, "active session ended: {}", r.dump());
+        if let Some(sc) = new_session_cookie(&r) {
+            cookie = cookie_of(&sc);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Left alone for longer than the timeout: over.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let r = api(&gw, "/api/x", &cookie).await;
+    assert_eq!(r.status, 401, "idle session still accepted: {}", r.dump());
+    let nav = navigate(&gw, "/page", &cookie).await;
+    assert_eq!(nav.status, 302, "browser: {}", nav.dump());
+}
+
+#[tokio::test]
+async fn idle_timeout_with_the_cookie_store() {
+    idle_timeout_ends_unused_sessions(Store::CookieOnly).await;
+}
+
+#[tokio::test]
+async fn idle_timeout_with_the_redis_store() {
+    idle_timeout_ends_unused_sessions(Store::Redis).await;
+}

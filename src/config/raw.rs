@@ -129,6 +129,9 @@ pub struct RawSession {
     pub lifetime: Duration,
     #[serde(with = "humantime_serde")]
     pub refresh_before: Duration,
+    /// End sessions unused for this long (0: no idle timeout).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// `cookie` (the session lives in the cookie) or `redis` (the cookie holds only an id).
     pub store: String,
     pub redis: RawRedis,
@@ -173,6 +176,7 @@ impl Default for RawSession {
         Self {
             lifetime: Duration::from_secs(7 * 24 * 3600),
             refresh_before: Duration::from_secs(60),
+            idle_timeout: Duration::ZERO,
             store: "cookie".into(),
             redis: RawRedis::default(),
             coordination: RawCoordination::default(),

@@ -115,6 +115,8 @@ pub struct SessionConfig {
     pub redis: Option<RedisConfig>,
     /// Refresh the access token when it expires within this.
     pub refresh_before: Duration,
+    /// End sessions unused for this long (zero: never).
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -731,6 +733,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             store,
             redis,
             refresh_before: raw.session.refresh_before,
+            idle_timeout: raw.session.idle_timeout,
         },
         headers,
         timeouts,

@@ -164,6 +164,7 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
         refresh_token: tokens.refresh_token,
         id_token: tokens.id_token,
         identity: id.identity,
+        last_seen: now,
     };
     let lines = match app.save_session(&session, &jar, true).await {
         Ok(lines) => lines,

@@ -391,6 +391,7 @@ mod tests {
                 sub: "s".into(),
                 ..Default::default()
             },
+            last_seen: 0,
         }
     }
 

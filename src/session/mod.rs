@@ -14,7 +14,7 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bumped when the encoding changes; older values then read as "no session".
-const SCHEMA: u8 = 1;
+const SCHEMA: u8 = 2;
 
 pub fn now_secs() -> u64 {
     SystemTime::now()
@@ -58,6 +58,8 @@ pub struct Session {
     pub refresh_token: Option<String>,
     pub id_token: Option<String>,
     pub identity: Identity,
+    /// When the session was last used (kept current at most every tenth of the idle timeout).
+    pub last_seen: u64,
 }
 
 impl fmt::Debug for Session {
@@ -95,6 +97,16 @@ impl Session {
         now >= self.expires_at
     }
 
+    /// Unused for longer than `idle` (zero: no idle timeout)?
+    pub fn is_idle(&self, now: u64, idle: std::time::Duration) -> bool {
+        !idle.is_zero() && now > self.last_seen.saturating_add(idle.as_secs())
+    }
+
+    /// Is it time to record activity (at most every tenth of the idle timeout)?
+    pub fn needs_touch(&self, now: u64, idle: std::time::Duration) -> bool {
+        !idle.is_zero() && now >= self.last_seen.saturating_add((idle.as_secs() / 10).max(1))
+    }
+
     /// The user header value: subject or email.
     pub fn user(&self, claim: crate::config::UserClaim) -> &str {
         match claim {
@@ -112,7 +124,7 @@ impl Session {
 }
 
 /// Schema byte of a cookie that only references a Redis-stored session.
-const REF_SCHEMA: u8 = 2;
+const REF_SCHEMA: u8 = 3;
 
 /// What a session cookie holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +205,7 @@ mod tests {
                 groups: vec!["a".into(), "b".into()],
                 ..Default::default()
             },
+            last_seen: 1,
         }
     }
 

@@ -62,10 +62,12 @@ impl App {
         Ok(self.check_revoked(session))
     }
 
-    /// A session ended by back-channel logout is no session.
+    /// A session ended by back-channel logout, or idle for too long, is no session.
     pub fn check_revoked(&self, s: Session) -> Loaded {
         if self.revocations.is_revoked(&s) {
             Loaded::Rejected(CookieReject::Revoked)
+        } else if s.is_idle(now_secs(), self.cfg.session.idle_timeout) {
+            Loaded::Rejected(CookieReject::Expired)
         } else {
             Loaded::Session(s)
         }
