@@ -156,3 +156,224 @@ pub fn validate(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    /// A throwaway P-256 key for these tests only.
+    const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQguplBSjcpCtSIcOHi
+WyHx5XeRYTHQk5Nk+Gxtvut6kSyhRANCAASvCqWY+joV2GZpIHKwoUMPrlvS9Zox
+b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
+-----END PRIVATE KEY-----";
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig",
+        "x":"rwqlmPo6FdhmaSBysKFDD65b0vWaMW-a9KWPsGGiv28","y":"ygc29Sag4kVBVhH4wsSj7eQaJa_ZqH6IYy9ATqEX0Dk"}]}"#;
+    const NOW: u64 = 1_800_000_000;
+
+    fn claims() -> serde_json::Value {
+        json!({"iss": "https://idp", "aud": "client", "sub": "alice", "exp": NOW + 300,
+               "iat": NOW, "nonce": "n1", "email": "a@x", "email_verified": true,
+               "groups": ["g1", "g2"], "sid": "s1"})
+    }
+
+    fn sign(c: &serde_json::Value, kid: Option<&str>) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = kid.map(str::to_string);
+        encode(
+            &h,
+            c,
+            &EncodingKey::from_ec_pem(TEST_KEY.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn check(token: &str) -> Result<ValidIdToken, IdTokenError> {
+        let keys = KeySet::parse(JWKS.as_bytes()).unwrap();
+        let exp = Expectations {
+            issuer: "https://idp",
+            client_id: "client",
+            nonce: Some("n1"),
+            clock_skew: Duration::from_secs(60),
+            groups_claim: "groups",
+            now: NOW,
+        };
+        validate(token, &keys, &exp)
+    }
+
+    fn with(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+        let mut c = claims();
+        if let Some(m) = c.as_object_mut() {
+            f(m);
+        }
+        sign(&c, Some("k1"))
+    }
+
+    #[test]
+    fn a_valid_token_yields_the_identity() {
+        // jsonwebtoken checks exp against the real clock: use a far-future exp for this one.
+        let t = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+        });
+        let id = check(&t).unwrap().identity;
+        assert_eq!(id.sub, "alice");
+        assert_eq!(id.groups, ["g1", "g2"]);
+        assert_eq!(id.sid.as_deref(), Some("s1"));
+        assert!(id.email_verified);
+    }
+
+    #[test]
+    fn every_rule_is_enforced() {
+        let far = |m: &mut serde_json::Map<String, serde_json::Value>| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+        };
+        let cases: Vec<(&str, String, fn(&IdTokenError) -> bool)> = vec![
+            (
+                "wrong issuer",
+                with(|m| {
+                    far(m);
+                    m.insert("iss".into(), json!("https://evil"));
+                }),
+                |e| matches!(e, IdTokenError::Invalid(_)),
+            ),
+            (
+                "issuer with a slash",
+                with(|m| {
+                    far(m);
+                    m.insert("iss".into(), json!("https://idp/"));
+                }),
+                |e| matches!(e, IdTokenError::Invalid(_)),
+            ),
+            (
+                "wrong audience",
+                with(|m| {
+                    far(m);
+                    m.insert("aud".into(), json!("other"));
+                }),
+                |e| matches!(e, IdTokenError::Invalid(_)),
+            ),
+            (
+                "expired",
+                with(|m| {
+                    m.insert("exp".into(), json!(1_000_000u64));
+                }),
+                |e| matches!(e, IdTokenError::Invalid(_)),
+            ),
+            (
+                "nonce mismatch",
+                with(|m| {
+                    far(m);
+                    m.insert("nonce".into(), json!("n2"));
+                }),
+                |e| *e == IdTokenError::Nonce,
+            ),
+            (
+                "nonce missing",
+                with(|m| {
+                    far(m);
+                    m.remove("nonce");
+                }),
+                |e| *e == IdTokenError::Nonce,
+            ),
+            (
+                "azp for another client",
+                with(|m| {
+                    far(m);
+                    m.insert("azp".into(), json!("other"));
+                }),
+                |e| *e == IdTokenError::Azp,
+            ),
+            (
+                "several audiences, no azp",
+                with(|m| {
+                    far(m);
+                    m.insert("aud".into(), json!(["client", "other"]));
+                }),
+                |e| *e == IdTokenError::Azp,
+            ),
+            (
+                "issued in the future",
+                with(|m| {
+                    far(m);
+                    m.insert("iat".into(), json!(NOW + 3600));
+                }),
+                |e| *e == IdTokenError::IssuedInFuture,
+            ),
+            (
+                "no sub",
+                with(|m| {
+                    far(m);
+                    m.remove("sub");
+                }),
+                |e| matches!(e, IdTokenError::Invalid(_)),
+            ),
+        ];
+        for (what, token, expected) in cases {
+            let err = check(&token)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted"));
+            assert!(expected(&err), "{what}: {err:?}");
+        }
+        // Several audiences with azp naming this client are fine.
+        let t = with(|m| {
+            far(m);
+            m.insert("aud".into(), json!(["client", "other"]));
+            m.insert("azp".into(), json!("client"));
+        });
+        assert!(check(&t).is_ok());
+    }
+
+    #[test]
+    fn signatures_and_algorithms() {
+        let good = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+        });
+        // Unknown kid.
+        let c: serde_json::Value = serde_json::from_str(
+            &String::from_utf8(
+                base64::Engine::decode(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                    good.split('.').nth(1).unwrap(),
+                )
+                .unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            check(&sign(&c, Some("k9"))),
+            Err(IdTokenError::UnknownKey(_))
+        ));
+        // No kid: the only fitting key is used.
+        assert!(check(&sign(&c, None)).is_ok());
+        // Tampered payload.
+        let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+        parts[1] = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            br#"{"sub":"mallory"}"#,
+        );
+        assert!(check(&parts.join(".")).is_err());
+        // alg none and HS256 are refused before any key is looked at.
+        let none = format!(
+            "{}.{}.",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                br#"{"alg":"none","kid":"k1"}"#
+            ),
+            parts[1]
+        );
+        assert!(check(&none).is_err());
+        let hs = encode(
+            &Header::new(Algorithm::HS256),
+            &c,
+            &EncodingKey::from_secret(b"k"),
+        )
+        .unwrap();
+        assert!(matches!(check(&hs), Err(IdTokenError::Algorithm(_))));
+        for garbage in ["", "a.b.c", "not a token", "...."] {
+            assert!(check(garbage).is_err());
+        }
+    }
+}

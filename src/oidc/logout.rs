@@ -95,3 +95,152 @@ pub fn validate(
         iat: c.iat.unwrap_or(now),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use serde_json::json;
+
+    /// The throwaway P-256 test key of the ID-token tests.
+    const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQguplBSjcpCtSIcOHi
+WyHx5XeRYTHQk5Nk+Gxtvut6kSyhRANCAASvCqWY+joV2GZpIHKwoUMPrlvS9Zox
+b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
+-----END PRIVATE KEY-----";
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256",
+        "x":"rwqlmPo6FdhmaSBysKFDD65b0vWaMW-a9KWPsGGiv28","y":"ygc29Sag4kVBVhH4wsSj7eQaJa_ZqH6IYy9ATqEX0Dk"}]}"#;
+    const NOW: u64 = 1_800_000_000;
+
+    fn token(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+        let mut c = json!({"iss": "https://idp", "aud": "client", "iat": NOW, "jti": "j1",
+            "sub": "alice", "sid": "s1", "events": {EVENT: {}}});
+        if let Some(m) = c.as_object_mut() {
+            f(m);
+        }
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("k1".into());
+        encode(
+            &h,
+            &c,
+            &EncodingKey::from_ec_pem(TEST_KEY.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn check(t: &str) -> Result<LogoutToken, LogoutTokenError> {
+        let keys = KeySet::parse(JWKS.as_bytes()).unwrap();
+        validate(
+            t,
+            &keys,
+            "https://idp",
+            "client",
+            Duration::from_secs(60),
+            NOW,
+        )
+    }
+
+    #[test]
+    fn valid_and_invalid_logout_tokens() {
+        let ok = check(&token(|_| {})).unwrap();
+        assert_eq!(
+            (ok.sid.as_deref(), ok.sub.as_deref(), ok.jti.as_str()),
+            (Some("s1"), Some("alice"), "j1")
+        );
+        assert!(
+            check(&token(|m| {
+                m.remove("sid");
+            }))
+            .is_ok(),
+            "sub alone is enough"
+        );
+        let bad: Vec<(&str, String, LogoutTokenError)> = vec![
+            (
+                "no event",
+                token(|m| {
+                    m.remove("events");
+                }),
+                LogoutTokenError::Event,
+            ),
+            (
+                "wrong event",
+                token(|m| {
+                    m.insert("events".into(), json!({"other": {}}));
+                }),
+                LogoutTokenError::Event,
+            ),
+            (
+                "event not an object",
+                token(|m| {
+                    m.insert("events".into(), json!({EVENT: "x"}));
+                }),
+                LogoutTokenError::Event,
+            ),
+            (
+                "has a nonce",
+                token(|m| {
+                    m.insert("nonce".into(), json!("n"));
+                }),
+                LogoutTokenError::Nonce,
+            ),
+            (
+                "neither sid nor sub",
+                token(|m| {
+                    m.remove("sid");
+                    m.remove("sub");
+                }),
+                LogoutTokenError::NoSubject,
+            ),
+            (
+                "no jti",
+                token(|m| {
+                    m.remove("jti");
+                }),
+                LogoutTokenError::NoJti,
+            ),
+            (
+                "no iat",
+                token(|m| {
+                    m.remove("iat");
+                }),
+                LogoutTokenError::Iat,
+            ),
+            (
+                "iat in the future",
+                token(|m| {
+                    m.insert("iat".into(), json!(NOW + 3600));
+                }),
+                LogoutTokenError::Iat,
+            ),
+        ];
+        for (what, t, want) in bad {
+            assert_eq!(check(&t).err(), Some(want), "{what}");
+        }
+        for (what, t) in [
+            (
+                "wrong issuer",
+                token(|m| {
+                    m.insert("iss".into(), json!("https://evil"));
+                }),
+            ),
+            (
+                "wrong audience",
+                token(|m| {
+                    m.insert("aud".into(), json!("other"));
+                }),
+            ),
+            (
+                "expired",
+                token(|m| {
+                    m.insert("exp".into(), json!(1_000_000u64));
+                }),
+            ),
+        ] {
+            assert!(
+                matches!(check(&t), Err(LogoutTokenError::Invalid(_))),
+                "{what}"
+            );
+        }
+        assert_eq!(check("garbage").err(), Some(LogoutTokenError::Malformed));
+    }
+}
