@@ -30,6 +30,7 @@ fn session_strategy() -> impl Strategy<Value = Session> {
                 groups,
                 ..Default::default()
             },
+            last_seen: 0,
         })
 }
 

@@ -229,7 +229,8 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
         let far = |m: &mut serde_json::Map<String, serde_json::Value>| {
             m.insert("exp".into(), json!(4_000_000_000u64));
         };
-        let cases: Vec<(&str, String, fn(&IdTokenError) -> bool)> = vec![
+        type Case = (&'static str, String, fn(&IdTokenError) -> bool);
+        let cases: Vec<Case> = vec![
             (
                 "wrong issuer",
                 with(|m| {

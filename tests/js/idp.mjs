@@ -13,6 +13,10 @@
 //   IDP_CLIENT_AUTH_METHOD         token endpoint auth method of that client:
 //                                  client_secret_basic (default) or
 //                                  client_secret_post
+//   IDP_STRICT_CLIENT_AUTH         "1" refuses (401 invalid_client) a client
+//                                  that authenticates with the other of
+//                                  basic/post than it is registered for
+//                                  (default: oidc-provider accepts either)
 //   IDP_REDIRECT_URIS              the client's redirect URIs, comma separated
 //                                  (default http://127.0.0.1:4180/oauth2/callback)
 //   IDP_POST_LOGOUT_REDIRECT_URIS  extra post-logout redirect URIs, comma
@@ -23,6 +27,8 @@
 //                                  backchannel_logout_session_required: true)
 //   IDP_ROTATE_REFRESH_TOKEN       "1" rotates refresh tokens on every use
 //                                  (default: never rotate)
+//   IDP_NO_REFRESH_TOKEN           "1" issues no refresh token at all (default:
+//                                  one to every client allowed the grant)
 //   IDP_EXTRA_CLIENTS              JSON array of extra client metadata objects
 //                                  registered as-is, e.g.
 //                                  [{"client_id":"post","client_secret":"s",
@@ -53,7 +59,7 @@
 // (POST /token/revocation with the client's credentials).
 
 import crypto from 'node:crypto';
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const env = process.env;
 
@@ -83,6 +89,8 @@ const RT_TTL = intEnv('IDP_REFRESH_TOKEN_TTL', 14 * 24 * 3600);
 const AT_CHARS = intEnv('IDP_ACCESS_TOKEN_CHARS', 43);
 const RT_CHARS = intEnv('IDP_REFRESH_TOKEN_CHARS', 43);
 const ROTATE_RT = env.IDP_ROTATE_REFRESH_TOKEN === '1';
+const NO_RT = env.IDP_NO_REFRESH_TOKEN === '1';
+const STRICT_CLIENT_AUTH = env.IDP_STRICT_CLIENT_AUTH === '1';
 const BACKCHANNEL_URI = env.IDP_BACKCHANNEL_LOGOUT_URI || '';
 const LOG = env.IDP_LOG !== '0';
 
@@ -284,8 +292,9 @@ const configuration = {
     required: (_ctx, client) => client.clientAuthMethod === 'none',
   },
   // issue a refresh token to every client allowed the refresh_token grant,
-  // even when offline_access was dropped (e.g. prompt without consent).
-  issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
+  // even when offline_access was dropped (e.g. prompt without consent);
+  // none at all with IDP_NO_REFRESH_TOKEN=1.
+  issueRefreshToken: async (_ctx, client) => !NO_RT && client.grantTypeAllowed('refresh_token'),
   formats: {
     // opaque token length: 6 bits per character
     bitsOfOpaqueRandomness: (_ctx, token) => {
@@ -321,6 +330,19 @@ const provider = new Provider(ISSUER, configuration);
 // back-channel logout URI (and session_required). Make every client do so.
 provider.Client.prototype.includeSid = function includeSid() { return true; };
 
+// oidc-provider accepts client_secret_basic and client_secret_post alike for a
+// client registered with either; IDP_STRICT_CLIENT_AUTH=1 holds it to its own.
+if (STRICT_CLIENT_AUTH) {
+  const compare = provider.Client.prototype.compareClientSecret;
+  provider.Client.prototype.compareClientSecret = function strict(actual) {
+    const used = Provider.ctx?.headers.authorization !== undefined ? 'client_secret_basic' : 'client_secret_post';
+    if (used !== this.clientAuthMethod) {
+      throw new errors.InvalidClientAuth(`${used} used, client registered for ${this.clientAuthMethod}`);
+    }
+    return compare.call(this, actual);
+  };
+}
+
 let served = 0;
 provider.use(async (ctx, next) => {
   const t0 = process.hrtime.bigint();
@@ -345,7 +367,7 @@ provider.on('backchannel.error', (_ctx, err, client, accountId, sid) => {
 });
 
 const server = provider.listen(PORT, '127.0.0.1', () => {
-  console.log(`READY issuer=${ISSUER} port=${PORT} client_id=${CLIENT_ID} auth=${AUTH_METHOD} at_ttl=${AT_TTL}s at_chars=${AT_CHARS} rt_chars=${RT_CHARS} rotate_rt=${ROTATE_RT ? 1 : 0} backchannel=${BACKCHANNEL_URI || '-'}`);
+  console.log(`READY issuer=${ISSUER} port=${PORT} client_id=${CLIENT_ID} auth=${AUTH_METHOD} at_ttl=${AT_TTL}s at_chars=${AT_CHARS} rt_chars=${RT_CHARS} rotate_rt=${ROTATE_RT ? 1 : 0} no_rt=${NO_RT ? 1 : 0} strict_auth=${STRICT_CLIENT_AUTH ? 1 : 0} backchannel=${BACKCHANNEL_URI || '-'}`);
   console.log(`redirect_uris=${REDIRECT_URIS.join(' ')}`);
   console.log(`post_logout_redirect_uris=${POST_LOGOUT_REDIRECT_URIS.join(' ')}`);
   if (extraClients.length) console.log(`extra_clients=${extraClients.map((c) => c.client_id).join(' ')}`);

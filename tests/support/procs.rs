@@ -421,3 +421,91 @@ impl Idp {
         }
     }
 }
+
+// Starting processes without waiting for readiness, and the IdP on a chosen port
+// (tests/provider.rs).
+impl Idp {
+    /// Starts the IdP on `port` (which must be free) with `env` and waits for its
+    /// `READY` line. Unlike `start`, no other port is tried.
+    pub async fn start_on(port: u16, env: &[(&str, &str)]) -> Idp {
+        let js = repo().join("tests/js");
+        let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_string());
+        let mut cmd = Command::new(&node);
+        cmd.arg(js.join("idp.mjs")).current_dir(&js);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("IDP_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("IDP_PORT", port.to_string());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-idp-")
+            .tempdir()
+            .expect("tempdir");
+        let mut proc = Proc::spawn("idp", cmd, dir);
+        let t0 = Instant::now();
+        while !proc.stdout().lines().any(|l| l.starts_with("READY ")) {
+            if let Some(st) = proc.exited() {
+                panic!("idp on port {port} exited with {st}\n{}", proc.tails());
+            }
+            assert!(
+                t0.elapsed() < START_TIMEOUT,
+                "idp on port {port} not READY\n{}",
+                proc.tails()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Idp { port, proc }
+    }
+}
+
+impl Gateway {
+    /// Writes the config and starts the gateway, waiting only until it serves
+    /// `/healthz` (200), not until it is ready: for providers that are missing or
+    /// misconfigured.
+    pub async fn start_unready(opts: GatewayOpts) -> Gateway {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-gw-")
+            .tempdir()
+            .expect("tempdir");
+        let cfg = dir.path().join("portcullis.yaml");
+        std::fs::write(&cfg, opts.yaml()).expect("write config");
+        let mut cmd = gateway_command();
+        cmd.arg("--config").arg(&cfg);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut proc = Proc::spawn("gateway", cmd, dir);
+        let t0 = Instant::now();
+        let health = format!("http://127.0.0.1:{}/healthz", opts.port);
+        loop {
+            if let Some(st) = proc.exited() {
+                panic!(
+                    "gateway exited with {st}\nconfig:\n{}\n{}",
+                    opts.yaml(),
+                    proc.tails()
+                );
+            }
+            if let Ok(r) = super::try_send("GET", &health, &[], Vec::new()).await {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            assert!(
+                t0.elapsed() < START_TIMEOUT,
+                "gateway not serving /healthz after {START_TIMEOUT:?}\nconfig:\n{}\n{}",
+                opts.yaml(),
+                proc.tails()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Gateway {
+            port: opts.port,
+            opts,
+            proc,
+        }
+    }
+}
