@@ -175,14 +175,21 @@ fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
     }
 }
 
+/// `Bearer <token>` as a header value, built in one buffer (no intermediate String copy of
+/// tokens that can be kilobytes long). A token a header cannot carry gives `None`.
+pub fn bearer_value(token: &str) -> Option<HeaderValue> {
+    let mut buf = bytes::BytesMut::with_capacity(7 + token.len());
+    buf.extend_from_slice(b"Bearer ");
+    buf.extend_from_slice(token.as_bytes());
+    let mut v = HeaderValue::from_maybe_shared(buf.freeze()).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 /// Adds the bearer and the identity headers for an authenticated request.
 pub fn inject_identity(h: &mut HeaderMap, s: &Session, cfg: &HeaderConfig) {
     if cfg.pass_access_token {
-        let mut v = String::with_capacity(7 + s.access_token.len());
-        v.push_str("Bearer ");
-        v.push_str(&s.access_token);
-        if let Ok(mut v) = HeaderValue::from_str(&v) {
-            v.set_sensitive(true);
+        if let Some(v) = bearer_value(&s.access_token) {
             h.insert(header::AUTHORIZATION, v);
         }
     }
@@ -329,6 +336,17 @@ mod tests {
         h.insert(header::COOKIE, HeaderValue::from_static("_p=secret"));
         strip_cookies(&mut h, |n| n == "_p");
         assert!(h.get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn bearer_values() {
+        assert_eq!(
+            bearer_value("abc.DEF-_~+/=").unwrap(),
+            "Bearer abc.DEF-_~+/="
+        );
+        for bad in ["a\r\nX-Evil: 1", "a\nb", "a\0b"] {
+            assert!(bearer_value(bad).is_none(), "{bad:?}");
+        }
     }
 
     #[test]
