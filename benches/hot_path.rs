@@ -89,6 +89,32 @@ fn cookie_open(c: &mut Criterion) {
             b.iter(|| cookies.set_session(s, &CookieJar::default(), 10))
         });
     }
+    // Cost must not depend on how many distinct sessions are in use: 10,000 rotating
+    // cookies against one repeated cookie.
+    let headers: Vec<HeaderMap> = (0..10_000u32)
+        .map(|i| {
+            let mut s = session(43);
+            s.id[..4].copy_from_slice(&i.to_le_bytes());
+            s.identity.sub = format!("user{i}");
+            let mut h = HeaderMap::new();
+            h.insert(http::header::COOKIE, cookie_header(&cookies, &s));
+            h
+        })
+        .collect();
+    let mut i = 0usize;
+    g.bench_function("rotating_10k_sessions", |b| {
+        b.iter(|| {
+            i = (i + 1) % headers.len();
+            let jar = CookieJar::parse(&headers[i]);
+            cookies.open(&jar, 10)
+        })
+    });
+    g.bench_function("one_session", |b| {
+        b.iter(|| {
+            let jar = CookieJar::parse(&headers[0]);
+            cookies.open(&jar, 10)
+        })
+    });
     g.finish();
 }
 
