@@ -193,6 +193,21 @@ cookie:
     }
 
     #[test]
+    fn shutdown_timeout_spellings() {
+        let t = |extra: &str| {
+            load_str(&format!("{MINIMAL}{extra}"), none())
+                .unwrap()
+                .timeouts
+                .shutdown
+                .as_secs()
+        };
+        assert_eq!(t(""), 25);
+        assert_eq!(t("timeouts: { shutdown: 7s }\n"), 7);
+        assert_eq!(t("timeouts: { shutdown_timeout: 8s }\n"), 8);
+        assert_eq!(t("lifecycle: { shutdown_timeout: 9s }\n"), 9);
+    }
+
+    #[test]
     fn secure_cookie_gets_host_prefix() {
         let text = MINIMAL.replace("secure: false", "secure: true").replace(
             "http://127.0.0.1:4180/oauth2",

@@ -225,6 +225,7 @@ pub struct RawTimeouts {
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
     #[serde(with = "humantime_serde")]
+    #[serde(alias = "shutdown_timeout")]
     pub shutdown: Duration,
 }
 
@@ -298,12 +299,16 @@ pub struct RawLifecycle {
     /// After SIGTERM: readiness fails at once, the listener keeps accepting this long.
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    /// The drain time (same as `timeouts.shutdown`, which it overrides when set).
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<Duration>,
 }
 
 impl Default for RawLifecycle {
     fn default() -> Self {
         Self {
             shutdown_delay: Duration::from_secs(5),
+            shutdown_timeout: None,
         }
     }
 }

@@ -663,7 +663,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         provider: positive(&mut c, "timeouts.provider", t.provider),
         header_read: positive(&mut c, "timeouts.header_read", t.header_read),
         idle: positive(&mut c, "timeouts.idle", t.idle),
-        shutdown: t.shutdown,
+        shutdown: raw.lifecycle.shutdown_timeout.unwrap_or(t.shutdown),
     };
     let l = &raw.limits;
     if l.max_header_bytes < 4096 {
