@@ -65,6 +65,17 @@ pub fn html(status: StatusCode, title: &str, message: &str, extra_html: &str) ->
     resp
 }
 
+/// 403 for a signed-in user who may not pass: says why, offers sign-out.
+pub fn forbidden(why: &str) -> Response<Body> {
+    tracing::info!(reason = why, "authenticated user denied");
+    html(
+        StatusCode::FORBIDDEN,
+        "Access denied",
+        &format!("You are signed in, but {why}."),
+        "<p><a href=\"/oauth2/sign_out\">Sign out</a> to use another account.</p>",
+    )
+}
+
 /// A small JSON answer (API callers).
 pub fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(Body::full(body.to_string()));

@@ -10,19 +10,14 @@ use crate::pages;
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{host_only, AuthMode, Denied, Route};
 use crate::proxy::forward::ConnInfo;
+use crate::proxy::headers::put;
 use crate::proxy::path::normalize;
 use crate::refresh::{ensure_fresh, Fresh};
 use crate::session::store::Loaded;
 use crate::session::{now_secs, CookieJar, Session};
-use http::header::{HeaderMap, HeaderName, HeaderValue, SET_COOKIE};
+use http::header::{HeaderMap, HeaderValue, SET_COOKIE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-
-fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        h.insert(name.clone(), v);
-    }
-}
 
 fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, user: &str) {
     put(h, &cfg.user, user);
@@ -122,13 +117,7 @@ pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
         .authorization
         .check(&session.identity, route.and_then(|r| r.allow.as_ref()))
     {
-        tracing::info!(reason = why, "authenticated user denied");
-        return pages::html(
-            StatusCode::FORBIDDEN,
-            "Access denied",
-            &format!("You are signed in, but {why}."),
-            "",
-        );
+        return pages::forbidden(why);
     }
     let mut resp = pages::text(StatusCode::ACCEPTED, "");
     let h = resp.headers_mut();

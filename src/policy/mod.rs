@@ -149,15 +149,7 @@ impl<S> AuthGate<S> {
                     .unwrap_or("/");
                 flow::start_login(&self.app, &flow::redirect::or_root(Some(return_to)), &jar)
             }
-            Decision::Forbidden(Denied(why)) => {
-                tracing::info!(reason = why, "authenticated user denied");
-                pages::html(
-                    StatusCode::FORBIDDEN,
-                    "Access denied",
-                    &format!("You are signed in, but {why}."),
-                    "<p><a href=\"/oauth2/sign_out\">Sign out</a> to use another account.</p>",
-                )
-            }
+            Decision::Forbidden(Denied(why)) => pages::forbidden(why),
             _ => pages::json(
                 StatusCode::UNAUTHORIZED,
                 &serde_json::json!({"error": "unauthorized", "login_url": "/oauth2/start"}),

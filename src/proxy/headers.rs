@@ -168,7 +168,7 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
     }
 }
 
-fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
+pub fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
     // Claims with characters a header cannot carry are left out rather than mangled.
     if let Ok(v) = HeaderValue::from_str(value) {
         h.insert(name.clone(), v);
