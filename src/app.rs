@@ -2,7 +2,6 @@
 
 use crate::config::Config;
 use crate::oidc::Provider;
-use crate::proxy::client::HttpClient;
 use crate::proxy::headers::Spoofable;
 use crate::session::SessionCookies;
 use std::collections::HashMap;
@@ -71,7 +70,8 @@ pub struct App {
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     pub cookies: SessionCookies,
     pub provider: Arc<Provider>,
-    pub upstream: HttpClient,
+    /// Upstream requests (one pool per worker thread).
+    pub upstream: Arc<crate::proxy::client::UpstreamClients>,
     pub spoofable: Spoofable,
     pub used_states: Arc<UsedStates>,
     pub refresher: Arc<crate::refresh::Refresher>,
@@ -86,7 +86,7 @@ impl App {
     pub fn new(
         cfg: Arc<Config>,
         provider: Arc<Provider>,
-        upstream: HttpClient,
+        upstream: Arc<crate::proxy::client::UpstreamClients>,
         shared: &Shared,
         redis: Option<Arc<crate::store::Redis>>,
     ) -> Self {

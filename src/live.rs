@@ -38,10 +38,14 @@ pub fn build(
     shared: &Shared,
     prev: Option<&App>,
 ) -> Result<Generation, StartError> {
-    let client = match prev {
-        Some(p) if client_options(&p.cfg) == client_options(&cfg) => p.upstream.clone(),
-        _ => proxy::client::build(&client_options(&cfg)).map_err(StartError::Client)?,
+    let upstream = match prev {
+        Some(p) if p.upstream.opts == client_options(&cfg) => p.upstream.clone(),
+        _ => Arc::new(
+            proxy::client::UpstreamClients::new(&client_options(&cfg))
+                .map_err(StartError::Client)?,
+        ),
     };
+    let client = upstream.shared();
     let provider = Arc::new(Provider::new(
         &cfg,
         ProviderHttp {
@@ -72,7 +76,7 @@ pub fn build(
     if redis.is_none() && prev.is_none_or(|p| p.redis.is_some()) {
         tracing::warn!("back-channel logout is unavailable: it needs session.store: redis or session.coordination.redis_url");
     }
-    let app = Arc::new(App::new(cfg, provider, client, shared, redis));
+    let app = Arc::new(App::new(cfg, provider, upstream, shared, redis));
     Ok(Generation {
         stack: stack::build(app.clone()),
         app,

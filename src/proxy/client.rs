@@ -20,11 +20,6 @@ pub struct ClientOptions {
 /// Builds a pooled client that speaks http and https (system roots plus `tls.ca_file`,
 /// TLS 1.2+, h1/h2 via ALPN, optional client certificate).
 pub fn build(opts: &ClientOptions) -> Result<HttpClient, std::io::Error> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(opts.connect_timeout));
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(60)));
     let tls = crate::server::tls::client_config(
         opts.tls.ca_file.as_deref(),
         opts.tls
@@ -33,16 +28,88 @@ pub fn build(opts: &ClientOptions) -> Result<HttpClient, std::io::Error> {
             .map(|(c, k)| (c.as_path(), k.as_path())),
     )
     .map_err(std::io::Error::other)?;
+    Ok(build_with(tls, opts))
+}
+
+/// Builds a client from an already-built TLS config (loading system roots is slow).
+fn build_with(tls: rustls::ClientConfig, opts: &ClientOptions) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(opts.connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
-        // HTTP/1.1 upstream: keeps websocket upgrades and legacy apps simple.
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(opts.idle_timeout)
         .pool_max_idle_per_host(opts.max_idle_per_host)
-        .build(https))
+        .build(https)
+}
+
+/// The upstream client with one connection pool per worker thread, so the request path
+/// shares no pool lock between cores. Built lazily on each thread from the same options.
+pub struct UpstreamClients {
+    id: u64,
+    pub opts: ClientOptions,
+    tls: rustls::ClientConfig,
+    /// One pool shared by all threads, for the (rare) provider calls.
+    shared: HttpClient,
+}
+
+impl std::fmt::Debug for UpstreamClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UpstreamClients({})", self.id)
+    }
+}
+
+impl UpstreamClients {
+    pub fn new(opts: &ClientOptions) -> Result<Self, std::io::Error> {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let tls = crate::server::tls::client_config(
+            opts.tls.ca_file.as_deref(),
+            opts.tls
+                .client_cert
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+        .map_err(std::io::Error::other)?;
+        Ok(Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            opts: opts.clone(),
+            shared: build_with(tls.clone(), opts),
+            tls,
+        })
+    }
+
+    /// A client with one pool for all threads (provider calls).
+    pub fn shared(&self) -> HttpClient {
+        self.shared.clone()
+    }
+
+    /// Sends `req` through this thread's pool.
+    pub fn request(&self, req: http::Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        thread_local! {
+            // (clients id, client): a few generations at most (config reloads).
+            static LOCAL: std::cell::RefCell<Vec<(u64, HttpClient)>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        LOCAL.with(|local| {
+            let mut local = local.borrow_mut();
+            if let Some((_, c)) = local.iter().find(|(id, _)| *id == self.id) {
+                return c.request(req);
+            }
+            if local.len() >= 4 {
+                local.remove(0);
+            }
+            let c = build_with(self.tls.clone(), &self.opts);
+            let fut = c.request(req);
+            local.push((self.id, c));
+            fut
+        })
+    }
 }
