@@ -1,5 +1,41 @@
 //! What every request handler shares, built once from the config.
 
+/// Declares a tower layer `$layer` (built from the shared `App`) and the service it wraps an
+/// inner service in, `$service<S> { app, inner }`: every step of the request path has this
+/// shape, only its `Service` impl differs.
+macro_rules! app_layer {
+    ($(#[$doc:meta])* $layer:ident => $service:ident) => {
+        #[derive(Clone)]
+        pub struct $layer {
+            app: std::sync::Arc<$crate::app::App>,
+        }
+
+        impl $layer {
+            pub fn new(app: std::sync::Arc<$crate::app::App>) -> Self {
+                Self { app }
+            }
+        }
+
+        impl<S> tower::Layer<S> for $layer {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> $service<S> {
+                $service {
+                    app: self.app.clone(),
+                    inner,
+                }
+            }
+        }
+
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub struct $service<S> {
+            app: std::sync::Arc<$crate::app::App>,
+            inner: S,
+        }
+    };
+}
+pub(crate) use app_layer;
+
 use crate::config::Config;
 use crate::oidc::Provider;
 use crate::proxy::headers::Spoofable;

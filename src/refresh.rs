@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tower::{Layer, Service};
+use tower::Service;
 
 /// How long a refresh result is reused by requests carrying the pre-refresh cookie.
 const REUSE_WINDOW: Duration = Duration::from_secs(60);
@@ -221,32 +221,9 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
     }
 }
 
-#[derive(Clone)]
-pub struct RefreshLayer {
-    app: Arc<App>,
-}
-
-impl RefreshLayer {
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
-    }
-}
-
-impl<S> Layer<S> for RefreshLayer {
-    type Service = RefreshService<S>;
-    fn layer(&self, inner: S) -> RefreshService<S> {
-        RefreshService {
-            app: self.app.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RefreshService<S> {
-    app: Arc<App>,
-    inner: S,
-}
+crate::app::app_layer!(
+    RefreshLayer => RefreshService
+);
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 

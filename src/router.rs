@@ -17,37 +17,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tower::{Layer, Service};
+use tower::Service;
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
-#[derive(Clone)]
-pub struct RequestIdLayer {
-    app: Arc<App>,
-}
-
-impl RequestIdLayer {
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
-    }
-}
-
-impl<S> Layer<S> for RequestIdLayer {
-    type Service = RequestId<S>;
-    fn layer(&self, inner: S) -> RequestId<S> {
-        RequestId {
-            app: self.app.clone(),
-            inner,
-        }
-    }
-}
-
-/// Keeps a valid client-sent request id, else makes one; echoes it on the response.
-#[derive(Clone)]
-pub struct RequestId<S> {
-    app: Arc<App>,
-    inner: S,
-}
+crate::app::app_layer!(
+    /// Keeps a valid client-sent request id, else makes one; echoes it on the response.
+    RequestIdLayer => RequestId
+);
 
 static COUNTER: AtomicU64 = AtomicU64::new(1);
 
@@ -178,15 +155,15 @@ where
                 Ok(resp)
             }))
         } else {
-            let host = request_host(&req);
-            let matched = self
-                .app
-                .cfg
-                .routes
-                .iter()
-                .position(|r| r.matches(req.method(), host, req.uri().path()));
-            if let Some(i) = matched {
-                req.extensions_mut().insert(RouteIdx(i));
+            let routes = &self.app.cfg.routes;
+            if !routes.is_empty() {
+                let host = request_host(&req);
+                let matched = routes
+                    .iter()
+                    .position(|r| r.matches(req.method(), host, req.uri().path()));
+                if let Some(i) = matched {
+                    req.extensions_mut().insert(RouteIdx(i));
+                }
             }
             Either::Left(self.routes.call(req))
         }

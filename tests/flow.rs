@@ -20,20 +20,6 @@ fn jwt_payload(jwt: &str) -> serde_json::Value {
     serde_json::from_slice(&bytes).expect("JWT payload JSON")
 }
 
-/// Asserts that `resp` sets no (non-deleting) session cookie.
-fn assert_no_session_set(resp: &Resp) {
-    let set: Vec<SetCookie> = resp
-        .set_cookies()
-        .into_iter()
-        .filter(|c| {
-            c.name == "_portcullis"
-                || (c.name.starts_with("_portcullis_") && !c.name.starts_with("_portcullis_flow_"))
-        })
-        .filter(|c| !c.is_removal())
-        .collect();
-    assert!(set.is_empty(), "a session cookie was set: {}", resp.dump());
-}
-
 fn bearer_of(rec: &Recorded) -> String {
     let auth = rec
         .header("authorization")

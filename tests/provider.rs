@@ -34,20 +34,6 @@ fn token_statuses(idp: &Idp) -> Vec<u16> {
         .collect()
 }
 
-/// Asserts that `resp` sets no (non-deleting) session cookie.
-fn assert_no_session_set(resp: &Resp) {
-    let set: Vec<SetCookie> = resp
-        .set_cookies()
-        .into_iter()
-        .filter(|c| {
-            c.name == "_portcullis"
-                || (c.name.starts_with("_portcullis_") && !c.name.starts_with("_portcullis_flow_"))
-        })
-        .filter(|c| !c.is_removal())
-        .collect();
-    assert!(set.is_empty(), "a session cookie was set: {}", resp.dump());
-}
-
 /// Asserts that `resp` is a proper error page of the gateway: one of `statuses` (never a
 /// 500), HTML, no session cookie.
 fn assert_error_page(resp: &Resp, statuses: &[u16], what: &str) {

@@ -5,7 +5,6 @@ pub mod routes;
 
 use routes::{AuthMode, Authorization, Denied, Rules};
 
-use crate::app::App;
 use crate::body::Body;
 use crate::flow;
 use crate::pages;
@@ -14,9 +13,8 @@ use http::header::{HeaderMap, ACCEPT, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use tower::{Layer, Service};
+use tower::Service;
 
 /// What to do with a request for an app route.
 #[derive(Debug, PartialEq, Eq)]
@@ -73,33 +71,10 @@ pub fn decide(
 #[derive(Debug, Clone, Copy)]
 pub struct Rejected(pub CookieReject);
 
-#[derive(Clone)]
-pub struct AuthGateLayer {
-    app: Arc<App>,
-}
-
-impl AuthGateLayer {
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
-    }
-}
-
-impl<S> Layer<S> for AuthGateLayer {
-    type Service = AuthGate<S>;
-    fn layer(&self, inner: S) -> AuthGate<S> {
-        AuthGate {
-            app: self.app.clone(),
-            inner,
-        }
-    }
-}
-
-/// Lets authenticated requests through; answers the rest (login redirect or 401).
-#[derive(Clone)]
-pub struct AuthGate<S> {
-    app: Arc<App>,
-    inner: S,
-}
+crate::app::app_layer!(
+    /// Lets authenticated requests through; answers the rest (login redirect or 401).
+    AuthGateLayer => AuthGate
+);
 
 impl<S> Service<Request<Incoming>> for AuthGate<S>
 where

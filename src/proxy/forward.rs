@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tower::{Layer, Service};
+use tower::Service;
 
 /// Where a request came from, set by the listener.
 #[derive(Debug, Clone)]
@@ -35,33 +35,10 @@ pub struct ConnInfo {
 #[derive(Debug, Clone)]
 pub struct LogUser(pub Arc<str>);
 
-#[derive(Clone)]
-pub struct HeaderHygieneLayer {
-    app: Arc<App>,
-}
-
-impl HeaderHygieneLayer {
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
-    }
-}
-
-impl<S> Layer<S> for HeaderHygieneLayer {
-    type Service = HeaderHygiene<S>;
-    fn layer(&self, inner: S) -> HeaderHygiene<S> {
-        HeaderHygiene {
-            app: self.app.clone(),
-            inner,
-        }
-    }
-}
-
-/// Strips what a client must not send upstream, then adds what the upstream trusts.
-#[derive(Clone)]
-pub struct HeaderHygiene<S> {
-    app: Arc<App>,
-    inner: S,
-}
+crate::app::app_layer!(
+    /// Strips what a client must not send upstream, then adds what the upstream trusts.
+    HeaderHygieneLayer => HeaderHygiene
+);
 
 impl<S, B> Service<Request<B>> for HeaderHygiene<S>
 where

@@ -11,36 +11,12 @@ use http::{Request, Response};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use tower::{Layer, Service};
+use tower::Service;
 
-#[derive(Clone)]
-pub struct SessionLayer {
-    app: Arc<App>,
-}
-
-impl SessionLayer {
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
-    }
-}
-
-impl<S> Layer<S> for SessionLayer {
-    type Service = SessionService<S>;
-    fn layer(&self, inner: S) -> SessionService<S> {
-        SessionService {
-            app: self.app.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct SessionService<S> {
-    app: Arc<App>,
-    inner: S,
-}
+crate::app::app_layer!(
+    SessionLayer => SessionService
+);
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 

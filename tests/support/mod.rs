@@ -217,3 +217,17 @@ pub mod ops;
 /// Hostile inputs (open redirects, path confusion) and a byte-exact HTTP/1.1 sender
 /// (tests/policy.rs, tests/edges.rs).
 pub mod corpus;
+
+/// Asserts that `resp` sets no (non-deleting) session cookie.
+pub fn assert_no_session_set(resp: &Resp) {
+    let set: Vec<SetCookie> = resp
+        .set_cookies()
+        .into_iter()
+        .filter(|c| {
+            c.name == "_portcullis"
+                || (c.name.starts_with("_portcullis_") && !c.name.starts_with("_portcullis_flow_"))
+        })
+        .filter(|c| !c.is_removal())
+        .collect();
+    assert!(set.is_empty(), "a session cookie was set: {}", resp.dump());
+}

@@ -324,6 +324,16 @@ pub fn gateway_command() -> Command {
 impl Gateway {
     /// Writes the config, starts the gateway and waits until `/readyz` answers 200.
     pub async fn start(opts: GatewayOpts) -> Gateway {
+        Self::start_until(opts, "/readyz").await
+    }
+
+    /// Like `start`, but waits only until it serves `/healthz` (200), not until it is
+    /// ready: for providers that are missing or misconfigured.
+    pub async fn start_unready(opts: GatewayOpts) -> Gateway {
+        Self::start_until(opts, "/healthz").await
+    }
+
+    async fn start_until(opts: GatewayOpts, probe: &str) -> Gateway {
         let dir = tempfile::Builder::new()
             .prefix("portcullis-gw-")
             .tempdir()
@@ -337,27 +347,26 @@ impl Gateway {
         }
         let mut proc = Proc::spawn("gateway", cmd, dir);
         let t0 = Instant::now();
-        let ready = format!("http://127.0.0.1:{}/readyz", opts.port);
+        let url = format!("http://127.0.0.1:{}{probe}", opts.port);
         loop {
             if let Some(st) = proc.exited() {
                 panic!(
-                    "gateway exited with {st} before ready\nconfig:\n{}\n{}",
+                    "gateway exited with {st} before {probe} answered\nconfig:\n{}\n{}",
                     opts.yaml(),
                     proc.tails()
                 );
             }
-            if let Ok(r) = super::try_send("GET", &ready, &[], Vec::new()).await {
+            if let Ok(r) = super::try_send("GET", &url, &[], Vec::new()).await {
                 if r.status == 200 {
                     break;
                 }
             }
-            if t0.elapsed() > START_TIMEOUT {
-                panic!(
-                    "gateway not ready after {START_TIMEOUT:?}\nconfig:\n{}\n{}",
-                    opts.yaml(),
-                    proc.tails()
-                );
-            }
+            assert!(
+                t0.elapsed() < START_TIMEOUT,
+                "gateway {probe} not 200 after {START_TIMEOUT:?}\nconfig:\n{}\n{}",
+                opts.yaml(),
+                proc.tails()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Gateway {
@@ -484,53 +493,5 @@ impl Idp {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         Idp { port, proc }
-    }
-}
-
-impl Gateway {
-    /// Writes the config and starts the gateway, waiting only until it serves
-    /// `/healthz` (200), not until it is ready: for providers that are missing or
-    /// misconfigured.
-    pub async fn start_unready(opts: GatewayOpts) -> Gateway {
-        let dir = tempfile::Builder::new()
-            .prefix("portcullis-gw-")
-            .tempdir()
-            .expect("tempdir");
-        let cfg = dir.path().join("portcullis.yaml");
-        std::fs::write(&cfg, opts.yaml()).expect("write config");
-        let mut cmd = gateway_command();
-        cmd.arg("--config").arg(&cfg);
-        for (k, v) in &opts.env {
-            cmd.env(k, v);
-        }
-        let mut proc = Proc::spawn("gateway", cmd, dir);
-        let t0 = Instant::now();
-        let health = format!("http://127.0.0.1:{}/healthz", opts.port);
-        loop {
-            if let Some(st) = proc.exited() {
-                panic!(
-                    "gateway exited with {st}\nconfig:\n{}\n{}",
-                    opts.yaml(),
-                    proc.tails()
-                );
-            }
-            if let Ok(r) = super::try_send("GET", &health, &[], Vec::new()).await {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            assert!(
-                t0.elapsed() < START_TIMEOUT,
-                "gateway not serving /healthz after {START_TIMEOUT:?}\nconfig:\n{}\n{}",
-                opts.yaml(),
-                proc.tails()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Gateway {
-            port: opts.port,
-            opts,
-            proc,
-        }
     }
 }
