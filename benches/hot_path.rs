@@ -9,7 +9,9 @@ use portcullis::config::{self, Config};
 use portcullis::proxy::headers::{
     inject_identity, set_forwarded, strip_cookies, strip_hop_by_hop, PriorHop, Spoofable,
 };
-use portcullis::session::{CookieJar, Identity, Session, SessionCookies};
+use portcullis::session::{
+    ActiveSession, CookieJar, Identity, Session, SessionCache, SessionCookies,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,6 +117,21 @@ fn cookie_open(c: &mut Criterion) {
             cookies.open(&jar, 10)
         })
     });
+    // The request path: the session cache in front of the decryption (default size).
+    let cache = SessionCache::new(cfg.limits.session_cache_bytes);
+    g.bench_function("cached/one_session", |b| {
+        b.iter(|| {
+            let jar = CookieJar::parse(&headers[0]);
+            cookies.open_active(&jar, 10, &cache).map(|o| o.is_some())
+        })
+    });
+    g.bench_function("cached/rotating_10k_sessions", |b| {
+        b.iter(|| {
+            i = (i + 1) % headers.len();
+            let jar = CookieJar::parse(&headers[i]);
+            cookies.open_active(&jar, 10, &cache).map(|o| o.is_some())
+        })
+    });
     g.finish();
 }
 
@@ -123,6 +140,7 @@ fn header_hygiene(c: &mut Criterion) {
     let cookies = SessionCookies::new(&cfg.cookie, cfg.session.lifetime, 8, "/");
     let spoofable = Spoofable::new(&cfg.headers);
     let s = session(43);
+    let active = ActiveSession::new(s.clone());
     let mut base = HeaderMap::new();
     for (k, v) in [
         ("host", "app.example.com"),
@@ -151,7 +169,7 @@ fn header_hygiene(c: &mut Criterion) {
             spoofable.strip(&mut h);
             strip_cookies(&mut h, |n| cookies.is_ours(n));
             set_forwarded(&mut h, &ip, "http", PriorHop::default());
-            inject_identity(&mut h, &s, &cfg.headers);
+            inject_identity(&mut h, active.upstream_headers(&cfg.headers));
             h
         })
     });

@@ -105,6 +105,8 @@ pub struct App {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     pub cookies: SessionCookies,
+    /// Sessions of recently seen cookies (this generation's keys and header names).
+    pub session_cache: crate::session::SessionCache,
     pub provider: Arc<Provider>,
     /// Upstream requests (one pool per worker thread).
     pub upstream: Arc<crate::proxy::client::UpstreamClients>,
@@ -134,6 +136,7 @@ impl App {
         );
         Self {
             spoofable: Spoofable::new(&cfg.headers),
+            session_cache: crate::session::SessionCache::new(cfg.limits.session_cache_bytes),
             cookies,
             provider,
             upstream,

@@ -11,7 +11,7 @@ use crate::body::Body;
 use crate::error::GatewayError;
 use crate::oidc::ProviderError;
 use crate::policy::Rejected;
-use crate::session::{now_secs, CookieJar, CookieReject, Session};
+use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, Session};
 use crate::singleflight::SingleFlight;
 use http::header::{HeaderValue, SET_COOKIE};
 use http::{Request, Response};
@@ -244,10 +244,13 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         use futures_util::future::Either;
         let now = now_secs();
-        let due = req.extensions().get::<Session>().is_some_and(|s| {
-            needs_refresh(s, now, self.app.cfg.session.refresh_before)
-                || s.needs_touch(now, self.app.cfg.session.idle_timeout)
-        });
+        let due = req
+            .extensions()
+            .get::<Arc<ActiveSession>>()
+            .is_some_and(|s| {
+                needs_refresh(s, now, self.app.cfg.session.refresh_before)
+                    || s.needs_touch(now, self.app.cfg.session.idle_timeout)
+            });
         if !due {
             return Either::Left(self.inner.call(req));
         }
@@ -256,13 +259,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let app = self.app.clone();
         Either::Right(Box::pin(async move {
-            let Some(old) = req.extensions_mut().remove::<Session>() else {
+            let Some(old) = req.extensions_mut().remove::<Arc<ActiveSession>>() else {
                 return inner.call(req).await;
             };
-            let outcome = ensure_fresh(&app, old, now).await;
+            let outcome = ensure_fresh(&app, old.session.clone(), now).await;
             match outcome {
                 Fresh::Unchanged(s) => {
-                    req.extensions_mut().insert(s);
+                    req.extensions_mut().insert(ActiveSession::new(s));
                     inner.call(req).await
                 }
                 Fresh::Refreshed(next) => {
@@ -270,7 +273,8 @@ where
                         let jar = CookieJar::parse(req.headers());
                         app.refreshed_cookie(&next, &jar)
                     };
-                    req.extensions_mut().insert((*next).clone());
+                    req.extensions_mut()
+                        .insert(ActiveSession::new((*next).clone()));
                     let mut resp = inner.call(req).await?;
                     append_cookies(&mut resp, lines);
                     Ok(resp)

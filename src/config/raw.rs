@@ -249,6 +249,8 @@ pub struct RawLimits {
     pub max_headers: usize,
     pub max_cookie_chunks: usize,
     pub max_connections: usize,
+    /// Memory for sessions decoded from recently seen cookies (0: decode every request).
+    pub session_cache_bytes: u64,
 }
 
 impl Default for RawLimits {
@@ -258,6 +260,7 @@ impl Default for RawLimits {
             max_headers: 100,
             max_cookie_chunks: 8,
             max_connections: 10_000,
+            session_cache_bytes: 32 << 20,
         }
     }
 }

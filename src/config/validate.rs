@@ -166,6 +166,7 @@ pub struct Limits {
     pub max_headers: usize,
     pub max_cookie_chunks: usize,
     pub max_connections: usize,
+    pub session_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -742,6 +743,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             max_headers: l.max_headers,
             max_cookie_chunks: l.max_cookie_chunks,
             max_connections: l.max_connections,
+            session_cache_bytes: l.session_cache_bytes,
         },
         log: LogConfig {
             level: raw.log.level.clone(),

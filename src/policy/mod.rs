@@ -8,7 +8,7 @@ use routes::{AuthMode, Authorization, Denied, Rules};
 use crate::body::Body;
 use crate::flow;
 use crate::pages;
-use crate::session::{CookieJar, CookieReject, Session};
+use crate::session::{ActiveSession, CookieJar, CookieReject, Session};
 use http::header::{HeaderMap, ACCEPT, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -94,7 +94,10 @@ where
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         use futures_util::future::Either;
-        let session = req.extensions().get::<Session>();
+        let session = req
+            .extensions()
+            .get::<std::sync::Arc<ActiveSession>>()
+            .map(|s| &s.session);
         let route = self.app.route_of(&req);
         let mode = route.map_or(AuthMode::Login, |r| r.auth);
         let rules = route.and_then(|r| r.allow.as_ref());

@@ -9,7 +9,7 @@ use crate::metrics::{ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
 use crate::policy::routes::AuthMode;
 use crate::proxy::headers::PriorHop;
-use crate::session::Session;
+use crate::session::ActiveSession;
 use http::uri::PathAndQuery;
 use http::{header, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -55,7 +55,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> S::Future {
         let upgrading = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
         let conn = req.extensions().get::<ConnInfo>().cloned();
-        let session = req.extensions_mut().remove::<Session>();
+        let session = req.extensions_mut().remove::<Arc<ActiveSession>>();
         // HTTP/2 clients carry the host in the URI, not a Host header: give the upstream one.
         if !req.headers().contains_key(header::HOST) {
             let host = req
@@ -78,10 +78,9 @@ where
         if let Some(c) = &conn {
             set_forwarded(h, &c.ip, if c.tls { "https" } else { "http" }, prior);
         }
-        if let Some(s) = &session {
-            inject_identity(h, s, &app.cfg.headers);
-            req.extensions_mut()
-                .insert(LogUser(Arc::from(s.identity.sub.as_str())));
+        if let Some(s) = session {
+            inject_identity(h, s.upstream_headers(&app.cfg.headers));
+            req.extensions_mut().insert(LogUser(s.sub.clone()));
         }
         self.inner.call(req)
     }

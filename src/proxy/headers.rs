@@ -186,22 +186,37 @@ pub fn bearer_value(token: &str) -> Option<HeaderValue> {
     Some(v)
 }
 
-/// Adds the bearer and the identity headers for an authenticated request.
-pub fn inject_identity(h: &mut HeaderMap, s: &Session, cfg: &HeaderConfig) {
+/// The bearer and the identity headers for an authenticated request (built once per session).
+pub fn identity_headers(s: &Session, cfg: &HeaderConfig) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(5);
     if cfg.pass_access_token {
         if let Some(v) = bearer_value(&s.access_token) {
-            h.insert(header::AUTHORIZATION, v);
+            out.push((header::AUTHORIZATION, v));
         }
     }
-    put(h, &cfg.user, s.user(cfg.user_claim));
+    let mut put = |name: &HeaderName, value: &str| {
+        // Claims with characters a header cannot carry are left out rather than mangled.
+        if let Ok(v) = HeaderValue::from_str(value) {
+            out.push((name.clone(), v));
+        }
+    };
+    put(&cfg.user, s.user(cfg.user_claim));
     if let Some(e) = &s.identity.email {
-        put(h, &cfg.email, e);
+        put(&cfg.email, e);
     }
     if !s.identity.groups.is_empty() {
-        put(h, &cfg.groups, &s.identity.groups.join(","));
+        put(&cfg.groups, &s.identity.groups.join(","));
     }
     if let Some(u) = &s.identity.preferred_username {
-        put(h, &cfg.preferred_username, u);
+        put(&cfg.preferred_username, u);
+    }
+    out
+}
+
+/// Adds headers built by [`identity_headers`], replacing any of the same name.
+pub fn inject_identity(h: &mut HeaderMap, headers: &[(HeaderName, HeaderValue)]) {
+    for (name, value) in headers {
+        h.insert(name.clone(), value.clone());
     }
 }
 

@@ -1,11 +1,12 @@
 //! Session and flow cookies: naming, chunking, sealing, and the `Set-Cookie` lines.
 
 use super::crypto::{KeyRing, OpenError};
-use super::{CookieValue, DecodeError, FlowState, Session};
+use super::{ActiveSession, CookieValue, DecodeError, FlowState, Session, SessionCache};
 use crate::config::{CookieConfig, SameSite};
 use ::cookie::{Cookie, CookieBuilder};
 use http::header::{HeaderMap, HeaderValue, COOKIE};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Values above this many bytes are split into `<name>_0`, `<name>_1`, …
@@ -37,6 +38,15 @@ impl CookieReject {
             CookieReject::Revoked => "revoked",
         }
     }
+}
+
+/// A session cookie opened on the request path.
+#[derive(Debug)]
+pub enum Opened {
+    /// The whole session (cookie store).
+    Session(Arc<ActiveSession>),
+    /// The id of a Redis-stored session.
+    Ref([u8; 16]),
 }
 
 /// The request's cookies, parsed once, borrowing from the headers.
@@ -183,6 +193,40 @@ impl SessionCookies {
         match value {
             CookieValue::Full(s) if s.is_expired(now) => Err(CookieReject::Expired),
             v => Ok(Some(v)),
+        }
+    }
+
+    /// Opens the session cookie on the request path: a session (from `cache` when this exact
+    /// value was opened before), or (Redis store) a reference. `Ok(None)`: no session cookie.
+    pub fn open_active(
+        &self,
+        jar: &CookieJar<'_>,
+        now: u64,
+        cache: &SessionCache,
+    ) -> Result<Option<Opened>, CookieReject> {
+        let Some(sealed) = self.sealed_value(jar)? else {
+            return Ok(None);
+        };
+        if let Some(s) = cache.get(&sealed) {
+            return match s.is_expired(now) {
+                true => Err(CookieReject::Expired),
+                false => Ok(Some(Opened::Session(s))),
+            };
+        }
+        if sealed.len() > self.max_chunks * CHUNK_SIZE {
+            return Err(CookieReject::Oversize);
+        }
+        let value =
+            self.keys
+                .open_with(self.name.as_bytes(), sealed.as_bytes(), CookieValue::decode)??;
+        match value {
+            CookieValue::Full(s) if s.is_expired(now) => Err(CookieReject::Expired),
+            CookieValue::Full(s) => {
+                let s = ActiveSession::new(s);
+                cache.insert(&sealed, s.clone());
+                Ok(Some(Opened::Session(s)))
+            }
+            CookieValue::Ref(id) => Ok(Some(Opened::Ref(id))),
         }
     }
 

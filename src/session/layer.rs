@@ -6,7 +6,7 @@ use crate::body::Body;
 use crate::error::GatewayError;
 use crate::policy::Rejected;
 use crate::session::store::Loaded;
-use crate::session::{now_secs, CookieJar, CookieReject, CookieValue};
+use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, CookieValue, Opened};
 use http::{Request, Response};
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,7 +23,7 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>
 fn attach<B>(app: &App, req: &mut Request<B>, loaded: Loaded) {
     match loaded {
         Loaded::Session(s) => {
-            req.extensions_mut().insert(s);
+            req.extensions_mut().insert(ActiveSession::new(s));
         }
         Loaded::None => {}
         Loaded::Rejected(reason) => reject(app, req, reason),
@@ -66,13 +66,19 @@ where
         let now = now_secs();
         let opened = {
             let jar = CookieJar::parse(req.headers());
-            self.app.cookies.open(&jar, now)
+            self.app
+                .cookies
+                .open_active(&jar, now, &self.app.session_cache)
         };
         let value = match opened {
-            Ok(Some(CookieValue::Full(s))) => {
+            Ok(Some(Opened::Session(s))) => {
                 // The cookie store: everything is here, no I/O on the hot path.
-                let loaded = self.app.check_revoked(s);
-                attach(&self.app, &mut req, loaded);
+                match self.app.ended(&s, now) {
+                    Some(reason) => reject(&self.app, &mut req, reason),
+                    None => {
+                        req.extensions_mut().insert(s);
+                    }
+                }
                 return Either::Left(self.inner.call(req));
             }
             Ok(None) => return Either::Left(self.inner.call(req)),
@@ -80,7 +86,7 @@ where
                 reject(&self.app, &mut req, reason);
                 return Either::Left(self.inner.call(req));
             }
-            Ok(Some(v)) => v,
+            Ok(Some(Opened::Ref(id))) => CookieValue::Ref(id),
         };
         // A reference: look the session up in Redis.
         let clone = self.inner.clone();

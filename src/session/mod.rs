@@ -1,12 +1,14 @@
 //! The session: what a logged-in user carries, sealed into the session cookie.
 
+pub mod active;
 pub mod cookie;
 pub mod crypto;
 pub mod layer;
 pub mod revocation;
 pub mod store;
 
-pub use self::cookie::{CookieJar, CookieReject, SessionCookies};
+pub use self::active::{ActiveSession, SessionCache};
+pub use self::cookie::{CookieJar, CookieReject, Opened, SessionCookies};
 pub use crypto::{KeyRing, OpenError};
 
 use serde::{Deserialize, Serialize};
@@ -186,7 +188,7 @@ impl FlowState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub fn sample() -> Session {

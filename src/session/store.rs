@@ -64,12 +64,20 @@ impl App {
 
     /// A session ended by back-channel logout, or idle for too long, is no session.
     pub fn check_revoked(&self, s: Session) -> Loaded {
-        if self.revocations.is_revoked(&s) {
-            Loaded::Rejected(CookieReject::Revoked)
-        } else if s.is_idle(now_secs(), self.cfg.session.idle_timeout) {
-            Loaded::Rejected(CookieReject::Expired)
+        match self.ended(&s, now_secs()) {
+            Some(reason) => Loaded::Rejected(reason),
+            None => Loaded::Session(s),
+        }
+    }
+
+    /// Why a session that decrypted fine is over anyway, if it is.
+    pub fn ended(&self, s: &Session, now: u64) -> Option<CookieReject> {
+        if self.revocations.is_revoked(s) {
+            Some(CookieReject::Revoked)
+        } else if s.is_idle(now, self.cfg.session.idle_timeout) {
+            Some(CookieReject::Expired)
         } else {
-            Loaded::Session(s)
+            None
         }
     }
 
