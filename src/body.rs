@@ -13,11 +13,19 @@ pub enum Body {
     Empty,
     Full(Option<Bytes>),
     Streamed(Incoming),
+    /// An upstream response (its connection returns to the pool at the end).
+    Upstream(crate::proxy::pool::UpstreamBody),
 }
 
 impl Body {
     pub fn full(data: impl Into<Bytes>) -> Self {
         Body::Full(Some(data.into()))
+    }
+}
+
+impl From<crate::proxy::pool::UpstreamBody> for Body {
+    fn from(b: crate::proxy::pool::UpstreamBody) -> Self {
+        Body::Upstream(b)
     }
 }
 
@@ -39,6 +47,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Streamed(b) => Pin::new(b).poll_frame(cx),
+            Body::Upstream(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -47,6 +56,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(d) => d.is_none(),
             Body::Streamed(b) => b.is_end_stream(),
+            Body::Upstream(b) => b.is_end_stream(),
         }
     }
 
@@ -55,6 +65,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Streamed(b) => b.size_hint(),
+            Body::Upstream(b) => b.size_hint(),
         }
     }
 }

@@ -615,3 +615,122 @@ Cookie: {cookie}\r\n\r\n"
     assert!(h.contains("authorization: bearer "), "{h}");
     assert!(!h.contains("_portcullis"), "{h}");
 }
+
+/// A raw keep-alive upstream that numbers its connections. Paths: `/chunked` (a chunked
+/// answer), `/big` (1 MiB), `/close` (answers, then closes the connection without saying so,
+/// like an upstream whose keep-alive timeout just expired); anything else: "hello".
+/// Records (connection number, path) per request.
+type RequestLog = std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>;
+
+fn counting_upstream() -> (u16, RequestLog) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = log.clone();
+    std::thread::spawn(move || {
+        for (conn, mut s) in l.incoming().flatten().enumerate() {
+            let seen = seen.clone();
+            std::thread::spawn(move || loop {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let line = String::from_utf8_lossy(&head).to_string();
+                let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                seen.lock().unwrap().push((conn, path.clone()));
+                let ok = match path.as_str() {
+                    "/chunked" => s.write_all(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nchu\r\n5\r\nnked!\r\n0\r\n\r\n",
+                    ),
+                    "/big" => {
+                        let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+                        r.resize(r.len() + 1048576, b'x');
+                        s.write_all(&r)
+                    }
+                    _ => s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+                };
+                if ok.is_err() || path == "/close" {
+                    return;
+                }
+            });
+        }
+    });
+    (port, log)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_but_never_dirty() {
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, &[]).await;
+    let (up, log) = counting_upstream();
+    let mut opts = GatewayOpts::new(port, &idp, &format!("http://127.0.0.1:{up}"));
+    // Idle upstream connections are kept per worker thread: with one, reuse is observable.
+    opts.env
+        .push(("PORTCULLIS_WORKER_THREADS".into(), "1".into()));
+    let gw = Gateway::start(opts).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let get = |path: &str| {
+        let url = gw.url(path);
+        let cookie = cookie.clone();
+        async move { send("GET", &url, &[("cookie", &cookie)], Vec::new()).await }
+    };
+    let conns = |from: usize| -> Vec<usize> {
+        let mut c: Vec<usize> = log.lock().unwrap()[from..]
+            .iter()
+            .map(|(c, _)| *c)
+            .collect();
+        c.dedup();
+        c
+    };
+
+    // Sequential requests, fixed-length and chunked answers: one upstream connection.
+    let start = log.lock().unwrap().len();
+    for path in ["/a", "/chunked", "/b", "/chunked", "/c"] {
+        let r = get(path).await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        let want = if path == "/chunked" {
+            "chunked!"
+        } else {
+            "hello"
+        };
+        assert_eq!(r.text(), want);
+    }
+    assert_eq!(conns(start).len(), 1, "{:?}", log.lock().unwrap());
+
+    // The upstream drops each connection after answering: every request still succeeds.
+    for _ in 0..5 {
+        let r = get("/close").await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        assert_eq!(r.text(), "hello");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // A client that leaves in the middle of a big answer: unless the rest of that body is
+    // read off first, its connection must not serve the next request (which would then get
+    // the leftover bytes as its answer).
+    let before_abort = log.lock().unwrap().len();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let req = format!("GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 16 * 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let r = get("/after").await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        assert_eq!(r.text(), "hello");
+    }
+    // (Whether it was closed or read to the end first, the answers above are the proof.)
+    assert_eq!(log.lock().unwrap().len(), before_abort + 4);
+}

@@ -1,6 +1,8 @@
 //! The one outbound HTTP client (hyper + rustls), used for the upstream and the provider.
 
+use super::pool::{Pool, SendError, UpstreamBody};
 use crate::body::Body;
+use http::uri::{Authority, Scheme};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -31,33 +33,35 @@ pub fn build(opts: &ClientOptions) -> Result<HttpClient, std::io::Error> {
     Ok(build_with(tls, opts))
 }
 
-/// Builds a client from an already-built TLS config (loading system roots is slow).
-fn build_with(tls: rustls::ClientConfig, opts: &ClientOptions) -> HttpClient {
+fn connector(tls: rustls::ClientConfig, opts: &ClientOptions) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(opts.connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(http)
+}
+
+/// Builds a client from an already-built TLS config (loading system roots is slow).
+fn build_with(tls: rustls::ClientConfig, opts: &ClientOptions) -> HttpClient {
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(opts.idle_timeout)
         .pool_max_idle_per_host(opts.max_idle_per_host)
-        .build(https)
+        .build(connector(tls, opts))
 }
 
-/// The upstream client with one connection pool per worker thread, so the request path
-/// shares no pool lock between cores. Built lazily on each thread from the same options.
+/// The outbound clients of one configuration: the upstream connection pool (per worker
+/// thread, see [`Pool`]) and a pooled client for the (rare) provider calls.
 pub struct UpstreamClients {
     id: u64,
     pub opts: ClientOptions,
-    tls: rustls::ClientConfig,
-    /// One pool shared by all threads, for the (rare) provider calls.
+    pool: Pool,
     shared: HttpClient,
 }
 
@@ -78,11 +82,17 @@ impl UpstreamClients {
                 .map(|(c, k)| (c.as_path(), k.as_path())),
         )
         .map_err(std::io::Error::other)?;
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Self {
-            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id,
             opts: opts.clone(),
-            shared: build_with(tls.clone(), opts),
-            tls,
+            pool: Pool::new(
+                id,
+                connector(tls.clone(), opts),
+                opts.idle_timeout,
+                opts.max_idle_per_host,
+            ),
+            shared: build_with(tls, opts),
         })
     }
 
@@ -91,25 +101,13 @@ impl UpstreamClients {
         self.shared.clone()
     }
 
-    /// Sends `req` through this thread's pool.
-    pub fn request(&self, req: http::Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
-        thread_local! {
-            // (clients id, client): a few generations at most (config reloads).
-            static LOCAL: std::cell::RefCell<Vec<(u64, HttpClient)>> =
-                const { std::cell::RefCell::new(Vec::new()) };
-        }
-        LOCAL.with(|local| {
-            let mut local = local.borrow_mut();
-            if let Some((_, c)) = local.iter().find(|(id, _)| *id == self.id) {
-                return c.request(req);
-            }
-            if local.len() >= 4 {
-                local.remove(0);
-            }
-            let c = build_with(self.tls.clone(), &self.opts);
-            let fut = c.request(req);
-            local.push((self.id, c));
-            fut
-        })
+    /// Sends `req` (origin-form URI) to the upstream `scheme://authority`.
+    pub async fn send(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
+        self.pool.send(scheme, authority, req).await
     }
 }

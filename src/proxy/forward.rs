@@ -149,20 +149,19 @@ impl Service<Request<Incoming>> for Forward {
     }
 }
 
-fn upstream_uri(up: &UpstreamConfig, original: &Uri) -> Result<Uri, GatewayError> {
-    let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
-    let pq = if up.path_prefix.is_empty() {
-        PathAndQuery::try_from(pq)
-    } else {
-        PathAndQuery::try_from(format!("{}{}", up.path_prefix, pq))
-    }
-    .map_err(|_| GatewayError::BadRequest("invalid request target"))?;
-    Uri::builder()
-        .scheme(up.scheme.clone())
-        .authority(up.authority.clone())
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| GatewayError::BadRequest("invalid request target"))
+/// The request target for the upstream, in origin form (`/path?query`).
+fn upstream_uri(up: &UpstreamConfig, original: Uri) -> Result<Uri, GatewayError> {
+    let pq = match original.into_parts().path_and_query {
+        // The common case: the (normalised) target as it is, no copy.
+        Some(pq) if up.path_prefix.is_empty() => pq,
+        pq => PathAndQuery::try_from(format!(
+            "{}{}",
+            up.path_prefix,
+            pq.as_ref().map_or("/", |pq| pq.as_str())
+        ))
+        .map_err(|_| GatewayError::BadRequest("invalid request target"))?,
+    };
+    Ok(Uri::from(pq))
 }
 
 async fn forward(app: &App, mut req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
@@ -176,15 +175,23 @@ async fn forward(app: &App, mut req: Request<Incoming>) -> Result<Response<Body>
         .and_then(|r| r.upstream_response)
         .unwrap_or(app.cfg.timeouts.upstream_response);
     let (mut parts, body) = req.into_parts();
-    parts.uri = upstream_uri(up, &parts.uri)?;
+    parts.uri = upstream_uri(up, std::mem::take(&mut parts.uri))?;
     parts.version = Version::HTTP_11;
+    if !parts.headers.contains_key(header::HOST) {
+        if let Ok(host) = http::HeaderValue::from_str(up.authority.as_str()) {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
     let out = Request::from_parts(parts, Body::from(body));
-    let mut resp = match tokio::time::timeout(timeout, app.upstream.request(out)).await {
+    let sent = app.upstream.send(&up.scheme, &up.authority, out);
+    let mut resp = match tokio::time::timeout(timeout, sent).await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
         Ok(Err(e)) => return Err(GatewayError::UpstreamConnect(source_chain(&e))),
         Ok(Ok(r)) => r,
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // The connection becomes the tunnel: it never goes back to the pool.
+        resp.body_mut().detach();
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let open_tunnel = app.tunnels.open();

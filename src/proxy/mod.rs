@@ -4,3 +4,4 @@ pub mod client;
 pub mod forward;
 pub mod headers;
 pub mod path;
+pub mod pool;

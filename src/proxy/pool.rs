@@ -1,0 +1,275 @@
+//! Upstream HTTP/1.1 connections, kept per worker thread and handed straight to the next
+//! request: no lock shared between cores, and no task spawned per request to wait for a
+//! connection to come back (a connection returns to the pool when its response body is done).
+
+use crate::body::Body;
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tower::Service;
+
+/// Why a request could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// Which upstream a connection goes to (one pool per client generation and origin).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    pool: u64,
+    https: bool,
+    authority: Authority,
+}
+
+struct Idle {
+    tx: SendRequest<Body>,
+    since: Instant,
+}
+
+impl Idle {
+    fn usable(&self, now: Instant, idle_timeout: Duration) -> bool {
+        !self.tx.is_closed() && now.duration_since(self.since) < idle_timeout
+    }
+}
+
+/// A thread's idle connections to one origin, oldest first.
+struct PerOrigin {
+    origin: Origin,
+    /// Dead once the pool is dropped (a reload with other client options): then the entry goes.
+    pool_alive: Weak<()>,
+    conns: VecDeque<Idle>,
+}
+
+thread_local! {
+    static IDLE: RefCell<Vec<PerOrigin>> = const { RefCell::new(Vec::new()) };
+}
+
+pub struct Pool {
+    id: u64,
+    alive: Arc<()>,
+    connector: HttpsConnector<HttpConnector>,
+    idle_timeout: Duration,
+    /// Idle connections kept per origin and thread.
+    max_idle: usize,
+}
+
+impl Pool {
+    pub fn new(
+        id: u64,
+        connector: HttpsConnector<HttpConnector>,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Self {
+        Self {
+            id,
+            alive: Arc::new(()),
+            connector,
+            idle_timeout,
+            max_idle,
+        }
+    }
+
+    /// Sends `req` (origin-form URI) to `scheme://authority`. A request that never left on a
+    /// reused connection (the upstream closed it meanwhile) is retried once on a new one.
+    pub async fn send(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+        mut req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let origin = Origin {
+            pool: self.id,
+            https: *scheme == Scheme::HTTPS,
+            authority: authority.clone(),
+        };
+        loop {
+            let (mut tx, reused) = match self.checkout(&origin) {
+                Some(tx) => (tx, true),
+                None => (self.connect(&origin).await?, false),
+            };
+            if let Err(e) = tx.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let conn = Some(Returning {
+                        origin,
+                        tx,
+                        max_idle: self.max_idle,
+                        idle_timeout: self.idle_timeout,
+                        pool_alive: Arc::downgrade(&self.alive),
+                    });
+                    return Ok(resp.map(|body| UpstreamBody {
+                        body,
+                        ended: false,
+                        conn,
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+    }
+
+    /// The most recently used live connection to `origin`, dropping dead and stale ones.
+    fn checkout(&self, origin: &Origin) -> Option<SendRequest<Body>> {
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let conns = &mut idle.iter_mut().find(|p| p.origin == *origin)?.conns;
+            let now = Instant::now();
+            while let Some(c) = conns.pop_back() {
+                if c.usable(now, self.idle_timeout) {
+                    return Some(c.tx);
+                }
+            }
+            None
+        })
+    }
+
+    async fn connect(&self, origin: &Origin) -> Result<SendRequest<Body>, SendError> {
+        let uri = Uri::builder()
+            .scheme(if origin.https {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            })
+            .authority(origin.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        let mut connector = self.connector.clone();
+        let io = connector
+            .call(uri)
+            .await
+            .map_err(|e| SendError::Connect(crate::error::source_chain(&*e)))?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(tx)
+    }
+}
+
+/// A connection lent to one request, given back when its response body is complete.
+struct Returning {
+    origin: Origin,
+    tx: SendRequest<Body>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    pool_alive: Weak<()>,
+}
+
+impl Returning {
+    fn give_back(self) {
+        if self.tx.is_closed() {
+            return;
+        }
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let at = match idle.iter().position(|p| p.origin == self.origin) {
+                Some(at) => at,
+                None => {
+                    idle.retain(|p| p.pool_alive.strong_count() > 0);
+                    idle.push(PerOrigin {
+                        origin: self.origin,
+                        pool_alive: self.pool_alive,
+                        conns: VecDeque::new(),
+                    });
+                    idle.len() - 1
+                }
+            };
+            let conns = &mut idle[at].conns;
+            let now = Instant::now();
+            // Connections unused for the idle timeout are closed as traffic goes on.
+            if conns
+                .front()
+                .is_some_and(|c| !c.usable(now, self.idle_timeout))
+            {
+                conns.pop_front();
+            }
+            if conns.len() < self.max_idle {
+                conns.push_back(Idle {
+                    tx: self.tx,
+                    since: now,
+                });
+            }
+        });
+    }
+}
+
+/// An upstream response body; its connection goes back to the pool once the body has been
+/// read to the end. Dropped early (the client went away), the connection is closed instead:
+/// the rest of that response is still on the wire.
+pub struct UpstreamBody {
+    body: Incoming,
+    /// Seen the end (a chunked body only says so by ending).
+    ended: bool,
+    conn: Option<Returning>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamBody {
+    /// Keeps the connection out of the pool (it was upgraded to a tunnel).
+    pub fn detach(&mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.ended || http_body::Body::is_end_stream(&self.body) {
+                conn.give_back();
+            }
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let frame = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = frame {
+            self.ended = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
