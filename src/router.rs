@@ -33,13 +33,24 @@ impl<S> RequestId<S> {
         let name = &self.app.cfg.headers.request_id;
         match req.headers().get(name) {
             Some(v) if valid_request_id(v) => v.clone(),
-            _ => {
-                let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-                HeaderValue::from_str(&format!("{}-{n:x}", self.app.request_id_prefix))
-                    .unwrap_or(HeaderValue::from_static("-"))
-            }
+            _ => new_request_id(
+                &self.app.request_id_prefix,
+                COUNTER.fetch_add(1, Ordering::Relaxed),
+            ),
         }
     }
+}
+
+/// `<prefix>-<n in hex>`, written without the formatting machinery (once per request).
+fn new_request_id(prefix: &str, n: u64) -> HeaderValue {
+    let mut buf = bytes::BytesMut::with_capacity(prefix.len() + 17);
+    buf.extend_from_slice(prefix.as_bytes());
+    buf.extend_from_slice(b"-");
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    for shift in (0..digits).rev() {
+        buf.extend_from_slice(&[b"0123456789abcdef"[(n >> (shift * 4)) as usize & 0xf]]);
+    }
+    HeaderValue::from_maybe_shared(buf.freeze()).unwrap_or(HeaderValue::from_static("-"))
 }
 
 pin_project_lite::pin_project! {
@@ -204,4 +215,17 @@ fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), PathError> {
     parts.path_and_query = Some(pq.parse().map_err(|_| PathError::ForbiddenChar)?);
     *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| PathError::ForbiddenChar)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids() {
+        assert_eq!(super::new_request_id("ab12", 0), "ab12-0");
+        assert_eq!(super::new_request_id("ab12", 0x1f), "ab12-1f");
+        assert_eq!(
+            super::new_request_id("ab12", u64::MAX),
+            "ab12-ffffffffffffffff"
+        );
+    }
 }

@@ -52,31 +52,43 @@ pub enum Opened {
 /// The request's cookies, parsed once, borrowing from the headers.
 #[derive(Debug, Default)]
 pub struct CookieJar<'a> {
-    pairs: Vec<(&'a str, &'a str)>,
+    /// Names (valid UTF-8) and raw values: a value is only checked when it is read, so the
+    /// kilobytes of a session cookie are scanned once (for `;`) on the request path.
+    pairs: Vec<(&'a str, &'a [u8])>,
 }
 
 impl<'a> CookieJar<'a> {
     pub fn parse(headers: &'a HeaderMap) -> Self {
         let mut pairs = Vec::new();
         for value in headers.get_all(COOKIE) {
-            // Other apps' cookies may carry UTF-8 (not visible ASCII): read the bytes.
-            let Ok(text) = std::str::from_utf8(value.as_bytes()) else {
-                continue;
-            };
-            for part in text.split(';') {
-                if let Some((n, v)) = part.split_once('=') {
-                    let (n, v) = (n.trim(), v.trim());
-                    if !n.is_empty() {
-                        pairs.push((n, v.trim_matches('"')));
-                    }
+            // Other apps' cookies may carry UTF-8 or worse: bytes, and one bad pair only
+            // costs that pair.
+            let bytes = value.as_bytes();
+            let mut start = 0;
+            for end in memchr::memchr_iter(b';', bytes).chain(std::iter::once(bytes.len())) {
+                let part = &bytes[start..end];
+                start = end + 1;
+                let Some(eq) = memchr::memchr(b'=', part) else {
+                    continue;
+                };
+                let (n, v) = (part[..eq].trim_ascii(), part[eq + 1..].trim_ascii());
+                let v = match v {
+                    [b'"', inner @ .., b'"'] => inner,
+                    v => v,
+                };
+                match std::str::from_utf8(n) {
+                    Ok(n) if !n.is_empty() => pairs.push((n, v)),
+                    _ => {}
                 }
             }
         }
         Self { pairs }
     }
 
+    /// The value of the first cookie called `name` (None when absent or not UTF-8).
     pub fn get(&self, name: &str) -> Option<&'a str> {
-        self.pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+        let (_, v) = self.pairs.iter().find(|(n, _)| *n == name)?;
+        std::str::from_utf8(v).ok()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &'a str> + '_ {
