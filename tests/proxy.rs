@@ -563,11 +563,11 @@ async fn websocket_upgrades_pass_through_with_the_identity() {
     let (up_port, heads) = echo_upgrade_upstream();
     let gw_port = free_port();
     let idp = Idp::start_for_gateway(gw_port, &[]).await;
-    let gw = Gateway::start(GatewayOpts::new(
-        gw_port,
-        &idp,
-        &format!("http://127.0.0.1:{up_port}"),
-    ))
+    let gw = Gateway::start(GatewayOpts {
+        // Tunnels are not request heads: an idle one must outlive this.
+        extra: "timeouts: { header_read: 1s }".into(),
+        ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
+    })
     .await;
     // Log in against the normal upstream path: the echo upstream answers 101 to everything,
     // so take the session cookie from the callback instead of the final page.
@@ -594,8 +594,14 @@ Cookie: {cookie}\r\n\r\n"
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
-    // The tunnel carries bytes both ways.
-    for msg in [&b"hello"[..], b"second frame", &[0u8, 1, 2, 255]] {
+    // The tunnel carries bytes both ways, also after being idle for thrice header_read.
+    for (i, msg) in [&b"hello"[..], b"second frame", &[0u8, 1, 2, 255]]
+        .into_iter()
+        .enumerate()
+    {
+        if i == 2 {
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
         s.write_all(msg).await.unwrap();
         let mut got = vec![0u8; msg.len()];
         s.read_exact(&mut got).await.unwrap();
@@ -616,8 +622,10 @@ Cookie: {cookie}\r\n\r\n"
     assert!(!h.contains("_portcullis"), "{h}");
 }
 
+const HUGE_BODY_BYTES: usize = 64 << 20;
+
 /// A raw keep-alive upstream that numbers its connections. Paths: `/chunked` (a chunked
-/// answer), `/big` (1 MiB), `/close` (answers, then closes the connection without saying so,
+/// answer), `/big` (1 MiB), `/huge` (64 MiB), `/close` (answers, then closes the connection without saying so,
 /// like an upstream whose keep-alive timeout just expired); anything else: "hello".
 /// Records (connection number, path) per request.
 type RequestLog = std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>;
@@ -651,6 +659,16 @@ fn counting_upstream() -> (u16, RequestLog) {
                         let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n".to_vec();
                         r.resize(r.len() + 1048576, b'x');
                         s.write_all(&r)
+                    }
+                    "/huge" => {
+                        let len = HUGE_BODY_BYTES;
+                        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                        let chunk = vec![b'x'; 1 << 20];
+                        let mut r = s.write_all(head.as_bytes());
+                        for _ in 0..len / chunk.len() {
+                            r = r.and_then(|_| s.write_all(&chunk));
+                        }
+                        r
                     }
                     _ => s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
                 };
@@ -733,4 +751,42 @@ async fn upstream_connections_are_reused_but_never_dirty() {
     }
     // (Whether it was closed or read to the end first, the answers above are the proof.)
     assert_eq!(log.lock().unwrap().len(), before_abort + 4);
+}
+
+#[tokio::test]
+async fn a_client_reading_slowly_gets_the_whole_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, &[]).await;
+    let (up, _) = counting_upstream();
+    let gw = Gateway::start(GatewayOpts {
+        // Not a request head being waited for: a stalled download must outlive this.
+        extra: "timeouts: { header_read: 1s }".into(),
+        ..GatewayOpts::new(port, &idp, &format!("http://127.0.0.1:{up}"))
+    })
+    .await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!("GET /huge HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..got]).starts_with("HTTP/1.1 200"));
+    // Socket buffers fill up and the gateway's writes stall for three times header_read.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    loop {
+        match s.read(&mut buf).await.unwrap() {
+            0 => break,
+            n => got += n,
+        }
+        if got >= HUGE_BODY_BYTES {
+            break;
+        }
+    }
+    assert!(
+        got >= HUGE_BODY_BYTES,
+        "the download was cut after {got} bytes"
+    );
 }

@@ -3,7 +3,7 @@
 mod deadline;
 pub mod tls;
 
-use deadline::FirstBytesDeadline;
+use deadline::{Activity, HeadDeadline, Tracked};
 
 use crate::live::Live;
 use crate::proxy::forward::ConnInfo;
@@ -41,7 +41,8 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.timeouts.header_read)
+        // Kept by HeadDeadline, without a timer per request.
+        .header_read_timeout(None::<Duration>)
         .max_buf_size(cfg.limits.max_header_bytes.max(8192))
         .max_headers(cfg.limits.max_headers);
     builder
@@ -109,11 +110,22 @@ pub async fn serve(
             ip: crate::proxy::headers::ip_header(remote.ip()),
         };
         let live = live.clone();
+        let activity = Arc::new(Activity::default());
+        let seen_by_deadline = activity.clone();
         let hyper_svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             req.extensions_mut().insert(info.clone());
             // The current generation: a config reload applies to the very next request.
             let mut svc = live.load().stack.clone();
-            svc.call(req)
+            let activity = activity.clone();
+            activity.request_started();
+            let response = svc.call(req);
+            async move {
+                let resp = response.await?;
+                if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    activity.upgraded();
+                }
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, activity)))
+            }
         });
         let watcher = graceful.watcher();
         let builder = builder.clone();
@@ -125,7 +137,11 @@ pub async fn serve(
             let result = match tls {
                 None => {
                     let conn = builder.serve_connection_with_upgrades(
-                        TokioIo::new(FirstBytesDeadline::new(stream, handshake_timeout)),
+                        TokioIo::new(HeadDeadline::new(
+                            stream,
+                            handshake_timeout,
+                            seen_by_deadline,
+                        )),
                         hyper_svc,
                     );
                     watcher.watch(conn.into_owned()).await
@@ -134,9 +150,10 @@ pub async fn serve(
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
                             let conn = builder.serve_connection_with_upgrades(
-                                TokioIo::new(FirstBytesDeadline::new(
+                                TokioIo::new(HeadDeadline::new(
                                     tls_stream,
                                     handshake_timeout,
+                                    seen_by_deadline,
                                 )),
                                 hyper_svc,
                             );
