@@ -65,6 +65,8 @@ pub struct ResponseFacts {
     pub route: Option<RouteKind>,
     pub upstream_time: Option<Duration>,
     pub user: Option<Arc<str>>,
+    /// When the response was ready, if its handler already read the clock.
+    pub end: Option<Instant>,
 }
 
 pub struct Metrics {
@@ -315,9 +317,10 @@ where
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
-        let total = this.start.elapsed();
         this.metrics.in_flight.dec();
         let facts = resp.extensions().get::<ResponseFacts>();
+        let end = facts.and_then(|f| f.end).unwrap_or_else(Instant::now);
+        let total = end.saturating_duration_since(*this.start);
         let route = facts.and_then(|f| f.route).unwrap_or(RouteKind::Proxied);
         let upstream = facts.and_then(|f| f.upstream_time);
         let gateway = total.saturating_sub(upstream.unwrap_or_default());

@@ -107,7 +107,8 @@ impl UpstreamClients {
         scheme: &Scheme,
         authority: &Authority,
         req: http::Request<Body>,
+        now: std::time::Instant,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
-        self.pool.send(scheme, authority, req).await
+        self.pool.send(scheme, authority, req, now).await
     }
 }

@@ -118,8 +118,9 @@ impl Service<Request<Incoming>> for Forward {
         };
         Box::pin(async move {
             let start = std::time::Instant::now();
-            let result = forward(&app, req).await;
-            let upstream_time = start.elapsed();
+            let result = forward(&app, req, start).await;
+            let end = std::time::Instant::now();
+            let upstream_time = end.saturating_duration_since(start);
             let mut resp = match result {
                 Ok(r) => {
                     app.metrics
@@ -143,6 +144,7 @@ impl Service<Request<Incoming>> for Forward {
                 route: Some(kind),
                 upstream_time: Some(upstream_time),
                 user,
+                end: Some(end),
             });
             Ok(resp)
         })
@@ -164,7 +166,11 @@ fn upstream_uri(up: &UpstreamConfig, original: Uri) -> Result<Uri, GatewayError>
     Ok(Uri::from(pq))
 }
 
-async fn forward(app: &App, mut req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+async fn forward(
+    app: &App,
+    mut req: Request<Incoming>,
+    start: std::time::Instant,
+) -> Result<Response<Body>, GatewayError> {
     let upgrading = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let route = app.route_of(&req);
@@ -183,7 +189,7 @@ async fn forward(app: &App, mut req: Request<Incoming>) -> Result<Response<Body>
         }
     }
     let out = Request::from_parts(parts, Body::from(body));
-    let sent = app.upstream.send(&up.scheme, &up.authority, out);
+    let sent = app.upstream.send(&up.scheme, &up.authority, out, start);
     let mut resp = match tokio::time::timeout(timeout, sent).await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
         Ok(Err(e)) => return Err(GatewayError::UpstreamConnect(source_chain(&e))),

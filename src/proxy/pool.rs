@@ -82,11 +82,14 @@ impl Pool {
 
     /// Sends `req` (origin-form URI) to `scheme://authority`. A request that never left on a
     /// reused connection (the upstream closed it meanwhile) is retried once on a new one.
+    /// `now`: the caller's clock reading (connections idle since before it are stale; a
+    /// connection given back counts as idle from it).
     pub async fn send(
         &self,
         scheme: &Scheme,
         authority: &Authority,
         mut req: Request<Body>,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let origin = Origin {
             pool: self.id,
@@ -94,7 +97,7 @@ impl Pool {
             authority: authority.clone(),
         };
         loop {
-            let (mut tx, reused) = match self.checkout(&origin) {
+            let (mut tx, reused) = match self.checkout(&origin, now) {
                 Some(tx) => (tx, true),
                 None => (self.connect(&origin).await?, false),
             };
@@ -112,6 +115,7 @@ impl Pool {
                         max_idle: self.max_idle,
                         idle_timeout: self.idle_timeout,
                         pool_alive: Arc::downgrade(&self.alive),
+                        since: now,
                     });
                     return Ok(resp.map(|body| UpstreamBody {
                         body,
@@ -128,11 +132,10 @@ impl Pool {
     }
 
     /// The most recently used live connection to `origin`, dropping dead and stale ones.
-    fn checkout(&self, origin: &Origin) -> Option<SendRequest<Body>> {
+    fn checkout(&self, origin: &Origin, now: Instant) -> Option<SendRequest<Body>> {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let conns = &mut idle.iter_mut().find(|p| p.origin == *origin)?.conns;
-            let now = Instant::now();
             while let Some(c) = conns.pop_back() {
                 if c.usable(now, self.idle_timeout) {
                     return Some(c.tx);
@@ -175,6 +178,8 @@ struct Returning {
     max_idle: usize,
     idle_timeout: Duration,
     pool_alive: Weak<()>,
+    /// When the request that borrowed it started (no clock reading of its own).
+    since: Instant,
 }
 
 impl Returning {
@@ -197,7 +202,7 @@ impl Returning {
                 }
             };
             let conns = &mut idle[at].conns;
-            let now = Instant::now();
+            let now = self.since;
             // Connections unused for the idle timeout are closed as traffic goes on.
             if conns
                 .front()
