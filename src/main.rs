@@ -1,9 +1,5 @@
 use clap::Parser;
 
-/// mimalloc: lower per-connection resident memory (idle keep-alive connections keep hyper's
-/// buffers) and faster small allocations on the request path than glibc malloc.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use portcullis::cli::{new_secret, Cli, Command};
 use std::process::ExitCode;
 
