@@ -5,17 +5,21 @@ use crate::config::HeaderConfig;
 use crate::session::Session;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// RFC 9110 §7.6.1 connection-specific headers, plus the legacy ones proxies still see.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// RFC 9110 §7.6.1 connection-specific headers, plus the legacy ones proxies still see
+/// (a `match` on the name: a length check rejects most headers at once).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+    )
+}
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Upgrade` (and `Connection: upgrade`) survive only for an upgrade being forwarded.
@@ -31,7 +35,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
     // One pass over what is present rather than a removal per listed name.
     doomed.extend(
         h.keys()
-            .filter(|k| HOP_BY_HOP.contains(k) || (!upgrading && *k == header::UPGRADE))
+            .filter(|k| is_hop_by_hop(k) || (!upgrading && *k == header::UPGRADE))
             .cloned(),
     );
     for n in doomed {
@@ -57,6 +61,8 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
 #[derive(Debug, Clone)]
 pub struct Spoofable {
     names: Vec<HeaderName>,
+    /// Bit n set: some name is n bytes long (names of 64 bytes or more all share bit 63).
+    lengths: u64,
 }
 
 impl Spoofable {
@@ -89,7 +95,10 @@ impl Spoofable {
         ];
         names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         names.dedup();
-        Self { names }
+        let lengths = names
+            .iter()
+            .fold(0, |bits, n| bits | length_bit(n.as_str().len()));
+        Self { names, lengths }
     }
 
     /// Removes every spoofable header. Header names are already lower-case; a name with `_`
@@ -100,9 +109,12 @@ impl Spoofable {
             .keys()
             .filter(|k| {
                 let k = k.as_str().as_bytes();
-                self.names
-                    .iter()
-                    .any(|n| same_dashed(k, n.as_str().as_bytes()))
+                // Most request headers (host, cookie, accept, …) fail the length check alone.
+                self.lengths & length_bit(k.len()) != 0
+                    && self
+                        .names
+                        .iter()
+                        .any(|n| same_dashed(k, n.as_str().as_bytes()))
             })
             .cloned()
             .collect();
@@ -110,6 +122,10 @@ impl Spoofable {
             h.remove(n);
         }
     }
+}
+
+fn length_bit(len: usize) -> u64 {
+    1 << len.min(63)
 }
 
 /// Header-name equality where `_` in the client's name counts as `-`.
@@ -320,6 +336,26 @@ mod tests {
         Spoofable::new(&cfg()).strip(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["accept"]);
+
+        // Configured names of any length, also past the 63 bytes the length filter tells apart.
+        let long = format!("x-{}", "a".repeat(70));
+        let mut c = cfg();
+        c.user = HeaderName::from_bytes(long.as_bytes()).unwrap();
+        c.groups = HeaderName::from_static("x-g");
+        let mut h = HeaderMap::new();
+        for n in [
+            long.replace('-', "_"),
+            format!("x-{}", "a".repeat(80)),
+            "x_g".into(),
+        ] {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static("evil"),
+            );
+        }
+        Spoofable::new(&c).strip(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, [format!("x-{}", "a".repeat(80))]);
     }
 
     #[test]
@@ -331,6 +367,15 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("1"));
+        for n in [
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "proxy-connection",
+            "proxy-authorization",
+        ] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
