@@ -19,18 +19,17 @@ pub struct ClientOptions {
     pub max_idle_per_host: usize,
 }
 
-/// Builds a pooled client that speaks http and https (system roots plus `tls.ca_file`,
-/// TLS 1.2+, h1/h2 via ALPN, optional client certificate).
-pub fn build(opts: &ClientOptions) -> Result<HttpClient, std::io::Error> {
-    let tls = crate::server::tls::client_config(
+/// The TLS side of every outbound connection: system roots plus `tls.ca_file`, TLS 1.2+,
+/// optional client certificate.
+fn tls_config(opts: &ClientOptions) -> Result<rustls::ClientConfig, std::io::Error> {
+    crate::server::tls::client_config(
         opts.tls.ca_file.as_deref(),
         opts.tls
             .client_cert
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path())),
     )
-    .map_err(std::io::Error::other)?;
-    Ok(build_with(tls, opts))
+    .map_err(std::io::Error::other)
 }
 
 fn connector(tls: rustls::ClientConfig, opts: &ClientOptions) -> HttpsConnector<HttpConnector> {
@@ -74,14 +73,7 @@ impl std::fmt::Debug for UpstreamClients {
 impl UpstreamClients {
     pub fn new(opts: &ClientOptions) -> Result<Self, std::io::Error> {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let tls = crate::server::tls::client_config(
-            opts.tls.ca_file.as_deref(),
-            opts.tls
-                .client_cert
-                .as_ref()
-                .map(|(c, k)| (c.as_path(), k.as_path())),
-        )
-        .map_err(std::io::Error::other)?;
+        let tls = tls_config(opts)?;
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Self {
             id,

@@ -196,6 +196,11 @@ impl SessionCookies {
         let Some(sealed) = self.sealed_value(jar)? else {
             return Ok(None);
         };
+        self.unseal(&sealed, now).map(Some)
+    }
+
+    /// Decrypts and decodes a sealed session value; an expired session is a rejection.
+    fn unseal(&self, sealed: &str, now: u64) -> Result<CookieValue, CookieReject> {
         if sealed.len() > self.max_chunks * CHUNK_SIZE {
             return Err(CookieReject::Oversize);
         }
@@ -204,7 +209,7 @@ impl SessionCookies {
                 .open_with(self.name.as_bytes(), sealed.as_bytes(), CookieValue::decode)??;
         match value {
             CookieValue::Full(s) if s.is_expired(now) => Err(CookieReject::Expired),
-            v => Ok(Some(v)),
+            v => Ok(v),
         }
     }
 
@@ -225,14 +230,7 @@ impl SessionCookies {
                 false => Ok(Some(Opened::Session(s))),
             };
         }
-        if sealed.len() > self.max_chunks * CHUNK_SIZE {
-            return Err(CookieReject::Oversize);
-        }
-        let value =
-            self.keys
-                .open_with(self.name.as_bytes(), sealed.as_bytes(), CookieValue::decode)??;
-        match value {
-            CookieValue::Full(s) if s.is_expired(now) => Err(CookieReject::Expired),
+        match self.unseal(&sealed, now)? {
             CookieValue::Full(s) => {
                 let s = ActiveSession::new(s);
                 cache.insert(&sealed, s.clone());
