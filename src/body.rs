@@ -1,5 +1,5 @@
-//! One body type for everything the gateway sends or receives: a streamed hyper body,
-//! a buffer it wrote itself, or nothing. An enum, not a box: no allocation per request.
+//! One body type for everything the gateway sends or receives: a streamed body (HTTP/2
+//! client, HTTP/1 client, upstream), a buffer it wrote itself, or nothing. An enum, not a box: no allocation per request.
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -15,6 +15,17 @@ pub enum Body {
     Streamed(Incoming),
     /// An upstream response (its connection returns to the pool at the end).
     Upstream(crate::proxy::pool::UpstreamBody),
+    /// An HTTP/1 client's request body.
+    Client(crate::server::h1::io::RequestBody),
+}
+
+/// A body that stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Client(#[from] crate::server::h1::io::ClientBodyError),
 }
 
 impl Body {
@@ -37,18 +48,20 @@ impl From<Incoming> for Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            Body::Empty => Poll::Ready(None),
-            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Body::Streamed(b) => Pin::new(b).poll_frame(cx),
-            Body::Upstream(b) => Pin::new(b).poll_frame(cx),
-        }
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let frame = match self.get_mut() {
+            Body::Empty => return Poll::Ready(None),
+            Body::Full(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Body::Streamed(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            Body::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            Body::Client(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+        };
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -57,6 +70,7 @@ impl http_body::Body for Body {
             Body::Full(d) => d.is_none(),
             Body::Streamed(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
+            Body::Client(b) => b.is_end_stream(),
         }
     }
 
@@ -66,6 +80,7 @@ impl http_body::Body for Body {
             Body::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Streamed(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
+            Body::Client(b) => b.size_hint(),
         }
     }
 }

@@ -10,7 +10,6 @@ use crate::policy::routes::{host_only, Route};
 use crate::proxy::headers::valid_request_id;
 use crate::proxy::path::{normalize, PathError};
 use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -29,7 +28,7 @@ crate::app::app_layer!(
 static COUNTER: AtomicU64 = AtomicU64::new(1);
 
 impl<S> RequestId<S> {
-    fn id_for(&self, req: &Request<Incoming>) -> HeaderValue {
+    fn id_for(&self, req: &Request<Body>) -> HeaderValue {
         let name = &self.app.cfg.headers.request_id;
         match req.headers().get(name) {
             Some(v) if valid_request_id(v) => v.clone(),
@@ -86,9 +85,9 @@ where
     }
 }
 
-impl<S> Service<Request<Incoming>> for RequestId<S>
+impl<S> Service<Request<Body>> for RequestId<S>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -98,7 +97,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let id = self.id_for(&req);
         let name = self.app.cfg.headers.request_id.clone();
         req.headers_mut().insert(name.clone(), id.clone());
@@ -125,9 +124,9 @@ impl<S> Router<S> {
     }
 }
 
-impl<S> Service<Request<Incoming>> for Router<S>
+impl<S> Service<Request<Body>> for Router<S>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -137,7 +136,7 @@ where
         self.routes.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         use futures_util::future::Either;
         // One normalised path for everything after this point, the upstream included.
         if let Err(e) = normalize_uri(&mut req) {

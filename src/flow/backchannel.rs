@@ -5,7 +5,6 @@ use crate::app::App;
 use crate::body::{read_limited, Body};
 use crate::pages;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use std::time::Duration;
 
 const MAX_BODY: usize = 16 * 1024;
@@ -23,7 +22,7 @@ fn answer(status: StatusCode, error: Option<&str>) -> Response<Body> {
     resp
 }
 
-pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
     if app.redis.is_none() {
         return answer(
             StatusCode::NOT_IMPLEMENTED,

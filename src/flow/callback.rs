@@ -10,7 +10,6 @@ use crate::session::store::SaveError;
 use crate::session::{crypto::random_bytes, now_secs, CookieJar, Session};
 use http::header::SET_COOKIE;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 fn fail(
     app: &App,
@@ -33,7 +32,7 @@ fn fail(
     resp
 }
 
-pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
+pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     let query = req.uri().query();
     let Some(state) = query_param(query, "state").filter(|s| !s.is_empty() && s.len() <= 512)
     else {

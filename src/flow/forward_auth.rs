@@ -17,7 +17,6 @@ use crate::session::store::Loaded;
 use crate::session::{now_secs, CookieJar, Session};
 use http::header::{HeaderMap, HeaderValue, SET_COOKIE};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, user: &str) {
     put(h, &cfg.user, user);
@@ -54,7 +53,7 @@ fn unauthorized(app: &App, jar: &CookieJar<'_>, clear: bool) -> Response<Body> {
 /// The route the original request would take — known only when a trusted proxy says which
 /// URI it was (`X-Original-URL` from ingress-nginx, `X-Forwarded-Uri` from Traefik); a
 /// client anywhere else cannot choose it.
-fn original_route<'a>(app: &'a App, req: &Request<Incoming>) -> Option<&'a Route> {
+fn original_route<'a>(app: &'a App, req: &Request<Body>) -> Option<&'a Route> {
     let peer = req.extensions().get::<ConnInfo>()?;
     if !trusted(&app.cfg.trusted_proxies, peer.remote.ip()) {
         return None;
@@ -82,7 +81,7 @@ fn original_route<'a>(app: &'a App, req: &Request<Incoming>) -> Option<&'a Route
         .find(|r| r.matches(&method, host, &path))
 }
 
-pub async fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
+pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     let route = original_route(app, req);
     if route.is_some_and(|r| r.auth == AuthMode::Skip) {
         return pages::text(StatusCode::ACCEPTED, "");

@@ -12,7 +12,6 @@ use crate::pages;
 use crate::session::{now_secs, CookieJar, FlowState};
 use http::header::{HeaderValue, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use std::sync::Arc;
 
 /// How many pending logins (flow cookies) one browser may have at once.
@@ -22,7 +21,7 @@ pub fn is_flow_path(path: &str) -> bool {
     path.starts_with(crate::config::FLOW_PREFIX) || path == "/healthz" || path == "/readyz"
 }
 
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     let path = req.uri().path();
     let method = req.method().clone();
     match (path, &method) {
@@ -138,7 +137,7 @@ pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<
     resp
 }
 
-async fn userinfo(app: &App, req: &Request<Incoming>) -> Response<Body> {
+async fn userinfo(app: &App, req: &Request<Body>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
     match app.load_session(&jar).await {
         Err(e) => crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response(),

@@ -9,7 +9,6 @@ use crate::session::store::Loaded;
 use crate::session::{CookieJar, Session};
 use http::header::{HeaderValue, ORIGIN, SET_COOKIE};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 const MAX_FORM: usize = 4096;
 
@@ -24,7 +23,7 @@ async fn current(app: &App, jar: &CookieJar<'_>) -> Option<Session> {
     }
 }
 
-pub async fn page(app: &App, req: &Request<Incoming>) -> Response<Body> {
+pub async fn page(app: &App, req: &Request<Body>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
     let session = current(app, &jar).await;
     let (msg, csrf) = match &session {
@@ -56,7 +55,7 @@ pub async fn page(app: &App, req: &Request<Incoming>) -> Response<Body> {
     resp
 }
 
-pub async fn submit(app: &App, req: Request<Incoming>) -> Response<Body> {
+pub async fn submit(app: &App, req: Request<Body>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     // A cross-site form post carries a foreign Origin: refuse it outright.
     if let Some(origin) = parts.headers.get(ORIGIN) {

@@ -11,7 +11,6 @@ use crate::pages;
 use crate::session::{ActiveSession, CookieJar, CookieReject, Session};
 use http::header::{HeaderMap, ACCEPT, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 use tower::Service;
@@ -76,9 +75,9 @@ crate::app::app_layer!(
     AuthGateLayer => AuthGate
 );
 
-impl<S> Service<Request<Incoming>> for AuthGate<S>
+impl<S> Service<Request<Body>> for AuthGate<S>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -92,7 +91,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
         use futures_util::future::Either;
         let session = req
             .extensions()
@@ -116,7 +115,7 @@ where
 }
 
 impl<S> AuthGate<S> {
-    fn deny(&self, d: Decision, req: &Request<Incoming>) -> Response<Body> {
+    fn deny(&self, d: Decision, req: &Request<Body>) -> Response<Body> {
         let jar = CookieJar::parse(req.headers());
         let mut resp = match d {
             Decision::Login => {

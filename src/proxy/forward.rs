@@ -9,10 +9,10 @@ use crate::metrics::{ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
 use crate::policy::routes::AuthMode;
 use crate::proxy::headers::PriorHop;
+use crate::server::h1::io::ClientUpgrade;
 use crate::session::ActiveSession;
 use http::uri::PathAndQuery;
 use http::{header, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::future::Future;
@@ -100,7 +100,7 @@ impl Forward {
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
-impl Service<Request<Incoming>> for Forward {
+impl Service<Request<Body>> for Forward {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture;
@@ -109,7 +109,7 @@ impl Service<Request<Incoming>> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> BoxFuture {
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
         let app = self.app.clone();
         let user = req.extensions_mut().remove::<LogUser>().map(|u| u.0);
         let kind = match app.route_of(&req).map(|r| r.auth) {
@@ -168,11 +168,15 @@ fn upstream_uri(up: &UpstreamConfig, original: Uri) -> Result<Uri, GatewayError>
 
 async fn forward(
     app: &App,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     start: std::time::Instant,
 ) -> Result<Response<Body>, GatewayError> {
     let upgrading = req.headers().contains_key(header::UPGRADE);
-    let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = if upgrading {
+        req.extensions_mut().remove::<ClientUpgrade>()
+    } else {
+        None
+    };
     let route = app.route_of(&req);
     let up = route
         .and_then(|r| r.upstream.as_ref())
@@ -188,7 +192,7 @@ async fn forward(
             parts.headers.insert(header::HOST, host);
         }
     }
-    let out = Request::from_parts(parts, Body::from(body));
+    let out = Request::from_parts(parts, body);
     let sent = app.upstream.send(&up.scheme, &up.authority, out, start);
     let mut resp = match tokio::time::timeout(timeout, sent).await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
@@ -198,17 +202,24 @@ async fn forward(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // The connection becomes the tunnel: it never goes back to the pool.
         resp.body_mut().detach();
-        if let Some(client_upgrade) = client_upgrade {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(GatewayError::UpstreamConnect(
+                "the upstream switched protocols unasked".into(),
+            ));
+        };
+        {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let open_tunnel = app.tunnels.open();
             tokio::spawn(async move {
                 let _open_tunnel = open_tunnel;
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((c, u)) => {
-                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                let client = client_upgrade.connection();
+                match tokio::join!(client, upstream_upgrade) {
+                    (Ok(mut c), Ok(u)) => {
+                        let mut u = TokioIo::new(u);
                         let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
                     }
-                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    (Err(e), _) => tracing::debug!(error = %e, "client upgrade failed"),
+                    (_, Err(e)) => tracing::debug!(error = %e, "upstream upgrade failed"),
                 }
             });
         }

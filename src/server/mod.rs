@@ -1,15 +1,14 @@
-//! The listener: accept loop, per-connection hyper (h1/h2), graceful shutdown.
+//! The listener: accept loop, HTTP/1.1 (our own, see [`h1`]) and HTTP/2 (hyper) connections,
+//! graceful shutdown.
 
-mod deadline;
+pub mod h1;
 pub mod tls;
 
-use deadline::{Activity, HeadDeadline, Tracked};
-
+use crate::body::Body;
 use crate::live::Live;
 use crate::proxy::forward::ConnInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -28,6 +27,59 @@ fn accept_now(listener: &TcpListener) -> Option<(tokio::net::TcpStream, std::net
         .map(|s| (s, addr))
 }
 
+type H2Builder = hyper::server::conn::http2::Builder<TokioExecutor>;
+
+/// What every connection of the listener shares.
+struct Listener {
+    live: Live,
+    h1: Arc<h1::Settings>,
+    drain: Arc<h1::Drain>,
+    h2: H2Builder,
+}
+
+/// Serves one client connection, HTTP/1.1 or HTTP/2.
+async fn serve_connection<T: h1::io::Transport>(
+    io: T,
+    h2_only: bool,
+    listener: Arc<Listener>,
+    info: ConnInfo,
+    watcher: hyper_util::server::graceful::Watcher,
+    id: usize,
+) {
+    let h2 = &listener.h2;
+    let live = listener.live.clone();
+    let h2_service = {
+        let live = live.clone();
+        let info = info.clone();
+        hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let mut req = req.map(Body::from);
+            req.extensions_mut().insert(info.clone());
+            let mut svc = live.load().stack.clone();
+            svc.call(req)
+        })
+    };
+    if h2_only {
+        let conn = h2.serve_connection(TokioIo::new(io), h2_service);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(error = %e, "HTTP/2 connection closed with error");
+        }
+        return;
+    }
+    let service = move |mut req: http::Request<Body>| {
+        req.extensions_mut().insert(info.clone());
+        // The current generation: a config reload applies to the very next request.
+        let mut svc = live.load().stack.clone();
+        svc.call(req)
+    };
+    let (settings, drain) = (listener.h1.clone(), listener.drain.clone());
+    if let h1::Outcome::Http2(io) = h1::serve(io, service, settings, drain, id).await {
+        let conn = h2.serve_connection(TokioIo::new(io), h2_service);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(error = %e, "HTTP/2 connection closed with error");
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains connections for up to `timeouts.shutdown`.
 /// Connection-level settings (limits, timeouts) come from the config at start-up.
 pub async fn serve(
@@ -37,20 +89,22 @@ pub async fn serve(
 ) {
     let cfg = live.load().app.cfg.clone();
     let metrics = live.load().app.metrics.clone();
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Kept by HeadDeadline, without a timer per request.
-        .header_read_timeout(None::<Duration>)
-        .max_buf_size(cfg.limits.max_header_bytes.max(8192))
-        .max_headers(cfg.limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let settings = Arc::new(h1::Settings {
+        max_headers: cfg.limits.max_headers,
+        max_head_bytes: cfg.limits.max_header_bytes.max(1024),
+        header_read: cfg.timeouts.header_read,
+    });
+    let drain = Arc::new(h1::Drain::default());
+    let mut h2 = H2Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(cfg.limits.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
+    let shared = Arc::new(Listener {
+        live: live.clone(),
+        h1: settings,
+        drain: drain.clone(),
+        h2,
+    });
     let tls = match &cfg.tls_server {
         Some((cert, key)) => match tls::ReloadingCert::new(cert, key).and_then(|certs| {
             tokio::spawn(certs.clone().watch());
@@ -71,6 +125,7 @@ pub async fn serve(
     // After the shutdown signal, connections already waiting in the kernel's accept queue are
     // still taken (and served with Connection: close) rather than reset by closing the socket.
     let mut closing = false;
+    let mut next_id = 0usize;
     loop {
         let permit = if closing {
             match permits.clone().try_acquire_owned() {
@@ -109,69 +164,27 @@ pub async fn serve(
             tls: tls.is_some(),
             ip: crate::proxy::headers::ip_header(remote.ip()),
         };
-        let live = live.clone();
-        let activity = Arc::new(Activity::default());
-        let seen_by_deadline = activity.clone();
-        let hyper_svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-            req.extensions_mut().insert(info.clone());
-            // The current generation: a config reload applies to the very next request.
-            let mut svc = live.load().stack.clone();
-            let activity = activity.clone();
-            activity.request_started();
-            let response = svc.call(req);
-            async move {
-                let resp = response.await?;
-                if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    activity.upgraded();
-                }
-                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, activity)))
-            }
-        });
         let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let shared = shared.clone();
         let tls = tls.clone();
         let handshake_timeout = cfg.timeouts.header_read;
         let connections = metrics.connections.clone();
         connections.inc();
+        next_id = next_id.wrapping_add(1);
+        let id = next_id;
         tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(
-                        TokioIo::new(HeadDeadline::new(
-                            stream,
-                            handshake_timeout,
-                            seen_by_deadline,
-                        )),
-                        hyper_svc,
-                    );
-                    watcher.watch(conn.into_owned()).await
-                }
+            match tls {
+                None => serve_connection(stream, false, shared, info, watcher, id).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
-                            let conn = builder.serve_connection_with_upgrades(
-                                TokioIo::new(HeadDeadline::new(
-                                    tls_stream,
-                                    handshake_timeout,
-                                    seen_by_deadline,
-                                )),
-                                hyper_svc,
-                            );
-                            watcher.watch(conn.into_owned()).await
+                            let h2_only = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            serve_connection(tls_stream, h2_only, shared, info, watcher, id).await
                         }
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            Ok(())
-                        }
-                        Err(_) => {
-                            tracing::debug!("TLS handshake timed out");
-                            Ok(())
-                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection closed with error");
             }
             connections.dec();
             drop(permit);
@@ -183,8 +196,12 @@ pub async fn serve(
     tokio::time::sleep(cfg.timeouts.header_read.min(Duration::from_secs(1))).await;
     tracing::info!("draining connections");
     let tunnels = live.load().app.tunnels.clone();
+    drain.start();
     let drained = async {
         graceful.shutdown().await;
+        while drain.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // Websocket tunnels live outside hyper's connections: wait for them too.
         while tunnels.count() > 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1,0 +1,687 @@
+//! HTTP/1.1 wire format for the client side: request heads in, response heads out, chunked
+//! request bodies decoded. The framing rules are RFC 9112's, applied as hyper applies them,
+//! so that what the gateway reads as one request is what the upstream reads as one request.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use std::mem::MaybeUninit;
+
+/// Longest request target accepted (as hyper).
+const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+/// Header slots on the stack; more (a raised `limits.max_headers`) go on the heap.
+const STACK_HEADERS: usize = 128;
+
+/// How the request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head and what it says about the connection.
+#[derive(Debug)]
+pub struct Head {
+    pub request: Request<()>,
+    pub framing: Framing,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    pub upgrade: bool,
+}
+
+/// Why a request head was refused; the status answered before closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    TooLarge,
+    UriTooLong,
+    Invalid,
+}
+
+impl HeadError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::UriTooLong => StatusCode::URI_TOO_LONG,
+            HeadError::Invalid => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+type Range = (usize, usize);
+
+fn range_in(base: &[u8], part: &[u8]) -> Range {
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    (start, start + part.len())
+}
+
+/// Parses a request head from the front of `buf`, taking it out of `buf` when complete.
+/// `Ok(None)`: more bytes needed.
+pub fn parse_head(
+    buf: &mut BytesMut,
+    max_headers: usize,
+    max_head: usize,
+) -> Result<Option<Head>, HeadError> {
+    let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= STACK_HEADERS {
+        &mut stack[..max_headers]
+    } else {
+        heap.resize(max_headers, MaybeUninit::uninit());
+        &mut heap
+    };
+    let mut ranges = [((0usize, 0usize), (0usize, 0usize)); STACK_HEADERS];
+    let mut more_ranges = Vec::new();
+    let (len, method, path, minor, count) = {
+        let bytes: &[u8] = buf;
+        let mut req = httparse::Request::new(&mut []);
+        match httparse::ParserConfig::default()
+            .parse_request_with_uninit_headers(&mut req, bytes, slots)
+        {
+            Ok(httparse::Status::Complete(len)) => {
+                if len > max_head {
+                    return Err(HeadError::TooLarge);
+                }
+                let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version)
+                else {
+                    return Err(HeadError::Invalid);
+                };
+                if path.len() > MAX_URI_LEN {
+                    return Err(HeadError::UriTooLong);
+                }
+                for (i, h) in req.headers.iter().enumerate() {
+                    let r = (range_in(bytes, h.name.as_bytes()), range_in(bytes, h.value));
+                    match ranges.get_mut(i) {
+                        Some(slot) => *slot = r,
+                        None => more_ranges.push(r),
+                    }
+                }
+                (
+                    len,
+                    range_in(bytes, method.as_bytes()),
+                    range_in(bytes, path.as_bytes()),
+                    minor,
+                    req.headers.len(),
+                )
+            }
+            Ok(httparse::Status::Partial) if buf.len() >= max_head => {
+                return Err(HeadError::TooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+            Err(_) => return Err(HeadError::Invalid),
+        }
+    };
+    let head = buf.split_to(len).freeze();
+    let method = Method::from_bytes(&head[method.0..method.1]).map_err(|_| HeadError::Invalid)?;
+    let uri = Uri::from_maybe_shared(head.slice(path.0..path.1)).map_err(|_| HeadError::Invalid)?;
+    let http11 = minor == 1;
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut framing = Framing::None;
+    let mut keep_alive = http11;
+    let mut saw_close = false;
+    let mut expect_continue = false;
+    let mut has_upgrade = false;
+    let mut te = false;
+    let mut cl = false;
+    for &(name, value) in ranges.iter().take(count).chain(more_ranges.iter()) {
+        let name = HeaderName::from_bytes(&head[name.0..name.1]).map_err(|_| HeadError::Invalid)?;
+        // SAFETY: httparse accepted these bytes as a header value: tab, 0x20..=0x7E and
+        // 0x80..=0xFF only, exactly what HeaderValue allows (as hyper relies on too).
+        let value =
+            unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(value.0..value.1)) };
+        match name {
+            header::TRANSFER_ENCODING => {
+                if !http11 {
+                    return Err(HeadError::Invalid);
+                }
+                // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), which is dropped
+                // so nothing downstream can read it the other way; the connection then closes.
+                te = true;
+                if cl {
+                    headers.remove(header::CONTENT_LENGTH);
+                }
+                framing = if last_is_chunked(&value) {
+                    Framing::Chunked
+                } else {
+                    Framing::None
+                };
+            }
+            header::CONTENT_LENGTH => {
+                cl = true;
+                if te {
+                    continue;
+                }
+                let len = parse_content_length(value.as_bytes()).ok_or(HeadError::Invalid)?;
+                match framing {
+                    Framing::Length(prev) if prev != len => return Err(HeadError::Invalid),
+                    Framing::Length(_) => continue,
+                    _ => framing = Framing::Length(len),
+                }
+            }
+            header::CONNECTION => {
+                if saw_close || has_token(&value, "close") {
+                    saw_close = true;
+                    keep_alive = false;
+                } else if !http11 {
+                    keep_alive = has_token(&value, "keep-alive");
+                }
+            }
+            header::EXPECT => {
+                expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+            }
+            header::UPGRADE => has_upgrade = http11,
+            _ => {}
+        }
+        headers.append(name, value);
+    }
+    if te && framing != Framing::Chunked {
+        return Err(HeadError::Invalid);
+    }
+    if te && cl {
+        keep_alive = false;
+    }
+    let upgrade = has_upgrade
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"));
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = if http11 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        framing,
+        keep_alive,
+        expect_continue,
+        upgrade,
+    }))
+}
+
+/// Digits only: no sign, no spaces, no overflow.
+fn parse_content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
+fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    v.as_bytes().split(|&b| b == b',').map(|t| t.trim_ascii())
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    tokens(v).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+fn last_is_chunked(v: &HeaderValue) -> bool {
+    v.as_bytes()
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// What a response head says about its body on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// Nothing follows the head (HEAD, 1xx, 204, 304, or an empty body).
+    Nothing,
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 client and unknown length: the body ends when the connection does.
+    UntilClose,
+}
+
+/// Writes a response head. `length`: the body's exact length if known. The body framing
+/// headers are the gateway's: any the response carries are replaced.
+pub fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    head_request: bool,
+    http11: bool,
+    length: Option<u64>,
+    keep_alive: bool,
+) -> BodyKind {
+    let code = status.as_u16();
+    let no_body = (100..200).contains(&code) || code == 204 || code == 304;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| parse_content_length(v.as_bytes()));
+    let kind = if no_body {
+        BodyKind::Nothing
+    } else if head_request {
+        // The length a GET would have had, if known, is kept; nothing is sent.
+        BodyKind::Nothing
+    } else {
+        match (declared, length) {
+            (Some(n), _) => BodyKind::Length(n),
+            (None, Some(n)) => BodyKind::Length(n),
+            (None, None) if http11 => BodyKind::Chunked,
+            (None, None) => BodyKind::UntilClose,
+        }
+    };
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    for (name, value) in headers {
+        match *name {
+            header::TRANSFER_ENCODING | header::CONNECTION => continue,
+            header::CONTENT_LENGTH if no_body && code != 304 => continue,
+            header::CONTENT_LENGTH if !head_request => continue,
+            header::DATE => has_date = true,
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match kind {
+        BodyKind::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            let mut digits = itoa_buf();
+            out.extend_from_slice(itoa(n, &mut digits));
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyKind::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        BodyKind::Nothing if head_request && declared.is_none() => {
+            if let Some(n) = length.filter(|_| !no_body) {
+                out.extend_from_slice(b"content-length: ");
+                let mut digits = itoa_buf();
+                out.extend_from_slice(itoa(n, &mut digits));
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        _ => {}
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        date::append(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if code == 101 {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if !keep_alive || kind == BodyKind::UntilClose {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if !http11 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    kind
+}
+
+fn itoa_buf() -> [u8; 20] {
+    [0; 20]
+}
+
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// The size line of one chunk (`<hex>\r\n`).
+pub fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = 16;
+    let mut n = len;
+    loop {
+        i -= 1;
+        buf[i] = HEX[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    &buf[i..]
+}
+
+/// The `Date` header value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+    }
+
+    pub fn append(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs {
+                let text = httpdate::fmt_http_date(now);
+                if text.len() == 29 {
+                    c.1.copy_from_slice(text.as_bytes());
+                    c.0 = secs;
+                } else {
+                    out.extend_from_slice(text.as_bytes());
+                    return;
+                }
+            }
+            out.extend_from_slice(&c.1);
+        })
+    }
+}
+
+/// Why a chunked body could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkError {
+    Invalid,
+    TooLong,
+}
+
+/// Decodes a chunked body incrementally (strict CRLFs; extensions and trailers skipped,
+/// within `limit` bytes together).
+#[derive(Debug)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+    overhead: usize,
+    limit: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+pub enum Decoded {
+    Data(Bytes),
+    /// More input needed.
+    Need,
+    End,
+}
+
+impl ChunkedDecoder {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            state: ChunkState::Size,
+            size: 0,
+            digits: 0,
+            overhead: 0,
+            limit,
+        }
+    }
+
+    /// Takes what it can from `buf`: the next piece of data, or the end.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ChunkError> {
+        use ChunkState::*;
+        loop {
+            if self.state == Done {
+                return Ok(Decoded::End);
+            }
+            if self.state == Data {
+                if buf.is_empty() {
+                    return Ok(Decoded::Need);
+                }
+                let n = (self.size.min(buf.len() as u64)) as usize;
+                self.size -= n as u64;
+                if self.size == 0 {
+                    self.state = DataCr;
+                }
+                return Ok(Decoded::Data(buf.split_to(n).freeze()));
+            }
+            let Some(&b) = buf.first() else {
+                return Ok(Decoded::Need);
+            };
+            buf.advance(1);
+            self.overhead += 1;
+            if self.overhead > self.limit {
+                return Err(ChunkError::TooLong);
+            }
+            self.state = match (self.state, b) {
+                (Size, b) if b.is_ascii_hexdigit() => {
+                    self.digits += 1;
+                    if self.digits > 16 {
+                        return Err(ChunkError::Invalid);
+                    }
+                    let d = (b as char).to_digit(16).unwrap_or(0);
+                    self.size = (self.size << 4) | u64::from(d);
+                    Size
+                }
+                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
+                (Size, b'\r') if self.digits > 0 => SizeLf,
+                (Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err(ChunkError::Invalid),
+                (Extension, _) => Extension,
+                (SizeLf, b'\n') => {
+                    self.digits = 0;
+                    if self.size == 0 {
+                        TrailerStart
+                    } else {
+                        Data
+                    }
+                }
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => {
+                    self.overhead = 0;
+                    Size
+                }
+                (TrailerStart, b'\r') => EndLf,
+                (TrailerStart, _) | (Trailer, _) if b != b'\r' && b != b'\n' => Trailer,
+                (Trailer, b'\r') => TrailerLf,
+                (TrailerLf, b'\n') => TrailerStart,
+                (EndLf, b'\n') => Done,
+                _ => return Err(ChunkError::Invalid),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<Head>, HeadError> {
+        parse_head(&mut BytesMut::from(text), 100, 65536)
+    }
+
+    fn head(text: &str) -> Head {
+        match parse(text) {
+            Ok(Some(h)) => h,
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let h = head("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(h.framing, Framing::None);
+        assert!(h.keep_alive);
+        let h = head("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(h.framing, Framing::Length(5));
+        assert_eq!(
+            h.request.headers().get_all("content-length").iter().count(),
+            1
+        );
+        let h = head("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n");
+        assert_eq!(h.framing, Framing::Chunked);
+        // Both: Transfer-Encoding wins, Content-Length is dropped, the connection closes.
+        for text in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            let h = head(text);
+            assert_eq!(h.framing, Framing::Chunked);
+            assert!(!h.keep_alive);
+            assert!(h.request.headers().get("content-length").is_none());
+        }
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
+            "GET  / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/2.0\r\n\r\n",
+            "G\x01T / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(matches!(parse(bad), Err(HeadError::Invalid)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn connection_semantics() {
+        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(
+            !head("GET / HTTP/1.1\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n")
+                .keep_alive
+        );
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
+        assert!(
+            head("GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n")
+                .upgrade
+        );
+        assert!(!head("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        assert!(
+            !head("GET / HTTP/1.0\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n").upgrade
+        );
+    }
+
+    #[test]
+    fn heads_are_bounded() {
+        assert!(matches!(parse("GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None)));
+        let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(70_000));
+        assert_eq!(parse(&long).err(), Some(HeadError::TooLarge));
+        let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(
+            parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+            Some(HeadError::TooLarge)
+        );
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nA: b\r\n\r\nGET /next"[..]);
+        assert!(matches!(parse_head(&mut buf, 200, 65536), Ok(Some(_))));
+        assert_eq!(&buf[..], b"GET /next");
+    }
+
+    fn decode_all(input: &[u8]) -> Result<Vec<u8>, ChunkError> {
+        let mut d = ChunkedDecoder::new(1024);
+        let mut out = Vec::new();
+        // Byte by byte: every state must survive a split anywhere.
+        let mut buf = BytesMut::new();
+        for &b in input {
+            buf.extend_from_slice(&[b]);
+            loop {
+                match d.decode(&mut buf)? {
+                    Decoded::Data(d) => out.extend_from_slice(&d),
+                    Decoded::Need => break,
+                    Decoded::End => return Ok(out),
+                }
+            }
+        }
+        Err(ChunkError::Invalid)
+    }
+
+    #[test]
+    fn chunked_bodies() {
+        assert_eq!(
+            decode_all(b"3\r\nabc\r\nA;ext=1\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n"),
+            Ok(b"abc0123456789".to_vec())
+        );
+        assert_eq!(decode_all(b"0\r\n\r\n"), Ok(Vec::new()));
+        for bad in [
+            &b"3\nabc\r\n0\r\n\r\n"[..],
+            b"3\r\nabcd\r\n0\r\n\r\n",
+            b"\r\n",
+            b"x\r\n",
+            b"-1\r\n",
+            b"11111111111111111\r\n",
+            b"0\r\n\n",
+        ] {
+            assert!(
+                decode_all(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let ext = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(2000));
+        assert_eq!(decode_all(ext.as_bytes()), Err(ChunkError::TooLong));
+    }
+
+    #[test]
+    fn response_heads() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("date", HeaderValue::from_static("then"));
+        let mut out = Vec::new();
+        let kind = encode_head(&mut out, StatusCode::OK, &h, false, true, None, true);
+        assert_eq!(kind, BodyKind::Length(5));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\ndate: then\r\ncontent-length: 5\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        let kind = encode_head(
+            &mut out,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            false,
+            false,
+            None,
+            true,
+        );
+        assert_eq!(kind, BodyKind::UntilClose);
+        assert!(String::from_utf8_lossy(&out).ends_with("connection: close\r\n\r\n"));
+        let mut out = Vec::new();
+        let kind = encode_head(
+            &mut out,
+            StatusCode::NO_CONTENT,
+            &h,
+            false,
+            true,
+            Some(3),
+            false,
+        );
+        assert_eq!(kind, BodyKind::Nothing);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            !text.contains("content-length") && text.contains("connection: close"),
+            "{text}"
+        );
+        let mut buf = [0; 18];
+        assert_eq!(chunk_size_line(0x1a2b, &mut buf), b"1a2b\r\n");
+        let mut digits = itoa_buf();
+        assert_eq!(itoa(1234567890, &mut digits), b"1234567890");
+    }
+}

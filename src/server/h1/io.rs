@@ -1,0 +1,306 @@
+//! What the HTTP/1 connection hands on: request bodies to the service, the raw connection to
+//! a websocket tunnel or to the HTTP/2 server, and the read buffers it does not keep idle.
+
+use bytes::{Bytes, BytesMut};
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A client connection: plain TCP or TLS.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Plain TCP can wait for data without a buffer, so an idle connection holds none.
+    const WAITS_WITHOUT_BUFFER: bool = false;
+
+    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Transport for tokio::net::TcpStream {
+    const WAITS_WITHOUT_BUFFER: bool = true;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+
+/// Read buffers of connections that went idle, kept per thread for the next busy one.
+pub const READ_BUF: usize = 8192;
+const SPARE_BUFFERS: usize = 32;
+
+thread_local! {
+    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+pub fn take_buffer() -> BytesMut {
+    SPARE
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_BUF))
+}
+
+/// Keeps an empty buffer for reuse if nothing else still points into it.
+pub fn give_back(mut buf: BytesMut) {
+    if buf.is_empty() && buf.try_reclaim(READ_BUF) {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_BUFFERS {
+                s.push(buf);
+            }
+        });
+    }
+}
+
+/// A connection with bytes already read from it put back in front.
+pub struct Rewound<T> {
+    first: Bytes,
+    io: T,
+}
+
+impl<T> Rewound<T> {
+    pub fn new(first: Bytes, io: T) -> Self {
+        Self { first, io }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            let first = self.first.split_to(n);
+            buf.put_slice(&first);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewound<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A client connection after `101 Switching Protocols`.
+pub type Upgraded = Rewound<Box<dyn Io>>;
+
+/// In the extensions of a request that asked to switch protocols: the connection, once the
+/// gateway has answered 101.
+#[derive(Clone)]
+pub struct ClientUpgrade(Arc<Mutex<Option<tokio::sync::oneshot::Receiver<Upgraded>>>>);
+
+impl ClientUpgrade {
+    pub fn new(rx: tokio::sync::oneshot::Receiver<Upgraded>) -> Self {
+        Self(Arc::new(Mutex::new(Some(rx))))
+    }
+
+    /// Waits for the connection (an error if the 101 was never written).
+    pub async fn connection(self) -> Result<Upgraded, tokio::sync::oneshot::error::RecvError> {
+        let rx = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        match rx {
+            Some(rx) => rx.await,
+            None => {
+                // Already taken: a receiver whose sender is gone gives the same error.
+                let (_, rx) = tokio::sync::oneshot::channel();
+                rx.await
+            }
+        }
+    }
+}
+
+/// Why a client's request body stopped short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("the client closed the connection mid-body")]
+    Incomplete,
+    #[error("invalid chunked encoding")]
+    Invalid,
+}
+
+#[derive(Default)]
+struct Slot {
+    chunk: Option<Bytes>,
+    end: Option<Result<(), ClientBodyError>>,
+    /// The service asked for data: time to read it (and to send `100 Continue`).
+    wanted: bool,
+    receiver_gone: bool,
+    receiver: Option<Waker>,
+    sender: Option<Waker>,
+}
+
+fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The request body as the service sees it: chunks handed over one at a time by the
+/// connection, read from the client only when asked for (backpressure, `100 Continue`).
+pub struct RequestBody {
+    slot: Arc<Mutex<Slot>>,
+    remaining: Option<u64>,
+}
+
+/// The connection's end of a [`RequestBody`].
+pub struct BodySender {
+    slot: Arc<Mutex<Slot>>,
+}
+
+pub enum Demand {
+    Wanted,
+    ReceiverGone,
+}
+
+pub fn body_channel(length: Option<u64>) -> (BodySender, RequestBody) {
+    let slot = Arc::new(Mutex::new(Slot::default()));
+    (
+        BodySender { slot: slot.clone() },
+        RequestBody {
+            slot,
+            remaining: length,
+        },
+    )
+}
+
+impl BodySender {
+    pub fn poll_demand(&mut self, cx: &mut Context<'_>) -> Poll<Demand> {
+        let mut s = lock(&self.slot);
+        if s.receiver_gone {
+            return Poll::Ready(Demand::ReceiverGone);
+        }
+        if s.wanted && s.chunk.is_none() {
+            return Poll::Ready(Demand::Wanted);
+        }
+        if !s.sender.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.sender = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    pub fn send(&mut self, data: Bytes) {
+        let mut s = lock(&self.slot);
+        s.chunk = Some(data);
+        s.wanted = false;
+        if let Some(w) = s.receiver.take() {
+            w.wake();
+        }
+    }
+
+    pub fn finish(&mut self, result: Result<(), ClientBodyError>) {
+        let mut s = lock(&self.slot);
+        s.end = Some(result);
+        if let Some(w) = s.receiver.take() {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for BodySender {
+    fn drop(&mut self) {
+        let mut s = lock(&self.slot);
+        if s.end.is_none() {
+            s.end = Some(Err(ClientBodyError::Incomplete));
+        }
+        if let Some(w) = s.receiver.take() {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let mut s = lock(&self.slot);
+        s.receiver_gone = true;
+        if let Some(w) = s.sender.take() {
+            w.wake();
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, ClientBodyError>>> {
+        let mut s = lock(&self.slot);
+        if let Some(data) = s.chunk.take() {
+            drop(s);
+            if let Some(r) = self.remaining.as_mut() {
+                *r = r.saturating_sub(data.len() as u64);
+            }
+            return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+        }
+        match s.end {
+            Some(Ok(())) => return Poll::Ready(None),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            None => {}
+        }
+        s.wanted = true;
+        if !s.receiver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.receiver = Some(cx.waker().clone());
+        }
+        if let Some(w) = s.sender.take() {
+            w.wake();
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == Some(0)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.remaining {
+            Some(n) => http_body::SizeHint::with_exact(n),
+            None => http_body::SizeHint::default(),
+        }
+    }
+}

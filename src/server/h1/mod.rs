@@ -1,0 +1,706 @@
+//! The HTTP/1.1 side of the listener: one task per client connection reads request heads,
+//! hands requests to the service, and writes responses, with the body framing of RFC 9112.
+//!
+//! Why not hyper's server here (hyper still serves HTTP/2 and makes every upstream and provider
+//! call): hyper keeps 16 KiB of buffers for the whole life of a keep-alive connection, idle or
+//! not, which is most of what 10,000 idle clients cost. This connection reads into a buffer
+//! only when data is there, gives it back when it goes idle, and writes each response head and
+//! its first body bytes in one system call.
+//!
+//! The header-read deadline is lazy: one timer per connection, re-armed when it fires if a
+//! response was completed since the last time, so a client gets between one and two times
+//! `timeouts.header_read` to send each request head (bytes alone do not count: a slowloris
+//! sends bytes).
+
+mod codec;
+pub mod io;
+
+use crate::body::Body;
+use bytes::{Buf, Bytes, BytesMut};
+use codec::{encode_head, BodyKind, ChunkedDecoder, Decoded, Framing, Head};
+use http::{header, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use io::{
+    body_channel, give_back, take_buffer, BodySender, ClientBodyError, Demand, Rewound, Transport,
+    READ_BUF,
+};
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Reads of a request body take up to this much at a time.
+const BODY_READ: usize = 64 * 1024;
+/// After answering a request whose body was not read to the end, the rest is read and
+/// dropped for a while before closing, so the client sees the answer rather than a reset.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Connection-level settings, from the config at start-up.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_headers: usize,
+    pub max_head_bytes: usize,
+    pub header_read: Duration,
+}
+
+/// Tells idle connections to close, and counts the open ones, when the server drains.
+pub struct Drain {
+    draining: AtomicBool,
+    /// Sharded so that connections waiting for their next request do not share one lock.
+    wake: Vec<Arc<Notify>>,
+    open: AtomicUsize,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            draining: AtomicBool::new(false),
+            wake: (0..16).map(|_| Arc::new(Notify::new())).collect(),
+            open: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Drain {
+    pub fn start(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        for n in &self.wake {
+            n.notify_waiters();
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// How a connection ended.
+pub enum Outcome<T> {
+    Closed,
+    /// The client spoke HTTP/2 with prior knowledge: for the HTTP/2 server, preface included.
+    Http2(Rewound<T>),
+}
+
+struct OpenGuard(Arc<Drain>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why the connection stops.
+enum Stop {
+    /// Quietly: closed by the client, timed out, drained, or a write failed.
+    Now,
+    /// After answering with this status.
+    Refuse(StatusCode),
+    /// After the response: close, reading what the client still sends for a while.
+    Linger,
+}
+
+struct Conn<T> {
+    io: T,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+    settings: Arc<Settings>,
+    deadline: Pin<Box<Sleep>>,
+    /// Responses completed, and their number when the deadline last fired.
+    completed: u64,
+    completed_at_check: u64,
+    drain: Arc<Drain>,
+    drained: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+}
+
+/// Reads a request body from the connection for its [`io::RequestBody`].
+struct Feed {
+    sender: BodySender,
+    decoder: BodyDecoder,
+    /// `100 Continue` still to be written (bytes already written).
+    continue_at: Option<usize>,
+}
+
+enum BodyDecoder {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Serves HTTP/1.1 on `io` until the client leaves, a limit is hit, or the server drains.
+pub async fn serve<T, S, F>(
+    io: T,
+    mut service: S,
+    settings: Arc<Settings>,
+    drain: Arc<Drain>,
+    id: usize,
+) -> Outcome<T>
+where
+    T: Transport,
+    S: FnMut(Request<Body>) -> F,
+    F: Future<Output = Result<Response<Body>, Infallible>>,
+{
+    drain.open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(drain.clone());
+    let shard = drain.wake[id % drain.wake.len()].clone();
+    let mut conn = Conn {
+        io,
+        rbuf: BytesMut::new(),
+        wbuf: Vec::new(),
+        deadline: Box::pin(tokio::time::sleep(settings.header_read)),
+        settings,
+        completed: 0,
+        completed_at_check: 0,
+        drained: Box::pin(shard.notified_owned()),
+        drain,
+    };
+    let mut first = true;
+    loop {
+        let head = match conn.read_head(first).await {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                let Conn { io, rbuf, .. } = conn;
+                return Outcome::Http2(Rewound::new(rbuf.freeze(), io));
+            }
+            Err(stop) => {
+                conn.stop(stop).await;
+                return Outcome::Closed;
+            }
+        };
+        first = false;
+        match conn.exchange(head, &mut service).await {
+            Ok(Next::KeepAlive) => {}
+            Ok(Next::Upgrade(tx)) => {
+                let Conn { io, rbuf, .. } = conn;
+                let _ = tx.send(Rewound::new(rbuf.freeze(), Box::new(io)));
+                return Outcome::Closed;
+            }
+            Err(stop) => {
+                conn.stop(stop).await;
+                return Outcome::Closed;
+            }
+        }
+    }
+}
+
+enum Next {
+    KeepAlive,
+    Upgrade(tokio::sync::oneshot::Sender<io::Upgraded>),
+}
+
+impl<T: Transport> Conn<T> {
+    /// The next request head; `None`: the HTTP/2 preface (first thing on a connection only).
+    async fn read_head(&mut self, first: bool) -> Result<Option<Head>, Stop> {
+        loop {
+            if !self.rbuf.is_empty() {
+                if first && self.rbuf.len() >= H2_PREFACE.len() && self.rbuf.starts_with(H2_PREFACE)
+                {
+                    return Ok(None);
+                }
+                let partial_preface = first
+                    && self.rbuf.len() < H2_PREFACE.len()
+                    && H2_PREFACE.starts_with(&self.rbuf);
+                if !partial_preface {
+                    match codec::parse_head(
+                        &mut self.rbuf,
+                        self.settings.max_headers,
+                        self.settings.max_head_bytes,
+                    ) {
+                        Ok(Some(head)) => return Ok(Some(head)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::debug!(error = ?e, "bad request head");
+                            return Err(Stop::Refuse(e.status()));
+                        }
+                    }
+                }
+            }
+            poll_fn(|cx| self.poll_fill(cx)).await?;
+        }
+    }
+
+    /// Reads more of a request head, within the header-read deadline.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Stop>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            if self.completed == self.completed_at_check {
+                tracing::debug!("request head not received in time");
+                return Poll::Ready(Err(Stop::Now));
+            }
+            self.completed_at_check = self.completed;
+            let next = Instant::now() + self.settings.header_read;
+            self.deadline.as_mut().reset(next);
+            let _ = self.deadline.as_mut().poll(cx);
+        }
+        if self.rbuf.is_empty() {
+            // Between requests: where draining closes the connection.
+            if self.drain.draining.load(Ordering::Relaxed)
+                || self.drained.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Err(Stop::Now));
+            }
+            if T::WAITS_WITHOUT_BUFFER && self.rbuf.capacity() == 0 {
+                if let Err(e) = ready!(self.io.poll_read_ready(cx)) {
+                    tracing::debug!(error = %e, "client connection failed");
+                    return Poll::Ready(Err(Stop::Now));
+                }
+                self.rbuf = take_buffer();
+            }
+        }
+        if self.rbuf.capacity() == self.rbuf.len() {
+            self.rbuf.reserve(READ_BUF);
+        }
+        match poll_read_buf(&mut self.io, cx, &mut self.rbuf) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(Stop::Now)),
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "client connection failed");
+                Poll::Ready(Err(Stop::Now))
+            }
+            Poll::Pending => {
+                if T::WAITS_WITHOUT_BUFFER && self.rbuf.is_empty() {
+                    // Idle: hold no buffer while waiting (the next read waits for readiness).
+                    give_back(std::mem::take(&mut self.rbuf));
+                    give_back_wbuf(&mut self.wbuf);
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// One request and its response.
+    async fn exchange<S, F>(&mut self, head: Head, service: &mut S) -> Result<Next, Stop>
+    where
+        S: FnMut(Request<Body>) -> F,
+        F: Future<Output = Result<Response<Body>, Infallible>>,
+    {
+        let Head {
+            request,
+            framing,
+            mut keep_alive,
+            expect_continue,
+            upgrade,
+        } = head;
+        let http11 = request.version() == Version::HTTP_11;
+        let head_request = request.method() == http::Method::HEAD;
+        let (body, mut feed) = match framing {
+            Framing::None | Framing::Length(0) => (Body::Empty, None),
+            Framing::Length(n) => self.feed(Some(n), BodyDecoder::Length(n), expect_continue),
+            Framing::Chunked => self.feed(
+                None,
+                BodyDecoder::Chunked(ChunkedDecoder::new(self.settings.max_head_bytes)),
+                expect_continue,
+            ),
+        };
+        let mut request = request.map(|()| body);
+        let mut upgrade_tx = None;
+        if upgrade {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            request.extensions_mut().insert(io::ClientUpgrade::new(rx));
+            upgrade_tx = Some(tx);
+        }
+        // Until the body has been read to its end, what follows it on the connection cannot
+        // be read as a next request.
+        let mut body_complete = feed.is_none();
+        let mut response = std::pin::pin!(service(request));
+        let response = poll_fn(|cx| {
+            if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            if let Some(f) = feed.as_mut() {
+                if let Poll::Ready(complete) = self.poll_feed(cx, f) {
+                    body_complete = complete;
+                    feed = None;
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let (parts, mut body) = response.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(tx) = upgrade_tx else {
+                return Err(Stop::Refuse(StatusCode::BAD_GATEWAY));
+            };
+            take_wbuf(&mut self.wbuf);
+            self.wbuf.clear();
+            encode_head(
+                &mut self.wbuf,
+                parts.status,
+                &parts.headers,
+                false,
+                true,
+                None,
+                true,
+            );
+            let mut out = Out::head();
+            poll_fn(|cx| self.poll_out(cx, &mut out)).await?;
+            self.io.flush().await.map_err(|_| Stop::Now)?;
+            return Ok(Next::Upgrade(tx));
+        }
+        if let Some(f) = feed.as_mut() {
+            // Too late for `100 Continue` once the answer is on its way.
+            f.continue_at = None;
+        }
+        keep_alive &= body_complete
+            && !self.drain.draining.load(Ordering::Relaxed)
+            && !parts
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        let length = if body.is_end_stream() {
+            Some(0)
+        } else {
+            body.size_hint().exact()
+        };
+        take_wbuf(&mut self.wbuf);
+        self.wbuf.clear();
+        let kind = encode_head(
+            &mut self.wbuf,
+            parts.status,
+            &parts.headers,
+            head_request,
+            http11,
+            length,
+            keep_alive,
+        );
+        let mut out = Out::head();
+        let mut remaining = match kind {
+            BodyKind::Length(n) => n,
+            _ => u64::MAX,
+        };
+        let mut finished = kind == BodyKind::Nothing;
+        let mut failed = false;
+        let written = poll_fn(|cx| loop {
+            if let Some(f) = feed.as_mut() {
+                if let Poll::Ready(complete) = self.poll_feed(cx, f) {
+                    body_complete = complete;
+                    feed = None;
+                }
+            }
+            if !finished && out.body_empty() {
+                match Pin::new(&mut body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Ok(mut data) = frame.into_data() {
+                            if kind == BodyKind::Length(0) || remaining == 0 {
+                                if !data.is_empty() {
+                                    failed = true;
+                                    finished = true;
+                                }
+                                continue;
+                            }
+                            if data.len() as u64 > remaining {
+                                // Longer than announced: cut, and close after.
+                                data.truncate(remaining as usize);
+                                failed = true;
+                                finished = true;
+                            }
+                            if kind != BodyKind::Chunked || remaining != u64::MAX {
+                                remaining -= data.len() as u64;
+                            }
+                            out.stage(data, kind == BodyKind::Chunked);
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        finished = true;
+                        match kind {
+                            BodyKind::Chunked => out.tail = b"0\r\n\r\n",
+                            BodyKind::Length(_) if remaining != 0 => failed = true,
+                            _ => {}
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        tracing::debug!(error = %e, "response body failed");
+                        finished = true;
+                        failed = true;
+                    }
+                    Poll::Pending if out.is_empty() => {
+                        // Nothing to write until the body has more: what was written goes out.
+                        ready!(Pin::new(&mut self.io).poll_flush(cx)).map_err(|_| Stop::Now)?;
+                        return Poll::Pending;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if !out.is_empty() {
+                ready!(self.poll_out(cx, &mut out))?;
+                continue;
+            }
+            if finished {
+                return Pin::new(&mut self.io).poll_flush(cx).map_err(|_| Stop::Now);
+            }
+        })
+        .await;
+        self.completed += 1;
+        drop(body);
+        if written.is_err() || failed {
+            return Err(Stop::Now);
+        }
+        if kind == BodyKind::UntilClose || !keep_alive {
+            return Err(if body_complete {
+                Stop::Now
+            } else {
+                Stop::Linger
+            });
+        }
+        Ok(Next::KeepAlive)
+    }
+
+    fn feed(
+        &mut self,
+        length: Option<u64>,
+        decoder: BodyDecoder,
+        expect_continue: bool,
+    ) -> (Body, Option<Feed>) {
+        let (sender, body) = body_channel(length);
+        let feed = Feed {
+            sender,
+            decoder,
+            continue_at: expect_continue.then_some(0),
+        };
+        (Body::Client(body), Some(feed))
+    }
+
+    /// Reads the request body as the service asks for it. Ready when there is no more to
+    /// read: `true` at the end of the body, `false` on an error or when the service dropped
+    /// the body.
+    fn poll_feed(&mut self, cx: &mut Context<'_>, feed: &mut Feed) -> Poll<bool> {
+        loop {
+            match feed.sender.poll_demand(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Demand::ReceiverGone) => return Poll::Ready(false),
+                Poll::Ready(Demand::Wanted) => {}
+            }
+            if let Some(at) = feed.continue_at {
+                match Pin::new(&mut self.io).poll_write(cx, &CONTINUE[at..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        feed.continue_at = (at + n < CONTINUE.len()).then_some(at + n);
+                        continue;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(_) => {
+                        feed.sender.finish(Err(ClientBodyError::Incomplete));
+                        return Poll::Ready(false);
+                    }
+                }
+            }
+            let decoded = match &mut feed.decoder {
+                BodyDecoder::Length(0) => Ok(Decoded::End),
+                BodyDecoder::Length(_) if self.rbuf.is_empty() => Ok(Decoded::Need),
+                BodyDecoder::Length(left) => {
+                    let n = (*left).min(self.rbuf.len() as u64) as usize;
+                    *left -= n as u64;
+                    Ok(Decoded::Data(self.rbuf.split_to(n).freeze()))
+                }
+                BodyDecoder::Chunked(d) => d.decode(&mut self.rbuf).map_err(|e| {
+                    tracing::debug!(error = ?e, "bad chunked request body");
+                    ClientBodyError::Invalid
+                }),
+            };
+            match decoded {
+                Ok(Decoded::Data(data)) if data.is_empty() => {}
+                Ok(Decoded::Data(data)) => {
+                    feed.sender.send(data);
+                    if matches!(feed.decoder, BodyDecoder::Length(0)) {
+                        // The receiver knows the length and may not ask again.
+                        feed.sender.finish(Ok(()));
+                        return Poll::Ready(true);
+                    }
+                }
+                Ok(Decoded::End) => {
+                    feed.sender.finish(Ok(()));
+                    return Poll::Ready(true);
+                }
+                Ok(Decoded::Need) => {
+                    if self.rbuf.capacity() - self.rbuf.len() < READ_BUF {
+                        self.rbuf.reserve(BODY_READ);
+                    }
+                    match poll_read_buf(&mut self.io, cx, &mut self.rbuf) {
+                        Poll::Ready(Ok(n)) if n > 0 => {}
+                        Poll::Ready(_) => {
+                            feed.sender.finish(Err(ClientBodyError::Incomplete));
+                            return Poll::Ready(false);
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                Err(e) => {
+                    feed.sender.finish(Err(e));
+                    return Poll::Ready(false);
+                }
+            }
+        }
+    }
+
+    fn poll_out(&mut self, cx: &mut Context<'_>, out: &mut Out) -> Poll<Result<(), Stop>> {
+        while !out.is_empty() {
+            let head = &self.wbuf[out.head_at.min(self.wbuf.len())..];
+            let slices = [
+                IoSlice::new(head),
+                IoSlice::new(&out.size_line[out.size_at..]),
+                IoSlice::new(&out.data),
+                IoSlice::new(out.tail),
+            ];
+            let n = match ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices)) {
+                Ok(0) | Err(_) => return Poll::Ready(Err(Stop::Now)),
+                Ok(n) => n,
+            };
+            out.advance(n, self.wbuf.len());
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    async fn stop(mut self, stop: Stop) {
+        let linger = match stop {
+            Stop::Now => false,
+            Stop::Linger => true,
+            Stop::Refuse(status) => {
+                self.wbuf.clear();
+                let mut headers = http::HeaderMap::new();
+                headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from_static("0"));
+                encode_head(
+                    &mut self.wbuf,
+                    status,
+                    &headers,
+                    false,
+                    true,
+                    Some(0),
+                    false,
+                );
+                let mut out = Out::head();
+                if poll_fn(|cx| self.poll_out(cx, &mut out)).await.is_err() {
+                    return;
+                }
+                true
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            if self.io.shutdown().await.is_err() || !linger {
+                return;
+            }
+            let mut discard = [0u8; 8192];
+            let mut total = 0;
+            while total < LINGER_BYTES {
+                match self.io.read(&mut discard).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => total += n,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn give_back_wbuf(wbuf: &mut Vec<u8>) {
+    if wbuf.capacity() > 0 {
+        WBUF.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < 32 {
+                let mut b = std::mem::take(wbuf);
+                b.clear();
+                s.push(b);
+            } else {
+                *wbuf = Vec::new();
+            }
+        });
+    }
+}
+
+fn take_wbuf(wbuf: &mut Vec<u8>) {
+    if wbuf.capacity() == 0 {
+        if let Some(b) = WBUF.with(|s| s.borrow_mut().pop()) {
+            *wbuf = b;
+        }
+    }
+}
+
+thread_local! {
+    static WBUF: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn poll_read_buf<T: AsyncRead + Unpin>(
+    io: &mut T,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    let read = io.read_buf(buf);
+    tokio::pin!(read);
+    read.poll(cx)
+}
+
+/// What is left to write of a response: the head, then one body piece with its chunk framing.
+struct Out {
+    head_at: usize,
+    head_done: bool,
+    size_line: [u8; 18],
+    size_at: usize,
+    data: Bytes,
+    tail: &'static [u8],
+}
+
+impl Out {
+    fn head() -> Self {
+        Self {
+            head_at: 0,
+            head_done: false,
+            size_line: [0; 18],
+            size_at: 18,
+            data: Bytes::new(),
+            tail: b"",
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head_done && self.body_empty()
+    }
+
+    fn body_empty(&self) -> bool {
+        self.size_at == 18 && self.data.is_empty() && self.tail.is_empty()
+    }
+
+    fn stage(&mut self, data: Bytes, chunked: bool) {
+        if data.is_empty() {
+            return;
+        }
+        if chunked {
+            let mut line = [0; 18];
+            let len = codec::chunk_size_line(data.len(), &mut line).len();
+            self.size_line = line;
+            self.size_at = 18 - len;
+            self.tail = b"\r\n";
+        }
+        self.data = data;
+    }
+
+    fn advance(&mut self, mut n: usize, head_len: usize) {
+        if !self.head_done {
+            let left = head_len - self.head_at.min(head_len);
+            let k = left.min(n);
+            self.head_at += k;
+            n -= k;
+            if self.head_at >= head_len {
+                self.head_done = true;
+            }
+        }
+        let k = (18 - self.size_at).min(n);
+        self.size_at += k;
+        n -= k;
+        let k = self.data.len().min(n);
+        self.data.advance(k);
+        n -= k;
+        let k = self.tail.len().min(n);
+        self.tail = &self.tail[k..];
+    }
+}
