@@ -58,9 +58,11 @@ async fn serve_connection<T: h1::io::Transport>(
             svc.call(req)
         })
     };
+    // HTTP/2 connections are boxed: their state is large, and a task is as large as the
+    // largest thing it may do, which would make every idle HTTP/1 connection that large.
     if h2_only {
         let conn = h2.serve_connection(TokioIo::new(io), h2_service);
-        if let Err(e) = watcher.watch(conn).await {
+        if let Err(e) = Box::pin(watcher.watch(conn)).await {
             tracing::debug!(error = %e, "HTTP/2 connection closed with error");
         }
         return;
@@ -74,7 +76,7 @@ async fn serve_connection<T: h1::io::Transport>(
     let (settings, drain) = (listener.h1.clone(), listener.drain.clone());
     if let h1::Outcome::Http2(io) = h1::serve(io, service, settings, drain, id).await {
         let conn = h2.serve_connection(TokioIo::new(io), h2_service);
-        if let Err(e) = watcher.watch(conn).await {
+        if let Err(e) = Box::pin(watcher.watch(conn)).await {
             tracing::debug!(error = %e, "HTTP/2 connection closed with error");
         }
     }
@@ -175,15 +177,21 @@ pub async fn serve(
         tokio::spawn(async move {
             match tls {
                 None => serve_connection(stream, false, shared, info, watcher, id).await,
+                // Boxed for the same reason: TLS state is large.
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let h2_only = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            serve_connection(tls_stream, h2_only, shared, info, watcher, id).await
+                    Box::pin(async move {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                let h2_only = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                serve_connection(tls_stream, h2_only, shared, info, watcher, id)
+                                    .await
+                            }
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
                         }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
-                    }
+                    })
+                    .await
                 }
             }
             connections.dec();

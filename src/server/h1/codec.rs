@@ -178,6 +178,12 @@ pub fn parse_head(
     if te && framing != Framing::Chunked {
         return Err(HeadError::Invalid);
     }
+    // RFC 9112 §3.2: exactly one Host in HTTP/1.1, so that the gateway and the upstream
+    // cannot disagree on which site a request is for.
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (http11 && hosts == 0) {
+        return Err(HeadError::Invalid);
+    }
     if te && cl {
         keep_alive = false;
     }
@@ -296,14 +302,6 @@ pub fn encode_head(
             out.extend_from_slice(b"\r\n");
         }
         BodyKind::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        BodyKind::Nothing if head_request && declared.is_none() => {
-            if let Some(n) = length.filter(|_| !no_body) {
-                out.extend_from_slice(b"content-length: ");
-                let mut digits = itoa_buf();
-                out.extend_from_slice(itoa(n, &mut digits));
-                out.extend_from_slice(b"\r\n");
-            }
-        }
         _ => {}
     }
     if !has_date {
@@ -506,8 +504,31 @@ impl ChunkedDecoder {
 mod tests {
     use super::*;
 
+    /// Parses `text`, with a Host header added after the request line if it has none.
     fn parse(text: &str) -> Result<Option<Head>, HeadError> {
-        parse_head(&mut BytesMut::from(text), 100, 65536)
+        let text = match text.split_once("\r\n") {
+            Some((line, rest)) if !text.contains("Host:") => format!("{line}\r\nHost: a\r\n{rest}"),
+            _ => text.to_string(),
+        };
+        parse_head(&mut BytesMut::from(text.as_str()), 100, 65536)
+    }
+
+    #[test]
+    fn one_host_in_http11() {
+        let parse_raw = |t: &str| parse_head(&mut BytesMut::from(t), 100, 65536);
+        assert!(matches!(
+            parse_raw("GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Some(_))
+        ));
+        assert!(matches!(parse_raw("GET / HTTP/1.0\r\n\r\n"), Ok(Some(_))));
+        for bad in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+        ] {
+            assert_eq!(parse_raw(bad).err(), Some(HeadError::Invalid), "{bad:?}");
+        }
     }
 
     fn head(text: &str) -> Head {
@@ -588,7 +609,7 @@ mod tests {
             parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
             Some(HeadError::TooLarge)
         );
-        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nA: b\r\n\r\nGET /next"[..]);
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: b\r\n\r\nGET /next"[..]);
         assert!(matches!(parse_head(&mut buf, 200, 65536), Ok(Some(_))));
         assert_eq!(&buf[..], b"GET /next");
     }

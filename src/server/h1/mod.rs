@@ -590,10 +590,13 @@ impl<T: Transport> Conn<T> {
             if self.io.shutdown().await.is_err() || !linger {
                 return;
             }
-            let mut discard = [0u8; 8192];
+            // Into the read buffer (on the heap): a buffer here would make every
+            // connection's task that much larger.
             let mut total = 0;
             while total < LINGER_BYTES {
-                match self.io.read(&mut discard).await {
+                self.rbuf.clear();
+                self.rbuf.reserve(READ_BUF);
+                match self.io.read_buf(&mut self.rbuf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => total += n,
                 }
