@@ -658,6 +658,51 @@ mod tests {
         assert_eq!(decode_all(ext.as_bytes()), Err(ChunkError::TooLong));
     }
 
+    proptest::proptest! {
+        /// Any body, cut into any chunks, delivered in any pieces, decodes to itself.
+        #[test]
+        fn chunked_round_trip(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+            chunk in 1usize..700,
+            piece in 1usize..300,
+        ) {
+            let mut wire = Vec::new();
+            for c in body.chunks(chunk) {
+                wire.extend_from_slice(format!("{:X}\r\n", c.len()).as_bytes());
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+            let mut d = ChunkedDecoder::new(1024);
+            let (mut out, mut buf, mut ended) = (Vec::new(), BytesMut::new(), false);
+            for p in wire.chunks(piece) {
+                buf.extend_from_slice(p);
+                loop {
+                    match d.decode(&mut buf) {
+                        Ok(Decoded::Data(d)) => out.extend_from_slice(&d),
+                        Ok(Decoded::Need) => break,
+                        Ok(Decoded::End) => { ended = true; break }
+                        Err(e) => proptest::prop_assert!(false, "{e:?}"),
+                    }
+                }
+            }
+            proptest::prop_assert!(ended);
+            proptest::prop_assert_eq!(out, body);
+        }
+
+        /// Arbitrary bytes after a request line: an answer either way, never a panic, and a
+        /// parsed head never claims more bytes than it was given.
+        #[test]
+        fn heads_never_panic(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            let mut bytes = b"POST /x HTTP/1.1\r\n".to_vec();
+            bytes.extend_from_slice(&tail);
+            let mut buf = BytesMut::from(&bytes[..]);
+            if let Ok(Some(_)) = parse_head(&mut buf, 100, 65536) {
+                proptest::prop_assert!(buf.len() < bytes.len());
+            }
+        }
+    }
+
     #[test]
     fn response_heads() {
         let mut h = HeaderMap::new();
