@@ -234,7 +234,7 @@ fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
     v.as_bytes().split(|&b| b == b',').map(|t| t.trim_ascii())
 }
 
-fn has_token(v: &HeaderValue, token: &str) -> bool {
+pub fn has_token(v: &HeaderValue, token: &str) -> bool {
     tokens(v).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
@@ -259,7 +259,7 @@ pub enum BodyKind {
 /// Writes a response head. `length`: the body's exact length if known. The body framing
 /// headers are the gateway's: any the response carries are replaced.
 pub fn encode_head(
-    out: &mut Vec<u8>,
+    out: &mut BytesMut,
     status: StatusCode,
     headers: &HeaderMap,
     head_request: bool,
@@ -287,7 +287,7 @@ pub fn encode_head(
     };
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
+    out.extend_from_slice(b" ");
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut has_date = false;
@@ -374,7 +374,7 @@ mod date {
         static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
     }
 
-    pub fn append(out: &mut Vec<u8>) {
+    pub fn append(out: &mut bytes::BytesMut) {
         let now = SystemTime::now();
         let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         CACHED.with(|c| {
@@ -720,14 +720,14 @@ mod tests {
         h.insert("content-length", HeaderValue::from_static("5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("date", HeaderValue::from_static("then"));
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         let kind = encode_head(&mut out, StatusCode::OK, &h, false, true, None, true);
         assert_eq!(kind, BodyKind::Length(5));
         assert_eq!(
             String::from_utf8_lossy(&out),
             "HTTP/1.1 200 OK\r\nx-a: 1\r\ndate: then\r\ncontent-length: 5\r\n\r\n"
         );
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         let kind = encode_head(
             &mut out,
             StatusCode::OK,
@@ -739,7 +739,7 @@ mod tests {
         );
         assert_eq!(kind, BodyKind::UntilClose);
         assert!(String::from_utf8_lossy(&out).ends_with("connection: close\r\n\r\n"));
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         let kind = encode_head(
             &mut out,
             StatusCode::NO_CONTENT,

@@ -29,9 +29,9 @@ impl Transport for tokio::net::TcpStream {
 
 impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
 
-/// Read buffers of connections that went idle, kept per thread for the next busy one.
 pub const READ_BUF: usize = 8192;
-const SPARE_BUFFERS: usize = 32;
+/// Read and write buffers of connections that went idle, kept per thread for the next busy one.
+const SPARE_BUFFERS: usize = 64;
 
 thread_local! {
     static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };

@@ -111,7 +111,7 @@ enum Stop {
 struct Conn<T> {
     io: T,
     rbuf: BytesMut,
-    wbuf: Vec<u8>,
+    wbuf: BytesMut,
     settings: Arc<Settings>,
     deadline: Pin<Box<Sleep>>,
     /// Responses completed, and their number when the deadline last fired.
@@ -155,7 +155,7 @@ where
     let mut conn = Conn {
         io,
         rbuf: BytesMut::new(),
-        wbuf: Vec::new(),
+        wbuf: BytesMut::new(),
         deadline: Box::pin(tokio::time::sleep(settings.header_read)),
         settings,
         completed: 0,
@@ -269,7 +269,8 @@ impl<T: Transport> Conn<T> {
                 if T::WAITS_WITHOUT_BUFFER && self.rbuf.is_empty() {
                     // Idle: hold no buffer while waiting (the next read waits for readiness).
                     give_back(std::mem::take(&mut self.rbuf));
-                    give_back_wbuf(&mut self.wbuf);
+                    self.wbuf.clear();
+                    give_back(std::mem::take(&mut self.wbuf));
                 }
                 Poll::Pending
             }
@@ -333,10 +334,8 @@ impl<T: Transport> Conn<T> {
             let Some(tx) = upgrade_tx else {
                 return Err(Stop::Refuse(StatusCode::BAD_GATEWAY));
             };
-            take_wbuf(&mut self.wbuf);
-            self.wbuf.clear();
             encode_head(
-                &mut self.wbuf,
+                self.head_buffer(),
                 parts.status,
                 &parts.headers,
                 false,
@@ -359,16 +358,14 @@ impl<T: Transport> Conn<T> {
                 .headers
                 .get_all(header::CONNECTION)
                 .iter()
-                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                .any(|v| codec::has_token(v, "close"));
         let length = if body.is_end_stream() {
             Some(0)
         } else {
             body.size_hint().exact()
         };
-        take_wbuf(&mut self.wbuf);
-        self.wbuf.clear();
         let kind = encode_head(
-            &mut self.wbuf,
+            self.head_buffer(),
             parts.status,
             &parts.headers,
             head_request,
@@ -377,9 +374,10 @@ impl<T: Transport> Conn<T> {
             keep_alive,
         );
         let mut out = Out::head();
+        // Body bytes still to send when the length was announced.
         let mut remaining = match kind {
-            BodyKind::Length(n) => n,
-            _ => u64::MAX,
+            BodyKind::Length(n) => Some(n),
+            _ => None,
         };
         let mut finished = kind == BodyKind::Nothing;
         let mut failed = false;
@@ -394,32 +392,25 @@ impl<T: Transport> Conn<T> {
                 match Pin::new(&mut body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Ok(mut data) = frame.into_data() {
-                            if kind == BodyKind::Length(0) || remaining == 0 {
-                                if !data.is_empty() {
+                            if let Some(left) = remaining.as_mut() {
+                                if data.len() as u64 > *left {
+                                    // Longer than announced: cut, and close after.
+                                    data.truncate(*left as usize);
                                     failed = true;
                                     finished = true;
                                 }
-                                continue;
-                            }
-                            if data.len() as u64 > remaining {
-                                // Longer than announced: cut, and close after.
-                                data.truncate(remaining as usize);
-                                failed = true;
-                                finished = true;
-                            }
-                            if kind != BodyKind::Chunked || remaining != u64::MAX {
-                                remaining -= data.len() as u64;
+                                *left -= data.len() as u64;
                             }
                             out.stage(data, kind == BodyKind::Chunked);
                         }
                     }
                     Poll::Ready(None) => {
                         finished = true;
-                        match kind {
-                            BodyKind::Chunked => out.tail = b"0\r\n\r\n",
-                            BodyKind::Length(_) if remaining != 0 => failed = true,
-                            _ => {}
+                        if kind == BodyKind::Chunked {
+                            out.tail = b"0\r\n\r\n";
                         }
+                        // Shorter than announced: the client must not wait for the rest.
+                        failed |= remaining.is_some_and(|n| n != 0);
                     }
                     Poll::Ready(Some(Err(e))) => {
                         tracing::debug!(error = %e, "response body failed");
@@ -544,6 +535,15 @@ impl<T: Transport> Conn<T> {
         }
     }
 
+    /// The write buffer, empty, for a response head.
+    fn head_buffer(&mut self) -> &mut BytesMut {
+        if self.wbuf.capacity() == 0 {
+            self.wbuf = take_buffer();
+        }
+        self.wbuf.clear();
+        &mut self.wbuf
+    }
+
     fn poll_out(&mut self, cx: &mut Context<'_>, out: &mut Out) -> Poll<Result<(), Stop>> {
         while !out.is_empty() {
             let head = &self.wbuf[out.head_at.min(self.wbuf.len())..];
@@ -567,11 +567,10 @@ impl<T: Transport> Conn<T> {
             Stop::Now => false,
             Stop::Linger => true,
             Stop::Refuse(status) => {
-                self.wbuf.clear();
                 let mut headers = http::HeaderMap::new();
                 headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from_static("0"));
                 encode_head(
-                    &mut self.wbuf,
+                    self.head_buffer(),
                     status,
                     &headers,
                     false,
@@ -604,33 +603,6 @@ impl<T: Transport> Conn<T> {
         })
         .await;
     }
-}
-
-fn give_back_wbuf(wbuf: &mut Vec<u8>) {
-    if wbuf.capacity() > 0 {
-        WBUF.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < 32 {
-                let mut b = std::mem::take(wbuf);
-                b.clear();
-                s.push(b);
-            } else {
-                *wbuf = Vec::new();
-            }
-        });
-    }
-}
-
-fn take_wbuf(wbuf: &mut Vec<u8>) {
-    if wbuf.capacity() == 0 {
-        if let Some(b) = WBUF.with(|s| s.borrow_mut().pop()) {
-            *wbuf = b;
-        }
-    }
-}
-
-thread_local! {
-    static WBUF: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn poll_read_buf<T: AsyncRead + Unpin>(
