@@ -12,7 +12,7 @@
 //! `timeouts.header_read` to send each request head (bytes alone do not count: a slowloris
 //! sends bytes).
 
-mod codec;
+pub mod codec;
 pub mod io;
 
 use crate::body::Body;
