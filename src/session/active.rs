@@ -65,13 +65,13 @@ impl SessionCache {
         }
     }
 
-    pub fn get(&self, sealed: &str) -> Option<Arc<ActiveSession>> {
-        self.entries.as_ref()?.get(&SealedRef(sealed.as_bytes()))
+    pub fn get(&self, sealed: &[u8]) -> Option<Arc<ActiveSession>> {
+        self.entries.as_ref()?.get(&SealedRef(sealed))
     }
 
-    pub fn insert(&self, sealed: &str, session: Arc<ActiveSession>) {
+    pub fn insert(&self, sealed: &[u8], session: Arc<ActiveSession>) {
         if let Some(c) = &self.entries {
-            c.insert(SealedValue(sealed.as_bytes().into()), session);
+            c.insert(SealedValue(sealed.into()), session);
         }
     }
 }
@@ -154,27 +154,28 @@ mod tests {
     fn hit_only_on_the_exact_value() {
         let cache = SessionCache::new(1 << 20);
         let sealed = "k1.".to_string() + &"A".repeat(1500) + "tagtagtagtagtagtagtagtagtagtagta";
-        cache.insert(&sealed, active("alice"));
-        assert_eq!(&*cache.get(&sealed).unwrap().sub, "alice");
+        let sealed = sealed.as_bytes();
+        cache.insert(sealed, active("alice"));
+        assert_eq!(&*cache.get(sealed).unwrap().sub, "alice");
         // Same length and tail, one byte changed in the middle: a miss.
-        let mut forged = sealed.clone().into_bytes();
+        let mut forged = sealed.to_vec();
         forged[100] = b'B';
-        assert!(cache.get(std::str::from_utf8(&forged).unwrap()).is_none());
+        assert!(cache.get(&forged).is_none());
         assert!(cache.get(&sealed[1..]).is_none());
-        assert!(cache.get("").is_none());
+        assert!(cache.get(b"").is_none());
     }
 
     #[test]
     fn disabled_and_bounded() {
         let off = SessionCache::new(0);
-        off.insert("abc", active("a"));
-        assert!(off.get("abc").is_none());
+        off.insert(b"abc", active("a"));
+        assert!(off.get(b"abc").is_none());
         let small = SessionCache::new(64 * 1024);
         for i in 0..1000 {
-            small.insert(&format!("{i:0>40}"), active("a"));
+            small.insert(format!("{i:0>40}").as_bytes(), active("a"));
         }
         let kept = (0..1000)
-            .filter(|i| small.get(&format!("{i:0>40}")).is_some())
+            .filter(|i| small.get(format!("{i:0>40}").as_bytes()).is_some())
             .count();
         // Every entry weighs more than 512 bytes.
         assert!(kept > 0 && kept <= 64 * 1024 / 512, "{kept}");

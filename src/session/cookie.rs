@@ -85,10 +85,11 @@ impl<'a> CookieJar<'a> {
         Self { pairs }
     }
 
-    /// The value of the first cookie called `name` (None when absent or not UTF-8).
-    pub fn get(&self, name: &str) -> Option<&'a str> {
+    /// The value of the first cookie called `name`, as sent (sealed values need no UTF-8
+    /// check: what is not base64 fails to open).
+    pub fn get_bytes(&self, name: &str) -> Option<&'a [u8]> {
         let (_, v) = self.pairs.iter().find(|(n, _)| *n == name)?;
-        std::str::from_utf8(v).ok()
+        Some(v)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &'a str> + '_ {
@@ -162,8 +163,8 @@ impl SessionCookies {
     fn sealed_value<'a>(
         &self,
         jar: &CookieJar<'a>,
-    ) -> Result<Option<std::borrow::Cow<'a, str>>, CookieReject> {
-        if let Some(v) = jar.get(&self.name) {
+    ) -> Result<Option<std::borrow::Cow<'a, [u8]>>, CookieReject> {
+        if let Some(v) = jar.get_bytes(&self.name) {
             return Ok(Some(v.into()));
         }
         // Count the chunks before allocating anything for them.
@@ -179,13 +180,15 @@ impl SessionCookies {
         if count > self.max_chunks {
             return Err(CookieReject::Oversize);
         }
-        let mut value = String::with_capacity(count * CHUNK_SIZE);
+        let mut value = Vec::with_capacity(count * CHUNK_SIZE);
         for i in 0..count {
-            let part = jar.get(&self.chunk_name(i)).ok_or(CookieReject::Oversize)?;
+            let part = jar
+                .get_bytes(&self.chunk_name(i))
+                .ok_or(CookieReject::Oversize)?;
             if part.len() > CHUNK_SIZE {
                 return Err(CookieReject::Oversize);
             }
-            value.push_str(part);
+            value.extend_from_slice(part);
         }
         Ok(Some(value.into()))
     }
@@ -200,13 +203,13 @@ impl SessionCookies {
     }
 
     /// Decrypts and decodes a sealed session value; an expired session is a rejection.
-    fn unseal(&self, sealed: &str, now: u64) -> Result<CookieValue, CookieReject> {
+    fn unseal(&self, sealed: &[u8], now: u64) -> Result<CookieValue, CookieReject> {
         if sealed.len() > self.max_chunks * CHUNK_SIZE {
             return Err(CookieReject::Oversize);
         }
-        let value =
-            self.keys
-                .open_with(self.name.as_bytes(), sealed.as_bytes(), CookieValue::decode)??;
+        let value = self
+            .keys
+            .open_with(self.name.as_bytes(), sealed, CookieValue::decode)??;
         match value {
             CookieValue::Full(s) if s.is_expired(now) => Err(CookieReject::Expired),
             v => Ok(v),
@@ -335,7 +338,7 @@ impl SessionCookies {
                         .max_age(max_age),
                 )?);
             }
-            if jar.get(&self.name).is_some() {
+            if jar.get_bytes(&self.name).is_some() {
                 out.extend(self.expire(&self.name, "/"));
             }
             chunks.len()
@@ -402,8 +405,8 @@ impl SessionCookies {
     /// Opens the flow cookie bound to `state`; `None` if absent, unreadable, or not for this state.
     pub fn open_flow(&self, jar: &CookieJar<'_>, state: &str) -> Option<FlowState> {
         let name = self.flow_cookie_name(state);
-        let sealed = jar.get(&name)?;
-        let plain = self.keys.open(name.as_bytes(), sealed.as_bytes()).ok()?;
+        let sealed = jar.get_bytes(&name)?;
+        let plain = self.keys.open(name.as_bytes(), sealed).ok()?;
         let flow = FlowState::decode(&plain).ok()?;
         crate::config::secret::ct_eq(flow.state.as_bytes(), state.as_bytes()).then_some(flow)
     }

@@ -7,6 +7,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use std::mem::MaybeUninit;
 
+/// Headers the gateway typically adds to a request on its way upstream.
+const ADDED_HEADERS: usize = 12;
+
 /// Longest request target accepted (as hyper).
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 /// Header slots on the stack; more (a raised `limits.max_headers`) go on the heap.
@@ -119,7 +122,9 @@ pub fn parse_head(
     let method = Method::from_bytes(&head[method.0..method.1]).map_err(|_| HeadError::Invalid)?;
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.1)).map_err(|_| HeadError::Invalid)?;
     let http11 = minor == 1;
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what the gateway adds before forwarding (request id, bearer, identity and
+    // forwarding headers): growing the map rehashes every header.
+    let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
     let mut framing = Framing::None;
     let mut keep_alive = http11;
     let mut saw_close = false;
