@@ -11,13 +11,12 @@ use crate::body::Body;
 use crate::error::GatewayError;
 use crate::oidc::ProviderError;
 use crate::policy::Rejected;
+use crate::session::layer::{take_ready, BoxFuture};
 use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, Session};
 use crate::singleflight::SingleFlight;
 use http::header::{HeaderValue, SET_COOKIE};
 use http::{Request, Response};
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -225,8 +224,6 @@ crate::app::app_layer!(
     RefreshLayer => RefreshService
 );
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
 impl<S, B> Service<Request<B>> for RefreshService<S>
 where
     S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
@@ -254,9 +251,7 @@ where
         if !due {
             return Either::Left(self.inner.call(req));
         }
-        // Take the service that was polled ready; leave a fresh clone behind.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let app = self.app.clone();
         Either::Right(Box::pin(async move {
             let Some(old) = req.extensions_mut().remove::<Arc<ActiveSession>>() else {

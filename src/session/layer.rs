@@ -18,7 +18,16 @@ crate::app::app_layer!(
     SessionLayer => SessionService
 );
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+/// The slow path of the session layers (a Redis lookup, a refresh), boxed.
+pub(crate) type BoxFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+/// The inner service that was polled ready, for a request answered later; a fresh clone is
+/// left behind for the next call (tower promises readiness only for the instance polled).
+pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
 
 fn attach<B>(app: &App, req: &mut Request<B>, loaded: Loaded) {
     match loaded {
@@ -89,8 +98,7 @@ where
             Ok(Some(Opened::Ref(id))) => CookieValue::Ref(id),
         };
         // A reference: look the session up in Redis.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let app = self.app.clone();
         Either::Right(Box::pin(async move {
             match app.resolve(value, now).await {
