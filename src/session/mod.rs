@@ -11,6 +11,7 @@ pub use self::active::{ActiveSession, SessionCache};
 pub use self::cookie::{CookieJar, CookieReject, Opened, SessionCookies};
 pub use crypto::{KeyRing, OpenError};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -83,16 +84,25 @@ pub enum DecodeError {
     Malformed,
 }
 
+/// The schema byte, then the value in postcard.
+fn encode_versioned<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_extend(value, vec![SCHEMA]).unwrap_or_default()
+}
+
+fn decode_versioned<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    match bytes.split_first() {
+        Some((&SCHEMA, rest)) => postcard::from_bytes(rest).map_err(|_| DecodeError::Malformed),
+        _ => Err(DecodeError::Schema),
+    }
+}
+
 impl Session {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_extend(self, vec![SCHEMA]).unwrap_or_default()
+        encode_versioned(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        match bytes.split_first() {
-            Some((&SCHEMA, rest)) => postcard::from_bytes(rest).map_err(|_| DecodeError::Malformed),
-            _ => Err(DecodeError::Schema),
-        }
+        decode_versioned(bytes)
     }
 
     pub fn is_expired(&self, now: u64) -> bool {
@@ -177,13 +187,11 @@ impl fmt::Debug for FlowState {
 
 impl FlowState {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_extend(self, vec![SCHEMA]).unwrap_or_default()
+        encode_versioned(self)
     }
+
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        match bytes.split_first() {
-            Some((&SCHEMA, rest)) => postcard::from_bytes(rest).map_err(|_| DecodeError::Malformed),
-            _ => Err(DecodeError::Schema),
-        }
+        decode_versioned(bytes)
     }
 }
 
