@@ -157,13 +157,14 @@ pub fn validate(
     })
 }
 
+/// Signed test tokens, shared with the logout-token tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
 
-    /// A throwaway P-256 key for these tests only.
+    /// A throwaway P-256 key for these tests only; `JWKS` holds its public half, kid `k1`.
     const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQguplBSjcpCtSIcOHi
 WyHx5XeRYTHQk5Nk+Gxtvut6kSyhRANCAASvCqWY+joV2GZpIHKwoUMPrlvS9Zox
@@ -171,7 +172,11 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
 -----END PRIVATE KEY-----";
     const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig",
         "x":"rwqlmPo6FdhmaSBysKFDD65b0vWaMW-a9KWPsGGiv28","y":"ygc29Sag4kVBVhH4wsSj7eQaJa_ZqH6IYy9ATqEX0Dk"}]}"#;
-    const NOW: u64 = 1_800_000_000;
+    pub const NOW: u64 = 1_800_000_000;
+
+    pub fn keys() -> KeySet {
+        KeySet::parse(JWKS.as_bytes()).unwrap()
+    }
 
     fn claims() -> serde_json::Value {
         json!({"iss": "https://idp", "aud": "client", "sub": "alice", "exp": NOW + 300,
@@ -179,7 +184,7 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
                "groups": ["g1", "g2"], "sid": "s1"})
     }
 
-    fn sign(c: &serde_json::Value, kid: Option<&str>) -> String {
+    pub fn sign(c: &serde_json::Value, kid: Option<&str>) -> String {
         let mut h = Header::new(Algorithm::ES256);
         h.kid = kid.map(str::to_string);
         encode(
@@ -190,8 +195,18 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
         .unwrap()
     }
 
+    /// `claims` as `f` changes them, signed with `k1`.
+    pub fn signed(
+        mut claims: serde_json::Value,
+        f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> String {
+        if let Some(m) = claims.as_object_mut() {
+            f(m);
+        }
+        sign(&claims, Some("k1"))
+    }
+
     fn check(token: &str) -> Result<ValidIdToken, IdTokenError> {
-        let keys = KeySet::parse(JWKS.as_bytes()).unwrap();
         let exp = Expectations {
             issuer: "https://idp",
             client_id: "client",
@@ -200,15 +215,11 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
             groups_claim: "groups",
             now: NOW,
         };
-        validate(token, &keys, &exp)
+        validate(token, &keys(), &exp)
     }
 
     fn with(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
-        let mut c = claims();
-        if let Some(m) = c.as_object_mut() {
-            f(m);
-        }
-        sign(&c, Some("k1"))
+        signed(claims(), f)
     }
 
     #[test]

@@ -99,40 +99,19 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use crate::oidc::idtoken::tests::{keys, signed, NOW};
     use serde_json::json;
 
-    /// The throwaway P-256 test key of the ID-token tests.
-    const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQguplBSjcpCtSIcOHi
-WyHx5XeRYTHQk5Nk+Gxtvut6kSyhRANCAASvCqWY+joV2GZpIHKwoUMPrlvS9Zox
-b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
------END PRIVATE KEY-----";
-    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256",
-        "x":"rwqlmPo6FdhmaSBysKFDD65b0vWaMW-a9KWPsGGiv28","y":"ygc29Sag4kVBVhH4wsSj7eQaJa_ZqH6IYy9ATqEX0Dk"}]}"#;
-    const NOW: u64 = 1_800_000_000;
-
     fn token(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
-        let mut c = json!({"iss": "https://idp", "aud": "client", "iat": NOW, "jti": "j1",
+        let claims = json!({"iss": "https://idp", "aud": "client", "iat": NOW, "jti": "j1",
             "sub": "alice", "sid": "s1", "events": {EVENT: {}}});
-        if let Some(m) = c.as_object_mut() {
-            f(m);
-        }
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("k1".into());
-        encode(
-            &h,
-            &c,
-            &EncodingKey::from_ec_pem(TEST_KEY.as_bytes()).unwrap(),
-        )
-        .unwrap()
+        signed(claims, f)
     }
 
     fn check(t: &str) -> Result<LogoutToken, LogoutTokenError> {
-        let keys = KeySet::parse(JWKS.as_bytes()).unwrap();
         validate(
             t,
-            &keys,
+            &keys(),
             "https://idp",
             "client",
             Duration::from_secs(60),
