@@ -579,6 +579,14 @@ impl Env {
             self.up.wire()
         );
     }
+
+    /// `assert_refused` for each case, on the request `request` makes of it.
+    async fn assert_each_refused(&self, cases: &[&str], request: impl Fn(&str) -> String) {
+        for case in cases {
+            self.assert_refused(&format!("{case:?}"), request(case).as_bytes())
+                .await;
+        }
+    }
 }
 
 /// A keep-alive GET.
@@ -658,15 +666,16 @@ async fn content_length_with_chunked_is_read_as_chunked_then_closed() {
 async fn differing_content_lengths_are_refused() {
     let env = Env::start().await;
     let host = env.host();
-    for lengths in [
-        "Content-Length: 5\r\nContent-Length: 6\r\n",
-        "Content-Length: 6\r\nContent-Length: 5\r\n",
-        "Content-Length: 5, 6\r\n",
-        "Content-Length: 0\r\nContent-Length: 5\r\n",
-    ] {
-        let req = format!("POST /cl2 HTTP/1.1\r\nHost: {host}\r\n{lengths}\r\nhello!");
-        env.assert_refused(lengths, req.as_bytes()).await;
-    }
+    env.assert_each_refused(
+        &[
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: 6\r\nContent-Length: 5\r\n",
+            "Content-Length: 5, 6\r\n",
+            "Content-Length: 0\r\nContent-Length: 5\r\n",
+        ],
+        |lengths| format!("POST /cl2 HTTP/1.1\r\nHost: {host}\r\n{lengths}\r\nhello!"),
+    )
+    .await;
 }
 
 /// A Transfer-Encoding whose last coding is not `chunked` (the length of the body cannot be
@@ -675,17 +684,18 @@ async fn differing_content_lengths_are_refused() {
 async fn transfer_encoding_not_ending_in_chunked_is_refused() {
     let env = Env::start().await;
     let host = env.host();
-    for te in [
-        "Transfer-Encoding: chunked, identity\r\n",
-        "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
-        "Transfer-Encoding: identity\r\n",
-        "Transfer-Encoding: chunked, gzip\r\n",
-        "Transfer-Encoding: gzip\r\nContent-Length: 16\r\n",
-        "Transfer-Encoding: xchunked\r\n",
-    ] {
-        let req = format!("POST /te HTTP/1.1\r\nHost: {host}\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n");
-        env.assert_refused(te, req.as_bytes()).await;
-    }
+    env.assert_each_refused(
+        &[
+            "Transfer-Encoding: chunked, identity\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+            "Transfer-Encoding: identity\r\n",
+            "Transfer-Encoding: chunked, gzip\r\n",
+            "Transfer-Encoding: gzip\r\nContent-Length: 16\r\n",
+            "Transfer-Encoding: xchunked\r\n",
+        ],
+        |te| format!("POST /te HTTP/1.1\r\nHost: {host}\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n"),
+    )
+    .await;
 }
 
 /// Transfer-Encoding in an HTTP/1.0 request (which has no chunked framing) is refused with
@@ -694,14 +704,13 @@ async fn transfer_encoding_not_ending_in_chunked_is_refused() {
 async fn transfer_encoding_in_http10_is_refused() {
     let env = Env::start().await;
     let host = env.host();
-    for extra in ["", "Content-Length: 16\r\n"] {
-        let req = format!(
+    env.assert_each_refused(&["", "Content-Length: 16\r\n"], |extra| {
+        format!(
             "POST /ten HTTP/1.0\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n{extra}\r\n\
              5\r\nhello\r\n0\r\n\r\n"
-        );
-        env.assert_refused(&format!("HTTP/1.0 TE {extra:?}"), req.as_bytes())
-            .await;
-    }
+        )
+    })
+    .await;
 }
 
 /// Content-Length is digits only: a sign, inner spaces, a list, hex or letters get 400;
@@ -710,21 +719,22 @@ async fn transfer_encoding_in_http10_is_refused() {
 async fn malformed_content_length_is_refused() {
     let env = Env::start().await;
     let host = env.host();
-    for value in [
-        "+5",
-        "-5",
-        "5 5",
-        "5, 5",
-        "0x5",
-        "5a",
-        "",
-        "99999999999999999999999",
-    ] {
-        let req =
-            format!("POST /cl HTTP/1.1\r\nHost: {host}\r\nContent-Length: {value}\r\n\r\nhello");
-        env.assert_refused(&format!("Content-Length: {value:?}"), req.as_bytes())
-            .await;
-    }
+    env.assert_each_refused(
+        &[
+            "+5",
+            "-5",
+            "5 5",
+            "5, 5",
+            "0x5",
+            "5a",
+            "",
+            "99999999999999999999999",
+        ],
+        |value| {
+            format!("POST /cl HTTP/1.1\r\nHost: {host}\r\nContent-Length: {value}\r\n\r\nhello")
+        },
+    )
+    .await;
 }
 
 /// A chunked body whose framing breaks (bad size line, bare LF, more data than the size,
@@ -1285,13 +1295,10 @@ async fn malformed_heads_are_refused() {
 async fn repeated_host_is_refused() {
     let env = Env::start().await;
     let host = env.host();
-    for second in ["evil.test", host.as_str()] {
-        env.assert_refused(
-            &format!("two Hosts, the second {second}"),
-            format!("GET /twohosts HTTP/1.1\r\nHost: {host}\r\nHost: {second}\r\n\r\n").as_bytes(),
-        )
-        .await;
-    }
+    env.assert_each_refused(&["evil.test", &host], |second| {
+        format!("GET /twohosts HTTP/1.1\r\nHost: {host}\r\nHost: {second}\r\n\r\n")
+    })
+    .await;
     // Control: one Host is served.
     let mut c = env.client().await;
     c.send(get("/onehost", &host)).await;
