@@ -24,20 +24,31 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Upgrade` (and `Connection: upgrade`) survive only for an upgrade being forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
-    let mut doomed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrading && *n == header::UPGRADE))
+    // The names Connection lists go too. Its values are cloned (they share their bytes, and
+    // there is rarely more than one) so that the map can change while they are read.
+    let mut listed = h.get_all(header::CONNECTION).iter();
+    let first = listed.next().cloned();
+    let more: Vec<HeaderValue> = listed.cloned().collect();
+    for value in first.iter().chain(&more) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
+                continue;
+            }
+            // By `&str`: no name is built (what is not a valid name is in no map).
+            if let Ok(name) = std::str::from_utf8(token) {
+                h.remove(name);
+            }
+        }
+    }
+    h.remove(header::CONNECTION);
+    // One pass over what is present rather than a removal per listed name; usually none
+    // is left, and then nothing is allocated.
+    let doomed: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| is_hop_by_hop(k) || (!upgrading && *k == header::UPGRADE))
+        .cloned()
         .collect();
-    // One pass over what is present rather than a removal per listed name.
-    doomed.extend(
-        h.keys()
-            .filter(|k| is_hop_by_hop(k) || (!upgrading && *k == header::UPGRADE))
-            .cloned(),
-    );
     for n in doomed {
         h.remove(n);
     }
@@ -381,6 +392,29 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-keep"]);
+    }
+
+    #[test]
+    fn connection_lists_in_several_values_and_any_case() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("X-One"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, x-two ,not a name,"),
+        );
+        for n in ["x-one", "x-two", "x-keep"] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let mut upgrade = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-keep"]);
+        strip_hop_by_hop(&mut upgrade, true);
+        let mut left: Vec<&str> = upgrade.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["connection", "upgrade", "x-keep"]);
+        assert_eq!(upgrade[header::CONNECTION], "upgrade");
     }
 
     #[test]
