@@ -1,5 +1,6 @@
 //! One body type for everything the gateway sends or receives: a streamed body (HTTP/2
-//! client, HTTP/1 client, upstream), a buffer it wrote itself, or nothing. An enum, not a box: no allocation per request.
+//! client, HTTP/1 client, upstream), a buffer it wrote itself, or nothing. An enum, not a
+//! box: no allocation per request.
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -54,14 +55,13 @@ impl http_body::Body for Body {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let frame = match self.get_mut() {
-            Body::Empty => return Poll::Ready(None),
-            Body::Full(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Streamed(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             Body::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             Body::Client(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
-        };
-        frame
+        }
     }
 
     fn is_end_stream(&self) -> bool {

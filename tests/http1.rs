@@ -12,7 +12,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -136,19 +136,15 @@ impl RawUpstream {
     /// Waits (hang guard: [`DEADLINE`]) until no request is still having its body read:
     /// every request the upstream saw has ended complete or cut.
     async fn settled(&self) -> Vec<UpReq> {
-        let t0 = Instant::now();
-        loop {
+        ops::eventually(DEADLINE, "an upstream request left half-sent", || async {
             let reqs = self.requests();
             if reqs.iter().all(|r| r.state != BodyState::Reading) {
-                return reqs;
+                Ok(reqs)
+            } else {
+                Err(format!("{reqs:#?}\n{}", self.wire()))
             }
-            assert!(
-                t0.elapsed() < DEADLINE,
-                "an upstream request was left half-sent for {DEADLINE:?}: {reqs:#?}\n{}",
-                self.wire()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 }
 

@@ -5,9 +5,10 @@
 use bytes::BytesMut;
 use http::{header, HeaderMap, StatusCode, Version};
 use libfuzzer_sys::fuzz_target;
+use portcullis::proxy::headers::has_token;
 use portcullis::server::h1::codec::{
-    encode_head, has_token, parse_head, BodyKind, ChunkError, ChunkedDecoder, Decoded, Framing,
-    Head, HeadError,
+    encode_head, parse_head, BodyKind, ChunkError, ChunkedDecoder, Decoded, Framing, Head,
+    HeadError,
 };
 
 const MAX_HEADERS: usize = 16;

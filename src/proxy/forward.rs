@@ -207,22 +207,20 @@ async fn forward(
                 "the upstream switched protocols unasked".into(),
             ));
         };
-        {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let open_tunnel = app.tunnels.open();
-            tokio::spawn(async move {
-                let _open_tunnel = open_tunnel;
-                let client = client_upgrade.connection();
-                match tokio::join!(client, upstream_upgrade) {
-                    (Ok(mut c), Ok(u)) => {
-                        let mut u = TokioIo::new(u);
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                    }
-                    (Err(e), _) => tracing::debug!(error = %e, "client upgrade failed"),
-                    (_, Err(e)) => tracing::debug!(error = %e, "upstream upgrade failed"),
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let open_tunnel = app.tunnels.open();
+        tokio::spawn(async move {
+            let _open_tunnel = open_tunnel;
+            let client = client_upgrade.connection();
+            match tokio::join!(client, upstream_upgrade) {
+                (Ok(mut c), Ok(u)) => {
+                    let mut u = TokioIo::new(u);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
                 }
-            });
-        }
+                (Err(e), _) => tracing::debug!(error = %e, "client upgrade failed"),
+                (_, Err(e)) => tracing::debug!(error = %e, "upstream upgrade failed"),
+            }
+        });
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, Body::Empty));
     }

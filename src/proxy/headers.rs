@@ -21,6 +21,16 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// The comma-separated tokens of a header value (`Connection`, `Transfer-Encoding`), trimmed.
+pub fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    v.as_bytes().split(|&b| b == b',').map(|t| t.trim_ascii())
+}
+
+/// Does the header value list `token` (any case)?
+pub fn has_token(v: &HeaderValue, token: &str) -> bool {
+    tokens(v).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Upgrade` (and `Connection: upgrade`) survive only for an upgrade being forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
@@ -30,8 +40,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
     let first = listed.next().cloned();
     let more: Vec<HeaderValue> = listed.cloned().collect();
     for value in first.iter().chain(&more) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
+        for token in tokens(value) {
             if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
                 continue;
             }
@@ -62,9 +71,7 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            .any(|v| has_token(v, "upgrade"))
 }
 
 /// The names a client must never be able to set: the identity headers, the bearer,

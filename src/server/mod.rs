@@ -46,39 +46,42 @@ async fn serve_connection<T: h1::io::Transport>(
     watcher: hyper_util::server::graceful::Watcher,
     id: usize,
 ) {
-    let h2 = &listener.h2;
     let live = listener.live.clone();
-    let h2_service = {
-        let live = live.clone();
-        let info = info.clone();
-        hyper::service::service_fn(move |req: http::Request<Incoming>| {
-            let mut req = req.map(Body::from);
-            req.extensions_mut().insert(info.clone());
-            let mut svc = live.load().stack.clone();
-            svc.call(req)
-        })
-    };
-    // HTTP/2 connections are boxed: their state is large, and a task is as large as the
-    // largest thing it may do, which would make every idle HTTP/1 connection that large.
-    if h2_only {
-        let conn = h2.serve_connection(TokioIo::new(io), h2_service);
-        if let Err(e) = Box::pin(watcher.watch(conn)).await {
-            tracing::debug!(error = %e, "HTTP/2 connection closed with error");
-        }
-        return;
-    }
     let service = move |mut req: http::Request<Body>| {
         req.extensions_mut().insert(info.clone());
         // The current generation: a config reload applies to the very next request.
         let mut svc = live.load().stack.clone();
         svc.call(req)
     };
+    if h2_only {
+        return serve_h2(io, &listener.h2, service, watcher).await;
+    }
     let (settings, drain) = (listener.h1.clone(), listener.drain.clone());
-    if let h1::Outcome::Http2(io) = h1::serve(io, service, settings, drain, id).await {
-        let conn = h2.serve_connection(TokioIo::new(io), h2_service);
-        if let Err(e) = Box::pin(watcher.watch(conn)).await {
-            tracing::debug!(error = %e, "HTTP/2 connection closed with error");
-        }
+    if let h1::Outcome::Http2(io) = h1::serve(io, service.clone(), settings, drain, id).await {
+        serve_h2(io, &listener.h2, service, watcher).await;
+    }
+}
+
+/// HTTP/2 (hyper's server). Boxed: its state is large, and a task is as large as the largest
+/// thing it may do, which would make every idle HTTP/1 connection that large.
+async fn serve_h2<I, S, F>(
+    io: I,
+    h2: &H2Builder,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Fn(http::Request<Body>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<http::Response<Body>, std::convert::Infallible>>
+        + Send
+        + 'static,
+{
+    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        service(req.map(Body::from))
+    });
+    let conn = h2.serve_connection(TokioIo::new(io), service);
+    if let Err(e) = Box::pin(watcher.watch(conn)).await {
+        tracing::debug!(error = %e, "HTTP/2 connection closed with error");
     }
 }
 

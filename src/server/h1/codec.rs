@@ -2,6 +2,7 @@
 //! request bodies decoded. The framing rules are RFC 9112's, applied as hyper applies them,
 //! so that what the gateway reads as one request is what the upstream reads as one request.
 
+use crate::proxy::headers::has_token;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
@@ -233,14 +234,6 @@ fn parse_content_length(v: &[u8]) -> Option<u64> {
     v.iter().try_fold(0u64, |n, &b| {
         b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
     })
-}
-
-fn tokens(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
-    v.as_bytes().split(|&b| b == b',').map(|t| t.trim_ascii())
-}
-
-pub fn has_token(v: &HeaderValue, token: &str) -> bool {
-    tokens(v).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 fn last_is_chunked(v: &HeaderValue) -> bool {

@@ -1,5 +1,5 @@
 //! What the HTTP/1 connection hands on: request bodies to the service, the raw connection to
-//! a websocket tunnel or to the HTTP/2 server, and the read buffers it does not keep idle.
+//! a websocket tunnel or to the HTTP/2 server, and the buffers it does not keep idle.
 
 use bytes::{Bytes, BytesMut};
 use std::cell::RefCell;
@@ -171,6 +171,12 @@ fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn wake(waker: &mut Option<Waker>) {
+    if let Some(w) = waker.take() {
+        w.wake();
+    }
+}
+
 /// The request body as the service sees it: chunks handed over one at a time by the
 /// connection, read from the client only when asked for (backpressure, `100 Continue`).
 pub struct RequestBody {
@@ -218,17 +224,13 @@ impl BodySender {
         let mut s = lock(&self.slot);
         s.chunk = Some(data);
         s.wanted = false;
-        if let Some(w) = s.receiver.take() {
-            w.wake();
-        }
+        wake(&mut s.receiver);
     }
 
     pub fn finish(&mut self, result: Result<(), ClientBodyError>) {
         let mut s = lock(&self.slot);
         s.end = Some(result);
-        if let Some(w) = s.receiver.take() {
-            w.wake();
-        }
+        wake(&mut s.receiver);
     }
 }
 
@@ -238,9 +240,7 @@ impl Drop for BodySender {
         if s.end.is_none() {
             s.end = Some(Err(ClientBodyError::Incomplete));
         }
-        if let Some(w) = s.receiver.take() {
-            w.wake();
-        }
+        wake(&mut s.receiver);
     }
 }
 
@@ -248,9 +248,7 @@ impl Drop for RequestBody {
     fn drop(&mut self) {
         let mut s = lock(&self.slot);
         s.receiver_gone = true;
-        if let Some(w) = s.sender.take() {
-            w.wake();
-        }
+        wake(&mut s.sender);
     }
 }
 
@@ -287,9 +285,7 @@ impl http_body::Body for RequestBody {
         if !s.receiver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             s.receiver = Some(cx.waker().clone());
         }
-        if let Some(w) = s.sender.take() {
-            w.wake();
-        }
+        wake(&mut s.sender);
         Poll::Pending
     }
 

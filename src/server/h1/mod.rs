@@ -16,6 +16,7 @@ pub mod codec;
 pub mod io;
 
 use crate::body::Body;
+use crate::proxy::headers::has_token;
 use bytes::{Buf, Bytes, BytesMut};
 use codec::{encode_head, BodyKind, ChunkedDecoder, Decoded, Framing, Head};
 use http::{header, Request, Response, StatusCode, Version};
@@ -135,6 +136,23 @@ enum BodyDecoder {
 }
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl Feed {
+    /// The request's body and the connection's end of it.
+    fn start(decoder: BodyDecoder, expect_continue: bool) -> (Body, Option<Feed>) {
+        let length = match decoder {
+            BodyDecoder::Length(n) => Some(n),
+            BodyDecoder::Chunked(_) => None,
+        };
+        let (sender, body) = body_channel(length);
+        let feed = Feed {
+            sender,
+            decoder,
+            continue_at: expect_continue.then_some(0),
+        };
+        (Body::Client(body), Some(feed))
+    }
+}
 
 /// Serves HTTP/1.1 on `io` until the client leaves, a limit is hit, or the server drains.
 pub async fn serve<T, S, F>(
@@ -294,9 +312,8 @@ impl<T: Transport> Conn<T> {
         let head_request = request.method() == http::Method::HEAD;
         let (body, mut feed) = match framing {
             Framing::None | Framing::Length(0) => (Body::Empty, None),
-            Framing::Length(n) => self.feed(Some(n), BodyDecoder::Length(n), expect_continue),
-            Framing::Chunked => self.feed(
-                None,
+            Framing::Length(n) => Feed::start(BodyDecoder::Length(n), expect_continue),
+            Framing::Chunked => Feed::start(
                 BodyDecoder::Chunked(ChunkedDecoder::new(self.settings.max_head_bytes)),
                 expect_continue,
             ),
@@ -358,7 +375,7 @@ impl<T: Transport> Conn<T> {
                 .headers
                 .get_all(header::CONNECTION)
                 .iter()
-                .any(|v| codec::has_token(v, "close"));
+                .any(|v| has_token(v, "close"));
         let length = if body.is_end_stream() {
             Some(0)
         } else {
@@ -447,21 +464,6 @@ impl<T: Transport> Conn<T> {
             });
         }
         Ok(Next::KeepAlive)
-    }
-
-    fn feed(
-        &mut self,
-        length: Option<u64>,
-        decoder: BodyDecoder,
-        expect_continue: bool,
-    ) -> (Body, Option<Feed>) {
-        let (sender, body) = body_channel(length);
-        let feed = Feed {
-            sender,
-            decoder,
-            continue_at: expect_continue.then_some(0),
-        };
-        (Body::Client(body), Some(feed))
     }
 
     /// Reads the request body as the service asks for it. Ready when there is no more to
@@ -567,12 +569,10 @@ impl<T: Transport> Conn<T> {
             Stop::Now => false,
             Stop::Linger => true,
             Stop::Refuse(status) => {
-                let mut headers = http::HeaderMap::new();
-                headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from_static("0"));
                 encode_head(
                     self.head_buffer(),
                     status,
-                    &headers,
+                    &http::HeaderMap::new(),
                     false,
                     true,
                     Some(0),
