@@ -464,6 +464,16 @@ mod tests {
     }
 
     #[test]
+    fn a_session_cookie_that_is_not_utf8_is_rejected_not_absent() {
+        let c = cookies(8);
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_bytes(b"_p=\xff\xfeAAAA").unwrap());
+        let cache = SessionCache::new(1 << 20);
+        let opened = c.open_active(&CookieJar::parse(&h), 10, &cache);
+        assert!(matches!(opened, Err(CookieReject::Open(_))), "{opened:?}");
+    }
+
+    #[test]
     fn single_and_chunked_round_trip() {
         let c = cookies(8);
         for len in [10, 5000, 12000] {
