@@ -99,7 +99,9 @@ impl Pool {
         loop {
             let (mut tx, reused) = match self.checkout(&origin, now) {
                 Some(tx) => (tx, true),
-                None => (self.connect(&origin).await?, false),
+                // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
+                // make every request's future that large, to be allocated and copied.
+                None => (Box::pin(self.connect(&origin)).await?, false),
             };
             if let Err(e) = tx.ready().await {
                 if reused {
