@@ -34,6 +34,39 @@ pub fn has_token(v: &HeaderValue, token: &str) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Upgrade` (and `Connection: upgrade`) survive only for an upgrade being forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
+    // The usual `Connection: keep-alive` (or `upgrade`) names nothing that the pass below does
+    // not remove anyway: then no value is cloned and no name looked up.
+    let names_others = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| tokens(v).any(|t| !removed_anyway(t)));
+    if names_others {
+        remove_listed(h, upgrading);
+    }
+    h.remove(header::CONNECTION);
+    // One pass over what is present rather than a removal per listed name; usually none
+    // is left, and then nothing is allocated.
+    let doomed: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| is_hop_by_hop(k) || (!upgrading && *k == header::UPGRADE))
+        .cloned()
+        .collect();
+    for n in doomed {
+        h.remove(n);
+    }
+    if upgrading {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Connection tokens whose header the hop-by-hop pass handles by itself (`Upgrade` is kept
+/// only for an upgrade being forwarded, and removed otherwise).
+fn removed_anyway(token: &[u8]) -> bool {
+    token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"upgrade")
+}
+
+/// Removes the headers that `Connection` names.
+fn remove_listed(h: &mut HeaderMap, upgrading: bool) {
     // The names Connection lists go too. Its values are cloned (they share their bytes, and
     // there is rarely more than one) so that the map can change while they are read.
     let mut listed = h.get_all(header::CONNECTION).iter();
@@ -49,20 +82,6 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
                 h.remove(name);
             }
         }
-    }
-    h.remove(header::CONNECTION);
-    // One pass over what is present rather than a removal per listed name; usually none
-    // is left, and then nothing is allocated.
-    let doomed: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| is_hop_by_hop(k) || (!upgrading && *k == header::UPGRADE))
-        .cloned()
-        .collect();
-    for n in doomed {
-        h.remove(n);
-    }
-    if upgrading {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
@@ -422,6 +441,32 @@ mod tests {
         left.sort();
         assert_eq!(left, ["connection", "upgrade", "x-keep"]);
         assert_eq!(upgrade[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn connection_keep_alive_alone_or_before_a_name() {
+        // Only tokens the hop-by-hop pass removes anyway: the short way.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-keep"]);
+        // A name listed after them, in a later value, still goes.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("upgrade, x-two"),
+        );
+        for n in ["x-two", "x-keep"] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-keep"]);
     }
 
     #[test]
