@@ -31,10 +31,6 @@ pub struct ConnInfo {
     pub ip: http::HeaderValue,
 }
 
-/// The authenticated subject, carried to the access log.
-#[derive(Debug, Clone)]
-pub struct LogUser(pub Arc<str>);
-
 crate::app::app_layer!(
     /// Strips what a client must not send upstream, then adds what the upstream trusts.
     HeaderHygieneLayer => HeaderHygiene
@@ -55,7 +51,8 @@ where
     fn call(&mut self, mut req: Request<B>) -> S::Future {
         let upgrading = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
         let conn = req.extensions().get::<ConnInfo>().cloned();
-        let session = req.extensions_mut().remove::<Arc<ActiveSession>>();
+        // Left in place: `Forward` takes the subject from it for the access log.
+        let session = req.extensions().get::<Arc<ActiveSession>>().cloned();
         // HTTP/2 clients carry the host in the URI, not a Host header: give the upstream one.
         if !req.headers().contains_key(header::HOST) {
             let host = req
@@ -80,7 +77,6 @@ where
         }
         if let Some(s) = session {
             inject_identity(h, s.upstream_headers(&app.cfg.headers));
-            req.extensions_mut().insert(LogUser(s.sub.clone()));
         }
         self.inner.call(req)
     }
@@ -111,7 +107,10 @@ impl Service<Request<Body>> for Forward {
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
         let app = self.app.clone();
-        let user = req.extensions_mut().remove::<LogUser>().map(|u| u.0);
+        let user = req
+            .extensions_mut()
+            .remove::<Arc<ActiveSession>>()
+            .map(|s| s.sub.clone());
         let kind = match app.route_of(&req).map(|r| r.auth) {
             Some(AuthMode::Skip) => RouteKind::SkipAuth,
             _ => RouteKind::Proxied,
@@ -194,7 +193,8 @@ async fn forward(
     }
     let out = Request::from_parts(parts, body);
     let sent = app.upstream.send(&up.scheme, &up.authority, out, start);
-    let mut resp = match tokio::time::timeout(timeout, sent).await {
+    let deadline = tokio::time::Instant::from_std(start) + timeout;
+    let mut resp = match tokio::time::timeout_at(deadline, sent).await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
         Ok(Err(e)) => return Err(GatewayError::UpstreamConnect(source_chain(&e))),
         Ok(Ok(r)) => r,
