@@ -43,11 +43,19 @@ impl Idle {
     }
 }
 
-/// A thread's idle connections to one origin, oldest first.
-struct PerOrigin {
+/// Where a lent connection goes back to: one per thread, pool and origin, shared by the
+/// connections lent out, so that each response body carries a pointer to it.
+struct Home {
     origin: Origin,
     /// Dead once the pool is dropped (a reload with other client options): then the entry goes.
     pool_alive: Weak<()>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+/// A thread's idle connections to one origin, oldest first.
+struct PerOrigin {
+    home: Arc<Home>,
     conns: VecDeque<Idle>,
 }
 
@@ -91,17 +99,14 @@ impl Pool {
         mut req: Request<Body>,
         now: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let origin = Origin {
-            pool: self.id,
-            https: *scheme == Scheme::HTTPS,
-            authority: authority.clone(),
-        };
+        let https = *scheme == Scheme::HTTPS;
         loop {
-            let (mut tx, reused) = match self.checkout(&origin, now) {
+            let (home, idle) = self.checkout(https, authority, now);
+            let (mut tx, reused) = match idle {
                 Some(tx) => (tx, true),
                 // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
                 // make every request's future that large, to be allocated and copied.
-                None => (Box::pin(self.connect(&origin)).await?, false),
+                None => (Box::pin(self.connect(&home.origin)).await?, false),
             };
             if let Err(e) = tx.ready().await {
                 if reused {
@@ -112,11 +117,8 @@ impl Pool {
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     let conn = Some(Returning {
-                        origin,
+                        home,
                         tx,
-                        max_idle: self.max_idle,
-                        idle_timeout: self.idle_timeout,
-                        pool_alive: Arc::downgrade(&self.alive),
                         since: now,
                     });
                     return Ok(resp.map(|body| UpstreamBody {
@@ -133,17 +135,50 @@ impl Pool {
         }
     }
 
-    /// The most recently used live connection to `origin`, dropping dead and stale ones.
-    fn checkout(&self, origin: &Origin, now: Instant) -> Option<SendRequest<Body>> {
+    /// This thread's entry for the origin (made on first use), and its most recently used
+    /// live connection, dropping dead and stale ones.
+    fn checkout(
+        &self,
+        https: bool,
+        authority: &Authority,
+        now: Instant,
+    ) -> (Arc<Home>, Option<SendRequest<Body>>) {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let conns = &mut idle.iter_mut().find(|p| p.origin == *origin)?.conns;
-            while let Some(c) = conns.pop_back() {
+            let found = idle.iter().position(|p| {
+                let o = &p.home.origin;
+                o.pool == self.id && o.https == https && o.authority == *authority
+            });
+            let at = match found {
+                Some(at) => at,
+                None => {
+                    // Entries of pools replaced by a reload go with the first new entry.
+                    idle.retain(|p| p.home.pool_alive.strong_count() > 0);
+                    idle.push(PerOrigin {
+                        home: Arc::new(Home {
+                            origin: Origin {
+                                pool: self.id,
+                                https,
+                                authority: authority.clone(),
+                            },
+                            pool_alive: Arc::downgrade(&self.alive),
+                            max_idle: self.max_idle,
+                            idle_timeout: self.idle_timeout,
+                        }),
+                        conns: VecDeque::new(),
+                    });
+                    idle.len() - 1
+                }
+            };
+            let entry = &mut idle[at];
+            let mut tx = None;
+            while let Some(c) = entry.conns.pop_back() {
                 if c.usable(now, self.idle_timeout) {
-                    return Some(c.tx);
+                    tx = Some(c.tx);
+                    break;
                 }
             }
-            None
+            (entry.home.clone(), tx)
         })
     }
 
@@ -175,11 +210,8 @@ impl Pool {
 
 /// A connection lent to one request, given back when its response body is complete.
 struct Returning {
-    origin: Origin,
+    home: Arc<Home>,
     tx: SendRequest<Body>,
-    max_idle: usize,
-    idle_timeout: Duration,
-    pool_alive: Weak<()>,
     /// When the request that borrowed it started (no clock reading of its own).
     since: Instant,
 }
@@ -191,13 +223,18 @@ impl Returning {
         }
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let at = match idle.iter().position(|p| p.origin == self.origin) {
+            // Usually the entry it came from; on another worker thread (the task moved), that
+            // thread's entry for the origin, made here if there is none.
+            let at = match idle
+                .iter()
+                .position(|p| Arc::ptr_eq(&p.home, &self.home) || p.home.origin == self.home.origin)
+            {
                 Some(at) => at,
+                None if self.home.pool_alive.strong_count() == 0 => return,
                 None => {
-                    idle.retain(|p| p.pool_alive.strong_count() > 0);
+                    idle.retain(|p| p.home.pool_alive.strong_count() > 0);
                     idle.push(PerOrigin {
-                        origin: self.origin,
-                        pool_alive: self.pool_alive,
+                        home: self.home.clone(),
                         conns: VecDeque::new(),
                     });
                     idle.len() - 1
@@ -208,11 +245,11 @@ impl Returning {
             // Connections unused for the idle timeout are closed as traffic goes on.
             if conns
                 .front()
-                .is_some_and(|c| !c.usable(now, self.idle_timeout))
+                .is_some_and(|c| !c.usable(now, self.home.idle_timeout))
             {
                 conns.pop_front();
             }
-            if conns.len() < self.max_idle {
+            if conns.len() < self.home.max_idle {
                 conns.push_back(Idle {
                     tx: self.tx,
                     since: now,
