@@ -317,3 +317,87 @@ impl http_body::Body for UpstreamBody {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A keep-alive upstream on loopback answering every request with "ok".
+    fn upstream() -> Authority {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    loop {
+                        if s.read(&mut b).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                        if head.ends_with(b"\r\n\r\n") {
+                            head.clear();
+                            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                            if s.write_all(ok).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        format!("127.0.0.1:{port}").parse().unwrap()
+    }
+
+    fn pool() -> Pool {
+        let tls = crate::server::tls::client_config(None, None).unwrap();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Pool::new(1, connector, Duration::from_secs(60), 8)
+    }
+
+    #[test]
+    fn a_body_finished_on_another_thread_leaves_its_connection_there() {
+        let authority = upstream();
+        let pool = Arc::new(pool());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let get = || Request::get("/").body(Body::Empty).unwrap();
+        let resp = rt
+            .block_on(pool.send(&Scheme::HTTP, &authority, get(), Instant::now()))
+            .unwrap();
+        let mut body = resp.into_body();
+        rt.block_on(async {
+            while let Some(frame) = body.frame().await {
+                frame.unwrap();
+            }
+        });
+        // The task that read it moved to another worker thread, where the body is dropped.
+        let elsewhere = {
+            let (pool, authority) = (pool.clone(), authority.clone());
+            std::thread::spawn(move || {
+                drop(body);
+                pool.checkout(false, &authority, Instant::now()).1.is_some()
+            })
+            .join()
+            .unwrap()
+        };
+        assert!(
+            elsewhere,
+            "the connection is idle on the thread that finished with it"
+        );
+        let here = pool.checkout(false, &authority, Instant::now()).1;
+        assert!(here.is_none(), "and only there");
+    }
+}
