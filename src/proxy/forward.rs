@@ -7,7 +7,7 @@ use crate::config::UpstreamConfig;
 use crate::error::{source_chain, GatewayError};
 use crate::metrics::{ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
-use crate::policy::routes::AuthMode;
+use crate::policy::routes::{AuthMode, Route};
 use crate::proxy::headers::PriorHop;
 use crate::server::h1::io::ClientUpgrade;
 use crate::session::ActiveSession;
@@ -111,13 +111,14 @@ impl Service<Request<Body>> for Forward {
             .extensions_mut()
             .remove::<Arc<ActiveSession>>()
             .map(|s| s.sub.clone());
-        let kind = match app.route_of(&req).map(|r| r.auth) {
-            Some(AuthMode::Skip) => RouteKind::SkipAuth,
-            _ => RouteKind::Proxied,
-        };
         Box::pin(async move {
+            let route = app.route_of(&req);
+            let kind = match route.map(|r| r.auth) {
+                Some(AuthMode::Skip) => RouteKind::SkipAuth,
+                _ => RouteKind::Proxied,
+            };
             let start = std::time::Instant::now();
-            let result = forward(&app, req, start).await;
+            let result = forward(&app, route, req, start).await;
             let end = std::time::Instant::now();
             let upstream_time = end.saturating_duration_since(start);
             let mut resp = match result {
@@ -167,6 +168,7 @@ fn upstream_uri(up: &UpstreamConfig, original: Uri) -> Result<Uri, GatewayError>
 
 async fn forward(
     app: &App,
+    route: Option<&Route>,
     mut req: Request<Body>,
     start: std::time::Instant,
 ) -> Result<Response<Body>, GatewayError> {
@@ -176,7 +178,6 @@ async fn forward(
     } else {
         None
     };
-    let route = app.route_of(&req);
     let up = route
         .and_then(|r| r.upstream.as_ref())
         .unwrap_or(&app.cfg.upstream);

@@ -32,6 +32,12 @@ struct Origin {
     authority: Authority,
 }
 
+impl Origin {
+    fn is(&self, pool: u64, https: bool, authority: &Authority) -> bool {
+        self.pool == pool && self.https == https && self.authority == *authority
+    }
+}
+
 struct Idle {
     tx: SendRequest<Body>,
     since: Instant,
@@ -61,6 +67,27 @@ struct PerOrigin {
 
 thread_local! {
     static IDLE: RefCell<Vec<PerOrigin>> = const { RefCell::new(Vec::new()) };
+}
+
+/// This thread's entry for the origin `is` picks, made with `home()` when there is none
+/// (the entries of pools replaced by a reload go then).
+fn entry(
+    idle: &mut Vec<PerOrigin>,
+    is: impl Fn(&Origin) -> bool,
+    home: impl FnOnce() -> Arc<Home>,
+) -> &mut PerOrigin {
+    let at = match idle.iter().position(|p| is(&p.home.origin)) {
+        Some(at) => at,
+        None => {
+            idle.retain(|p| p.home.pool_alive.strong_count() > 0);
+            idle.push(PerOrigin {
+                home: home(),
+                conns: VecDeque::new(),
+            });
+            idle.len() - 1
+        }
+    };
+    &mut idle[at]
 }
 
 pub struct Pool {
@@ -145,32 +172,22 @@ impl Pool {
     ) -> (Arc<Home>, Option<SendRequest<Body>>) {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let found = idle.iter().position(|p| {
-                let o = &p.home.origin;
-                o.pool == self.id && o.https == https && o.authority == *authority
-            });
-            let at = match found {
-                Some(at) => at,
-                None => {
-                    // Entries of pools replaced by a reload go with the first new entry.
-                    idle.retain(|p| p.home.pool_alive.strong_count() > 0);
-                    idle.push(PerOrigin {
-                        home: Arc::new(Home {
-                            origin: Origin {
-                                pool: self.id,
-                                https,
-                                authority: authority.clone(),
-                            },
-                            pool_alive: Arc::downgrade(&self.alive),
-                            max_idle: self.max_idle,
-                            idle_timeout: self.idle_timeout,
-                        }),
-                        conns: VecDeque::new(),
-                    });
-                    idle.len() - 1
-                }
-            };
-            let entry = &mut idle[at];
+            let entry = entry(
+                &mut idle,
+                |o| o.is(self.id, https, authority),
+                || {
+                    Arc::new(Home {
+                        origin: Origin {
+                            pool: self.id,
+                            https,
+                            authority: authority.clone(),
+                        },
+                        pool_alive: Arc::downgrade(&self.alive),
+                        max_idle: self.max_idle,
+                        idle_timeout: self.idle_timeout,
+                    })
+                },
+            );
             let mut tx = None;
             while let Some(c) = entry.conns.pop_back() {
                 if c.usable(now, self.idle_timeout) {
@@ -218,29 +235,16 @@ struct Returning {
 
 impl Returning {
     fn give_back(self) {
-        if self.tx.is_closed() {
+        if self.tx.is_closed() || self.home.pool_alive.strong_count() == 0 {
             return;
         }
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            // Usually the entry it came from; on another worker thread (the task moved), that
-            // thread's entry for the origin, made here if there is none.
-            let at = match idle
-                .iter()
-                .position(|p| Arc::ptr_eq(&p.home, &self.home) || p.home.origin == self.home.origin)
-            {
-                Some(at) => at,
-                None if self.home.pool_alive.strong_count() == 0 => return,
-                None => {
-                    idle.retain(|p| p.home.pool_alive.strong_count() > 0);
-                    idle.push(PerOrigin {
-                        home: self.home.clone(),
-                        conns: VecDeque::new(),
-                    });
-                    idle.len() - 1
-                }
-            };
-            let conns = &mut idle[at].conns;
+            // Usually the entry it came from (same `Home`: no authority comparison); on another
+            // worker thread (the task moved), that thread's entry for the origin.
+            let home = &self.home;
+            let same = |o: &Origin| std::ptr::eq(o, &home.origin) || *o == home.origin;
+            let conns = &mut entry(&mut idle, same, || home.clone()).conns;
             let now = self.since;
             // Connections unused for the idle timeout are closed as traffic goes on.
             if conns
