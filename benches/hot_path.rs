@@ -6,9 +6,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, Request};
 use portcullis::config::{self, Config};
-use portcullis::proxy::headers::{
-    inject_identity, set_forwarded, strip_cookies, strip_hop_by_hop, PriorHop, Spoofable,
-};
+use portcullis::proxy::headers::{inject_identity, sanitize_request, set_forwarded, Spoofable};
 use portcullis::session::{
     ActiveSession, CookieJar, Identity, Session, SessionCache, SessionCookies,
 };
@@ -165,10 +163,8 @@ fn header_hygiene(c: &mut Criterion) {
     c.bench_function("header_hygiene", |b| {
         b.iter(|| {
             let mut h = base.clone();
-            strip_hop_by_hop(&mut h, false);
-            spoofable.strip(&mut h);
-            strip_cookies(&mut h, |n| cookies.is_ours(n));
-            set_forwarded(&mut h, &ip, "http", PriorHop::default());
+            let clean = sanitize_request(&mut h, true, false, &spoofable, |n| cookies.is_ours(n));
+            set_forwarded(&mut h, &ip, "http", clean.prior, clean.host);
             inject_identity(&mut h, active.upstream_headers(&cfg.headers));
             h
         })

@@ -1,6 +1,6 @@
 //! The last two steps: header hygiene and injection, then the streamed forward to the upstream.
 
-use super::headers::{inject_identity, is_upgrade, set_forwarded, strip_cookies, strip_hop_by_hop};
+use super::headers::{inject_identity, sanitize_request, set_forwarded, strip_hop_by_hop};
 use crate::app::App;
 use crate::body::Body;
 use crate::config::UpstreamConfig;
@@ -8,7 +8,6 @@ use crate::error::{source_chain, GatewayError};
 use crate::metrics::{ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{AuthMode, Route};
-use crate::proxy::headers::PriorHop;
 use crate::server::h1::io::ClientUpgrade;
 use crate::session::ActiveSession;
 use http::uri::PathAndQuery;
@@ -49,31 +48,37 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
-        let upgrading = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
+        let http11 = req.version() == Version::HTTP_11;
         let conn = req.extensions().get::<ConnInfo>().cloned();
         // Left in place: `Forward` takes the subject from it for the access log.
         let session = req.extensions().get::<Arc<ActiveSession>>().cloned();
-        // HTTP/2 clients carry the host in the URI, not a Host header: give the upstream one.
-        if !req.headers().contains_key(header::HOST) {
-            let host = req
-                .uri()
-                .authority()
-                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
-            if let Some(v) = host {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
         let app = &self.app;
+        let trusted_hop = conn
+            .as_ref()
+            .is_some_and(|c| trusted(&app.cfg.trusted_proxies, c.remote.ip()));
+        let clean = sanitize_request(
+            req.headers_mut(),
+            http11,
+            trusted_hop,
+            &app.spoofable,
+            |n| app.cookies.is_ours(n),
+        );
+        // HTTP/2 clients carry the host in the URI, not a Host header: give the upstream one.
+        let host = clean.host.or_else(|| {
+            let host = req.uri().authority()?;
+            let v = http::HeaderValue::from_str(host.as_str()).ok()?;
+            req.headers_mut().insert(header::HOST, v.clone());
+            Some(v)
+        });
         let h = req.headers_mut();
-        strip_hop_by_hop(h, upgrading);
-        let prior = match &conn {
-            Some(c) if trusted(&app.cfg.trusted_proxies, c.remote.ip()) => PriorHop::read(h),
-            _ => PriorHop::default(),
-        };
-        app.spoofable.strip(h);
-        strip_cookies(h, |n| app.cookies.is_ours(n));
         if let Some(c) = &conn {
-            set_forwarded(h, &c.ip, if c.tls { "https" } else { "http" }, prior);
+            set_forwarded(
+                h,
+                &c.ip,
+                if c.tls { "https" } else { "http" },
+                clean.prior,
+                host,
+            );
         }
         if let Some(s) = session {
             inject_identity(h, s.upstream_headers(&app.cfg.headers));
@@ -172,12 +177,11 @@ async fn forward(
     mut req: Request<Body>,
     start: std::time::Instant,
 ) -> Result<Response<Body>, GatewayError> {
-    let upgrading = req.headers().contains_key(header::UPGRADE);
-    let client_upgrade = if upgrading {
-        req.extensions_mut().remove::<ClientUpgrade>()
-    } else {
-        None
-    };
+    // Only an upgrade the hygiene layer let through (it keeps `Upgrade` for those alone).
+    let client_upgrade = req
+        .extensions_mut()
+        .remove::<ClientUpgrade>()
+        .filter(|_| req.headers().contains_key(header::UPGRADE));
     let up = route
         .and_then(|r| r.upstream.as_ref())
         .unwrap_or(&app.cfg.upstream);

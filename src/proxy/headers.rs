@@ -34,35 +34,121 @@ pub fn has_token(v: &HeaderValue, token: &str) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Upgrade` (and `Connection: upgrade`) survive only for an upgrade being forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
-    // The usual `Connection: keep-alive` (or `upgrade`) names nothing that the pass below does
-    // not remove anyway: then no value is cloned and no name looked up.
-    let names_others = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| tokens(v).any(|t| !removed_anyway(t)));
-    if names_others {
-        remove_listed(h, upgrading);
+    Seen::scan(h, None).strip(h, upgrading, None);
+}
+
+/// What the request headers became in [`sanitize_request`].
+#[derive(Debug)]
+pub struct Sanitized {
+    /// An HTTP/1.1 upgrade (websocket) is being forwarded.
+    pub upgrading: bool,
+    /// The client's Host header, if it sent one.
+    pub host: Option<HeaderValue>,
+    /// What a trusted proxy in front said (empty unless `trusted_hop`).
+    pub prior: PriorHop,
+}
+
+/// Makes a client's request headers fit for the upstream: hop-by-hop headers (and those
+/// `Connection` names), every spoofable name and the gateway's own cookies go. One pass over
+/// the headers finds what is there; only that is then looked up or removed.
+pub fn sanitize_request(
+    h: &mut HeaderMap,
+    http11: bool,
+    trusted_hop: bool,
+    spoofable: &Spoofable,
+    is_ours: impl Fn(&str) -> bool,
+) -> Sanitized {
+    let seen = Seen::scan(h, Some(spoofable));
+    let upgrading = http11 && seen.upgrade && seen.connection_upgrade;
+    // Read before the strip: these names are spoofable.
+    let prior = if trusted_hop {
+        PriorHop::read(h)
+    } else {
+        PriorHop::default()
+    };
+    seen.strip(h, upgrading, Some(spoofable));
+    if seen.cookie {
+        strip_cookies(h, is_ours);
     }
-    h.remove(header::CONNECTION);
-    // One pass over what is present rather than a removal per listed name; usually none
-    // is left, and then nothing is allocated.
-    let doomed: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| is_hop_by_hop(k) || (!upgrading && *k == header::UPGRADE))
-        .cloned()
-        .collect();
-    for n in doomed {
-        h.remove(n);
-    }
-    if upgrading {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let host = if seen.names_others {
+        // `Connection` may have named Host itself.
+        h.get(header::HOST).cloned()
+    } else {
+        seen.host
+    };
+    Sanitized {
+        upgrading,
+        host,
+        prior,
     }
 }
 
-/// Connection tokens whose header the hop-by-hop pass handles by itself (`Upgrade` is kept
-/// only for an upgrade being forwarded, and removed otherwise).
-fn removed_anyway(token: &[u8]) -> bool {
-    token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"upgrade")
+/// What one pass over a header map found, for [`Seen::strip`].
+#[derive(Default)]
+struct Seen {
+    connection: bool,
+    /// `Connection` lists more than `keep-alive` and `upgrade`, which the pass removes anyway.
+    names_others: bool,
+    connection_upgrade: bool,
+    upgrade: bool,
+    cookie: bool,
+    /// Some hop-by-hop or spoofable name is present.
+    doomed: bool,
+    host: Option<HeaderValue>,
+}
+
+impl Seen {
+    fn scan(h: &HeaderMap, spoofable: Option<&Spoofable>) -> Self {
+        let mut seen = Seen::default();
+        for (name, value) in h {
+            if *name == header::CONNECTION {
+                seen.connection = true;
+                for token in tokens(value) {
+                    if token.eq_ignore_ascii_case(b"upgrade") {
+                        seen.connection_upgrade = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                        seen.names_others = true;
+                    }
+                }
+            } else if *name == header::UPGRADE {
+                seen.upgrade = true;
+            } else if *name == header::HOST {
+                seen.host.get_or_insert_with(|| value.clone());
+            } else if *name == header::COOKIE {
+                seen.cookie = true;
+            } else if is_hop_by_hop(name) || spoofable.is_some_and(|s| s.matches(name)) {
+                seen.doomed = true;
+            }
+        }
+        seen
+    }
+
+    /// Removes what `scan` found that must not pass (usually nothing: then no lookup at all).
+    fn strip(&self, h: &mut HeaderMap, upgrading: bool, spoofable: Option<&Spoofable>) {
+        if self.names_others {
+            remove_listed(h, upgrading);
+        }
+        if self.connection {
+            h.remove(header::CONNECTION);
+        }
+        if self.doomed || (self.upgrade && !upgrading) {
+            let doomed: Vec<HeaderName> = h
+                .keys()
+                .filter(|k| {
+                    is_hop_by_hop(k)
+                        || (!upgrading && *k == header::UPGRADE)
+                        || spoofable.is_some_and(|s| s.matches(k))
+                })
+                .cloned()
+                .collect();
+            for n in doomed {
+                h.remove(n);
+            }
+        }
+        if upgrading {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
 }
 
 /// Removes the headers that `Connection` names.
@@ -83,14 +169,6 @@ fn remove_listed(h: &mut HeaderMap, upgrading: bool) {
             }
         }
     }
-}
-
-/// Is this an HTTP/1.1 upgrade request (websocket)?
-pub fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v, "upgrade"))
 }
 
 /// The names a client must never be able to set: the identity headers, the bearer,
@@ -138,26 +216,16 @@ impl Spoofable {
         Self { names, lengths }
     }
 
-    /// Removes every spoofable header. Header names are already lower-case; a name with `_`
-    /// is compared as if it had `-` (some servers and CGI treat them alike).
-    pub fn strip(&self, h: &mut HeaderMap) {
-        // One pass over what the client sent (usually nothing matches, so nothing to remove).
-        let doomed: Vec<HeaderName> = h
-            .keys()
-            .filter(|k| {
-                let k = k.as_str().as_bytes();
-                // Most request headers (host, cookie, accept, …) fail the length check alone.
-                self.lengths & length_bit(k.len()) != 0
-                    && self
-                        .names
-                        .iter()
-                        .any(|n| same_dashed(k, n.as_str().as_bytes()))
-            })
-            .cloned()
-            .collect();
-        for n in doomed {
-            h.remove(n);
-        }
+    /// Is this a spoofable name? Header names are already lower-case; a name with `_` is
+    /// compared as if it had `-` (some servers and CGI treat them alike).
+    fn matches(&self, name: &HeaderName) -> bool {
+        let k = name.as_str().as_bytes();
+        // Most request headers (host, cookie, accept, …) fail the length check alone.
+        self.lengths & length_bit(k.len()) != 0
+            && self
+                .names
+                .iter()
+                .any(|n| same_dashed(k, n.as_str().as_bytes()))
     }
 }
 
@@ -193,18 +261,17 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
             })
     }
     let ours = |pair: &[u8]| std::str::from_utf8(name(pair)).is_ok_and(&is_ours);
-    let has_ours = h
-        .get_all(header::COOKIE)
-        .iter()
-        .any(|v| pairs(v.as_bytes()).any(ours));
-    if !has_ours {
-        return;
-    }
+    // One pass: what is kept is copied as it goes, and used only if something was dropped.
     let mut kept: Vec<u8> = Vec::new();
+    let mut dropped = false;
     for v in h.get_all(header::COOKIE) {
         for pair in pairs(v.as_bytes()) {
             let pair = pair.trim_ascii();
-            if pair.is_empty() || ours(pair) {
+            if pair.is_empty() {
+                continue;
+            }
+            if ours(pair) {
+                dropped = true;
                 continue;
             }
             if !kept.is_empty() {
@@ -212,6 +279,9 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
             }
             kept.extend_from_slice(pair);
         }
+    }
+    if !dropped {
+        return;
     }
     h.remove(header::COOKIE);
     if !kept.is_empty() {
@@ -296,12 +366,14 @@ impl PriorHop {
 }
 
 /// Sets X-Forwarded-For/Proto/Host: from what the gateway itself saw, extended with what a
-/// trusted proxy said (`prior`); anything else a client sent was stripped before.
+/// trusted proxy said (`prior`); anything else a client sent was stripped before. `host` is
+/// the request's Host.
 pub fn set_forwarded(
     h: &mut HeaderMap,
     client_ip: &HeaderValue,
     proto: &'static str,
     prior: PriorHop,
+    host: Option<HeaderValue>,
 ) {
     let xff = match prior.xff.as_ref().and_then(|v| v.to_str().ok()) {
         Some(chain) if !chain.trim().is_empty() => {
@@ -317,7 +389,7 @@ pub fn set_forwarded(
         HeaderName::from_static("x-forwarded-proto"),
         prior.proto.unwrap_or(HeaderValue::from_static(proto)),
     );
-    if let Some(host) = prior.host.or_else(|| h.get(header::HOST).cloned()) {
+    if let Some(host) = prior.host.or(host) {
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
 }
@@ -354,6 +426,10 @@ mod tests {
         }
     }
 
+    fn strip_spoofable(h: &mut HeaderMap, cfg: &HeaderConfig) {
+        sanitize_request(h, true, false, &Spoofable::new(cfg), |_| false);
+    }
+
     #[test]
     fn strips_spoofed_including_underscore_variants() {
         let mut h = HeaderMap::new();
@@ -370,7 +446,7 @@ mod tests {
                 HeaderValue::from_static("evil"),
             );
         }
-        Spoofable::new(&cfg()).strip(&mut h);
+        strip_spoofable(&mut h, &cfg());
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["accept"]);
 
@@ -390,7 +466,7 @@ mod tests {
                 HeaderValue::from_static("evil"),
             );
         }
-        Spoofable::new(&c).strip(&mut h);
+        strip_spoofable(&mut h, &c);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, [format!("x-{}", "a".repeat(80))]);
     }
@@ -467,6 +543,62 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-keep"]);
+    }
+
+    #[test]
+    fn sanitize_request_in_one_pass() {
+        let request = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let spoofable = Spoofable::new(&cfg());
+        let ours = |n: &str| n == "_p";
+        let sent = [
+            ("host", "app.example"),
+            ("cookie", "a=1; _p=secret"),
+            ("connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+            ("accept", "*/*"),
+        ];
+        for trusted_hop in [false, true] {
+            let mut h = request(&sent);
+            let clean = sanitize_request(&mut h, true, trusted_hop, &spoofable, ours);
+            assert!(!clean.upgrading, "Connection does not list upgrade");
+            assert_eq!(clean.host.unwrap(), "app.example");
+            assert_eq!(clean.prior.xff.is_some(), trusted_hop);
+            assert_eq!(clean.prior.host.is_some(), trusted_hop);
+            let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            left.sort();
+            assert_eq!(left, ["accept", "cookie", "host"]);
+            assert_eq!(h[header::COOKIE], "a=1");
+        }
+        // A websocket upgrade over HTTP/1.1 keeps Upgrade and `Connection: upgrade`.
+        let ws = [
+            ("host", "app.example"),
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ];
+        let mut h = request(&ws);
+        assert!(sanitize_request(&mut h, true, false, &spoofable, ours).upgrading);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        let mut h = request(&ws);
+        assert!(!sanitize_request(&mut h, false, false, &spoofable, ours).upgrading);
+        assert!(!h.contains_key(header::UPGRADE) && !h.contains_key(header::CONNECTION));
+        // What Connection names goes, even Host; no cookie of ours: the Cookie header is kept.
+        let mut h = request(&[
+            ("host", "app.example"),
+            ("connection", "host"),
+            ("cookie", "a=1;;b=2"),
+        ]);
+        let clean = sanitize_request(&mut h, true, false, &spoofable, ours);
+        assert!(clean.host.is_none() && !h.contains_key(header::HOST));
+        assert_eq!(h[header::COOKIE], "a=1;;b=2");
     }
 
     #[test]

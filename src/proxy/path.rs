@@ -71,22 +71,34 @@ fn segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(out))
 }
 
+/// A segment that resolution removes when it is not the last: `.`, `..` or empty (`//`).
+fn is_dot_or_empty(segment: &[u8]) -> bool {
+    matches!(segment, b"" | b"." | b"..")
+}
+
 /// Normalises a request path. Returns the input unchanged (borrowed) when already canonical.
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     let b = path.as_bytes();
     if b.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
     }
-    if b.iter().any(|&c| c <= 0x20 || c >= 0x7f || c == b'\\') {
-        return Err(PathError::ForbiddenChar);
+    // One pass: refuse what is never allowed, and see whether anything needs resolving
+    // (`%`, `//`, a `.` or `..` segment). Most paths need nothing.
+    let mut plain = true;
+    let mut segment_start = 1;
+    for (i, &c) in b.iter().enumerate().skip(1) {
+        match c {
+            c if c <= 0x20 || c >= 0x7f || c == b'\\' => return Err(PathError::ForbiddenChar),
+            b';' => return Err(PathError::Parameters),
+            b'%' => plain = false,
+            b'/' => {
+                plain &= !is_dot_or_empty(&b[segment_start..i]);
+                segment_start = i + 1;
+            }
+            _ => {}
+        }
     }
-    if b.contains(&b';') {
-        return Err(PathError::Parameters);
-    }
-    // Fast path: nothing to resolve.
-    let plain = !b.contains(&b'%')
-        && !path.contains("//")
-        && !path.split('/').any(|s| s == "." || s == "..");
+    plain &= !matches!(&b[segment_start..], b"." | b"..");
     if plain {
         return Ok(Cow::Borrowed(path));
     }
