@@ -5,8 +5,9 @@ pub mod h1;
 pub mod tls;
 
 use crate::body::Body;
-use crate::live::Live;
+use crate::live::{Generation, Live};
 use crate::proxy::forward::ConnInfo;
+use crate::stack::Gateway;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::sync::Arc;
@@ -46,19 +47,58 @@ async fn serve_connection<T: h1::io::Transport>(
     watcher: hyper_util::server::graceful::Watcher,
     id: usize,
 ) {
-    let live = listener.live.clone();
-    let service = move |mut req: http::Request<Body>| {
-        req.extensions_mut().insert(info.clone());
-        // The current generation: a config reload applies to the very next request.
-        let mut svc = live.load().stack.clone();
-        svc.call(req)
+    let h2_service = {
+        let (live, info) = (listener.live.clone(), info.clone());
+        move |mut req: http::Request<Body>| {
+            req.extensions_mut().insert(info.clone());
+            // The current generation: a config reload applies to the very next request.
+            let mut svc = live.load().stack.clone();
+            svc.call(req)
+        }
     };
     if h2_only {
-        return serve_h2(io, &listener.h2, service, watcher).await;
+        return serve_h2(io, &listener.h2, h2_service, watcher).await;
     }
+    // HTTP/1.1 requests on a connection come one at a time: the stack is cloned once for the
+    // connection and again only after a reload.
+    let mut stack = ConnectionStack::new(&listener.live);
+    let h1_service = move |mut req: http::Request<Body>| {
+        req.extensions_mut().insert(info.clone());
+        stack.current().call(req)
+    };
     let (settings, drain) = (listener.h1.clone(), listener.drain.clone());
-    if let h1::Outcome::Http2(io) = h1::serve(io, service.clone(), settings, drain, id).await {
-        serve_h2(io, &listener.h2, service, watcher).await;
+    if let h1::Outcome::Http2(io) = h1::serve(io, h1_service, settings, drain, id).await {
+        serve_h2(io, &listener.h2, h2_service, watcher).await;
+    }
+}
+
+/// The current generation's request path, for one connection. Cloning the stack takes a
+/// dozen reference counts; arc-swap's cache sees a reload with one atomic load.
+struct ConnectionStack {
+    live: arc_swap::Cache<Live, Arc<Generation>>,
+    generation: Arc<Generation>,
+    stack: Gateway,
+}
+
+impl ConnectionStack {
+    fn new(live: &Live) -> Self {
+        let mut live = arc_swap::Cache::new(live.clone());
+        let generation = live.load().clone();
+        Self {
+            stack: generation.stack.clone(),
+            generation,
+            live,
+        }
+    }
+
+    /// A config reload applies to the very next request.
+    fn current(&mut self) -> &mut Gateway {
+        let now = self.live.load();
+        if !Arc::ptr_eq(now, &self.generation) {
+            self.generation = now.clone();
+            self.stack = self.generation.stack.clone();
+        }
+        &mut self.stack
     }
 }
 
