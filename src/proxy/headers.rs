@@ -175,14 +175,13 @@ fn remove_listed(h: &mut HeaderMap, upgrading: bool) {
 /// and the forwarding headers the gateway sets itself.
 #[derive(Debug, Clone)]
 pub struct Spoofable {
-    names: Vec<HeaderName>,
-    /// Bit n set: some name is n bytes long (names of 64 bytes or more all share bit 63).
-    lengths: u64,
+    /// The names by length: a client's name is compared only with those as long as it.
+    by_length: Vec<Vec<Box<[u8]>>>,
 }
 
 impl Spoofable {
     pub fn new(cfg: &HeaderConfig) -> Self {
-        let mut names = vec![
+        let names = [
             header::AUTHORIZATION,
             cfg.user.clone(),
             cfg.email.clone(),
@@ -208,29 +207,28 @@ impl Spoofable {
             HeaderName::from_static("x-real-ip"),
             header::FORWARDED,
         ];
-        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        names.dedup();
-        let lengths = names
-            .iter()
-            .fold(0, |bits, n| bits | length_bit(n.as_str().len()));
-        Self { names, lengths }
+        let mut by_length: Vec<Vec<Box<[u8]>>> = Vec::new();
+        for name in names {
+            let name = name.as_str().as_bytes();
+            if by_length.len() <= name.len() {
+                by_length.resize(name.len() + 1, Vec::new());
+            }
+            let same_length = &mut by_length[name.len()];
+            if !same_length.iter().any(|n| **n == *name) {
+                same_length.push(name.into());
+            }
+        }
+        Self { by_length }
     }
 
     /// Is this a spoofable name? Header names are already lower-case; a name with `_` is
     /// compared as if it had `-` (some servers and CGI treat them alike).
     fn matches(&self, name: &HeaderName) -> bool {
         let k = name.as_str().as_bytes();
-        // Most request headers (host, cookie, accept, …) fail the length check alone.
-        self.lengths & length_bit(k.len()) != 0
-            && self
-                .names
-                .iter()
-                .any(|n| same_dashed(k, n.as_str().as_bytes()))
+        self.by_length
+            .get(k.len())
+            .is_some_and(|names| names.iter().any(|n| same_dashed(k, n)))
     }
-}
-
-fn length_bit(len: usize) -> u64 {
-    1 << len.min(63)
 }
 
 /// Header-name equality where `_` in the client's name counts as `-`.
