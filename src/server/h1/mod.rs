@@ -248,29 +248,20 @@ impl<T: Transport> Conn<T> {
 
     /// Reads more of a request head, within the header-read deadline.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Stop>> {
-        if self.deadline.as_mut().poll(cx).is_ready() {
-            if self.completed == self.completed_at_check {
-                tracing::debug!("request head not received in time");
-                return Poll::Ready(Err(Stop::Now));
-            }
-            self.completed_at_check = self.completed;
-            let next = Instant::now() + self.settings.header_read;
-            self.deadline.as_mut().reset(next);
-            let _ = self.deadline.as_mut().poll(cx);
-        }
         if self.rbuf.is_empty() {
             // Between requests: where draining closes the connection.
-            if self.drain.draining.load(Ordering::Relaxed)
-                || self.drained.as_mut().poll(cx).is_ready()
-            {
+            if self.drain.draining.load(Ordering::Relaxed) {
                 return Poll::Ready(Err(Stop::Now));
             }
             if T::WAITS_WITHOUT_BUFFER && self.rbuf.capacity() == 0 {
-                if let Err(e) = ready!(self.io.poll_read_ready(cx)) {
-                    tracing::debug!(error = %e, "client connection failed");
-                    return Poll::Ready(Err(Stop::Now));
+                match self.io.poll_read_ready(cx) {
+                    Poll::Pending => return self.poll_wait(cx),
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(error = %e, "client connection failed");
+                        return Poll::Ready(Err(Stop::Now));
+                    }
+                    Poll::Ready(Ok(())) => self.rbuf = take_buffer(),
                 }
-                self.rbuf = take_buffer();
             }
         }
         if self.rbuf.capacity() == self.rbuf.len() {
@@ -290,9 +281,28 @@ impl<T: Transport> Conn<T> {
                     self.wbuf.clear();
                     give_back(std::mem::take(&mut self.wbuf));
                 }
-                Poll::Pending
+                self.poll_wait(cx)
             }
         }
+    }
+
+    /// Before waiting for the client: the header-read deadline and, between requests, the
+    /// drain are watched. Only here: a head that is already there costs no timer or lock.
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Stop>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            if self.completed == self.completed_at_check {
+                tracing::debug!("request head not received in time");
+                return Poll::Ready(Err(Stop::Now));
+            }
+            self.completed_at_check = self.completed;
+            let next = Instant::now() + self.settings.header_read;
+            self.deadline.as_mut().reset(next);
+            let _ = self.deadline.as_mut().poll(cx);
+        }
+        if self.rbuf.is_empty() && self.drained.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Stop::Now));
+        }
+        Poll::Pending
     }
 
     /// One request and its response.
