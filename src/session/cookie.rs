@@ -54,12 +54,13 @@ pub enum Opened {
 pub struct CookieJar<'a> {
     /// Names (valid UTF-8) and raw values: a value is only checked when it is read, so the
     /// kilobytes of a session cookie are scanned once (for `;`) on the request path.
-    pairs: Vec<(&'a str, &'a [u8])>,
+    /// Inline: a request rarely carries more than a few cookies, and this is per request.
+    pairs: smallvec::SmallVec<[(&'a str, &'a [u8]); 4]>,
 }
 
 impl<'a> CookieJar<'a> {
     pub fn parse(headers: &'a HeaderMap) -> Self {
-        let mut pairs = Vec::new();
+        let mut pairs = smallvec::SmallVec::new();
         for value in headers.get_all(COOKIE) {
             // Other apps' cookies may carry UTF-8 or worse: bytes, and one bad pair only
             // costs that pair.
@@ -92,7 +93,7 @@ impl<'a> CookieJar<'a> {
         Some(v)
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &'a str> + '_ {
+    pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
         self.pairs.iter().map(|(n, _)| *n)
     }
 }
