@@ -47,43 +47,35 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> S::Future {
-        let http11 = req.version() == Version::HTTP_11;
-        let conn = req.extensions().get::<ConnInfo>().cloned();
-        // Left in place: `Forward` takes the subject from it for the access log.
-        let session = req.extensions().get::<Arc<ActiveSession>>().cloned();
+    fn call(&mut self, req: Request<B>) -> S::Future {
         let app = &self.app;
-        let trusted_hop = conn
-            .as_ref()
-            .is_some_and(|c| trusted(&app.cfg.trusted_proxies, c.remote.ip()));
+        // In parts: the headers change while the connection and session are read in place.
+        let (mut parts, body) = req.into_parts();
+        let conn = parts.extensions.get::<ConnInfo>();
+        let trusted_hop = conn.is_some_and(|c| trusted(&app.cfg.trusted_proxies, c.remote.ip()));
+        let h = &mut parts.headers;
         let clean = sanitize_request(
-            req.headers_mut(),
-            http11,
+            h,
+            parts.version == Version::HTTP_11,
             trusted_hop,
             &app.spoofable,
             |n| app.cookies.is_ours(n),
         );
         // HTTP/2 clients carry the host in the URI, not a Host header: give the upstream one.
         let host = clean.host.or_else(|| {
-            let host = req.uri().authority()?;
-            let v = http::HeaderValue::from_str(host.as_str()).ok()?;
-            req.headers_mut().insert(header::HOST, v.clone());
+            let v = http::HeaderValue::from_str(parts.uri.authority()?.as_str()).ok()?;
+            h.insert(header::HOST, v.clone());
             Some(v)
         });
-        let h = req.headers_mut();
-        if let Some(c) = &conn {
-            set_forwarded(
-                h,
-                &c.ip,
-                if c.tls { "https" } else { "http" },
-                clean.prior,
-                host,
-            );
+        if let Some(c) = conn {
+            let proto = if c.tls { "https" } else { "http" };
+            set_forwarded(h, &c.ip, proto, clean.prior, host);
         }
-        if let Some(s) = session {
+        // Left in place: `Forward` takes the subject from it for the access log.
+        if let Some(s) = parts.extensions.get::<Arc<ActiveSession>>() {
             inject_identity(h, s.upstream_headers(&app.cfg.headers));
         }
-        self.inner.call(req)
+        self.inner.call(Request::from_parts(parts, body))
     }
 }
 
