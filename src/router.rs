@@ -186,9 +186,23 @@ pub struct RouteIdx(pub usize);
 
 impl App {
     pub fn route_of<B>(&self, req: &Request<B>) -> Option<&Route> {
-        req.extensions()
+        self.route_in(req.extensions())
+    }
+
+    pub fn route_in(&self, extensions: &http::Extensions) -> Option<&Route> {
+        extensions
             .get::<RouteIdx>()
             .and_then(|i| self.cfg.routes.get(i.0))
+    }
+
+    /// Where a request on `route` goes: the route's own upstream, else the default one.
+    pub fn upstream_for<'a>(
+        &'a self,
+        route: Option<&'a Route>,
+    ) -> &'a crate::config::UpstreamConfig {
+        route
+            .and_then(|r| r.upstream.as_ref())
+            .unwrap_or(&self.cfg.upstream)
     }
 }
 

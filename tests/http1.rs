@@ -1309,8 +1309,15 @@ async fn missing_host_in_http11_is_refused() {
     let env = Env::start().await;
     env.assert_refused("no Host", b"GET /nohost HTTP/1.1\r\n\r\n")
         .await;
-    // Control: HTTP/1.0 without Host is served.
+    // Control: HTTP/1.0 without Host is served, and the upstream gets its own authority as
+    // Host (and no X-Forwarded-Host: the client named none).
     let mut c = env.client().await;
     c.send("GET /nohost10 HTTP/1.0\r\n\r\n").await;
     assert_eq!(c.response(false).await.text(), "GET /nohost10 0");
+    let reqs = env.up.requests();
+    let got = reqs.last().unwrap();
+    let authority = format!("127.0.0.1:{}", env.up.port);
+    assert_eq!(got.header("host"), Some(authority.as_str()), "{got:?}");
+    assert_eq!(got.header("x-forwarded-host"), None, "{got:?}");
+    assert_eq!(got.header("x-forwarded-for"), Some("127.0.0.1"), "{got:?}");
 }

@@ -67,9 +67,17 @@ where
             h.insert(header::HOST, v.clone());
             Some(v)
         });
+        let no_host = host.is_none();
         if let Some(c) = conn {
             let proto = if c.tls { "https" } else { "http" };
             set_forwarded(h, &c.ip, proto, clean.prior, host);
+        }
+        if no_host {
+            // Neither (an HTTP/1.0 request): the upstream's own authority.
+            let up = app.upstream_for(app.route_in(&parts.extensions));
+            if let Ok(v) = http::HeaderValue::from_str(up.authority.as_str()) {
+                h.insert(header::HOST, v);
+            }
         }
         // Left in place: `Forward` takes the subject from it for the access log.
         if let Some(s) = parts.extensions.get::<Arc<ActiveSession>>() {
@@ -174,22 +182,14 @@ async fn forward(
         .extensions_mut()
         .remove::<ClientUpgrade>()
         .filter(|_| req.headers().contains_key(header::UPGRADE));
-    let up = route
-        .and_then(|r| r.upstream.as_ref())
-        .unwrap_or(&app.cfg.upstream);
+    let up = app.upstream_for(route);
     let timeout = route
         .and_then(|r| r.upstream_response)
         .unwrap_or(app.cfg.timeouts.upstream_response);
-    let (mut parts, body) = req.into_parts();
-    parts.uri = upstream_uri(up, std::mem::take(&mut parts.uri))?;
-    parts.version = Version::HTTP_11;
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(host) = http::HeaderValue::from_str(up.authority.as_str()) {
-            parts.headers.insert(header::HOST, host);
-        }
-    }
-    let out = Request::from_parts(parts, body);
-    let sent = app.upstream.send(&up.scheme, &up.authority, out, start);
+    // Host is there: the hygiene layer saw to it.
+    *req.uri_mut() = upstream_uri(up, std::mem::take(req.uri_mut()))?;
+    *req.version_mut() = Version::HTTP_11;
+    let sent = app.upstream.send(&up.scheme, &up.authority, req, start);
     let deadline = tokio::time::Instant::from_std(start) + timeout;
     let mut resp = match tokio::time::timeout_at(deadline, sent).await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
