@@ -94,13 +94,14 @@ impl UpstreamClients {
     }
 
     /// Sends `req` (origin-form URI) to the upstream `scheme://authority`.
-    pub async fn send(
-        &self,
-        scheme: &Scheme,
-        authority: &Authority,
+    pub fn send<'a>(
+        &'a self,
+        scheme: &'a Scheme,
+        authority: &'a Authority,
         req: http::Request<Body>,
         now: std::time::Instant,
-    ) -> Result<http::Response<UpstreamBody>, SendError> {
-        self.pool.send(scheme, authority, req, now).await
+    ) -> impl std::future::Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + 'a
+    {
+        self.pool.send(scheme, authority, req, now)
     }
 }

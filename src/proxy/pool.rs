@@ -119,45 +119,51 @@ impl Pool {
     /// reused connection (the upstream closed it meanwhile) is retried once on a new one.
     /// `now`: the caller's clock reading (connections idle since before it are stale; a
     /// connection given back counts as idle from it).
-    pub async fn send(
-        &self,
-        scheme: &Scheme,
-        authority: &Authority,
+    ///
+    /// An async block, not an async fn: its state holds the request once, where an async fn
+    /// keeps a second slot for the argument (320 bytes more in every request's future).
+    pub fn send<'a>(
+        &'a self,
+        scheme: &'a Scheme,
+        authority: &'a Authority,
         mut req: Request<Body>,
         now: Instant,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    ) -> impl std::future::Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a
+    {
         let https = *scheme == Scheme::HTTPS;
-        loop {
-            let (home, idle) = self.checkout(https, authority, now);
-            let (mut tx, reused) = match idle {
-                Some(tx) => (tx, true),
-                // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
-                // make every request's future that large, to be allocated and copied.
-                None => (Box::pin(self.connect(&home.origin)).await?, false),
-            };
-            if let Err(e) = tx.ready().await {
-                if reused {
-                    continue;
+        async move {
+            loop {
+                let (home, idle) = self.checkout(https, authority, now);
+                let (mut tx, reused) = match idle {
+                    Some(tx) => (tx, true),
+                    // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
+                    // make every request's future that large, to be allocated and copied.
+                    None => (Box::pin(self.connect(&home.origin)).await?, false),
+                };
+                if let Err(e) = tx.ready().await {
+                    if reused {
+                        continue;
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
-            }
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    let conn = Some(Returning {
-                        home,
-                        tx,
-                        since: now,
-                    });
-                    return Ok(resp.map(|body| UpstreamBody {
-                        body,
-                        ended: false,
-                        conn,
-                    }));
+                match tx.try_send_request(req).await {
+                    Ok(resp) => {
+                        let conn = Some(Returning {
+                            home,
+                            tx,
+                            since: now,
+                        });
+                        return Ok(resp.map(|body| UpstreamBody {
+                            body,
+                            ended: false,
+                            conn,
+                        }));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if reused => req = unsent,
+                        _ => return Err(e.into_error().into()),
+                    },
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(e.into_error().into()),
-                },
             }
         }
     }
