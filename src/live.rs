@@ -152,6 +152,9 @@ fn reload(path: &Path, live: &Live, shared: &Shared) {
     match build(Arc::new(cfg), shared, Some(&current.app)) {
         Ok(next) => {
             live.store(Arc::new(next));
+            // Idle keep-alive connections hold the previous generation until their next
+            // request: its session cache (up to `limits.session_cache_bytes`) goes now.
+            current.app.session_cache.clear();
             tracing::info!("config reloaded");
             result("success");
         }

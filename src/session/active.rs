@@ -74,6 +74,13 @@ impl SessionCache {
             c.insert(SealedValue(sealed.into()), session);
         }
     }
+
+    /// Empties the cache (its generation was replaced by a reload).
+    pub fn clear(&self) {
+        if let Some(c) = &self.entries {
+            c.clear();
+        }
+    }
 }
 
 /// A sealed cookie value as a cache key.
@@ -163,6 +170,8 @@ mod tests {
         assert!(cache.get(&forged).is_none());
         assert!(cache.get(&sealed[1..]).is_none());
         assert!(cache.get(b"").is_none());
+        cache.clear();
+        assert!(cache.get(sealed).is_none());
     }
 
     #[test]
