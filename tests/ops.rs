@@ -374,21 +374,8 @@ async fn sigterm_fails_readiness_keeps_serving_then_drains_and_exits_0() {
     let headers = [("accept", "application/json"), ("cookie", cookie.as_str())];
 
     // A keep-alive connection, used before and during the delay.
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let (mut keep, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let keep_req = |path: &str| {
-        http::Request::get(path)
-            .header("host", format!("127.0.0.1:{}", gw.port))
-            .header("accept", "application/json")
-            .header("cookie", &cookie)
-            .body(Empty::<Bytes>::new())
-            .unwrap()
-    };
+    let mut keep = keep_alive_client(gw.port).await;
+    let keep_req = |path: &str| api_request(gw.port, &cookie, path);
     let r = keep.send_request(keep_req("/keep/1")).await.unwrap();
     assert_eq!(r.status(), 200);
     r.into_body().collect().await.unwrap();
@@ -762,13 +749,7 @@ async fn sighup_reloads_the_config() {
     // the new config on its next request too.
     let mut kept = keep_alive_client(gw.port).await;
     let mut get_on_kept = |path: &'static str| {
-        let req = http::Request::get(path)
-            .header("host", format!("127.0.0.1:{}", gw.port))
-            .header("accept", "application/json")
-            .header("cookie", &cookie)
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let sent = kept.send_request(req);
+        let sent = kept.send_request(api_request(gw.port, &cookie, path));
         async move {
             let resp = sent.await.expect("the kept connection answers");
             let status = resp.status();
@@ -792,6 +773,16 @@ async fn sighup_reloads_the_config() {
     assert_eq!(upstream.last().header("x-remote-user"), Some("alice"));
     assert!(gw.reloads("success").await >= 2.0);
     assert_eq!(gw.reloads("failure").await, 0.0);
+}
+
+/// An API `GET` of `path` with the session `cookie`, for a [`keep_alive_client`].
+fn api_request(port: u16, cookie: &str, path: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::get(path)
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("accept", "application/json")
+        .header("cookie", cookie)
+        .body(Empty::<Bytes>::new())
+        .unwrap()
 }
 
 /// An HTTP/1.1 client on one connection to the gateway, kept open.
