@@ -246,24 +246,13 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
 }
 
 fn header_name(c: &mut Collector, key: &str, text: &str) -> HeaderName {
-    // The usual names as static values: the per-request clones then touch no reference count.
-    const KNOWN: [&str; 10] = [
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-groups",
-        "x-forwarded-preferred-username",
-        "x-auth-request-user",
-        "x-auth-request-email",
-        "x-auth-request-groups",
-        "x-auth-request-preferred-username",
-        "x-remote-user",
-        "x-request-id",
-    ];
     match HeaderName::from_bytes(text.as_bytes()) {
-        Ok(name) => KNOWN
-            .iter()
-            .find(|known| **known == name.as_str())
-            .map_or(name, |known| HeaderName::from_static(known)),
+        // The usual names as static values: the per-request clones touch no reference count.
+        Ok(name) => crate::proxy::headers::SPOOFABLE_NAMES
+            .into_iter()
+            .chain(["x-remote-user", "x-request-id"])
+            .find(|known| *known == name.as_str())
+            .map_or(name, HeaderName::from_static),
         Err(_) => {
             c.err(key, format!("`{text}` is not a valid header name"));
             HeaderName::from_static("x-invalid")

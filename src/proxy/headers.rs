@@ -171,6 +171,29 @@ fn remove_listed(h: &mut HeaderMap, upgrading: bool) {
     }
 }
 
+/// The identity and forwarding names a client may never set, besides `Authorization`,
+/// `Forwarded` and the configured identity names.
+pub const SPOOFABLE_NAMES: [&str; 18] = [
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-forwarded-access-token",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-groups",
+    "x-auth-request-preferred-username",
+    "x-auth-request-access-token",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-uri",
+    "x-original-url",
+    "x-original-uri",
+    "x-real-ip",
+];
+
 /// The names a client must never be able to set: the identity headers, the bearer,
 /// and the forwarding headers the gateway sets itself.
 #[derive(Debug, Clone)]
@@ -183,30 +206,14 @@ impl Spoofable {
     pub fn new(cfg: &HeaderConfig) -> Self {
         let names = [
             header::AUTHORIZATION,
+            header::FORWARDED,
             cfg.user.clone(),
             cfg.email.clone(),
             cfg.groups.clone(),
             cfg.preferred_username.clone(),
-            HeaderName::from_static("x-forwarded-user"),
-            HeaderName::from_static("x-forwarded-email"),
-            HeaderName::from_static("x-forwarded-groups"),
-            HeaderName::from_static("x-forwarded-preferred-username"),
-            HeaderName::from_static("x-forwarded-access-token"),
-            HeaderName::from_static("x-auth-request-user"),
-            HeaderName::from_static("x-auth-request-email"),
-            HeaderName::from_static("x-auth-request-groups"),
-            HeaderName::from_static("x-auth-request-preferred-username"),
-            HeaderName::from_static("x-auth-request-access-token"),
-            HeaderName::from_static("x-forwarded-for"),
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderName::from_static("x-forwarded-host"),
-            HeaderName::from_static("x-forwarded-port"),
-            HeaderName::from_static("x-forwarded-uri"),
-            HeaderName::from_static("x-original-url"),
-            HeaderName::from_static("x-original-uri"),
-            HeaderName::from_static("x-real-ip"),
-            header::FORWARDED,
-        ];
+        ]
+        .into_iter()
+        .chain(SPOOFABLE_NAMES.map(HeaderName::from_static));
         let mut by_length: Vec<Vec<Box<[u8]>>> = Vec::new();
         for name in names {
             let name = name.as_str().as_bytes();
