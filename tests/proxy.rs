@@ -622,6 +622,101 @@ Cookie: {cookie}\r\n\r\n"
     assert!(!h.contains("_portcullis"), "{h}");
 }
 
+/// A raw upstream that answers at once with a chunked response, then echoes each piece of
+/// the request body as it arrives (a full-duplex exchange, like a streaming RPC).
+fn duplex_echo_upstream() -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let mut left: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                let mut buf = [0u8; 1024];
+                while left > 0 {
+                    let n = match s.read(&mut buf[..left.min(1024)]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    left -= n;
+                    let mut chunk = format!("{n:x}\r\n").into_bytes();
+                    chunk.extend_from_slice(&buf[..n]);
+                    chunk.extend_from_slice(b"\r\n");
+                    if s.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+                let _ = s.write_all(b"0\r\n\r\n");
+            });
+        }
+    });
+    port
+}
+
+/// The upstream connection is driven by the client's request: while the answer streams back,
+/// what the client sends next still reaches the upstream (no piece waits for another).
+#[tokio::test]
+async fn request_and_response_bodies_stream_both_ways_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = duplex_echo_upstream();
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, &[]).await;
+    let gw = Gateway::start(GatewayOpts::new(
+        port,
+        &idp,
+        &format!("http://127.0.0.1:{up}"),
+    ))
+    .await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let pieces: [&[u8]; 3] = [b"first piece;", b"second;", b"third and last"];
+    let total: usize = pieces.iter().map(|p| p.len()).sum();
+    let head = format!(
+        "POST /duplex HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\nContent-Length: {total}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    for piece in pieces {
+        s.write_all(piece).await.unwrap();
+        // The echo of this piece comes back before the next one is sent.
+        let echoed = async {
+            while !got.windows(piece.len()).any(|w| w == piece) {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), echoed)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{:?} never came back; got {:?}",
+                    String::from_utf8_lossy(piece),
+                    String::from_utf8_lossy(&got)
+                )
+            });
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
 const HUGE_BODY_BYTES: usize = 64 << 20;
 
 /// A raw keep-alive upstream that numbers its connections. Paths: `/chunked` (a chunked

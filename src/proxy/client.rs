@@ -100,8 +100,9 @@ impl UpstreamClients {
         authority: &'a Authority,
         req: http::Request<Body>,
         now: std::time::Instant,
+        upgrade: bool,
     ) -> impl std::future::Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + 'a
     {
-        self.pool.send(scheme, authority, req, now)
+        self.pool.send(scheme, authority, req, now, upgrade)
     }
 }

@@ -189,7 +189,10 @@ async fn forward(
     // Host is there: the hygiene layer saw to it.
     *req.uri_mut() = upstream_uri(up, std::mem::take(req.uri_mut()))?;
     *req.version_mut() = Version::HTTP_11;
-    let sent = app.upstream.send(&up.scheme, &up.authority, req, start);
+    let upgrade = client_upgrade.is_some();
+    let sent = app
+        .upstream
+        .send(&up.scheme, &up.authority, req, start, upgrade);
     let deadline = tokio::time::Instant::from_std(start) + timeout;
     let mut resp = match tokio::time::timeout_at(deadline, sent).await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),

@@ -1,6 +1,11 @@
 //! Upstream HTTP/1.1 connections, kept per worker thread and handed straight to the next
 //! request: no lock shared between cores, and no task spawned per request to wait for a
 //! connection to come back (a connection returns to the pool when its response body is done).
+//!
+//! A connection has no task of its own: the request that borrows it polls it, in the client
+//! connection's task, while waiting for the answer and while reading the answer's body. A
+//! proxied request then costs one task wake-up per network event, as in an event loop,
+//! instead of hand-offs between a request task and a connection task at every step.
 
 use crate::body::Body;
 use http::uri::{Authority, Scheme};
@@ -8,10 +13,16 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tower::Service;
 
@@ -38,14 +49,146 @@ impl Origin {
     }
 }
 
-struct Idle {
+type Connection =
+    hyper::client::conn::http1::Connection<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>, Body>;
+
+/// One upstream connection: the handle requests are sent through, and the connection that
+/// reads and writes them, polled by whichever request holds it.
+struct Upstream {
     tx: SendRequest<Body>,
+    /// Boxed: moved with every checkout and give-back, and it is kilobytes.
+    /// `None` once it has ended (closed, failed, or handed to a task of its own).
+    conn: Option<Box<Connection>>,
+    relay: Arc<Relay>,
+    /// `relay` as a waker, made once.
+    waker: Waker,
+}
+
+/// The waker the connection is polled with. Most wake-ups of a connection come from the very
+/// task that drives it (sending it a request, taking a body chunk from it) at a moment when
+/// that task is about to poll it anyway; passed on, each would make tokio poll the task once
+/// more for nothing. The relay absorbs those and passes the others on to the task.
+#[derive(Default)]
+struct Relay {
+    task: futures_util::task::AtomicWaker,
+    state: AtomicU8,
+}
+
+/// The holder polls the connection before it next waits: wake-ups are noted, not passed on.
+const LOCAL: u8 = 1;
+/// A wake-up was noted while `LOCAL`.
+const WOKEN: u8 = 2;
+/// In the pool: nobody waits on the connection.
+const PARKED: u8 = 4;
+
+impl std::task::Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.state.fetch_or(WOKEN, Ordering::AcqRel) & (LOCAL | PARKED) == 0 {
+            self.task.wake();
+        }
+    }
+}
+
+impl Upstream {
+    fn new(tx: SendRequest<Body>, conn: Connection) -> Self {
+        let relay = Arc::new(Relay::default());
+        Self {
+            tx,
+            conn: Some(Box::new(conn)),
+            waker: Waker::from(relay.clone()),
+            relay,
+        }
+    }
+
+    /// Wake-ups from now on are the holder's own: it polls the connection next.
+    fn local(&self) {
+        self.relay.state.store(LOCAL, Ordering::Release);
+    }
+
+    /// Lets the connection do what it can, then polls `f` for the outcome, until `f` is ready
+    /// or nothing woke the connection meanwhile. `f` gets a no-op waker: only the connection
+    /// completes what `f` waits for, and it is polled (with the relay) before each call.
+    ///
+    /// A wake-up noted in the round where `f` is ready is dropped: what the connection would
+    /// do next (read on, take more of the request body) is only of use to this request, which
+    /// comes back here when it wants more.
+    fn drive<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut f: impl FnMut(&mut SendRequest<Body>, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.relay.task.register(cx.waker());
+        loop {
+            self.local();
+            let Some(conn) = self.conn.as_mut() else {
+                // Ended: what `f` waits for has failed already.
+                return f(&mut self.tx, cx);
+            };
+            let relay = &mut Context::from_waker(&self.waker);
+            if let Poll::Ready(r) = Pin::new(&mut **conn).poll(relay) {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                self.conn = None;
+                return f(&mut self.tx, cx);
+            }
+            let r = f(&mut self.tx, &mut Context::from_waker(Waker::noop()));
+            // Wake-ups reach the task again; any noted meanwhile mean another round.
+            if self.relay.state.swap(0, Ordering::AcqRel) & WOKEN == 0 || r.is_ready() {
+                return r;
+            }
+        }
+    }
+
+    /// Like `drive`, but tries `f` first: what the connection did last time may be all that
+    /// `f` waits for (a response body read along with its head).
+    fn take<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut f: impl FnMut(&mut SendRequest<Body>, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        if self.conn.is_none() {
+            return f(&mut self.tx, cx);
+        }
+        self.local();
+        let r = f(&mut self.tx, &mut Context::from_waker(Waker::noop()));
+        self.relay.state.store(0, Ordering::Release);
+        match r {
+            Poll::Pending => self.drive(cx, f),
+            ready => ready,
+        }
+    }
+
+    /// Hands the connection to a task of its own, which can also complete an upgrade
+    /// (`hyper::upgrade::on`); the request no longer drives it.
+    fn detach(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
+        }
+    }
+
+    /// Alive and waiting for a next request (not, say, still sending an earlier body).
+    fn idle(&self) -> bool {
+        self.conn.is_some() && self.tx.is_ready()
+    }
+}
+
+struct Idle {
+    up: Upstream,
     since: Instant,
 }
 
 impl Idle {
     fn usable(&self, now: Instant, idle_timeout: Duration) -> bool {
-        !self.tx.is_closed() && now.duration_since(self.since) < idle_timeout
+        !self.up.tx.is_closed() && now.duration_since(self.since) < idle_timeout
     }
 }
 
@@ -118,7 +261,8 @@ impl Pool {
     /// Sends `req` (origin-form URI) to `scheme://authority`. A request that never left on a
     /// reused connection (the upstream closed it meanwhile) is retried once on a new one.
     /// `now`: the caller's clock reading (connections idle since before it are stale; a
-    /// connection given back counts as idle from it).
+    /// connection given back counts as idle from it). `upgrade`: the request asks for a
+    /// protocol switch, so its connection gets a task of its own (see [`Upstream::detach`]).
     ///
     /// An async block, not an async fn: its state holds the request once, where an async fn
     /// keeps a second slot for the argument (320 bytes more in every request's future).
@@ -128,29 +272,38 @@ impl Pool {
         authority: &'a Authority,
         mut req: Request<Body>,
         now: Instant,
-    ) -> impl std::future::Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a
-    {
+        upgrade: bool,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         let https = *scheme == Scheme::HTTPS;
         async move {
             loop {
                 let (home, idle) = self.checkout(https, authority, now);
-                let (mut tx, reused) = match idle {
-                    Some(tx) => (tx, true),
+                let (mut up, reused) = match idle {
+                    Some(up) => (up, true),
                     // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
                     // make every request's future that large, to be allocated and copied.
                     None => (Box::pin(self.connect(&home.origin)).await?, false),
                 };
-                if let Err(e) = tx.ready().await {
-                    if reused {
-                        continue;
-                    }
-                    return Err(e.into());
+                if upgrade {
+                    up.detach();
                 }
-                match tx.try_send_request(req).await {
+                // A connection from the pool is ready (see `give_back`); a new one after its
+                // first poll.
+                if !up.tx.is_ready() {
+                    if let Err(e) = poll_fn(|cx| up.drive(cx, |tx, cx| tx.poll_ready(cx))).await {
+                        if reused {
+                            continue;
+                        }
+                        return Err(e.into());
+                    }
+                }
+                up.local();
+                let mut sent = std::pin::pin!(up.tx.try_send_request(req));
+                match poll_fn(|cx| up.drive(cx, |_, cx| sent.as_mut().poll(cx))).await {
                     Ok(resp) => {
                         let conn = Some(Returning {
                             home,
-                            tx,
+                            up,
                             since: now,
                         });
                         return Ok(resp.map(|body| UpstreamBody {
@@ -175,7 +328,7 @@ impl Pool {
         https: bool,
         authority: &Authority,
         now: Instant,
-    ) -> (Arc<Home>, Option<SendRequest<Body>>) {
+    ) -> (Arc<Home>, Option<Upstream>) {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let entry = entry(
@@ -194,18 +347,18 @@ impl Pool {
                     })
                 },
             );
-            let mut tx = None;
+            let mut up = None;
             while let Some(c) = entry.conns.pop_back() {
                 if c.usable(now, self.idle_timeout) {
-                    tx = Some(c.tx);
+                    up = Some(c.up);
                     break;
                 }
             }
-            (entry.home.clone(), tx)
+            (entry.home.clone(), up)
         })
     }
 
-    async fn connect(&self, origin: &Origin) -> Result<SendRequest<Body>, SendError> {
+    async fn connect(&self, origin: &Origin) -> Result<Upstream, SendError> {
         let uri = Uri::builder()
             .scheme(if origin.https {
                 Scheme::HTTPS
@@ -222,26 +375,21 @@ impl Pool {
             .await
             .map_err(|e| SendError::Connect(crate::error::source_chain(&*e)))?;
         let (tx, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(tx)
+        Ok(Upstream::new(tx, conn))
     }
 }
 
 /// A connection lent to one request, given back when its response body is complete.
 struct Returning {
     home: Arc<Home>,
-    tx: SendRequest<Body>,
+    up: Upstream,
     /// When the request that borrowed it started (no clock reading of its own).
     since: Instant,
 }
 
 impl Returning {
     fn give_back(self) {
-        if self.tx.is_closed() || self.home.pool_alive.strong_count() == 0 {
+        if !self.up.idle() || self.home.pool_alive.strong_count() == 0 {
             return;
         }
         IDLE.with(|idle| {
@@ -260,8 +408,9 @@ impl Returning {
                 conns.pop_front();
             }
             if conns.len() < self.home.max_idle {
+                self.up.relay.state.store(PARKED, Ordering::Release);
                 conns.push_back(Idle {
-                    tx: self.tx,
+                    up: self.up,
                     since: now,
                 });
             }
@@ -288,7 +437,8 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
-    /// Keeps the connection out of the pool (it was upgraded to a tunnel).
+    /// Keeps the connection out of the pool (it was upgraded to a tunnel, which its own task,
+    /// started when an upgrade was asked for, completes).
     pub fn detach(&mut self) {
         self.conn = None;
     }
@@ -309,12 +459,17 @@ impl http_body::Body for UpstreamBody {
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
-        let frame = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if let std::task::Poll::Ready(None) = frame {
-            self.ended = true;
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let body = &mut this.body;
+        let frame = match this.conn.as_mut() {
+            Some(c) => c.up.take(cx, |_, cx| Pin::new(&mut *body).poll_frame(cx)),
+            None => Pin::new(body).poll_frame(cx),
+        };
+        if let Poll::Ready(None) = frame {
+            this.ended = true;
         }
         frame
     }
@@ -385,7 +540,7 @@ mod tests {
             .unwrap();
         let get = || Request::get("/").body(Body::Empty).unwrap();
         let resp = rt
-            .block_on(pool.send(&Scheme::HTTP, &authority, get(), Instant::now()))
+            .block_on(pool.send(&Scheme::HTTP, &authority, get(), Instant::now(), false))
             .unwrap();
         let mut body = resp.into_body();
         rt.block_on(async {
