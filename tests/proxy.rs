@@ -848,6 +848,49 @@ async fn upstream_connections_are_reused_but_never_dirty() {
     assert_eq!(log.lock().unwrap().len(), before_abort + 4);
 }
 
+/// With several worker threads, a connection goes back to the thread that took it, wherever
+/// tokio moved the request meanwhile: under steady concurrent traffic the gateway keeps
+/// reusing its connections instead of opening new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_connections_stay_few_with_several_worker_threads() {
+    const WORKERS: usize = 2;
+    const CLIENTS: usize = 8;
+    const EACH: usize = 250;
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, &[]).await;
+    let (up, log) = counting_upstream();
+    let mut opts = GatewayOpts::new(port, &idp, &format!("http://127.0.0.1:{up}"));
+    opts.env
+        .push(("PORTCULLIS_WORKER_THREADS".into(), WORKERS.to_string()));
+    let gw = Gateway::start(opts).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let start = log.lock().unwrap().len();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (url, cookie) = (gw.url(&format!("/c{i}")), cookie.clone());
+            tokio::spawn(async move {
+                for _ in 0..EACH {
+                    let r = send("GET", &url, &[("cookie", &cookie)], Vec::new()).await;
+                    assert_eq!(r.status, 200, "{}", r.dump());
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let log = log.lock().unwrap();
+    assert_eq!(log.len() - start, CLIENTS * EACH);
+    let used: std::collections::HashSet<usize> = log[start..].iter().map(|(c, _)| *c).collect();
+    // A thread opens one only when all of its own are in use.
+    assert!(
+        used.len() <= WORKERS * CLIENTS,
+        "{} upstream connections for {} requests",
+        used.len(),
+        CLIENTS * EACH
+    );
+}
+
 #[tokio::test]
 async fn a_client_reading_slowly_gets_the_whole_response() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tower::Service;
@@ -192,45 +192,22 @@ impl Idle {
     }
 }
 
-/// Where a lent connection goes back to: one per thread, pool and origin, shared by the
-/// connections lent out, so that each response body carries a pointer to it.
+/// A thread's idle connections to one origin (of one pool), oldest first. A lent connection
+/// comes back here even when its request ends on another worker thread (tokio moves tasks):
+/// given back where it ends instead, connections pile up on the threads where responses
+/// finish while the threads where requests start keep opening new ones. The lock is this
+/// thread's own; another thread takes it only to give a connection back.
 struct Home {
     origin: Origin,
     /// Dead once the pool is dropped (a reload with other client options): then the entry goes.
     pool_alive: Weak<()>,
     max_idle: usize,
     idle_timeout: Duration,
-}
-
-/// A thread's idle connections to one origin, oldest first.
-struct PerOrigin {
-    home: Arc<Home>,
-    conns: VecDeque<Idle>,
+    conns: Mutex<VecDeque<Idle>>,
 }
 
 thread_local! {
-    static IDLE: RefCell<Vec<PerOrigin>> = const { RefCell::new(Vec::new()) };
-}
-
-/// This thread's entry for the origin `is` picks, made with `home()` when there is none
-/// (the entries of pools replaced by a reload go then).
-fn entry(
-    idle: &mut Vec<PerOrigin>,
-    is: impl Fn(&Origin) -> bool,
-    home: impl FnOnce() -> Arc<Home>,
-) -> &mut PerOrigin {
-    let at = match idle.iter().position(|p| is(&p.home.origin)) {
-        Some(at) => at,
-        None => {
-            idle.retain(|p| p.home.pool_alive.strong_count() > 0);
-            idle.push(PerOrigin {
-                home: home(),
-                conns: VecDeque::new(),
-            });
-            idle.len() - 1
-        }
-    };
-    &mut idle[at]
+    static HOMES: RefCell<Vec<Arc<Home>>> = const { RefCell::new(Vec::new()) };
 }
 
 pub struct Pool {
@@ -321,7 +298,7 @@ impl Pool {
         }
     }
 
-    /// This thread's entry for the origin (made on first use), and its most recently used
+    /// This thread's home for the origin (made on first use), and its most recently used
     /// live connection, dropping dead and stale ones.
     fn checkout(
         &self,
@@ -329,33 +306,40 @@ impl Pool {
         authority: &Authority,
         now: Instant,
     ) -> (Arc<Home>, Option<Upstream>) {
-        IDLE.with(|idle| {
-            let mut idle = idle.borrow_mut();
-            let entry = entry(
-                &mut idle,
-                |o| o.is(self.id, https, authority),
-                || {
-                    Arc::new(Home {
-                        origin: Origin {
-                            pool: self.id,
-                            https,
-                            authority: authority.clone(),
-                        },
-                        pool_alive: Arc::downgrade(&self.alive),
-                        max_idle: self.max_idle,
-                        idle_timeout: self.idle_timeout,
-                    })
+        let home = HOMES.with(|homes| {
+            let mut homes = homes.borrow_mut();
+            if let Some(h) = homes
+                .iter()
+                .find(|h| h.origin.is(self.id, https, authority))
+            {
+                return h.clone();
+            }
+            // The homes of pools replaced by a reload go now.
+            homes.retain(|h| h.pool_alive.strong_count() > 0);
+            let home = Arc::new(Home {
+                origin: Origin {
+                    pool: self.id,
+                    https,
+                    authority: authority.clone(),
                 },
-            );
-            let mut up = None;
-            while let Some(c) = entry.conns.pop_back() {
+                pool_alive: Arc::downgrade(&self.alive),
+                max_idle: self.max_idle,
+                idle_timeout: self.idle_timeout,
+                conns: Mutex::new(VecDeque::new()),
+            });
+            homes.push(home.clone());
+            home
+        });
+        let mut up = None;
+        if let Ok(mut conns) = home.conns.lock() {
+            while let Some(c) = conns.pop_back() {
                 if c.usable(now, self.idle_timeout) {
                     up = Some(c.up);
                     break;
                 }
             }
-            (entry.home.clone(), up)
-        })
+        }
+        (home, up)
     }
 
     async fn connect(&self, origin: &Origin) -> Result<Upstream, SendError> {
@@ -388,33 +372,38 @@ struct Returning {
 }
 
 impl Returning {
-    fn give_back(self) {
+    fn give_back(mut self) {
+        if !self.up.idle() {
+            // The answer may have come before the connection saw the end of the request body:
+            // one more look (nobody to wake: it is not waited on).
+            if let Some(conn) = self.up.conn.as_mut() {
+                let nobody = &mut Context::from_waker(Waker::noop());
+                if Pin::new(&mut **conn).poll(nobody).is_ready() {
+                    return;
+                }
+            }
+        }
         if !self.up.idle() || self.home.pool_alive.strong_count() == 0 {
             return;
         }
-        IDLE.with(|idle| {
-            let mut idle = idle.borrow_mut();
-            // Usually the entry it came from (same `Home`: no authority comparison); on another
-            // worker thread (the task moved), that thread's entry for the origin.
-            let home = &self.home;
-            let same = |o: &Origin| std::ptr::eq(o, &home.origin) || *o == home.origin;
-            let conns = &mut entry(&mut idle, same, || home.clone()).conns;
-            let now = self.since;
-            // Connections unused for the idle timeout are closed as traffic goes on.
-            if conns
-                .front()
-                .is_some_and(|c| !c.usable(now, self.home.idle_timeout))
-            {
-                conns.pop_front();
-            }
-            if conns.len() < self.home.max_idle {
-                self.up.relay.state.store(PARKED, Ordering::Release);
-                conns.push_back(Idle {
-                    up: self.up,
-                    since: now,
-                });
-            }
-        });
+        let Ok(mut conns) = self.home.conns.lock() else {
+            return;
+        };
+        let now = self.since;
+        // Connections unused for the idle timeout are closed as traffic goes on.
+        if conns
+            .front()
+            .is_some_and(|c| !c.usable(now, self.home.idle_timeout))
+        {
+            conns.pop_front();
+        }
+        if conns.len() < self.home.max_idle {
+            self.up.relay.state.store(PARKED, Ordering::Release);
+            conns.push_back(Idle {
+                up: self.up,
+                since: now,
+            });
+        }
     }
 }
 
@@ -530,7 +519,7 @@ mod tests {
     }
 
     #[test]
-    fn a_body_finished_on_another_thread_leaves_its_connection_there() {
+    fn a_body_finished_on_another_thread_brings_its_connection_home() {
         let authority = upstream();
         let pool = Arc::new(pool());
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -539,16 +528,20 @@ mod tests {
             .build()
             .unwrap();
         let get = || Request::get("/").body(Body::Empty).unwrap();
-        let resp = rt
-            .block_on(pool.send(&Scheme::HTTP, &authority, get(), Instant::now(), false))
-            .unwrap();
-        let mut body = resp.into_body();
-        rt.block_on(async {
-            while let Some(frame) = body.frame().await {
-                frame.unwrap();
-            }
-        });
+        let send = |pool: &Pool| {
+            let resp = rt
+                .block_on(pool.send(&Scheme::HTTP, &authority, get(), Instant::now(), false))
+                .unwrap();
+            let mut body = resp.into_body();
+            rt.block_on(async {
+                while let Some(frame) = body.frame().await {
+                    frame.unwrap();
+                }
+            });
+            body
+        };
         // The task that read it moved to another worker thread, where the body is dropped.
+        let body = send(&pool);
         let elsewhere = {
             let (pool, authority) = (pool.clone(), authority.clone());
             std::thread::spawn(move || {
@@ -559,10 +552,17 @@ mod tests {
             .unwrap()
         };
         assert!(
-            elsewhere,
-            "the connection is idle on the thread that finished with it"
+            !elsewhere,
+            "the connection did not stay where its body ended"
         );
-        let here = pool.checkout(false, &authority, Instant::now()).1;
-        assert!(here.is_none(), "and only there");
+        let home = pool.checkout(false, &authority, Instant::now()).1;
+        assert!(home.is_some(), "it is idle where it was taken from");
+
+        // A connection answered and read to the end is reused, not replaced.
+        drop(home);
+        let first = send(&pool);
+        drop(first);
+        let (_, again) = pool.checkout(false, &authority, Instant::now());
+        assert!(again.is_some());
     }
 }

@@ -416,7 +416,7 @@ impl<T: Transport> Conn<T> {
                 }
             }
             if !finished && out.body_empty() {
-                match Pin::new(&mut body).poll_frame(cx) {
+                let end = match Pin::new(&mut body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Ok(mut data) = frame.into_data() {
                             if let Some(left) = remaining.as_mut() {
@@ -430,26 +430,32 @@ impl<T: Transport> Conn<T> {
                             }
                             out.stage(data, kind == BodyKind::Chunked);
                         }
+                        !finished && body.is_end_stream()
                     }
-                    Poll::Ready(None) => {
-                        finished = true;
-                        if kind == BodyKind::Chunked {
-                            out.tail = b"0\r\n\r\n";
-                        }
-                        // Shorter than announced: the client must not wait for the rest.
-                        failed |= remaining.is_some_and(|n| n != 0);
-                    }
+                    Poll::Ready(None) => true,
                     Poll::Ready(Some(Err(e))) => {
                         tracing::debug!(error = %e, "response body failed");
                         finished = true;
                         failed = true;
+                        false
                     }
                     Poll::Pending if out.is_empty() => {
                         // Nothing to write until the body has more: what was written goes out.
                         ready!(Pin::new(&mut self.io).poll_flush(cx)).map_err(|_| Stop::Now)?;
                         return Poll::Pending;
                     }
-                    Poll::Pending => {}
+                    Poll::Pending => false,
+                };
+                if end {
+                    finished = true;
+                    if kind == BodyKind::Chunked {
+                        out.tail = b"0\r\n\r\n";
+                    }
+                    // Shorter than announced: the client must not wait for the rest.
+                    failed |= remaining.is_some_and(|n| n != 0);
+                    // Done with the body: an upstream connection goes back to its pool now, not
+                    // once the last bytes have reached the client.
+                    body = Body::Empty;
                 }
             }
             if !out.is_empty() {
