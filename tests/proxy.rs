@@ -515,6 +515,20 @@ async fn http2_requests_get_x_forwarded_host() {
     );
 }
 
+/// A raw upstream's read of one request head, byte by byte (`None`: the connection ended).
+fn read_head(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(head)
+}
+
 /// A raw upstream that answers an upgrade with 101 and then echoes every byte back.
 fn echo_upgrade_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
@@ -526,14 +540,9 @@ fn echo_upgrade_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>
         for mut s in l.incoming().flatten() {
             let seen = seen.clone();
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut b).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(b[0]);
-                }
+                let Some(head) = read_head(&mut s) else {
+                    return;
+                };
                 seen.lock()
                     .unwrap()
                     .push(String::from_utf8_lossy(&head).to_lowercase());
@@ -631,14 +640,9 @@ fn duplex_echo_upstream() -> u16 {
     std::thread::spawn(move || {
         for mut s in l.incoming().flatten() {
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut b).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(b[0]);
-                }
+                let Some(head) = read_head(&mut s) else {
+                    return;
+                };
                 let head = String::from_utf8_lossy(&head).to_lowercase();
                 let mut left: usize = head
                     .lines()
@@ -726,7 +730,7 @@ const HUGE_BODY_BYTES: usize = 64 << 20;
 type RequestLog = std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>;
 
 fn counting_upstream() -> (u16, RequestLog) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -735,14 +739,9 @@ fn counting_upstream() -> (u16, RequestLog) {
         for (conn, mut s) in l.incoming().flatten().enumerate() {
             let seen = seen.clone();
             std::thread::spawn(move || loop {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut b).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(b[0]);
-                }
+                let Some(head) = read_head(&mut s) else {
+                    return;
+                };
                 let line = String::from_utf8_lossy(&head).to_string();
                 let path = line.split(' ').nth(1).unwrap_or("").to_string();
                 seen.lock().unwrap().push((conn, path.clone()));
