@@ -1,6 +1,7 @@
 //! Upstream HTTP/1.1 connections, kept per worker thread and handed straight to the next
-//! request: no lock shared between cores, and no task spawned per request to wait for a
-//! connection to come back (a connection returns to the pool when its response body is done).
+//! request: no lock shared by all cores (each thread's list has its own, see `Home`), and
+//! no task spawned per request to wait for a connection to come back (a connection returns
+//! to the pool when its response body is done).
 //!
 //! A connection has no task of its own: the request that borrows it polls it, in the client
 //! connection's task, while waiting for the answer and while reading the answer's body. A
@@ -239,7 +240,7 @@ impl Pool {
     /// reused connection (the upstream closed it meanwhile) is retried once on a new one.
     /// `now`: the caller's clock reading (connections idle since before it are stale; a
     /// connection given back counts as idle from it). `upgrade`: the request asks for a
-    /// protocol switch, so its connection gets a task of its own (see [`Upstream::detach`]).
+    /// protocol switch, so its connection gets a task of its own (see `Upstream::detach`).
     ///
     /// An async block, not an async fn: its state holds the request once, where an async fn
     /// keeps a second slot for the argument (320 bytes more in every request's future).
