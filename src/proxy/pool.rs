@@ -37,7 +37,7 @@ pub enum SendError {
 }
 
 /// Which upstream a connection goes to (one pool per client generation and origin).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct Origin {
     pool: u64,
     https: bool,
