@@ -126,7 +126,7 @@ impl Upstream {
         loop {
             self.local();
             let Some(conn) = self.conn.as_mut() else {
-                // Ended: what `f` waits for has failed already.
+                // Ended (before or in the last round): what `f` waits for is settled.
                 return f(&mut self.tx, cx);
             };
             let relay = &mut Context::from_waker(&self.waker);
@@ -135,7 +135,7 @@ impl Upstream {
                     tracing::debug!(error = %e, "upstream connection ended");
                 }
                 self.conn = None;
-                return f(&mut self.tx, cx);
+                continue;
             }
             let r = f(&mut self.tx, &mut Context::from_waker(Waker::noop()));
             // Wake-ups reach the task again; any noted meanwhile mean another round.
@@ -152,16 +152,15 @@ impl Upstream {
         cx: &mut Context<'_>,
         mut f: impl FnMut(&mut SendRequest<Body>, &mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        if self.conn.is_none() {
-            return f(&mut self.tx, cx);
+        if self.conn.is_some() {
+            self.local();
+            let r = f(&mut self.tx, &mut Context::from_waker(Waker::noop()));
+            self.relay.state.store(0, Ordering::Release);
+            if r.is_ready() {
+                return r;
+            }
         }
-        self.local();
-        let r = f(&mut self.tx, &mut Context::from_waker(Waker::noop()));
-        self.relay.state.store(0, Ordering::Release);
-        match r {
-            Poll::Pending => self.drive(cx, f),
-            ready => ready,
-        }
+        self.drive(cx, f)
     }
 
     /// Hands the connection to a task of its own, which can also complete an upgrade
