@@ -100,9 +100,11 @@ impl UpstreamClients {
         authority: &'a Authority,
         req: http::Request<Body>,
         now: std::time::Instant,
+        deadline: tokio::time::Instant,
         upgrade: bool,
     ) -> impl std::future::Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + 'a
     {
-        self.pool.send(scheme, authority, req, now, upgrade)
+        self.pool
+            .send(scheme, authority, req, now, deadline, upgrade)
     }
 }

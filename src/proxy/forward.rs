@@ -8,6 +8,7 @@ use crate::error::{source_chain, GatewayError};
 use crate::metrics::{ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{AuthMode, Route};
+use crate::proxy::pool::SendError;
 use crate::server::h1::io::ClientUpgrade;
 use crate::session::ActiveSession;
 use http::uri::PathAndQuery;
@@ -190,14 +191,14 @@ async fn forward(
     *req.uri_mut() = upstream_uri(up, std::mem::take(req.uri_mut()))?;
     *req.version_mut() = Version::HTTP_11;
     let upgrade = client_upgrade.is_some();
+    let deadline = tokio::time::Instant::from_std(start) + timeout;
     let sent = app
         .upstream
-        .send(&up.scheme, &up.authority, req, start, upgrade);
-    let deadline = tokio::time::Instant::from_std(start) + timeout;
-    let mut resp = match tokio::time::timeout_at(deadline, sent).await {
-        Err(_) => return Err(GatewayError::UpstreamTimeout),
-        Ok(Err(e)) => return Err(GatewayError::UpstreamConnect(source_chain(&e))),
-        Ok(Ok(r)) => r,
+        .send(&up.scheme, &up.authority, req, start, deadline, upgrade);
+    let mut resp = match sent.await {
+        Ok(r) => r,
+        Err(SendError::Timeout) => return Err(GatewayError::UpstreamTimeout),
+        Err(e) => return Err(GatewayError::UpstreamConnect(source_chain(&e))),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // The connection becomes the tunnel: it never goes back to the pool.

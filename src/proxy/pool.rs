@@ -34,6 +34,8 @@ pub enum SendError {
     Connect(String),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    #[error("no response before the deadline")]
+    Timeout,
 }
 
 /// Which upstream a connection goes to (one pool per client generation and origin).
@@ -63,6 +65,10 @@ struct Upstream {
     relay: Arc<Relay>,
     /// `relay` as a waker, made once.
     waker: Waker,
+    /// The deadline for the response head of the request in flight. One timer for the
+    /// connection's life: moved later for each request, it stays in tokio's timer wheel
+    /// (a later deadline is only noted) instead of being added and removed per request.
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// The waker the connection is polled with. Most wake-ups of a connection come from the very
@@ -95,13 +101,14 @@ impl std::task::Wake for Relay {
 }
 
 impl Upstream {
-    fn new(tx: SendRequest<Body>, conn: Connection) -> Self {
+    fn new(tx: SendRequest<Body>, conn: Connection, deadline: tokio::time::Instant) -> Self {
         let relay = Arc::new(Relay::default());
         Self {
             tx,
             conn: Some(Box::new(conn)),
             waker: Waker::from(relay.clone()),
             relay,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
         }
     }
 
@@ -161,6 +168,21 @@ impl Upstream {
             }
         }
         self.drive(cx, f)
+    }
+
+    /// `drive`, until the deadline.
+    fn until_deadline<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        f: impl FnMut(&mut SendRequest<Body>, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<Result<T, SendError>> {
+        if let Poll::Ready(r) = self.drive(cx, f) {
+            return Poll::Ready(Ok(r));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(SendError::Timeout)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// Hands the connection to a task of its own, which can also complete an upgrade
@@ -238,7 +260,8 @@ impl Pool {
     /// Sends `req` (origin-form URI) to `scheme://authority`. A request that never left on a
     /// reused connection (the upstream closed it meanwhile) is retried once on a new one.
     /// `now`: the caller's clock reading (connections idle since before it are stale; a
-    /// connection given back counts as idle from it). `upgrade`: the request asks for a
+    /// connection given back counts as idle from it). `deadline`: when to give up waiting
+    /// for the response head, connecting included. `upgrade`: the request asks for a
     /// protocol switch, so its connection gets a task of its own (see `Upstream::detach`).
     ///
     /// An async block, not an async fn: its state holds the request once, where an async fn
@@ -249,6 +272,7 @@ impl Pool {
         authority: &'a Authority,
         mut req: Request<Body>,
         now: Instant,
+        deadline: tokio::time::Instant,
         upgrade: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         let https = *scheme == Scheme::HTTPS;
@@ -256,10 +280,19 @@ impl Pool {
             loop {
                 let (home, idle) = self.checkout(https, authority, now);
                 let (mut up, reused) = match idle {
-                    Some(up) => (up, true),
+                    Some(mut up) => {
+                        up.deadline.as_mut().reset(deadline);
+                        (up, true)
+                    }
                     // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
                     // make every request's future that large, to be allocated and copied.
-                    None => (Box::pin(self.connect(&home.origin)).await?, false),
+                    None => {
+                        let connect = Box::pin(self.connect(&home.origin, deadline));
+                        match tokio::time::timeout_at(deadline, connect).await {
+                            Ok(up) => (up?, false),
+                            Err(_) => return Err(SendError::Timeout),
+                        }
+                    }
                 };
                 if upgrade {
                     up.detach();
@@ -267,7 +300,8 @@ impl Pool {
                 // A connection from the pool is ready (see `give_back`); a new one after its
                 // first poll.
                 if !up.tx.is_ready() {
-                    if let Err(e) = poll_fn(|cx| up.drive(cx, |tx, cx| tx.poll_ready(cx))).await {
+                    let ready = poll_fn(|cx| up.until_deadline(cx, |tx, cx| tx.poll_ready(cx)));
+                    if let Err(e) = ready.await? {
                         if reused {
                             continue;
                         }
@@ -276,7 +310,7 @@ impl Pool {
                 }
                 up.local();
                 let mut sent = std::pin::pin!(up.tx.try_send_request(req));
-                match poll_fn(|cx| up.drive(cx, |_, cx| sent.as_mut().poll(cx))).await {
+                match poll_fn(|cx| up.until_deadline(cx, |_, cx| sent.as_mut().poll(cx))).await? {
                     Ok(resp) => {
                         let conn = Some(Returning {
                             home,
@@ -342,7 +376,11 @@ impl Pool {
         (home, up)
     }
 
-    async fn connect(&self, origin: &Origin) -> Result<Upstream, SendError> {
+    async fn connect(
+        &self,
+        origin: &Origin,
+        deadline: tokio::time::Instant,
+    ) -> Result<Upstream, SendError> {
         let uri = Uri::builder()
             .scheme(if origin.https {
                 Scheme::HTTPS
@@ -359,7 +397,7 @@ impl Pool {
             .await
             .map_err(|e| SendError::Connect(crate::error::source_chain(&*e)))?;
         let (tx, conn) = hyper::client::conn::http1::handshake(io).await?;
-        Ok(Upstream::new(tx, conn))
+        Ok(Upstream::new(tx, conn, deadline))
     }
 }
 
@@ -530,7 +568,14 @@ mod tests {
         let get = || Request::get("/").body(Body::Empty).unwrap();
         let send = |pool: &Pool| {
             let resp = rt
-                .block_on(pool.send(&Scheme::HTTP, &authority, get(), Instant::now(), false))
+                .block_on(pool.send(
+                    &Scheme::HTTP,
+                    &authority,
+                    get(),
+                    Instant::now(),
+                    tokio::time::Instant::now() + Duration::from_secs(5),
+                    false,
+                ))
                 .unwrap();
             let mut body = resp.into_body();
             rt.block_on(async {
