@@ -113,18 +113,24 @@ impl Service<Request<Body>> for Forward {
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
         let app = self.app.clone();
-        let user = req
-            .extensions_mut()
+        // The request's extensions stay here, not sent with it: their map (allocated for the
+        // connection info) carries the response's facts back, no second map per request.
+        let mut extensions = std::mem::take(req.extensions_mut());
+        let user = extensions
             .remove::<Arc<ActiveSession>>()
             .map(|s| s.sub.clone());
+        // Only an upgrade the hygiene layer let through (it keeps `Upgrade` for those alone).
+        let client_upgrade = extensions
+            .remove::<ClientUpgrade>()
+            .filter(|_| req.headers().contains_key(header::UPGRADE));
         Box::pin(async move {
-            let route = app.route_of(&req);
+            let route = app.route_in(&extensions);
             let kind = match route.map(|r| r.auth) {
                 Some(AuthMode::Skip) => RouteKind::SkipAuth,
                 _ => RouteKind::Proxied,
             };
             let start = std::time::Instant::now();
-            let result = forward(&app, route, req, start).await;
+            let result = forward(&app, route, req, client_upgrade, start).await;
             let end = std::time::Instant::now();
             let upstream_time = end.saturating_duration_since(start);
             let mut resp = match result {
@@ -146,12 +152,14 @@ impl Service<Request<Body>> for Forward {
                     e.into_response()
                 }
             };
-            resp.extensions_mut().insert(ResponseFacts {
+            extensions.insert(ResponseFacts {
                 route: Some(kind),
                 upstream_time: Some(upstream_time),
                 user,
                 end: Some(end),
             });
+            let from_upstream = std::mem::replace(resp.extensions_mut(), extensions);
+            resp.extensions_mut().extend(from_upstream);
             Ok(resp)
         })
     }
@@ -176,13 +184,9 @@ async fn forward(
     app: &App,
     route: Option<&Route>,
     mut req: Request<Body>,
+    client_upgrade: Option<ClientUpgrade>,
     start: std::time::Instant,
 ) -> Result<Response<Body>, GatewayError> {
-    // Only an upgrade the hygiene layer let through (it keeps `Upgrade` for those alone).
-    let client_upgrade = req
-        .extensions_mut()
-        .remove::<ClientUpgrade>()
-        .filter(|_| req.headers().contains_key(header::UPGRADE));
     let up = app.upstream_for(route);
     let timeout = route
         .and_then(|r| r.upstream_response)
