@@ -1,5 +1,6 @@
 //! Forwarding to the upstream: the pooled client, header hygiene, the forward itself.
 
+pub mod batch;
 pub mod client;
 pub mod forward;
 pub mod headers;

@@ -52,8 +52,10 @@ impl Origin {
     }
 }
 
-type Connection =
-    hyper::client::conn::http1::Connection<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>, Body>;
+type Connection = hyper::client::conn::http1::Connection<
+    super::batch::Batched<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>>,
+    Body,
+>;
 
 /// One upstream connection: the handle requests are sent through, and the connection that
 /// reads and writes them, polled by whichever request holds it.
@@ -396,7 +398,8 @@ impl Pool {
             .call(uri)
             .await
             .map_err(|e| SendError::Connect(crate::error::source_chain(&*e)))?;
-        let (tx, conn) = hyper::client::conn::http1::handshake(io).await?;
+        let (tx, conn) =
+            hyper::client::conn::http1::handshake(super::batch::Batched::new(io)).await?;
         Ok(Upstream::new(tx, conn, deadline))
     }
 }

@@ -1,0 +1,423 @@
+//! Writes to upstream connections leave together, once per scheduler round.
+//!
+//! A request written to the upstream the moment it is ready wakes the upstream's process, which
+//! answers and goes back to sleep before the next request arrives: under load, a wake-up (often
+//! an inter-processor interrupt) per request, paid in the kernel by the writer. Held back until
+//! the tasks that are ready now have run, the requests of one round go out back to back and the
+//! upstream wakes once for all of them (measured: a third of the wake-ups, ~1 µs less system
+//! time per request).
+//!
+//! A connection's write is copied into its own buffer and queued on its thread's flusher, a task
+//! that runs after the tasks already scheduled. What the flusher cannot write (the socket is
+//! full, or failed) is left to the connection: its holder is woken and writes the rest itself,
+//! waiting for the socket like any write, and sees any error.
+
+use hyper::rt::{Read, ReadBufCursor, Write};
+use std::cell::RefCell;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll, Waker};
+
+/// Writes are held back up to this much; beyond it they go out at once (a large request body
+/// streams as it would without batching).
+const MAX_HELD: usize = 16 * 1024;
+
+/// An upstream connection's transport whose writes wait for the thread's flush.
+pub struct Batched<T> {
+    shared: Arc<Shared<T>>,
+}
+
+struct Shared<T> {
+    state: Mutex<State<T>>,
+}
+
+struct State<T> {
+    io: T,
+    held: Vec<u8>,
+    /// On a flusher's queue: the flusher writes `held`. Otherwise the connection does.
+    queued: bool,
+    /// Who to wake when the flusher leaves `held` to the connection.
+    holder: Option<Waker>,
+}
+
+trait Flush: Send + Sync {
+    fn flush(&self);
+}
+
+/// A thread's connections with writes held back, and its flusher task.
+struct Queue {
+    conns: Mutex<Vec<Arc<dyn Flush>>>,
+    task: futures_util::task::AtomicWaker,
+    woken: AtomicBool,
+    /// The flusher still runs (its runtime was not shut down).
+    alive: AtomicBool,
+}
+
+thread_local! {
+    static QUEUE: RefCell<Option<Arc<Queue>>> = const { RefCell::new(None) };
+}
+
+/// Queues `conn` for this thread's flush; `false`: no runtime to flush it (write it now).
+fn enqueue(conn: Arc<dyn Flush>) -> bool {
+    let queue = QUEUE.with(|q| {
+        let mut q = q.borrow_mut();
+        match &*q {
+            Some(queue) if queue.alive.load(Ordering::Acquire) => Some(queue.clone()),
+            _ => {
+                let handle = tokio::runtime::Handle::try_current().ok()?;
+                let queue = Arc::new(Queue {
+                    conns: Mutex::new(Vec::new()),
+                    task: futures_util::task::AtomicWaker::new(),
+                    woken: AtomicBool::new(false),
+                    alive: AtomicBool::new(true),
+                });
+                handle.spawn(flusher(Alive(queue.clone())));
+                *q = Some(queue.clone());
+                Some(queue)
+            }
+        }
+    });
+    let Some(queue) = queue else {
+        return false;
+    };
+    match queue.conns.lock() {
+        Ok(mut conns) => conns.push(conn),
+        Err(_) => return false,
+    }
+    if !queue.woken.swap(true, Ordering::AcqRel) {
+        queue.task.wake();
+    }
+    true
+}
+
+/// The flusher's hold on its queue; dropped with the task (runtime shut down), it tells the
+/// thread to start another flusher on its next runtime.
+struct Alive(Arc<Queue>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Release);
+        if let Ok(mut conns) = self.0.conns.lock() {
+            for conn in conns.drain(..) {
+                conn.flush();
+            }
+        }
+    }
+}
+
+async fn flusher(alive: Alive) {
+    let queue = &alive.0;
+    let mut batch = Vec::new();
+    std::future::poll_fn(|cx| {
+        queue.task.register(cx.waker());
+        queue.woken.store(false, Ordering::Release);
+        if let Ok(mut conns) = queue.conns.lock() {
+            std::mem::swap(&mut *conns, &mut batch);
+        }
+        for conn in batch.drain(..) {
+            conn.flush();
+        }
+        Poll::<()>::Pending
+    })
+    .await;
+}
+
+impl<T> Batched<T> {
+    pub fn new(io: T) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    io,
+                    held: Vec::new(),
+                    queued: false,
+                    holder: None,
+                }),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::io::Result<MutexGuard<'_, State<T>>> {
+        self.shared
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("upstream connection state poisoned"))
+    }
+}
+
+impl<T: Write + Unpin> State<T> {
+    /// Writes what is held; `Ready(Ok)` once all of it is out.
+    fn write_held(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut at = 0;
+        let result = loop {
+            if at == self.held.len() {
+                break Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut self.io).poll_write(cx, &self.held[at..]) {
+                Poll::Ready(Ok(0)) => break Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => at += n,
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
+            }
+        };
+        self.held.drain(..at);
+        result
+    }
+
+    /// What the flusher left behind, written by the connection itself.
+    fn write_left(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.queued || self.held.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(self.write_held(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+}
+
+impl<T: Write + Unpin + Send> Flush for Shared<T> {
+    fn flush(&self) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        state.queued = false;
+        let nobody = &mut Context::from_waker(Waker::noop());
+        let written = match state.write_held(nobody) {
+            Poll::Ready(Ok(())) => Pin::new(&mut state.io).poll_flush(nobody),
+            other => other,
+        };
+        if !matches!(written, Poll::Ready(Ok(()))) {
+            // Full, or failed: the holder takes over (and finds out which).
+            if let Some(holder) = state.holder.take() {
+                holder.wake();
+            }
+        }
+    }
+}
+
+impl<T: Read + Write + Unpin> Read for Batched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let mut state = self.state()?;
+        // An answer only comes once the request is out; a full socket wakes this task later.
+        if let Poll::Ready(Err(e)) = state.write_left(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut state.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin + Send + 'static> Write for Batched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut state = self.state()?;
+        ready!(state.write_left(cx))?;
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if state.held.len() + len > MAX_HELD {
+            ready!(state.write_held(cx))?;
+            return Pin::new(&mut state.io).poll_write_vectored(cx, bufs);
+        }
+        for b in bufs {
+            state.held.extend_from_slice(b);
+        }
+        if !state
+            .holder
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.holder = Some(cx.waker().clone());
+        }
+        if !state.queued {
+            state.queued = true;
+            drop(state);
+            if !enqueue(self.shared.clone()) {
+                // Outside a runtime: nobody to flush later, so now.
+                let mut state = self.state()?;
+                state.queued = false;
+                ready!(state.write_left(cx))?;
+            }
+        }
+        Poll::Ready(Ok(len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut state = self.state()?;
+        if state.queued {
+            // The flusher writes and flushes it.
+            return Poll::Ready(Ok(()));
+        }
+        ready!(state.write_held(cx))?;
+        Pin::new(&mut state.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut state = self.state()?;
+        ready!(state.write_held(cx))?;
+        Pin::new(&mut state.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+    use std::future::Future;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    /// Writes `data` in `chunk`-sized writes through a `Batched` socket, on a fresh runtime,
+    /// to a peer that starts reading after `peer_delay`; returns what the peer read.
+    fn round_trip(data: &[u8], chunk: usize, peer_delay: Duration) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (client, server) =
+                tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            let mut io = Batched::new(TokioIo::new(client.unwrap()));
+            let (mut server, _) = server.unwrap();
+            let len = data.len();
+            let mut reader = tokio::spawn(async move {
+                tokio::time::sleep(peer_delay).await;
+                let mut got = vec![0; len];
+                server.read_exact(&mut got).await.map(|_| got)
+            });
+            for piece in data.chunks(chunk) {
+                let slice = IoSlice::new(piece);
+                let n = std::future::poll_fn(|cx| {
+                    Pin::new(&mut io).poll_write_vectored(cx, std::slice::from_ref(&slice))
+                })
+                .await
+                .unwrap();
+                assert_eq!(n, piece.len());
+                std::future::poll_fn(|cx| Pin::new(&mut io).poll_flush(cx))
+                    .await
+                    .unwrap();
+                // Lets the flusher run, as the other tasks of a round would.
+                tokio::task::yield_now().await;
+            }
+            // The connection keeps being polled (as hyper does while it waits for an answer):
+            // that is where it writes what the flusher could not.
+            let mut spare = [std::mem::MaybeUninit::uninit(); 16];
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                std::future::poll_fn(|cx| {
+                    let mut buf = hyper::rt::ReadBuf::uninit(&mut spare);
+                    let _ = Pin::new(&mut io).poll_read(cx, buf.unfilled());
+                    Pin::new(&mut reader).poll(cx)
+                }),
+            )
+            .await
+            .expect("the peer got everything in time")
+            .unwrap()
+            .unwrap()
+        })
+    }
+
+    #[test]
+    fn held_writes_reach_the_peer_on_runtime_after_runtime() {
+        // One thread, one runtime after another (as tests run): each gets a flusher of its own.
+        let request = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        for _ in 0..3 {
+            assert_eq!(round_trip(request, 8, Duration::ZERO), request);
+        }
+    }
+
+    #[test]
+    fn a_full_socket_hands_the_write_back_to_its_holder() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Small fixed buffers (no autotuning): full stays full while the peer does not read.
+            let listen = tokio::net::TcpSocket::new_v4().unwrap();
+            listen.set_recv_buffer_size(4096).unwrap();
+            listen.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = listen.listen(1).unwrap();
+            let connect = tokio::net::TcpSocket::new_v4().unwrap();
+            connect.set_send_buffer_size(4096).unwrap();
+            let (client, server) = tokio::join!(
+                connect.connect(listener.local_addr().unwrap()),
+                listener.accept()
+            );
+            let mut io = Batched::new(TokioIo::new(client.unwrap()));
+            let (mut server, _) = server.unwrap();
+            // Fill the socket with writes too large to be held (they go out at once).
+            let big = vec![7u8; MAX_HELD + 1];
+            let mut sent = 0;
+            let nobody = &mut Context::from_waker(Waker::noop());
+            while let Poll::Ready(n) = Pin::new(&mut io).poll_write(nobody, &big) {
+                sent += n.unwrap();
+            }
+            // A write is held; the flusher finds the socket full and must wake the task that
+            // wrote it (a task of its own: polled only when woken), which then takes over.
+            let tail = vec![9u8; MAX_HELD];
+            let writer = tokio::spawn(async move {
+                let mut held = false;
+                std::future::poll_fn(|cx| {
+                    if held {
+                        return Poll::Ready(());
+                    }
+                    held = true;
+                    assert!(Pin::new(&mut io).poll_write(cx, &tail).is_ready());
+                    Poll::Pending
+                })
+                .await;
+                io
+            });
+            let mut io = tokio::time::timeout(Duration::from_secs(10), writer)
+                .await
+                .expect("woken when the flusher gave the write back")
+                .unwrap();
+            let mut reader = tokio::spawn(async move {
+                let mut got = vec![0; sent + MAX_HELD];
+                server.read_exact(&mut got).await.map(|_| got)
+            });
+            let mut spare = [std::mem::MaybeUninit::uninit(); 16];
+            let got = tokio::time::timeout(
+                Duration::from_secs(20),
+                std::future::poll_fn(|cx| {
+                    let mut buf = hyper::rt::ReadBuf::uninit(&mut spare);
+                    let _ = Pin::new(&mut io).poll_read(cx, buf.unfilled());
+                    Pin::new(&mut reader).poll(cx)
+                }),
+            )
+            .await
+            .expect("the peer got everything in time")
+            .unwrap()
+            .unwrap();
+            assert!(got[..sent].iter().all(|b| *b == 7) && got[sent..].iter().all(|b| *b == 9));
+        })
+    }
+
+    #[test]
+    fn what_the_flusher_cannot_write_the_connection_does() {
+        // Far more than the socket buffers hold while the peer is not reading yet, in writes
+        // small enough to be held back: the flusher finds the socket full.
+        let data: Vec<u8> = (0..16 << 20).map(|i| (i % 251) as u8).collect();
+        let got = round_trip(&data, 4096, Duration::from_millis(300));
+        assert!(got == data, "the bytes arrived intact and in order");
+    }
+}
