@@ -73,7 +73,11 @@ fn enqueue(conn: Arc<dyn Flush>) -> bool {
                     woken: AtomicBool::new(false),
                     alive: AtomicBool::new(true),
                 });
-                handle.spawn(flusher(Alive(queue.clone())));
+                // A task woken by another goes next on a multi-thread worker (tokio's "LIFO
+                // slot"), before the round's other ready tasks: there the flusher first sends
+                // itself to the back of the queue.
+                let defer = handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+                handle.spawn(flusher(Alive(queue.clone()), defer));
                 *q = Some(queue.clone());
                 Some(queue)
             }
@@ -107,11 +111,19 @@ impl Drop for Alive {
     }
 }
 
-async fn flusher(alive: Alive) {
+async fn flusher(alive: Alive, defer: bool) {
     let queue = &alive.0;
     let mut batch = Vec::new();
+    let mut deferred = false;
     std::future::poll_fn(|cx| {
         queue.task.register(cx.waker());
+        if defer && !deferred {
+            // Woken from within its own poll, a task is queued last.
+            deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        deferred = false;
         queue.woken.store(false, Ordering::Release);
         if let Ok(mut conns) = queue.conns.lock() {
             std::mem::swap(&mut *conns, &mut batch);
@@ -283,13 +295,24 @@ mod tests {
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
+    fn runtime(workers: usize) -> tokio::runtime::Runtime {
+        match workers {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            n => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            }
+        }
+        .enable_all()
+        .build()
+        .unwrap()
+    }
+
     /// Writes `data` in `chunk`-sized writes through a `Batched` socket, on a fresh runtime,
     /// to a peer that starts reading after `peer_delay`; returns what the peer read.
-    fn round_trip(data: &[u8], chunk: usize, peer_delay: Duration) -> Vec<u8> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+    fn round_trip(workers: usize, data: &[u8], chunk: usize, peer_delay: Duration) -> Vec<u8> {
+        let rt = runtime(workers);
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
@@ -304,13 +327,15 @@ mod tests {
                 server.read_exact(&mut got).await.map(|_| got)
             });
             for piece in data.chunks(chunk) {
-                let slice = IoSlice::new(piece);
-                let n = std::future::poll_fn(|cx| {
-                    Pin::new(&mut io).poll_write_vectored(cx, std::slice::from_ref(&slice))
-                })
-                .await
-                .unwrap();
-                assert_eq!(n, piece.len());
+                let mut at = 0;
+                while at < piece.len() {
+                    let slice = IoSlice::new(&piece[at..]);
+                    at += std::future::poll_fn(|cx| {
+                        Pin::new(&mut io).poll_write_vectored(cx, std::slice::from_ref(&slice))
+                    })
+                    .await
+                    .unwrap();
+                }
                 std::future::poll_fn(|cx| Pin::new(&mut io).poll_flush(cx))
                     .await
                     .unwrap();
@@ -339,17 +364,19 @@ mod tests {
     fn held_writes_reach_the_peer_on_runtime_after_runtime() {
         // One thread, one runtime after another (as tests run): each gets a flusher of its own.
         let request = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
-        for _ in 0..3 {
-            assert_eq!(round_trip(request, 8, Duration::ZERO), request);
+        for workers in [1, 1, 2, 1, 2] {
+            assert_eq!(round_trip(workers, request, 8, Duration::ZERO), request);
         }
     }
 
     #[test]
     fn a_full_socket_hands_the_write_back_to_its_holder() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        for workers in [1, 2] {
+            full_socket(runtime(workers));
+        }
+    }
+
+    fn full_socket(rt: tokio::runtime::Runtime) {
         rt.block_on(async {
             // Small fixed buffers (no autotuning): full stays full while the peer does not read.
             let listen = tokio::net::TcpSocket::new_v4().unwrap();
@@ -417,7 +444,9 @@ mod tests {
         // Far more than the socket buffers hold while the peer is not reading yet, in writes
         // small enough to be held back: the flusher finds the socket full.
         let data: Vec<u8> = (0..16 << 20).map(|i| (i % 251) as u8).collect();
-        let got = round_trip(&data, 4096, Duration::from_millis(300));
-        assert!(got == data, "the bytes arrived intact and in order");
+        for workers in [1, 2] {
+            let got = round_trip(workers, &data, 4096, Duration::from_millis(300));
+            assert!(got == data, "the bytes arrived intact and in order");
+        }
     }
 }
