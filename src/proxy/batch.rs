@@ -309,6 +309,27 @@ mod tests {
         .unwrap()
     }
 
+    type Peer = tokio::task::JoinHandle<std::io::Result<Vec<u8>>>;
+
+    /// What the peer read, once it has it all. Meanwhile the connection keeps being polled (as
+    /// hyper does while it waits for an answer): that is where it writes what the flusher
+    /// could not.
+    async fn read_all<T: Read + Write + Unpin>(io: &mut Batched<T>, mut peer: Peer) -> Vec<u8> {
+        let mut spare = [std::mem::MaybeUninit::uninit(); 16];
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            std::future::poll_fn(|cx| {
+                let mut buf = hyper::rt::ReadBuf::uninit(&mut spare);
+                let _ = Pin::new(&mut *io).poll_read(cx, buf.unfilled());
+                Pin::new(&mut peer).poll(cx)
+            }),
+        )
+        .await
+        .expect("the peer got everything in time")
+        .unwrap()
+        .unwrap()
+    }
+
     /// Writes `data` in `chunk`-sized writes through a `Batched` socket, on a fresh runtime,
     /// to a peer that starts reading after `peer_delay`; returns what the peer read.
     fn round_trip(workers: usize, data: &[u8], chunk: usize, peer_delay: Duration) -> Vec<u8> {
@@ -321,7 +342,7 @@ mod tests {
             let mut io = Batched::new(TokioIo::new(client.unwrap()));
             let (mut server, _) = server.unwrap();
             let len = data.len();
-            let mut reader = tokio::spawn(async move {
+            let reader = tokio::spawn(async move {
                 tokio::time::sleep(peer_delay).await;
                 let mut got = vec![0; len];
                 server.read_exact(&mut got).await.map(|_| got)
@@ -342,21 +363,7 @@ mod tests {
                 // Lets the flusher run, as the other tasks of a round would.
                 tokio::task::yield_now().await;
             }
-            // The connection keeps being polled (as hyper does while it waits for an answer):
-            // that is where it writes what the flusher could not.
-            let mut spare = [std::mem::MaybeUninit::uninit(); 16];
-            tokio::time::timeout(
-                Duration::from_secs(20),
-                std::future::poll_fn(|cx| {
-                    let mut buf = hyper::rt::ReadBuf::uninit(&mut spare);
-                    let _ = Pin::new(&mut io).poll_read(cx, buf.unfilled());
-                    Pin::new(&mut reader).poll(cx)
-                }),
-            )
-            .await
-            .expect("the peer got everything in time")
-            .unwrap()
-            .unwrap()
+            read_all(&mut io, reader).await
         })
     }
 
@@ -418,23 +425,11 @@ mod tests {
                 .await
                 .expect("woken when the flusher gave the write back")
                 .unwrap();
-            let mut reader = tokio::spawn(async move {
+            let reader = tokio::spawn(async move {
                 let mut got = vec![0; sent + MAX_HELD];
                 server.read_exact(&mut got).await.map(|_| got)
             });
-            let mut spare = [std::mem::MaybeUninit::uninit(); 16];
-            let got = tokio::time::timeout(
-                Duration::from_secs(20),
-                std::future::poll_fn(|cx| {
-                    let mut buf = hyper::rt::ReadBuf::uninit(&mut spare);
-                    let _ = Pin::new(&mut io).poll_read(cx, buf.unfilled());
-                    Pin::new(&mut reader).poll(cx)
-                }),
-            )
-            .await
-            .expect("the peer got everything in time")
-            .unwrap()
-            .unwrap();
+            let got = read_all(&mut io, reader).await;
             assert!(got[..sent].iter().all(|b| *b == 7) && got[sent..].iter().all(|b| *b == 9));
         })
     }
