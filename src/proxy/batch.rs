@@ -38,6 +38,8 @@ struct State<T> {
     held: Vec<u8>,
     /// On a flusher's queue: the flusher writes `held`. Otherwise the connection does.
     queued: bool,
+    /// The flusher could not write or flush everything: the connection finishes it.
+    left: bool,
     /// Who to wake when the flusher leaves `held` to the connection.
     holder: Option<Waker>,
 }
@@ -144,6 +146,7 @@ impl<T> Batched<T> {
                     io,
                     held: Vec::new(),
                     queued: false,
+                    left: false,
                     holder: None,
                 }),
             }),
@@ -177,13 +180,21 @@ impl<T: Write + Unpin> State<T> {
         result
     }
 
-    /// What the flusher left behind, written by the connection itself.
+    /// Writes and flushes what is held, with the connection's own waker.
+    fn write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.write_held(cx))?;
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.left = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// What the flusher left behind (unwritten bytes, or a transport flush such as TLS
+    /// records), finished by the connection itself.
     fn write_left(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if self.queued || self.held.is_empty() {
+        if self.queued || !self.left {
             return Poll::Ready(Ok(()));
         }
-        ready!(self.write_held(cx))?;
-        Pin::new(&mut self.io).poll_flush(cx)
+        self.write_out(cx)
     }
 }
 
@@ -200,6 +211,7 @@ impl<T: Write + Unpin + Send> Flush for Shared<T> {
         };
         if !matches!(written, Poll::Ready(Ok(()))) {
             // Full, or failed: the holder takes over (and finds out which).
+            state.left = true;
             if let Some(holder) = state.holder.take() {
                 holder.wake();
             }
@@ -257,10 +269,13 @@ impl<T: Write + Unpin + Send + 'static> Write for Batched<T> {
             state.queued = true;
             drop(state);
             if !enqueue(self.shared.clone()) {
-                // Outside a runtime: nobody to flush later, so now.
+                // Outside a runtime: nobody to flush later, so now (the bytes are taken).
                 let mut state = self.state()?;
                 state.queued = false;
-                ready!(state.write_left(cx))?;
+                state.left = true;
+                if let Poll::Ready(Err(e)) = state.write_out(cx) {
+                    return Poll::Ready(Err(e));
+                }
             }
         }
         Poll::Ready(Ok(len))
@@ -276,8 +291,7 @@ impl<T: Write + Unpin + Send + 'static> Write for Batched<T> {
             // The flusher writes and flushes it.
             return Poll::Ready(Ok(()));
         }
-        ready!(state.write_held(cx))?;
-        Pin::new(&mut state.io).poll_flush(cx)
+        state.write_out(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -290,6 +304,7 @@ impl<T: Write + Unpin + Send + 'static> Write for Batched<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
     use hyper_util::rt::TokioIo;
     use std::future::Future;
     use std::time::Duration;
@@ -431,6 +446,84 @@ mod tests {
             });
             let got = read_all(&mut io, reader).await;
             assert!(got[..sent].iter().all(|b| *b == 7) && got[sent..].iter().all(|b| *b == 9));
+        })
+    }
+
+    /// A transport that takes every write but flushes only once asked with a real waker (a
+    /// TLS stream whose records did not all fit in the socket).
+    #[derive(Default)]
+    struct SlowFlush {
+        written: Vec<u8>,
+        flushed: bool,
+    }
+
+    impl Read for SlowFlush {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: ReadBufCursor<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl Write for SlowFlush {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.written.extend_from_slice(buf);
+            self.flushed = false;
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            if cx.waker().will_wake(Waker::noop()) {
+                return Poll::Pending;
+            }
+            self.flushed = true;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_flush_the_flusher_cannot_finish_is_finished_by_the_connection() {
+        runtime(1).block_on(async {
+            let io = Batched::new(SlowFlush::default());
+            let shared = io.shared.clone();
+            let writer = tokio::spawn(async move {
+                let mut io = io;
+                let mut held = false;
+                std::future::poll_fn(|cx| {
+                    if held {
+                        return Poll::Ready(());
+                    }
+                    held = true;
+                    assert!(Pin::new(&mut io).poll_write(cx, b"GET /").is_ready());
+                    Poll::Pending
+                })
+                .await;
+                // Woken by the flusher; the connection then waits for its answer.
+                let mut spare = [std::mem::MaybeUninit::uninit(); 16];
+                let mut buf = hyper::rt::ReadBuf::uninit(&mut spare);
+                std::future::poll_fn(|cx| Pin::new(&mut io).poll_read(cx, buf.unfilled()))
+                    .now_or_never();
+            });
+            tokio::time::timeout(Duration::from_secs(10), writer)
+                .await
+                .expect("woken when the flusher left the flush")
+                .unwrap();
+            let state = shared.state.lock().unwrap();
+            assert_eq!(state.io.written, b"GET /");
+            assert!(
+                state.io.flushed,
+                "the connection flushed what the flusher could not"
+            );
         })
     }
 
