@@ -180,7 +180,7 @@ impl<T: Write + Unpin> State<T> {
         result
     }
 
-    /// Writes and flushes what is held, with the connection's own waker.
+    /// Writes and flushes what is held.
     fn write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         ready!(self.write_held(cx))?;
         ready!(Pin::new(&mut self.io).poll_flush(cx))?;
@@ -205,11 +205,7 @@ impl<T: Write + Unpin + Send> Flush for Shared<T> {
         };
         state.queued = false;
         let nobody = &mut Context::from_waker(Waker::noop());
-        let written = match state.write_held(nobody) {
-            Poll::Ready(Ok(())) => Pin::new(&mut state.io).poll_flush(nobody),
-            other => other,
-        };
-        if !matches!(written, Poll::Ready(Ok(()))) {
+        if !matches!(state.write_out(nobody), Poll::Ready(Ok(()))) {
             // Full, or failed: the holder takes over (and finds out which).
             state.left = true;
             if let Some(holder) = state.holder.take() {
