@@ -210,7 +210,7 @@ impl Metrics {
         for reason in ["tampered", "expired", "unknown_key", "oversize", "revoked"] {
             cookies_rejected.with_label_values(&[reason]);
         }
-        for e in ["token", "jwks", "discovery"] {
+        for e in ["token", "jwks", "discovery", "userinfo"] {
             provider_seconds.with_label_values(&[e]);
         }
         login_flows.with_label_values(&["started", ""]);

@@ -195,7 +195,7 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
                     tracing::warn!("refreshed ID token has a different subject; ending session");
                     return Err(RefreshFailure::InvalidGrant);
                 }
-                next.identity = id.identity;
+                next.identity = id.refreshed_identity(&s.identity);
                 next.id_token = t.id_token;
             }
             next.access_token = t.access_token;

@@ -656,3 +656,35 @@ async fn gateway_endpoints_answer_wrong_methods_and_unknown_paths() {
     let r = send("GET", &s.gw.url("/readyz"), &[], Vec::new()).await;
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ready\n"));
 }
+
+/// oidc-provider's default: the code flow's ID token names only the subject, and email, name
+/// and groups come from the userinfo endpoint (OIDC Core §5.4).
+#[tokio::test]
+async fn claims_the_id_token_leaves_out_come_from_userinfo() {
+    let s = Stack::with(
+        &[("IDP_CONFORM_ID_TOKEN_CLAIMS", "1")],
+        r#"authorization: { allowed_email_domains: ["example.test"], allowed_groups: ["users"] }"#,
+    )
+    .await;
+    let b = s.login("alice").await;
+    let rec = s.upstream.last();
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    assert_eq!(rec.header("x-forwarded-email"), Some("alice@example.test"));
+    assert_eq!(rec.header("x-forwarded-groups"), Some("users,user-alice"));
+    assert_eq!(rec.header("x-forwarded-preferred-username"), Some("alice"));
+    let userinfo_calls = || {
+        s.idp
+            .requests()
+            .iter()
+            .filter(|l| l.contains(" GET /me "))
+            .count()
+    };
+    assert_eq!(userinfo_calls(), 1, "{:?}", s.idp.requests());
+    let me = b.get(&s.gw.url("/oauth2/userinfo")).await;
+    assert_eq!(me.status, 200, "{}", me.dump());
+    assert_eq!(me.json()["email"], "alice@example.test");
+    // Later requests use the session: no more provider calls.
+    let r = b.get(&s.gw.url("/again")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(userinfo_calls(), 1);
+}

@@ -35,6 +35,7 @@ pub enum Endpoint {
     Discovery,
     Jwks,
     Token,
+    Userinfo,
 }
 
 impl Endpoint {
@@ -43,6 +44,7 @@ impl Endpoint {
             Endpoint::Discovery => "discovery",
             Endpoint::Jwks => "jwks",
             Endpoint::Token => "token",
+            Endpoint::Userinfo => "userinfo",
         }
     }
 }

@@ -44,25 +44,128 @@ impl OneOrMany {
 
 #[derive(Debug, Deserialize)]
 struct Claims {
-    sub: String,
     iat: u64,
     aud: OneOrMany,
     azp: Option<String>,
     nonce: Option<String>,
+    sid: Option<String>,
+    #[serde(flatten)]
+    profile: Profile,
+}
+
+/// The claims about the user, as an ID token or the userinfo endpoint states them.
+#[derive(Debug, Deserialize)]
+pub struct Profile {
+    sub: String,
     email: Option<String>,
     #[serde(default)]
     email_verified: Option<serde_json::Value>,
     name: Option<String>,
     preferred_username: Option<String>,
-    sid: Option<String>,
     #[serde(flatten)]
     rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Profile {
+    /// The groups claim, when the source states it at all (a string or a list of strings).
+    fn groups(&self, claim: &str) -> Option<Vec<String>> {
+        match self.rest.get(claim)? {
+            serde_json::Value::String(s) => Some(vec![s.clone()]),
+            serde_json::Value::Array(a) => Some(
+                a.iter()
+                    .filter_map(|g| g.as_str().map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
+    fn email_verified(&self) -> bool {
+        match &self.email_verified {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::String(s)) => s == "true",
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UserinfoError {
+    #[error("userinfo answer is not a JSON object with a sub: {0}")]
+    Malformed(String),
+    #[error("userinfo names another subject than the ID token")]
+    Subject,
 }
 
 /// What a validated ID token tells the gateway.
 #[derive(Debug, Clone)]
 pub struct ValidIdToken {
     pub identity: Identity,
+    /// Whether the token states the groups claim (an empty list is a statement too).
+    pub groups_stated: bool,
+}
+
+impl ValidIdToken {
+    /// Whether the token leaves out claims the userinfo endpoint may have: a provider that
+    /// follows OpenID Connect Core §5.4 puts scope claims in the ID token only when asked to.
+    pub fn incomplete(&self) -> bool {
+        self.identity.email.is_none() || !self.groups_stated
+    }
+
+    /// Fills the claims the token left out from a userinfo answer (JSON), which must be about
+    /// the same subject (OpenID Connect Core §5.3.2). What the token states is kept.
+    pub fn complete_from(
+        &mut self,
+        userinfo: &[u8],
+        groups_claim: &str,
+    ) -> Result<(), UserinfoError> {
+        let p: Profile = serde_json::from_slice(userinfo)
+            .map_err(|e| UserinfoError::Malformed(e.to_string()))?;
+        if !ct_eq(p.sub.as_bytes(), self.identity.sub.as_bytes()) {
+            return Err(UserinfoError::Subject);
+        }
+        let id = &mut self.identity;
+        if id.email.is_none() && p.email.is_some() {
+            id.email_verified = p.email_verified();
+            id.email = p.email.clone();
+        }
+        if id.name.is_none() {
+            id.name = p.name.clone();
+        }
+        if id.preferred_username.is_none() {
+            id.preferred_username = p.preferred_username.clone();
+        }
+        if !self.groups_stated {
+            if let Some(groups) = p.groups(groups_claim) {
+                id.groups = groups;
+                self.groups_stated = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// A refreshed token's identity: what it (and userinfo) stated, the rest kept from the
+    /// session's identity `before` (a provider may leave claims out of refreshed tokens).
+    pub fn refreshed_identity(self, before: &Identity) -> Identity {
+        let mut id = self.identity;
+        if id.email.is_none() {
+            id.email.clone_from(&before.email);
+            id.email_verified = before.email_verified;
+        }
+        if id.name.is_none() {
+            id.name.clone_from(&before.name);
+        }
+        if id.preferred_username.is_none() {
+            id.preferred_username.clone_from(&before.preferred_username);
+        }
+        if !self.groups_stated {
+            id.groups.clone_from(&before.groups);
+        }
+        if id.sid.is_none() {
+            id.sid.clone_from(&before.sid);
+        }
+        id
+    }
 }
 
 pub const ACCEPTED_ALGORITHMS: &[Algorithm] = &[
@@ -131,27 +234,18 @@ pub fn validate(
             return Err(IdTokenError::Nonce);
         }
     }
-    let groups = match c.rest.get(exp.groups_claim) {
-        Some(serde_json::Value::String(s)) => vec![s.clone()],
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|g| g.as_str().map(str::to_string))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let email_verified = match c.email_verified {
-        Some(serde_json::Value::Bool(b)) => b,
-        Some(serde_json::Value::String(s)) => s == "true",
-        _ => false,
-    };
+    let groups = c.profile.groups(exp.groups_claim);
+    let email_verified = c.profile.email_verified();
+    let p = c.profile;
     Ok(ValidIdToken {
+        groups_stated: groups.is_some(),
         identity: Identity {
-            sub: c.sub,
-            email: c.email,
+            sub: p.sub,
+            email: p.email,
             email_verified,
-            name: c.name,
-            preferred_username: c.preferred_username,
-            groups,
+            name: p.name,
+            preferred_username: p.preferred_username,
+            groups: groups.unwrap_or_default(),
             sid: c.sid,
         },
     })
@@ -233,6 +327,102 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
         assert_eq!(id.groups, ["g1", "g2"]);
         assert_eq!(id.sid.as_deref(), Some("s1"));
         assert!(id.email_verified);
+    }
+
+    /// A far-future `exp` (jsonwebtoken checks it against the real clock) and `f`'s changes.
+    fn valid(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> ValidIdToken {
+        check(&with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+            f(m);
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn userinfo_fills_only_what_the_token_left_out() {
+        // A token with the scope claims (a provider that puts them in the ID token).
+        let full = valid(|_| {});
+        assert!(!full.incomplete());
+        // Only sub and sid, as OIDC Core §5.4 has it when the claims go to userinfo.
+        let mut bare = valid(|m| {
+            for k in ["email", "email_verified", "groups"] {
+                m.remove(k);
+            }
+        });
+        assert!(bare.incomplete());
+        assert!(bare.identity.email.is_none() && bare.identity.groups.is_empty());
+        let info = br#"{"sub":"alice","email":"alice@corp.test","email_verified":true,
+            "name":"Alice","groups":["admins"],"extra":1}"#;
+        bare.complete_from(info, "groups").unwrap();
+        assert_eq!(bare.identity.email.as_deref(), Some("alice@corp.test"));
+        assert!(bare.identity.email_verified);
+        assert_eq!(bare.identity.name.as_deref(), Some("Alice"));
+        assert_eq!(bare.identity.groups, ["admins"]);
+        assert!(!bare.incomplete());
+        assert_eq!(bare.identity.sid.as_deref(), Some("s1"));
+
+        // What the token states wins, an empty group list included.
+        let mut stated = valid(|m| {
+            m.insert("groups".into(), json!([]));
+            m.remove("email");
+        });
+        assert!(stated.groups_stated);
+        stated.complete_from(info, "groups").unwrap();
+        assert!(stated.identity.groups.is_empty());
+        assert_eq!(stated.identity.email.as_deref(), Some("alice@corp.test"));
+        // An unverified userinfo email stays unverified.
+        let mut bare2 = valid(|m| {
+            m.remove("email");
+        });
+        bare2
+            .complete_from(br#"{"sub":"alice","email":"a@b"}"#, "groups")
+            .unwrap();
+        assert!(!bare2.identity.email_verified);
+    }
+
+    #[test]
+    fn userinfo_about_someone_else_or_malformed_changes_nothing() {
+        let mut bare = valid(|m| {
+            m.remove("email");
+            m.remove("groups");
+        });
+        let other = br#"{"sub":"mallory","email":"m@evil.test","groups":["admins"]}"#;
+        assert_eq!(
+            bare.complete_from(other, "groups"),
+            Err(UserinfoError::Subject)
+        );
+        for junk in [
+            &b"not json"[..],
+            b"[]",
+            br#"{"email":"x@y"}"#,
+            br#""alice""#,
+        ] {
+            assert!(matches!(
+                bare.complete_from(junk, "groups"),
+                Err(UserinfoError::Malformed(_))
+            ));
+        }
+        assert!(bare.identity.email.is_none() && bare.identity.groups.is_empty());
+    }
+
+    #[test]
+    fn a_refreshed_token_keeps_what_it_leaves_out() {
+        let before = valid(|_| {}).identity;
+        // The refreshed token states a new email and no groups claim, and no sid.
+        let fresh = valid(|m| {
+            m.insert("email".into(), json!("new@x"));
+            m.remove("groups");
+            m.remove("sid");
+        });
+        let id = fresh.refreshed_identity(&before);
+        assert_eq!(id.email.as_deref(), Some("new@x"));
+        assert_eq!(id.groups, ["g1", "g2"]);
+        assert_eq!(id.sid.as_deref(), Some("s1"));
+        // A stated empty group list is a change: the user left every group.
+        let left = valid(|m| {
+            m.insert("groups".into(), json!([]));
+        });
+        assert!(left.refreshed_identity(&before).groups.is_empty());
     }
 
     #[test]

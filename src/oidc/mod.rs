@@ -393,8 +393,15 @@ impl Provider {
 
     async fn tokens(&self, resp: TokenResp, nonce: Option<&str>) -> Result<Tokens, ProviderError> {
         let id_token = resp.extra_fields().id_token.clone();
+        let access_token = resp.access_token().secret();
         let id = match &id_token {
-            Some(t) => Some(self.validate_id_token(t, nonce).await?),
+            Some(t) => {
+                let mut id = self.validate_id_token(t, nonce).await?;
+                if id.incomplete() {
+                    self.complete_from_userinfo(&mut id, access_token).await;
+                }
+                Some(id)
+            }
             None if nonce.is_some() => {
                 return Err(ProviderError::Invalid(
                     "token response has no id_token".into(),
@@ -409,6 +416,40 @@ impl Provider {
             id_token,
             id,
         })
+    }
+
+    /// Fills the claims an ID token left out (email, name, groups) from the userinfo endpoint,
+    /// when the provider has one. On failure the identity stays as the token stated it: the
+    /// policy then decides on what is known (a missing email or group denies, never allows).
+    async fn complete_from_userinfo(&self, id: &mut ValidIdToken, access_token: &str) {
+        let Ok(d) = self.discovered() else { return };
+        let Some(url) = d.meta.userinfo_endpoint.as_deref() else {
+            return;
+        };
+        let result = async {
+            let req = ::http::Request::get(url)
+                .header(::http::header::ACCEPT, "application/json")
+                .header(
+                    ::http::header::AUTHORIZATION,
+                    format!("Bearer {access_token}"),
+                )
+                .body(crate::body::Body::Empty)
+                .map_err(|e| e.to_string())?;
+            let resp = self
+                .http
+                .send(req, self::http::Endpoint::Userinfo)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("status {}", resp.status()));
+            }
+            id.complete_from(resp.body(), &self.groups_claim)
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "userinfo request failed; identity from the ID token only");
+        }
     }
 
     /// Validates an ID token; an unknown `kid` re-fetches the JWKS (rate-limited) once.

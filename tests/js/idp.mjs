@@ -43,6 +43,8 @@
 //                                  characters (default 43 = 256 bits); raise it
 //                                  to mimic IdPs that issue large JWT tokens
 //   IDP_REFRESH_TOKEN_CHARS        same for refresh tokens (default 43)
+//   IDP_CONFORM_ID_TOKEN_CLAIMS    "1": scope claims (email, name, groups) in
+//                                  userinfo only, as oidc-provider's default
 //   IDP_LOG                        "0" disables the per-request log line
 //
 // Output on stdout:
@@ -93,6 +95,9 @@ const NO_RT = env.IDP_NO_REFRESH_TOKEN === '1';
 const STRICT_CLIENT_AUTH = env.IDP_STRICT_CLIENT_AUTH === '1';
 const BACKCHANNEL_URI = env.IDP_BACKCHANNEL_LOGOUT_URI || '';
 const LOG = env.IDP_LOG !== '0';
+// IDP_CONFORM_ID_TOKEN_CLAIMS=1: oidc-provider's default, where the scope claims (email,
+// name, groups) go to userinfo only and the code flow's ID token carries just `sub`.
+const CONFORM = env.IDP_CONFORM_ID_TOKEN_CLAIMS === '1';
 
 const REDIRECT_URIS = listEnv('IDP_REDIRECT_URIS');
 if (REDIRECT_URIS.length === 0) REDIRECT_URIS.push('http://127.0.0.1:4180/oauth2/callback');
@@ -269,9 +274,9 @@ const configuration = {
     acr: null,
     iss: null,
   },
-  // put the scope claims into the ID token too (not only into userinfo), so
-  // gateways that never call userinfo still see email/name/groups.
-  conformIdTokenClaims: false,
+  // put the scope claims into the ID token too (not only into userinfo), unless
+  // IDP_CONFORM_ID_TOKEN_CLAIMS=1.
+  conformIdTokenClaims: CONFORM,
   findAccount: async (_ctx, sub) => accountFor(sub),
   features: {
     devInteractions: { enabled: true }, // built-in login + consent forms
