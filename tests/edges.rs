@@ -1053,6 +1053,67 @@ async fn partial_http2_preface_is_disconnected() {
     );
 }
 
+/// An HTTP/2 client connection (prior knowledge): hyper's client answers SETTINGS and PINGs.
+async fn h2_connection(
+    port: u16,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (
+        sender,
+        tokio::spawn(async move {
+            let _ = conn.await;
+        }),
+    )
+}
+
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    port: u16,
+) -> u16 {
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/x"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.unwrap();
+    status
+}
+
+/// Slow loris over HTTP/2: a client that keeps the connection alive at the HTTP/2 level (it
+/// answers PINGs) but opens no stream, or stops opening them, is closed all the same.
+#[tokio::test]
+async fn http2_connections_without_streams_are_closed() {
+    let s = Stack::with(
+        &[],
+        &format!("{ALL_PUBLIC}\ntimeouts: {{ header_read: 1s, idle: 2s }}"),
+    )
+    .await;
+    let port = s.gw.port;
+    let (_silent, silent_conn) = h2_connection(port).await;
+    let (mut once, once_conn) = h2_connection(port).await;
+    assert_eq!(h2_get(&mut once, port).await, 200);
+    // A connection in use is kept, well past both timeouts.
+    let (mut busy, busy_conn) = h2_connection(port).await;
+    for _ in 0..10 {
+        assert_eq!(h2_get(&mut busy, port).await, 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!busy_conn.is_finished(), "a connection in use was closed");
+    for (what, conn) in [("no stream", silent_conn), ("one stream", once_conn)] {
+        assert!(
+            tokio::time::timeout(DEADLINE, conn).await.is_ok(),
+            "an HTTP/2 connection with {what} stayed open for {DEADLINE:?} more"
+        );
+    }
+}
+
 #[tokio::test]
 async fn silent_connections_cannot_exhaust_max_connections() {
     let s = Stack::with(

@@ -2,14 +2,14 @@
 //! graceful shutdown.
 
 pub mod h1;
+pub mod h2;
 pub mod tls;
 
 use crate::body::Body;
 use crate::live::{Generation, Live};
 use crate::proxy::forward::ConnInfo;
 use crate::stack::Gateway;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -28,14 +28,13 @@ fn accept_now(listener: &TcpListener) -> Option<(tokio::net::TcpStream, std::net
         .map(|s| (s, addr))
 }
 
-type H2Builder = hyper::server::conn::http2::Builder<TokioExecutor>;
-
 /// What every connection of the listener shares.
 struct Listener {
     live: Live,
     h1: Arc<h1::Settings>,
     drain: Arc<h1::Drain>,
-    h2: H2Builder,
+    h2: h2::Builder,
+    h2_timeouts: h2::Timeouts,
 }
 
 /// Serves one client connection, HTTP/1.1 or HTTP/2.
@@ -44,7 +43,6 @@ async fn serve_connection<T: h1::io::Transport>(
     h2_only: bool,
     listener: Arc<Listener>,
     info: ConnInfo,
-    watcher: hyper_util::server::graceful::Watcher,
     id: usize,
 ) {
     let h2_service = {
@@ -57,7 +55,7 @@ async fn serve_connection<T: h1::io::Transport>(
         }
     };
     if h2_only {
-        return serve_h2(io, &listener.h2, h2_service, watcher).await;
+        return serve_h2(io, &listener, h2_service, id).await;
     }
     // HTTP/1.1 requests on a connection come one at a time: the stack is cloned once for the
     // connection and again only after a reload.
@@ -68,7 +66,7 @@ async fn serve_connection<T: h1::io::Transport>(
     };
     let (settings, drain) = (listener.h1.clone(), listener.drain.clone());
     if let h1::Outcome::Http2(io) = h1::serve(io, h1_service, settings, drain, id).await {
-        serve_h2(io, &listener.h2, h2_service, watcher).await;
+        serve_h2(io, &listener, h2_service, id).await;
     }
 }
 
@@ -102,27 +100,26 @@ impl ConnectionStack {
     }
 }
 
-/// HTTP/2 (hyper's server). Boxed: its state is large, and a task is as large as the largest
-/// thing it may do, which would make every idle HTTP/1 connection that large.
-async fn serve_h2<I, S, F>(
-    io: I,
-    h2: &H2Builder,
-    service: S,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
+/// HTTP/2. Boxed: its state is large, and a task is as large as the largest thing it may do,
+/// which would make every idle HTTP/1 connection that large.
+async fn serve_h2<I, S, F>(io: I, listener: &Listener, service: S, id: usize)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Fn(http::Request<Body>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<http::Response<Body>, std::convert::Infallible>>
         + Send
         + 'static,
 {
-    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-        service(req.map(Body::from))
-    });
-    let conn = h2.serve_connection(TokioIo::new(io), service);
-    if let Err(e) = Box::pin(watcher.watch(conn)).await {
-        tracing::debug!(error = %e, "HTTP/2 connection closed with error");
-    }
+    let drain = listener.drain.clone();
+    Box::pin(h2::serve(
+        io,
+        &listener.h2,
+        service,
+        listener.h2_timeouts,
+        drain,
+        id,
+    ))
+    .await
 }
 
 /// Serves until `shutdown` resolves, then drains connections for up to `timeouts.shutdown`.
@@ -140,7 +137,7 @@ pub async fn serve(
         header_read: cfg.timeouts.header_read,
     });
     let drain = Arc::new(h1::Drain::default());
-    let mut h2 = H2Builder::new(TokioExecutor::new());
+    let mut h2 = h2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(cfg.limits.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
@@ -149,6 +146,10 @@ pub async fn serve(
         h1: settings,
         drain: drain.clone(),
         h2,
+        h2_timeouts: h2::Timeouts {
+            first_stream: cfg.timeouts.header_read,
+            idle: cfg.timeouts.idle,
+        },
     });
     let tls = match &cfg.tls_server {
         Some((cert, key)) => match tls::ReloadingCert::new(cert, key).and_then(|certs| {
@@ -164,7 +165,6 @@ pub async fn serve(
         },
         None => None,
     };
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(cfg.limits.max_connections));
     tokio::pin!(shutdown);
     // After the shutdown signal, connections already waiting in the kernel's accept queue are
@@ -209,7 +209,6 @@ pub async fn serve(
             tls: tls.is_some(),
             ip: crate::proxy::headers::ip_header(remote.ip()),
         };
-        let watcher = graceful.watcher();
         let shared = shared.clone();
         let tls = tls.clone();
         let handshake_timeout = cfg.timeouts.header_read;
@@ -219,7 +218,7 @@ pub async fn serve(
         let id = next_id;
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(stream, false, shared, info, watcher, id).await,
+                None => serve_connection(stream, false, shared, info, id).await,
                 // Boxed for the same reason: TLS state is large.
                 Some(acceptor) => {
                     Box::pin(async move {
@@ -227,8 +226,7 @@ pub async fn serve(
                         {
                             Ok(Ok(tls_stream)) => {
                                 let h2_only = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                                serve_connection(tls_stream, h2_only, shared, info, watcher, id)
-                                    .await
+                                serve_connection(tls_stream, h2_only, shared, info, id).await
                             }
                             Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                             Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -249,7 +247,6 @@ pub async fn serve(
     let tunnels = live.load().app.tunnels.clone();
     drain.start();
     let drained = async {
-        graceful.shutdown().await;
         while drain.open_connections() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

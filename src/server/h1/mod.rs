@@ -82,6 +82,21 @@ impl Drain {
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Counts a connection as open until the guard drops.
+    pub fn hold(self: &Arc<Self>) -> impl Drop {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(self.clone())
+    }
+
+    /// Resolves when draining starts (from the moment it is created, polled or not).
+    pub fn notified(&self, id: usize) -> tokio::sync::futures::OwnedNotified {
+        self.wake[id % self.wake.len()].clone().notified_owned()
+    }
 }
 
 /// How a connection ended.
@@ -167,8 +182,7 @@ where
     S: FnMut(Request<Body>) -> F,
     F: Future<Output = Result<Response<Body>, Infallible>>,
 {
-    drain.open.fetch_add(1, Ordering::Relaxed);
-    let _open = OpenGuard(drain.clone());
+    let _open = drain.hold();
     let shard = drain.wake[id % drain.wake.len()].clone();
     let mut conn = Conn {
         io,
