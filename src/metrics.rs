@@ -302,6 +302,51 @@ pin_project_lite::pin_project! {
         method: Method,
         request_id: Option<http::HeaderValue>,
         metrics: Arc<Metrics>,
+        // Set when the response was counted; a request dropped before (the client went away)
+        // is counted on drop.
+        done: bool,
+    }
+    impl<F> PinnedDrop for Observed<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.done {
+                finish(this.metrics, this.method, this.request_id, *this.start, CLIENT_CLOSED, None);
+            }
+        }
+    }
+}
+
+/// The status a request is counted and logged with when the client went away before its
+/// response (nginx's convention); never sent.
+const CLIENT_CLOSED: u16 = 499;
+
+/// Counts and logs one request, answered or abandoned.
+fn finish(
+    metrics: &Metrics,
+    method: &Method,
+    request_id: &Option<http::HeaderValue>,
+    start: Instant,
+    status: u16,
+    facts: Option<&ResponseFacts>,
+) {
+    metrics.in_flight.dec();
+    let end = facts.and_then(|f| f.end).unwrap_or_else(Instant::now);
+    let total = end.saturating_duration_since(start);
+    let route = facts.and_then(|f| f.route).unwrap_or(RouteKind::Proxied);
+    let upstream = facts.and_then(|f| f.upstream_time);
+    let gateway = total.saturating_sub(upstream.unwrap_or_default());
+    metrics.record(route, method, status, gateway);
+    if tracing::enabled!(target: "access", tracing::Level::INFO) {
+        tracing::info!(
+            target: "access",
+            request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            method = %method,
+            route = route.label(),
+            status,
+            gateway_ms = gateway.as_secs_f64() * 1000.0,
+            upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
+            user = facts.and_then(|f| f.user.as_deref()).unwrap_or("-"),
+        );
     }
 }
 
@@ -317,27 +362,17 @@ where
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
-        this.metrics.in_flight.dec();
+        *this.done = true;
         let facts = resp.extensions().get::<ResponseFacts>();
-        let end = facts.and_then(|f| f.end).unwrap_or_else(Instant::now);
-        let total = end.saturating_duration_since(*this.start);
-        let route = facts.and_then(|f| f.route).unwrap_or(RouteKind::Proxied);
-        let upstream = facts.and_then(|f| f.upstream_time);
-        let gateway = total.saturating_sub(upstream.unwrap_or_default());
-        this.metrics
-            .record(route, this.method, resp.status().as_u16(), gateway);
-        if tracing::enabled!(target: "access", tracing::Level::INFO) {
-            tracing::info!(
-                target: "access",
-                request_id = this.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-                method = %this.method,
-                route = route.label(),
-                status = resp.status().as_u16(),
-                gateway_ms = gateway.as_secs_f64() * 1000.0,
-                upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
-                user = facts.and_then(|f| f.user.as_deref()).unwrap_or("-"),
-            );
-        }
+        let status = resp.status().as_u16();
+        finish(
+            this.metrics,
+            this.method,
+            this.request_id,
+            *this.start,
+            status,
+            facts,
+        );
         Poll::Ready(Ok(resp))
     }
 }
@@ -363,6 +398,7 @@ where
             request_id,
             metrics: self.metrics.clone(),
             inner: self.inner.call(req),
+            done: false,
         }
     }
 }

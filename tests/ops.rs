@@ -47,6 +47,62 @@ async fn parts(idp_env: &[(&str, &str)]) -> (Idp, Upstream, GatewayOpts) {
 // Metrics
 // ---------------------------------------------------------------------------------------
 
+/// A request whose client goes away before the answer (an HTTP/2 stream reset: hyper drops
+/// the request's future) leaves the in-flight gauge and is counted and logged as 499.
+#[tokio::test]
+async fn abandoned_requests_leave_the_in_flight_gauge() {
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = r#"routes: [ { prefix: "/", auth: skip } ]"#.to_string();
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let port = gw.port;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/slow"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    // The upstream answers /slow after 3 s: give up long before (dropping the response
+    // future resets the stream).
+    let pending = tokio::spawn(async move { sender.send_request(req).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value("portcullis_requests_in_flight"),
+        1.0,
+        "{}",
+        gw.tails()
+    );
+    pending.abort();
+    let _ = pending.await;
+    conn.abort();
+    // Well after the upstream would have answered, the gauge is back to zero.
+    eventually(Duration::from_secs(10), "in-flight back to 0", || async {
+        let m = gw.metrics().await;
+        let v = m.value("portcullis_requests_in_flight");
+        if v == 0.0 {
+            Ok(m)
+        } else {
+            Err(format!("in flight: {v}"))
+        }
+    })
+    .await;
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value(r#"portcullis_requests_total{method="GET",route="proxied",status="4xx"}"#),
+        1.0,
+        "{}",
+        m.text
+    );
+    assert!(gw.tails().contains("status=499"), "{}", gw.tails());
+}
+
 #[tokio::test]
 async fn metrics_pass_promtool_and_count_without_identifying_labels() {
     let (idp, upstream, opts) = parts(&[]).await;
