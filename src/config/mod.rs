@@ -146,6 +146,43 @@ cookie:
     }
 
     #[test]
+    fn post_logout_redirect_url_is_a_safe_target() {
+        let with = |url: &str, domains: &str| {
+            load_str(
+                &format!(
+                    "{MINIMAL}post_logout_redirect_url: \"{url}\"\nallowed_redirect_domains: [{domains}]\n"
+                ),
+                none(),
+            )
+        };
+        let ok = |url: &str, domains: &str| with(url, domains).unwrap().post_logout_redirect_url;
+        assert_eq!(ok("/bye?x=1", ""), "http://127.0.0.1:4180/bye?x=1");
+        assert_eq!(
+            ok("http://127.0.0.1:4180/bye", ""),
+            "http://127.0.0.1:4180/bye"
+        );
+        assert_eq!(
+            ok("https://www.example.com/bye", "\".example.com\""),
+            "https://www.example.com/bye"
+        );
+        for bad in [
+            "https://evil.example.net/x",
+            "https://www.example.com.evil.net/",
+            "//evil.example.net/",
+            "/\\\\evil.example.net/",
+            "javascript:alert(1)",
+            "https://user@www.example.com/",
+            "bye",
+        ] {
+            assert_eq!(
+                keys_of(with(bad, "\".example.com\"")),
+                ["post_logout_redirect_url"],
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let k = keys_of(load_str(&format!("{MINIMAL}bogus: 1\n"), none()));
         assert_eq!(k, ["bogus"]);

@@ -3,6 +3,7 @@
 use super::raw::RawConfig;
 use super::secret::{decode_cookie_key, CookieKey, Secret};
 use super::{ConfigError, ConfigErrors};
+use crate::flow::redirect;
 use http::header::HeaderName;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -332,18 +333,6 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         .map(|u| u.origin().ascii_serialization())
         .unwrap_or_default();
 
-    let post_logout_redirect_url = if raw.post_logout_redirect_url.is_empty() {
-        format!("{public_origin}/oauth2/signed_out")
-    } else {
-        parse_url(
-            &mut c,
-            "post_logout_redirect_url",
-            &raw.post_logout_redirect_url,
-        )
-        .map(String::from)
-        .unwrap_or_default()
-    };
-
     // Provider
     let p = &raw.provider;
     let issuer = parse_url(&mut c, "provider.issuer_url", &p.issuer_url);
@@ -610,6 +599,23 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             );
         }
     }
+
+    // Sent to the provider as post_logout_redirect_uri, so always absolute; like every
+    // redirect target, on this host or an allowed domain.
+    let post_logout_redirect_url = match raw.post_logout_redirect_url.as_str() {
+        "" => format!("{public_origin}/oauth2/signed_out"),
+        p if redirect::safe_relative(p).is_some() => format!("{public_origin}{p}"),
+        u => redirect::safe_absolute(u, &public_origin, &allowed_redirect_domains).unwrap_or_else(
+            || {
+                c.err(
+                    "post_logout_redirect_url",
+                    "must be a path on this host (like /signed-out) or an http(s) URL on this \
+                     host or on a host in allowed_redirect_domains",
+                );
+                String::new()
+            },
+        ),
+    };
 
     let tl = &raw.tls;
     let pair = |c: &mut Collector, a: &str, b: &str, ka: &str, kb: &str| match (
