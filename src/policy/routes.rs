@@ -227,15 +227,41 @@ pub fn build_route(
         Some(u) => Some(upstream(u).map_err(|m| ("upstream".to_string(), m))?),
         None => None,
     };
+    let host = match &raw.host {
+        Some(h) => Some(route_host(h).ok_or_else(|| {
+            (
+                "host".to_string(),
+                format!("`{h}`: a host name without scheme, port or path, like app.example.com"),
+            )
+        })?),
+        None => None,
+    };
     Ok(Route {
         path,
         methods,
-        host: raw.host.as_ref().map(|h| h.to_ascii_lowercase()),
+        host,
         auth,
         upstream: up,
         upstream_response: raw.timeouts.as_ref().and_then(|t| t.upstream_response),
         allow: raw.allow.as_ref().map(allow),
     })
+}
+
+/// A route's `host`, as requests' hosts are compared with it: lower case, no port (an IPv6
+/// literal without its brackets). `None` if it is no host name.
+fn route_host(h: &str) -> Option<String> {
+    let h = h.trim().to_ascii_lowercase();
+    let bare = h
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(&h);
+    let name = !bare.is_empty()
+        && bare.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    (name || bare.parse::<std::net::Ipv6Addr>().is_ok()).then(|| bare.to_string())
 }
 
 #[cfg(test)]
@@ -299,6 +325,27 @@ mod tests {
             a.check(&id("a@x", true, &[]), None).is_ok(),
             "no rules: everyone"
         );
+    }
+
+    #[test]
+    fn route_hosts_are_plain_names() {
+        assert_eq!(
+            route_host("App.Example.com").as_deref(),
+            Some("app.example.com")
+        );
+        assert_eq!(route_host("127.0.0.1").as_deref(), Some("127.0.0.1"));
+        assert_eq!(route_host("[::1]").as_deref(), Some("::1"));
+        for bad in [
+            "",
+            "app.example.com:8443",
+            "https://app.example.com",
+            "a/b",
+            "*.x.com",
+            "a..b",
+            "[::1]:80",
+        ] {
+            assert_eq!(route_host(bad), None, "{bad}");
+        }
     }
 
     #[test]
