@@ -98,7 +98,10 @@ pub fn env_keys() -> Vec<((String, String), String)> {
     env::schema_keys()
         .into_iter()
         .map(|(path, default)| {
-            let d = serde_yaml::to_string(&default).unwrap_or_default();
+            let d = match default {
+                serde_yaml::Value::Null => "unset".to_string(),
+                v => serde_yaml::to_string(&v).unwrap_or_default(),
+            };
             ((path.join("."), env::var_name(&path)), d.trim().to_string())
         })
         .collect()
@@ -227,6 +230,25 @@ cookie:
         assert_eq!(c.provider.client_secret.expose(), "12345");
         assert_eq!(c.session.lifetime.as_secs(), 3600);
         assert_eq!(c.provider.scopes, ["openid", "email"]);
+    }
+
+    #[test]
+    fn unset_by_default_keys_have_variables_too() {
+        let text = MINIMAL.to_string();
+        let env = vec![(
+            "PORTCULLIS_LIFECYCLE_SHUTDOWN_TIMEOUT".to_string(),
+            "3s".to_string(),
+        )];
+        let c = load_str(&text, env).unwrap();
+        assert_eq!(c.timeouts.shutdown.as_secs(), 3);
+        let bad = vec![(
+            "PORTCULLIS_LIFECYCLE_SHUTDOWN_TIMEOUT".to_string(),
+            "banana".to_string(),
+        )];
+        assert_eq!(
+            keys_of(load_str(&text, bad)),
+            ["lifecycle.shutdown_timeout"]
+        );
     }
 
     #[test]

@@ -303,7 +303,7 @@ pub struct RawLifecycle {
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
     /// The drain time (same as `timeouts.shutdown`, which it overrides when set).
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
 }
 
