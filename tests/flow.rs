@@ -422,6 +422,40 @@ async fn provider_error_renders_an_escaped_403_page() {
     assert_eq!(s.idp.token_requests(), 0);
 }
 
+/// A provider error whose state does not check out (the flow cookie expired, another browser)
+/// still says the provider refused, with the error code only: the text is anybody's.
+#[tokio::test]
+async fn provider_error_without_a_valid_state_names_only_the_code() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    for (query, code) in [
+        (
+            "error=access_denied&error_description=Injected+text&state=bogus",
+            "access_denied",
+        ),
+        ("error=access_denied", "access_denied"),
+        ("error=%3Cb%3Ebold%3C%2Fb%3E&state=bogus", "unknown_error"),
+    ] {
+        let r = b.get(&s.gw.url(&format!("/oauth2/callback?{query}"))).await;
+        assert_eq!(r.status, 403, "{query}: {}", r.dump());
+        let body = r.text();
+        assert!(body.contains("refused the sign-in"), "{query}: {body}");
+        assert!(body.contains(code), "{query}: {body}");
+        assert!(
+            !body.contains("Injected") && !body.contains("bold"),
+            "{query}: {body}"
+        );
+        assert_no_session_set(&r);
+    }
+    // Without an error it is still the unknown state it was.
+    let r = b
+        .get(&s.gw.url("/oauth2/callback?code=x&state=bogus"))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.dump());
+    assert!(r.text().contains("unknown or has expired"), "{}", r.dump());
+    assert_eq!(s.idp.token_requests(), 0);
+}
+
 #[tokio::test]
 async fn user_cancelling_at_the_provider_gets_403() {
     let s = Stack::start().await;

@@ -32,10 +32,35 @@ fn fail(
     resp
 }
 
+/// The provider's error code alone, for a callback whose state does not check out: the text is
+/// anybody's (no description is echoed), but the user still learns the provider said no.
+fn unverified_provider_error(app: &App, query: Option<&str>) -> Option<Response<Body>> {
+    let error = query_param(query, "error")?;
+    let code = if !error.is_empty()
+        && error.len() <= 64
+        && error.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    {
+        error
+    } else {
+        "unknown_error".into()
+    };
+    Some(fail(
+        app,
+        "provider_error",
+        StatusCode::FORBIDDEN,
+        "Sign-in refused",
+        &format!("The identity provider refused the sign-in: {code}."),
+        None,
+    ))
+}
+
 pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     let query = req.uri().query();
     let Some(state) = query_param(query, "state").filter(|s| !s.is_empty() && s.len() <= 512)
     else {
+        if let Some(resp) = unverified_provider_error(app, query) {
+            return resp;
+        }
         return fail(
             app,
             "bad_request",
@@ -48,6 +73,9 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
     let Some(flow) = app.cookies.open_flow(&jar, &state) else {
         tracing::info!("callback with an unknown or expired state");
+        if let Some(resp) = unverified_provider_error(app, query) {
+            return resp;
+        }
         return fail(
             app,
             "unknown_state",
