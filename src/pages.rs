@@ -106,8 +106,7 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    security_headers(resp.headers_mut(), None);
     resp
 }
 

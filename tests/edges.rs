@@ -910,6 +910,13 @@ async fn oversized_heads_are_refused_without_hanging() {
             r.status,
             r.text.chars().take(500).collect::<String>()
         );
+        if r.status.is_some() {
+            assert_eq!(
+                r.header("x-content-type-options").as_deref(),
+                Some("nosniff"),
+                "{what}"
+            );
+        }
     }
     // Same over HTTP/2 (h2c): refused, not served.
     let huge = "b".repeat(16 * 1024);
@@ -1410,6 +1417,10 @@ async fn gateway_pages_carry_security_headers_and_escape_what_they_echo() {
     }
     let r = anon.api_get(&s.gw.url("/oauth2/userinfo")).await;
     assert_eq!(r.status, 401);
+    assert_page_headers(&r);
+    // Plain-text answers too (a wrong method on a gateway endpoint).
+    let r = send("DELETE", &s.gw.url("/oauth2/sign_out"), &[], Vec::new()).await;
+    assert_eq!(r.status, 405, "{}", r.dump());
     assert_page_headers(&r);
 
     // A provider error echoed on the callback page is escaped.

@@ -599,10 +599,12 @@ impl<T: Transport> Conn<T> {
             Stop::Now => false,
             Stop::Linger => true,
             Stop::Refuse(status) => {
+                let mut headers = http::HeaderMap::new();
+                crate::pages::security_headers(&mut headers, None);
                 encode_head(
                     self.head_buffer(),
                     status,
-                    &http::HeaderMap::new(),
+                    &headers,
                     false,
                     true,
                     Some(0),
