@@ -40,6 +40,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&cfg.log);
+    for name in portcullis::config::unknown_env_vars(std::env::vars()) {
+        tracing::warn!(variable = %name, "environment variable names no configuration key; ignored (see `portcullis env-vars`)");
+    }
     if rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
         .is_err()

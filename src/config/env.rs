@@ -31,6 +31,21 @@ fn walk(v: &Value, path: &mut Vec<String>, out: &mut Vec<(Vec<String>, Value)>) 
     }
 }
 
+/// `PORTCULLIS_*` variables that name no key (a typo is otherwise silently ignored). The
+/// process's own variables (`PORTCULLIS_CONFIG`, `PORTCULLIS_WORKER_THREADS`) are not keys.
+pub fn unknown_vars(vars: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let known: Vec<String> = schema_keys().iter().map(|(p, _)| var_name(p)).collect();
+    let mut unknown: Vec<String> = vars
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(PREFIX))
+        .filter(|k| !matches!(&k[PREFIX.len()..], "CONFIG" | "WORKER_THREADS"))
+        .filter(|k| !known.contains(k))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// The environment variable name for a key path, e.g. `PORTCULLIS_PROVIDER_CLIENT_SECRET`.
 pub fn var_name(path: &[String]) -> String {
     let mut s = String::from(PREFIX);

@@ -94,6 +94,11 @@ pub fn load_str(
 }
 
 /// Every key with its environment variable and default, e.g. for `portcullis env-vars`.
+/// `PORTCULLIS_*` environment variables that name no configuration key.
+pub fn unknown_env_vars(vars: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    env::unknown_vars(vars)
+}
+
 pub fn env_keys() -> Vec<((String, String), String)> {
     env::schema_keys()
         .into_iter()
@@ -249,6 +254,20 @@ cookie:
             keys_of(load_str(&text, bad)),
             ["lifecycle.shutdown_timeout"]
         );
+    }
+
+    #[test]
+    fn misspelled_variables_are_found() {
+        let vars = [
+            ("PORTCULLIS_PROVIDER_CLIENT_SECRT", "x"),
+            ("PORTCULLIS_PROVIDER_CLIENT_SECRET", "x"),
+            ("PORTCULLIS_CONFIG", "/x"),
+            ("PORTCULLIS_WORKER_THREADS", "2"),
+            ("PORTCULLIS_TIMEOUTS_IDLE", "1s"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(unknown_env_vars(vars), ["PORTCULLIS_PROVIDER_CLIENT_SECRT"]);
     }
 
     #[test]
