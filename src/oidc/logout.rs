@@ -34,7 +34,13 @@ struct Claims {
     sub: Option<String>,
     sid: Option<String>,
     events: Option<serde_json::Map<String, serde_json::Value>>,
-    nonce: Option<serde_json::Value>,
+    /// Present at all (`"nonce": null` included): a logout token must not have one.
+    #[serde(default, deserialize_with = "present")]
+    nonce: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +84,7 @@ pub fn validate(
     {
         return Err(LogoutTokenError::Event);
     }
-    if c.nonce.is_some() {
+    if c.nonce {
         return Err(LogoutTokenError::Nonce);
     }
     if c.sid.is_none() && c.sub.is_none() {
@@ -159,6 +165,13 @@ mod tests {
                 "has a nonce",
                 token(|m| {
                     m.insert("nonce".into(), json!("n"));
+                }),
+                LogoutTokenError::Nonce,
+            ),
+            (
+                "has a null nonce",
+                token(|m| {
+                    m.insert("nonce".into(), json!(null));
                 }),
                 LogoutTokenError::Nonce,
             ),
