@@ -344,14 +344,9 @@ impl SessionCookies {
             }
             chunks.len()
         };
-        for n in jar.names() {
-            if let Some(idx) = n
-                .strip_prefix(&self.chunk_prefix)
-                .and_then(|r| r.parse::<usize>().ok())
-            {
-                if idx >= written_chunks && self.is_ours(n) {
-                    out.extend(self.expire(n, "/"));
-                }
+        for i in self.sent_chunks(jar) {
+            if i >= written_chunks {
+                out.extend(self.expire(&self.chunk_name(i), "/"));
             }
         }
         Some(out)
@@ -360,12 +355,29 @@ impl SessionCookies {
     /// `Set-Cookie` lines that delete the session (single value and every chunk present).
     pub fn clear_session(&self, jar: &CookieJar<'_>) -> Vec<HeaderValue> {
         let mut out: Vec<HeaderValue> = self.expire(&self.name, "/").into_iter().collect();
-        for n in jar.names() {
-            if self.is_chunk(n) {
-                out.extend(self.expire(n, "/"));
-            }
+        for i in self.sent_chunks(jar) {
+            out.extend(self.expire(&self.chunk_name(i), "/"));
         }
         out
+    }
+
+    /// The chunks of ours a request carried: only names the gateway could have set (below
+    /// the chunk limit, no leading zeros), each once, however many cookies the client sent.
+    fn sent_chunks(&self, jar: &CookieJar<'_>) -> Vec<usize> {
+        let mut sent = vec![false; self.max_chunks];
+        for n in jar.names() {
+            let Some(digits) = n.strip_prefix(&self.chunk_prefix) else {
+                continue;
+            };
+            let canonical = digits.bytes().all(|b| b.is_ascii_digit())
+                && (digits == "0" || !digits.starts_with('0'));
+            if let Some(i) = digits.parse::<usize>().ok().filter(|_| canonical) {
+                if let Some(slot) = sent.get_mut(i) {
+                    *slot = true;
+                }
+            }
+        }
+        (0..self.max_chunks).filter(|&i| sent[i]).collect()
     }
 
     /// The flow cookie for one login attempt: its name is derived from the state.
@@ -504,6 +516,29 @@ mod tests {
             c.open_session(&CookieJar::parse(&h), 10),
             Err(CookieReject::Oversize)
         );
+    }
+
+    #[test]
+    fn clearing_is_bounded_by_the_chunk_limit() {
+        let c = cookies(8);
+        // 3,000 chunk-like cookies, a duplicate, and names the gateway never sets.
+        let mut v: String = (0..3000).map(|i| format!("_p_{i}=a; ")).collect();
+        v.push_str("_p_1=dup; _p_01=x; _p_+2=x; _p_=x; other=1");
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_str(&v).unwrap());
+        let jar = CookieJar::parse(&h);
+        let lines = c.clear_session(&jar);
+        let names: Vec<&str> = lines
+            .iter()
+            .map(|l| l.to_str().unwrap().split('=').next().unwrap())
+            .collect();
+        let want: Vec<String> = std::iter::once("_p".to_string())
+            .chain((0..8).map(|i| format!("_p_{i}")))
+            .collect();
+        assert_eq!(names, want);
+        // Storing a session clears the chunks it does not use, within the same bound.
+        let stored = c.set_session(&session(10), &jar, 10).unwrap();
+        assert!(stored.len() <= 1 + 8, "{}", stored.len());
     }
 
     #[test]
