@@ -305,7 +305,15 @@ pub enum Fresh {
 /// Refreshes `s` when due (once per session, shared with concurrent requests), and records
 /// activity for the idle timeout.
 pub async fn ensure_fresh(app: &App, s: Session, now: u64) -> Fresh {
+    let id = s.id;
     match refresh_if_due(app, s, now).await {
+        Fresh::Ended => {
+            // Nothing may renew it again: a stored session goes now, not at its TTL.
+            if let Err(e) = app.delete_session_id(&id).await {
+                tracing::warn!(error = %e, "cannot delete an ended session from the store");
+            }
+            Fresh::Ended
+        }
         Fresh::Unchanged(mut s) if s.needs_touch(now, app.cfg.session.idle_timeout) => {
             s.last_seen = now;
             // The Redis store keeps it there; the cookie store sends a new cookie.

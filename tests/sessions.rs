@@ -530,10 +530,20 @@ async fn two_gateways_with_the_redis_store_refresh_once() {
 
 #[tokio::test]
 async fn revoked_grant_ends_the_session() {
+    revoked_grant_ends(Store::CookieOnly).await;
+}
+
+#[tokio::test]
+async fn revoked_grant_ends_the_session_and_deletes_it_from_the_redis_store() {
+    revoked_grant_ends(Store::Redis).await;
+}
+
+async fn revoked_grant_ends(store: Store) {
+    let redis = RedisServer::start().await;
     let gw_port = free_port();
     let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV]).await;
     let upstream = Upstream::start();
-    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let yaml = session_yaml(store, Some(&redis), 1);
     let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
     let cookie = login_cookie(&gw, "alice").await;
     let logged_in = Instant::now();
@@ -551,6 +561,12 @@ async fn revoked_grant_ends_the_session() {
     assert_eq!(call.json()["error"], "unauthorized");
     assert_session_cleared(&call, "api");
     assert_eq!(upstream.count(), before, "nothing reached the upstream");
+    // Nothing is left that could spend the refresh token again.
+    assert_eq!(
+        redis.keys("portcullis:session:*"),
+        Vec::<String>::new(),
+        "{store:?}: the ended session is still stored"
+    );
 }
 
 #[tokio::test]

@@ -142,8 +142,12 @@ impl App {
 
     /// Deletes a Redis-stored session (nothing to do for the cookie store).
     pub async fn delete_session(&self, s: &Session) -> Result<(), StoreError> {
+        self.delete_session_id(&s.id).await
+    }
+
+    pub async fn delete_session_id(&self, id: &[u8; 16]) -> Result<(), StoreError> {
         if let (StoreKind::Redis, Some(redis)) = (self.cfg.session.store, self.redis.as_deref()) {
-            redis.del(&[session_key(redis, &s.id)]).await?;
+            redis.del(&[session_key(redis, id)]).await?;
         }
         Ok(())
     }
