@@ -10,7 +10,7 @@ use crate::pages;
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{host_only, AuthMode, Denied, Route};
 use crate::proxy::forward::ConnInfo;
-use crate::proxy::headers::put;
+use crate::proxy::headers::{put, single};
 use crate::proxy::path::normalize;
 use crate::refresh::{ensure_fresh, Fresh};
 use crate::session::store::Loaded;
@@ -59,19 +59,17 @@ fn original_route<'a>(app: &'a App, req: &Request<Body>) -> Option<&'a Route> {
         return None;
     }
     let h = req.headers();
-    let raw = h
-        .get("x-original-url")
-        .or_else(|| h.get("x-forwarded-uri"))
+    let raw = single(h, "x-original-url")
+        .or_else(|| single(h, "x-forwarded-uri"))
         .and_then(|v| v.to_str().ok())?;
     let uri: http::Uri = raw.parse().ok()?;
     let path = normalize(uri.path()).ok()?;
-    let method = h
-        .get("x-forwarded-method")
-        .or_else(|| h.get("x-original-method"))
+    let method = single(h, "x-forwarded-method")
+        .or_else(|| single(h, "x-original-method"))
         .and_then(|v| http::Method::from_bytes(v.as_bytes()).ok())
         .unwrap_or(http::Method::GET);
     let host = uri.authority().map(|a| host_only(a.as_str())).or_else(|| {
-        h.get("x-forwarded-host")
+        single(h, "x-forwarded-host")
             .and_then(|v| v.to_str().ok())
             .map(host_only)
     });

@@ -360,14 +360,37 @@ impl PriorHop {
     /// Reads the forwarding headers; call only for a connection from a trusted proxy.
     pub fn read(h: &HeaderMap) -> Self {
         Self {
-            xff: h.get("x-forwarded-for").cloned(),
-            proto: h
-                .get("x-forwarded-proto")
+            xff: joined(h, "x-forwarded-for"),
+            proto: single(h, "x-forwarded-proto")
                 .filter(|v| *v == "http" || *v == "https")
                 .cloned(),
-            host: h.get("x-forwarded-host").cloned(),
+            host: single(h, "x-forwarded-host").cloned(),
         }
     }
+}
+
+/// A header sent exactly once. Two lines of a single-valued forwarding header are ambiguous
+/// (a proxy that adds its line after the client's): neither is believed.
+pub fn single<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a HeaderValue> {
+    let mut all = h.get_all(name).iter();
+    let first = all.next()?;
+    all.next().is_none().then_some(first)
+}
+
+/// A list header's lines as one comma-separated value (RFC 9110 §5.3), e.g. X-Forwarded-For
+/// from a proxy that adds its own line instead of extending the client's.
+fn joined(h: &HeaderMap, name: &str) -> Option<HeaderValue> {
+    let mut all = h.get_all(name).iter();
+    let first = all.next()?;
+    let Some(second) = all.next() else {
+        return Some(first.clone());
+    };
+    let mut out = first.as_bytes().to_vec();
+    for v in std::iter::once(second).chain(all) {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(v.as_bytes());
+    }
+    HeaderValue::from_bytes(&out).ok()
 }
 
 /// Sets X-Forwarded-For/Proto/Host: from what the gateway itself saw, extended with what a
@@ -433,6 +456,37 @@ mod tests {
 
     fn strip_spoofable(h: &mut HeaderMap, cfg: &HeaderConfig) {
         sanitize_request(h, true, false, &Spoofable::new(cfg), |_| false);
+    }
+
+    #[test]
+    fn a_trusted_proxys_forwarding_lines() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "a.example"),
+            ("x-forwarded-host", "b.example"),
+        ] {
+            h.append(n, HeaderValue::from_static(v));
+        }
+        let prior = PriorHop::read(&h);
+        // A list: every line counts, the proxy's own last.
+        assert_eq!(prior.xff.as_ref().unwrap(), "6.6.6.6, 203.0.113.9");
+        assert_eq!(prior.proto.as_ref().unwrap(), "https");
+        // A single value sent twice: believe neither.
+        assert!(prior.host.is_none());
+        let mut out = HeaderMap::new();
+        set_forwarded(
+            &mut out,
+            &HeaderValue::from_static("10.0.0.1"),
+            "http",
+            prior,
+            Some(HeaderValue::from_static("gw.example")),
+        );
+        assert_eq!(out["x-forwarded-for"], "6.6.6.6, 203.0.113.9, 10.0.0.1");
+        assert_eq!(out["x-forwarded-host"], "gw.example");
+        assert_eq!(out["x-forwarded-proto"], "https");
     }
 
     #[test]
