@@ -687,8 +687,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     if l.max_headers == 0 {
         c.err("limits.max_headers", "must be greater than zero");
     }
-    if !(1..=32).contains(&l.max_cookie_chunks) {
-        c.err("limits.max_cookie_chunks", "must be between 1 and 32");
+    if !(1..=crate::session::cookie::MAX_CHUNKS).contains(&l.max_cookie_chunks) {
+        c.err(
+            "limits.max_cookie_chunks",
+            &format!(
+                "must be between 1 and {}",
+                crate::session::cookie::MAX_CHUNKS
+            ),
+        );
     }
     if l.max_connections == 0 {
         c.err("limits.max_connections", "must be greater than zero");

@@ -98,6 +98,9 @@ impl<'a> CookieJar<'a> {
     }
 }
 
+/// The most chunks a session cookie may be split into (`limits.max_cookie_chunks` ≤ this).
+pub const MAX_CHUNKS: usize = 32;
+
 /// Everything needed to read and write the gateway's cookies; built once.
 #[derive(Debug)]
 pub struct SessionCookies {
@@ -361,10 +364,11 @@ impl SessionCookies {
         out
     }
 
-    /// The chunks of ours a request carried: only names the gateway could have set (below
-    /// the chunk limit, no leading zeros), each once, however many cookies the client sent.
+    /// The chunks of ours a request carried: only names the gateway could have set under any
+    /// configuration (below `MAX_CHUNKS`, no leading zeros), each once, however many cookies
+    /// the client sent.
     fn sent_chunks(&self, jar: &CookieJar<'_>) -> Vec<usize> {
-        let mut sent = vec![false; self.max_chunks];
+        let mut sent = [false; MAX_CHUNKS];
         for n in jar.names() {
             let Some(digits) = n.strip_prefix(&self.chunk_prefix) else {
                 continue;
@@ -377,7 +381,7 @@ impl SessionCookies {
                 }
             }
         }
-        (0..self.max_chunks).filter(|&i| sent[i]).collect()
+        (0..MAX_CHUNKS).filter(|&i| sent[i]).collect()
     }
 
     /// The flow cookie for one login attempt: its name is derived from the state.
@@ -532,13 +536,14 @@ mod tests {
             .iter()
             .map(|l| l.to_str().unwrap().split('=').next().unwrap())
             .collect();
+        // Every chunk some configuration could have set (a lower limit leaves older ones).
         let want: Vec<String> = std::iter::once("_p".to_string())
-            .chain((0..8).map(|i| format!("_p_{i}")))
+            .chain((0..MAX_CHUNKS).map(|i| format!("_p_{i}")))
             .collect();
         assert_eq!(names, want);
         // Storing a session clears the chunks it does not use, within the same bound.
         let stored = c.set_session(&session(10), &jar, 10).unwrap();
-        assert!(stored.len() <= 1 + 8, "{}", stored.len());
+        assert!(stored.len() <= 1 + MAX_CHUNKS, "{}", stored.len());
     }
 
     #[test]
