@@ -690,7 +690,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     if !(1..=crate::session::cookie::MAX_CHUNKS).contains(&l.max_cookie_chunks) {
         c.err(
             "limits.max_cookie_chunks",
-            &format!(
+            format!(
                 "must be between 1 and {}",
                 crate::session::cookie::MAX_CHUNKS
             ),
