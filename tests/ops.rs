@@ -517,6 +517,67 @@ async fn sigterm_fails_readiness_keeps_serving_then_drains_and_exits_0() {
     }
 }
 
+/// SIGTERM with an HTTP/2 request in flight: HTTP/2 connections drain through the listener's
+/// drain too. The slow stream completes, the connection gets GOAWAY, the process exits 0.
+#[tokio::test]
+async fn sigterm_drains_http2_connections() {
+    let (_idp, upstream, mut opts) = parts(&[]).await;
+    opts.extra = "routes: [ { prefix: \"/\", auth: skip } ]\nlifecycle: { shutdown_delay: 1s }\ntimeouts: { shutdown: 10s }".into();
+    let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let port = gw.port;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/slow"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let slow = tokio::spawn(async move {
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        resp.into_body().collect().await?;
+        Ok::<_, hyper::Error>(status)
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the upstream got /slow",
+        || async {
+            if upstream.records().iter().any(|r| r.path == "/slow") {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+    gw.signal("TERM");
+    let status = slow
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the in-flight HTTP/2 request failed: {e}\n{}", gw.tails()));
+    assert_eq!(status, 200);
+    // The connection ends: the server closed it after the stream.
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(
+        closed.is_ok(),
+        "the HTTP/2 connection stayed open\n{}",
+        gw.tails()
+    );
+    let exit = gw.wait_exit(Duration::from_secs(1 + 10 + 5)).await;
+    assert!(exit.success(), "exit status {exit}\n{}", gw.tails());
+    assert!(
+        gw.stderr().contains("all connections closed"),
+        "{}",
+        gw.tails()
+    );
+}
+
 /// The acceptance test: 8 clients (fresh connections and keep-alive) sending
 /// back to back through a SIGTERM. A refused connect after the listener closed ends a
 /// client; every request written to an accepted connection must get its 200.

@@ -586,11 +586,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     for (i, d) in raw.allowed_redirect_domains.iter().enumerate() {
         let d = d.trim().to_ascii_lowercase();
         let bare = d.strip_prefix('.').unwrap_or(&d);
-        let valid = !bare.is_empty()
-            && bare.split('.').all(|l| {
-                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if valid {
+        if crate::policy::routes::is_host_name(bare) {
             allowed_redirect_domains.push(d);
         } else {
             c.err(

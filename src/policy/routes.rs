@@ -247,6 +247,13 @@ pub fn build_route(
     })
 }
 
+/// Dot-separated labels of letters, digits and `-` (an IPv4 address passes too).
+pub fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
 /// A route's `host`, as requests' hosts are compared with it: lower case, no port (an IPv6
 /// literal without its brackets). `None` if it is no host name.
 fn route_host(h: &str) -> Option<String> {
@@ -255,13 +262,7 @@ fn route_host(h: &str) -> Option<String> {
         .strip_prefix('[')
         .and_then(|x| x.strip_suffix(']'))
         .unwrap_or(&h);
-    let name = !bare.is_empty()
-        && bare.split('.').all(|l| {
-            !l.is_empty()
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    (name || bare.parse::<std::net::Ipv6Addr>().is_ok()).then(|| bare.to_string())
+    (is_host_name(bare) || bare.parse::<std::net::Ipv6Addr>().is_ok()).then(|| bare.to_string())
 }
 
 #[cfg(test)]

@@ -369,16 +369,13 @@ impl SessionCookies {
     /// the client sent.
     fn sent_chunks(&self, jar: &CookieJar<'_>) -> Vec<usize> {
         let mut sent = [false; MAX_CHUNKS];
-        for n in jar.names() {
-            let Some(digits) = n.strip_prefix(&self.chunk_prefix) else {
-                continue;
-            };
-            let canonical = digits.bytes().all(|b| b.is_ascii_digit())
-                && (digits == "0" || !digits.starts_with('0'));
-            if let Some(i) = digits.parse::<usize>().ok().filter(|_| canonical) {
-                if let Some(slot) = sent.get_mut(i) {
-                    *slot = true;
-                }
+        for n in jar.names().filter(|n| self.is_chunk(n)) {
+            let digits = &n[self.chunk_prefix.len()..];
+            if digits.len() > 1 && digits.starts_with('0') {
+                continue; // "_07": not a name the gateway writes
+            }
+            if let Some(slot) = digits.parse::<usize>().ok().and_then(|i| sent.get_mut(i)) {
+                *slot = true;
             }
         }
         (0..MAX_CHUNKS).filter(|&i| sent[i]).collect()
