@@ -96,7 +96,10 @@ where
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
-        Err(e) => Err(ReadError::Io(e.to_string())),
+        Err(e) => match e.downcast_ref::<BodyError>() {
+            Some(BodyError::Client(fault)) => Err(ReadError::Client(*fault)),
+            _ => Err(ReadError::Io(e.to_string())),
+        },
     }
 }
 
@@ -104,6 +107,30 @@ where
 pub enum ReadError {
     #[error("body too large")]
     TooLarge,
+    #[error("request body: {0}")]
+    Client(crate::server::h1::io::ClientBodyError),
     #[error("reading body: {0}")]
     Io(String),
+}
+
+impl ReadError {
+    pub fn status(&self) -> http::StatusCode {
+        use crate::server::h1::io::ClientBodyError;
+        match self {
+            ReadError::TooLarge => http::StatusCode::PAYLOAD_TOO_LARGE,
+            ReadError::Client(ClientBodyError::Stalled) => http::StatusCode::REQUEST_TIMEOUT,
+            ReadError::Client(_) | ReadError::Io(_) => http::StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// For the pages that say why.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReadError::TooLarge => "request too large",
+            ReadError::Client(crate::server::h1::io::ClientBodyError::Stalled) => {
+                "request body not received in time"
+            }
+            ReadError::Client(_) | ReadError::Io(_) => "request body incomplete or malformed",
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 use crate::body::Body;
 use crate::pages;
+use crate::server::h1::io::ClientBodyError;
 use http::{Response, StatusCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,12 +13,38 @@ pub enum Side {
     Internal,
 }
 
+/// How an upstream exchange failed, as `upstream_errors_total{kind}` counts it (a timeout is
+/// `GatewayError::UpstreamTimeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// No connection: refused, unreachable, name not found, connect timeout, TLS handshake.
+    Connect,
+    /// The connection broke off: reset, or closed before a whole response.
+    Reset,
+    /// Anything else: an answer that is not HTTP, a protocol switch nobody asked for.
+    Other,
+}
+
+impl UpstreamFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::Reset => "reset",
+            UpstreamFailure::Other => "other",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    #[error("upstream unavailable: {0}")]
-    UpstreamConnect(String),
+    /// The client's request body broke off, was malformed, or stalled: not the upstream's
+    /// fault, whatever the forward step saw.
+    #[error("request body: {0}")]
+    ClientBody(#[from] crate::server::h1::io::ClientBodyError),
+    #[error("upstream failed ({kind}): {1}", kind = .0.label())]
+    Upstream(UpstreamFailure, String),
     #[error("upstream timed out")]
     UpstreamTimeout,
     #[error("provider unavailable: {0}")]
@@ -31,8 +58,8 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn side(&self) -> Side {
         match self {
-            GatewayError::BadRequest(_) => Side::Client,
-            GatewayError::UpstreamConnect(_) | GatewayError::UpstreamTimeout => Side::Upstream,
+            GatewayError::BadRequest(_) | GatewayError::ClientBody(_) => Side::Client,
+            GatewayError::Upstream(..) | GatewayError::UpstreamTimeout => Side::Upstream,
             GatewayError::ProviderUnavailable(_) => Side::Provider,
             GatewayError::StoreUnavailable(_) => Side::Internal,
             GatewayError::Internal(_) => Side::Internal,
@@ -42,7 +69,9 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::ClientBody(ClientBodyError::Stalled) => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Upstream(..) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::ProviderUnavailable(_) | GatewayError::StoreUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -56,7 +85,15 @@ impl GatewayError {
         let status = self.status();
         let (title, msg) = match &self {
             GatewayError::BadRequest(m) => ("Bad request", *m),
-            GatewayError::UpstreamConnect(_) => (
+            GatewayError::ClientBody(ClientBodyError::Stalled) => (
+                "Request timeout",
+                "The request body did not arrive in time.",
+            ),
+            GatewayError::ClientBody(_) => (
+                "Bad request",
+                "The request body is incomplete or malformed.",
+            ),
+            GatewayError::Upstream(..) => (
                 "Bad gateway",
                 "The application behind this gateway is not reachable. Please try again shortly.",
             ),
@@ -104,7 +141,18 @@ mod tests {
     #[test]
     fn status_mapping_is_pinned() {
         assert_eq!(GatewayError::BadRequest("x").status(), 400);
-        assert_eq!(GatewayError::UpstreamConnect("x".into()).status(), 502);
+        assert_eq!(
+            GatewayError::Upstream(UpstreamFailure::Reset, "x".into()).status(),
+            502
+        );
+        assert_eq!(
+            GatewayError::ClientBody(ClientBodyError::Stalled).status(),
+            408
+        );
+        assert_eq!(
+            GatewayError::ClientBody(ClientBodyError::Invalid).side(),
+            Side::Client
+        );
         assert_eq!(GatewayError::UpstreamTimeout.status(), 504);
         assert_eq!(GatewayError::ProviderUnavailable("x".into()).status(), 503);
         assert_eq!(GatewayError::Internal("x").status(), 500);

@@ -152,7 +152,7 @@ where
         if flow::is_flow_path(req.uri().path()) {
             let app = self.app.clone();
             Either::Right(Box::pin(async move {
-                let route = if req.uri().path() == "/oauth2/auth" {
+                let route = if flow::is_forward_auth_path(req.uri().path()) {
                     RouteKind::ForwardAuth
                 } else {
                     RouteKind::Flow

@@ -103,6 +103,219 @@ async fn abandoned_requests_leave_the_in_flight_gauge() {
     assert!(gw.tails().contains("status=499"), "{}", gw.tails());
 }
 
+/// An HTTP/1.1 client that closes its connection while the upstream is still working: the
+/// request is dropped at once (the upstream's with it), counted and logged as 499, instead of
+/// being finished for nobody.
+#[tokio::test]
+async fn abandoned_http1_requests_are_dropped_and_logged_499() {
+    use tokio::io::AsyncWriteExt;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = r#"routes: [ { prefix: "/", auth: skip } ]"#.to_string();
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!("GET /slow HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", gw.port);
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    eventually(Duration::from_secs(10), "the request in flight", || async {
+        let v = gw.metrics().await.value("portcullis_requests_in_flight");
+        if v == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("in flight: {v}"))
+        }
+    })
+    .await;
+    drop(tcp);
+    eventually(Duration::from_secs(10), "in-flight back to 0", || async {
+        let v = gw.metrics().await.value("portcullis_requests_in_flight");
+        if v == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("in flight: {v}"))
+        }
+    })
+    .await;
+    // The upstream answers after 3 s: had the gateway waited for it, it would log a 200.
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value(r#"portcullis_requests_total{method="GET",route="proxied",status="4xx"}"#),
+        1.0,
+        "{}",
+        m.text
+    );
+    assert!(gw.tails().contains("status=499"), "{}", gw.tails());
+    assert!(
+        !gw.tails().contains("route=\"proxied\" status=200"),
+        "{}",
+        gw.tails()
+    );
+}
+
+/// A client that stops sending its body is answered 408 after `timeouts.idle`, one whose
+/// chunked body is malformed 400: the client's faults, not counted as upstream errors. A
+/// client that reads none of a large answer is disconnected after `timeouts.idle`.
+#[tokio::test]
+async fn stalled_and_broken_clients_are_cut_off_and_not_blamed_on_the_upstream() {
+    use support::corpus::raw_exchange;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_idp, upstream, mut opts) = parts(&[]).await;
+    opts.extra = "routes: [ { prefix: \"/\", auth: skip } ]\n\
+                  timeouts: { header_read: 2s, idle: 2s }"
+        .to_string();
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let host = format!("127.0.0.1:{}", gw.port);
+
+    let stalled = format!(
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 20\r\n\r\n0123456789abcdef"
+    );
+    let r = raw_exchange(gw.port, stalled.as_bytes(), Duration::from_secs(60)).await;
+    assert_eq!(r.status, Some(408), "{}\n{}", r.text, gw.tails());
+    assert!(r.closed, "{}", r.text);
+
+    let malformed = format!(
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         zz\r\nhello\r\n0\r\n\r\n"
+    );
+    let r = raw_exchange(gw.port, malformed.as_bytes(), Duration::from_secs(60)).await;
+    assert_eq!(r.status, Some(400), "{}\n{}", r.text, gw.tails());
+
+    // A stalled body on a gateway endpoint that reads it itself.
+    let sign_out = format!(
+        "POST /oauth2/backchannel_logout HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 20\r\n\r\nlogout_token=ab"
+    );
+    let r = raw_exchange(gw.port, sign_out.as_bytes(), Duration::from_secs(60)).await;
+    assert!(r.closed, "{}", r.text);
+
+    let m = gw.metrics().await;
+    for kind in ["connect", "timeout", "reset", "other"] {
+        let series = format!("portcullis_upstream_errors_total{{kind=\"{kind}\"}}");
+        assert_eq!(m.value(&series), 0.0, "{series}\n{}", gw.tails());
+    }
+
+    // Reads nothing of a 32 MB answer, through small socket buffers.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket
+        .connect(format!("127.0.0.1:{}", gw.port).parse().unwrap())
+        .await
+        .unwrap();
+    let req = format!("GET /big HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    eventually(Duration::from_secs(10), "the connection open", || async {
+        let v = gw.metrics().await.value("portcullis_connections_open");
+        if v == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("connections open: {v}"))
+        }
+    })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the unread connection closed",
+        || async {
+            let v = gw.metrics().await.value("portcullis_connections_open");
+            if v == 0.0 {
+                Ok(())
+            } else {
+                Err(format!("connections open: {v}"))
+            }
+        },
+    )
+    .await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got += n,
+            Err(_) => panic!("the connection was left open after {got} bytes"),
+        }
+    }
+    assert!(got < support::upstream::BIG_BODY, "read {got} bytes");
+    assert!(upstream.records().iter().any(|r| r.path == "/big"));
+}
+
+/// An upstream on a free port that reads one request per connection, then misbehaves.
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Closes without answering.
+    Close,
+    /// Resets the connection.
+    Reset,
+    /// Answers something that is not HTTP.
+    Garbage,
+}
+
+async fn misbehaving_upstream(how: Misbehaviour) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                match how {
+                    Misbehaviour::Close => {}
+                    Misbehaviour::Reset => {
+                        let _ = tcp.set_zero_linger();
+                    }
+                    Misbehaviour::Garbage => {
+                        let _ = tcp.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// `upstream_errors_total{kind}` says what went wrong: no connection, a connection that
+/// broke off, an answer that is not HTTP.
+#[tokio::test]
+async fn upstream_errors_are_counted_by_what_went_wrong() {
+    let close = misbehaving_upstream(Misbehaviour::Close).await;
+    let reset = misbehaving_upstream(Misbehaviour::Reset).await;
+    let garbage = misbehaving_upstream(Misbehaviour::Garbage).await;
+    let refused = free_port();
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = format!(
+        r#"routes:
+  - {{ prefix: "/close/", auth: skip, upstream: "http://127.0.0.1:{close}" }}
+  - {{ prefix: "/reset/", auth: skip, upstream: "http://127.0.0.1:{reset}" }}
+  - {{ prefix: "/garbage/", auth: skip, upstream: "http://127.0.0.1:{garbage}" }}
+  - {{ prefix: "/refused/", auth: skip, upstream: "http://127.0.0.1:{refused}" }}
+"#
+    );
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    for (path, kind) in [
+        ("/close/x", "reset"),
+        ("/reset/x", "reset"),
+        ("/garbage/x", "other"),
+        ("/refused/x", "connect"),
+    ] {
+        let before = gw.metrics().await;
+        let r = send("GET", &gw.url(path), &[], Vec::new()).await;
+        assert_eq!(r.status, 502, "{path}: {}", r.dump());
+        let after = gw.metrics().await;
+        for k in ["connect", "timeout", "reset", "other"] {
+            let series = format!("portcullis_upstream_errors_total{{kind=\"{k}\"}}");
+            let counted = after.value(&series) - before.value(&series);
+            let expected = if k == kind { 1.0 } else { 0.0 };
+            assert_eq!(counted, expected, "{path}: {series}\n{}", gw.tails());
+        }
+    }
+}
+
 #[tokio::test]
 async fn metrics_pass_promtool_and_count_without_identifying_labels() {
     let (idp, upstream, opts) = parts(&[]).await;
@@ -1130,9 +1343,16 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     let upstream = Upstream::start();
     let nginx = Nginx::start_forward_auth(gw_port, upstream.port).await;
     let callback_url = nginx.url("/oauth2/callback");
-    let idp = Idp::start(&[("IDP_REDIRECT_URIS", &callback_url)]).await;
+    // Access tokens are due for refresh as soon as they are issued: every request through
+    // nginx refreshes, and the refreshed cookie must reach the browser through it.
+    let idp = Idp::start(&[
+        ("IDP_REDIRECT_URIS", &callback_url),
+        ("IDP_ACCESS_TOKEN_TTL", "4"),
+        ("IDP_ROTATE_REFRESH_TOKEN", "1"),
+    ])
+    .await;
     let mut cfg = OpsConfig::new(GatewayOpts {
-        extra: "trusted_proxies: [\"127.0.0.1/32\"]".into(),
+        extra: "trusted_proxies: [\"127.0.0.1/32\"]\nsession: { refresh_before: 30s }".into(),
         ..GatewayOpts::new(gw_port, &idp, &upstream.url())
     });
     cfg.admin_port = None;
@@ -1141,11 +1361,11 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
 
     // Not signed in: nginx turns the gateway's 401 into the login redirect.
     let b = Browser::new();
-    let r = b.get(&nginx.url("/some/page")).await;
+    let r = b.get(&nginx.url("/some/page?a=1&b=2")).await;
     assert_eq!(r.status, 302, "{}\n{}", r.dump(), nginx.tails());
     assert_eq!(
         r.location(),
-        Some("/oauth2/start?rd=/some/page"),
+        Some("/oauth2/start?rd=%2Fsome%2Fpage%3Fa%3D1%26b%3D2"),
         "{}",
         r.dump()
     );
@@ -1165,11 +1385,18 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     );
     let cb = b.get(&callback).await;
     assert_eq!(cb.status, 302, "{}\n{}", cb.dump(), gw.tails());
-    assert_eq!(cb.location(), Some("/some/page"), "{}", cb.dump());
-    let page = b.get(&nginx.url("/some/page")).await;
+    assert_eq!(cb.location(), Some("/some/page?a=1&b=2"), "{}", cb.dump());
+    let page = b.get(&nginx.url("/some/page?a=1&b=2")).await;
     assert_eq!(page.status, 200, "{}\n{}", page.dump(), nginx.tails());
     let rec = upstream.last();
     assert_eq!(rec.path, "/some/page");
+    assert_eq!(rec.query.as_deref(), Some("a=1&b=2"));
+    let refreshed = page.set_cookie("_portcullis");
+    assert!(
+        refreshed.is_some_and(|c| !c.is_removal()),
+        "the refreshed session cookie comes back through nginx: {}",
+        page.dump()
+    );
     assert_eq!(rec.header("x-user"), Some("alice"), "{rec:?}");
     assert_eq!(rec.header("x-email"), Some("alice@example.test"), "{rec:?}");
 
@@ -1182,7 +1409,7 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     )
     .await;
     assert_eq!(r.status, 302, "{}", r.dump());
-    assert_eq!(r.location(), Some("/oauth2/start?rd=/api/things"));
+    assert_eq!(r.location(), Some("/oauth2/start?rd=%2Fapi%2Fthings"));
 
     // The forward-auth endpoint itself.
     let cookie = b.cookie_header(&nginx.url("/"));

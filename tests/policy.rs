@@ -752,3 +752,145 @@ async fn open_redirect_corpus_never_leaves_the_site() {
     );
     assert_eq!(upstream.count(), 0);
 }
+
+/// Forward auth decides by the original request a trusted proxy names, and refuses to
+/// guess when that request is ambiguous: a guess could pick a laxer route than the one the
+/// upstream serves.
+#[tokio::test]
+async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones() {
+    let routes = r#"routes:
+  - { prefix: "/public/", auth: skip }
+  - { prefix: "/admin/", allow: { groups: ["admins"] } }
+"#;
+    let s = Stack::with(
+        &[],
+        &format!("{routes}trusted_proxies: [\"127.0.0.1/32\"]\n"),
+    )
+    .await;
+    let cookie = login_cookie(&s.gw, "alice").await;
+    let port = s.gw.port;
+    let host = format!("127.0.0.1:{port}");
+    let ask = |target: &str, extra: &[&str]| {
+        let mut headers = vec![format!("Cookie: {cookie}")];
+        headers.extend(extra.iter().map(|h| h.to_string()));
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        raw_get(target, &host, &headers)
+    };
+    let status = |req: Vec<u8>| async move {
+        raw_exchange(port, &req, Duration::from_secs(10))
+            .await
+            .status
+    };
+    let url = |p: &str| format!("X-Original-URL: http://app.test{p}");
+
+    // Named plainly: the original route decides.
+    assert_eq!(
+        status(ask("/oauth2/auth", &[&url("/other")])).await,
+        Some(202)
+    );
+    assert_eq!(
+        status(ask("/oauth2/auth", &[&url("/admin/x")])).await,
+        Some(403)
+    );
+    assert_eq!(
+        status(ask("/oauth2/auth", &["X-Forwarded-Uri: /admin//x"])).await,
+        Some(403)
+    );
+    assert_eq!(
+        status(ask("/oauth2/auth", &[&url("/public/../admin/x")])).await,
+        Some(403)
+    );
+    // Ambiguous: refused, never taken for "no route".
+    for bad in [
+        url("/admin%2fx"),
+        url("/admin%2Fx"),
+        url("/public/..%2fadmin/x"),
+        url("/admin;x/y"),
+        url("/admin%00/x"),
+        url("/admin\\x"),
+        "X-Forwarded-Uri: /admin/<x>".to_string(),
+        "X-Forwarded-Uri: /admin/x`".to_string(),
+        "X-Forwarded-Uri: /admin/x y".to_string(),
+        "X-Forwarded-Uri: /admin/\u{e9}".to_string(),
+    ] {
+        let r = raw_exchange(port, &ask("/oauth2/auth", &[&bad]), Duration::from_secs(10)).await;
+        assert_eq!(r.status, Some(400), "{bad}: {}", r.text);
+    }
+    // Two versions of the original request: which one the upstream serves is unknown.
+    for two in [
+        [url("/public/x"), url("/admin/x")],
+        [url("/public/x"), "X-Forwarded-Uri: /admin/x".into()],
+        [
+            "X-Forwarded-Uri: /public/x".into(),
+            "X-Forwarded-Uri: /admin/x".into(),
+        ],
+        [
+            "X-Forwarded-Uri: /admin/x".into(),
+            "X-Forwarded-Host: a.test\r\nX-Forwarded-Host: b.test".into(),
+        ],
+    ] {
+        let two: Vec<&str> = two.iter().map(String::as_str).collect();
+        assert_eq!(
+            status(ask("/oauth2/auth", &two)).await,
+            Some(400),
+            "{two:?}"
+        );
+    }
+    // Both headers naming the same request (ingress-nginx style): fine.
+    assert_eq!(
+        status(ask(
+            "/oauth2/auth",
+            &[&url("/public/x?q=1"), "X-Forwarded-Uri: /public/x?q=1"]
+        ))
+        .await,
+        Some(202)
+    );
+
+    // Envoy ext_authz: the original path after /oauth2/auth, the original method, 200.
+    assert_eq!(status(ask("/oauth2/auth/other?x=1", &[])).await, Some(200));
+    assert_eq!(status(ask("/oauth2/auth/admin/x", &[])).await, Some(403));
+    let post = format!(
+        "POST /oauth2/auth/other HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let r = raw_exchange(port, post.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(r.status, Some(200), "{}", r.text);
+    assert_eq!(r.header("x-auth-request-user").as_deref(), Some("alice"));
+    assert_eq!(status(ask("/oauth2/auth/admin%2fx", &[])).await, Some(400));
+    let anonymous = raw_get("/oauth2/auth/public/x", &host, &[]);
+    assert_eq!(
+        status(anonymous).await,
+        Some(200),
+        "a skip route needs no session"
+    );
+    let anonymous = raw_get("/oauth2/auth/other", &host, &[]);
+    assert_eq!(status(anonymous).await, Some(401));
+}
+
+/// From a peer that is not a trusted proxy the original request is not believed at all.
+#[tokio::test]
+async fn forward_auth_ignores_the_original_request_from_untrusted_peers() {
+    let routes = r#"routes:
+  - { prefix: "/public/", auth: skip }
+  - { prefix: "/admin/", allow: { groups: ["admins"] } }
+"#;
+    let s = Stack::with(&[], &format!("{routes}trusted_proxies: []\n")).await;
+    let cookie = login_cookie(&s.gw, "alice").await;
+    let host = format!("127.0.0.1:{}", s.gw.port);
+    for (target, extra) in [
+        ("/oauth2/auth", "X-Original-URL: http://app.test/admin/x"),
+        ("/oauth2/auth", "X-Original-URL: http://app.test/admin%2fx"),
+        ("/oauth2/auth", "X-Forwarded-Uri: /admin/x"),
+    ] {
+        let req = raw_get(target, &host, &[&format!("Cookie: {cookie}"), extra]);
+        let r = raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await;
+        assert_eq!(r.status, Some(202), "{extra}: {}", r.text);
+        // And without a session, a "public" original request does not let it through.
+        let req = raw_get(target, &host, &[extra.replace("admin", "public").as_str()]);
+        let r = raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await;
+        assert_eq!(r.status, Some(401), "{extra}: {}", r.text);
+    }
+    let req = raw_get("/oauth2/auth/public/x", &host, &[]);
+    let r = raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+}

@@ -33,7 +33,7 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
     }
     let form = match read_limited(req.into_body(), MAX_BODY).await {
         Ok(b) => b,
-        Err(_) => return answer(StatusCode::PAYLOAD_TOO_LARGE, Some("request too large")),
+        Err(e) => return answer(e.status(), Some(e.reason())),
     };
     let Some(token) = url::form_urlencoded::parse(&form)
         .find(|(k, _)| k == "logout_token")

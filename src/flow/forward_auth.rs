@@ -10,7 +10,7 @@ use crate::pages;
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{host_only, AuthMode, Denied, Route};
 use crate::proxy::forward::ConnInfo;
-use crate::proxy::headers::{put, single};
+use crate::proxy::headers::put;
 use crate::proxy::path::normalize;
 use crate::refresh::{ensure_fresh, Fresh};
 use crate::session::store::Loaded;
@@ -37,11 +37,30 @@ fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, use
     }
 }
 
-fn unauthorized(app: &App, jar: &CookieJar<'_>, clear: bool) -> Response<Body> {
+/// The header naming where to send the browser to log in, back to the original request:
+/// a proxy cannot percent-encode `rd` itself (nginx has no escaping function).
+const LOGIN_HEADER: &str = "x-auth-request-login";
+
+fn unauthorized(
+    app: &App,
+    jar: &CookieJar<'_>,
+    clear: bool,
+    original: Option<&str>,
+) -> Response<Body> {
+    let login_url = match original {
+        Some(target) => format!(
+            "/oauth2/start?rd={}",
+            url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>()
+        ),
+        None => "/oauth2/start".to_string(),
+    };
     let mut resp = pages::json(
         StatusCode::UNAUTHORIZED,
-        &serde_json::json!({"error": "unauthorized", "login_url": "/oauth2/start"}),
+        &serde_json::json!({"error": "unauthorized", "login_url": login_url}),
     );
+    if let Ok(v) = HeaderValue::from_str(&login_url) {
+        resp.headers_mut().insert(LOGIN_HEADER, v);
+    }
     if clear {
         for v in app.cookies.clear_session(jar) {
             resp.headers_mut().append(SET_COOKIE, v);
@@ -50,51 +69,146 @@ fn unauthorized(app: &App, jar: &CookieJar<'_>, clear: bool) -> Response<Body> {
     resp
 }
 
-/// The route the original request would take — known only when a trusted proxy says which
-/// URI it was (`X-Original-URL` from ingress-nginx, `X-Forwarded-Uri` from Traefik); a
-/// client anywhere else cannot choose it.
-fn original_route<'a>(app: &'a App, req: &Request<Body>) -> Option<&'a Route> {
-    let peer = req.extensions().get::<ConnInfo>()?;
-    if !trusted(&app.cfg.trusted_proxies, peer.remote.ip()) {
-        return None;
+/// Envoy ext_authz's HTTP service asks `<path_prefix><original path>` with the original
+/// method, and takes only 200 as "allowed".
+pub const ENVOY_PREFIX: &str = "/oauth2/auth/";
+
+/// A trusted proxy named the original request, but not unambiguously: refused, never
+/// guessed, since a guess could match a laxer route than the one the upstream will serve.
+#[derive(Debug)]
+struct Ambiguous(&'static str);
+
+/// A header that must come at most once: `Err` when it came twice or is not text.
+fn at_most_once<'a>(h: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, Ambiguous> {
+    let mut all = h.get_all(name).iter();
+    let Some(first) = all.next() else {
+        return Ok(None);
+    };
+    if all.next().is_some() {
+        return Err(Ambiguous(name));
     }
-    let h = req.headers();
-    let raw = single(h, "x-original-url")
-        .or_else(|| single(h, "x-forwarded-uri"))
-        .and_then(|v| v.to_str().ok())?;
-    let uri: http::Uri = raw.parse().ok()?;
-    let path = normalize(uri.path()).ok()?;
-    let method = single(h, "x-forwarded-method")
-        .or_else(|| single(h, "x-original-method"))
-        .and_then(|v| http::Method::from_bytes(v.as_bytes()).ok())
-        .unwrap_or(http::Method::GET);
-    let host = uri.authority().map(|a| host_only(a.as_str())).or_else(|| {
-        single(h, "x-forwarded-host")
-            .and_then(|v| v.to_str().ok())
-            .map(host_only)
-    });
+    first.to_str().map(Some).map_err(|_| Ambiguous(name))
+}
+
+fn find_route<'a>(
+    app: &'a App,
+    method: &http::Method,
+    host: Option<&str>,
+    path: &str,
+) -> Option<&'a Route> {
     app.cfg
         .routes
         .iter()
-        .find(|r| r.matches(&method, host, &path))
+        .find(|r| r.matches(method, host, path))
+}
+
+/// The original request, as far as a trusted proxy named it.
+#[derive(Default)]
+struct Original<'a> {
+    route: Option<&'a Route>,
+    /// Its path and query, to come back to after a login.
+    target: Option<String>,
+}
+
+/// The route the original request would take — known only when a trusted proxy says which
+/// request it was (`X-Original-URL` from ingress-nginx, `X-Forwarded-Uri` from Traefik, the
+/// path after `/oauth2/auth` from Envoy); a client anywhere else cannot choose it. `Ok(None)`:
+/// no original request named, or the default route.
+fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambiguous> {
+    let Some(peer) = req.extensions().get::<ConnInfo>() else {
+        return Ok(Original::default());
+    };
+    if !trusted(&app.cfg.trusted_proxies, peer.remote.ip()) {
+        return Ok(Original::default());
+    }
+    let h = req.headers();
+    let forwarded_host = at_most_once(h, "x-forwarded-host")?.map(host_only);
+    let (method, host, path, target) = if let Some(rest) = req
+        .uri()
+        .path()
+        .strip_prefix("/oauth2/auth")
+        .filter(|rest| rest.starts_with('/'))
+    {
+        // Envoy: the router already normalised the whole path, this part with it.
+        let host = forwarded_host.or_else(|| {
+            h.get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(host_only)
+        });
+        let target = match req.uri().query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_string(),
+        };
+        (req.method(), host, rest, target)
+    } else {
+        // ingress-nginx sets X-Original-URL, Traefik X-Forwarded-Uri, and each passes the
+        // other on from the client: both present, they must name the same request.
+        let parse = |v: &str| {
+            v.parse::<http::Uri>()
+                .map_err(|_| Ambiguous("x-original-url"))
+        };
+        let url = at_most_once(h, "x-original-url")?.map(parse).transpose()?;
+        let fwd = at_most_once(h, "x-forwarded-uri")?.map(parse).transpose()?;
+        let uri = match (url, fwd) {
+            (Some(url), Some(fwd)) if url.path_and_query() != fwd.path_and_query() => {
+                return Err(Ambiguous("x-forwarded-uri"))
+            }
+            (Some(uri), _) | (None, Some(uri)) => uri,
+            (None, None) => return Ok(Original::default()),
+        };
+        let path = normalize(uri.path()).map_err(|_| Ambiguous("x-original-url"))?;
+        let method = match (
+            at_most_once(h, "x-forwarded-method")?,
+            at_most_once(h, "x-original-method")?,
+        ) {
+            (Some(a), Some(b)) if a != b => return Err(Ambiguous("x-forwarded-method")),
+            (Some(m), _) | (None, Some(m)) => http::Method::from_bytes(m.as_bytes())
+                .map_err(|_| Ambiguous("x-forwarded-method"))?,
+            (None, None) => http::Method::GET,
+        };
+        let host = uri
+            .authority()
+            .map(|a| host_only(a.as_str()))
+            .or(forwarded_host);
+        return Ok(Original {
+            route: find_route(app, &method, host, &path),
+            target: uri.path_and_query().map(|pq| pq.to_string()),
+        });
+    };
+    Ok(Original {
+        route: find_route(app, method, host, path),
+        target: Some(target),
+    })
 }
 
 pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
-    let route = original_route(app, req);
+    let (route, target) = match original(app, req) {
+        Ok(o) => (o.route, o.target),
+        Err(Ambiguous(header)) => {
+            tracing::debug!(header, "forward-auth: ambiguous original request refused");
+            return pages::text(StatusCode::BAD_REQUEST, "ambiguous original request\n");
+        }
+    };
+    // Envoy allows on 200 only; ingress-nginx and Traefik take any 2xx, 202 by convention.
+    let allowed = if req.uri().path().starts_with(ENVOY_PREFIX) {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     if route.is_some_and(|r| r.auth == AuthMode::Skip) {
-        return pages::text(StatusCode::ACCEPTED, "");
+        return pages::text(allowed, "");
     }
     let jar = CookieJar::parse(req.headers());
     let now = now_secs();
     let session = match app.load_session(&jar).await {
         Ok(Loaded::Session(s)) => s,
-        Ok(Loaded::None) => return unauthorized(app, &jar, false),
+        Ok(Loaded::None) => return unauthorized(app, &jar, false, target.as_deref()),
         Ok(Loaded::Rejected(reason)) => {
             app.metrics
                 .cookies_rejected
                 .with_label_values(&[reason.label()])
                 .inc();
-            return unauthorized(app, &jar, true);
+            return unauthorized(app, &jar, true, target.as_deref());
         }
         Err(e) => return GatewayError::StoreUnavailable(e.to_string()).into_response(),
     };
@@ -107,7 +221,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         Fresh::Unavailable => {
             return GatewayError::ProviderUnavailable("refresh failed".into()).into_response()
         }
-        Fresh::Ended => return unauthorized(app, &jar, true),
+        Fresh::Ended => return unauthorized(app, &jar, true, target.as_deref()),
     };
     if let Err(Denied(why)) = app
         .cfg
@@ -116,7 +230,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     {
         return pages::forbidden(why);
     }
-    let mut resp = pages::text(StatusCode::ACCEPTED, "");
+    let mut resp = pages::text(allowed, "");
     let h = resp.headers_mut();
     identity_headers(
         h,

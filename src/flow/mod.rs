@@ -2,7 +2,7 @@
 
 mod backchannel;
 mod callback;
-mod forward_auth;
+pub mod forward_auth;
 pub mod redirect;
 mod sign_out;
 
@@ -19,6 +19,11 @@ pub const MAX_FLOWS: usize = 8;
 
 pub fn is_flow_path(path: &str) -> bool {
     path.starts_with(crate::config::FLOW_PREFIX) || path == "/healthz" || path == "/readyz"
+}
+
+/// `/oauth2/auth`, or Envoy's form of it with the original path appended.
+pub fn is_forward_auth_path(path: &str) -> bool {
+    path == "/oauth2/auth" || path.starts_with(forward_auth::ENVOY_PREFIX)
 }
 
 pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
@@ -47,7 +52,8 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
             "<p><a href=\"/oauth2/start?rd=%2F\">Sign in again</a></p>",
         ),
         ("/oauth2/userinfo", &Method::GET) => userinfo(&app, &req).await,
-        ("/oauth2/auth", &Method::GET | &Method::HEAD) => forward_auth::handle(&app, &req).await,
+        // Any method: Envoy's ext_authz asks with the original one (a check changes nothing).
+        (p, _) if is_forward_auth_path(p) => forward_auth::handle(&app, &req).await,
         ("/oauth2/backchannel_logout", &Method::POST) => backchannel::handle(&app, req).await,
         (
             "/oauth2/start" | "/oauth2/callback" | "/oauth2/sign_out" | "/oauth2/signed_out"

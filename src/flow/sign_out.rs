@@ -73,14 +73,7 @@ pub async fn submit(app: &App, req: Request<Body>) -> Response<Body> {
     if let Some(s) = &session {
         let form = match read_limited(body, MAX_FORM).await {
             Ok(b) => b,
-            Err(_) => {
-                return pages::html(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Sign-out refused",
-                    "Request too large.",
-                    "",
-                )
-            }
+            Err(e) => return pages::html(e.status(), "Sign-out refused", e.reason(), ""),
         };
         let sent = url::form_urlencoded::parse(&form)
             .find(|(k, _)| k == "csrf")

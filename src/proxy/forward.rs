@@ -2,9 +2,9 @@
 
 use super::headers::{inject_identity, sanitize_request, set_forwarded, strip_hop_by_hop};
 use crate::app::App;
-use crate::body::Body;
+use crate::body::{Body, BodyError};
 use crate::config::UpstreamConfig;
-use crate::error::{source_chain, GatewayError};
+use crate::error::{source_chain, GatewayError, UpstreamFailure};
 use crate::metrics::{ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{AuthMode, Route};
@@ -142,13 +142,16 @@ impl Service<Request<Body>> for Forward {
                 }
                 Err(e) => {
                     let kind = match &e {
-                        GatewayError::UpstreamTimeout => "timeout",
-                        GatewayError::UpstreamConnect(m) if m.contains("onnect") => "connect",
-                        GatewayError::UpstreamConnect(_) => "reset",
-                        _ => "other",
+                        GatewayError::UpstreamTimeout => Some("timeout"),
+                        GatewayError::Upstream(failure, _) => Some(failure.label()),
+                        _ => None,
                     };
-                    app.metrics.upstream_errors.with_label_values(&[kind]).inc();
-                    tracing::warn!(error = %e, kind, "upstream request failed");
+                    if let Some(kind) = kind {
+                        app.metrics.upstream_errors.with_label_values(&[kind]).inc();
+                        tracing::warn!(error = %e, kind, "upstream request failed");
+                    } else {
+                        tracing::debug!(error = %e, "request not forwarded");
+                    }
                     e.into_response()
                 }
             };
@@ -163,6 +166,43 @@ impl Service<Request<Body>> for Forward {
             Ok(resp)
         })
     }
+}
+
+/// Whose fault a failed exchange was, and of what kind: the client's request body (it
+/// stalled or was malformed), or the upstream's.
+fn send_failure(e: SendError) -> GatewayError {
+    let e = match e {
+        SendError::Timeout => return GatewayError::UpstreamTimeout,
+        SendError::Connect(m) => return GatewayError::Upstream(UpstreamFailure::Connect, m),
+        SendError::Http(e) => e,
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut io_kind = None;
+    while let Some(c) = cause {
+        if let Some(BodyError::Client(fault)) = c.downcast_ref::<BodyError>() {
+            return GatewayError::ClientBody(*fault);
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+        }
+        cause = c.source();
+    }
+    use std::io::ErrorKind::*;
+    let failure = if e.is_timeout() {
+        return GatewayError::UpstreamTimeout;
+    } else if e.is_incomplete_message()
+        || e.is_canceled()
+        || e.is_closed()
+        || matches!(
+            io_kind,
+            Some(ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
+        )
+    {
+        UpstreamFailure::Reset
+    } else {
+        UpstreamFailure::Other
+    };
+    GatewayError::Upstream(failure, source_chain(&e))
 }
 
 /// The request target for the upstream, in origin form (`/path?query`).
@@ -201,14 +241,14 @@ async fn forward(
         .send(&up.scheme, &up.authority, req, start, deadline, upgrade);
     let mut resp = match sent.await {
         Ok(r) => r,
-        Err(SendError::Timeout) => return Err(GatewayError::UpstreamTimeout),
-        Err(e) => return Err(GatewayError::UpstreamConnect(source_chain(&e))),
+        Err(e) => return Err(send_failure(e)),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // The connection becomes the tunnel: it never goes back to the pool.
         resp.body_mut().detach();
         let Some(client_upgrade) = client_upgrade else {
-            return Err(GatewayError::UpstreamConnect(
+            return Err(GatewayError::Upstream(
+                UpstreamFailure::Other,
                 "the upstream switched protocols unasked".into(),
             ));
         };

@@ -135,6 +135,7 @@ pub async fn serve(
         max_headers: cfg.limits.max_headers,
         max_head_bytes: cfg.limits.max_header_bytes.max(1024),
         header_read: cfg.timeouts.header_read,
+        idle: cfg.timeouts.idle,
     });
     let drain = Arc::new(h1::Drain::default());
     let mut h2 = h2::Builder::new(TokioExecutor::new());

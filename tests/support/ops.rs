@@ -632,13 +632,16 @@ http {{
             auth_request /oauth2/auth;
             auth_request_set $user $upstream_http_x_auth_request_user;
             auth_request_set $email $upstream_http_x_auth_request_email;
+            auth_request_set $auth_cookie $upstream_http_set_cookie;
+            auth_request_set $login $upstream_http_x_auth_request_login;
+            add_header Set-Cookie $auth_cookie;
             proxy_set_header X-User $user;
             proxy_set_header X-Email $email;
             error_page 401 = @login;
             proxy_pass http://127.0.0.1:{upstream_port};
         }}
         location @login {{
-            return 302 /oauth2/start?rd=$request_uri;
+            return 302 $login;
         }}
     }}
 }}

@@ -11,6 +11,9 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The length of `/big`'s answer.
+pub const BIG_BODY: usize = 32 << 20;
+
 /// One request as the upstream saw it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
@@ -124,6 +127,10 @@ async fn handle(
     records.lock().unwrap().push(rec.clone());
     if rec.path == "/slow" {
         tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    if rec.path == "/big" {
+        // More than any socket buffers hold: a client that reads none of it stalls the writer.
+        return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; BIG_BODY]))));
     }
     let mut resp = Response::new(Full::new(Bytes::from(rec.to_json().to_string())));
     resp.headers_mut().insert(

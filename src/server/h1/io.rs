@@ -154,6 +154,9 @@ pub enum ClientBodyError {
     Incomplete,
     #[error("invalid chunked encoding")]
     Invalid,
+    /// No byte of it for `timeouts.idle`.
+    #[error("the client stopped sending it")]
+    Stalled,
 }
 
 #[derive(Default)]

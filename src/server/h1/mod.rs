@@ -51,6 +51,9 @@ pub struct Settings {
     pub max_headers: usize,
     pub max_head_bytes: usize,
     pub header_read: Duration,
+    /// How long a client may stall mid-exchange: send no byte of a body the gateway is
+    /// reading, or take no byte of the answer.
+    pub idle: Duration,
 }
 
 /// Tells idle connections to close, and counts the open ones, when the server drains.
@@ -129,12 +132,25 @@ struct Conn<T> {
     rbuf: BytesMut,
     wbuf: BytesMut,
     settings: Arc<Settings>,
+    /// The header-read deadline between requests; during an exchange, the stall deadline.
     deadline: Pin<Box<Sleep>>,
+    stall: Stall,
     /// Responses completed, and their number when the deadline last fired.
     completed: u64,
     completed_at_check: u64,
     drain: Arc<Drain>,
     drained: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+}
+
+/// Whether the deadline currently measures a stalled client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// No: it is the header-read deadline.
+    Off,
+    /// Yes, since the client's last progress.
+    Armed,
+    /// It was, but the client made progress since: re-armed at the next wait.
+    Progressed,
 }
 
 /// Reads a request body from the connection for its [`io::RequestBody`].
@@ -189,6 +205,7 @@ where
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         deadline: Box::pin(tokio::time::sleep(settings.header_read)),
+        stall: Stall::Off,
         settings,
         completed: 0,
         completed_at_check: 0,
@@ -352,10 +369,11 @@ impl<T: Transport> Conn<T> {
         // Until the body has been read to its end, what follows it on the connection cannot
         // be read as a next request.
         let mut body_complete = feed.is_none();
+        let mut watch = T::WAITS_WITHOUT_BUFFER;
         let mut response = std::pin::pin!(service(request));
         let response = poll_fn(|cx| {
             if let Poll::Ready(r) = response.as_mut().poll(cx) {
-                return Poll::Ready(r);
+                return Poll::Ready(Ok(r));
             }
             if let Some(f) = feed.as_mut() {
                 if let Poll::Ready(complete) = self.poll_feed(cx, f) {
@@ -363,12 +381,21 @@ impl<T: Transport> Conn<T> {
                     feed = None;
                 }
             }
+            if feed.is_none() && body_complete && watch {
+                match self.poll_client_gone(cx) {
+                    Poll::Ready(true) => return Poll::Ready(Err(Stop::Now)),
+                    Poll::Ready(false) => watch = false,
+                    Poll::Pending => {}
+                }
+            }
             Poll::Pending
         })
         .await;
         let response = match response {
-            Ok(r) => r,
-            Err(never) => match never {},
+            Ok(Ok(r)) => r,
+            Ok(Err(never)) => match never {},
+            // The client left: the request is dropped (the upstream's with it).
+            Err(stop) => return Err(stop),
         };
         let (parts, mut body) = response.into_parts();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -455,7 +482,7 @@ impl<T: Transport> Conn<T> {
                     }
                     Poll::Pending if out.is_empty() => {
                         // Nothing to write until the body has more: what was written goes out.
-                        ready!(Pin::new(&mut self.io).poll_flush(cx)).map_err(|_| Stop::Now)?;
+                        ready!(self.poll_flush_bounded(cx))?;
                         return Poll::Pending;
                     }
                     Poll::Pending => false,
@@ -477,12 +504,19 @@ impl<T: Transport> Conn<T> {
                 continue;
             }
             if finished {
-                return Pin::new(&mut self.io).poll_flush(cx).map_err(|_| Stop::Now);
+                return self.poll_flush_bounded(cx);
             }
         })
         .await;
         self.completed += 1;
         drop(body);
+        if self.stall != Stall::Off {
+            // A whole header-read time for the next request head.
+            self.stall = Stall::Off;
+            self.completed_at_check = self.completed;
+            let next = Instant::now() + self.settings.header_read;
+            self.deadline.as_mut().reset(next);
+        }
         if written.is_err() || failed {
             return Err(Stop::Now);
         }
@@ -512,7 +546,7 @@ impl<T: Transport> Conn<T> {
                         feed.continue_at = (at + n < CONTINUE.len()).then_some(at + n);
                         continue;
                     }
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => return self.poll_body_stalled(cx, feed),
                     Poll::Ready(_) => {
                         feed.sender.finish(Err(ClientBodyError::Incomplete));
                         return Poll::Ready(false);
@@ -551,12 +585,12 @@ impl<T: Transport> Conn<T> {
                         self.rbuf.reserve(BODY_READ);
                     }
                     match poll_read_buf(&mut self.io, cx, &mut self.rbuf) {
-                        Poll::Ready(Ok(n)) if n > 0 => {}
+                        Poll::Ready(Ok(n)) if n > 0 => self.progressed(),
                         Poll::Ready(_) => {
                             feed.sender.finish(Err(ClientBodyError::Incomplete));
                             return Poll::Ready(false);
                         }
-                        Poll::Pending => return Poll::Pending,
+                        Poll::Pending => return self.poll_body_stalled(cx, feed),
                     }
                 }
                 Err(e) => {
@@ -564,6 +598,51 @@ impl<T: Transport> Conn<T> {
                     return Poll::Ready(false);
                 }
             }
+        }
+    }
+
+    /// Waiting for the client's body: ends it as stalled once the client sent nothing for
+    /// `timeouts.idle`.
+    fn poll_body_stalled(&mut self, cx: &mut Context<'_>, feed: &mut Feed) -> Poll<bool> {
+        ready!(self.poll_stalled(cx));
+        tracing::debug!("request body stalled");
+        feed.sender.finish(Err(ClientBodyError::Stalled));
+        Poll::Ready(false)
+    }
+
+    /// Ready once the client has made no progress for `timeouts.idle` since it was first
+    /// waited for, or since its last progress. A timer is touched only when the client
+    /// makes the exchange wait, never on the fast path.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.stall != Stall::Armed {
+            self.stall = Stall::Armed;
+            let at = Instant::now() + self.settings.idle;
+            self.deadline.as_mut().reset(at);
+        }
+        self.deadline.as_mut().poll(cx)
+    }
+
+    fn progressed(&mut self) {
+        if self.stall == Stall::Armed {
+            self.stall = Stall::Progressed;
+        }
+    }
+
+    /// While the answer is being prepared: has the client closed its side? (Then the
+    /// request is abandoned, as nginx does, instead of finishing it for nobody.) Ready(false):
+    /// stop watching (the client pipelined more, which waits in the buffer). Plain TCP only:
+    /// its readiness is known without a read, so a quiet client costs no system call.
+    fn poll_client_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if ready!(self.io.poll_read_ready(cx)).is_err() {
+            return Poll::Ready(true);
+        }
+        if self.rbuf.capacity() - self.rbuf.len() < READ_BUF {
+            self.rbuf.reserve(READ_BUF);
+        }
+        match poll_read_buf(&mut self.io, cx, &mut self.rbuf) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(true),
+            Poll::Ready(Ok(_)) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -585,13 +664,29 @@ impl<T: Transport> Conn<T> {
                 IoSlice::new(&out.data),
                 IoSlice::new(out.tail),
             ];
-            let n = match ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices)) {
-                Ok(0) | Err(_) => return Poll::Ready(Err(Stop::Now)),
-                Ok(n) => n,
+            let n = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(Stop::Now)),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Pending => return self.poll_write_stalled(cx),
             };
+            self.progressed();
             out.advance(n, self.wbuf.len());
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// The client takes none of the answer: given up after `timeouts.idle`.
+    fn poll_write_stalled(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Stop>> {
+        ready!(self.poll_stalled(cx));
+        tracing::debug!("client stopped reading the response");
+        Poll::Ready(Err(Stop::Now))
+    }
+
+    fn poll_flush_bounded(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Stop>> {
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(|_| Stop::Now)),
+            Poll::Pending => self.poll_write_stalled(cx),
+        }
     }
 
     async fn stop(mut self, stop: Stop) {
