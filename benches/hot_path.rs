@@ -40,6 +40,7 @@ fn session(token_bytes: usize) -> Session {
         expires_at: u64::MAX / 2,
         access_token: "t".repeat(token_bytes),
         access_expires_at: 0,
+        access_issued_at: 0,
         refresh_token: Some("r".repeat(43)),
         id_token: Some("i".repeat(600)),
         identity: Identity {
@@ -205,11 +206,16 @@ fn single_flight(c: &mut Criterion) {
                 for _ in 0..64 {
                     let sf = sf.clone();
                     tasks.push(tokio::spawn(async move {
-                        sf.run(k, || async {
-                            tokio::task::yield_now().await;
-                            k
-                        })
-                        .await
+                        let (flight, _) = sf.run(
+                            k,
+                            || async move {
+                                tokio::task::yield_now().await;
+                                k
+                            },
+                            |_| true,
+                            0,
+                        );
+                        flight.await
                     }));
                 }
                 for t in tasks {

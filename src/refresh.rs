@@ -25,6 +25,11 @@ use tower::Service;
 /// How long a refresh result is reused by requests carrying the pre-refresh cookie.
 const REUSE_WINDOW: Duration = Duration::from_secs(60);
 
+/// How long a refresh may take once under way, whoever still waits for it (a request waits
+/// `timeouts.provider` at most): an answer the provider sends late still carries the rotated
+/// refresh token, and asking again with the spent one would end the grant.
+const REFRESH_PATIENCE: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefreshFailure {
     /// The provider refused the refresh token (revoked, expired, reused): the session is over.
@@ -35,8 +40,9 @@ pub enum RefreshFailure {
 
 type Outcome = Result<Arc<Session>, RefreshFailure>;
 
-/// One refresh per (session id, token generation).
-type Key = ([u8; 16], u64);
+/// One refresh per (session id, token generation). The generation is the access token's
+/// MAC, not its expiry: two tokens issued in the same second share an expiry.
+type Key = ([u8; 16], String);
 
 pub struct Refresher {
     flights: SingleFlight<Key, Outcome>,
@@ -50,22 +56,48 @@ impl Default for Refresher {
     }
 }
 
-/// Does this session need a refresh now?
+/// Does this session need a refresh now? When its token expires within `refresh_before`, or
+/// has expired. A token that lives no longer than `refresh_before` would be due the moment it
+/// arrives (a refresh per request): it is renewed after half its life instead.
 pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
-    s.access_expires_at != 0 && now + refresh_before.as_secs() >= s.access_expires_at
+    if s.access_expires_at == 0 {
+        return false;
+    }
+    let mut before = refresh_before.as_secs();
+    if s.access_issued_at != 0 {
+        before = before.min(s.access_expires_at.saturating_sub(s.access_issued_at) / 2);
+    }
+    now + before >= s.access_expires_at
+}
+
+/// The token generation a session carries, as refresh coordination names it.
+fn generation(app: &App, s: &Session) -> String {
+    app.cookies
+        .keys
+        .mac(b"token-generation", s.access_token.as_bytes())
 }
 
 impl Refresher {
-    /// Refreshes `s` (or joins the refresh already under way for it).
-    pub async fn refresh(&self, app: &App, s: &Session) -> Outcome {
-        let Some(rt) = s.refresh_token.as_deref() else {
+    /// Refreshes `s` (or joins the refresh already under way for it). Waits at most
+    /// `timeouts.provider`; the refresh itself goes on for later requests to find.
+    pub async fn refresh(&self, app: &Arc<App>, s: &Session) -> Outcome {
+        if s.refresh_token.is_none() {
             return Err(RefreshFailure::InvalidGrant);
-        };
-        let key = (s.id, s.access_expires_at);
-        let (outcome, ran) = self
-            .flights
-            .run(key, || coordinated_refresh(app, s, rt))
-            .await;
+        }
+        let key = (s.id, generation(app, s));
+        let (flight, ran) = self.flights.run(
+            key,
+            || {
+                let (app, s) = (app.clone(), s.clone());
+                async move { coordinated_refresh(&app, &s).await }
+            },
+            // An unavailable provider is asked again by the next request.
+            |o| *o != Err(RefreshFailure::Unavailable),
+            Err(RefreshFailure::Unavailable),
+        );
+        let outcome = tokio::time::timeout(app.cfg.timeouts.provider, flight)
+            .await
+            .unwrap_or(Err(RefreshFailure::Unavailable));
         let label = match (&outcome, ran) {
             (Ok(_), true) => "success",
             (Ok(_), false) => "reused",
@@ -73,26 +105,25 @@ impl Refresher {
             (Err(RefreshFailure::Unavailable), _) => "unavailable",
         };
         app.metrics.refreshes.with_label_values(&[label]).inc();
-        if outcome == Err(RefreshFailure::Unavailable) {
-            // Not remembered: the next request tries again.
-            self.flights.forget(&key);
-        }
         outcome
     }
 }
 
-/// How long one replica may hold a session's refresh lock.
-const LOCK_TTL: Duration = Duration::from_secs(15);
+/// How long one replica may hold a session's refresh lock: longer than a refresh may take.
+const LOCK_TTL: Duration = Duration::from_secs(REFRESH_PATIENCE.as_secs() + 15);
 
 /// With Redis, one refresh across all replicas: the lock holder refreshes and publishes the
 /// result (sealed) for the others, which wait for it instead of spending the token again.
 /// Without Redis (or when it is down, for the cookie store) the refresh is local.
-async fn coordinated_refresh(app: &App, s: &Session, rt: &str) -> Outcome {
+async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
+    let Some(rt) = s.refresh_token.as_deref() else {
+        return Err(RefreshFailure::InvalidGrant);
+    };
     let Some(redis) = app.redis.as_deref() else {
         return persisted(app, run_refresh(app, s, rt).await).await;
     };
     let id = s.id_hex();
-    let generation = s.access_expires_at.to_string();
+    let generation = generation(app, s);
     let result_key = redis.key(&["refreshed", &id, &generation]);
     let lock_key = redis.key(&["lock", &id, &generation]);
     let token = app
@@ -185,7 +216,11 @@ fn shared_result(app: &App, key: &str, sealed: &[u8]) -> Outcome {
 }
 
 async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
-    match app.provider.refresh(refresh_token).await {
+    match app
+        .provider
+        .refresh_within(refresh_token, REFRESH_PATIENCE)
+        .await
+    {
         Ok(t) => {
             let now = now_secs();
             let mut next = s.clone();
@@ -201,6 +236,7 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
             next.access_token = t.access_token;
             next.last_seen = now;
             next.access_expires_at = t.expires_in.map_or(0, |d| now + d.as_secs());
+            next.access_issued_at = now;
             if let Some(rt) = t.refresh_token {
                 next.refresh_token = Some(rt);
             }
@@ -304,7 +340,7 @@ pub enum Fresh {
 
 /// Refreshes `s` when due (once per session, shared with concurrent requests), and records
 /// activity for the idle timeout.
-pub async fn ensure_fresh(app: &App, s: Session, now: u64) -> Fresh {
+pub async fn ensure_fresh(app: &Arc<App>, s: Session, now: u64) -> Fresh {
     let id = s.id;
     match refresh_if_due(app, s, now).await {
         Fresh::Ended => {
@@ -328,7 +364,7 @@ pub async fn ensure_fresh(app: &App, s: Session, now: u64) -> Fresh {
     }
 }
 
-async fn refresh_if_due(app: &App, s: Session, now: u64) -> Fresh {
+async fn refresh_if_due(app: &Arc<App>, s: Session, now: u64) -> Fresh {
     if !needs_refresh(&s, now, app.cfg.session.refresh_before) {
         return Fresh::Unchanged(s);
     }
@@ -368,6 +404,7 @@ mod tests {
             expires_at: 10_000,
             access_token: "a".into(),
             access_expires_at: 1000,
+            access_issued_at: 0,
             refresh_token: None,
             id_token: None,
             identity: Identity::default(),
@@ -382,5 +419,15 @@ mod tests {
             !needs_refresh(&s, 2000, before),
             "unknown expiry: never refreshed"
         );
+        // A 10 s token with refresh_before 60 s: due after half its life, not at once.
+        s.access_issued_at = 5000;
+        s.access_expires_at = 5010;
+        assert!(!needs_refresh(&s, 5000, before));
+        assert!(!needs_refresh(&s, 5004, before));
+        assert!(needs_refresh(&s, 5005, before));
+        // A long-lived token: refresh_before as configured.
+        s.access_expires_at = 5000 + 3600;
+        assert!(!needs_refresh(&s, 5000 + 3539, before));
+        assert!(needs_refresh(&s, 5000 + 3540, before));
     }
 }

@@ -1,81 +1,106 @@
 //! Single flight: concurrent callers with the same key share one execution, and a finished
 //! result stays shared for a while (callers that arrive late reuse it instead of re-running).
+//!
+//! The execution runs on a task of its own, to its end, even when every caller has stopped
+//! waiting: what it obtains may exist nowhere else (a provider that rotates refresh tokens
+//! has already spent the old one), so it must not be abandoned and started over.
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::OnceCell;
 
-/// A flight in progress (or finished), and when it started or finished.
-type Flight<V> = (Arc<OnceCell<V>>, Instant);
+/// The shared result of a flight, to await (dropping it does not stop the flight).
+pub type Flight<V> = Shared<BoxFuture<'static, V>>;
+
+struct Entry<V> {
+    result: Flight<V>,
+    /// When the result became known; unset while the work runs.
+    finished: Arc<OnceLock<Instant>>,
+}
 
 pub struct SingleFlight<K, V> {
-    flights: Mutex<HashMap<K, Flight<V>>>,
+    flights: Arc<Mutex<HashMap<K, Entry<V>>>>,
     reuse: Duration,
 }
 
 /// Finished flights are swept once the map grows past this.
 const SWEEP_ABOVE: usize = 1024;
 
-impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
+impl<K, V> SingleFlight<K, V>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
     pub fn new(reuse: Duration) -> Self {
         Self {
-            flights: Mutex::new(HashMap::new()),
+            flights: Arc::new(Mutex::new(HashMap::new())),
             reuse,
         }
     }
 
-    fn flight(&self, key: &K) -> Arc<OnceCell<V>> {
+    /// The flight for `key`: the one under way or recently finished, or `work` started now
+    /// on its own task. Returns it and whether this call started it. A result for which
+    /// `keep` is false is not shared once known (the next caller starts again); `lost` is the
+    /// result if the task dies.
+    pub fn run<Fut>(
+        &self,
+        key: K,
+        work: impl FnOnce() -> Fut,
+        keep: fn(&V) -> bool,
+        lost: V,
+    ) -> (Flight<V>, bool)
+    where
+        Fut: Future<Output = V> + Send + 'static,
+    {
         let Ok(mut map) = self.flights.lock() else {
-            return Arc::new(OnceCell::new());
+            // A poisoned map: run unshared rather than not at all.
+            let task = tokio::spawn(work());
+            let result = async move { task.await.unwrap_or(lost) }.boxed().shared();
+            return (result, true);
         };
         let reuse = self.reuse;
+        let live = |e: &Entry<V>| e.finished.get().is_none_or(|at| at.elapsed() < reuse);
         if map.len() > SWEEP_ABOVE {
-            map.retain(|_, (cell, at)| !cell.initialized() || at.elapsed() < reuse);
+            map.retain(|_, e| live(e));
         }
-        match map.get(key) {
-            Some((cell, at)) if !cell.initialized() || at.elapsed() < reuse => cell.clone(),
-            _ => {
-                let cell = Arc::new(OnceCell::new());
-                map.insert(key.clone(), (cell.clone(), Instant::now()));
-                cell
-            }
+        if let Some(e) = map.get(&key).filter(|e| live(e)) {
+            return (e.result.clone(), false);
         }
-    }
-
-    /// Runs `work` for `key` unless a flight for it is under way or recently finished; returns
-    /// the shared result and whether this caller ran it.
-    pub async fn run<F, Fut>(&self, key: K, work: F) -> (V, bool)
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = V>,
-    {
-        let cell = self.flight(&key);
-        let mut ran = false;
-        let value = cell
-            .get_or_init(|| async {
-                ran = true;
-                let v = work().await;
-                if let Ok(mut map) = self.flights.lock() {
-                    // The reuse window starts when the result is known.
-                    if let Some(entry) = map.get_mut(&key) {
-                        entry.1 = Instant::now();
+        let finished = Arc::new(OnceLock::new());
+        let done = {
+            let (flights, key, finished) = (self.flights.clone(), key.clone(), finished.clone());
+            move |v: &V| {
+                let _ = finished.set(Instant::now());
+                if !keep(v) {
+                    if let Ok(mut map) = flights.lock() {
+                        if map
+                            .get(&key)
+                            .is_some_and(|e| Arc::ptr_eq(&e.finished, &finished))
+                        {
+                            map.remove(&key);
+                        }
                     }
                 }
-                v
-            })
-            .await
-            .clone();
-        (value, ran)
-    }
-
-    /// Drops a finished result so the next caller runs again.
-    pub fn forget(&self, key: &K) {
-        if let Ok(mut map) = self.flights.lock() {
-            map.remove(key);
-        }
+            }
+        };
+        let work = work();
+        let task = tokio::spawn(async move {
+            let v = work.await;
+            done(&v);
+            v
+        });
+        let result = async move { task.await.unwrap_or(lost) }.boxed().shared();
+        map.insert(
+            key,
+            Entry {
+                result: result.clone(),
+                finished,
+            },
+        );
+        (result, true)
     }
 }
 
@@ -83,6 +108,10 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn always(_: &u32) -> bool {
+        true
+    }
 
     #[tokio::test]
     async fn concurrent_callers_share_one_run() {
@@ -92,21 +121,62 @@ mod tests {
         for _ in 0..50 {
             let (sf, runs) = (sf.clone(), runs.clone());
             tasks.push(tokio::spawn(async move {
-                sf.run(1, || async {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    7
-                })
-                .await
+                let (flight, _) = sf.run(
+                    1,
+                    || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        7
+                    },
+                    always,
+                    0,
+                );
+                flight.await
             }));
         }
         for t in tasks {
-            assert_eq!(t.await.unwrap().0, 7);
+            assert_eq!(t.await.unwrap(), 7);
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        // Reused after finishing; forgotten, it runs again.
-        assert_eq!(sf.run(1, || async { 8 }).await, (7, false));
-        sf.forget(&1);
-        assert_eq!(sf.run(1, || async { 9 }).await, (9, true));
+        // Reused after finishing.
+        let (flight, started) = sf.run(1, || async { 8 }, always, 0);
+        assert_eq!((flight.await, started), (7, false));
+    }
+
+    #[tokio::test]
+    async fn results_not_kept_run_again() {
+        let sf = SingleFlight::<u8, u32>::new(Duration::from_secs(60));
+        let (flight, started) = sf.run(1, || async { 0 }, |v| *v != 0, 9);
+        assert_eq!((flight.await, started), (0, true));
+        let (flight, started) = sf.run(1, || async { 5 }, |v| *v != 0, 9);
+        assert_eq!((flight.await, started), (5, true));
+        let (flight, started) = sf.run(1, || async { 6 }, |v| *v != 0, 9);
+        assert_eq!((flight.await, started), (5, false));
+    }
+
+    #[tokio::test]
+    async fn a_flight_outlives_callers_that_stop_waiting() {
+        let sf = SingleFlight::<u8, u32>::new(Duration::from_secs(60));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = runs.clone();
+        let (flight, _) = sf.run(
+            1,
+            || async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                r.fetch_add(1, Ordering::SeqCst);
+                3
+            },
+            always,
+            0,
+        );
+        // The caller gives up long before the work ends...
+        assert!(tokio::time::timeout(Duration::from_millis(10), flight)
+            .await
+            .is_err());
+        // ...the next caller joins the same flight, which finishes once.
+        let (flight, started) = sf.run(1, || async { 4 }, always, 0);
+        assert!(!started);
+        assert_eq!(flight.await, 3);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }

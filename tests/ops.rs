@@ -1343,8 +1343,8 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     let upstream = Upstream::start();
     let nginx = Nginx::start_forward_auth(gw_port, upstream.port).await;
     let callback_url = nginx.url("/oauth2/callback");
-    // Access tokens are due for refresh as soon as they are issued: every request through
-    // nginx refreshes, and the refreshed cookie must reach the browser through it.
+    // Access tokens live 4 s: due for refresh after half of it (the default refresh_before is
+    // longer), and the refreshed cookie must reach the browser through nginx.
     let idp = Idp::start(&[
         ("IDP_REDIRECT_URIS", &callback_url),
         ("IDP_ACCESS_TOKEN_TTL", "4"),
@@ -1352,7 +1352,7 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     ])
     .await;
     let mut cfg = OpsConfig::new(GatewayOpts {
-        extra: "trusted_proxies: [\"127.0.0.1/32\"]\nsession: { refresh_before: 30s }".into(),
+        extra: "trusted_proxies: [\"127.0.0.1/32\"]".into(),
         ..GatewayOpts::new(gw_port, &idp, &upstream.url())
     });
     cfg.admin_port = None;
@@ -1386,6 +1386,7 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     let cb = b.get(&callback).await;
     assert_eq!(cb.status, 302, "{}\n{}", cb.dump(), gw.tails());
     assert_eq!(cb.location(), Some("/some/page?a=1&b=2"), "{}", cb.dump());
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let page = b.get(&nginx.url("/some/page?a=1&b=2")).await;
     assert_eq!(page.status, 200, "{}\n{}", page.dump(), nginx.tails());
     let rec = upstream.last();

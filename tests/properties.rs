@@ -23,6 +23,7 @@ fn session_strategy() -> impl Strategy<Value = Session> {
             expires_at: t,
             access_token: at,
             access_expires_at: t / 3,
+            access_issued_at: t / 4,
             refresh_token: rt,
             id_token: idt,
             identity: Identity {

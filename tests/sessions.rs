@@ -569,6 +569,89 @@ async fn revoked_grant_ends(store: Store) {
     );
 }
 
+/// Tokens that live no longer than `session.refresh_before` (here the default 60 s against
+/// 4 s): each generation is refreshed once, after half its life, and no bearer is forwarded
+/// long after it was replaced (the reuse of a refresh must not outlive its token).
+#[tokio::test]
+async fn short_lived_tokens_are_refreshed_once_per_generation() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV]).await;
+    let upstream = Upstream::start();
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, "", None)).await;
+    let b = Browser::new();
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let mut bearers = vec![bearer_of(&upstream.last())];
+    let mut requests = 0;
+    let until = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < until {
+        let r = b.api_get(&gw.url("/poll")).await;
+        requests += 1;
+        let bearer = bearer_in(&r);
+        if bearers.last() != Some(&bearer) {
+            assert!(!bearers.contains(&bearer), "an old bearer came back");
+            bearers.push(bearer);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // 9 s of 4 s tokens renewed at half-life: at least three generations seen.
+    assert!(
+        bearers.len() >= 3,
+        "{} bearers over {requests} requests\n{}",
+        bearers.len(),
+        gw.tails()
+    );
+    // One grant per generation (plus the login's code exchange): no refresh per request.
+    assert_eq!(idp.token_requests(), bearers.len(), "{}", gw.tails());
+}
+
+/// A provider that hangs mid-refresh, then answers: with rotating refresh tokens, asking
+/// again with the spent token would end the grant. The refresh started is waited for in
+/// the background; requests meanwhile get the old token while it is valid, then 503, and
+/// once the provider answers, its new tokens serve the session on.
+#[tokio::test]
+async fn a_hung_provider_does_not_end_a_session_with_rotating_refresh_tokens() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    let upstream = Upstream::start();
+    let opts = gw_opts(gw_port, &idp, &upstream, "timeouts: { provider: 1s }", None);
+    let gw = Gateway::start(opts).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let issued = Instant::now();
+    let first = bearer_of(&upstream.last());
+    idp.signal("STOP");
+    // Due (half of 4 s), still valid: the refresh hangs, the request goes on with the old token.
+    tokio::time::sleep_until((issued + Duration::from_millis(2300)).into()).await;
+    let r = api(&gw, "/due", &cookie).await;
+    assert_eq!(bearer_in(&r), first, "{}", gw.tails());
+    // Expired, the refresh still hanging: 503, the session kept.
+    tokio::time::sleep_until((issued + Duration::from_millis(AT_TTL * 1000 + 1200)).into()).await;
+    let r = api(&gw, "/expired", &cookie).await;
+    assert_eq!(r.status, 503, "{}\n{}", r.dump(), gw.tails());
+    assert!(r.set_cookie("_portcullis").is_none(), "{}", r.dump());
+    // The provider answers what it was sent: one refresh, whose tokens carry the session on.
+    idp.signal("CONT");
+    let renewed = eventually("the session renewed", || async {
+        let r = api(&gw, "/back", &cookie).await;
+        if r.status == 200 && bearer_in(&r) != first {
+            Ok(r)
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    let next = new_session_cookie(&renewed)
+        .unwrap_or_else(|| panic!("no new session cookie: {}", renewed.dump()));
+    let r = api(&gw, "/after", &format!("_portcullis={}", next.value)).await;
+    assert_eq!(bearer_in(&r), bearer_in(&renewed));
+    assert_eq!(
+        idp.token_requests(),
+        2,
+        "the login and one refresh\n{}",
+        idp.tails()
+    );
+}
+
 #[tokio::test]
 async fn provider_down_during_refresh() {
     // Due 1 s after issue, expired after 4 s.

@@ -188,6 +188,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         expires_at: now + lifetime,
         access_token: tokens.access_token,
         access_expires_at: tokens.expires_in.map_or(0, |d| now + d.as_secs()),
+        access_issued_at: now,
         refresh_token: tokens.refresh_token,
         id_token: tokens.id_token,
         identity: id.identity,

@@ -181,7 +181,7 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambig
     })
 }
 
-pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
+pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<Body> {
     let (route, target) = match original(app, req) {
         Ok(o) => (o.route, o.target),
         Err(Ambiguous(header)) => {

@@ -374,9 +374,19 @@ impl Provider {
         self.tokens(resp, Some(nonce)).await
     }
 
-    /// Spends a refresh token. The ID token, when the provider returns one, is validated too.
-    pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens, ProviderError> {
+    /// Spends a refresh token, waiting for the answer up to `patience` (not the usual
+    /// provider timeout: an answer abandoned here may carry the only copy of a rotated refresh
+    /// token). The ID token, when the provider returns one, is validated too.
+    pub async fn refresh_within(
+        &self,
+        refresh_token: &str,
+        patience: std::time::Duration,
+    ) -> Result<Tokens, ProviderError> {
         let d = self.discovered()?;
+        let http = http::ProviderHttp {
+            timeout: patience,
+            ..self.http.clone()
+        };
         let post = d.use_post.load(Ordering::Relaxed);
         let client = d.client.clone().set_auth_type(if post {
             AuthType::RequestBody
@@ -385,7 +395,7 @@ impl Provider {
         });
         let resp = client
             .exchange_refresh_token(&RefreshToken::new(refresh_token.to_string()))
-            .request_async(&self.http)
+            .request_async(&http)
             .await
             .map_err(Self::map_token_error)?;
         self.tokens(resp, None).await

@@ -456,6 +456,7 @@ mod tests {
             expires_at: 1000,
             access_token: "a".repeat(token_len),
             access_expires_at: 0,
+            access_issued_at: 0,
             refresh_token: None,
             id_token: None,
             identity: Identity {

@@ -16,8 +16,11 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Bumped when the encoding changes; older values then read as "no session".
+/// Bumped when the encoding changes; older values then read as "no session" unless read
+/// below. Flow states are still at 2; sessions moved to `SESSION_SCHEMA`, and the session
+/// schema 2 is still read. (3 is a reference to a stored session.)
 const SCHEMA: u8 = 2;
+const SESSION_SCHEMA: u8 = 4;
 
 pub fn now_secs() -> u64 {
     SystemTime::now()
@@ -58,6 +61,8 @@ pub struct Session {
     pub access_token: String,
     /// When the access token expires (0: the provider did not say).
     pub access_expires_at: u64,
+    /// When the access token was received (0: unknown, a session from before this field).
+    pub access_issued_at: u64,
     pub refresh_token: Option<String>,
     pub id_token: Option<String>,
     pub identity: Identity,
@@ -96,13 +101,50 @@ fn decode_versioned<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError>
     }
 }
 
+/// A session as schema 2 encoded it (no `access_issued_at`).
+#[derive(Serialize, Deserialize)]
+struct SessionV2 {
+    id: [u8; 16],
+    created_at: u64,
+    expires_at: u64,
+    access_token: String,
+    access_expires_at: u64,
+    refresh_token: Option<String>,
+    id_token: Option<String>,
+    identity: Identity,
+    last_seen: u64,
+}
+
+impl From<SessionV2> for Session {
+    fn from(v: SessionV2) -> Self {
+        Session {
+            id: v.id,
+            created_at: v.created_at,
+            expires_at: v.expires_at,
+            access_token: v.access_token,
+            access_expires_at: v.access_expires_at,
+            access_issued_at: 0,
+            refresh_token: v.refresh_token,
+            id_token: v.id_token,
+            identity: v.identity,
+            last_seen: v.last_seen,
+        }
+    }
+}
+
 impl Session {
     pub fn encode(&self) -> Vec<u8> {
-        encode_versioned(self)
+        postcard::to_extend(self, vec![SESSION_SCHEMA]).unwrap_or_default()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        decode_versioned(bytes)
+        match bytes.split_first() {
+            Some((&SESSION_SCHEMA, rest)) => {
+                postcard::from_bytes(rest).map_err(|_| DecodeError::Malformed)
+            }
+            Some((&SCHEMA, _)) => decode_versioned::<SessionV2>(bytes).map(Session::from),
+            _ => Err(DecodeError::Schema),
+        }
     }
 
     pub fn is_expired(&self, now: u64) -> bool {
@@ -150,7 +192,7 @@ pub enum CookieValue {
 impl CookieValue {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         match bytes.split_first() {
-            Some((&SCHEMA, _)) => Session::decode(bytes).map(CookieValue::Full),
+            Some((&SESSION_SCHEMA | &SCHEMA, _)) => Session::decode(bytes).map(CookieValue::Full),
             Some((&REF_SCHEMA, rest)) => rest
                 .try_into()
                 .map(CookieValue::Ref)
@@ -199,6 +241,34 @@ impl FlowState {
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn sessions_of_schema_2_still_open() {
+        let s = sample();
+        let v2 = SessionV2 {
+            id: s.id,
+            created_at: s.created_at,
+            expires_at: s.expires_at,
+            access_token: s.access_token.clone(),
+            access_expires_at: s.access_expires_at,
+            refresh_token: s.refresh_token.clone(),
+            id_token: s.id_token.clone(),
+            identity: s.identity.clone(),
+            last_seen: s.last_seen,
+        };
+        let old = encode_versioned(&v2);
+        let read = Session::decode(&old).unwrap();
+        assert_eq!(read.access_issued_at, 0);
+        assert_eq!(read.access_token, s.access_token);
+        assert_eq!(read.identity, s.identity);
+        assert!(matches!(
+            CookieValue::decode(&old),
+            Ok(CookieValue::Full(_))
+        ));
+        let new = s.encode();
+        assert_eq!(new[0], SESSION_SCHEMA);
+        assert_eq!(Session::decode(&new).unwrap(), s);
+    }
+
     pub fn sample() -> Session {
         Session {
             id: [7; 16],
@@ -206,6 +276,7 @@ pub(crate) mod tests {
             expires_at: 2,
             access_token: "at".into(),
             access_expires_at: 3,
+            access_issued_at: 1,
             refresh_token: Some("rt".into()),
             id_token: None,
             identity: Identity {

@@ -209,6 +209,17 @@ impl Idp {
         self.requests().len()
     }
 
+    /// Freezes (`SIGSTOP`) or resumes (`SIGCONT`) the IdP: a provider that hangs, then answers
+    /// everything it was sent meanwhile.
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.proc.pid().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {}", self.proc.pid());
+    }
+
     /// How many token endpoint requests (code exchanges, refreshes) the IdP served.
     pub fn token_requests(&self) -> usize {
         self.requests()
