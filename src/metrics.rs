@@ -234,15 +234,37 @@ impl Metrics {
     }
 
     fn record(&self, route: RouteKind, method: &Method, status: u16, gateway: Duration) {
+        self.record_at(route, method_index(method), status, gateway);
+    }
+
+    fn record_at(&self, route: RouteKind, method: usize, status: u16, gateway: Duration) {
         let r = RouteKind::ALL.iter().position(|x| *x == route).unwrap_or(0);
         let class = usize::from((status / 100).clamp(1, 5) - 1);
-        let idx = (r * METHODS.len() + method_index(method)) * CLASSES.len() + class;
+        let idx = (r * METHODS.len() + method) * CLASSES.len() + class;
         if let Some(c) = self.requests.get(idx) {
             c.inc();
         }
         if let Some(h) = self.gateway_seconds.get(r) {
             h.observe(gateway.as_secs_f64());
         }
+    }
+
+    /// A request the HTTP/1 parser refused (a malformed or oversized head): no layer saw it,
+    /// but it is counted (method "other") and logged like any other, so that attack traffic
+    /// shows.
+    pub fn refused(&self, status: http::StatusCode) {
+        let other = METHODS.len() - 1;
+        self.record_at(RouteKind::Proxied, other, status.as_u16(), Duration::ZERO);
+        tracing::info!(
+            target: "access",
+            request_id = "-",
+            method = "-",
+            route = RouteKind::Proxied.label(),
+            status = status.as_u16(),
+            gateway_ms = 0.0,
+            user = "-",
+            "request refused by the parser"
+        );
     }
 
     pub fn flow_failed(&self, reason: &str) {

@@ -136,6 +136,7 @@ pub async fn serve(
         max_head_bytes: cfg.limits.max_header_bytes.max(1024),
         header_read: cfg.timeouts.header_read,
         idle: cfg.timeouts.idle,
+        metrics: metrics.clone(),
     });
     let drain = Arc::new(h1::Drain::default());
     let mut h2 = h2::Builder::new(TokioExecutor::new());

@@ -54,6 +54,8 @@ pub struct Settings {
     /// How long a client may stall mid-exchange: send no byte of a body the gateway is
     /// reading, or take no byte of the answer.
     pub idle: Duration,
+    /// Where requests refused before reaching the service are counted and logged.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Tells idle connections to close, and counts the open ones, when the server drains.
@@ -268,6 +270,7 @@ impl<T: Transport> Conn<T> {
                         Ok(None) => {}
                         Err(e) => {
                             tracing::debug!(error = ?e, "bad request head");
+                            self.settings.metrics.refused(e.status());
                             return Err(Stop::Refuse(e.status()));
                         }
                     }
