@@ -1092,6 +1092,59 @@ async fn invalid_config_reload_is_rejected_and_the_old_one_keeps_serving() {
     assert_eq!(gw.reloads("failure").await, 1.0);
 }
 
+/// Timeouts follow a reload: the drain after SIGTERM is the reloaded config's
+/// `timeouts.shutdown`, and new connections get the reloaded `timeouts.header_read`.
+#[tokio::test]
+async fn reloaded_timeouts_take_effect() {
+    use support::corpus::raw_exchange;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = "routes: [ { prefix: \"/\", auth: skip } ]\n\
+                  lifecycle: { shutdown_delay: 0s }\n\
+                  timeouts: { shutdown: 60s, header_read: 60s }"
+        .into();
+    let cfg = OpsConfig::new(opts);
+    let mut gw = OpsGateway::start(&cfg).await;
+    let mut next = cfg.clone();
+    next.gw.extra = next.gw.extra.replace(
+        "shutdown: 60s, header_read: 60s",
+        "shutdown: 1s, header_read: 1s",
+    );
+    write_atomic(&gw.config, &next.yaml());
+    gw.signal("HUP");
+    gw.await_reloads("success", 1.0, RELOAD).await;
+
+    // A client that never finishes its head is closed after the new header_read.
+    let partial = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n", gw.port);
+    let r = raw_exchange(gw.port, partial.as_bytes(), Duration::from_secs(30)).await;
+    assert!(r.closed, "{}", gw.tails());
+
+    // The upstream answers /slow after 3 s; the drain gives it 1 s.
+    let url = gw.url("/slow");
+    let slow = tokio::spawn(async move { try_send("GET", &url, &[], Vec::new()).await });
+    eventually(
+        Duration::from_secs(10),
+        "the slow request in flight",
+        || async {
+            let v = gw.metrics().await.value("portcullis_requests_in_flight");
+            if v == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("in flight: {v}"))
+            }
+        },
+    )
+    .await;
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}");
+    let answered = slow.await.unwrap();
+    assert!(
+        answered.is_err(),
+        "the slow request outlived the drain: {:?}",
+        answered.map(|r| r.status)
+    );
+}
+
 #[tokio::test]
 async fn sighup_reloads_the_config() {
     let (_idp, upstream, opts) = parts(&[]).await;

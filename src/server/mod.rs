@@ -122,37 +122,45 @@ where
     .await
 }
 
+impl Listener {
+    /// Connection settings from `cfg`: a reload applies them to connections opened after it.
+    fn new(live: &Live, cfg: &crate::config::Config, drain: Arc<h1::Drain>) -> Self {
+        let metrics = live.load().app.metrics.clone();
+        let mut h2 = h2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(cfg.limits.max_header_bytes as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        Listener {
+            live: live.clone(),
+            h1: Arc::new(h1::Settings {
+                max_headers: cfg.limits.max_headers,
+                max_head_bytes: cfg.limits.max_header_bytes.max(1024),
+                header_read: cfg.timeouts.header_read,
+                idle: cfg.timeouts.idle,
+                metrics,
+            }),
+            drain,
+            h2,
+            h2_timeouts: h2::Timeouts {
+                first_stream: cfg.timeouts.header_read,
+                idle: cfg.timeouts.idle,
+            },
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains connections for up to `timeouts.shutdown`.
-/// Connection-level settings (limits, timeouts) come from the config at start-up.
+/// Connection settings (header limits, timeouts) follow reloads for new connections; the
+/// listen address, `limits.max_connections` and the TLS files' paths are the start-up ones.
 pub async fn serve(
     live: Live,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let cfg = live.load().app.cfg.clone();
+    let mut cfg = live.load().app.cfg.clone();
     let metrics = live.load().app.metrics.clone();
-    let settings = Arc::new(h1::Settings {
-        max_headers: cfg.limits.max_headers,
-        max_head_bytes: cfg.limits.max_header_bytes.max(1024),
-        header_read: cfg.timeouts.header_read,
-        idle: cfg.timeouts.idle,
-        metrics: metrics.clone(),
-    });
     let drain = Arc::new(h1::Drain::default());
-    let mut h2 = h2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_header_list_size(cfg.limits.max_header_bytes as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    let shared = Arc::new(Listener {
-        live: live.clone(),
-        h1: settings,
-        drain: drain.clone(),
-        h2,
-        h2_timeouts: h2::Timeouts {
-            first_stream: cfg.timeouts.header_read,
-            idle: cfg.timeouts.idle,
-        },
-    });
+    let mut shared = Arc::new(Listener::new(&live, &cfg, drain.clone()));
     let tls = match &cfg.tls_server {
         Some((cert, key)) => match tls::ReloadingCert::new(cert, key).and_then(|certs| {
             tokio::spawn(certs.clone().watch());
@@ -206,6 +214,11 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let current = live.load().app.cfg.clone();
+        if !Arc::ptr_eq(&current, &cfg) {
+            shared = Arc::new(Listener::new(&live, &current, drain.clone()));
+            cfg = current;
+        }
         let info = ConnInfo {
             remote,
             tls: tls.is_some(),
@@ -259,6 +272,7 @@ pub async fn serve(
     };
     tokio::select! {
         _ = drained => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(cfg.timeouts.shutdown) => tracing::warn!("shutdown timeout: closing remaining connections"),
+        // The current config's: a reload may have changed it.
+        _ = tokio::time::sleep(live.load().app.cfg.timeouts.shutdown) => tracing::warn!("shutdown timeout: closing remaining connections"),
     }
 }
