@@ -155,6 +155,11 @@ fn bad_values_name_their_key() {
             minimal().replace("scopes: [\"openid\",", "scopes: ["),
             "config error: provider.scopes: ",
         ),
+        // A misspelt level: `tracing` would read it as a target and log nothing else.
+        (
+            format!("{}log: {{ level: verbose }}\n", minimal()),
+            "config error: log.level: `verbose` is not a level",
+        ),
     ];
     for (text, want) in cases {
         let r = check_text(&text, &[]);

@@ -286,6 +286,49 @@ cookie:
     }
 
     #[test]
+    fn log_level_is_a_level_or_directives_with_levels() {
+        let with =
+            |level: &str| load_str(&format!("{MINIMAL}log: {{ level: \"{level}\" }}\n"), none());
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "trace",
+            "3",
+            "info,portcullis=debug",
+            "portcullis::proxy=trace",
+            "access=off, info",
+            "warn,portcullis[request{method=GET}]=debug",
+        ] {
+            assert_eq!(with(ok).unwrap().log.level, ok);
+        }
+        // A bare word is a target to `tracing`'s filter: everything else would go silent.
+        for bad in [
+            "verbose",
+            "",
+            " ",
+            "portcullis",
+            "info,verbos",
+            "portcullis=verbose",
+            "portcullis[span{a=b}]",
+            "inf o",
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(
+                e.0.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
+                ["log.level"],
+                "{bad:?}"
+            );
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        let e = with("verbose").unwrap_err().to_string();
+        assert!(e.contains("`verbose`") && e.contains("debug"), "{e}");
+        // The environment's value is checked the same way.
+        let env = vec![("PORTCULLIS_LOG_LEVEL".to_string(), "verbose".to_string())];
+        assert_eq!(keys_of(load_str(MINIMAL, env)), ["log.level"]);
+    }
+
+    #[test]
     fn secure_cookie_gets_host_prefix() {
         let text = MINIMAL.replace("secure: false", "secure: true").replace(
             "http://127.0.0.1:4180/oauth2",
