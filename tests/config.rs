@@ -199,6 +199,19 @@ fn every_error_is_reported_on_its_own_line() {
             r.stderr
         );
     }
+    // A bad route regex too (the regex crate's own message spans four lines).
+    let r = check_text(
+        &format!(
+            "{}routes: [ {{ prefix: /a/ }}, {{ path: \"^/(x\" }} ]\n",
+            minimal()
+        ),
+        &[],
+    );
+    let l = assert_invalid(&r, 1);
+    assert_eq!(
+        l[0],
+        "config error: routes[1].path: invalid regex `^/(x`: unclosed group"
+    );
     // A YAML syntax error is one line too.
     let r = check_text("listen: [unclosed\n", &[]);
     let l = assert_invalid(&r, 1);

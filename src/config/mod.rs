@@ -29,12 +29,24 @@ impl ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// Always one line (the README's promise, and what log shippers expect): a line break
+    /// in a message (a library's error text, a key or value quoted from the file) becomes a
+    /// space.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "config error: {}", self.message)
+        let line = if self.key.is_empty() {
+            format!("config error: {}", self.message)
         } else {
-            write!(f, "config error: {}: {}", self.key, self.message)
+            format!("config error: {}: {}", self.key, self.message)
+        };
+        if !line.contains(['\n', '\r']) {
+            return f.write_str(&line);
         }
+        let parts: Vec<&str> = line
+            .split(['\n', '\r'])
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect();
+        f.write_str(&parts.join(" "))
     }
 }
 
@@ -326,6 +338,27 @@ cookie:
         // The environment's value is checked the same way.
         let env = vec![("PORTCULLIS_LOG_LEVEL".to_string(), "verbose".to_string())];
         assert_eq!(keys_of(load_str(MINIMAL, env)), ["log.level"]);
+    }
+
+    #[test]
+    fn every_error_is_one_line() {
+        let e = ConfigError::new(
+            "routes[0].path",
+            "regex parse error:\n    (\n    ^\r\nerror: x",
+        );
+        assert_eq!(
+            e.to_string(),
+            "config error: routes[0].path: regex parse error: ( ^ error: x"
+        );
+        let text = format!("{MINIMAL}routes: [ {{ path: \"/(unclosed\" }} ]\n");
+        let e = load_str(&text, none()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config error: routes[0].path: invalid regex `/(unclosed`: unclosed group"
+        );
+        // A key with a line break in it, quoted back by the unknown-key error.
+        let e = load_str(&format!("{MINIMAL}\"bad\\nkey\": 1\n"), none()).unwrap_err();
+        assert_eq!(e.to_string().lines().count(), 1, "{e}");
     }
 
     #[test]

@@ -193,8 +193,7 @@ pub fn build_route(
         (Some(re), None) => {
             let anchored = format!("^(?:{})", re.strip_prefix('^').unwrap_or(re));
             PathMatch::Regex(
-                Regex::new(&anchored)
-                    .map_err(|e| ("path".to_string(), format!("invalid regex: {e}")))?,
+                Regex::new(&anchored).map_err(|e| ("path".to_string(), regex_error(re, &e)))?,
             )
         }
         (None, Some(p)) => {
@@ -245,6 +244,26 @@ pub fn build_route(
         upstream_response: raw.timeouts.as_ref().and_then(|t| t.upstream_response),
         allow: raw.allow.as_ref().map(allow),
     })
+}
+
+/// A route regex's error on one line. `regex` spells a syntax error over several (the
+/// pattern, a line of carets under the culprit, then `error: <reason>`): the reason alone is
+/// kept, with the pattern as the route wrote it (escaped if it holds control characters).
+fn regex_error(pattern: &str, e: &regex::Error) -> String {
+    let text = e.to_string();
+    let reason = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let lines: Vec<&str> = text.lines().map(str::trim).collect();
+            lines.join(" ")
+        });
+    if pattern.contains(char::is_control) {
+        format!("invalid regex {pattern:?}: {reason}")
+    } else {
+        format!("invalid regex `{pattern}`: {reason}")
+    }
 }
 
 /// Dot-separated labels of letters, digits and `-` (an IPv4 address passes too).
@@ -347,6 +366,33 @@ mod tests {
         ] {
             assert_eq!(route_host(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn regex_errors_are_one_line() {
+        let route = |path: &str| RawRoute {
+            path: Some(path.to_string()),
+            ..Default::default()
+        };
+        let err = |path: &str| match build_route(&route(path), |_| Err(String::new())) {
+            Err(e) => e,
+            Ok(_) => panic!("{path:?} was accepted"),
+        };
+        assert_eq!(
+            err("/(unclosed"),
+            (
+                "path".to_string(),
+                "invalid regex `/(unclosed`: unclosed group".to_string()
+            )
+        );
+        assert_eq!(
+            err("^/\\p{Nope}").1,
+            "invalid regex `^/\\p{Nope}`: Unicode property not found"
+        );
+        assert_eq!(err("/a\n(").1, "invalid regex \"/a\\n(\": unclosed group");
+        let (_, big) = err("/a{1000}{1000}");
+        assert!(big.starts_with("invalid regex `/a{1000}{1000}`: "), "{big}");
+        assert!(!big.contains('\n'), "{big}");
     }
 
     #[test]
