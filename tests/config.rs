@@ -342,6 +342,31 @@ fn secret_command_prints_a_fresh_32_byte_key() {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
+/// `portcullis env-vars`: one line per variable, its key and its default (lists in flow
+/// style, as the variable accepts them).
+#[test]
+fn env_vars_prints_one_line_per_variable() {
+    let r = run(&["env-vars"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines.len() > 50, "{}", r.stdout);
+    for l in &lines {
+        assert!(
+            l.starts_with("PORTCULLIS_") && l.contains(" (default: ") && l.ends_with(')'),
+            "not a variable line: {l:?}\n{}",
+            r.stdout
+        );
+    }
+    let scopes = lines
+        .iter()
+        .find(|l| l.starts_with("PORTCULLIS_PROVIDER_SCOPES "))
+        .unwrap();
+    assert!(
+        scopes.ends_with("provider.scopes  (default: [openid, email, profile])"),
+        "{scopes}"
+    );
+}
+
 /// The secret file and the environment override are what a running gateway uses:
 /// the provider only accepts the right client secret at the token endpoint.
 #[tokio::test]

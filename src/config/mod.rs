@@ -117,11 +117,34 @@ pub fn env_keys() -> Vec<((String, String), String)> {
         .map(|(path, default)| {
             let d = match default {
                 serde_yaml::Value::Null => "unset".to_string(),
-                v => serde_yaml::to_string(&v).unwrap_or_default(),
+                v => one_line_value(&v),
             };
-            ((path.join("."), env::var_name(&path)), d.trim().to_string())
+            ((path.join("."), env::var_name(&path)), d)
         })
         .collect()
+}
+
+/// A default as one line that its variable accepts: a scalar as YAML writes it, a list in
+/// flow style (`[openid, email, profile]`), which the variables take as well as `a,b`.
+fn one_line_value(v: &serde_yaml::Value) -> String {
+    use serde_yaml::Value;
+    let scalar = |v: &Value| match v {
+        // Flow style for anything nested (JSON is YAML flow syntax): one line whatever it is.
+        Value::Sequence(_) | Value::Mapping(_) | Value::Tagged(_) => {
+            serde_json::to_string(v).unwrap_or_default()
+        }
+        v => serde_yaml::to_string(v)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    };
+    match v {
+        Value::Sequence(items) => {
+            let items: Vec<String> = items.iter().map(scalar).collect();
+            format!("[{}]", items.join(", "))
+        }
+        v => scalar(v),
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +289,35 @@ cookie:
             keys_of(load_str(&text, bad)),
             ["lifecycle.shutdown_timeout"]
         );
+    }
+
+    #[test]
+    fn env_var_defaults_are_one_line_and_read_back() {
+        let keys = env_keys();
+        for ((key, var), default) in &keys {
+            assert!(!default.contains('\n'), "{var} ({key}): {default:?}");
+        }
+        let default_of = |key: &str| {
+            keys.iter()
+                .find(|((k, _), _)| k == key)
+                .map(|(_, d)| d.clone())
+                .unwrap()
+        };
+        assert_eq!(default_of("provider.scopes"), "[openid, email, profile]");
+        assert_eq!(default_of("cookie.secrets"), "[]");
+        assert_eq!(default_of("listen"), "127.0.0.1:4180");
+        assert_eq!(default_of("lifecycle.shutdown_timeout"), "unset");
+        // What is printed is what the variable takes.
+        let text = MINIMAL.replace(
+            "  scopes: [\"openid\", \"email\", \"profile\", \"offline_access\"]\n",
+            "",
+        );
+        let env = vec![(
+            "PORTCULLIS_PROVIDER_SCOPES".to_string(),
+            default_of("provider.scopes"),
+        )];
+        let c = load_str(&text, env).unwrap();
+        assert_eq!(c.provider.scopes, ["openid", "email", "profile"]);
     }
 
     #[test]
