@@ -342,6 +342,39 @@ fn secret_command_prints_a_fresh_32_byte_key() {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
+/// The drain time's spellings: `timeouts.shutdown` (alias `timeouts.shutdown_timeout`),
+/// `lifecycle.shutdown_timeout`, and a top-level `shutdown_timeout` /
+/// `PORTCULLIS_SHUTDOWN_TIMEOUT`; two explicit ones that disagree are refused.
+#[test]
+fn shutdown_timeout_is_accepted_at_the_top_level_and_from_the_environment() {
+    let r = check_text(&format!("{}shutdown_timeout: 40s\n", minimal()), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = check_text(&minimal(), &[("PORTCULLIS_SHUTDOWN_TIMEOUT", "40s")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = check_text(
+        &format!(
+            "{}shutdown_timeout: 40s\nlifecycle: {{ shutdown_timeout: 30s }}\n",
+            minimal()
+        ),
+        &[],
+    );
+    let l = assert_invalid(&r, 1);
+    assert!(
+        l[0].starts_with(
+            "config error: shutdown_timeout: 40s conflicts with lifecycle.shutdown_timeout"
+        ),
+        "{}",
+        l[0]
+    );
+    let r = check_text(&minimal(), &[("PORTCULLIS_SHUTDOWN_TIMEOUT", "later")]);
+    let l = assert_invalid(&r, 1);
+    assert!(
+        l[0].starts_with("config error: shutdown_timeout: "),
+        "{}",
+        l[0]
+    );
+}
+
 /// `portcullis env-vars`: one line per variable, its key and its default (lists in flow
 /// style, as the variable accepts them).
 #[test]

@@ -347,6 +347,61 @@ cookie:
         assert_eq!(t("timeouts: { shutdown: 7s }\n"), 7);
         assert_eq!(t("timeouts: { shutdown_timeout: 8s }\n"), 8);
         assert_eq!(t("lifecycle: { shutdown_timeout: 9s }\n"), 9);
+        // Top level, as issues and other gateways spell it.
+        assert_eq!(t("shutdown_timeout: 10s\n"), 10);
+        assert_eq!(t("shutdown_timeout: 10s\ntimeouts: { shutdown: 7s }\n"), 10);
+        assert_eq!(
+            t("shutdown_timeout: 11s\nlifecycle: { shutdown_timeout: 11s }\n"),
+            11
+        );
+        // Two explicit spellings that disagree: refused, naming the key.
+        let both = "shutdown_timeout: 10s\nlifecycle: { shutdown_timeout: 9s }\n";
+        let e = load_str(&format!("{MINIMAL}{both}"), none()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config error: shutdown_timeout: 10s conflicts with lifecycle.shutdown_timeout \
+             (9s): they are the same setting, set one"
+        );
+        let e = load_str(
+            &format!("{MINIMAL}timeouts: {{ shutdown: 7s, shutdown_timeout: 8s }}\n"),
+            none(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("duplicate field"), "{e}");
+        assert_eq!(
+            keys_of(load_str(
+                &format!("{MINIMAL}shutdown_timeout: soon\n"),
+                none()
+            )),
+            ["shutdown_timeout"]
+        );
+    }
+
+    #[test]
+    fn shutdown_timeout_from_the_environment() {
+        let var = |v: &str| vec![("PORTCULLIS_SHUTDOWN_TIMEOUT".to_string(), v.to_string())];
+        let c = load_str(
+            &format!("{MINIMAL}timeouts: {{ shutdown: 7s }}\n"),
+            var("3s"),
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.shutdown.as_secs(), 3);
+        assert_eq!(
+            keys_of(load_str(MINIMAL, var("banana"))),
+            ["shutdown_timeout"]
+        );
+        assert_eq!(
+            keys_of(load_str(
+                &format!("{MINIMAL}lifecycle: {{ shutdown_timeout: 9s }}\n"),
+                var("3s")
+            )),
+            ["shutdown_timeout"]
+        );
+        // A known variable: no start-up warning, and `portcullis env-vars` lists it.
+        assert!(unknown_env_vars(var("3s")).is_empty());
+        assert!(env_keys().iter().any(|((k, v), d)| k == "shutdown_timeout"
+            && v == "PORTCULLIS_SHUTDOWN_TIMEOUT"
+            && d == "unset"));
     }
 
     #[test]

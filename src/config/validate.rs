@@ -261,6 +261,27 @@ fn header_name(c: &mut Collector, key: &str, text: &str) -> HeaderName {
     }
 }
 
+/// The drain time after SIGTERM. One setting, four spellings: `timeouts.shutdown` (or
+/// `timeouts.shutdown_timeout`, a serde alias: both in one file is a duplicate key), and
+/// `lifecycle.shutdown_timeout` and the top-level `shutdown_timeout`, which override it when
+/// set and must agree with each other.
+fn shutdown_timeout(c: &mut Collector, raw: &RawConfig) -> Duration {
+    match (raw.shutdown_timeout, raw.lifecycle.shutdown_timeout) {
+        (Some(top), Some(lifecycle)) if top != lifecycle => {
+            c.err(
+                "shutdown_timeout",
+                format!(
+                    "{top:?} conflicts with lifecycle.shutdown_timeout ({lifecycle:?}): \
+                     they are the same setting, set one"
+                ),
+            );
+            top
+        }
+        (Some(d), _) | (None, Some(d)) => d,
+        (None, None) => raw.timeouts.shutdown,
+    }
+}
+
 fn positive(c: &mut Collector, key: &str, d: Duration) -> Duration {
     if d.is_zero() {
         c.err(key, "must be greater than zero");
@@ -674,7 +695,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         provider: positive(&mut c, "timeouts.provider", t.provider),
         header_read: positive(&mut c, "timeouts.header_read", t.header_read),
         idle: positive(&mut c, "timeouts.idle", t.idle),
-        shutdown: raw.lifecycle.shutdown_timeout.unwrap_or(t.shutdown),
+        shutdown: shutdown_timeout(&mut c, &raw),
     };
     let l = &raw.limits;
     if l.max_header_bytes < 4096 {
