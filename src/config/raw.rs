@@ -368,6 +368,9 @@ pub struct RawRoute {
 pub struct RawRouteTimeouts {
     #[serde(with = "humantime_serde")]
     pub upstream_response: Option<Duration>,
+    /// For connections opened for this route's requests (to its upstream, or the main one).
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect: Option<Duration>,
 }
 
 /// Who may pass: any match of any list (all empty: every authenticated user).

@@ -32,6 +32,9 @@ pub struct Route {
     pub auth: AuthMode,
     pub upstream: Option<UpstreamConfig>,
     pub upstream_response: Option<Duration>,
+    /// Connect timeout for a connection opened for this route's request (pooled connections
+    /// are shared by every route to the same upstream).
+    pub upstream_connect: Option<Duration>,
     pub allow: Option<Rules>,
 }
 
@@ -235,13 +238,23 @@ pub fn build_route(
         })?),
         None => None,
     };
+    let timeouts = raw.timeouts.clone().unwrap_or_default();
+    for (key, t) in [
+        ("timeouts.upstream_response", timeouts.upstream_response),
+        ("timeouts.upstream_connect", timeouts.upstream_connect),
+    ] {
+        if t.is_some_and(|t| t.is_zero()) {
+            return Err((key.into(), "must be greater than zero".into()));
+        }
+    }
     Ok(Route {
         path,
         methods,
         host,
         auth,
         upstream: up,
-        upstream_response: raw.timeouts.as_ref().and_then(|t| t.upstream_response),
+        upstream_response: timeouts.upstream_response,
+        upstream_connect: timeouts.upstream_connect,
         allow: raw.allow.as_ref().map(allow),
     })
 }
@@ -393,6 +406,29 @@ mod tests {
         let (_, big) = err("/a{1000}{1000}");
         assert!(big.starts_with("invalid regex `/a{1000}{1000}`: "), "{big}");
         assert!(!big.contains('\n'), "{big}");
+    }
+
+    #[test]
+    fn route_timeouts() {
+        let route = |timeouts: &str| {
+            let raw: RawRoute =
+                serde_yaml::from_str(&format!("{{ prefix: /r/, timeouts: {timeouts} }}")).unwrap();
+            build_route(&raw, |_| Err(String::new()))
+        };
+        let r = route("{ upstream_connect: 250ms, upstream_response: 2m }").unwrap();
+        assert_eq!(r.upstream_connect, Some(Duration::from_millis(250)));
+        assert_eq!(r.upstream_response, Some(Duration::from_secs(120)));
+        let r = route("{ upstream_connect: 1s }").unwrap();
+        assert_eq!(
+            (r.upstream_connect, r.upstream_response),
+            (Some(Duration::from_secs(1)), None)
+        );
+        for (t, key) in [
+            ("{ upstream_connect: 0s }", "timeouts.upstream_connect"),
+            ("{ upstream_response: 0s }", "timeouts.upstream_response"),
+        ] {
+            assert_eq!(route(t).err().map(|e| e.0), Some(key.to_string()), "{t}");
+        }
     }
 
     #[test]
