@@ -398,6 +398,18 @@ fn env_vars_prints_one_line_per_variable() {
         scopes.ends_with("provider.scopes  (default: [openid, email, profile])"),
         "{scopes}"
     );
+    // A reader that stops early (`portcullis env-vars | head -1`) gets no panic message.
+    let mut child = gateway_command()
+        .arg("env-vars")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
 
 /// The secret file and the environment override are what a running gateway uses:
