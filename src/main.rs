@@ -15,10 +15,18 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::EnvVars => {
+            // Written, not println!: a reader that stops early (`| head`) is no panic.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
             for (path, default) in portcullis::config::env_keys() {
-                println!("{:<50} {}  (default: {})", path.1, path.0, default);
+                if writeln!(out, "{:<50} {}  (default: {})", path.1, path.0, default).is_err() {
+                    return ExitCode::FAILURE;
+                }
             }
-            return ExitCode::SUCCESS;
+            return match out.flush() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            };
         }
         Command::Check | Command::Serve => {}
     }

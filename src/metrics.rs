@@ -215,6 +215,12 @@ impl Metrics {
         }
         login_flows.with_label_values(&["started", ""]);
         login_flows.with_label_values(&["completed", ""]);
+        for r in ["success", "failure"] {
+            config_reloads.with_label_values(&[r]);
+        }
+        for k in ["user", "backchannel"] {
+            logouts.with_label_values(&[k]);
+        }
         Ok(Self {
             registry: r,
             requests,
@@ -444,6 +450,11 @@ mod tests {
             "portcullis_request_duration_seconds_bucket",
             "portcullis_build_info{version=",
             "portcullis_refreshes_total{outcome=\"invalid_grant\"} 0",
+            // Events that may never happen read 0 from start-up rather than being absent.
+            "portcullis_config_reloads_total{result=\"success\"} 0",
+            "portcullis_config_reloads_total{result=\"failure\"} 0",
+            "portcullis_logouts_total{kind=\"user\"} 0",
+            "portcullis_logouts_total{kind=\"backchannel\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

@@ -155,6 +155,11 @@ fn bad_values_name_their_key() {
             minimal().replace("scopes: [\"openid\",", "scopes: ["),
             "config error: provider.scopes: ",
         ),
+        // A misspelt level: `tracing` would read it as a target and log nothing else.
+        (
+            format!("{}log: {{ level: verbose }}\n", minimal()),
+            "config error: log.level: `verbose` is not a level",
+        ),
     ];
     for (text, want) in cases {
         let r = check_text(&text, &[]);
@@ -194,6 +199,19 @@ fn every_error_is_reported_on_its_own_line() {
             r.stderr
         );
     }
+    // A bad route regex too (the regex crate's own message spans four lines).
+    let r = check_text(
+        &format!(
+            "{}routes: [ {{ prefix: /a/ }}, {{ path: \"^/(x\" }} ]\n",
+            minimal()
+        ),
+        &[],
+    );
+    let l = assert_invalid(&r, 1);
+    assert_eq!(
+        l[0],
+        "config error: routes[1].path: invalid regex `^/(x`: unclosed group"
+    );
     // A YAML syntax error is one line too.
     let r = check_text("listen: [unclosed\n", &[]);
     let l = assert_invalid(&r, 1);
@@ -322,6 +340,76 @@ fn secret_command_prints_a_fresh_32_byte_key() {
     // It is accepted as a cookie secret.
     let r = check_text(&minimal().replace(&key(1), key_a), &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// The drain time's spellings: `timeouts.shutdown` (alias `timeouts.shutdown_timeout`),
+/// `lifecycle.shutdown_timeout`, and a top-level `shutdown_timeout` /
+/// `PORTCULLIS_SHUTDOWN_TIMEOUT`; two explicit ones that disagree are refused.
+#[test]
+fn shutdown_timeout_is_accepted_at_the_top_level_and_from_the_environment() {
+    let r = check_text(&format!("{}shutdown_timeout: 40s\n", minimal()), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = check_text(&minimal(), &[("PORTCULLIS_SHUTDOWN_TIMEOUT", "40s")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = check_text(
+        &format!(
+            "{}shutdown_timeout: 40s\nlifecycle: {{ shutdown_timeout: 30s }}\n",
+            minimal()
+        ),
+        &[],
+    );
+    let l = assert_invalid(&r, 1);
+    assert!(
+        l[0].starts_with(
+            "config error: shutdown_timeout: 40s conflicts with lifecycle.shutdown_timeout"
+        ),
+        "{}",
+        l[0]
+    );
+    let r = check_text(&minimal(), &[("PORTCULLIS_SHUTDOWN_TIMEOUT", "later")]);
+    let l = assert_invalid(&r, 1);
+    assert!(
+        l[0].starts_with("config error: shutdown_timeout: "),
+        "{}",
+        l[0]
+    );
+}
+
+/// `portcullis env-vars`: one line per variable, its key and its default (lists in flow
+/// style, as the variable accepts them).
+#[test]
+fn env_vars_prints_one_line_per_variable() {
+    let r = run(&["env-vars"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines.len() > 50, "{}", r.stdout);
+    for l in &lines {
+        assert!(
+            l.starts_with("PORTCULLIS_") && l.contains(" (default: ") && l.ends_with(')'),
+            "not a variable line: {l:?}\n{}",
+            r.stdout
+        );
+    }
+    let scopes = lines
+        .iter()
+        .find(|l| l.starts_with("PORTCULLIS_PROVIDER_SCOPES "))
+        .unwrap();
+    assert!(
+        scopes.ends_with("provider.scopes  (default: [openid, email, profile])"),
+        "{scopes}"
+    );
+    // A reader that stops early (`portcullis env-vars | head -1`) gets no panic message.
+    let mut child = gateway_command()
+        .arg("env-vars")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
 
 /// The secret file and the environment override are what a running gateway uses:

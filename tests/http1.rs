@@ -1321,3 +1321,54 @@ async fn missing_host_in_http11_is_refused() {
     assert_eq!(got.header("x-forwarded-host"), None, "{got:?}");
     assert_eq!(got.header("x-forwarded-for"), Some("127.0.0.1"), "{got:?}");
 }
+
+/// RFC 9110 §15.5.15: a request target longer than the gateway accepts gets `414 URI Too
+/// Long` (not 431, which is about header fields), with the security headers every refusal
+/// of the HTTP/1 parser carries, and the connection closes.
+///
+/// Regression: a 100 KB target got 431, the answer to a head whose header fields are too
+/// large (`limits.max_header_bytes`, 64 KiB here, was reached inside the request line).
+#[tokio::test]
+async fn an_overlong_request_target_gets_414() {
+    let env = Env::start().await;
+    let host = env.host();
+    let before = env.up.count();
+    for target in [
+        format!("/{}", "u".repeat(100_000)),
+        format!("/search?q={}", "q".repeat(70_000)),
+    ] {
+        let mut c = env.client().await;
+        c.send(get(&target, &host)).await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, 414, "{} bytes: {}", target.len(), r.head);
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{}",
+            r.head
+        );
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{}", r.head);
+        assert_eq!(r.header("connection"), Some("close"), "{}", r.head);
+        assert!(c.rest().await.is_empty());
+    }
+    // Header fields over the limit after a short target are still 431.
+    let mut c = env.client().await;
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(70_000)
+    );
+    c.send(big).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(
+        r.header("x-content-type-options"),
+        Some("nosniff"),
+        "{}",
+        r.head
+    );
+    assert_eq!(env.up.count(), before, "{}", env.up.wire());
+    // The gateway serves on.
+    let mut c = env.client().await;
+    c.send(get("/after-414", &host)).await;
+    assert_eq!(c.response(false).await.text(), "GET /after-414 0");
+}

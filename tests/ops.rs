@@ -357,6 +357,16 @@ async fn metrics_pass_promtool_and_count_without_identifying_labels() {
         m.value(r#"portcullis_login_flows_total{event="completed",reason=""}"#),
         0.0
     );
+    // Families of rare events are there from start-up, at 0 (a dashboard's rate() and an
+    // alert on `increase(...) > 0` need a series before the first event).
+    for series in [
+        r#"portcullis_config_reloads_total{result="success"}"#,
+        r#"portcullis_config_reloads_total{result="failure"}"#,
+        r#"portcullis_logouts_total{kind="user"}"#,
+        r#"portcullis_logouts_total{kind="backchannel"}"#,
+    ] {
+        assert_eq!(m.value(series), 0.0, "{series}\n{}", m.text);
+    }
 
     // One login, then a tampered cookie, then proxied requests.
     let b = Browser::new();

@@ -7,7 +7,8 @@
 mod support;
 
 use support::corpus::{
-    raw_exchange, raw_get, OPEN_REDIRECTS, PATH_CONFUSION, PATH_STAYS_PUBLIC, SAME_ORIGIN,
+    raw_exchange, raw_get, OPEN_REDIRECTS, PATH_CONFUSION, PATH_ENCODED_UTF8, PATH_NOT_UTF8,
+    PATH_STAYS_PUBLIC, SAME_ORIGIN,
 };
 use support::*;
 
@@ -504,6 +505,17 @@ async fn path_confusion_never_reaches_a_protected_path_unauthenticated() {
             s.upstream.records().last().map(|r| r.path.clone())
         ));
     }
+    // Escapes that do not decode to UTF-8: 400, although the route needs no login.
+    for target in PATH_NOT_UTF8 {
+        let before = s.upstream.count();
+        let r = raw_exchange(port, &raw_get(target, &host, &[]), deadline).await;
+        let reached = s.upstream.count() - before;
+        let line = row(target, "-", r.status, reached);
+        if reached != 0 || r.status != Some(400) {
+            bad.push(format!("{line}\n{}", r.text));
+        }
+        table.push(line);
+    }
     // The same over HTTP/2 (h2c), where the path is a pseudo-header.
     for target in [
         "/public/../admin",
@@ -555,7 +567,7 @@ async fn path_confusion_never_reaches_a_protected_path_unauthenticated() {
     }
 
     // What the upstream gets is the normalised path (query untouched).
-    for (target, want) in [
+    for &(target, want) in PATH_ENCODED_UTF8.iter().chain(&[
         ("/public/./x", "/public/x"),
         ("/public//x", "/public/x"),
         ("/public/a/../x", "/public/x"),
@@ -564,7 +576,7 @@ async fn path_confusion_never_reaches_a_protected_path_unauthenticated() {
         ("/public/a%3fb", "/public/a%3Fb"),
         ("/./public/x", "/public/x"),
         ("//public/x", "/public/x"),
-    ] {
+    ]) {
         let r = raw_exchange(
             port,
             &raw_get(&format!("{target}?a=../..&b=%2F"), &host, &[]),

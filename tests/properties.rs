@@ -101,3 +101,29 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// What the normaliser accepts decodes (percent-decoding) to UTF-8: an overlong form, a
+    /// stray byte or a surrogate is refused, never forwarded for the upstream to read its way.
+    #[test]
+    fn accepted_paths_decode_to_utf8(p in "/(%[0-9a-fA-F]{2}|%[c-fC-F][0-9a-fA-F]%[89abAB][0-9a-fA-F]|[a-z./]){0,24}") {
+        if let Ok(n) = normalize(&p) {
+            prop_assert!(percent_encoding::percent_decode_str(&n).decode_utf8().is_ok(), "{}", n);
+            prop_assert!(percent_encoding::percent_decode_str(&p).decode_utf8().is_ok(), "{}", p);
+        }
+    }
+
+    /// Text in any script, percent-encoded as UTF-8 (any case), is accepted and decodes back.
+    #[test]
+    fn encoded_utf8_text_is_accepted(s in "[^\\x00-\\x7f]{1,12}", lower in any::<bool>()) {
+        let mut p = String::from("/");
+        for b in s.as_bytes() {
+            p.push_str(&if lower { format!("%{b:02x}") } else { format!("%{b:02X}") });
+        }
+        let n = normalize(&p).unwrap();
+        let decoded = percent_encoding::percent_decode_str(&n).decode_utf8().unwrap();
+        prop_assert_eq!(decoded.as_ref(), format!("/{s}"));
+    }
+}

@@ -435,6 +435,55 @@ async fn slow_upstream_gives_504_and_the_gateway_keeps_serving() {
     }
 }
 
+/// A loopback address where a TCP connect hangs: the listener's accept queue (backlog 0) is
+/// full with the returned stream, so the kernel drops further SYNs. Keep both alive.
+fn unanswered_upstream() -> (String, tokio::net::TcpListener, std::net::TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (format!("http://{addr}"), listener, filler)
+}
+
+/// A route's `timeouts.upstream_connect` bounds connecting for its requests (502 once it
+/// passes); other routes keep `timeouts.upstream_connect` (here 30 s, so the response
+/// deadline, 2 s, gives 504 first).
+#[tokio::test]
+async fn a_routes_connect_timeout_applies_to_its_requests() {
+    let (hang, _listener, _filler) = unanswered_upstream();
+    let mut s = Stack::with(
+        &[],
+        &format!(
+            "timeouts: {{ upstream_connect: 30s, upstream_response: 2s }}\n\
+             routes:\n\
+             - {{ prefix: /own/, auth: skip, upstream: \"{hang}\", timeouts: {{ upstream_connect: 300ms }} }}\n\
+             - {{ prefix: /main/, auth: skip, timeouts: {{ upstream_connect: 300ms }} }}\n\
+             - {{ prefix: /global/, auth: skip, upstream: \"{hang}\" }}\n"
+        ),
+    )
+    .await;
+    let get = |path: &str| {
+        let url = s.gw.url(path);
+        async move {
+            let start = std::time::Instant::now();
+            let r = send("GET", &url, &[("accept", "application/json")], Vec::new()).await;
+            (r, start.elapsed())
+        }
+    };
+    let (r, took) = get("/own/x").await;
+    assert_eq!(r.status, 502, "{}", r.dump());
+    assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
+    let (r, took) = get("/global/x").await;
+    assert_eq!(r.status, 504, "{}", r.dump());
+    assert!(took >= std::time::Duration::from_secs(2), "{took:?}");
+    // The main upstream answers: a route's connect timeout is no obstacle there.
+    let (r, _) = get("/main/x").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(s.upstream.last().path, "/main/x");
+    s.gw.assert_healthy().await;
+}
+
 #[tokio::test]
 async fn http2_prior_knowledge_requests_work() {
     let s = Stack::start().await;

@@ -29,12 +29,24 @@ impl ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// Always one line (the README's promise, and what log shippers expect): a line break
+    /// in a message (a library's error text, a key or value quoted from the file) becomes a
+    /// space.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "config error: {}", self.message)
+        let line = if self.key.is_empty() {
+            format!("config error: {}", self.message)
         } else {
-            write!(f, "config error: {}: {}", self.key, self.message)
+            format!("config error: {}: {}", self.key, self.message)
+        };
+        if !line.contains(['\n', '\r']) {
+            return f.write_str(&line);
         }
+        let parts: Vec<&str> = line
+            .split(['\n', '\r'])
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect();
+        f.write_str(&parts.join(" "))
     }
 }
 
@@ -105,11 +117,34 @@ pub fn env_keys() -> Vec<((String, String), String)> {
         .map(|(path, default)| {
             let d = match default {
                 serde_yaml::Value::Null => "unset".to_string(),
-                v => serde_yaml::to_string(&v).unwrap_or_default(),
+                v => one_line_value(&v),
             };
-            ((path.join("."), env::var_name(&path)), d.trim().to_string())
+            ((path.join("."), env::var_name(&path)), d)
         })
         .collect()
+}
+
+/// A default as one line that its variable accepts: a scalar as YAML writes it, a list in
+/// flow style (`[openid, email, profile]`), which the variables take as well as `a,b`.
+fn one_line_value(v: &serde_yaml::Value) -> String {
+    use serde_yaml::Value;
+    let scalar = |v: &Value| match v {
+        // Flow style for anything nested (JSON is YAML flow syntax): one line whatever it is.
+        Value::Sequence(_) | Value::Mapping(_) | Value::Tagged(_) => {
+            serde_json::to_string(v).unwrap_or_default()
+        }
+        v => serde_yaml::to_string(v)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    };
+    match v {
+        Value::Sequence(items) => {
+            let items: Vec<String> = items.iter().map(scalar).collect();
+            format!("[{}]", items.join(", "))
+        }
+        v => scalar(v),
+    }
 }
 
 #[cfg(test)]
@@ -257,6 +292,35 @@ cookie:
     }
 
     #[test]
+    fn env_var_defaults_are_one_line_and_read_back() {
+        let keys = env_keys();
+        for ((key, var), default) in &keys {
+            assert!(!default.contains('\n'), "{var} ({key}): {default:?}");
+        }
+        let default_of = |key: &str| {
+            keys.iter()
+                .find(|((k, _), _)| k == key)
+                .map(|(_, d)| d.clone())
+                .unwrap()
+        };
+        assert_eq!(default_of("provider.scopes"), "[openid, email, profile]");
+        assert_eq!(default_of("cookie.secrets"), "[]");
+        assert_eq!(default_of("listen"), "127.0.0.1:4180");
+        assert_eq!(default_of("lifecycle.shutdown_timeout"), "unset");
+        // What is printed is what the variable takes.
+        let text = MINIMAL.replace(
+            "  scopes: [\"openid\", \"email\", \"profile\", \"offline_access\"]\n",
+            "",
+        );
+        let env = vec![(
+            "PORTCULLIS_PROVIDER_SCOPES".to_string(),
+            default_of("provider.scopes"),
+        )];
+        let c = load_str(&text, env).unwrap();
+        assert_eq!(c.provider.scopes, ["openid", "email", "profile"]);
+    }
+
+    #[test]
     fn misspelled_variables_are_found() {
         let vars = [
             ("PORTCULLIS_PROVIDER_CLIENT_SECRT", "x"),
@@ -283,6 +347,125 @@ cookie:
         assert_eq!(t("timeouts: { shutdown: 7s }\n"), 7);
         assert_eq!(t("timeouts: { shutdown_timeout: 8s }\n"), 8);
         assert_eq!(t("lifecycle: { shutdown_timeout: 9s }\n"), 9);
+        // Top level, as issues and other gateways spell it.
+        assert_eq!(t("shutdown_timeout: 10s\n"), 10);
+        assert_eq!(t("shutdown_timeout: 10s\ntimeouts: { shutdown: 7s }\n"), 10);
+        assert_eq!(
+            t("shutdown_timeout: 11s\nlifecycle: { shutdown_timeout: 11s }\n"),
+            11
+        );
+        // Two explicit spellings that disagree: refused, naming the key.
+        let both = "shutdown_timeout: 10s\nlifecycle: { shutdown_timeout: 9s }\n";
+        let e = load_str(&format!("{MINIMAL}{both}"), none()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config error: shutdown_timeout: 10s conflicts with lifecycle.shutdown_timeout \
+             (9s): they are the same setting, set one"
+        );
+        let e = load_str(
+            &format!("{MINIMAL}timeouts: {{ shutdown: 7s, shutdown_timeout: 8s }}\n"),
+            none(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("duplicate field"), "{e}");
+        assert_eq!(
+            keys_of(load_str(
+                &format!("{MINIMAL}shutdown_timeout: soon\n"),
+                none()
+            )),
+            ["shutdown_timeout"]
+        );
+    }
+
+    #[test]
+    fn shutdown_timeout_from_the_environment() {
+        let var = |v: &str| vec![("PORTCULLIS_SHUTDOWN_TIMEOUT".to_string(), v.to_string())];
+        let c = load_str(
+            &format!("{MINIMAL}timeouts: {{ shutdown: 7s }}\n"),
+            var("3s"),
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.shutdown.as_secs(), 3);
+        assert_eq!(
+            keys_of(load_str(MINIMAL, var("banana"))),
+            ["shutdown_timeout"]
+        );
+        assert_eq!(
+            keys_of(load_str(
+                &format!("{MINIMAL}lifecycle: {{ shutdown_timeout: 9s }}\n"),
+                var("3s")
+            )),
+            ["shutdown_timeout"]
+        );
+        // A known variable: no start-up warning, and `portcullis env-vars` lists it.
+        assert!(unknown_env_vars(var("3s")).is_empty());
+        assert!(env_keys().iter().any(|((k, v), d)| k == "shutdown_timeout"
+            && v == "PORTCULLIS_SHUTDOWN_TIMEOUT"
+            && d == "unset"));
+    }
+
+    #[test]
+    fn log_level_is_a_level_or_directives_with_levels() {
+        let with =
+            |level: &str| load_str(&format!("{MINIMAL}log: {{ level: \"{level}\" }}\n"), none());
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "trace",
+            "3",
+            "info,portcullis=debug",
+            "portcullis::proxy=trace",
+            "access=off, info",
+            "warn,portcullis[request{method=GET}]=debug",
+        ] {
+            assert_eq!(with(ok).unwrap().log.level, ok);
+        }
+        // A bare word is a target to `tracing`'s filter: everything else would go silent.
+        for bad in [
+            "verbose",
+            "",
+            " ",
+            "portcullis",
+            "info,verbos",
+            "portcullis=verbose",
+            "portcullis[span{a=b}]",
+            "inf o",
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(
+                e.0.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
+                ["log.level"],
+                "{bad:?}"
+            );
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        let e = with("verbose").unwrap_err().to_string();
+        assert!(e.contains("`verbose`") && e.contains("debug"), "{e}");
+        // The environment's value is checked the same way.
+        let env = vec![("PORTCULLIS_LOG_LEVEL".to_string(), "verbose".to_string())];
+        assert_eq!(keys_of(load_str(MINIMAL, env)), ["log.level"]);
+    }
+
+    #[test]
+    fn every_error_is_one_line() {
+        let e = ConfigError::new(
+            "routes[0].path",
+            "regex parse error:\n    (\n    ^\r\nerror: x",
+        );
+        assert_eq!(
+            e.to_string(),
+            "config error: routes[0].path: regex parse error: ( ^ error: x"
+        );
+        let text = format!("{MINIMAL}routes: [ {{ path: \"/(unclosed\" }} ]\n");
+        let e = load_str(&text, none()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config error: routes[0].path: invalid regex `/(unclosed`: unclosed group"
+        );
+        // A key with a line break in it, quoted back by the unknown-key error.
+        let e = load_str(&format!("{MINIMAL}\"bad\\nkey\": 1\n"), none()).unwrap_err();
+        assert_eq!(e.to_string().lines().count(), 1, "{e}");
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub struct RawConfig {
     pub log: RawLog,
     pub admin: RawAdmin,
     pub lifecycle: RawLifecycle,
+    /// The drain time, as `timeouts.shutdown` (which it overrides when set); also
+    /// `PORTCULLIS_SHUTDOWN_TIMEOUT`. Must agree with `lifecycle.shutdown_timeout` if both are set.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Option<Duration>,
     pub trusted_proxies: Vec<String>,
     pub forward_auth: RawForwardAuth,
     pub routes: Vec<RawRoute>,
@@ -57,6 +61,7 @@ impl Default for RawConfig {
             log: RawLog::default(),
             admin: RawAdmin::default(),
             lifecycle: RawLifecycle::default(),
+            shutdown_timeout: None,
             trusted_proxies: Vec::new(),
             forward_auth: RawForwardAuth::default(),
             routes: Vec::new(),
@@ -302,7 +307,8 @@ pub struct RawLifecycle {
     /// After SIGTERM: readiness fails at once, the listener keeps accepting this long.
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
-    /// The drain time (same as `timeouts.shutdown`, which it overrides when set).
+    /// The drain time (same as `timeouts.shutdown`, which it overrides when set; must agree
+    /// with the top-level `shutdown_timeout` if both are set).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
 }
@@ -362,6 +368,9 @@ pub struct RawRoute {
 pub struct RawRouteTimeouts {
     #[serde(with = "humantime_serde")]
     pub upstream_response: Option<Duration>,
+    /// For connections opened for this route's requests (to its upstream, or the main one).
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect: Option<Duration>,
 }
 
 /// Who may pass: any match of any list (all empty: every authenticated user).

@@ -261,6 +261,27 @@ fn header_name(c: &mut Collector, key: &str, text: &str) -> HeaderName {
     }
 }
 
+/// The drain time after SIGTERM. One setting, four spellings: `timeouts.shutdown` (or
+/// `timeouts.shutdown_timeout`, a serde alias: both in one file is a duplicate key), and
+/// `lifecycle.shutdown_timeout` and the top-level `shutdown_timeout`, which override it when
+/// set and must agree with each other.
+fn shutdown_timeout(c: &mut Collector, raw: &RawConfig) -> Duration {
+    match (raw.shutdown_timeout, raw.lifecycle.shutdown_timeout) {
+        (Some(top), Some(lifecycle)) if top != lifecycle => {
+            c.err(
+                "shutdown_timeout",
+                format!(
+                    "{top:?} conflicts with lifecycle.shutdown_timeout ({lifecycle:?}): \
+                     they are the same setting, set one"
+                ),
+            );
+            top
+        }
+        (Some(d), _) | (None, Some(d)) => d,
+        (None, None) => raw.timeouts.shutdown,
+    }
+}
+
 fn positive(c: &mut Collector, key: &str, d: Duration) -> Duration {
     if d.is_zero() {
         c.err(key, "must be greater than zero");
@@ -674,7 +695,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         provider: positive(&mut c, "timeouts.provider", t.provider),
         header_read: positive(&mut c, "timeouts.header_read", t.header_read),
         idle: positive(&mut c, "timeouts.idle", t.idle),
-        shutdown: raw.lifecycle.shutdown_timeout.unwrap_or(t.shutdown),
+        shutdown: shutdown_timeout(&mut c, &raw),
     };
     let l = &raw.limits;
     if l.max_header_bytes < 4096 {
@@ -703,14 +724,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             false
         }
     };
-    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
-        c.err(
-            "log.level",
-            format!(
-                "`{}` is not a level (error, warn, info, debug, trace) or filter",
-                raw.log.level
-            ),
-        );
+    if let Err(m) = check_log_level(&raw.log.level) {
+        c.err("log.level", m);
     }
 
     if !c.0.is_empty() {
@@ -784,6 +799,43 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         tls_server,
         tls_client,
     })
+}
+
+/// `log.level`: a level, or filter directives (comma separated) that each end in a level
+/// (`target=level`, `target[span{field=value}]=level`). `tracing`'s filter would take a bare
+/// word as a target to enable: a misspelt level (`verbose`) would silence every other log line,
+/// the access log included.
+fn check_log_level(level: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    use tracing::level_filters::LevelFilter;
+    const LEVELS: &str = "off, error, warn, info, debug, trace";
+    let is_level = |s: &str| !s.is_empty() && LevelFilter::from_str(s).is_ok();
+    if level.trim().is_empty() {
+        return Err(format!("is empty: use a level ({LEVELS}) or a filter"));
+    }
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if is_level(directive) {
+            continue;
+        }
+        match directive.rsplit_once('=') {
+            Some((_, l)) if is_level(l.trim()) => {}
+            _ if level.contains(['=', ',']) => {
+                return Err(format!(
+                    "`{directive}` in `{level}` is neither a level ({LEVELS}) nor a \
+                     `target=level` directive"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "`{level}` is not a level ({LEVELS}) or a filter like \
+                     `info,portcullis=debug`"
+                ))
+            }
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| format!("`{level}` is not a valid filter: {e}"))
 }
 
 fn is_loopback(u: &Url) -> bool {

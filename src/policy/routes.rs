@@ -32,6 +32,9 @@ pub struct Route {
     pub auth: AuthMode,
     pub upstream: Option<UpstreamConfig>,
     pub upstream_response: Option<Duration>,
+    /// Connect timeout for a connection opened for this route's request (pooled connections
+    /// are shared by every route to the same upstream).
+    pub upstream_connect: Option<Duration>,
     pub allow: Option<Rules>,
 }
 
@@ -193,8 +196,7 @@ pub fn build_route(
         (Some(re), None) => {
             let anchored = format!("^(?:{})", re.strip_prefix('^').unwrap_or(re));
             PathMatch::Regex(
-                Regex::new(&anchored)
-                    .map_err(|e| ("path".to_string(), format!("invalid regex: {e}")))?,
+                Regex::new(&anchored).map_err(|e| ("path".to_string(), regex_error(re, &e)))?,
             )
         }
         (None, Some(p)) => {
@@ -236,15 +238,45 @@ pub fn build_route(
         })?),
         None => None,
     };
+    let timeouts = raw.timeouts.clone().unwrap_or_default();
+    for (key, t) in [
+        ("timeouts.upstream_response", timeouts.upstream_response),
+        ("timeouts.upstream_connect", timeouts.upstream_connect),
+    ] {
+        if t.is_some_and(|t| t.is_zero()) {
+            return Err((key.into(), "must be greater than zero".into()));
+        }
+    }
     Ok(Route {
         path,
         methods,
         host,
         auth,
         upstream: up,
-        upstream_response: raw.timeouts.as_ref().and_then(|t| t.upstream_response),
+        upstream_response: timeouts.upstream_response,
+        upstream_connect: timeouts.upstream_connect,
         allow: raw.allow.as_ref().map(allow),
     })
+}
+
+/// A route regex's error on one line. `regex` spells a syntax error over several (the
+/// pattern, a line of carets under the culprit, then `error: <reason>`): the reason alone is
+/// kept, with the pattern as the route wrote it (escaped if it holds control characters).
+fn regex_error(pattern: &str, e: &regex::Error) -> String {
+    let text = e.to_string();
+    let reason = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let lines: Vec<&str> = text.lines().map(str::trim).collect();
+            lines.join(" ")
+        });
+    if pattern.contains(char::is_control) {
+        format!("invalid regex {pattern:?}: {reason}")
+    } else {
+        format!("invalid regex `{pattern}`: {reason}")
+    }
 }
 
 /// Dot-separated labels of letters, digits and `-` (an IPv4 address passes too).
@@ -346,6 +378,56 @@ mod tests {
             "[::1]:80",
         ] {
             assert_eq!(route_host(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn regex_errors_are_one_line() {
+        let route = |path: &str| RawRoute {
+            path: Some(path.to_string()),
+            ..Default::default()
+        };
+        let err = |path: &str| match build_route(&route(path), |_| Err(String::new())) {
+            Err(e) => e,
+            Ok(_) => panic!("{path:?} was accepted"),
+        };
+        assert_eq!(
+            err("/(unclosed"),
+            (
+                "path".to_string(),
+                "invalid regex `/(unclosed`: unclosed group".to_string()
+            )
+        );
+        assert_eq!(
+            err("^/\\p{Nope}").1,
+            "invalid regex `^/\\p{Nope}`: Unicode property not found"
+        );
+        assert_eq!(err("/a\n(").1, "invalid regex \"/a\\n(\": unclosed group");
+        let (_, big) = err("/a{1000}{1000}");
+        assert!(big.starts_with("invalid regex `/a{1000}{1000}`: "), "{big}");
+        assert!(!big.contains('\n'), "{big}");
+    }
+
+    #[test]
+    fn route_timeouts() {
+        let route = |timeouts: &str| {
+            let raw: RawRoute =
+                serde_yaml::from_str(&format!("{{ prefix: /r/, timeouts: {timeouts} }}")).unwrap();
+            build_route(&raw, |_| Err(String::new()))
+        };
+        let r = route("{ upstream_connect: 250ms, upstream_response: 2m }").unwrap();
+        assert_eq!(r.upstream_connect, Some(Duration::from_millis(250)));
+        assert_eq!(r.upstream_response, Some(Duration::from_secs(120)));
+        let r = route("{ upstream_connect: 1s }").unwrap();
+        assert_eq!(
+            (r.upstream_connect, r.upstream_response),
+            (Some(Duration::from_secs(1)), None)
+        );
+        for (t, key) in [
+            ("{ upstream_connect: 0s }", "timeouts.upstream_connect"),
+            ("{ upstream_response: 0s }", "timeouts.upstream_response"),
+        ] {
+            assert_eq!(route(t).err().map(|e| e.0), Some(key.to_string()), "{t}");
         }
     }
 

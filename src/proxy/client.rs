@@ -32,17 +32,22 @@ fn tls_config(opts: &ClientOptions) -> Result<rustls::ClientConfig, std::io::Err
     .map_err(std::io::Error::other)
 }
 
-fn connector(tls: rustls::ClientConfig, opts: &ClientOptions) -> HttpsConnector<HttpConnector> {
+/// The TCP side of every outbound connection (`timeouts.upstream_connect` per attempt).
+fn http_connector(opts: &ClientOptions) -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(opts.connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
+    http
+}
+
+fn connector(tls: rustls::ClientConfig, opts: &ClientOptions) -> HttpsConnector<HttpConnector> {
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http)
+        .wrap_connector(http_connector(opts))
 }
 
 /// Builds a client from an already-built TLS config (loading system roots is slow).
@@ -80,7 +85,8 @@ impl UpstreamClients {
             opts: opts.clone(),
             pool: Pool::new(
                 id,
-                connector(tls.clone(), opts),
+                http_connector(opts),
+                tls.clone(),
                 opts.idle_timeout,
                 opts.max_idle_per_host,
             ),
@@ -93,7 +99,9 @@ impl UpstreamClients {
         self.shared.clone()
     }
 
-    /// Sends `req` (origin-form URI) to the upstream `scheme://authority`.
+    /// Sends `req` (origin-form URI) to the upstream `scheme://authority`. `connect_timeout`:
+    /// a route's own `timeouts.upstream_connect`, for a connection opened for this request.
+    #[allow(clippy::too_many_arguments)]
     pub fn send<'a>(
         &'a self,
         scheme: &'a Scheme,
@@ -101,10 +109,18 @@ impl UpstreamClients {
         req: http::Request<Body>,
         now: std::time::Instant,
         deadline: tokio::time::Instant,
+        connect_timeout: Option<Duration>,
         upgrade: bool,
     ) -> impl std::future::Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + 'a
     {
-        self.pool
-            .send(scheme, authority, req, now, deadline, upgrade)
+        self.pool.send(
+            scheme,
+            authority,
+            req,
+            now,
+            deadline,
+            connect_timeout,
+            upgrade,
+        )
     }
 }

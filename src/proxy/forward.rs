@@ -236,9 +236,16 @@ async fn forward(
     *req.version_mut() = Version::HTTP_11;
     let upgrade = client_upgrade.is_some();
     let deadline = tokio::time::Instant::from_std(start) + timeout;
-    let sent = app
-        .upstream
-        .send(&up.scheme, &up.authority, req, start, deadline, upgrade);
+    let connect_timeout = route.and_then(|r| r.upstream_connect);
+    let sent = app.upstream.send(
+        &up.scheme,
+        &up.authority,
+        req,
+        start,
+        deadline,
+        connect_timeout,
+        upgrade,
+    );
     let mut resp = match sent.await {
         Ok(r) => r,
         Err(e) => return Err(send_failure(e)),

@@ -172,8 +172,11 @@ fn remove_listed(h: &mut HeaderMap, upgrading: bool) {
 }
 
 /// The identity and forwarding names a client may never set, besides `Authorization`,
-/// `Forwarded` and the configured identity names.
-pub const SPOOFABLE_NAMES: [&str; 18] = [
+/// `Forwarded` and the configured identity names. The forwarding ones go whoever sent them
+/// (a trusted proxy's X-Forwarded-For/Proto/Host are read first, and set again by the
+/// gateway): frameworks build URLs or route from them (Spring and ASP.NET from
+/// X-Forwarded-Prefix, Symfony and IIS's URL rewrite from X-Original-URL / X-Rewrite-URL).
+pub const SPOOFABLE_NAMES: [&str; 21] = [
     "x-forwarded-user",
     "x-forwarded-email",
     "x-forwarded-groups",
@@ -188,9 +191,12 @@ pub const SPOOFABLE_NAMES: [&str; 18] = [
     "x-forwarded-proto",
     "x-forwarded-host",
     "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
     "x-forwarded-uri",
     "x-original-url",
     "x-original-uri",
+    "x-rewrite-url",
     "x-real-ip",
 ];
 
@@ -528,6 +534,35 @@ mod tests {
         strip_spoofable(&mut h, &c);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, [format!("x-{}", "a".repeat(80))]);
+    }
+
+    #[test]
+    fn url_building_forwarding_headers_are_stripped_even_from_a_trusted_proxy() {
+        let sent = [
+            "x-forwarded-prefix",
+            "x-forwarded-server",
+            "x-forwarded-port",
+            "x-rewrite-url",
+            "x-original-url",
+            "x-original-uri",
+            "x_forwarded_prefix",
+            "X_Rewrite_URL",
+        ];
+        for trusted_hop in [false, true] {
+            let mut h = HeaderMap::new();
+            for n in sent {
+                h.insert(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_static("/evil"),
+                );
+            }
+            h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+            sanitize_request(&mut h, true, trusted_hop, &Spoofable::new(&cfg()), |_| {
+                false
+            });
+            let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["accept"], "trusted hop: {trusted_hop}");
+        }
     }
 
     #[test]

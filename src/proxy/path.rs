@@ -1,7 +1,7 @@
 //! One normalised path decides everything: the router, the route matcher and the upstream
 //! all see the same one. Dot segments and `//` are resolved; anything a server could read
-//! two ways (encoded `/` or `\`, NUL, `;` parameters, raw backslashes, controls, non-ASCII)
-//! is refused rather than guessed.
+//! two ways (encoded `/` or `\`, NUL, `;` parameters, raw backslashes, controls, non-ASCII,
+//! escapes that do not decode to UTF-8) is refused rather than guessed.
 
 use std::borrow::Cow;
 
@@ -19,6 +19,8 @@ pub enum PathError {
     AboveRoot,
     #[error("malformed percent-encoding")]
     BadEncoding,
+    #[error("percent-encoding that is not UTF-8")]
+    NotUtf8,
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -35,12 +37,15 @@ fn is_unreserved(b: u8) -> bool {
 }
 
 /// Canonical form of one segment: unreserved characters decoded, other escapes upper-cased.
+/// Escaped bytes above 0x7F must decode to UTF-8: an overlong form (`%C0%AE` for `.`), a
+/// lone `%FF` or a surrogate is read as something else, or refused, by one server or another.
 fn segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
     let b = raw.as_bytes();
     if !b.contains(&b'%') {
         return Ok(Cow::Borrowed(raw));
     }
     let mut out = String::with_capacity(raw.len());
+    let mut non_ascii = false;
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
@@ -57,6 +62,7 @@ fn segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
                 c if c < 0x20 || c == 0x7f => return Err(PathError::ForbiddenChar),
                 c if is_unreserved(c) => out.push(c as char),
                 c => {
+                    non_ascii |= c >= 0x80;
                     out.push('%');
                     out.push(char::from(b"0123456789ABCDEF"[usize::from(c >> 4)]));
                     out.push(char::from(b"0123456789ABCDEF"[usize::from(c & 15)]));
@@ -67,6 +73,15 @@ fn segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
             out.push(b[i] as char);
             i += 1;
         }
+    }
+    // Every escape is well-formed by now, and the raw bytes are ASCII (see `normalize`): the
+    // segment decodes to UTF-8 exactly when its escaped bytes form whole UTF-8 sequences.
+    if non_ascii
+        && percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .is_err()
+    {
+        return Err(PathError::NotUtf8);
     }
     Ok(Cow::Owned(out))
 }
@@ -142,7 +157,16 @@ mod tests {
 
     #[test]
     fn canonical_paths_pass_unchanged() {
-        for p in ["/", "/a", "/a/b/", "/a%20b", "/%E2%82%AC", "/a.b/c..d/.e"] {
+        for p in [
+            "/",
+            "/a",
+            "/a/b/",
+            "/a%20b",
+            "/%E2%82%AC",
+            "/caf%C3%A9",
+            "/%F0%9F%A6%80/x",
+            "/a.b/c..d/.e",
+        ] {
             assert!(
                 matches!(normalize(p), Ok(Cow::Borrowed(x)) if x == p),
                 "{p}"
@@ -193,6 +217,32 @@ mod tests {
             "/%09",
         ] {
             assert!(normalize(p).is_err(), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn escapes_must_decode_to_utf8() {
+        // Valid UTF-8, escaped in either case: kept (escapes upper-cased).
+        assert_eq!(normalize("/caf%c3%a9").unwrap(), "/caf%C3%A9");
+        assert_eq!(normalize("/x/%e2%82%ac/../y%C3%A9").unwrap(), "/x/y%C3%A9");
+        assert_eq!(normalize("/%ef%bf%bd").unwrap(), "/%EF%BF%BD");
+        assert_eq!(normalize("/%F4%8F%BF%BF").unwrap(), "/%F4%8F%BF%BF");
+        for p in [
+            "/public/%c0%ae%c0%ae/admin", // overlong `.`
+            "/%c0%af",                    // overlong `/`
+            "/%e0%80%ae",                 // overlong, three bytes
+            "/%ff",
+            "/a%fe",
+            "/%80",             // a continuation byte alone
+            "/%c3",             // truncated
+            "/%c3/%a9",         // split by a separator
+            "/%c3a%a9",         // interrupted by ASCII
+            "/%e2%82",          // truncated, three bytes
+            "/%ed%a0%80",       // UTF-16 surrogate
+            "/%f4%90%80%80",    // above U+10FFFF
+            "/%f8%88%80%80%80", // five-byte form
+        ] {
+            assert_eq!(normalize(p), Err(PathError::NotUtf8), "{p:?}");
         }
     }
 }

@@ -237,23 +237,31 @@ thread_local! {
 pub struct Pool {
     id: u64,
     alive: Arc<()>,
-    connector: HttpsConnector<HttpConnector>,
+    /// TCP (with the configured connect timeout) and TLS, put together per new connection
+    /// so that a route can bring its own connect timeout.
+    http: HttpConnector,
+    tls: Arc<rustls::ClientConfig>,
+    server_names: Arc<hyper_rustls::DefaultServerNameResolver>,
     idle_timeout: Duration,
     /// Idle connections kept per origin and thread.
     max_idle: usize,
 }
 
 impl Pool {
+    /// `tls` without ALPN protocols: connections speak HTTP/1.1 only.
     pub fn new(
         id: u64,
-        connector: HttpsConnector<HttpConnector>,
+        http: HttpConnector,
+        tls: rustls::ClientConfig,
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Self {
         Self {
             id,
             alive: Arc::new(()),
-            connector,
+            http,
+            tls: Arc::new(tls),
+            server_names: Arc::new(hyper_rustls::DefaultServerNameResolver::default()),
             idle_timeout,
             max_idle,
         }
@@ -263,11 +271,14 @@ impl Pool {
     /// reused connection (the upstream closed it meanwhile) is retried once on a new one.
     /// `now`: the caller's clock reading (connections idle since before it are stale; a
     /// connection given back counts as idle from it). `deadline`: when to give up waiting
-    /// for the response head, connecting included. `upgrade`: the request asks for a
+    /// for the response head, connecting included. `connect_timeout`: instead of the
+    /// configured one, should this request open a connection (a route's own; connections are
+    /// pooled per origin whatever route opened them). `upgrade`: the request asks for a
     /// protocol switch, so its connection gets a task of its own (see `Upstream::detach`).
     ///
     /// An async block, not an async fn: its state holds the request once, where an async fn
     /// keeps a second slot for the argument (320 bytes more in every request's future).
+    #[allow(clippy::too_many_arguments)]
     pub fn send<'a>(
         &'a self,
         scheme: &'a Scheme,
@@ -275,6 +286,7 @@ impl Pool {
         mut req: Request<Body>,
         now: Instant,
         deadline: tokio::time::Instant,
+        connect_timeout: Option<Duration>,
         upgrade: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         let https = *scheme == Scheme::HTTPS;
@@ -289,7 +301,8 @@ impl Pool {
                     // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
                     // make every request's future that large, to be allocated and copied.
                     None => {
-                        let connect = Box::pin(self.connect(&home.origin, deadline));
+                        let connect =
+                            Box::pin(self.connect(&home.origin, deadline, connect_timeout));
                         match tokio::time::timeout_at(deadline, connect).await {
                             Ok(up) => (up?, false),
                             Err(_) => return Err(SendError::Timeout),
@@ -382,6 +395,7 @@ impl Pool {
         &self,
         origin: &Origin,
         deadline: tokio::time::Instant,
+        connect_timeout: Option<Duration>,
     ) -> Result<Upstream, SendError> {
         let uri = Uri::builder()
             .scheme(if origin.https {
@@ -393,7 +407,13 @@ impl Pool {
             .path_and_query("/")
             .build()
             .map_err(|e| SendError::Connect(e.to_string()))?;
-        let mut connector = self.connector.clone();
+        let mut http = self.http.clone();
+        if connect_timeout.is_some() {
+            http.set_connect_timeout(connect_timeout);
+        }
+        // What HttpsConnectorBuilder's https_or_http().enable_http1() builds.
+        let mut connector =
+            HttpsConnector::new(http, self.tls.clone(), false, self.server_names.clone());
         let io = connector
             .call(uri)
             .await
@@ -547,16 +567,72 @@ mod tests {
         format!("127.0.0.1:{port}").parse().unwrap()
     }
 
-    fn pool() -> Pool {
+    /// A pool whose connector gives up connecting after `connect_timeout`.
+    fn pool_with(connect_timeout: Duration) -> Pool {
         let tls = crate::server::tls::client_config(None, None).unwrap();
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        Pool::new(1, connector, Duration::from_secs(60), 8)
+        http.set_connect_timeout(Some(connect_timeout));
+        Pool::new(1, http, tls, Duration::from_secs(60), 8)
+    }
+
+    fn pool() -> Pool {
+        pool_with(Duration::from_secs(5))
+    }
+
+    /// A loopback port where a TCP connect neither succeeds nor fails: the listener's accept
+    /// queue (backlog 0) is full with `filler`, so the kernel drops further SYNs.
+    async fn unanswered() -> (Authority, tokio::net::TcpListener, std::net::TcpStream) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let filler = std::net::TcpStream::connect(addr).unwrap();
+        (addr.to_string().parse().unwrap(), listener, filler)
+    }
+
+    #[tokio::test]
+    async fn a_requests_own_connect_timeout_bounds_a_new_connection() {
+        let (authority, _listener, _filler) = unanswered().await;
+        let pool = pool_with(Duration::from_secs(30));
+        let get = || Request::get("/").body(Body::Empty).unwrap();
+        let send = |connect_timeout| {
+            pool.send(
+                &Scheme::HTTP,
+                &authority,
+                get(),
+                Instant::now(),
+                tokio::time::Instant::now() + Duration::from_secs(1),
+                connect_timeout,
+                false,
+            )
+        };
+        // Its own, shorter than the pool's: a connect error once it passes.
+        let start = Instant::now();
+        let r = send(Some(Duration::from_millis(200))).await;
+        assert!(matches!(r, Err(SendError::Connect(_))), "{:?}", r.err());
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        // None: the pool's (30 s), so the response deadline (1 s) ends the wait.
+        let r = send(None).await;
+        assert!(matches!(r, Err(SendError::Timeout)), "{:?}", r.err());
+        // Longer than the pool's: it is the one that counts.
+        let short = pool_with(Duration::from_millis(100));
+        let r = short
+            .send(
+                &Scheme::HTTP,
+                &authority,
+                get(),
+                Instant::now(),
+                tokio::time::Instant::now() + Duration::from_millis(700),
+                Some(Duration::from_secs(30)),
+                false,
+            )
+            .await;
+        assert!(matches!(r, Err(SendError::Timeout)), "{:?}", r.err());
     }
 
     #[test]
@@ -577,6 +653,7 @@ mod tests {
                     get(),
                     Instant::now(),
                     tokio::time::Instant::now() + Duration::from_secs(5),
+                    None,
                     false,
                 ))
                 .unwrap();

@@ -180,11 +180,41 @@ pub const PATH_CONFUSION: &[&str] = &[
 /// forwarded, but only as a path under `/public/`, never as `/admin`.
 pub const PATH_STAYS_PUBLIC: &[&str] = &[
     "/public/%252e%252e/admin",
-    "/public/%c0%ae%c0%ae/admin",
     "/public/..../admin",
     "/public/.../admin",
     "/public/%2e%2e%2e/admin",
     "/public/x/..",
+];
+
+/// Targets under `/public/` whose escapes do not decode to UTF-8: overlong forms (`%c0%ae` is
+/// an overlong `.`, which a lenient decoder resolves as a dot segment; `%c0%af` an overlong
+/// `/`, IIS's old traversal), stray or truncated bytes, surrogates, code points past U+10FFFF.
+/// Each gets `400` even on a route that needs no login, and never reaches the upstream.
+pub const PATH_NOT_UTF8: &[&str] = &[
+    "/public/%c0%ae%c0%ae/admin",
+    "/public/%C0%AE%C0%AE/admin",
+    "/public/%c0%ae./admin",
+    "/public/..%c0%af../admin",
+    "/public/%e0%80%ae%e0%80%ae/admin",
+    "/public/%f0%80%80%ae%f0%80%80%ae/admin",
+    "/public/%ff",
+    "/public/%fe%ff",
+    "/public/%80x",
+    "/public/caf%c3",
+    "/public/%e2%82",
+    "/public/%c3x%a9",
+    "/public/%ed%a0%80",
+    "/public/%f4%90%80%80",
+    "/public/%f8%88%80%80%80",
+];
+
+/// Targets under `/public/` with escaped UTF-8: forwarded, as the canonical (upper-case)
+/// escapes.
+pub const PATH_ENCODED_UTF8: &[(&str, &str)] = &[
+    ("/public/caf%C3%A9", "/public/caf%C3%A9"),
+    ("/public/caf%c3%a9", "/public/caf%C3%A9"),
+    ("/public/%e2%82%ac/x", "/public/%E2%82%AC/x"),
+    ("/public/%F0%9F%A6%80", "/public/%F0%9F%A6%80"),
 ];
 
 /// The answer to one hand-written request, read until the server closed the connection.

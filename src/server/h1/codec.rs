@@ -54,6 +54,31 @@ impl HeadError {
 
 type Range = (usize, usize);
 
+/// Why a head over `max_head` bytes is refused: `414 URI Too Long` when the request target
+/// is what does not fit (it reaches past the limit, or is longer than any target accepted),
+/// else `431` (the header fields do). `bytes`: the head so far, request line first.
+fn oversized(bytes: &[u8], max_head: usize) -> HeadError {
+    // Empty lines before the request line are skipped, as httparse does (RFC 9112 §2.2).
+    let start = bytes
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(bytes.len());
+    let line = &bytes[start..];
+    let line = &line[..memchr::memchr(b'\n', line).unwrap_or(line.len())];
+    // method SP request-target SP version: the target is what follows the first space.
+    let Some(space) = memchr::memchr(b' ', line) else {
+        return HeadError::TooLarge;
+    };
+    let target = &line[space + 1..];
+    let target_len = memchr::memchr(b' ', target).unwrap_or(target.len());
+    let target_end = start + space + 1 + target_len;
+    if target_len > MAX_URI_LEN || target_end >= max_head {
+        HeadError::UriTooLong
+    } else {
+        HeadError::TooLarge
+    }
+}
+
 fn range_in(base: &[u8], part: &[u8]) -> Range {
     let start = part.as_ptr() as usize - base.as_ptr() as usize;
     (start, start + part.len())
@@ -85,7 +110,7 @@ pub fn parse_head(
         {
             Ok(httparse::Status::Complete(len)) => {
                 if len > max_head {
-                    return Err(HeadError::TooLarge);
+                    return Err(oversized(bytes, max_head));
                 }
                 let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version)
                 else {
@@ -112,7 +137,7 @@ pub fn parse_head(
                 )
             }
             Ok(httparse::Status::Partial) if buf.len() >= max_head => {
-                return Err(HeadError::TooLarge)
+                return Err(oversized(bytes, max_head))
             }
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
@@ -615,6 +640,47 @@ mod tests {
         let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
         assert_eq!(
             parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+            Some(HeadError::TooLarge)
+        );
+        // A request target that does not fit: 414, whole or still arriving, however much of
+        // it has come; long header fields after a target that fits: 431.
+        let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(100_000));
+        for cut in [70_000, 100_000, long_uri.len()] {
+            let mut buf = BytesMut::from(&long_uri.as_bytes()[..cut]);
+            assert_eq!(
+                parse_head(&mut buf, 100, 65536).err(),
+                Some(HeadError::UriTooLong),
+                "{cut} bytes"
+            );
+        }
+        let mut buf = BytesMut::from(&long_uri.as_bytes()[..70_000]);
+        assert_eq!(
+            parse_head(&mut buf, 100, 1 << 20).err(),
+            None,
+            "under a raised limit: more needed"
+        );
+        let mut buf = BytesMut::from(long_uri.as_str());
+        assert_eq!(
+            parse_head(&mut buf, 100, 1 << 20).err(),
+            Some(HeadError::UriTooLong)
+        );
+        let near = format!("\r\nGET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(5000));
+        assert_eq!(
+            parse_head(&mut BytesMut::from(near.as_str()), 100, 4096).err(),
+            Some(HeadError::UriTooLong)
+        );
+        let fits = format!(
+            "GET /{} HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "u".repeat(3000),
+            "h".repeat(2000)
+        );
+        assert_eq!(
+            parse_head(&mut BytesMut::from(fits.as_str()), 100, 4096).err(),
+            Some(HeadError::TooLarge)
+        );
+        let no_space = "G".repeat(70_000);
+        assert_eq!(
+            parse_head(&mut BytesMut::from(no_space.as_str()), 100, 65536).err(),
             Some(HeadError::TooLarge)
         );
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: b\r\n\r\nGET /next"[..]);
