@@ -487,6 +487,13 @@ async fn forwarding_headers_are_replaced_unless_the_peer_is_a_trusted_proxy() {
         ("x-original-url", "/admin"),
         ("x-original-uri", "/admin"),
         ("x_forwarded_prefix", "/evil"),
+        ("x-forwarded-scheme", "https"),
+        ("x-forwarded-ssl", "on"),
+        ("front-end-https", "on"),
+        ("x-original-host", "evil.com"),
+        ("x-host", "evil.com"),
+        ("true-client-ip", "6.6.6.6"),
+        ("x-client-ip", "6.6.6.6"),
     ];
     // Never passed on, whoever sent them: frameworks build URLs or route from them.
     let never = [
@@ -500,6 +507,13 @@ async fn forwarding_headers_are_replaced_unless_the_peer_is_a_trusted_proxy() {
         "x-original-url",
         "x-original-uri",
         "x_forwarded_prefix",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "front-end-https",
+        "x-original-host",
+        "x-host",
+        "true-client-ip",
+        "x-client-ip",
     ];
 
     let r = send("GET", &untrusted.url("/x"), spoof, Vec::new()).await;

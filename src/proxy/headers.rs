@@ -176,7 +176,7 @@ fn remove_listed(h: &mut HeaderMap, upgrading: bool) {
 /// (a trusted proxy's X-Forwarded-For/Proto/Host are read first, and set again by the
 /// gateway): frameworks build URLs or route from them (Spring and ASP.NET from
 /// X-Forwarded-Prefix, Symfony and IIS's URL rewrite from X-Original-URL / X-Rewrite-URL).
-pub const SPOOFABLE_NAMES: [&str; 21] = [
+pub const SPOOFABLE_NAMES: [&str; 31] = [
     "x-forwarded-user",
     "x-forwarded-email",
     "x-forwarded-groups",
@@ -198,6 +198,17 @@ pub const SPOOFABLE_NAMES: [&str; 21] = [
     "x-original-uri",
     "x-rewrite-url",
     "x-real-ip",
+    // Others that frameworks and apps believe about the scheme, host or client address.
+    "x-forwarded-scheme",
+    "x-forwarded-protocol",
+    "x-forwarded-ssl",
+    "x-url-scheme",
+    "front-end-https",
+    "x-original-host",
+    "x-host",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
 ];
 
 /// The names a client must never be able to set: the identity headers, the bearer,
