@@ -68,9 +68,7 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
     if let Some(l) = admin {
         tokio::spawn(admin::serve(live.clone(), l));
     }
-    if let Some(path) = config_path {
-        tokio::spawn(live::watch(path, live.clone(), shared.clone()));
-    }
+    tokio::spawn(live::watch(config_path, live.clone(), shared.clone()));
     // SIGTERM: fail readiness at once, keep accepting for shutdown_delay (so endpoints are
     // removed first), then stop accepting and drain.
     let draining = {

@@ -83,10 +83,10 @@ pub fn build(
     })
 }
 
-/// A digest of the config file and every secret file it names.
-fn fingerprint(path: &Path, files: &[PathBuf]) -> [u8; 32] {
+/// A digest of the config file (if any) and every secret file it names.
+fn fingerprint(path: Option<&Path>, files: &[PathBuf]) -> [u8; 32] {
     let mut h = Sha256::new();
-    for f in std::iter::once(path).chain(files.iter().map(PathBuf::as_path)) {
+    for f in path.into_iter().chain(files.iter().map(PathBuf::as_path)) {
         h.update(f.as_os_str().as_encoded_bytes());
         match std::fs::read(f) {
             Ok(bytes) => h.update(&bytes),
@@ -96,11 +96,13 @@ fn fingerprint(path: &Path, files: &[PathBuf]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Watches for SIGHUP and file changes, forever.
-pub async fn watch(path: PathBuf, live: Live, shared: Shared) {
+/// Watches for SIGHUP and file changes, forever. Without a config file (configured from the
+/// environment alone) the secret files it names are still watched.
+pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
+    let path = path.as_deref();
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut last = fingerprint(&path, &live.load().app.cfg.watched_files);
+    let mut last = fingerprint(path, &live.load().app.cfg.watched_files);
     loop {
         let forced = {
             #[cfg(unix)]
@@ -122,19 +124,23 @@ pub async fn watch(path: PathBuf, live: Live, shared: Shared) {
                 false
             }
         };
-        let now = fingerprint(&path, &live.load().app.cfg.watched_files);
+        let now = fingerprint(path, &live.load().app.cfg.watched_files);
         if !forced && now == last {
             continue;
         }
-        reload(&path, &live, &shared);
+        reload(path, &live, &shared);
         // Secret files named by the new config may differ from the old ones.
-        last = fingerprint(&path, &live.load().app.cfg.watched_files);
+        last = fingerprint(path, &live.load().app.cfg.watched_files);
     }
 }
 
-fn reload(path: &Path, live: &Live, shared: &Shared) {
+fn reload(path: Option<&Path>, live: &Live, shared: &Shared) {
     let result = |r: &str| shared.metrics.config_reloads.with_label_values(&[r]).inc();
-    let cfg = match config::load(path) {
+    let loaded = match path {
+        Some(path) => config::load(path),
+        None => config::load_str("", std::env::vars()),
+    };
+    let cfg = match loaded {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors.0 {

@@ -30,21 +30,27 @@ fn main() -> ExitCode {
         }
         Command::Check | Command::Serve => {}
     }
-    let Some(path) = cli.config else {
-        eprintln!(
-            "config error: no configuration file: pass --config FILE (or set PORTCULLIS_CONFIG)"
-        );
-        return ExitCode::from(EXIT_CONFIG);
+    // Without a file (no --config, no PORTCULLIS_CONFIG) the environment alone configures it.
+    let path = cli.config;
+    let loaded = match &path {
+        Some(path) => portcullis::config::load(path),
+        None => portcullis::config::load_str("", std::env::vars()),
     };
-    let cfg = match portcullis::config::load(&path) {
+    let cfg = match loaded {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("{errors}");
+            if path.is_none() {
+                eprintln!("(no configuration file: pass --config FILE, set PORTCULLIS_CONFIG, or set every required key as PORTCULLIS_*)");
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     if matches!(command, Command::Check) {
-        println!("config ok: {}", path.display());
+        match &path {
+            Some(p) => println!("config ok: {}", p.display()),
+            None => println!("config ok: (environment)"),
+        }
         return ExitCode::SUCCESS;
     }
     init_tracing(&cfg.log);
@@ -79,7 +85,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(portcullis::run(cfg, Some(path))) {
+    match runtime.block_on(portcullis::run(cfg, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "portcullis failed");

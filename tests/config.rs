@@ -483,3 +483,40 @@ async fn running_gateway_uses_secret_files_and_env_overrides() {
     );
     assert!(r.set_cookie("_portcullis").is_none(), "{}", r.dump());
 }
+
+/// Every value can come from the environment: with no configuration file at all, the
+/// `PORTCULLIS_*` variables alone configure the gateway; what is missing is named.
+#[test]
+fn the_environment_alone_is_a_configuration() {
+    let k = key(1);
+    let env = [
+        ("PORTCULLIS_LISTEN", "127.0.0.1:4180"),
+        ("PORTCULLIS_UPSTREAM", "http://127.0.0.1:8081"),
+        ("PORTCULLIS_PROVIDER_ISSUER_URL", "http://127.0.0.1:9000"),
+        ("PORTCULLIS_PROVIDER_CLIENT_ID", "portcullis"),
+        ("PORTCULLIS_PROVIDER_CLIENT_SECRET", "s3cret"),
+        (
+            "PORTCULLIS_REDIRECT_URL",
+            "http://127.0.0.1:4180/oauth2/callback",
+        ),
+        ("PORTCULLIS_COOKIE_SECRETS", k.as_str()),
+        ("PORTCULLIS_COOKIE_SECURE", "false"),
+    ];
+    let r = run(&["check"], &env);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), "config ok: (environment)");
+    // One key short: it is named, exit 2.
+    let short: Vec<_> = env
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "PORTCULLIS_PROVIDER_CLIENT_ID")
+        .collect();
+    let r = run(&["check"], &short);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let first = r.lines().first().copied().unwrap_or_default();
+    assert!(
+        first.starts_with("config error: provider.client_id: "),
+        "{}",
+        r.stderr
+    );
+}
