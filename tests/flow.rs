@@ -358,6 +358,42 @@ async fn replayed_callback_is_rejected() {
     );
 }
 
+/// RFC 9207: the provider names itself in the authorization response (`iss`); a response
+/// naming another issuer, or none although the provider always sends it, is refused before
+/// the code is spent (a mix-up attack would hand the code to the wrong token endpoint).
+#[tokio::test]
+async fn a_callback_from_another_issuer_is_refused() {
+    let s = Stack::start().await;
+    for (what, iss) in [
+        ("another issuer", Some("https://evil.example")),
+        ("no issuer", None),
+    ] {
+        let b = Browser::new();
+        let (auth, _) = auth_redirect(&b.get(&s.gw.url("/")).await);
+        let callback = idp_walk(&b, &auth, "alice").await;
+        assert_eq!(
+            query_param(&callback, "iss").as_deref(),
+            Some(s.idp.issuer().as_str()),
+            "the test provider sends iss: {callback}"
+        );
+        let code = query_param(&callback, "code").unwrap();
+        let state = query_param(&callback, "state").unwrap();
+        let mut forged = format!("/oauth2/callback?code={}&state={}", enc(&code), enc(&state));
+        if let Some(iss) = iss {
+            forged.push_str(&format!("&iss={}", enc(iss)));
+        }
+        let before = s.idp.token_requests();
+        let r = b.get(&s.gw.url(&forged)).await;
+        assert_eq!(r.status, 400, "{what}: {}", r.dump());
+        assert_no_session_set(&r);
+        assert_eq!(
+            s.idp.token_requests(),
+            before,
+            "{what}: the code was not spent"
+        );
+    }
+}
+
 #[tokio::test]
 async fn reused_code_with_a_fresh_flow_is_rejected() {
     let s = Stack::start().await;

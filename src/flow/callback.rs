@@ -114,6 +114,21 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             Some(&state),
         );
     }
+    // Checked for a code (what a mix-up attack is after); an error page says no more either way.
+    if !app
+        .provider
+        .accepts_response_issuer(query_param(query, "iss").as_deref())
+    {
+        tracing::warn!("callback from another issuer than the provider (RFC 9207 iss)");
+        return fail(
+            app,
+            "wrong_issuer",
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "The sign-in response did not come from the configured identity provider.",
+            Some(&state),
+        );
+    }
     let Some(code) = query_param(query, "code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
         return fail(
             app,

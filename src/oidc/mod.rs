@@ -41,6 +41,9 @@ pub struct Metadata {
     pub token_endpoint_auth_methods_supported: Vec<String>,
     #[serde(default)]
     pub backchannel_logout_supported: bool,
+    /// RFC 9207: the provider names itself (`iss`) in every authorization response.
+    #[serde(default)]
+    pub authorization_response_iss_parameter_supported: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -288,6 +291,19 @@ impl Provider {
         }
         self.keys.store(Arc::new(set));
         Ok(())
+    }
+
+    /// RFC 9207 (mix-up defence): an authorization response's `iss` must be this provider's
+    /// issuer, and must be there when the provider says it always sends it.
+    pub fn accepts_response_issuer(&self, iss: Option<&str>) -> bool {
+        match iss {
+            Some(iss) => iss == self.issuer,
+            None => self
+                .discovered
+                .load()
+                .as_ref()
+                .is_none_or(|d| !d.meta.authorization_response_iss_parameter_supported),
+        }
     }
 
     fn discovered(&self) -> Result<Arc<Discovered>, ProviderError> {
