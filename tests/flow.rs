@@ -568,6 +568,9 @@ async fn two_parallel_logins_both_succeed() {
 async fn sign_out_end_to_end() {
     let s = Stack::start().await;
     let b = s.login("alice").await;
+    // A copy of the session cookie, taken before signing out (another device, a thief).
+    let copied = b.cookie_header(&s.gw.url("/"));
+    assert!(copied.starts_with("_portcullis="), "{copied}");
     let page = b.get(&s.gw.url("/oauth2/sign_out")).await;
     assert_eq!(page.status, 200, "{}", page.dump());
     let html = page.text();
@@ -624,6 +627,15 @@ async fn sign_out_end_to_end() {
     assert!(landed.text().contains("signed out"), "{}", landed.dump());
     let after = b.get(&s.gw.url("/")).await;
     assert_eq!(after.status, 302, "{}", after.dump());
+    // The copied cookie is over too (cookie store: its id is revoked).
+    let r = send(
+        "GET",
+        &s.gw.url("/api"),
+        &[("accept", "application/json"), ("cookie", &copied)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.dump());
 }
 
 #[tokio::test]

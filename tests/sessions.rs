@@ -756,6 +756,22 @@ async fn redis_store_outage_gives_503_and_recovers() {
     assert!(down.set_cookie("_portcullis").is_none(), "{}", down.dump());
     let nav = navigate(&gw, "/page", &cookie).await;
     assert_eq!(nav.status, 503, "browser: {}", nav.dump());
+    // Signing out cannot end the stored session now: it says so instead of pretending.
+    for method in ["GET", "POST"] {
+        let r = send(
+            method,
+            &gw.url("/oauth2/sign_out"),
+            &[
+                ("cookie", &cookie),
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &gw.origin()),
+            ],
+            "csrf=x",
+        )
+        .await;
+        assert_eq!(r.status, 503, "{method} sign-out: {}", r.dump());
+        assert!(r.set_cookie("_portcullis").is_none(), "{}", r.dump());
+    }
     eventually("/readyz 503 while Redis is down", || async {
         let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
         if r.status == 503 {
@@ -1026,6 +1042,42 @@ async fn sign_out_with_the_redis_store_deletes_the_session() {
     let after = api(&gw, "/x", &cookie).await;
     assert_eq!(after.status, 401, "old cookie: {}", after.dump());
     assert_session_cleared(&after, "old cookie");
+}
+
+/// Cookie store with a coordination Redis: signing out on one replica ends the session on
+/// the other too, even for a copy of the cookie taken before.
+#[tokio::test]
+async fn sign_out_with_a_coordination_redis_ends_the_session_on_both_gateways() {
+    let s = Replicas::start(Store::Coordinated, &[], None).await;
+    for gw in [&s.a, &s.b] {
+        assert_eq!(api(gw, "/before", &s.cookie).await.status, 200);
+    }
+    let page = s.browser.get(&s.a.url("/oauth2/sign_out")).await;
+    let csrf = html::hidden_value(&page.text(), "csrf").expect("csrf");
+    let out = s
+        .browser
+        .request(
+            "POST",
+            &s.a.url("/oauth2/sign_out"),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &s.a.origin()),
+            ],
+            format!("csrf={}", enc(&csrf)),
+        )
+        .await;
+    assert_eq!(out.status, 302, "{}", out.dump());
+    for (name, gw) in [("A", &s.a), ("B", &s.b)] {
+        eventually(&format!("the copied cookie refused on {name}"), || async {
+            let r = api(gw, "/after", &s.cookie).await;
+            if r.status == 401 {
+                Ok(())
+            } else {
+                Err(r.dump())
+            }
+        })
+        .await;
+    }
 }
 
 #[tokio::test]

@@ -16,16 +16,22 @@ fn csrf_token(app: &App, s: &Session) -> String {
     app.cookies.keys.mac(b"sign_out", &s.id)
 }
 
-async fn current(app: &App, jar: &CookieJar<'_>) -> Option<Session> {
+/// The session signed out of; `Err` when the store cannot say (then nothing is pretended:
+/// a sign-out that could not end the stored session is no sign-out).
+async fn current(app: &App, jar: &CookieJar<'_>) -> Result<Option<Session>, Response<Body>> {
     match app.load_session(jar).await {
-        Ok(Loaded::Session(s)) => Some(s),
-        _ => None,
+        Ok(Loaded::Session(s)) => Ok(Some(s)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response()),
     }
 }
 
 pub async fn page(app: &App, req: &Request<Body>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
-    let session = current(app, &jar).await;
+    let session = match current(app, &jar).await {
+        Ok(s) => s,
+        Err(unavailable) => return unavailable,
+    };
     let (msg, csrf) = match &session {
         Some(s) => (
             format!(
@@ -69,7 +75,10 @@ pub async fn submit(app: &App, req: Request<Body>) -> Response<Body> {
         }
     }
     let jar = CookieJar::parse(&parts.headers);
-    let session = current(app, &jar).await;
+    let session = match current(app, &jar).await {
+        Ok(s) => s,
+        Err(unavailable) => return unavailable,
+    };
     if let Some(s) = &session {
         let form = match read_limited(body, MAX_FORM).await {
             Ok(b) => b,

@@ -1,5 +1,6 @@
 //! Sessions ended by back-channel logout, by provider session id (`sid`) or subject (`sub`),
-//! with the time of the logout: a session created before it is over. Kept in the
+//! with the time of the logout: a session created before it is over; and single sessions
+//! signed out of (`id`), whose cookies may live on elsewhere (the cookie store). Kept in the
 //! coordination Redis (a sorted set scored by time) and mirrored in every replica, so the
 //! per-request check is a local lookup.
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 #[derive(Default)]
 pub struct Revocations {
-    /// "sid:<sid>" / "sub:<sub>" → unix time of the logout.
+    /// "sid:<sid>" / "sub:<sub>" / "id:<session id>" → unix time of the logout.
     map: ArcSwap<HashMap<String, u64>>,
     synced_to: AtomicU64,
 }
@@ -37,6 +38,7 @@ impl Revocations {
             .as_deref()
             .is_some_and(|sid| hit("sid:", sid))
             || hit("sub:", &s.identity.sub)
+            || hit("id:", &s.id_hex())
     }
 
     fn apply(&self, items: impl IntoIterator<Item = (String, u64)>, horizon: u64) {
@@ -63,6 +65,28 @@ impl Revocations {
             .into_iter()
             .chain(sub.map(|s| (format!("sub:{s}"), now)))
             .collect();
+        self.record_items(redis, items, now, lifetime).await
+    }
+
+    /// Records that one session was signed out of: here at once, in Redis for the others.
+    pub async fn record_session(
+        &self,
+        redis: Option<&Redis>,
+        s: &Session,
+        now: u64,
+        lifetime: Duration,
+    ) -> Result<(), crate::store::StoreError> {
+        let items = vec![(format!("id:{}", s.id_hex()), now)];
+        self.record_items(redis, items, now, lifetime).await
+    }
+
+    async fn record_items(
+        &self,
+        redis: Option<&Redis>,
+        items: Vec<(String, u64)>,
+        now: u64,
+        lifetime: Duration,
+    ) -> Result<(), crate::store::StoreError> {
         let horizon = now.saturating_sub(lifetime.as_secs());
         self.apply(items.clone(), horizon);
         if let Some(r) = redis {

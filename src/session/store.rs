@@ -140,8 +140,22 @@ impl App {
         }
     }
 
-    /// Deletes a Redis-stored session (nothing to do for the cookie store).
+    /// Ends a session signed out of. The Redis store deletes it; the cookie store records its
+    /// id as revoked (here at once, through the coordination Redis on every replica), so that
+    /// a copy of the cookie taken before is refused too.
     pub async fn delete_session(&self, s: &Session) -> Result<(), StoreError> {
+        if self.cfg.session.store == StoreKind::Cookie {
+            let lifetime = self.cfg.session.lifetime;
+            let recorded = self
+                .revocations
+                .record_session(self.redis.as_deref(), s, now_secs(), lifetime)
+                .await;
+            if let Err(e) = recorded {
+                // Revoked on this replica; the others learn it only if Redis comes back.
+                tracing::warn!(error = %e, "cannot record the sign-out in Redis");
+            }
+            return Ok(());
+        }
         self.delete_session_id(&s.id).await
     }
 
