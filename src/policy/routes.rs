@@ -432,6 +432,16 @@ mod tests {
     }
 
     #[test]
+    fn case_insensitive_regexes_match_any_case() {
+        let raw: RawRoute = serde_yaml::from_str(r#"{ path: "(?i)^/admin/" }"#).unwrap();
+        let r = build_route(&raw, |_| Err(String::new())).unwrap();
+        for p in ["/admin/x", "/ADMIN/x", "/Admin/"] {
+            assert!(r.matches(&Method::GET, None, p), "{p}");
+        }
+        assert!(!r.matches(&Method::GET, None, "/public/admin/"));
+    }
+
+    #[test]
     fn host_without_port() {
         assert_eq!(host_only("a.example.com:8080"), "a.example.com");
         assert_eq!(host_only("[::1]:80"), "::1");
