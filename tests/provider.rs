@@ -416,6 +416,15 @@ async fn without_a_refresh_token_the_session_ends_when_the_access_token_expires(
         .set_cookie("_portcullis")
         .unwrap_or_else(|| panic!("session cookie not cleared: {}", expired.dump()));
     assert!(cleared.is_removal(), "{}", cleared.raw);
+    // userinfo agrees: the session is over, not logged in.
+    let me = api("/oauth2/userinfo").await;
+    assert_eq!(me.status, 401, "userinfo: {}", me.dump());
+    assert_eq!(me.json()["error"], "unauthorized", "{}", me.dump());
+    assert!(
+        me.set_cookie("_portcullis").is_some_and(|c| c.is_removal()),
+        "userinfo clears the session cookie: {}",
+        me.dump()
+    );
     let nav = send(
         "GET",
         &s.gw.url("/page"),

@@ -569,6 +569,66 @@ async fn revoked_grant_ends(store: Store) {
     );
 }
 
+/// `/oauth2/userinfo` takes the same refresh decision as a proxied request: a due token is
+/// refreshed (and the new cookie sent back), a refused refresh ends the session (401, cookie
+/// cleared) instead of reporting the user as logged in.
+#[tokio::test]
+async fn userinfo_refreshes_and_reports_a_revoked_grant_as_logged_out() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+    let first = bearer_of(&upstream.last());
+    let userinfo = |cookie: String| {
+        let url = gw.url("/oauth2/userinfo");
+        async move {
+            send(
+                "GET",
+                &url,
+                &[("accept", "application/json"), ("cookie", &cookie)],
+                Vec::new(),
+            )
+            .await
+        }
+    };
+
+    // Due: userinfo refreshes the token and passes the new cookie back.
+    until_due(logged_in, 1).await;
+    let grants = idp.token_requests();
+    let r = userinfo(cookie.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.json()["sub"], "alice");
+    assert_eq!(idp.token_requests(), grants + 1, "one refresh grant");
+    let refreshed =
+        new_session_cookie(&r).unwrap_or_else(|| panic!("no refreshed cookie: {}", r.dump()));
+    let cookie = cookie_of(&refreshed);
+    let refreshed_at = Instant::now();
+    // The new cookie carries the new token: the upstream gets it, no second refresh.
+    let call = api(&gw, "/after-userinfo", &cookie).await;
+    let second = bearer_in(&call);
+    assert_ne!(second, first, "the refreshed token");
+    assert_eq!(idp.token_requests(), grants + 1, "no second refresh");
+
+    // The grant is revoked at the provider: once the token is due, the refresh is refused
+    // and userinfo says so, as a proxied request would.
+    revoke_at_provider(&idp, &second).await;
+    until_due(refreshed_at, 1).await;
+    let r = userinfo(cookie.clone()).await;
+    assert_eq!(
+        r.status,
+        401,
+        "ended session reported as logged in: {}",
+        r.dump()
+    );
+    assert_eq!(r.json()["error"], "unauthorized");
+    assert_session_cleared(&r, "userinfo");
+    let call = api(&gw, "/api/x", &cookie).await;
+    assert_eq!(call.status, 401, "{}", call.dump());
+}
+
 #[tokio::test]
 async fn provider_down_during_refresh() {
     // Due 1 s after issue, expired after 4 s.
@@ -625,6 +685,11 @@ async fn provider_down_during_refresh() {
     assert_eq!(nav.status, 503, "browser: {}", nav.dump());
     assert!(nav.header("retry-after").is_some());
     assert!(nav.set_cookie("_portcullis").is_none(), "{}", nav.dump());
+    // userinfo takes the same decision: the provider is unavailable, not the session over.
+    let me = api(&gw, "/oauth2/userinfo", &cookie).await;
+    assert_eq!(me.status, 503, "userinfo: {}", me.dump());
+    assert!(me.header("retry-after").is_some(), "{}", me.dump());
+    assert!(me.set_cookie("_portcullis").is_none(), "{}", me.dump());
 
     // The provider comes back — as a fresh process that knows no grant: the refresh
     // token is refused, so the session is over (login / 401) instead of 503.

@@ -5,6 +5,7 @@ mod callback;
 mod forward_auth;
 pub mod redirect;
 mod sign_out;
+mod userinfo;
 
 use crate::app::App;
 use crate::body::Body;
@@ -46,7 +47,7 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
             "You have been signed out.",
             "<p><a href=\"/oauth2/start?rd=%2F\">Sign in again</a></p>",
         ),
-        ("/oauth2/userinfo", &Method::GET) => userinfo(&app, &req).await,
+        ("/oauth2/userinfo", &Method::GET) => userinfo::handle(&app, &req).await,
         ("/oauth2/auth", &Method::GET | &Method::HEAD) => forward_auth::handle(&app, &req).await,
         ("/oauth2/backchannel_logout", &Method::POST) => backchannel::handle(&app, req).await,
         (
@@ -135,30 +136,4 @@ pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<
         .with_label_values(&["started", ""])
         .inc();
     resp
-}
-
-async fn userinfo(app: &App, req: &Request<Body>) -> Response<Body> {
-    let jar = CookieJar::parse(req.headers());
-    match app.load_session(&jar).await {
-        Err(e) => crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response(),
-        Ok(crate::session::store::Loaded::Session(s)) => {
-            let i = &s.identity;
-            pages::json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "sub": i.sub,
-                    "email": i.email,
-                    "email_verified": i.email_verified,
-                    "name": i.name,
-                    "preferred_username": i.preferred_username,
-                    "groups": i.groups,
-                    "session_expires_at": s.expires_at,
-                }),
-            )
-        }
-        _ => pages::json(
-            StatusCode::UNAUTHORIZED,
-            &serde_json::json!({"error": "unauthorized", "login_url": "/oauth2/start"}),
-        ),
-    }
 }
