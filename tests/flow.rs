@@ -269,6 +269,18 @@ async fn start_rd_cannot_redirect_off_site() {
     ] {
         assert_eq!(land(&s, &b, rd).await, "/", "rd={rd:?}");
     }
+    // The gateway's own host, but another port or scheme: another origin.
+    let own = s.gw.url("/back?x=1");
+    assert_eq!(land(&s, &b, &own).await, own, "the own origin is honoured");
+    for rd in [
+        "http://127.0.0.1:9999/x".to_string(),
+        "http://127.0.0.1/x".to_string(),
+        "https://127.0.0.1/x".to_string(),
+        format!("https://127.0.0.1:{}/x", s.gw.port),
+        s.idp.url("/"),
+    ] {
+        assert_eq!(land(&s, &b, &rd).await, "/", "rd={rd:?}");
+    }
     // Missing rd: the root.
     let start = b.get(&s.gw.url("/oauth2/start")).await;
     let (auth, _) = auth_redirect(&start);
