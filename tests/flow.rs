@@ -540,6 +540,73 @@ async fn two_parallel_logins_both_succeed() {
     }
 }
 
+/// A browser may have 8 logins pending; a 9th expires only the oldest (by the start time
+/// sealed in the flow cookies, not by cookie order), and the other tabs' logins still finish.
+#[tokio::test]
+async fn a_ninth_pending_login_expires_only_the_oldest() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    let mut tabs = Vec::new();
+    for i in 0..8 {
+        let path = format!("/tab/{i}");
+        let (auth, flow) = auth_redirect(&b.get(&s.gw.url(&path)).await);
+        tabs.push((path, auth, flow));
+        if i == 0 {
+            // Start times are whole seconds: make the first surely the oldest.
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+    }
+    let pending = |b: &Browser| {
+        b.cookie_names(&s.gw.url("/"))
+            .into_iter()
+            .filter(|n| n.starts_with("_portcullis_flow_"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(pending(&b).len(), 8);
+    let removals = |r: &Resp| {
+        r.set_cookies()
+            .into_iter()
+            .filter(|c| c.is_removal())
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+    };
+
+    // The cookies newest first: still the oldest login is the one that goes.
+    let reversed = tabs
+        .iter()
+        .rev()
+        .map(|(_, _, f)| format!("{}={}", f.name, f.value))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let r = send(
+        "GET",
+        &s.gw.url("/oauth2/start?rd=%2Fother"),
+        &[("accept", BROWSER_ACCEPT), ("cookie", &reversed)],
+        Vec::new(),
+    )
+    .await;
+    auth_redirect(&r);
+    assert_eq!(removals(&r), vec![tabs[0].2.name.clone()], "{}", r.dump());
+
+    // The browser's 9th login: one flow expired, eight pending.
+    let r = b.get(&s.gw.url("/tab/8")).await;
+    let (auth8, _) = auth_redirect(&r);
+    assert_eq!(removals(&r), vec![tabs[0].2.name.clone()], "{}", r.dump());
+    let left = pending(&b);
+    assert_eq!(left.len(), 8, "{left:?}");
+    assert!(!left.contains(&tabs[0].2.name), "{left:?}");
+
+    // Another tab's login and the new one finish; the expired one does not.
+    let cb = b.get(&idp_walk(&b, &tabs[1].1, "alice").await).await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    assert_eq!(cb.location(), Some("/tab/1"));
+    let cb = b.get(&idp_walk(&b, &auth8, "alice").await).await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    assert_eq!(cb.location(), Some("/tab/8"));
+    let cb = b.get(&idp_walk(&b, &tabs[0].1, "alice").await).await;
+    assert_eq!(cb.status, 400, "the expired login: {}", cb.dump());
+}
+
 #[tokio::test]
 async fn sign_out_end_to_end() {
     let s = Stack::start().await;

@@ -98,6 +98,35 @@ fn random_token() -> String {
         .encode(crate::session::crypto::random_bytes::<32>())
 }
 
+/// The flow cookies to expire so that a new login leaves at most `MAX_FLOWS` pending, looked at
+/// only when there are that many already: every unreadable one (it can finish no login), then
+/// the oldest by the start time sealed inside them (not by cookie order, which browsers do not
+/// promise). The other tabs' logins go on.
+fn flows_to_evict<'a>(app: &'a App, jar: &'a CookieJar<'_>) -> Vec<&'a str> {
+    let mut pending: Vec<&str> = Vec::new();
+    for n in app.cookies.flow_names(jar) {
+        if !pending.contains(&n) {
+            pending.push(n);
+        }
+    }
+    if pending.len() < MAX_FLOWS {
+        return Vec::new();
+    }
+    let mut evict = Vec::new();
+    let mut live: Vec<(u64, &str)> = Vec::new();
+    for n in pending {
+        match app.cookies.flow_created_at(jar, n) {
+            Some(created) => live.push((created, n)),
+            None => evict.push(n),
+        }
+    }
+    // Stable: among equal start times (one second), the cookie order decides.
+    live.sort_by_key(|&(created, _)| created);
+    let excess = (live.len() + 1).saturating_sub(MAX_FLOWS);
+    evict.extend(live.into_iter().take(excess).map(|(_, n)| n));
+    evict
+}
+
 /// Redirects to the provider with a fresh state, nonce and PKCE challenge; the flow
 /// cookie (named after the state) remembers them and where to return.
 pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<Body> {
@@ -119,13 +148,10 @@ pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<
     };
     let mut resp = pages::redirect(&url);
     let h = resp.headers_mut();
-    // Cap pending logins per browser: forget the others when there are too many.
-    let pending: Vec<&str> = app.cookies.flow_names(jar).collect();
-    if pending.len() >= MAX_FLOWS {
-        for n in pending {
-            if let Some(v) = app.cookies.expire_flow_named(n) {
-                h.append(SET_COOKIE, v);
-            }
+    // Cap pending logins per browser: with this one, at most MAX_FLOWS; the oldest go.
+    for n in flows_to_evict(app, jar) {
+        if let Some(v) = app.cookies.expire_flow_named(n) {
+            h.append(SET_COOKIE, v);
         }
     }
     if let Some(v) = app.cookies.set_flow(&flow) {
