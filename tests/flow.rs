@@ -759,6 +759,19 @@ async fn gateway_endpoints_answer_wrong_methods_and_unknown_paths() {
     let r = send("PUT", &s.gw.url("/oauth2/sign_out"), &[], Vec::new()).await;
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("GET, POST"));
+    // The back-channel logout endpoint takes POST only (the provider's), forward-auth GET/HEAD.
+    let r = send(
+        "GET",
+        &s.gw.url("/oauth2/backchannel_logout"),
+        &[("accept", BROWSER_ACCEPT)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 405, "{}", r.dump());
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = send("PUT", &s.gw.url("/oauth2/auth"), &[], Vec::new()).await;
+    assert_eq!(r.status, 405, "{}", r.dump());
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
     let r = send("GET", &s.gw.url("/oauth2/nope"), &[], Vec::new()).await;
     assert_eq!(r.status, 404, "{}", r.dump());
     assert_eq!(

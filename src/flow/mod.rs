@@ -51,15 +51,21 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         ("/oauth2/auth", &Method::GET | &Method::HEAD) => forward_auth::handle(&app, &req).await,
         ("/oauth2/backchannel_logout", &Method::POST) => backchannel::handle(&app, req).await,
         (
-            "/oauth2/start" | "/oauth2/callback" | "/oauth2/sign_out" | "/oauth2/signed_out"
-            | "/oauth2/userinfo",
+            "/oauth2/start"
+            | "/oauth2/callback"
+            | "/oauth2/sign_out"
+            | "/oauth2/signed_out"
+            | "/oauth2/userinfo"
+            | "/oauth2/auth"
+            | "/oauth2/backchannel_logout",
             _,
         ) => {
             let mut r = pages::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-            let allow = if path == "/oauth2/sign_out" {
-                "GET, POST"
-            } else {
-                "GET"
+            let allow = match path {
+                "/oauth2/sign_out" => "GET, POST",
+                "/oauth2/auth" => "GET, HEAD",
+                "/oauth2/backchannel_logout" => "POST",
+                _ => "GET",
             };
             r.headers_mut()
                 .insert(http::header::ALLOW, HeaderValue::from_static(allow));
