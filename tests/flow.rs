@@ -212,6 +212,10 @@ async fn requests_without_a_session_that_are_not_navigations_get_401_json() {
         ),
         ("POST", vec![("accept", "text/html")]),
         ("DELETE", vec![("accept", "text/html")]),
+        // HTML acceptable, but JSON preferred (q-values).
+        ("GET", vec![("accept", "application/json, text/html;q=0.1")]),
+        ("GET", vec![("accept", "text/html;q=0")]),
+        ("GET", vec![("accept", "*/*")]),
     ];
     for (method, headers) in &cases {
         let r = send(method, &url, headers, Vec::new()).await;
@@ -227,9 +231,12 @@ async fn requests_without_a_session_that_are_not_navigations_get_401_json() {
         assert_eq!(j["error"], "unauthorized", "{what}");
         assert_eq!(j["login_url"], "/oauth2/start", "{what}");
     }
-    // The control: a browser navigation is redirected to the provider.
-    let nav = send("GET", &url, &[("accept", BROWSER_ACCEPT)], Vec::new()).await;
-    assert_eq!(nav.status, 302, "{}", nav.dump());
+    // The control: a browser navigation is redirected to the provider, also when it lists
+    // JSON below HTML.
+    for accept in [BROWSER_ACCEPT, "text/html, application/json;q=0.9"] {
+        let nav = send("GET", &url, &[("accept", accept)], Vec::new()).await;
+        assert_eq!(nav.status, 302, "{accept}: {}", nav.dump());
+    }
     assert_eq!(s.upstream.count(), 0, "nothing reached the upstream");
     assert_eq!(s.idp.token_requests(), 0);
 }
