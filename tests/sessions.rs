@@ -60,6 +60,25 @@ fn assert_session_cleared(resp: &Resp, what: &str) {
     assert!(c.is_removal(), "{what}: {}", c.raw);
 }
 
+/// A 503 of the gateway's own: JSON `{"error": code}` for an API client, an HTML page for a
+/// browser; `Retry-After` either way.
+fn assert_503(resp: &Resp, json_code: Option<&str>, what: &str) {
+    assert_eq!(resp.status, 503, "{what}: {}", resp.dump());
+    assert!(
+        resp.header("retry-after").is_some(),
+        "{what}: {}",
+        resp.dump()
+    );
+    let ct = resp.header("content-type").unwrap_or_default();
+    match json_code {
+        Some(code) => {
+            assert_eq!(ct, "application/json", "{what}: {}", resp.dump());
+            assert_eq!(resp.json()["error"], code, "{what}: {}", resp.dump());
+        }
+        None => assert!(ct.starts_with("text/html"), "{what}: {}", resp.dump()),
+    }
+}
+
 /// An API call (`Accept: application/json`) with a raw `Cookie` header.
 async fn api(gw: &Gateway, path: &str, cookie: &str) -> Resp {
     send(
@@ -669,26 +688,35 @@ async fn provider_down_during_refresh() {
         "no request was served while the refresh failed\n{}",
         gw.tails()
     );
-    // Expired and not renewable right now: 503 with Retry-After, the session kept.
-    assert_eq!(expired.status, 503, "{}", expired.dump());
-    assert!(
-        expired.header("retry-after").is_some(),
-        "{}",
-        expired.dump()
-    );
+    // Expired and not renewable right now: 503 with Retry-After (JSON for the API client, as
+    // its 401 would be), the session kept.
+    assert_503(&expired, Some("provider_unavailable"), "api");
     assert!(
         expired.set_cookie("_portcullis").is_none(),
         "{}",
         expired.dump()
     );
     let nav = navigate(&gw, "/page", &cookie).await;
-    assert_eq!(nav.status, 503, "browser: {}", nav.dump());
-    assert!(nav.header("retry-after").is_some());
+    assert_503(&nav, None, "browser");
     assert!(nav.set_cookie("_portcullis").is_none(), "{}", nav.dump());
+    // XHR and POST are API calls too.
+    let xhr = send(
+        "GET",
+        &gw.url("/xhr"),
+        &[
+            ("accept", "text/html"),
+            ("x-requested-with", "XMLHttpRequest"),
+            ("cookie", &cookie),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_503(&xhr, Some("provider_unavailable"), "xhr");
+    let post = send("POST", &gw.url("/form"), &[("cookie", &cookie)], Vec::new()).await;
+    assert_503(&post, Some("provider_unavailable"), "post");
     // userinfo takes the same decision: the provider is unavailable, not the session over.
     let me = api(&gw, "/oauth2/userinfo", &cookie).await;
-    assert_eq!(me.status, 503, "userinfo: {}", me.dump());
-    assert!(me.header("retry-after").is_some(), "{}", me.dump());
+    assert_503(&me, Some("provider_unavailable"), "userinfo");
     assert!(me.set_cookie("_portcullis").is_none(), "{}", me.dump());
 
     // The provider comes back — as a fresh process that knows no grant: the refresh
@@ -734,10 +762,12 @@ async fn redis_store_outage_gives_503_and_recovers() {
         }
     })
     .await;
-    assert!(down.header("retry-after").is_some(), "{}", down.dump());
+    assert_503(&down, Some("session_store_unavailable"), "api");
     assert!(down.set_cookie("_portcullis").is_none(), "{}", down.dump());
     let nav = navigate(&gw, "/page", &cookie).await;
-    assert_eq!(nav.status, 503, "browser: {}", nav.dump());
+    assert_503(&nav, None, "browser");
+    let me = api(&gw, "/oauth2/userinfo", &cookie).await;
+    assert_503(&me, Some("session_store_unavailable"), "userinfo");
     eventually("/readyz 503 while Redis is down", || async {
         let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
         if r.status == 503 {

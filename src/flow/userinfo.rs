@@ -4,6 +4,7 @@
 
 use crate::app::App;
 use crate::body::Body;
+use crate::error::{unavailable_as_json, GatewayError};
 use crate::pages;
 use crate::refresh::{ensure_fresh, Fresh};
 use crate::session::store::Loaded;
@@ -55,7 +56,9 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         }
         Err(e) => {
             tracing::warn!(error = %e, "session store unavailable");
-            return crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response();
+            return unavailable_as_json(
+                GatewayError::StoreUnavailable(e.to_string()).into_response(),
+            );
         }
     };
     match ensure_fresh(app, session, now_secs()).await {
@@ -67,10 +70,13 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             }
             resp
         }
-        Fresh::Unavailable => crate::error::GatewayError::ProviderUnavailable(
-            "refresh failed and the access token has expired".into(),
-        )
-        .into_response(),
+        // A JSON endpoint: its 503 is JSON too, whoever asks.
+        Fresh::Unavailable => unavailable_as_json(
+            GatewayError::ProviderUnavailable(
+                "refresh failed and the access token has expired".into(),
+            )
+            .into_response(),
+        ),
         Fresh::Ended => unauthorized(app, &jar, true),
     }
 }
