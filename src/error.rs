@@ -3,7 +3,8 @@
 use crate::body::Body;
 use crate::pages;
 use crate::server::h1::io::ClientBodyError;
-use http::{Response, StatusCode};
+use http::header::{HeaderMap, RETRY_AFTER};
+use http::{Method, Response, StatusCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -55,7 +56,37 @@ pub enum GatewayError {
     Internal(&'static str),
 }
 
+/// Marks a response as one of the gateway's own error pages (not an upstream's answer) and names
+/// the error, so that a layer that still has the request can answer an API client in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorPage(pub &'static str);
+
 impl GatewayError {
+    /// A short machine-readable name (the `error` of a JSON answer).
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::ClientBody(ClientBodyError::Stalled) => "request_timeout",
+            GatewayError::ClientBody(_) => "bad_request",
+            GatewayError::Upstream(..) => "upstream_unavailable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::ProviderUnavailable(_) => "provider_unavailable",
+            GatewayError::StoreUnavailable(_) => "session_store_unavailable",
+            GatewayError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The answer to a request the gateway has in hand: like [`into_response`](Self::into_response),
+    /// with a 503 in JSON for an API client (anything but a browser navigation, as for the 401).
+    pub fn response_for(self, method: &Method, headers: &HeaderMap) -> Response<Body> {
+        let resp = self.into_response();
+        if crate::policy::is_browser_navigation(method, headers) {
+            resp
+        } else {
+            unavailable_as_json(resp)
+        }
+    }
+
     pub fn side(&self) -> Side {
         match self {
             GatewayError::BadRequest(_) | GatewayError::ClientBody(_) => Side::Client,
@@ -113,13 +144,27 @@ impl GatewayError {
         };
         let mut resp = pages::html(status, title, msg, "");
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("5"),
-            );
+            resp.headers_mut()
+                .insert(RETRY_AFTER, http::HeaderValue::from_static("5"));
         }
+        resp.extensions_mut().insert(ErrorPage(self.code()));
         resp
     }
+}
+
+/// The gateway's own 503 page as `{"error": "<code>"}` for an API client, status and
+/// `Retry-After` kept; any other response (an upstream's own 503 included) as it is.
+pub fn unavailable_as_json(resp: Response<Body>) -> Response<Body> {
+    let code = match resp.extensions().get::<ErrorPage>() {
+        Some(&ErrorPage(code)) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => code,
+        _ => return resp,
+    };
+    let mut json = pages::json(resp.status(), &serde_json::json!({ "error": code }));
+    if let Some(v) = resp.headers().get(RETRY_AFTER) {
+        json.headers_mut().insert(RETRY_AFTER, v.clone());
+    }
+    json.extensions_mut().insert(ErrorPage(code));
+    json
 }
 
 /// An error with its sources, on one line (hyper's errors hide the useful part in `source`).
@@ -157,5 +202,41 @@ mod tests {
         assert_eq!(GatewayError::ProviderUnavailable("x".into()).status(), 503);
         assert_eq!(GatewayError::Internal("x").status(), 500);
         assert_eq!(GatewayError::UpstreamTimeout.side(), Side::Upstream);
+    }
+
+    #[test]
+    fn api_clients_get_503_in_json() {
+        let api = {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::ACCEPT, "application/json".parse().unwrap());
+            h
+        };
+        let browser = {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::ACCEPT, "text/html".parse().unwrap());
+            h
+        };
+        let r = GatewayError::StoreUnavailable("x".into()).response_for(&Method::GET, &api);
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        assert_eq!(r.headers()[RETRY_AFTER], "5");
+        let r = GatewayError::ProviderUnavailable("x".into()).response_for(&Method::GET, &browser);
+        assert_eq!(r.status(), 503);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        assert_eq!(r.headers()[RETRY_AFTER], "5");
+        // Only the gateway's own 503s: a 502 page, and an upstream's 503, stay as they are.
+        let r = GatewayError::UpstreamTimeout.response_for(&Method::GET, &api);
+        assert_eq!(r.status(), 504);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        let mut upstream = Response::new(Body::full("busy"));
+        *upstream.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let r = unavailable_as_json(upstream);
+        assert!(r.headers().get("content-type").is_none());
     }
 }

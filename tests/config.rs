@@ -160,6 +160,21 @@ fn bad_values_name_their_key() {
             format!("{}log: {{ level: verbose }}\n", minimal()),
             "config error: log.level: `verbose` is not a level",
         ),
+        // The gateway's host, but another origin (port, scheme).
+        (
+            format!(
+                "{}post_logout_redirect_url: \"http://127.0.0.1:9999/bye\"\n",
+                minimal()
+            ),
+            "config error: post_logout_redirect_url: ",
+        ),
+        (
+            format!(
+                "{}post_logout_redirect_url: \"https://127.0.0.1:4180/bye\"\n",
+                minimal()
+            ),
+            "config error: post_logout_redirect_url: ",
+        ),
     ];
     for (text, want) in cases {
         let r = check_text(&text, &[]);

@@ -212,6 +212,10 @@ async fn requests_without_a_session_that_are_not_navigations_get_401_json() {
         ),
         ("POST", vec![("accept", "text/html")]),
         ("DELETE", vec![("accept", "text/html")]),
+        // HTML acceptable, but JSON preferred (q-values).
+        ("GET", vec![("accept", "application/json, text/html;q=0.1")]),
+        ("GET", vec![("accept", "text/html;q=0")]),
+        ("GET", vec![("accept", "*/*")]),
     ];
     for (method, headers) in &cases {
         let r = send(method, &url, headers, Vec::new()).await;
@@ -227,9 +231,12 @@ async fn requests_without_a_session_that_are_not_navigations_get_401_json() {
         assert_eq!(j["error"], "unauthorized", "{what}");
         assert_eq!(j["login_url"], "/oauth2/start", "{what}");
     }
-    // The control: a browser navigation is redirected to the provider.
-    let nav = send("GET", &url, &[("accept", BROWSER_ACCEPT)], Vec::new()).await;
-    assert_eq!(nav.status, 302, "{}", nav.dump());
+    // The control: a browser navigation is redirected to the provider, also when it lists
+    // JSON below HTML.
+    for accept in [BROWSER_ACCEPT, "text/html, application/json;q=0.9"] {
+        let nav = send("GET", &url, &[("accept", accept)], Vec::new()).await;
+        assert_eq!(nav.status, 302, "{accept}: {}", nav.dump());
+    }
     assert_eq!(s.upstream.count(), 0, "nothing reached the upstream");
     assert_eq!(s.idp.token_requests(), 0);
 }
@@ -268,6 +275,18 @@ async fn start_rd_cannot_redirect_off_site() {
         "/\t/evil.com",
     ] {
         assert_eq!(land(&s, &b, rd).await, "/", "rd={rd:?}");
+    }
+    // The gateway's own host, but another port or scheme: another origin.
+    let own = s.gw.url("/back?x=1");
+    assert_eq!(land(&s, &b, &own).await, own, "the own origin is honoured");
+    for rd in [
+        "http://127.0.0.1:9999/x".to_string(),
+        "http://127.0.0.1/x".to_string(),
+        "https://127.0.0.1/x".to_string(),
+        format!("https://127.0.0.1:{}/x", s.gw.port),
+        s.idp.url("/"),
+    ] {
+        assert_eq!(land(&s, &b, &rd).await, "/", "rd={rd:?}");
     }
     // Missing rd: the root.
     let start = b.get(&s.gw.url("/oauth2/start")).await;
@@ -564,6 +583,73 @@ async fn two_parallel_logins_both_succeed() {
     }
 }
 
+/// A browser may have 8 logins pending; a 9th expires only the oldest (by the start time
+/// sealed in the flow cookies, not by cookie order), and the other tabs' logins still finish.
+#[tokio::test]
+async fn a_ninth_pending_login_expires_only_the_oldest() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    let mut tabs = Vec::new();
+    for i in 0..8 {
+        let path = format!("/tab/{i}");
+        let (auth, flow) = auth_redirect(&b.get(&s.gw.url(&path)).await);
+        tabs.push((path, auth, flow));
+        if i == 0 {
+            // Start times are whole seconds: make the first surely the oldest.
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+    }
+    let pending = |b: &Browser| {
+        b.cookie_names(&s.gw.url("/"))
+            .into_iter()
+            .filter(|n| n.starts_with("_portcullis_flow_"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(pending(&b).len(), 8);
+    let removals = |r: &Resp| {
+        r.set_cookies()
+            .into_iter()
+            .filter(|c| c.is_removal())
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+    };
+
+    // The cookies newest first: still the oldest login is the one that goes.
+    let reversed = tabs
+        .iter()
+        .rev()
+        .map(|(_, _, f)| format!("{}={}", f.name, f.value))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let r = send(
+        "GET",
+        &s.gw.url("/oauth2/start?rd=%2Fother"),
+        &[("accept", BROWSER_ACCEPT), ("cookie", &reversed)],
+        Vec::new(),
+    )
+    .await;
+    auth_redirect(&r);
+    assert_eq!(removals(&r), vec![tabs[0].2.name.clone()], "{}", r.dump());
+
+    // The browser's 9th login: one flow expired, eight pending.
+    let r = b.get(&s.gw.url("/tab/8")).await;
+    let (auth8, _) = auth_redirect(&r);
+    assert_eq!(removals(&r), vec![tabs[0].2.name.clone()], "{}", r.dump());
+    let left = pending(&b);
+    assert_eq!(left.len(), 8, "{left:?}");
+    assert!(!left.contains(&tabs[0].2.name), "{left:?}");
+
+    // Another tab's login and the new one finish; the expired one does not.
+    let cb = b.get(&idp_walk(&b, &tabs[1].1, "alice").await).await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    assert_eq!(cb.location(), Some("/tab/1"));
+    let cb = b.get(&idp_walk(&b, &auth8, "alice").await).await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    assert_eq!(cb.location(), Some("/tab/8"));
+    let cb = b.get(&idp_walk(&b, &tabs[0].1, "alice").await).await;
+    assert_eq!(cb.status, 400, "the expired login: {}", cb.dump());
+}
+
 #[tokio::test]
 async fn sign_out_end_to_end() {
     let s = Stack::start().await;
@@ -728,6 +814,19 @@ async fn gateway_endpoints_answer_wrong_methods_and_unknown_paths() {
     let r = send("PUT", &s.gw.url("/oauth2/sign_out"), &[], Vec::new()).await;
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("GET, POST"));
+    // The back-channel logout endpoint takes POST only (the provider's); forward-auth any
+    // method (Envoy's ext_authz asks with the original one): no session, 401.
+    let r = send(
+        "GET",
+        &s.gw.url("/oauth2/backchannel_logout"),
+        &[("accept", BROWSER_ACCEPT)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 405, "{}", r.dump());
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = send("PUT", &s.gw.url("/oauth2/auth"), &[], Vec::new()).await;
+    assert_eq!(r.status, 401, "{}", r.dump());
     let r = send("GET", &s.gw.url("/oauth2/nope"), &[], Vec::new()).await;
     assert_eq!(r.status, 404, "{}", r.dump());
     assert_eq!(

@@ -1561,3 +1561,126 @@ async fn forwarded_for_is_extended_only_for_trusted_proxies() {
         "a trusted proxy's X-Forwarded-For is extended"
     );
 }
+
+/// The demo launcher, stopped as Ctrl-C would (it then stops its children) — also when the
+/// test fails: a SIGKILL would leave the IdP, the app and the gateway running.
+struct Demo(support::procs::Proc);
+
+impl Demo {
+    fn interrupt(&mut self) {
+        if self.0.exited().is_some() {
+            return;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.0.pid().to_string()])
+            .status();
+        let t0 = Instant::now();
+        while self.0.exited().is_none() && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.interrupt();
+    }
+}
+
+/// `make demo`'s launcher (tests/js/demo.mjs): the gateway gets no stray `PORTCULLIS_BIN`
+/// (which names no key and made it warn at every start), and its admin listener moves to a
+/// free port, printed, when the demo's default one (4181) is taken.
+#[tokio::test]
+async fn demo_launcher_passes_no_stray_variable_and_finds_a_free_admin_port() {
+    use support::procs::{bin, Proc};
+    // Taken for this test, or by someone else: busy either way.
+    let _taken = std::net::TcpListener::bind("127.0.0.1:4181");
+    let (gw, idp, app) = (free_port(), free_port(), free_port());
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    let mut cmd = std::process::Command::new(std::env::var("NODE").unwrap_or("node".into()));
+    cmd.arg(js.join("demo.mjs"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PORTCULLIS_") || k.starts_with("DEMO_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("PORTCULLIS_BIN", bin())
+        .env("NO_COLOR", "1")
+        .env("DEMO_GW_PORT", gw.to_string())
+        .env("DEMO_IDP_PORT", idp.to_string())
+        .env("DEMO_APP_PORT", app.to_string());
+    let dir = tempfile::Builder::new()
+        .prefix("portcullis-demo-test-")
+        .tempdir()
+        .unwrap();
+    let mut d = Demo(Proc::spawn("demo", cmd, dir));
+    let demo = &mut d.0;
+    let t0 = Instant::now();
+    while !demo.stdout().contains("Gateway log follows") {
+        assert!(
+            demo.exited().is_none(),
+            "the demo stopped\n{}",
+            demo.tails()
+        );
+        assert!(
+            t0.elapsed() < START_TIMEOUT,
+            "the demo did not start\n{}",
+            demo.tails()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = demo.stdout();
+    let admin: u16 = out
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("metrics   http://127.0.0.1:").nth(1)?;
+            rest.split('/').next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no admin port printed:\n{out}"));
+    assert_ne!(admin, 4181, "4181 is taken:\n{out}");
+    assert!(
+        out.contains(&format!("the admin listener takes 127.0.0.1:{admin}")),
+        "{out}"
+    );
+    let r = send(
+        "GET",
+        &format!("http://127.0.0.1:{admin}/metrics"),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let r = send(
+        "GET",
+        &format!("http://127.0.0.1:{gw}/healthz"),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    // Let the gateway's start-up warnings (echoed by the demo) arrive, then look for them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = demo.stdout();
+    assert!(
+        !out.contains("PORTCULLIS_BIN") && !out.contains("names no configuration key"),
+        "a stray variable reached the gateway:\n{out}"
+    );
+    // Ctrl-C stops all three.
+    d.interrupt();
+    assert!(
+        d.0.exited().is_some(),
+        "the demo did not stop\n{}",
+        d.0.tails()
+    );
+    assert!(
+        try_send(
+            "GET",
+            &format!("http://127.0.0.1:{gw}/healthz"),
+            &[],
+            Vec::new()
+        )
+        .await
+        .is_err(),
+        "the gateway outlived the demo"
+    );
+}

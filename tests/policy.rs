@@ -734,7 +734,30 @@ async fn open_redirect_corpus_never_leaves_the_site() {
     let mut bad = Vec::new();
     let mut table = Vec::new();
     for (g, suffix, browser) in [(with_domains, Some(".example.com"), &b), (plain, None, &b2)] {
-        for rd in OPEN_REDIRECTS {
+        // The gateway's own host and port under another scheme, the provider on the same host,
+        // the other gateway: each another origin.
+        let own = url::Url::parse(&g.public).unwrap();
+        let port = own.port().unwrap();
+        let same_host: Vec<String> = vec![
+            format!("https://localhost:{port}/x"),
+            format!("https://localhost:{port}"),
+            format!("ws://localhost:{port}/x"),
+            format!("http://localhost:{}/", idp.port),
+            format!("http://localhost:{}/x", upstream.port),
+        ]
+        .into_iter()
+        .chain(
+            gws.iter()
+                .filter(|o| o.public != g.public)
+                .map(|o| format!("{}/x", o.public)),
+        )
+        .collect();
+        let payloads = OPEN_REDIRECTS
+            .iter()
+            .map(|rd| rd.to_string())
+            .chain(same_host);
+        for rd in payloads {
+            let rd = rd.as_str();
             let loc = g.land(browser, &idp, rd).await;
             let verdict = lands_safely(&loc, &g.base(), suffix);
             table.push(format!("{:<28} rd={rd:?} -> {loc:?}", g.public));

@@ -17,7 +17,8 @@ use support::*;
 
 /// How long eventual effects (discovery after the provider appears, expiry) may take.
 const EVENTUALLY: Duration = Duration::from_secs(40);
-/// The gateway re-fetches the JWKS for an unknown `kid` at most this often.
+/// An unknown `kid` forces a JWKS re-fetch at most this often (the start-up fetch does not
+/// count).
 const JWKS_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A token endpoint request the IdP logged: `REQ <n> <time> POST /token <status> <ms>ms`.
@@ -184,28 +185,45 @@ async fn configured_post_against_a_basic_client_fails_cleanly() {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn new_signing_key_is_fetched_after_the_rate_limit() {
+async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
     let gw_port = free_port();
     let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
     let env = [("IDP_REDIRECT_URIS", redirect.as_str())];
     let mut idp = Idp::start(&env).await;
     let upstream = Upstream::start();
-    // The gateway fetches the JWKS during start-up: after `spawned`, before `ready`.
-    let spawned = Instant::now();
     let gw = Gateway::start(GatewayOpts::new(gw_port, &idp, &upstream.url())).await;
-    let ready = Instant::now();
+    let jwks_fetches = |idp: &Idp| {
+        idp.requests()
+            .iter()
+            .filter(|l| l.contains(" GET /jwks "))
+            .count()
+    };
 
     let (b, cb) = login_attempt(&gw, "alice").await;
     assert_logged_in(&gw, &b, &cb).await;
 
-    // A fresh provider on the same port: new signing key, new kid.
+    // A fresh provider on the same port (new signing key, new kid), a moment after the
+    // gateway fetched the old keys at start-up. That fetch does not count against the rate
+    // limit: the first unknown kid re-fetches the JWKS at once and the login succeeds.
     idp.restart(&env).await;
+    let before_refetch = Instant::now();
+    let (b, cb) = login_attempt(&gw, "alice").await;
+    let after_refetch = Instant::now();
+    assert_logged_in(&gw, &b, &cb).await;
+    assert_eq!(
+        jwks_fetches(&idp),
+        1,
+        "one JWKS fetch for the new key\n{}",
+        idp.tails()
+    );
 
-    // A login now is signed with a kid the gateway does not know. Within 10 s of the
-    // start-up fetch the gateway may not re-fetch, so the callback must fail — but only a
-    // callback answered before `spawned + 10 s` is surely inside that window.
-    let (_, early) = login_attempt(&gw, "alice").await;
-    if Instant::now() < spawned + JWKS_MIN_INTERVAL {
+    // The key changes again right away. Within 10 s of that forced re-fetch no other is
+    // allowed (a flood of unknown kids costs the provider one fetch per 10 s), so the
+    // callback fails — but only a callback answered before `before_refetch + 10 s` is surely
+    // inside that window.
+    idp.restart(&env).await;
+    let (_, early) = login_attempt(&gw, "bob").await;
+    if Instant::now() < before_refetch + JWKS_MIN_INTERVAL {
         assert_error_page(
             &early,
             &[400, 502],
@@ -216,8 +234,9 @@ async fn new_signing_key_is_fetched_after_the_rate_limit() {
             "the page names the ID token: {}",
             early.dump()
         );
-        assert!(
-            !idp.requests().iter().any(|l| l.contains(" GET /jwks ")),
+        assert_eq!(
+            jwks_fetches(&idp),
+            0,
             "no JWKS fetch within the rate limit\n{}",
             idp.tails()
         );
@@ -229,8 +248,8 @@ async fn new_signing_key_is_fetched_after_the_rate_limit() {
         );
     }
 
-    // Once 10 s have passed since the start-up fetch, an unknown kid re-fetches the JWKS.
-    tokio::time::sleep_until((ready + JWKS_MIN_INTERVAL).into()).await;
+    // Once 10 s have passed since the forced re-fetch, an unknown kid re-fetches again.
+    tokio::time::sleep_until((after_refetch + JWKS_MIN_INTERVAL).into()).await;
     let deadline = Instant::now() + EVENTUALLY;
     let (b, cb) = loop {
         let (b, cb) = login_attempt(&gw, "bob").await;
@@ -250,7 +269,7 @@ async fn new_signing_key_is_fetched_after_the_rate_limit() {
     assert_logged_in(&gw, &b, &cb).await;
     assert_eq!(upstream.last().header("x-forwarded-user"), Some("bob"));
     assert!(
-        idp.requests().iter().any(|l| l.contains(" GET /jwks ")),
+        jwks_fetches(&idp) >= 1,
         "the gateway fetched the new provider's JWKS\n{}",
         idp.tails()
     );
@@ -416,6 +435,15 @@ async fn without_a_refresh_token_the_session_ends_when_the_access_token_expires(
         .set_cookie("_portcullis")
         .unwrap_or_else(|| panic!("session cookie not cleared: {}", expired.dump()));
     assert!(cleared.is_removal(), "{}", cleared.raw);
+    // userinfo agrees: the session is over, not logged in.
+    let me = api("/oauth2/userinfo").await;
+    assert_eq!(me.status, 401, "userinfo: {}", me.dump());
+    assert_eq!(me.json()["error"], "unauthorized", "{}", me.dump());
+    assert!(
+        me.set_cookie("_portcullis").is_some_and(|c| c.is_removal()),
+        "userinfo clears the session cookie: {}",
+        me.dump()
+    );
     let nav = send(
         "GET",
         &s.gw.url("/page"),

@@ -254,6 +254,47 @@ async fn request_ids_are_kept_when_plain_and_generated_otherwise() {
     assert_eq!(r.header("x-request-id"), Some("hz-1"));
 }
 
+/// `Connection` names hop-by-hop headers to drop, but never the ones the gateway sets: the
+/// request id (set before the strip), the identity headers, the bearer and X-Forwarded-*.
+#[tokio::test]
+async fn connection_cannot_strip_the_headers_the_gateway_sets() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let cookie = b.cookie_header(&s.gw.url("/"));
+    let listed = "X-Request-Id, Authorization, X-Forwarded-User, X-Forwarded-Email, \
+                  X-Forwarded-Groups, X-Forwarded-Preferred-Username, X-Forwarded-For, \
+                  X-Forwarded-Proto, X-Forwarded-Host, x-secret-hop";
+    // The client's own (plain) id, and none: the gateway makes one.
+    for sent in [Some("client-id-1"), None] {
+        let mut extra = vec![("connection", listed), ("x-secret-hop", "1")];
+        extra.extend(sent.map(|id| ("x-request-id", id)));
+        let r = api(&s, &cookie, "GET", "/conn", &extra).await;
+        assert_eq!(r.status, 200, "{}", r.dump());
+        let id = r.header("x-request-id").expect("id echoed").to_string();
+        if let Some(sent) = sent {
+            assert_eq!(id, sent);
+        }
+        let rec = s.upstream.last();
+        assert_eq!(
+            rec.header_all("x-request-id"),
+            vec![id.as_str()],
+            "sent {sent:?}: {rec:#?}"
+        );
+        assert!(rec.header("x-secret-hop").is_none(), "{rec:#?}");
+        assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+        assert_eq!(rec.header("x-forwarded-email"), Some("alice@example.test"));
+        assert_eq!(rec.header("x-forwarded-groups"), Some("users,user-alice"));
+        assert_eq!(rec.header("x-forwarded-preferred-username"), Some("alice"));
+        assert!(!bearer(&rec).is_empty());
+        assert_eq!(rec.header("x-forwarded-for"), Some("127.0.0.1"));
+        assert_eq!(rec.header("x-forwarded-proto"), Some("http"));
+        assert_eq!(
+            rec.header("x-forwarded-host"),
+            Some(s.gw.url("").trim_start_matches("http://"))
+        );
+    }
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_not_forwarded() {
     let s = Stack::start().await;

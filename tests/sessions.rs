@@ -60,6 +60,25 @@ fn assert_session_cleared(resp: &Resp, what: &str) {
     assert!(c.is_removal(), "{what}: {}", c.raw);
 }
 
+/// A 503 of the gateway's own: JSON `{"error": code}` for an API client, an HTML page for a
+/// browser; `Retry-After` either way.
+fn assert_503(resp: &Resp, json_code: Option<&str>, what: &str) {
+    assert_eq!(resp.status, 503, "{what}: {}", resp.dump());
+    assert!(
+        resp.header("retry-after").is_some(),
+        "{what}: {}",
+        resp.dump()
+    );
+    let ct = resp.header("content-type").unwrap_or_default();
+    match json_code {
+        Some(code) => {
+            assert_eq!(ct, "application/json", "{what}: {}", resp.dump());
+            assert_eq!(resp.json()["error"], code, "{what}: {}", resp.dump());
+        }
+        None => assert!(ct.starts_with("text/html"), "{what}: {}", resp.dump()),
+    }
+}
+
 /// An API call (`Accept: application/json`) with a raw `Cookie` header.
 async fn api(gw: &Gateway, path: &str, cookie: &str) -> Resp {
     send(
@@ -652,6 +671,66 @@ async fn a_hung_provider_does_not_end_a_session_with_rotating_refresh_tokens() {
     );
 }
 
+/// `/oauth2/userinfo` takes the same refresh decision as a proxied request: a due token is
+/// refreshed (and the new cookie sent back), a refused refresh ends the session (401, cookie
+/// cleared) instead of reporting the user as logged in.
+#[tokio::test]
+async fn userinfo_refreshes_and_reports_a_revoked_grant_as_logged_out() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+    let first = bearer_of(&upstream.last());
+    let userinfo = |cookie: String| {
+        let url = gw.url("/oauth2/userinfo");
+        async move {
+            send(
+                "GET",
+                &url,
+                &[("accept", "application/json"), ("cookie", &cookie)],
+                Vec::new(),
+            )
+            .await
+        }
+    };
+
+    // Due: userinfo refreshes the token and passes the new cookie back.
+    until_due(logged_in, 1).await;
+    let grants = idp.token_requests();
+    let r = userinfo(cookie.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.json()["sub"], "alice");
+    assert_eq!(idp.token_requests(), grants + 1, "one refresh grant");
+    let refreshed =
+        new_session_cookie(&r).unwrap_or_else(|| panic!("no refreshed cookie: {}", r.dump()));
+    let cookie = cookie_of(&refreshed);
+    let refreshed_at = Instant::now();
+    // The new cookie carries the new token: the upstream gets it, no second refresh.
+    let call = api(&gw, "/after-userinfo", &cookie).await;
+    let second = bearer_in(&call);
+    assert_ne!(second, first, "the refreshed token");
+    assert_eq!(idp.token_requests(), grants + 1, "no second refresh");
+
+    // The grant is revoked at the provider: once the token is due, the refresh is refused
+    // and userinfo says so, as a proxied request would.
+    revoke_at_provider(&idp, &second).await;
+    until_due(refreshed_at, 1).await;
+    let r = userinfo(cookie.clone()).await;
+    assert_eq!(
+        r.status,
+        401,
+        "ended session reported as logged in: {}",
+        r.dump()
+    );
+    assert_eq!(r.json()["error"], "unauthorized");
+    assert_session_cleared(&r, "userinfo");
+    let call = api(&gw, "/api/x", &cookie).await;
+    assert_eq!(call.status, 401, "{}", call.dump());
+}
+
 #[tokio::test]
 async fn provider_down_during_refresh() {
     // Due 1 s after issue, expired after 4 s.
@@ -692,22 +771,36 @@ async fn provider_down_during_refresh() {
         "no request was served while the refresh failed\n{}",
         gw.tails()
     );
-    // Expired and not renewable right now: 503 with Retry-After, the session kept.
-    assert_eq!(expired.status, 503, "{}", expired.dump());
-    assert!(
-        expired.header("retry-after").is_some(),
-        "{}",
-        expired.dump()
-    );
+    // Expired and not renewable right now: 503 with Retry-After (JSON for the API client, as
+    // its 401 would be), the session kept.
+    assert_503(&expired, Some("provider_unavailable"), "api");
     assert!(
         expired.set_cookie("_portcullis").is_none(),
         "{}",
         expired.dump()
     );
     let nav = navigate(&gw, "/page", &cookie).await;
-    assert_eq!(nav.status, 503, "browser: {}", nav.dump());
-    assert!(nav.header("retry-after").is_some());
+    assert_503(&nav, None, "browser");
     assert!(nav.set_cookie("_portcullis").is_none(), "{}", nav.dump());
+    // XHR and POST are API calls too.
+    let xhr = send(
+        "GET",
+        &gw.url("/xhr"),
+        &[
+            ("accept", "text/html"),
+            ("x-requested-with", "XMLHttpRequest"),
+            ("cookie", &cookie),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_503(&xhr, Some("provider_unavailable"), "xhr");
+    let post = send("POST", &gw.url("/form"), &[("cookie", &cookie)], Vec::new()).await;
+    assert_503(&post, Some("provider_unavailable"), "post");
+    // userinfo takes the same decision: the provider is unavailable, not the session over.
+    let me = api(&gw, "/oauth2/userinfo", &cookie).await;
+    assert_503(&me, Some("provider_unavailable"), "userinfo");
+    assert!(me.set_cookie("_portcullis").is_none(), "{}", me.dump());
 
     // The provider comes back — as a fresh process that knows no grant: the refresh
     // token is refused, so the session is over (login / 401) instead of 503.
@@ -752,10 +845,12 @@ async fn redis_store_outage_gives_503_and_recovers() {
         }
     })
     .await;
-    assert!(down.header("retry-after").is_some(), "{}", down.dump());
+    assert_503(&down, Some("session_store_unavailable"), "api");
     assert!(down.set_cookie("_portcullis").is_none(), "{}", down.dump());
     let nav = navigate(&gw, "/page", &cookie).await;
-    assert_eq!(nav.status, 503, "browser: {}", nav.dump());
+    assert_503(&nav, None, "browser");
+    let me = api(&gw, "/oauth2/userinfo", &cookie).await;
+    assert_503(&me, Some("session_store_unavailable"), "userinfo");
     // Signing out cannot end the stored session now: it says so instead of pretending.
     for method in ["GET", "POST"] {
         let r = send(

@@ -626,8 +626,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             || {
                 c.err(
                     "post_logout_redirect_url",
-                    "must be a path on this host (like /signed-out) or an http(s) URL on this \
-                     host or on a host in allowed_redirect_domains",
+                    "must be a path on this host (like /signed-out), a URL of this gateway's \
+                     origin (scheme, host and port of redirect_url) or an http(s) URL on a host \
+                     in allowed_redirect_domains",
                 );
                 String::new()
             },

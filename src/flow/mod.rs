@@ -5,6 +5,7 @@ mod callback;
 pub mod forward_auth;
 pub mod redirect;
 mod sign_out;
+mod userinfo;
 
 use crate::app::App;
 use crate::body::Body;
@@ -51,20 +52,24 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
             "You have been signed out.",
             "<p><a href=\"/oauth2/start?rd=%2F\">Sign in again</a></p>",
         ),
-        ("/oauth2/userinfo", &Method::GET) => userinfo(&app, &req).await,
+        ("/oauth2/userinfo", &Method::GET) => userinfo::handle(&app, &req).await,
         // Any method: Envoy's ext_authz asks with the original one (a check changes nothing).
         (p, _) if is_forward_auth_path(p) => forward_auth::handle(&app, &req).await,
         ("/oauth2/backchannel_logout", &Method::POST) => backchannel::handle(&app, req).await,
         (
-            "/oauth2/start" | "/oauth2/callback" | "/oauth2/sign_out" | "/oauth2/signed_out"
-            | "/oauth2/userinfo",
+            "/oauth2/start"
+            | "/oauth2/callback"
+            | "/oauth2/sign_out"
+            | "/oauth2/signed_out"
+            | "/oauth2/userinfo"
+            | "/oauth2/backchannel_logout",
             _,
         ) => {
             let mut r = pages::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-            let allow = if path == "/oauth2/sign_out" {
-                "GET, POST"
-            } else {
-                "GET"
+            let allow = match path {
+                "/oauth2/sign_out" => "GET, POST",
+                "/oauth2/backchannel_logout" => "POST",
+                _ => "GET",
             };
             r.headers_mut()
                 .insert(http::header::ALLOW, HeaderValue::from_static(allow));
@@ -103,6 +108,35 @@ fn random_token() -> String {
         .encode(crate::session::crypto::random_bytes::<32>())
 }
 
+/// The flow cookies to expire so that a new login leaves at most `MAX_FLOWS` pending, looked at
+/// only when there are that many already: every unreadable one (it can finish no login), then
+/// the oldest by the start time sealed inside them (not by cookie order, which browsers do not
+/// promise). The other tabs' logins go on.
+fn flows_to_evict<'a>(app: &'a App, jar: &'a CookieJar<'_>) -> Vec<&'a str> {
+    let mut pending: Vec<&str> = Vec::new();
+    for n in app.cookies.flow_names(jar) {
+        if !pending.contains(&n) {
+            pending.push(n);
+        }
+    }
+    if pending.len() < MAX_FLOWS {
+        return Vec::new();
+    }
+    let mut evict = Vec::new();
+    let mut live: Vec<(u64, &str)> = Vec::new();
+    for n in pending {
+        match app.cookies.flow_created_at(jar, n) {
+            Some(created) => live.push((created, n)),
+            None => evict.push(n),
+        }
+    }
+    // Stable: among equal start times (one second), the cookie order decides.
+    live.sort_by_key(|&(created, _)| created);
+    let excess = (live.len() + 1).saturating_sub(MAX_FLOWS);
+    evict.extend(live.into_iter().take(excess).map(|(_, n)| n));
+    evict
+}
+
 /// Redirects to the provider with a fresh state, nonce and PKCE challenge; the flow
 /// cookie (named after the state) remembers them and where to return.
 pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<Body> {
@@ -124,13 +158,10 @@ pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<
     };
     let mut resp = pages::redirect(&url);
     let h = resp.headers_mut();
-    // Cap pending logins per browser: forget the others when there are too many.
-    let pending: Vec<&str> = app.cookies.flow_names(jar).collect();
-    if pending.len() >= MAX_FLOWS {
-        for n in pending {
-            if let Some(v) = app.cookies.expire_flow_named(n) {
-                h.append(SET_COOKIE, v);
-            }
+    // Cap pending logins per browser: with this one, at most MAX_FLOWS; the oldest go.
+    for n in flows_to_evict(app, jar) {
+        if let Some(v) = app.cookies.expire_flow_named(n) {
+            h.append(SET_COOKIE, v);
         }
     }
     if let Some(v) = app.cookies.set_flow(&flow) {
@@ -141,30 +172,4 @@ pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<
         .with_label_values(&["started", ""])
         .inc();
     resp
-}
-
-async fn userinfo(app: &App, req: &Request<Body>) -> Response<Body> {
-    let jar = CookieJar::parse(req.headers());
-    match app.load_session(&jar).await {
-        Err(e) => crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response(),
-        Ok(crate::session::store::Loaded::Session(s)) => {
-            let i = &s.identity;
-            pages::json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "sub": i.sub,
-                    "email": i.email,
-                    "email_verified": i.email_verified,
-                    "name": i.name,
-                    "preferred_username": i.preferred_username,
-                    "groups": i.groups,
-                    "session_expires_at": s.expires_at,
-                }),
-            )
-        }
-        _ => pages::json(
-            StatusCode::UNAUTHORIZED,
-            &serde_json::json!({"error": "unauthorized", "login_url": "/oauth2/start"}),
-        ),
-    }
 }

@@ -1,6 +1,7 @@
-//! Where the gateway may send a user after login or logout: a relative path on this host, or
-//! an absolute http(s) URL on this host or a host from `allowed_redirect_domains` (exact, or
-//! `.suffix`). Anything else — anything a browser could read as another origin — is `/`.
+//! Where the gateway may send a user after login or logout: a relative path on this host, an
+//! absolute URL of the gateway's own origin (scheme, host and port of `redirect_url`), or an
+//! absolute http(s) URL on a host from `allowed_redirect_domains` (exact, or `.suffix`; any
+//! port). Anything else — anything a browser could read as another origin — is `/`.
 
 /// Returns `target` if it is a safe same-origin relative reference, else `None`.
 pub fn safe_relative(target: &str) -> Option<&str> {
@@ -26,18 +27,19 @@ pub fn safe_relative(target: &str) -> Option<&str> {
     Some(target)
 }
 
-/// Is `host` this gateway's host or one of the allowed domains?
-fn host_allowed(host: &str, own_host: &str, allowed: &[String]) -> bool {
-    host == own_host
-        || allowed.iter().any(|d| match d.strip_prefix('.') {
-            Some(suffix) => {
-                host == suffix || host.strip_suffix(suffix).is_some_and(|p| p.ends_with('.'))
-            }
-            None => host == d,
-        })
+/// Is `host` one of the allowed domains (exact, or under a `.suffix` entry)?
+fn domain_allowed(host: &str, allowed: &[String]) -> bool {
+    allowed.iter().any(|d| match d.strip_prefix('.') {
+        Some(suffix) => {
+            host == suffix || host.strip_suffix(suffix).is_some_and(|p| p.ends_with('.'))
+        }
+        None => host == d,
+    })
 }
 
-/// An absolute URL allowed as a redirect target, in canonical form.
+/// An absolute URL allowed as a redirect target, in canonical form: the gateway's own origin
+/// exactly (another port or scheme on its host is another origin: another service, or a
+/// downgrade), or any http(s) URL on an allowed domain.
 pub fn safe_absolute(target: &str, own_origin: &str, allowed: &[String]) -> Option<String> {
     let b = target.as_bytes();
     if target.len() > 2048 || b.iter().any(|&c| c == b'\\' || c <= 0x20 || c >= 0x7f) {
@@ -52,19 +54,14 @@ pub fn safe_absolute(target: &str, own_origin: &str, allowed: &[String]) -> Opti
         return None;
     }
     let own = url::Url::parse(own_origin).ok()?;
-    let own_host = own.host_str()?;
-    let host = match u.host()? {
-        url::Host::Domain(d) => d.to_string(),
-        // IP literals only when they are this gateway's own host.
-        ip => {
-            let text = ip.to_string();
-            if text != own_host {
-                return None;
-            }
-            text
-        }
-    };
-    host_allowed(&host, own_host, allowed).then(|| u.to_string())
+    if u.origin() == own.origin() {
+        return Some(u.to_string());
+    }
+    // Allowed domains are names, never IP literals (those pass only as the own origin).
+    match u.host()? {
+        url::Host::Domain(d) if domain_allowed(d, allowed) => Some(u.to_string()),
+        _ => None,
+    }
 }
 
 /// The redirect target to use: `target` when safe, else `/`.
@@ -118,11 +115,49 @@ mod tests {
             "ftp://app.example.com/",
             "https://\u{0435}xample.com/",
             "https://1.2.3.4/",
+            // The gateway's host, but another origin: another port, another scheme.
+            "https://gw.local:8443/",
+            "http://gw.local/back",
+            "https://gw.local:80/",
         ] {
             assert_eq!(safe_absolute(bad, own, &allowed), None, "{bad}");
         }
+        // Allowed domains are names: any port, http or https.
+        for ok in ["http://app.example.com:8080/x", "https://example.com:444/"] {
+            assert!(safe_absolute(ok, own, &allowed).is_some(), "{ok}");
+        }
+        assert_eq!(
+            safe_absolute("https://GW.local:443/back", own, &allowed).as_deref(),
+            Some("https://gw.local/back"),
+            "the own origin, in canonical form"
+        );
         assert_eq!(or_root_with(Some("https://evil.com"), own, &allowed), "/");
         assert_eq!(or_root_with(Some("/rel"), own, &allowed), "/rel");
+    }
+
+    #[test]
+    fn own_origin_is_scheme_host_and_port() {
+        let own = "http://127.0.0.1:4180";
+        assert_eq!(
+            safe_absolute("http://127.0.0.1:4180/x?y=1", own, &[]).as_deref(),
+            Some("http://127.0.0.1:4180/x?y=1")
+        );
+        for bad in [
+            "http://127.0.0.1:9999/x",
+            "http://127.0.0.1/x",
+            "https://127.0.0.1/x",
+            "https://127.0.0.1:4180/x",
+            "http://127.0.0.2:4180/x",
+            "http://localhost:4180/x",
+        ] {
+            assert_eq!(safe_absolute(bad, own, &[]), None, "{bad}");
+            assert_eq!(or_root_with(Some(bad), own, &[]), "/", "{bad}");
+        }
+        // An IP literal never passes as an allowed domain.
+        assert_eq!(
+            safe_absolute("http://127.0.0.1:9999/x", own, &["127.0.0.1".into()]),
+            None
+        );
     }
 
     #[test]

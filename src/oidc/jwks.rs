@@ -2,6 +2,33 @@
 
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use std::time::{Duration, Instant};
+
+/// An unknown `kid` forces a JWKS re-fetch at most this often.
+pub const REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// When a token signed with an unknown `kid` may force a JWKS re-fetch: at most once per
+/// [`REFETCH_MIN_INTERVAL`], counted from the last *forced* re-fetch. The start-up fetch does not
+/// count, so a key the provider rotated in just after the gateway started is fetched at once; a
+/// flood of bogus `kid`s still costs the provider one fetch per interval.
+#[derive(Debug, Default)]
+pub struct RefetchLimit {
+    last_forced: Option<Instant>,
+}
+
+impl RefetchLimit {
+    /// May an unknown `kid` re-fetch now? If so, the re-fetch is recorded as done at `now`.
+    pub fn claim(&mut self, now: Instant) -> bool {
+        if self
+            .last_forced
+            .is_some_and(|t| now.saturating_duration_since(t) < REFETCH_MIN_INTERVAL)
+        {
+            return false;
+        }
+        self.last_forced = Some(now);
+        true
+    }
+}
 
 pub struct Key {
     kid: Option<String>,
@@ -79,5 +106,27 @@ impl KeySet {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_forced_refetch_per_interval_and_the_first_at_once() {
+        let mut limit = RefetchLimit::default();
+        let t0 = Instant::now();
+        // The first unknown kid re-fetches at once, however recent the start-up fetch was.
+        assert!(limit.claim(t0));
+        // A flood of unknown kids: no more re-fetches within the interval.
+        assert!(!limit.claim(t0));
+        assert!(!limit.claim(t0 + Duration::from_secs(1)));
+        assert!(!limit.claim(t0 + REFETCH_MIN_INTERVAL - Duration::from_millis(1)));
+        // Then one again, counted from that one.
+        let t1 = t0 + REFETCH_MIN_INTERVAL;
+        assert!(limit.claim(t1));
+        assert!(!limit.claim(t1 + Duration::from_secs(9)));
+        assert!(limit.claim(t1 + Duration::from_secs(10)));
     }
 }

@@ -8,7 +8,7 @@ pub mod logout;
 
 use self::http::{ProviderHttp, ProviderHttpError};
 use self::idtoken::{Expectations, IdTokenError, ValidIdToken};
-use self::jwks::KeySet;
+use self::jwks::{KeySet, RefetchLimit};
 use crate::config::{Config, TokenAuthMethod};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use oauth2::basic::{
@@ -23,7 +23,7 @@ use oauth2::{
 };
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The discovery document fields the gateway uses.
@@ -125,11 +125,10 @@ pub struct Provider {
     http: ProviderHttp,
     discovered: ArcSwapOption<Discovered>,
     keys: ArcSwap<KeySet>,
-    last_jwks_fetch: Mutex<Option<Instant>>,
+    /// Held while a forced (unknown-`kid`) JWKS re-fetch runs: concurrent callers wait for it
+    /// and then use its keys.
+    jwks_refetch: tokio::sync::Mutex<RefetchLimit>,
 }
-
-/// Unknown `kid`s trigger a JWKS re-fetch at most this often.
-const JWKS_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
 fn discovery_url(issuer: &str) -> String {
     format!(
@@ -158,7 +157,7 @@ impl Provider {
             http,
             discovered: ArcSwapOption::empty(),
             keys: ArcSwap::from_pointee(KeySet::default()),
-            last_jwks_fetch: Mutex::new(None),
+            jwks_refetch: tokio::sync::Mutex::new(RefetchLimit::default()),
         }
     }
 
@@ -276,9 +275,6 @@ impl Provider {
     }
 
     async fn fetch_jwks(&self, uri: &str) -> Result<(), ProviderError> {
-        if let Ok(mut last) = self.last_jwks_fetch.lock() {
-            *last = Some(Instant::now());
-        }
         let resp = self.http.get(uri, self::http::Endpoint::Jwks).await?;
         if !resp.status().is_success() {
             return Err(ProviderError::Status(resp.status().as_u16()));
@@ -493,9 +489,8 @@ impl Provider {
             now: crate::session::now_secs(),
         };
         match idtoken::validate(token, &self.keys.load(), &exp) {
-            Err(IdTokenError::UnknownKey(_)) if self.may_refetch_jwks() => {
-                let d = self.discovered()?;
-                self.fetch_jwks(&d.meta.jwks_uri).await?;
+            Err(IdTokenError::UnknownKey(_)) => {
+                self.refetch_jwks().await?;
                 Ok(idtoken::validate(token, &self.keys.load(), &exp)?)
             }
             r => Ok(r?),
@@ -519,19 +514,24 @@ impl Provider {
             )
         };
         match check(&self.keys.load()) {
-            Err(logout::LogoutTokenError::UnknownKey) if self.may_refetch_jwks() => {
-                let d = self.discovered()?;
-                self.fetch_jwks(&d.meta.jwks_uri).await?;
+            Err(logout::LogoutTokenError::UnknownKey) => {
+                self.refetch_jwks().await?;
                 check(&self.keys.load()).map_err(|e| ProviderError::Invalid(e.to_string()))
             }
             r => r.map_err(|e| ProviderError::Invalid(e.to_string())),
         }
     }
 
-    fn may_refetch_jwks(&self) -> bool {
-        self.last_jwks_fetch
-            .lock()
-            .map(|l| l.is_none_or(|t| t.elapsed() >= JWKS_MIN_INTERVAL))
-            .unwrap_or(false)
+    /// A token named a key we do not have: re-fetch the JWKS, unless an unknown `kid` already
+    /// forced a re-fetch within the interval (then the keys stay as they are). A caller that
+    /// waited for another's re-fetch validates against the keys it brought.
+    async fn refetch_jwks(&self) -> Result<(), ProviderError> {
+        let mut limit = self.jwks_refetch.lock().await;
+        if !limit.claim(Instant::now()) {
+            return Ok(());
+        }
+        let d = self.discovered()?;
+        tracing::info!("unknown signing key id: re-fetching the provider's JWKS");
+        self.fetch_jwks(&d.meta.jwks_uri).await
     }
 }

@@ -40,10 +40,42 @@ pub fn is_browser_navigation(method: &Method, h: &HeaderMap) -> bool {
     if header("sec-fetch-mode").is_some_and(|m| m != "navigate") {
         return false;
     }
-    h.get_all(ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("text/html"))
+    prefers_html(h)
+}
+
+/// Does `Accept` prefer HTML? Yes when `text/html` or `application/xhtml+xml` is listed with a
+/// q above 0 and no other listed type has a higher q. Wildcards (`*/*`, `text/*`) are fallbacks:
+/// they do not compete, nor do they count as HTML. Ties go to HTML (browsers list images at
+/// q=1 too); a range whose q does not parse is ignored.
+pub fn prefers_html(h: &HeaderMap) -> bool {
+    let mut html: Option<f32> = None;
+    let mut other = 0.0f32;
+    for value in h.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()) {
+        for range in value.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or_default().trim();
+            if media.is_empty() || media == "*" || media.ends_with("/*") {
+                continue;
+            }
+            let mut q = Some(1.0f32);
+            for param in parts {
+                if let Some((k, v)) = param.split_once('=') {
+                    if k.trim().eq_ignore_ascii_case("q") {
+                        q = v.trim().parse().ok().filter(|q| (0.0..=1.0).contains(q));
+                    }
+                }
+            }
+            let Some(q) = q else { continue };
+            if media.eq_ignore_ascii_case("text/html")
+                || media.eq_ignore_ascii_case("application/xhtml+xml")
+            {
+                html = Some(html.map_or(q, |h| h.max(q)));
+            } else {
+                other = other.max(q);
+            }
+        }
+    }
+    html.is_some_and(|q| q > 0.0 && q >= other)
 }
 
 /// The whole policy for an app route, as a plain function.
@@ -192,5 +224,44 @@ mod tests {
         assert_eq!(d(&Method::GET, &xhr), Decision::Unauthorized);
         let fetch = h(&[("accept", "text/html"), ("sec-fetch-mode", "cors")]);
         assert_eq!(d(&Method::GET, &fetch), Decision::Unauthorized);
+    }
+
+    #[test]
+    fn accept_q_values_decide_between_html_and_the_rest() {
+        let nav = |accept: &'static str| d(&Method::GET, &h(&[("accept", accept)]));
+        for browser in [
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,\
+             image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
+            "text/html",
+            "TEXT/HTML",
+            "application/xhtml+xml",
+            "application/json;q=0.5, text/html",
+            "text/html;q=0.5, application/json;q=0.5",
+            "text/html;q=0.2, */*",
+            "text/html; charset=utf-8; q=0.9, application/json;q=0.8",
+            "application/json;q=bogus, text/html;q=0.1",
+        ] {
+            assert_eq!(nav(browser), Decision::Login, "{browser}");
+        }
+        for api in [
+            "application/json, text/html;q=0.1",
+            "application/json;q=1.0, text/html;q=0.9",
+            "text/html;q=0",
+            "text/html;q=0.000, application/json",
+            "text/html;q=2",
+            "text/html;q=bogus",
+            "*/*",
+            "text/*",
+            "*/*;q=1, text/plain",
+            "text/html-fragment",
+            "application/json",
+        ] {
+            assert_eq!(nav(api), Decision::Unauthorized, "{api}");
+        }
+        // Several Accept lines count as one list.
+        let mut two = h(&[("accept", "text/html;q=0.3")]);
+        two.append(ACCEPT, HeaderValue::from_static("application/json"));
+        assert_eq!(d(&Method::GET, &two), Decision::Unauthorized);
     }
 }

@@ -126,7 +126,7 @@ impl Seen {
     /// Removes what `scan` found that must not pass (usually nothing: then no lookup at all).
     fn strip(&self, h: &mut HeaderMap, upgrading: bool, spoofable: Option<&Spoofable>) {
         if self.names_others {
-            remove_listed(h, upgrading);
+            remove_listed(h, upgrading, spoofable.map(|s| &s.request_id));
         }
         if self.connection {
             h.remove(header::CONNECTION);
@@ -151,8 +151,9 @@ impl Seen {
     }
 }
 
-/// Removes the headers that `Connection` names.
-fn remove_listed(h: &mut HeaderMap, upgrading: bool) {
+/// Removes the headers that `Connection` names, except `keep`: the gateway's own request id,
+/// already set when this runs (a client listing it must not leave the upstream without one).
+fn remove_listed(h: &mut HeaderMap, upgrading: bool, keep: Option<&HeaderName>) {
     // The names Connection lists go too. Its values are cloned (they share their bytes, and
     // there is rarely more than one) so that the map can change while they are read.
     let mut listed = h.get_all(header::CONNECTION).iter();
@@ -161,6 +162,9 @@ fn remove_listed(h: &mut HeaderMap, upgrading: bool) {
     for value in first.iter().chain(&more) {
         for token in tokens(value) {
             if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
+                continue;
+            }
+            if keep.is_some_and(|k| token.eq_ignore_ascii_case(k.as_str().as_bytes())) {
                 continue;
             }
             // By `&str`: no name is built (what is not a valid name is in no map).
@@ -217,6 +221,11 @@ pub const SPOOFABLE_NAMES: [&str; 31] = [
 pub struct Spoofable {
     /// The names by length: a client's name is compared only with those as long as it.
     by_length: Vec<Vec<Box<[u8]>>>,
+    /// The gateway's request-id header (`headers.request_id`). Not spoofable (a plain client id
+    /// is kept), but set by the gateway before the strip: `Connection` cannot name it away.
+    /// The other names the gateway sets (identity, `Authorization`, `X-Forwarded-*`, `Host`)
+    /// are set after the strip.
+    request_id: HeaderName,
 }
 
 impl Spoofable {
@@ -242,7 +251,10 @@ impl Spoofable {
                 same_length.push(name.into());
             }
         }
-        Self { by_length }
+        Self {
+            by_length,
+            request_id: cfg.request_id.clone(),
+        }
     }
 
     /// Is this a spoofable name? Header names are already lower-case; a name with `_` is
@@ -622,6 +634,35 @@ mod tests {
         left.sort();
         assert_eq!(left, ["connection", "upgrade", "x-keep"]);
         assert_eq!(upgrade[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn connection_cannot_name_the_gateways_request_id_away() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Request-Id, x-secret"),
+        );
+        h.insert("x-request-id", HeaderValue::from_static("gw-1"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        sanitize_request(&mut h, true, false, &Spoofable::new(&cfg()), |_| false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-request-id"]);
+        assert_eq!(h["x-request-id"], "gw-1");
+        // A configured name too, in any case.
+        let mut c = cfg();
+        c.request_id = HeaderName::from_static("x-trace");
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("X-TRACE"));
+        h.insert("x-trace", HeaderValue::from_static("t"));
+        sanitize_request(&mut h, true, false, &Spoofable::new(&c), |_| false);
+        assert_eq!(h["x-trace"], "t");
+        // Responses have no such header of the gateway's: what Connection names goes.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("x-request-id"));
+        h.insert("x-request-id", HeaderValue::from_static("up"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty());
     }
 
     #[test]

@@ -416,6 +416,14 @@ impl SessionCookies {
         self.expire(name, &self.flow_path)
     }
 
+    /// When the login of the flow cookie `name` started; `None` if it cannot be read (another
+    /// key, garbage): such a cookie can finish no login.
+    pub fn flow_created_at(&self, jar: &CookieJar<'_>, name: &str) -> Option<u64> {
+        let sealed = jar.get_bytes(name)?;
+        let plain = self.keys.open(name.as_bytes(), sealed).ok()?;
+        FlowState::decode(&plain).ok().map(|f| f.created_at)
+    }
+
     /// Opens the flow cookie bound to `state`; `None` if absent, unreadable, or not for this state.
     pub fn open_flow(&self, jar: &CookieJar<'_>, state: &str) -> Option<FlowState> {
         let name = self.flow_cookie_name(state);

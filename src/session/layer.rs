@@ -3,8 +3,9 @@
 
 use crate::app::App;
 use crate::body::Body;
-use crate::error::GatewayError;
-use crate::policy::Rejected;
+use crate::error::{unavailable_as_json, GatewayError};
+use crate::policy::{is_browser_navigation, Rejected};
+use crate::refresh::needs_refresh;
 use crate::session::store::Loaded;
 use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, CookieValue, Opened};
 use http::{Request, Response};
@@ -85,7 +86,13 @@ where
                 match self.app.ended(&s, now) {
                     Some(reason) => reject(&self.app, &mut req, reason),
                     None => {
+                        let due = needs_refresh(&s, now, self.app.cfg.session.refresh_before);
                         req.extensions_mut().insert(s);
+                        if due {
+                            // The refresh step may answer 503 (provider down, token expired).
+                            let inner = take_ready(&mut self.inner);
+                            return Either::Right(json_503_for_api(inner, req));
+                        }
                     }
                 }
                 return Either::Left(self.inner.call(req));
@@ -98,19 +105,37 @@ where
             Ok(Some(Opened::Ref(id))) => CookieValue::Ref(id),
         };
         // A reference: look the session up in Redis.
-        let mut inner = take_ready(&mut self.inner);
+        let inner = take_ready(&mut self.inner);
         let app = self.app.clone();
         Either::Right(Box::pin(async move {
             match app.resolve(value, now).await {
                 Ok(loaded) => {
                     attach(&app, &mut req, loaded);
-                    inner.call(req).await
+                    json_503_for_api(inner, req).await
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "session store unavailable");
-                    Ok(GatewayError::StoreUnavailable(e.to_string()).into_response())
+                    Ok(GatewayError::StoreUnavailable(e.to_string())
+                        .response_for(req.method(), req.headers()))
                 }
             }
         }))
     }
+}
+
+/// Calls `inner`; a 503 the gateway answers itself on the way (the refresh step's, when the
+/// provider cannot renew an expired token) is JSON for an API client, as its 401 would be.
+/// Only for requests that may meet one: the others keep the unboxed fast path.
+fn json_503_for_api<S, B>(mut inner: S, req: Request<B>) -> BoxFuture
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    let api = !is_browser_navigation(req.method(), req.headers());
+    let call = inner.call(req);
+    Box::pin(async move {
+        let resp = call.await?;
+        Ok(if api { unavailable_as_json(resp) } else { resp })
+    })
 }

@@ -26,7 +26,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 import {
-  JS_DIR, REPO_ROOT, freePorts, spawnLogged, waitForHttp, killAll, gatewayConfigYaml,
+  JS_DIR, REPO_ROOT, freePorts, gatewayEnv, spawnLogged, waitForHttp, killAll, gatewayConfigYaml,
 } from './procs.mjs';
 
 const GLOBAL_TIMEOUT_MS = 120_000;
@@ -170,7 +170,7 @@ async function main() {
   if (!pre) return;
 
   // --- processes ----------------------------------------------------------------
-  const [idpPort, appPort, gwPort] = await freePorts(3);
+  const [idpPort, appPort, gwPort, adminPort] = await freePorts(4);
   const idpOrigin = `http://127.0.0.1:${idpPort}`;
   const gwOrigin = `http://127.0.0.1:${gwPort}`;
   const appOrigin = `http://127.0.0.1:${appPort}`;
@@ -199,7 +199,7 @@ async function main() {
     }));
     procs.gw = spawnLogged('portcullis', bin, ['--config', configFile], {
       logDir: tmp,
-      env: { RUST_BACKTRACE: '1' },
+      env: gatewayEnv({ RUST_BACKTRACE: '1', PORTCULLIS_ADMIN_LISTEN: `127.0.0.1:${adminPort}` }),
     });
     await waitForHttp(`${gwOrigin}${GW.readyz}`, { timeoutMs: 30_000, proc: procs.gw });
     log(`     idp ${idpOrigin}  app ${appOrigin}  gateway ${gwOrigin}`);

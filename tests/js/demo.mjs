@@ -4,9 +4,12 @@
 //   IdP      http://127.0.0.1:9000   (DEMO_IDP_PORT)  tests/js/idp.mjs
 //   app      http://127.0.0.1:8081   (DEMO_APP_PORT)  tests/js/demo-app.mjs
 //   gateway  http://127.0.0.1:4180   (DEMO_GW_PORT)   $PORTCULLIS_BIN --config config/demo.yaml
+//   admin    http://127.0.0.1:4181   (DEMO_ADMIN_PORT) the gateway's /metrics /healthz /readyz
 //
 // With the default ports the gateway runs on config/demo.yaml; when a port is
 // overridden an equivalent config is written to a temp directory instead.
+// The admin listener is passed as PORTCULLIS_ADMIN_LISTEN: when its default
+// port is taken (and DEMO_ADMIN_PORT is not set) a free one is used instead.
 // The gateway's log is streamed to the terminal; the IdP's and the app's go to
 // files in the temp directory.
 
@@ -15,10 +18,11 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  JS_DIR, REPO_ROOT, spawnLogged, waitForHttp, killAll, gatewayConfigYaml,
+  JS_DIR, REPO_ROOT, freePort, gatewayEnv, spawnLogged, waitForHttp, killAll, gatewayConfigYaml,
 } from './procs.mjs';
 
-const DEFAULTS = { idp: 9000, app: 8081, gw: 4180 };
+// admin: next to the gateway, away from Prometheus' 9090 (the gateway's default).
+const DEFAULTS = { idp: 9000, app: 8081, gw: 4180, admin: 4181 };
 const DEMO_CONFIG = path.join(REPO_ROOT, 'config', 'demo.yaml');
 const CLIENT_SECRET = 'portcullis-demo-secret'; // same as config/demo.yaml
 const DEMO_COOKIE_SECRET = 'gJDGcaRi/uH1koUW7MEmgnrRe/4o4uH2RZXQRJVpoUM='; // demo only, as in config/demo.yaml
@@ -63,6 +67,19 @@ if (!fs.existsSync(bin)) fail(`gateway binary not found at ${bin}: run \`make bu
 for (const [name, envName] of [['idp', 'DEMO_IDP_PORT'], ['app', 'DEMO_APP_PORT'], ['gw', 'DEMO_GW_PORT']]) {
   if (!await portFree(ports[name])) {
     fail(`127.0.0.1:${ports[name]} is already in use; stop what runs there or set ${envName} to another port`);
+  }
+}
+// Only metrics and probes live there: rather than refuse to start, take a free port.
+if (process.env.DEMO_ADMIN_PORT) {
+  ports.admin = port('DEMO_ADMIN_PORT', DEFAULTS.admin);
+  if (!await portFree(ports.admin)) {
+    fail(`127.0.0.1:${ports.admin} is already in use; stop what runs there or set DEMO_ADMIN_PORT to another port`);
+  }
+} else {
+  ports.admin = DEFAULTS.admin;
+  if (!await portFree(ports.admin)) {
+    ports.admin = await freePort();
+    process.stdout.write(`demo: 127.0.0.1:${DEFAULTS.admin} is in use; the admin listener takes 127.0.0.1:${ports.admin}\n`);
   }
 }
 
@@ -123,7 +140,11 @@ try {
 
   const shown = (f) => (f.startsWith(`${REPO_ROOT}${path.sep}`) ? path.relative(REPO_ROOT, f) : f);
   process.stdout.write(`demo: starting ${shown(bin)} --config ${shown(configFile)}\n`);
-  const gw = spawnLogged('portcullis', bin, ['--config', configFile], { logDir: tmp, echo: true });
+  const gw = spawnLogged('portcullis', bin, ['--config', configFile], {
+    logDir: tmp,
+    echo: true,
+    env: gatewayEnv({ PORTCULLIS_ADMIN_LISTEN: `127.0.0.1:${ports.admin}` }),
+  });
   await waitForHttp(`http://127.0.0.1:${ports.gw}/readyz`, { timeoutMs: 30_000, proc: gw });
   watch(gw);
 
@@ -136,6 +157,7 @@ try {
     `IdP       http://127.0.0.1:${ports.idp}/  (log: ${idp.logFile})`,
     `demo app  http://127.0.0.1:${ports.app}/  (log: ${app.logFile})`,
     `sign out  ${gwUrl}oauth2/sign_out`,
+    `metrics   http://127.0.0.1:${ports.admin}/metrics  (admin: /healthz /readyz)`,
     '',
     'Gateway log follows. Ctrl-C stops all three.',
   ])}\n\n`);

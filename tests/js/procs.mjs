@@ -38,6 +38,17 @@ export async function freePorts(n) {
 export const sleep = (ms) => new Promise((r) => { setTimeout(r, ms); });
 
 /**
+ * The environment for a gateway process: this process's, without PORTCULLIS_BIN (the
+ * launcher's own setting, which names no configuration key and would only make the gateway
+ * warn about an unknown PORTCULLIS_* variable), plus `extra`. Other PORTCULLIS_* variables
+ * pass on: they are the user's overrides.
+ */
+export function gatewayEnv(extra = {}) {
+  // spawnLogged() merges this into process.env: an undefined value leaves a variable out.
+  return { PORTCULLIS_BIN: undefined, ...extra };
+}
+
+/**
  * Spawn `cmd args` with stdout+stderr appended to `<logDir>/<name>.log`.
  * Returns a handle:
  *   { name, child, pid, logFile, lines, exited (promise of {code, signal}),

@@ -114,6 +114,17 @@ pub const OPEN_REDIRECTS: &[&str] = &[
     "http://127.1",
     "http://0.0.0.0",
     "http://169.254.169.254/latest/meta-data/",
+    // The gateway's own host (`localhost` in the tests) on another port or scheme: another
+    // origin, another service (the test adds its own port with the other scheme).
+    "http://localhost:9999/x",
+    "http://localhost:1/",
+    "http://localhost/x",
+    "https://localhost/x",
+    "https://localhost:443/",
+    "//localhost:9999/x",
+    "http://LOCALHOST:9999/x",
+    "http://localhost.:9999/x",
+    "ws://localhost:9999/x",
     // Encoded schemes.
     "%68ttps://evil.com",
     "%68%74%74%70%73%3a%2f%2fevil.com",
