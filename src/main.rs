@@ -39,10 +39,10 @@ fn main() -> ExitCode {
     let cfg = match loaded {
         Ok(c) => c,
         Err(errors) => {
-            eprintln!("{errors}");
             if path.is_none() {
-                eprintln!("(no configuration file: pass --config FILE, set PORTCULLIS_CONFIG, or set every required key as PORTCULLIS_*)");
+                eprintln!("config error: no configuration file (pass --config FILE or set PORTCULLIS_CONFIG), and the PORTCULLIS_* environment alone is incomplete:");
             }
+            eprintln!("{errors}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };

@@ -235,8 +235,11 @@ fn every_error_is_reported_on_its_own_line() {
     let r = run(&["check", "--config", "/nonexistent/portcullis.yaml"], &[]);
     let l = assert_invalid(&r, 1);
     assert!(l[0].contains("/nonexistent/portcullis.yaml"), "{}", l[0]);
+    // No file and no environment: said first, then each missing key on a line of its own.
     let r = run(&["check"], &[]);
-    assert_invalid(&r, 1);
+    let l = assert_invalid(&r, 7);
+    assert!(l[0].contains("no configuration file"), "{}", l[0]);
+    assert!(l[1].starts_with("config error: upstream: "), "{}", l[1]);
 }
 
 #[test]
@@ -528,9 +531,11 @@ fn the_environment_alone_is_a_configuration() {
         .collect();
     let r = run(&["check"], &short);
     assert_eq!(r.code, 2, "{}", r.stderr);
-    let first = r.lines().first().copied().unwrap_or_default();
+    let lines = r.lines();
+    assert_eq!(lines.len(), 2, "{}", r.stderr);
+    assert!(lines[0].contains("no configuration file"), "{}", r.stderr);
     assert!(
-        first.starts_with("config error: provider.client_id: "),
+        lines[1].starts_with("config error: provider.client_id: "),
         "{}",
         r.stderr
     );
