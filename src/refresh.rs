@@ -40,8 +40,8 @@ pub enum RefreshFailure {
 
 type Outcome = Result<Arc<Session>, RefreshFailure>;
 
-/// One refresh per (session id, token generation). The generation is the access token's
-/// MAC, not its expiry: two tokens issued in the same second share an expiry.
+/// One refresh per (session id, token generation). The generation is a digest of the access
+/// token, not its expiry: two tokens issued in the same second share an expiry.
 type Key = ([u8; 16], String);
 
 pub struct Refresher {
@@ -70,11 +70,13 @@ pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
     now + before >= s.access_expires_at
 }
 
-/// The token generation a session carries, as refresh coordination names it.
-fn generation(app: &App, s: &Session) -> String {
-    app.cookies
-        .keys
-        .mac(b"token-generation", s.access_token.as_bytes())
+/// The token generation a session carries, as refresh coordination names it: a digest of the
+/// access token, unkeyed so that replicas (and a reload that rotates cookie keys) agree on it.
+/// A bearer token has too much entropy for its digest to give anything away.
+fn generation(s: &Session) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(s.access_token.as_bytes());
+    d[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Refresher {
@@ -84,7 +86,7 @@ impl Refresher {
         if s.refresh_token.is_none() {
             return Err(RefreshFailure::InvalidGrant);
         }
-        let key = (s.id, generation(app, s));
+        let key = (s.id, generation(s));
         let (flight, ran) = self.flights.run(
             key,
             || {
@@ -123,7 +125,7 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
         return persisted(app, run_refresh(app, s, rt).await).await;
     };
     let id = s.id_hex();
-    let generation = generation(app, s);
+    let generation = generation(s);
     let result_key = redis.key(&["refreshed", &id, &generation]);
     let lock_key = redis.key(&["lock", &id, &generation]);
     let token = app
@@ -131,6 +133,7 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
         .keys
         .mac(b"lock", &crate::session::crypto::random_bytes::<16>());
     let deadline = Instant::now() + LOCK_TTL;
+    let mut pause = Duration::from_millis(25);
     let redis_down = |e: crate::store::StoreError| {
         tracing::warn!(error = %e, "redis unavailable for refresh coordination");
     };
@@ -169,7 +172,10 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
                 return outcome;
             }
             Ok(false) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                // Soon at first (a refresh usually takes a few ms), then more gently: a slow
+                // provider must not turn waiting replicas into a load on Redis.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
             }
             Ok(false) => return Err(RefreshFailure::Unavailable),
             Err(e) => {

@@ -220,6 +220,13 @@ fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), PathError> {
         std::borrow::Cow::Borrowed(_) => return Ok(()),
         std::borrow::Cow::Owned(p) => p,
     };
+    // `/oauth2/auth/../../x` is no request for `/x`: it was meant for the gateway (Envoy's
+    // ext_authz appends the original path to its prefix), and must not reach the upstream.
+    if req.uri().path().starts_with(crate::config::FLOW_PREFIX)
+        && !normalized.starts_with(crate::config::FLOW_PREFIX)
+    {
+        return Err(PathError::LeavesGatewayPaths);
+    }
     let pq = match req.uri().query() {
         Some(q) => format!("{normalized}?{q}"),
         None => normalized,

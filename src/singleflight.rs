@@ -61,6 +61,16 @@ where
             let result = async move { task.await.unwrap_or(lost) }.boxed().shared();
             return (result, true);
         };
+        let forget = {
+            // A task that died settles nothing: the next caller starts again.
+            let flights = self.flights.clone();
+            let key = key.clone();
+            move || {
+                if let Ok(mut map) = flights.lock() {
+                    map.remove(&key);
+                }
+            }
+        };
         let reuse = self.reuse;
         let live = |e: &Entry<V>| e.finished.get().is_none_or(|at| at.elapsed() < reuse);
         if map.len() > SWEEP_ABOVE {
@@ -92,7 +102,14 @@ where
             done(&v);
             v
         });
-        let result = async move { task.await.unwrap_or(lost) }.boxed().shared();
+        let result = async move {
+            task.await.unwrap_or_else(|_| {
+                forget();
+                lost
+            })
+        }
+        .boxed()
+        .shared();
         map.insert(
             key,
             Entry {

@@ -585,6 +585,29 @@ async fn two_parallel_logins_both_succeed() {
 
 /// A browser may have 8 logins pending; a 9th expires only the oldest (by the start time
 /// sealed in the flow cookies, not by cookie order), and the other tabs' logins still finish.
+/// Thousands of flow-like cookies from a client get a bounded answer: at most a few dozen
+/// expired, looked at once each (no quadratic work), and the login still starts.
+#[tokio::test]
+async fn a_flood_of_flow_cookies_is_bounded() {
+    let s = Stack::start().await;
+    let cookies: Vec<String> = (0..2000)
+        .map(|i| format!("_portcullis_flow_{i}=x"))
+        .collect();
+    let r = send(
+        "GET",
+        &s.gw.url("/oauth2/start?rd=%2F"),
+        &[("cookie", &cookies.join("; "))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.dump());
+    let expired = r.set_cookies().iter().filter(|c| c.is_removal()).count();
+    assert!(
+        (1..=32).contains(&expired),
+        "{expired} flow cookies expired"
+    );
+}
+
 #[tokio::test]
 async fn a_ninth_pending_login_expires_only_the_oldest() {
     let s = Stack::start().await;

@@ -796,6 +796,7 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
     let routes = r#"routes:
   - { prefix: "/public/", auth: skip }
   - { prefix: "/admin/", allow: { groups: ["admins"] } }
+  - { prefix: "/hosted/", host: "old.example.com", auth: skip }
 "#;
     let s = Stack::with(
         &[],
@@ -900,6 +901,30 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
     );
     let anonymous = raw_get("/oauth2/auth/other", &host, &[]);
     assert_eq!(status(anonymous).await, Some(401));
+    // The Envoy form with the original request in headers as well: a proxy pointed at
+    // `/oauth2/auth/` by mistake; which request is meant is unknown.
+    assert_eq!(
+        status(ask("/oauth2/auth/", &[&url("/admin/x")])).await,
+        Some(400)
+    );
+    // Envoy names the original host in Host; an X-Forwarded-Host is the client's.
+    let spoofed = raw_get(
+        "/oauth2/auth/hosted/x",
+        &host,
+        &["X-Forwarded-Host: old.example.com"],
+    );
+    assert_eq!(status(spoofed).await, Some(401));
+    let hosted = raw_get("/oauth2/auth/hosted/x", "old.example.com", &[]);
+    assert_eq!(status(hosted).await, Some(200));
+    // Dot segments cannot climb out of the gateway's endpoints to the upstream.
+    let before = s.upstream.count();
+    let climb = raw_get(
+        "/oauth2/auth/../../x",
+        &host,
+        &[&format!("Cookie: {cookie}")],
+    );
+    assert_eq!(status(climb).await, Some(400));
+    assert_eq!(s.upstream.count(), before, "reached the upstream");
 }
 
 /// From a peer that is not a trusted proxy the original request is not believed at all.

@@ -129,12 +129,16 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambig
         .strip_prefix("/oauth2/auth")
         .filter(|rest| rest.starts_with('/'))
     {
-        // Envoy: the router already normalised the whole path, this part with it.
-        let host = forwarded_host.or_else(|| {
-            h.get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(host_only)
-        });
+        // Envoy: the router already normalised the whole path, this part with it. A proxy
+        // that names the original request in headers too was pointed at `/oauth2/auth/` by
+        // mistake: which path is meant is unknown.
+        if h.contains_key("x-original-url") || h.contains_key("x-forwarded-uri") {
+            return Err(Ambiguous("x-original-url"));
+        }
+        // Envoy sets Host to the original authority; an X-Forwarded-Host would be the client's.
+        let host = at_most_once(h, "host")?
+            .map(host_only)
+            .or_else(|| req.uri().authority().map(|a| host_only(a.as_str())));
         let target = match req.uri().query() {
             Some(q) => format!("{rest}?{q}"),
             None => rest.to_string(),

@@ -112,9 +112,15 @@ fn random_token() -> String {
 /// only when there are that many already: every unreadable one (it can finish no login), then
 /// the oldest by the start time sealed inside them (not by cookie order, which browsers do not
 /// promise). The other tabs' logins go on.
+///
+/// At most `4 × MAX_FLOWS` distinct names are looked at: a client that sends thousands of
+/// flow-like cookies gets no quadratic work (nor thousands of `Set-Cookie` lines).
 fn flows_to_evict<'a>(app: &'a App, jar: &'a CookieJar<'_>) -> Vec<&'a str> {
     let mut pending: Vec<&str> = Vec::new();
     for n in app.cookies.flow_names(jar) {
+        if pending.len() == 4 * MAX_FLOWS {
+            break;
+        }
         if !pending.contains(&n) {
             pending.push(n);
         }

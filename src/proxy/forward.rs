@@ -9,7 +9,7 @@ use crate::metrics::{ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{AuthMode, Route};
 use crate::proxy::pool::SendError;
-use crate::server::h1::io::ClientUpgrade;
+use crate::server::h1::io::{ClientBodyError, ClientUpgrade};
 use crate::session::ActiveSession;
 use http::uri::PathAndQuery;
 use http::{header, Request, Response, StatusCode, Uri, Version};
@@ -179,8 +179,13 @@ fn send_failure(e: SendError) -> GatewayError {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     let mut io_kind = None;
     while let Some(c) = cause {
-        if let Some(BodyError::Client(fault)) = c.downcast_ref::<BodyError>() {
-            return GatewayError::ClientBody(*fault);
+        match c.downcast_ref::<BodyError>() {
+            Some(BodyError::Client(fault)) => return GatewayError::ClientBody(*fault),
+            // The client's HTTP/2 upload broke off (a stream reset).
+            Some(BodyError::Http(_)) => {
+                return GatewayError::ClientBody(ClientBodyError::Incomplete)
+            }
+            None => {}
         }
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
             io_kind = Some(io.kind());

@@ -21,6 +21,8 @@ pub enum PathError {
     BadEncoding,
     #[error("percent-encoding that is not UTF-8")]
     NotUtf8,
+    #[error("dot segments leave the gateway's own endpoints")]
+    LeavesGatewayPaths,
 }
 
 fn hex(b: u8) -> Option<u8> {

@@ -12,10 +12,56 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What is revoked, each kind in a map of its own, so that a check looks up borrowed keys and
+/// allocates nothing.
+#[derive(Clone, Default)]
+struct Revoked {
+    sids: HashMap<String, u64>,
+    subs: HashMap<String, u64>,
+    ids: HashMap<[u8; 16], u64>,
+}
+
+impl Revoked {
+    fn is_empty(&self) -> bool {
+        self.sids.is_empty() && self.subs.is_empty() && self.ids.is_empty()
+    }
+
+    /// Adds a "sid:<sid>" / "sub:<sub>" / "id:<hex id>" entry (the Redis member format).
+    fn add(&mut self, key: &str, at: u64) {
+        let newest = |t: &mut u64| *t = (*t).max(at);
+        if let Some(sid) = key.strip_prefix("sid:") {
+            newest(self.sids.entry(sid.to_string()).or_default());
+        } else if let Some(sub) = key.strip_prefix("sub:") {
+            newest(self.subs.entry(sub.to_string()).or_default());
+        } else if let Some(id) = key.strip_prefix("id:").and_then(parse_id) {
+            newest(self.ids.entry(id).or_default());
+        }
+    }
+
+    fn retain_after(&mut self, horizon: u64) {
+        self.sids.retain(|_, t| *t >= horizon);
+        self.subs.retain(|_, t| *t >= horizon);
+        self.ids.retain(|_, t| *t >= horizon);
+    }
+}
+
+fn parse_id(hex: &str) -> Option<[u8; 16]> {
+    let b = hex.as_bytes();
+    if b.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16);
+        id[i] = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+    }
+    Some(id)
+}
+
 #[derive(Default)]
 pub struct Revocations {
-    /// "sid:<sid>" / "sub:<sub>" / "id:<session id>" → unix time of the logout.
-    map: ArcSwap<HashMap<String, u64>>,
+    /// What is revoked → unix time of the logout.
+    map: ArcSwap<Revoked>,
     synced_to: AtomicU64,
 }
 
@@ -27,27 +73,21 @@ impl Revocations {
         if map.is_empty() {
             return false;
         }
-        let hit = |kind: &str, value: &str| {
-            let mut k = String::with_capacity(kind.len() + value.len());
-            k.push_str(kind);
-            k.push_str(value);
-            map.get(&k).is_some_and(|t| *t >= s.created_at)
-        };
+        let since = |t: Option<&u64>| t.is_some_and(|t| *t >= s.created_at);
         s.identity
             .sid
             .as_deref()
-            .is_some_and(|sid| hit("sid:", sid))
-            || hit("sub:", &s.identity.sub)
-            || hit("id:", &s.id_hex())
+            .is_some_and(|sid| since(map.sids.get(sid)))
+            || since(map.subs.get(s.identity.sub.as_str()))
+            || since(map.ids.get(&s.id))
     }
 
     fn apply(&self, items: impl IntoIterator<Item = (String, u64)>, horizon: u64) {
-        let mut next: HashMap<String, u64> = (**self.map.load()).clone();
+        let mut next = Revoked::clone(&self.map.load());
         for (k, t) in items {
-            let e = next.entry(k).or_insert(0);
-            *e = (*e).max(t);
+            next.add(&k, t);
         }
-        next.retain(|_, t| *t >= horizon);
+        next.retain_after(horizon);
         self.map.store(Arc::new(next));
     }
 
@@ -113,5 +153,32 @@ impl Revocations {
             }
             tokio::time::sleep(SYNC_EVERY).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoked_by_sid_sub_or_id_since_the_logout() {
+        let r = Revocations::default();
+        let mut s = crate::session::tests::sample();
+        s.created_at = 100;
+        assert!(!r.is_revoked(&s));
+        r.apply([(format!("id:{}", s.id_hex()), 150)], 0);
+        assert!(r.is_revoked(&s), "its id");
+        let mut other = s.clone();
+        other.id = [9; 16];
+        assert!(!r.is_revoked(&other), "another session of the user");
+        r.apply([(format!("sub:{}", s.identity.sub), 90)], 0);
+        assert!(!r.is_revoked(&other), "a logout before it was created");
+        r.apply([(format!("sub:{}", s.identity.sub), 120)], 0);
+        assert!(r.is_revoked(&other), "its user, after it was created");
+        // Old entries go; garbage is ignored.
+        r.apply([("id:zz".to_string(), 200), ("what".to_string(), 200)], 130);
+        assert!(!r.is_revoked(&other));
+        assert!(r.is_revoked(&s));
+        assert_eq!(parse_id(&s.id_hex()), Some(s.id));
     }
 }
