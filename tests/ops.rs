@@ -60,6 +60,30 @@ async fn await_metric(gw: &OpsGateway, series: &str, value: f64, what: &str) {
     .await;
 }
 
+/// An HTTP/2 (prior knowledge) connection to the gateway on `port`, its driver task, and a
+/// request for the upstream's `/slow` (answered after 3 s) to send on it.
+async fn h2_slow_request(
+    port: u16,
+) -> (
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+    http::Request<Empty<Bytes>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/slow"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    (sender, tokio::spawn(conn), req)
+}
+
 /// A request whose client goes away before the answer (an HTTP/2 stream reset: hyper drops
 /// the request's future) leaves the in-flight gauge and is counted and logged as 499.
 #[tokio::test]
@@ -68,19 +92,7 @@ async fn abandoned_requests_leave_the_in_flight_gauge() {
     opts.extra = r#"routes: [ { prefix: "/", auth: skip } ]"#.to_string();
     let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
     let port = gw.port;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
-    let req = http::Request::get(format!("http://127.0.0.1:{port}/slow"))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let (mut sender, conn, req) = h2_slow_request(port).await;
     // The upstream answers /slow after 3 s: give up long before (dropping the response
     // future resets the stream).
     let pending = tokio::spawn(async move { sender.send_request(req).await });
@@ -767,19 +779,7 @@ async fn sigterm_drains_http2_connections() {
     opts.extra = "routes: [ { prefix: \"/\", auth: skip } ]\nlifecycle: { shutdown_delay: 1s }\ntimeouts: { shutdown: 10s }".into();
     let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
     let port = gw.port;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
-    let req = http::Request::get(format!("http://127.0.0.1:{port}/slow"))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let (mut sender, conn, req) = h2_slow_request(port).await;
     let slow = tokio::spawn(async move {
         let resp = sender.send_request(req).await?;
         let status = resp.status();

@@ -684,23 +684,11 @@ async fn userinfo_refreshes_and_reports_a_revoked_grant_as_logged_out() {
     let cookie = login_cookie(&gw, "alice").await;
     let logged_in = Instant::now();
     let first = bearer_of(&upstream.last());
-    let userinfo = |cookie: String| {
-        let url = gw.url("/oauth2/userinfo");
-        async move {
-            send(
-                "GET",
-                &url,
-                &[("accept", "application/json"), ("cookie", &cookie)],
-                Vec::new(),
-            )
-            .await
-        }
-    };
 
     // Due: userinfo refreshes the token and passes the new cookie back.
     until_due(logged_in, 1).await;
     let grants = idp.token_requests();
-    let r = userinfo(cookie.clone()).await;
+    let r = api(&gw, "/oauth2/userinfo", &cookie).await;
     assert_eq!(r.status, 200, "{}", r.dump());
     assert_eq!(r.json()["sub"], "alice");
     assert_eq!(idp.token_requests(), grants + 1, "one refresh grant");
@@ -718,7 +706,7 @@ async fn userinfo_refreshes_and_reports_a_revoked_grant_as_logged_out() {
     // and userinfo says so, as a proxied request would.
     revoke_at_provider(&idp, &second).await;
     until_due(refreshed_at, 1).await;
-    let r = userinfo(cookie.clone()).await;
+    let r = api(&gw, "/oauth2/userinfo", &cookie).await;
     assert_eq!(
         r.status,
         401,
