@@ -165,12 +165,9 @@ where
                 Ok(resp)
             }))
         } else {
-            let routes = &self.app.cfg.routes;
-            if !routes.is_empty() {
+            if !self.app.cfg.routes.is_empty() {
                 let host = request_host(&req);
-                let matched = routes
-                    .iter()
-                    .position(|r| r.matches(req.method(), host, req.uri().path()));
+                let matched = self.app.route_for(req.method(), host, req.uri().path());
                 if let Some(i) = matched {
                     req.extensions_mut().insert(RouteIdx(i));
                 }
@@ -185,6 +182,19 @@ where
 pub struct RouteIdx(pub usize);
 
 impl App {
+    /// The first configured route a request matches (its index); `None`: the default.
+    pub fn route_for(
+        &self,
+        method: &http::Method,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<usize> {
+        self.cfg
+            .routes
+            .iter()
+            .position(|r| r.matches(method, host, path))
+    }
+
     pub fn route_of<B>(&self, req: &Request<B>) -> Option<&Route> {
         self.route_in(req.extensions())
     }

@@ -96,10 +96,8 @@ fn find_route<'a>(
     host: Option<&str>,
     path: &str,
 ) -> Option<&'a Route> {
-    app.cfg
-        .routes
-        .iter()
-        .find(|r| r.matches(method, host, path))
+    app.route_for(method, host, path)
+        .and_then(|i| app.cfg.routes.get(i))
 }
 
 /// The original request, as far as a trusted proxy named it.
@@ -112,8 +110,8 @@ struct Original<'a> {
 
 /// The route the original request would take — known only when a trusted proxy says which
 /// request it was (`X-Original-URL` from ingress-nginx, `X-Forwarded-Uri` from Traefik, the
-/// path after `/oauth2/auth` from Envoy); a client anywhere else cannot choose it. `Ok(None)`:
-/// no original request named, or the default route.
+/// path after `/oauth2/auth` from Envoy); a client anywhere else cannot choose it. Without
+/// one, `Original::default()`: no route, no target.
 fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambiguous> {
     let Some(peer) = req.extensions().get::<ConnInfo>() else {
         return Ok(Original::default());
