@@ -1428,7 +1428,9 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     ])
     .await;
     let mut cfg = OpsConfig::new(GatewayOpts {
-        extra: "trusted_proxies: [\"127.0.0.1/32\"]".into(),
+        extra: "trusted_proxies: [\"127.0.0.1/32\"]\nroutes:\n  \
+                - { prefix: \"/writes/\", methods: [\"POST\"], allow: { groups: [\"admins\"] } }"
+            .into(),
         ..GatewayOpts::new(gw_port, &idp, &upstream.url())
     });
     cfg.admin_port = None;
@@ -1476,6 +1478,22 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     );
     assert_eq!(rec.header("x-user"), Some("alice"), "{rec:?}");
     assert_eq!(rec.header("x-email"), Some("alice@example.test"), "{rec:?}");
+
+    // nginx asks with GET whatever the method: the rules of a route for POST apply to the
+    // POST only because the snippet passes the method on.
+    let cookie = b.cookie_header(&nginx.url("/"));
+    let before = upstream.count();
+    let post = send(
+        "POST",
+        &nginx.url("/writes/x"),
+        &[("cookie", cookie.as_str())],
+        b"x".to_vec(),
+    )
+    .await;
+    assert_eq!(post.status, 403, "{}\n{}", post.dump(), gw.tails());
+    assert_eq!(upstream.count(), before, "the POST reached the upstream");
+    let get = api_get(&nginx.url("/writes/x"), &cookie).await;
+    assert_eq!(get.status, 200, "{}", get.dump());
 
     // An API call without a session, through nginx: the login redirect too.
     let r = send(

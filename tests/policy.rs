@@ -797,6 +797,8 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
   - { prefix: "/public/", auth: skip }
   - { prefix: "/admin/", allow: { groups: ["admins"] } }
   - { prefix: "/hosted/", host: "old.example.com", auth: skip }
+  - { prefix: "/open/", methods: ["GET", "HEAD"], auth: skip }
+  - { prefix: "/writes/", methods: ["POST"], allow: { groups: ["admins"] } }
 "#;
     let s = Stack::with(
         &[],
@@ -872,6 +874,48 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
             "{two:?}"
         );
     }
+    // The method decides on routes that name methods: said by the proxy, it is believed;
+    // unsaid (nginx's auth_request asks with GET), the route is unknown and refused rather
+    // than judged as a GET.
+    let method = |m: &str| format!("X-Forwarded-Method: {m}");
+    let anonymous = |p: &str, extra: &[&str]| {
+        let mut headers = vec![url(p)];
+        headers.extend(extra.iter().map(|h| h.to_string()));
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        raw_get("/oauth2/auth", &host, &headers)
+    };
+    assert_eq!(
+        status(anonymous("/open/x", &[&method("GET")])).await,
+        Some(202)
+    );
+    assert_eq!(
+        status(anonymous("/open/x", &[&method("POST")])).await,
+        Some(401)
+    );
+    assert_eq!(
+        status(anonymous("/open/x", &["X-Original-Method: PUT"])).await,
+        Some(401)
+    );
+    assert_eq!(status(anonymous("/open/x", &[])).await, Some(400));
+    assert_eq!(
+        status(ask("/oauth2/auth", &[&url("/writes/x"), &method("POST")])).await,
+        Some(403)
+    );
+    assert_eq!(
+        status(ask("/oauth2/auth", &[&url("/writes/x"), &method("GET")])).await,
+        Some(202)
+    );
+    assert_eq!(
+        status(ask("/oauth2/auth", &[&url("/writes/x")])).await,
+        Some(400)
+    );
+    // A route that fits every method decides without one.
+    assert_eq!(
+        status(ask("/oauth2/auth", &[&url("/admin/x")])).await,
+        Some(403)
+    );
+    assert_eq!(status(anonymous("/public/x", &[])).await, Some(202));
+
     // Both headers naming the same request (ingress-nginx style): fine.
     assert_eq!(
         status(ask(

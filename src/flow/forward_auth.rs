@@ -100,6 +100,21 @@ fn find_route<'a>(
         .and_then(|i| app.cfg.routes.get(i))
 }
 
+/// The route of a request whose method the proxy did not say (nginx's `auth_request` asks
+/// with GET and names the method only when configured to): known when the first route that
+/// fits the path applies to every method, ambiguous when it names methods, since the
+/// request may be one it does not cover.
+fn route_whatever_the_method<'a>(
+    app: &'a App,
+    host: Option<&str>,
+    path: &str,
+) -> Result<Option<&'a Route>, Ambiguous> {
+    match app.cfg.routes.iter().find(|r| r.covers(host, path)) {
+        Some(r) if !r.methods.is_empty() => Err(Ambiguous("x-forwarded-method")),
+        found => Ok(found),
+    }
+}
+
 /// The original request, as far as a trusted proxy named it.
 #[derive(Default)]
 struct Original<'a> {
@@ -164,16 +179,22 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambig
             at_most_once(h, "x-original-method")?,
         ) {
             (Some(a), Some(b)) if a != b => return Err(Ambiguous("x-forwarded-method")),
-            (Some(m), _) | (None, Some(m)) => http::Method::from_bytes(m.as_bytes())
-                .map_err(|_| Ambiguous("x-forwarded-method"))?,
-            (None, None) => http::Method::GET,
+            (Some(m), _) | (None, Some(m)) => Some(
+                http::Method::from_bytes(m.as_bytes())
+                    .map_err(|_| Ambiguous("x-forwarded-method"))?,
+            ),
+            (None, None) => None,
         };
         let host = uri
             .authority()
             .map(|a| host_only(a.as_str()))
             .or(forwarded_host);
+        let route = match method {
+            Some(method) => find_route(app, &method, host, &path),
+            None => route_whatever_the_method(app, host, &path)?,
+        };
         return Ok(Original {
-            route: find_route(app, &method, host, &path),
+            route,
             target: uri.path_and_query().map(|pq| pq.to_string()),
         });
     };

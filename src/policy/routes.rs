@@ -40,12 +40,16 @@ pub struct Route {
 
 impl Route {
     pub fn matches(&self, method: &Method, host: Option<&str>, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method)) && self.covers(host, path)
+    }
+
+    /// Whether the route's host and path fit, whatever the method.
+    pub fn covers(&self, host: Option<&str>, path: &str) -> bool {
         let path_ok = match &self.path {
             PathMatch::Regex(r) => r.is_match(path),
             PathMatch::Prefix(p) => path.starts_with(p.as_str()),
         };
         path_ok
-            && (self.methods.is_empty() || self.methods.contains(method))
             && self
                 .host
                 .as_deref()

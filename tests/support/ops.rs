@@ -623,6 +623,7 @@ http {{
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
+            proxy_set_header X-Forwarded-Method $request_method;
         }}
         location /oauth2/ {{
             proxy_pass http://127.0.0.1:{gw_port};
