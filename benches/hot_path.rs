@@ -268,7 +268,7 @@ fn whole_stack(c: &mut Criterion) {
         let cfg = Arc::new(config(up_port, gw_port));
         let shared =
             portcullis::app::Shared::new(Arc::new(portcullis::metrics::Metrics::new().unwrap()));
-        let generation = portcullis::live::build(cfg, &shared, None).unwrap();
+        let generation = portcullis::live::build(cfg, &shared, None).await.unwrap();
         let cookie = cookie_header(&generation.app.cookies, &session(43));
         let live = Arc::new(arc_swap::ArcSwap::from_pointee(generation));
         tokio::spawn(portcullis::server::serve(live, gw, std::future::pending()));

@@ -36,6 +36,8 @@ pub enum StartError {
     Client(std::io::Error),
     #[error("cannot use redis: {0}")]
     Redis(store::StoreError),
+    #[error("provider.issuer_url `{issuer}`: {error}")]
+    Provider { issuer: String, error: String },
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -59,11 +61,9 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
         ),
         None => None,
     };
-    let live: live::Live = Arc::new(arc_swap::ArcSwap::from_pointee(live::build(
-        cfg.clone(),
-        &shared,
-        None,
-    )?));
+    let live: live::Live = Arc::new(arc_swap::ArcSwap::from_pointee(
+        live::build(cfg.clone(), &shared, None).await?,
+    ));
     tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
     if let Some(l) = admin {
         tokio::spawn(admin::serve(live.clone(), l));

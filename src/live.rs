@@ -32,8 +32,10 @@ fn client_options(cfg: &Config) -> proxy::client::ClientOptions {
 }
 
 /// Builds a generation, reusing from `prev` what still fits (connection pools, the discovered
-/// provider, the Redis connection) so a reload costs no cold start.
-pub fn build(
+/// provider, the Redis connection) so a reload costs no cold start. A reload that changes a
+/// working provider for one that cannot be discovered fails: swapped in, it would take every
+/// replica out of service at once for a typo (at start-up, discovery is retried until ready).
+pub async fn build(
     cfg: Arc<Config>,
     shared: &Shared,
     prev: Option<&App>,
@@ -56,7 +58,20 @@ pub fn build(
     ));
     let adopted = prev.is_some_and(|p| provider.adopt(&p.provider));
     if !adopted {
-        tokio::spawn(provider.clone().discover_until_ready());
+        match prev {
+            Some(p) if p.provider.is_ready() => {
+                provider
+                    .discover()
+                    .await
+                    .map_err(|e| StartError::Provider {
+                        issuer: cfg.provider.issuer_url.clone(),
+                        error: format!("discovery failed: {e}"),
+                    })?;
+            }
+            _ => {
+                tokio::spawn(provider.clone().discover_until_ready());
+            }
+        }
     }
     let redis = match (&cfg.session.redis, prev) {
         (Some(rc), Some(p)) if p.cfg.session.redis.as_ref() == Some(rc) => p.redis.clone(),
@@ -128,13 +143,13 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
         if !forced && now == last {
             continue;
         }
-        reload(path, &live, &shared);
+        reload(path, &live, &shared).await;
         // Secret files named by the new config may differ from the old ones.
         last = fingerprint(path, &live.load().app.cfg.watched_files);
     }
 }
 
-fn reload(path: Option<&Path>, live: &Live, shared: &Shared) {
+async fn reload(path: Option<&Path>, live: &Live, shared: &Shared) {
     let result = |r: &str| shared.metrics.config_reloads.with_label_values(&[r]).inc();
     let loaded = match path {
         Some(path) => config::load(path),
@@ -155,7 +170,7 @@ fn reload(path: Option<&Path>, live: &Live, shared: &Shared) {
     if cfg.listen != old.listen || cfg.admin_listen != old.admin_listen {
         tracing::warn!("listen and admin.listen changes take effect only after a restart");
     }
-    match build(Arc::new(cfg), shared, Some(&current.app)) {
+    match build(Arc::new(cfg), shared, Some(&current.app)).await {
         Ok(next) => {
             live.store(Arc::new(next));
             // Idle keep-alive connections hold the previous generation until their next

@@ -600,7 +600,27 @@ async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
         extra: format!("{ALL_PUBLIC}\n{}", tls_yaml(&cert, &key)),
         ..GatewayOpts::new(port, &idp, &upstream.url())
     };
-    let gw = TlsGateway::start(port, opts.yaml(), &pki.ca()).await;
+    let admin = free_port();
+    let yaml = opts.yaml().replace(
+        support::procs::ADMIN_YAML,
+        &format!("admin: {{ listen: \"127.0.0.1:{admin}\" }}"),
+    );
+    let gw = TlsGateway::start(port, yaml, &pki.ca()).await;
+    let reloads = |result: &'static str| async move {
+        let r = send(
+            "GET",
+            &format!("http://127.0.0.1:{admin}/metrics"),
+            &[],
+            Vec::new(),
+        )
+        .await;
+        support::ops::Exposition::parse(&r.text())
+            .get(&format!(
+                "portcullis_config_reloads_total{{result=\"{result}\"}}"
+            ))
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(reloads("success").await, 0.0);
 
     // HTTP/2 when offered, HTTP/1.1 otherwise; the upstream learns it was https.
     let r = https_get(&gw.ca, &gw.url("/x?y=1"), &[("x-forwarded-proto", "http")]).await;
@@ -720,9 +740,22 @@ async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
     let r = https_get(&gw.ca, &gw.url("/after"), &[]).await;
     assert_eq!(r.status, 200, "{}", r.dump());
     assert_eq!(upstream.count(), before + 1);
-    // A broken pair is not loaded: the current certificate stays.
+    assert!(reloads("success").await >= 1.0);
+    // A broken pair is not loaded: the current certificate stays, and the failure is
+    // counted (a failed renewal must reach the reload alert).
+    assert_eq!(reloads("failure").await, 0.0);
     std::fs::write(&cert, "not a certificate").unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    support::ops::eventually(
+        Duration::from_secs(20),
+        "the failed reload counted",
+        || async {
+            match reloads("failure").await {
+                n if n >= 1.0 => Ok(()),
+                n => Err(format!("config_reloads_total{{result=\"failure\"}} {n}")),
+            }
+        },
+    )
+    .await;
     let h = handshake(port, &gw.ca, &[], rustls::DEFAULT_VERSIONS)
         .await
         .unwrap();

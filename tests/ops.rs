@@ -1079,7 +1079,26 @@ async fn invalid_config_reload_is_rejected_and_the_old_one_keeps_serving() {
     let ready = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
     assert_eq!(ready.status, 200, "{}", ready.dump());
 
-    // A valid config again: it applies, and the failure was counted once (not retried).
+    // A well-formed config whose provider cannot be discovered (a typo in the issuer):
+    // swapped in, it would make every replica unready at once. Rejected, naming the key.
+    let typo = cfg.yaml().replace(
+        &format!("issuer_url: \"{}\"", cfg.gw.issuer),
+        &format!("issuer_url: \"http://127.0.0.1:{}\"", free_port()),
+    );
+    assert_ne!(typo, cfg.yaml());
+    write_atomic(&gw.config, &typo);
+    gw.await_reloads("failure", 2.0, RELOAD).await;
+    assert!(
+        gw.stderr().contains("provider.issuer_url"),
+        "{}",
+        gw.tails()
+    );
+    let ready = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
+    assert_eq!(ready.status, 200, "{}", ready.dump());
+    let r = send("GET", &gw.url("/oauth2/start"), &[], Vec::new()).await;
+    assert_eq!(r.status, 302, "logins still work: {}", r.dump());
+
+    // A valid config again: it applies, and each failure was counted once (not retried).
     let mut good = cfg.clone();
     good.gw.extra = "headers: { user: X-Remote-User }".into();
     write_atomic(&gw.config, &good.yaml());
@@ -1087,7 +1106,7 @@ async fn invalid_config_reload_is_rejected_and_the_old_one_keeps_serving() {
     let r = api_get(&gw.url("/fixed"), &cookie).await;
     assert_eq!(r.status, 200, "{}", r.dump());
     assert_eq!(upstream.last().header("x-remote-user"), Some("alice"));
-    assert_eq!(gw.reloads("failure").await, 1.0);
+    assert_eq!(gw.reloads("failure").await, 2.0);
 }
 
 /// Timeouts follow a reload: the drain after SIGTERM is the reloaded config's

@@ -58,8 +58,10 @@ impl ReloadingCert {
         }))
     }
 
-    /// Re-reads the files every couple of seconds; a bad pair is logged and the old one kept.
-    pub async fn watch(self: Arc<Self>) {
+    /// Re-reads the files every couple of seconds; a bad pair is logged and counted (a
+    /// failed renewal must reach the reload alert before the old certificate expires), and
+    /// the old one kept.
+    pub async fn watch(self: Arc<Self>, reloads: prometheus::IntCounterVec) {
         let stamp = |p: &Path| std::fs::read(p).ok();
         let mut last = (stamp(&self.cert), stamp(&self.key));
         loop {
@@ -73,9 +75,11 @@ impl ReloadingCert {
                 Ok(ck) => {
                     self.current.store(Arc::new(ck));
                     tracing::info!("TLS certificate reloaded");
+                    reloads.with_label_values(&["success"]).inc();
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one")
+                    tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one");
+                    reloads.with_label_values(&["failure"]).inc();
                 }
             }
         }
