@@ -59,14 +59,45 @@ fn method_index(m: &Method) -> usize {
     }
 }
 
-/// Facts the inner layers leave on the response for the observer.
+/// What the inner layers learn about a request, for its count and access line.
 #[derive(Debug, Clone, Default)]
 pub struct ResponseFacts {
     pub route: Option<RouteKind>,
+    /// When the request left for the upstream; with no `upstream_time`, it is still there.
+    pub upstream_start: Option<Instant>,
     pub upstream_time: Option<Duration>,
     pub user: Option<Arc<str>>,
     /// When the response was ready, if its handler already read the clock.
     pub end: Option<Instant>,
+}
+
+/// The request's `ResponseFacts`, shared by the observer and the inner layers through the
+/// request's extensions: a request the client abandons is logged with its route, user and
+/// the upstream's share of the wait, as an answered one is (its wait on a slow upstream is
+/// not the gateway's own time).
+#[derive(Debug, Clone, Default)]
+pub struct Facts(Arc<std::sync::Mutex<ResponseFacts>>);
+
+impl Facts {
+    pub fn of(extensions: &http::Extensions) -> Option<&Facts> {
+        extensions.get()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut ResponseFacts)) {
+        f(&mut self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn take(&self) -> ResponseFacts {
+        std::mem::take(
+            &mut self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 pub struct Metrics {
@@ -330,6 +361,7 @@ pin_project_lite::pin_project! {
         method: Method,
         request_id: Option<http::HeaderValue>,
         metrics: Arc<Metrics>,
+        facts: Facts,
         // Set when the response was counted; a request dropped before (the client went away)
         // is counted on drop.
         done: bool,
@@ -338,7 +370,13 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if !*this.done {
-                finish(this.metrics, this.method, this.request_id, *this.start, CLIENT_CLOSED, None);
+                let mut facts = this.facts.take();
+                let now = Instant::now();
+                if facts.upstream_time.is_none() {
+                    facts.upstream_time = facts.upstream_start.map(|s| now.saturating_duration_since(s));
+                }
+                facts.end = Some(now);
+                finish(this.metrics, this.method, this.request_id, *this.start, CLIENT_CLOSED, &facts);
             }
         }
     }
@@ -355,13 +393,13 @@ fn finish(
     request_id: &Option<http::HeaderValue>,
     start: Instant,
     status: u16,
-    facts: Option<&ResponseFacts>,
+    facts: &ResponseFacts,
 ) {
     metrics.in_flight.dec();
-    let end = facts.and_then(|f| f.end).unwrap_or_else(Instant::now);
+    let end = facts.end.unwrap_or_else(Instant::now);
     let total = end.saturating_duration_since(start);
-    let route = facts.and_then(|f| f.route).unwrap_or(RouteKind::Proxied);
-    let upstream = facts.and_then(|f| f.upstream_time);
+    let route = facts.route.unwrap_or(RouteKind::Proxied);
+    let upstream = facts.upstream_time;
     let gateway = total.saturating_sub(upstream.unwrap_or_default());
     metrics.record(route, method, status, gateway);
     if tracing::enabled!(target: "access", tracing::Level::INFO) {
@@ -373,7 +411,7 @@ fn finish(
             status,
             gateway_ms = gateway.as_secs_f64() * 1000.0,
             upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
-            user = facts.and_then(|f| f.user.as_deref()).unwrap_or("-"),
+            user = facts.user.as_deref().unwrap_or("-"),
         );
     }
 }
@@ -391,7 +429,6 @@ where
             Poll::Pending => return Poll::Pending,
         };
         *this.done = true;
-        let facts = resp.extensions().get::<ResponseFacts>();
         let status = resp.status().as_u16();
         finish(
             this.metrics,
@@ -399,7 +436,7 @@ where
             this.request_id,
             *this.start,
             status,
-            facts,
+            &this.facts.take(),
         );
         Poll::Ready(Ok(resp))
     }
@@ -417,14 +454,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         self.metrics.in_flight.inc();
         let request_id = req.headers().get(&self.request_id).cloned();
+        let facts = Facts::default();
+        req.extensions_mut().insert(facts.clone());
         Observed {
             start: Instant::now(),
             method: req.method().clone(),
             request_id,
             metrics: self.metrics.clone(),
+            facts,
             inner: self.inner.call(req),
             done: false,
         }

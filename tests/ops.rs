@@ -122,15 +122,28 @@ async fn assert_abandoned_once(gw: &OpsGateway) {
     .await;
     let m = gw.metrics().await;
     assert_eq!(
-        m.value(r#"portcullis_requests_total{method="GET",route="proxied",status="4xx"}"#),
+        m.value(r#"portcullis_requests_total{method="GET",route="skip_auth",status="4xx"}"#),
+        1.0,
+        "counted under its own route kind: {}",
+        m.text
+    );
+    // The wait on the upstream is the upstream's: not the gateway's own time.
+    assert_eq!(
+        m.value(r#"portcullis_request_duration_seconds_bucket{route="skip_auth",le="0.1"}"#),
         1.0,
         "{}",
         m.text
     );
-    assert!(gw.stderr().contains("status=499"), "{}", gw.tails());
+    let log = gw.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("status=499"))
+        .unwrap_or_else(|| panic!("no 499 access line:\n{}", gw.tails()));
+    assert!(line.contains("route=\"skip_auth\""), "{line}");
+    assert!(line.contains("upstream_ms="), "{line}");
     assert!(
-        !gw.stderr().contains("route=\"proxied\" status=200"),
-        "{}",
+        !log.contains("route=\"skip_auth\" status=200"),
+        "finished for nobody: {}",
         gw.tails()
     );
 }

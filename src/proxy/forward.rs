@@ -5,9 +5,9 @@ use crate::app::App;
 use crate::body::{Body, BodyError};
 use crate::config::UpstreamConfig;
 use crate::error::{source_chain, GatewayError, UpstreamFailure};
-use crate::metrics::{ResponseFacts, RouteKind};
+use crate::metrics::Facts;
 use crate::policy::cidr::trusted;
-use crate::policy::routes::{AuthMode, Route};
+use crate::policy::routes::Route;
 use crate::proxy::pool::SendError;
 use crate::server::h1::io::{ClientBodyError, ClientUpgrade};
 use crate::session::ActiveSession;
@@ -125,11 +125,14 @@ impl Service<Request<Body>> for Forward {
             .filter(|_| req.headers().contains_key(header::UPGRADE));
         Box::pin(async move {
             let route = app.route_in(&extensions);
-            let kind = match route.map(|r| r.auth) {
-                Some(AuthMode::Skip) => RouteKind::SkipAuth,
-                _ => RouteKind::Proxied,
-            };
+            let facts = Facts::of(&extensions);
             let start = std::time::Instant::now();
+            if let Some(facts) = facts {
+                facts.update(|f| {
+                    f.user = user;
+                    f.upstream_start = Some(start);
+                });
+            }
             let result = forward(&app, route, req, client_upgrade, start).await;
             let end = std::time::Instant::now();
             let upstream_time = end.saturating_duration_since(start);
@@ -155,12 +158,12 @@ impl Service<Request<Body>> for Forward {
                     e.into_response()
                 }
             };
-            extensions.insert(ResponseFacts {
-                route: Some(kind),
-                upstream_time: Some(upstream_time),
-                user,
-                end: Some(end),
-            });
+            if let Some(facts) = facts {
+                facts.update(|f| {
+                    f.upstream_time = Some(upstream_time);
+                    f.end = Some(end);
+                });
+            }
             let from_upstream = std::mem::replace(resp.extensions_mut(), extensions);
             resp.extensions_mut().extend(from_upstream);
             Ok(resp)
