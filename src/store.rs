@@ -92,12 +92,12 @@ impl Redis {
     pub async fn watch_health(self: std::sync::Arc<Self>) {
         let mut was = None;
         loop {
-            let ok = self.ping().await.is_ok();
+            let result = self.ping().await;
+            let ok = result.is_ok();
             if was != Some(ok) {
-                if ok {
-                    tracing::info!("redis reachable");
-                } else {
-                    tracing::warn!("redis unreachable");
+                match result {
+                    Ok(()) => tracing::info!("redis reachable"),
+                    Err(e) => tracing::warn!(error = %e, "redis unreachable"),
                 }
                 was = Some(ok);
             }

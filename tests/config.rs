@@ -113,6 +113,39 @@ fn unknown_keys_are_errors_naming_the_key() {
     );
 }
 
+/// A TLS file that does not load is reported under its own key.
+#[test]
+fn tls_file_errors_name_the_file_at_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = write(dir.path(), "not.pem", "neither a certificate nor a key\n");
+    let missing = dir.path().join("missing.pem");
+    let (not_pem, missing) = (not_pem.display(), missing.display());
+    let cases = [
+        (
+            format!("tls: {{ cert_file: \"{missing}\", key_file: \"{not_pem}\" }}"),
+            vec!["tls.cert_file", "tls.key_file"],
+        ),
+        (
+            format!("tls: {{ client_cert_file: \"{not_pem}\", client_key_file: \"{missing}\" }}"),
+            vec!["tls.client_cert_file", "tls.client_key_file"],
+        ),
+        (
+            format!("tls: {{ ca_file: \"{missing}\" }}"),
+            vec!["tls.ca_file"],
+        ),
+    ];
+    for (tls, keys) in cases {
+        let r = check_text(&format!("{}{tls}\n", minimal()), &[]);
+        let lines = assert_invalid(&r, keys.len());
+        for (line, key) in lines.iter().zip(&keys) {
+            assert!(
+                line.starts_with(&format!("config error: {key}: ")),
+                "{tls}: want {key}, got {line}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bad_values_name_their_key() {
     let cases: Vec<(String, &str)> = vec![
@@ -174,6 +207,57 @@ fn bad_values_name_their_key() {
                 minimal()
             ),
             "config error: post_logout_redirect_url: ",
+        ),
+        // What the Redis client refuses at start-up is refused by `check` too.
+        (
+            format!(
+                "{}session: {{ store: redis, redis: {{ url: \"redis://127.0.0.1:6379/abc\" }} }}\n",
+                minimal()
+            ),
+            "config error: session.redis.url: ",
+        ),
+        (
+            format!(
+                "{}session: {{ coordination: {{ redis_url: \"redis:///0\" }} }}\n",
+                minimal()
+            ),
+            "config error: session.coordination.redis_url: ",
+        ),
+        // An identity header cannot take over a header the gateway or HTTP sets.
+        (
+            format!("{}headers: {{ user: Authorization }}\n", minimal()),
+            "config error: headers.user: ",
+        ),
+        (
+            format!("{}headers: {{ email: Host }}\n", minimal()),
+            "config error: headers.email: ",
+        ),
+        (
+            format!("{}forward_auth: {{ groups: Set-Cookie }}\n", minimal()),
+            "config error: forward_auth.groups: ",
+        ),
+        // A cookie domain the browser would refuse for the gateway's host.
+        (
+            minimal().replace("secure: false", "secure: false, domain: evil.com"),
+            "config error: cookie.domain: ",
+        ),
+        (
+            format!("{}allowed_redirect_domains: [\".com\"]\n", minimal()),
+            "config error: allowed_redirect_domains[0]: ",
+        ),
+        (
+            format!(
+                "{}authorization: {{ allowed_email_domains: [\"@example.com\"] }}\n",
+                minimal()
+            ),
+            "config error: authorization.allowed_email_domains[0]: ",
+        ),
+        (
+            format!(
+                "{}routes: [ {{ prefix: /a/, allow: {{ email_domains: [\".example.com\"] }} }} ]\n",
+                minimal()
+            ),
+            "config error: routes[0].allow.allowed_email_domains[0]: ",
         ),
     ];
     for (text, want) in cases {

@@ -246,6 +246,52 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
     })
 }
 
+/// Names an identity header may not take: the gateway sets them itself (the bearer, the
+/// forwarding headers), or they frame or route the message.
+const RESERVED_HEADERS: [&str; 17] = [
+    "host",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+/// An identity header's name: valid, and none the gateway or HTTP itself needs.
+fn identity_header(c: &mut Collector, key: &str, text: &str) -> HeaderName {
+    let name = header_name(c, key, text);
+    if RESERVED_HEADERS.contains(&name.as_str()) {
+        c.err(
+            key,
+            format!("`{text}` is a header the gateway or HTTP itself sets; pick another name"),
+        );
+    }
+    name
+}
+
+/// Entries of `allowed_email_domains` lists: bare domains, as the part after `@` is compared.
+fn email_domains(c: &mut Collector, key: &str, domains: &[String]) {
+    for (i, d) in domains.iter().enumerate() {
+        if !crate::policy::routes::is_host_name(d.trim()) {
+            c.err(
+                &format!("{key}[{i}]"),
+                format!("`{d}`: must be a domain like example.com (no @, no leading dot)"),
+            );
+        }
+    }
+}
+
 fn header_name(c: &mut Collector, key: &str, text: &str) -> HeaderName {
     match HeaderName::from_bytes(text.as_bytes()) {
         // The usual names as static values: the per-request clones touch no reference count.
@@ -452,6 +498,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         );
     }
     let domain = (!ck.domain.is_empty()).then(|| ck.domain.clone());
+    // Browsers refuse a cookie whose Domain does not cover the host that sets it: every login
+    // would end without a session.
+    if let (Some(d), Some(host)) = (&domain, redirect_url.as_ref().and_then(|u| u.host_str())) {
+        let d = d.trim_start_matches('.').to_ascii_lowercase();
+        if host != d && !host.ends_with(&format!(".{d}")) {
+            c.err(
+                "cookie.domain",
+                format!("`{d}` does not cover redirect_url's host `{host}`: browsers would refuse the cookie"),
+            );
+        }
+    }
     let same_site = match ck.same_site.to_ascii_lowercase().as_str() {
         "lax" => SameSite::Lax,
         "strict" => SameSite::Strict,
@@ -518,6 +575,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         c.err(redis_key, "must start with redis:// or rediss://");
     } else if !redis_url.is_empty() && url::Url::parse(&redis_url).is_err() {
         c.err(redis_key, "is not a valid URL");
+    } else if !redis_url.is_empty() {
+        // What the Redis client itself refuses (no host, a database that is not a number).
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(redis_url.as_str()) {
+            c.err(redis_key, format!("not usable: {e}"));
+        }
     }
     let redis_password = match (
         rs.redis.password.is_empty(),
@@ -559,10 +621,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     };
     let headers = HeaderConfig {
         user_claim,
-        user: header_name(&mut c, "headers.user", &h.user),
-        email: header_name(&mut c, "headers.email", &h.email),
-        groups: header_name(&mut c, "headers.groups", &h.groups),
-        preferred_username: header_name(
+        user: identity_header(&mut c, "headers.user", &h.user),
+        email: identity_header(&mut c, "headers.email", &h.email),
+        groups: identity_header(&mut c, "headers.groups", &h.groups),
+        preferred_username: identity_header(
             &mut c,
             "headers.preferred_username",
             &h.preferred_username,
@@ -580,15 +642,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     let fa = &raw.forward_auth;
     let forward_auth = ForwardAuthConfig {
-        user: header_name(&mut c, "forward_auth.user", &fa.user),
-        email: header_name(&mut c, "forward_auth.email", &fa.email),
-        groups: header_name(&mut c, "forward_auth.groups", &fa.groups),
-        preferred_username: header_name(
+        user: identity_header(&mut c, "forward_auth.user", &fa.user),
+        email: identity_header(&mut c, "forward_auth.email", &fa.email),
+        groups: identity_header(&mut c, "forward_auth.groups", &fa.groups),
+        preferred_username: identity_header(
             &mut c,
             "forward_auth.preferred_username",
             &fa.preferred_username,
         ),
-        access_token: header_name(&mut c, "forward_auth.access_token", &fa.access_token),
+        access_token: identity_header(&mut c, "forward_auth.access_token", &fa.access_token),
         pass_access_token: fa.pass_access_token,
     };
 
@@ -599,6 +661,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             Err((k, m)) => c.err(&format!("routes[{i}].{k}"), m),
         }
     }
+    email_domains(
+        &mut c,
+        "authorization.allowed_email_domains",
+        &raw.authorization.allowed_email_domains,
+    );
+    for (i, r) in raw.routes.iter().enumerate() {
+        if let Some(allow) = &r.allow {
+            email_domains(
+                &mut c,
+                &format!("routes[{i}].allow.allowed_email_domains"),
+                &allow.allowed_email_domains,
+            );
+        }
+    }
     let authorization = crate::policy::routes::build_authorization(&raw.authorization);
     if authorization.groups_claim.is_empty() {
         c.err("authorization.groups_claim", "must not be empty");
@@ -607,7 +683,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     for (i, d) in raw.allowed_redirect_domains.iter().enumerate() {
         let d = d.trim().to_ascii_lowercase();
         let bare = d.strip_prefix('.').unwrap_or(&d);
-        if crate::policy::routes::is_host_name(bare) {
+        if d.starts_with('.') && !bare.contains('.') {
+            c.err(
+                &format!("allowed_redirect_domains[{i}]"),
+                format!("`{d}` would allow every site in a top-level domain"),
+            );
+        } else if crate::policy::routes::is_host_name(bare) {
             allowed_redirect_domains.push(d);
         } else {
             c.err(
@@ -658,9 +739,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "tls.cert_file",
         "tls.key_file",
     );
+    // Each file on its own first, so that the error names the key at fault.
+    use crate::server::tls::{read_chain, read_key};
     if let Some((cert, key)) = &tls_server {
-        if let Err(e) = crate::server::tls::load_certified_key(cert, key) {
-            c.err("tls.cert_file", e);
+        let chain = read_chain(cert).map_err(|e| c.err("tls.cert_file", e));
+        let private = read_key(key).map_err(|e| c.err("tls.key_file", e));
+        if chain.is_ok() && private.is_ok() {
+            if let Err(e) = crate::server::tls::load_certified_key(cert, key) {
+                c.err("tls.key_file", e);
+            }
         }
     }
     let client_cert = pair(
@@ -674,19 +761,30 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         ca_file: (!tl.ca_file.is_empty()).then(|| std::path::PathBuf::from(&tl.ca_file)),
         client_cert,
     };
-    if let Err(e) = crate::server::tls::client_config(
-        tls_client.ca_file.as_deref(),
-        tls_client
-            .client_cert
-            .as_ref()
-            .map(|(a, b)| (a.as_path(), b.as_path())),
-    ) {
-        let key = if e.contains("client certificate") {
-            "tls.client_cert_file"
-        } else {
-            "tls.ca_file"
-        };
-        c.err(key, e);
+    let ca_ok = tls_client
+        .ca_file
+        .as_deref()
+        .is_none_or(|ca| read_chain(ca).map_err(|e| c.err("tls.ca_file", e)).is_ok());
+    let client_ok = tls_client.client_cert.as_ref().is_none_or(|(cert, key)| {
+        let chain = read_chain(cert).map_err(|e| c.err("tls.client_cert_file", e));
+        let private = read_key(key).map_err(|e| c.err("tls.client_key_file", e));
+        chain.is_ok() && private.is_ok()
+    });
+    if ca_ok && client_ok {
+        if let Err(e) = crate::server::tls::client_config(
+            tls_client.ca_file.as_deref(),
+            tls_client
+                .client_cert
+                .as_ref()
+                .map(|(a, b)| (a.as_path(), b.as_path())),
+        ) {
+            let key = if e.contains("client certificate") {
+                "tls.client_key_file"
+            } else {
+                "tls.ca_file"
+            };
+            c.err(key, e);
+        }
     }
 
     let t = &raw.timeouts;
