@@ -1054,6 +1054,56 @@ async fn backchannel_logout_ends_the_session_on_both(store: Store) {
     );
 }
 
+/// A logout the provider delivers while Redis stalls is answered 503 ("try again"). The
+/// stalled write of its jti runs once Redis resumes: it must not turn the provider's retry
+/// into a refused "replay", which would leave the session alive.
+#[tokio::test]
+async fn backchannel_logout_retried_after_a_redis_stall_ends_the_session() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    let s = Replicas::start(Store::Coordinated, &[], Some(relay_port)).await;
+    let relay = Relay::serve(listener, s.a.url("/oauth2/backchannel_logout"));
+    s.redis.signal("STOP");
+    end_provider_session(&s.browser, &s.idp).await;
+    let token = eventually("the provider delivers the back-channel logout", || async {
+        relay
+            .bodies()
+            .first()
+            .cloned()
+            .ok_or_else(|| "nothing yet".to_string())
+    })
+    .await;
+    // The gateway gave up on Redis (its timeout is 1 s) before Redis resumes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.redis.signal("CONT");
+    eventually("the provider's retry is applied", || async {
+        let r = send(
+            "POST",
+            &s.a.url("/oauth2/backchannel_logout"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            token.clone(),
+        )
+        .await;
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    for (name, gw) in [("A", &s.a), ("B", &s.b)] {
+        eventually(&format!("session ended on {name}"), || async {
+            let r = api(gw, "/after", &s.cookie).await;
+            if r.status == 401 {
+                Ok(())
+            } else {
+                Err(r.dump())
+            }
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn backchannel_logout_with_a_coordination_redis_ends_the_session_on_both_gateways() {
     backchannel_logout_ends_the_session_on_both(Store::Coordinated).await;

@@ -5,7 +5,6 @@ use crate::app::App;
 use crate::body::{read_limited, Body};
 use crate::pages;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use std::time::Duration;
 
 const MAX_BODY: usize = 16 * 1024;
 
@@ -54,11 +53,21 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
         .as_deref()
         .map(|r| r.key(&["jti", &app.cookies.keys.mac(b"jti", claims.jti.as_bytes())]));
     if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
-        match redis.set_nx_ex(key, Duration::from_secs(24 * 3600)).await {
+        match redis.set_nx_ex(key, crate::oidc::logout::REPLAY_WINDOW).await {
             Ok(true) => {}
             Ok(false) => return answer(StatusCode::BAD_REQUEST, Some("logout_token replayed")),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot record the logout token");
+                // A stalled Redis may still carry out the write once it resumes, which would
+                // refuse the provider's retry as a replay: undo it, queued right behind it.
+                if let Some(redis) = app.redis.clone() {
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = redis.del(std::slice::from_ref(&key)).await {
+                            tracing::debug!(error = %e, "logout token record not undone yet");
+                        }
+                    });
+                }
                 return answer(StatusCode::SERVICE_UNAVAILABLE, Some("try again"));
             }
         }

@@ -23,7 +23,7 @@ pub enum LogoutTokenError {
     NoSubject,
     #[error("logout token has no jti")]
     NoJti,
-    #[error("logout token iat is missing or in the future")]
+    #[error("logout token iat is missing, in the future or older than a day")]
     Iat,
 }
 
@@ -51,6 +51,11 @@ pub struct LogoutToken {
     pub iat: u64,
 }
 
+/// How long a logout token's `jti` is remembered, and so the oldest token accepted: an older
+/// one could be a replay whose `jti` is forgotten, and a sub-only one would end the user's
+/// newer sessions.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 pub fn validate(
     token: &str,
     keys: &KeySet,
@@ -73,7 +78,9 @@ pub fn validate(
         .map_err(|e| LogoutTokenError::Invalid(e.to_string()))?
         .claims;
     match c.iat {
-        Some(iat) if iat <= now + skew.as_secs() => {}
+        Some(iat)
+            if iat <= now + skew.as_secs()
+                && iat + REPLAY_WINDOW.as_secs() > now + skew.as_secs() => {}
         _ => return Err(LogoutTokenError::Iat),
     }
     if !c
@@ -201,6 +208,13 @@ mod tests {
                 "iat in the future",
                 token(|m| {
                     m.insert("iat".into(), json!(NOW + 3600));
+                }),
+                LogoutTokenError::Iat,
+            ),
+            (
+                "older than the replay window",
+                token(|m| {
+                    m.insert("iat".into(), json!(NOW - 2 * 24 * 3600));
                 }),
                 LogoutTokenError::Iat,
             ),

@@ -190,6 +190,18 @@ impl RedisServer {
         self.proc = None;
     }
 
+    /// Freezes (`SIGSTOP`) or resumes (`SIGCONT`) the server: a Redis that stalls, then
+    /// carries out everything it was sent meanwhile.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.proc.as_ref().map(Proc::pid).expect("redis is running");
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
     /// Starts the server again on the same port (and data directory).
     pub async fn restart(&mut self) {
         self.kill();
