@@ -385,7 +385,8 @@ async fn refresh_if_due(app: &Arc<App>, s: Session, now: u64) -> Fresh {
     }
     match app.refresher.refresh(app, &s).await {
         Ok(next) => Fresh::Refreshed(next),
-        Err(RefreshFailure::Unavailable) if still_valid => Fresh::Unchanged(s),
+        // Valid after the wait on the provider, not only when the request came.
+        Err(RefreshFailure::Unavailable) if now_secs() < s.access_expires_at => Fresh::Unchanged(s),
         Err(RefreshFailure::Unavailable) => Fresh::Unavailable,
         Err(RefreshFailure::InvalidGrant) => Fresh::Ended,
     }

@@ -671,6 +671,28 @@ async fn a_hung_provider_does_not_end_a_session_with_rotating_refresh_tokens() {
     );
 }
 
+/// A request that comes while its token is due and still valid, and waits on a hung provider
+/// until the token has expired, is not forwarded with the expired token: validity is judged
+/// when the wait is over.
+#[tokio::test]
+async fn a_token_that_expires_while_the_provider_hangs_is_not_forwarded() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    let upstream = Upstream::start();
+    let opts = gw_opts(gw_port, &idp, &upstream, "timeouts: { provider: 3s }", None);
+    let gw = Gateway::start(opts).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let issued = Instant::now();
+    let seen = upstream.count();
+    idp.signal("STOP");
+    // Due (half of 4 s) and valid at 2.1 s; the wait ends at 5.1 s, after the expiry.
+    tokio::time::sleep_until((issued + Duration::from_millis(2100)).into()).await;
+    let r = api(&gw, "/due", &cookie).await;
+    idp.signal("CONT");
+    assert_eq!(r.status, 503, "{}\n{}", r.dump(), gw.tails());
+    assert_eq!(upstream.count(), seen, "forwarded with an expired bearer");
+}
+
 /// `/oauth2/userinfo` takes the same refresh decision as a proxied request: a due token is
 /// refreshed (and the new cookie sent back), a refused refresh ends the session (401, cookie
 /// cleared) instead of reporting the user as logged in.

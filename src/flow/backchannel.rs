@@ -53,7 +53,10 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
         .as_deref()
         .map(|r| r.key(&["jti", &app.cookies.keys.mac(b"jti", claims.jti.as_bytes())]));
     if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
-        match redis.set_nx_ex(key, crate::oidc::logout::REPLAY_WINDOW).await {
+        match redis
+            .set_nx_ex(key, crate::oidc::logout::REPLAY_WINDOW)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => return answer(StatusCode::BAD_REQUEST, Some("logout_token replayed")),
             Err(e) => {
