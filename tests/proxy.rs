@@ -1024,3 +1024,42 @@ async fn a_client_reading_slowly_gets_the_whole_response() {
         "the download was cut after {got} bytes"
     );
 }
+
+/// An email the provider says is unverified is no identity to hand the app (anyone who can
+/// set their email at the provider would be that email): no email header, and the user
+/// header falls back to the subject, unless `authorization.require_email_verified: false`.
+#[tokio::test]
+async fn unverified_emails_are_not_passed_as_identity() {
+    for (extra, passed) in [
+        ("headers: { user_claim: email }", false),
+        (
+            "headers: { user_claim: email }\nauthorization: { require_email_verified: false }",
+            true,
+        ),
+    ] {
+        let s = Stack::with(&[], extra).await;
+        for (user, verified) in [("unverified-mallory", false), ("alice", true)] {
+            let b = s.login(user).await;
+            let cookie = b.cookie_header(&s.gw.url("/"));
+            let r = api(&s, &cookie, "GET", "/who", &[]).await;
+            assert_eq!(r.status, 200, "{}", r.dump());
+            let rec = s.upstream.last();
+            let email = format!("{user}@example.test");
+            let (want_user, want_email) = if verified || passed {
+                (email.as_str(), Some(email.as_str()))
+            } else {
+                (user, None)
+            };
+            assert_eq!(
+                rec.header("x-forwarded-user"),
+                Some(want_user),
+                "{extra}: {rec:#?}"
+            );
+            assert_eq!(
+                rec.header("x-forwarded-email"),
+                want_email,
+                "{extra}: {rec:#?}"
+            );
+        }
+    }
+}

@@ -149,6 +149,9 @@ pub struct HeaderConfig {
     pub preferred_username: HeaderName,
     pub request_id: HeaderName,
     pub pass_access_token: bool,
+    /// Pass an email the provider does not say is verified (`authorization.require_email_verified:
+    /// false`); otherwise it is no identity to hand the app.
+    pub unverified_email: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -631,6 +634,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         ),
         request_id: header_name(&mut c, "headers.request_id", &h.request_id),
         pass_access_token: h.pass_access_token,
+        unverified_email: !raw.authorization.require_email_verified,
     };
 
     let mut trusted_proxies = Vec::new();

@@ -4,7 +4,7 @@
 
 use crate::app::App;
 use crate::body::Body;
-use crate::config::ForwardAuthConfig;
+use crate::config::{ForwardAuthConfig, HeaderConfig};
 use crate::error::GatewayError;
 use crate::pages;
 use crate::policy::cidr::trusted;
@@ -18,9 +18,9 @@ use crate::session::{now_secs, CookieJar, Session};
 use http::header::{HeaderMap, HeaderValue, SET_COOKIE};
 use http::{Request, Response, StatusCode};
 
-fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, user: &str) {
-    put(h, &cfg.user, user);
-    if let Some(e) = &s.identity.email {
+fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, app: &HeaderConfig) {
+    put(h, &cfg.user, s.user(app));
+    if let Some(e) = s.email(app.unverified_email) {
         put(h, &cfg.email, e);
     }
     if !s.identity.groups.is_empty() {
@@ -255,12 +255,7 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
     }
     let mut resp = pages::text(allowed, "");
     let h = resp.headers_mut();
-    identity_headers(
-        h,
-        &session,
-        &app.cfg.forward_auth,
-        session.user(app.cfg.headers.user_claim),
-    );
+    identity_headers(h, &session, &app.cfg.forward_auth, &app.cfg.headers);
     for v in cookie_lines {
         h.append(SET_COOKIE, v);
     }

@@ -357,8 +357,8 @@ pub fn identity_headers(s: &Session, cfg: &HeaderConfig) -> Vec<(HeaderName, Hea
             out.push((name.clone(), v));
         }
     };
-    put(&cfg.user, s.user(cfg.user_claim));
-    if let Some(e) = &s.identity.email {
+    put(&cfg.user, s.user(cfg));
+    if let Some(e) = s.email(cfg.unverified_email) {
         put(&cfg.email, e);
     }
     if !s.identity.groups.is_empty() {
@@ -480,6 +480,7 @@ mod tests {
             preferred_username: HeaderName::from_static("x-forwarded-preferred-username"),
             request_id: HeaderName::from_static("x-request-id"),
             pass_access_token: true,
+            unverified_email: false,
         }
     }
 

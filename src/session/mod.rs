@@ -161,12 +161,21 @@ impl Session {
         !idle.is_zero() && now >= self.last_seen.saturating_add((idle.as_secs() / 10).max(1))
     }
 
-    /// The user header value: subject or email.
-    pub fn user(&self, claim: crate::config::UserClaim) -> &str {
-        match claim {
-            crate::config::UserClaim::Email => {
-                self.identity.email.as_deref().unwrap_or(&self.identity.sub)
-            }
+    /// The email to hand the app: one the provider says is verified, unless unverified ones
+    /// are allowed (else anyone who can set their email at the provider is that email).
+    pub fn email(&self, unverified: bool) -> Option<&str> {
+        self.identity
+            .email
+            .as_deref()
+            .filter(|_| self.identity.email_verified || unverified)
+    }
+
+    /// The user header value: subject, or the (trusted) email.
+    pub fn user(&self, cfg: &crate::config::HeaderConfig) -> &str {
+        match cfg.user_claim {
+            crate::config::UserClaim::Email => self
+                .email(cfg.unverified_email)
+                .unwrap_or(&self.identity.sub),
             crate::config::UserClaim::Sub => &self.identity.sub,
         }
     }

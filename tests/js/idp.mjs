@@ -221,7 +221,9 @@ class MapAdapter {
 }
 
 // ---------------------------------------------------------------------------
-// Accounts: any username is valid. Claims are derived from the username.
+// Accounts: any username is valid. Claims are derived from the username; a
+// username starting with "unverified" has an email the provider does not vouch
+// for (email_verified: false).
 // ---------------------------------------------------------------------------
 function accountFor(sub) {
   const local = String(sub).replace(/[^A-Za-z0-9._-]/g, '_') || 'user';
@@ -231,7 +233,7 @@ function accountFor(sub) {
       return {
         sub,
         email: `${local}@example.test`,
-        email_verified: true,
+        email_verified: !local.startsWith('unverified'),
         name: `Test User ${local}`,
         preferred_username: local,
         groups: ['users', `user-${local}`],
