@@ -235,7 +235,13 @@ impl Metrics {
         for k in ["connect", "timeout", "reset", "other"] {
             upstream_errors.with_label_values(&[k]);
         }
-        for o in ["success", "reused", "invalid_grant", "unavailable"] {
+        for o in [
+            "success",
+            "reused",
+            "invalid_grant",
+            "unavailable",
+            "too_large",
+        ] {
             refreshes.with_label_values(&[o]);
         }
         for reason in ["tampered", "expired", "unknown_key", "oversize", "revoked"] {

@@ -36,6 +36,9 @@ pub enum RefreshFailure {
     InvalidGrant,
     /// The provider could not be asked (down, 5xx, timeout): try again later.
     Unavailable,
+    /// The refreshed session does not fit in the session cookie: the session is over (kept,
+    /// its old cookie would spend the refresh token again, and rotation revokes the grant).
+    TooLarge,
 }
 
 type Outcome = Result<Arc<Session>, RefreshFailure>;
@@ -104,6 +107,7 @@ impl Refresher {
             (Ok(_), true) => "success",
             (Ok(_), false) => "reused",
             (Err(RefreshFailure::InvalidGrant), _) => "invalid_grant",
+            (Err(RefreshFailure::TooLarge), _) => "too_large",
             (Err(RefreshFailure::Unavailable), _) => "unavailable",
         };
         app.metrics.refreshes.with_label_values(&[label]).inc();
@@ -156,7 +160,7 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
                 let outcome = persisted(app, run_refresh(app, s, rt).await).await;
                 let published = match &outcome {
                     Ok(next) => Some([&[1u8][..], &next.encode()].concat()),
-                    Err(RefreshFailure::InvalidGrant) => Some(vec![0u8]),
+                    Err(RefreshFailure::InvalidGrant | RefreshFailure::TooLarge) => Some(vec![0u8]),
                     Err(RefreshFailure::Unavailable) => None,
                 };
                 if let Some(p) = published {
@@ -245,6 +249,20 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
             next.access_issued_at = now;
             if let Some(rt) = t.refresh_token {
                 next.refresh_token = Some(rt);
+            }
+            if app.cfg.session.store == crate::config::StoreKind::Cookie
+                && !app.cookies.fits(&next, now)
+            {
+                // The ID token only serves as a logout hint, and repeats the claims.
+                next.id_token = None;
+                if !app.cookies.fits(&next, now) {
+                    tracing::warn!(
+                        sub = ?next.identity.sub,
+                        "refreshed session too large for limits.max_cookie_chunks; session ended \
+                         (session.store: redis keeps large sessions)"
+                    );
+                    return Err(RefreshFailure::TooLarge);
+                }
             }
             tracing::info!(sub = %next.identity.sub, "access token refreshed");
             Ok(Arc::new(next))
@@ -388,7 +406,7 @@ async fn refresh_if_due(app: &Arc<App>, s: Session, now: u64) -> Fresh {
         // Valid after the wait on the provider, not only when the request came.
         Err(RefreshFailure::Unavailable) if now_secs() < s.access_expires_at => Fresh::Unchanged(s),
         Err(RefreshFailure::Unavailable) => Fresh::Unavailable,
-        Err(RefreshFailure::InvalidGrant) => Fresh::Ended,
+        Err(RefreshFailure::InvalidGrant | RefreshFailure::TooLarge) => Fresh::Ended,
     }
 }
 

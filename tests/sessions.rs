@@ -693,6 +693,72 @@ async fn a_token_that_expires_while_the_provider_hangs_is_not_forwarded() {
     assert_eq!(upstream.count(), seen, "forwarded with an expired bearer");
 }
 
+/// A refresh whose claims grow: a session that fits without its ID token (only a logout
+/// hint) goes on in the cookie; one that fits in no cookie ends, visibly (the old cookie
+/// would spend the rotated refresh token again and lose the grant a minute later).
+#[tokio::test]
+async fn a_refreshed_session_too_large_for_the_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let groups_file = dir.path().join("groups.json");
+    let groups_env = groups_file.display().to_string();
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(
+        gw_port,
+        &[
+            AT_TTL_ENV,
+            ROTATE_ENV,
+            ("IDP_EXTRA_GROUPS_FILE", &groups_env),
+        ],
+    )
+    .await;
+    let upstream = Upstream::start();
+    let admin = free_port();
+    let yaml = format!(
+        "{}limits: {{ max_cookie_chunks: 1 }}\n",
+        session_yaml(Store::CookieOnly, None, 1)
+    );
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let issued = Instant::now();
+    let groups = |n: usize, len: usize| {
+        let list: Vec<String> = (0..n)
+            .map(|i| format!("g{i:03}-{}", "x".repeat(len)))
+            .collect();
+        serde_json::to_string(&list).unwrap()
+    };
+
+    // ~1.9 KB of groups: in the identity and again in the ID token, one chunk holds them
+    // only without the ID token.
+    std::fs::write(&groups_file, groups(60, 27)).unwrap();
+    until_due(issued, 1).await;
+    let r = api(&gw, "/grown", &cookie).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.dump(), gw.tails());
+    let next = new_session_cookie(&r)
+        .unwrap_or_else(|| panic!("no refreshed cookie: {}\n{}", r.dump(), gw.tails()));
+    let cookie = cookie_of(&next);
+    let refreshed = Instant::now();
+    let r = api(&gw, "/with-it", &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert!(upstream
+        .last()
+        .header("x-forwarded-groups")
+        .is_some_and(|g| g.contains("g059-")));
+
+    // Far more than one chunk holds: the session ends at once, said and counted.
+    std::fs::write(&groups_file, groups(200, 27)).unwrap();
+    until_due(refreshed, 1).await;
+    let r = api(&gw, "/too-large", &cookie).await;
+    assert_eq!(r.status, 401, "{}\n{}", r.dump(), gw.tails());
+    assert_session_cleared(&r, "too large");
+    assert!(gw.stderr().contains("too large"), "{}", gw.tails());
+    let m = metrics(admin).await;
+    assert_eq!(
+        sample(&m, "portcullis_refreshes_total{outcome=\"too_large\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
+
 /// `/oauth2/userinfo` takes the same refresh decision as a proxied request: a due token is
 /// refreshed (and the new cookie sent back), a refused refresh ends the session (401, cookie
 /// cleared) instead of reporting the user as logged in.

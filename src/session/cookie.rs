@@ -309,6 +309,12 @@ impl SessionCookies {
         )
     }
 
+    /// Whether `session` fits in `limits.max_cookie_chunks` chunks.
+    pub fn fits(&self, session: &Session, now: u64) -> bool {
+        self.set_session(session, &CookieJar::default(), now)
+            .is_some()
+    }
+
     /// `Set-Cookie` lines that store `session`, clearing stale chunks the request carried.
     /// `None` when the session does not fit in `limits.max_cookie_chunks` chunks.
     pub fn set_session(

@@ -46,6 +46,9 @@
 //   IDP_CONFORM_ID_TOKEN_CLAIMS    "1": scope claims (email, name, groups) in
 //                                  userinfo only, as oidc-provider's default
 //   IDP_LOG                        "0" disables the per-request log line
+//   IDP_EXTRA_GROUPS_FILE          a file holding a JSON array of groups added to
+//                                  every user's, read at each token: claims that
+//                                  change between a login and a refresh
 //
 // Output on stdout:
 //   READY issuer=... port=... ...       once listening
@@ -61,6 +64,7 @@
 // (POST /token/revocation with the client's credentials).
 
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import Provider, { errors } from 'oidc-provider';
 
 const env = process.env;
@@ -236,10 +240,20 @@ function accountFor(sub) {
         email_verified: !local.startsWith('unverified'),
         name: `Test User ${local}`,
         preferred_username: local,
-        groups: ['users', `user-${local}`],
+        groups: ['users', `user-${local}`, ...extraGroups()],
       };
     },
   };
+}
+
+function extraGroups() {
+  const file = env.IDP_EXTRA_GROUPS_FILE;
+  if (!file) return [];
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch {
+    return [];
+  }
 }
 
 // Outgoing requests (back-channel logout) go to loopback in tests and the
