@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod flow;
 pub mod live;
+pub mod logging;
 pub mod metrics;
 pub mod oidc;
 pub mod pages;

@@ -103,7 +103,7 @@ fn init_tracing(log: &portcullis::config::LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(portcullis::logging::OneLineStderr);
     if log.json {
         builder.json().flatten_event(true).init();
     } else {

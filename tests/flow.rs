@@ -473,6 +473,25 @@ async fn provider_error_renders_an_escaped_403_page() {
     );
     let cleared = r.set_cookie(&flow.name).expect("flow cookie cleared");
     assert!(cleared.is_removal(), "{}", cleared.raw);
+    // A line break in what the provider (or whoever calls the callback) sent cannot forge
+    // a log line.
+    let (auth, _) = auth_redirect(&b.get(&s.gw.url("/oauth2/start?rd=%2F")).await);
+    let state = query_param(&auth, "state").unwrap();
+    let forged = "2026-01-01T00:00:00Z  INFO access: forged";
+    let r = b
+        .get(&s.gw.url(&format!(
+            "/oauth2/callback?error={}&state={}",
+            enc(&format!("access_denied\n{forged}\r\n{forged}")),
+            enc(&state)
+        )))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.dump());
+    let log = s.gw.stderr();
+    assert!(log.contains("forged"), "not logged at all: {log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with(forged)),
+        "a forged log line: {log}"
+    );
     assert_no_session_set(&r);
     assert_eq!(s.idp.token_requests(), 0);
 }
