@@ -49,8 +49,19 @@ h1{font-size:1.4em}p.detail{color:#555}button{font-size:1em;padding:.4em 1.2em}"
 
 /// A complete HTML page. `title` and `message` are escaped here; `extra_html` is trusted markup.
 pub fn html(status: StatusCode, title: &str, message: &str, extra_html: &str) -> Response<Body> {
+    page(status, "", title, message, extra_html)
+}
+
+/// `html` with trusted markup added to the head.
+fn page(
+    status: StatusCode,
+    head: &str,
+    title: &str,
+    message: &str,
+    extra_html: &str,
+) -> Response<Body> {
     let page = format!(
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">{head}\
 <title>{t}</title><style>{STYLE}</style></head><body><h1>{t}</h1><p class=\"detail\">{m}</p>{extra_html}</body></html>",
         t = escape(title),
         m = escape(message),
@@ -97,6 +108,19 @@ pub fn redirect(location: &str) -> Response<Body> {
     }
     security_headers(resp.headers_mut(), None);
     resp
+}
+
+/// A 200 page that goes on to `location` (a validated redirect target) by a meta refresh, no
+/// script needed (the CSP allows none), with a link for a browser that does not follow it.
+pub fn continue_to(location: &str) -> Response<Body> {
+    let url = escape(location);
+    page(
+        StatusCode::OK,
+        &format!("<meta http-equiv=\"refresh\" content=\"0;url={url}\">"),
+        "Signed in",
+        "Taking you back to where you were.",
+        &format!("<p><a href=\"{url}\">Continue</a></p>"),
+    )
 }
 
 pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {

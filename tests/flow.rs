@@ -911,3 +911,85 @@ async fn claims_the_id_token_leaves_out_come_from_userinfo() {
     assert_eq!(r.status, 200, "{}", r.dump());
     assert_eq!(userinfo_calls(), 1);
 }
+
+/// With `cookie.same_site: strict` the callback cannot redirect: the browser would not send a
+/// Strict cookie on a redirect chain that began at the provider (another site), and the login
+/// would loop. It answers a page that continues to the target (a same-site navigation) instead.
+#[tokio::test]
+async fn strict_same_site_callback_lands_on_a_page_that_continues_to_the_target() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let gw = Gateway::start(GatewayOpts {
+        cookie_extra: vec!["same_site: strict".to_string()],
+        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
+    })
+    .await;
+    // Characters an attribute must escape (raw, as `rd` can carry them): the target
+    // validation lets them through.
+    let target = "/app/page?q=1&x=\"a\"&y=<b>'c'";
+    let b = Browser::new();
+    let start = gw.url(&format!("/oauth2/start?rd={}", enc(target)));
+    let (auth, flow) = auth_redirect(&b.get(&start).await);
+    assert_eq!(flow.attr("samesite"), Some("Lax"), "{}", flow.raw);
+    let cb = b.get(&idp_walk(&b, &auth, "alice").await).await;
+
+    assert_eq!(cb.status, 200, "{}", cb.dump());
+    assert!(cb.location().is_none(), "{}", cb.dump());
+    assert_eq!(cb.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(cb.header("cache-control"), Some("no-store"));
+    let csp = cb.header("content-security-policy").expect("CSP");
+    assert!(
+        csp.contains("default-src 'none'") && !csp.contains("script-src"),
+        "{csp}"
+    );
+    let session = cb.set_cookie("_portcullis").expect("session cookie");
+    assert!(!session.is_removal(), "{}", session.raw);
+    assert_eq!(session.attr("samesite"), Some("Strict"), "{}", session.raw);
+    assert!(cb.set_cookie(&flow.name).is_some_and(|c| c.is_removal()));
+
+    let page = cb.text();
+    let escaped = "/app/page?q=1&amp;x=&quot;a&quot;&amp;y=&lt;b&gt;&#39;c&#39;";
+    assert!(
+        page.contains(&format!(
+            "<meta http-equiv=\"refresh\" content=\"0;url={escaped}\">"
+        )),
+        "{page}"
+    );
+    assert!(page.contains(&format!("<a href=\"{escaped}\">")), "{page}");
+    assert!(!page.contains("\"a\""), "unescaped target: {page}");
+    let content = page
+        .split("content=\"0;url=")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("refresh url");
+    assert_eq!(html::unescape(content), target);
+
+    // What the refresh navigates to (URL-encoded as a browser does), with the new session: the
+    // upstream.
+    let next = url::Url::parse(&gw.url(&html::unescape(content))).unwrap();
+    let r = b.get(next.as_str()).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.header("x-upstream"), Some("echo"));
+    let rec = upstream.last();
+    assert_eq!(rec.path, "/app/page");
+    assert_eq!(rec.query.as_deref(), Some("q=1&x=%22a%22&y=%3Cb%3E%27c%27"));
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    assert_eq!(upstream.count(), 1);
+}
+
+/// The default (lax) callback still redirects, to the same kind of target.
+#[tokio::test]
+async fn lax_same_site_callback_still_redirects() {
+    let s = Stack::start().await;
+    let target = "/app/page?q=1&x=\"a\"";
+    let b = Browser::new();
+    let start = s.gw.url(&format!("/oauth2/start?rd={}", enc(target)));
+    let (auth, _) = auth_redirect(&b.get(&start).await);
+    let cb = b.get(&idp_walk(&b, &auth, "alice").await).await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    assert_eq!(cb.location(), Some(target));
+    assert!(cb.body.is_empty(), "{}", cb.dump());
+    let session = cb.set_cookie("_portcullis").expect("session cookie");
+    assert_eq!(session.attr("samesite"), Some("Lax"), "{}", session.raw);
+}

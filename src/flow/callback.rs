@@ -4,6 +4,7 @@
 use super::{query_param, redirect};
 use crate::app::App;
 use crate::body::Body;
+use crate::config::SameSite;
 use crate::oidc::ProviderError;
 use crate::pages;
 use crate::session::store::SaveError;
@@ -243,7 +244,14 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         &app.cfg.public_origin,
         &app.cfg.allowed_redirect_domains,
     );
-    let mut resp = pages::redirect(&target);
+    // A SameSite=Strict cookie is not sent on a redirect chain that began on the provider's
+    // site: a 302 would arrive without the session and start another login, forever. A page of
+    // ours that navigates on is a same-site initiator, so the cookie goes with it.
+    let mut resp = if app.cfg.cookie.same_site == SameSite::Strict {
+        pages::continue_to(&target)
+    } else {
+        pages::redirect(&target)
+    };
     let h = resp.headers_mut();
     for v in lines {
         h.append(SET_COOKIE, v);

@@ -8,7 +8,8 @@
 //   anonymous visit -> IdP login -> consent -> app page with Bearer token and
 //   identity; reload without any IdP traffic; sign-out through the gateway and
 //   the IdP's logout confirmation; the next visit needs a fresh IdP login;
-//   logging in as another user shows that user.
+//   logging in as another user shows that user; with cookie.same_site: strict
+//   and the IdP on another site, one login lands on the app (no redirect loop).
 //
 // Output: one line per step, and as the last line
 //   browser-e2e: N passed, M failed
@@ -170,10 +171,13 @@ async function main() {
   if (!pre) return;
 
   // --- processes ----------------------------------------------------------------
-  const [idpPort, appPort, gwPort, adminPort] = await freePorts(4);
+  const [idpPort, appPort, gwPort, adminPort, strictPort] = await freePorts(5);
   const idpOrigin = `http://127.0.0.1:${idpPort}`;
   const gwOrigin = `http://127.0.0.1:${gwPort}`;
   const appOrigin = `http://127.0.0.1:${appPort}`;
+  // A second gateway with SameSite=Strict cookies, on "localhost": another site than the IdP
+  // on 127.0.0.1 for Chromium, so the IdP's redirect back is a cross-site navigation.
+  const strictOrigin = `http://localhost:${strictPort}`;
   const configFile = path.join(tmp, 'portcullis.yaml');
 
   const started = await step('start IdP, demo app and gateway; gateway /readyz is 200', async () => {
@@ -183,7 +187,7 @@ async function main() {
         IDP_PORT: String(idpPort),
         IDP_CLIENT_ID: 'portcullis',
         IDP_CLIENT_SECRET: CLIENT_SECRET,
-        IDP_REDIRECT_URIS: `${gwOrigin}${GW.callback}`,
+        IDP_REDIRECT_URIS: `${gwOrigin}${GW.callback},${strictOrigin}${GW.callback}`,
       },
     });
     procs.app = spawnLogged('demo-app', process.execPath, [path.join(JS_DIR, 'demo-app.mjs')], {
@@ -215,7 +219,7 @@ async function main() {
       '--disable-component-update', '--disable-sync', '--disable-quic',
       // the IdP's pages @import a web font from the internet: fail every
       // host name lookup at once instead of waiting on the closed network
-      '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1',
+      '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost',
     ],
     viewport: { width: 1280, height: 900 },
   });
@@ -235,25 +239,25 @@ async function main() {
   }
 
   // From the IdP login page: sign in, consent when asked, land on the app.
-  async function loginAs(user) {
+  async function loginAs(user, isApp = onApp) {
     await page.fill(IDP.loginUser, user);
     await page.fill(IDP.loginPassword, 'any-password');
     await page.click(IDP.loginSubmit);
     const next = await firstOf({
       consent: page.locator(IDP.consentSubmit).waitFor({ state: 'visible' }),
-      app: page.waitForURL(onApp),
+      app: page.waitForURL(isApp),
     });
     if (next === 'consent') {
       log('     consent page: clicking "Continue"');
       await page.click(IDP.consentSubmit);
-      await page.waitForURL(onApp);
+      await page.waitForURL(isApp);
     }
     await page.waitForLoadState('load');
   }
 
-  async function expectAppFor(email) {
+  async function expectAppFor(email, isApp = onApp) {
     const u = new URL(page.url());
-    expect(onApp(u), `expected to be on the app behind the gateway (${gwOrigin}/...), at ${page.url()}`);
+    expect(isApp(u), `expected to be on the app behind the gateway, at ${page.url()}`);
     expect(await page.title() === APP.title, `page title is "${await page.title()}", expected "${APP.title}"`);
     const html = await page.content();
     expect(html.includes('Bearer '), 'app page shows no "Bearer " Authorization header');
@@ -331,12 +335,43 @@ async function main() {
   });
   if (!ok) return;
 
-  await step('log in as bob and see bob (not alice) on the app', async () => {
+  ok = await step('log in as bob and see bob (not alice) on the app', async () => {
     await loginAs('bob');
     await expectAppFor('bob@example.test');
     const html = await page.content();
     expect(!html.includes('alice@example.test'), 'app page still shows alice@example.test');
     await screenshot('app-logged-in-bob');
+  });
+  if (!ok) return;
+
+  // A Strict session cookie is not sent on the redirect chain the IdP starts (another site):
+  // a plain 302 from the callback would loop between the gateway and the IdP.
+  await step('cookie.same_site: strict, IdP on another site: one login lands on the app', async () => {
+    const strictConfig = path.join(tmp, 'portcullis-strict.yaml');
+    fs.writeFileSync(strictConfig, gatewayConfigYaml({
+      gwPort: strictPort, appPort, idpPort, gwHost: 'localhost', sameSite: 'strict',
+      clientSecret: CLIENT_SECRET,
+      cookieSecret: crypto.randomBytes(32).toString('base64'),
+    }));
+    procs.gwStrict = spawnLogged('portcullis-strict', bin, ['--config', strictConfig], {
+      logDir: tmp,
+      env: gatewayEnv({ RUST_BACKTRACE: '1' }),
+    });
+    await waitForHttp(`http://127.0.0.1:${strictPort}${GW.readyz}`, { timeoutMs: 30_000, proc: procs.gwStrict });
+    await context.clearCookies(); // a fresh IdP login, too
+    const onStrictApp = (u) => u.origin === strictOrigin && !u.pathname.startsWith('/oauth2/');
+    const mark = requests.length;
+    await page.goto(`${strictOrigin}/app?x=1`);
+    await expectIdpLogin();
+    await loginAs('alice', onStrictApp);
+    await expectAppFor('alice@example.test', onStrictApp);
+    expect(new URL(page.url()).pathname === '/app', `expected to return to "/app", at ${page.url()}`);
+    const navs = requests.slice(mark).filter((r) => r.nav).map((r) => new URL(r.url));
+    const logins = navs.filter((u) => u.origin === strictOrigin && (u.pathname === '/app' || u.pathname === GW.callback));
+    log(`     gateway navigations: ${logins.map((u) => u.pathname).join(' -> ')}`);
+    expect(navs.filter((u) => u.pathname === GW.callback).length === 1, 'more than one callback: a login loop');
+    expect(navs.filter((u) => onIdp(u) && u.pathname === '/auth').length === 1, 'more than one authorization request');
+    await screenshot('app-logged-in-strict');
   });
 }
 

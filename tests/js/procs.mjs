@@ -215,6 +215,7 @@ process.on('exit', killAllSync);
  */
 export function gatewayConfigYaml({
   gwPort, appPort, idpPort, clientId = 'portcullis', clientSecret, cookieSecret, logLevel,
+  gwHost = '127.0.0.1', sameSite,
 }) {
   const q = (s) => JSON.stringify(String(s));
   const lines = [
@@ -225,11 +226,12 @@ export function gatewayConfigYaml({
     `  client_id: ${q(clientId)}`,
     `  client_secret: ${q(clientSecret)}`,
     '  scopes: ["openid", "email", "profile", "offline_access"]',
-    `redirect_url: ${q(`http://127.0.0.1:${gwPort}/oauth2/callback`)}`,
+    `redirect_url: ${q(`http://${gwHost}:${gwPort}/oauth2/callback`)}`,
     'cookie:',
     `  secrets: [${q(cookieSecret)}]`,
     '  secure: false',
   ];
+  if (sameSite) lines.push(`  same_site: ${sameSite}`);
   if (logLevel) lines.push(`log: { level: ${logLevel} }`);
   return `${lines.join('\n')}\n`;
 }
