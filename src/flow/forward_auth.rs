@@ -24,7 +24,11 @@ fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, app
         put(h, &cfg.email, e);
     }
     if !s.identity.groups.is_empty() {
-        put(h, &cfg.groups, &s.identity.groups.join(","));
+        put(
+            h,
+            &cfg.groups,
+            &crate::proxy::headers::groups_value(&s.identity.groups),
+        );
     }
     if let Some(u) = &s.identity.preferred_username {
         put(h, &cfg.preferred_username, u);

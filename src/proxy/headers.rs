@@ -332,6 +332,29 @@ pub fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
     }
 }
 
+/// The groups header value: names joined by commas, a comma, `%` or control character inside
+/// a name percent-encoded (`%2C`, `%25`, …) so that an app splitting on commas sees the real
+/// groups (`cn=a,ou=b` is one group, not two) and a line break cannot drop the header.
+pub fn groups_value(groups: &[String]) -> String {
+    let mut out = String::with_capacity(groups.iter().map(|g| g.len() + 1).sum());
+    for (i, g) in groups.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for c in g.chars() {
+            if c == ',' || c == '%' || c.is_control() {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
 /// `Bearer <token>` as a header value, built in one buffer (no intermediate String copy of
 /// tokens that can be kilobytes long). A token a header cannot carry gives `None`.
 pub fn bearer_value(token: &str) -> Option<HeaderValue> {
@@ -362,7 +385,7 @@ pub fn identity_headers(s: &Session, cfg: &HeaderConfig) -> Vec<(HeaderName, Hea
         put(&cfg.email, e);
     }
     if !s.identity.groups.is_empty() {
-        put(&cfg.groups, &s.identity.groups.join(","));
+        put(&cfg.groups, &groups_value(&s.identity.groups));
     }
     if let Some(u) = &s.identity.preferred_username {
         put(&cfg.preferred_username, u);
@@ -470,6 +493,16 @@ pub fn valid_request_id(v: &HeaderValue) -> bool {
 mod tests {
     use super::*;
     use crate::config::UserClaim;
+
+    #[test]
+    fn group_names_keep_their_commas_apart() {
+        let groups: Vec<String> = ["users", "cn=a,ou=b", "50%", "x\ny"]
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        assert_eq!(groups_value(&groups), "users,cn=a%2Cou=b,50%25,x%0Ay");
+        assert_eq!(groups_value(&[]), "");
+    }
 
     fn cfg() -> HeaderConfig {
         HeaderConfig {
