@@ -607,14 +607,9 @@ async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
     );
     let gw = TlsGateway::start(port, yaml, &pki.ca()).await;
     let reloads = |result: &'static str| async move {
-        let r = send(
-            "GET",
-            &format!("http://127.0.0.1:{admin}/metrics"),
-            &[],
-            Vec::new(),
-        )
-        .await;
-        support::ops::Exposition::parse(&r.text())
+        support::ops::admin_metrics(admin)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
             .get(&format!(
                 "portcullis_config_reloads_total{{result=\"{result}\"}}"
             ))

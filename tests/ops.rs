@@ -1692,14 +1692,9 @@ async fn demo_launcher_passes_no_stray_variable_and_finds_a_free_admin_port() {
         out.contains(&format!("the admin listener takes 127.0.0.1:{admin}")),
         "{out}"
     );
-    let r = send(
-        "GET",
-        &format!("http://127.0.0.1:{admin}/metrics"),
-        &[],
-        Vec::new(),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.dump());
+    if let Err(e) = support::ops::admin_metrics(admin).await {
+        panic!("{e}");
+    }
     let r = send(
         "GET",
         &format!("http://127.0.0.1:{gw}/healthz"),

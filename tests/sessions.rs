@@ -493,6 +493,21 @@ impl Replicas {
     }
 }
 
+/// Polls both gateways until the session's cookie gets 401 on each.
+async fn await_refused_on_both(s: &Replicas, what: &str) {
+    for (name, gw) in [("A", &s.a), ("B", &s.b)] {
+        eventually(&format!("{what} on {name}"), || async {
+            let r = api(gw, "/after", &s.cookie).await;
+            if r.status == 401 {
+                Ok(())
+            } else {
+                Err(r.dump())
+            }
+        })
+        .await;
+    }
+}
+
 async fn two_replicas_refresh_once(store: Store) {
     let s = Replicas::start(store, &[AT_TTL_ENV, ROTATE_ENV], None).await;
     let first = bearer_of(&s.upstream.last());
@@ -1179,17 +1194,7 @@ async fn backchannel_logout_retried_after_a_redis_stall_ends_the_session() {
         }
     })
     .await;
-    for (name, gw) in [("A", &s.a), ("B", &s.b)] {
-        eventually(&format!("session ended on {name}"), || async {
-            let r = api(gw, "/after", &s.cookie).await;
-            if r.status == 401 {
-                Ok(())
-            } else {
-                Err(r.dump())
-            }
-        })
-        .await;
-    }
+    await_refused_on_both(&s, "session ended").await;
 }
 
 #[tokio::test]
@@ -1288,17 +1293,7 @@ async fn sign_out_with_a_coordination_redis_ends_the_session_on_both_gateways() 
         )
         .await;
     assert_eq!(out.status, 302, "{}", out.dump());
-    for (name, gw) in [("A", &s.a), ("B", &s.b)] {
-        eventually(&format!("the copied cookie refused on {name}"), || async {
-            let r = api(gw, "/after", &s.cookie).await;
-            if r.status == 401 {
-                Ok(())
-            } else {
-                Err(r.dump())
-            }
-        })
-        .await;
-    }
+    await_refused_on_both(&s, "the copied cookie refused").await;
 }
 
 #[tokio::test]

@@ -274,13 +274,25 @@ impl OpsGateway {
 
     /// `GET /metrics` on the admin listener, parsed.
     pub async fn metrics(&self) -> Exposition {
-        let r = try_send("GET", &self.admin_url("/metrics"), &[], Vec::new())
+        admin_metrics(self.admin_port.expect("this gateway has no admin listener"))
             .await
-            .unwrap_or_else(|e| panic!("GET /metrics: {e}\n{}", self.tails()));
-        assert_eq!(r.status, 200, "/metrics: {}", r.dump());
-        Exposition::parse(&r.text())
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.tails()))
     }
+}
 
+/// `GET /metrics` on the admin listener at `port`, parsed (`Err` if it does not answer 200).
+pub async fn admin_metrics(port: u16) -> Result<Exposition, String> {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let r = try_send("GET", &url, &[], Vec::new())
+        .await
+        .map_err(|e| format!("GET /metrics: {e}"))?;
+    if r.status != 200 {
+        return Err(format!("/metrics: {}", r.dump()));
+    }
+    Ok(Exposition::parse(&r.text()))
+}
+
+impl OpsGateway {
     /// `portcullis_config_reloads_total{result=...}` (0 while absent).
     pub async fn reloads(&self, result: &str) -> f64 {
         self.metrics()
