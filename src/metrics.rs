@@ -59,11 +59,11 @@ fn method_index(m: &Method) -> usize {
     }
 }
 
-/// What the inner layers learn about a request, for its count and access line.
+/// Facts the inner layers leave on the response for the observer.
 #[derive(Debug, Clone, Default)]
 pub struct ResponseFacts {
     pub route: Option<RouteKind>,
-    /// When the request left for the upstream; with no `upstream_time`, it is still there.
+    /// When the request left for the upstream (read if the client abandons it meanwhile).
     pub upstream_start: Option<Instant>,
     pub upstream_time: Option<Duration>,
     pub user: Option<Arc<str>>,
@@ -71,32 +71,33 @@ pub struct ResponseFacts {
     pub end: Option<Instant>,
 }
 
-/// The request's `ResponseFacts`, shared by the observer and the inner layers through the
-/// request's extensions: a request the client abandons is logged with its route, user and
-/// the upstream's share of the wait, as an answered one is (its wait on a slow upstream is
-/// not the gateway's own time).
-#[derive(Debug, Clone, Default)]
-pub struct Facts(Arc<std::sync::Mutex<ResponseFacts>>);
+thread_local! {
+    /// What a layer knew of a request dropped unanswered (the client went away), left for the
+    /// observer, which drops the request on this thread and reads it right after.
+    static ABANDONED: std::cell::Cell<Option<ResponseFacts>> = const { std::cell::Cell::new(None) };
+}
 
-impl Facts {
-    pub fn of(extensions: &http::Extensions) -> Option<&Facts> {
-        extensions.get()
+/// Leaves `facts` for the observer when dropped armed: a request's step that waits (on the
+/// upstream, on the provider) says what it knew if the client abandons the request then, so
+/// the 499 is counted under its route, with its user, and the wait on the upstream is not
+/// taken for the gateway's own time. Nothing is allocated for answered requests.
+pub struct AbandonGuard(pub Option<ResponseFacts>);
+
+impl AbandonGuard {
+    /// Answered: nothing to leave; the facts go back to the caller.
+    pub fn disarm(mut self) -> Option<ResponseFacts> {
+        self.0.take()
     }
+}
 
-    pub fn update(&self, f: impl FnOnce(&mut ResponseFacts)) {
-        f(&mut self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
-    }
-
-    fn take(&self) -> ResponseFacts {
-        std::mem::take(
-            &mut self
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if let Some(mut facts) = self.0.take() {
+            if let Some(start) = facts.upstream_start {
+                facts.upstream_time = Some(start.elapsed());
+            }
+            ABANDONED.with(|a| a.set(Some(facts)));
+        }
     }
 }
 
@@ -361,28 +362,26 @@ pub struct Observe<S> {
 
 pin_project_lite::pin_project! {
     pub struct Observed<F> {
+        // `None` once dropped early, so that a request abandoned by its client is dropped
+        // before it is logged (its layers leave what they knew: see `AbandonGuard`).
         #[pin]
-        inner: F,
+        inner: Option<F>,
         start: Instant,
         method: Method,
         request_id: Option<http::HeaderValue>,
         metrics: Arc<Metrics>,
-        facts: Facts,
         // Set when the response was counted; a request dropped before (the client went away)
         // is counted on drop.
         done: bool,
     }
     impl<F> PinnedDrop for Observed<F> {
         fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
+            let mut this = this.project();
             if !*this.done {
-                let mut facts = this.facts.take();
-                let now = Instant::now();
-                if facts.upstream_time.is_none() {
-                    facts.upstream_time = facts.upstream_start.map(|s| now.saturating_duration_since(s));
-                }
-                facts.end = Some(now);
-                finish(this.metrics, this.method, this.request_id, *this.start, CLIENT_CLOSED, &facts);
+                ABANDONED.with(|a| a.take());
+                this.inner.set(None);
+                let facts = ABANDONED.with(|a| a.take());
+                finish(this.metrics, this.method, this.request_id, *this.start, CLIENT_CLOSED, facts.as_ref());
             }
         }
     }
@@ -399,13 +398,13 @@ fn finish(
     request_id: &Option<http::HeaderValue>,
     start: Instant,
     status: u16,
-    facts: &ResponseFacts,
+    facts: Option<&ResponseFacts>,
 ) {
     metrics.in_flight.dec();
-    let end = facts.end.unwrap_or_else(Instant::now);
+    let end = facts.and_then(|f| f.end).unwrap_or_else(Instant::now);
     let total = end.saturating_duration_since(start);
-    let route = facts.route.unwrap_or(RouteKind::Proxied);
-    let upstream = facts.upstream_time;
+    let route = facts.and_then(|f| f.route).unwrap_or(RouteKind::Proxied);
+    let upstream = facts.and_then(|f| f.upstream_time);
     let gateway = total.saturating_sub(upstream.unwrap_or_default());
     metrics.record(route, method, status, gateway);
     if tracing::enabled!(target: "access", tracing::Level::INFO) {
@@ -417,7 +416,7 @@ fn finish(
             status,
             gateway_ms = gateway.as_secs_f64() * 1000.0,
             upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
-            user = facts.user.as_deref().unwrap_or("-"),
+            user = facts.and_then(|f| f.user.as_deref()).unwrap_or("-"),
         );
     }
 }
@@ -429,12 +428,16 @@ where
     type Output = F::Output;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let resp = match this.inner.poll(cx) {
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Pending;
+        };
+        let resp = match inner.poll(cx) {
             Poll::Ready(Ok(r)) => r,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
         *this.done = true;
+        let facts = resp.extensions().get::<ResponseFacts>();
         let status = resp.status().as_u16();
         finish(
             this.metrics,
@@ -442,7 +445,7 @@ where
             this.request_id,
             *this.start,
             status,
-            &this.facts.take(),
+            facts,
         );
         Poll::Ready(Ok(resp))
     }
@@ -460,18 +463,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         self.metrics.in_flight.inc();
         let request_id = req.headers().get(&self.request_id).cloned();
-        let facts = Facts::default();
-        req.extensions_mut().insert(facts.clone());
         Observed {
             start: Instant::now(),
             method: req.method().clone(),
             request_id,
             metrics: self.metrics.clone(),
-            facts,
-            inner: self.inner.call(req),
+            inner: Some(self.inner.call(req)),
             done: false,
         }
     }

@@ -4,9 +4,8 @@
 use crate::app::App;
 use crate::body::Body;
 use crate::flow;
-use crate::metrics::{Facts, RouteKind};
+use crate::metrics::{AbandonGuard, ResponseFacts, RouteKind};
 use crate::pages;
-use crate::policy::routes::AuthMode;
 use crate::policy::routes::{host_only, Route};
 use crate::proxy::headers::valid_request_id;
 use crate::proxy::path::{normalize, PathError};
@@ -151,32 +150,30 @@ where
             return Either::Right(Box::pin(std::future::ready(Ok(resp))));
         }
         if flow::is_flow_path(req.uri().path()) {
-            let route = if flow::is_forward_auth_path(req.uri().path()) {
-                RouteKind::ForwardAuth
-            } else {
-                RouteKind::Flow
-            };
-            if let Some(facts) = Facts::of(req.extensions()) {
-                facts.update(|f| f.route = Some(route));
-            }
             let app = self.app.clone();
-            Either::Right(Box::pin(async move { Ok(flow::handle(app, req).await) }))
+            Either::Right(Box::pin(async move {
+                let route = if flow::is_forward_auth_path(req.uri().path()) {
+                    RouteKind::ForwardAuth
+                } else {
+                    RouteKind::Flow
+                };
+                let waiting = AbandonGuard(Some(ResponseFacts {
+                    route: Some(route),
+                    ..Default::default()
+                }));
+                let mut resp = flow::handle(app, req).await;
+                waiting.disarm();
+                resp.extensions_mut().insert(ResponseFacts {
+                    route: Some(route),
+                    ..Default::default()
+                });
+                Ok(resp)
+            }))
         } else {
             if !self.app.cfg.routes.is_empty() {
                 let host = request_host(&req);
                 let matched = self.app.route_for(req.method(), host, req.uri().path());
                 if let Some(i) = matched {
-                    if self
-                        .app
-                        .cfg
-                        .routes
-                        .get(i)
-                        .is_some_and(|r| r.auth == AuthMode::Skip)
-                    {
-                        if let Some(facts) = Facts::of(req.extensions()) {
-                            facts.update(|f| f.route = Some(RouteKind::SkipAuth));
-                        }
-                    }
                     req.extensions_mut().insert(RouteIdx(i));
                 }
             }

@@ -5,9 +5,9 @@ use crate::app::App;
 use crate::body::{Body, BodyError};
 use crate::config::UpstreamConfig;
 use crate::error::{source_chain, GatewayError, UpstreamFailure};
-use crate::metrics::Facts;
+use crate::metrics::{AbandonGuard, ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
-use crate::policy::routes::Route;
+use crate::policy::routes::{AuthMode, Route};
 use crate::proxy::pool::SendError;
 use crate::server::h1::io::{ClientBodyError, ClientUpgrade};
 use crate::session::ActiveSession;
@@ -125,15 +125,19 @@ impl Service<Request<Body>> for Forward {
             .filter(|_| req.headers().contains_key(header::UPGRADE));
         Box::pin(async move {
             let route = app.route_in(&extensions);
-            let facts = Facts::of(&extensions);
+            let kind = match route.map(|r| r.auth) {
+                Some(AuthMode::Skip) => RouteKind::SkipAuth,
+                _ => RouteKind::Proxied,
+            };
             let start = std::time::Instant::now();
-            if let Some(facts) = facts {
-                facts.update(|f| {
-                    f.user = user;
-                    f.upstream_start = Some(start);
-                });
-            }
+            let waiting = AbandonGuard(Some(ResponseFacts {
+                route: Some(kind),
+                user,
+                upstream_start: Some(start),
+                ..Default::default()
+            }));
             let result = forward(&app, route, req, client_upgrade, start).await;
+            let user = waiting.disarm().and_then(|f| f.user);
             let end = std::time::Instant::now();
             let upstream_time = end.saturating_duration_since(start);
             let mut resp = match result {
@@ -158,12 +162,13 @@ impl Service<Request<Body>> for Forward {
                     e.into_response()
                 }
             };
-            if let Some(facts) = facts {
-                facts.update(|f| {
-                    f.upstream_time = Some(upstream_time);
-                    f.end = Some(end);
-                });
-            }
+            extensions.insert(ResponseFacts {
+                route: Some(kind),
+                upstream_start: Some(start),
+                upstream_time: Some(upstream_time),
+                user,
+                end: Some(end),
+            });
             let from_upstream = std::mem::replace(resp.extensions_mut(), extensions);
             resp.extensions_mut().extend(from_upstream);
             Ok(resp)
