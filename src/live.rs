@@ -143,13 +143,17 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
         if !forced && now == last {
             continue;
         }
-        reload(path, &live, &shared).await;
-        // Secret files named by the new config may differ from the old ones.
-        last = fingerprint(path, &live.load().app.cfg.watched_files);
+        // What was loaded, not what the files hold after a reload that waited (on a new
+        // provider's discovery): a change meanwhile is seen at the next tick.
+        last = match reload(path, &live, &shared).await {
+            Some(loaded) => loaded,
+            None => fingerprint(path, &live.load().app.cfg.watched_files),
+        };
     }
 }
 
-async fn reload(path: Option<&Path>, live: &Live, shared: &Shared) {
+/// Reloads; the fingerprint of the files as they were read, when they made a config.
+async fn reload(path: Option<&Path>, live: &Live, shared: &Shared) -> Option<[u8; 32]> {
     let result = |r: &str| shared.metrics.config_reloads.with_label_values(&[r]).inc();
     let loaded = match path {
         Some(path) => config::load(path),
@@ -162,9 +166,11 @@ async fn reload(path: Option<&Path>, live: &Live, shared: &Shared) {
                 tracing::error!(error = %e, "config reload rejected; the previous config keeps serving");
             }
             result("failure");
-            return;
+            return None;
         }
     };
+    // Secret files named by the new config may differ from the old ones.
+    let loaded = fingerprint(path, &cfg.watched_files);
     let current = live.load_full();
     let old = &current.app.cfg;
     if cfg.listen != old.listen || cfg.admin_listen != old.admin_listen {
@@ -184,4 +190,5 @@ async fn reload(path: Option<&Path>, live: &Live, shared: &Shared) {
             result("failure");
         }
     }
+    Some(loaded)
 }

@@ -96,7 +96,8 @@ impl Drop for AbandonGuard {
             if let Some(start) = facts.upstream_start {
                 facts.upstream_time = Some(start.elapsed());
             }
-            ABANDONED.with(|a| a.set(Some(facts)));
+            // Not during the thread's teardown, when its locals are gone.
+            let _ = ABANDONED.try_with(|a| a.set(Some(facts)));
         }
     }
 }
@@ -378,9 +379,10 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let mut this = this.project();
             if !*this.done {
-                ABANDONED.with(|a| a.take());
+                let take = || ABANDONED.try_with(|a| a.take()).ok().flatten();
+                take();
                 this.inner.set(None);
-                let facts = ABANDONED.with(|a| a.take());
+                let facts = take();
                 finish(this.metrics, this.method, this.request_id, *this.start, CLIENT_CLOSED, facts.as_ref());
             }
         }

@@ -171,20 +171,20 @@ impl Redis {
 
     pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
+        // One EVAL, not EVALSHA with a load on NOSCRIPT: a command sent to a stalled Redis
+        // runs after the ones before it even when the caller gave up waiting (the undo of a
+        // logout token's record relies on that), where a second round trip would not happen.
         self.run(async move {
-            redis::Script::new(UNLOCK)
-                .key(key)
+            redis::cmd("EVAL")
+                .arg(UNLOCK)
+                .arg(1)
+                .arg(key)
                 .arg(token)
-                .invoke_async::<i64>(&mut c)
+                .query_async::<i64>(&mut c)
                 .await
                 .map(|_| ())
         })
         .await
-    }
-
-    /// SET NX with expiry; true if the key was new (e.g. a logout token's `jti`).
-    pub async fn set_nx_ex(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
-        self.try_lock(key, "1", ttl).await
     }
 
     /// Adds scored members to a sorted set and drops members scored below `min_score`.

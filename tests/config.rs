@@ -76,6 +76,16 @@ fn assert_invalid(r: &Run, n: usize) -> Vec<String> {
 
 #[test]
 fn minimal_config_is_valid() {
+    // Also with settings near the refused ones: a leading @ on an email domain, a
+    // forward-auth answer header named Authorization (Traefik's authResponseHeaders).
+    let near = format!(
+        "{}authorization: {{ allowed_email_domains: [\"@example.com\"] }}\n\
+         forward_auth: {{ access_token: Authorization }}\n",
+        minimal()
+    );
+    let r = check_text(&near, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "ok.yaml", &minimal());
     let r = run(&["check", "--config", p.to_str().unwrap()], &[]);
@@ -247,10 +257,10 @@ fn bad_values_name_their_key() {
         ),
         (
             format!(
-                "{}authorization: {{ allowed_email_domains: [\"@example.com\"] }}\n",
+                "{}authorization: {{ allowed_email_domains: [\"example.com\", \".example.com\"] }}\n",
                 minimal()
             ),
-            "config error: authorization.allowed_email_domains[0]: ",
+            "config error: authorization.allowed_email_domains[1]: ",
         ),
         (
             format!(

@@ -249,12 +249,19 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
     })
 }
 
-/// Names an identity header may not take: the gateway sets them itself (the bearer, the
-/// forwarding headers), or they frame or route the message.
-const RESERVED_HEADERS: [&str; 17] = [
+/// Names the gateway sets on the forwarded request itself (the bearer, the forwarding headers).
+const SET_BY_GATEWAY: [&str; 7] = [
     "host",
     "authorization",
     "proxy-authorization",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+/// Names that frame or route a message, or carry cookies: no header of identity may take them.
+const FRAMING: [&str; 10] = [
     "cookie",
     "set-cookie",
     "content-length",
@@ -265,31 +272,49 @@ const RESERVED_HEADERS: [&str; 17] = [
     "upgrade",
     "te",
     "trailer",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
 ];
 
 /// An identity header's name: valid, and none the gateway or HTTP itself needs.
 fn identity_header(c: &mut Collector, key: &str, text: &str) -> HeaderName {
-    let name = header_name(c, key, text);
-    if RESERVED_HEADERS.contains(&name.as_str()) {
+    let name = answer_header(c, key, text, &FRAMING);
+    if SET_BY_GATEWAY.contains(&name.as_str()) {
         c.err(
             key,
-            format!("`{text}` is a header the gateway or HTTP itself sets; pick another name"),
+            format!("`{text}` is a header the gateway sets itself; pick another name"),
         );
     }
     name
 }
 
-/// Entries of `allowed_email_domains` lists: bare domains, as the part after `@` is compared.
+/// A forward-auth answer header's name: the proxy copies them onto the request it forwards
+/// (Traefik's `authResponseHeaders: [Authorization]` is a known setup), so only the names
+/// that frame or route messages are refused.
+fn forward_auth_header(c: &mut Collector, key: &str, text: &str) -> HeaderName {
+    answer_header(c, key, text, &FRAMING)
+}
+
+fn answer_header(c: &mut Collector, key: &str, text: &str, reserved: &[&str]) -> HeaderName {
+    let name = header_name(c, key, text);
+    if reserved.contains(&name.as_str()) {
+        c.err(
+            key,
+            format!("`{text}` frames messages or carries cookies; pick another name"),
+        );
+    }
+    name
+}
+
+/// Entries of `allowed_email_domains` lists: domains (a leading `@` is allowed), compared
+/// exactly with the part after `@`: a leading dot could never match.
 fn email_domains(c: &mut Collector, key: &str, domains: &[String]) {
     for (i, d) in domains.iter().enumerate() {
-        if !crate::policy::routes::is_host_name(d.trim()) {
+        let bare = d.trim();
+        if !crate::policy::routes::is_host_name(bare.strip_prefix('@').unwrap_or(bare)) {
             c.err(
                 &format!("{key}[{i}]"),
-                format!("`{d}`: must be a domain like example.com (no @, no leading dot)"),
+                format!(
+                    "`{d}`: must be a domain like example.com (compared exactly, no leading dot)"
+                ),
             );
         }
     }
@@ -646,15 +671,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     let fa = &raw.forward_auth;
     let forward_auth = ForwardAuthConfig {
-        user: identity_header(&mut c, "forward_auth.user", &fa.user),
-        email: identity_header(&mut c, "forward_auth.email", &fa.email),
-        groups: identity_header(&mut c, "forward_auth.groups", &fa.groups),
-        preferred_username: identity_header(
+        user: forward_auth_header(&mut c, "forward_auth.user", &fa.user),
+        email: forward_auth_header(&mut c, "forward_auth.email", &fa.email),
+        groups: forward_auth_header(&mut c, "forward_auth.groups", &fa.groups),
+        preferred_username: forward_auth_header(
             &mut c,
             "forward_auth.preferred_username",
             &fa.preferred_username,
         ),
-        access_token: identity_header(&mut c, "forward_auth.access_token", &fa.access_token),
+        access_token: forward_auth_header(&mut c, "forward_auth.access_token", &fa.access_token),
         pass_access_token: fa.pass_access_token,
     };
 

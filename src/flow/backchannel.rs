@@ -47,14 +47,17 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
             return answer(StatusCode::BAD_REQUEST, Some("invalid logout_token"));
         }
     };
-    // Each logout token is accepted once (jti), across replicas.
+    // Each logout token is accepted once (jti), across replicas. The record holds a token of
+    // this attempt's, so that undoing it never removes another replica's record of the same
+    // logout (which would let the token be replayed).
+    let attempt = super::random_token();
     let jti_key = app
         .redis
         .as_deref()
         .map(|r| r.key(&["jti", &app.cookies.keys.mac(b"jti", claims.jti.as_bytes())]));
     if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
         match redis
-            .set_nx_ex(key, crate::oidc::logout::REPLAY_WINDOW)
+            .try_lock(key, &attempt, crate::oidc::logout::REPLAY_WINDOW)
             .await
         {
             Ok(true) => {}
@@ -66,7 +69,7 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
                 if let Some(redis) = app.redis.clone() {
                     let key = key.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = redis.del(std::slice::from_ref(&key)).await {
+                        if let Err(e) = redis.unlock(&key, &attempt).await {
                             tracing::debug!(error = %e, "logout token record not undone yet");
                         }
                     });
@@ -97,7 +100,7 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
             tracing::warn!(error = %e, "back-channel logout could not be recorded");
             // Let the provider's retry through: the token was not acted upon.
             if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
-                let _ = redis.del(std::slice::from_ref(key)).await;
+                let _ = redis.unlock(key, &attempt).await;
             }
             answer(StatusCode::SERVICE_UNAVAILABLE, Some("try again"))
         }

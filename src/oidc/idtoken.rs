@@ -103,6 +103,9 @@ pub struct ValidIdToken {
     pub identity: Identity,
     /// Whether the token states the groups claim (an empty list is a statement too).
     pub groups_stated: bool,
+    /// Whether `email_verified` was there at all (absent is not "unverified" for an email
+    /// the session already knew verified).
+    pub email_verified_stated: bool,
 }
 
 impl ValidIdToken {
@@ -150,6 +153,8 @@ impl ValidIdToken {
         let mut id = self.identity;
         if id.email.is_none() {
             id.email.clone_from(&before.email);
+            id.email_verified = before.email_verified;
+        } else if !self.email_verified_stated && id.email == before.email {
             id.email_verified = before.email_verified;
         }
         if id.name.is_none() {
@@ -236,9 +241,11 @@ pub fn validate(
     }
     let groups = c.profile.groups(exp.groups_claim);
     let email_verified = c.profile.email_verified();
+    let email_verified_stated = c.profile.email_verified.is_some();
     let p = c.profile;
     Ok(ValidIdToken {
         groups_stated: groups.is_some(),
+        email_verified_stated,
         identity: Identity {
             sub: p.sub,
             email: p.email,
@@ -423,6 +430,22 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
             m.insert("groups".into(), json!([]));
         });
         assert!(left.refreshed_identity(&before).groups.is_empty());
+        // The same email without email_verified stays verified; a new one, or a stated
+        // false, does not.
+        assert!(before.email_verified);
+        let silent = valid(|m| {
+            m.remove("email_verified");
+        });
+        assert!(silent.refreshed_identity(&before).email_verified);
+        let moved = valid(|m| {
+            m.remove("email_verified");
+            m.insert("email".into(), json!("new@x"));
+        });
+        assert!(!moved.refreshed_identity(&before).email_verified);
+        let denied = valid(|m| {
+            m.insert("email_verified".into(), json!(false));
+        });
+        assert!(!denied.refreshed_identity(&before).email_verified);
     }
 
     #[test]

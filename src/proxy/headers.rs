@@ -332,23 +332,22 @@ pub fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
     }
 }
 
-/// The groups header value: names joined by commas, a comma, `%` or control character inside
-/// a name percent-encoded (`%2C`, `%25`, …) so that an app splitting on commas sees the real
-/// groups (`cn=a,ou=b` is one group, not two) and a line break cannot drop the header.
+/// The groups header value: names joined by commas, a comma, `%`, control character or
+/// non-ASCII byte inside a name percent-encoded (`%2C`, `%25`, UTF-8 bytes as `%C3%84`…) so
+/// that an app splitting on commas sees the real groups (`cn=a,ou=b` is one group, not two)
+/// and no group can make the header unsendable.
 pub fn groups_value(groups: &[String]) -> String {
+    use std::fmt::Write;
     let mut out = String::with_capacity(groups.iter().map(|g| g.len() + 1).sum());
     for (i, g) in groups.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        for c in g.chars() {
-            if c == ',' || c == '%' || c.is_control() {
-                let mut buf = [0u8; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    out.push_str(&format!("%{b:02X}"));
-                }
+        for &b in g.as_bytes() {
+            if b == b',' || b == b'%' || !(b' '..=b'~').contains(&b) {
+                let _ = write!(out, "%{b:02X}");
             } else {
-                out.push(c);
+                out.push(char::from(b));
             }
         }
     }
@@ -496,11 +495,14 @@ mod tests {
 
     #[test]
     fn group_names_keep_their_commas_apart() {
-        let groups: Vec<String> = ["users", "cn=a,ou=b", "50%", "x\ny"]
+        let groups: Vec<String> = ["users", "cn=a,ou=b", "50%", "x\ny", "Ärzte", "a b"]
             .iter()
             .map(|g| g.to_string())
             .collect();
-        assert_eq!(groups_value(&groups), "users,cn=a%2Cou=b,50%25,x%0Ay");
+        assert_eq!(
+            groups_value(&groups),
+            "users,cn=a%2Cou=b,50%25,x%0Ay,%C3%84rzte,a b"
+        );
         assert_eq!(groups_value(&[]), "");
     }
 

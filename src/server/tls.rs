@@ -64,20 +64,29 @@ impl ReloadingCert {
     pub async fn watch(self: Arc<Self>, reloads: prometheus::IntCounterVec) {
         let stamp = |p: &Path| std::fs::read(p).ok();
         let mut last = (stamp(&self.cert), stamp(&self.key));
+        // A pair that failed once is tried again on the next tick before the failure counts:
+        // a renewal that writes the certificate and the key one at a time is no failure.
+        let mut retrying = false;
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let now = (stamp(&self.cert), stamp(&self.key));
-            if now == last {
+            if now == last && !retrying {
                 continue;
             }
             last = now;
             match load_certified_key(&self.cert, &self.key) {
                 Ok(ck) => {
+                    retrying = false;
                     self.current.store(Arc::new(ck));
                     tracing::info!("TLS certificate reloaded");
                     reloads.with_label_values(&["success"]).inc();
                 }
+                Err(e) if !retrying => {
+                    retrying = true;
+                    tracing::debug!(error = %e, "TLS files do not load (yet); trying again");
+                }
                 Err(e) => {
+                    retrying = false;
                     tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one");
                     reloads.with_label_values(&["failure"]).inc();
                 }
