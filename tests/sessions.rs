@@ -646,7 +646,10 @@ async fn short_lived_tokens_are_refreshed_once_per_generation() {
 #[tokio::test]
 async fn a_hung_provider_does_not_end_a_session_with_rotating_refresh_tokens() {
     let gw_port = free_port();
-    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    // 8 s tokens: due at half-life (4 s), and still valid (to the second) once the request
+    // has waited the provider timeout (1 s) on the hung refresh.
+    const TTL: u64 = 8;
+    let idp = Idp::start_for_gateway(gw_port, &[("IDP_ACCESS_TOKEN_TTL", "8"), ROTATE_ENV]).await;
     let upstream = Upstream::start();
     let opts = gw_opts(gw_port, &idp, &upstream, "timeouts: { provider: 1s }", None);
     let gw = Gateway::start(opts).await;
@@ -654,12 +657,12 @@ async fn a_hung_provider_does_not_end_a_session_with_rotating_refresh_tokens() {
     let issued = Instant::now();
     let first = bearer_of(&upstream.last());
     idp.signal("STOP");
-    // Due (half of 4 s), still valid: the refresh hangs, the request goes on with the old token.
-    tokio::time::sleep_until((issued + Duration::from_millis(2300)).into()).await;
+    // Due, still valid: the refresh hangs, the request goes on with the old token.
+    tokio::time::sleep_until((issued + Duration::from_millis(TTL * 1000 / 2 + 300)).into()).await;
     let r = api(&gw, "/due", &cookie).await;
     assert_eq!(bearer_in(&r), first, "{}", gw.tails());
     // Expired, the refresh still hanging: 503, the session kept.
-    tokio::time::sleep_until((issued + Duration::from_millis(AT_TTL * 1000 + 1200)).into()).await;
+    tokio::time::sleep_until((issued + Duration::from_millis(TTL * 1000 + 1200)).into()).await;
     let r = api(&gw, "/expired", &cookie).await;
     assert_eq!(r.status, 503, "{}\n{}", r.dump(), gw.tails());
     assert!(r.set_cookie("_portcullis").is_none(), "{}", r.dump());
