@@ -81,12 +81,16 @@ thread_local! {
 /// upstream, on the provider) says what it knew if the client abandons the request then, so
 /// the 499 is counted under its route, with its user, and the wait on the upstream is not
 /// taken for the gateway's own time. Nothing is allocated for answered requests.
-pub struct AbandonGuard(pub Option<ResponseFacts>);
+pub struct AbandonGuard(Option<ResponseFacts>);
 
 impl AbandonGuard {
-    /// Answered: nothing to leave; the facts go back to the caller.
-    pub fn disarm(mut self) -> Option<ResponseFacts> {
-        self.0.take()
+    pub fn arm(facts: ResponseFacts) -> Self {
+        Self(Some(facts))
+    }
+
+    /// Answered: nothing to leave; the facts go back to the caller, for the response.
+    pub fn disarm(mut self) -> ResponseFacts {
+        self.0.take().unwrap_or_default()
     }
 }
 

@@ -157,16 +157,12 @@ where
                 } else {
                     RouteKind::Flow
                 };
-                let waiting = AbandonGuard(Some(ResponseFacts {
-                    route: Some(route),
-                    ..Default::default()
-                }));
-                let mut resp = flow::handle(app, req).await;
-                waiting.disarm();
-                resp.extensions_mut().insert(ResponseFacts {
+                let waiting = AbandonGuard::arm(ResponseFacts {
                     route: Some(route),
                     ..Default::default()
                 });
+                let mut resp = flow::handle(app, req).await;
+                resp.extensions_mut().insert(waiting.disarm());
                 Ok(resp)
             }))
         } else {

@@ -61,16 +61,6 @@ where
             let result = async move { task.await.unwrap_or(lost) }.boxed().shared();
             return (result, true);
         };
-        let forget = {
-            // A task that died settles nothing: the next caller starts again.
-            let flights = self.flights.clone();
-            let key = key.clone();
-            move || {
-                if let Ok(mut map) = flights.lock() {
-                    map.remove(&key);
-                }
-            }
-        };
         let reuse = self.reuse;
         let live = |e: &Entry<V>| e.finished.get().is_none_or(|at| at.elapsed() < reuse);
         if map.len() > SWEEP_ABOVE {
@@ -80,28 +70,37 @@ where
             return (e.result.clone(), false);
         }
         let finished = Arc::new(OnceLock::new());
-        let done = {
+        // Drops this flight's entry (not a newer one under the same key): the next caller
+        // starts again.
+        let forget = {
             let (flights, key, finished) = (self.flights.clone(), key.clone(), finished.clone());
-            move |v: &V| {
-                let _ = finished.set(Instant::now());
-                if !keep(v) {
-                    if let Ok(mut map) = flights.lock() {
-                        if map
-                            .get(&key)
-                            .is_some_and(|e| Arc::ptr_eq(&e.finished, &finished))
-                        {
-                            map.remove(&key);
-                        }
+            move || {
+                if let Ok(mut map) = flights.lock() {
+                    if map
+                        .get(&key)
+                        .is_some_and(|e| Arc::ptr_eq(&e.finished, &finished))
+                    {
+                        map.remove(&key);
                     }
                 }
             }
         };
         let work = work();
+        let done = {
+            let (finished, forget) = (finished.clone(), forget.clone());
+            move |v: &V| {
+                let _ = finished.set(Instant::now());
+                if !keep(v) {
+                    forget();
+                }
+            }
+        };
         let task = tokio::spawn(async move {
             let v = work.await;
             done(&v);
             v
         });
+        // A task that died settles nothing either.
         let result = async move {
             task.await.unwrap_or_else(|_| {
                 forget();

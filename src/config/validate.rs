@@ -274,31 +274,21 @@ const FRAMING: [&str; 10] = [
     "trailer",
 ];
 
-/// An identity header's name: valid, and none the gateway or HTTP itself needs.
-fn identity_header(c: &mut Collector, key: &str, text: &str) -> HeaderName {
-    let name = answer_header(c, key, text, &FRAMING);
-    if SET_BY_GATEWAY.contains(&name.as_str()) {
-        c.err(
-            key,
-            format!("`{text}` is a header the gateway sets itself; pick another name"),
-        );
-    }
-    name
-}
-
-/// A forward-auth answer header's name: the proxy copies them onto the request it forwards
-/// (Traefik's `authResponseHeaders: [Authorization]` is a known setup), so only the names
-/// that frame or route messages are refused.
-fn forward_auth_header(c: &mut Collector, key: &str, text: &str) -> HeaderName {
-    answer_header(c, key, text, &FRAMING)
-}
-
-fn answer_header(c: &mut Collector, key: &str, text: &str, reserved: &[&str]) -> HeaderName {
+/// An identity header's name: valid, and none that frames messages or carries cookies; for
+/// the forwarded request (`gateway_sets`), none the gateway sets itself either. Forward-auth
+/// answers may use those: the proxy copies them onto its request (Traefik's
+/// `authResponseHeaders: [Authorization]` is a known setup).
+fn identity_header(c: &mut Collector, key: &str, text: &str, gateway_sets: bool) -> HeaderName {
     let name = header_name(c, key, text);
-    if reserved.contains(&name.as_str()) {
+    if FRAMING.contains(&name.as_str()) {
         c.err(
             key,
             format!("`{text}` frames messages or carries cookies; pick another name"),
+        );
+    } else if gateway_sets && SET_BY_GATEWAY.contains(&name.as_str()) {
+        c.err(
+            key,
+            format!("`{text}` is a header the gateway sets itself; pick another name"),
         );
     }
     name
@@ -649,13 +639,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     };
     let headers = HeaderConfig {
         user_claim,
-        user: identity_header(&mut c, "headers.user", &h.user),
-        email: identity_header(&mut c, "headers.email", &h.email),
-        groups: identity_header(&mut c, "headers.groups", &h.groups),
+        user: identity_header(&mut c, "headers.user", &h.user, true),
+        email: identity_header(&mut c, "headers.email", &h.email, true),
+        groups: identity_header(&mut c, "headers.groups", &h.groups, true),
         preferred_username: identity_header(
             &mut c,
             "headers.preferred_username",
             &h.preferred_username,
+            true,
         ),
         request_id: header_name(&mut c, "headers.request_id", &h.request_id),
         pass_access_token: h.pass_access_token,
@@ -671,15 +662,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     let fa = &raw.forward_auth;
     let forward_auth = ForwardAuthConfig {
-        user: forward_auth_header(&mut c, "forward_auth.user", &fa.user),
-        email: forward_auth_header(&mut c, "forward_auth.email", &fa.email),
-        groups: forward_auth_header(&mut c, "forward_auth.groups", &fa.groups),
-        preferred_username: forward_auth_header(
+        user: identity_header(&mut c, "forward_auth.user", &fa.user, false),
+        email: identity_header(&mut c, "forward_auth.email", &fa.email, false),
+        groups: identity_header(&mut c, "forward_auth.groups", &fa.groups, false),
+        preferred_username: identity_header(
             &mut c,
             "forward_auth.preferred_username",
             &fa.preferred_username,
+            false,
         ),
-        access_token: forward_auth_header(&mut c, "forward_auth.access_token", &fa.access_token),
+        access_token: identity_header(&mut c, "forward_auth.access_token", &fa.access_token, false),
         pass_access_token: fa.pass_access_token,
     };
 

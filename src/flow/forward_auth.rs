@@ -5,16 +5,13 @@
 use crate::app::App;
 use crate::body::Body;
 use crate::config::{ForwardAuthConfig, HeaderConfig};
-use crate::error::GatewayError;
 use crate::pages;
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{host_only, AuthMode, Denied, Route};
 use crate::proxy::forward::ConnInfo;
 use crate::proxy::headers::put;
 use crate::proxy::path::normalize;
-use crate::refresh::{ensure_fresh, Fresh};
-use crate::session::store::Loaded;
-use crate::session::{now_secs, CookieJar, Session};
+use crate::session::{CookieJar, Session};
 use http::header::{HeaderMap, HeaderValue, SET_COOKIE};
 use http::{Request, Response, StatusCode};
 
@@ -45,6 +42,7 @@ fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, app
 /// a proxy cannot percent-encode `rd` itself (nginx has no escaping function).
 const LOGIN_HEADER: &str = "x-auth-request-login";
 
+/// The 401, with the login URL that returns to the original request in a header too.
 fn unauthorized(
     app: &App,
     jar: &CookieJar<'_>,
@@ -58,17 +56,9 @@ fn unauthorized(
         ),
         None => "/oauth2/start".to_string(),
     };
-    let mut resp = pages::json(
-        StatusCode::UNAUTHORIZED,
-        &serde_json::json!({"error": "unauthorized", "login_url": login_url}),
-    );
+    let mut resp = super::unauthorized(app, jar, clear, &login_url);
     if let Ok(v) = HeaderValue::from_str(&login_url) {
         resp.headers_mut().insert(LOGIN_HEADER, v);
-    }
-    if clear {
-        for v in app.cookies.clear_session(jar) {
-            resp.headers_mut().append(SET_COOKIE, v);
-        }
     }
     resp
 }
@@ -226,29 +216,12 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
         return pages::text(allowed, "");
     }
     let jar = CookieJar::parse(req.headers());
-    let now = now_secs();
-    let session = match app.load_session(&jar).await {
-        Ok(Loaded::Session(s)) => s,
-        Ok(Loaded::None) => return unauthorized(app, &jar, false, target.as_deref()),
-        Ok(Loaded::Rejected(reason)) => {
-            app.metrics
-                .cookies_rejected
-                .with_label_values(&[reason.label()])
-                .inc();
-            return unauthorized(app, &jar, true, target.as_deref());
+    let (session, cookie_lines) = match super::caller(app, &jar).await {
+        super::Caller::Session { session, cookies } => (session, cookies),
+        super::Caller::Anonymous { clear } => {
+            return unauthorized(app, &jar, clear, target.as_deref())
         }
-        Err(e) => return GatewayError::StoreUnavailable(e.to_string()).into_response(),
-    };
-    let (session, cookie_lines) = match ensure_fresh(app, session, now).await {
-        Fresh::Unchanged(s) => (s, Vec::new()),
-        Fresh::Refreshed(s) => {
-            let lines = app.refreshed_cookie(&s, &jar);
-            ((*s).clone(), lines)
-        }
-        Fresh::Unavailable => {
-            return GatewayError::ProviderUnavailable("refresh failed".into()).into_response()
-        }
-        Fresh::Ended => return unauthorized(app, &jar, true, target.as_deref()),
+        super::Caller::Unavailable(e) => return e.into_response(),
     };
     if let Err(Denied(why)) = app
         .cfg

@@ -9,8 +9,11 @@ mod userinfo;
 
 use crate::app::App;
 use crate::body::Body;
+use crate::error::GatewayError;
 use crate::pages;
-use crate::session::{now_secs, CookieJar, FlowState};
+use crate::refresh::{ensure_fresh, Fresh};
+use crate::session::store::Loaded;
+use crate::session::{now_secs, CookieJar, FlowState, Session};
 use http::header::{HeaderValue, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
@@ -106,6 +109,66 @@ fn random_token() -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(crate::session::crypto::random_bytes::<32>())
+}
+
+/// The caller of a gateway endpoint that answers for a session (userinfo, forward-auth):
+/// its session loaded and brought up to date as a proxied request's would be.
+enum Caller {
+    /// Signed in; `cookies`: the re-sealed session to send back, when it was refreshed.
+    Session {
+        session: Arc<Session>,
+        cookies: Vec<HeaderValue>,
+    },
+    /// No session: `clear` when a cookie came that opens none any more (to be cleared).
+    Anonymous { clear: bool },
+    /// The store or the provider cannot say now.
+    Unavailable(GatewayError),
+}
+
+async fn caller(app: &Arc<App>, jar: &CookieJar<'_>) -> Caller {
+    let session = match app.load_session(jar).await {
+        Ok(Loaded::Session(s)) => s,
+        Ok(Loaded::None) => return Caller::Anonymous { clear: false },
+        Ok(Loaded::Rejected(reason)) => {
+            app.metrics
+                .cookies_rejected
+                .with_label_values(&[reason.label()])
+                .inc();
+            return Caller::Anonymous { clear: true };
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "session store unavailable");
+            return Caller::Unavailable(GatewayError::StoreUnavailable(e.to_string()));
+        }
+    };
+    match ensure_fresh(app, session, now_secs()).await {
+        Fresh::Unchanged(session) => Caller::Session {
+            session: Arc::new(session),
+            cookies: Vec::new(),
+        },
+        Fresh::Refreshed(session) => Caller::Session {
+            cookies: app.refreshed_cookie(&session, jar),
+            session,
+        },
+        Fresh::Unavailable => Caller::Unavailable(GatewayError::ProviderUnavailable(
+            "refresh failed and the access token has expired".into(),
+        )),
+        Fresh::Ended => Caller::Anonymous { clear: true },
+    }
+}
+
+/// 401 JSON naming where to log in; `clear`: the session cookie is cleared too.
+fn unauthorized(app: &App, jar: &CookieJar<'_>, clear: bool, login_url: &str) -> Response<Body> {
+    let mut resp = pages::json(
+        StatusCode::UNAUTHORIZED,
+        &serde_json::json!({"error": "unauthorized", "login_url": login_url}),
+    );
+    if clear {
+        for v in app.cookies.clear_session(jar) {
+            resp.headers_mut().append(SET_COOKIE, v);
+        }
+    }
+    resp
 }
 
 /// The flow cookies to expire so that a new login leaves at most `MAX_FLOWS` pending, looked at

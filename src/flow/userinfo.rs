@@ -2,29 +2,14 @@
 //! as a proxied request, so a session whose refresh was refused (or that has no refresh token
 //! and an expired access token) is reported as over, not as logged in.
 
+use super::{caller, unauthorized, Caller};
 use crate::app::App;
 use crate::body::Body;
-use crate::error::{unavailable_as_json, GatewayError};
+use crate::error::unavailable_as_json;
 use crate::pages;
-use crate::refresh::{ensure_fresh, Fresh};
-use crate::session::store::Loaded;
-use crate::session::{now_secs, CookieJar, Session};
+use crate::session::{CookieJar, Session};
 use http::header::SET_COOKIE;
 use http::{Request, Response, StatusCode};
-
-/// 401 JSON; `clear`: the session cookie is cleared too (it did not open, or its session ended).
-fn unauthorized(app: &App, jar: &CookieJar<'_>, clear: bool) -> Response<Body> {
-    let mut resp = pages::json(
-        StatusCode::UNAUTHORIZED,
-        &serde_json::json!({"error": "unauthorized", "login_url": "/oauth2/start"}),
-    );
-    if clear {
-        for v in app.cookies.clear_session(jar) {
-            resp.headers_mut().append(SET_COOKIE, v);
-        }
-    }
-    resp
-}
 
 fn identity(s: &Session) -> Response<Body> {
     let i = &s.identity;
@@ -44,39 +29,16 @@ fn identity(s: &Session) -> Response<Body> {
 
 pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
-    let session = match app.load_session(&jar).await {
-        Ok(Loaded::Session(s)) => s,
-        Ok(Loaded::None) => return unauthorized(app, &jar, false),
-        Ok(Loaded::Rejected(reason)) => {
-            app.metrics
-                .cookies_rejected
-                .with_label_values(&[reason.label()])
-                .inc();
-            return unauthorized(app, &jar, true);
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "session store unavailable");
-            return unavailable_as_json(
-                GatewayError::StoreUnavailable(e.to_string()).into_response(),
-            );
-        }
-    };
-    match ensure_fresh(app, session, now_secs()).await {
-        Fresh::Unchanged(s) => identity(&s),
-        Fresh::Refreshed(s) => {
-            let mut resp = identity(&s);
-            for v in app.refreshed_cookie(&s, &jar) {
+    match caller(app, &jar).await {
+        Caller::Session { session, cookies } => {
+            let mut resp = identity(&session);
+            for v in cookies {
                 resp.headers_mut().append(SET_COOKIE, v);
             }
             resp
         }
+        Caller::Anonymous { clear } => unauthorized(app, &jar, clear, "/oauth2/start"),
         // A JSON endpoint: its 503 is JSON too, whoever asks.
-        Fresh::Unavailable => unavailable_as_json(
-            GatewayError::ProviderUnavailable(
-                "refresh failed and the access token has expired".into(),
-            )
-            .into_response(),
-        ),
-        Fresh::Ended => unauthorized(app, &jar, true),
+        Caller::Unavailable(e) => unavailable_as_json(e.into_response()),
     }
 }

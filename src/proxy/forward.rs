@@ -130,14 +130,14 @@ impl Service<Request<Body>> for Forward {
                 _ => RouteKind::Proxied,
             };
             let start = std::time::Instant::now();
-            let waiting = AbandonGuard(Some(ResponseFacts {
+            let waiting = AbandonGuard::arm(ResponseFacts {
                 route: Some(kind),
                 user,
                 upstream_start: Some(start),
                 ..Default::default()
-            }));
+            });
             let result = forward(&app, route, req, client_upgrade, start).await;
-            let user = waiting.disarm().and_then(|f| f.user);
+            let mut facts = waiting.disarm();
             let end = std::time::Instant::now();
             let upstream_time = end.saturating_duration_since(start);
             let mut resp = match result {
@@ -162,13 +162,9 @@ impl Service<Request<Body>> for Forward {
                     e.into_response()
                 }
             };
-            extensions.insert(ResponseFacts {
-                route: Some(kind),
-                upstream_start: Some(start),
-                upstream_time: Some(upstream_time),
-                user,
-                end: Some(end),
-            });
+            facts.upstream_time = Some(upstream_time);
+            facts.end = Some(end);
+            extensions.insert(facts);
             let from_upstream = std::mem::replace(resp.extensions_mut(), extensions);
             resp.extensions_mut().extend(from_upstream);
             Ok(resp)
