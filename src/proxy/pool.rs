@@ -58,12 +58,18 @@ type Connection = hyper::client::conn::http1::Connection<
 >;
 
 /// One upstream connection: the handle requests are sent through, and the connection that
-/// reads and writes them, polled by whichever request holds it.
+/// reads and writes them, polled by whichever request holds it. It lives in one box for its
+/// whole life (it is kilobytes): checkouts, give-backs and the response body that holds it
+/// move a pointer, which keeps every request and response small.
 struct Upstream {
     tx: SendRequest<Body>,
-    /// Boxed: moved with every checkout and give-back, and it is kilobytes.
     /// `None` once it has ended (closed, failed, or handed to a task of its own).
-    conn: Option<Box<Connection>>,
+    conn: Option<Connection>,
+    /// The thread's idle list it goes back to.
+    home: Arc<Home>,
+    /// When the request that borrowed it started (no clock reading of its own): it counts as
+    /// idle from then once given back.
+    since: Instant,
     relay: Arc<Relay>,
     /// `relay` as a waker, made once.
     waker: Waker,
@@ -103,15 +109,23 @@ impl std::task::Wake for Relay {
 }
 
 impl Upstream {
-    fn new(tx: SendRequest<Body>, conn: Connection, deadline: tokio::time::Instant) -> Self {
+    fn new(
+        tx: SendRequest<Body>,
+        conn: Connection,
+        home: Arc<Home>,
+        since: Instant,
+        deadline: tokio::time::Instant,
+    ) -> Box<Self> {
         let relay = Arc::new(Relay::default());
-        Self {
+        Box::new(Self {
             tx,
-            conn: Some(Box::new(conn)),
+            conn: Some(conn),
+            home,
+            since,
             waker: Waker::from(relay.clone()),
             relay,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
-        }
+        })
     }
 
     /// Wake-ups from now on are the holder's own: it polls the connection next.
@@ -139,7 +153,7 @@ impl Upstream {
                 return f(&mut self.tx, cx);
             };
             let relay = &mut Context::from_waker(&self.waker);
-            if let Poll::Ready(r) = Pin::new(&mut **conn).poll(relay) {
+            if let Poll::Ready(r) = Pin::new(conn).poll(relay) {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "upstream connection ended");
                 }
@@ -205,14 +219,10 @@ impl Upstream {
     }
 }
 
-struct Idle {
-    up: Upstream,
-    since: Instant,
-}
-
-impl Idle {
+impl Upstream {
+    /// In the pool: not closed by the upstream, and idle for less than `idle_timeout`.
     fn usable(&self, now: Instant, idle_timeout: Duration) -> bool {
-        !self.up.tx.is_closed() && now.duration_since(self.since) < idle_timeout
+        !self.tx.is_closed() && now.duration_since(self.since) < idle_timeout
     }
 }
 
@@ -227,7 +237,7 @@ struct Home {
     pool_alive: Weak<()>,
     max_idle: usize,
     idle_timeout: Duration,
-    conns: Mutex<VecDeque<Idle>>,
+    conns: Mutex<VecDeque<Box<Upstream>>>,
 }
 
 thread_local! {
@@ -295,14 +305,14 @@ impl Pool {
                 let (home, idle) = self.checkout(https, authority, now);
                 let (mut up, reused) = match idle {
                     Some(mut up) => {
+                        up.since = now;
                         up.deadline.as_mut().reset(deadline);
                         (up, true)
                     }
                     // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
                     // make every request's future that large, to be allocated and copied.
                     None => {
-                        let connect =
-                            Box::pin(self.connect(&home.origin, deadline, connect_timeout));
+                        let connect = Box::pin(self.connect(home, now, deadline, connect_timeout));
                         match tokio::time::timeout_at(deadline, connect).await {
                             Ok(up) => (up?, false),
                             Err(_) => return Err(SendError::Timeout),
@@ -327,15 +337,10 @@ impl Pool {
                 let mut sent = std::pin::pin!(up.tx.try_send_request(req));
                 match poll_fn(|cx| up.until_deadline(cx, |_, cx| sent.as_mut().poll(cx))).await? {
                     Ok(resp) => {
-                        let conn = Some(Returning {
-                            home,
-                            up,
-                            since: now,
-                        });
                         return Ok(resp.map(|body| UpstreamBody {
                             body,
                             ended: false,
-                            conn,
+                            conn: Some(up),
                         }));
                     }
                     Err(mut e) => match e.take_message() {
@@ -354,7 +359,7 @@ impl Pool {
         https: bool,
         authority: &Authority,
         now: Instant,
-    ) -> (Arc<Home>, Option<Upstream>) {
+    ) -> (Arc<Home>, Option<Box<Upstream>>) {
         let home = HOMES.with(|homes| {
             let mut homes = homes.borrow_mut();
             if let Some(h) = homes
@@ -383,7 +388,7 @@ impl Pool {
         if let Ok(mut conns) = home.conns.lock() {
             while let Some(c) = conns.pop_back() {
                 if c.usable(now, self.idle_timeout) {
-                    up = Some(c.up);
+                    up = Some(c);
                     break;
                 }
             }
@@ -393,10 +398,12 @@ impl Pool {
 
     async fn connect(
         &self,
-        origin: &Origin,
+        home: Arc<Home>,
+        now: Instant,
         deadline: tokio::time::Instant,
         connect_timeout: Option<Duration>,
-    ) -> Result<Upstream, SendError> {
+    ) -> Result<Box<Upstream>, SendError> {
+        let origin = &home.origin;
         let uri = Uri::builder()
             .scheme(if origin.https {
                 Scheme::HTTPS
@@ -420,50 +427,40 @@ impl Pool {
             .map_err(|e| SendError::Connect(crate::error::source_chain(&*e)))?;
         let (tx, conn) =
             hyper::client::conn::http1::handshake(super::batch::Batched::new(io)).await?;
-        Ok(Upstream::new(tx, conn, deadline))
+        Ok(Upstream::new(tx, conn, home, now, deadline))
     }
 }
 
-/// A connection lent to one request, given back when its response body is complete.
-struct Returning {
-    home: Arc<Home>,
-    up: Upstream,
-    /// When the request that borrowed it started (no clock reading of its own).
-    since: Instant,
-}
-
-impl Returning {
-    fn give_back(mut self) {
-        if !self.up.idle() {
+impl Upstream {
+    /// Back to its home's idle list, once its response body is complete.
+    fn give_back(mut self: Box<Self>) {
+        if !self.idle() {
             // The answer may have come before the connection saw the end of the request body:
             // one more look (nobody to wake: it is not waited on).
-            if let Some(conn) = self.up.conn.as_mut() {
+            if let Some(conn) = self.conn.as_mut() {
                 let nobody = &mut Context::from_waker(Waker::noop());
-                if Pin::new(&mut **conn).poll(nobody).is_ready() {
+                if Pin::new(conn).poll(nobody).is_ready() {
                     return;
                 }
             }
         }
-        if !self.up.idle() || self.home.pool_alive.strong_count() == 0 {
+        if !self.idle() || self.home.pool_alive.strong_count() == 0 {
             return;
         }
-        let Ok(mut conns) = self.home.conns.lock() else {
+        let home = self.home.clone();
+        let Ok(mut conns) = home.conns.lock() else {
             return;
         };
-        let now = self.since;
         // Connections unused for the idle timeout are closed as traffic goes on.
         if conns
             .front()
-            .is_some_and(|c| !c.usable(now, self.home.idle_timeout))
+            .is_some_and(|c| !c.usable(self.since, home.idle_timeout))
         {
             conns.pop_front();
         }
-        if conns.len() < self.home.max_idle {
-            self.up.relay.state.store(PARKED, Ordering::Release);
-            conns.push_back(Idle {
-                up: self.up,
-                since: now,
-            });
+        if conns.len() < home.max_idle {
+            self.relay.state.store(PARKED, Ordering::Release);
+            conns.push_back(self);
         }
     }
 }
@@ -475,7 +472,8 @@ pub struct UpstreamBody {
     body: Incoming,
     /// Seen the end (a chunked body only says so by ending).
     ended: bool,
-    conn: Option<Returning>,
+    /// The connection, lent to this response until its end.
+    conn: Option<Box<Upstream>>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -515,7 +513,7 @@ impl http_body::Body for UpstreamBody {
         let this = self.get_mut();
         let body = &mut this.body;
         let frame = match this.conn.as_mut() {
-            Some(c) => c.up.take(cx, |_, cx| Pin::new(&mut *body).poll_frame(cx)),
+            Some(c) => c.take(cx, |_, cx| Pin::new(&mut *body).poll_frame(cx)),
             None => Pin::new(body).poll_frame(cx),
         };
         if let Poll::Ready(None) = frame {
