@@ -6,7 +6,7 @@ use crate::body::Body;
 use crate::flow;
 use crate::metrics::{AbandonGuard, ResponseFacts, RouteKind};
 use crate::pages;
-use crate::policy::routes::{host_only, Route};
+use crate::policy::routes::{host_only, valid_host, Route};
 use crate::proxy::headers::valid_request_id;
 use crate::proxy::path::{normalize, PathError};
 use http::{HeaderValue, Request, Response};
@@ -138,6 +138,17 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         use futures_util::future::Either;
+        // The HTTP/1 reader checks Host as it parses; HTTP/2 requests come from hyper.
+        if req.version() == http::Version::HTTP_2 && !valid_h2_host(&req) {
+            tracing::debug!("invalid :authority or Host refused");
+            let resp = pages::html(
+                http::StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The request's host is not a valid host name.",
+                "",
+            );
+            return Either::Right(Box::pin(std::future::ready(Ok(resp))));
+        }
         // One normalised path for everything after this point, the upstream included.
         if let Err(e) = normalize_uri(&mut req) {
             tracing::debug!(error = %e, "ambiguous request path refused");
@@ -218,6 +229,25 @@ impl App {
 }
 
 /// The request's host (Host header, or the HTTP/2 authority), without the port.
+/// An HTTP/2 request's `:authority` and Host (either may be absent) are valid host values,
+/// with one Host at most, naming the same site as `:authority` (RFC 9113 §8.3.1).
+fn valid_h2_host<B>(req: &Request<B>) -> bool {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(v), None) => match v.to_str() {
+            Ok(h) if valid_host(h) => Some(h),
+            _ => return false,
+        },
+        (Some(_), Some(_)) => return false,
+    };
+    match (req.uri().authority(), host) {
+        (Some(a), Some(h)) => valid_host(a.as_str()) && a.as_str().eq_ignore_ascii_case(h),
+        (Some(a), None) => valid_host(a.as_str()),
+        (None, _) => true,
+    }
+}
+
 pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.headers()
         .get(http::header::HOST)

@@ -355,6 +355,47 @@ async fn route_upstreams_and_hosts() {
         assert_401_json(&r, &format!("/hosted/x with Host {host:?}"));
     }
     assert_eq!(s.upstream.count(), 3, "a wrong Host reached the upstream");
+
+    // A fully qualified name's trailing dot names the same site (nginx and Apache drop it).
+    let r = send(
+        "GET",
+        &s.gw.url("/hosted/x"),
+        &[
+            ("accept", "application/json"),
+            ("host", "app.example.com.:80"),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "trailing dot: {}", r.dump());
+    assert_eq!(s.upstream.count(), 4);
+
+    // Host values that a name-based upstream reads differently than the route matcher
+    // would (brackets around a name, userinfo, lists, paths): refused, never matched.
+    for host in [
+        "[app.example.com]",
+        "[app.example.com]:80",
+        "[app.example.com]evil",
+        "app.example.com, evil.test",
+        "x@app.example.com",
+        "app.example.com/x",
+        "a b",
+    ] {
+        let h = [("accept", "application/json"), ("host", host)];
+        let r = send("GET", &s.gw.url("/hosted/x"), &h, Vec::new()).await;
+        assert_eq!(r.status, 400, "Host {host:?}: {}", r.dump());
+        let r = send_h2("GET", &s.gw.url("/hosted/x"), &h, Vec::new()).await;
+        let status = r.as_ref().map(|r| r.status.as_u16());
+        assert!(
+            matches!(status, Ok(400) | Err(_)),
+            "h2c Host {host:?}: {status:?}"
+        );
+    }
+    assert_eq!(
+        s.upstream.count(),
+        4,
+        "an invalid Host reached the upstream"
+    );
 }
 
 /// One provider, several gateways that differ only in their `authorization` block.

@@ -57,18 +57,53 @@ impl Route {
     }
 }
 
-/// Host of a Host header / authority, lower-case, without the port.
+/// The host of a Host header or authority, without the port, and without the trailing dot of
+/// a fully qualified name (`app.example.com.` is the site `app.example.com` to nginx and
+/// Apache): what routes are matched against (case aside). Brackets are taken off an IPv6
+/// address only; anything else comes back whole, so that it matches no configured host —
+/// `valid_host` keeps such values from reaching the routes at all.
 pub fn host_only(authority: &str) -> &str {
     if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
+        return match rest.split_once(']') {
+            Some((ip, _)) if ip.parse::<std::net::Ipv6Addr>().is_ok() => ip,
+            _ => authority,
+        };
     }
-    authority.rsplit_once(':').map_or(authority, |(h, p)| {
+    let host = authority.rsplit_once(':').map_or(authority, |(h, p)| {
         if p.bytes().all(|b| b.is_ascii_digit()) {
             h
         } else {
             authority
         }
-    })
+    });
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// Is this a Host value (or URI authority) every server reads the same way: a DNS name or
+/// IPv4 address (letters, digits, `-`, `.`, `_`) or a bracketed IPv6 address, then an
+/// optional `:port`; or empty (RFC 9112 §3.2, no authority). Stricter than RFC 3986's
+/// reg-name — no userinfo, percent-encoding, commas or other sub-delims, which upstreams
+/// that pick a site by host name read differently than the route matcher would.
+pub fn valid_host(authority: &str) -> bool {
+    let port = match authority.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, port)) if ip.parse::<std::net::Ipv6Addr>().is_ok() => port,
+            _ => return false,
+        },
+        None if authority.is_empty() => return true,
+        None => {
+            let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
+            let name_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+            if host.is_empty() || !host.bytes().all(name_byte) {
+                return false;
+            }
+            port
+        }
+    };
+    match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(p) => p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()),
+    }
 }
 
 /// Any match of any list lets the user pass; all lists empty lets everyone pass.
@@ -450,5 +485,50 @@ mod tests {
         assert_eq!(host_only("a.example.com:8080"), "a.example.com");
         assert_eq!(host_only("[::1]:80"), "::1");
         assert_eq!(host_only("a"), "a");
+        assert_eq!(host_only("a.example.com.:80"), "a.example.com");
+        assert_eq!(host_only("a.example.com."), "a.example.com");
+        // Brackets around a name are not an address: the value stays whole (it matches
+        // no configured host).
+        assert_eq!(host_only("[a.example.com]"), "[a.example.com]");
+        assert_eq!(host_only("[a.example.com]:80"), "[a.example.com]:80");
+    }
+
+    #[test]
+    fn host_values() {
+        for ok in [
+            "",
+            "a",
+            "app.example.com",
+            "APP.example.com.",
+            "app.example.com:8443",
+            "app.example.com:",
+            "my_host-1.internal",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "[::ffff:10.0.0.1]:1",
+        ] {
+            assert!(valid_host(ok), "{ok:?}");
+        }
+        for bad in [
+            "[app.example.com]",
+            "[app.example.com]:80",
+            "[app.example.com]evil",
+            "[app.example.com",
+            "[::1]x",
+            "[::1]:80:80",
+            "a b",
+            "<script>x</script>",
+            "evil.com/path",
+            "x@evil.com",
+            "evil.example, 127.0.0.1:80",
+            "a%2eb",
+            "a:b",
+            ":80",
+            "a:123456",
+            "a:80:80",
+        ] {
+            assert!(!valid_host(bad), "{bad:?}");
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! request bodies decoded. The framing rules are RFC 9112's, applied as hyper applies them,
 //! so that what the gateway reads as one request is what the upstream reads as one request.
 
+use crate::policy::routes::valid_host;
 use crate::proxy::headers::has_token;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -147,6 +148,9 @@ pub fn parse_head(
     let head = buf.split_to(len).freeze();
     let method = Method::from_bytes(&head[method.0..method.1]).map_err(|_| HeadError::Invalid)?;
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.1)).map_err(|_| HeadError::Invalid)?;
+    if uri.authority().is_some_and(|a| !valid_host(a.as_str())) {
+        return Err(HeadError::Invalid);
+    }
     let http11 = minor == 1;
     // Room for what the gateway adds before forwarding (request id, bearer, identity and
     // forwarding headers): growing the map rehashes every header.
@@ -212,6 +216,13 @@ pub fn parse_head(
                 expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
             }
             header::UPGRADE => has_upgrade = http11,
+            // A host the route matcher and a name-based upstream would read differently.
+            header::HOST => {
+                let ok = std::str::from_utf8(value.as_bytes()).is_ok_and(valid_host);
+                if !ok {
+                    return Err(HeadError::Invalid);
+                }
+            }
             _ => {}
         }
         headers.append(name, value);
