@@ -120,7 +120,7 @@ const LOCK_TTL: Duration = Duration::from_secs(REFRESH_PATIENCE.as_secs() + 15);
 
 /// With Redis, one refresh across all replicas: the lock holder refreshes and publishes the
 /// result (sealed) for the others, which wait for it instead of spending the token again.
-/// Without Redis (or when it is down, for the cookie store) the refresh is local.
+/// Without Redis the refresh is local; with Redis down it waits for Redis (see below).
 async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
     let Some(rt) = s.refresh_token.as_deref() else {
         return Err(RefreshFailure::InvalidGrant);
@@ -145,9 +145,13 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
         match redis.get(&result_key).await {
             Ok(Some(v)) => return shared_result(app, &result_key, &v),
             Ok(None) => {}
+            // Not refreshed here alone: other replicas may be refreshing the same token, and
+            // with rotating refresh tokens a second use ends the grant (the user logged out
+            // because Redis blinked). As with a provider that is down: the token is used
+            // while it is valid, then 503.
             Err(e) => {
                 redis_down(e);
-                return fallback(app, s, rt).await;
+                return Err(RefreshFailure::Unavailable);
             }
         }
         match redis.try_lock(&lock_key, &token, LOCK_TTL).await {
@@ -182,29 +186,31 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
                 pause = (pause * 2).min(Duration::from_millis(500));
             }
             Ok(false) => return Err(RefreshFailure::Unavailable),
+            // Not refreshed here alone: other replicas may be refreshing the same token, and
+            // with rotating refresh tokens a second use ends the grant (the user logged out
+            // because Redis blinked). As with a provider that is down: the token is used
+            // while it is valid, then 503.
             Err(e) => {
                 redis_down(e);
-                return fallback(app, s, rt).await;
+                return Err(RefreshFailure::Unavailable);
             }
         }
-    }
-}
-
-/// Redis is down: the cookie store still refreshes (locally single-flight); the Redis store
-/// cannot, as it could not save the result.
-async fn fallback(app: &App, s: &Session, rt: &str) -> Outcome {
-    match app.cfg.session.store {
-        crate::config::StoreKind::Cookie => run_refresh(app, s, rt).await,
-        crate::config::StoreKind::Redis => Err(RefreshFailure::Unavailable),
     }
 }
 
 /// Saves a refreshed session in the Redis store (the cookie store sends it as a cookie).
 async fn persisted(app: &App, outcome: Outcome) -> Outcome {
     if let (Ok(next), crate::config::StoreKind::Redis) = (&outcome, app.cfg.session.store) {
-        if let Err(e) = app.save_session(next, &CookieJar::default(), false).await {
-            tracing::warn!(error = %e, "cannot save the refreshed session");
-            return Err(RefreshFailure::Unavailable);
+        match app.save_session(next, &CookieJar::default(), false).await {
+            Ok(_) => {}
+            // Signed out while the provider was asked: it stays signed out.
+            Err(crate::session::store::SaveError::Ended) => {
+                return Err(RefreshFailure::InvalidGrant)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot save the refreshed session");
+                return Err(RefreshFailure::Unavailable);
+            }
         }
     }
     outcome
@@ -378,8 +384,11 @@ pub async fn ensure_fresh(app: &Arc<App>, s: Session, now: u64) -> Fresh {
             s.last_seen = now;
             // The Redis store keeps it there; the cookie store sends a new cookie.
             if app.cfg.session.store == crate::config::StoreKind::Redis {
-                if let Err(e) = app.save_session(&s, &CookieJar::default(), false).await {
-                    tracing::warn!(error = %e, "cannot record session activity");
+                match app.save_session(&s, &CookieJar::default(), false).await {
+                    Ok(_) => {}
+                    // Signed out meanwhile: not brought back by this request.
+                    Err(crate::session::store::SaveError::Ended) => return Fresh::Ended,
+                    Err(e) => tracing::warn!(error = %e, "cannot record session activity"),
                 }
             }
             Fresh::Refreshed(Arc::new(s))

@@ -117,6 +117,23 @@ impl Redis {
             .await
     }
 
+    /// `set_ex`, only if the key still exists; `false`: it was gone (deleted meanwhile).
+    pub async fn set_ex_existing(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value).arg("PX").arg(ms).arg("XX");
+        let set: Option<String> = self
+            .run(async move { cmd.query_async(&mut c).await })
+            .await?;
+        Ok(set.is_some())
+    }
+
     pub async fn del(&self, keys: &[String]) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());

@@ -222,7 +222,8 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
                 Some(&state),
             )
         }
-        Err(SaveError::Store(e)) => {
+        // (`Ended` is for updates only; a new session is written whatever was there.)
+        Err(e @ (SaveError::Store(_) | SaveError::Ended)) => {
             tracing::warn!(error = %e, "cannot store the new session");
             return fail(
                 app,

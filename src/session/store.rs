@@ -105,21 +105,25 @@ impl App {
                 let key = session_key(redis, &s.id);
                 let ttl = Duration::from_secs(s.expires_at.saturating_sub(now).max(1));
                 let sealed = self.cookies.keys.seal(key.as_bytes(), &s.encode());
-                redis.set_ex(&key, sealed.as_bytes(), ttl).await?;
-                if first {
-                    // Indexes for back-channel logout (by provider session and by subject).
-                    if let Some(sid) = &s.identity.sid {
-                        redis
-                            .sadd_ex(&redis.key(&["sid", sid]), &hex(&s.id), ttl)
-                            .await?;
+                if !first {
+                    // Only over a session that is still there: one signed out (or ended by a
+                    // back-channel logout) while it was being refreshed stays ended.
+                    if !redis.set_ex_existing(&key, sealed.as_bytes(), ttl).await? {
+                        return Err(SaveError::Ended);
                     }
-                    redis
-                        .sadd_ex(&redis.key(&["sub", &s.identity.sub]), &hex(&s.id), ttl)
-                        .await?;
-                    Ok(self.cookies.set_ref(&s.id, s.expires_at, jar, now))
-                } else {
-                    Ok(Vec::new())
+                    return Ok(Vec::new());
                 }
+                redis.set_ex(&key, sealed.as_bytes(), ttl).await?;
+                // Indexes for back-channel logout (by provider session and by subject).
+                if let Some(sid) = &s.identity.sid {
+                    redis
+                        .sadd_ex(&redis.key(&["sid", sid]), &hex(&s.id), ttl)
+                        .await?;
+                }
+                redis
+                    .sadd_ex(&redis.key(&["sub", &s.identity.sub]), &hex(&s.id), ttl)
+                    .await?;
+                Ok(self.cookies.set_ref(&s.id, s.expires_at, jar, now))
             }
             _ => self
                 .cookies
@@ -202,6 +206,9 @@ impl App {
 pub enum SaveError {
     #[error("the session does not fit in limits.max_cookie_chunks cookies")]
     TooLarge,
+    /// An update of a stored session that was deleted meanwhile (signed out).
+    #[error("the session has ended")]
+    Ended,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
