@@ -49,12 +49,16 @@ type Key = ([u8; 16], String);
 
 pub struct Refresher {
     flights: SingleFlight<Key, Outcome>,
+    /// Sessions refreshed while the Redis store could not take the result: written by the
+    /// next request that reuses it.
+    unsaved: std::sync::Mutex<std::collections::HashSet<[u8; 16]>>,
 }
 
 impl Default for Refresher {
     fn default() -> Self {
         Self {
             flights: SingleFlight::new(REUSE_WINDOW),
+            unsaved: Default::default(),
         }
     }
 }
@@ -100,9 +104,19 @@ impl Refresher {
             |o| *o != Err(RefreshFailure::Unavailable),
             Err(RefreshFailure::Unavailable),
         );
-        let outcome = tokio::time::timeout(app.cfg.timeouts.provider, flight)
+        let mut outcome = tokio::time::timeout(app.cfg.timeouts.provider, flight)
             .await
             .unwrap_or(Err(RefreshFailure::Unavailable));
+        if let (Ok(next), false) = (&outcome, ran) {
+            // Reused by a request that loaded the session before it was stored, and the
+            // Redis store missed it (down when it came): written now.
+            let unsaved = self.unsaved.lock().is_ok_and(|u| u.contains(&next.id));
+            if unsaved {
+                if let Err(e) = save_refreshed(app, next).await {
+                    outcome = Err(e);
+                }
+            }
+        }
         let label = match (&outcome, ran) {
             (Ok(_), true) => "success",
             (Ok(_), false) => "reused",
@@ -200,20 +214,42 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
 
 /// Saves a refreshed session in the Redis store (the cookie store sends it as a cookie).
 async fn persisted(app: &App, outcome: Outcome) -> Outcome {
-    if let (Ok(next), crate::config::StoreKind::Redis) = (&outcome, app.cfg.session.store) {
-        match app.save_session(next, &CookieJar::default(), false).await {
-            Ok(_) => {}
-            // Signed out while the provider was asked: it stays signed out.
-            Err(crate::session::store::SaveError::Ended) => {
-                return Err(RefreshFailure::InvalidGrant)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot save the refreshed session");
-                return Err(RefreshFailure::Unavailable);
-            }
-        }
+    if let Ok(next) = &outcome {
+        save_refreshed(app, next).await?;
     }
     outcome
+}
+
+/// A refreshed session into the Redis store, over the one it renews. Redis failing is no
+/// reason to drop the new tokens (the old refresh token may be spent already): they serve
+/// this request and, kept for `REUSE_WINDOW`, are written by a later one.
+async fn save_refreshed(app: &App, next: &Session) -> Result<(), RefreshFailure> {
+    if app.cfg.session.store != crate::config::StoreKind::Redis {
+        return Ok(());
+    }
+    let saved = app.save_session(next, &CookieJar::default(), false).await;
+    let mut unsaved = app.refresher.unsaved.lock().ok();
+    match saved {
+        Ok(_) => {
+            if let Some(u) = unsaved.as_mut() {
+                u.remove(&next.id);
+            }
+            Ok(())
+        }
+        // Signed out while the provider was asked: it stays signed out.
+        Err(crate::session::store::SaveError::Ended) => Err(RefreshFailure::InvalidGrant),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot save the refreshed session yet");
+            if let Some(u) = unsaved.as_mut() {
+                // Bounded: after a long outage the results are gone from the reuse window anyway.
+                if u.len() >= 10_000 {
+                    u.clear();
+                }
+                u.insert(next.id);
+            }
+            Ok(())
+        }
+    }
 }
 
 fn shared_result(app: &App, key: &str, sealed: &[u8]) -> Outcome {

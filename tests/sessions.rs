@@ -1332,6 +1332,57 @@ async fn sign_out_during_a_refresh_stays_signed_out_with_the_redis_store() {
     assert_eq!(after.status, 401, "copied cookie: {}", after.dump());
 }
 
+/// Redis store: Redis goes away while the provider answers a refresh (rotating refresh
+/// tokens). The new tokens are not thrown away: they serve the request, and once Redis is back
+/// the next request stores them, instead of spending the old refresh token again (which would
+/// end the grant).
+#[tokio::test]
+async fn a_refresh_that_redis_misses_is_stored_once_redis_is_back() {
+    let mut redis = RedisServer::start_persistent().await;
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Redis, Some(&redis), 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+    let first = bearer_of(&upstream.last());
+
+    until_due(logged_in, 1).await;
+    idp.signal("STOP");
+    let due = {
+        let (url, cookie) = (gw.url("/due"), cookie.clone());
+        tokio::spawn(async move {
+            send(
+                "GET",
+                &url,
+                &[("accept", "application/json"), ("cookie", &cookie)],
+                Vec::new(),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+    idp.signal("CONT");
+    let r = due.await.expect("request task");
+    let second = bearer_in(&r);
+    assert_ne!(second, first, "not refreshed");
+
+    redis.restart().await;
+    let r = eventually("served once Redis is back", || async {
+        let r = api(&gw, "/back", &cookie).await;
+        if r.status == 200 {
+            Ok(r)
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    assert_eq!(bearer_in(&r), second, "{}", gw.tails());
+    assert_eq!(idp.token_requests(), 2, "the login and one refresh");
+}
+
 /// Cookie store with a coordination Redis: signing out on one replica ends the session on
 /// the other too, even for a copy of the cookie taken before.
 #[tokio::test]
