@@ -18,6 +18,9 @@ pub enum Body {
     Upstream(crate::proxy::pool::UpstreamBody),
     /// An HTTP/1 client's request body.
     Client(crate::server::h1::io::RequestBody),
+    /// A request body on its way to the upstream, watched by its connection (boxed: only
+    /// requests with a body pay for it).
+    Upload(Box<crate::proxy::pool::Upload>),
 }
 
 /// A body that stopped short.
@@ -61,6 +64,7 @@ impl http_body::Body for Body {
             Body::Streamed(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             Body::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             Body::Client(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            Body::Upload(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
@@ -71,6 +75,7 @@ impl http_body::Body for Body {
             Body::Streamed(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
             Body::Client(b) => b.is_end_stream(),
+            Body::Upload(b) => b.is_end_stream(),
         }
     }
 
@@ -81,6 +86,7 @@ impl http_body::Body for Body {
             Body::Streamed(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
             Body::Client(b) => b.size_hint(),
+            Body::Upload(b) => b.size_hint(),
         }
     }
 }

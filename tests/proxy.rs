@@ -476,6 +476,94 @@ async fn slow_upstream_gives_504_and_the_gateway_keeps_serving() {
     }
 }
 
+/// A body of `chunks` parts of 4 KiB, one every 250 ms.
+fn trickle(chunks: usize) -> support::browser::ReqBody {
+    use http_body_util::BodyExt;
+    let parts = futures_util::stream::unfold(0, move |i| async move {
+        if i == chunks {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let part = hyper::body::Frame::data(Bytes::from(vec![b'u'; 4096]));
+        Some((Ok::<_, std::convert::Infallible>(part), i + 1))
+    });
+    http_body_util::StreamBody::new(parts).boxed()
+}
+
+/// `timeouts.upstream_response` is the upstream's time to answer, not the client's time to
+/// upload: a body sent over 2.5 s with 1 s allowed reaches an upstream that answers at once
+/// (HTTP/1.1 chunked or with a length, HTTP/2). An upstream that takes longer than that
+/// after the whole body still gets 504, and so does an upload that stops moving (HTTP/2 has
+/// no idle rule of its own for it).
+#[tokio::test]
+async fn a_slow_upload_is_not_an_upstream_timeout() {
+    const CHUNKS: usize = 10;
+    let mut s = Stack::with(
+        &[],
+        "timeouts: { upstream_response: 1s }\n\
+         routes: [ { prefix: \"/\", auth: skip } ]",
+    )
+    .await;
+    let len = (CHUNKS * 4096).to_string();
+    let upload = |path: &str, sized: bool, h2: bool| {
+        let url = s.gw.url(path);
+        let len = len.clone();
+        async move {
+            let mut headers = vec![("accept", "application/json")];
+            if sized {
+                headers.push(("content-length", len.as_str()));
+            }
+            try_send_body("POST", &url, &headers, trickle(CHUNKS), h2)
+                .await
+                .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+        }
+    };
+    let stalled = async {
+        use http_body_util::BodyExt;
+        let part = hyper::body::Frame::data(Bytes::from_static(b"the rest never comes"));
+        let parts = futures_util::StreamExt::chain(
+            futures_util::stream::iter([Ok::<_, std::convert::Infallible>(part)]),
+            futures_util::stream::pending(),
+        );
+        let body = http_body_util::StreamBody::new(parts).boxed();
+        let url = s.gw.url("/upload/stalled");
+        let sent = try_send_body("POST", &url, &[], body, true);
+        // Bounded only so that a hang fails instead of blocking the suite.
+        match tokio::time::timeout(std::time::Duration::from_secs(30), sent).await {
+            Ok(r) => r.unwrap_or_else(|e| panic!("POST {url}: {e}")),
+            Err(_) => panic!("a stalled upload was never answered"),
+        }
+    };
+    let (chunked, sized, h2, slow, stalled) = tokio::join!(
+        upload("/upload/chunked", false, false),
+        upload("/upload/sized", true, false),
+        upload("/upload/h2", false, true),
+        upload("/slow", false, false),
+        stalled,
+    );
+    for (r, version) in [
+        (chunked, http::Version::HTTP_11),
+        (sized, http::Version::HTTP_11),
+        (h2, http::Version::HTTP_2),
+    ] {
+        assert_eq!(r.status, 200, "{}", r.dump());
+        assert_eq!(r.version, version);
+        assert_eq!(r.json()["body_len"], CHUNKS * 4096, "{}", r.dump());
+    }
+    for r in [&slow, &stalled] {
+        assert_eq!(r.status, 504, "{}", r.dump());
+        assert!(r.text().contains("Gateway timeout"), "{}", r.dump());
+    }
+    let rec = s.upstream.records();
+    let at_slow = rec.iter().find(|r| r.path == "/slow");
+    assert_eq!(
+        at_slow.map(|r| r.body_len),
+        Some((CHUNKS * 4096) as u64),
+        "the whole body reached the upstream: {rec:?}"
+    );
+    s.gw.assert_healthy().await;
+}
+
 /// A loopback address where a TCP connect hangs: the listener's accept queue (backlog 0) is
 /// full with the returned stream, so the kernel drops further SYNs. Keep both alive.
 fn unanswered_upstream() -> (String, tokio::net::TcpListener, std::net::TcpStream) {

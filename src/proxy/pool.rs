@@ -7,6 +7,11 @@
 //! connection's task, while waiting for the answer and while reading the answer's body. A
 //! proxied request then costs one task wake-up per network event, as in an event loop,
 //! instead of hand-offs between a request task and a connection task at every step.
+//!
+//! The response deadline does not count the time a request body takes to be sent (a slow
+//! upload is no slow upstream): while the body goes out, the deadline only checks that it
+//! keeps moving, and once it has all gone the deadline moves on by the time it took. A
+//! request without a body (most) has nothing to watch and pays nothing for it.
 
 use crate::body::Body;
 use http::uri::{Authority, Scheme};
@@ -77,16 +82,31 @@ struct Upstream {
     /// connection's life: moved later for each request, it stays in tokio's timer wheel
     /// (a later deadline is only noted) instead of being added and removed per request.
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// While the request in flight is still sending its body (see `watch`).
+    upload: Option<Uploading>,
+}
+
+/// The response timer of a request whose body is being sent, stopped until the body's end.
+#[derive(Clone, Copy)]
+struct Uploading {
+    /// What was left of the response time when the request was handed over.
+    left: Duration,
+    /// The response timeout: the body may go this long without moving.
+    window: Duration,
 }
 
 /// The waker the connection is polled with. Most wake-ups of a connection come from the very
 /// task that drives it (sending it a request, taking a body chunk from it) at a moment when
 /// that task is about to poll it anyway; passed on, each would make tokio poll the task once
 /// more for nothing. The relay absorbs those and passes the others on to the task.
+///
+/// It also carries the news of the request body (`MOVED`, `SENT`), which hyper polls from
+/// within the connection: set by `Upload`, read by `Upstream::until_deadline`.
 #[derive(Default)]
 struct Relay {
     task: futures_util::task::AtomicWaker,
     state: AtomicU8,
+    upload: AtomicU8,
 }
 
 /// The holder polls the connection before it next waits: wake-ups are noted, not passed on.
@@ -95,6 +115,11 @@ const LOCAL: u8 = 1;
 const WOKEN: u8 = 2;
 /// In the pool: nobody waits on the connection.
 const PARKED: u8 = 4;
+
+/// `Relay::upload`: a part of the request body went out since the deadline last passed.
+const MOVED: u8 = 1;
+/// `Relay::upload`: the request body has all gone out (or was given up).
+const SENT: u8 = 2;
 
 impl std::task::Wake for Relay {
     fn wake(self: Arc<Self>) {
@@ -125,6 +150,7 @@ impl Upstream {
             waker: Waker::from(relay.clone()),
             relay,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            upload: None,
         })
     }
 
@@ -186,7 +212,8 @@ impl Upstream {
         self.drive(cx, f)
     }
 
-    /// `drive`, until the deadline.
+    /// `drive`, until the deadline. While the request body is being sent, the deadline
+    /// passing only ends the exchange if the body did not move since it was last set.
     fn until_deadline<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -195,10 +222,61 @@ impl Upstream {
         if let Poll::Ready(r) = self.drive(cx, f) {
             return Poll::Ready(Ok(r));
         }
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(SendError::Timeout)),
-            Poll::Pending => Poll::Pending,
+        loop {
+            if let Some(up) = self.upload {
+                if self.relay.upload.load(Ordering::Acquire) & SENT != 0 {
+                    // The response timer starts again with what it had left.
+                    self.upload = None;
+                    let at = tokio::time::Instant::now() + up.left;
+                    self.deadline.as_mut().reset(at);
+                }
+            }
+            if self.deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let Some(up) = self.upload else {
+                return Poll::Ready(Err(SendError::Timeout));
+            };
+            let news = self.relay.upload.fetch_and(!MOVED, Ordering::AcqRel);
+            if news & (MOVED | SENT) == 0 {
+                // Stuck for a whole timeout (a stalled client, an upstream not reading): as
+                // an exchange with no answer in time.
+                return Poll::Ready(Err(SendError::Timeout));
+            }
+            if news & SENT == 0 {
+                self.deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + up.window);
+            }
         }
+    }
+
+    /// Before `req` is handed over: a body to send is watched (see `Upload`), and the response
+    /// timer stops until it has all gone. `now` and `deadline`: as given to `Pool::send`.
+    /// A request without a body is left as it is (no clock reading, no allocation), its
+    /// deadline running as set.
+    fn watch(&mut self, req: &mut Request<Body>, now: Instant, deadline: tokio::time::Instant) {
+        let body = req.body_mut();
+        if http_body::Body::is_end_stream(body) {
+            return;
+        }
+        self.relay.upload.store(0, Ordering::Release);
+        match body {
+            // Back from a connection that never sent it: now this one's.
+            Body::Upload(u) => u.relay = self.relay.clone(),
+            _ => {
+                *body = Body::Upload(Box::new(Upload {
+                    body: std::mem::take(body),
+                    relay: self.relay.clone(),
+                }))
+            }
+        }
+        // The deadline stays as set, now the first check that the body moves: from here it is
+        // mostly moved later, which tokio's timer merely notes.
+        self.upload = Some(Uploading {
+            left: deadline.saturating_duration_since(tokio::time::Instant::now()),
+            window: deadline.saturating_duration_since(tokio::time::Instant::from_std(now)),
+        });
     }
 
     /// Hands the connection to a task of its own, which can also complete an upgrade
@@ -281,10 +359,12 @@ impl Pool {
     /// reused connection (the upstream closed it meanwhile) is retried once on a new one.
     /// `now`: the caller's clock reading (connections idle since before it are stale; a
     /// connection given back counts as idle from it). `deadline`: when to give up waiting
-    /// for the response head, connecting included. `connect_timeout`: instead of the
-    /// configured one, should this request open a connection (a route's own; connections are
-    /// pooled per origin whatever route opened them). `upgrade`: the request asks for a
-    /// protocol switch, so its connection gets a task of its own (see `Upstream::detach`).
+    /// for the response head, connecting included but not the time the request body takes
+    /// to be sent (see `Upstream::watch`); `deadline - now` is also how long that body may
+    /// go without moving. `connect_timeout`: instead of the configured one, should this
+    /// request open a connection (a route's own; connections are pooled per origin whatever
+    /// route opened them). `upgrade`: the request asks for a protocol switch, so its
+    /// connection gets a task of its own (see `Upstream::detach`).
     ///
     /// An async block, not an async fn: its state holds the request once, where an async fn
     /// keeps a second slot for the argument (320 bytes more in every request's future).
@@ -334,6 +414,7 @@ impl Pool {
                     }
                 }
                 up.local();
+                up.watch(&mut req, now, deadline);
                 let mut sent = std::pin::pin!(up.tx.try_send_request(req));
                 match poll_fn(|cx| up.until_deadline(cx, |_, cx| sent.as_mut().poll(cx))).await? {
                     Ok(resp) => {
@@ -459,9 +540,64 @@ impl Upstream {
             conns.pop_front();
         }
         if conns.len() < home.max_idle {
+            // An answer may have come while the body was still going out.
+            self.upload = None;
             self.relay.state.store(PARKED, Ordering::Release);
             conns.push_back(self);
         }
+    }
+}
+
+/// A request body on its way to the upstream: tells its connection when a part of it has
+/// gone out, and when all of it has (hyper drops a body it has taken the end of, or gives up
+/// on).
+pub struct Upload {
+    body: Body,
+    relay: Arc<Relay>,
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("body", &self.body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.relay.upload.fetch_or(SENT, Ordering::AcqRel);
+    }
+}
+
+impl http_body::Body for Upload {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        let news = match &frame {
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => MOVED | SENT,
+            Poll::Ready(Some(Ok(_))) => MOVED,
+            Poll::Ready(None) => SENT,
+            Poll::Ready(Some(Err(_))) | Poll::Pending => 0,
+        };
+        if news != 0 {
+            this.relay.upload.fetch_or(news, Ordering::AcqRel);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
