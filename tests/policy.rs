@@ -971,30 +971,77 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
     assert_eq!(s.upstream.count(), before, "reached the upstream");
 }
 
-/// From a peer that is not a trusted proxy the original request is not believed at all.
+/// From a peer that is not a trusted proxy the original request is not believed, and a
+/// request that names one is refused: answering it by the global rules alone would skip
+/// the route's own (a proxy left out of `trusted_proxies` would let a non-admin into
+/// `/admin/`). A plain "is this session valid?" is still answered by the global rules.
 #[tokio::test]
-async fn forward_auth_ignores_the_original_request_from_untrusted_peers() {
+async fn forward_auth_refuses_the_original_request_from_untrusted_peers() {
     let routes = r#"routes:
   - { prefix: "/public/", auth: skip }
   - { prefix: "/admin/", allow: { groups: ["admins"] } }
+  - { prefix: "/writes/", methods: ["POST"], allow: { groups: ["admins"] } }
 "#;
     let s = Stack::with(&[], &format!("{routes}trusted_proxies: []\n")).await;
     let cookie = login_cookie(&s.gw, "alice").await;
     let host = format!("127.0.0.1:{}", s.gw.port);
+    let exchange =
+        |req: Vec<u8>| async move { raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await };
     for (target, extra) in [
         ("/oauth2/auth", "X-Original-URL: http://app.test/admin/x"),
         ("/oauth2/auth", "X-Original-URL: http://app.test/admin%2fx"),
         ("/oauth2/auth", "X-Forwarded-Uri: /admin/x"),
+        ("/oauth2/auth", "X-Forwarded-Method: POST"),
+        ("/oauth2/auth", "X-Original-Method: POST"),
+        ("/oauth2/auth/admin/x", "Accept: text/html"),
     ] {
         let req = raw_get(target, &host, &[&format!("Cookie: {cookie}"), extra]);
-        let r = raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await;
-        assert_eq!(r.status, Some(202), "{extra}: {}", r.text);
-        // And without a session, a "public" original request does not let it through.
-        let req = raw_get(target, &host, &[extra.replace("admin", "public").as_str()]);
-        let r = raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await;
-        assert_eq!(r.status, Some(401), "{extra}: {}", r.text);
+        let r = exchange(req).await;
+        assert_eq!(r.status, Some(400), "{target} {extra}: {}", r.text);
+        assert!(r.text.contains("trusted_proxies"), "{extra}: {}", r.text);
+        assert!(r.header("x-auth-request-user").is_none(), "{}", r.text);
+        // Without a session, a "public" original request is refused all the same.
+        let public = target.replace("admin", "public");
+        let req = raw_get(&public, &host, &[extra.replace("admin", "public").as_str()]);
+        let r = exchange(req).await;
+        assert_eq!(r.status, Some(400), "{public} {extra}: {}", r.text);
     }
-    let req = raw_get("/oauth2/auth/public/x", &host, &[]);
-    let r = raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await;
+    // The Envoy form with its original method.
+    let post = format!(
+        "POST /oauth2/auth/writes/x HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(exchange(post.into_bytes()).await.status, Some(400));
+    // The operator learns why, without the cookie in the log.
+    let log = s.gw.stderr();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("trusted_proxies"))
+        .collect();
+    assert!(
+        warned.len() >= 13,
+        "warn lines naming trusted_proxies:\n{log}"
+    );
+    let session = cookie.split_once('=').unwrap().1;
+    assert!(
+        !log.contains(&session[..32]),
+        "the session cookie was logged"
+    );
+
+    // Naming no original request: the session alone, by the global rules, as before.
+    let plain = |extra: &[&str]| {
+        let extra: Vec<&str> = extra.to_vec();
+        raw_get("/oauth2/auth", &host, &extra)
+    };
+    let r = exchange(plain(&[&format!("Cookie: {cookie}")])).await;
+    assert_eq!(r.status, Some(202), "{}", r.text);
+    assert_eq!(r.header("x-auth-request-user").as_deref(), Some("alice"));
+    let r = exchange(plain(&[&format!("Accept: {BROWSER_ACCEPT}")])).await;
     assert_eq!(r.status, Some(401), "{}", r.text);
+    assert_eq!(
+        r.header("x-auth-request-login").as_deref(),
+        Some("/oauth2/start"),
+        "{}",
+        r.text
+    );
 }
