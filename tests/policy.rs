@@ -1044,4 +1044,131 @@ async fn forward_auth_refuses_the_original_request_from_untrusted_peers() {
         "{}",
         r.text
     );
+    let r = exchange(plain(&["Accept: application/json"])).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+    assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
+}
+
+/// Without a session, forward auth tells only a browser navigation on a login route where
+/// to log in — the decision proxied requests get — so that a proxy which redirects on the
+/// login header (nginx) or passes the answer on as it is (Traefik) never redirects an API
+/// caller.
+#[tokio::test]
+async fn forward_auth_sends_only_browser_navigations_to_log_in() {
+    let routes = r#"routes:
+  - { prefix: "/api/", auth: api }
+  - { prefix: "/admin/", allow: { groups: ["admins"] } }
+"#;
+    let s = Stack::with(
+        &[],
+        &format!("{routes}trusted_proxies: [\"127.0.0.1/32\"]\n"),
+    )
+    .await;
+    let port = s.gw.port;
+    let host = format!("127.0.0.1:{port}");
+    let ask = |target: &str, extra: &[&str]| {
+        let req = raw_get(target, &host, extra);
+        async move { raw_exchange(port, &req, Duration::from_secs(10)).await }
+    };
+    let browser = format!("Accept: {BROWSER_ACCEPT}");
+    let browser = browser.as_str();
+    let json = "Accept: application/json";
+    let xhr = "X-Requested-With: XMLHttpRequest";
+    let url = |p: &str| format!("X-Original-URL: http://app.test{p}");
+    let fwd = |p: &str| format!("X-Forwarded-Uri: {p}");
+    let login_for = |target: &str| format!("/oauth2/start?rd={}", enc(target));
+
+    // nginx (X-Original-URL): a 401 either way; the login header for a navigation only.
+    for (p, extra, login) in [
+        ("/page?a=1", vec![browser], true),
+        ("/admin/x", vec![browser, "X-Forwarded-Method: GET"], true),
+        ("/page", vec![browser, "X-Forwarded-Method: POST"], false),
+        ("/page", vec![browser, "X-Original-Method: DELETE"], false),
+        ("/page", vec![browser, xhr], false),
+        ("/page", vec![browser, "Sec-Fetch-Mode: cors"], false),
+        ("/page", vec![json], false),
+        ("/page", vec![], false),
+        ("/api/x", vec![browser], false),
+        ("/api/x", vec![json], false),
+    ] {
+        let named = url(p);
+        let mut headers = vec![named.as_str()];
+        headers.extend(extra.iter().copied());
+        let r = ask("/oauth2/auth", &headers).await;
+        assert_eq!(r.status, Some(401), "{p} {extra:?}: {}", r.text);
+        assert!(r.header("location").is_none(), "{p} {extra:?}: {}", r.text);
+        let expected = login.then(|| login_for(p));
+        assert_eq!(
+            r.header("x-auth-request-login"),
+            expected,
+            "{p} {extra:?}: {}",
+            r.text
+        );
+    }
+
+    // Traefik (X-Forwarded-Uri alone): its answer goes to the browser as it is, so a
+    // navigation gets the redirect itself; anything else the 401.
+    for (p, extra) in [
+        ("/page?a=1", vec![browser, "X-Forwarded-Method: GET"]),
+        ("/admin/x", vec![browser]),
+    ] {
+        let named = fwd(p);
+        let mut headers = vec![named.as_str()];
+        headers.extend(extra.iter().copied());
+        let r = ask("/oauth2/auth", &headers).await;
+        assert_eq!(r.status, Some(302), "{p} {extra:?}: {}", r.text);
+        assert_eq!(r.header("location"), Some(login_for(p)), "{}", r.text);
+    }
+    for (p, extra) in [
+        ("/page", vec![browser, "X-Forwarded-Method: POST"]),
+        ("/page", vec![browser, xhr]),
+        ("/page", vec![json]),
+        ("/api/x", vec![browser]),
+    ] {
+        let named = fwd(p);
+        let mut headers = vec![named.as_str()];
+        headers.extend(extra.iter().copied());
+        let r = ask("/oauth2/auth", &headers).await;
+        assert_eq!(r.status, Some(401), "{p} {extra:?}: {}", r.text);
+        assert!(r.header("location").is_none(), "{}", r.text);
+        assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
+    }
+    // A cookie that opens no session is cleared on the redirect too.
+    let r = ask(
+        "/oauth2/auth",
+        &[&fwd("/page"), browser, "Cookie: _portcullis=bogus"],
+    )
+    .await;
+    assert_eq!(r.status, Some(302), "{}", r.text);
+    assert!(
+        r.text
+            .to_ascii_lowercase()
+            .contains("set-cookie: _portcullis="),
+        "{}",
+        r.text
+    );
+    // Both URI headers (ingress-nginx passes the client's X-Forwarded-Uri on): nginx's form.
+    let r = ask("/oauth2/auth", &[&url("/page"), &fwd("/page"), browser]).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+    assert_eq!(r.header("x-auth-request-login"), Some(login_for("/page")));
+
+    // Envoy: its answers as before, the login header by the same rule.
+    let r = ask("/oauth2/auth/page?a=1", &[browser]).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+    assert_eq!(
+        r.header("x-auth-request-login"),
+        Some(login_for("/page?a=1"))
+    );
+    for (p, extra) in [("/api/x", browser), ("/page", json)] {
+        let r = ask(&format!("/oauth2/auth{p}"), &[extra]).await;
+        assert_eq!(r.status, Some(401), "{p}: {}", r.text);
+        assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
+    }
+    let post = format!(
+        "POST /oauth2/auth/page HTTP/1.1\r\nHost: {host}\r\n{browser}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let r = raw_exchange(port, post.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+    assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
 }

@@ -1,7 +1,7 @@
 //! `GET /oauth2/auth`: the forward-auth answer for ingress-nginx `auth_request`, Traefik
 //! ForwardAuth and Envoy ext_authz. 202 with identity headers for a valid session
-//! (refreshed if due, the new cookie passed back), 401 otherwise. The original request is
-//! believed only from `trusted_proxies`.
+//! (refreshed if due, the new cookie passed back), 401 otherwise (a browser navigation is
+//! told where to log in). The original request is believed only from `trusted_proxies`.
 
 use crate::app::App;
 use crate::body::Body;
@@ -9,6 +9,7 @@ use crate::config::{ForwardAuthConfig, HeaderConfig};
 use crate::pages;
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{host_only, AuthMode, Denied, Route};
+use crate::policy::{decide, Decision};
 use crate::proxy::forward::ConnInfo;
 use crate::proxy::headers::put;
 use crate::proxy::path::normalize;
@@ -43,23 +44,39 @@ fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, app
 /// a proxy cannot percent-encode `rd` itself (nginx has no escaping function).
 const LOGIN_HEADER: &str = "x-auth-request-login";
 
-/// The 401, with the login URL that returns to the original request in a header too.
+/// The answer without a session. Only a browser navigation on a login route (`login`) is
+/// told where to log in: in `X-Auth-Request-Login` for a proxy that redirects on its own
+/// (nginx), or as a 302 for Traefik, which hands the answer to the browser as it is.
+/// Anything else gets a bare 401, which the README's nginx snippet passes on: API callers
+/// get 401, never a redirect.
 fn unauthorized(
     app: &App,
     jar: &CookieJar<'_>,
     clear: bool,
-    original: Option<&str>,
+    original: &Original<'_>,
+    login: bool,
 ) -> Response<Body> {
-    let login_url = match original {
+    let login_url = match &original.target {
         Some(target) => format!(
             "/oauth2/start?rd={}",
             url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>()
         ),
         None => "/oauth2/start".to_string(),
     };
+    if login && original.form == Form::ForwardedUri {
+        let mut resp = pages::redirect(&login_url);
+        if clear {
+            for v in app.cookies.clear_session(jar) {
+                resp.headers_mut().append(SET_COOKIE, v);
+            }
+        }
+        return resp;
+    }
     let mut resp = super::unauthorized(app, jar, clear, &login_url);
-    if let Ok(v) = HeaderValue::from_str(&login_url) {
-        resp.headers_mut().insert(LOGIN_HEADER, v);
+    if login {
+        if let Ok(v) = HeaderValue::from_str(&login_url) {
+            resp.headers_mut().insert(LOGIN_HEADER, v);
+        }
     }
     resp
 }
@@ -110,15 +127,15 @@ fn route_whatever_the_method<'a>(
     }
 }
 
-/// How the original request was named.
+/// How the original request was named, which decides how an anonymous caller is answered.
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
 enum Form {
     /// Not named: a plain "is this session valid?", judged by the global rules.
     #[default]
     Unnamed,
-    /// `X-Original-URL` (nginx, ingress-nginx).
+    /// `X-Original-URL` (nginx, ingress-nginx): a 401, the proxy sends the browser to log in.
     OriginalUrl,
-    /// `X-Forwarded-Uri` alone (Traefik).
+    /// `X-Forwarded-Uri` alone (Traefik): the answer reaches the browser as it is.
     ForwardedUri,
     /// Envoy's `/oauth2/auth/<original path>`.
     Envoy,
@@ -130,6 +147,8 @@ struct Original<'a> {
     route: Option<&'a Route>,
     /// Its path and query, to come back to after a login.
     target: Option<String>,
+    /// Its method, when the proxy said it (or, for Envoy, asked with it).
+    method: Option<http::Method>,
     form: Form,
 }
 
@@ -203,6 +222,7 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refus
         return Ok(Original {
             route: find_route(app, req.method(), host, rest),
             target: Some(target),
+            method: Some(req.method().clone()),
             form: Form::Envoy,
         });
     }
@@ -237,13 +257,14 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refus
         .authority()
         .map(|a| host_only(a.as_str()))
         .or(forwarded_host);
-    let route = match method {
-        Some(method) => find_route(app, &method, host, &path),
+    let route = match &method {
+        Some(method) => find_route(app, method, host, &path),
         None => route_whatever_the_method(app, host, &path)?,
     };
     Ok(Original {
         route,
         target: uri.path_and_query().map(|pq| pq.to_string()),
+        method,
         form,
     })
 }
@@ -284,7 +305,20 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
     let (session, cookie_lines) = match super::caller(app, &jar).await {
         super::Caller::Session { session, cookies } => (session, cookies),
         super::Caller::Anonymous { clear } => {
-            return unauthorized(app, &jar, clear, original.target.as_deref())
+            // The proxied path's own decision: `auth: api` routes and requests that are no
+            // browser navigation (XHR, JSON, a POST) are "unauthorized", not "login". The
+            // proxy passes the client's headers on; the method is the original one if named.
+            let method = original.method.as_ref().unwrap_or(req.method());
+            let mode = route.map_or(AuthMode::Login, |r| r.auth);
+            let login = decide(
+                method,
+                req.headers(),
+                mode,
+                None,
+                &app.cfg.authorization,
+                None,
+            ) == Decision::Login;
+            return unauthorized(app, &jar, clear, &original, login);
         }
         super::Caller::Unavailable(e) => return e.into_response(),
     };
