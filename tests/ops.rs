@@ -1461,7 +1461,8 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     .await;
     let mut cfg = OpsConfig::new(GatewayOpts {
         extra: "trusted_proxies: [\"127.0.0.1/32\"]\nroutes:\n  \
-                - { prefix: \"/writes/\", methods: [\"POST\"], allow: { groups: [\"admins\"] } }"
+                - { prefix: \"/writes/\", methods: [\"POST\"], allow: { groups: [\"admins\"] } }\n  \
+                - { prefix: \"/api/\", auth: api }"
             .into(),
         ..GatewayOpts::new(gw_port, &idp, &upstream.url())
     });
@@ -1527,16 +1528,25 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     let get = api_get(&nginx.url("/writes/x"), &cookie).await;
     assert_eq!(get.status, 200, "{}", get.dump());
 
-    // An API call without a session, through nginx: the login redirect too.
-    let r = send(
-        "GET",
-        &nginx.url("/api/things"),
-        &[("accept", "application/json")],
-        Vec::new(),
-    )
-    .await;
+    // Without a session, through nginx, only a browser navigation on a login route is sent
+    // to log in: an `auth: api` route (even for a browser) and an API caller anywhere get
+    // the 401, never a redirect.
+    let anonymous = Browser::new();
+    for (path, accept) in [
+        ("/api/things", BROWSER_ACCEPT),
+        ("/api/things", "application/json"),
+        ("/some/page", "application/json"),
+    ] {
+        let r = send("GET", &nginx.url(path), &[("accept", accept)], Vec::new()).await;
+        assert_eq!(r.status, 401, "{path} {accept}: {}", r.dump());
+        assert!(r.location().is_none(), "{path} {accept}: {}", r.dump());
+    }
+    let r = anonymous.get(&nginx.url("/some/page")).await;
     assert_eq!(r.status, 302, "{}", r.dump());
-    assert_eq!(r.location(), Some("/oauth2/start?rd=%2Fapi%2Fthings"));
+    assert_eq!(r.location(), Some("/oauth2/start?rd=%2Fsome%2Fpage"));
+    // Signed in, the API route is reached.
+    let r = api_get(&nginx.url("/api/things"), &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
 
     // The forward-auth endpoint itself.
     let cookie = b.cookie_header(&nginx.url("/"));

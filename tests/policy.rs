@@ -1012,30 +1012,204 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
     assert_eq!(s.upstream.count(), before, "reached the upstream");
 }
 
-/// From a peer that is not a trusted proxy the original request is not believed at all.
+/// From a peer that is not a trusted proxy the original request is not believed, and a
+/// request that names one is refused: answering it by the global rules alone would skip
+/// the route's own (a proxy left out of `trusted_proxies` would let a non-admin into
+/// `/admin/`). A plain "is this session valid?" is still answered by the global rules.
 #[tokio::test]
-async fn forward_auth_ignores_the_original_request_from_untrusted_peers() {
+async fn forward_auth_refuses_the_original_request_from_untrusted_peers() {
     let routes = r#"routes:
   - { prefix: "/public/", auth: skip }
   - { prefix: "/admin/", allow: { groups: ["admins"] } }
+  - { prefix: "/writes/", methods: ["POST"], allow: { groups: ["admins"] } }
 "#;
     let s = Stack::with(&[], &format!("{routes}trusted_proxies: []\n")).await;
     let cookie = login_cookie(&s.gw, "alice").await;
     let host = format!("127.0.0.1:{}", s.gw.port);
+    let exchange =
+        |req: Vec<u8>| async move { raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await };
     for (target, extra) in [
         ("/oauth2/auth", "X-Original-URL: http://app.test/admin/x"),
         ("/oauth2/auth", "X-Original-URL: http://app.test/admin%2fx"),
         ("/oauth2/auth", "X-Forwarded-Uri: /admin/x"),
+        ("/oauth2/auth", "X-Forwarded-Method: POST"),
+        ("/oauth2/auth", "X-Original-Method: POST"),
+        ("/oauth2/auth/admin/x", "Accept: text/html"),
     ] {
         let req = raw_get(target, &host, &[&format!("Cookie: {cookie}"), extra]);
-        let r = raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await;
-        assert_eq!(r.status, Some(202), "{extra}: {}", r.text);
-        // And without a session, a "public" original request does not let it through.
-        let req = raw_get(target, &host, &[extra.replace("admin", "public").as_str()]);
-        let r = raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await;
-        assert_eq!(r.status, Some(401), "{extra}: {}", r.text);
+        let r = exchange(req).await;
+        assert_eq!(r.status, Some(400), "{target} {extra}: {}", r.text);
+        assert!(r.text.contains("trusted_proxies"), "{extra}: {}", r.text);
+        assert!(r.header("x-auth-request-user").is_none(), "{}", r.text);
+        // Without a session, a "public" original request is refused all the same.
+        let public = target.replace("admin", "public");
+        let req = raw_get(&public, &host, &[extra.replace("admin", "public").as_str()]);
+        let r = exchange(req).await;
+        assert_eq!(r.status, Some(400), "{public} {extra}: {}", r.text);
     }
-    let req = raw_get("/oauth2/auth/public/x", &host, &[]);
-    let r = raw_exchange(s.gw.port, &req, Duration::from_secs(10)).await;
+    // The Envoy form with its original method.
+    let post = format!(
+        "POST /oauth2/auth/writes/x HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(exchange(post.into_bytes()).await.status, Some(400));
+    // The operator learns why, without the cookie in the log.
+    let log = s.gw.stderr();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("trusted_proxies"))
+        .collect();
+    assert!(
+        warned.len() >= 13,
+        "warn lines naming trusted_proxies:\n{log}"
+    );
+    let session = cookie.split_once('=').unwrap().1;
+    assert!(
+        !log.contains(&session[..32]),
+        "the session cookie was logged"
+    );
+
+    // Naming no original request: the session alone, by the global rules, as before.
+    let plain = |extra: &[&str]| {
+        let extra: Vec<&str> = extra.to_vec();
+        raw_get("/oauth2/auth", &host, &extra)
+    };
+    let r = exchange(plain(&[&format!("Cookie: {cookie}")])).await;
+    assert_eq!(r.status, Some(202), "{}", r.text);
+    assert_eq!(r.header("x-auth-request-user").as_deref(), Some("alice"));
+    let r = exchange(plain(&[&format!("Accept: {BROWSER_ACCEPT}")])).await;
     assert_eq!(r.status, Some(401), "{}", r.text);
+    assert_eq!(
+        r.header("x-auth-request-login").as_deref(),
+        Some("/oauth2/start"),
+        "{}",
+        r.text
+    );
+    let r = exchange(plain(&["Accept: application/json"])).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+    assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
+}
+
+/// Without a session, forward auth tells only a browser navigation on a login route where
+/// to log in — the decision proxied requests get — so that a proxy which redirects on the
+/// login header (nginx) or passes the answer on as it is (Traefik) never redirects an API
+/// caller.
+#[tokio::test]
+async fn forward_auth_sends_only_browser_navigations_to_log_in() {
+    let routes = r#"routes:
+  - { prefix: "/api/", auth: api }
+  - { prefix: "/admin/", allow: { groups: ["admins"] } }
+"#;
+    let s = Stack::with(
+        &[],
+        &format!("{routes}trusted_proxies: [\"127.0.0.1/32\"]\n"),
+    )
+    .await;
+    let port = s.gw.port;
+    let host = format!("127.0.0.1:{port}");
+    let ask = |target: &str, extra: &[&str]| {
+        let req = raw_get(target, &host, extra);
+        async move { raw_exchange(port, &req, Duration::from_secs(10)).await }
+    };
+    let browser = format!("Accept: {BROWSER_ACCEPT}");
+    let browser = browser.as_str();
+    let json = "Accept: application/json";
+    let xhr = "X-Requested-With: XMLHttpRequest";
+    let url = |p: &str| format!("X-Original-URL: http://app.test{p}");
+    let fwd = |p: &str| format!("X-Forwarded-Uri: {p}");
+    let login_for = |target: &str| format!("/oauth2/start?rd={}", enc(target));
+
+    // nginx (X-Original-URL): a 401 either way; the login header for a navigation only.
+    for (p, extra, login) in [
+        ("/page?a=1", vec![browser], true),
+        ("/admin/x", vec![browser, "X-Forwarded-Method: GET"], true),
+        ("/page", vec![browser, "X-Forwarded-Method: POST"], false),
+        ("/page", vec![browser, "X-Original-Method: DELETE"], false),
+        ("/page", vec![browser, xhr], false),
+        ("/page", vec![browser, "Sec-Fetch-Mode: cors"], false),
+        ("/page", vec![json], false),
+        ("/page", vec![], false),
+        ("/api/x", vec![browser], false),
+        ("/api/x", vec![json], false),
+    ] {
+        let named = url(p);
+        let mut headers = vec![named.as_str()];
+        headers.extend(extra.iter().copied());
+        let r = ask("/oauth2/auth", &headers).await;
+        assert_eq!(r.status, Some(401), "{p} {extra:?}: {}", r.text);
+        assert!(r.header("location").is_none(), "{p} {extra:?}: {}", r.text);
+        let expected = login.then(|| login_for(p));
+        assert_eq!(
+            r.header("x-auth-request-login"),
+            expected,
+            "{p} {extra:?}: {}",
+            r.text
+        );
+    }
+
+    // Traefik (X-Forwarded-Uri alone): its answer goes to the browser as it is, so a
+    // navigation gets the redirect itself; anything else the 401.
+    for (p, extra) in [
+        ("/page?a=1", vec![browser, "X-Forwarded-Method: GET"]),
+        ("/admin/x", vec![browser]),
+    ] {
+        let named = fwd(p);
+        let mut headers = vec![named.as_str()];
+        headers.extend(extra.iter().copied());
+        let r = ask("/oauth2/auth", &headers).await;
+        assert_eq!(r.status, Some(302), "{p} {extra:?}: {}", r.text);
+        assert_eq!(r.header("location"), Some(login_for(p)), "{}", r.text);
+    }
+    for (p, extra) in [
+        ("/page", vec![browser, "X-Forwarded-Method: POST"]),
+        ("/page", vec![browser, xhr]),
+        ("/page", vec![json]),
+        ("/api/x", vec![browser]),
+    ] {
+        let named = fwd(p);
+        let mut headers = vec![named.as_str()];
+        headers.extend(extra.iter().copied());
+        let r = ask("/oauth2/auth", &headers).await;
+        assert_eq!(r.status, Some(401), "{p} {extra:?}: {}", r.text);
+        assert!(r.header("location").is_none(), "{}", r.text);
+        assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
+    }
+    // A cookie that opens no session is cleared on the redirect too.
+    let r = ask(
+        "/oauth2/auth",
+        &[&fwd("/page"), browser, "Cookie: _portcullis=bogus"],
+    )
+    .await;
+    assert_eq!(r.status, Some(302), "{}", r.text);
+    assert!(
+        r.text
+            .to_ascii_lowercase()
+            .contains("set-cookie: _portcullis="),
+        "{}",
+        r.text
+    );
+    // Both URI headers (ingress-nginx passes the client's X-Forwarded-Uri on): nginx's form.
+    let r = ask("/oauth2/auth", &[&url("/page"), &fwd("/page"), browser]).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+    assert_eq!(r.header("x-auth-request-login"), Some(login_for("/page")));
+
+    // Envoy: its answers as before, the login header by the same rule.
+    let r = ask("/oauth2/auth/page?a=1", &[browser]).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+    assert_eq!(
+        r.header("x-auth-request-login"),
+        Some(login_for("/page?a=1"))
+    );
+    for (p, extra) in [("/api/x", browser), ("/page", json)] {
+        let r = ask(&format!("/oauth2/auth{p}"), &[extra]).await;
+        assert_eq!(r.status, Some(401), "{p}: {}", r.text);
+        assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
+    }
+    let post = format!(
+        "POST /oauth2/auth/page HTTP/1.1\r\nHost: {host}\r\n{browser}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let r = raw_exchange(port, post.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+    assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
 }

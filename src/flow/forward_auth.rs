@@ -1,6 +1,7 @@
 //! `GET /oauth2/auth`: the forward-auth answer for ingress-nginx `auth_request`, Traefik
 //! ForwardAuth and Envoy ext_authz. 202 with identity headers for a valid session
-//! (refreshed if due, the new cookie passed back), 401 otherwise.
+//! (refreshed if due, the new cookie passed back), 401 otherwise (a browser navigation is
+//! told where to log in). The original request is believed only from `trusted_proxies`.
 
 use crate::app::App;
 use crate::body::Body;
@@ -8,6 +9,7 @@ use crate::config::{ForwardAuthConfig, HeaderConfig};
 use crate::pages;
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{host_only, AuthMode, Denied, Route};
+use crate::policy::{decide, Decision};
 use crate::proxy::forward::ConnInfo;
 use crate::proxy::headers::put;
 use crate::proxy::path::normalize;
@@ -42,23 +44,39 @@ fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, app
 /// a proxy cannot percent-encode `rd` itself (nginx has no escaping function).
 const LOGIN_HEADER: &str = "x-auth-request-login";
 
-/// The 401, with the login URL that returns to the original request in a header too.
+/// The answer without a session. Only a browser navigation on a login route (`login`) is
+/// told where to log in: in `X-Auth-Request-Login` for a proxy that redirects on its own
+/// (nginx), or as a 302 for Traefik, which hands the answer to the browser as it is.
+/// Anything else gets a bare 401, which the README's nginx snippet passes on: API callers
+/// get 401, never a redirect.
 fn unauthorized(
     app: &App,
     jar: &CookieJar<'_>,
     clear: bool,
-    original: Option<&str>,
+    original: &Original<'_>,
+    login: bool,
 ) -> Response<Body> {
-    let login_url = match original {
+    let login_url = match &original.target {
         Some(target) => format!(
             "/oauth2/start?rd={}",
             url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>()
         ),
         None => "/oauth2/start".to_string(),
     };
+    if login && original.form == Form::ForwardedUri {
+        let mut resp = pages::redirect(&login_url);
+        if clear {
+            for v in app.cookies.clear_session(jar) {
+                resp.headers_mut().append(SET_COOKIE, v);
+            }
+        }
+        return resp;
+    }
     let mut resp = super::unauthorized(app, jar, clear, &login_url);
-    if let Ok(v) = HeaderValue::from_str(&login_url) {
-        resp.headers_mut().insert(LOGIN_HEADER, v);
+    if login {
+        if let Ok(v) = HeaderValue::from_str(&login_url) {
+            resp.headers_mut().insert(LOGIN_HEADER, v);
+        }
     }
     resp
 }
@@ -109,38 +127,89 @@ fn route_whatever_the_method<'a>(
     }
 }
 
+/// How the original request was named, which decides how an anonymous caller is answered.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum Form {
+    /// Not named: a plain "is this session valid?", judged by the global rules.
+    #[default]
+    Unnamed,
+    /// `X-Original-URL` (nginx, ingress-nginx): a 401, the proxy sends the browser to log in.
+    OriginalUrl,
+    /// `X-Forwarded-Uri` alone (Traefik): the answer reaches the browser as it is.
+    ForwardedUri,
+    /// Envoy's `/oauth2/auth/<original path>`.
+    Envoy,
+}
+
 /// The original request, as far as a trusted proxy named it.
 #[derive(Default)]
 struct Original<'a> {
     route: Option<&'a Route>,
     /// Its path and query, to come back to after a login.
     target: Option<String>,
+    /// Its method, when the proxy said it (or, for Envoy, asked with it).
+    method: Option<http::Method>,
+    form: Form,
+}
+
+/// Why a forward-auth request is refused (400) rather than answered.
+#[derive(Debug)]
+enum Refused {
+    Ambiguous(&'static str),
+    /// A peer not in `trusted_proxies` named the original request (by this header, or the
+    /// Envoy path): answering by the global rules alone would silently skip its route's.
+    Untrusted(&'static str),
+}
+
+impl From<Ambiguous> for Refused {
+    fn from(Ambiguous(header): Ambiguous) -> Self {
+        Refused::Ambiguous(header)
+    }
+}
+
+/// The original path of Envoy's form, `/oauth2/auth/<path>`.
+fn envoy_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/oauth2/auth")
+        .filter(|rest| rest.starts_with('/'))
+}
+
+/// What in `req` names an original request, if anything does: the Envoy path or one of
+/// the headers a proxy names it by.
+fn names_original(req: &Request<Body>) -> Option<&'static str> {
+    if envoy_path(req.uri().path()).is_some() {
+        return Some("/oauth2/auth/<path>");
+    }
+    [
+        "x-original-url",
+        "x-forwarded-uri",
+        "x-forwarded-method",
+        "x-original-method",
+    ]
+    .into_iter()
+    .find(|name| req.headers().contains_key(*name))
 }
 
 /// The route the original request would take — known only when a trusted proxy says which
 /// request it was (`X-Original-URL` from ingress-nginx, `X-Forwarded-Uri` from Traefik, the
-/// path after `/oauth2/auth` from Envoy); a client anywhere else cannot choose it. Without
-/// one, `Original::default()`: no route, no target.
-fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambiguous> {
-    let Some(peer) = req.extensions().get::<ConnInfo>() else {
-        return Ok(Original::default());
-    };
-    if !trusted(&app.cfg.trusted_proxies, peer.remote.ip()) {
-        return Ok(Original::default());
+/// path after `/oauth2/auth` from Envoy). Anyone else naming one is refused: a client
+/// cannot choose the route, and a proxy left out of `trusted_proxies` must not have its
+/// route rules skipped without a word. Named by no one, `Original::default()`.
+fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refused> {
+    let peer = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
+    if !peer.is_some_and(|ip| trusted(&app.cfg.trusted_proxies, ip)) {
+        return match names_original(req) {
+            Some(named_by) => Err(Refused::Untrusted(named_by)),
+            None => Ok(Original::default()),
+        };
     }
     let h = req.headers();
     let forwarded_host = at_most_once(h, "x-forwarded-host")?.map(host_only);
-    let (method, host, path, target) = if let Some(rest) = req
-        .uri()
-        .path()
-        .strip_prefix("/oauth2/auth")
-        .filter(|rest| rest.starts_with('/'))
-    {
+    if let Some(rest) = envoy_path(req.uri().path()) {
         // Envoy: the router already normalised the whole path, this part with it. A proxy
         // that names the original request in headers too was pointed at `/oauth2/auth/` by
         // mistake: which path is meant is unknown.
         if h.contains_key("x-original-url") || h.contains_key("x-forwarded-uri") {
-            return Err(Ambiguous("x-original-url"));
+            return Err(Ambiguous("x-original-url").into());
         }
         // Envoy sets Host to the original authority; an X-Forwarded-Host would be the client's.
         let host = at_most_once(h, "host")?
@@ -150,64 +219,81 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambig
             Some(q) => format!("{rest}?{q}"),
             None => rest.to_string(),
         };
-        (req.method(), host, rest, target)
-    } else {
-        // ingress-nginx sets X-Original-URL, Traefik X-Forwarded-Uri, and each passes the
-        // other on from the client: both present, they must name the same request.
-        let parse = |v: &str| {
-            v.parse::<http::Uri>()
-                .map_err(|_| Ambiguous("x-original-url"))
-        };
-        let url = at_most_once(h, "x-original-url")?.map(parse).transpose()?;
-        let fwd = at_most_once(h, "x-forwarded-uri")?.map(parse).transpose()?;
-        let uri = match (url, fwd) {
-            (Some(url), Some(fwd)) if url.path_and_query() != fwd.path_and_query() => {
-                return Err(Ambiguous("x-forwarded-uri"))
-            }
-            (Some(uri), _) | (None, Some(uri)) => uri,
-            (None, None) => return Ok(Original::default()),
-        };
-        let path = normalize(uri.path()).map_err(|_| Ambiguous("x-original-url"))?;
-        let method = match (
-            at_most_once(h, "x-forwarded-method")?,
-            at_most_once(h, "x-original-method")?,
-        ) {
-            (Some(a), Some(b)) if a != b => return Err(Ambiguous("x-forwarded-method")),
-            (Some(m), _) | (None, Some(m)) => Some(
-                http::Method::from_bytes(m.as_bytes())
-                    .map_err(|_| Ambiguous("x-forwarded-method"))?,
-            ),
-            (None, None) => None,
-        };
-        let host = uri
-            .authority()
-            .map(|a| host_only(a.as_str()))
-            .or(forwarded_host);
-        let route = match method {
-            Some(method) => find_route(app, &method, host, &path),
-            None => route_whatever_the_method(app, host, &path)?,
-        };
         return Ok(Original {
-            route,
-            target: uri.path_and_query().map(|pq| pq.to_string()),
+            route: find_route(app, req.method(), host, rest),
+            target: Some(target),
+            method: Some(req.method().clone()),
+            form: Form::Envoy,
         });
+    }
+    // ingress-nginx sets X-Original-URL, Traefik X-Forwarded-Uri, and each passes the
+    // other on from the client: both present, they must name the same request.
+    let parse = |v: &str| {
+        v.parse::<http::Uri>()
+            .map_err(|_| Ambiguous("x-original-url"))
+    };
+    let url = at_most_once(h, "x-original-url")?.map(parse).transpose()?;
+    let fwd = at_most_once(h, "x-forwarded-uri")?.map(parse).transpose()?;
+    let (uri, form) = match (url, fwd) {
+        (Some(url), Some(fwd)) if url.path_and_query() != fwd.path_and_query() => {
+            return Err(Ambiguous("x-forwarded-uri").into())
+        }
+        (Some(uri), _) => (uri, Form::OriginalUrl),
+        (None, Some(uri)) => (uri, Form::ForwardedUri),
+        (None, None) => return Ok(Original::default()),
+    };
+    let path = normalize(uri.path()).map_err(|_| Ambiguous("x-original-url"))?;
+    let method = match (
+        at_most_once(h, "x-forwarded-method")?,
+        at_most_once(h, "x-original-method")?,
+    ) {
+        (Some(a), Some(b)) if a != b => return Err(Ambiguous("x-forwarded-method").into()),
+        (Some(m), _) | (None, Some(m)) => Some(
+            http::Method::from_bytes(m.as_bytes()).map_err(|_| Ambiguous("x-forwarded-method"))?,
+        ),
+        (None, None) => None,
+    };
+    let host = uri
+        .authority()
+        .map(|a| host_only(a.as_str()))
+        .or(forwarded_host);
+    let route = match &method {
+        Some(method) => find_route(app, method, host, &path),
+        None => route_whatever_the_method(app, host, &path)?,
     };
     Ok(Original {
-        route: find_route(app, method, host, path),
-        target: Some(target),
+        route,
+        target: uri.path_and_query().map(|pq| pq.to_string()),
+        method,
+        form,
     })
 }
 
 pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<Body> {
-    let (route, target) = match original(app, req) {
-        Ok(o) => (o.route, o.target),
-        Err(Ambiguous(header)) => {
+    let original = match original(app, req) {
+        Ok(o) => o,
+        Err(Refused::Ambiguous(header)) => {
             tracing::debug!(header, "forward-auth: ambiguous original request refused");
             return pages::text(StatusCode::BAD_REQUEST, "ambiguous original request\n");
         }
+        Err(Refused::Untrusted(named_by)) => {
+            // Most likely the proxy itself is missing from the list: say so, once per request.
+            let peer = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
+            tracing::warn!(
+                peer = %peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string()),
+                named_by,
+                "forward-auth: original request named by a peer not in trusted_proxies \
+                 refused; list the forward-auth proxy in trusted_proxies"
+            );
+            return pages::text(
+                StatusCode::BAD_REQUEST,
+                "original request named by a peer not in trusted_proxies\n",
+            );
+        }
     };
+    let route = original.route;
     // Envoy allows on 200 only; ingress-nginx and Traefik take any 2xx, 202 by convention.
-    let allowed = if req.uri().path().starts_with(ENVOY_PREFIX) {
+    let allowed = if original.form == Form::Envoy {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
@@ -219,7 +305,20 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
     let (session, cookie_lines) = match super::caller(app, &jar).await {
         super::Caller::Session { session, cookies } => (session, cookies),
         super::Caller::Anonymous { clear } => {
-            return unauthorized(app, &jar, clear, target.as_deref())
+            // The proxied path's own decision: `auth: api` routes and requests that are no
+            // browser navigation (XHR, JSON, a POST) are "unauthorized", not "login". The
+            // proxy passes the client's headers on; the method is the original one if named.
+            let method = original.method.as_ref().unwrap_or(req.method());
+            let mode = route.map_or(AuthMode::Login, |r| r.auth);
+            let login = decide(
+                method,
+                req.headers(),
+                mode,
+                None,
+                &app.cfg.authorization,
+                None,
+            ) == Decision::Login;
+            return unauthorized(app, &jar, clear, &original, login);
         }
         super::Caller::Unavailable(e) => return e.into_response(),
     };
@@ -237,4 +336,45 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
         h.append(SET_COOKIE, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(path: &str, header: Option<&str>) -> Request<Body> {
+        let mut b = Request::builder().uri(path);
+        if let Some(h) = header {
+            b = b.header(h, "/x");
+        }
+        b.body(Body::Empty).unwrap()
+    }
+
+    /// Everything by which a proxy names the original request counts: from an untrusted
+    /// peer each one is refused, not ignored.
+    #[test]
+    fn what_names_an_original_request() {
+        for h in [
+            "X-Original-URL",
+            "X-Forwarded-Uri",
+            "X-Forwarded-Method",
+            "X-Original-Method",
+        ] {
+            assert_eq!(
+                names_original(&req("/oauth2/auth", Some(h))),
+                Some(h.to_ascii_lowercase().as_str()),
+            );
+        }
+        assert!(names_original(&req("/oauth2/auth/", None)).is_some());
+        assert!(names_original(&req("/oauth2/auth/admin/x?q=1", None)).is_some());
+        // A plain "is this session valid?" names none.
+        assert_eq!(names_original(&req("/oauth2/auth", None)), None);
+        assert_eq!(names_original(&req("/oauth2/auth?x=1", None)), None);
+        assert_eq!(
+            names_original(&req("/oauth2/auth", Some("X-Forwarded-Host"))),
+            None
+        );
+        assert_eq!(envoy_path("/oauth2/authx"), None);
+        assert_eq!(envoy_path("/oauth2/auth/a/b"), Some("/a/b"));
+    }
 }

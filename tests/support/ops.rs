@@ -589,17 +589,39 @@ impl Prometheus {
     }
 }
 
+/// The nginx snippet of README.md's Forward-auth section, its upstreams pointed at the
+/// gateway on `gw_port` and the app on `upstream_port`: the tests run what users are told to.
+pub fn readme_nginx_snippet(gw_port: u16, upstream_port: u16) -> String {
+    let readme = include_str!("../../README.md");
+    let fence = "```nginx\n";
+    let start = readme.find(fence).expect("README has an nginx snippet") + fence.len();
+    let len = readme[start..].find("```").expect("the nginx snippet ends");
+    let snippet = &readme[start..start + len];
+    assert_eq!(
+        snippet.matches("http://portcullis:4180;").count(),
+        2,
+        "{snippet}"
+    );
+    assert_eq!(snippet.matches("http://app;").count(), 1, "{snippet}");
+    snippet
+        .replace(
+            "http://portcullis:4180;",
+            &format!("http://127.0.0.1:{gw_port};"),
+        )
+        .replace("http://app;", &format!("http://127.0.0.1:{upstream_port};"))
+}
+
 /// nginx in front of a gateway the way ingress-nginx does forward auth
-/// (`auth_request /oauth2/auth`, 401 turned into a login redirect).
+/// (`auth_request /oauth2/auth`, 401 turned into a login redirect for browser navigations).
 pub struct Nginx {
     pub port: u16,
     proc: Proc,
 }
 
 impl Nginx {
-    /// nginx on a free port: `/oauth2/` to the gateway on `gw_port`, everything else to
-    /// `upstream_port` behind `auth_request`, with the user and email passed on as
-    /// `X-User` and `X-Email`.
+    /// nginx on a free port running README.md's snippet: `/oauth2/` to the gateway on
+    /// `gw_port`, everything else to `upstream_port` behind `auth_request`, with the user
+    /// and email passed on as `X-User` and `X-Email`.
     pub async fn start_forward_auth(gw_port: u16, upstream_port: u16) -> Nginx {
         let bin = tool("nginx");
         let mut last = String::new();
@@ -610,6 +632,7 @@ impl Nginx {
                 .expect("tempdir");
             let d = dir.path().display().to_string();
             let port = free_port();
+            let snippet = readme_nginx_snippet(gw_port, upstream_port);
             let conf = format!(
                 r#"# one process, in the foreground, everything under {d}
 master_process off;
@@ -629,33 +652,7 @@ http {{
         server_name _;
         absolute_redirect off;
 
-        location = /oauth2/auth {{
-            internal;
-            proxy_pass http://127.0.0.1:{gw_port};
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
-            proxy_set_header X-Forwarded-Method $request_method;
-        }}
-        location /oauth2/ {{
-            proxy_pass http://127.0.0.1:{gw_port};
-            proxy_set_header Host $http_host;
-        }}
-        location / {{
-            auth_request /oauth2/auth;
-            auth_request_set $user $upstream_http_x_auth_request_user;
-            auth_request_set $email $upstream_http_x_auth_request_email;
-            auth_request_set $auth_cookie $upstream_http_set_cookie;
-            auth_request_set $login $upstream_http_x_auth_request_login;
-            add_header Set-Cookie $auth_cookie;
-            proxy_set_header X-User $user;
-            proxy_set_header X-Email $email;
-            error_page 401 = @login;
-            proxy_pass http://127.0.0.1:{upstream_port};
-        }}
-        location @login {{
-            return 302 $login;
-        }}
+{snippet}
     }}
 }}
 "#
