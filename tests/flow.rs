@@ -855,7 +855,34 @@ async fn gateway_endpoints_answer_wrong_methods_and_unknown_paths() {
     assert_eq!(r.header("allow"), Some("GET"));
     let r = send("PUT", &s.gw.url("/oauth2/sign_out"), &[], Vec::new()).await;
     assert_eq!(r.status, 405);
-    assert_eq!(r.header("allow"), Some("GET, POST"));
+    assert_eq!(r.header("allow"), Some("GET, HEAD, POST"));
+    // HEAD is answered as GET, without the body (uptime and link checkers use it); not at
+    // the callback, where it must not spend a one-time code.
+    for (path, status) in [
+        ("/oauth2/start", 302),
+        ("/oauth2/sign_out", 200),
+        ("/oauth2/signed_out", 200),
+        ("/oauth2/userinfo", 401),
+    ] {
+        let r = send(
+            "HEAD",
+            &s.gw.url(path),
+            &[("accept", BROWSER_ACCEPT)],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, status, "HEAD {path}: {}", r.dump());
+        assert!(r.text().is_empty(), "HEAD {path} has a body");
+    }
+    let r = send(
+        "HEAD",
+        &s.gw.url("/oauth2/callback?code=x&state=y"),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 405, "{}", r.dump());
+    assert_eq!(r.header("allow"), Some("GET"));
     // The back-channel logout endpoint takes POST only (the provider's); forward-auth any
     // method (Envoy's ext_authz asks with the original one): no session, 401.
     let r = send(

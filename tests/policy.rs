@@ -43,6 +43,7 @@ fn routes_yaml(other_upstream: u16) -> String {
   - {{ prefix: "/admin/", allow: {{ groups: ["user-alice"] }} }}
   - {{ prefix: "/other/", upstream: "http://127.0.0.1:{other_upstream}", auth: skip }}
   - {{ prefix: "/hosted/", host: "app.example.com", auth: skip }}
+  - {{ prefix: "/items/", methods: [DELETE], allow: {{ groups: ["user-alice"] }} }}
 "#
     )
 }
@@ -294,6 +295,56 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
     assert_eq!(r.status, 200, "{}", r.dump());
     assert_eq!(s.upstream.last().header("x-forwarded-user"), Some("bob"));
     assert_eq!(other.count(), 0);
+
+    // A method rule is not sidestepped by a method override (a DELETE to Rails, Laravel,
+    // Symfony, Express, ASP.NET): a POST whose override falls under another route is refused.
+    let json = [("accept", "application/json")];
+    let r = bob
+        .request("DELETE", &s.gw.url("/items/1"), &json, Vec::new())
+        .await;
+    assert_eq!(r.status, 403, "{}", r.dump());
+    let before = s.upstream.count();
+    for name in [
+        "x-http-method-override",
+        "X-HTTP-Method",
+        "x-method-override",
+    ] {
+        for method in ["DELETE", "delete"] {
+            let h = [("accept", "application/json"), (name, method)];
+            let r = bob
+                .request("POST", &s.gw.url("/items/1"), &h, Vec::new())
+                .await;
+            assert_eq!(r.status, 400, "bob POST + {name}: {method}: {}", r.dump());
+        }
+    }
+    // Nor a skip route's: an anonymous POST taken as a GET of /public/.
+    let h = [
+        ("accept", "application/json"),
+        ("x-http-method-override", "GET"),
+    ];
+    let r = send("POST", &s.gw.url("/public/x"), &h, Vec::new()).await;
+    assert_eq!(r.status, 400, "{}", r.dump());
+    assert_eq!(
+        s.upstream.count(),
+        before,
+        "an override reached the upstream"
+    );
+    // An override under the same route passes; what a forward-auth proxy says of a method
+    // is for the gateway only.
+    let h = [
+        ("accept", "application/json"),
+        ("x-http-method-override", "PATCH"),
+        ("x-forwarded-method", "GET"),
+        ("x-original-method", "GET"),
+    ];
+    let r = bob
+        .request("POST", &s.gw.url("/elsewhere"), &h, Vec::new())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = s.upstream.last();
+    assert_eq!(rec.header("x-http-method-override"), Some("PATCH"));
+    assert_eq!(rec.header("x-forwarded-method"), None);
+    assert_eq!(rec.header("x-original-method"), None);
 }
 
 #[tokio::test]

@@ -32,7 +32,12 @@ pub fn is_forward_auth_path(path: &str) -> bool {
 
 pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     let path = req.uri().path();
-    let method = req.method().clone();
+    // HEAD is answered as GET (the body is left out by the server), except at the callback:
+    // a HEAD there (a link checker) must not spend the one-time code.
+    let method = match req.method() {
+        &Method::HEAD if path != "/oauth2/callback" => Method::GET,
+        m => m.clone(),
+    };
     match (path, &method) {
         ("/healthz", _) => pages::text(StatusCode::OK, "ok\n"),
         ("/readyz", _) => readyz(&app),
@@ -70,9 +75,10 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         ) => {
             let mut r = pages::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             let allow = match path {
-                "/oauth2/sign_out" => "GET, POST",
+                "/oauth2/sign_out" => "GET, HEAD, POST",
                 "/oauth2/backchannel_logout" => "POST",
-                _ => "GET",
+                "/oauth2/callback" => "GET",
+                _ => "GET, HEAD",
             };
             r.headers_mut()
                 .insert(http::header::ALLOW, HeaderValue::from_static(allow));

@@ -180,7 +180,7 @@ fn remove_listed(h: &mut HeaderMap, upgrading: bool, keep: Option<&HeaderName>) 
 /// (a trusted proxy's X-Forwarded-For/Proto/Host are read first, and set again by the
 /// gateway): frameworks build URLs or route from them (Spring and ASP.NET from
 /// X-Forwarded-Prefix, Symfony and IIS's URL rewrite from X-Original-URL / X-Rewrite-URL).
-pub const SPOOFABLE_NAMES: [&str; 31] = [
+pub const SPOOFABLE_NAMES: [&str; 33] = [
     "x-forwarded-user",
     "x-forwarded-email",
     "x-forwarded-groups",
@@ -213,6 +213,9 @@ pub const SPOOFABLE_NAMES: [&str; 31] = [
     "x-client-ip",
     "true-client-ip",
     "x-cluster-client-ip",
+    // What a forward-auth proxy says of the original request: for the gateway only.
+    "x-forwarded-method",
+    "x-original-method",
 ];
 
 /// The names a client must never be able to set: the identity headers, the bearer,
