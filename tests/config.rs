@@ -431,6 +431,51 @@ fn secret_files_are_read() {
     );
 }
 
+/// A secret file with nothing but line breaks or blanks in it (a Secret created from an
+/// empty literal, a truncated write) holds no secret: refused, naming the key, rather than a
+/// gateway whose every login (or Redis command) fails.
+#[test]
+fn empty_secret_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("secret");
+    let client = minimal().replace(
+        "client_secret: \"s3cret\"",
+        &format!("client_secret_file: \"{}\"", f.display()),
+    );
+    let redis = format!(
+        "{}session: {{ store: redis, redis: {{ url: \"redis://127.0.0.1:6379\", password_file: \"{}\" }} }}\n",
+        minimal(),
+        f.display()
+    );
+    let cookie = minimal().replace(
+        &format!("secrets: [\"{}\"]", key(1)),
+        &format!(
+            "secrets: [\"{}\"], secrets_file: \"{}\"",
+            key(1),
+            f.display()
+        ),
+    );
+    for (text, want) in [
+        (&client, "config error: provider.client_secret_file: "),
+        (&redis, "config error: session.redis.password_file: "),
+        (&cookie, "config error: cookie.secrets_file: "),
+    ] {
+        for content in ["", "\n", "\r\n", "\n\n\n", "  \n\t\n"] {
+            std::fs::write(&f, content).unwrap();
+            let l = assert_invalid(&check_text(text, &[]), 1);
+            assert!(
+                l[0].starts_with(want) && l[0].contains(f.to_str().unwrap()),
+                "{content:?}: {}",
+                l[0]
+            );
+        }
+        // A real value in the same file is fine.
+        std::fs::write(&f, format!("{}\n", key(7))).unwrap();
+        let r = check_text(text, &[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+}
+
 #[test]
 fn secret_command_prints_a_fresh_32_byte_key() {
     use base64::Engine;
