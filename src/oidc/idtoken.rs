@@ -1,5 +1,5 @@
 //! ID-token validation (OpenID Connect Core §3.1.3.7): signature via JWKS,
-//! `iss`, `aud`, `azp`, `exp`/`iat` with clock skew, `nonce`.
+//! `iss`, `aud`, `azp`, `exp`/`iat`/`nbf` with clock skew, `nonce`, a usable `sub`.
 
 use super::jwks::KeySet;
 use crate::config::secret::ct_eq;
@@ -24,6 +24,19 @@ pub enum IdTokenError {
     Azp,
     #[error("ID token issued in the future")]
     IssuedInFuture,
+    #[error("ID token not valid yet (nbf)")]
+    NotYetValid,
+    #[error("ID token sub is empty or cannot be sent in a header")]
+    Subject,
+}
+
+/// Whether `sub` can identify a user upstream: non-empty (OpenID Connect Core §2), and a
+/// header value that arrives unchanged — printable ASCII (§2: ASCII; a control character or
+/// line break cannot be sent at all), no surrounding blanks (a receiver strips them, so
+/// ` alice` would arrive as `alice`). A session for any other sub would reach the upstream
+/// without its user header, or with someone else's.
+fn usable_subject(sub: &str) -> bool {
+    !sub.is_empty() && sub.trim() == sub && sub.bytes().all(|b| (b' '..=b'~').contains(&b))
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +58,8 @@ impl OneOrMany {
 #[derive(Debug, Deserialize)]
 struct Claims {
     iat: u64,
+    /// Seconds (a JSON number, possibly fractional, as RFC 7519 §2 NumericDate allows).
+    nbf: Option<f64>,
     aud: OneOrMany,
     azp: Option<String>,
     nonce: Option<String>,
@@ -221,8 +236,16 @@ pub fn validate(
     let data = jsonwebtoken::decode::<Claims>(token, key, &v)
         .map_err(|e| IdTokenError::Invalid(e.to_string()))?;
     let c = data.claims;
-    if c.iat > exp.now + exp.clock_skew.as_secs() {
+    let latest = exp.now + exp.clock_skew.as_secs();
+    if c.iat > latest {
         return Err(IdTokenError::IssuedInFuture);
+    }
+    // Checked here, against the same clock and skew as iat (jsonwebtoken skips nbf by default).
+    if c.nbf.is_some_and(|nbf| nbf > latest as f64) {
+        return Err(IdTokenError::NotYetValid);
+    }
+    if !usable_subject(&c.profile.sub) {
+        return Err(IdTokenError::Subject);
     }
     let aud = c.aud.into_vec();
     match &c.azp {
@@ -534,12 +557,71 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
                 }),
                 |e| matches!(e, IdTokenError::Invalid(_)),
             ),
+            (
+                "not valid for an hour (nbf)",
+                with(|m| {
+                    far(m);
+                    m.insert("nbf".into(), json!(NOW + 3600));
+                }),
+                |e| *e == IdTokenError::NotYetValid,
+            ),
+            (
+                "nbf just past the clock skew, as a fraction",
+                with(|m| {
+                    far(m);
+                    m.insert("nbf".into(), json!(NOW as f64 + 60.5));
+                }),
+                |e| *e == IdTokenError::NotYetValid,
+            ),
+            (
+                "nbf not a number",
+                with(|m| {
+                    far(m);
+                    m.insert("nbf".into(), json!("soon"));
+                }),
+                |e| matches!(e, IdTokenError::Invalid(_)),
+            ),
         ];
         for (what, token, expected) in cases {
             let err = check(&token)
                 .err()
                 .unwrap_or_else(|| panic!("{what}: accepted"));
             assert!(expected(&err), "{what}: {err:?}");
+        }
+        // A sub the identity header cannot carry as it is: empty, line breaks, control
+        // characters, non-ASCII, surrounding blanks.
+        for sub in [
+            "",
+            "alice\r\nX-Forwarded-Groups: admins",
+            "alice\n",
+            "\ralice",
+            "al\u{0}ice",
+            "al\tice",
+            "al\u{7f}ice",
+            "jos\u{e9}",
+            " alice",
+            "alice ",
+        ] {
+            let t = with(|m| {
+                far(m);
+                m.insert("sub".into(), json!(sub));
+            });
+            assert_eq!(check(&t).err(), Some(IdTokenError::Subject), "{sub:?}");
+        }
+        for sub in ["auth0|5f7c8ec7c33c6c004bbafe82", "alice smith", "a"] {
+            let t = with(|m| {
+                far(m);
+                m.insert("sub".into(), json!(sub));
+            });
+            assert_eq!(check(&t).unwrap().identity.sub, sub);
+        }
+        // nbf in the past, or ahead within the clock skew, is fine.
+        for nbf in [json!(NOW - 10), json!(NOW + 60), json!(NOW as f64 + 59.9)] {
+            let t = with(|m| {
+                far(m);
+                m.insert("nbf".into(), nbf.clone());
+            });
+            assert!(check(&t).is_ok(), "nbf {nbf}");
         }
         // Several audiences with azp naming this client are fine.
         let t = with(|m| {
