@@ -77,24 +77,26 @@ pub struct Profile {
     email_verified: Option<serde_json::Value>,
     name: Option<String>,
     preferred_username: Option<String>,
-    #[serde(flatten)]
-    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+type ClaimSet = serde_json::Map<String, serde_json::Value>;
+
+/// The groups claim `claim` of a token's or userinfo's claims, when stated at all (a string
+/// or a list of strings). Looked up in all the claims, not in what the structs above leave
+/// over: any claim may hold the groups, a standard one (`preferred_username`, `email`) too.
+fn groups(claims: &ClaimSet, claim: &str) -> Option<Vec<String>> {
+    match claims.get(claim)? {
+        serde_json::Value::String(s) => Some(vec![s.clone()]),
+        serde_json::Value::Array(a) => Some(
+            a.iter()
+                .filter_map(|g| g.as_str().map(str::to_string))
+                .collect(),
+        ),
+        _ => None,
+    }
 }
 
 impl Profile {
-    /// The groups claim, when the source states it at all (a string or a list of strings).
-    fn groups(&self, claim: &str) -> Option<Vec<String>> {
-        match self.rest.get(claim)? {
-            serde_json::Value::String(s) => Some(vec![s.clone()]),
-            serde_json::Value::Array(a) => Some(
-                a.iter()
-                    .filter_map(|g| g.as_str().map(str::to_string))
-                    .collect(),
-            ),
-            _ => None,
-        }
-    }
-
     fn email_verified(&self) -> bool {
         match &self.email_verified {
             Some(serde_json::Value::Bool(b)) => *b,
@@ -137,7 +139,10 @@ impl ValidIdToken {
         userinfo: &[u8],
         groups_claim: &str,
     ) -> Result<(), UserinfoError> {
-        let p: Profile = serde_json::from_slice(userinfo)
+        let claims: ClaimSet = serde_json::from_slice(userinfo)
+            .map_err(|e| UserinfoError::Malformed(e.to_string()))?;
+        let stated_groups = groups(&claims, groups_claim);
+        let p: Profile = serde_json::from_value(serde_json::Value::Object(claims))
             .map_err(|e| UserinfoError::Malformed(e.to_string()))?;
         if !ct_eq(p.sub.as_bytes(), self.identity.sub.as_bytes()) {
             return Err(UserinfoError::Subject);
@@ -154,7 +159,7 @@ impl ValidIdToken {
             id.preferred_username = p.preferred_username.clone();
         }
         if !self.groups_stated {
-            if let Some(groups) = p.groups(groups_claim) {
+            if let Some(groups) = stated_groups {
                 id.groups = groups;
                 self.groups_stated = true;
             }
@@ -233,9 +238,12 @@ pub fn validate(
     v.set_issuer(&[exp.issuer]);
     v.set_audience(&[exp.client_id]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-    let data = jsonwebtoken::decode::<Claims>(token, key, &v)
+    let all = jsonwebtoken::decode::<ClaimSet>(token, key, &v)
+        .map_err(|e| IdTokenError::Invalid(e.to_string()))?
+        .claims;
+    let groups = groups(&all, exp.groups_claim);
+    let c: Claims = serde_json::from_value(serde_json::Value::Object(all))
         .map_err(|e| IdTokenError::Invalid(e.to_string()))?;
-    let c = data.claims;
     let latest = exp.now + exp.clock_skew.as_secs();
     if c.iat > latest {
         return Err(IdTokenError::IssuedInFuture);
@@ -262,7 +270,6 @@ pub fn validate(
             return Err(IdTokenError::Nonce);
         }
     }
-    let groups = c.profile.groups(exp.groups_claim);
     let email_verified = c.profile.email_verified();
     let email_verified_stated = c.profile.email_verified.is_some();
     let p = c.profile;
@@ -331,12 +338,16 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
     }
 
     fn check(token: &str) -> Result<ValidIdToken, IdTokenError> {
+        check_groups_in(token, "groups")
+    }
+
+    fn check_groups_in(token: &str, groups_claim: &str) -> Result<ValidIdToken, IdTokenError> {
         let exp = Expectations {
             issuer: "https://idp",
             client_id: "client",
             nonce: Some("n1"),
             clock_skew: Duration::from_secs(60),
-            groups_claim: "groups",
+            groups_claim,
             now: NOW,
         };
         validate(token, &keys(), &exp)
@@ -630,6 +641,57 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
             m.insert("azp".into(), json!("client"));
         });
         assert!(check(&t).is_ok());
+    }
+
+    /// `authorization.groups_claim` may name any claim, also one the token's claims are
+    /// parsed into named fields for (`preferred_username`, `sub`, `sid`, `aud`, ...).
+    #[test]
+    fn the_groups_claim_may_be_a_standard_claim() {
+        let t = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+            m.insert("preferred_username".into(), json!("alice.b"));
+            m.insert("name".into(), json!("Alice B"));
+            m.insert("roles".into(), json!(["r1", 7, "r2"]));
+        });
+        for (claim, want) in [
+            ("preferred_username", vec!["alice.b"]),
+            ("name", vec!["Alice B"]),
+            ("sub", vec!["alice"]),
+            ("email", vec!["a@x"]),
+            ("sid", vec!["s1"]),
+            ("aud", vec!["client"]),
+            ("iss", vec!["https://idp"]),
+            ("nonce", vec!["n1"]),
+            ("roles", vec!["r1", "r2"]),
+            ("groups", vec!["g1", "g2"]),
+        ] {
+            let v = check_groups_in(&t, claim).unwrap();
+            assert!(v.groups_stated, "{claim}");
+            assert_eq!(v.identity.groups, want, "{claim}");
+            // What else is read from the claim is unchanged.
+            assert_eq!(v.identity.preferred_username.as_deref(), Some("alice.b"));
+            assert_eq!(v.identity.sub, "alice");
+            assert_eq!(v.identity.sid.as_deref(), Some("s1"));
+        }
+        // Not a string or a list (a number, a bool), or absent: no groups stated.
+        for claim in ["iat", "email_verified", "missing"] {
+            let v = check_groups_in(&t, claim).unwrap();
+            assert!(!v.groups_stated && v.identity.groups.is_empty(), "{claim}");
+        }
+        // The same from userinfo, for a token that leaves the claim out.
+        let bare = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+            m.remove("email");
+        });
+        let mut v = check_groups_in(&bare, "preferred_username").unwrap();
+        assert!(!v.groups_stated);
+        v.complete_from(
+            br#"{"sub":"alice","email":"a@x","preferred_username":"alice.b"}"#,
+            "preferred_username",
+        )
+        .unwrap();
+        assert_eq!(v.identity.groups, ["alice.b"]);
+        assert_eq!(v.identity.preferred_username.as_deref(), Some("alice.b"));
     }
 
     #[test]
