@@ -431,6 +431,51 @@ fn secret_files_are_read() {
     );
 }
 
+/// A secret file with nothing but line breaks or blanks in it (a Secret created from an
+/// empty literal, a truncated write) holds no secret: refused, naming the key, rather than a
+/// gateway whose every login (or Redis command) fails.
+#[test]
+fn empty_secret_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("secret");
+    let client = minimal().replace(
+        "client_secret: \"s3cret\"",
+        &format!("client_secret_file: \"{}\"", f.display()),
+    );
+    let redis = format!(
+        "{}session: {{ store: redis, redis: {{ url: \"redis://127.0.0.1:6379\", password_file: \"{}\" }} }}\n",
+        minimal(),
+        f.display()
+    );
+    let cookie = minimal().replace(
+        &format!("secrets: [\"{}\"]", key(1)),
+        &format!(
+            "secrets: [\"{}\"], secrets_file: \"{}\"",
+            key(1),
+            f.display()
+        ),
+    );
+    for (text, want) in [
+        (&client, "config error: provider.client_secret_file: "),
+        (&redis, "config error: session.redis.password_file: "),
+        (&cookie, "config error: cookie.secrets_file: "),
+    ] {
+        for content in ["", "\n", "\r\n", "\n\n\n", "  \n\t\n"] {
+            std::fs::write(&f, content).unwrap();
+            let l = assert_invalid(&check_text(text, &[]), 1);
+            assert!(
+                l[0].starts_with(want) && l[0].contains(f.to_str().unwrap()),
+                "{content:?}: {}",
+                l[0]
+            );
+        }
+        // A real value in the same file is fine.
+        std::fs::write(&f, format!("{}\n", key(7))).unwrap();
+        let r = check_text(text, &[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+}
+
 #[test]
 fn secret_command_prints_a_fresh_32_byte_key() {
     use base64::Engine;
@@ -452,6 +497,92 @@ fn secret_command_prints_a_fresh_32_byte_key() {
     // It is accepted as a cookie secret.
     let r = check_text(&minimal().replace(&key(1), key_a), &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// Every 32-byte base64 key written in a file this project ships as an example.
+fn keys_in_shipped_examples() -> Vec<(String, String)> {
+    use base64::Engine;
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                walk(&e.unwrap().path(), out);
+            }
+        } else {
+            out.push(p.to_path_buf());
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    walk(&root.join("config"), &mut files);
+    walk(&root.join("deploy"), &mut files);
+    let b64 = |c: char| c.is_ascii_alphanumeric() || "+/=-_".contains(c);
+    let mut found = Vec::new();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        for word in text.split(|c: char| !b64(c)) {
+            let bare = word.trim_end_matches('=');
+            let decoded = base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(bare)
+                .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(bare));
+            if decoded.is_ok_and(|k| k.len() == 32) {
+                found.push((word.to_string(), f.display().to_string()));
+            }
+        }
+    }
+    found
+}
+
+/// The example keys this project published (the reference config, the Kubernetes examples,
+/// the demo) would let anyone forge sessions: refused wherever a key is read, one line
+/// naming the key.
+#[test]
+fn published_example_keys_are_refused() {
+    const WANT: &str = "this is the published example key; generate one with `portcullis secret`";
+    let shipped = keys_in_shipped_examples();
+    assert!(
+        shipped
+            .iter()
+            .any(|(k, _)| k == "UkVQTEFDRXhXSVRIeFBPUlRDVUxMSVN4U0VDUkVUeHg="),
+        "the reference config's example key: {shipped:?}"
+    );
+    let demo_key = "gJDGcaRi/uH1koUW7MEmgnrRe/4o4uH2RZXQRJVpoUM=";
+    let mut published: Vec<String> = shipped.into_iter().map(|(k, _)| k).collect();
+    published.push(demo_key.into());
+    // The same key in the URL-safe alphabet without padding is the same key.
+    published.push(demo_key.replace('/', "_").trim_end_matches('=').into());
+    for k in &published {
+        let l = assert_invalid(&check_text(&minimal().replace(&key(1), k), &[]), 1);
+        assert_eq!(
+            l[0],
+            format!("config error: cookie.secrets[0]: {WANT}"),
+            "{k}"
+        );
+    }
+    let k = &published[0];
+    // Second in the list (an old key kept for rotation) is just as forgeable.
+    let two = minimal().replace(&key(1), &format!("{}\", \"{k}", key(2)));
+    let l = assert_invalid(&check_text(&two, &[]), 1);
+    assert_eq!(l[0], format!("config error: cookie.secrets[1]: {WANT}"));
+    // From the environment and from a secrets file.
+    let no_secrets = minimal().replace(&format!("secrets: [\"{}\"], ", key(1)), "");
+    let l = assert_invalid(
+        &check_text(&no_secrets, &[("PORTCULLIS_COOKIE_SECRETS", k)]),
+        1,
+    );
+    assert_eq!(l[0], format!("config error: cookie.secrets[0]: {WANT}"));
+    let dir = tempfile::tempdir().unwrap();
+    let ks = write(dir.path(), "cookie_secrets", &format!("{k}\n"));
+    let from_file = minimal().replace(
+        &format!("secrets: [\"{}\"]", key(1)),
+        &format!("secrets_file: \"{}\"", ks.display()),
+    );
+    let l = assert_invalid(&check_text(&from_file, &[]), 1);
+    assert_eq!(
+        l[0],
+        format!("config error: cookie.secrets_file (entry 1): {WANT}")
+    );
 }
 
 /// The drain time's spellings: `timeouts.shutdown` (alias `timeouts.shutdown_timeout`),

@@ -197,6 +197,19 @@ fn read_secret_file(c: &mut Collector, key: &str, path: &str) -> Option<String> 
     }
 }
 
+/// A secret held in a file (a Kubernetes Secret mount): its text without the line break an
+/// editor or `echo` adds. A file with nothing else in it holds no secret: refused here, where
+/// the key can be named, rather than failing later (every login, every Redis command).
+fn read_secret_value(c: &mut Collector, key: &str, path: &str) -> Option<Secret> {
+    let text = read_secret_file(c, key, path)?;
+    let value = text.trim_end_matches(['\r', '\n']);
+    if value.trim().is_empty() {
+        c.err(key, format!("{path} is empty"));
+        return None;
+    }
+    Some(Secret::new(value.to_string()))
+}
+
 fn parse_url(c: &mut Collector, key: &str, text: &str) -> Option<Url> {
     if text.is_empty() {
         c.err(key, "is required");
@@ -439,8 +452,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
         (false, true) => Secret::new(p.client_secret.clone()),
         (true, false) => {
-            read_secret_file(&mut c, "provider.client_secret_file", &p.client_secret_file)
-                .map(|s| Secret::new(s.trim_end_matches(['\r', '\n']).to_string()))
+            read_secret_value(&mut c, "provider.client_secret_file", &p.client_secret_file)
                 .unwrap_or_default()
         }
         (true, true) => {
@@ -485,16 +497,29 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     if !ck.secrets_file.is_empty() {
         if let Some(text) = read_secret_file(&mut c, "cookie.secrets_file", &ck.secrets_file) {
+            let mut entries = 0;
             for (i, line) in text
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
                 .enumerate()
             {
+                entries += 1;
                 match decode_cookie_key(line) {
                     Ok(k) => keys.push(k),
                     Err(m) => c.err(&format!("cookie.secrets_file (entry {})", i + 1), m),
                 }
+            }
+            // Named here: keys from cookie.secrets would otherwise hide that the file
+            // meant to hold them (the one an operator rotates) is empty.
+            if entries == 0 {
+                c.err(
+                    "cookie.secrets_file",
+                    format!(
+                        "{} holds no key; generate one with `portcullis secret`",
+                        ck.secrets_file
+                    ),
+                );
             }
         }
     }
@@ -605,12 +630,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     ) {
         (true, true) => None,
         (false, true) => Some(Secret::new(rs.redis.password.clone())),
-        (true, false) => read_secret_file(
+        (true, false) => read_secret_value(
             &mut c,
             "session.redis.password_file",
             &rs.redis.password_file,
-        )
-        .map(|s| Secret::new(s.trim_end_matches(['\r', '\n']).to_string())),
+        ),
         (false, false) => {
             c.err(
                 "session.redis.password",

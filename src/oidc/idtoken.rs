@@ -1,5 +1,5 @@
 //! ID-token validation (OpenID Connect Core §3.1.3.7): signature via JWKS,
-//! `iss`, `aud`, `azp`, `exp`/`iat` with clock skew, `nonce`.
+//! `iss`, `aud`, `azp`, `exp`/`iat`/`nbf` with clock skew, `nonce`, a usable `sub`.
 
 use super::jwks::KeySet;
 use crate::config::secret::ct_eq;
@@ -24,6 +24,19 @@ pub enum IdTokenError {
     Azp,
     #[error("ID token issued in the future")]
     IssuedInFuture,
+    #[error("ID token not valid yet (nbf)")]
+    NotYetValid,
+    #[error("ID token sub is empty or cannot be sent in a header")]
+    Subject,
+}
+
+/// Whether `sub` can identify a user upstream: non-empty (OpenID Connect Core §2), and a
+/// header value that arrives unchanged — printable ASCII (§2: ASCII; a control character or
+/// line break cannot be sent at all), no surrounding blanks (a receiver strips them, so
+/// ` alice` would arrive as `alice`). A session for any other sub would reach the upstream
+/// without its user header, or with someone else's.
+fn usable_subject(sub: &str) -> bool {
+    !sub.is_empty() && sub.trim() == sub && sub.bytes().all(|b| (b' '..=b'~').contains(&b))
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +58,8 @@ impl OneOrMany {
 #[derive(Debug, Deserialize)]
 struct Claims {
     iat: u64,
+    /// Seconds (a JSON number, possibly fractional, as RFC 7519 §2 NumericDate allows).
+    nbf: Option<f64>,
     aud: OneOrMany,
     azp: Option<String>,
     nonce: Option<String>,
@@ -62,24 +77,26 @@ pub struct Profile {
     email_verified: Option<serde_json::Value>,
     name: Option<String>,
     preferred_username: Option<String>,
-    #[serde(flatten)]
-    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+type ClaimSet = serde_json::Map<String, serde_json::Value>;
+
+/// The groups claim `claim` of a token's or userinfo's claims, when stated at all (a string
+/// or a list of strings). Looked up in all the claims, not in what the structs above leave
+/// over: any claim may hold the groups, a standard one (`preferred_username`, `email`) too.
+fn groups(claims: &ClaimSet, claim: &str) -> Option<Vec<String>> {
+    match claims.get(claim)? {
+        serde_json::Value::String(s) => Some(vec![s.clone()]),
+        serde_json::Value::Array(a) => Some(
+            a.iter()
+                .filter_map(|g| g.as_str().map(str::to_string))
+                .collect(),
+        ),
+        _ => None,
+    }
 }
 
 impl Profile {
-    /// The groups claim, when the source states it at all (a string or a list of strings).
-    fn groups(&self, claim: &str) -> Option<Vec<String>> {
-        match self.rest.get(claim)? {
-            serde_json::Value::String(s) => Some(vec![s.clone()]),
-            serde_json::Value::Array(a) => Some(
-                a.iter()
-                    .filter_map(|g| g.as_str().map(str::to_string))
-                    .collect(),
-            ),
-            _ => None,
-        }
-    }
-
     fn email_verified(&self) -> bool {
         match &self.email_verified {
             Some(serde_json::Value::Bool(b)) => *b,
@@ -122,7 +139,10 @@ impl ValidIdToken {
         userinfo: &[u8],
         groups_claim: &str,
     ) -> Result<(), UserinfoError> {
-        let p: Profile = serde_json::from_slice(userinfo)
+        let claims: ClaimSet = serde_json::from_slice(userinfo)
+            .map_err(|e| UserinfoError::Malformed(e.to_string()))?;
+        let stated_groups = groups(&claims, groups_claim);
+        let p: Profile = serde_json::from_value(serde_json::Value::Object(claims))
             .map_err(|e| UserinfoError::Malformed(e.to_string()))?;
         if !ct_eq(p.sub.as_bytes(), self.identity.sub.as_bytes()) {
             return Err(UserinfoError::Subject);
@@ -139,7 +159,7 @@ impl ValidIdToken {
             id.preferred_username = p.preferred_username.clone();
         }
         if !self.groups_stated {
-            if let Some(groups) = p.groups(groups_claim) {
+            if let Some(groups) = stated_groups {
                 id.groups = groups;
                 self.groups_stated = true;
             }
@@ -218,11 +238,22 @@ pub fn validate(
     v.set_issuer(&[exp.issuer]);
     v.set_audience(&[exp.client_id]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-    let data = jsonwebtoken::decode::<Claims>(token, key, &v)
+    let all = jsonwebtoken::decode::<ClaimSet>(token, key, &v)
+        .map_err(|e| IdTokenError::Invalid(e.to_string()))?
+        .claims;
+    let groups = groups(&all, exp.groups_claim);
+    let c: Claims = serde_json::from_value(serde_json::Value::Object(all))
         .map_err(|e| IdTokenError::Invalid(e.to_string()))?;
-    let c = data.claims;
-    if c.iat > exp.now + exp.clock_skew.as_secs() {
+    let latest = exp.now + exp.clock_skew.as_secs();
+    if c.iat > latest {
         return Err(IdTokenError::IssuedInFuture);
+    }
+    // Checked here, against the same clock and skew as iat (jsonwebtoken skips nbf by default).
+    if c.nbf.is_some_and(|nbf| nbf > latest as f64) {
+        return Err(IdTokenError::NotYetValid);
+    }
+    if !usable_subject(&c.profile.sub) {
+        return Err(IdTokenError::Subject);
     }
     let aud = c.aud.into_vec();
     match &c.azp {
@@ -239,7 +270,6 @@ pub fn validate(
             return Err(IdTokenError::Nonce);
         }
     }
-    let groups = c.profile.groups(exp.groups_claim);
     let email_verified = c.profile.email_verified();
     let email_verified_stated = c.profile.email_verified.is_some();
     let p = c.profile;
@@ -308,12 +338,16 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
     }
 
     fn check(token: &str) -> Result<ValidIdToken, IdTokenError> {
+        check_groups_in(token, "groups")
+    }
+
+    fn check_groups_in(token: &str, groups_claim: &str) -> Result<ValidIdToken, IdTokenError> {
         let exp = Expectations {
             issuer: "https://idp",
             client_id: "client",
             nonce: Some("n1"),
             clock_skew: Duration::from_secs(60),
-            groups_claim: "groups",
+            groups_claim,
             now: NOW,
         };
         validate(token, &keys(), &exp)
@@ -534,12 +568,71 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
                 }),
                 |e| matches!(e, IdTokenError::Invalid(_)),
             ),
+            (
+                "not valid for an hour (nbf)",
+                with(|m| {
+                    far(m);
+                    m.insert("nbf".into(), json!(NOW + 3600));
+                }),
+                |e| *e == IdTokenError::NotYetValid,
+            ),
+            (
+                "nbf just past the clock skew, as a fraction",
+                with(|m| {
+                    far(m);
+                    m.insert("nbf".into(), json!(NOW as f64 + 60.5));
+                }),
+                |e| *e == IdTokenError::NotYetValid,
+            ),
+            (
+                "nbf not a number",
+                with(|m| {
+                    far(m);
+                    m.insert("nbf".into(), json!("soon"));
+                }),
+                |e| matches!(e, IdTokenError::Invalid(_)),
+            ),
         ];
         for (what, token, expected) in cases {
             let err = check(&token)
                 .err()
                 .unwrap_or_else(|| panic!("{what}: accepted"));
             assert!(expected(&err), "{what}: {err:?}");
+        }
+        // A sub the identity header cannot carry as it is: empty, line breaks, control
+        // characters, non-ASCII, surrounding blanks.
+        for sub in [
+            "",
+            "alice\r\nX-Forwarded-Groups: admins",
+            "alice\n",
+            "\ralice",
+            "al\u{0}ice",
+            "al\tice",
+            "al\u{7f}ice",
+            "jos\u{e9}",
+            " alice",
+            "alice ",
+        ] {
+            let t = with(|m| {
+                far(m);
+                m.insert("sub".into(), json!(sub));
+            });
+            assert_eq!(check(&t).err(), Some(IdTokenError::Subject), "{sub:?}");
+        }
+        for sub in ["auth0|5f7c8ec7c33c6c004bbafe82", "alice smith", "a"] {
+            let t = with(|m| {
+                far(m);
+                m.insert("sub".into(), json!(sub));
+            });
+            assert_eq!(check(&t).unwrap().identity.sub, sub);
+        }
+        // nbf in the past, or ahead within the clock skew, is fine.
+        for nbf in [json!(NOW - 10), json!(NOW + 60), json!(NOW as f64 + 59.9)] {
+            let t = with(|m| {
+                far(m);
+                m.insert("nbf".into(), nbf.clone());
+            });
+            assert!(check(&t).is_ok(), "nbf {nbf}");
         }
         // Several audiences with azp naming this client are fine.
         let t = with(|m| {
@@ -548,6 +641,57 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
             m.insert("azp".into(), json!("client"));
         });
         assert!(check(&t).is_ok());
+    }
+
+    /// `authorization.groups_claim` may name any claim, also one the token's claims are
+    /// parsed into named fields for (`preferred_username`, `sub`, `sid`, `aud`, ...).
+    #[test]
+    fn the_groups_claim_may_be_a_standard_claim() {
+        let t = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+            m.insert("preferred_username".into(), json!("alice.b"));
+            m.insert("name".into(), json!("Alice B"));
+            m.insert("roles".into(), json!(["r1", 7, "r2"]));
+        });
+        for (claim, want) in [
+            ("preferred_username", vec!["alice.b"]),
+            ("name", vec!["Alice B"]),
+            ("sub", vec!["alice"]),
+            ("email", vec!["a@x"]),
+            ("sid", vec!["s1"]),
+            ("aud", vec!["client"]),
+            ("iss", vec!["https://idp"]),
+            ("nonce", vec!["n1"]),
+            ("roles", vec!["r1", "r2"]),
+            ("groups", vec!["g1", "g2"]),
+        ] {
+            let v = check_groups_in(&t, claim).unwrap();
+            assert!(v.groups_stated, "{claim}");
+            assert_eq!(v.identity.groups, want, "{claim}");
+            // What else is read from the claim is unchanged.
+            assert_eq!(v.identity.preferred_username.as_deref(), Some("alice.b"));
+            assert_eq!(v.identity.sub, "alice");
+            assert_eq!(v.identity.sid.as_deref(), Some("s1"));
+        }
+        // Not a string or a list (a number, a bool), or absent: no groups stated.
+        for claim in ["iat", "email_verified", "missing"] {
+            let v = check_groups_in(&t, claim).unwrap();
+            assert!(!v.groups_stated && v.identity.groups.is_empty(), "{claim}");
+        }
+        // The same from userinfo, for a token that leaves the claim out.
+        let bare = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+            m.remove("email");
+        });
+        let mut v = check_groups_in(&bare, "preferred_username").unwrap();
+        assert!(!v.groups_stated);
+        v.complete_from(
+            br#"{"sub":"alice","email":"a@x","preferred_username":"alice.b"}"#,
+            "preferred_username",
+        )
+        .unwrap();
+        assert_eq!(v.identity.groups, ["alice.b"]);
+        assert_eq!(v.identity.preferred_username.as_deref(), Some("alice.b"));
     }
 
     #[test]

@@ -67,6 +67,27 @@ type OAuthClient = oauth2::Client<
     EndpointSet,
 >;
 
+/// Whether the gateway can use a token response's access token: of `token_type` Bearer
+/// (RFC 6749 §7.1, compared case-insensitively; a MAC or other token sent as a bearer would
+/// not authenticate) and sendable as `Authorization: Bearer <token>` (not empty, no line
+/// breaks or control characters). Otherwise a session would forward requests without the
+/// bearer, or with a wrong one: refused at the callback, a failed refresh on refresh.
+fn usable_access_token(resp: &TokenResp) -> Result<(), ProviderError> {
+    if *resp.token_type() != BasicTokenType::Bearer {
+        return Err(ProviderError::Invalid(format!(
+            "token_type `{}` is not Bearer",
+            resp.token_type().as_ref()
+        )));
+    }
+    let token = resp.access_token().secret();
+    if token.is_empty() || crate::proxy::headers::bearer_value(token).is_none() {
+        return Err(ProviderError::Invalid(
+            "access_token is empty or cannot be sent in an Authorization header".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A token endpoint answer, validated.
 #[derive(Clone)]
 pub struct Tokens {
@@ -413,7 +434,11 @@ impl Provider {
         self.tokens(resp, None).await
     }
 
+    /// A token endpoint answer (code exchange or refresh) into [`Tokens`]: the access token
+    /// checked ([`usable_access_token`]), the ID token validated (required with a `nonce`, on
+    /// code exchange), missing claims read from userinfo.
     async fn tokens(&self, resp: TokenResp, nonce: Option<&str>) -> Result<Tokens, ProviderError> {
+        usable_access_token(&resp)?;
         let id_token = resp.extra_fields().id_token.clone();
         let access_token = resp.access_token().secret();
         let id = match &id_token {
@@ -533,5 +558,161 @@ impl Provider {
         let d = self.discovered()?;
         tracing::info!("unknown signing key id: re-fetching the provider's JWKS");
         self.fetch_jwks(&d.meta.jwks_uri).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A provider for `https://idp` / `client` that knows the test signing key; never
+    /// discovered, so it makes no call (no userinfo lookup).
+    fn provider() -> Provider {
+        let cfg = crate::config::load_str(
+            r#"
+upstream: "http://127.0.0.1:8081"
+provider: { issuer_url: "https://idp", client_id: "client", client_secret: "s" }
+redirect_url: "http://127.0.0.1:4180/oauth2/callback"
+cookie: { secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: false }
+"#,
+            Vec::new(),
+        )
+        .unwrap();
+        let clients =
+            crate::proxy::client::UpstreamClients::new(&crate::proxy::client::ClientOptions {
+                tls: cfg.tls_client.clone(),
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+                max_idle_per_host: 1,
+            })
+            .unwrap();
+        let p = Provider::new(
+            &cfg,
+            ProviderHttp {
+                client: clients.shared(),
+                timeout: Duration::from_secs(1),
+                metrics: Arc::new(crate::metrics::Metrics::new().unwrap()),
+            },
+        );
+        p.keys.store(Arc::new(idtoken::tests::keys()));
+        p
+    }
+
+    /// A valid ID token for nonce `n1`, as `f` changes its claims.
+    fn id_token(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+        let now = crate::session::now_secs();
+        let claims = json!({"iss": "https://idp", "aud": "client", "sub": "alice",
+            "exp": now + 300, "iat": now, "nonce": "n1", "email": "a@x",
+            "email_verified": true, "groups": ["g1"]});
+        idtoken::tests::signed(claims, f)
+    }
+
+    /// A token response: a valid one as `f` changes it.
+    fn response(
+        id_token: Option<String>,
+        f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> TokenResp {
+        let mut v = json!({"access_token": "at-1.x_y~z+/=", "token_type": "Bearer",
+            "expires_in": 300, "refresh_token": "rt-1"});
+        if let Some(m) = v.as_object_mut() {
+            if let Some(t) = id_token {
+                m.insert("id_token".into(), json!(t));
+            }
+            f(m);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// Token responses the gateway could not use as they are: a token type other than
+    /// Bearer, an access token no Authorization header can carry. Refused on code exchange
+    /// (with a nonce and an ID token) and on refresh (without) alike: both go through
+    /// `Provider::tokens`.
+    #[tokio::test]
+    async fn unusable_access_tokens_are_refused_on_exchange_and_refresh() {
+        let p = provider();
+        type Change = fn(&mut serde_json::Map<String, serde_json::Value>);
+        let bad: [(&str, Change); 9] = [
+            ("mac", |m| {
+                m.insert("token_type".into(), json!("mac"));
+            }),
+            ("MAC", |m| {
+                m.insert("token_type".into(), json!("MAC"));
+            }),
+            ("DPoP", |m| {
+                m.insert("token_type".into(), json!("DPoP"));
+            }),
+            ("empty type", |m| {
+                m.insert("token_type".into(), json!(""));
+            }),
+            ("CRLF", |m| {
+                m.insert(
+                    "access_token".into(),
+                    json!("at\r\nX-Forwarded-User: admin"),
+                );
+            }),
+            ("LF", |m| {
+                m.insert("access_token".into(), json!("at\n"));
+            }),
+            ("NUL", |m| {
+                m.insert("access_token".into(), json!("a\u{0}t"));
+            }),
+            ("DEL", |m| {
+                m.insert("access_token".into(), json!("a\u{7f}t"));
+            }),
+            ("empty token", |m| {
+                m.insert("access_token".into(), json!(""));
+            }),
+        ];
+        for (what, change) in bad {
+            for nonce in [Some("n1"), None] {
+                let r = p
+                    .tokens(response(Some(id_token(|_| {})), change), nonce)
+                    .await;
+                assert!(
+                    matches!(r, Err(ProviderError::Invalid(_))),
+                    "{what} (nonce {nonce:?}): {:?}",
+                    r.err()
+                );
+            }
+            // A refresh answer without an ID token too.
+            let r = p.tokens(response(None, change), None).await;
+            assert!(
+                matches!(r, Err(ProviderError::Invalid(_))),
+                "{what}: refresh"
+            );
+        }
+        // Bearer in any case (RFC 6749 §7.1: case-insensitive) is fine.
+        for tt in ["Bearer", "bearer", "BEARER"] {
+            let resp = response(Some(id_token(|_| {})), |m| {
+                m.insert("token_type".into(), json!(tt));
+            });
+            let t = p.tokens(resp, Some("n1")).await.map_err(|e| e.to_string());
+            let t = t.unwrap_or_else(|e| panic!("{tt}: {e}"));
+            assert_eq!(t.access_token, "at-1.x_y~z+/=");
+            assert_eq!(t.id.map(|id| id.identity.sub).as_deref(), Some("alice"));
+            let refreshed = p.tokens(response(None, |_| {}), None).await;
+            assert!(refreshed.is_ok(), "{tt}: refresh");
+        }
+    }
+
+    /// An ID token whose sub no identity header can carry fails as an ID token (the
+    /// callback's "did not validate" page; a failed refresh).
+    #[tokio::test]
+    async fn an_unusable_subject_fails_the_id_token() {
+        let p = provider();
+        for sub in ["", "alice\r\n", "al\u{1}ice"] {
+            let token = id_token(|m| {
+                m.insert("sub".into(), json!(sub));
+            });
+            for nonce in [Some("n1"), None] {
+                let r = p.tokens(response(Some(token.clone()), |_| {}), nonce).await;
+                assert!(
+                    matches!(r, Err(ProviderError::IdToken(IdTokenError::Subject))),
+                    "{sub:?} (nonce {nonce:?}): {:?}",
+                    r.err()
+                );
+            }
+        }
     }
 }

@@ -7,12 +7,14 @@
 //   admin    http://127.0.0.1:4181   (DEMO_ADMIN_PORT) the gateway's /metrics /healthz /readyz
 //
 // With the default ports the gateway runs on config/demo.yaml; when a port is
-// overridden an equivalent config is written to a temp directory instead.
+// overridden an equivalent config is written to a temp directory instead. The cookie
+// key is generated per run and passed as PORTCULLIS_COOKIE_SECRETS.
 // The admin listener is passed as PORTCULLIS_ADMIN_LISTEN: when its default
 // port is taken (and DEMO_ADMIN_PORT is not set) a free one is used instead.
 // The gateway's log is streamed to the terminal; the IdP's and the app's go to
 // files in the temp directory.
 
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -25,7 +27,9 @@ import {
 const DEFAULTS = { idp: 9000, app: 8081, gw: 4180, admin: 4181 };
 const DEMO_CONFIG = path.join(REPO_ROOT, 'config', 'demo.yaml');
 const CLIENT_SECRET = 'portcullis-demo-secret'; // same as config/demo.yaml
-const DEMO_COOKIE_SECRET = 'gJDGcaRi/uH1koUW7MEmgnrRe/4o4uH2RZXQRJVpoUM='; // demo only, as in config/demo.yaml
+// A fresh key per run (config/demo.yaml has none): a published key would let anyone forge
+// sessions, and the gateway refuses the ones this project has published.
+const COOKIE_SECRET = crypto.randomBytes(32).toString('base64');
 
 function port(name, dflt) {
   const raw = process.env[name];
@@ -93,7 +97,7 @@ if (!defaultPorts) {
     appPort: ports.app,
     idpPort: ports.idp,
     clientSecret: CLIENT_SECRET,
-    cookieSecret: DEMO_COOKIE_SECRET,
+    cookieSecret: COOKIE_SECRET,
     logLevel: 'info',
   }));
 }
@@ -143,7 +147,10 @@ try {
   const gw = spawnLogged('portcullis', bin, ['--config', configFile], {
     logDir: tmp,
     echo: true,
-    env: gatewayEnv({ PORTCULLIS_ADMIN_LISTEN: `127.0.0.1:${ports.admin}` }),
+    env: gatewayEnv({
+      PORTCULLIS_ADMIN_LISTEN: `127.0.0.1:${ports.admin}`,
+      PORTCULLIS_COOKIE_SECRETS: COOKIE_SECRET,
+    }),
   });
   await waitForHttp(`http://127.0.0.1:${ports.gw}/readyz`, { timeoutMs: 30_000, proc: gw });
   watch(gw);
