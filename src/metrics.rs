@@ -100,8 +100,44 @@ impl Drop for AbandonGuard {
             if let Some(start) = facts.upstream_start {
                 facts.upstream_time = Some(start.elapsed());
             }
-            // Not during the thread's teardown, when its locals are gone.
-            let _ = ABANDONED.try_with(|a| a.set(Some(facts)));
+            // Not during the thread's teardown, when its locals are gone. Guards may nest (a
+            // handler's, knowing the user, inside the router's, knowing the route): each fills
+            // in what the others did not know, whichever drops first.
+            let _ = ABANDONED.try_with(|a| {
+                let merged = match a.take() {
+                    Some(other) => other.or(facts),
+                    None => facts,
+                };
+                a.set(Some(merged));
+            });
+        }
+    }
+}
+
+impl ResponseFacts {
+    /// These facts, with what they lack taken from `other`.
+    fn or(self, other: ResponseFacts) -> ResponseFacts {
+        ResponseFacts {
+            route: self.route.or(other.route),
+            upstream_start: self.upstream_start.or(other.upstream_start),
+            upstream_time: self.upstream_time.or(other.upstream_time),
+            user: self.user.or(other.user),
+            end: self.end.or(other.end),
+        }
+    }
+}
+
+/// Names the signed-in user of a response the gateway answered itself (a flow endpoint, a
+/// denial, a 503), for its access-log line: the same subject a proxied request logs.
+pub fn answered_for(resp: &mut Response<Body>, user: Arc<str>) {
+    let ext = resp.extensions_mut();
+    match ext.get_mut::<ResponseFacts>() {
+        Some(f) => f.user = Some(user),
+        None => {
+            ext.insert(ResponseFacts {
+                user: Some(user),
+                ..Default::default()
+            });
         }
     }
 }
@@ -486,6 +522,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handler's guard (the user) inside the router's (the route): the 499 has both,
+    /// whichever is dropped first.
+    #[test]
+    fn nested_abandon_guards_leave_what_each_knew() {
+        for inner_first in [true, false] {
+            ABANDONED.with(|a| a.take());
+            let outer = AbandonGuard::arm(ResponseFacts {
+                route: Some(RouteKind::ForwardAuth),
+                ..Default::default()
+            });
+            let inner = AbandonGuard::arm(ResponseFacts {
+                user: Some("alice".into()),
+                ..Default::default()
+            });
+            if inner_first {
+                drop(inner);
+                drop(outer);
+            } else {
+                drop(outer);
+                drop(inner);
+            }
+            let left = ABANDONED.with(|a| a.take()).unwrap();
+            assert_eq!(left.route, Some(RouteKind::ForwardAuth));
+            assert_eq!(left.user.as_deref(), Some("alice"));
+        }
+    }
 
     #[test]
     fn exposition_has_the_families() {

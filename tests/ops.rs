@@ -1295,7 +1295,12 @@ async fn configmap_symlink_swap_is_picked_up() {
 /// `log` as the log mapping; returns the gateway (for its stderr) and every secret value
 /// the run exposed, by name.
 async fn logged_run(log: &str) -> (OpsGateway, Vec<(&'static str, String)>) {
-    let (idp, upstream, opts) = parts(&[]).await;
+    let (idp, upstream, mut opts) = parts(&[]).await;
+    // A route alice may not use: a 403 for a signed-in user.
+    // Forward-auth from here names the original request (and so its route's rules).
+    opts.extra = r#"routes: [ { prefix: "/logs/admin/", allow: { groups: ["nobody"] } } ]
+trusted_proxies: ["127.0.0.1/32"]"#
+        .into();
     let mut cfg = OpsConfig::new(opts);
     cfg.log = log.to_string();
     let gw = OpsGateway::start(&cfg).await;
@@ -1323,8 +1328,29 @@ async fn logged_run(log: &str) -> (OpsGateway, Vec<(&'static str, String)>) {
     let tampered = format!("_portcullis={}", flip(&session, session.len() / 2));
     let r = api_get(&gw.url("/logs/tampered"), &tampered).await;
     assert_eq!(r.status, 401, "{}", r.dump());
-    let fa = api_get(&gw.url("/oauth2/auth"), &cookie).await;
-    assert_eq!(fa.status, 202, "{}", fa.dump());
+    // Answered by the gateway itself, each under a request id of ours (see the JSON test).
+    for (path, id, status) in [
+        ("/oauth2/auth", "logs-auth", 202),
+        ("/oauth2/auth/some/path", "logs-envoy", 200),
+        ("/oauth2/userinfo", "logs-userinfo", 200),
+        ("/logs/admin/x", "logs-denied", 403),
+    ] {
+        let headers = [
+            ("accept", "application/json"),
+            ("cookie", cookie.as_str()),
+            ("x-request-id", id),
+        ];
+        let r = send("GET", &gw.url(path), &headers, Vec::new()).await;
+        assert_eq!(r.status, status, "{path}: {}", r.dump());
+    }
+    let headers = [
+        ("accept", "application/json"),
+        ("cookie", cookie.as_str()),
+        ("x-request-id", "logs-auth-denied"),
+        ("x-original-url", "/logs/admin/y"),
+    ];
+    let r = send("GET", &gw.url("/oauth2/auth"), &headers, Vec::new()).await;
+    assert_eq!(r.status, 403, "forward-auth denial: {}", r.dump());
 
     // Sign-out: the confirmation page, then the POST with its CSRF token.
     let page = b.get(&gw.url("/oauth2/sign_out")).await;
@@ -1337,6 +1363,7 @@ async fn logged_run(log: &str) -> (OpsGateway, Vec<(&'static str, String)>) {
             &[
                 ("content-type", "application/x-www-form-urlencoded"),
                 ("origin", &gw.origin()),
+                ("x-request-id", "logs-sign-out"),
             ],
             format!("csrf={}", enc(&csrf)),
         )
@@ -1439,6 +1466,33 @@ async fn json_logs_are_one_object_per_line_without_secrets() {
             .any(|v| v["route"] == "proxied" && v["status"] == 401),
         "{log}"
     );
+    // What the gateway answers itself for a signed-in user names them as the proxied path
+    // does: forward-auth (ingress and Envoy forms), userinfo, a denial, the sign-out.
+    for (id, route, status) in [
+        ("logs-auth", "forward_auth", 202),
+        ("logs-envoy", "forward_auth", 200),
+        ("logs-userinfo", "flow", 200),
+        ("logs-denied", "proxied", 403),
+        ("logs-auth-denied", "forward_auth", 403),
+        ("logs-sign-out", "flow", 302),
+    ] {
+        let line = access
+            .iter()
+            .find(|v| v["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}:\n{log}"));
+        assert_eq!(line["route"], route, "{line}");
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["user"], "alice", "{line}");
+    }
+    // A denial's own line says who and which request.
+    for id in ["logs-denied", "logs-auth-denied"] {
+        let denied = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "authenticated user denied" && v["request_id"] == id)
+            .unwrap_or_else(|| panic!("no denial line for {id}:\n{log}"));
+        assert_eq!(denied["user"], "alice", "{denied}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
