@@ -291,7 +291,12 @@ enum Misbehaviour {
     Reset,
     /// Answers something that is not HTTP.
     Garbage,
+    /// Sends a 200 head and `CUT_BODY` of a longer announced body, then resets.
+    CutBody,
 }
+
+/// What `Misbehaviour::CutBody` sends of its 100-byte body.
+const CUT_BODY: &str = "partial body!";
 
 async fn misbehaving_upstream(how: Misbehaviour) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -315,6 +320,13 @@ async fn misbehaving_upstream(how: Misbehaviour) -> u16 {
                     }
                     Misbehaviour::Garbage => {
                         let _ = tcp.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+                    }
+                    Misbehaviour::CutBody => {
+                        let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
+                        let _ = tcp.write_all(format!("{head}{CUT_BODY}").as_bytes()).await;
+                        // Read by the gateway before the reset (which would discard it).
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = tcp.set_zero_linger();
                     }
                 }
             });
@@ -358,6 +370,77 @@ async fn upstream_errors_are_counted_by_what_went_wrong() {
             assert_eq!(counted, expected, "{path}: {series}\n{}", gw.tails());
         }
     }
+}
+
+/// An upstream that sends a 200 head and part of the body it announced, then resets the
+/// connection: the client's answer is cut short and its connection closed, and the gateway
+/// says so (the access line, written at the head, says 200).
+#[tokio::test]
+async fn an_upstream_body_cut_short_is_counted_and_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cut = misbehaving_upstream(Misbehaviour::CutBody).await;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra =
+        format!(r#"routes: [ {{ prefix: "/", auth: skip, upstream: "http://127.0.0.1:{cut}" }} ]"#);
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let before = gw.metrics().await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /cut HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: cut-1\r\n\r\n",
+        gw.port
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got)).await;
+    // Closed (or reset) by the gateway, not left waiting for the rest.
+    assert!(
+        read.is_ok(),
+        "the client connection stays open:\n{}",
+        gw.tails()
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with(CUT_BODY), "{text}");
+    await_metric(
+        &gw,
+        r#"portcullis_upstream_errors_total{kind="reset"}"#,
+        before.value(r#"portcullis_upstream_errors_total{kind="reset"}"#) + 1.0,
+        "the cut body counted as an upstream reset",
+    )
+    .await;
+    let log = gw.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream response body failed"))
+        .unwrap_or_else(|| panic!("the cut body is not logged:\n{}", gw.tails()));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("cut-1"), "no request id: {line}");
+    assert!(
+        !line.contains(CUT_BODY),
+        "the body's content is logged: {line}"
+    );
+
+    // Over HTTP/2, the stream is reset, and counted too.
+    let (mut sender, conn, _) = h2_slow_request(gw.port).await;
+    let req = http::Request::get(format!("http://127.0.0.1:{}/cut", gw.port))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "the HTTP/2 client sees the cut"
+    );
+    conn.abort();
+    await_metric(
+        &gw,
+        r#"portcullis_upstream_errors_total{kind="reset"}"#,
+        before.value(r#"portcullis_upstream_errors_total{kind="reset"}"#) + 2.0,
+        "the cut HTTP/2 body counted as an upstream reset",
+    )
+    .await;
 }
 
 #[tokio::test]

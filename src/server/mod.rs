@@ -118,6 +118,7 @@ where
         listener.h2_timeouts,
         drain,
         id,
+        listener.h1.metrics.clone(),
     ))
     .await
 }
@@ -138,6 +139,7 @@ impl Listener {
                 header_read: cfg.timeouts.header_read,
                 idle: cfg.timeouts.idle,
                 metrics,
+                request_id: cfg.headers.request_id.clone(),
             }),
             drain,
             h2,
