@@ -158,6 +158,9 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub logouts: IntCounterVec,
     build_info: IntGaugeVec,
+    /// Set when the shutdown timeout ran out: a request dropped from then on was cut by the
+    /// gateway, not abandoned by its client.
+    cut_off: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -315,7 +318,15 @@ impl Metrics {
             config_reloads,
             logouts,
             build_info,
+            cut_off: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The shutdown timeout ran out: the requests still in flight are about to be dropped
+    /// by the gateway, and are counted and logged as `SHUT_DOWN`, not as clients gone.
+    pub fn cut_off_in_flight(&self) {
+        self.cut_off
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn record(&self, route: RouteKind, method: &Method, status: u16, gateway: Duration) {
@@ -423,7 +434,12 @@ pin_project_lite::pin_project! {
                 take();
                 this.inner.set(None);
                 let facts = take();
-                finish(this.metrics, this.method, this.request_id, *this.start, CLIENT_CLOSED, facts.as_ref());
+                let status = if this.metrics.cut_off.load(std::sync::atomic::Ordering::Relaxed) {
+                    SHUT_DOWN
+                } else {
+                    CLIENT_CLOSED
+                };
+                finish(this.metrics, this.method, this.request_id, *this.start, status, facts.as_ref());
             }
         }
     }
@@ -432,6 +448,10 @@ pin_project_lite::pin_project! {
 /// The status a request is counted and logged with when the client went away before its
 /// response (nginx's convention); never sent.
 const CLIENT_CLOSED: u16 = 499;
+
+/// The status a request is counted and logged with when the shutdown timeout cut it: the
+/// gateway gave up on it (as a 503 would say), the client did not; never sent.
+const SHUT_DOWN: u16 = 503;
 
 /// Counts and logs one request, answered or abandoned.
 fn finish(

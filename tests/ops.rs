@@ -293,6 +293,8 @@ enum Misbehaviour {
     Garbage,
     /// Sends a 200 head and `CUT_BODY` of a longer announced body, then resets.
     CutBody,
+    /// Never answers (keeps the connection open).
+    Hang,
 }
 
 /// What `Misbehaviour::CutBody` sends of its 100-byte body.
@@ -328,6 +330,7 @@ async fn misbehaving_upstream(how: Misbehaviour) -> u16 {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                         let _ = tcp.set_zero_linger();
                     }
+                    Misbehaviour::Hang => std::future::pending::<()>().await,
                 }
             });
         }
@@ -865,6 +868,46 @@ async fn sigterm_fails_readiness_keeps_serving_then_drains_and_exits_0() {
     ] {
         assert!(log.contains(line), "{line:?} not logged\n{}", gw.tails());
     }
+}
+
+/// A request still waiting on the upstream when `timeouts.shutdown` runs out is cut by the
+/// gateway: logged (and counted) as 503, not as a client that went away (499).
+#[tokio::test]
+async fn requests_cut_at_the_shutdown_timeout_are_logged_503_not_499() {
+    use tokio::io::AsyncWriteExt;
+    let hang = misbehaving_upstream(Misbehaviour::Hang).await;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = format!(
+        "routes: [ {{ prefix: \"/\", auth: skip, upstream: \"http://127.0.0.1:{hang}\" }} ]\n\
+         lifecycle: {{ shutdown_delay: 0s }}\ntimeouts: {{ shutdown: 1s }}"
+    );
+    let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /hang HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: cut-at-shutdown\r\n\r\n",
+        gw.port
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    await_metric(
+        &gw,
+        "portcullis_requests_in_flight",
+        1.0,
+        "the request in flight",
+    )
+    .await;
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status}\n{}", gw.tails());
+    let log = gw.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("cut-at-shutdown"))
+        .unwrap_or_else(|| panic!("no access line for the cut request:\n{}", gw.tails()));
+    assert!(line.contains("status=503"), "{line}");
+    assert!(!log.contains("status=499"), "{}", gw.tails());
+    drop(tcp);
 }
 
 /// SIGTERM with an HTTP/2 request in flight: HTTP/2 connections drain through the listener's
