@@ -154,7 +154,7 @@ impl GatewayError {
 
 /// The gateway's own 503 page as `{"error": "<code>"}` for an API client, status and
 /// `Retry-After` kept; any other response (an upstream's own 503 included) as it is.
-pub fn unavailable_as_json(resp: Response<Body>) -> Response<Body> {
+pub fn unavailable_as_json(mut resp: Response<Body>) -> Response<Body> {
     let code = match resp.extensions().get::<ErrorPage>() {
         Some(&ErrorPage(code)) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => code,
         _ => return resp,
@@ -164,6 +164,13 @@ pub fn unavailable_as_json(resp: Response<Body>) -> Response<Body> {
         json.headers_mut().insert(RETRY_AFTER, v.clone());
     }
     json.extensions_mut().insert(ErrorPage(code));
+    // Who asked, for the access log.
+    if let Some(facts) = resp
+        .extensions_mut()
+        .remove::<crate::metrics::ResponseFacts>()
+    {
+        json.extensions_mut().insert(facts);
+    }
     json
 }
 

@@ -100,8 +100,44 @@ impl Drop for AbandonGuard {
             if let Some(start) = facts.upstream_start {
                 facts.upstream_time = Some(start.elapsed());
             }
-            // Not during the thread's teardown, when its locals are gone.
-            let _ = ABANDONED.try_with(|a| a.set(Some(facts)));
+            // Not during the thread's teardown, when its locals are gone. Guards may nest (a
+            // handler's, knowing the user, inside the router's, knowing the route): each fills
+            // in what the others did not know, whichever drops first.
+            let _ = ABANDONED.try_with(|a| {
+                let merged = match a.take() {
+                    Some(other) => other.or(facts),
+                    None => facts,
+                };
+                a.set(Some(merged));
+            });
+        }
+    }
+}
+
+impl ResponseFacts {
+    /// These facts, with what they lack taken from `other`.
+    fn or(self, other: ResponseFacts) -> ResponseFacts {
+        ResponseFacts {
+            route: self.route.or(other.route),
+            upstream_start: self.upstream_start.or(other.upstream_start),
+            upstream_time: self.upstream_time.or(other.upstream_time),
+            user: self.user.or(other.user),
+            end: self.end.or(other.end),
+        }
+    }
+}
+
+/// Names the signed-in user of a response the gateway answered itself (a flow endpoint, a
+/// denial, a 503), for its access-log line: the same subject a proxied request logs.
+pub fn answered_for(resp: &mut Response<Body>, user: Arc<str>) {
+    let ext = resp.extensions_mut();
+    match ext.get_mut::<ResponseFacts>() {
+        Some(f) => f.user = Some(user),
+        None => {
+            ext.insert(ResponseFacts {
+                user: Some(user),
+                ..Default::default()
+            });
         }
     }
 }
@@ -122,6 +158,9 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub logouts: IntCounterVec,
     build_info: IntGaugeVec,
+    /// Set when the shutdown timeout ran out: a request dropped from then on was cut by the
+    /// gateway, not abandoned by its client.
+    cut_off: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -279,7 +318,15 @@ impl Metrics {
             config_reloads,
             logouts,
             build_info,
+            cut_off: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The shutdown timeout ran out: the requests still in flight are about to be dropped
+    /// by the gateway, and are counted and logged as `SHUT_DOWN`, not as clients gone.
+    pub fn cut_off_in_flight(&self) {
+        self.cut_off
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn record(&self, route: RouteKind, method: &Method, status: u16, gateway: Duration) {
@@ -387,7 +434,12 @@ pin_project_lite::pin_project! {
                 take();
                 this.inner.set(None);
                 let facts = take();
-                finish(this.metrics, this.method, this.request_id, *this.start, CLIENT_CLOSED, facts.as_ref());
+                let status = if this.metrics.cut_off.load(std::sync::atomic::Ordering::Relaxed) {
+                    SHUT_DOWN
+                } else {
+                    CLIENT_CLOSED
+                };
+                finish(this.metrics, this.method, this.request_id, *this.start, status, facts.as_ref());
             }
         }
     }
@@ -396,6 +448,10 @@ pin_project_lite::pin_project! {
 /// The status a request is counted and logged with when the client went away before its
 /// response (nginx's convention); never sent.
 const CLIENT_CLOSED: u16 = 499;
+
+/// The status a request is counted and logged with when the shutdown timeout cut it: the
+/// gateway gave up on it (as a 503 would say), the client did not; never sent.
+const SHUT_DOWN: u16 = 503;
 
 /// Counts and logs one request, answered or abandoned.
 fn finish(
@@ -486,6 +542,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handler's guard (the user) inside the router's (the route): the 499 has both,
+    /// whichever is dropped first.
+    #[test]
+    fn nested_abandon_guards_leave_what_each_knew() {
+        for inner_first in [true, false] {
+            ABANDONED.with(|a| a.take());
+            let outer = AbandonGuard::arm(ResponseFacts {
+                route: Some(RouteKind::ForwardAuth),
+                ..Default::default()
+            });
+            let inner = AbandonGuard::arm(ResponseFacts {
+                user: Some("alice".into()),
+                ..Default::default()
+            });
+            if inner_first {
+                drop(inner);
+                drop(outer);
+            } else {
+                drop(outer);
+                drop(inner);
+            }
+            let left = ABANDONED.with(|a| a.take()).unwrap();
+            assert_eq!(left.route, Some(RouteKind::ForwardAuth));
+            assert_eq!(left.user.as_deref(), Some("alice"));
+        }
+    }
 
     #[test]
     fn exposition_has_the_families() {

@@ -76,9 +76,9 @@ fn page(
     resp
 }
 
-/// 403 for a signed-in user who may not pass: says why, offers sign-out.
+/// 403 for a signed-in user who may not pass: says why, offers sign-out. (Logged by
+/// `policy::forbidden`, which knows the user and the request.)
 pub fn forbidden(why: &str) -> Response<Body> {
-    tracing::info!(reason = why, "authenticated user denied");
     html(
         StatusCode::FORBIDDEN,
         "Access denied",

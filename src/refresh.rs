@@ -9,6 +9,7 @@
 use crate::app::App;
 use crate::body::Body;
 use crate::error::GatewayError;
+use crate::metrics::{answered_for, AbandonGuard, ResponseFacts};
 use crate::oidc::ProviderError;
 use crate::policy::Rejected;
 use crate::session::layer::{take_ready, BoxFuture};
@@ -359,7 +360,13 @@ where
             let Some(old) = req.extensions_mut().remove::<Arc<ActiveSession>>() else {
                 return inner.call(req).await;
             };
+            // A client that leaves during the wait on the provider: its 499 names the user.
+            let waiting = AbandonGuard::arm(ResponseFacts {
+                user: Some(old.sub.clone()),
+                ..Default::default()
+            });
             let outcome = ensure_fresh(&app, old.session.clone(), now).await;
+            let user = waiting.disarm().user;
             match outcome {
                 Fresh::Unchanged(s) => {
                     req.extensions_mut().insert(ActiveSession::new(s));
@@ -376,10 +383,16 @@ where
                     append_cookies(&mut resp, lines);
                     Ok(resp)
                 }
-                Fresh::Unavailable => Ok(GatewayError::ProviderUnavailable(
-                    "refresh failed and the access token has expired".into(),
-                )
-                .into_response()),
+                Fresh::Unavailable => {
+                    let mut resp = GatewayError::ProviderUnavailable(
+                        "refresh failed and the access token has expired".into(),
+                    )
+                    .into_response();
+                    if let Some(user) = user {
+                        answered_for(&mut resp, user);
+                    }
+                    Ok(resp)
+                }
                 Fresh::Ended => {
                     // The session is over: the auth gate sends browsers to login, API calls get 401.
                     req.extensions_mut().insert(Rejected(CookieReject::Expired));

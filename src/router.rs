@@ -173,7 +173,14 @@ where
                     ..Default::default()
                 });
                 let mut resp = flow::handle(app, req).await;
-                resp.extensions_mut().insert(waiting.disarm());
+                let facts = waiting.disarm();
+                match resp.extensions_mut().get_mut::<ResponseFacts>() {
+                    // The handler named the user (`answered_for`); the route is ours to say.
+                    Some(f) => f.route = facts.route,
+                    None => {
+                        resp.extensions_mut().insert(facts);
+                    }
+                }
                 Ok(resp)
             }))
         } else {

@@ -291,7 +291,14 @@ enum Misbehaviour {
     Reset,
     /// Answers something that is not HTTP.
     Garbage,
+    /// Sends a 200 head and `CUT_BODY` of a longer announced body, then resets.
+    CutBody,
+    /// Never answers (keeps the connection open).
+    Hang,
 }
+
+/// What `Misbehaviour::CutBody` sends of its 100-byte body.
+const CUT_BODY: &str = "partial body!";
 
 async fn misbehaving_upstream(how: Misbehaviour) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -316,6 +323,14 @@ async fn misbehaving_upstream(how: Misbehaviour) -> u16 {
                     Misbehaviour::Garbage => {
                         let _ = tcp.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
                     }
+                    Misbehaviour::CutBody => {
+                        let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
+                        let _ = tcp.write_all(format!("{head}{CUT_BODY}").as_bytes()).await;
+                        // Read by the gateway before the reset (which would discard it).
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = tcp.set_zero_linger();
+                    }
+                    Misbehaviour::Hang => std::future::pending::<()>().await,
                 }
             });
         }
@@ -358,6 +373,77 @@ async fn upstream_errors_are_counted_by_what_went_wrong() {
             assert_eq!(counted, expected, "{path}: {series}\n{}", gw.tails());
         }
     }
+}
+
+/// An upstream that sends a 200 head and part of the body it announced, then resets the
+/// connection: the client's answer is cut short and its connection closed, and the gateway
+/// says so (the access line, written at the head, says 200).
+#[tokio::test]
+async fn an_upstream_body_cut_short_is_counted_and_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cut = misbehaving_upstream(Misbehaviour::CutBody).await;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra =
+        format!(r#"routes: [ {{ prefix: "/", auth: skip, upstream: "http://127.0.0.1:{cut}" }} ]"#);
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let before = gw.metrics().await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /cut HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: cut-1\r\n\r\n",
+        gw.port
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got)).await;
+    // Closed (or reset) by the gateway, not left waiting for the rest.
+    assert!(
+        read.is_ok(),
+        "the client connection stays open:\n{}",
+        gw.tails()
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with(CUT_BODY), "{text}");
+    await_metric(
+        &gw,
+        r#"portcullis_upstream_errors_total{kind="reset"}"#,
+        before.value(r#"portcullis_upstream_errors_total{kind="reset"}"#) + 1.0,
+        "the cut body counted as an upstream reset",
+    )
+    .await;
+    let log = gw.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream response body failed"))
+        .unwrap_or_else(|| panic!("the cut body is not logged:\n{}", gw.tails()));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("cut-1"), "no request id: {line}");
+    assert!(
+        !line.contains(CUT_BODY),
+        "the body's content is logged: {line}"
+    );
+
+    // Over HTTP/2, the stream is reset, and counted too.
+    let (mut sender, conn, _) = h2_slow_request(gw.port).await;
+    let req = http::Request::get(format!("http://127.0.0.1:{}/cut", gw.port))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "the HTTP/2 client sees the cut"
+    );
+    conn.abort();
+    await_metric(
+        &gw,
+        r#"portcullis_upstream_errors_total{kind="reset"}"#,
+        before.value(r#"portcullis_upstream_errors_total{kind="reset"}"#) + 2.0,
+        "the cut HTTP/2 body counted as an upstream reset",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -782,6 +868,46 @@ async fn sigterm_fails_readiness_keeps_serving_then_drains_and_exits_0() {
     ] {
         assert!(log.contains(line), "{line:?} not logged\n{}", gw.tails());
     }
+}
+
+/// A request still waiting on the upstream when `timeouts.shutdown` runs out is cut by the
+/// gateway: logged (and counted) as 503, not as a client that went away (499).
+#[tokio::test]
+async fn requests_cut_at_the_shutdown_timeout_are_logged_503_not_499() {
+    use tokio::io::AsyncWriteExt;
+    let hang = misbehaving_upstream(Misbehaviour::Hang).await;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = format!(
+        "routes: [ {{ prefix: \"/\", auth: skip, upstream: \"http://127.0.0.1:{hang}\" }} ]\n\
+         lifecycle: {{ shutdown_delay: 0s }}\ntimeouts: {{ shutdown: 1s }}"
+    );
+    let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /hang HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: cut-at-shutdown\r\n\r\n",
+        gw.port
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    await_metric(
+        &gw,
+        "portcullis_requests_in_flight",
+        1.0,
+        "the request in flight",
+    )
+    .await;
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status}\n{}", gw.tails());
+    let log = gw.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("cut-at-shutdown"))
+        .unwrap_or_else(|| panic!("no access line for the cut request:\n{}", gw.tails()));
+    assert!(line.contains("status=503"), "{line}");
+    assert!(!log.contains("status=499"), "{}", gw.tails());
+    drop(tcp);
 }
 
 /// SIGTERM with an HTTP/2 request in flight: HTTP/2 connections drain through the listener's
@@ -1295,7 +1421,12 @@ async fn configmap_symlink_swap_is_picked_up() {
 /// `log` as the log mapping; returns the gateway (for its stderr) and every secret value
 /// the run exposed, by name.
 async fn logged_run(log: &str) -> (OpsGateway, Vec<(&'static str, String)>) {
-    let (idp, upstream, opts) = parts(&[]).await;
+    let (idp, upstream, mut opts) = parts(&[]).await;
+    // A route alice may not use: a 403 for a signed-in user.
+    // Forward-auth from here names the original request (and so its route's rules).
+    opts.extra = r#"routes: [ { prefix: "/logs/admin/", allow: { groups: ["nobody"] } } ]
+trusted_proxies: ["127.0.0.1/32"]"#
+        .into();
     let mut cfg = OpsConfig::new(opts);
     cfg.log = log.to_string();
     let gw = OpsGateway::start(&cfg).await;
@@ -1323,8 +1454,29 @@ async fn logged_run(log: &str) -> (OpsGateway, Vec<(&'static str, String)>) {
     let tampered = format!("_portcullis={}", flip(&session, session.len() / 2));
     let r = api_get(&gw.url("/logs/tampered"), &tampered).await;
     assert_eq!(r.status, 401, "{}", r.dump());
-    let fa = api_get(&gw.url("/oauth2/auth"), &cookie).await;
-    assert_eq!(fa.status, 202, "{}", fa.dump());
+    // Answered by the gateway itself, each under a request id of ours (see the JSON test).
+    for (path, id, status) in [
+        ("/oauth2/auth", "logs-auth", 202),
+        ("/oauth2/auth/some/path", "logs-envoy", 200),
+        ("/oauth2/userinfo", "logs-userinfo", 200),
+        ("/logs/admin/x", "logs-denied", 403),
+    ] {
+        let headers = [
+            ("accept", "application/json"),
+            ("cookie", cookie.as_str()),
+            ("x-request-id", id),
+        ];
+        let r = send("GET", &gw.url(path), &headers, Vec::new()).await;
+        assert_eq!(r.status, status, "{path}: {}", r.dump());
+    }
+    let headers = [
+        ("accept", "application/json"),
+        ("cookie", cookie.as_str()),
+        ("x-request-id", "logs-auth-denied"),
+        ("x-original-url", "/logs/admin/y"),
+    ];
+    let r = send("GET", &gw.url("/oauth2/auth"), &headers, Vec::new()).await;
+    assert_eq!(r.status, 403, "forward-auth denial: {}", r.dump());
 
     // Sign-out: the confirmation page, then the POST with its CSRF token.
     let page = b.get(&gw.url("/oauth2/sign_out")).await;
@@ -1337,6 +1489,7 @@ async fn logged_run(log: &str) -> (OpsGateway, Vec<(&'static str, String)>) {
             &[
                 ("content-type", "application/x-www-form-urlencoded"),
                 ("origin", &gw.origin()),
+                ("x-request-id", "logs-sign-out"),
             ],
             format!("csrf={}", enc(&csrf)),
         )
@@ -1439,6 +1592,33 @@ async fn json_logs_are_one_object_per_line_without_secrets() {
             .any(|v| v["route"] == "proxied" && v["status"] == 401),
         "{log}"
     );
+    // What the gateway answers itself for a signed-in user names them as the proxied path
+    // does: forward-auth (ingress and Envoy forms), userinfo, a denial, the sign-out.
+    for (id, route, status) in [
+        ("logs-auth", "forward_auth", 202),
+        ("logs-envoy", "forward_auth", 200),
+        ("logs-userinfo", "flow", 200),
+        ("logs-denied", "proxied", 403),
+        ("logs-auth-denied", "forward_auth", 403),
+        ("logs-sign-out", "flow", 302),
+    ] {
+        let line = access
+            .iter()
+            .find(|v| v["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}:\n{log}"));
+        assert_eq!(line["route"], route, "{line}");
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["user"], "alice", "{line}");
+    }
+    // A denial's own line says who and which request.
+    for id in ["logs-denied", "logs-auth-denied"] {
+        let denied = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "authenticated user denied" && v["request_id"] == id)
+            .unwrap_or_else(|| panic!("no denial line for {id}:\n{log}"));
+        assert_eq!(denied["user"], "alice", "{denied}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -260,5 +260,10 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     if let Some(v) = app.cookies.clear_flow(&state) {
         h.append(SET_COOKIE, v);
     }
+    // The access log names who signed in.
+    crate::metrics::answered_for(
+        &mut resp,
+        std::sync::Arc::from(session.identity.sub.as_str()),
+    );
     resp
 }

@@ -302,8 +302,12 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
         return pages::text(allowed, "");
     }
     let jar = CookieJar::parse(req.headers());
-    let (session, cookie_lines) = match super::caller(app, &jar).await {
-        super::Caller::Session { session, cookies } => (session, cookies),
+    let (session, cookie_lines, user) = match super::caller(app, &jar).await {
+        super::Caller::Session {
+            session,
+            cookies,
+            user,
+        } => (session, cookies, user),
         super::Caller::Anonymous { clear } => {
             // The proxied path's own decision: `auth: api` routes and requests that are no
             // browser navigation (XHR, JSON, a POST) are "unauthorized", not "login". The
@@ -320,14 +324,14 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
             ) == Decision::Login;
             return unauthorized(app, &jar, clear, &original, login);
         }
-        super::Caller::Unavailable(e) => return e.into_response(),
+        super::Caller::Unavailable(resp) => return resp,
     };
     if let Err(Denied(why)) = app
         .cfg
         .authorization
         .check(&session.identity, route.and_then(|r| r.allow.as_ref()))
     {
-        return pages::forbidden(why);
+        return crate::policy::forbidden(app, req, user, why);
     }
     let mut resp = pages::text(allowed, "");
     let h = resp.headers_mut();
@@ -335,6 +339,7 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
     for v in cookie_lines {
         h.append(SET_COOKIE, v);
     }
+    crate::metrics::answered_for(&mut resp, user);
     resp
 }
 

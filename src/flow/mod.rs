@@ -10,6 +10,7 @@ mod userinfo;
 use crate::app::App;
 use crate::body::Body;
 use crate::error::GatewayError;
+use crate::metrics::{answered_for, AbandonGuard, ResponseFacts};
 use crate::pages;
 use crate::refresh::{ensure_fresh, Fresh};
 use crate::session::store::Loaded;
@@ -120,15 +121,17 @@ fn random_token() -> String {
 /// The caller of a gateway endpoint that answers for a session (userinfo, forward-auth):
 /// its session loaded and brought up to date as a proxied request's would be.
 enum Caller {
-    /// Signed in; `cookies`: the re-sealed session to send back, when it was refreshed.
+    /// Signed in; `cookies`: the re-sealed session to send back, when it was refreshed;
+    /// `user`: its subject, for the access log (see `answered_for`).
     Session {
         session: Arc<Session>,
         cookies: Vec<HeaderValue>,
+        user: Arc<str>,
     },
     /// No session: `clear` when a cookie came that opens none any more (to be cleared).
     Anonymous { clear: bool },
-    /// The store or the provider cannot say now.
-    Unavailable(GatewayError),
+    /// The store or the provider cannot say now: the 503 (naming the user, when known).
+    Unavailable(Response<Body>),
 }
 
 async fn caller(app: &Arc<App>, jar: &CookieJar<'_>) -> Caller {
@@ -144,21 +147,38 @@ async fn caller(app: &Arc<App>, jar: &CookieJar<'_>) -> Caller {
         }
         Err(e) => {
             tracing::warn!(error = %e, "session store unavailable");
-            return Caller::Unavailable(GatewayError::StoreUnavailable(e.to_string()));
+            return Caller::Unavailable(
+                GatewayError::StoreUnavailable(e.to_string()).into_response(),
+            );
         }
     };
-    match ensure_fresh(app, session, now_secs()).await {
+    let user: Arc<str> = Arc::from(session.identity.sub.as_str());
+    // A client that leaves during the wait on the provider: its 499 names the user.
+    let waiting = AbandonGuard::arm(ResponseFacts {
+        user: Some(user.clone()),
+        ..Default::default()
+    });
+    let fresh = ensure_fresh(app, session, now_secs()).await;
+    waiting.disarm();
+    match fresh {
         Fresh::Unchanged(session) => Caller::Session {
             session: Arc::new(session),
             cookies: Vec::new(),
+            user,
         },
         Fresh::Refreshed(session) => Caller::Session {
             cookies: app.refreshed_cookie(&session, jar),
             session,
+            user,
         },
-        Fresh::Unavailable => Caller::Unavailable(GatewayError::ProviderUnavailable(
-            "refresh failed and the access token has expired".into(),
-        )),
+        Fresh::Unavailable => {
+            let mut resp = GatewayError::ProviderUnavailable(
+                "refresh failed and the access token has expired".into(),
+            )
+            .into_response();
+            answered_for(&mut resp, user);
+            Caller::Unavailable(resp)
+        }
         Fresh::Ended => Caller::Anonymous { clear: true },
     }
 }

@@ -9,6 +9,7 @@ use crate::session::store::Loaded;
 use crate::session::{CookieJar, Session};
 use http::header::{HeaderValue, ORIGIN, SET_COOKIE};
 use http::{Request, Response, StatusCode};
+use std::sync::Arc;
 
 const MAX_FORM: usize = 4096;
 
@@ -24,6 +25,14 @@ async fn current(app: &App, jar: &CookieJar<'_>) -> Result<Option<Session>, Resp
         Ok(_) => Ok(None),
         Err(e) => Err(crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response()),
     }
+}
+
+/// `resp`, naming the signed-in user (if any) for the access log.
+fn for_session(mut resp: Response<Body>, s: Option<&Session>) -> Response<Body> {
+    if let Some(s) = s {
+        crate::metrics::answered_for(&mut resp, Arc::from(s.identity.sub.as_str()));
+    }
+    resp
 }
 
 pub async fn page(app: &App, req: &Request<Body>) -> Response<Body> {
@@ -58,7 +67,7 @@ pub async fn page(app: &App, req: &Request<Body>) -> Response<Body> {
     {
         pages::security_headers(resp.headers_mut(), Some(&origin));
     }
-    resp
+    for_session(resp, session.as_ref())
 }
 
 pub async fn submit(app: &App, req: Request<Body>) -> Response<Body> {
@@ -79,7 +88,18 @@ pub async fn submit(app: &App, req: Request<Body>) -> Response<Body> {
         Ok(s) => s,
         Err(unavailable) => return unavailable,
     };
-    if let Some(s) = &session {
+    let resp = end_session(app, &jar, session.as_ref(), body).await;
+    for_session(resp, session.as_ref())
+}
+
+/// Ends `session` (checked against the form's CSRF token) and sends the browser on.
+async fn end_session(
+    app: &App,
+    jar: &CookieJar<'_>,
+    session: Option<&Session>,
+    body: Body,
+) -> Response<Body> {
+    if let Some(s) = session {
         let form = match read_limited(body, MAX_FORM).await {
             Ok(b) => b,
             Err(e) => return pages::html(e.status(), "Sign-out refused", e.reason(), ""),
@@ -105,14 +125,14 @@ pub async fn submit(app: &App, req: Request<Body>) -> Response<Body> {
     }
     let target = match (
         app.provider.metadata().and_then(|m| m.end_session_endpoint),
-        &session,
+        session,
     ) {
         (Some(end), Some(s)) => end_session_url(app, &end, s)
             .unwrap_or_else(|| app.cfg.post_logout_redirect_url.clone()),
         _ => app.cfg.post_logout_redirect_url.clone(),
     };
     let mut resp = pages::redirect(&target);
-    for v in app.cookies.clear_session(&jar) {
+    for v in app.cookies.clear_session(jar) {
         resp.headers_mut().append(SET_COOKIE, v);
     }
     resp

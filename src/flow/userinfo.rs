@@ -30,15 +30,20 @@ fn identity(s: &Session) -> Response<Body> {
 pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
     match caller(app, &jar).await {
-        Caller::Session { session, cookies } => {
+        Caller::Session {
+            session,
+            cookies,
+            user,
+        } => {
             let mut resp = identity(&session);
             for v in cookies {
                 resp.headers_mut().append(SET_COOKIE, v);
             }
+            crate::metrics::answered_for(&mut resp, user);
             resp
         }
         Caller::Anonymous { clear } => unauthorized(app, &jar, clear, "/oauth2/start"),
         // A JSON endpoint: its 503 is JSON too, whoever asks.
-        Caller::Unavailable(e) => unavailable_as_json(e.into_response()),
+        Caller::Unavailable(resp) => unavailable_as_json(resp),
     }
 }

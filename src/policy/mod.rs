@@ -98,6 +98,30 @@ pub fn decide(
     }
 }
 
+/// 403 for signed-in `user`, whom a rule keeps out: logged with who and which request, and
+/// named in the request's access-log line.
+pub fn forbidden<B>(
+    app: &crate::app::App,
+    req: &Request<B>,
+    user: std::sync::Arc<str>,
+    why: &str,
+) -> Response<Body> {
+    let request_id = req
+        .headers()
+        .get(&app.cfg.headers.request_id)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info!(
+        reason = why,
+        user = &*user,
+        request_id,
+        "authenticated user denied"
+    );
+    let mut resp = pages::forbidden(why);
+    crate::metrics::answered_for(&mut resp, user);
+    resp
+}
+
 /// The result of opening the session cookie, left in the request's extensions.
 #[derive(Debug, Clone, Copy)]
 pub struct Rejected(pub CookieReject);
@@ -158,7 +182,13 @@ impl<S> AuthGate<S> {
                     .unwrap_or("/");
                 flow::start_login(&self.app, &flow::redirect::or_root(Some(return_to)), &jar)
             }
-            Decision::Forbidden(Denied(why)) => pages::forbidden(why),
+            Decision::Forbidden(Denied(why)) => {
+                match req.extensions().get::<std::sync::Arc<ActiveSession>>() {
+                    Some(s) => forbidden(&self.app, req, s.sub.clone(), why),
+                    // Never: only a session is denied.
+                    None => pages::forbidden(why),
+                }
+            }
             _ => pages::json(
                 StatusCode::UNAUTHORIZED,
                 &serde_json::json!({"error": "unauthorized", "login_url": "/oauth2/start"}),

@@ -181,7 +181,6 @@ fn send_failure(e: SendError) -> GatewayError {
         SendError::Http(e) => e,
     };
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    let mut io_kind = None;
     while let Some(c) = cause {
         match c.downcast_ref::<BodyError>() {
             Some(BodyError::Client(fault)) => return GatewayError::ClientBody(*fault),
@@ -191,27 +190,59 @@ fn send_failure(e: SendError) -> GatewayError {
             }
             None => {}
         }
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            io_kind = Some(io.kind());
-        }
         cause = c.source();
     }
-    use std::io::ErrorKind::*;
     let failure = if e.is_timeout() {
         return GatewayError::UpstreamTimeout;
-    } else if e.is_incomplete_message()
-        || e.is_canceled()
-        || e.is_closed()
-        || matches!(
-            io_kind,
-            Some(ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
-        )
-    {
+    } else if broke_off(&e) {
         UpstreamFailure::Reset
     } else {
         UpstreamFailure::Other
     };
     GatewayError::Upstream(failure, source_chain(&e))
+}
+
+/// The upstream connection broke off: reset, or closed before the whole response.
+fn broke_off(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    e.is_incomplete_message() || e.is_canceled() || e.is_closed()
+}
+
+/// An upstream response body that failed after its head went to the client (and to the
+/// access log, as a success): the client got a truncated answer. Counted with the upstream's
+/// errors and logged, never with any of the body. Called by the connection writers where
+/// they see the body's error, so that answered requests pay nothing for it.
+pub fn upstream_body_failed(
+    metrics: &crate::metrics::Metrics,
+    e: &BodyError,
+    request_id: Option<&http::HeaderValue>,
+) {
+    let kind = match e {
+        BodyError::Http(e) if broke_off(e) => UpstreamFailure::Reset,
+        _ => UpstreamFailure::Other,
+    };
+    metrics
+        .upstream_errors
+        .with_label_values(&[kind.label()])
+        .inc();
+    tracing::warn!(
+        request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        kind = kind.label(),
+        error = %source_chain(e),
+        "upstream response body failed"
+    );
 }
 
 /// The request target for the upstream, in origin form (`/path?query`).

@@ -35,15 +35,18 @@ struct Activity {
     /// Milliseconds after `start` at which the last stream ended.
     quiet_since_ms: AtomicU64,
     start: Instant,
+    /// Where a response body that failed upstream is counted.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Activity {
-    fn new() -> Arc<Self> {
+    fn new(metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
         Arc::new(Self {
             opened: AtomicBool::new(false),
             open: AtomicUsize::new(0),
             quiet_since_ms: AtomicU64::new(0),
             start: Instant::now(),
+            metrics,
         })
     }
 
@@ -80,7 +83,7 @@ impl Drop for StreamGuard {
 /// A response body that keeps its stream counted as open until hyper is done with it.
 struct Tracked {
     body: Body,
-    _open: StreamGuard,
+    open: StreamGuard,
 }
 
 impl http_body::Body for Tracked {
@@ -91,7 +94,13 @@ impl http_body::Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if let (Poll::Ready(Some(Err(e))), Body::Upstream(_)) = (&frame, &this.body) {
+            // The response head is gone (to hyper): no request id to name.
+            crate::proxy::forward::upstream_body_failed(&this.open.0.metrics, e, None);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -111,19 +120,20 @@ pub async fn serve<I, S, F>(
     timeouts: Timeouts,
     drain: Arc<Drain>,
     id: usize,
+    metrics: Arc<crate::metrics::Metrics>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Fn(http::Request<Body>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let activity = Activity::new();
+    let activity = Activity::new(metrics);
     let streams = activity.clone();
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         let open = streams.begin();
         let response = service(req.map(Body::from));
         async move {
             let resp = response.await?;
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, _open: open }))
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, open }))
         }
     });
     let _open = drain.hold();

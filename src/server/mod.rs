@@ -118,6 +118,7 @@ where
         listener.h2_timeouts,
         drain,
         id,
+        listener.h1.metrics.clone(),
     ))
     .await
 }
@@ -138,6 +139,7 @@ impl Listener {
                 header_read: cfg.timeouts.header_read,
                 idle: cfg.timeouts.idle,
                 metrics,
+                request_id: cfg.headers.request_id.clone(),
             }),
             drain,
             h2,
@@ -273,6 +275,13 @@ pub async fn serve(
     tokio::select! {
         _ = drained => tracing::info!("all connections closed"),
         // The current config's: a reload may have changed it.
-        _ = tokio::time::sleep(live.load().app.cfg.timeouts.shutdown) => tracing::warn!("shutdown timeout: closing remaining connections"),
+        _ = tokio::time::sleep(live.load().app.cfg.timeouts.shutdown) => {
+            // What is still in flight is dropped with the runtime, by us: logged 503, not 499.
+            metrics.cut_off_in_flight();
+            tracing::warn!(
+                requests = metrics.in_flight.get(),
+                "shutdown timeout: closing remaining connections"
+            );
+        }
     }
 }

@@ -56,6 +56,9 @@ pub struct Settings {
     pub idle: Duration,
     /// Where requests refused before reaching the service are counted and logged.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The request id header (echoed on every response): names a request whose upstream
+    /// response body failed.
+    pub request_id: http::HeaderName,
 }
 
 /// Tells idle connections to close, and counts the open ones, when the server drains.
@@ -478,7 +481,15 @@ impl<T: Transport> Conn<T> {
                     }
                     Poll::Ready(None) => true,
                     Poll::Ready(Some(Err(e))) => {
-                        tracing::debug!(error = %e, "response body failed");
+                        if let Body::Upstream(_) = body {
+                            crate::proxy::forward::upstream_body_failed(
+                                &self.settings.metrics,
+                                &e,
+                                parts.headers.get(&self.settings.request_id),
+                            );
+                        } else {
+                            tracing::debug!(error = %e, "response body failed");
+                        }
                         finished = true;
                         failed = true;
                         false
