@@ -124,9 +124,18 @@ impl GatewayError {
                 "Bad request",
                 "The request body is incomplete or malformed.",
             ),
-            GatewayError::Upstream(..) => (
+            GatewayError::Upstream(UpstreamFailure::Connect, _) => (
                 "Bad gateway",
                 "The application behind this gateway is not reachable. Please try again shortly.",
+            ),
+            GatewayError::Upstream(UpstreamFailure::Reset, _) => (
+                "Bad gateway",
+                "The application behind this gateway broke off the connection before answering.",
+            ),
+            // E.g. not HTTP, or a head over 100 header fields (hyper's limit for answers).
+            GatewayError::Upstream(UpstreamFailure::Other, _) => (
+                "Bad gateway",
+                "The application behind this gateway sent an answer that could not be read.",
             ),
             GatewayError::UpstreamTimeout => (
                 "Gateway timeout",
@@ -189,6 +198,23 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 502 page says what happened: an upstream that answered something unreadable (say,
+    /// over 100 header fields) is not "not reachable".
+    #[test]
+    fn bad_gateway_pages_name_the_failure() {
+        let page = |f| {
+            let r = GatewayError::Upstream(f, "x".into()).into_response();
+            assert_eq!(r.status(), 502);
+            match r.into_body() {
+                Body::Full(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(page(UpstreamFailure::Connect).contains("not reachable"));
+        assert!(page(UpstreamFailure::Reset).contains("broke off the connection"));
+        assert!(page(UpstreamFailure::Other).contains("could not be read"));
+    }
 
     #[test]
     fn status_mapping_is_pinned() {
