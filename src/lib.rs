@@ -37,6 +37,11 @@ pub enum StartError {
     Client(std::io::Error),
     #[error("cannot use redis: {0}")]
     Redis(store::StoreError),
+    #[error("{key}: redis unreachable: {error}")]
+    RedisUnreachable {
+        key: &'static str,
+        error: store::StoreError,
+    },
     #[error("provider.issuer_url `{issuer}`: {error}")]
     Provider { issuer: String, error: String },
     #[error("cannot set up metrics: {0}")]

@@ -4,7 +4,7 @@
 //! by content every second, which also catches Kubernetes' `..data` symlink swaps).
 
 use crate::app::{App, Shared};
-use crate::config::{self, Config};
+use crate::config::{self, Config, StoreKind};
 use crate::oidc::{http::ProviderHttp, Provider};
 use crate::stack::{self, Gateway};
 use crate::store::Redis;
@@ -34,7 +34,8 @@ fn client_options(cfg: &Config) -> proxy::client::ClientOptions {
 /// Builds a generation, reusing from `prev` what still fits (connection pools, the discovered
 /// provider, the Redis connection) so a reload costs no cold start. A reload that changes a
 /// working provider for one that cannot be discovered fails: swapped in, it would take every
-/// replica out of service at once for a typo (at start-up, discovery is retried until ready).
+/// replica out of service at once for a typo (at start-up, discovery is retried until ready);
+/// so does one that changes the Redis settings for a Redis that does not answer a PING.
 pub async fn build(
     cfg: Arc<Config>,
     shared: &Shared,
@@ -46,6 +47,34 @@ pub async fn build(
             proxy::client::UpstreamClients::new(&client_options(&cfg))
                 .map_err(StartError::Client)?,
         ),
+    };
+    // Redis first: a reload refused here has started nothing.
+    let redis = match (&cfg.session.redis, prev) {
+        (Some(rc), Some(p)) if p.cfg.session.redis.as_ref() == Some(rc) => {
+            // The same Redis, now holding the sessions: readiness will depend on it.
+            if cfg.session.store == StoreKind::Redis && p.cfg.session.store != StoreKind::Redis {
+                if let Some(r) = &p.redis {
+                    check_redis(r, &cfg).await?;
+                }
+            }
+            p.redis.clone()
+        }
+        (Some(rc), _) => {
+            let r = Arc::new(Redis::new(rc).map_err(StartError::Redis)?);
+            if prev.is_some() {
+                check_redis(&r, &cfg).await?;
+            }
+            // Both end once the generations holding this client are gone.
+            tokio::spawn(Redis::watch_health(Arc::downgrade(&r)));
+            tokio::spawn(
+                shared
+                    .revocations
+                    .clone()
+                    .sync(Arc::downgrade(&r), cfg.session.lifetime),
+            );
+            Some(r)
+        }
+        (None, _) => None,
     };
     let client = upstream.shared();
     let provider = Arc::new(Provider::new(
@@ -73,21 +102,6 @@ pub async fn build(
             }
         }
     }
-    let redis = match (&cfg.session.redis, prev) {
-        (Some(rc), Some(p)) if p.cfg.session.redis.as_ref() == Some(rc) => p.redis.clone(),
-        (Some(rc), _) => {
-            let r = Arc::new(Redis::new(rc).map_err(StartError::Redis)?);
-            tokio::spawn(r.clone().watch_health());
-            tokio::spawn(
-                shared
-                    .revocations
-                    .clone()
-                    .sync(r.clone(), cfg.session.lifetime),
-            );
-            Some(r)
-        }
-        (None, _) => None,
-    };
     if redis.is_none() && prev.is_none_or(|p| p.redis.is_some()) {
         tracing::warn!("back-channel logout is unavailable: it needs session.store: redis or session.coordination.redis_url");
     }
@@ -96,6 +110,20 @@ pub async fn build(
         stack: stack::build(app.clone()),
         app,
     })
+}
+
+/// A reload that points the gateway at a Redis that does not answer is refused, as one that
+/// changes a working provider for one that cannot be discovered: swapped in, it would make
+/// every replica unready at once (at start-up, readiness waits for Redis instead).
+async fn check_redis(redis: &Redis, cfg: &Config) -> Result<(), StartError> {
+    let key = match cfg.session.store {
+        StoreKind::Redis => "session.redis.url",
+        StoreKind::Cookie => "session.coordination.redis_url",
+    };
+    redis
+        .ping()
+        .await
+        .map_err(|error| StartError::RedisUnreachable { key, error })
 }
 
 /// A digest of the config file (if any) and every secret file it names.

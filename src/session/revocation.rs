@@ -9,7 +9,7 @@ use crate::store::Redis;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// What is revoked, each kind in a map of its own, so that a check looks up borrowed keys and
@@ -136,10 +136,11 @@ impl Revocations {
         Ok(())
     }
 
-    /// Mirrors the Redis record into this replica, forever.
-    pub async fn sync(self: Arc<Self>, redis: Arc<Redis>, lifetime: Duration) {
-        let key = redis.key(&["revoked"]);
-        loop {
+    /// Mirrors the Redis record into this replica for as long as the config generations
+    /// using `redis` live (a reload that changes the Redis settings starts another).
+    pub async fn sync(self: Arc<Self>, redis: Weak<Redis>, lifetime: Duration) {
+        while let Some(redis) = redis.upgrade() {
+            let key = redis.key(&["revoked"]);
             let now = crate::session::now_secs();
             let horizon = now.saturating_sub(lifetime.as_secs());
             let from = self.synced_to.load(Ordering::Relaxed).max(horizon);
@@ -151,6 +152,7 @@ impl Revocations {
                 self.synced_to
                     .store(now.saturating_sub(1), Ordering::Relaxed);
             }
+            drop(redis);
             tokio::time::sleep(SYNC_EVERY).await;
         }
     }
