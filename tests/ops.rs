@@ -1234,6 +1234,39 @@ async fn reloads_that_change_redis_leave_no_client_behind() {
     assert_eq!(gw.reloads("failure").await, 0.0);
 }
 
+/// Settings read only at start-up: a reload that changes them says so, one warning per key,
+/// and applies the rest.
+#[tokio::test]
+async fn reload_warns_about_each_setting_that_needs_a_restart() {
+    let (_idp, upstream, opts) = parts(&[]).await;
+    let cfg = OpsConfig::new(opts);
+    let gw = OpsGateway::start(&cfg).await;
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+    let mut next = cfg.clone();
+    next.log = "{ level: debug, format: json }".into();
+    next.gw.extra = "limits: { max_connections: 7 }\nheaders: { user: X-Remote-User }".into();
+    write_atomic(&gw.config, &next.yaml());
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    let log = gw.stderr();
+    let warned = |key: &str| {
+        log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains(&format!("{key} changed"))
+                && l.contains("needs a restart")
+        })
+    };
+    for key in ["log.level", "log.format", "limits.max_connections"] {
+        assert!(warned(key), "no warning for {key}\n{}", gw.tails());
+    }
+    for key in ["listen", "admin.listen"] {
+        assert!(!warned(key), "{key} did not change\n{}", gw.tails());
+    }
+    // The rest applied.
+    let r = api_get(&gw.url("/applied"), &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(upstream.last().header("x-remote-user"), Some("alice"));
+}
+
 /// Timeouts follow a reload: the drain after SIGTERM is the reloaded config's
 /// `timeouts.shutdown`, and new connections get the reloaded `timeouts.header_read`.
 #[tokio::test]
