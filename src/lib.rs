@@ -70,7 +70,10 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
     let live: live::Live = Arc::new(arc_swap::ArcSwap::from_pointee(
         live::build(cfg.clone(), &shared, None).await?,
     ));
-    tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
+    let admin_addr = cfg
+        .admin_listen
+        .map_or_else(|| "off".to_string(), |a| a.to_string());
+    tracing::info!(listen = %cfg.listen, admin = %admin_addr, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
     if let Some(l) = admin {
         tokio::spawn(admin::serve(live.clone(), l));
     }

@@ -1321,6 +1321,15 @@ async fn sighup_reloads_the_config() {
     let gw = OpsGateway::start(&cfg).await;
     let cookie = login_cookie_at(&gw.origin(), "alice").await;
 
+    // The start-up line names the admin address plainly (not `Some(...)`).
+    let admin = format!("admin=127.0.0.1:{}", gw.admin_port.unwrap());
+    assert!(
+        gw.stderr()
+            .lines()
+            .any(|l| l.contains("portcullis listening") && l.contains(&admin)),
+        "{}",
+        gw.tails()
+    );
     // An unchanged file: only the signal can cause this reload.
     gw.signal("HUP");
     gw.await_reloads("success", 1.0, RELOAD).await;
