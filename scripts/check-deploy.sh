@@ -9,7 +9,8 @@
 #   - checks the pod specs against the gateway's needs: restricted pod security, a read-only
 #     root, the config mounted from a ConfigMap (not subPath, so hot reload works), listen and
 #     admin.listen matching the named ports, probes on /healthz and /readyz of the admin port,
-#     terminationGracePeriodSeconds >= shutdown_delay + timeouts.shutdown + 5s, Services and
+#     terminationGracePeriodSeconds >= shutdown_delay + timeouts.shutdown + 5s, an app
+#     container's preStop sleep covering that drain (+1s) within the grace period, Services and
 #     NetworkPolicies that reach only the gateway's ports, the PodMonitor on admin /metrics,
 #     and ingress-nginx forward-auth annotations pointing at a rendered portcullis Service,
 #   - runs `$PORTCULLIS_BIN check` on the mounted portcullis.yaml, with every `*_file` it names
@@ -486,6 +487,23 @@ def check_gateway_config(label, objs, pod):
         if grace < delay + drain + 5:
             p.append(f"terminationGracePeriodSeconds {grace} < shutdown_delay {delay:g}s + "
                      f"timeouts.shutdown {drain:g}s + 5s margin")
+        # An app that waits in preStop (so that what the gateway still forwards finds it)
+        # must wait out the gateway's whole drain (+1s: the gateway lets just-accepted
+        # connections send their request before draining), and still stop within the grace.
+        for c in pod.containers:
+            if c is gw:
+                continue
+            sleep = ((((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {})
+                     .get("seconds"))
+            if sleep is None:
+                continue
+            if sleep < delay + drain + 1:
+                p.append(f"container {c.get('name')}: preStop sleep {sleep}s < shutdown_delay "
+                         f"{delay:g}s + timeouts.shutdown {drain:g}s + 1s: the app would stop "
+                         f"while the gateway still drains requests to it")
+            if sleep >= grace:
+                p.append(f"container {c.get('name')}: preStop sleep {sleep}s is not under "
+                         f"terminationGracePeriodSeconds {grace}")
     except ValueError as e:
         p.append(str(e))
     up = urlsplit(str(cfg.get("upstream", "")))

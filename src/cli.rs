@@ -34,3 +34,48 @@ pub fn new_secret() -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(crate::session::crypto::random_bytes::<32>())
 }
+
+/// Variables of the process rather than of a configuration key, for `portcullis env-vars`:
+/// (name, what it sets, default).
+pub const PROCESS_VARS: &[(&str, &str, &str)] = &[
+    (
+        "PORTCULLIS_CONFIG",
+        "the configuration file (--config)",
+        "unset",
+    ),
+    (
+        "PORTCULLIS_WORKER_THREADS",
+        "worker threads",
+        "the cores available to the process",
+    ),
+];
+
+/// `PORTCULLIS_WORKER_THREADS`: unset, or a positive number (anything else is refused, not
+/// silently replaced by the default).
+pub fn worker_threads(value: Option<&str>) -> Result<Option<usize>, String> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => Err(format!(
+            "config error: PORTCULLIS_WORKER_THREADS: `{v}` is not a positive number of threads"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_is_unset_or_a_positive_number() {
+        assert_eq!(worker_threads(None), Ok(None));
+        assert_eq!(worker_threads(Some("4")), Ok(Some(4)));
+        assert_eq!(worker_threads(Some(" 2 ")), Ok(Some(2)));
+        for bad in ["", "0", "-1", "two", "1.5"] {
+            let e = worker_threads(Some(bad)).unwrap_err();
+            assert!(e.contains("PORTCULLIS_WORKER_THREADS"), "{e}");
+        }
+    }
+}

@@ -37,6 +37,11 @@ pub enum StartError {
     Client(std::io::Error),
     #[error("cannot use redis: {0}")]
     Redis(store::StoreError),
+    #[error("{key}: redis unreachable: {error}")]
+    RedisUnreachable {
+        key: &'static str,
+        error: store::StoreError,
+    },
     #[error("provider.issuer_url `{issuer}`: {error}")]
     Provider { issuer: String, error: String },
     #[error("cannot set up metrics: {0}")]
@@ -65,7 +70,10 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
     let live: live::Live = Arc::new(arc_swap::ArcSwap::from_pointee(
         live::build(cfg.clone(), &shared, None).await?,
     ));
-    tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
+    let admin_addr = cfg
+        .admin_listen
+        .map_or_else(|| "off".to_string(), |a| a.to_string());
+    tracing::info!(listen = %cfg.listen, admin = %admin_addr, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
     if let Some(l) = admin {
         tokio::spawn(admin::serve(live.clone(), l));
     }

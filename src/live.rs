@@ -4,7 +4,7 @@
 //! by content every second, which also catches Kubernetes' `..data` symlink swaps).
 
 use crate::app::{App, Shared};
-use crate::config::{self, Config};
+use crate::config::{self, Config, StoreKind};
 use crate::oidc::{http::ProviderHttp, Provider};
 use crate::stack::{self, Gateway};
 use crate::store::Redis;
@@ -34,7 +34,8 @@ fn client_options(cfg: &Config) -> proxy::client::ClientOptions {
 /// Builds a generation, reusing from `prev` what still fits (connection pools, the discovered
 /// provider, the Redis connection) so a reload costs no cold start. A reload that changes a
 /// working provider for one that cannot be discovered fails: swapped in, it would take every
-/// replica out of service at once for a typo (at start-up, discovery is retried until ready).
+/// replica out of service at once for a typo (at start-up, discovery is retried until ready);
+/// so does one that changes the Redis settings for a Redis that does not answer a PING.
 pub async fn build(
     cfg: Arc<Config>,
     shared: &Shared,
@@ -46,6 +47,28 @@ pub async fn build(
             proxy::client::UpstreamClients::new(&client_options(&cfg))
                 .map_err(StartError::Client)?,
         ),
+    };
+    // Redis first: a reload refused here has started nothing.
+    let mut fresh = false;
+    let redis = match (&cfg.session.redis, prev) {
+        (Some(rc), Some(p)) if p.cfg.session.redis.as_ref() == Some(rc) => {
+            // The same Redis, now holding the sessions: readiness will depend on it.
+            if cfg.session.store == StoreKind::Redis && p.cfg.session.store != StoreKind::Redis {
+                if let Some(r) = &p.redis {
+                    check_redis(r, &cfg).await?;
+                }
+            }
+            p.redis.clone()
+        }
+        (Some(rc), _) => {
+            let r = Arc::new(Redis::new(rc).map_err(StartError::Redis)?);
+            if prev.is_some() {
+                check_redis(&r, &cfg).await?;
+            }
+            fresh = true;
+            Some(r)
+        }
+        (None, _) => None,
     };
     let client = upstream.shared();
     let provider = Arc::new(Provider::new(
@@ -73,21 +96,15 @@ pub async fn build(
             }
         }
     }
-    let redis = match (&cfg.session.redis, prev) {
-        (Some(rc), Some(p)) if p.cfg.session.redis.as_ref() == Some(rc) => p.redis.clone(),
-        (Some(rc), _) => {
-            let r = Arc::new(Redis::new(rc).map_err(StartError::Redis)?);
-            tokio::spawn(r.clone().watch_health());
-            tokio::spawn(
-                shared
-                    .revocations
-                    .clone()
-                    .sync(r.clone(), cfg.session.lifetime),
-            );
-            Some(r)
-        }
-        (None, _) => None,
-    };
+    // Nothing below fails: this generation will be swapped in.
+    // The logout mirror keeps revocations for a session lifetime: the new one, also when
+    // the Redis settings stayed the same.
+    shared.revocations.set_lifetime(cfg.session.lifetime);
+    if let (true, Some(r)) = (fresh, &redis) {
+        // Both end once the generations holding this client are gone.
+        tokio::spawn(Redis::watch_health(Arc::downgrade(r)));
+        tokio::spawn(shared.revocations.clone().sync(Arc::downgrade(r)));
+    }
     if redis.is_none() && prev.is_none_or(|p| p.redis.is_some()) {
         tracing::warn!("back-channel logout is unavailable: it needs session.store: redis or session.coordination.redis_url");
     }
@@ -96,6 +113,20 @@ pub async fn build(
         stack: stack::build(app.clone()),
         app,
     })
+}
+
+/// A reload that points the gateway at a Redis that does not answer is refused, as one that
+/// changes a working provider for one that cannot be discovered: swapped in, it would make
+/// every replica unready at once (at start-up, readiness waits for Redis instead).
+async fn check_redis(redis: &Redis, cfg: &Config) -> Result<(), StartError> {
+    let key = match cfg.session.store {
+        StoreKind::Redis => "session.redis.url",
+        StoreKind::Cookie => "session.coordination.redis_url",
+    };
+    redis
+        .ping()
+        .await
+        .map_err(|error| StartError::RedisUnreachable { key, error })
 }
 
 /// A digest of the config file (if any) and every secret file it names.
@@ -115,6 +146,8 @@ fn fingerprint(path: Option<&Path>, files: &[PathBuf]) -> [u8; 32] {
 /// environment alone) the secret files it names are still watched.
 pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
     let path = path.as_deref();
+    // What the settings read only at start-up still are, whatever reloads say.
+    let started = live.load().app.cfg.clone();
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut last = fingerprint(path, &live.load().app.cfg.watched_files);
@@ -145,7 +178,7 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
         }
         // What was loaded, not what the files hold after a reload that waited (on a new
         // provider's discovery): a change meanwhile is seen at the next tick.
-        last = match reload(path, &live, &shared).await {
+        last = match reload(path, &live, &shared, &started).await {
             Some(loaded) => loaded,
             None => fingerprint(path, &live.load().app.cfg.watched_files),
         };
@@ -153,7 +186,12 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
 }
 
 /// Reloads; the fingerprint of the files as they were read, when they made a config.
-async fn reload(path: Option<&Path>, live: &Live, shared: &Shared) -> Option<[u8; 32]> {
+async fn reload(
+    path: Option<&Path>,
+    live: &Live,
+    shared: &Shared,
+    started: &Config,
+) -> Option<[u8; 32]> {
     let result = |r: &str| shared.metrics.config_reloads.with_label_values(&[r]).inc();
     let loaded = match path {
         Some(path) => config::load(path),
@@ -172,9 +210,12 @@ async fn reload(path: Option<&Path>, live: &Live, shared: &Shared) -> Option<[u8
     // Secret files named by the new config may differ from the old ones.
     let loaded = fingerprint(path, &cfg.watched_files);
     let current = live.load_full();
-    let old = &current.app.cfg;
-    if cfg.listen != old.listen || cfg.admin_listen != old.admin_listen {
-        tracing::warn!("listen and admin.listen changes take effect only after a restart");
+    // Said at every reload while the file differs from what runs: it still does.
+    for key in restart_only_changes(started, &cfg) {
+        tracing::warn!(
+            key,
+            "config reload: {key} changed; it needs a restart to take effect (the rest applies)"
+        );
     }
     match build(Arc::new(cfg), shared, Some(&current.app)).await {
         Ok(next) => {
@@ -191,4 +232,66 @@ async fn reload(path: Option<&Path>, live: &Live, shared: &Shared) -> Option<[u8
         }
     }
     Some(loaded)
+}
+
+/// The settings read only at start-up that differ between `running` and `new`: the listeners,
+/// the connection cap (the listener's semaphore), the log setup and the TLS files' paths
+/// (their contents reload).
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
+    let tls = |c: &Config| c.tls_server.clone().unzip();
+    let (cert, key) = tls(running);
+    let (new_cert, new_key) = tls(new);
+    [
+        (running.listen != new.listen, "listen"),
+        (running.admin_listen != new.admin_listen, "admin.listen"),
+        (
+            running.limits.max_connections != new.limits.max_connections,
+            "limits.max_connections",
+        ),
+        (running.log.level != new.log.level, "log.level"),
+        (running.log.json != new.log.json, "log.format"),
+        (cert != new_cert, "tls.cert_file"),
+        (key != new_key, "tls.key_file"),
+    ]
+    .into_iter()
+    .filter_map(|(changed, key)| changed.then_some(key))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+upstream: "http://127.0.0.1:8081"
+provider: { issuer_url: "http://127.0.0.1:9000", client_id: "c", client_secret: "s" }
+redirect_url: "http://127.0.0.1:4180/oauth2/callback"
+cookie: { secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: false }
+"#;
+
+    fn cfg(extra: &str) -> Config {
+        config::load_str(&format!("{BASE}{extra}"), Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn settings_read_only_at_start_up_are_named_when_a_reload_changes_them() {
+        let running = cfg("");
+        assert!(restart_only_changes(&running, &cfg("")).is_empty());
+        // Reloadable ones are not named.
+        let reloadable = "timeouts: { idle: 5s, shutdown: 3s }\nlimits: { max_headers: 50 }\n\
+                          headers: { user: X-Remote-User }\nlifecycle: { shutdown_delay: 1s }\n";
+        assert!(restart_only_changes(&running, &cfg(reloadable)).is_empty());
+        let all = "listen: \"127.0.0.1:4181\"\nadmin: { listen: \"\" }\n\
+                   limits: { max_connections: 3 }\nlog: { level: debug, format: json }\n";
+        assert_eq!(
+            restart_only_changes(&running, &cfg(all)),
+            [
+                "listen",
+                "admin.listen",
+                "limits.max_connections",
+                "log.level",
+                "log.format"
+            ]
+        );
+    }
 }

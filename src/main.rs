@@ -1,6 +1,6 @@
 use clap::Parser;
 
-use portcullis::cli::{new_secret, Cli, Command};
+use portcullis::cli::{new_secret, worker_threads, Cli, Command, PROCESS_VARS};
 use std::process::ExitCode;
 
 /// Exit code for an invalid configuration.
@@ -18,8 +18,14 @@ fn main() -> ExitCode {
             // Written, not println!: a reader that stops early (`| head`) is no panic.
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            for (path, default) in portcullis::config::env_keys() {
-                if writeln!(out, "{:<50} {}  (default: {})", path.1, path.0, default).is_err() {
+            let keys = portcullis::config::env_keys()
+                .into_iter()
+                .map(|((key, var), default)| (var, key, default));
+            let process = PROCESS_VARS.iter().map(|(var, what, default)| {
+                (var.to_string(), what.to_string(), default.to_string())
+            });
+            for (var, what, default) in keys.chain(process) {
+                if writeln!(out, "{var:<50} {what}  (default: {default})").is_err() {
                     return ExitCode::FAILURE;
                 }
             }
@@ -46,6 +52,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Read before `check` returns, so that it finds a bad value too.
+    let workers = match worker_threads(std::env::var("PORTCULLIS_WORKER_THREADS").ok().as_deref()) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     if matches!(command, Command::Check) {
         match &path {
             Some(p) => println!("config ok: {}", p.display()),
@@ -64,13 +78,10 @@ fn main() -> ExitCode {
         tracing::debug!("rustls crypto provider already installed");
     }
     // Worker threads: the cores this process may use (affinity and cgroup quota aware), or
-    // PORTCULLIS_WORKER_THREADS / TOKIO_WORKER_THREADS. One core: a single-threaded runtime,
-    // which skips the work-stealing machinery entirely.
-    let workers = std::env::var("PORTCULLIS_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // PORTCULLIS_WORKER_THREADS. One core: a single-threaded runtime, which skips the
+    // work-stealing machinery entirely.
+    let workers =
+        workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

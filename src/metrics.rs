@@ -169,9 +169,11 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// Up to 60 s: the default `timeouts.upstream_response` (a slow upstream's time must not land
+/// in +Inf alone).
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 impl Metrics {
@@ -568,6 +570,22 @@ mod tests {
             assert_eq!(left.route, Some(RouteKind::ForwardAuth));
             assert_eq!(left.user.as_deref(), Some("alice"));
         }
+    }
+
+    /// Upstream and provider calls are bounded by their default timeouts: a bucket covers
+    /// each, so that a slow call is told apart from one that timed out.
+    #[test]
+    fn latency_buckets_cover_the_default_timeouts() {
+        let t = crate::config::raw::RawTimeouts::default();
+        let top = LATENCY_BUCKETS.last().copied().unwrap_or_default();
+        for (what, d) in [
+            ("upstream_response", t.upstream_response),
+            ("provider", t.provider),
+        ] {
+            assert!(top >= d.as_secs_f64(), "{what}: {d:?} > {top} s");
+        }
+        assert!(LATENCY_BUCKETS.contains(&30.0), "{LATENCY_BUCKETS:?}");
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

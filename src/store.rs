@@ -6,6 +6,7 @@ use crate::config::RedisConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, IntoConnectionInfo};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Weak;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,10 +90,13 @@ impl Redis {
     }
 
     /// Pings every couple of seconds so readiness reflects Redis even without traffic.
-    pub async fn watch_health(self: std::sync::Arc<Self>) {
+    /// Holds the client only while pinging: once the config generations using it are gone
+    /// (a reload changed the Redis settings), the task ends and the connection closes.
+    pub async fn watch_health(this: Weak<Self>) {
         let mut was = None;
-        loop {
-            let result = self.ping().await;
+        while let Some(redis) = this.upgrade() {
+            let result = redis.ping().await;
+            drop(redis);
             let ok = result.is_ok();
             if was != Some(ok) {
                 match result {

@@ -641,6 +641,14 @@ fn env_vars_prints_one_line_per_variable() {
         scopes.ends_with("provider.scopes  (default: [openid, email, profile])"),
         "{scopes}"
     );
+    // The process's own variables too.
+    for var in ["PORTCULLIS_CONFIG ", "PORTCULLIS_WORKER_THREADS "] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(var)),
+            "{var}\n{}",
+            r.stdout
+        );
+    }
     // A reader that stops early (`portcullis env-vars | head -1`) gets no panic message.
     let mut child = gateway_command()
         .arg("env-vars")
@@ -653,6 +661,22 @@ fn env_vars_prints_one_line_per_variable() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "{stderr}");
+}
+
+/// A `PORTCULLIS_WORKER_THREADS` that is not a positive number is refused, naming it (it
+/// used to be ignored silently), by `check` as by `serve`.
+#[test]
+fn a_bad_worker_threads_value_is_refused() {
+    for bad in ["0", "two", "-1"] {
+        let r = check_text(&minimal(), &[("PORTCULLIS_WORKER_THREADS", bad)]);
+        let lines = assert_invalid(&r, 1);
+        assert!(
+            lines[0].contains("PORTCULLIS_WORKER_THREADS") && lines[0].contains(bad),
+            "{lines:?}"
+        );
+    }
+    let r = check_text(&minimal(), &[("PORTCULLIS_WORKER_THREADS", "2")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
 /// The secret file and the environment override are what a running gateway uses:

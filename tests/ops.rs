@@ -1248,6 +1248,151 @@ async fn invalid_config_reload_is_rejected_and_the_old_one_keeps_serving() {
     assert_eq!(gw.reloads("failure").await, 2.0);
 }
 
+/// A reload that points the gateway at a Redis that does not answer (store, coordination,
+/// or a password it refuses) is rejected and counted, and the old config keeps the pod ready;
+/// one whose Redis answers applies.
+#[tokio::test]
+async fn reload_to_an_unreachable_redis_is_rejected_and_the_pod_stays_ready() {
+    use support::redis::RedisServer;
+    let (_idp, _upstream, opts) = parts(&[]).await;
+    let cfg = OpsConfig::new(opts);
+    let mut gw = OpsGateway::start(&cfg).await;
+    let dead = format!("redis://127.0.0.1:{}/0", free_port());
+    let redis = RedisServer::start().await;
+    let attempts = [
+        (
+            format!("session: {{ store: redis, redis: {{ url: \"{dead}\", timeout: 1s }} }}"),
+            "session.redis.url",
+        ),
+        (
+            format!("session: {{ coordination: {{ redis_url: \"{dead}\" }}, redis: {{ timeout: 1s }} }}"),
+            "session.coordination.redis_url",
+        ),
+        // This Redis has no password: it refuses AUTH.
+        (
+            format!(
+                "session: {{ store: redis, redis: {{ url: \"{}\", password: wrong, timeout: 1s }} }}",
+                redis.url()
+            ),
+            "session.redis.url",
+        ),
+    ];
+    for (i, (session, key)) in attempts.iter().enumerate() {
+        let mut next = cfg.clone();
+        next.gw.extra = session.clone();
+        write_atomic(&gw.config, &next.yaml());
+        gw.await_reloads("failure", i as f64 + 1.0, RELOAD).await;
+        let log = gw.stderr();
+        let line = log
+            .lines()
+            .filter(|l| l.contains("config reload failed"))
+            .nth(i)
+            .unwrap_or_else(|| panic!("no reload failure logged for {key}\n{}", gw.tails()));
+        assert!(
+            line.contains(key) && line.contains("redis unreachable"),
+            "{line}"
+        );
+        for url in [gw.url("/readyz"), gw.admin_url("/readyz")] {
+            let ready = send("GET", &url, &[], Vec::new()).await;
+            assert_eq!(ready.status, 200, "{session}: {}", ready.dump());
+        }
+    }
+    assert_eq!(gw.reloads("success").await, 0.0);
+    // A Redis that answers: applied, and the pod is ready with it.
+    let mut next = cfg.clone();
+    next.gw.extra = format!(
+        "session: {{ store: redis, redis: {{ url: \"{}\" }} }}",
+        redis.url()
+    );
+    write_atomic(&gw.config, &next.yaml());
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    let ready = send("GET", &gw.admin_url("/readyz"), &[], Vec::new()).await;
+    assert_eq!(ready.status, 200, "{}", ready.dump());
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+    assert!(
+        !redis.keys("*").is_empty(),
+        "the session went to the reloaded Redis store\n{}",
+        gw.tails()
+    );
+    let r = api_get(&gw.url("/stored"), &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(gw.reloads("failure").await, 3.0);
+    gw.assert_healthy().await;
+}
+
+/// Each reload that changes the Redis settings makes a new client; the old one's background
+/// work (health pings, the logout mirror) ends with it, and its connection closes.
+#[tokio::test]
+async fn reloads_that_change_redis_leave_no_client_behind() {
+    use support::redis::{RedisServer, Reply};
+    let redis = RedisServer::start().await;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    let session = |t: u32| {
+        format!(
+            "session: {{ store: redis, redis: {{ url: \"{}\", timeout: {t}s }} }}",
+            redis.url()
+        )
+    };
+    opts.extra = session(1);
+    let cfg = OpsConfig::new(opts);
+    let gw = OpsGateway::start(&cfg).await;
+    let reloads = 6;
+    for i in 1..=reloads {
+        let mut next = cfg.clone();
+        next.gw.extra = session(1 + i);
+        write_atomic(&gw.config, &next.yaml());
+        gw.await_reloads("success", f64::from(i), RELOAD).await;
+    }
+    // Other than the one asking.
+    let clients = || match redis.cmd(&["CLIENT", "LIST"]) {
+        Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).lines().count() - 1,
+        other => panic!("CLIENT LIST: {other:?}"),
+    };
+    eventually(Duration::from_secs(10), "one Redis client left", || async {
+        match clients() {
+            n if n <= 1 => Ok(()),
+            n => Err(format!("{n} connections to Redis after {reloads} reloads")),
+        }
+    })
+    .await;
+    let ready = send("GET", &gw.admin_url("/readyz"), &[], Vec::new()).await;
+    assert_eq!(ready.status, 200, "{}", ready.dump());
+    assert_eq!(gw.reloads("failure").await, 0.0);
+}
+
+/// Settings read only at start-up: a reload that changes them says so, one warning per key,
+/// and applies the rest.
+#[tokio::test]
+async fn reload_warns_about_each_setting_that_needs_a_restart() {
+    let (_idp, upstream, opts) = parts(&[]).await;
+    let cfg = OpsConfig::new(opts);
+    let gw = OpsGateway::start(&cfg).await;
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+    let mut next = cfg.clone();
+    next.log = "{ level: debug, format: json }".into();
+    next.gw.extra = "limits: { max_connections: 7 }\nheaders: { user: X-Remote-User }".into();
+    write_atomic(&gw.config, &next.yaml());
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    let log = gw.stderr();
+    let warned = |key: &str| {
+        log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains(&format!("{key} changed"))
+                && l.contains("needs a restart")
+        })
+    };
+    for key in ["log.level", "log.format", "limits.max_connections"] {
+        assert!(warned(key), "no warning for {key}\n{}", gw.tails());
+    }
+    for key in ["listen", "admin.listen"] {
+        assert!(!warned(key), "{key} did not change\n{}", gw.tails());
+    }
+    // The rest applied.
+    let r = api_get(&gw.url("/applied"), &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(upstream.last().header("x-remote-user"), Some("alice"));
+}
+
 /// Timeouts follow a reload: the drain after SIGTERM is the reloaded config's
 /// `timeouts.shutdown`, and new connections get the reloaded `timeouts.header_read`.
 #[tokio::test]
@@ -1302,6 +1447,15 @@ async fn sighup_reloads_the_config() {
     let gw = OpsGateway::start(&cfg).await;
     let cookie = login_cookie_at(&gw.origin(), "alice").await;
 
+    // The start-up line names the admin address plainly (not `Some(...)`).
+    let admin = format!("admin=127.0.0.1:{}", gw.admin_port.unwrap());
+    assert!(
+        gw.stderr()
+            .lines()
+            .any(|l| l.contains("portcullis listening") && l.contains(&admin)),
+        "{}",
+        gw.tails()
+    );
     // An unchanged file: only the signal can cause this reload.
     gw.signal("HUP");
     gw.await_reloads("success", 1.0, RELOAD).await;

@@ -816,6 +816,105 @@ Cookie: {cookie}\r\n\r\n"
     assert!(!h.contains("_portcullis"), "{h}");
 }
 
+/// Opens a websocket tunnel through the gateway on `port` and checks that it echoes.
+async fn open_tunnel(port: u16) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed before the 101");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    s
+}
+
+#[tokio::test]
+async fn websocket_tunnels_hold_a_connection_slot_and_stay_counted() {
+    use support::ops::{eventually, OpsConfig, OpsGateway};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up_port, _) = echo_upgrade_upstream();
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let gw = OpsGateway::start(&OpsConfig::new(GatewayOpts {
+        extra: "routes: [ { prefix: \"/\", auth: skip } ]\nlimits: { max_connections: 3 }".into(),
+        ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
+    }))
+    .await;
+    let gauge = "portcullis_connections_open";
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        tunnels.push(open_tunnel(gw_port).await);
+    }
+    assert_eq!(
+        gw.metrics().await.value(gauge),
+        3.0,
+        "three open tunnels are three open connections\n{}",
+        gw.tails()
+    );
+    // A fourth connection waits: the tunnels hold all of `limits.max_connections`...
+    let mut fourth = tokio::net::TcpStream::connect(("127.0.0.1", gw_port))
+        .await
+        .unwrap();
+    fourth
+        .write_all(
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(1500),
+        fourth.read(&mut buf),
+    )
+    .await;
+    assert!(
+        early.is_err(),
+        "a fourth connection was served while three tunnels were open (max_connections: 3): {early:?}"
+    );
+    // ... until one tunnel closes.
+    drop(tunnels.pop());
+    let mut got = Vec::new();
+    tokio::time::timeout(REQUEST_TIMEOUT, fourth.read_to_end(&mut got))
+        .await
+        .expect("the fourth connection was not served after a tunnel closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    eventually(REQUEST_TIMEOUT, "two open connections", || async {
+        let v = gw.metrics().await.value(gauge);
+        if v == 2.0 {
+            Ok(())
+        } else {
+            Err(format!("{gauge} {v}"))
+        }
+    })
+    .await;
+    // The remaining tunnels still carry bytes.
+    for t in &mut tunnels {
+        t.write_all(b"more").await.unwrap();
+        let mut got = [0u8; 4];
+        t.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"more");
+    }
+}
+
 /// A raw upstream that answers at once with a chunked response, then echoes each piece of
 /// the request body as it arrives (a full-duplex exchange, like a streaming RPC).
 fn duplex_echo_upstream() -> u16 {

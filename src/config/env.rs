@@ -53,6 +53,17 @@ pub fn var_name(path: &[String]) -> String {
     s
 }
 
+/// Settings with more than one spelling (serde aliases, and keys that override another),
+/// as dotted paths. A variable for any spelling must win over the file whichever spelling
+/// the file uses: the file's other spellings of that setting are dropped first (else the
+/// file's would override the variable's, or, for a serde alias, be a duplicate key).
+pub const SPELLINGS: &[&[&str]] = &[&[
+    "timeouts.shutdown",
+    "timeouts.shutdown_timeout",
+    "lifecycle.shutdown_timeout",
+    "shutdown_timeout",
+]];
+
 pub fn overlay(
     root: &mut Value,
     vars: impl IntoIterator<Item = (String, String)>,
@@ -64,7 +75,21 @@ pub fn overlay(
     if vars.is_empty() {
         return Ok(());
     }
-    for (path, default) in schema_keys() {
+    let keys: Vec<(Vec<String>, Value)> = schema_keys()
+        .into_iter()
+        .filter(|(path, _)| vars.iter().any(|(k, _)| *k == var_name(path)))
+        .collect();
+    // All removals before any value is set: variables for two spellings of one setting both
+    // stay, and meet the same rules as two spellings in a file.
+    for (path, _) in &keys {
+        let dotted = path.join(".");
+        for group in SPELLINGS.iter().filter(|g| g.contains(&dotted.as_str())) {
+            for other in group.iter().filter(|o| **o != dotted) {
+                remove(root, other);
+            }
+        }
+    }
+    for (path, default) in keys {
         let name = var_name(&path);
         let Some((_, text)) = vars.iter().find(|(k, _)| *k == name) else {
             continue;
@@ -94,6 +119,25 @@ pub fn overlay(
         set(root, &path, value).map_err(|m| ConfigError::new(name.clone(), m))?;
     }
     Ok(())
+}
+
+/// Removes the key at a dotted path from the file's tree, if it is there.
+fn remove(root: &mut Value, dotted: &str) {
+    let mut cur = root;
+    let mut parts = dotted.split('.').peekable();
+    while let Some(key) = parts.next() {
+        let Value::Mapping(m) = cur else {
+            return;
+        };
+        if parts.peek().is_none() {
+            m.remove(key);
+            return;
+        }
+        match m.get_mut(key) {
+            Some(next) => cur = next,
+            None => return,
+        }
+    }
 }
 
 fn set(root: &mut Value, path: &[String], value: Value) -> Result<(), String> {

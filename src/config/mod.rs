@@ -390,18 +390,77 @@ cookie:
             keys_of(load_str(MINIMAL, var("banana"))),
             ["shutdown_timeout"]
         );
-        assert_eq!(
-            keys_of(load_str(
-                &format!("{MINIMAL}lifecycle: {{ shutdown_timeout: 9s }}\n"),
-                var("3s")
-            )),
-            ["shutdown_timeout"]
-        );
+        // The variable wins over another spelling in the file (no conflict: it is not there).
+        let c = load_str(
+            &format!("{MINIMAL}lifecycle: {{ shutdown_timeout: 9s }}\n"),
+            var("3s"),
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.shutdown.as_secs(), 3);
         // A known variable: no start-up warning, and `portcullis env-vars` lists it.
         assert!(unknown_env_vars(var("3s")).is_empty());
         assert!(env_keys().iter().any(|((k, v), d)| k == "shutdown_timeout"
             && v == "PORTCULLIS_SHUTDOWN_TIMEOUT"
             && d == "unset"));
+    }
+
+    #[test]
+    fn the_environment_wins_whichever_spelling_the_file_uses() {
+        let files = [
+            "timeouts: { shutdown: 10s }\n",
+            "timeouts: { shutdown_timeout: 10s }\n",
+            "lifecycle: { shutdown_timeout: 10s }\n",
+            "shutdown_timeout: 10s\n",
+            "shutdown_timeout: 10s\nlifecycle: { shutdown_timeout: 10s }\ntimeouts: { shutdown: 10s }\n",
+        ];
+        let vars = [
+            "PORTCULLIS_TIMEOUTS_SHUTDOWN",
+            "PORTCULLIS_LIFECYCLE_SHUTDOWN_TIMEOUT",
+            "PORTCULLIS_SHUTDOWN_TIMEOUT",
+        ];
+        for file in files {
+            for var in vars {
+                let env = vec![(var.to_string(), "2s".to_string())];
+                let c = load_str(&format!("{MINIMAL}{file}"), env)
+                    .unwrap_or_else(|e| panic!("{var} with {file:?}: {e}"));
+                assert_eq!(c.timeouts.shutdown.as_secs(), 2, "{var} with {file:?}");
+            }
+        }
+        // Two variables for one setting meet the file's rules: they must agree.
+        let both = vec![
+            ("PORTCULLIS_SHUTDOWN_TIMEOUT".to_string(), "2s".to_string()),
+            (
+                "PORTCULLIS_LIFECYCLE_SHUTDOWN_TIMEOUT".to_string(),
+                "3s".to_string(),
+            ),
+        ];
+        assert_eq!(keys_of(load_str(MINIMAL, both)), ["shutdown_timeout"]);
+    }
+
+    /// Every serde alias of the schema is one spelling of a setting the environment overlay
+    /// knows, so that a variable wins over it (new aliases must be added to the list).
+    #[test]
+    fn every_alias_is_a_known_spelling() {
+        let spellings: Vec<&str> = env::SPELLINGS
+            .iter()
+            .flat_map(|g| g.iter().copied())
+            .collect();
+        // `routes[].allow`: inside a list, which a variable sets as a whole (`PORTCULLIS_ROUTES`).
+        let in_lists = ["emails", "email_domains", "groups"];
+        let source = include_str!("raw.rs");
+        let mut found = 0;
+        for alias in source.split("alias = \"").skip(1) {
+            let alias = alias.split('"').next().unwrap_or_default();
+            found += 1;
+            assert!(
+                in_lists.contains(&alias)
+                    || spellings
+                        .iter()
+                        .any(|s| s.rsplit('.').next() == Some(alias)),
+                "serde alias `{alias}` is missing from config::env::SPELLINGS"
+            );
+        }
+        assert!(found >= 4, "{found}");
     }
 
     #[test]

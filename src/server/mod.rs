@@ -65,8 +65,14 @@ async fn serve_connection<T: h1::io::Transport>(
         stack.current().call(req)
     };
     let (settings, drain) = (listener.h1.clone(), listener.drain.clone());
-    if let h1::Outcome::Http2(io) = h1::serve(io, h1_service, settings, drain, id).await {
-        serve_h2(io, &listener, h2_service, id).await;
+    match h1::serve(io, h1_service, settings, drain, id).await {
+        h1::Outcome::Http2(io) => serve_h2(io, &listener, h2_service, id).await,
+        // The connection is a websocket tunnel now: its slot and gauge stay taken until the
+        // tunnel ends (HTTP/2 has no upgrades: extended CONNECT is not enabled).
+        h1::Outcome::Tunnel(released) => {
+            let _ = released.await;
+        }
+        h1::Outcome::Closed => {}
     }
 }
 

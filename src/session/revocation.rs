@@ -9,7 +9,7 @@ use crate::store::Redis;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// What is revoked, each kind in a map of its own, so that a check looks up borrowed keys and
@@ -63,6 +63,9 @@ pub struct Revocations {
     /// What is revoked → unix time of the logout.
     map: ArcSwap<Revoked>,
     synced_to: AtomicU64,
+    /// The current config's `session.lifetime`, in seconds: how long the mirror keeps a
+    /// logout (set by every config generation, so that a reload changes it).
+    lifetime_secs: AtomicU64,
 }
 
 const SYNC_EVERY: Duration = Duration::from_millis(500);
@@ -136,12 +139,23 @@ impl Revocations {
         Ok(())
     }
 
-    /// Mirrors the Redis record into this replica, forever.
-    pub async fn sync(self: Arc<Self>, redis: Arc<Redis>, lifetime: Duration) {
-        let key = redis.key(&["revoked"]);
-        loop {
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        self.lifetime_secs
+            .store(lifetime.as_secs(), Ordering::Relaxed);
+    }
+
+    /// Logouts before this are past every session's lifetime.
+    fn horizon(&self, now: u64) -> u64 {
+        now.saturating_sub(self.lifetime_secs.load(Ordering::Relaxed))
+    }
+
+    /// Mirrors the Redis record into this replica for as long as the config generations
+    /// using `redis` live (a reload that changes the Redis settings starts another).
+    pub async fn sync(self: Arc<Self>, redis: Weak<Redis>) {
+        while let Some(redis) = redis.upgrade() {
+            let key = redis.key(&["revoked"]);
             let now = crate::session::now_secs();
-            let horizon = now.saturating_sub(lifetime.as_secs());
+            let horizon = self.horizon(now);
             let from = self.synced_to.load(Ordering::Relaxed).max(horizon);
             if let Ok(items) = redis.zrange_from(&key, from).await {
                 if !items.is_empty() {
@@ -151,6 +165,7 @@ impl Revocations {
                 self.synced_to
                     .store(now.saturating_sub(1), Ordering::Relaxed);
             }
+            drop(redis);
             tokio::time::sleep(SYNC_EVERY).await;
         }
     }
@@ -180,5 +195,15 @@ mod tests {
         assert!(!r.is_revoked(&other));
         assert!(r.is_revoked(&s));
         assert_eq!(parse_id(&s.id_hex()), Some(s.id));
+    }
+
+    #[test]
+    fn the_mirror_keeps_logouts_for_the_current_lifetime() {
+        let r = Revocations::default();
+        r.set_lifetime(Duration::from_secs(3600));
+        assert_eq!(r.horizon(10_000), 6_400);
+        // A reload that lengthens sessions keeps older logouts too.
+        r.set_lifetime(Duration::from_secs(7200));
+        assert_eq!(r.horizon(10_000), 2_800);
     }
 }

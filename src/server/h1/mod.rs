@@ -112,6 +112,8 @@ pub enum Outcome<T> {
     Closed,
     /// The client spoke HTTP/2 with prior knowledge: for the HTTP/2 server, preface included.
     Http2(Rewound<T>),
+    /// Upgraded: the connection lives on in a tunnel, until this resolves.
+    Tunnel(tokio::sync::oneshot::Receiver<()>),
 }
 
 struct OpenGuard(Arc<Drain>);
@@ -235,8 +237,10 @@ where
             Ok(Next::KeepAlive) => {}
             Ok(Next::Upgrade(tx)) => {
                 let Conn { io, rbuf, .. } = conn;
+                let (io, released) = io::Held::new(io);
+                // Not taken (the request is gone): dropped here, which releases at once.
                 let _ = tx.send(Rewound::new(rbuf.freeze(), Box::new(io)));
-                return Outcome::Closed;
+                return Outcome::Tunnel(released);
             }
             Err(stop) => {
                 conn.stop(stop).await;
