@@ -23,8 +23,19 @@ pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| format!("{}: no usable private key: {e}", path.display()))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        // A passphrase-protected key parses as "no key": say what it is instead.
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+            format!(
+                "{}: the private key is encrypted (passphrase-protected), which is not \
+                 supported; decrypt it, e.g. `openssl pkey -in key.pem -out plain.pem`",
+                path.display()
+            )
+        } else {
+            format!("{}: no usable private key: {e}", path.display())
+        }
+    })
 }
 
 /// Loads a certificate chain and its key, checking that they belong together.
@@ -135,5 +146,35 @@ pub fn client_config(
             .with_client_auth_cert(read_chain(cert)?, read_key(key)?)
             .map_err(|e| format!("client certificate: {e}")),
         None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encrypted_key_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkcs8 = dir.path().join("pkcs8.pem");
+        std::fs::write(
+            &pkcs8,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0w\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let legacy = dir.path().join("legacy.pem");
+        std::fs::write(
+            &legacy,
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        for p in [&pkcs8, &legacy] {
+            let e = read_key(p).unwrap_err();
+            assert!(e.contains("encrypted"), "{e}");
+        }
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let e = read_key(&empty).unwrap_err();
+        assert!(e.contains("no usable private key"), "{e}");
     }
 }
