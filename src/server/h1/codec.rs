@@ -154,7 +154,7 @@ pub fn parse_head(
     let http11 = minor == 1;
     // Room for what the gateway adds before forwarding (request id, bearer, identity and
     // forwarding headers): growing the map rehashes every header.
-    let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
+    let mut headers = super::io::take_map(count + ADDED_HEADERS);
     let mut framing = Framing::None;
     let mut keep_alive = http11;
     let mut saw_close = false;

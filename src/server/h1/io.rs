@@ -43,6 +43,35 @@ pub fn take_buffer() -> BytesMut {
         .unwrap_or_else(|| BytesMut::with_capacity(READ_BUF))
 }
 
+thread_local! {
+    static SPARE_MAPS: RefCell<Vec<http::HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty header map with room for `n` headers. A request's map usually comes back as its
+/// response's (hyper's client parses the answer into the map it wrote the request from):
+/// reused, a request costs no map allocation (a 24-header map is 2.5 KB, past the allocator's
+/// per-thread cache).
+pub fn take_map(n: usize) -> http::HeaderMap {
+    SPARE_MAPS
+        .with(|s| s.borrow_mut().pop())
+        .filter(|m| m.capacity() >= n)
+        .unwrap_or_else(|| http::HeaderMap::with_capacity(n))
+}
+
+/// Keeps a response's header map, emptied, for a next request (a few per thread).
+pub fn give_back_map(mut map: http::HeaderMap) {
+    if map.capacity() < 16 {
+        return;
+    }
+    map.clear();
+    SPARE_MAPS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_BUFFERS {
+            s.push(map);
+        }
+    });
+}
+
 /// Keeps an empty buffer for reuse if nothing else still points into it.
 pub fn give_back(mut buf: BytesMut) {
     if buf.is_empty() && buf.try_reclaim(READ_BUF) {

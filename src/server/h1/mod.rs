@@ -528,6 +528,7 @@ impl<T: Transport> Conn<T> {
         .await;
         self.completed += 1;
         drop(body);
+        io::give_back_map(parts.headers);
         if self.stall != Stall::Off {
             // A whole header-read time for the next request head.
             self.stall = Stall::Off;
