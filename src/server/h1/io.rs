@@ -88,11 +88,31 @@ pub fn give_back(mut buf: BytesMut) {
 pub struct Rewound<T> {
     first: Bytes,
     io: T,
+    /// Dropped with the connection: its connection task, waiting on the other end, then
+    /// knows that a tunnel is done with it (see `handed_on`).
+    _released: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl<T> Rewound<T> {
     pub fn new(first: Bytes, io: T) -> Self {
-        Self { first, io }
+        Self {
+            first,
+            io,
+            _released: None,
+        }
+    }
+
+    /// A connection handed on to a tunnel, and what resolves once the tunnel drops it: its
+    /// connection task waits for that, so that a tunnel keeps the connection's slot
+    /// (`limits.max_connections`) and stays counted in `connections_open` while it is open.
+    pub fn handed_on(first: Bytes, io: T) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let r = Self {
+            first,
+            io,
+            _released: Some(tx),
+        };
+        (r, rx)
     }
 }
 
@@ -147,62 +167,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// A client connection after `101 Switching Protocols`.
 pub type Upgraded = Rewound<Box<dyn Io>>;
-
-/// A connection handed on to a tunnel. Its connection task waits until this is dropped, so
-/// that a tunnel keeps the connection's slot (`limits.max_connections`) and stays counted in
-/// `connections_open` for as long as it is open.
-pub struct Held<T> {
-    io: T,
-    _released: tokio::sync::oneshot::Sender<()>,
-}
-
-impl<T> Held<T> {
-    /// The connection, and what resolves once the tunnel is done with it.
-    pub fn new(io: T) -> (Self, tokio::sync::oneshot::Receiver<()>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        (Self { io, _released: tx }, rx)
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Held<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Held<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
 
 /// In the extensions of a request that asked to switch protocols: the connection, once the
 /// gateway has answered 101.

@@ -237,9 +237,9 @@ where
             Ok(Next::KeepAlive) => {}
             Ok(Next::Upgrade(tx)) => {
                 let Conn { io, rbuf, .. } = conn;
-                let (io, released) = io::Held::new(io);
+                let (io, released) = Rewound::handed_on(rbuf.freeze(), Box::new(io) as _);
                 // Not taken (the request is gone): dropped here, which releases at once.
-                let _ = tx.send(Rewound::new(rbuf.freeze(), Box::new(io)));
+                let _ = tx.send(io);
                 return Outcome::Tunnel(released);
             }
             Err(stop) => {
