@@ -80,6 +80,21 @@ fn assert_503(resp: &Resp, json_code: Option<&str>, what: &str) {
 }
 
 /// An API call (`Accept: application/json`) with a raw `Cookie` header.
+/// `api`, in a task of its own: a request that waits (on a hung provider) while the test
+/// goes on.
+fn spawn_api(gw: &Gateway, path: &str, cookie: &str) -> tokio::task::JoinHandle<Resp> {
+    let (url, cookie) = (gw.url(path), cookie.to_string());
+    tokio::spawn(async move {
+        send(
+            "GET",
+            &url,
+            &[("accept", "application/json"), ("cookie", &cookie)],
+            Vec::new(),
+        )
+        .await
+    })
+}
+
 async fn api(gw: &Gateway, path: &str, cookie: &str) -> Resp {
     send(
         "GET",
@@ -1294,18 +1309,7 @@ async fn sign_out_during_a_refresh_stays_signed_out_with_the_redis_store() {
     // Due: the refresh starts, and the provider hangs (the request waits up to 2 s).
     until_due(logged_in, 1).await;
     idp.signal("STOP");
-    let due = {
-        let (url, cookie) = (gw.url("/due"), cookie.clone());
-        tokio::spawn(async move {
-            send(
-                "GET",
-                &url,
-                &[("accept", "application/json"), ("cookie", &cookie)],
-                Vec::new(),
-            )
-            .await
-        })
-    };
+    let due = spawn_api(&gw, "/due", &cookie);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = b
         .request(
@@ -1350,18 +1354,7 @@ async fn a_refresh_that_redis_misses_is_stored_once_redis_is_back() {
 
     until_due(logged_in, 1).await;
     idp.signal("STOP");
-    let due = {
-        let (url, cookie) = (gw.url("/due"), cookie.clone());
-        tokio::spawn(async move {
-            send(
-                "GET",
-                &url,
-                &[("accept", "application/json"), ("cookie", &cookie)],
-                Vec::new(),
-            )
-            .await
-        })
-    };
+    let due = spawn_api(&gw, "/due", &cookie);
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.kill();
     idp.signal("CONT");
