@@ -80,6 +80,26 @@ fn assert_503(resp: &Resp, json_code: Option<&str>, what: &str) {
 }
 
 /// An API call (`Accept: application/json`) with a raw `Cookie` header.
+/// The CSRF token of the browser's sign-out form.
+async fn sign_out_csrf(b: &Browser, gw: &Gateway) -> String {
+    let page = b.get(&gw.url("/oauth2/sign_out")).await;
+    html::hidden_value(&page.text(), "csrf").expect("csrf")
+}
+
+/// Submits the sign-out form as the browser would.
+async fn post_sign_out(b: &Browser, gw: &Gateway, csrf: &str) -> Resp {
+    b.request(
+        "POST",
+        &gw.url("/oauth2/sign_out"),
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", &gw.origin()),
+        ],
+        format!("csrf={}", enc(csrf)),
+    )
+    .await
+}
+
 /// `api`, in a task of its own: a request that waits (on a hung provider) while the test
 /// goes on.
 fn spawn_api(gw: &Gateway, path: &str, cookie: &str) -> tokio::task::JoinHandle<Resp> {
@@ -1263,19 +1283,8 @@ async fn sign_out_with_the_redis_store_deletes_the_session() {
     );
     assert!(!cookie.contains(&token));
 
-    let page = b.get(&gw.url("/oauth2/sign_out")).await;
-    let csrf = html::hidden_value(&page.text(), "csrf").expect("csrf");
-    let out = b
-        .request(
-            "POST",
-            &gw.url("/oauth2/sign_out"),
-            &[
-                ("content-type", "application/x-www-form-urlencoded"),
-                ("origin", &gw.origin()),
-            ],
-            format!("csrf={}", enc(&csrf)),
-        )
-        .await;
+    let csrf = sign_out_csrf(&b, &gw).await;
+    let out = post_sign_out(&b, &gw, &csrf).await;
     assert_eq!(out.status, 302, "{}", out.dump());
     assert_session_cleared(&out, "sign-out");
     assert_eq!(
@@ -1303,25 +1312,14 @@ async fn sign_out_during_a_refresh_stays_signed_out_with_the_redis_store() {
     assert_eq!(r.status, 200, "{}", r.dump());
     let logged_in = Instant::now();
     let cookie = b.cookie_header(&gw.url("/"));
-    let page = b.get(&gw.url("/oauth2/sign_out")).await;
-    let csrf = html::hidden_value(&page.text(), "csrf").expect("csrf");
+    let csrf = sign_out_csrf(&b, &gw).await;
 
     // Due: the refresh starts, and the provider hangs (the request waits up to 2 s).
     until_due(logged_in, 1).await;
     idp.signal("STOP");
     let due = spawn_api(&gw, "/due", &cookie);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let out = b
-        .request(
-            "POST",
-            &gw.url("/oauth2/sign_out"),
-            &[
-                ("content-type", "application/x-www-form-urlencoded"),
-                ("origin", &gw.origin()),
-            ],
-            format!("csrf={}", enc(&csrf)),
-        )
-        .await;
+    let out = post_sign_out(&b, &gw, &csrf).await;
     assert_eq!(out.status, 302, "{}", out.dump());
     // The provider answers while the request still waits: the refresh ends, signed out.
     idp.signal("CONT");
@@ -1384,20 +1382,8 @@ async fn sign_out_with_a_coordination_redis_ends_the_session_on_both_gateways() 
     for gw in [&s.a, &s.b] {
         assert_eq!(api(gw, "/before", &s.cookie).await.status, 200);
     }
-    let page = s.browser.get(&s.a.url("/oauth2/sign_out")).await;
-    let csrf = html::hidden_value(&page.text(), "csrf").expect("csrf");
-    let out = s
-        .browser
-        .request(
-            "POST",
-            &s.a.url("/oauth2/sign_out"),
-            &[
-                ("content-type", "application/x-www-form-urlencoded"),
-                ("origin", &s.a.origin()),
-            ],
-            format!("csrf={}", enc(&csrf)),
-        )
-        .await;
+    let csrf = sign_out_csrf(&s.browser, &s.a).await;
+    let out = post_sign_out(&s.browser, &s.a, &csrf).await;
     assert_eq!(out.status, 302, "{}", out.dump());
     await_refused_on_both(&s, "the copied cookie refused").await;
 }
