@@ -6,7 +6,7 @@ use crate::body::Body;
 use crate::flow;
 use crate::metrics::{AbandonGuard, ResponseFacts, RouteKind};
 use crate::pages;
-use crate::policy::routes::{host_only, valid_host, Route};
+use crate::policy::routes::{host_only, method_override, valid_host, Route};
 use crate::proxy::headers::valid_request_id;
 use crate::proxy::path::{normalize, PathError};
 use http::{HeaderValue, Request, Response};
@@ -190,9 +190,10 @@ where
                 // A POST that asks to be taken as another method must fall under the same
                 // route either way: apps that honour the override act on the other method,
                 // those that do not on the POST, and the route's rules must hold for both.
-                let same = method_override(&req).is_ok_and(|m| {
-                    m.is_none_or(|m| self.app.route_for(&m, host, req.uri().path()) == matched)
-                });
+                let same = method_override(req.method(), req.headers(), req.uri().query())
+                    .is_ok_and(|m| {
+                        m.is_none_or(|m| self.app.route_for(&m, host, req.uri().path()) == matched)
+                    });
                 if !same {
                     let resp = pages::html(
                         http::StatusCode::BAD_REQUEST,
@@ -251,35 +252,6 @@ impl App {
 }
 
 /// The request's host (Host header, or the HTTP/2 authority), without the port.
-/// Headers with which a POST asks to be taken as another method, honoured by Rails (Rack),
-/// Laravel, Symfony, Express's method-override and ASP.NET Core.
-const METHOD_OVERRIDES: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-];
-
-/// The method a POST asks to be taken as (`POST` + `X-HTTP-Method-Override: DELETE` is a
-/// DELETE to such apps). Overrides that disagree, or name no method: `Err`. (A `_method`
-/// field in a form body is beyond the gateway's sight.)
-fn method_override<B>(req: &Request<B>) -> Result<Option<http::Method>, ()> {
-    if req.method() != http::Method::POST {
-        return Ok(None);
-    }
-    let mut found: Option<http::Method> = None;
-    for name in METHOD_OVERRIDES {
-        for v in req.headers().get_all(name) {
-            let name = v.to_str().map_err(|_| ())?.trim().to_ascii_uppercase();
-            let m = http::Method::from_bytes(name.as_bytes()).map_err(|_| ())?;
-            match &found {
-                Some(f) if *f != m => return Err(()),
-                _ => found = Some(m),
-            }
-        }
-    }
-    Ok(found)
-}
-
 /// An HTTP/2 request's `:authority` and Host (either may be absent) are valid host values,
 /// with one Host at most, naming the same site as `:authority` (RFC 9113 §8.3.1).
 fn valid_h2_host<B>(req: &Request<B>) -> bool {

@@ -308,6 +308,7 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
         "x-http-method-override",
         "X-HTTP-Method",
         "x-method-override",
+        "X_HTTP_Method_Override",
     ] {
         for method in ["DELETE", "delete"] {
             let h = [("accept", "application/json"), (name, method)];
@@ -317,6 +318,15 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
             assert_eq!(r.status, 400, "bob POST + {name}: {method}: {}", r.dump());
         }
     }
+    let r = bob
+        .request(
+            "POST",
+            &s.gw.url("/items/1?_method=DELETE"),
+            &json,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(r.status, 400, "bob POST ?_method=DELETE: {}", r.dump());
     // Nor a skip route's: an anonymous POST taken as a GET of /public/.
     let h = [
         ("accept", "application/json"),
@@ -883,6 +893,48 @@ async fn open_redirect_corpus_never_leaves_the_site() {
 /// Forward auth decides by the original request a trusted proxy names, and refuses to
 /// guess when that request is ambiguous: a guess could pick a laxer route than the one the
 /// upstream serves.
+/// Forward-auth holds method rules under method overrides too: a POST the client asked to be
+/// taken as another method (the proxy passes the client's headers on) must fall under the same
+/// route either way, as for proxied requests.
+#[tokio::test]
+async fn forward_auth_holds_method_rules_under_method_overrides() {
+    let routes = r#"routes:
+  - { prefix: "/admin/", allow: { groups: ["admins"] } }
+  - { prefix: "/open/", methods: ["GET", "HEAD"], auth: skip }
+trusted_proxies: ["127.0.0.1/32"]
+"#;
+    let s = Stack::with(&[], routes).await;
+    let cookie = login_cookie(&s.gw, "alice").await;
+    let (port, host) = (s.gw.port, format!("127.0.0.1:{}", s.gw.port));
+    let status = |target: &str, extra: &[&str]| {
+        let mut headers = vec![
+            format!("X-Original-URL: http://app.test{target}"),
+            "X-Forwarded-Method: POST".to_string(),
+            format!("Cookie: {cookie}"),
+        ];
+        headers.extend(extra.iter().map(|h| h.to_string()));
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        let req = raw_get("/oauth2/auth", &host, &headers);
+        async move {
+            raw_exchange(port, &req, Duration::from_secs(10))
+                .await
+                .status
+        }
+    };
+    for over in [
+        "X-HTTP-Method-Override: GET",
+        "X_HTTP_Method_Override: GET",
+        "X-Method-Override: get",
+    ] {
+        assert_eq!(status("/open/x", &[over]).await, Some(400), "{over}");
+    }
+    assert_eq!(status("/open/x?_method=GET", &[]).await, Some(400));
+    // The same route either way: its rules decide.
+    let over = "X-HTTP-Method-Override: DELETE";
+    assert_eq!(status("/admin/x", &[over]).await, Some(403));
+    assert_eq!(status("/other", &[over]).await, Some(202));
+}
+
 #[tokio::test]
 async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones() {
     let routes = r#"routes:

@@ -8,7 +8,7 @@ use crate::body::Body;
 use crate::config::{ForwardAuthConfig, HeaderConfig};
 use crate::pages;
 use crate::policy::cidr::trusted;
-use crate::policy::routes::{host_only, AuthMode, Denied, Route};
+use crate::policy::routes::{host_only, method_override, AuthMode, Denied, Route};
 use crate::policy::{decide, Decision};
 use crate::proxy::forward::ConnInfo;
 use crate::proxy::headers::put;
@@ -110,6 +110,23 @@ fn find_route<'a>(
 ) -> Option<&'a Route> {
     app.route_for(method, host, path)
         .and_then(|i| app.cfg.routes.get(i))
+}
+
+/// A POST that asks to be taken as another method (the proxy passes the client's headers on)
+/// must fall under the same route either way, as for proxied requests (see `Router`).
+fn held_under_override(
+    app: &App,
+    method: &http::Method,
+    h: &HeaderMap,
+    query: Option<&str>,
+    host: Option<&str>,
+    path: &str,
+) -> Result<(), Ambiguous> {
+    match method_override(method, h, query) {
+        Ok(None) => Ok(()),
+        Ok(Some(m)) if app.route_for(&m, host, path) == app.route_for(method, host, path) => Ok(()),
+        _ => Err(Ambiguous("x-http-method-override")),
+    }
 }
 
 /// The route of a request whose method the proxy did not say (nginx's `auth_request` asks
@@ -219,6 +236,7 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refus
             Some(q) => format!("{rest}?{q}"),
             None => rest.to_string(),
         };
+        held_under_override(app, req.method(), h, req.uri().query(), host, rest)?;
         return Ok(Original {
             route: find_route(app, req.method(), host, rest),
             target: Some(target),
@@ -258,7 +276,10 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refus
         .map(|a| host_only(a.as_str()))
         .or(forwarded_host);
     let route = match &method {
-        Some(method) => find_route(app, method, host, &path),
+        Some(method) => {
+            held_under_override(app, method, h, uri.query(), host, &path)?;
+            find_route(app, method, host, &path)
+        }
         None => route_whatever_the_method(app, host, &path)?,
     };
     Ok(Original {

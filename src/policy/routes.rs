@@ -93,8 +93,14 @@ pub fn valid_host(authority: &str) -> bool {
         None if authority.is_empty() => return true,
         None => {
             let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
-            let name_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
-            if host.is_empty() || !host.bytes().all(name_byte) {
+            let name_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_');
+            // Labels of name bytes, none empty (`.a`, `a..b`, `.`), one trailing dot at most.
+            let name = host.strip_suffix('.').unwrap_or(host);
+            if name.is_empty()
+                || !name
+                    .split('.')
+                    .all(|l| !l.is_empty() && l.bytes().all(name_byte))
+            {
                 return false;
             }
             port
@@ -104,6 +110,53 @@ pub fn valid_host(authority: &str) -> bool {
         None => port.is_empty(),
         Some(p) => p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()),
     }
+}
+
+/// Headers with which a POST asks to be taken as another method (in any `_`/`-` spelling, as
+/// CGI-style servers read them), honoured by Rails (Rack), Laravel, Symfony, Express's
+/// method-override and ASP.NET Core; Symfony, Laravel and Express also read a `_method` query
+/// parameter.
+const METHOD_OVERRIDES: [&[u8]; 3] = [
+    b"x-http-method-override",
+    b"x-http-method",
+    b"x-method-override",
+];
+
+/// Overrides that disagree, or name no method.
+#[derive(Debug)]
+pub struct BadOverride;
+
+/// The method a POST asks to be taken as (`POST` + `X-HTTP-Method-Override: DELETE` is a
+/// DELETE to such apps): `Ok(None)` when it asks for none. (A `_method` field in a form body is
+/// beyond the gateway's sight.)
+pub fn method_override(
+    method: &Method,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+) -> Result<Option<Method>, BadOverride> {
+    if *method != Method::POST {
+        return Ok(None);
+    }
+    let from_headers = headers.iter().filter_map(|(name, v)| {
+        let n = name.as_str().as_bytes();
+        METHOD_OVERRIDES
+            .iter()
+            .any(|o| crate::proxy::headers::same_dashed(n, o))
+            .then(|| v.to_str().map(str::to_owned).map_err(|_| BadOverride))
+    });
+    let from_query = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(k, _)| k == "_method")
+        .map(|(_, v)| Ok(v.into_owned()));
+    let mut found: Option<Method> = None;
+    for name in from_headers.chain(from_query) {
+        let name = name?.trim().to_ascii_uppercase();
+        let m = Method::from_bytes(name.as_bytes()).map_err(|_| BadOverride)?;
+        match &found {
+            Some(f) if *f != m => return Err(BadOverride),
+            _ => found = Some(m),
+        }
+    }
+    Ok(found)
 }
 
 /// Any match of any list lets the user pass; all lists empty lets everyone pass.
@@ -527,6 +580,12 @@ mod tests {
             ":80",
             "a:123456",
             "a:80:80",
+            ".",
+            "..",
+            ".a.example.com",
+            "a..example.com",
+            "a.example.com..",
+            "a.example.com..:80",
         ] {
             assert!(!valid_host(bad), "{bad:?}");
         }

@@ -271,7 +271,7 @@ impl Spoofable {
 }
 
 /// Header-name equality where `_` in the client's name counts as `-`.
-fn same_dashed(client: &[u8], ours: &[u8]) -> bool {
+pub fn same_dashed(client: &[u8], ours: &[u8]) -> bool {
     client.len() == ours.len()
         && client
             .iter()
