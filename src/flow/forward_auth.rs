@@ -169,19 +169,29 @@ struct Original<'a> {
     form: Form,
 }
 
-/// Why a forward-auth request is refused (400) rather than answered.
-#[derive(Debug)]
-enum Refused {
-    Ambiguous(&'static str),
-    /// A peer not in `trusted_proxies` named the original request (by this header, or the
-    /// Envoy path): answering by the global rules alone would silently skip its route's.
-    Untrusted(&'static str),
-}
-
-impl From<Ambiguous> for Refused {
-    fn from(Ambiguous(header): Ambiguous) -> Self {
-        Refused::Ambiguous(header)
+/// A peer not in `trusted_proxies` named the original request (by this header, or the Envoy
+/// path). What it says is ignored — a client does not choose the route — but if the peer is
+/// the proxy itself, left out of the list, its routes' rules are skipped: the operator is
+/// told, once a minute at most (a client can send these headers at will).
+fn warn_untrusted(peer: Option<std::net::IpAddr>, named_by: &'static str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = crate::session::now_secs();
+    let last = LAST.load(Ordering::Relaxed);
+    if (last != 0 && now < last + 60)
+        || LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
     }
+    tracing::warn!(
+        peer = %peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string()),
+        named_by,
+        "forward-auth: original request named by a peer not in trusted_proxies, ignored (the \
+         global rules decide); if that peer is the forward-auth proxy, list it in \
+         trusted_proxies so that its routes' rules apply"
+    );
 }
 
 /// The original path of Envoy's form, `/oauth2/auth/<path>`.
@@ -208,16 +218,15 @@ fn names_original(req: &Request<Body>) -> Option<&'static str> {
 
 /// The route the original request would take — known only when a trusted proxy says which
 /// request it was (`X-Original-URL` from ingress-nginx, `X-Forwarded-Uri` from Traefik, the
-/// path after `/oauth2/auth` from Envoy). Anyone else naming one is refused: a client
-/// cannot choose the route, and a proxy left out of `trusted_proxies` must not have its
-/// route rules skipped without a word. Named by no one, `Original::default()`.
-fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refused> {
+/// path after `/oauth2/auth` from Envoy): a client cannot choose the route. From anyone else,
+/// or named by no one, `Original::default()` (the global rules decide).
+fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambiguous> {
     let peer = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
     if !peer.is_some_and(|ip| trusted(&app.cfg.trusted_proxies, ip)) {
-        return match names_original(req) {
-            Some(named_by) => Err(Refused::Untrusted(named_by)),
-            None => Ok(Original::default()),
-        };
+        if let Some(named_by) = names_original(req) {
+            warn_untrusted(peer, named_by);
+        }
+        return Ok(Original::default());
     }
     let h = req.headers();
     let forwarded_host = at_most_once(h, "x-forwarded-host")?.map(host_only);
@@ -226,7 +235,7 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refus
         // that names the original request in headers too was pointed at `/oauth2/auth/` by
         // mistake: which path is meant is unknown.
         if h.contains_key("x-original-url") || h.contains_key("x-forwarded-uri") {
-            return Err(Ambiguous("x-original-url").into());
+            return Err(Ambiguous("x-original-url"));
         }
         // Envoy sets Host to the original authority; an X-Forwarded-Host would be the client's.
         let host = at_most_once(h, "host")?
@@ -254,7 +263,7 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refus
     let fwd = at_most_once(h, "x-forwarded-uri")?.map(parse).transpose()?;
     let (uri, form) = match (url, fwd) {
         (Some(url), Some(fwd)) if url.path_and_query() != fwd.path_and_query() => {
-            return Err(Ambiguous("x-forwarded-uri").into())
+            return Err(Ambiguous("x-forwarded-uri"))
         }
         (Some(uri), _) => (uri, Form::OriginalUrl),
         (None, Some(uri)) => (uri, Form::ForwardedUri),
@@ -265,7 +274,7 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refus
         at_most_once(h, "x-forwarded-method")?,
         at_most_once(h, "x-original-method")?,
     ) {
-        (Some(a), Some(b)) if a != b => return Err(Ambiguous("x-forwarded-method").into()),
+        (Some(a), Some(b)) if a != b => return Err(Ambiguous("x-forwarded-method")),
         (Some(m), _) | (None, Some(m)) => Some(
             http::Method::from_bytes(m.as_bytes()).map_err(|_| Ambiguous("x-forwarded-method"))?,
         ),
@@ -293,23 +302,9 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Refus
 pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<Body> {
     let original = match original(app, req) {
         Ok(o) => o,
-        Err(Refused::Ambiguous(header)) => {
+        Err(Ambiguous(header)) => {
             tracing::debug!(header, "forward-auth: ambiguous original request refused");
             return pages::text(StatusCode::BAD_REQUEST, "ambiguous original request\n");
-        }
-        Err(Refused::Untrusted(named_by)) => {
-            // Most likely the proxy itself is missing from the list: say so, once per request.
-            let peer = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
-            tracing::warn!(
-                peer = %peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string()),
-                named_by,
-                "forward-auth: original request named by a peer not in trusted_proxies \
-                 refused; list the forward-auth proxy in trusted_proxies"
-            );
-            return pages::text(
-                StatusCode::BAD_REQUEST,
-                "original request named by a peer not in trusted_proxies\n",
-            );
         }
     };
     let route = original.route;
