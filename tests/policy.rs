@@ -1204,8 +1204,7 @@ async fn forward_auth_ignores_the_original_request_from_untrusted_peers() {
 
 /// Without a session, forward auth tells only a browser navigation on a login route where
 /// to log in — the decision proxied requests get — so that a proxy which redirects on the
-/// login header (nginx) or passes the answer on as it is (Traefik) never redirects an API
-/// caller.
+/// login header (nginx) never redirects an API caller. Always a 401, whatever the proxy.
 #[tokio::test]
 async fn forward_auth_sends_only_browser_navigations_to_log_in() {
     let routes = r#"routes:
@@ -1259,8 +1258,7 @@ async fn forward_auth_sends_only_browser_navigations_to_log_in() {
         );
     }
 
-    // Traefik (X-Forwarded-Uri alone): its answer goes to the browser as it is, so a
-    // navigation gets the redirect itself; anything else the 401.
+    // Traefik (X-Forwarded-Uri alone): 401 all the same, the login header for a navigation.
     for (p, extra) in [
         ("/page?a=1", vec![browser, "X-Forwarded-Method: GET"]),
         ("/admin/x", vec![browser]),
@@ -1269,8 +1267,13 @@ async fn forward_auth_sends_only_browser_navigations_to_log_in() {
         let mut headers = vec![named.as_str()];
         headers.extend(extra.iter().copied());
         let r = ask("/oauth2/auth", &headers).await;
-        assert_eq!(r.status, Some(302), "{p} {extra:?}: {}", r.text);
-        assert_eq!(r.header("location"), Some(login_for(p)), "{}", r.text);
+        assert_eq!(r.status, Some(401), "{p} {extra:?}: {}", r.text);
+        assert_eq!(
+            r.header("x-auth-request-login"),
+            Some(login_for(p)),
+            "{}",
+            r.text
+        );
     }
     for (p, extra) in [
         ("/page", vec![browser, "X-Forwarded-Method: POST"]),
@@ -1286,13 +1289,13 @@ async fn forward_auth_sends_only_browser_navigations_to_log_in() {
         assert!(r.header("location").is_none(), "{}", r.text);
         assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
     }
-    // A cookie that opens no session is cleared on the redirect too.
+    // A cookie that opens no session is cleared.
     let r = ask(
         "/oauth2/auth",
         &[&fwd("/page"), browser, "Cookie: _portcullis=bogus"],
     )
     .await;
-    assert_eq!(r.status, Some(302), "{}", r.text);
+    assert_eq!(r.status, Some(401), "{}", r.text);
     assert!(
         r.text
             .to_ascii_lowercase()

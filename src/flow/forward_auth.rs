@@ -44,11 +44,10 @@ fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, app
 /// a proxy cannot percent-encode `rd` itself (nginx has no escaping function).
 const LOGIN_HEADER: &str = "x-auth-request-login";
 
-/// The answer without a session. Only a browser navigation on a login route (`login`) is
-/// told where to log in: in `X-Auth-Request-Login` for a proxy that redirects on its own
-/// (nginx), or as a 302 for Traefik, which hands the answer to the browser as it is.
-/// Anything else gets a bare 401, which the README's nginx snippet passes on: API callers
-/// get 401, never a redirect.
+/// The answer without a session: 401. Only a browser navigation on a login route (`login`)
+/// is told where to log in, in `X-Auth-Request-Login`, for a proxy that redirects on it
+/// (the README's nginx snippet); anything else gets a bare 401, which the snippet passes on:
+/// API callers get 401, never a redirect.
 fn unauthorized(
     app: &App,
     jar: &CookieJar<'_>,
@@ -63,15 +62,6 @@ fn unauthorized(
         ),
         None => "/oauth2/start".to_string(),
     };
-    if login && original.form == Form::ForwardedUri {
-        let mut resp = pages::redirect(&login_url);
-        if clear {
-            for v in app.cookies.clear_session(jar) {
-                resp.headers_mut().append(SET_COOKIE, v);
-            }
-        }
-        return resp;
-    }
     let mut resp = super::unauthorized(app, jar, clear, &login_url);
     if login {
         if let Ok(v) = HeaderValue::from_str(&login_url) {
@@ -150,10 +140,8 @@ enum Form {
     /// Not named: a plain "is this session valid?", judged by the global rules.
     #[default]
     Unnamed,
-    /// `X-Original-URL` (nginx, ingress-nginx): a 401, the proxy sends the browser to log in.
-    OriginalUrl,
-    /// `X-Forwarded-Uri` alone (Traefik): the answer reaches the browser as it is.
-    ForwardedUri,
+    /// `X-Original-URL` (nginx, ingress-nginx) or `X-Forwarded-Uri` (Traefik).
+    Headers,
     /// Envoy's `/oauth2/auth/<original path>`.
     Envoy,
 }
@@ -265,8 +253,7 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambig
         (Some(url), Some(fwd)) if url.path_and_query() != fwd.path_and_query() => {
             return Err(Ambiguous("x-forwarded-uri"))
         }
-        (Some(uri), _) => (uri, Form::OriginalUrl),
-        (None, Some(uri)) => (uri, Form::ForwardedUri),
+        (Some(uri), _) | (None, Some(uri)) => (uri, Form::Headers),
         (None, None) => return Ok(Original::default()),
     };
     let path = normalize(uri.path()).map_err(|_| Ambiguous("x-original-url"))?;
