@@ -15,9 +15,7 @@
 #     and ingress-nginx forward-auth annotations pointing at a rendered portcullis Service,
 #   - runs `$PORTCULLIS_BIN check` on the mounted portcullis.yaml, with every `*_file` it names
 #     materialised from the rendered Secret/ConfigMap into a temporary directory (passed as
-#     PORTCULLIS_<KEY>_FILE; the caller's own PORTCULLIS_* variables are not passed on): as
-#     shipped, the placeholder cookie key (a line starting with REPLACE-ME) must be refused;
-#     with it replaced by a fresh `portcullis secret`, the config must be accepted.
+#     PORTCULLIS_<KEY>_FILE; the caller's own PORTCULLIS_* variables are not passed on).
 #
 # One PASS/FAIL line per check, then `check-deploy: N passed, M failed`; exit 1 on a failure.
 #
@@ -516,32 +514,7 @@ def check_gateway_config(label, objs, pod):
     return text, cfg
 
 
-PLACEHOLDER = "REPLACE-ME"
-
-
-def run_check(binary, cfgfile, env, cwd):
-    """`portcullis check` -> (exit code, output), or (None, error)."""
-    try:
-        r = subprocess.run([binary, "check", "--config", cfgfile], env=env, cwd=cwd,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
-        return r.returncode, r.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"{binary}: {e}"
-
-
-def fresh_cookie_key(binary):
-    r = subprocess.run([binary, "secret"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, timeout=60)
-    if r.returncode != 0:
-        raise OSError(f"{binary} secret: exit {r.returncode}: {r.stderr.strip()}")
-    return r.stdout.strip()
-
-
 def check_portcullis(label, objs, pod, text, cfg, binary, tmp):
-    """`portcullis check` on the mounted config, twice: as shipped, a placeholder cookie key
-    (a line starting with REPLACE-ME) must be refused, so that a copy deployed without
-    replacing it fails closed; with each placeholder key replaced by a fresh one from
-    `portcullis secret` (what an operator does), everything else must be accepted."""
     what = f"gateway  {label}: {ref(pod.owner)}: portcullis check accepts the mounted config"
     binary = os.path.abspath(binary) if os.sep in binary else (shutil.which(binary) or binary)
     if not os.access(binary, os.X_OK):
@@ -554,43 +527,27 @@ def check_portcullis(label, objs, pod, text, cfg, binary, tmp):
         if "value" in e and e["name"] != "PORTCULLIS_CONFIG":
             env[e["name"]] = e["value"]
     p = []
-    files = []  # (local path, content as shipped, content with placeholder keys replaced)
     for i, (keypath, path) in enumerate(file_keys(cfg)):
         try:
             content, _, _ = resolve_file(objs, pod, pod.gw, path)
         except LookupError as e:
             p.append(f"{'.'.join(keypath)}: {e}")
             continue
-        replaced = content
-        if keypath == ("cookie", "secrets_file"):
-            try:
-                replaced = "".join(
-                    fresh_cookie_key(binary) + "\n" if line.strip().startswith(PLACEHOLDER) else line
-                    for line in content.splitlines(keepends=True))
-            except (OSError, subprocess.TimeoutExpired) as e:
-                p.append(str(e))
         local = os.path.join(d, f"file{i}")
-        files.append((local, content, replaced))
+        with open(local, "w") as f:
+            f.write(content)
         env["PORTCULLIS_" + "_".join(keypath).upper()] = local
     cfgfile = os.path.join(d, "portcullis.yaml")
     with open(cfgfile, "w") as f:
         f.write(text)
-
-    def write_files(which):
-        for f in files:
-            with open(f[0], "w") as out:
-                out.write(f[which])
-
     if not p:
-        if any(shipped != replaced for _, shipped, replaced in files):
-            write_files(1)
-            code, out = run_check(binary, cfgfile, env, d)
-            report(f"gateway  {label}: {ref(pod.owner)}: portcullis check refuses the unreplaced "
-                   "placeholder cookie key", [] if code == 2 else [f"exit {code}: {out}"])
-        write_files(2)
-        code, out = run_check(binary, cfgfile, env, d)
-        if code != 0:
-            p.append(f"exit {code}: {out}")
+        try:
+            r = subprocess.run([binary, "check", "--config", cfgfile], env=env, cwd=d,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+            if r.returncode != 0:
+                p.append(f"exit {r.returncode}: " + r.stdout.strip())
+        except (OSError, subprocess.TimeoutExpired) as e:
+            p.append(f"{binary}: {e}")
     report(what, p)
 
 

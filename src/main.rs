@@ -61,6 +61,9 @@ fn main() -> ExitCode {
         }
     };
     if matches!(command, Command::Check) {
+        for w in cfg.warnings() {
+            eprintln!("warning: {w}");
+        }
         match &path {
             Some(p) => println!("config ok: {}", p.display()),
             None => println!("config ok: (environment)"),
@@ -68,6 +71,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&cfg.log);
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     for name in portcullis::config::unknown_env_vars(std::env::vars()) {
         tracing::warn!(variable = %name, "environment variable names no configuration key; ignored (see `portcullis env-vars`)");
     }

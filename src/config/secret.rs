@@ -75,17 +75,13 @@ pub fn decode_cookie_key(text: &str) -> Result<CookieKey, String> {
             bytes.len()
         )
     })?;
-    if is_published(&key) {
-        return Err(
-            "this is the published example key; generate one with `portcullis secret`".into(),
-        );
-    }
     Ok(CookieKey(key))
 }
 
 /// The cookie keys this project has published in its examples. Anyone can seal a session
-/// with them, so a deployment that copied one would accept forged sessions: refused in any
-/// spelling (compared after decoding). Keep the list in step with the shipped files.
+/// with them, so a deployment that kept one would accept forged sessions: start-up and
+/// `check` warn about them, in any spelling (compared after decoding). Keep the list in step
+/// with the shipped files.
 const PUBLISHED_KEYS: &[&str] = &[
     // "REPLACExWITHxPORTCULLISxSECRETxx": config/portcullis.yaml, and deploy/kubernetes/*/secret.yaml
     // before they held a non-key placeholder.
@@ -94,32 +90,29 @@ const PUBLISHED_KEYS: &[&str] = &[
     "gJDGcaRi/uH1koUW7MEmgnrRe/4o4uH2RZXQRJVpoUM=",
 ];
 
-fn is_published(key: &[u8; 32]) -> bool {
+pub fn is_published(key: &CookieKey) -> bool {
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
     PUBLISHED_KEYS
         .iter()
-        .any(|k| STANDARD.decode(k).is_ok_and(|b| b == key))
+        .any(|k| STANDARD.decode(k).is_ok_and(|b| b == key.0))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn published_example_keys_are_refused_in_any_spelling() {
+    fn published_example_keys_are_known_in_any_spelling() {
         for k in super::PUBLISHED_KEYS {
             let url_safe = k.replace('+', "-").replace('/', "_");
             for spelling in [k.to_string(), k.trim_end_matches('=').to_string(), url_safe] {
-                let err = super::decode_cookie_key(&spelling)
-                    .err()
-                    .unwrap_or_else(|| panic!("{spelling}: accepted"));
-                assert_eq!(
-                    err,
-                    "this is the published example key; generate one with `portcullis secret`"
-                );
+                let key = super::decode_cookie_key(&spelling).unwrap();
+                assert!(super::is_published(&key), "{spelling}");
             }
         }
-        // Any other 32-byte key is fine.
-        assert!(super::decode_cookie_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").is_ok());
+        // Any other 32-byte key is not.
+        let other =
+            super::decode_cookie_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap();
+        assert!(!super::is_published(&other));
     }
 
     #[test]

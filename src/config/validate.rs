@@ -179,6 +179,22 @@ pub struct LogConfig {
     pub json: bool,
 }
 
+impl Config {
+    /// What is allowed but unsafe, for start-up and `check` to say: a published example
+    /// cookie key (anyone can forge sessions with it).
+    pub fn warnings(&self) -> Vec<String> {
+        let published = self.cookie.keys.iter().any(super::secret::is_published);
+        published
+            .then(|| {
+                "cookie.secrets: a key is one this project published as an example: anyone can \
+                 forge sessions with it; generate one with `portcullis secret`"
+                    .to_string()
+            })
+            .into_iter()
+            .collect()
+    }
+}
+
 struct Collector(Vec<ConfigError>);
 
 impl Collector {
