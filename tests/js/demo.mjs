@@ -27,8 +27,8 @@ import {
 const DEFAULTS = { idp: 9000, app: 8081, gw: 4180, admin: 4181 };
 const DEMO_CONFIG = path.join(REPO_ROOT, 'config', 'demo.yaml');
 const CLIENT_SECRET = 'portcullis-demo-secret'; // same as config/demo.yaml
-// A fresh key per run (config/demo.yaml has none): a published key would let anyone forge
-// sessions, and the gateway refuses the ones this project has published.
+// A fresh key per run, which wins over config/demo.yaml's published one (anyone could forge
+// sessions with that; the gateway warns about it).
 const COOKIE_SECRET = crypto.randomBytes(32).toString('base64');
 
 function port(name, dflt) {
