@@ -141,24 +141,12 @@ where
         // The HTTP/1 reader checks Host as it parses; HTTP/2 requests come from hyper.
         if req.version() == http::Version::HTTP_2 && !valid_h2_host(&req) {
             tracing::debug!("invalid :authority or Host refused");
-            let resp = pages::html(
-                http::StatusCode::BAD_REQUEST,
-                "Bad request",
-                "The request's host is not a valid host name.",
-                "",
-            );
-            return Either::Right(Box::pin(std::future::ready(Ok(resp))));
+            return Either::Right(bad_request("The request's host is not a valid host name."));
         }
         // One normalised path for everything after this point, the upstream included.
         if let Err(e) = normalize_uri(&mut req) {
             tracing::debug!(error = %e, "ambiguous request path refused");
-            let resp = pages::html(
-                http::StatusCode::BAD_REQUEST,
-                "Bad request",
-                "The request path is ambiguous.",
-                "",
-            );
-            return Either::Right(Box::pin(std::future::ready(Ok(resp))));
+            return Either::Right(bad_request("The request path is ambiguous."));
         }
         if flow::is_flow_path(req.uri().path()) {
             let app = self.app.clone();
@@ -195,13 +183,9 @@ where
                         m.is_none_or(|m| self.app.route_for(&m, host, req.uri().path()) == matched)
                     });
                 if !same {
-                    let resp = pages::html(
-                        http::StatusCode::BAD_REQUEST,
-                        "Bad request",
+                    return Either::Right(bad_request(
                         "The request's method override falls under another route.",
-                        "",
-                    );
-                    return Either::Right(Box::pin(std::future::ready(Ok(resp))));
+                    ));
                 }
                 if let Some(i) = matched {
                     req.extensions_mut().insert(RouteIdx(i));
@@ -252,6 +236,12 @@ impl App {
 }
 
 /// The request's host (Host header, or the HTTP/2 authority), without the port.
+/// The router's refusal of a request it cannot route unambiguously.
+fn bad_request(why: &'static str) -> BoxFuture {
+    let resp = pages::html(http::StatusCode::BAD_REQUEST, "Bad request", why, "");
+    Box::pin(std::future::ready(Ok(resp)))
+}
+
 /// An HTTP/2 request's `:authority` and Host (either may be absent) are valid host values,
 /// with one Host at most, naming the same site as `:authority` (RFC 9113 §8.3.1).
 fn valid_h2_host<B>(req: &Request<B>) -> bool {

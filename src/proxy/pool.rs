@@ -382,16 +382,15 @@ impl Pool {
         let https = *scheme == Scheme::HTTPS;
         async move {
             loop {
-                let (home, idle) = self.checkout(https, authority, now);
-                let (mut up, reused) = match idle {
-                    Some(mut up) => {
+                let (mut up, reused) = match self.checkout(https, authority, now) {
+                    Ok(mut up) => {
                         up.since = now;
                         up.deadline.as_mut().reset(deadline);
                         (up, true)
                     }
                     // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
                     // make every request's future that large, to be allocated and copied.
-                    None => {
+                    Err(home) => {
                         let connect = Box::pin(self.connect(home, now, deadline, connect_timeout));
                         match tokio::time::timeout_at(deadline, connect).await {
                             Ok(up) => (up?, false),
@@ -433,21 +432,29 @@ impl Pool {
         }
     }
 
-    /// This thread's home for the origin (made on first use), and its most recently used
-    /// live connection, dropping dead and stale ones.
+    /// This thread's most recently used live connection to the origin, dropping dead and
+    /// stale ones; or, when there is none, the thread's home for the origin (made on first
+    /// use) for a new connection to return to.
     fn checkout(
         &self,
         https: bool,
         authority: &Authority,
         now: Instant,
-    ) -> (Arc<Home>, Option<Box<Upstream>>) {
-        let home = HOMES.with(|homes| {
+    ) -> Result<Box<Upstream>, Arc<Home>> {
+        HOMES.with(|homes| {
             let mut homes = homes.borrow_mut();
             if let Some(h) = homes
                 .iter()
                 .find(|h| h.origin.is(self.id, https, authority))
             {
-                return h.clone();
+                if let Ok(mut conns) = h.conns.lock() {
+                    while let Some(c) = conns.pop_back() {
+                        if c.usable(now, self.idle_timeout) {
+                            return Ok(c);
+                        }
+                    }
+                }
+                return Err(h.clone());
             }
             // The homes of pools replaced by a reload go now.
             homes.retain(|h| h.pool_alive.strong_count() > 0);
@@ -463,18 +470,8 @@ impl Pool {
                 conns: Mutex::new(VecDeque::new()),
             });
             homes.push(home.clone());
-            home
-        });
-        let mut up = None;
-        if let Ok(mut conns) = home.conns.lock() {
-            while let Some(c) = conns.pop_back() {
-                if c.usable(now, self.idle_timeout) {
-                    up = Some(c);
-                    break;
-                }
-            }
-        }
-        (home, up)
+            Err(home)
+        })
     }
 
     async fn connect(
@@ -805,7 +802,7 @@ mod tests {
             let (pool, authority) = (pool.clone(), authority.clone());
             std::thread::spawn(move || {
                 drop(body);
-                pool.checkout(false, &authority, Instant::now()).1.is_some()
+                pool.checkout(false, &authority, Instant::now()).is_ok()
             })
             .join()
             .unwrap()
@@ -814,14 +811,14 @@ mod tests {
             !elsewhere,
             "the connection did not stay where its body ended"
         );
-        let home = pool.checkout(false, &authority, Instant::now()).1;
-        assert!(home.is_some(), "it is idle where it was taken from");
+        let home = pool.checkout(false, &authority, Instant::now());
+        assert!(home.is_ok(), "it is idle where it was taken from");
 
         // A connection answered and read to the end is reused, not replaced.
         drop(home);
         let first = send(&pool);
         drop(first);
-        let (_, again) = pool.checkout(false, &authority, Instant::now());
-        assert!(again.is_some());
+        let again = pool.checkout(false, &authority, Instant::now());
+        assert!(again.is_ok());
     }
 }
