@@ -2,11 +2,13 @@
 //! client, HTTP/1 client, upstream), a buffer it wrote itself, or nothing. An enum, not a
 //! box: no allocation per request.
 
+use crate::server::h1::io::ClientBodyError;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 #[derive(Debug, Default)]
 pub enum Body {
@@ -29,7 +31,7 @@ pub enum BodyError {
     #[error(transparent)]
     Http(#[from] hyper::Error),
     #[error(transparent)]
-    Client(#[from] crate::server::h1::io::ClientBodyError),
+    Client(#[from] ClientBodyError),
 }
 
 impl Body {
@@ -101,11 +103,33 @@ where
     let limited = http_body_util::Limited::new(body, limit);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
-        Err(e) => match e.downcast_ref::<BodyError>() {
-            Some(BodyError::Client(fault)) => Err(ReadError::Client(*fault)),
-            _ => Err(ReadError::Io(e.to_string())),
-        },
+        Err(e) => Err(ReadError::from_limited(e)),
+    }
+}
+
+/// Reads a client's request body into memory (the gateway's own endpoints), refusing more
+/// than `limit` bytes, and giving up on one that does not move for `idle`
+/// (`timeouts.idle`): HTTP/1.1's reader keeps that limit itself, HTTP/2's does not, and a
+/// stalled stream would otherwise hold its connection open for good.
+pub async fn read_client_body(
+    body: Body,
+    limit: usize,
+    idle: Duration,
+) -> Result<Bytes, ReadError> {
+    use http_body_util::BodyExt;
+    let mut limited = http_body_util::Limited::new(body, limit);
+    let mut data = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, limited.frame()).await {
+            Err(_) => return Err(ReadError::Client(ClientBodyError::Stalled)),
+            Ok(None) => return Ok(data.freeze()),
+            Ok(Some(Ok(frame))) => {
+                if let Some(chunk) = frame.data_ref() {
+                    data.extend_from_slice(chunk);
+                }
+            }
+            Ok(Some(Err(e))) => return Err(ReadError::from_limited(e)),
+        }
     }
 }
 
@@ -114,14 +138,24 @@ pub enum ReadError {
     #[error("body too large")]
     TooLarge,
     #[error("request body: {0}")]
-    Client(crate::server::h1::io::ClientBodyError),
+    Client(ClientBodyError),
     #[error("reading body: {0}")]
     Io(String),
 }
 
 impl ReadError {
+    /// What a `Limited` body's error was.
+    fn from_limited(e: Box<dyn std::error::Error + Send + Sync>) -> Self {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return ReadError::TooLarge;
+        }
+        match e.downcast_ref::<BodyError>() {
+            Some(BodyError::Client(fault)) => ReadError::Client(*fault),
+            _ => ReadError::Io(e.to_string()),
+        }
+    }
+
     pub fn status(&self) -> http::StatusCode {
-        use crate::server::h1::io::ClientBodyError;
         match self {
             ReadError::TooLarge => http::StatusCode::PAYLOAD_TOO_LARGE,
             ReadError::Client(ClientBodyError::Stalled) => http::StatusCode::REQUEST_TIMEOUT,
@@ -133,9 +167,7 @@ impl ReadError {
     pub fn reason(&self) -> &'static str {
         match self {
             ReadError::TooLarge => "request too large",
-            ReadError::Client(crate::server::h1::io::ClientBodyError::Stalled) => {
-                "request body not received in time"
-            }
+            ReadError::Client(ClientBodyError::Stalled) => "request body not received in time",
             ReadError::Client(_) | ReadError::Io(_) => "request body incomplete or malformed",
         }
     }

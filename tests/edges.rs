@@ -1348,6 +1348,50 @@ async fn sign_out_with_a_huge_body_is_refused_cleanly() {
     gw.assert_healthy().await;
 }
 
+/// Slow loris on a body the gateway reads itself, over HTTP/2: a sign-out form that stops
+/// arriving is given up after `timeouts.idle` (408), as over HTTP/1.1, instead of holding its
+/// stream, and so its connection, open for good.
+#[tokio::test]
+async fn stalled_http2_request_bodies_to_the_gateway_get_408() {
+    let s = Stack::with(&[], "timeouts: { idle: 1s }").await;
+    let cookie = login_cookie(&s.gw, "alice").await;
+    let port = s.gw.port;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, ReqBody>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // A part of the form, then nothing: the stream stays open, the connection alive (PINGs
+    // are answered).
+    let frames = futures_util::stream::once(async {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from_static(b"csrf=")))
+    });
+    let frames = futures_util::StreamExt::chain(frames, futures_util::stream::pending());
+    let body: ReqBody = http_body_util::StreamBody::new(frames).boxed();
+    let origin = format!("http://127.0.0.1:{port}");
+    let req = http::Request::post(format!("{origin}/oauth2/sign_out"))
+        .header("origin", &origin)
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-length", "100")
+        .body(body)
+        .unwrap();
+    let resp = tokio::time::timeout(DEADLINE, sender.send_request(req))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to a stalled HTTP/2 body within {DEADLINE:?}"))
+        .unwrap();
+    assert_eq!(resp.status(), 408);
+    assert!(
+        resp.headers().get("set-cookie").is_none(),
+        "the session was ended on half a form"
+    );
+    let mut gw = s.gw;
+    gw.assert_healthy().await;
+}
+
 #[tokio::test]
 async fn stale_flow_cookies_are_cleared_when_a_login_starts() {
     let s = Stack::start().await;
