@@ -1182,6 +1182,53 @@ async fn http2_connections_without_streams_are_closed() {
     }
 }
 
+/// Slow read over HTTP/2: a client that takes no byte of an answer (its flow-control window
+/// kept shut) while keeping the connection alive (it answers PINGs) is disconnected after
+/// `timeouts.idle`, as a slow HTTP/1.1 reader is; it does not hold the connection, the stream
+/// and the upstream connection for good.
+#[tokio::test]
+async fn http2_clients_that_read_no_answer_are_disconnected() {
+    let s = Stack::with(&[], &format!("{ALL_PUBLIC}\ntimeouts: {{ idle: 1s }}")).await;
+    let port = s.gw.port;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(1024)
+        .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/big"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The body is held, never read: its window stays shut.
+    let _unread = resp.into_body();
+    assert!(
+        tokio::time::timeout(DEADLINE, conn).await.is_ok(),
+        "an HTTP/2 client that read no answer stayed connected for {DEADLINE:?}"
+    );
+    // A client that reads slowly but keeps reading is served to the end.
+    let (mut reader, _reader_conn) = h2_connection(port).await;
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/big"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let mut body = reader.send_request(req).await.unwrap().into_body();
+    let mut got = 0;
+    let mut paused = false;
+    while let Some(frame) = body.frame().await {
+        got += frame.unwrap().data_ref().map_or(0, |d| d.len());
+        if !paused && got > support::upstream::BIG_BODY / 2 {
+            // A pause shorter than the idle timeout.
+            paused = true;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    assert_eq!(got, support::upstream::BIG_BODY);
+}
+
 #[tokio::test]
 async fn silent_connections_cannot_exhaust_max_connections() {
     let s = Stack::with(

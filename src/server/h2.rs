@@ -1,6 +1,8 @@
 //! HTTP/2 connections (hyper's server), with the limits hyper's server does not keep itself:
 //! a connection that opens no stream within the header-read timeout, or none for the idle
-//! timeout, is closed (GOAWAY first); so is every connection when the listener drains.
+//! timeout, is closed (GOAWAY first); so is every connection when the listener drains, and
+//! one whose client takes no byte of the answers waiting for it for the idle timeout (its
+//! flow-control window kept shut: a slow reader).
 
 use super::h1::Drain;
 use crate::body::{Body, BodyError};
@@ -34,6 +36,11 @@ struct Activity {
     open: AtomicUsize,
     /// Milliseconds after `start` at which the last stream ended.
     quiet_since_ms: AtomicU64,
+    /// Response bodies that handed hyper a part it has not yet sent on (hyper asks for the
+    /// next part once the client's flow-control window takes this one).
+    owed: AtomicUsize,
+    /// How many times hyper came back for more after a part: progress of those bodies.
+    taken: AtomicU64,
     start: Instant,
     /// Where a response body that failed upstream is counted.
     metrics: Arc<crate::metrics::Metrics>,
@@ -45,6 +52,8 @@ impl Activity {
             opened: AtomicBool::new(false),
             open: AtomicUsize::new(0),
             quiet_since_ms: AtomicU64::new(0),
+            owed: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
             start: Instant::now(),
             metrics,
         })
@@ -80,10 +89,29 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A response body that keeps its stream counted as open until hyper is done with it.
+/// A response body that keeps its stream counted as open until hyper is done with it, and
+/// counted as owed to the client between handing hyper a part and hyper asking for the next.
 struct Tracked {
     body: Body,
     open: StreamGuard,
+    owing: bool,
+}
+
+impl Tracked {
+    fn settle(&mut self) {
+        if self.owing {
+            self.owing = false;
+            let activity = &self.open.0;
+            activity.owed.fetch_sub(1, Ordering::Relaxed);
+            activity.taken.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.settle();
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -95,10 +123,20 @@ impl http_body::Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        this.settle();
         let frame = Pin::new(&mut this.body).poll_frame(cx);
-        if let (Poll::Ready(Some(Err(e))), Body::Upstream(_)) = (&frame, &this.body) {
-            // The response head is gone (to hyper): no request id to name.
-            crate::proxy::forward::upstream_body_failed(&this.open.0.metrics, e, None);
+        match &frame {
+            // The last part: hyper sends it and drops the body (the stream then counts as
+            // ended, and the connection as quiet).
+            Poll::Ready(Some(Ok(_))) if !this.body.is_end_stream() => {
+                this.owing = true;
+                this.open.0.owed.fetch_add(1, Ordering::Relaxed);
+            }
+            Poll::Ready(Some(Err(e))) if matches!(this.body, Body::Upstream(_)) => {
+                // The response head is gone (to hyper): no request id to name.
+                crate::proxy::forward::upstream_body_failed(&this.open.0.metrics, e, None);
+            }
+            _ => {}
         }
         frame
     }
@@ -133,7 +171,11 @@ pub async fn serve<I, S, F>(
         let response = service(req.map(Body::from));
         async move {
             let resp = response.await?;
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, open }))
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
+                body,
+                open,
+                owing: false,
+            }))
         }
     });
     let _open = drain.hold();
@@ -147,6 +189,8 @@ pub async fn serve<I, S, F>(
     }
     // Set once the connection was asked to close: GOAWAY sent, open streams may finish.
     let mut closing_since: Option<Instant> = None;
+    // What `Activity::taken` was at the last look while a stream was open.
+    let mut taken_before = 0;
     loop {
         let limit = if activity.ever_opened() {
             timeouts.idle
@@ -155,7 +199,12 @@ pub async fn serve<I, S, F>(
         };
         // While a stream is open, look again a whole limit later (no timer churn).
         let check_at = if activity.is_quiet() {
-            closing_since.map_or(activity.quiet_since(), |t| t.max(activity.quiet_since())) + limit
+            let at =
+                closing_since.map_or(activity.quiet_since(), |t| t.max(activity.quiet_since()));
+            // A stream opening does not wake this loop: look again within the idle timeout
+            // all the same (a header-read timeout longer than it would delay the streams'
+            // check below).
+            (at + limit).min(Instant::now() + timeouts.idle)
         } else {
             Instant::now() + limit
         };
@@ -172,7 +221,18 @@ pub async fn serve<I, S, F>(
             }
             _ = tokio::time::sleep_until(check_at) => {
                 let quiet_for = activity.quiet_since().elapsed();
-                if !activity.is_quiet() || quiet_for < limit {
+                if !activity.is_quiet() {
+                    // Answers wait for the client, and it took none of them since the last
+                    // look, a whole limit ago: a slow reader holding the streams open.
+                    let taken = activity.taken.load(Ordering::Relaxed);
+                    if activity.owed.load(Ordering::Relaxed) > 0 && taken == taken_before {
+                        tracing::debug!("HTTP/2 client takes no response data: closing");
+                        return;
+                    }
+                    taken_before = taken;
+                    continue;
+                }
+                if quiet_for < limit {
                     continue;
                 }
                 match closing_since {
