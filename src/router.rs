@@ -138,10 +138,23 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         use futures_util::future::Either;
-        // The HTTP/1 reader checks Host as it parses; HTTP/2 requests come from hyper.
-        if req.version() == http::Version::HTTP_2 && !valid_h2_host(&req) {
-            tracing::debug!("invalid :authority or Host refused");
-            return Either::Right(bad_request("The request's host is not a valid host name."));
+        // The HTTP/1 reader checks Host and counts header fields as it parses; HTTP/2
+        // requests come from hyper, which bounds only their size.
+        if req.version() == http::Version::HTTP_2 {
+            if !valid_h2_host(&req) {
+                tracing::debug!("invalid :authority or Host refused");
+                return Either::Right(bad_request("The request's host is not a valid host name."));
+            }
+            if too_many_headers(req.headers(), self.app.cfg.limits.max_headers) {
+                tracing::debug!("request with more header fields than limits.max_headers refused");
+                let resp = pages::html(
+                    http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "Request header fields too large",
+                    "The request has too many header fields.",
+                    "",
+                );
+                return Either::Right(Box::pin(std::future::ready(Ok(resp))));
+            }
         }
         // One normalised path for everything after this point, the upstream included.
         if let Err(e) = normalize_uri(&mut req) {
@@ -240,6 +253,15 @@ impl App {
 fn bad_request(why: &'static str) -> BoxFuture {
     let resp = pages::html(http::StatusCode::BAD_REQUEST, "Bad request", why, "");
     Box::pin(std::future::ready(Ok(resp)))
+}
+
+/// More header fields than `limits.max_headers`, an HTTP/2 request's cookie crumbs counted as
+/// the one `Cookie` line they stand for (RFC 9113 §8.2.3), as HTTP/1.1 sends it.
+fn too_many_headers(h: &http::HeaderMap, max: usize) -> bool {
+    h.len() > max && {
+        let crumbs = h.get_all(http::header::COOKIE).iter().count();
+        h.len() - crumbs.saturating_sub(1) > max
+    }
 }
 
 /// An HTTP/2 request's `:authority` and Host (either may be absent) are valid host values,

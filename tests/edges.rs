@@ -994,6 +994,39 @@ async fn oversized_heads_are_refused_without_hanging() {
     gw.assert_healthy().await;
 }
 
+/// `limits.max_headers` bounds HTTP/2 requests too (hyper bounds only their size): over it,
+/// `431`, as over HTTP/1.1; a browser's cookie crumbs count as the one `Cookie` line.
+#[tokio::test]
+async fn too_many_header_fields_over_http2_get_431() {
+    let s = Stack::with(&[], &format!("{ALL_PUBLIC}\nlimits: {{ max_headers: 20 }}")).await;
+    let many: Vec<(String, String)> = (0..30)
+        .map(|i| (format!("x-many-{i}"), "v".into()))
+        .collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let before = s.upstream.count();
+    let r = send_h2("GET", &s.gw.url("/many"), &many, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 431, "{}", r.dump());
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(
+        s.upstream.count(),
+        before,
+        "the request reached the upstream"
+    );
+    // Controls: under the limit; and 30 cookie crumbs, one Cookie line over HTTP/1.1.
+    let r = send_h2("GET", &s.gw.url("/few"), &many[..10], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let crumbs: Vec<String> = (0..30).map(|i| format!("c{i}=v")).collect();
+    let crumbs: Vec<(&str, &str)> = crumbs.iter().map(|c| ("cookie", c.as_str())).collect();
+    let r = send_h2("GET", &s.gw.url("/crumbs"), &crumbs, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.dump());
+}
+
 /// Writes `prefix` and then one byte of `drip` every `every` until the server closes the
 /// connection; returns what was read and whether the server closed it within `deadline`.
 async fn slow_client(port: u16, prefix: &[u8], drip: &[u8], every: Duration) -> (bool, String) {
