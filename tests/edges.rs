@@ -1027,6 +1027,31 @@ async fn too_many_header_fields_over_http2_get_431() {
     assert_eq!(r.status, 200, "{}", r.dump());
 }
 
+/// An HTTP/2 client's cookie crumbs (one field per cookie, as browsers send them) reach the
+/// HTTP/1.1 upstream as one `Cookie` field (RFC 9113 §8.2.3), with or without the gateway's
+/// own cookies among them: HTTP/1.1 servers read one.
+#[tokio::test]
+async fn http2_cookie_crumbs_reach_the_upstream_as_one_field() {
+    let s = Stack::with(&[], ALL_PUBLIC).await;
+    for (path, crumbs) in [
+        ("/plain", &["a=1", "b=2", "c=3"][..]),
+        ("/ours", &["a=1", "_portcullis=forged", "b=2", "c=3"]),
+    ] {
+        let headers: Vec<(&str, &str)> = crumbs.iter().map(|c| ("cookie", *c)).collect();
+        let r = send_h2("GET", &s.gw.url(path), &headers, Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.dump());
+        let rec = s.upstream.last();
+        assert_eq!(rec.path, path);
+        assert_eq!(
+            rec.header_all("cookie"),
+            ["a=1; b=2; c=3"],
+            "{path}: {rec:?}"
+        );
+    }
+}
+
 /// Writes `prefix` and then one byte of `drip` every `every` until the server closes the
 /// connection; returns what was read and whether the server closed it within `deadline`.
 async fn slow_client(port: u16, prefix: &[u8], drip: &[u8], every: Duration) -> (bool, String) {

@@ -279,7 +279,9 @@ pub fn same_dashed(client: &[u8], ours: &[u8]) -> bool {
             .all(|(c, o)| c == o || (*c == b'_' && *o == b'-'))
 }
 
-/// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged.
+/// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged. Several
+/// `Cookie` fields (an HTTP/2 client's crumbs) go on as one, joined with `; `: RFC 9113
+/// §8.2.3 requires it of a request passed on over HTTP/1.1, whose servers read one.
 pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
     // Bytes, not &str: other cookies may carry UTF-8 and must pass unchanged.
     fn name(pair: &[u8]) -> &[u8] {
@@ -301,7 +303,9 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
     // One pass: what is kept is copied as it goes, and used only if something was dropped.
     let mut kept: Vec<u8> = Vec::new();
     let mut dropped = false;
+    let mut fields = 0usize;
     for v in h.get_all(header::COOKIE) {
+        fields += 1;
         for pair in pairs(v.as_bytes()) {
             let pair = pair.trim_ascii();
             if pair.is_empty() {
@@ -317,7 +321,7 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
             kept.extend_from_slice(pair);
         }
     }
-    if !dropped {
+    if !dropped && fields < 2 {
         return;
     }
     h.remove(header::COOKIE);
@@ -799,6 +803,16 @@ mod tests {
         h.insert(header::COOKIE, HeaderValue::from_static("_p=secret"));
         strip_cookies(&mut h, |n| n == "_p");
         assert!(h.get(header::COOKIE).is_none());
+        // HTTP/2 crumbs go on as one field, ours dropped or not.
+        for crumbs in [&["a=1", "b=2"][..], &["a=1", "_p=secret", "b=2"]] {
+            let mut h = HeaderMap::new();
+            for c in crumbs {
+                h.append(header::COOKIE, HeaderValue::from_static(c));
+            }
+            strip_cookies(&mut h, |n| n == "_p");
+            let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+            assert_eq!(all, ["a=1; b=2"], "{crumbs:?}");
+        }
     }
 
     #[test]
