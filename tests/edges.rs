@@ -825,6 +825,71 @@ async fn https_upstreams_need_the_ca_file_and_mtls_needs_the_client_certificate(
     }
 }
 
+/// The usual self-signed certificate (`openssl req -x509`: a CA certificate, which webpki
+/// refuses as a server's own) works as an upstream's certificate when `tls.ca_file` names
+/// it, as it does with curl or nginx; its name must still match, and an unrelated CA does
+/// not vouch for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_signed_upstream_certificate_named_in_ca_file_is_trusted() {
+    let pki = Pki::new();
+    let self_signed = |name: &str, san: &str| {
+        openssl(
+            &pki.path(""),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=upstream",
+                "-addext",
+                &format!("subjectAltName={san}"),
+            ],
+        );
+        (
+            pki.path(&format!("{name}.pem")),
+            pki.path(&format!("{name}.key")),
+        )
+    };
+    let (cert, key) = self_signed("self", "IP:127.0.0.1");
+    let (other_cert, other_key) = self_signed("other", "DNS:other.example");
+    let up = tls_upstream(&cert, &key, None).await;
+    let other = tls_upstream(&other_cert, &other_key, None).await;
+    let idp = Idp::start(&[]).await;
+    // (upstream port, tls.ca_file, expected status)
+    let cases = [
+        (up.port, cert.clone(), 200),
+        (other.port, other_cert.clone(), 502),
+        (up.port, pki.ca(), 502),
+    ];
+    for (i, (port, ca, status)) in cases.iter().enumerate() {
+        let gw = Gateway::start(GatewayOpts {
+            extra: format!("{ALL_PUBLIC}\ntls: {{ ca_file: \"{}\" }}", ca.display()),
+            ..GatewayOpts::new(free_port(), &idp, &format!("https://127.0.0.1:{port}"))
+        })
+        .await;
+        let r = send("GET", &gw.url(&format!("/case/{i}")), &[], Vec::new()).await;
+        assert_eq!(
+            r.status,
+            *status,
+            "case {i} ({}): {}",
+            ca.display(),
+            r.dump()
+        );
+    }
+    assert_eq!(up.hits.lock().unwrap().len(), 1);
+    assert!(other.hits.lock().unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secure_cookies_over_tls_use_the_host_prefix() {
     let pki = Pki::new();

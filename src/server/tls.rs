@@ -3,10 +3,13 @@
 //! an optional client certificate for upstream mTLS).
 
 use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::DigitallySignedStruct;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,27 +122,106 @@ pub fn server_config(resolver: Arc<ReloadingCert>) -> Result<Arc<rustls::ServerC
     Ok(Arc::new(cfg))
 }
 
+/// Checks servers against the roots, and also accepts a server presenting one of
+/// `tls.ca_file`'s certificates itself: a self-signed certificate (`openssl req -x509`, a
+/// CA certificate to webpki), which webpki refuses as an end entity (`CaUsedAsEndEntity`)
+/// even when it is a configured root. The name must still match, and the validity period
+/// has been checked by then (webpki checks it before the CA flag).
+#[derive(Debug)]
+struct ConfiguredRoots {
+    webpki: Arc<WebPkiServerVerifier>,
+    /// The certificates of `tls.ca_file`.
+    pinned: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for ConfiguredRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verdict = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        match verdict {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(ref e)))
+                if matches!(
+                    e.0.downcast_ref::<webpki::Error>(),
+                    Some(webpki::Error::CaUsedAsEndEntity)
+                ) && self
+                    .pinned
+                    .iter()
+                    .any(|c| c.as_ref() == end_entity.as_ref()) =>
+            {
+                let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_name(&cert, server_name)?;
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
 /// The client config for upstream and provider calls.
 pub fn client_config(
     ca_file: Option<&Path>,
     client_cert: Option<(&Path, &Path)>,
 ) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for c in native.certs {
         let _ = roots.add(c);
     }
-    if let Some(ca) = ca_file {
-        for c in read_chain(ca)? {
-            roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?;
+    let builder = match ca_file {
+        None => builder.with_root_certificates(roots),
+        Some(ca) => {
+            let pinned = read_chain(ca)?;
+            for c in &pinned {
+                roots
+                    .add(c.clone())
+                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ConfiguredRoots { webpki, pinned }))
         }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots);
+    };
     // ALPN is left to the connector.
     match client_cert {
         Some((cert, key)) => builder
