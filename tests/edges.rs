@@ -1210,6 +1210,37 @@ async fn slow_and_idle_clients_are_disconnected() {
     gw.assert_healthy().await;
 }
 
+/// `timeouts.idle` bounds an idle HTTP/1.1 keep-alive connection too, when it is shorter than
+/// `timeouts.header_read` (which bounds it otherwise): both are limits on the wait.
+#[tokio::test]
+async fn idle_keep_alive_connections_follow_timeouts_idle() {
+    let s = Stack::with(
+        &[],
+        &format!("{ALL_PUBLIC}\ntimeouts: {{ header_read: 60s, idle: 1s }}"),
+    )
+    .await;
+    let port = s.gw.port;
+    let (closed, got) = slow_client(
+        port,
+        format!("GET /idle HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
+        b"",
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert!(
+        closed,
+        "an idle keep-alive connection stayed open for {DEADLINE:?} (timeouts.idle: 1s)"
+    );
+    // A connection in use is kept: requests closer together than the idle timeout.
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    for _ in 0..4 {
+        let r = keep_alive_request(&mut stream, port).await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test]
 async fn silent_connections_are_disconnected() {
     let s = Stack::with(

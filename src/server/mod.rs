@@ -143,6 +143,7 @@ impl Listener {
                 max_headers: cfg.limits.max_headers,
                 max_head_bytes: cfg.limits.max_header_bytes.max(1024),
                 header_read: cfg.timeouts.header_read,
+                keep_alive: cfg.timeouts.header_read.min(cfg.timeouts.idle),
                 idle: cfg.timeouts.idle,
                 metrics,
                 request_id: cfg.headers.request_id.clone(),

@@ -10,7 +10,8 @@
 //! The header-read deadline is lazy: one timer per connection, re-armed when it fires if a
 //! response was completed since the last time, so a client gets between one and two times
 //! `timeouts.header_read` to send each request head (bytes alone do not count: a slowloris
-//! sends bytes).
+//! sends bytes). A `timeouts.idle` shorter than that bounds the wait of an idle keep-alive
+//! connection: the deadline is then set afresh after each response.
 
 pub mod codec;
 pub mod io;
@@ -51,6 +52,9 @@ pub struct Settings {
     pub max_headers: usize,
     pub max_head_bytes: usize,
     pub header_read: Duration,
+    /// How long a keep-alive connection waits for its next request: `header_read`, or
+    /// `timeouts.idle` when that is shorter.
+    pub keep_alive: Duration,
     /// How long a client may stall mid-exchange: send no byte of a body the gateway is
     /// reading, or take no byte of the answer.
     pub idle: Duration,
@@ -529,11 +533,13 @@ impl<T: Transport> Conn<T> {
         self.completed += 1;
         drop(body);
         io::give_back_map(parts.headers);
-        if self.stall != Stall::Off {
-            // A whole header-read time for the next request head.
+        // A shorter keep-alive than the header-read time is measured from each response
+        // (the lazy deadline is only ever a header-read time away).
+        if self.stall != Stall::Off || self.settings.keep_alive < self.settings.header_read {
+            // A whole keep-alive time for the next request head.
             self.stall = Stall::Off;
             self.completed_at_check = self.completed;
-            let next = Instant::now() + self.settings.header_read;
+            let next = Instant::now() + self.settings.keep_alive;
             self.deadline.as_mut().reset(next);
         }
         if written.is_err() || failed {
