@@ -457,6 +457,26 @@ async fn route_upstreams_and_hosts() {
         4,
         "an invalid Host reached the upstream"
     );
+
+    // `Connection` cannot name Host away: the public route was chosen by Host, and a
+    // name-based upstream must see that host, not the upstream's own authority (its
+    // default site, which may be the protected one).
+    let r = raw_exchange(
+        s.gw.port,
+        &raw_get(
+            "/hosted/x",
+            "app.example.com",
+            &["Connection: Host, X-Other", "X-Other: 1"],
+        ),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(r.status, Some(200), "{}", r.text);
+    assert_eq!(s.upstream.count(), 5);
+    let rec = s.upstream.last();
+    assert_eq!(rec.header_all("host"), ["app.example.com"], "{rec:?}");
+    assert_eq!(rec.header("x-forwarded-host"), Some("app.example.com"));
+    assert!(rec.header("x-other").is_none(), "{rec:?}");
 }
 
 /// One provider, several gateways that differ only in their `authorization` block.

@@ -70,15 +70,10 @@ pub fn sanitize_request(
     if seen.cookie {
         strip_cookies(h, is_ours);
     }
-    let host = if seen.names_others {
-        // `Connection` may have named Host itself.
-        h.get(header::HOST).cloned()
-    } else {
-        seen.host
-    };
     Sanitized {
         upgrading,
-        host,
+        // `Connection` cannot name Host away (see `remove_listed`).
+        host: seen.host,
         prior,
     }
 }
@@ -152,7 +147,10 @@ impl Seen {
 }
 
 /// Removes the headers that `Connection` names, except `keep`: the gateway's own request id,
-/// already set when this runs (a client listing it must not leave the upstream without one).
+/// already set when this runs (a client listing it must not leave the upstream without one);
+/// and never `Host`, which is end to end: the routes were matched on it, and an upstream that
+/// picks a site by name must see the same one (not the upstream's own authority, which the
+/// gateway would put in its place).
 fn remove_listed(h: &mut HeaderMap, upgrading: bool, keep: Option<&HeaderName>) {
     // The names Connection lists go too. Its values are cloned (they share their bytes, and
     // there is rarely more than one) so that the map can change while they are read.
@@ -164,7 +162,9 @@ fn remove_listed(h: &mut HeaderMap, upgrading: bool, keep: Option<&HeaderName>) 
             if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
                 continue;
             }
-            if keep.is_some_and(|k| token.eq_ignore_ascii_case(k.as_str().as_bytes())) {
+            if token.eq_ignore_ascii_case(b"host")
+                || keep.is_some_and(|k| token.eq_ignore_ascii_case(k.as_str().as_bytes()))
+            {
                 continue;
             }
             // By `&str`: no name is built (what is not a valid name is in no map).
@@ -775,14 +775,18 @@ mod tests {
         let mut h = request(&ws);
         assert!(!sanitize_request(&mut h, false, false, &spoofable, ours).upgrading);
         assert!(!h.contains_key(header::UPGRADE) && !h.contains_key(header::CONNECTION));
-        // What Connection names goes, even Host; no cookie of ours: the Cookie header is kept.
+        // What Connection names goes, but never Host (the routes were matched on it); no
+        // cookie of ours: the Cookie header is kept.
         let mut h = request(&[
             ("host", "app.example"),
-            ("connection", "host"),
+            ("connection", "Host, x-other"),
+            ("x-other", "1"),
             ("cookie", "a=1;;b=2"),
         ]);
         let clean = sanitize_request(&mut h, true, false, &spoofable, ours);
-        assert!(clean.host.is_none() && !h.contains_key(header::HOST));
+        assert_eq!(clean.host.unwrap(), "app.example");
+        assert_eq!(h[header::HOST], "app.example");
+        assert!(!h.contains_key("x-other"));
         assert_eq!(h[header::COOKIE], "a=1;;b=2");
     }
 
