@@ -18,6 +18,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "te"
             | "trailer"
             | "transfer-encoding"
+            // RFC 9113 §3.2.1 (HTTP/1.1's upgrade to h2c): connection-specific.
+            | "http2-settings"
     )
 }
 
@@ -59,7 +61,10 @@ pub fn sanitize_request(
     is_ours: impl Fn(&str) -> bool,
 ) -> Sanitized {
     let seen = Seen::scan(h, Some(spoofable));
-    let upgrading = http11 && seen.upgrade && seen.connection_upgrade;
+    // Websockets only: an upstream that took `Upgrade: h2c` (or any other protocol) would
+    // hand the client a raw connection to send it any request, past every route and with any
+    // identity header.
+    let upgrading = http11 && seen.upgrade && !seen.other_protocol && seen.connection_upgrade;
     // Read before the strip: these names are spoofable.
     let prior = if trusted_hop {
         PriorHop::read(h)
@@ -86,6 +91,8 @@ struct Seen {
     names_others: bool,
     connection_upgrade: bool,
     upgrade: bool,
+    /// `Upgrade` asks for something besides `websocket` (as `h2c`).
+    other_protocol: bool,
     cookie: bool,
     /// Some hop-by-hop or spoofable name is present.
     doomed: bool,
@@ -107,6 +114,10 @@ impl Seen {
                 }
             } else if *name == header::UPGRADE {
                 seen.upgrade = true;
+                seen.other_protocol |= !value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"websocket");
             } else if *name == header::HOST {
                 seen.host.get_or_insert_with(|| value.clone());
             } else if *name == header::COOKIE {
@@ -775,6 +786,19 @@ mod tests {
         let mut h = request(&ws);
         assert!(!sanitize_request(&mut h, false, false, &spoofable, ours).upgrading);
         assert!(!h.contains_key(header::UPGRADE) && !h.contains_key(header::CONNECTION));
+        // Websockets only: no h2c (its settings are connection-specific too), nor a list.
+        for protocol in ["h2c", "websocket, h2c", "TLS/1.0"] {
+            let mut h = request(&[
+                ("host", "app.example"),
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ]);
+            h.insert(header::UPGRADE, HeaderValue::from_static(protocol));
+            assert!(!sanitize_request(&mut h, true, false, &spoofable, ours).upgrading);
+            let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["host"], "{protocol}");
+        }
         // What Connection names goes, but never Host (the routes were matched on it); no
         // cookie of ours: the Cookie header is kept.
         let mut h = request(&[
