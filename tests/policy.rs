@@ -304,6 +304,13 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
         .await;
     assert_eq!(r.status, 403, "{}", r.dump());
     let before = s.upstream.count();
+    // Nor by the method's spelling: Django, Flask and Symfony upper-case it.
+    for method in ["delete", "Delete"] {
+        let r = bob
+            .request(method, &s.gw.url("/items/1"), &json, Vec::new())
+            .await;
+        assert_eq!(r.status, 403, "bob {method}: {}", r.dump());
+    }
     for name in [
         "x-http-method-override",
         "X-HTTP-Method",
@@ -312,10 +319,12 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
     ] {
         for method in ["DELETE", "delete"] {
             let h = [("accept", "application/json"), (name, method)];
-            let r = bob
-                .request("POST", &s.gw.url("/items/1"), &h, Vec::new())
-                .await;
-            assert_eq!(r.status, 400, "bob POST + {name}: {method}: {}", r.dump());
+            for post in ["POST", "post"] {
+                let r = bob
+                    .request(post, &s.gw.url("/items/1"), &h, Vec::new())
+                    .await;
+                assert_eq!(r.status, 400, "bob {post} + {name}: {method}: {}", r.dump());
+            }
         }
     }
     let r = bob
