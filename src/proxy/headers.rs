@@ -271,8 +271,8 @@ impl Spoofable {
         }
     }
 
-    /// Is this a spoofable name? Header names are already lower-case; a name with `_` is
-    /// compared as if it had `-` (some servers and CGI treat them alike).
+    /// Is this a spoofable name? Header names are already lower-case; `_` and `-` are
+    /// compared as the same (CGI, PHP and WSGI servers give both the same variable).
     fn matches(&self, name: &HeaderName) -> bool {
         let k = name.as_str().as_bytes();
         self.by_length
@@ -281,13 +281,12 @@ impl Spoofable {
     }
 }
 
-/// Header-name equality where `_` in the client's name counts as `-`.
+/// Header-name equality where `_` and `-` count as the same, either way round: a configured
+/// `X_Remote_User` is spoofed by a client's `X-Remote-User` as much as the reverse (nginx and
+/// gunicorn drop names with `_` by default, so the app would see the client's alone).
 pub fn same_dashed(client: &[u8], ours: &[u8]) -> bool {
-    client.len() == ours.len()
-        && client
-            .iter()
-            .zip(ours)
-            .all(|(c, o)| c == o || (*c == b'_' && *o == b'-'))
+    let dash = |b: u8| if b == b'_' { b'-' } else { b };
+    client.len() == ours.len() && client.iter().zip(ours).all(|(&c, &o)| dash(c) == dash(o))
 }
 
 /// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged.
@@ -607,6 +606,17 @@ mod tests {
         strip_spoofable(&mut h, &c);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, [format!("x-{}", "a".repeat(80))]);
+
+        // A configured name with `_` is spoofed by its `-` spelling too.
+        let mut c = cfg();
+        c.user = HeaderName::from_static("x_remote_user");
+        let mut h = HeaderMap::new();
+        for n in ["x-remote-user", "x_remote_user", "x-remote_user", "accept"] {
+            h.insert(n, HeaderValue::from_static("evil"));
+        }
+        strip_spoofable(&mut h, &c);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
     }
 
     #[test]
