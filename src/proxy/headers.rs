@@ -289,7 +289,9 @@ pub fn same_dashed(client: &[u8], ours: &[u8]) -> bool {
     client.len() == ours.len() && client.iter().zip(ours).all(|(&c, &o)| dash(c) == dash(o))
 }
 
-/// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged.
+/// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged, in
+/// one `Cookie` header: an HTTP/2 client sends a line per cookie, which must be joined with
+/// `; ` for an HTTP/1.1 upstream (RFC 9113 §8.2.3; many servers read the first line only).
 pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
     // Bytes, not &str: other cookies may carry UTF-8 and must pass unchanged.
     fn name(pair: &[u8]) -> &[u8] {
@@ -311,7 +313,9 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
     // One pass: what is kept is copied as it goes, and used only if something was dropped.
     let mut kept: Vec<u8> = Vec::new();
     let mut dropped = false;
+    let mut lines = 0;
     for v in h.get_all(header::COOKIE) {
+        lines += 1;
         for pair in pairs(v.as_bytes()) {
             let pair = pair.trim_ascii();
             if pair.is_empty() {
@@ -327,7 +331,7 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
             kept.extend_from_slice(pair);
         }
     }
-    if !dropped {
+    if !dropped && lines < 2 {
         return;
     }
     h.remove(header::COOKIE);
@@ -837,6 +841,16 @@ mod tests {
         h.insert(header::COOKIE, HeaderValue::from_static("_p=secret"));
         strip_cookies(&mut h, |n| n == "_p");
         assert!(h.get(header::COOKIE).is_none());
+        // Lines (an HTTP/2 client's, one per cookie) become one header, with or without ours.
+        for ours in [None, Some("_p=secret")] {
+            let mut h = HeaderMap::new();
+            for v in ["a=1", "b=2; c=3"].into_iter().chain(ours) {
+                h.append(header::COOKIE, HeaderValue::from_static(v));
+            }
+            strip_cookies(&mut h, |n| n == "_p");
+            let lines: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+            assert_eq!(lines, ["a=1; b=2; c=3"], "{ours:?}");
+        }
     }
 
     #[test]
