@@ -229,6 +229,23 @@ pub const SPOOFABLE_NAMES: [&str; 33] = [
     "x-original-method",
 ];
 
+/// Headers that frame or route a request, whose `_` spelling a client must not pass on
+/// (`Content_Length`, `Transfer_Encoding`, `Keep_Alive`…): servers that give `_` and `-` the same
+/// variable (Puma before 6.4.3 among them) would read the client's value as the real header,
+/// a request the upstream frames differently than the gateway did, on a pooled connection that
+/// carries other users' requests next.
+const FRAMING_NAMES: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "expect",
+];
+
 /// The names a client must never be able to set: the identity headers, the bearer,
 /// and the forwarding headers the gateway sets itself.
 #[derive(Debug, Clone)]
@@ -272,12 +289,15 @@ impl Spoofable {
     }
 
     /// Is this a spoofable name? Header names are already lower-case; `_` and `-` are
-    /// compared as the same (CGI, PHP and WSGI servers give both the same variable).
+    /// compared as the same (CGI, PHP and WSGI servers give both the same variable). The `_`
+    /// spelling of a header that frames or routes the request goes too.
     fn matches(&self, name: &HeaderName) -> bool {
         let k = name.as_str().as_bytes();
         self.by_length
             .get(k.len())
             .is_some_and(|names| names.iter().any(|n| same_dashed(k, n)))
+            || (memchr::memchr(b'_', k).is_some()
+                && FRAMING_NAMES.iter().any(|n| same_dashed(k, n.as_bytes())))
     }
 }
 
@@ -610,6 +630,27 @@ mod tests {
         strip_spoofable(&mut h, &c);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, [format!("x-{}", "a".repeat(80))]);
+
+        // The `_` spelling of a header that frames or routes the request; the real ones stay.
+        let mut h = HeaderMap::new();
+        for n in [
+            "content_length",
+            "transfer_encoding",
+            "content-length",
+            "host",
+            "x_host_x",
+            "te_",
+            "accept",
+        ] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_spoofable(&mut h, &cfg());
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["accept", "content-length", "host", "te_", "x_host_x"]
+        );
 
         // A configured name with `_` is spoofed by its `-` spelling too.
         let mut c = cfg();
