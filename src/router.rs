@@ -143,6 +143,18 @@ where
             tracing::debug!("invalid :authority or Host refused");
             return Either::Right(bad_request("The request's host is not a valid host name."));
         }
+        // A method in lower case (`delete`, `Get`) is one thing to the routes and another to
+        // apps that upper-case it (Django, Flask, Symfony) or treat every non-`GET` as a
+        // write: refused, as nginx refuses it, rather than guessed.
+        if req
+            .method()
+            .as_str()
+            .bytes()
+            .any(|b| b.is_ascii_lowercase())
+        {
+            tracing::debug!("request method not in upper case refused");
+            return Either::Right(bad_request("The request method is not in upper case."));
+        }
         // One normalised path for everything after this point, the upstream included.
         if let Err(e) = normalize_uri(&mut req) {
             tracing::debug!(error = %e, "ambiguous request path refused");

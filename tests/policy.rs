@@ -304,12 +304,17 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
         .await;
     assert_eq!(r.status, 403, "{}", r.dump());
     let before = s.upstream.count();
-    // Nor by the method's spelling: Django, Flask and Symfony upper-case it.
+    // Nor by the method's spelling (Django, Flask and Symfony upper-case it; legacy apps may
+    // take any non-GET as a write): refused, also on a public route.
     for method in ["delete", "Delete"] {
         let r = bob
             .request(method, &s.gw.url("/items/1"), &json, Vec::new())
             .await;
-        assert_eq!(r.status, 403, "bob {method}: {}", r.dump());
+        assert_eq!(r.status, 400, "bob {method}: {}", r.dump());
+    }
+    for method in ["get", "Get", "post"] {
+        let r = send(method, &s.gw.url("/public/x"), &json, Vec::new()).await;
+        assert_eq!(r.status, 400, "anonymous {method} /public/x: {}", r.dump());
     }
     for name in [
         "x-http-method-override",
