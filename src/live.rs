@@ -150,7 +150,22 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
     let started = live.load().app.cfg.clone();
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut last = fingerprint(path, &live.load().app.cfg.watched_files);
+    // The secret files of a config that was refused, watched as well as the running one's: a
+    // secret file it names that did not exist yet (a Secret volume that updates after its
+    // ConfigMap's) is a change when it appears.
+    let mut refused: Vec<PathBuf> = Vec::new();
+    let watched = |refused: &[PathBuf]| {
+        let mut files = live.load().app.cfg.watched_files.clone();
+        files.extend(
+            refused
+                .iter()
+                .filter(|f| !files.contains(f))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        files
+    };
+    let mut last = fingerprint(path, &watched(&refused));
     loop {
         let forced = {
             #[cfg(unix)]
@@ -172,15 +187,21 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
                 false
             }
         };
-        let now = fingerprint(path, &live.load().app.cfg.watched_files);
+        let now = fingerprint(path, &watched(&refused));
         if !forced && now == last {
             continue;
         }
         // What was loaded, not what the files hold after a reload that waited (on a new
         // provider's discovery): a change meanwhile is seen at the next tick.
         last = match reload(path, &live, &shared, &started).await {
-            Some(loaded) => loaded,
-            None => fingerprint(path, &live.load().app.cfg.watched_files),
+            Some(loaded) => {
+                refused.clear();
+                loaded
+            }
+            None => {
+                refused = config::named_secret_files(path);
+                fingerprint(path, &watched(&refused))
+            }
         };
     }
 }

@@ -1192,6 +1192,39 @@ async fn reload_picks_up_a_rotated_client_secret_file() {
     assert!(gw.reloads("success").await >= 1.0);
 }
 
+/// A config naming a secret file that is not there yet (a Secret volume updated after the
+/// ConfigMap's) is refused; once the file appears, it applies without a SIGHUP.
+#[tokio::test]
+async fn a_secret_file_that_appears_after_its_config_is_reloaded() {
+    let (_idp, upstream, mut opts) = parts(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (old_file, new_file) = (dir.path().join("keys-v1"), dir.path().join("keys-v2"));
+    let (k1, k2) = (key(1), key(2));
+    write_atomic(&old_file, &format!("{k1}\n"));
+    opts.secrets = Vec::new();
+    opts.cookie_extra = vec![format!("secrets_file: \"{}\"", old_file.display())];
+    let cfg = OpsConfig::new(opts);
+    let gw = OpsGateway::start(&cfg).await;
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+
+    let mut next = cfg.clone();
+    next.gw.cookie_extra = vec![format!("secrets_file: \"{}\"", new_file.display())];
+    write_atomic(&gw.config, &next.yaml());
+    gw.await_reloads("failure", 1.0, RELOAD).await;
+    assert!(
+        gw.stderr().contains("cookie.secrets_file"),
+        "{}",
+        gw.tails()
+    );
+
+    write_atomic(&new_file, &format!("{k2}\n{k1}\n"));
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    assert_eq!(gw.reloads("failure").await, 1.0);
+    let r = api_get(&gw.url("/data"), &cookie).await;
+    assert_eq!(r.status, 200, "k1 cookie with [k2, k1]: {}", r.dump());
+    assert_eq!(upstream.last().header("x-forwarded-user"), Some("alice"));
+}
+
 #[tokio::test]
 async fn invalid_config_reload_is_rejected_and_the_old_one_keeps_serving() {
     let (_idp, upstream, opts) = parts(&[]).await;

@@ -111,6 +111,31 @@ pub fn load_str(
     validate::validate(raw)
 }
 
+/// The secret files the config file at `path` names, as far as it can be read: for a config
+/// that was refused (perhaps because such a file is not there yet), so that a reload watches
+/// for them. Empty when the file does not parse.
+pub fn named_secret_files(path: Option<&Path>) -> Vec<std::path::PathBuf> {
+    let text = match path.map(std::fs::read_to_string) {
+        Some(Ok(text)) => text,
+        Some(Err(_)) => return Vec::new(),
+        None => String::new(),
+    };
+    let mut value: serde_yaml::Value = if text.trim().is_empty() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        match serde_yaml::from_str(&text) {
+            Ok(v) => v,
+            Err(_) => return Vec::new(),
+        }
+    };
+    if env::overlay(&mut value, std::env::vars()).is_err() {
+        return Vec::new();
+    }
+    serde_yaml::from_value::<raw::RawConfig>(value)
+        .map(|raw| validate::secret_files(&raw))
+        .unwrap_or_default()
+}
+
 /// Keys whose values are secrets (also an item of a list, `cookie.secrets[0]`).
 const SECRET_KEYS: &[&str] = &[
     "provider.client_secret",

@@ -944,21 +944,26 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         shutdown_delay: raw.lifecycle.shutdown_delay,
         trusted_proxies,
         forward_auth,
-        watched_files: [
-            &p.client_secret_file,
-            &ck.secrets_file,
-            &raw.session.redis.password_file,
-        ]
-        .into_iter()
-        .filter(|f| !f.is_empty())
-        .map(std::path::PathBuf::from)
-        .collect(),
+        watched_files: secret_files(&raw),
         routes,
         authorization,
         allowed_redirect_domains,
         tls_server,
         tls_client,
     })
+}
+
+/// The secret files a config names (watched for hot reload).
+pub(super) fn secret_files(raw: &RawConfig) -> Vec<std::path::PathBuf> {
+    [
+        &raw.provider.client_secret_file,
+        &raw.cookie.secrets_file,
+        &raw.session.redis.password_file,
+    ]
+    .into_iter()
+    .filter(|f| !f.is_empty())
+    .map(std::path::PathBuf::from)
+    .collect()
 }
 
 /// `log.level`: a level, or filter directives (comma separated) that each end in a level
