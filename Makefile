@@ -19,7 +19,7 @@ CARGO ?= cargo
 NODE ?= node
 NPM ?= npm
 JS_DIR := tests/js
-PORTCULLIS_BIN ?= target/release/portcullis
+PORTCULLIS_BIN ?= $(or $(CARGO_TARGET_DIR),target)/release/portcullis
 
 # npm writes node_modules/.package-lock.json on every install: use it as the
 # stamp, so `npm ci` runs only when node_modules is missing or older than the

@@ -142,6 +142,14 @@ fn fingerprint(path: Option<&Path>, files: &[PathBuf]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// `running`'s files, then those of `refused` it does not name: what a reload watches while
+/// a refused config waits for a change.
+fn with_refused(running: &[PathBuf], refused: &[PathBuf]) -> Vec<PathBuf> {
+    let mut files = running.to_vec();
+    files.extend(refused.iter().filter(|f| !running.contains(f)).cloned());
+    files
+}
+
 /// Watches for SIGHUP and file changes, forever. Without a config file (configured from the
 /// environment alone) the secret files it names are still watched.
 pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
@@ -150,7 +158,13 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
     let started = live.load().app.cfg.clone();
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut last = fingerprint(path, &live.load().app.cfg.watched_files);
+    // The secret files of a config that was refused, watched as well as the running one's: a
+    // secret file it names that did not exist yet (a Secret volume that updates after its
+    // ConfigMap's) is a change when it appears, and the files it names that the running one
+    // does not are no change (a refused config is not tried again every second).
+    let mut refused: Vec<PathBuf> = Vec::new();
+    let watched = |refused: &[PathBuf]| with_refused(&live.load().app.cfg.watched_files, refused);
+    let mut last = fingerprint(path, &watched(&refused));
     loop {
         let forced = {
             #[cfg(unix)]
@@ -172,26 +186,37 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
                 false
             }
         };
-        let now = fingerprint(path, &live.load().app.cfg.watched_files);
+        let now = fingerprint(path, &watched(&refused));
         if !forced && now == last {
             continue;
         }
         // What was loaded, not what the files hold after a reload that waited (on a new
         // provider's discovery): a change meanwhile is seen at the next tick.
         last = match reload(path, &live, &shared, &started).await {
-            Some(loaded) => loaded,
-            None => fingerprint(path, &live.load().app.cfg.watched_files),
+            Reloaded::Applied(loaded) => {
+                refused.clear();
+                loaded
+            }
+            Reloaded::Refused { files, loaded } => {
+                refused = files;
+                loaded.unwrap_or_else(|| fingerprint(path, &watched(&refused)))
+            }
         };
     }
 }
 
-/// Reloads; the fingerprint of the files as they were read, when they made a config.
-async fn reload(
-    path: Option<&Path>,
-    live: &Live,
-    shared: &Shared,
-    started: &Config,
-) -> Option<[u8; 32]> {
+enum Reloaded {
+    /// Swapped in; the fingerprint of the files as they were read.
+    Applied([u8; 32]),
+    /// The running config stays: the secret files the refused one names and, when it was
+    /// read whole, the fingerprint of the files as they were read (with the running ones').
+    Refused {
+        files: Vec<PathBuf>,
+        loaded: Option<[u8; 32]>,
+    },
+}
+
+async fn reload(path: Option<&Path>, live: &Live, shared: &Shared, started: &Config) -> Reloaded {
     let result = |r: &str| shared.metrics.config_reloads.with_label_values(&[r]).inc();
     let loaded = match path {
         Some(path) => config::load(path),
@@ -204,12 +229,17 @@ async fn reload(
                 tracing::error!(error = %e, "config reload rejected; the previous config keeps serving");
             }
             result("failure");
-            return None;
+            return Reloaded::Refused {
+                files: config::named_secret_files(path),
+                loaded: None,
+            };
         }
     };
-    // Secret files named by the new config may differ from the old ones.
-    let loaded = fingerprint(path, &cfg.watched_files);
     let current = live.load_full();
+    // Secret files named by the new config may differ from the old ones.
+    let applied = fingerprint(path, &cfg.watched_files);
+    let files = cfg.watched_files.clone();
+    let refused = fingerprint(path, &with_refused(&current.app.cfg.watched_files, &files));
     // Said at every reload while the file differs from what runs: it still does.
     for key in restart_only_changes(started, &cfg) {
         tracing::warn!(
@@ -225,13 +255,17 @@ async fn reload(
             current.app.session_cache.clear();
             tracing::info!("config reloaded");
             result("success");
+            Reloaded::Applied(applied)
         }
         Err(e) => {
             tracing::error!(error = %e, "config reload failed; the previous config keeps serving");
             result("failure");
+            Reloaded::Refused {
+                files,
+                loaded: Some(refused),
+            }
         }
     }
-    Some(loaded)
 }
 
 /// The settings read only at start-up that differ between `running` and `new`: the listeners,

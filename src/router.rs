@@ -156,6 +156,18 @@ where
                 return Either::Right(Box::pin(std::future::ready(Ok(resp))));
             }
         }
+        // A method in lower case (`delete`, `Get`) is one thing to the routes and another to
+        // apps that upper-case it (Django, Flask, Symfony) or treat every non-`GET` as a
+        // write: refused, as nginx refuses it, rather than guessed.
+        if req
+            .method()
+            .as_str()
+            .bytes()
+            .any(|b| b.is_ascii_lowercase())
+        {
+            tracing::debug!("request method not in upper case refused");
+            return Either::Right(bad_request("The request method is not in upper case."));
+        }
         // One normalised path for everything after this point, the upstream included.
         if let Err(e) = normalize_uri(&mut req) {
             tracing::debug!(error = %e, "ambiguous request path refused");

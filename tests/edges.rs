@@ -890,6 +890,73 @@ async fn a_self_signed_upstream_certificate_named_in_ca_file_is_trusted() {
     assert!(other.hits.lock().unwrap().is_empty());
 }
 
+/// The outbound TLS files are secrets mounted from files too: a renewed CA bundle and upstream
+/// client certificate (cert-manager rotates them in place) apply without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_upstream_ca_and_client_certificate_apply_without_a_restart() {
+    let pki = Pki::new();
+    let (up_cert, up_key) = pki.issue("upstream", "upstream");
+    let (client_cert, client_key) = pki.issue("client", "portcullis-client");
+    // What the files held before: another CA's bundle and client certificate.
+    let before = Pki::new();
+    let (old_cert, old_key) = before.issue("client", "portcullis-client");
+    let mtls = tls_upstream(&up_cert, &up_key, Some(&pki.ca())).await;
+    let idp = Idp::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+    );
+    replace_file(&before.ca(), &ca);
+    replace_file(&old_cert, &cert);
+    replace_file(&old_key, &key);
+    let tls = format!(
+        "tls: {{ ca_file: \"{}\", client_cert_file: \"{}\", client_key_file: \"{}\" }}",
+        ca.display(),
+        cert.display(),
+        key.display()
+    );
+    let gw = Gateway::start(GatewayOpts {
+        extra: format!("{ALL_PUBLIC}\n{tls}"),
+        ..GatewayOpts::new(
+            free_port(),
+            &idp,
+            &format!("https://127.0.0.1:{}", mtls.port),
+        )
+    })
+    .await;
+    let r = send("GET", &gw.url("/before"), &[], Vec::new()).await;
+    assert_eq!(
+        r.status,
+        502,
+        "the upstream is not trusted yet: {}",
+        r.dump()
+    );
+
+    replace_file(&pki.ca(), &ca);
+    replace_file(&client_key, &key);
+    replace_file(&client_cert, &cert);
+    let url = gw.url("/after");
+    support::ops::eventually(Duration::from_secs(20), "the renewed files apply", || {
+        let url = url.clone();
+        async move {
+            let r = send("GET", &url, &[], Vec::new()).await;
+            match r.status.as_u16() {
+                200 => Ok(()),
+                _ => Err(r.dump()),
+            }
+        }
+    })
+    .await;
+    let hit = mtls.hits.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(hit.path, "/after");
+    assert!(
+        hit.client_cert,
+        "no client certificate reached the upstream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secure_cookies_over_tls_use_the_host_prefix() {
     let pki = Pki::new();

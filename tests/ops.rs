@@ -1192,6 +1192,69 @@ async fn reload_picks_up_a_rotated_client_secret_file() {
     assert!(gw.reloads("success").await >= 1.0);
 }
 
+/// A config naming a secret file that is not there yet (a Secret volume updated after the
+/// ConfigMap's) is refused; once the file appears, it applies without a SIGHUP.
+#[tokio::test]
+async fn a_secret_file_that_appears_after_its_config_is_reloaded() {
+    let (_idp, upstream, mut opts) = parts(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (old_file, new_file) = (dir.path().join("keys-v1"), dir.path().join("keys-v2"));
+    let (k1, k2) = (key(1), key(2));
+    write_atomic(&old_file, &format!("{k1}\n"));
+    opts.secrets = Vec::new();
+    opts.cookie_extra = vec![format!("secrets_file: \"{}\"", old_file.display())];
+    let cfg = OpsConfig::new(opts);
+    let gw = OpsGateway::start(&cfg).await;
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+
+    let mut next = cfg.clone();
+    next.gw.cookie_extra = vec![format!("secrets_file: \"{}\"", new_file.display())];
+    write_atomic(&gw.config, &next.yaml());
+    gw.await_reloads("failure", 1.0, RELOAD).await;
+    assert!(
+        gw.stderr().contains("cookie.secrets_file"),
+        "{}",
+        gw.tails()
+    );
+
+    write_atomic(&new_file, &format!("{k2}\n{k1}\n"));
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    assert_eq!(gw.reloads("failure").await, 1.0);
+    let r = api_get(&gw.url("/data"), &cookie).await;
+    assert_eq!(r.status, 200, "k1 cookie with [k2, k1]: {}", r.dump());
+    assert_eq!(upstream.last().header("x-forwarded-user"), Some("alice"));
+}
+
+/// A config that loads but cannot be swapped in (its provider cannot be discovered) and that
+/// names a secret file the running one does not: refused and counted once, not tried again
+/// at every file check because the running config's files and its differ.
+#[tokio::test]
+async fn a_refused_reload_naming_other_secret_files_is_not_retried() {
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (old_file, new_file) = (dir.path().join("secret-v1"), dir.path().join("secret-v2"));
+    write_atomic(&old_file, &format!("{CLIENT_SECRET}\n"));
+    write_atomic(&new_file, &format!("{CLIENT_SECRET}\n"));
+    opts.client_secret = String::new();
+    opts.provider_extra = vec![format!("client_secret_file: \"{}\"", old_file.display())];
+    let cfg = OpsConfig::new(opts);
+    let mut gw = OpsGateway::start(&cfg).await;
+
+    let mut typo = cfg.clone();
+    typo.gw.issuer = format!("http://127.0.0.1:{}", free_port());
+    typo.gw.provider_extra = vec![format!("client_secret_file: \"{}\"", new_file.display())];
+    write_atomic(&gw.config, &typo.yaml());
+    gw.await_reloads("failure", 1.0, RELOAD).await;
+    // A few of the once-a-second file checks, with nothing changed on disk.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(gw.reloads("failure").await, 1.0, "{}", gw.tails());
+
+    write_atomic(&gw.config, &cfg.yaml());
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    assert_eq!(gw.reloads("failure").await, 1.0, "{}", gw.tails());
+    gw.assert_healthy().await;
+}
+
 #[tokio::test]
 async fn invalid_config_reload_is_rejected_and_the_old_one_keeps_serving() {
     let (_idp, upstream, opts) = parts(&[]).await;

@@ -304,6 +304,18 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
         .await;
     assert_eq!(r.status, 403, "{}", r.dump());
     let before = s.upstream.count();
+    // Nor by the method's spelling (Django, Flask and Symfony upper-case it; legacy apps may
+    // take any non-GET as a write): refused, also on a public route.
+    for method in ["delete", "Delete"] {
+        let r = bob
+            .request(method, &s.gw.url("/items/1"), &json, Vec::new())
+            .await;
+        assert_eq!(r.status, 400, "bob {method}: {}", r.dump());
+    }
+    for method in ["get", "Get", "post"] {
+        let r = send(method, &s.gw.url("/public/x"), &json, Vec::new()).await;
+        assert_eq!(r.status, 400, "anonymous {method} /public/x: {}", r.dump());
+    }
     for name in [
         "x-http-method-override",
         "X-HTTP-Method",
@@ -312,10 +324,12 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
     ] {
         for method in ["DELETE", "delete"] {
             let h = [("accept", "application/json"), (name, method)];
-            let r = bob
-                .request("POST", &s.gw.url("/items/1"), &h, Vec::new())
-                .await;
-            assert_eq!(r.status, 400, "bob POST + {name}: {method}: {}", r.dump());
+            for post in ["POST", "post"] {
+                let r = bob
+                    .request(post, &s.gw.url("/items/1"), &h, Vec::new())
+                    .await;
+                assert_eq!(r.status, 400, "bob {post} + {name}: {method}: {}", r.dump());
+            }
         }
     }
     let r = bob
@@ -457,6 +471,26 @@ async fn route_upstreams_and_hosts() {
         4,
         "an invalid Host reached the upstream"
     );
+
+    // `Connection` cannot name Host away: the public route was chosen by Host, and a
+    // name-based upstream must see that host, not the upstream's own authority (its
+    // default site, which may be the protected one).
+    let r = raw_exchange(
+        s.gw.port,
+        &raw_get(
+            "/hosted/x",
+            "app.example.com",
+            &["Connection: Host, X-Other", "X-Other: 1"],
+        ),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(r.status, Some(200), "{}", r.text);
+    assert_eq!(s.upstream.count(), 5);
+    let rec = s.upstream.last();
+    assert_eq!(rec.header_all("host"), ["app.example.com"], "{rec:?}");
+    assert_eq!(rec.header("x-forwarded-host"), Some("app.example.com"));
+    assert!(rec.header("x-other").is_none(), "{rec:?}");
 }
 
 /// One provider, several gateways that differ only in their `authorization` block.

@@ -313,6 +313,10 @@ async fn hop_by_hop_headers_are_not_forwarded() {
             ("proxy-connection", "keep-alive"),
             ("upgrade", "h2c"),
             ("x-end-to-end", "1"),
+            // Framing in another spelling, which servers that read `_` as `-` would believe.
+            ("content_length", "40"),
+            ("Transfer_Encoding", "chunked"),
+            ("x_app_flag", "kept"),
         ],
     )
     .await;
@@ -326,6 +330,8 @@ async fn hop_by_hop_headers_are_not_forwarded() {
         "upgrade",
         "te",
         "transfer-encoding",
+        "content_length",
+        "transfer_encoding",
     ] {
         assert!(rec.header(gone).is_none(), "{gone} forwarded: {rec:#?}");
     }
@@ -336,6 +342,7 @@ async fn hop_by_hop_headers_are_not_forwarded() {
         "{rec:#?}"
     );
     assert_eq!(rec.header("x-end-to-end"), Some("1"));
+    assert_eq!(rec.header("x_app_flag"), Some("kept"));
 }
 
 #[tokio::test]
@@ -613,6 +620,29 @@ async fn a_routes_connect_timeout_applies_to_its_requests() {
     s.gw.assert_healthy().await;
 }
 
+/// An HTTP/2 client sends each cookie on its own `cookie` line; an HTTP/1.1 upstream gets them
+/// in one `Cookie` header (RFC 9113 §8.2.3), also when none of them is the gateway's.
+#[tokio::test]
+async fn http2_cookie_lines_reach_the_upstream_as_one_header() {
+    let s = Stack::with(&[], "routes: [{ prefix: \"/public/\", auth: skip }]").await;
+    let r = send_h2(
+        "GET",
+        &s.gw.url("/public/x"),
+        &[("cookie", "app=1"), ("cookie", "theme=dark; lang=en")],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.version, http::Version::HTTP_2);
+    let rec = s.upstream.last();
+    assert_eq!(
+        rec.header_all("cookie"),
+        ["app=1; theme=dark; lang=en"],
+        "{rec:#?}"
+    );
+}
+
 #[tokio::test]
 async fn http2_prior_knowledge_requests_work() {
     let s = Stack::start().await;
@@ -816,14 +846,57 @@ Cookie: {cookie}\r\n\r\n"
     assert!(!h.contains("_portcullis"), "{h}");
 }
 
-/// Opens a websocket tunnel through the gateway on `port` and checks that it echoes.
-async fn open_tunnel(port: u16) -> tokio::net::TcpStream {
+/// Only websocket upgrades are forwarded. An upstream that takes `Upgrade: h2c` (the
+/// "h2c smuggling" of hypercorn-style servers) would give the client a raw HTTP/2 connection
+/// to it, where any path and any identity header can be sent past the gateway: the
+/// upstream never sees the upgrade, and an upstream that switches anyway gets no tunnel.
+#[tokio::test]
+async fn only_websocket_upgrades_reach_the_upstream() {
+    let (up_port, heads) = echo_upgrade_upstream();
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let gw = Gateway::start(GatewayOpts {
+        extra: "routes: [{ prefix: \"/public/\", auth: skip }]".into(),
+        ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
+    })
+    .await;
+    for (upgrade, connection) in [
+        ("h2c", "Upgrade, HTTP2-Settings"),
+        ("h2c", "Upgrade"),
+        ("websocket, h2c", "Upgrade"),
+    ] {
+        let req = format!(
+            "GET /public/x HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nUpgrade: {upgrade}\r\n\
+Connection: {connection}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        );
+        let r = support::corpus::raw_exchange(
+            gw.port,
+            req.as_bytes(),
+            std::time::Duration::from_secs(3),
+        )
+        .await;
+        assert_ne!(r.status, Some(101), "{upgrade}: tunnel opened: {}", r.text);
+        let h = heads.lock().unwrap().last().cloned().unwrap();
+        assert!(h.starts_with("get /public/x http/1.1"), "{h}");
+        for forbidden in ["upgrade:", "http2-settings", "connection: upgrade"] {
+            assert!(
+                !h.contains(forbidden),
+                "{upgrade}: upstream saw {forbidden}: {h}"
+            );
+        }
+    }
+    // A websocket upgrade still opens its tunnel.
+    drop(open_tunnel(gw.port, "/public/ws").await);
+}
+
+/// Opens a websocket tunnel to `path` through the gateway on `port` and checks that it echoes.
+async fn open_tunnel(port: u16, path: &str) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -857,7 +930,7 @@ async fn websocket_tunnels_hold_a_connection_slot_and_stay_counted() {
     let gauge = "portcullis_connections_open";
     let mut tunnels = Vec::new();
     for _ in 0..3 {
-        tunnels.push(open_tunnel(gw_port).await);
+        tunnels.push(open_tunnel(gw_port, "/ws").await);
     }
     assert_eq!(
         gw.metrics().await.value(gauge),

@@ -100,9 +100,63 @@ pub fn load_str(
     let raw: raw::RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
         let key = e.path().to_string();
         let key = if key == "." { String::new() } else { key };
-        ConfigError::new(key, e.into_inner().to_string())
+        let message = e.into_inner().to_string();
+        let message = if holds_secret(&key) {
+            without_value(&message)
+        } else {
+            message
+        };
+        ConfigError::new(key, message)
     })?;
     validate::validate(raw)
+}
+
+/// The secret files the config file at `path` names, as far as it can be read: for a config
+/// that was refused (perhaps because such a file is not there yet), so that a reload watches
+/// for them. Empty when the file does not parse.
+pub fn named_secret_files(path: Option<&Path>) -> Vec<std::path::PathBuf> {
+    let text = match path.map(std::fs::read_to_string) {
+        Some(Ok(text)) => text,
+        Some(Err(_)) => return Vec::new(),
+        None => String::new(),
+    };
+    let mut value: serde_yaml::Value = if text.trim().is_empty() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        match serde_yaml::from_str(&text) {
+            Ok(v) => v,
+            Err(_) => return Vec::new(),
+        }
+    };
+    if env::overlay(&mut value, std::env::vars()).is_err() {
+        return Vec::new();
+    }
+    serde_yaml::from_value::<raw::RawConfig>(value)
+        .map(|raw| validate::secret_files(&raw))
+        .unwrap_or_default()
+}
+
+/// Keys whose values are secrets (also an item of a list, `cookie.secrets[0]`).
+const SECRET_KEYS: &[&str] = &[
+    "provider.client_secret",
+    "cookie.secrets",
+    "session.redis.password",
+];
+
+fn holds_secret(key: &str) -> bool {
+    let key = key.split_once('[').map_or(key, |(list, _)| list);
+    SECRET_KEYS.contains(&key)
+}
+
+/// serde's message without the value it quotes (`invalid type: string "<the key>", expected
+/// a sequence`): a config error is printed at start-up and logged by a reload, and a secret
+/// written with the wrong type (a key as a string instead of a list) must not land there.
+fn without_value(message: &str) -> String {
+    let what = message
+        .split_once(':')
+        .map_or("invalid value", |(what, _)| what);
+    let expected = message.find(", expected").map_or("", |i| &message[i..]);
+    format!("{what} (the value is a secret: not shown){expected}")
 }
 
 /// Every key with its environment variable and default, e.g. for `portcullis env-vars`.
@@ -504,6 +558,46 @@ cookie:
         // The environment's value is checked the same way.
         let env = vec![("PORTCULLIS_LOG_LEVEL".to_string(), "verbose".to_string())];
         assert_eq!(keys_of(load_str(MINIMAL, env)), ["log.level"]);
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_not_quoted_back() {
+        let key = "gJDGcaRi/uH1koUW7MEmgnrRe/4o4uH2RZXQRJVpoUM=";
+        let listed = "secrets: [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]";
+        for (text, at) in [
+            // The key as a string, not a list: the likeliest slip.
+            (
+                MINIMAL.replace(listed, &format!("secrets: \"{key}\"")),
+                "cookie.secrets",
+            ),
+            (
+                MINIMAL.replace(listed, "secrets: [2718281828459045]"),
+                "cookie.secrets[0]",
+            ),
+            (
+                MINIMAL.replace("client_secret: \"s\"", "client_secret: 2718281828459045"),
+                "provider.client_secret",
+            ),
+            (
+                format!("{MINIMAL}session: {{ redis: {{ password: 2718281828459045 }} }}\n"),
+                "session.redis.password",
+            ),
+        ] {
+            let e = load_str(&text, none()).unwrap_err();
+            let line = e.to_string();
+            assert_eq!(keys_of(Err(e)), [at], "{line}");
+            assert!(
+                !line.contains(key) && !line.contains("2718281828459045"),
+                "{line}"
+            );
+            assert!(
+                line.contains("invalid type") && line.contains("expected"),
+                "{line}"
+            );
+        }
+        // Other keys still say what they found.
+        let e = load_str(&MINIMAL.replace("secure: false", "secure: maybe"), none()).unwrap_err();
+        assert!(e.to_string().contains("maybe"), "{e}");
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct Config {
 pub struct TlsClient {
     pub ca_file: Option<std::path::PathBuf>,
     pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// A digest of those files' contents: a reload that finds them renewed in place (the same
+    /// paths) builds new clients instead of keeping the ones that loaded the old files.
+    pub contents: [u8; 32],
 }
 
 /// Response headers of `GET /oauth2/auth`.
@@ -820,6 +823,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     );
     let tls_client = TlsClient {
         ca_file: (!tl.ca_file.is_empty()).then(|| std::path::PathBuf::from(&tl.ca_file)),
+        contents: contents_digest(&[&tl.ca_file, &tl.client_cert_file, &tl.client_key_file]),
         client_cert,
     };
     let ca_ok = tls_client
@@ -944,21 +948,44 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         shutdown_delay: raw.lifecycle.shutdown_delay,
         trusted_proxies,
         forward_auth,
-        watched_files: [
-            &p.client_secret_file,
-            &ck.secrets_file,
-            &raw.session.redis.password_file,
-        ]
-        .into_iter()
-        .filter(|f| !f.is_empty())
-        .map(std::path::PathBuf::from)
-        .collect(),
+        watched_files: secret_files(&raw),
         routes,
         authorization,
         allowed_redirect_domains,
         tls_server,
         tls_client,
     })
+}
+
+/// A digest of the named files' contents (those that are named and can be read: validation
+/// reports the others).
+fn contents_digest(files: &[&str]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in files.iter().filter(|f| !f.is_empty()) {
+        let bytes = std::fs::read(f).unwrap_or_default();
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    h.finalize().into()
+}
+
+/// The secret files a config names (watched for hot reload): the provider's, the cookie
+/// keys, Redis' password and the outbound TLS files (the server certificate and key have a
+/// watch of their own).
+pub(super) fn secret_files(raw: &RawConfig) -> Vec<std::path::PathBuf> {
+    [
+        &raw.provider.client_secret_file,
+        &raw.cookie.secrets_file,
+        &raw.session.redis.password_file,
+        &raw.tls.ca_file,
+        &raw.tls.client_cert_file,
+        &raw.tls.client_key_file,
+    ]
+    .into_iter()
+    .filter(|f| !f.is_empty())
+    .map(std::path::PathBuf::from)
+    .collect()
 }
 
 /// `log.level`: a level, or filter directives (comma separated) that each end in a level

@@ -277,21 +277,28 @@ impl Provider {
         })
     }
 
-    /// Discovery with exponential backoff until it succeeds (the gateway is not ready until then).
+    /// Discovery with exponential backoff until it succeeds (the gateway is not ready until
+    /// then), or until the config generation this provider belongs to is gone: a reload swaps
+    /// in a provider of its own, and the old one's retries (perhaps of an issuer no longer
+    /// configured) must stop rather than go on warning, and piling up, forever.
     pub async fn discover_until_ready(self: Arc<Self>) {
+        let provider = Arc::downgrade(&self);
+        drop(self);
         let mut delay = Duration::from_millis(250);
-        loop {
-            match self.discover().await {
+        while let Some(p) = provider.upgrade() {
+            match p.discover().await {
                 Ok(()) => {
-                    tracing::info!(issuer = %self.issuer, "provider discovered");
+                    tracing::info!(issuer = %p.issuer, "provider discovered");
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(issuer = %self.issuer, error = %e, retry_in = ?delay, "provider discovery failed");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    tracing::warn!(issuer = %p.issuer, error = %e, retry_in = ?delay, "provider discovery failed");
                 }
             }
+            // Not held while waiting: that is when a reload lets it go.
+            drop(p);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
         }
     }
 
@@ -597,6 +604,55 @@ cookie: { secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fal
         );
         p.keys.store(Arc::new(idtoken::tests::keys()));
         p
+    }
+
+    #[tokio::test]
+    async fn discovery_retries_end_with_the_provider() {
+        // Nothing listens on port 1: discovery fails, and is retried with backoff.
+        let cfg = crate::config::load_str(
+            r#"
+upstream: "http://127.0.0.1:8081"
+provider: { issuer_url: "http://127.0.0.1:1", client_id: "client", client_secret: "s" }
+redirect_url: "http://127.0.0.1:4180/oauth2/callback"
+cookie: { secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: false }
+"#,
+            Vec::new(),
+        )
+        .unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new().unwrap());
+        let clients =
+            crate::proxy::client::UpstreamClients::new(&crate::proxy::client::ClientOptions {
+                tls: cfg.tls_client.clone(),
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+                max_idle_per_host: 1,
+            })
+            .unwrap();
+        let p = Arc::new(Provider::new(
+            &cfg,
+            ProviderHttp {
+                client: clients.shared(),
+                timeout: Duration::from_secs(1),
+                metrics: metrics.clone(),
+            },
+        ));
+        let retries = tokio::spawn(p.clone().discover_until_ready());
+        let attempts = || {
+            metrics
+                .provider_seconds
+                .with_label_values(&["discovery"])
+                .get_sample_count()
+        };
+        while attempts() < 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!p.is_ready());
+        // A reload replaced the generation holding it: its retries stop.
+        drop(p);
+        tokio::time::timeout(Duration::from_secs(60), retries)
+            .await
+            .expect("discovery retries go on for a provider nobody holds")
+            .unwrap();
     }
 
     /// A valid ID token for nonce `n1`, as `f` changes its claims.

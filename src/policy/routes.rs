@@ -39,8 +39,15 @@ pub struct Route {
 }
 
 impl Route {
+    /// Methods compare in any case: a `delete` is a DELETE to apps that upper-case the method
+    /// (Django, Flask, Symfony, Laravel), so it must meet the DELETE route's rules.
     pub fn matches(&self, method: &Method, host: Option<&str>, path: &str) -> bool {
-        (self.methods.is_empty() || self.methods.contains(method)) && self.covers(host, path)
+        (self.methods.is_empty()
+            || self
+                .methods
+                .iter()
+                .any(|m| m.as_str().eq_ignore_ascii_case(method.as_str())))
+            && self.covers(host, path)
     }
 
     /// Whether the route's host and path fit, whatever the method.
@@ -140,7 +147,8 @@ pub fn method_override(
     headers: &http::HeaderMap,
     query: Option<&str>,
 ) -> Result<Option<Method>, BadOverride> {
-    if *method != Method::POST {
+    // In any case: a `post` is a POST to apps that upper-case the method (see `Route::matches`).
+    if !method.as_str().eq_ignore_ascii_case(Method::POST.as_str()) {
         return Ok(None);
     }
     let from_headers = headers.iter().filter_map(|(name, v)| {

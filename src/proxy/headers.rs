@@ -18,6 +18,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "te"
             | "trailer"
             | "transfer-encoding"
+            // RFC 9113 §3.2.1 (HTTP/1.1's upgrade to h2c): connection-specific.
+            | "http2-settings"
     )
 }
 
@@ -59,7 +61,10 @@ pub fn sanitize_request(
     is_ours: impl Fn(&str) -> bool,
 ) -> Sanitized {
     let seen = Seen::scan(h, Some(spoofable));
-    let upgrading = http11 && seen.upgrade && seen.connection_upgrade;
+    // Websockets only: an upstream that took `Upgrade: h2c` (or any other protocol) would
+    // hand the client a raw connection to send it any request, past every route and with any
+    // identity header.
+    let upgrading = http11 && seen.upgrade && !seen.other_protocol && seen.connection_upgrade;
     // Read before the strip: these names are spoofable.
     let prior = if trusted_hop {
         PriorHop::read(h)
@@ -70,15 +75,10 @@ pub fn sanitize_request(
     if seen.cookie {
         strip_cookies(h, is_ours);
     }
-    let host = if seen.names_others {
-        // `Connection` may have named Host itself.
-        h.get(header::HOST).cloned()
-    } else {
-        seen.host
-    };
     Sanitized {
         upgrading,
-        host,
+        // `Connection` cannot name Host away (see `remove_listed`).
+        host: seen.host,
         prior,
     }
 }
@@ -91,6 +91,8 @@ struct Seen {
     names_others: bool,
     connection_upgrade: bool,
     upgrade: bool,
+    /// `Upgrade` asks for something besides `websocket` (as `h2c`).
+    other_protocol: bool,
     cookie: bool,
     /// Some hop-by-hop or spoofable name is present.
     doomed: bool,
@@ -112,6 +114,10 @@ impl Seen {
                 }
             } else if *name == header::UPGRADE {
                 seen.upgrade = true;
+                seen.other_protocol |= !value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"websocket");
             } else if *name == header::HOST {
                 seen.host.get_or_insert_with(|| value.clone());
             } else if *name == header::COOKIE {
@@ -152,7 +158,10 @@ impl Seen {
 }
 
 /// Removes the headers that `Connection` names, except `keep`: the gateway's own request id,
-/// already set when this runs (a client listing it must not leave the upstream without one).
+/// already set when this runs (a client listing it must not leave the upstream without one);
+/// and never `Host`, which is end to end: the routes were matched on it, and an upstream that
+/// picks a site by name must see the same one (not the upstream's own authority, which the
+/// gateway would put in its place).
 fn remove_listed(h: &mut HeaderMap, upgrading: bool, keep: Option<&HeaderName>) {
     // The names Connection lists go too. Its values are cloned (they share their bytes, and
     // there is rarely more than one) so that the map can change while they are read.
@@ -164,7 +173,9 @@ fn remove_listed(h: &mut HeaderMap, upgrading: bool, keep: Option<&HeaderName>) 
             if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
                 continue;
             }
-            if keep.is_some_and(|k| token.eq_ignore_ascii_case(k.as_str().as_bytes())) {
+            if token.eq_ignore_ascii_case(b"host")
+                || keep.is_some_and(|k| token.eq_ignore_ascii_case(k.as_str().as_bytes()))
+            {
                 continue;
             }
             // By `&str`: no name is built (what is not a valid name is in no map).
@@ -218,6 +229,23 @@ pub const SPOOFABLE_NAMES: [&str; 33] = [
     "x-original-method",
 ];
 
+/// Headers that frame or route a request, whose `_` spelling a client must not pass on
+/// (`Content_Length`, `Transfer_Encoding`, `Keep_Alive`…): servers that give `_` and `-` the same
+/// variable (Puma before 6.4.3 among them) would read the client's value as the real header,
+/// a request the upstream frames differently than the gateway did, on a pooled connection that
+/// carries other users' requests next.
+const FRAMING_NAMES: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "expect",
+];
+
 /// The names a client must never be able to set: the identity headers, the bearer,
 /// and the forwarding headers the gateway sets itself.
 #[derive(Debug, Clone)]
@@ -260,28 +288,30 @@ impl Spoofable {
         }
     }
 
-    /// Is this a spoofable name? Header names are already lower-case; a name with `_` is
-    /// compared as if it had `-` (some servers and CGI treat them alike).
+    /// Is this a spoofable name? Header names are already lower-case; `_` and `-` are
+    /// compared as the same (CGI, PHP and WSGI servers give both the same variable). The `_`
+    /// spelling of a header that frames or routes the request goes too.
     fn matches(&self, name: &HeaderName) -> bool {
         let k = name.as_str().as_bytes();
         self.by_length
             .get(k.len())
             .is_some_and(|names| names.iter().any(|n| same_dashed(k, n)))
+            || (memchr::memchr(b'_', k).is_some()
+                && FRAMING_NAMES.iter().any(|n| same_dashed(k, n.as_bytes())))
     }
 }
 
-/// Header-name equality where `_` in the client's name counts as `-`.
+/// Header-name equality where `_` and `-` count as the same, either way round: a configured
+/// `X_Remote_User` is spoofed by a client's `X-Remote-User` as much as the reverse (nginx and
+/// gunicorn drop names with `_` by default, so the app would see the client's alone).
 pub fn same_dashed(client: &[u8], ours: &[u8]) -> bool {
-    client.len() == ours.len()
-        && client
-            .iter()
-            .zip(ours)
-            .all(|(c, o)| c == o || (*c == b'_' && *o == b'-'))
+    let dash = |b: u8| if b == b'_' { b'-' } else { b };
+    client.len() == ours.len() && client.iter().zip(ours).all(|(&c, &o)| dash(c) == dash(o))
 }
 
-/// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged. Several
-/// `Cookie` fields (an HTTP/2 client's crumbs) go on as one, joined with `; `: RFC 9113
-/// §8.2.3 requires it of a request passed on over HTTP/1.1, whose servers read one.
+/// Drops the gateway's own cookies from the `Cookie` header(s); the rest pass unchanged, in
+/// one `Cookie` header: an HTTP/2 client sends a line per cookie, which must be joined with
+/// `; ` for an HTTP/1.1 upstream (RFC 9113 §8.2.3; many servers read the first line only).
 pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
     // Bytes, not &str: other cookies may carry UTF-8 and must pass unchanged.
     fn name(pair: &[u8]) -> &[u8] {
@@ -303,9 +333,9 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
     // One pass: what is kept is copied as it goes, and used only if something was dropped.
     let mut kept: Vec<u8> = Vec::new();
     let mut dropped = false;
-    let mut fields = 0usize;
+    let mut lines = 0;
     for v in h.get_all(header::COOKIE) {
-        fields += 1;
+        lines += 1;
         for pair in pairs(v.as_bytes()) {
             let pair = pair.trim_ascii();
             if pair.is_empty() {
@@ -321,7 +351,7 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
             kept.extend_from_slice(pair);
         }
     }
-    if !dropped && fields < 2 {
+    if !dropped && lines < 2 {
         return;
     }
     h.remove(header::COOKIE);
@@ -600,6 +630,38 @@ mod tests {
         strip_spoofable(&mut h, &c);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, [format!("x-{}", "a".repeat(80))]);
+
+        // The `_` spelling of a header that frames or routes the request; the real ones stay.
+        let mut h = HeaderMap::new();
+        for n in [
+            "content_length",
+            "transfer_encoding",
+            "content-length",
+            "host",
+            "x_host_x",
+            "te_",
+            "accept",
+        ] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_spoofable(&mut h, &cfg());
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["accept", "content-length", "host", "te_", "x_host_x"]
+        );
+
+        // A configured name with `_` is spoofed by its `-` spelling too.
+        let mut c = cfg();
+        c.user = HeaderName::from_static("x_remote_user");
+        let mut h = HeaderMap::new();
+        for n in ["x-remote-user", "x_remote_user", "x-remote_user", "accept"] {
+            h.insert(n, HeaderValue::from_static("evil"));
+        }
+        strip_spoofable(&mut h, &c);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
     }
 
     #[test]
@@ -779,14 +841,31 @@ mod tests {
         let mut h = request(&ws);
         assert!(!sanitize_request(&mut h, false, false, &spoofable, ours).upgrading);
         assert!(!h.contains_key(header::UPGRADE) && !h.contains_key(header::CONNECTION));
-        // What Connection names goes, even Host; no cookie of ours: the Cookie header is kept.
+        // Websockets only: no h2c (its settings are connection-specific too), nor a list.
+        for protocol in ["h2c", "websocket, h2c", "TLS/1.0"] {
+            let mut h = request(&[
+                ("host", "app.example"),
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ]);
+            h.insert(header::UPGRADE, HeaderValue::from_static(protocol));
+            assert!(!sanitize_request(&mut h, true, false, &spoofable, ours).upgrading);
+            let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["host"], "{protocol}");
+        }
+        // What Connection names goes, but never Host (the routes were matched on it); no
+        // cookie of ours: the Cookie header is kept.
         let mut h = request(&[
             ("host", "app.example"),
-            ("connection", "host"),
+            ("connection", "Host, x-other"),
+            ("x-other", "1"),
             ("cookie", "a=1;;b=2"),
         ]);
         let clean = sanitize_request(&mut h, true, false, &spoofable, ours);
-        assert!(clean.host.is_none() && !h.contains_key(header::HOST));
+        assert_eq!(clean.host.unwrap(), "app.example");
+        assert_eq!(h[header::HOST], "app.example");
+        assert!(!h.contains_key("x-other"));
         assert_eq!(h[header::COOKIE], "a=1;;b=2");
     }
 
@@ -803,15 +882,15 @@ mod tests {
         h.insert(header::COOKIE, HeaderValue::from_static("_p=secret"));
         strip_cookies(&mut h, |n| n == "_p");
         assert!(h.get(header::COOKIE).is_none());
-        // HTTP/2 crumbs go on as one field, ours dropped or not.
-        for crumbs in [&["a=1", "b=2"][..], &["a=1", "_p=secret", "b=2"]] {
+        // Lines (an HTTP/2 client's, one per cookie) become one header, with or without ours.
+        for ours in [None, Some("_p=secret")] {
             let mut h = HeaderMap::new();
-            for c in crumbs {
-                h.append(header::COOKIE, HeaderValue::from_static(c));
+            for v in ["a=1", "b=2; c=3"].into_iter().chain(ours) {
+                h.append(header::COOKIE, HeaderValue::from_static(v));
             }
             strip_cookies(&mut h, |n| n == "_p");
-            let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
-            assert_eq!(all, ["a=1; b=2"], "{crumbs:?}");
+            let lines: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+            assert_eq!(lines, ["a=1; b=2; c=3"], "{ours:?}");
         }
     }
 
