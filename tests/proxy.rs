@@ -620,29 +620,6 @@ async fn a_routes_connect_timeout_applies_to_its_requests() {
     s.gw.assert_healthy().await;
 }
 
-/// An HTTP/2 client sends each cookie on its own `cookie` line; an HTTP/1.1 upstream gets them
-/// in one `Cookie` header (RFC 9113 §8.2.3), also when none of them is the gateway's.
-#[tokio::test]
-async fn http2_cookie_lines_reach_the_upstream_as_one_header() {
-    let s = Stack::with(&[], "routes: [{ prefix: \"/public/\", auth: skip }]").await;
-    let r = send_h2(
-        "GET",
-        &s.gw.url("/public/x"),
-        &[("cookie", "app=1"), ("cookie", "theme=dark; lang=en")],
-        Vec::new(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", r.dump());
-    assert_eq!(r.version, http::Version::HTTP_2);
-    let rec = s.upstream.last();
-    assert_eq!(
-        rec.header_all("cookie"),
-        ["app=1; theme=dark; lang=en"],
-        "{rec:#?}"
-    );
-}
-
 #[tokio::test]
 async fn http2_prior_knowledge_requests_work() {
     let s = Stack::start().await;
