@@ -36,7 +36,7 @@ log: {{ level: error }}
 fn session(token_bytes: usize) -> Session {
     Session {
         id: [3; 16],
-        created_at: 1,
+        created_at_ms: 1000,
         expires_at: u64::MAX / 2,
         access_token: "t".repeat(token_bytes),
         access_expires_at: 0,

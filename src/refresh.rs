@@ -483,7 +483,7 @@ mod tests {
     fn refresh_window() {
         let mut s = Session {
             id: [0; 16],
-            created_at: 0,
+            created_at_ms: 0,
             expires_at: 10_000,
             access_token: "a".into(),
             access_expires_at: 1000,

@@ -1485,6 +1485,76 @@ async fn backchannel_logout_with_a_sid_spares_the_users_other_sessions() {
     assert_eq!(r.status, 200, "the phone was signed out too: {}", r.dump());
 }
 
+/// Sleeps until a wall-clock second has just begun, so that what follows happens within it.
+async fn at_the_start_of_a_second() {
+    let into = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis()
+    };
+    while into() > 50 {
+        tokio::time::sleep(Duration::from_millis(u64::from(1000 - into()).min(200))).await;
+    }
+}
+
+/// A logout token that names only the user (`backchannel_logout_session_required: false`,
+/// oidc-provider's default) ends the sessions they had, and not the one they open right after
+/// it, in the same second.
+async fn logging_in_again_right_after_a_back_channel_logout(store: Store) {
+    let redis = RedisServer::start().await;
+    let gw_port = free_port();
+    let bcl = format!("http://127.0.0.1:{gw_port}/oauth2/backchannel_logout");
+    let idp = Idp::start_for_gateway(
+        gw_port,
+        &[
+            ("IDP_BACKCHANNEL_LOGOUT_URI", &bcl),
+            ("IDP_BACKCHANNEL_LOGOUT_SUB_ONLY", "1"),
+        ],
+    )
+    .await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(store, Some(&redis), 60);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let b = Browser::new();
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let old = b.cookie_header(&gw.url("/"));
+
+    at_the_start_of_a_second().await;
+    end_provider_session(&b, &idp).await;
+    assert!(
+        idp.stdout().lines().any(|l| l.starts_with("BCL ok")),
+        "{}",
+        idp.tails()
+    );
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(
+        r.status,
+        200,
+        "the new login was ended by the logout before it: {}",
+        r.dump()
+    );
+    let new = b.cookie_header(&gw.url("/"));
+    assert_ne!(new, old);
+    assert_eq!(api(&gw, "/x", &new).await.status, 200);
+    assert_eq!(
+        api(&gw, "/x", &old).await.status,
+        401,
+        "the old session lives"
+    );
+}
+
+#[tokio::test]
+async fn logging_in_again_right_after_a_back_channel_logout_with_the_cookie_store() {
+    logging_in_again_right_after_a_back_channel_logout(Store::Coordinated).await;
+}
+
+#[tokio::test]
+async fn logging_in_again_right_after_a_back_channel_logout_with_the_redis_store() {
+    logging_in_again_right_after_a_back_channel_logout(Store::Redis).await;
+}
+
 /// `session.idle_timeout`: activity keeps a session alive (recorded by a re-issued cookie, or
 /// in Redis), and a session left unused longer than the timeout is over.
 async fn idle_timeout_ends_unused_sessions(store: Store) {

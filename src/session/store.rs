@@ -2,7 +2,7 @@
 //! a sealed session id. Redis values are sealed with the same key ring, so Redis never sees a
 //! token in clear. Both paths apply the back-channel logout record.
 
-use super::{now_secs, CookieJar, CookieReject, CookieValue, Session};
+use super::{now_millis, now_secs, CookieJar, CookieReject, CookieValue, Session};
 use crate::app::App;
 use crate::config::StoreKind;
 use crate::store::{Redis, StoreError};
@@ -152,7 +152,7 @@ impl App {
             let lifetime = self.cfg.session.lifetime;
             let recorded = self
                 .revocations
-                .record_session(self.redis.as_deref(), s, now_secs(), lifetime)
+                .record_session(self.redis.as_deref(), s, now_millis(), lifetime)
                 .await;
             if let Err(e) = recorded {
                 // Revoked on this replica; the others learn it only if Redis comes back.
@@ -176,13 +176,12 @@ impl App {
         sid: Option<&str>,
         sub: Option<&str>,
     ) -> Result<(), StoreError> {
-        let now = now_secs();
         self.revocations
             .record(
                 self.redis.as_deref(),
                 sid,
                 sub,
-                now,
+                now_millis(),
                 self.cfg.session.lifetime,
             )
             .await?;
