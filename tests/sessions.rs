@@ -1596,3 +1596,82 @@ async fn idle_timeout_with_the_cookie_store() {
 async fn idle_timeout_with_the_redis_store() {
     idle_timeout_ends_unused_sessions(Store::Redis).await;
 }
+
+/// `cookie.secrets` rotated replica by replica (a new key first, the old one still listed):
+/// what a replica made with its first key still counts on one that rotated — the sign-out
+/// form's CSRF token, and the record that a logout token was used.
+#[tokio::test]
+async fn sign_out_and_logout_tokens_hold_across_a_cookie_key_rotation() {
+    let redis = RedisServer::start().await;
+    let (pa, pb) = (free_port(), free_port());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bcl = format!(
+        "http://127.0.0.1:{}/oauth2/backchannel_logout",
+        listener.local_addr().unwrap().port()
+    );
+    let uris = redirect_uris(&[pa, pb]);
+    let idp = Idp::start(&[
+        ("IDP_REDIRECT_URIS", &uris),
+        ("IDP_BACKCHANNEL_LOGOUT_URI", &bcl),
+    ])
+    .await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Coordinated, Some(&redis), 60);
+    let a = Gateway::start(gw_opts(pa, &idp, &upstream, &yaml, None)).await;
+    let mut rotated = gw_opts(pb, &idp, &upstream, &yaml, None);
+    rotated.secrets = vec![key(2), key(1)];
+    let b = Gateway::start(rotated).await;
+    let relay = Relay::serve(listener, a.url("/oauth2/backchannel_logout"));
+
+    // The sign-out form shown by A, posted to B.
+    let alice = Browser::new();
+    let r = login(&alice, &a, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let cookie = alice.cookie_header(&a.url("/"));
+    let csrf = sign_out_csrf(&alice, &a).await;
+    let out = send(
+        "POST",
+        &b.url("/oauth2/sign_out"),
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", &b.origin()),
+            ("cookie", &cookie),
+        ],
+        format!("csrf={}", enc(&csrf)),
+    )
+    .await;
+    assert_eq!(out.status, 302, "sign-out refused: {}", out.dump());
+    assert_session_cleared(&out, "sign-out on B");
+    eventually("the session ended on A too", || async {
+        let r = api(&a, "/x", &cookie).await;
+        if r.status == 401 {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+
+    // A logout token delivered to A, replayed to B.
+    let bob = Browser::new();
+    let r = login(&bob, &a, "/", "bob").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    end_provider_session(&bob, &idp).await;
+    let tokens = eventually("the provider delivers the back-channel logout", || async {
+        let t = relay.bodies();
+        if t.is_empty() {
+            Err(idp.tails())
+        } else {
+            Ok(t)
+        }
+    })
+    .await;
+    let r = send(
+        "POST",
+        &b.url("/oauth2/backchannel_logout"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        tokens[0].clone(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "replay accepted: {}", r.dump());
+}
