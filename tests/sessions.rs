@@ -1675,3 +1675,32 @@ async fn sign_out_and_logout_tokens_hold_across_a_cookie_key_rotation() {
     .await;
     assert_eq!(r.status, 400, "replay accepted: {}", r.dump());
 }
+
+/// `session.lifetime` shortened (a restart or a reload with a smaller value): sessions older
+/// than it are over. The record of sign-outs and back-channel logouts is kept for the current
+/// lifetime only, so a signed-out session that outlived it must not come back to life.
+#[tokio::test]
+async fn a_shortened_lifetime_ends_older_sessions_and_signed_out_ones_stay_ended() {
+    let redis = RedisServer::start().await;
+    let (pa, pb) = (free_port(), free_port());
+    let uris = redirect_uris(&[pa, pb]);
+    let idp = Idp::start(&[("IDP_REDIRECT_URIS", &uris)]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Coordinated, Some(&redis), 60);
+    let a = Gateway::start(gw_opts(pa, &idp, &upstream, &yaml, None)).await;
+    let b = Browser::new();
+    let r = login(&b, &a, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let copy = b.cookie_header(&a.url("/"));
+    let csrf = sign_out_csrf(&b, &a).await;
+    let out = post_sign_out(&b, &a, &csrf).await;
+    assert_eq!(out.status, 302, "{}", out.dump());
+    assert_eq!(api(&a, "/x", &copy).await.status, 401);
+
+    // The same deployment with `session.lifetime: 2s`, once the session is older than that.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let short = yaml.replacen("session: {", "session: { lifetime: 2s,", 1);
+    let shortened = Gateway::start(gw_opts(pb, &idp, &upstream, &short, None)).await;
+    let r = api(&shortened, "/x", &copy).await;
+    assert_eq!(r.status, 401, "a signed-out session is back: {}", r.dump());
+}

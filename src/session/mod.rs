@@ -198,6 +198,13 @@ impl Session {
         now >= self.expires_at
     }
 
+    /// Older than `lifetime` (the configured one, which may be shorter than the one it was
+    /// created under)?
+    pub fn outlived(&self, now: u64, lifetime: std::time::Duration) -> bool {
+        let lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+        now.saturating_mul(1000) >= self.created_at_ms.saturating_add(lifetime_ms)
+    }
+
     /// Unused for longer than `idle` (zero: no idle timeout)?
     pub fn is_idle(&self, now: u64, idle: std::time::Duration) -> bool {
         !idle.is_zero() && now > self.last_seen.saturating_add(idle.as_secs())

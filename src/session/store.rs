@@ -70,11 +70,15 @@ impl App {
         }
     }
 
-    /// Why a session that decrypted fine is over anyway, if it is.
+    /// Why a session that decrypted fine is over anyway, if it is. The current
+    /// `session.lifetime` bounds every session, also one sealed under a longer one: the
+    /// record of logouts is kept for that lifetime only, so an older session must not live on.
     pub fn ended(&self, s: &Session, now: u64) -> Option<CookieReject> {
         if self.revocations.is_revoked(s) {
             Some(CookieReject::Revoked)
-        } else if s.is_idle(now, self.cfg.session.idle_timeout) {
+        } else if s.is_idle(now, self.cfg.session.idle_timeout)
+            || s.outlived(now, self.cfg.session.lifetime)
+        {
             Some(CookieReject::Expired)
         } else {
             None
