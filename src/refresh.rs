@@ -459,12 +459,52 @@ async fn refresh_if_due(app: &Arc<App>, s: Session, now: u64) -> Fresh {
             Fresh::Ended
         };
     }
-    match app.refresher.refresh(app, &s).await {
-        Ok(next) => Fresh::Refreshed(next),
+    let before = app.cfg.session.refresh_before;
+    let mut latest = match app.refresher.refresh(app, &s).await {
+        Ok(next) => next,
         // Valid after the wait on the provider, not only when the request came.
-        Err(RefreshFailure::Unavailable) if now_secs() < s.access_expires_at => Fresh::Unchanged(s),
-        Err(RefreshFailure::Unavailable) => Fresh::Unavailable,
-        Err(RefreshFailure::InvalidGrant | RefreshFailure::TooLarge) => Fresh::Ended,
+        Err(RefreshFailure::Unavailable) if now_secs() < s.access_expires_at => {
+            return Fresh::Unchanged(s)
+        }
+        Err(e) => return failed(e),
+    };
+    // A result reused from an earlier refresh (the request carried a cookie from before it)
+    // may be due itself by now, when tokens live shorter than the reuse window: it is renewed
+    // in turn (once per generation, as any refresh), so that an expired token is never
+    // forwarded. Only a result issued before this request came can be stale: what the
+    // provider has just issued is forwarded as it is.
+    let stale = |s: &Session| s.access_issued_at < now;
+    for _ in 0..MAX_CHAIN {
+        if !stale(&latest)
+            || latest.refresh_token.is_none()
+            || !needs_refresh(&latest, now_secs(), before)
+        {
+            break;
+        }
+        match app.refresher.refresh(app, &latest).await {
+            Ok(next) => latest = next,
+            // Its token serves while it is valid (checked below).
+            Err(RefreshFailure::Unavailable) => break,
+            Err(e) => return failed(e),
+        }
+    }
+    if stale(&latest) && latest.access_expires_at != 0 && now_secs() >= latest.access_expires_at {
+        return match latest.refresh_token {
+            Some(_) => Fresh::Unavailable,
+            None => Fresh::Ended,
+        };
+    }
+    Fresh::Refreshed(latest)
+}
+
+/// How many reused results a request renews in turn at most (see `refresh_if_due`).
+const MAX_CHAIN: usize = 3;
+
+/// A refresh that failed: the session is over, or (provider unavailable, token expired) 503.
+fn failed(e: RefreshFailure) -> Fresh {
+    match e {
+        RefreshFailure::Unavailable => Fresh::Unavailable,
+        RefreshFailure::InvalidGrant | RefreshFailure::TooLarge => Fresh::Ended,
     }
 }
 

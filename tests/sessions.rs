@@ -1704,3 +1704,41 @@ async fn a_shortened_lifetime_ends_older_sessions_and_signed_out_ones_stay_ended
     let r = api(&shortened, "/x", &copy).await;
     assert_eq!(r.status, 401, "a signed-out session is back: {}", r.dump());
 }
+
+/// A request with a cookie from before the last refresh reuses that refresh's result (its
+/// refresh token is spent) — but once the result's own token has expired too, it is renewed
+/// in turn: the upstream never gets an expired bearer.
+#[tokio::test]
+async fn an_older_cookie_never_forwards_the_expired_token_of_a_reused_refresh() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let old = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+
+    until_due(logged_in, 1).await;
+    let r = api(&gw, "/first", &old).await;
+    let refreshed = bearer_in(&r);
+    let refreshed_at = Instant::now();
+    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+
+    // The refreshed token expires; the old cookie comes again (within the reuse window).
+    tokio::time::sleep_until((refreshed_at + Duration::from_secs(AT_TTL + 1)).into()).await;
+    let r = api(&gw, "/again", &old).await;
+    let bearer = bearer_in(&r);
+    assert_ne!(
+        bearer, refreshed,
+        "the reused result's expired token was forwarded"
+    );
+    let me = send(
+        "GET",
+        &idp.url("/me"),
+        &[("authorization", &format!("Bearer {bearer}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(me.status, 200, "a dead token was forwarded: {}", me.dump());
+    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+}
