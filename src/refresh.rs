@@ -15,7 +15,7 @@ use crate::policy::Rejected;
 use crate::session::layer::{take_ready, BoxFuture};
 use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, Session};
 use crate::singleflight::SingleFlight;
-use http::header::{HeaderValue, SET_COOKIE};
+use http::header::{HeaderMap, HeaderValue, CACHE_CONTROL, SET_COOKIE};
 use http::{Request, Response};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -509,15 +509,85 @@ fn failed(e: RefreshFailure) -> Fresh {
 }
 
 fn append_cookies(resp: &mut Response<Body>, lines: Vec<HeaderValue>) {
+    if lines.is_empty() {
+        return;
+    }
+    keep_private(resp.headers_mut());
     for v in lines {
         resp.headers_mut().append(SET_COOKIE, v);
     }
+}
+
+/// An upstream answer that now carries the user's session cookie must not be stored by a
+/// shared cache, which would hand the cookie to whoever asks next (an asset behind the login
+/// marked `public, max-age=…`): `private` is added and `public` / `s-maxage` dropped; what
+/// the browser's own cache may do (`max-age`, `no-cache`, …) is kept.
+fn keep_private(headers: &mut HeaderMap) {
+    let directives: Vec<String> = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect();
+    let name = |d: &str| {
+        d.split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    };
+    if directives
+        .iter()
+        .any(|d| matches!(name(d).as_str(), "private" | "no-store"))
+    {
+        return;
+    }
+    let kept = directives
+        .iter()
+        .filter(|d| !matches!(name(d).as_str(), "public" | "s-maxage"))
+        .map(String::as_str);
+    let value = std::iter::once("private")
+        .chain(kept)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let value = HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("private"));
+    headers.insert(CACHE_CONTROL, value);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::session::Identity;
+
+    #[test]
+    fn a_response_carrying_a_session_cookie_is_kept_from_shared_caches() {
+        let private = |upstream: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in upstream {
+                h.append(CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+            }
+            keep_private(&mut h);
+            let all: Vec<&str> = h
+                .get_all(CACHE_CONTROL)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            all.join(" | ")
+        };
+        assert_eq!(private(&[]), "private");
+        assert_eq!(
+            private(&["public, max-age=600, s-maxage=3600"]),
+            "private, max-age=600"
+        );
+        assert_eq!(
+            private(&["Public", "max-age=60, must-revalidate"]),
+            "private, max-age=60, must-revalidate"
+        );
+        assert_eq!(private(&["no-store"]), "no-store");
+        assert_eq!(private(&["private, max-age=5"]), "private, max-age=5");
+    }
 
     #[test]
     fn refresh_window() {

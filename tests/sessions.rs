@@ -1742,3 +1742,29 @@ async fn an_older_cookie_never_forwards_the_expired_token_of_a_reused_refresh() 
     assert_eq!(me.status, 200, "a dead token was forwarded: {}", me.dump());
     assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
 }
+
+/// The refreshed session cookie rides on the upstream's answer: one the app marked for shared
+/// caches (an asset behind the login, `public, max-age=600`) is made private, or a CDN would
+/// hand the cookie — the session — to whoever asks for that asset next.
+#[tokio::test]
+async fn a_refreshed_cookie_never_rides_on_an_answer_shared_caches_may_store() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+
+    let r = api(&gw, "/cacheable/app.css", &cookie).await;
+    assert_eq!(r.header("cache-control"), Some("public, max-age=600"));
+    until_due(logged_in, 1).await;
+    let r = api(&gw, "/cacheable/app.css", &cookie).await;
+    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+    assert_eq!(
+        r.header("cache-control"),
+        Some("private, max-age=600"),
+        "{}",
+        r.dump()
+    );
+}
