@@ -36,7 +36,8 @@ log: {{ level: error }}
 fn session(token_bytes: usize) -> Session {
     Session {
         id: [3; 16],
-        created_at: 1,
+        // Now: the configured session.lifetime bounds a session's age.
+        created_at_ms: portcullis::session::now_millis(),
         expires_at: u64::MAX / 2,
         access_token: "t".repeat(token_bytes),
         access_expires_at: 0,

@@ -15,7 +15,7 @@ use crate::policy::Rejected;
 use crate::session::layer::{take_ready, BoxFuture};
 use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, Session};
 use crate::singleflight::SingleFlight;
-use http::header::{HeaderValue, SET_COOKIE};
+use http::header::{HeaderMap, HeaderValue, CACHE_CONTROL, SET_COOKIE};
 use http::{Request, Response};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -459,19 +459,101 @@ async fn refresh_if_due(app: &Arc<App>, s: Session, now: u64) -> Fresh {
             Fresh::Ended
         };
     }
-    match app.refresher.refresh(app, &s).await {
-        Ok(next) => Fresh::Refreshed(next),
+    let before = app.cfg.session.refresh_before;
+    let mut latest = match app.refresher.refresh(app, &s).await {
+        Ok(next) => next,
         // Valid after the wait on the provider, not only when the request came.
-        Err(RefreshFailure::Unavailable) if now_secs() < s.access_expires_at => Fresh::Unchanged(s),
-        Err(RefreshFailure::Unavailable) => Fresh::Unavailable,
-        Err(RefreshFailure::InvalidGrant | RefreshFailure::TooLarge) => Fresh::Ended,
+        Err(RefreshFailure::Unavailable) if now_secs() < s.access_expires_at => {
+            return Fresh::Unchanged(s)
+        }
+        Err(e) => return failed(e),
+    };
+    // A result reused from an earlier refresh (the request carried a cookie from before it)
+    // may be due itself by now, when tokens live shorter than the reuse window: it is renewed
+    // in turn (once per generation, as any refresh), so that an expired token is never
+    // forwarded. Only a result issued before this request came can be stale: what the
+    // provider has just issued is forwarded as it is.
+    let stale = |s: &Session| s.access_issued_at < now;
+    for _ in 0..MAX_CHAIN {
+        if !stale(&latest)
+            || latest.refresh_token.is_none()
+            || !needs_refresh(&latest, now_secs(), before)
+        {
+            break;
+        }
+        match app.refresher.refresh(app, &latest).await {
+            Ok(next) => latest = next,
+            // Its token serves while it is valid (checked below).
+            Err(RefreshFailure::Unavailable) => break,
+            Err(e) => return failed(e),
+        }
+    }
+    if stale(&latest) && latest.access_expires_at != 0 && now_secs() >= latest.access_expires_at {
+        return match latest.refresh_token {
+            Some(_) => Fresh::Unavailable,
+            None => Fresh::Ended,
+        };
+    }
+    Fresh::Refreshed(latest)
+}
+
+/// How many reused results a request renews in turn at most (see `refresh_if_due`).
+const MAX_CHAIN: usize = 3;
+
+/// A refresh that failed: the session is over, or (provider unavailable, token expired) 503.
+fn failed(e: RefreshFailure) -> Fresh {
+    match e {
+        RefreshFailure::Unavailable => Fresh::Unavailable,
+        RefreshFailure::InvalidGrant | RefreshFailure::TooLarge => Fresh::Ended,
     }
 }
 
 fn append_cookies(resp: &mut Response<Body>, lines: Vec<HeaderValue>) {
+    if lines.is_empty() {
+        return;
+    }
+    keep_private(resp.headers_mut());
     for v in lines {
         resp.headers_mut().append(SET_COOKIE, v);
     }
+}
+
+/// An upstream answer that now carries the user's session cookie must not be stored by a
+/// shared cache, which would hand the cookie to whoever asks next (an asset behind the login
+/// marked `public, max-age=…`): `private` is added and `public` / `s-maxage` dropped; what
+/// the browser's own cache may do (`max-age`, `no-cache`, …) is kept.
+fn keep_private(headers: &mut HeaderMap) {
+    let directives: Vec<String> = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect();
+    let name = |d: &str| {
+        d.split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    };
+    if directives
+        .iter()
+        .any(|d| matches!(name(d).as_str(), "private" | "no-store"))
+    {
+        return;
+    }
+    let kept = directives
+        .iter()
+        .filter(|d| !matches!(name(d).as_str(), "public" | "s-maxage"))
+        .map(String::as_str);
+    let value = std::iter::once("private")
+        .chain(kept)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let value = HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("private"));
+    headers.insert(CACHE_CONTROL, value);
 }
 
 #[cfg(test)]
@@ -480,10 +562,38 @@ mod tests {
     use crate::session::Identity;
 
     #[test]
+    fn a_response_carrying_a_session_cookie_is_kept_from_shared_caches() {
+        let private = |upstream: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in upstream {
+                h.append(CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+            }
+            keep_private(&mut h);
+            let all: Vec<&str> = h
+                .get_all(CACHE_CONTROL)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            all.join(" | ")
+        };
+        assert_eq!(private(&[]), "private");
+        assert_eq!(
+            private(&["public, max-age=600, s-maxage=3600"]),
+            "private, max-age=600"
+        );
+        assert_eq!(
+            private(&["Public", "max-age=60, must-revalidate"]),
+            "private, max-age=60, must-revalidate"
+        );
+        assert_eq!(private(&["no-store"]), "no-store");
+        assert_eq!(private(&["private, max-age=5"]), "private, max-age=5");
+    }
+
+    #[test]
     fn refresh_window() {
         let mut s = Session {
             id: [0; 16],
-            created_at: 0,
+            created_at_ms: 0,
             expires_at: 10_000,
             access_token: "a".into(),
             access_expires_at: 1000,

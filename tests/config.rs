@@ -788,3 +788,37 @@ fn the_environment_alone_is_a_configuration() {
         r.stderr
     );
 }
+
+/// `session.redis.url` is the Redis *store*'s: with `session.store: cookie` nothing uses it (the
+/// cookie store's coordination Redis is `session.coordination.redis_url`). A config that sets it
+/// there still loads, with a warning that names the key and what to set instead.
+#[test]
+fn a_redis_url_the_cookie_store_does_not_use_is_warned_about() {
+    let want = "warning: session.redis.url: not used with session.store: cookie";
+    let warned = |r: &Run, what: &str| {
+        assert_eq!(r.code, 0, "{what}: {}", r.stderr);
+        assert!(
+            r.stderr
+                .lines()
+                .any(|l| l.starts_with(want) && l.contains("session.coordination.redis_url")),
+            "{what}: {}",
+            r.stderr
+        );
+    };
+    let url = "redis://127.0.0.1:6379";
+    let cookie = format!("{}session: {{ redis: {{ url: \"{url}\" }} }}\n", minimal());
+    warned(&check_text(&cookie, &[]), "file");
+    warned(
+        &check_text(&minimal(), &[("PORTCULLIS_SESSION_REDIS_URL", url)]),
+        "env",
+    );
+    // Where it is used: no warning.
+    for used in [
+        format!("session: {{ store: redis, redis: {{ url: \"{url}\" }} }}\n"),
+        format!("session: {{ coordination: {{ redis_url: \"{url}\" }} }}\n"),
+    ] {
+        let r = check_text(&format!("{}{used}", minimal()), &[]);
+        assert_eq!(r.code, 0, "{used}: {}", r.stderr);
+        assert!(!r.stderr.contains("warning"), "{used}: {}", r.stderr);
+    }
+}

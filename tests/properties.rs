@@ -19,7 +19,7 @@ fn session_strategy() -> impl Strategy<Value = Session> {
     )
         .prop_map(|(id, t, at, rt, idt, sub, groups)| Session {
             id,
-            created_at: t / 2,
+            created_at_ms: t / 2,
             expires_at: t,
             access_token: at,
             access_expires_at: t / 3,

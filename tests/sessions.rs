@@ -1485,6 +1485,76 @@ async fn backchannel_logout_with_a_sid_spares_the_users_other_sessions() {
     assert_eq!(r.status, 200, "the phone was signed out too: {}", r.dump());
 }
 
+/// Sleeps until a wall-clock second has just begun, so that what follows happens within it.
+async fn at_the_start_of_a_second() {
+    let into = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis()
+    };
+    while into() > 50 {
+        tokio::time::sleep(Duration::from_millis(u64::from(1000 - into()).min(200))).await;
+    }
+}
+
+/// A logout token that names only the user (`backchannel_logout_session_required: false`,
+/// oidc-provider's default) ends the sessions they had, and not the one they open right after
+/// it, in the same second.
+async fn logging_in_again_right_after_a_back_channel_logout(store: Store) {
+    let redis = RedisServer::start().await;
+    let gw_port = free_port();
+    let bcl = format!("http://127.0.0.1:{gw_port}/oauth2/backchannel_logout");
+    let idp = Idp::start_for_gateway(
+        gw_port,
+        &[
+            ("IDP_BACKCHANNEL_LOGOUT_URI", &bcl),
+            ("IDP_BACKCHANNEL_LOGOUT_SUB_ONLY", "1"),
+        ],
+    )
+    .await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(store, Some(&redis), 60);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let b = Browser::new();
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let old = b.cookie_header(&gw.url("/"));
+
+    at_the_start_of_a_second().await;
+    end_provider_session(&b, &idp).await;
+    assert!(
+        idp.stdout().lines().any(|l| l.starts_with("BCL ok")),
+        "{}",
+        idp.tails()
+    );
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(
+        r.status,
+        200,
+        "the new login was ended by the logout before it: {}",
+        r.dump()
+    );
+    let new = b.cookie_header(&gw.url("/"));
+    assert_ne!(new, old);
+    assert_eq!(api(&gw, "/x", &new).await.status, 200);
+    assert_eq!(
+        api(&gw, "/x", &old).await.status,
+        401,
+        "the old session lives"
+    );
+}
+
+#[tokio::test]
+async fn logging_in_again_right_after_a_back_channel_logout_with_the_cookie_store() {
+    logging_in_again_right_after_a_back_channel_logout(Store::Coordinated).await;
+}
+
+#[tokio::test]
+async fn logging_in_again_right_after_a_back_channel_logout_with_the_redis_store() {
+    logging_in_again_right_after_a_back_channel_logout(Store::Redis).await;
+}
+
 /// `session.idle_timeout`: activity keeps a session alive (recorded by a re-issued cookie, or
 /// in Redis), and a session left unused longer than the timeout is over.
 async fn idle_timeout_ends_unused_sessions(store: Store) {
@@ -1525,4 +1595,176 @@ async fn idle_timeout_with_the_cookie_store() {
 #[tokio::test]
 async fn idle_timeout_with_the_redis_store() {
     idle_timeout_ends_unused_sessions(Store::Redis).await;
+}
+
+/// `cookie.secrets` rotated replica by replica (a new key first, the old one still listed):
+/// what a replica made with its first key still counts on one that rotated — the sign-out
+/// form's CSRF token, and the record that a logout token was used.
+#[tokio::test]
+async fn sign_out_and_logout_tokens_hold_across_a_cookie_key_rotation() {
+    let redis = RedisServer::start().await;
+    let (pa, pb) = (free_port(), free_port());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bcl = format!(
+        "http://127.0.0.1:{}/oauth2/backchannel_logout",
+        listener.local_addr().unwrap().port()
+    );
+    let uris = redirect_uris(&[pa, pb]);
+    let idp = Idp::start(&[
+        ("IDP_REDIRECT_URIS", &uris),
+        ("IDP_BACKCHANNEL_LOGOUT_URI", &bcl),
+    ])
+    .await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Coordinated, Some(&redis), 60);
+    let a = Gateway::start(gw_opts(pa, &idp, &upstream, &yaml, None)).await;
+    let mut rotated = gw_opts(pb, &idp, &upstream, &yaml, None);
+    rotated.secrets = vec![key(2), key(1)];
+    let b = Gateway::start(rotated).await;
+    let relay = Relay::serve(listener, a.url("/oauth2/backchannel_logout"));
+
+    // The sign-out form shown by A, posted to B.
+    let alice = Browser::new();
+    let r = login(&alice, &a, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let cookie = alice.cookie_header(&a.url("/"));
+    let csrf = sign_out_csrf(&alice, &a).await;
+    let out = send(
+        "POST",
+        &b.url("/oauth2/sign_out"),
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", &b.origin()),
+            ("cookie", &cookie),
+        ],
+        format!("csrf={}", enc(&csrf)),
+    )
+    .await;
+    assert_eq!(out.status, 302, "sign-out refused: {}", out.dump());
+    assert_session_cleared(&out, "sign-out on B");
+    eventually("the session ended on A too", || async {
+        let r = api(&a, "/x", &cookie).await;
+        if r.status == 401 {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+
+    // A logout token delivered to A, replayed to B.
+    let bob = Browser::new();
+    let r = login(&bob, &a, "/", "bob").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    end_provider_session(&bob, &idp).await;
+    let tokens = eventually("the provider delivers the back-channel logout", || async {
+        let t = relay.bodies();
+        if t.is_empty() {
+            Err(idp.tails())
+        } else {
+            Ok(t)
+        }
+    })
+    .await;
+    let r = send(
+        "POST",
+        &b.url("/oauth2/backchannel_logout"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        tokens[0].clone(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "replay accepted: {}", r.dump());
+}
+
+/// `session.lifetime` shortened (a restart or a reload with a smaller value): sessions older
+/// than it are over. The record of sign-outs and back-channel logouts is kept for the current
+/// lifetime only, so a signed-out session that outlived it must not come back to life.
+#[tokio::test]
+async fn a_shortened_lifetime_ends_older_sessions_and_signed_out_ones_stay_ended() {
+    let redis = RedisServer::start().await;
+    let (pa, pb) = (free_port(), free_port());
+    let uris = redirect_uris(&[pa, pb]);
+    let idp = Idp::start(&[("IDP_REDIRECT_URIS", &uris)]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Coordinated, Some(&redis), 60);
+    let a = Gateway::start(gw_opts(pa, &idp, &upstream, &yaml, None)).await;
+    let b = Browser::new();
+    let r = login(&b, &a, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let copy = b.cookie_header(&a.url("/"));
+    let csrf = sign_out_csrf(&b, &a).await;
+    let out = post_sign_out(&b, &a, &csrf).await;
+    assert_eq!(out.status, 302, "{}", out.dump());
+    assert_eq!(api(&a, "/x", &copy).await.status, 401);
+
+    // The same deployment with `session.lifetime: 2s`, once the session is older than that.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let short = yaml.replacen("session: {", "session: { lifetime: 2s,", 1);
+    let shortened = Gateway::start(gw_opts(pb, &idp, &upstream, &short, None)).await;
+    let r = api(&shortened, "/x", &copy).await;
+    assert_eq!(r.status, 401, "a signed-out session is back: {}", r.dump());
+}
+
+/// A request with a cookie from before the last refresh reuses that refresh's result (its
+/// refresh token is spent) — but once the result's own token has expired too, it is renewed
+/// in turn: the upstream never gets an expired bearer.
+#[tokio::test]
+async fn an_older_cookie_never_forwards_the_expired_token_of_a_reused_refresh() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let old = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+
+    until_due(logged_in, 1).await;
+    let r = api(&gw, "/first", &old).await;
+    let refreshed = bearer_in(&r);
+    let refreshed_at = Instant::now();
+    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+
+    // The refreshed token expires; the old cookie comes again (within the reuse window).
+    tokio::time::sleep_until((refreshed_at + Duration::from_secs(AT_TTL + 1)).into()).await;
+    let r = api(&gw, "/again", &old).await;
+    let bearer = bearer_in(&r);
+    assert_ne!(
+        bearer, refreshed,
+        "the reused result's expired token was forwarded"
+    );
+    let me = send(
+        "GET",
+        &idp.url("/me"),
+        &[("authorization", &format!("Bearer {bearer}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(me.status, 200, "a dead token was forwarded: {}", me.dump());
+    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+}
+
+/// The refreshed session cookie rides on the upstream's answer: one the app marked for shared
+/// caches (an asset behind the login, `public, max-age=600`) is made private, or a CDN would
+/// hand the cookie — the session — to whoever asks for that asset next.
+#[tokio::test]
+async fn a_refreshed_cookie_never_rides_on_an_answer_shared_caches_may_store() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+
+    let r = api(&gw, "/cacheable/app.css", &cookie).await;
+    assert_eq!(r.header("cache-control"), Some("public, max-age=600"));
+    until_due(logged_in, 1).await;
+    let r = api(&gw, "/cacheable/app.css", &cookie).await;
+    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+    assert_eq!(
+        r.header("cache-control"),
+        Some("private, max-age=600"),
+        "{}",
+        r.dump()
+    );
 }

@@ -121,6 +121,8 @@ pub struct SessionConfig {
     pub refresh_before: Duration,
     /// End sessions unused for this long (zero: never).
     pub idle_timeout: Duration,
+    /// `session.redis.url` was set with `store: cookie`, which does not use it (warned about).
+    pub unused_redis_url: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,18 +185,22 @@ pub struct LogConfig {
 }
 
 impl Config {
-    /// What is allowed but unsafe, for start-up and `check` to say: a published example
-    /// cookie key (anyone can forge sessions with it).
+    /// What is allowed but unsafe or unused, for start-up and `check` to say: a published
+    /// example cookie key (anyone can forge sessions with it), a Redis URL nothing uses.
     pub fn warnings(&self) -> Vec<String> {
         let published = self.cookie.keys.iter().any(super::secret::is_published);
-        published
-            .then(|| {
-                "cookie.secrets: a key is one this project published as an example: anyone can \
-                 forge sessions with it; generate one with `portcullis secret`"
-                    .to_string()
-            })
-            .into_iter()
-            .collect()
+        let published = published.then(|| {
+            "cookie.secrets: a key is one this project published as an example: anyone can \
+             forge sessions with it; generate one with `portcullis secret`"
+                .to_string()
+        });
+        let unused_redis = self.session.unused_redis_url.then(|| {
+            "session.redis.url: not used with session.store: cookie (no refresh coordination \
+             across replicas, no back-channel logout); set session.store: redis to keep sessions \
+             there, or session.coordination.redis_url for coordination only"
+                .to_string()
+        });
+        published.into_iter().chain(unused_redis).collect()
     }
 }
 
@@ -930,6 +936,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             redis,
             refresh_before: raw.session.refresh_before,
             idle_timeout: raw.session.idle_timeout,
+            unused_redis_url: store == StoreKind::Cookie
+                && !raw.session.redis.url.is_empty()
+                && raw.session.redis.url != raw.session.coordination.redis_url,
         },
         headers,
         timeouts,

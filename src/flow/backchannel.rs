@@ -21,6 +21,15 @@ fn answer(status: StatusCode, error: Option<&str>) -> Response<Body> {
     resp
 }
 
+/// The digest naming a logout token's `jti` in Redis: fixed length, any bytes.
+fn jti_digest(jti: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(jti.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
     if app.redis.is_none() {
         return answer(
@@ -49,12 +58,13 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
     };
     // Each logout token is accepted once (jti), across replicas. The record holds a token of
     // this attempt's, so that undoing it never removes another replica's record of the same
-    // logout (which would let the token be replayed).
+    // logout (which would let the token be replayed). Named by an unkeyed digest of the jti
+    // (not a secret): replicas agree on it whatever their cookie keys, also across a rotation.
     let attempt = super::random_token();
     let jti_key = app
         .redis
         .as_deref()
-        .map(|r| r.key(&["jti", &app.cookies.keys.mac(b"jti", claims.jti.as_bytes())]));
+        .map(|r| r.key(&["jti", &jti_digest(&claims.jti)]));
     if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
         match redis
             .try_lock(key, &attempt, crate::oidc::logout::REPLAY_WINDOW)

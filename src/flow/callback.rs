@@ -200,7 +200,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     let lifetime = app.cookies.lifetime.as_secs();
     let session = Session {
         id: random_bytes::<16>(),
-        created_at: now,
+        created_at_ms: crate::session::now_millis(),
         expires_at: now + lifetime,
         access_token: tokens.access_token,
         access_expires_at: tokens.expires_in.map_or(0, |d| now + d.as_secs()),

@@ -3,7 +3,6 @@
 
 use crate::app::App;
 use crate::body::{read_client_body, Body};
-use crate::config::secret::ct_eq;
 use crate::pages;
 use crate::session::store::Loaded;
 use crate::session::{CookieJar, Session};
@@ -108,7 +107,13 @@ async fn end_session(
             .find(|(k, _)| k == "csrf")
             .map(|(_, v)| v.into_owned())
             .unwrap_or_default();
-        if !ct_eq(sent.as_bytes(), csrf_token(app, s).as_bytes()) {
+        // Made with the first cookie key, checked with each: a form shown before a key
+        // rotation, or by a replica that has not rotated yet, still signs out.
+        if !app
+            .cookies
+            .keys
+            .mac_matches(b"sign_out", &s.id, sent.as_bytes())
+        {
             return pages::html(
                 StatusCode::FORBIDDEN,
                 "Sign-out refused",

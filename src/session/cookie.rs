@@ -466,7 +466,7 @@ mod tests {
     fn session(token_len: usize) -> Session {
         Session {
             id: [1; 16],
-            created_at: 0,
+            created_at_ms: 0,
             expires_at: 1000,
             access_token: "a".repeat(token_len),
             access_expires_at: 0,

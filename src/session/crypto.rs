@@ -37,8 +37,10 @@ struct Key {
 /// Keys built once at start-up: the first seals, every key opens.
 pub struct KeyRing {
     keys: Vec<Key>,
-    /// Derived MAC key for small non-secret tokens (CSRF), independent of the AEAD keys.
-    mac_key: [u8; 32],
+    /// Derived MAC keys for small non-secret tokens (CSRF), independent of the AEAD keys, one
+    /// per key: the first makes tokens, all check them (a token made before a rotation, or
+    /// by a replica not rotated yet, still counts).
+    mac_keys: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -69,8 +71,8 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 impl KeyRing {
     /// `keys` must not be empty (config validation guarantees it).
     pub fn new(keys: &[CookieKey]) -> Self {
-        let mac_key = keys
-            .first()
+        let mac_keys = keys
+            .iter()
             .map(|k| {
                 Sha256::new()
                     .chain_update(b"portcullis mac key\0")
@@ -78,7 +80,7 @@ impl KeyRing {
                     .finalize()
                     .into()
             })
-            .unwrap_or([0u8; 32]);
+            .collect();
         Self {
             keys: keys
                 .iter()
@@ -87,7 +89,7 @@ impl KeyRing {
                     cipher: Aes256Gcm::new(&k.0.into()),
                 })
                 .collect(),
-            mac_key,
+            mac_keys,
         }
     }
 
@@ -184,16 +186,30 @@ impl KeyRing {
         })
     }
 
-    /// A keyed digest (for CSRF tokens bound to a session), base64url.
+    /// A keyed digest (for CSRF tokens bound to a session), base64url, with the first key.
     pub fn mac(&self, purpose: &[u8], data: &[u8]) -> String {
-        let d = Sha256::new()
-            .chain_update(self.mac_key)
-            .chain_update(purpose)
-            .chain_update([0u8])
-            .chain_update(data)
-            .finalize();
-        URL_SAFE_NO_PAD.encode(d)
+        self.mac_keys
+            .first()
+            .map(|k| mac_with(k, purpose, data))
+            .unwrap_or_default()
     }
+
+    /// Is `sent` the digest `mac` gives with any of the keys? (Constant time for each.)
+    pub fn mac_matches(&self, purpose: &[u8], data: &[u8], sent: &[u8]) -> bool {
+        self.mac_keys.iter().fold(false, |found, k| {
+            crate::config::secret::ct_eq(sent, mac_with(k, purpose, data).as_bytes()) | found
+        })
+    }
+}
+
+fn mac_with(key: &[u8; 32], purpose: &[u8], data: &[u8]) -> String {
+    let d = Sha256::new()
+        .chain_update(key)
+        .chain_update(purpose)
+        .chain_update([0u8])
+        .chain_update(data)
+        .finalize();
+    URL_SAFE_NO_PAD.encode(d)
 }
 
 #[cfg(test)]
@@ -202,6 +218,18 @@ mod tests {
 
     fn ring(b: u8) -> KeyRing {
         KeyRing::new(&[CookieKey([b; 32])])
+    }
+
+    #[test]
+    fn macs_of_every_key_are_accepted() {
+        let old = ring(1);
+        let rotated = KeyRing::new(&[CookieKey([2; 32]), CookieKey([1; 32])]);
+        let before = old.mac(b"p", b"d");
+        assert!(rotated.mac_matches(b"p", b"d", before.as_bytes()));
+        assert!(!old.mac_matches(b"p", b"d", rotated.mac(b"p", b"d").as_bytes()));
+        assert!(!rotated.mac_matches(b"q", b"d", before.as_bytes()));
+        assert!(!rotated.mac_matches(b"p", b"e", before.as_bytes()));
+        assert!(!rotated.mac_matches(b"p", b"d", b""));
     }
 
     #[test]

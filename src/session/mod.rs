@@ -18,14 +18,23 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bumped when the encoding changes; older values then read as "no session" unless read
 /// below. Flow states are still at 2; sessions moved to `SESSION_SCHEMA`, and the session
-/// schema 2 is still read. (3 is a reference to a stored session.)
+/// schemas 2 and 4 are still read. (3 is a reference to a stored session.)
 const SCHEMA: u8 = 2;
-const SESSION_SCHEMA: u8 = 4;
+const SESSION_SCHEMA_4: u8 = 4;
+const SESSION_SCHEMA: u8 = 5;
 
 pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the epoch: orders a login and a logout within the same second.
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -55,7 +64,9 @@ impl fmt::Debug for Identity {
 pub struct Session {
     /// Random id: keys single-flight refresh and server-side storage.
     pub id: [u8; 16],
-    pub created_at: u64,
+    /// When the user logged in, in milliseconds since the epoch: a logout recorded after it
+    /// ends the session, one recorded before it (in the same second too) does not.
+    pub created_at_ms: u64,
     /// End of the session's life (absolute, seconds since the epoch).
     pub expires_at: u64,
     pub access_token: String,
@@ -119,11 +130,44 @@ impl From<SessionV2> for Session {
     fn from(v: SessionV2) -> Self {
         Session {
             id: v.id,
-            created_at: v.created_at,
+            created_at_ms: v.created_at.saturating_mul(1000),
             expires_at: v.expires_at,
             access_token: v.access_token,
             access_expires_at: v.access_expires_at,
             access_issued_at: 0,
+            refresh_token: v.refresh_token,
+            id_token: v.id_token,
+            identity: v.identity,
+            last_seen: v.last_seen,
+        }
+    }
+}
+
+/// A session as schema 4 encoded it (its creation time in seconds).
+#[derive(Serialize, Deserialize)]
+struct SessionV4 {
+    id: [u8; 16],
+    created_at: u64,
+    expires_at: u64,
+    access_token: String,
+    access_expires_at: u64,
+    access_issued_at: u64,
+    refresh_token: Option<String>,
+    id_token: Option<String>,
+    identity: Identity,
+    last_seen: u64,
+}
+
+impl From<SessionV4> for Session {
+    fn from(v: SessionV4) -> Self {
+        Session {
+            id: v.id,
+            // The start of its second: a logout within that second still ends it, as before.
+            created_at_ms: v.created_at.saturating_mul(1000),
+            expires_at: v.expires_at,
+            access_token: v.access_token,
+            access_expires_at: v.access_expires_at,
+            access_issued_at: v.access_issued_at,
             refresh_token: v.refresh_token,
             id_token: v.id_token,
             identity: v.identity,
@@ -142,6 +186,9 @@ impl Session {
             Some((&SESSION_SCHEMA, rest)) => {
                 postcard::from_bytes(rest).map_err(|_| DecodeError::Malformed)
             }
+            Some((&SESSION_SCHEMA_4, rest)) => postcard::from_bytes::<SessionV4>(rest)
+                .map(Session::from)
+                .map_err(|_| DecodeError::Malformed),
             Some((&SCHEMA, _)) => decode_versioned::<SessionV2>(bytes).map(Session::from),
             _ => Err(DecodeError::Schema),
         }
@@ -149,6 +196,13 @@ impl Session {
 
     pub fn is_expired(&self, now: u64) -> bool {
         now >= self.expires_at
+    }
+
+    /// Older than `lifetime` (the configured one, which may be shorter than the one it was
+    /// created under)?
+    pub fn outlived(&self, now: u64, lifetime: std::time::Duration) -> bool {
+        let lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+        now.saturating_mul(1000) >= self.created_at_ms.saturating_add(lifetime_ms)
     }
 
     /// Unused for longer than `idle` (zero: no idle timeout)?
@@ -201,7 +255,9 @@ pub enum CookieValue {
 impl CookieValue {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         match bytes.split_first() {
-            Some((&SESSION_SCHEMA | &SCHEMA, _)) => Session::decode(bytes).map(CookieValue::Full),
+            Some((&SESSION_SCHEMA | &SESSION_SCHEMA_4 | &SCHEMA, _)) => {
+                Session::decode(bytes).map(CookieValue::Full)
+            }
             Some((&REF_SCHEMA, rest)) => rest
                 .try_into()
                 .map(CookieValue::Ref)
@@ -255,7 +311,7 @@ pub(crate) mod tests {
         let s = sample();
         let v2 = SessionV2 {
             id: s.id,
-            created_at: s.created_at,
+            created_at: s.created_at_ms / 1000,
             expires_at: s.expires_at,
             access_token: s.access_token.clone(),
             access_expires_at: s.access_expires_at,
@@ -267,6 +323,7 @@ pub(crate) mod tests {
         let old = encode_versioned(&v2);
         let read = Session::decode(&old).unwrap();
         assert_eq!(read.access_issued_at, 0);
+        assert_eq!(read.created_at_ms, 1000);
         assert_eq!(read.access_token, s.access_token);
         assert_eq!(read.identity, s.identity);
         assert!(matches!(
@@ -278,10 +335,33 @@ pub(crate) mod tests {
         assert_eq!(Session::decode(&new).unwrap(), s);
     }
 
+    #[test]
+    fn sessions_of_schema_4_still_open() {
+        let s = sample();
+        let v4 = SessionV4 {
+            id: s.id,
+            created_at: 1,
+            expires_at: s.expires_at,
+            access_token: s.access_token.clone(),
+            access_expires_at: s.access_expires_at,
+            access_issued_at: s.access_issued_at,
+            refresh_token: s.refresh_token.clone(),
+            id_token: s.id_token.clone(),
+            identity: s.identity.clone(),
+            last_seen: s.last_seen,
+        };
+        let old = postcard::to_extend(&v4, vec![SESSION_SCHEMA_4]).unwrap();
+        assert_eq!(Session::decode(&old).unwrap(), s);
+        assert!(matches!(
+            CookieValue::decode(&old),
+            Ok(CookieValue::Full(_))
+        ));
+    }
+
     pub fn sample() -> Session {
         Session {
             id: [7; 16],
-            created_at: 1,
+            created_at_ms: 1000,
             expires_at: 2,
             access_token: "at".into(),
             access_expires_at: 3,

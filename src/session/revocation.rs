@@ -3,6 +3,11 @@
 //! signed out of (`id`), whose cookies may live on elsewhere (the cookie store). Kept in the
 //! coordination Redis (a sorted set scored by time) and mirrored in every replica, so the
 //! per-request check is a local lookup.
+//!
+//! Times are in milliseconds: a user who logs in again in the second their sessions were
+//! ended must not find the new session ended too. Redis members carry their millisecond as
+//! `ms:<millis>:<what>` and are scored in seconds (older releases wrote `<what>` alone, read
+//! as the end of its second).
 
 use crate::session::Session;
 use crate::store::Redis;
@@ -12,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-/// What is revoked, each kind in a map of its own, so that a check looks up borrowed keys and
-/// allocates nothing.
+/// What is revoked (each with the logout's time in milliseconds), each kind in a map of its
+/// own, so that a check looks up borrowed keys and allocates nothing.
 #[derive(Clone, Default)]
 struct Revoked {
     sids: HashMap<String, u64>,
@@ -26,9 +31,10 @@ impl Revoked {
         self.sids.is_empty() && self.subs.is_empty() && self.ids.is_empty()
     }
 
-    /// Adds a "sid:<sid>" / "sub:<sub>" / "id:<hex id>" entry (the Redis member format).
-    fn add(&mut self, key: &str, at: u64) {
-        let newest = |t: &mut u64| *t = (*t).max(at);
+    /// Adds a "sid:<sid>" / "sub:<sub>" / "id:<hex id>" entry (the Redis member format) of a
+    /// logout at `at_ms`.
+    fn add(&mut self, key: &str, at_ms: u64) {
+        let newest = |t: &mut u64| *t = (*t).max(at_ms);
         if let Some(sid) = key.strip_prefix("sid:") {
             newest(self.sids.entry(sid.to_string()).or_default());
         } else if let Some(sub) = key.strip_prefix("sub:") {
@@ -38,11 +44,30 @@ impl Revoked {
         }
     }
 
-    fn retain_after(&mut self, horizon: u64) {
-        self.sids.retain(|_, t| *t >= horizon);
-        self.subs.retain(|_, t| *t >= horizon);
-        self.ids.retain(|_, t| *t >= horizon);
+    /// Adds a member as Redis holds it, scored in seconds.
+    fn add_member(&mut self, member: &str, score_secs: u64) {
+        let timed = member
+            .strip_prefix("ms:")
+            .and_then(|m| m.split_once(':'))
+            .and_then(|(ms, what)| Some((ms.parse::<u64>().ok()?, what)));
+        match timed {
+            Some((at_ms, what)) => self.add(what, at_ms),
+            // An older release's entry: the end of its second, so that it still ends every
+            // session created within that second, as it did there.
+            None => self.add(member, score_secs.saturating_mul(1000).saturating_add(999)),
+        }
     }
+
+    fn retain_after(&mut self, horizon_ms: u64) {
+        self.sids.retain(|_, t| *t >= horizon_ms);
+        self.subs.retain(|_, t| *t >= horizon_ms);
+        self.ids.retain(|_, t| *t >= horizon_ms);
+    }
+}
+
+/// The Redis member for a logout of `what` at `at_ms`.
+fn member(what: &str, at_ms: u64) -> String {
+    format!("ms:{at_ms}:{what}")
 }
 
 fn parse_id(hex: &str) -> Option<[u8; 16]> {
@@ -60,7 +85,7 @@ fn parse_id(hex: &str) -> Option<[u8; 16]> {
 
 #[derive(Default)]
 pub struct Revocations {
-    /// What is revoked → unix time of the logout.
+    /// What is revoked → time of the logout (milliseconds since the epoch).
     map: ArcSwap<Revoked>,
     synced_to: AtomicU64,
     /// The current config's `session.lifetime`, in seconds: how long the mirror keeps a
@@ -76,7 +101,7 @@ impl Revocations {
         if map.is_empty() {
             return false;
         }
-        let since = |t: Option<&u64>| t.is_some_and(|t| *t >= s.created_at);
+        let since = |t: Option<&u64>| t.is_some_and(|t| *t >= s.created_at_ms);
         s.identity
             .sid
             .as_deref()
@@ -85,30 +110,31 @@ impl Revocations {
             || since(map.ids.get(&s.id))
     }
 
-    fn apply(&self, items: impl IntoIterator<Item = (String, u64)>, horizon: u64) {
+    /// Applies Redis members (with their scores, in seconds) to the mirror.
+    fn apply(&self, members: impl IntoIterator<Item = (String, u64)>, horizon_ms: u64) {
         let mut next = Revoked::clone(&self.map.load());
-        for (k, t) in items {
-            next.add(&k, t);
+        for (m, score) in members {
+            next.add_member(&m, score);
         }
-        next.retain_after(horizon);
+        next.retain_after(horizon_ms);
         self.map.store(Arc::new(next));
     }
 
-    /// Records a logout here and in Redis.
+    /// Records a logout at `now_ms` here and in Redis.
     pub async fn record(
         &self,
         redis: Option<&Redis>,
         sid: Option<&str>,
         sub: Option<&str>,
-        now: u64,
+        now_ms: u64,
         lifetime: Duration,
     ) -> Result<(), crate::store::StoreError> {
-        let items: Vec<(String, u64)> = sid
-            .map(|s| (format!("sid:{s}"), now))
+        let items: Vec<String> = sid
+            .map(|s| format!("sid:{s}"))
             .into_iter()
-            .chain(sub.map(|s| (format!("sub:{s}"), now)))
+            .chain(sub.map(|s| format!("sub:{s}")))
             .collect();
-        self.record_items(redis, items, now, lifetime).await
+        self.record_items(redis, items, now_ms, lifetime).await
     }
 
     /// Records that one session was signed out of: here at once, in Redis for the others.
@@ -116,25 +142,35 @@ impl Revocations {
         &self,
         redis: Option<&Redis>,
         s: &Session,
-        now: u64,
+        now_ms: u64,
         lifetime: Duration,
     ) -> Result<(), crate::store::StoreError> {
-        let items = vec![(format!("id:{}", s.id_hex()), now)];
-        self.record_items(redis, items, now, lifetime).await
+        let items = vec![format!("id:{}", s.id_hex())];
+        self.record_items(redis, items, now_ms, lifetime).await
     }
 
     async fn record_items(
         &self,
         redis: Option<&Redis>,
-        items: Vec<(String, u64)>,
-        now: u64,
+        items: Vec<String>,
+        now_ms: u64,
         lifetime: Duration,
     ) -> Result<(), crate::store::StoreError> {
-        let horizon = now.saturating_sub(lifetime.as_secs());
-        self.apply(items.clone(), horizon);
+        let horizon_ms = now_ms.saturating_sub(lifetime.as_millis().try_into().unwrap_or(u64::MAX));
+        let mut next = Revoked::clone(&self.map.load());
+        for what in &items {
+            next.add(what, now_ms);
+        }
+        next.retain_after(horizon_ms);
+        self.map.store(Arc::new(next));
         if let Some(r) = redis {
-            let scored: Vec<(u64, String)> = items.into_iter().map(|(k, t)| (t, k)).collect();
-            r.zadd_trim(&r.key(&["revoked"]), &scored, horizon).await?;
+            let secs = now_ms / 1000;
+            let scored: Vec<(u64, String)> = items
+                .iter()
+                .map(|what| (secs, member(what, now_ms)))
+                .collect();
+            r.zadd_trim(&r.key(&["revoked"]), &scored, horizon_ms / 1000)
+                .await?;
         }
         Ok(())
     }
@@ -144,7 +180,7 @@ impl Revocations {
             .store(lifetime.as_secs(), Ordering::Relaxed);
     }
 
-    /// Logouts before this are past every session's lifetime.
+    /// Logouts before this (seconds) are past every session's lifetime.
     fn horizon(&self, now: u64) -> u64 {
         now.saturating_sub(self.lifetime_secs.load(Ordering::Relaxed))
     }
@@ -159,7 +195,7 @@ impl Revocations {
             let from = self.synced_to.load(Ordering::Relaxed).max(horizon);
             if let Ok(items) = redis.zrange_from(&key, from).await {
                 if !items.is_empty() {
-                    self.apply(items, horizon);
+                    self.apply(items, horizon.saturating_mul(1000));
                 }
                 // Re-read the last second: logouts recorded in the same second are not missed.
                 self.synced_to
@@ -179,22 +215,57 @@ mod tests {
     fn revoked_by_sid_sub_or_id_since_the_logout() {
         let r = Revocations::default();
         let mut s = crate::session::tests::sample();
-        s.created_at = 100;
+        s.created_at_ms = 100_000;
         assert!(!r.is_revoked(&s));
-        r.apply([(format!("id:{}", s.id_hex()), 150)], 0);
+        r.apply([(member(&format!("id:{}", s.id_hex()), 150_000), 150)], 0);
         assert!(r.is_revoked(&s), "its id");
         let mut other = s.clone();
         other.id = [9; 16];
         assert!(!r.is_revoked(&other), "another session of the user");
-        r.apply([(format!("sub:{}", s.identity.sub), 90)], 0);
+        r.apply(
+            [(member(&format!("sub:{}", s.identity.sub), 90_000), 90)],
+            0,
+        );
         assert!(!r.is_revoked(&other), "a logout before it was created");
-        r.apply([(format!("sub:{}", s.identity.sub), 120)], 0);
+        r.apply(
+            [(member(&format!("sub:{}", s.identity.sub), 120_000), 120)],
+            0,
+        );
         assert!(r.is_revoked(&other), "its user, after it was created");
         // Old entries go; garbage is ignored.
-        r.apply([("id:zz".to_string(), 200), ("what".to_string(), 200)], 130);
+        r.apply(
+            [
+                ("id:zz".to_string(), 200),
+                ("what".to_string(), 200),
+                ("ms:x:sub:a".to_string(), 200),
+            ],
+            130_000,
+        );
         assert!(!r.is_revoked(&other));
         assert!(r.is_revoked(&s));
         assert_eq!(parse_id(&s.id_hex()), Some(s.id));
+    }
+
+    #[test]
+    fn a_login_in_the_second_of_a_logout_is_ordered_by_the_millisecond() {
+        let r = Revocations::default();
+        let mut before = crate::session::tests::sample();
+        before.created_at_ms = 100_200;
+        let mut after = before.clone();
+        after.created_at_ms = 100_700;
+        r.apply(
+            [(
+                member(&format!("sub:{}", before.identity.sub), 100_500),
+                100,
+            )],
+            0,
+        );
+        assert!(r.is_revoked(&before), "logged in before the logout");
+        assert!(!r.is_revoked(&after), "logged in again after it");
+        // An older release's entry (seconds only) still ends the whole second's sessions.
+        let r = Revocations::default();
+        r.apply([(format!("sub:{}", before.identity.sub), 100)], 0);
+        assert!(r.is_revoked(&before) && r.is_revoked(&after));
     }
 
     #[test]

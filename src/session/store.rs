@@ -2,7 +2,7 @@
 //! a sealed session id. Redis values are sealed with the same key ring, so Redis never sees a
 //! token in clear. Both paths apply the back-channel logout record.
 
-use super::{now_secs, CookieJar, CookieReject, CookieValue, Session};
+use super::{now_millis, now_secs, CookieJar, CookieReject, CookieValue, Session};
 use crate::app::App;
 use crate::config::StoreKind;
 use crate::store::{Redis, StoreError};
@@ -70,11 +70,15 @@ impl App {
         }
     }
 
-    /// Why a session that decrypted fine is over anyway, if it is.
+    /// Why a session that decrypted fine is over anyway, if it is. The current
+    /// `session.lifetime` bounds every session, also one sealed under a longer one: the
+    /// record of logouts is kept for that lifetime only, so an older session must not live on.
     pub fn ended(&self, s: &Session, now: u64) -> Option<CookieReject> {
         if self.revocations.is_revoked(s) {
             Some(CookieReject::Revoked)
-        } else if s.is_idle(now, self.cfg.session.idle_timeout) {
+        } else if s.is_idle(now, self.cfg.session.idle_timeout)
+            || s.outlived(now, self.cfg.session.lifetime)
+        {
             Some(CookieReject::Expired)
         } else {
             None
@@ -152,7 +156,7 @@ impl App {
             let lifetime = self.cfg.session.lifetime;
             let recorded = self
                 .revocations
-                .record_session(self.redis.as_deref(), s, now_secs(), lifetime)
+                .record_session(self.redis.as_deref(), s, now_millis(), lifetime)
                 .await;
             if let Err(e) = recorded {
                 // Revoked on this replica; the others learn it only if Redis comes back.
@@ -176,13 +180,12 @@ impl App {
         sid: Option<&str>,
         sub: Option<&str>,
     ) -> Result<(), StoreError> {
-        let now = now_secs();
         self.revocations
             .record(
                 self.redis.as_deref(),
                 sid,
                 sub,
-                now,
+                now_millis(),
                 self.cfg.session.lifetime,
             )
             .await?;

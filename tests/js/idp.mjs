@@ -25,6 +25,9 @@
 //                                  "/oauth2/signed_out".
 //   IDP_BACKCHANNEL_LOGOUT_URI     the client's backchannel_logout_uri (with
 //                                  backchannel_logout_session_required: true)
+//   IDP_BACKCHANNEL_LOGOUT_SUB_ONLY "1": backchannel_logout_session_required
+//                                  false (oidc-provider's default), so logout
+//                                  tokens name the user (sub) and no sid
 //   IDP_ROTATE_REFRESH_TOKEN       "1" rotates refresh tokens on every use
 //                                  (default: never rotate)
 //   IDP_NO_REFRESH_TOKEN           "1" issues no refresh token at all (default:
@@ -98,6 +101,7 @@ const ROTATE_RT = env.IDP_ROTATE_REFRESH_TOKEN === '1';
 const NO_RT = env.IDP_NO_REFRESH_TOKEN === '1';
 const STRICT_CLIENT_AUTH = env.IDP_STRICT_CLIENT_AUTH === '1';
 const BACKCHANNEL_URI = env.IDP_BACKCHANNEL_LOGOUT_URI || '';
+const BACKCHANNEL_SUB_ONLY = env.IDP_BACKCHANNEL_LOGOUT_SUB_ONLY === '1';
 const LOG = env.IDP_LOG !== '0';
 // IDP_CONFORM_ID_TOKEN_CLAIMS=1: oidc-provider's default, where the scope claims (email,
 // name, groups) go to userinfo only and the code flow's ID token carries just `sub`.
@@ -128,7 +132,7 @@ const mainClient = {
   scope: SCOPE,
   ...(BACKCHANNEL_URI ? {
     backchannel_logout_uri: BACKCHANNEL_URI,
-    backchannel_logout_session_required: true,
+    backchannel_logout_session_required: !BACKCHANNEL_SUB_ONLY,
   } : {}),
 };
 

@@ -1,6 +1,7 @@
 //! The application behind the gateway: an in-process hyper server on its own thread
 //! and runtime. It echoes every request as JSON (method, path, query, version,
-//! headers, body length and hash) and records it; `/slow` answers after 3 s.
+//! headers, body length and hash) and records it; `/slow` answers after 3 s,
+//! `/cacheable...` with `Cache-Control: public, max-age=600`.
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -139,6 +140,13 @@ async fn handle(
     );
     resp.headers_mut()
         .insert("x-upstream", http::HeaderValue::from_static("echo"));
+    if rec.path.starts_with("/cacheable") {
+        // What an app answers for its static assets.
+        resp.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("public, max-age=600"),
+        );
+    }
     Ok(resp)
 }
 
