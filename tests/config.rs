@@ -822,3 +822,29 @@ fn a_redis_url_the_cookie_store_does_not_use_is_warned_about() {
         assert!(!r.stderr.contains("warning"), "{used}: {}", r.stderr);
     }
 }
+
+/// A URL that fails to parse is quoted back without the credentials it may carry (an operator's
+/// `https://user:password@…` with a typo in the port).
+#[test]
+fn bad_urls_are_quoted_without_their_credentials() {
+    let cases = [
+        ("http://127.0.0.1:8081", "upstream"),
+        ("http://127.0.0.1:9000", "provider.issuer_url"),
+    ];
+    for (url, key) in cases {
+        for bad in [
+            "http://admin:hunter2@127.0.0.1:99999",
+            "ftp://admin:hunter2@idp.example/x",
+        ] {
+            let r = check_text(&minimal().replace(url, bad), &[]);
+            let lines = assert_invalid(&r, 1);
+            assert!(
+                lines[0].starts_with(&format!("config error: {key}: ")),
+                "{}",
+                r.stderr
+            );
+            assert!(!r.stderr.contains("hunter2"), "{key}: {}", r.stderr);
+            assert!(!r.stderr.contains("admin"), "{key}: {}", r.stderr);
+        }
+    }
+}

@@ -249,21 +249,41 @@ fn parse_url(c: &mut Collector, key: &str, text: &str) -> Option<Url> {
             Some(u)
         }
         Ok(_) => {
+            let text = shown(text);
             c.err(key, format!("`{text}` is not an http(s) URL with a host"));
             None
         }
         Err(e) => {
+            let text = shown(text);
             c.err(key, format!("`{text}` is not a valid URL: {e}"));
             None
         }
     }
 }
 
+/// A URL as an error may quote it: credentials in it (`https://user:pass@host`) are left out,
+/// whether or not the rest parses.
+fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    let Some(start) = text.find("://").map(|i| i + 3) else {
+        return text.into();
+    };
+    let authority_end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    match text[start..authority_end].rfind('@') {
+        Some(at) => format!("{}…@{}", &text[..start], &text[start + at + 1..]).into(),
+        None => text.into(),
+    }
+}
+
 /// An upstream base URL: http(s), a host, an optional path prefix, nothing else.
 pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
-    let u = Url::parse(text).map_err(|e| format!("`{text}` is not a valid URL: {e}"))?;
+    let u = Url::parse(text).map_err(|e| format!("`{}` is not a valid URL: {e}", shown(text)))?;
     if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
-        return Err(format!("`{text}` is not an http(s) URL with a host"));
+        return Err(format!(
+            "`{}` is not an http(s) URL with a host",
+            shown(text)
+        ));
     }
     if u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() {
         return Err("must not have credentials, a query or a fragment".into());
