@@ -573,49 +573,17 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// A provider for `https://idp` / `client` that knows the test signing key; never
-    /// discovered, so it makes no call (no userinfo lookup).
-    fn provider() -> Provider {
+    /// A provider for `issuer` / `client`, with its HTTP client and metrics; not discovered.
+    fn provider_for(issuer: &str) -> (Provider, Arc<crate::metrics::Metrics>) {
         let cfg = crate::config::load_str(
-            r#"
+            &format!(
+                r#"
 upstream: "http://127.0.0.1:8081"
-provider: { issuer_url: "https://idp", client_id: "client", client_secret: "s" }
+provider: {{ issuer_url: "{issuer}", client_id: "client", client_secret: "s" }}
 redirect_url: "http://127.0.0.1:4180/oauth2/callback"
-cookie: { secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: false }
-"#,
-            Vec::new(),
-        )
-        .unwrap();
-        let clients =
-            crate::proxy::client::UpstreamClients::new(&crate::proxy::client::ClientOptions {
-                tls: cfg.tls_client.clone(),
-                connect_timeout: Duration::from_secs(1),
-                idle_timeout: Duration::from_secs(1),
-                max_idle_per_host: 1,
-            })
-            .unwrap();
-        let p = Provider::new(
-            &cfg,
-            ProviderHttp {
-                client: clients.shared(),
-                timeout: Duration::from_secs(1),
-                metrics: Arc::new(crate::metrics::Metrics::new().unwrap()),
-            },
-        );
-        p.keys.store(Arc::new(idtoken::tests::keys()));
-        p
-    }
-
-    #[tokio::test]
-    async fn discovery_retries_end_with_the_provider() {
-        // Nothing listens on port 1: discovery fails, and is retried with backoff.
-        let cfg = crate::config::load_str(
-            r#"
-upstream: "http://127.0.0.1:8081"
-provider: { issuer_url: "http://127.0.0.1:1", client_id: "client", client_secret: "s" }
-redirect_url: "http://127.0.0.1:4180/oauth2/callback"
-cookie: { secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: false }
-"#,
+cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: false }}
+"#
+            ),
             Vec::new(),
         )
         .unwrap();
@@ -628,14 +596,27 @@ cookie: { secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fal
                 max_idle_per_host: 1,
             })
             .unwrap();
-        let p = Arc::new(Provider::new(
-            &cfg,
-            ProviderHttp {
-                client: clients.shared(),
-                timeout: Duration::from_secs(1),
-                metrics: metrics.clone(),
-            },
-        ));
+        let http = ProviderHttp {
+            client: clients.shared(),
+            timeout: Duration::from_secs(1),
+            metrics: metrics.clone(),
+        };
+        (Provider::new(&cfg, http), metrics)
+    }
+
+    /// A provider for `https://idp` / `client` that knows the test signing key; never
+    /// discovered, so it makes no call (no userinfo lookup).
+    fn provider() -> Provider {
+        let (p, _) = provider_for("https://idp");
+        p.keys.store(Arc::new(idtoken::tests::keys()));
+        p
+    }
+
+    #[tokio::test]
+    async fn discovery_retries_end_with_the_provider() {
+        // Nothing listens on port 1: discovery fails, and is retried with backoff.
+        let (p, metrics) = provider_for("http://127.0.0.1:1");
+        let p = Arc::new(p);
         let retries = tokio::spawn(p.clone().discover_until_ready());
         let attempts = || {
             metrics
