@@ -171,7 +171,7 @@ async function main() {
   if (!pre) return;
 
   // --- processes ----------------------------------------------------------------
-  const [idpPort, appPort, gwPort, adminPort, strictPort] = await freePorts(5);
+  const [idpPort, appPort, gwPort, adminPort, strictPort, strictAdminPort] = await freePorts(6);
   const idpOrigin = `http://127.0.0.1:${idpPort}`;
   const gwOrigin = `http://127.0.0.1:${gwPort}`;
   const appOrigin = `http://127.0.0.1:${appPort}`;
@@ -355,7 +355,7 @@ async function main() {
     }));
     procs.gwStrict = spawnLogged('portcullis-strict', bin, ['--config', strictConfig], {
       logDir: tmp,
-      env: gatewayEnv({ RUST_BACKTRACE: '1' }),
+      env: gatewayEnv({ RUST_BACKTRACE: '1', PORTCULLIS_ADMIN_LISTEN: `127.0.0.1:${strictAdminPort}` }),
     });
     await waitForHttp(`http://127.0.0.1:${strictPort}${GW.readyz}`, { timeoutMs: 30_000, proc: procs.gwStrict });
     await context.clearCookies(); // a fresh IdP login, too
