@@ -295,6 +295,34 @@ async fn start_rd_cannot_redirect_off_site() {
     assert_eq!(cb.location(), Some("/"));
 }
 
+/// A link into the app whose query carries an encoded `\\`, newline or tab (a Windows path, a
+/// multi-line search): the login round trip ends on that very URL, not on `/`. Only the path
+/// can move a redirect to another host; the query is the app's data.
+#[tokio::test]
+async fn navigation_with_encoded_backslash_or_newline_in_the_query_returns_there() {
+    let s = Stack::start().await;
+    for target in [
+        "/files?path=C:%5CUsers%5Cbob",
+        "/search?q=line1%0Aline2&t=a%09b",
+        "/a/b?next=%2F%2Fnot-a-host",
+    ] {
+        let b = Browser::new();
+        let first = b.get(&s.gw.url(target)).await;
+        let (auth, _) = auth_redirect(&first);
+        let cb = b.get(&idp_walk(&b, &auth, "alice").await).await;
+        assert_eq!(cb.status, 302, "{target}: {}", cb.dump());
+        assert_eq!(cb.location(), Some(target), "{target}: {}", cb.dump());
+    }
+    // The path is still checked: the same encodings there are refused (router) or land on `/`.
+    let b = Browser::new();
+    let start = b
+        .get(&s.gw.url("/oauth2/start?rd=%2F%250A%2Fx%3Fq%3D1"))
+        .await;
+    let (auth, _) = auth_redirect(&start);
+    let cb = b.get(&idp_walk(&b, &auth, "alice").await).await;
+    assert_eq!(cb.location(), Some("/"), "{}", cb.dump());
+}
+
 #[tokio::test]
 async fn callback_with_a_state_that_has_no_flow_cookie_is_rejected() {
     let s = Stack::start().await;

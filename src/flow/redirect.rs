@@ -17,8 +17,12 @@ pub fn safe_relative(target: &str) -> Option<&str> {
     if b.iter().any(|&c| c == b'\\' || c <= 0x20 || c >= 0x7f) {
         return None;
     }
-    // Encoded forms of the same tricks ("/%2F%2Fevil", "/%5Cevil", "%09").
-    let decoded: Vec<u8> = percent_encoding::percent_decode(b).collect();
+    // Encoded forms of the same tricks ("/%2F%2Fevil", "/%5Cevil", "%09"), in the path: a
+    // query or fragment cannot move the target to another host, and an encoded `\`, tab or
+    // newline there is an ordinary value (`?q=C:%5Cdir`, a multi-line search) that must survive
+    // the login round trip.
+    let path = target.split(['?', '#']).next().unwrap_or_default();
+    let decoded: Vec<u8> = percent_encoding::percent_decode(path.as_bytes()).collect();
     if matches!(decoded.get(1), Some(b'/') | Some(b'\\'))
         || decoded.iter().any(|&c| c == b'\\' || c < 0x20 || c == 0x7f)
     {
@@ -84,7 +88,17 @@ mod tests {
 
     #[test]
     fn accepts_plain_paths() {
-        for ok in ["/", "/a", "/a/b?c=d&e=%2F", "/a#frag", "/%7Euser"] {
+        for ok in [
+            "/",
+            "/a",
+            "/a/b?c=d&e=%2F",
+            "/a#frag",
+            "/%7Euser",
+            // Encoded `\`, newline and tab are values in a query or fragment.
+            "/search?q=C:%5Cdir&note=a%0Ab&t=a%09b",
+            "/a?x=%2F%2Fevil.com",
+            "/a#%5Cb",
+        ] {
             assert_eq!(safe_relative(ok), Some(ok), "{ok}");
         }
     }
