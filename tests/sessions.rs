@@ -1297,6 +1297,49 @@ async fn sign_out_with_the_redis_store_deletes_the_session() {
     assert_session_cleared(&after, "old cookie");
 }
 
+/// Redis store: a whole session sealed into the cookie (by a cookie-store deployment with the
+/// same key and cookie name, or by this one before it moved to Redis) is no session. Accepted,
+/// it could never be ended here: a sign-out deletes nothing in Redis, and the copy lived on.
+#[tokio::test]
+async fn the_redis_store_refuses_a_cookie_holding_a_whole_session() {
+    let redis = RedisServer::start().await;
+    let cookie_port = free_port();
+    let idp = Idp::start_for_gateway(cookie_port, &[]).await;
+    let upstream = Upstream::start();
+    let cookie_gw = Gateway::start(gw_opts(
+        cookie_port,
+        &idp,
+        &upstream,
+        &session_yaml(Store::CookieOnly, None, 60),
+        None,
+    ))
+    .await;
+    let redis_gw = Gateway::start(gw_opts(
+        free_port(),
+        &idp,
+        &upstream,
+        &session_yaml(Store::Redis, Some(&redis), 60),
+        None,
+    ))
+    .await;
+    let cookie = login_cookie(&cookie_gw, "alice").await;
+    assert_eq!(api(&cookie_gw, "/x", &cookie).await.status, 200);
+
+    let r = api(&redis_gw, "/x", &cookie).await;
+    assert_eq!(
+        r.status,
+        401,
+        "whole session at the Redis store: {}",
+        r.dump()
+    );
+    assert_session_cleared(&r, "whole session at the Redis store");
+    let r = navigate(&redis_gw, "/x", &cookie).await;
+    assert_eq!(r.status, 302, "{}", r.dump());
+    assert_session_cleared(&r, "whole session at the Redis store, browser");
+    let r = api(&redis_gw, "/oauth2/userinfo", &cookie).await;
+    assert_eq!(r.status, 401, "userinfo: {}", r.dump());
+}
+
 /// Redis store: a sign-out while the session is being refreshed stays a sign-out — the
 /// refresh that ends afterwards does not write the session back.
 #[tokio::test]

@@ -19,6 +19,10 @@ pub enum Loaded {
     Rejected(CookieReject),
 }
 
+/// A cookie of the other store's kind (a session id without the Redis store, a whole session
+/// with it): sealed by another deployment with the same key, so no session here.
+pub const NOT_THIS_STORE: CookieReject = CookieReject::Decode(super::DecodeError::Schema);
+
 fn hex(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -31,6 +35,9 @@ impl App {
     /// Opens the session a cookie value stands for (looking it up in Redis for a reference).
     pub async fn resolve(&self, value: CookieValue, now: u64) -> Result<Loaded, StoreError> {
         let session = match value {
+            CookieValue::Full(_) if self.cfg.session.store == StoreKind::Redis => {
+                return Ok(Loaded::Rejected(NOT_THIS_STORE));
+            }
             CookieValue::Full(s) => s,
             CookieValue::Ref(id) => {
                 let Some(redis) = self
@@ -38,9 +45,7 @@ impl App {
                     .as_deref()
                     .filter(|_| self.cfg.session.store == StoreKind::Redis)
                 else {
-                    return Ok(Loaded::Rejected(CookieReject::Decode(
-                        super::DecodeError::Schema,
-                    )));
+                    return Ok(Loaded::Rejected(NOT_THIS_STORE));
                 };
                 let key = session_key(redis, &id);
                 let Some(sealed) = redis.get(&key).await? else {
