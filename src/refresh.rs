@@ -73,7 +73,13 @@ pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
     }
     let mut before = refresh_before.as_secs();
     if s.access_issued_at != 0 {
-        before = before.min(s.access_expires_at.saturating_sub(s.access_issued_at) / 2);
+        // Only a token that lives no longer than `refresh_before` is renewed at half-life: one
+        // that lives longer is due once it expires within `refresh_before`, as configured
+        // (a 90 s token with the default 60 s: after 30 s, not 45).
+        let lifetime = s.access_expires_at.saturating_sub(s.access_issued_at);
+        if lifetime <= before {
+            before = lifetime / 2;
+        }
     }
     now + before >= s.access_expires_at
 }
@@ -622,5 +628,14 @@ mod tests {
         s.access_expires_at = 5000 + 3600;
         assert!(!needs_refresh(&s, 5000 + 3539, before));
         assert!(needs_refresh(&s, 5000 + 3540, before));
+        // A token that lives longer than refresh_before, but less than twice as long: due
+        // once it expires within refresh_before (after 30 s of 90), not at half-life (45 s).
+        s.access_expires_at = 5000 + 90;
+        assert!(!needs_refresh(&s, 5000 + 29, before));
+        assert!(needs_refresh(&s, 5000 + 30, before));
+        // Exactly refresh_before: half-life.
+        s.access_expires_at = 5000 + 60;
+        assert!(!needs_refresh(&s, 5000 + 29, before));
+        assert!(needs_refresh(&s, 5000 + 30, before));
     }
 }
