@@ -73,7 +73,7 @@ fn cookie_header(cookies: &SessionCookies, s: &Session) -> HeaderValue {
 
 fn cookie_open(c: &mut Criterion) {
     let cfg = config(1, 2);
-    let cookies = SessionCookies::new(&cfg.cookie, cfg.session.lifetime, 8, "/");
+    let cookies = SessionCookies::new(&cfg.cookie, cfg.session.lifetime, 8, "/", false);
     let mut g = c.benchmark_group("cookie_open");
     // Access-token sizes giving ~1, ~4 and ~8 KB of cookie.
     for (label, token) in [("1KB", 100), ("4KB", 2300), ("8KB", 5300)] {
@@ -137,7 +137,7 @@ fn cookie_open(c: &mut Criterion) {
 
 fn header_hygiene(c: &mut Criterion) {
     let cfg = config(1, 2);
-    let cookies = SessionCookies::new(&cfg.cookie, cfg.session.lifetime, 8, "/");
+    let cookies = SessionCookies::new(&cfg.cookie, cfg.session.lifetime, 8, "/", false);
     let spoofable = Spoofable::new(&cfg.headers);
     let s = session(43);
     let active = ActiveSession::new(s.clone());

@@ -133,6 +133,7 @@ impl App {
             cfg.session.lifetime,
             cfg.limits.max_cookie_chunks,
             "/",
+            cfg.session.store == crate::config::StoreKind::Redis,
         );
         Self {
             spoofable: Spoofable::new(&cfg.headers),

@@ -115,10 +115,23 @@ pub struct SessionCookies {
     pub flow_lifetime: Duration,
     max_chunks: usize,
     pub keys: KeyRing,
+    /// The Redis store: the cookie holds a session id, never a whole session (and the cookie
+    /// store the reverse). A value of the other kind was sealed by another deployment with the
+    /// same key, or by this one before it changed stores: a sign-out here could not end it.
+    holds_ref: bool,
 }
 
+/// A cookie of the other store's kind: no session here.
+pub const NOT_THIS_STORE: CookieReject = CookieReject::Decode(DecodeError::Schema);
+
 impl SessionCookies {
-    pub fn new(cfg: &CookieConfig, lifetime: Duration, max_chunks: usize, flow_path: &str) -> Self {
+    pub fn new(
+        cfg: &CookieConfig,
+        lifetime: Duration,
+        max_chunks: usize,
+        flow_path: &str,
+        holds_ref: bool,
+    ) -> Self {
         let base = cfg.name.trim_start_matches("__Host-");
         // Flow cookies are scoped like the session cookie (Path=/) so every request that may
         // start a login sees the pending ones and can cap them; they never reach the upstream.
@@ -145,6 +158,7 @@ impl SessionCookies {
             flow_lifetime: cfg.flow_lifetime,
             max_chunks,
             keys: KeyRing::new(&cfg.keys),
+            holds_ref,
         }
     }
 
@@ -215,6 +229,8 @@ impl SessionCookies {
             .keys
             .open_with(self.name.as_bytes(), sealed, CookieValue::decode)??;
         match value {
+            CookieValue::Full(_) if self.holds_ref => Err(NOT_THIS_STORE),
+            CookieValue::Ref(_) if !self.holds_ref => Err(NOT_THIS_STORE),
             CookieValue::Full(s) if s.is_expired(now) => Err(CookieReject::Expired),
             v => Ok(v),
         }
@@ -255,7 +271,7 @@ impl SessionCookies {
     ) -> Result<Option<Session>, CookieReject> {
         match self.open(jar, now)? {
             Some(CookieValue::Full(s)) => Ok(Some(s)),
-            Some(CookieValue::Ref(_)) => Err(CookieReject::Decode(DecodeError::Schema)),
+            Some(CookieValue::Ref(_)) => Err(NOT_THIS_STORE),
             None => Ok(None),
         }
     }
@@ -460,6 +476,7 @@ mod tests {
             Duration::from_secs(3600),
             max_chunks,
             "/oauth2/callback",
+            false,
         )
     }
 

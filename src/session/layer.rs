@@ -3,12 +3,10 @@
 
 use crate::app::App;
 use crate::body::Body;
-use crate::config::StoreKind;
 use crate::error::{unavailable_as_json, GatewayError};
 use crate::policy::{is_browser_navigation, Rejected};
 use crate::refresh::needs_refresh;
 use crate::session::store::Loaded;
-use crate::session::store::NOT_THIS_STORE;
 use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, CookieValue, Opened};
 use http::{Request, Response};
 use std::convert::Infallible;
@@ -83,13 +81,6 @@ where
                 .open_active(&jar, now, &self.app.session_cache)
         };
         let value = match opened {
-            // The Redis store never puts a whole session in the cookie: one that opens here was
-            // sealed elsewhere with the same key (a cookie-store deployment, or this one before
-            // it moved to Redis), and neither a sign-out nor a deletion here could end it.
-            Ok(Some(Opened::Session(_))) if self.app.cfg.session.store == StoreKind::Redis => {
-                reject(&self.app, &mut req, NOT_THIS_STORE);
-                return Either::Left(self.inner.call(req));
-            }
             Ok(Some(Opened::Session(s))) => {
                 // The cookie store: everything is here, no I/O on the hot path.
                 match self.app.ended(&s, now) {

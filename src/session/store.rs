@@ -19,9 +19,7 @@ pub enum Loaded {
     Rejected(CookieReject),
 }
 
-/// A cookie of the other store's kind (a session id without the Redis store, a whole session
-/// with it): sealed by another deployment with the same key, so no session here.
-pub const NOT_THIS_STORE: CookieReject = CookieReject::Decode(super::DecodeError::Schema);
+pub use super::cookie::NOT_THIS_STORE;
 
 fn hex(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
@@ -35,16 +33,10 @@ impl App {
     /// Opens the session a cookie value stands for (looking it up in Redis for a reference).
     pub async fn resolve(&self, value: CookieValue, now: u64) -> Result<Loaded, StoreError> {
         let session = match value {
-            CookieValue::Full(_) if self.cfg.session.store == StoreKind::Redis => {
-                return Ok(Loaded::Rejected(NOT_THIS_STORE));
-            }
             CookieValue::Full(s) => s,
             CookieValue::Ref(id) => {
-                let Some(redis) = self
-                    .redis
-                    .as_deref()
-                    .filter(|_| self.cfg.session.store == StoreKind::Redis)
-                else {
+                // A reference opens only with the Redis store (`SessionCookies::unseal`).
+                let Some(redis) = self.redis.as_deref() else {
                     return Ok(Loaded::Rejected(NOT_THIS_STORE));
                 };
                 let key = session_key(redis, &id);
