@@ -138,7 +138,8 @@ try {
     logDir: tmp,
     env: { DEMO_APP_PORT: String(ports.app) },
   });
-  await Promise.all([idp.waitForLine(/^READY /, 30_000), app.waitForLine(/^READY /, 30_000)]);
+  // Generous: a first start on a cold, busy machine can be slow.
+  await Promise.all([idp.waitForLine(/^READY /, 60_000), app.waitForLine(/^READY /, 60_000)]);
   watch(idp);
   watch(app);
 
@@ -152,7 +153,7 @@ try {
       PORTCULLIS_COOKIE_SECRETS: COOKIE_SECRET,
     }),
   });
-  await waitForHttp(`http://127.0.0.1:${ports.gw}/readyz`, { timeoutMs: 30_000, proc: gw });
+  await waitForHttp(`http://127.0.0.1:${ports.gw}/readyz`, { timeoutMs: 60_000, proc: gw });
   watch(gw);
 
   process.stdout.write(`\n${box([
