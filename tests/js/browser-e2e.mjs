@@ -27,7 +27,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 import {
-  JS_DIR, REPO_ROOT, freePorts, gatewayEnv, spawnLogged, waitForHttp, killAll, gatewayConfigYaml,
+  JS_DIR, REPO_ROOT, freePorts, gatewayEnv, spawnLogged, spawnReady, waitForHttp, killAll, gatewayConfigYaml,
 } from './procs.mjs';
 
 const GLOBAL_TIMEOUT_MS = 120_000;
@@ -181,20 +181,21 @@ async function main() {
   const configFile = path.join(tmp, 'portcullis.yaml');
 
   const started = await step('start IdP, demo app and gateway; gateway /readyz is 200', async () => {
-    procs.idp = spawnLogged('idp', process.execPath, [path.join(JS_DIR, 'idp.mjs')], {
-      logDir: tmp,
-      env: {
-        IDP_PORT: String(idpPort),
-        IDP_CLIENT_ID: 'portcullis',
-        IDP_CLIENT_SECRET: CLIENT_SECRET,
-        IDP_REDIRECT_URIS: `${gwOrigin}${GW.callback},${strictOrigin}${GW.callback}`,
-      },
-    });
-    procs.app = spawnLogged('demo-app', process.execPath, [path.join(JS_DIR, 'demo-app.mjs')], {
-      logDir: tmp,
-      env: { DEMO_APP_PORT: String(appPort) },
-    });
-    await Promise.all([procs.idp.waitForLine(/^READY /, 30_000), procs.app.waitForLine(/^READY /, 30_000)]);
+    [procs.idp, procs.app] = await Promise.all([
+      spawnReady('idp', process.execPath, [path.join(JS_DIR, 'idp.mjs')], {
+        logDir: tmp,
+        env: {
+          IDP_PORT: String(idpPort),
+          IDP_CLIENT_ID: 'portcullis',
+          IDP_CLIENT_SECRET: CLIENT_SECRET,
+          IDP_REDIRECT_URIS: `${gwOrigin}${GW.callback},${strictOrigin}${GW.callback}`,
+        },
+      }),
+      spawnReady('demo-app', process.execPath, [path.join(JS_DIR, 'demo-app.mjs')], {
+        logDir: tmp,
+        env: { DEMO_APP_PORT: String(appPort) },
+      }),
+    ]);
 
     fs.writeFileSync(configFile, gatewayConfigYaml({
       gwPort, appPort, idpPort,

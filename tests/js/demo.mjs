@@ -20,7 +20,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  JS_DIR, REPO_ROOT, freePort, gatewayEnv, spawnLogged, waitForHttp, killAll, gatewayConfigYaml,
+  JS_DIR, REPO_ROOT, freePort, gatewayEnv, spawnLogged, spawnReady, waitForHttp, killAll, gatewayConfigYaml,
 } from './procs.mjs';
 
 // admin: next to the gateway, away from Prometheus' 9090 (the gateway's default).
@@ -125,21 +125,23 @@ function watch(h) {
 
 try {
   process.stdout.write(`demo: starting IdP on 127.0.0.1:${ports.idp} and demo app on 127.0.0.1:${ports.app} ...\n`);
-  const idp = spawnLogged('idp', process.execPath, [path.join(JS_DIR, 'idp.mjs')], {
-    logDir: tmp,
-    env: {
-      IDP_PORT: String(ports.idp),
-      IDP_CLIENT_ID: 'portcullis',
-      IDP_CLIENT_SECRET: CLIENT_SECRET,
-      IDP_REDIRECT_URIS: `http://127.0.0.1:${ports.gw}/oauth2/callback`,
-    },
-  });
-  const app = spawnLogged('demo-app', process.execPath, [path.join(JS_DIR, 'demo-app.mjs')], {
-    logDir: tmp,
-    env: { DEMO_APP_PORT: String(ports.app) },
-  });
-  // Generous: a first start on a cold, busy machine can be slow.
-  await Promise.all([idp.waitForLine(/^READY /, 60_000), app.waitForLine(/^READY /, 60_000)]);
+  // A start that hangs is made again (see spawnReady).
+  const ready = { ms: 20_000, tries: 3 };
+  const [idp, app] = await Promise.all([
+    spawnReady('idp', process.execPath, [path.join(JS_DIR, 'idp.mjs')], {
+      logDir: tmp,
+      env: {
+        IDP_PORT: String(ports.idp),
+        IDP_CLIENT_ID: 'portcullis',
+        IDP_CLIENT_SECRET: CLIENT_SECRET,
+        IDP_REDIRECT_URIS: `http://127.0.0.1:${ports.gw}/oauth2/callback`,
+      },
+    }, ready),
+    spawnReady('demo-app', process.execPath, [path.join(JS_DIR, 'demo-app.mjs')], {
+      logDir: tmp,
+      env: { DEMO_APP_PORT: String(ports.app) },
+    }, ready),
+  ]);
   watch(idp);
   watch(app);
 

@@ -122,6 +122,46 @@ export function spawnLogged(name, cmd, args, { env, cwd = REPO_ROOT, logDir, ech
   return handle;
 }
 
+/**
+ * spawnLogged(), then wait for the process' `ready` line. A start that prints none within `ms`
+ * is reported (with its threads' states, for the record), killed and made again, up to `tries`
+ * starts in all; a process that exits is not retried. Rarely, on a busy CI machine, the IdP has
+ * printed its first line and then nothing for over 30 s (cause not found: it never happened
+ * where it could be looked at); such a start costs a retry rather than the run.
+ */
+export async function spawnReady(name, cmd, args, opts, { ready = /^READY /, ms = 20_000, tries = 3 } = {}) {
+  for (let attempt = 1; ; attempt += 1) {
+    const h = spawnLogged(name, cmd, args, opts);
+    try {
+      await h.waitForLine(ready, ms);
+      return h;
+    } catch (err) {
+      if (h.exitInfo || attempt >= tries) throw err;
+      process.stderr.write(`${name}: no line matching ${ready} within ${ms} ms (start ${attempt} of ${tries}; `
+        + `threads: ${threadStates(h.pid)}); starting it again\n`);
+      h.child.kill('SIGKILL');
+      await h.exited;
+    }
+  }
+}
+
+/** "name state wchan" of each thread of a running process, from /proc (Linux). */
+function threadStates(pid) {
+  try {
+    const dir = `/proc/${pid}/task`;
+    return fs.readdirSync(dir).map((t) => {
+      const stat = fs.readFileSync(`${dir}/${t}/stat`, 'utf8');
+      const comm = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
+      const state = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0];
+      let wchan = '';
+      try { wchan = fs.readFileSync(`${dir}/${t}/wchan`, 'utf8'); } catch { /* not readable */ }
+      return `${comm} ${state}${wchan && wchan !== '0' ? ` ${wchan}` : ''}`;
+    }).join(', ');
+  } catch (err) {
+    return `unknown (${err.message})`;
+  }
+}
+
 function describeExit(h) {
   const e = h.exitInfo;
   if (!e) return 'running';

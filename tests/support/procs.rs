@@ -117,6 +117,32 @@ impl Drop for Proc {
     }
 }
 
+/// "name state wchan" of each thread of a running process, from /proc (Linux).
+fn thread_states(pid: u32) -> String {
+    let dir = format!("/proc/{pid}/task");
+    let Ok(tasks) = std::fs::read_dir(&dir) else {
+        return "unknown".into();
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let comm = stat
+                .split_once('(')
+                .and_then(|(_, r)| r.rsplit_once(')'))
+                .map_or("?", |(c, _)| c);
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, r)| r.get(..1))
+                .unwrap_or("?");
+            let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            let wchan = if wchan == "0" { "" } else { wchan.as_str() };
+            format!("{comm} {state} {wchan}").trim_end().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -129,7 +155,8 @@ pub struct Idp {
 
 impl Idp {
     /// Starts the IdP with the given environment (added to the defaults) and waits
-    /// for its `READY` line. Retries on another port if the port was taken.
+    /// for its `READY` line. Retries on another port if the port was taken, or if the start
+    /// hangs (seen rarely on a busy CI machine: the first line printed, then nothing).
     pub async fn start(env: &[(&str, &str)]) -> Idp {
         let js = repo().join("tests/js");
         assert!(
@@ -165,13 +192,20 @@ impl Idp {
                     last = format!("idp exited with {st}\n{}", proc.tails());
                     break;
                 }
-                if t0.elapsed() > START_TIMEOUT {
-                    panic!("idp not READY after {START_TIMEOUT:?}\n{}", proc.tails());
+                if t0.elapsed() > START_TIMEOUT * 2 / 3 {
+                    last = format!(
+                        "idp not READY after {:?} (threads: {})\n{}",
+                        t0.elapsed(),
+                        thread_states(proc.pid()),
+                        proc.tails()
+                    );
+                    eprintln!("{last}\nstarting it again");
+                    break;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
-            // Port taken between free_port() and node's listen(): try another.
-            if !last.contains("EADDRINUSE") {
+            // Port taken between free_port() and node's listen(), or a hung start: again.
+            if !last.contains("EADDRINUSE") && !last.contains("not READY") {
                 break;
             }
         }
