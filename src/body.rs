@@ -93,31 +93,18 @@ impl http_body::Body for Body {
     }
 }
 
-/// Reads a body into memory, refusing more than `limit` bytes.
-pub async fn read_limited<B>(body: B, limit: usize) -> Result<Bytes, ReadError>
+/// Reads a body into memory, refusing more than `limit` bytes, and giving up on one that does
+/// not move for `idle`: a client's body to the gateway's own endpoints (`timeouts.idle`;
+/// HTTP/1.1's reader keeps that limit itself, HTTP/2's does not, and a stalled stream would
+/// otherwise hold its connection open for good), or a provider's answer (its call's timeout).
+pub async fn read_limited<B>(body: B, limit: usize, idle: Duration) -> Result<Bytes, ReadError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use http_body_util::BodyExt;
     let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) => Err(ReadError::from_limited(e)),
-    }
-}
-
-/// Reads a client's request body into memory (the gateway's own endpoints), refusing more
-/// than `limit` bytes, and giving up on one that does not move for `idle`
-/// (`timeouts.idle`): HTTP/1.1's reader keeps that limit itself, HTTP/2's does not, and a
-/// stalled stream would otherwise hold its connection open for good.
-pub async fn read_client_body(
-    body: Body,
-    limit: usize,
-    idle: Duration,
-) -> Result<Bytes, ReadError> {
-    use http_body_util::BodyExt;
-    let mut limited = http_body_util::Limited::new(body, limit);
+    let mut limited = std::pin::pin!(limited);
     let mut data = bytes::BytesMut::new();
     loop {
         match tokio::time::timeout(idle, limited.frame()).await {

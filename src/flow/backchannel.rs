@@ -2,7 +2,7 @@
 //! says a user or provider session logged out; every matching session ends on every replica.
 
 use crate::app::App;
-use crate::body::{read_client_body, Body};
+use crate::body::{read_limited, Body};
 use crate::pages;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
@@ -39,7 +39,7 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
             ),
         );
     }
-    let form = match read_client_body(req.into_body(), MAX_BODY, app.cfg.timeouts.idle).await {
+    let form = match read_limited(req.into_body(), MAX_BODY, app.cfg.timeouts.idle).await {
         Ok(b) => b,
         Err(e) => return answer(e.status(), Some(e.reason())),
     };

@@ -2,7 +2,7 @@
 //! the POST, with a CSRF token bound to the session, clears it and ends the provider session.
 
 use crate::app::App;
-use crate::body::{read_client_body, Body};
+use crate::body::{read_limited, Body};
 use crate::pages;
 use crate::session::store::Loaded;
 use crate::session::{CookieJar, Session};
@@ -99,7 +99,7 @@ async fn end_session(
     body: Body,
 ) -> Response<Body> {
     if let Some(s) = session {
-        let form = match read_client_body(body, MAX_FORM, app.cfg.timeouts.idle).await {
+        let form = match read_limited(body, MAX_FORM, app.cfg.timeouts.idle).await {
             Ok(b) => b,
             Err(e) => return pages::html(e.status(), "Sign-out refused", e.reason(), ""),
         };

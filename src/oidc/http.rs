@@ -72,7 +72,7 @@ impl ProviderHttp {
                 .await
                 .map_err(|e| ProviderHttpError::Connect(crate::error::source_chain(&e)))?;
             let (parts, body) = resp.into_parts();
-            let bytes = read_limited(body, MAX_PROVIDER_BODY)
+            let bytes = read_limited(body, MAX_PROVIDER_BODY, self.timeout)
                 .await
                 .map_err(|e| ProviderHttpError::Body(e.to_string()))?;
             Ok(Response::from_parts(parts, bytes))
