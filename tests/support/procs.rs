@@ -184,13 +184,14 @@ impl Idp {
                 .expect("tempdir");
             let mut proc = Proc::spawn("idp", cmd, dir);
             let t0 = Instant::now();
-            loop {
+            let retry = loop {
                 if proc.stdout().lines().any(|l| l.starts_with("READY ")) {
                     return Idp { port, proc };
                 }
                 if let Some(st) = proc.exited() {
                     last = format!("idp exited with {st}\n{}", proc.tails());
-                    break;
+                    // Port taken between free_port() and node's listen(): another one.
+                    break last.contains("EADDRINUSE");
                 }
                 if t0.elapsed() > START_TIMEOUT * 2 / 3 {
                     last = format!(
@@ -200,12 +201,11 @@ impl Idp {
                         proc.tails()
                     );
                     eprintln!("{last}\nstarting it again");
-                    break;
+                    break true;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            // Port taken between free_port() and node's listen(), or a hung start: again.
-            if !last.contains("EADDRINUSE") && !last.contains("not READY") {
+            };
+            if !retry {
                 break;
             }
         }
