@@ -72,6 +72,34 @@ pub fn give_back_map(mut map: http::HeaderMap) {
     });
 }
 
+thread_local! {
+    static SPARE_EXTENSIONS: RefCell<Vec<http::Extensions>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty extension map, with room for what a request collects when it was used before.
+/// A request's map comes back as its response's (see `Forward`): reused, a request costs no
+/// map allocation and no growth of it (four entries outgrow a new map once).
+pub fn take_extensions() -> http::Extensions {
+    SPARE_EXTENSIONS
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_default()
+}
+
+/// Keeps a response's extension map, emptied, for a next request (a few per thread).
+pub fn give_back_extensions(mut ext: http::Extensions) {
+    if ext.is_empty() {
+        // Never used, or a map of nothing: nothing worth keeping.
+        return;
+    }
+    ext.clear();
+    SPARE_EXTENSIONS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_BUFFERS {
+            s.push(ext);
+        }
+    });
+}
+
 /// Keeps an empty buffer for reuse if nothing else still points into it.
 pub fn give_back(mut buf: BytesMut) {
     if buf.is_empty() && buf.try_reclaim(READ_BUF) {

@@ -374,6 +374,7 @@ impl<T: Transport> Conn<T> {
             ),
         };
         let mut request = request.map(|()| body);
+        *request.extensions_mut() = io::take_extensions();
         let mut upgrade_tx = None;
         if upgrade {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -533,6 +534,7 @@ impl<T: Transport> Conn<T> {
         self.completed += 1;
         drop(body);
         io::give_back_map(parts.headers);
+        io::give_back_extensions(parts.extensions);
         // A shorter keep-alive than the header-read time is measured from each response
         // (the lazy deadline is only ever a header-read time away).
         if self.stall != Stall::Off || self.settings.keep_alive < self.settings.header_read {
