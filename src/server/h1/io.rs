@@ -64,12 +64,7 @@ pub fn give_back_map(mut map: http::HeaderMap) {
         return;
     }
     map.clear();
-    SPARE_MAPS.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARE_BUFFERS {
-            s.push(map);
-        }
-    });
+    keep(&SPARE_MAPS, map);
 }
 
 thread_local! {
@@ -92,24 +87,24 @@ pub fn give_back_extensions(mut ext: http::Extensions) {
         return;
     }
     ext.clear();
-    SPARE_EXTENSIONS.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARE_BUFFERS {
-            s.push(ext);
-        }
-    });
+    keep(&SPARE_EXTENSIONS, ext);
 }
 
 /// Keeps an empty buffer for reuse if nothing else still points into it.
 pub fn give_back(mut buf: BytesMut) {
     if buf.is_empty() && buf.try_reclaim(READ_BUF) {
-        SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < SPARE_BUFFERS {
-                s.push(buf);
-            }
-        });
+        keep(&SPARE, buf);
     }
+}
+
+/// Puts `value` on this thread's list of spares, unless it holds `SPARE_BUFFERS` already.
+fn keep<T: 'static>(spares: &'static std::thread::LocalKey<RefCell<Vec<T>>>, value: T) {
+    spares.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_BUFFERS {
+            s.push(value);
+        }
+    });
 }
 
 /// A connection with bytes already read from it put back in front.
