@@ -83,10 +83,7 @@ impl Drop for TunnelGuard {
 
 impl Shared {
     pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
-        let prefix: String = crate::session::crypto::random_bytes::<4>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let prefix = crate::session::crypto::hex(&crate::session::crypto::random_bytes::<4>());
         Self {
             metrics,
             draining: Arc::default(),

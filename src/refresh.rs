@@ -90,7 +90,7 @@ pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
 fn generation(s: &Session) -> String {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(s.access_token.as_bytes());
-    d[..16].iter().map(|b| format!("{b:02x}")).collect()
+    crate::session::crypto::hex(&d[..16])
 }
 
 impl Refresher {

@@ -24,10 +24,7 @@ fn answer(status: StatusCode, error: Option<&str>) -> Response<Body> {
 /// The digest naming a logout token's `jti` in Redis: fixed length, any bytes.
 fn jti_digest(jti: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(jti.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::session::crypto::hex(&Sha256::digest(jti.as_bytes()))
 }
 
 pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {

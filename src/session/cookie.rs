@@ -406,11 +406,7 @@ impl SessionCookies {
     /// The flow cookie for one login attempt: its name is derived from the state.
     pub fn flow_cookie_name(&self, state: &str) -> String {
         let d = Sha256::digest(state.as_bytes());
-        let mut name = self.flow_prefix.clone();
-        for b in &d[..8] {
-            name.push_str(&format!("{b:02x}"));
-        }
-        name
+        format!("{}{}", self.flow_prefix, super::crypto::hex(&d[..8]))
     }
 
     pub fn set_flow(&self, flow: &FlowState) -> Option<HeaderValue> {

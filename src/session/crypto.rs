@@ -59,6 +59,17 @@ fn key_id(key: &[u8; 32]) -> [u8; KEY_ID_LEN] {
     id
 }
 
+/// Lower-case hex of `bytes`: ids and digests in storage keys and names.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     // The OS RNG failing is not recoverable and never caused by a request.
@@ -218,6 +229,12 @@ mod tests {
 
     fn ring(b: u8) -> KeyRing {
         KeyRing::new(&[CookieKey([b; 32])])
+    }
+
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(hex(&[0x00, 0x0a, 0xab, 0xff]), "000aabff");
+        assert_eq!(hex(&[]), "");
     }
 
     #[test]

@@ -24,10 +24,7 @@ const SESSION_SCHEMA_4: u8 = 4;
 const SESSION_SCHEMA: u8 = 5;
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    now_millis() / 1000
 }
 
 /// Milliseconds since the epoch: orders a login and a logout within the same second.
@@ -236,7 +233,7 @@ impl Session {
 
     /// The session id as text (for logs and storage keys; not a secret by itself).
     pub fn id_hex(&self) -> String {
-        self.id.iter().map(|b| format!("{b:02x}")).collect()
+        crypto::hex(&self.id)
     }
 }
 

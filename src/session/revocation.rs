@@ -112,10 +112,17 @@ impl Revocations {
 
     /// Applies Redis members (with their scores, in seconds) to the mirror.
     fn apply(&self, members: impl IntoIterator<Item = (String, u64)>, horizon_ms: u64) {
+        self.update(horizon_ms, |next| {
+            for (m, score) in members {
+                next.add_member(&m, score);
+            }
+        });
+    }
+
+    /// A new mirror: `add` to a copy of it, then drop what is older than `horizon_ms`.
+    fn update(&self, horizon_ms: u64, add: impl FnOnce(&mut Revoked)) {
         let mut next = Revoked::clone(&self.map.load());
-        for (m, score) in members {
-            next.add_member(&m, score);
-        }
+        add(&mut next);
         next.retain_after(horizon_ms);
         self.map.store(Arc::new(next));
     }
@@ -157,12 +164,11 @@ impl Revocations {
         lifetime: Duration,
     ) -> Result<(), crate::store::StoreError> {
         let horizon_ms = now_ms.saturating_sub(lifetime.as_millis().try_into().unwrap_or(u64::MAX));
-        let mut next = Revoked::clone(&self.map.load());
-        for what in &items {
-            next.add(what, now_ms);
-        }
-        next.retain_after(horizon_ms);
-        self.map.store(Arc::new(next));
+        self.update(horizon_ms, |next| {
+            for what in &items {
+                next.add(what, now_ms);
+            }
+        });
         if let Some(r) = redis {
             let secs = now_ms / 1000;
             let scored: Vec<(u64, String)> = items

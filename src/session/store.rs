@@ -19,14 +19,10 @@ pub enum Loaded {
     Rejected(CookieReject),
 }
 
-pub use super::cookie::NOT_THIS_STORE;
-
-fn hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
+use super::cookie::NOT_THIS_STORE;
 
 pub fn session_key(redis: &Redis, id: &[u8; 16]) -> String {
-    redis.key(&["session", &hex(id)])
+    redis.key(&["session", &super::crypto::hex(id)])
 }
 
 impl App {
@@ -118,11 +114,11 @@ impl App {
                 // Indexes for back-channel logout (by provider session and by subject).
                 if let Some(sid) = &s.identity.sid {
                     redis
-                        .sadd_ex(&redis.key(&["sid", sid]), &hex(&s.id), ttl)
+                        .sadd_ex(&redis.key(&["sid", sid]), &s.id_hex(), ttl)
                         .await?;
                 }
                 redis
-                    .sadd_ex(&redis.key(&["sub", &s.identity.sub]), &hex(&s.id), ttl)
+                    .sadd_ex(&redis.key(&["sub", &s.identity.sub]), &s.id_hex(), ttl)
                     .await?;
                 Ok(self.cookies.set_ref(&s.id, s.expires_at, jar, now))
             }
