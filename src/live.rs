@@ -10,7 +10,6 @@ use crate::stack::{self, Gateway};
 use crate::store::Redis;
 use crate::{proxy, StartError};
 use arc_swap::ArcSwap;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,15 +130,7 @@ async fn check_redis(redis: &Redis, cfg: &Config) -> Result<(), StartError> {
 
 /// A digest of the config file (if any) and every secret file it names.
 fn fingerprint(path: Option<&Path>, files: &[PathBuf]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for f in path.into_iter().chain(files.iter().map(PathBuf::as_path)) {
-        h.update(f.as_os_str().as_encoded_bytes());
-        match std::fs::read(f) {
-            Ok(bytes) => h.update(&bytes),
-            Err(_) => h.update(b"\0missing"),
-        }
-    }
-    h.finalize().into()
+    config::files_digest(path.into_iter().chain(files.iter().map(PathBuf::as_path)))
 }
 
 /// `running`'s files, then those of `refused` it does not name: what a reload watches while

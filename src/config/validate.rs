@@ -849,7 +849,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     );
     let tls_client = TlsClient {
         ca_file: (!tl.ca_file.is_empty()).then(|| std::path::PathBuf::from(&tl.ca_file)),
-        contents: contents_digest(&[&tl.ca_file, &tl.client_cert_file, &tl.client_key_file]),
+        contents: files_digest(
+            [&tl.ca_file, &tl.client_cert_file, &tl.client_key_file]
+                .into_iter()
+                .filter(|f| !f.is_empty())
+                .map(std::path::Path::new),
+        ),
         client_cert,
     };
     let ca_ok = tls_client
@@ -986,15 +991,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     })
 }
 
-/// A digest of the named files' contents (those that are named and can be read: validation
-/// reports the others).
-fn contents_digest(files: &[&str]) -> [u8; 32] {
+/// A digest of the named files and their contents (a file that cannot be read counts as
+/// missing): what tells a reload that files were renewed in place.
+pub fn files_digest<'a>(files: impl IntoIterator<Item = &'a std::path::Path>) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for f in files.iter().filter(|f| !f.is_empty()) {
-        let bytes = std::fs::read(f).unwrap_or_default();
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(&bytes);
+    for f in files {
+        h.update(f.as_os_str().as_encoded_bytes());
+        match std::fs::read(f) {
+            Ok(bytes) => h.update(&bytes),
+            Err(_) => h.update(b"\0missing"),
+        }
     }
     h.finalize().into()
 }
