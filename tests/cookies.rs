@@ -324,13 +324,7 @@ async fn large_tokens_are_chunked_and_reassembled() {
         rec.header("cookie").is_none(),
         "chunks leaked upstream: {rec:?}"
     );
-    let me = send(
-        "GET",
-        &s.idp.url("/me"),
-        &[("authorization", &format!("Bearer {token}"))],
-        Vec::new(),
-    )
-    .await;
+    let me = s.idp.userinfo(&token).await;
     assert_eq!(me.status, 200, "{}", me.dump());
 
     // Reloads keep working without the provider.

@@ -1256,13 +1256,7 @@ async fn slow_and_idle_clients_are_disconnected() {
     assert!(!got.contains(" 200 "), "{got}");
 
     // An idle keep-alive connection, after a complete request, is closed.
-    let (closed, got) = slow_client(
-        port,
-        format!("GET /idle HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
-        b"",
-        Duration::from_millis(100),
-    )
-    .await;
+    let (closed, got) = idle_after_a_request(port).await;
     assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
     assert!(
         closed,
@@ -1277,6 +1271,13 @@ async fn slow_and_idle_clients_are_disconnected() {
     gw.assert_healthy().await;
 }
 
+/// One complete request on a new connection, which then stays idle: whether the gateway
+/// closed it (within `DEADLINE`), and what it answered.
+async fn idle_after_a_request(port: u16) -> (bool, String) {
+    let request = format!("GET /idle HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    slow_client(port, request.as_bytes(), b"", Duration::from_millis(100)).await
+}
+
 /// `timeouts.idle` bounds an idle HTTP/1.1 keep-alive connection too, when it is shorter than
 /// `timeouts.header_read` (which bounds it otherwise): both are limits on the wait.
 #[tokio::test]
@@ -1287,13 +1288,7 @@ async fn idle_keep_alive_connections_follow_timeouts_idle() {
     )
     .await;
     let port = s.gw.port;
-    let (closed, got) = slow_client(
-        port,
-        format!("GET /idle HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
-        b"",
-        Duration::from_millis(100),
-    )
-    .await;
+    let (closed, got) = idle_after_a_request(port).await;
     assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
     assert!(
         closed,

@@ -134,13 +134,7 @@ async fn login_round_trip_delivers_the_bearer_to_the_upstream() {
     );
 
     // The bearer is a live access token of the provider, for alice.
-    let me = send(
-        "GET",
-        &s.idp.url("/me"),
-        &[("authorization", &format!("Bearer {token}"))],
-        Vec::new(),
-    )
-    .await;
+    let me = s.idp.userinfo(&token).await;
     assert_eq!(me.status, 200, "{}", me.dump());
     assert_eq!(me.json()["sub"], "alice");
 

@@ -256,13 +256,7 @@ async fn revoke_at_provider(idp: &Idp, token: &str) {
     .await;
     assert_eq!(r.status, 200, "revocation: {}", r.dump());
     // The token is dead at the provider now.
-    let me = send(
-        "GET",
-        &idp.url("/me"),
-        &[("authorization", &format!("Bearer {token}"))],
-        Vec::new(),
-    )
-    .await;
+    let me = idp.userinfo(token).await;
     assert_eq!(me.status, 401, "revoked token still works: {}", me.dump());
 }
 
@@ -395,13 +389,7 @@ async fn expiring_token_is_refreshed_with_a_new_bearer_and_cookie() {
     );
 
     // The new bearer is a live token for the same user.
-    let me = send(
-        "GET",
-        &idp.url("/me"),
-        &[("authorization", &format!("Bearer {second}"))],
-        Vec::new(),
-    )
-    .await;
+    let me = idp.userinfo(&second).await;
     assert_eq!(me.status, 200, "{}", me.dump());
     assert_eq!(me.json()["sub"], "alice");
 
@@ -1775,13 +1763,7 @@ async fn an_older_cookie_never_forwards_the_expired_token_of_a_reused_refresh() 
         bearer, refreshed,
         "the reused result's expired token was forwarded"
     );
-    let me = send(
-        "GET",
-        &idp.url("/me"),
-        &[("authorization", &format!("Bearer {bearer}"))],
-        Vec::new(),
-    )
-    .await;
+    let me = idp.userinfo(&bearer).await;
     assert_eq!(me.status, 200, "a dead token was forwarded: {}", me.dump());
     assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
 }

@@ -228,6 +228,18 @@ impl Idp {
         format!("{}{path}", self.issuer())
     }
 
+    /// The provider's userinfo (`/me`) asked with `access_token`: 200 while the token lives.
+    pub async fn userinfo(&self, access_token: &str) -> super::Resp {
+        let bearer = format!("Bearer {access_token}");
+        send(
+            "GET",
+            &self.url("/me"),
+            &[("authorization", &bearer)],
+            Vec::new(),
+        )
+        .await
+    }
+
     /// The `REQ ...` lines logged so far (one per request the IdP served).
     pub fn requests(&self) -> Vec<String> {
         self.proc
