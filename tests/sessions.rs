@@ -115,6 +115,20 @@ fn spawn_api(gw: &Gateway, path: &str, cookie: &str) -> tokio::task::JoinHandle<
     })
 }
 
+/// Polls `path` with `cookie` until the gateway answers 401 (the session is over there):
+/// that answer.
+async fn refused_eventually(what: &str, gw: &Gateway, path: &str, cookie: &str) -> Resp {
+    eventually(what, || async {
+        let r = api(gw, path, cookie).await;
+        if r.status == 401 {
+            Ok(r)
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await
+}
+
 async fn api(gw: &Gateway, path: &str, cookie: &str) -> Resp {
     send(
         "GET",
@@ -519,15 +533,7 @@ impl Replicas {
 /// Polls both gateways until the session's cookie gets 401 on each.
 async fn await_refused_on_both(s: &Replicas, what: &str) {
     for (name, gw) in [("A", &s.a), ("B", &s.b)] {
-        eventually(&format!("{what} on {name}"), || async {
-            let r = api(gw, "/after", &s.cookie).await;
-            if r.status == 401 {
-                Ok(())
-            } else {
-                Err(r.dump())
-            }
-        })
-        .await;
+        refused_eventually(&format!("{what} on {name}"), gw, "/after", &s.cookie).await;
     }
 }
 
@@ -922,14 +928,12 @@ async fn provider_down_during_refresh() {
     // The provider comes back — as a fresh process that knows no grant: the refresh
     // token is refused, so the session is over (login / 401) instead of 503.
     idp.restart(&env).await;
-    let api_after = eventually("gateway answers 401 once the provider is back", || async {
-        let r = api(&gw, "/back", &cookie).await;
-        if r.status == 401 {
-            Ok(r)
-        } else {
-            Err(r.dump())
-        }
-    })
+    let api_after = refused_eventually(
+        "gateway answers 401 once the provider is back",
+        &gw,
+        "/back",
+        &cookie,
+    )
     .await;
     assert_session_cleared(&api_after, "api after recovery");
     let nav = navigate(&gw, "/page", &cookie).await;
@@ -1127,15 +1131,8 @@ async fn backchannel_logout_ends_the_session_on_both(store: Store) {
     assert_eq!(tokens.len(), 1, "{tokens:?}");
 
     for (name, gw) in [("A", &s.a), ("B", &s.b)] {
-        let r = eventually(&format!("session ended on {name}"), || async {
-            let r = api(gw, "/after", &s.cookie).await;
-            if r.status == 401 {
-                Ok(r)
-            } else {
-                Err(r.dump())
-            }
-        })
-        .await;
+        let r =
+            refused_eventually(&format!("session ended on {name}"), gw, "/after", &s.cookie).await;
         assert_session_cleared(&r, name);
         let nav = navigate(gw, "/after", &s.cookie).await;
         assert_eq!(nav.status, 302, "{name}: {}", nav.dump());
@@ -1501,15 +1498,7 @@ async fn backchannel_logout_with_a_sid_spares_the_users_other_sessions() {
         "{}",
         idp.tails()
     );
-    eventually("the laptop session ended", || async {
-        let r = api(&gw, "/x", &laptop_cookie).await;
-        if r.status == 401 {
-            Ok(())
-        } else {
-            Err(r.dump())
-        }
-    })
-    .await;
+    refused_eventually("the laptop session ended", &gw, "/x", &laptop_cookie).await;
     // OpenID Connect Back-Channel Logout 1.0 §2.4: only without a sid are all of the
     // subject's sessions logged out. The phone's provider session is still alive.
     let r = api(&gw, "/x", &phone_cookie).await;
@@ -1673,15 +1662,7 @@ async fn sign_out_and_logout_tokens_hold_across_a_cookie_key_rotation() {
     .await;
     assert_eq!(out.status, 302, "sign-out refused: {}", out.dump());
     assert_session_cleared(&out, "sign-out on B");
-    eventually("the session ended on A too", || async {
-        let r = api(&a, "/x", &cookie).await;
-        if r.status == 401 {
-            Ok(())
-        } else {
-            Err(r.dump())
-        }
-    })
-    .await;
+    refused_eventually("the session ended on A too", &a, "/x", &cookie).await;
 
     // A logout token delivered to A, replayed to B.
     let bob = Browser::new();
