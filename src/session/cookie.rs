@@ -481,7 +481,8 @@ mod tests {
             id: [1; 16],
             created_at_ms: 0,
             expires_at: 1000,
-            access_token: "a".repeat(token_len),
+            // Not base64url, so sealed at its length (see `packed`).
+            access_token: "~".repeat(token_len),
             access_expires_at: 0,
             access_issued_at: 0,
             refresh_token: None,

@@ -4,6 +4,7 @@ pub mod active;
 pub mod cookie;
 pub mod crypto;
 pub mod layer;
+mod packed;
 pub mod revocation;
 pub mod store;
 
@@ -18,10 +19,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bumped when the encoding changes; older values then read as "no session" unless read
 /// below. Flow states are still at 2; sessions moved to `SESSION_SCHEMA`, and the session
-/// schemas 2 and 4 are still read. (3 is a reference to a stored session.)
+/// schemas 2, 4 and 5 are still read. (3 is a reference to a stored session.)
 const SCHEMA: u8 = 2;
 const SESSION_SCHEMA_4: u8 = 4;
-const SESSION_SCHEMA: u8 = 5;
+const SESSION_SCHEMA_5: u8 = 5;
+const SESSION_SCHEMA: u8 = 6;
 
 pub fn now_secs() -> u64 {
     now_millis() / 1000
@@ -66,12 +68,15 @@ pub struct Session {
     pub created_at_ms: u64,
     /// End of the session's life (absolute, seconds since the epoch).
     pub expires_at: u64,
+    #[serde(with = "packed::token")]
     pub access_token: String,
     /// When the access token expires (0: the provider did not say).
     pub access_expires_at: u64,
     /// When the access token was received (0: unknown, a session from before this field).
     pub access_issued_at: u64,
+    #[serde(with = "packed::optional_token")]
     pub refresh_token: Option<String>,
+    #[serde(with = "packed::optional_token")]
     pub id_token: Option<String>,
     pub identity: Identity,
     /// When the session was last used (kept current at most every tenth of the idle timeout).
@@ -140,7 +145,8 @@ impl From<SessionV2> for Session {
     }
 }
 
-/// A session as schema 4 encoded it (its creation time in seconds).
+/// A session as schemas 4 and 5 encoded it: its tokens as text, its creation time in seconds
+/// (4) or in milliseconds (5).
 #[derive(Serialize, Deserialize)]
 struct SessionV4 {
     id: [u8; 16],
@@ -155,20 +161,21 @@ struct SessionV4 {
     last_seen: u64,
 }
 
-impl From<SessionV4> for Session {
-    fn from(v: SessionV4) -> Self {
+impl SessionV4 {
+    /// `created_at` in `unit` milliseconds. A time in seconds reads as the start of its
+    /// second: a logout within that second still ends the session, as before.
+    fn into_session(self, unit: u64) -> Session {
         Session {
-            id: v.id,
-            // The start of its second: a logout within that second still ends it, as before.
-            created_at_ms: v.created_at.saturating_mul(1000),
-            expires_at: v.expires_at,
-            access_token: v.access_token,
-            access_expires_at: v.access_expires_at,
-            access_issued_at: v.access_issued_at,
-            refresh_token: v.refresh_token,
-            id_token: v.id_token,
-            identity: v.identity,
-            last_seen: v.last_seen,
+            id: self.id,
+            created_at_ms: self.created_at.saturating_mul(unit),
+            expires_at: self.expires_at,
+            access_token: self.access_token,
+            access_expires_at: self.access_expires_at,
+            access_issued_at: self.access_issued_at,
+            refresh_token: self.refresh_token,
+            id_token: self.id_token,
+            identity: self.identity,
+            last_seen: self.last_seen,
         }
     }
 }
@@ -183,9 +190,12 @@ impl Session {
             Some((&SESSION_SCHEMA, rest)) => {
                 postcard::from_bytes(rest).map_err(|_| DecodeError::Malformed)
             }
-            Some((&SESSION_SCHEMA_4, rest)) => postcard::from_bytes::<SessionV4>(rest)
-                .map(Session::from)
-                .map_err(|_| DecodeError::Malformed),
+            Some((&schema @ (SESSION_SCHEMA_4 | SESSION_SCHEMA_5), rest)) => {
+                let unit = if schema == SESSION_SCHEMA_4 { 1000 } else { 1 };
+                postcard::from_bytes::<SessionV4>(rest)
+                    .map(|v| v.into_session(unit))
+                    .map_err(|_| DecodeError::Malformed)
+            }
             Some((&SCHEMA, _)) => decode_versioned::<SessionV2>(bytes).map(Session::from),
             _ => Err(DecodeError::Schema),
         }
@@ -252,7 +262,7 @@ pub enum CookieValue {
 impl CookieValue {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         match bytes.split_first() {
-            Some((&SESSION_SCHEMA | &SESSION_SCHEMA_4 | &SCHEMA, _)) => {
+            Some((&SESSION_SCHEMA | &SESSION_SCHEMA_5 | &SESSION_SCHEMA_4 | &SCHEMA, _)) => {
                 Session::decode(bytes).map(CookieValue::Full)
             }
             Some((&REF_SCHEMA, rest)) => rest
@@ -333,26 +343,45 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn sessions_of_schema_4_still_open() {
+    fn sessions_of_schemas_4_and_5_still_open() {
         let s = sample();
-        let v4 = SessionV4 {
-            id: s.id,
-            created_at: 1,
-            expires_at: s.expires_at,
-            access_token: s.access_token.clone(),
-            access_expires_at: s.access_expires_at,
-            access_issued_at: s.access_issued_at,
-            refresh_token: s.refresh_token.clone(),
-            id_token: s.id_token.clone(),
-            identity: s.identity.clone(),
-            last_seen: s.last_seen,
-        };
-        let old = postcard::to_extend(&v4, vec![SESSION_SCHEMA_4]).unwrap();
-        assert_eq!(Session::decode(&old).unwrap(), s);
-        assert!(matches!(
-            CookieValue::decode(&old),
-            Ok(CookieValue::Full(_))
-        ));
+        for (schema, created_at) in [(SESSION_SCHEMA_4, 1), (SESSION_SCHEMA_5, 1000)] {
+            let old = SessionV4 {
+                id: s.id,
+                created_at,
+                expires_at: s.expires_at,
+                access_token: s.access_token.clone(),
+                access_expires_at: s.access_expires_at,
+                access_issued_at: s.access_issued_at,
+                refresh_token: s.refresh_token.clone(),
+                id_token: s.id_token.clone(),
+                identity: s.identity.clone(),
+                last_seen: s.last_seen,
+            };
+            let old = postcard::to_extend(&old, vec![schema]).unwrap();
+            assert_eq!(Session::decode(&old).unwrap(), s);
+            assert!(matches!(
+                CookieValue::decode(&old),
+                Ok(CookieValue::Full(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn base64url_tokens_are_sealed_as_their_bytes() {
+        let mut s = sample();
+        let plain = s.encode().len();
+        let id_token = packed::tests::jwt_like(&[30, 300, 256]);
+        s.access_token = "q1YWH4A5IA3O5Qc7GyLV4XmsRilNBUDfE-V79PLrjmo".into();
+        let tokens = id_token.len() + s.access_token.len() - "at".len();
+        s.id_token = Some(id_token);
+        let packed = s.encode();
+        assert_eq!(Session::decode(&packed).unwrap(), s);
+        assert!(
+            (packed.len() - plain) * 4 <= tokens * 3 + 64,
+            "{} more bytes for {tokens} more token characters",
+            packed.len() - plain
+        );
     }
 
     pub fn sample() -> Session {
