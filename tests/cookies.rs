@@ -277,6 +277,37 @@ async fn expired_session_is_rejected() {
     assert_rejected(&mut s, "expired session", &cookie, &[]).await;
 }
 
+/// An app's answer cannot set, replace or clear the gateway's cookies (the session, its
+/// chunks, a login flow's); the app's own cookies pass.
+#[tokio::test]
+async fn the_upstream_cannot_set_the_gateways_cookies() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let before = b.cookie(&s.gw.url("/"), "_portcullis").expect("session");
+    let lines = [
+        "app=1; Path=/",
+        "_portcullis=planted; Path=/",
+        "_portcullis=; Path=/; Max-Age=0",
+        "_portcullis_0=x; Path=/",
+        "_portcullis_flow_x=y; Path=/",
+    ];
+    let query: Vec<String> = lines.iter().map(|l| format!("line={}", enc(l))).collect();
+    let r = b
+        .get(&s.gw.url(&format!("/set-cookie?{}", query.join("&"))))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(
+        r.header_all("set-cookie"),
+        ["app=1; Path=/"],
+        "{}",
+        r.dump()
+    );
+    assert_eq!(b.cookie(&s.gw.url("/"), "_portcullis"), Some(before));
+    let again = b.get(&s.gw.url("/private")).await;
+    assert_eq!(again.status, 200, "{}", again.dump());
+    assert_eq!(s.upstream.last().header("x-forwarded-user"), Some("alice"));
+}
+
 #[tokio::test]
 async fn large_tokens_are_chunked_and_reassembled() {
     let mut s = Stack::with(&[("IDP_ACCESS_TOKEN_CHARS", "6000")], "").await;

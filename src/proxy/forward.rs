@@ -1,6 +1,8 @@
 //! The last two steps: header hygiene and injection, then the streamed forward to the upstream.
 
-use super::headers::{inject_identity, sanitize_request, set_forwarded, strip_hop_by_hop};
+use super::headers::{
+    inject_identity, sanitize_request, sanitize_response, set_forwarded, strip_set_cookies,
+};
 use crate::app::App;
 use crate::body::{Body, BodyError};
 use crate::config::UpstreamConfig;
@@ -313,10 +315,11 @@ async fn forward(
                 (_, Err(e)) => tracing::debug!(error = %e, "upstream upgrade failed"),
             }
         });
-        let (parts, _) = resp.into_parts();
+        let (mut parts, _) = resp.into_parts();
+        strip_set_cookies(&mut parts.headers, |n| app.cookies.is_ours(n));
         return Ok(Response::from_parts(parts, Body::Empty));
     }
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
+    sanitize_response(&mut parts.headers, |n| app.cookies.is_ours(n));
     Ok(Response::from_parts(parts, Body::from(body)))
 }

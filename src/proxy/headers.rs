@@ -39,6 +39,44 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
     Seen::scan(h, None).strip(h, upgrading, None);
 }
 
+/// Makes an upstream's response headers fit for the client: hop-by-hop headers go, and so
+/// does a `Set-Cookie` for one of the gateway's own cookies. The app never sees those
+/// cookies; nor may it (or a header injected into its answers) replace or clear a user's
+/// session, or plant one of its choosing.
+pub fn sanitize_response(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
+    let seen = Seen::scan(h, None);
+    seen.strip(h, false, None);
+    if seen.set_cookie {
+        strip_set_cookies(h, is_ours);
+    }
+}
+
+/// Drops the `Set-Cookie` lines that name one of the gateway's cookies (the name as a browser
+/// reads it: up to the first `=` of the first `;`-part, trimmed).
+pub fn strip_set_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
+    let ours = |v: &&HeaderValue| {
+        let line = v.as_bytes();
+        let pair = memchr::memchr(b';', line).map_or(line, |i| &line[..i]);
+        memchr::memchr(b'=', pair)
+            .and_then(|i| std::str::from_utf8(pair[..i].trim_ascii()).ok())
+            .is_some_and(&is_ours)
+    };
+    if !h.get_all(header::SET_COOKIE).iter().any(|v| ours(&v)) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = h
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| !ours(v))
+        .cloned()
+        .collect();
+    h.remove(header::SET_COOKIE);
+    for v in kept {
+        h.append(header::SET_COOKIE, v);
+    }
+    tracing::warn!("the upstream's Set-Cookie for a cookie of the gateway's dropped");
+}
+
 /// What the request headers became in [`sanitize_request`].
 #[derive(Debug)]
 pub struct Sanitized {
@@ -94,6 +132,7 @@ struct Seen {
     /// `Upgrade` asks for something besides `websocket` (as `h2c`).
     other_protocol: bool,
     cookie: bool,
+    set_cookie: bool,
     /// Some hop-by-hop or spoofable name is present.
     doomed: bool,
     host: Option<HeaderValue>,
@@ -122,6 +161,8 @@ impl Seen {
                 seen.host.get_or_insert_with(|| value.clone());
             } else if *name == header::COOKIE {
                 seen.cookie = true;
+            } else if *name == header::SET_COOKIE {
+                seen.set_cookie = true;
             } else if is_hop_by_hop(name) || spoofable.is_some_and(|s| s.matches(name)) {
                 seen.doomed = true;
             }
@@ -912,5 +953,31 @@ mod tests {
         assert!(!valid_request_id(
             &HeaderValue::from_str(&"a".repeat(200)).unwrap()
         ));
+    }
+
+    #[test]
+    fn an_upstream_cannot_set_the_gateways_cookies() {
+        let ours = |n: &str| n == "_p" || n == "_p_0";
+        let mut h = HeaderMap::new();
+        for v in [
+            "app=1; Path=/",
+            "_p=planted; Path=/",
+            " _p_0 =x; Max-Age=0",
+            "_p; Path=/",
+            "other=_p=1",
+            "_pp=1",
+        ] {
+            h.append(header::SET_COOKIE, HeaderValue::from_static(v));
+        }
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        sanitize_response(&mut h, ours);
+        let left: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        // A line without `=` in its first part sets a nameless cookie, not `_p`.
+        assert_eq!(left, ["app=1; Path=/", "_p; Path=/", "other=_p=1", "_pp=1"]);
+        assert_eq!(h.get(header::CONTENT_TYPE).unwrap(), "text/plain");
+        // None of ours: the lines stay as they were.
+        let before = h.clone();
+        strip_set_cookies(&mut h, ours);
+        assert_eq!(h, before);
     }
 }

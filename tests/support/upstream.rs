@@ -140,6 +140,15 @@ async fn handle(
     );
     resp.headers_mut()
         .insert("x-upstream", http::HeaderValue::from_static("echo"));
+    if rec.path == "/set-cookie" {
+        // An app setting cookies: one `Set-Cookie` line per `line` query parameter.
+        let query = rec.query.as_deref().unwrap_or_default();
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            if let (true, Ok(v)) = (k == "line", http::HeaderValue::from_str(&v)) {
+                resp.headers_mut().append(http::header::SET_COOKIE, v);
+            }
+        }
+    }
     if rec.path.starts_with("/cacheable") {
         // What an app answers for its static assets.
         resp.headers_mut().insert(
