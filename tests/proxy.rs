@@ -965,6 +965,50 @@ async fn websocket_tunnels_hold_a_connection_slot_and_stay_counted() {
     }
 }
 
+/// A tunnel that carries no byte for `timeouts.tunnel_idle` is closed (its connection slot
+/// comes back); one that keeps carrying bytes stays open past it.
+#[tokio::test]
+async fn idle_websocket_tunnels_are_closed() {
+    use support::ops::{eventually, OpsConfig, OpsGateway};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up_port, _) = echo_upgrade_upstream();
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let gw = OpsGateway::start(&OpsConfig::new(GatewayOpts {
+        extra: "routes: [ { prefix: \"/\", auth: skip } ]\ntimeouts: { tunnel_idle: 2s }".into(),
+        ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
+    }))
+    .await;
+    let mut s = open_tunnel(gw_port, "/ws").await;
+    // Busy for longer than the limit: still open.
+    for i in 0..12u8 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        s.write_all(&[i]).await.unwrap();
+        let mut got = [0u8];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [i]);
+    }
+    // Then silent: the gateway closes it.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(REQUEST_TIMEOUT, s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "an idle tunnel stayed open\n{}", gw.tails());
+    assert!(rest.is_empty(), "{rest:?}");
+    let gauge = "portcullis_connections_open";
+    eventually(
+        REQUEST_TIMEOUT,
+        "the tunnel's connection released",
+        || async {
+            let v = gw.metrics().await.value(gauge);
+            if v == 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{gauge} {v}"))
+            }
+        },
+    )
+    .await;
+}
+
 /// A raw upstream that answers at once with a chunked response, then echoes each piece of
 /// the request body as it arrives (a full-duplex exchange, like a streaming RPC).
 fn duplex_echo_upstream() -> u16 {

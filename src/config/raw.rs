@@ -230,6 +230,8 @@ pub struct RawTimeouts {
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
     #[serde(with = "humantime_serde")]
+    pub tunnel_idle: Duration,
+    #[serde(with = "humantime_serde")]
     #[serde(alias = "shutdown_timeout")]
     pub shutdown: Duration,
 }
@@ -242,6 +244,7 @@ impl Default for RawTimeouts {
             provider: Duration::from_secs(10),
             header_read: Duration::from_secs(10),
             idle: Duration::from_secs(90),
+            tunnel_idle: Duration::from_secs(3600),
             shutdown: Duration::from_secs(25),
         }
     }

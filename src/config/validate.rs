@@ -166,6 +166,8 @@ pub struct Timeouts {
     pub provider: Duration,
     pub header_read: Duration,
     pub idle: Duration,
+    /// A websocket tunnel with no byte either way for this long is closed (zero: never).
+    pub tunnel_idle: Duration,
     pub shutdown: Duration,
 }
 
@@ -890,6 +892,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         provider: positive(&mut c, "timeouts.provider", t.provider),
         header_read: positive(&mut c, "timeouts.header_read", t.header_read),
         idle: positive(&mut c, "timeouts.idle", t.idle),
+        tunnel_idle: t.tunnel_idle,
         shutdown: shutdown_timeout(&mut c, &raw),
     };
     let l = &raw.limits;

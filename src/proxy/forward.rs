@@ -303,13 +303,17 @@ async fn forward(
         };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let open_tunnel = app.tunnels.open();
+        let idle = app.cfg.timeouts.tunnel_idle;
         tokio::spawn(async move {
             let _open_tunnel = open_tunnel;
             let client = client_upgrade.connection();
             match tokio::join!(client, upstream_upgrade) {
                 (Ok(mut c), Ok(u)) => {
                     let mut u = TokioIo::new(u);
-                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    if super::tunnel::relay(&mut c, &mut u, idle).await == super::tunnel::Idle::Yes
+                    {
+                        tracing::debug!("websocket tunnel idle for timeouts.tunnel_idle, closed");
+                    }
                 }
                 (Err(e), _) => tracing::debug!(error = %e, "client upgrade failed"),
                 (_, Err(e)) => tracing::debug!(error = %e, "upstream upgrade failed"),

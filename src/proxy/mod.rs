@@ -1,4 +1,5 @@
-//! Forwarding to the upstream: the pooled client, header hygiene, the forward itself.
+//! Forwarding to the upstream: the pooled client, header hygiene, the forward itself, and
+//! websocket tunnels.
 
 pub mod batch;
 pub mod client;
@@ -6,3 +7,4 @@ pub mod forward;
 pub mod headers;
 pub mod path;
 pub mod pool;
+pub mod tunnel;
