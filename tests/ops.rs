@@ -47,19 +47,6 @@ async fn parts(idp_env: &[(&str, &str)]) -> (Idp, Upstream, GatewayOpts) {
 // Metrics
 // ---------------------------------------------------------------------------------------
 
-/// Waits (up to 30 s) until `series` reads `value` on the admin listener.
-async fn await_metric(gw: &OpsGateway, series: &str, value: f64, what: &str) {
-    eventually(Duration::from_secs(30), what, || async {
-        let v = gw.metrics().await.value(series);
-        if v == value {
-            Ok(())
-        } else {
-            Err(format!("{series} = {v}"))
-        }
-    })
-    .await;
-}
-
 /// An HTTP/2 (prior knowledge) connection to the gateway on `port`, its driver task, and a
 /// request for the upstream's `/slow` (answered after 3 s) to send on it.
 async fn h2_slow_request(
@@ -113,13 +100,8 @@ async fn abandoned_requests_leave_the_in_flight_gauge() {
 /// The one request in flight was abandoned: the gauge back to 0, counted and logged as 499,
 /// and not finished for nobody (the upstream answers /slow with a 200 after 3 s).
 async fn assert_abandoned_once(gw: &OpsGateway) {
-    await_metric(
-        gw,
-        "portcullis_requests_in_flight",
-        0.0,
-        "in-flight back to 0",
-    )
-    .await;
+    gw.await_metric("portcullis_requests_in_flight", 0.0, "in-flight back to 0")
+        .await;
     let m = gw.metrics().await;
     assert_eq!(
         m.value(r#"portcullis_requests_total{method="GET",route="skip_auth",status="4xx"}"#),
@@ -162,8 +144,7 @@ async fn abandoned_http1_requests_are_dropped_and_logged_499() {
         .unwrap();
     let req = format!("GET /slow HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", gw.port);
     tcp.write_all(req.as_bytes()).await.unwrap();
-    await_metric(
-        &gw,
+    gw.await_metric(
         "portcullis_requests_in_flight",
         1.0,
         "the request in flight",
@@ -224,15 +205,9 @@ async fn stalled_and_broken_clients_are_cut_off_and_not_blamed_on_the_upstream()
         .unwrap();
     let req = format!("GET /big HTTP/1.1\r\nHost: {host}\r\n\r\n");
     tcp.write_all(req.as_bytes()).await.unwrap();
-    await_metric(
-        &gw,
-        "portcullis_connections_open",
-        1.0,
-        "the connection open",
-    )
-    .await;
-    await_metric(
-        &gw,
+    gw.await_metric("portcullis_connections_open", 1.0, "the connection open")
+        .await;
+    gw.await_metric(
         "portcullis_connections_open",
         0.0,
         "the unread connection closed",
@@ -406,8 +381,7 @@ async fn an_upstream_body_cut_short_is_counted_and_logged() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with(CUT_BODY), "{text}");
-    await_metric(
-        &gw,
+    gw.await_metric(
         r#"portcullis_upstream_errors_total{kind="reset"}"#,
         before.value(r#"portcullis_upstream_errors_total{kind="reset"}"#) + 1.0,
         "the cut body counted as an upstream reset",
@@ -437,8 +411,7 @@ async fn an_upstream_body_cut_short_is_counted_and_logged() {
         "the HTTP/2 client sees the cut"
     );
     conn.abort();
-    await_metric(
-        &gw,
+    gw.await_metric(
         r#"portcullis_upstream_errors_total{kind="reset"}"#,
         before.value(r#"portcullis_upstream_errors_total{kind="reset"}"#) + 2.0,
         "the cut HTTP/2 body counted as an upstream reset",
@@ -890,8 +863,7 @@ async fn requests_cut_at_the_shutdown_timeout_are_logged_503_not_499() {
         gw.port
     );
     tcp.write_all(req.as_bytes()).await.unwrap();
-    await_metric(
-        &gw,
+    gw.await_metric(
         "portcullis_requests_in_flight",
         1.0,
         "the request in flight",
@@ -1485,8 +1457,7 @@ async fn reloaded_timeouts_take_effect() {
     // The upstream answers /slow after 3 s; the drain gives it 1 s.
     let url = gw.url("/slow");
     let slow = tokio::spawn(async move { try_send("GET", &url, &[], Vec::new()).await });
-    await_metric(
-        &gw,
+    gw.await_metric(
         "portcullis_requests_in_flight",
         1.0,
         "the slow request in flight",

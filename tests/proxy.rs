@@ -892,18 +892,26 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
     s
 }
 
-#[tokio::test]
-async fn websocket_tunnels_hold_a_connection_slot_and_stay_counted() {
-    use support::ops::{eventually, OpsConfig, OpsGateway};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A gateway in front of the echoing upgrade upstream, every route public, with `extra`
+/// config; the provider comes back too, to be kept alive as long as the gateway.
+async fn tunnel_gateway(extra: &str) -> (support::ops::OpsGateway, Idp) {
+    use support::ops::{OpsConfig, OpsGateway};
     let (up_port, _) = echo_upgrade_upstream();
     let gw_port = free_port();
     let idp = Idp::start_for_gateway(gw_port, &[]).await;
     let gw = OpsGateway::start(&OpsConfig::new(GatewayOpts {
-        extra: "routes: [ { prefix: \"/\", auth: skip } ]\nlimits: { max_connections: 3 }".into(),
+        extra: format!("routes: [ {{ prefix: \"/\", auth: skip }} ]\n{extra}"),
         ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
     }))
     .await;
+    (gw, idp)
+}
+
+#[tokio::test]
+async fn websocket_tunnels_hold_a_connection_slot_and_stay_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, _idp) = tunnel_gateway("limits: { max_connections: 3 }").await;
+    let gw_port = gw.port;
     let gauge = "portcullis_connections_open";
     let mut tunnels = Vec::new();
     for _ in 0..3 {
@@ -947,15 +955,8 @@ async fn websocket_tunnels_hold_a_connection_slot_and_stay_counted() {
         .unwrap();
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
-    eventually(REQUEST_TIMEOUT, "two open connections", || async {
-        let v = gw.metrics().await.value(gauge);
-        if v == 2.0 {
-            Ok(())
-        } else {
-            Err(format!("{gauge} {v}"))
-        }
-    })
-    .await;
+    gw.await_metric("portcullis_connections_open", 2.0, "two open connections")
+        .await;
     // The remaining tunnels still carry bytes.
     for t in &mut tunnels {
         t.write_all(b"more").await.unwrap();
@@ -969,17 +970,9 @@ async fn websocket_tunnels_hold_a_connection_slot_and_stay_counted() {
 /// comes back); one that keeps carrying bytes stays open past it.
 #[tokio::test]
 async fn idle_websocket_tunnels_are_closed() {
-    use support::ops::{eventually, OpsConfig, OpsGateway};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (up_port, _) = echo_upgrade_upstream();
-    let gw_port = free_port();
-    let idp = Idp::start_for_gateway(gw_port, &[]).await;
-    let gw = OpsGateway::start(&OpsConfig::new(GatewayOpts {
-        extra: "routes: [ { prefix: \"/\", auth: skip } ]\ntimeouts: { tunnel_idle: 2s }".into(),
-        ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
-    }))
-    .await;
-    let mut s = open_tunnel(gw_port, "/ws").await;
+    let (gw, _idp) = tunnel_gateway("timeouts: { tunnel_idle: 2s }").await;
+    let mut s = open_tunnel(gw.port, "/ws").await;
     // Busy for longer than the limit: still open.
     for i in 0..12u8 {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
@@ -993,18 +986,10 @@ async fn idle_websocket_tunnels_are_closed() {
     let closed = tokio::time::timeout(REQUEST_TIMEOUT, s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "an idle tunnel stayed open\n{}", gw.tails());
     assert!(rest.is_empty(), "{rest:?}");
-    let gauge = "portcullis_connections_open";
-    eventually(
-        REQUEST_TIMEOUT,
+    gw.await_metric(
+        "portcullis_connections_open",
+        0.0,
         "the tunnel's connection released",
-        || async {
-            let v = gw.metrics().await.value(gauge);
-            if v == 0.0 {
-                Ok(())
-            } else {
-                Err(format!("{gauge} {v}"))
-            }
-        },
     )
     .await;
 }

@@ -278,6 +278,19 @@ impl OpsGateway {
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", self.tails()))
     }
+
+    /// Waits (up to 30 s) until `series` reads `value` on the admin listener.
+    pub async fn await_metric(&self, series: &str, value: f64, what: &str) {
+        eventually(Duration::from_secs(30), what, || async {
+            let v = self.metrics().await.value(series);
+            if v == value {
+                Ok(())
+            } else {
+                Err(format!("{series} = {v}"))
+            }
+        })
+        .await;
+    }
 }
 
 /// `GET /metrics` on the admin listener at `port`, parsed (`Err` if it does not answer 200).
