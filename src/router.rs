@@ -58,7 +58,8 @@ fn new_request_id(prefix: &str, n: u64) -> HeaderValue {
         slab.extend_from_slice(b"-");
         let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
         for shift in (0..digits).rev() {
-            slab.extend_from_slice(&[b"0123456789abcdef"[(n >> (shift * 4)) as usize & 0xf]]);
+            let digit = (n >> (shift * 4)) as usize & 0xf;
+            slab.extend_from_slice(&[crate::session::crypto::HEX_DIGITS[digit]]);
         }
         HeaderValue::from_maybe_shared(slab.split().freeze())
             .unwrap_or(HeaderValue::from_static("-"))

@@ -262,14 +262,12 @@ pub enum CookieValue {
 impl CookieValue {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         match bytes.split_first() {
-            Some((&SESSION_SCHEMA | &SESSION_SCHEMA_5 | &SESSION_SCHEMA_4 | &SCHEMA, _)) => {
-                Session::decode(bytes).map(CookieValue::Full)
-            }
             Some((&REF_SCHEMA, rest)) => rest
                 .try_into()
                 .map(CookieValue::Ref)
                 .map_err(|_| DecodeError::Malformed),
-            _ => Err(DecodeError::Schema),
+            // Every session schema still read, and `Schema` for anything else.
+            _ => Session::decode(bytes).map(CookieValue::Full),
         }
     }
 

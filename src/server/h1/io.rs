@@ -38,9 +38,7 @@ thread_local! {
 }
 
 pub fn take_buffer() -> BytesMut {
-    SPARE
-        .with(|s| s.borrow_mut().pop())
-        .unwrap_or_else(|| BytesMut::with_capacity(READ_BUF))
+    spare(&SPARE).unwrap_or_else(|| BytesMut::with_capacity(READ_BUF))
 }
 
 thread_local! {
@@ -52,8 +50,7 @@ thread_local! {
 /// reused, a request costs no map allocation (a 24-header map is 2.5 KB, past the allocator's
 /// per-thread cache).
 pub fn take_map(n: usize) -> http::HeaderMap {
-    SPARE_MAPS
-        .with(|s| s.borrow_mut().pop())
+    spare(&SPARE_MAPS)
         .filter(|m| m.capacity() >= n)
         .unwrap_or_else(|| http::HeaderMap::with_capacity(n))
 }
@@ -75,9 +72,7 @@ thread_local! {
 /// A request's map comes back as its response's (see `Forward`): reused, a request costs no
 /// map allocation and no growth of it (four entries outgrow a new map once).
 pub fn take_extensions() -> http::Extensions {
-    SPARE_EXTENSIONS
-        .with(|s| s.borrow_mut().pop())
-        .unwrap_or_default()
+    spare(&SPARE_EXTENSIONS).unwrap_or_default()
 }
 
 /// Keeps a response's extension map, emptied, for a next request (a few per thread).
@@ -95,6 +90,11 @@ pub fn give_back(mut buf: BytesMut) {
     if buf.is_empty() && buf.try_reclaim(READ_BUF) {
         keep(&SPARE, buf);
     }
+}
+
+/// The last spare put on this thread's list, if any.
+fn spare<T: 'static>(spares: &'static std::thread::LocalKey<RefCell<Vec<T>>>) -> Option<T> {
+    spares.with(|s| s.borrow_mut().pop())
 }
 
 /// Puts `value` on this thread's list of spares, unless it holds `SPARE_BUFFERS` already.
