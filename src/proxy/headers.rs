@@ -33,12 +33,6 @@ pub fn has_token(v: &HeaderValue, token: &str) -> bool {
     tokens(v).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-/// `Upgrade` (and `Connection: upgrade`) survive only for an upgrade being forwarded.
-pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
-    Seen::scan(h, None).strip(h, upgrading, None);
-}
-
 /// Makes an upstream's response headers fit for the client: hop-by-hop headers go, and so
 /// does a `Set-Cookie` for one of the gateway's own cookies. The app never sees those
 /// cookies; nor may it (or a header injected into its answers) replace or clear a user's
@@ -570,6 +564,12 @@ pub fn valid_request_id(v: &HeaderValue) -> bool {
 mod tests {
     use super::*;
     use crate::config::UserClaim;
+
+    /// Removes hop-by-hop headers, including those the `Connection` header names.
+    /// `Upgrade` (and `Connection: upgrade`) survive only for an upgrade being forwarded.
+    fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
+        Seen::scan(h, None).strip(h, upgrading, None);
+    }
 
     #[test]
     fn group_names_keep_their_commas_apart() {
