@@ -788,6 +788,96 @@ async fn sign_out_end_to_end() {
     assert_eq!(r.status, 401, "{}", r.dump());
 }
 
+/// GETs `url` and follows redirects as long as they stay on the provider: the provider's page,
+/// or its redirect elsewhere.
+async fn on_idp(b: &Browser, s: &Stack, url: &str) -> Resp {
+    let mut url = url.to_string();
+    for _ in 0..10 {
+        let r = b.get(&url).await;
+        match r.location_abs() {
+            Some(next) if r.status.is_redirection() && next.starts_with(&s.idp.url("/")) => {
+                url = next
+            }
+            _ => return r,
+        }
+    }
+    panic!("the provider kept redirecting: {url}");
+}
+
+#[tokio::test]
+async fn sign_out_without_a_session_still_ends_the_provider_session() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    // The gateway's session is gone (expired, cleared); the provider's is not.
+    b.put_cookie(&s.gw.url("/"), "_portcullis", "expired", "/");
+    let page = b.get(&s.gw.url("/oauth2/sign_out")).await;
+    assert!(page.text().contains("not signed in"), "{}", page.dump());
+
+    let r = b
+        .request(
+            "POST",
+            &s.gw.url("/oauth2/sign_out"),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &s.gw.origin()),
+            ],
+            "csrf=",
+        )
+        .await;
+    assert_eq!(r.status, 302, "{}", r.dump());
+    let loc = r.location().unwrap().to_string();
+    assert!(loc.starts_with(&s.idp.url("/session/end?")), "{loc}");
+    assert_eq!(query_param(&loc, "client_id").as_deref(), Some(CLIENT_ID));
+    assert_eq!(
+        query_param(&loc, "post_logout_redirect_uri"),
+        Some(s.gw.url("/oauth2/signed_out"))
+    );
+    assert_eq!(query_param(&loc, "id_token_hint"), None, "{loc}");
+    assert!(r.set_cookie("_portcullis").is_some_and(|c| c.is_removal()));
+
+    // Having no ID token to go by, the provider asks; the user confirms.
+    let confirm = on_idp(&b, &s, &loc).await;
+    assert_eq!(confirm.status, 200, "{}", confirm.dump());
+    let form = support::html::first_form(&confirm.text()).expect("logout form");
+    let mut fields = support::html::fill(&form, "", "");
+    fields.push(("logout".into(), "yes".into()));
+    let action = url::Url::parse(&loc).unwrap().join(&form.action).unwrap();
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish();
+    let done = b
+        .request(
+            "POST",
+            action.as_str(),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body,
+        )
+        .await;
+    let landing = match done.location_abs() {
+        Some(next) if next.starts_with(&s.idp.url("/")) => on_idp(&b, &s, &next).await,
+        _ => done,
+    };
+    assert_eq!(
+        landing.location_abs(),
+        Some(s.gw.url("/oauth2/signed_out")),
+        "{}",
+        landing.dump()
+    );
+
+    // The provider's session is over: the next visit meets its login form, not a silent
+    // sign-in straight back to the gateway.
+    let again = b.get(&s.gw.url("/")).await;
+    let (auth, _) = auth_redirect(&again);
+    let idp = on_idp(&b, &s, &auth).await;
+    assert_eq!(idp.status, 200, "signed straight back in: {}", idp.dump());
+    let login = support::html::first_form(&idp.text()).expect("login form");
+    assert!(
+        login.inputs.iter().any(|i| i.kind == "password"),
+        "{}",
+        idp.dump()
+    );
+}
+
 #[tokio::test]
 async fn sign_out_post_needs_the_csrf_token() {
     let s = Stack::start().await;

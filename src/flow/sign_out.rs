@@ -128,14 +128,15 @@ async fn end_session(
         }
         app.metrics.logouts.with_label_values(&["user"]).inc();
     }
-    let target = match (
-        app.provider.metadata().and_then(|m| m.end_session_endpoint),
-        session,
-    ) {
-        (Some(end), Some(s)) => end_session_url(app, &end, s)
-            .unwrap_or_else(|| app.cfg.post_logout_redirect_url.clone()),
-        _ => app.cfg.post_logout_redirect_url.clone(),
-    };
+    // Without a session too: the gateway's cookie may be gone (expired, cleared) while the
+    // provider's session lives on, and would sign the user straight back in. The provider
+    // then asks for confirmation itself, having no ID token to go by.
+    let target = app
+        .provider
+        .metadata()
+        .and_then(|m| m.end_session_endpoint)
+        .and_then(|end| end_session_url(app, &end, session))
+        .unwrap_or_else(|| app.cfg.post_logout_redirect_url.clone());
     let mut resp = pages::redirect(&target);
     for v in app.cookies.clear_session(jar) {
         resp.headers_mut().append(SET_COOKIE, v);
@@ -143,11 +144,11 @@ async fn end_session(
     resp
 }
 
-fn end_session_url(app: &App, endpoint: &str, s: &Session) -> Option<String> {
+fn end_session_url(app: &App, endpoint: &str, s: Option<&Session>) -> Option<String> {
     let mut u = url::Url::parse(endpoint).ok()?;
     {
         let mut q = u.query_pairs_mut();
-        if let Some(t) = &s.id_token {
+        if let Some(t) = s.and_then(|s| s.id_token.as_ref()) {
             q.append_pair("id_token_hint", t);
         }
         q.append_pair("client_id", app.provider.client_id());
