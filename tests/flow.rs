@@ -20,15 +20,6 @@ fn jwt_payload(jwt: &str) -> serde_json::Value {
     serde_json::from_slice(&bytes).expect("JWT payload JSON")
 }
 
-fn bearer_of(rec: &Recorded) -> String {
-    let auth = rec
-        .header("authorization")
-        .unwrap_or_else(|| panic!("no Authorization at the upstream: {rec:?}"));
-    auth.strip_prefix("Bearer ")
-        .unwrap_or_else(|| panic!("not a bearer: {auth}"))
-        .to_string()
-}
-
 #[tokio::test]
 async fn login_round_trip_delivers_the_bearer_to_the_upstream() {
     let s = Stack::start().await;
@@ -125,7 +116,7 @@ async fn login_round_trip_delivers_the_bearer_to_the_upstream() {
         rec.header("cookie").is_none(),
         "gateway cookie leaked: {rec:?}"
     );
-    let token = bearer_of(&rec);
+    let token = rec.bearer();
     assert!(token.len() >= 43, "{token}");
     assert_eq!(
         s.upstream.count(),
@@ -168,13 +159,13 @@ async fn reload_with_the_session_cookie_does_not_contact_the_provider() {
     let b = s.login("alice").await;
     let idp_before = s.idp.request_count();
     let up_before = s.upstream.count();
-    let first_token = bearer_of(&s.upstream.last());
+    let first_token = s.upstream.last().bearer();
     for path in ["/", "/a", "/b/c?d=e", "/"] {
         let r = b.get(&s.gw.url(path)).await;
         assert_eq!(r.status, 200, "{}", r.dump());
         assert!(r.set_cookies().is_empty(), "no cookie churn: {}", r.dump());
         let rec = s.upstream.last();
-        assert_eq!(bearer_of(&rec), first_token);
+        assert_eq!(rec.bearer(), first_token);
         assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
     }
     assert_eq!(s.upstream.count(), up_before + 4);
@@ -940,7 +931,7 @@ async fn userinfo_returns_the_identity_as_json() {
     assert_eq!(none.json()["error"], "unauthorized");
 
     let b = s.login("alice").await;
-    let token = bearer_of(&s.upstream.last());
+    let token = s.upstream.last().bearer();
     let r = b.api_get(&s.gw.url("/oauth2/userinfo")).await;
     assert_eq!(r.status, 200, "{}", r.dump());
     assert_eq!(r.header("content-type"), Some("application/json"));

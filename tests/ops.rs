@@ -26,14 +26,6 @@ fn flip(v: &str, i: usize) -> String {
     String::from_utf8(b).unwrap()
 }
 
-/// The bearer token the upstream received.
-fn bearer_of(rec: &Recorded) -> String {
-    rec.header("authorization")
-        .and_then(|a| a.strip_prefix("Bearer "))
-        .unwrap_or_else(|| panic!("no bearer at the upstream: {rec:?}"))
-        .to_string()
-}
-
 /// An IdP, the echo upstream and the options of a gateway on a fresh port in front of it.
 async fn parts(idp_env: &[(&str, &str)]) -> (Idp, Upstream, GatewayOpts) {
     let port = free_port();
@@ -1626,7 +1618,7 @@ trusted_proxies: ["127.0.0.1/32"]"#
         .cookie(&gw.url("/"), "_portcullis")
         .expect("session cookie");
     let cookie = format!("_portcullis={session}");
-    let access_token = bearer_of(&upstream.last());
+    let access_token = upstream.last().bearer();
     for i in 0..3 {
         let r = api_get(&gw.url(&format!("/logs/api/{i}")), &cookie).await;
         assert_eq!(r.status, 200, "{}", r.dump());

@@ -26,15 +26,6 @@ const ROTATE_ENV: (&str, &str) = ("IDP_ROTATE_REFRESH_TOKEN", "1");
 /// How long eventual effects (logouts reaching a replica, recoveries) may take.
 const EVENTUALLY: Duration = Duration::from_secs(10);
 
-fn bearer_of(rec: &Recorded) -> String {
-    let auth = rec
-        .header("authorization")
-        .unwrap_or_else(|| panic!("no Authorization at the upstream: {rec:?}"));
-    auth.strip_prefix("Bearer ")
-        .unwrap_or_else(|| panic!("not a bearer: {auth}"))
-        .to_string()
-}
-
 /// The bearer the upstream received for the request that answered `resp`.
 fn bearer_in(resp: &Resp) -> String {
     assert_eq!(resp.status, 200, "{}", resp.dump());
@@ -361,7 +352,7 @@ async fn expiring_token_is_refreshed_with_a_new_bearer_and_cookie() {
     let b = Browser::new();
     let r = login(&b, &gw, "/", "alice").await;
     assert_eq!(r.status, 200, "{}", r.dump());
-    let first = bearer_of(&upstream.last());
+    let first = upstream.last().bearer();
     let grants = idp.token_requests();
     assert_eq!(grants, 1, "the login's code exchange");
     let first_cookie = b.cookie(&gw.url("/"), "_portcullis").expect("session");
@@ -437,7 +428,7 @@ async fn fifty_concurrent_requests_across_expiry_refresh_once() {
 
     let cookie = login_cookie(&gw, "alice").await;
     let logged_in = Instant::now();
-    let first = bearer_of(&upstream.last());
+    let first = upstream.last().bearer();
     until_due(logged_in, 1).await;
 
     let grants = idp.token_requests();
@@ -539,7 +530,7 @@ async fn await_refused_on_both(s: &Replicas, what: &str) {
 
 async fn two_replicas_refresh_once(store: Store) {
     let s = Replicas::start(store, &[AT_TTL_ENV, ROTATE_ENV], None).await;
-    let first = bearer_of(&s.upstream.last());
+    let first = s.upstream.last().bearer();
     // The session works on B as well (same keys; same Redis for the Redis store).
     let on_b = api(&s.b, "/on-b", &s.cookie).await;
     assert_eq!(bearer_in(&on_b), first);
@@ -610,7 +601,7 @@ async fn revoked_grant_ends(store: Store) {
     let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
     let cookie = login_cookie(&gw, "alice").await;
     let logged_in = Instant::now();
-    revoke_at_provider(&idp, &bearer_of(&upstream.last())).await;
+    revoke_at_provider(&idp, &upstream.last().bearer()).await;
 
     until_due(logged_in, 1).await;
     let before = upstream.count();
@@ -644,7 +635,7 @@ async fn short_lived_tokens_are_refreshed_once_per_generation() {
     let b = Browser::new();
     let r = login(&b, &gw, "/", "alice").await;
     assert_eq!(r.status, 200, "{}", r.dump());
-    let mut bearers = vec![bearer_of(&upstream.last())];
+    let mut bearers = vec![upstream.last().bearer()];
     let mut requests = 0;
     let until = Instant::now() + Duration::from_secs(9);
     while Instant::now() < until {
@@ -684,7 +675,7 @@ async fn a_hung_provider_does_not_end_a_session_with_rotating_refresh_tokens() {
     let gw = Gateway::start(opts).await;
     let cookie = login_cookie(&gw, "alice").await;
     let issued = Instant::now();
-    let first = bearer_of(&upstream.last());
+    let first = upstream.last().bearer();
     idp.signal("STOP");
     // Due, still valid: the refresh hangs, the request goes on with the old token.
     tokio::time::sleep_until((issued + Duration::from_millis(TTL * 1000 / 2 + 300)).into()).await;
@@ -818,7 +809,7 @@ async fn userinfo_refreshes_and_reports_a_revoked_grant_as_logged_out() {
     let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
     let cookie = login_cookie(&gw, "alice").await;
     let logged_in = Instant::now();
-    let first = bearer_of(&upstream.last());
+    let first = upstream.last().bearer();
 
     // Due: userinfo refreshes the token and passes the new cookie back.
     until_due(logged_in, 1).await;
@@ -866,7 +857,7 @@ async fn provider_down_during_refresh() {
     let admin = free_port();
     let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
     let cookie = login_cookie(&gw, "alice").await;
-    let first = bearer_of(&upstream.last());
+    let first = upstream.last().bearer();
     idp.kill();
 
     // Still valid: served with the old token, whether or not a refresh was attempted.
@@ -953,7 +944,7 @@ async fn redis_store_outage_gives_503_and_recovers() {
     let yaml = session_yaml(Store::Redis, Some(&redis), 60);
     let mut gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
     let cookie = login_cookie(&gw, "alice").await;
-    let first = bearer_of(&upstream.last());
+    let first = upstream.last().bearer();
     assert_eq!(redis.keys("portcullis:session:*").len(), 1);
 
     redis.kill();
@@ -1256,7 +1247,7 @@ async fn sign_out_with_the_redis_store_deletes_the_session() {
     let r = login(&b, &gw, "/", "alice").await;
     assert_eq!(r.status, 200, "{}", r.dump());
     let cookie = b.cookie_header(&gw.url("/"));
-    let token = bearer_of(&upstream.last());
+    let token = upstream.last().bearer();
 
     let keys = redis.keys("portcullis:session:*");
     assert_eq!(keys.len(), 1, "{keys:?}");
@@ -1376,7 +1367,7 @@ async fn a_refresh_that_redis_misses_is_stored_once_redis_is_back() {
     let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
     let cookie = login_cookie(&gw, "alice").await;
     let logged_in = Instant::now();
-    let first = bearer_of(&upstream.last());
+    let first = upstream.last().bearer();
 
     until_due(logged_in, 1).await;
     idp.signal("STOP");
@@ -1430,7 +1421,7 @@ async fn coordination_redis_down_uses_the_token_while_valid_then_503() {
     let mut gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
     let cookie = login_cookie(&gw, "alice").await;
     let logged_in = Instant::now();
-    let first = bearer_of(&upstream.last());
+    let first = upstream.last().bearer();
 
     redis.kill();
     // The cookie store needs no Redis to serve a session.

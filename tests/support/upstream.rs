@@ -47,6 +47,16 @@ impl Recorded {
             .collect()
     }
 
+    /// The bearer token this request carried.
+    pub fn bearer(&self) -> String {
+        let auth = self
+            .header("authorization")
+            .unwrap_or_else(|| panic!("no Authorization at the upstream: {self:?}"));
+        auth.strip_prefix("Bearer ")
+            .unwrap_or_else(|| panic!("not a bearer: {auth}"))
+            .to_string()
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "method": self.method,
