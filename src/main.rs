@@ -95,6 +95,12 @@ fn main() -> ExitCode {
         b.worker_threads(workers);
         b
     };
+    // Look for network events after every 16 task polls instead of tokio's 61: under load a
+    // worker then hands requests to the upstream and answers to clients in smaller, steadier
+    // batches, so the processes at the other ends run along instead of sleeping and being
+    // woken in bursts. Measured with the load harness, five interleaved pairs of runs: 4 %
+    // more requests a second and 4 % less CPU per request, better in each pair.
+    builder.event_interval(16);
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
