@@ -705,6 +705,20 @@ async fn a_ninth_pending_login_expires_only_the_oldest() {
     assert_eq!(cb.status, 400, "the expired login: {}", cb.dump());
 }
 
+/// Where a sign-out answer sends the browser: the provider's logout endpoint, naming this
+/// client and the gateway's landing page.
+fn end_session_location(s: &Stack, r: &Resp) -> String {
+    assert_eq!(r.status, 302, "{}", r.dump());
+    let loc = r.location().unwrap().to_string();
+    assert!(loc.starts_with(&s.idp.url("/session/end?")), "{loc}");
+    assert_eq!(query_param(&loc, "client_id").as_deref(), Some(CLIENT_ID));
+    assert_eq!(
+        query_param(&loc, "post_logout_redirect_uri"),
+        Some(s.gw.url("/oauth2/signed_out"))
+    );
+    loc
+}
+
 #[tokio::test]
 async fn sign_out_end_to_end() {
     let s = Stack::start().await;
@@ -738,14 +752,7 @@ async fn sign_out_end_to_end() {
             form,
         )
         .await;
-    assert_eq!(r.status, 302, "{}", r.dump());
-    let loc = r.location().unwrap().to_string();
-    assert!(loc.starts_with(&s.idp.url("/session/end?")), "{loc}");
-    assert_eq!(query_param(&loc, "client_id").as_deref(), Some(CLIENT_ID));
-    assert_eq!(
-        query_param(&loc, "post_logout_redirect_uri"),
-        Some(s.gw.url("/oauth2/signed_out"))
-    );
+    let loc = end_session_location(&s, &r);
     let hint = query_param(&loc, "id_token_hint").expect("id_token_hint");
     let claims = jwt_payload(&hint);
     assert_eq!(claims["sub"], "alice");
@@ -815,14 +822,7 @@ async fn sign_out_without_a_session_still_ends_the_provider_session() {
             "csrf=",
         )
         .await;
-    assert_eq!(r.status, 302, "{}", r.dump());
-    let loc = r.location().unwrap().to_string();
-    assert!(loc.starts_with(&s.idp.url("/session/end?")), "{loc}");
-    assert_eq!(query_param(&loc, "client_id").as_deref(), Some(CLIENT_ID));
-    assert_eq!(
-        query_param(&loc, "post_logout_redirect_uri"),
-        Some(s.gw.url("/oauth2/signed_out"))
-    );
+    let loc = end_session_location(&s, &r);
     assert_eq!(query_param(&loc, "id_token_hint"), None, "{loc}");
     assert!(r.set_cookie("_portcullis").is_some_and(|c| c.is_removal()));
 
