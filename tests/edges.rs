@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::browser::{error_chain, full, ReqBody};
+use support::browser::{full, ReqBody};
 use support::corpus::{raw_exchange, raw_get};
 use support::procs::{gateway_command, Proc};
 use support::*;
@@ -226,7 +226,10 @@ async fn https_send(
     }
     let req = req.body(body).map_err(|e| e.to_string())?;
     let work = async {
-        let resp = client.request(req).await.map_err(|e| error_chain(&e))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| portcullis::error::source_chain(&e))?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok::<_, String>(Resp {

@@ -740,18 +740,7 @@ async fn sign_out_end_to_end() {
     let csp = page.header("content-security-policy").unwrap_or("");
     assert!(csp.contains(&s.idp.issuer()), "{csp}");
 
-    let form = format!("csrf={}", enc(&csrf));
-    let r = b
-        .request(
-            "POST",
-            &s.gw.url("/oauth2/sign_out"),
-            &[
-                ("content-type", "application/x-www-form-urlencoded"),
-                ("origin", &s.gw.origin()),
-            ],
-            form,
-        )
-        .await;
+    let r = post_sign_out(&b, &s.gw, &csrf).await;
     let loc = end_session_location(&s, &r);
     let hint = query_param(&loc, "id_token_hint").expect("id_token_hint");
     let claims = jwt_payload(&hint);
@@ -811,17 +800,7 @@ async fn sign_out_without_a_session_still_ends_the_provider_session() {
     let page = b.get(&s.gw.url("/oauth2/sign_out")).await;
     assert!(page.text().contains("not signed in"), "{}", page.dump());
 
-    let r = b
-        .request(
-            "POST",
-            &s.gw.url("/oauth2/sign_out"),
-            &[
-                ("content-type", "application/x-www-form-urlencoded"),
-                ("origin", &s.gw.origin()),
-            ],
-            "csrf=",
-        )
-        .await;
+    let r = post_sign_out(&b, &s.gw, "").await;
     let loc = end_session_location(&s, &r);
     assert_eq!(query_param(&loc, "id_token_hint"), None, "{loc}");
     assert!(r.set_cookie("_portcullis").is_some_and(|c| c.is_removal()));

@@ -70,27 +70,6 @@ fn assert_503(resp: &Resp, json_code: Option<&str>, what: &str) {
     }
 }
 
-/// An API call (`Accept: application/json`) with a raw `Cookie` header.
-/// The CSRF token of the browser's sign-out form.
-async fn sign_out_csrf(b: &Browser, gw: &Gateway) -> String {
-    let page = b.get(&gw.url("/oauth2/sign_out")).await;
-    html::hidden_value(&page.text(), "csrf").expect("csrf")
-}
-
-/// Submits the sign-out form as the browser would.
-async fn post_sign_out(b: &Browser, gw: &Gateway, csrf: &str) -> Resp {
-    b.request(
-        "POST",
-        &gw.url("/oauth2/sign_out"),
-        &[
-            ("content-type", "application/x-www-form-urlencoded"),
-            ("origin", &gw.origin()),
-        ],
-        format!("csrf={}", enc(csrf)),
-    )
-    .await
-}
-
 /// `api`, in a task of its own: a request that waits (on a hung provider) while the test
 /// goes on.
 fn spawn_api(gw: &Gateway, path: &str, cookie: &str) -> tokio::task::JoinHandle<Resp> {

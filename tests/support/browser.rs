@@ -174,18 +174,6 @@ impl SetCookie {
     }
 }
 
-/// An error with its sources, `outer: inner: ...`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
 /// Sends one request without any cookie jar; `Err` on connection errors or timeout.
 pub async fn try_send_body(
     method: &str,
@@ -201,7 +189,10 @@ pub async fn try_send_body(
     let req = req.body(body).map_err(|e| format!("bad request: {e}"))?;
     let c = client(h2);
     let work = async {
-        let resp = c.request(req).await.map_err(|e| error_chain(&e))?;
+        let resp = c
+            .request(req)
+            .await
+            .map_err(|e| portcullis::error::source_chain(&e))?;
         let (parts, body) = resp.into_parts();
         let body = body
             .collect()

@@ -154,6 +154,26 @@ pub async fn idp_walk(b: &Browser, auth_url: &str, user: &str) -> String {
     panic!("IdP walk did not finish in 20 steps");
 }
 
+/// The CSRF token of the browser's sign-out form.
+pub async fn sign_out_csrf(b: &Browser, gw: &Gateway) -> String {
+    let page = b.get(&gw.url("/oauth2/sign_out")).await;
+    html::hidden_value(&page.text(), "csrf").expect("csrf")
+}
+
+/// Submits the sign-out form as the browser would.
+pub async fn post_sign_out(b: &Browser, gw: &Gateway, csrf: &str) -> Resp {
+    b.request(
+        "POST",
+        &gw.url("/oauth2/sign_out"),
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", &gw.origin()),
+        ],
+        format!("csrf={}", enc(csrf)),
+    )
+    .await
+}
+
 /// The authorization URL and the flow cookie of a login the gateway started
 /// (`resp` is the gateway's 302 to the provider).
 pub fn auth_redirect(resp: &Resp) -> (String, SetCookie) {
