@@ -10,6 +10,7 @@
 
 pub mod browser;
 pub mod html;
+pub mod pki;
 pub mod procs;
 pub mod upstream;
 

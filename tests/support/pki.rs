@@ -1,0 +1,130 @@
+//! A throw-away PKI made with the openssl CLI: a test CA and the certificates it issues.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run the `openssl` CLI ({e}): install it (apt-get install openssl)")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A test CA and the leaf certificates it issues (P-256, SAN IP:127.0.0.1). Leaves are
+/// CA:FALSE: webpki refuses a CA certificate used as an end entity, so a bare `req -x509`
+/// self-signed certificate cannot be served to a rustls client.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-pki-")
+            .tempdir()
+            .expect("tempdir");
+        openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=portcullis test CA",
+            ],
+        );
+        Pki { dir }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues `<name>.pem` / `<name>.key` for `cn` (server and client auth).
+    pub fn issue(&self, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        std::fs::write(
+            d.join(format!("{name}.ext")),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        let serial = format!(
+            "0x{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                &serial,
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                &ext,
+            ],
+        );
+        (d.join(pem), d.join(key))
+    }
+}
