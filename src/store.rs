@@ -30,6 +30,28 @@ impl std::fmt::Debug for Redis {
     }
 }
 
+/// The system's roots and `extra` as one PEM bundle: given roots of its own, the Redis client
+/// trusts those alone, and a private CA for Redis must not untrust every public one.
+fn trust_bundle(extra: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let mut pem = Vec::new();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // The Redis client refuses the whole bundle for one certificate it cannot use.
+        if rustls::RootCertStore::empty().add(cert.clone()).is_err() {
+            continue;
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&cert);
+        pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.extend_from_slice(line);
+            pem.push(b'\n');
+        }
+        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    pem.extend_from_slice(extra);
+    pem
+}
+
 /// Releases a lock only if it still holds our token.
 const UNLOCK: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
@@ -41,7 +63,16 @@ impl Redis {
             let settings = info.redis_settings().clone().set_password(p.expose());
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info)?;
+        let client = match &cfg.ca_pem {
+            Some(ca) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(trust_bundle(ca)),
+                },
+            )?,
+            None => redis::Client::open(info)?,
+        };
         let mc = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))
@@ -239,5 +270,36 @@ impl Redis {
         let mut c = self.conn.clone();
         self.run(async move { c.zrangebyscore_withscores(key, min_score, "+inf").await })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+
+    fn certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_trust_bundle_keeps_the_system_roots_and_adds_the_extra_ones() {
+        let system = trust_bundle(b"");
+        let roots = certs(&system);
+        for c in &roots {
+            rustls::RootCertStore::empty().add(c.clone()).unwrap();
+        }
+        let usable = rustls_native_certs::load_native_certs()
+            .certs
+            .into_iter()
+            .filter(|c| rustls::RootCertStore::empty().add(c.clone()).is_ok())
+            .count();
+        assert_eq!(roots.len(), usable);
+        let extra = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let with = trust_bundle(extra);
+        assert!(with.ends_with(extra));
+        assert_eq!(certs(&with).len(), usable + 1);
     }
 }

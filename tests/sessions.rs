@@ -1744,3 +1744,58 @@ async fn a_refreshed_cookie_never_rides_on_an_answer_shared_caches_may_store() {
         r.dump()
     );
 }
+
+/// `rediss://`: the session store over TLS, trusting the private CA named in `tls.ca_file`
+/// (besides the system's roots). Without it the server's certificate is refused: no session
+/// can be stored, and the log says why.
+#[tokio::test]
+async fn the_redis_store_over_tls_trusts_the_tls_ca_file() {
+    let pki = support::pki::Pki::new();
+    let (cert, key) = pki.issue("redis", "redis");
+    let redis = RedisServer::start_tls(&cert, &key).await;
+    let store = format!(
+        "session: {{ store: redis, redis: {{ url: \"{}\", timeout: 1s }} }}\n",
+        redis.tls_url()
+    );
+    let upstream = Upstream::start();
+
+    // Without the CA.
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let untrusting = Gateway::start_unready(gw_opts(gw_port, &idp, &upstream, &store, None)).await;
+    let b = Browser::new();
+    let first = support::ops::eventually(EVENTUALLY, "a login redirect", || async {
+        let r = b.get(&untrusting.url("/")).await;
+        if r.status == 302 {
+            Ok(r)
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    let (auth, _) = auth_redirect(&first);
+    let callback = idp_walk(&b, &auth, "alice").await;
+    let cb = b.get(&callback).await;
+    assert_eq!(cb.status, 503, "{}", cb.dump());
+    assert_eq!(
+        redis.keys("portcullis:session:*"),
+        Vec::<String>::new(),
+        "stored"
+    );
+    let log = untrusting.stderr();
+    assert!(log.contains("certificate"), "{log}");
+    drop(untrusting);
+
+    // With it.
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let trusting = format!("{store}tls: {{ ca_file: \"{}\" }}\n", pki.ca().display());
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &trusting, None)).await;
+    let b = Browser::new();
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(redis.keys("portcullis:session:*").len(), 1);
+    let cookie = b.cookie_header(&gw.url("/"));
+    let again = api(&gw, "/x", &cookie).await;
+    assert_eq!(again.status, 200, "read back over TLS: {}", again.dump());
+}

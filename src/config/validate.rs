@@ -137,6 +137,8 @@ pub struct RedisConfig {
     pub password: Option<Secret>,
     pub timeout: Duration,
     pub key_prefix: String,
+    /// `tls.ca_file`'s certificates (PEM), trusted besides the system's for a `rediss://` URL.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -691,11 +693,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     };
     let redis_timeout = positive(&mut c, "session.redis.timeout", rs.redis.timeout);
-    let redis = (!redis_url.is_empty()).then(|| RedisConfig {
+    let mut redis = (!redis_url.is_empty()).then(|| RedisConfig {
         url: redis_url,
         password: redis_password,
         timeout: redis_timeout,
         key_prefix: rs.redis.key_prefix.clone(),
+        ca_pem: None,
     });
 
     // Headers
@@ -883,6 +886,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             };
             c.err(key, e);
         }
+    }
+
+    // A private CA serves every outbound TLS connection, Redis's too (read once here, checked
+    // above; a changed file makes a reload build a new Redis client).
+    if let Some(rc) = redis.as_mut().filter(|r| r.url.starts_with("rediss://")) {
+        rc.ca_pem = tls_client
+            .ca_file
+            .as_deref()
+            .and_then(|p| std::fs::read(p).ok());
     }
 
     let t = &raw.timeouts;

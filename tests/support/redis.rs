@@ -6,6 +6,7 @@ use super::procs::{free_port, Proc};
 use super::START_TIMEOUT;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -88,6 +89,8 @@ pub fn command(port: u16, args: &[&str]) -> Result<Reply, String> {
 pub struct RedisServer {
     pub port: u16,
     persistent: bool,
+    /// Also serving TLS: on this port, with this certificate and key.
+    tls: Option<(u16, PathBuf, PathBuf)>,
     /// The data directory (the append-only file lives here); kept across restarts.
     data: tempfile::TempDir,
     proc: Option<Proc>,
@@ -114,7 +117,17 @@ impl RedisServer {
         Self::start_with(true).await
     }
 
+    /// A throw-away Redis that also serves TLS (`tls_url`) with `cert` and `key`; the plain
+    /// port stays for the test's own look at the data.
+    pub async fn start_tls(cert: &Path, key: &Path) -> RedisServer {
+        Self::start_with_tls(false, Some((cert.to_path_buf(), key.to_path_buf()))).await
+    }
+
     async fn start_with(persistent: bool) -> RedisServer {
+        Self::start_with_tls(persistent, None).await
+    }
+
+    async fn start_with_tls(persistent: bool, tls: Option<(PathBuf, PathBuf)>) -> RedisServer {
         let data = tempfile::Builder::new()
             .prefix("portcullis-redis-data-")
             .tempdir()
@@ -122,12 +135,16 @@ impl RedisServer {
         let mut r = RedisServer {
             port: 0,
             persistent,
+            tls: tls.map(|(cert, key)| (0, cert, key)),
             data,
             proc: None,
         };
         let mut last = String::new();
         for _attempt in 0..3 {
             r.port = free_port();
+            if let Some(tls) = &mut r.tls {
+                tls.0 = free_port();
+            }
             match r.spawn().await {
                 Ok(()) => return r,
                 Err(e) => last = e,
@@ -150,6 +167,15 @@ impl RedisServer {
             .arg("")
             .arg("--dir")
             .arg(self.data.path());
+        if let Some((port, cert, key)) = &self.tls {
+            cmd.arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .args(["--tls-auth-clients", "no"]);
+        }
         if self.persistent {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -182,6 +208,12 @@ impl RedisServer {
     /// `redis://127.0.0.1:<port>/0`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `rediss://127.0.0.1:<tls port>/0` (a server started with `start_tls`).
+    pub fn tls_url(&self) -> String {
+        let (port, _, _) = self.tls.as_ref().expect("started with start_tls");
+        format!("rediss://127.0.0.1:{port}/0")
     }
 
     /// Kills the server (SIGKILL: no shutdown save; a persistent one keeps what it fsynced).
