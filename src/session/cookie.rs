@@ -173,6 +173,15 @@ impl SessionCookies {
             .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
     }
 
+    /// The index of a chunk name the gateway writes (no leading zero; `None` for any other).
+    fn chunk_index(&self, name: &str) -> Option<usize> {
+        let digits = name.strip_prefix(&self.chunk_prefix)?;
+        if digits.len() > 1 && digits.starts_with('0') {
+            return None; // "_07": not a name the gateway writes
+        }
+        digits.parse().ok()
+    }
+
     fn chunk_name(&self, i: usize) -> String {
         format!("{}{i}", self.chunk_prefix)
     }
@@ -185,8 +194,18 @@ impl SessionCookies {
         if let Some(v) = jar.get_bytes(&self.name) {
             return Ok(Some(v.into()));
         }
-        // Count the chunks before allocating anything for them.
-        let count = jar.names().filter(|n| self.is_chunk(n)).count();
+        // One pass finds every chunk (the first of each name), before anything is allocated.
+        let mut parts: [Option<&'a [u8]>; MAX_CHUNKS] = [None; MAX_CHUNKS];
+        let mut count = 0;
+        for &(name, value) in &jar.pairs {
+            if !self.is_chunk(name) {
+                continue;
+            }
+            count += 1;
+            if let Some(slot) = self.chunk_index(name).and_then(|i| parts.get_mut(i)) {
+                slot.get_or_insert(value);
+            }
+        }
         if count == 0 {
             return Ok(None);
         }
@@ -199,10 +218,8 @@ impl SessionCookies {
             return Err(CookieReject::Oversize);
         }
         let mut value = Vec::with_capacity(count * CHUNK_SIZE);
-        for i in 0..count {
-            let part = jar
-                .get_bytes(&self.chunk_name(i))
-                .ok_or(CookieReject::Oversize)?;
+        for part in &parts[..count] {
+            let part = part.ok_or(CookieReject::Oversize)?;
             if part.len() > CHUNK_SIZE {
                 return Err(CookieReject::Oversize);
             }
@@ -392,11 +409,7 @@ impl SessionCookies {
     fn sent_chunks(&self, jar: &CookieJar<'_>) -> Vec<usize> {
         let mut sent = [false; MAX_CHUNKS];
         for n in jar.names().filter(|n| self.is_chunk(n)) {
-            let digits = &n[self.chunk_prefix.len()..];
-            if digits.len() > 1 && digits.starts_with('0') {
-                continue; // "_07": not a name the gateway writes
-            }
-            if let Some(slot) = digits.parse::<usize>().ok().and_then(|i| sent.get_mut(i)) {
+            if let Some(slot) = self.chunk_index(n).and_then(|i| sent.get_mut(i)) {
                 *slot = true;
             }
         }
@@ -531,6 +544,35 @@ mod tests {
             let got = c.open_session(&CookieJar::parse(&h), 10).unwrap().unwrap();
             assert_eq!(got, s);
         }
+    }
+
+    #[test]
+    fn chunks_reassemble_in_any_order_and_only_under_their_own_names() {
+        let c = cookies(8);
+        let s = session(12000);
+        let lines = c.set_session(&s, &CookieJar::default(), 10).unwrap();
+        let pairs: Vec<String> = lines
+            .iter()
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+            .collect();
+        assert!(pairs.len() >= 3, "{}", pairs.len());
+        let open = |pairs: &[String]| {
+            let mut h = HeaderMap::new();
+            h.insert(COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());
+            let opened = c.open_session(&CookieJar::parse(&h), 10);
+            opened
+        };
+        let mut reversed = pairs.clone();
+        reversed.reverse();
+        assert_eq!(open(&reversed), Ok(Some(s.clone())));
+        // A chunk sent twice is one cookie too many: the last index is missing.
+        let mut twice = pairs.clone();
+        twice.push(pairs[0].clone());
+        assert_eq!(open(&twice), Err(CookieReject::Oversize));
+        // "_p_01" is not the name of chunk 1.
+        let mut padded = pairs.clone();
+        padded[1] = padded[1].replacen("_p_1=", "_p_01=", 1);
+        assert_eq!(open(&padded), Err(CookieReject::Oversize));
     }
 
     #[test]
