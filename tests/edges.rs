@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::browser::{full, ReqBody};
 use support::corpus::{raw_exchange, raw_get};
-use support::pki::{openssl, Pki};
+use support::pki::Pki;
 use support::procs::{gateway_command, Proc};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -698,32 +698,8 @@ async fn https_upstreams_need_the_ca_file_and_mtls_needs_the_client_certificate(
 async fn a_self_signed_upstream_certificate_named_in_ca_file_is_trusted() {
     let pki = Pki::new();
     let self_signed = |name: &str, san: &str| {
-        openssl(
-            &pki.path(""),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "2",
-                "-subj",
-                "/CN=upstream",
-                "-addext",
-                &format!("subjectAltName={san}"),
-            ],
-        );
-        (
-            pki.path(&format!("{name}.pem")),
-            pki.path(&format!("{name}.key")),
-        )
+        let san = format!("subjectAltName={san}");
+        pki.self_signed(name, "/CN=upstream", &["-addext", &san])
     };
     let (cert, key) = self_signed("self", "IP:127.0.0.1");
     let (other_cert, other_key) = self_signed("other", "DNS:other.example");

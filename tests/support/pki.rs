@@ -3,7 +3,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub fn openssl(dir: &Path, args: &[&str]) -> String {
+/// `openssl req` arguments for a fresh unencrypted P-256 key, written to the path that follows.
+const NEW_KEY: [&str; 6] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+    "-keyout",
+];
+
+fn openssl(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -33,27 +43,21 @@ impl Pki {
             .prefix("portcullis-pki-")
             .tempdir()
             .expect("tempdir");
-        openssl(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=portcullis test CA",
-            ],
-        );
-        Pki { dir }
+        let pki = Pki { dir };
+        pki.self_signed("ca", "/CN=portcullis test CA", &[]);
+        pki
+    }
+
+    /// A self-signed certificate `<name>.pem` / `<name>.key` (`openssl req -x509`: a CA
+    /// certificate) with subject `subj` and `extra` arguments such as `-addext`.
+    pub fn self_signed(&self, name: &str, subj: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+        let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+        let mut args = vec!["req", "-x509"];
+        args.extend_from_slice(&NEW_KEY);
+        args.extend_from_slice(&[&key, "-out", &pem, "-days", "2", "-subj", subj]);
+        args.extend_from_slice(extra);
+        openssl(self.dir.path(), &args);
+        (self.path(&pem), self.path(&key))
     }
 
     pub fn ca(&self) -> PathBuf {
@@ -79,24 +83,11 @@ impl Pki {
             format!("{name}.pem"),
             format!("{name}.ext"),
         );
-        openssl(
-            d,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
+        let subj = format!("/CN={cn}");
+        let mut args = vec!["req", "-new"];
+        args.extend_from_slice(&NEW_KEY);
+        args.extend_from_slice(&[&key, "-out", &csr, "-subj", &subj]);
+        openssl(d, &args);
         let serial = format!(
             "0x{:x}",
             std::time::SystemTime::now()
