@@ -808,21 +808,7 @@ async fn sign_out_without_a_session_still_ends_the_provider_session() {
     // Having no ID token to go by, the provider asks; the user confirms.
     let confirm = on_idp(&b, &s, &loc).await;
     assert_eq!(confirm.status, 200, "{}", confirm.dump());
-    let form = support::html::first_form(&confirm.text()).expect("logout form");
-    let mut fields = support::html::fill(&form, "", "");
-    fields.push(("logout".into(), "yes".into()));
-    let action = url::Url::parse(&loc).unwrap().join(&form.action).unwrap();
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(fields)
-        .finish();
-    let done = b
-        .request(
-            "POST",
-            action.as_str(),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            body,
-        )
-        .await;
+    let done = confirm_provider_logout(&b, &confirm).await;
     let landing = match done.location_abs() {
         Some(next) if next.starts_with(&s.idp.url("/")) => on_idp(&b, &s, &next).await,
         _ => done,

@@ -251,34 +251,7 @@ async fn end_provider_session(b: &Browser, idp: &Idp) {
         .get(&idp.url(&format!("/session/end?client_id={CLIENT_ID}")))
         .await;
     assert_eq!(page.status, 200, "provider logout page: {}", page.dump());
-    let form =
-        html::first_form(&page.text()).unwrap_or_else(|| panic!("no logout form: {}", page.dump()));
-    let mut fields: Vec<(String, String)> = form
-        .inputs
-        .iter()
-        .filter(|i| !i.name.is_empty())
-        .map(|i| (i.name.clone(), i.value.clone()))
-        .collect();
-    fields.push(("logout".into(), "yes".into()));
-    let action = url::Url::parse(&page.url)
-        .unwrap()
-        .join(&form.action)
-        .unwrap()
-        .to_string();
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(fields)
-        .finish();
-    let r = b
-        .request(
-            "POST",
-            &action,
-            &[
-                ("accept", BROWSER_ACCEPT),
-                ("content-type", "application/x-www-form-urlencoded"),
-            ],
-            body,
-        )
-        .await;
+    let r = confirm_provider_logout(b, &page).await;
     assert!(
         r.status.is_redirection() || r.status == 200,
         "provider logout confirmation: {}",

@@ -155,6 +155,37 @@ pub async fn idp_walk(b: &Browser, auth_url: &str, user: &str) -> String {
     panic!("IdP walk did not finish in 20 steps");
 }
 
+/// Answers the provider's logout confirmation `page` with "Yes, sign me out" (`logout=yes`).
+pub async fn confirm_provider_logout(b: &Browser, page: &Resp) -> Resp {
+    let form =
+        html::first_form(&page.text()).unwrap_or_else(|| panic!("no logout form: {}", page.dump()));
+    let mut fields: Vec<(String, String)> = form
+        .inputs
+        .iter()
+        .filter(|i| !i.name.is_empty())
+        .map(|i| (i.name.clone(), i.value.clone()))
+        .collect();
+    fields.push(("logout".into(), "yes".into()));
+    let action = url::Url::parse(&page.url)
+        .unwrap()
+        .join(&form.action)
+        .unwrap()
+        .to_string();
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish();
+    b.request(
+        "POST",
+        &action,
+        &[
+            ("accept", BROWSER_ACCEPT),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        body,
+    )
+    .await
+}
+
 /// The CSRF token of the browser's sign-out form.
 pub async fn sign_out_csrf(b: &Browser, gw: &Gateway) -> String {
     let page = b.get(&gw.url("/oauth2/sign_out")).await;
