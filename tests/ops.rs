@@ -1387,6 +1387,50 @@ async fn reloads_that_change_redis_leave_no_client_behind() {
     assert_eq!(gw.reloads("failure").await, 0.0);
 }
 
+/// Redis over TLS when its CA is rotated: the renewed `tls.ca_file` (the same path, new
+/// contents, as a mounted Secret is renewed) is reloaded, and the new Redis client trusts the
+/// new CA alone.
+#[tokio::test]
+async fn a_renewed_ca_file_is_trusted_by_the_reloaded_redis_client() {
+    use support::pki::Pki;
+    use support::redis::RedisServer;
+    let (old_ca, new_ca) = (Pki::new(), Pki::new());
+    let (cert, key) = old_ca.issue("redis", "redis");
+    let mut redis = RedisServer::start_tls(&cert, &key).await;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    let pem = |pki: &Pki| std::fs::read_to_string(pki.ca()).unwrap();
+    write_atomic(&ca_file, &pem(&old_ca));
+    opts.extra = format!(
+        "session: {{ store: redis, redis: {{ url: \"{}\", timeout: 1s }} }}\n\
+         tls: {{ ca_file: \"{}\" }}",
+        redis.tls_url(),
+        ca_file.display()
+    );
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    login_cookie_at(&gw.origin(), "alice").await;
+    assert_eq!(redis.keys("portcullis:session:*").len(), 1);
+
+    // Redis now serves a certificate from the new CA, which the running client does not trust.
+    let (new_cert, new_key) = new_ca.issue("redis", "redis");
+    std::fs::copy(new_cert, &cert).unwrap();
+    std::fs::copy(new_key, &key).unwrap();
+    redis.restart().await;
+    let b = Browser::new();
+    let (auth, _) = auth_redirect(&b.get(&gw.url("/")).await);
+    let callback = b.get(&idp_walk(&b, &auth, "bob").await).await;
+    assert_eq!(callback.status, 503, "{}", callback.dump());
+    assert!(redis.keys("portcullis:session:*").is_empty());
+
+    write_atomic(&ca_file, &pem(&new_ca));
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    let cookie = login_cookie_at(&gw.origin(), "bob").await;
+    assert_eq!(redis.keys("portcullis:session:*").len(), 1);
+    let r = api_get(&gw.url("/x"), &cookie).await;
+    assert_eq!(r.status, 200, "read back over TLS: {}", r.dump());
+}
+
 /// Settings read only at start-up: a reload that changes them says so, one warning per key,
 /// and applies the rest.
 #[tokio::test]
