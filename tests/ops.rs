@@ -146,26 +146,29 @@ async fn abandoned_http1_requests_are_dropped_and_logged_499() {
     assert_abandoned_once(&gw).await;
 }
 
-/// A client that stops sending its body is answered 408 after `timeouts.idle`, one whose
-/// chunked body is malformed 400: the client's faults, not counted as upstream errors. A
-/// client that reads none of a large answer is disconnected after `timeouts.idle`.
+/// A client that stops sending its body is answered 408 (after `timeouts.idle`, or the
+/// shorter `timeouts.upstream_response`), one whose chunked body is malformed 400: the
+/// client's faults, not counted as upstream errors. A client that reads none of a large
+/// answer is disconnected after `timeouts.idle`.
 #[tokio::test]
 async fn stalled_and_broken_clients_are_cut_off_and_not_blamed_on_the_upstream() {
     use support::corpus::raw_exchange;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_idp, upstream, mut opts) = parts(&[]).await;
     opts.extra = "routes: [ { prefix: \"/\", auth: skip } ]\n\
-                  timeouts: { header_read: 2s, idle: 2s }"
+                  timeouts: { header_read: 2s, idle: 3s, upstream_response: 1s }"
         .to_string();
     let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
     let host = format!("127.0.0.1:{}", gw.port);
 
-    let stalled = format!(
-        "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 20\r\n\r\n0123456789abcdef"
-    );
-    let r = raw_exchange(gw.port, stalled.as_bytes(), Duration::from_secs(60)).await;
-    assert_eq!(r.status, Some(408), "{}\n{}", r.text, gw.tails());
-    assert!(r.closed, "{}", r.text);
+    // Part of the body, then none of it.
+    for sent in ["0123456789abcdef", ""] {
+        let stalled =
+            format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 20\r\n\r\n{sent}");
+        let r = raw_exchange(gw.port, stalled.as_bytes(), Duration::from_secs(60)).await;
+        assert_eq!(r.status, Some(408), "{sent:?}: {}\n{}", r.text, gw.tails());
+        assert!(r.closed, "{}", r.text);
+    }
 
     let malformed = format!(
         "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n\

@@ -179,6 +179,7 @@ impl Service<Request<Body>> for Forward {
 fn send_failure(e: SendError) -> GatewayError {
     let e = match e {
         SendError::Timeout => return GatewayError::UpstreamTimeout,
+        SendError::ClientStalled => return GatewayError::ClientBody(ClientBodyError::Stalled),
         SendError::Connect(m) => return GatewayError::Upstream(UpstreamFailure::Connect, m),
         SendError::Http(e) => e,
     };

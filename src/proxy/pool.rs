@@ -41,6 +41,9 @@ pub enum SendError {
     Http(#[from] hyper::Error),
     #[error("no response before the deadline")]
     Timeout,
+    /// The request body did not move for the response timeout, waiting on the client.
+    #[error("the client sent no more of its request body")]
+    ClientStalled,
 }
 
 /// Which upstream a connection goes to (one pool per client generation and origin).
@@ -120,6 +123,8 @@ const PARKED: u8 = 4;
 const MOVED: u8 = 1;
 /// `Relay::upload`: the request body has all gone out (or was given up).
 const SENT: u8 = 2;
+/// `Relay::upload`: the body last waited for the client, not for the upstream to take more.
+const WAITING: u8 = 4;
 
 impl std::task::Wake for Relay {
     fn wake(self: Arc<Self>) {
@@ -239,9 +244,13 @@ impl Upstream {
             };
             let news = self.relay.upload.fetch_and(!MOVED, Ordering::AcqRel);
             if news & (MOVED | SENT) == 0 {
-                // Stuck for a whole timeout (a stalled client, an upstream not reading): as
-                // an exchange with no answer in time.
-                return Poll::Ready(Err(SendError::Timeout));
+                // Stuck for a whole timeout: a stalled client is the client's fault, an
+                // upstream that does not read its request one with no answer in time.
+                return Poll::Ready(Err(if news & WAITING != 0 {
+                    SendError::ClientStalled
+                } else {
+                    SendError::Timeout
+                }));
             }
             if news & SENT == 0 {
                 self.deadline
@@ -581,8 +590,13 @@ impl http_body::Body for Upload {
             Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => MOVED | SENT,
             Poll::Ready(Some(Ok(_))) => MOVED,
             Poll::Ready(None) => SENT,
-            Poll::Ready(Some(Err(_))) | Poll::Pending => 0,
+            Poll::Ready(Some(Err(_))) => 0,
+            Poll::Pending => {
+                this.relay.upload.fetch_or(WAITING, Ordering::AcqRel);
+                return frame;
+            }
         };
+        this.relay.upload.fetch_and(!WAITING, Ordering::AcqRel);
         if news != 0 {
             this.relay.upload.fetch_or(news, Ordering::AcqRel);
         }
