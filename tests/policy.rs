@@ -1362,3 +1362,33 @@ async fn forward_auth_sends_only_browser_navigations_to_log_in() {
     assert_eq!(r.status, Some(401), "{}", r.text);
     assert!(r.header("x-auth-request-login").is_none(), "{}", r.text);
 }
+
+/// Group names an app's list parser would read as other groups reach it encoded: a comma
+/// inside, blanks at either end (the gateway's `allow` rule and the app then agree that
+/// ` admins` is not `admins`). Blanks inside a name stay as they are.
+#[tokio::test]
+async fn claims_reach_the_app_as_the_gateway_read_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let groups = dir.path().join("groups.json");
+    std::fs::write(&groups, r#"[" admins", "cn=a,ou=b", "Domain Admins"]"#).unwrap();
+    let port = free_port();
+    let idp =
+        Idp::start_for_gateway(port, &[("IDP_EXTRA_GROUPS_FILE", groups.to_str().unwrap())]).await;
+    let upstream = Upstream::start();
+    let gw = Gateway::start(GatewayOpts {
+        extra: r#"routes: [ { prefix: "/admin/", allow: { groups: ["admins"] } } ]"#.into(),
+        ..GatewayOpts::new(port, &idp, &upstream.url())
+    })
+    .await;
+    let b = Browser::new();
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let rec = upstream.last();
+    assert_eq!(
+        rec.header("x-forwarded-groups"),
+        Some("users,user-alice,%20admins,cn=a%2Cou=b,Domain Admins")
+    );
+    assert_eq!(rec.header("x-forwarded-user"), Some("alice"));
+    let r = b.get(&gw.url("/admin/x")).await;
+    assert_eq!(r.status, 403, "{}", r.dump());
+}

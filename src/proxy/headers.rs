@@ -397,17 +397,30 @@ pub fn strip_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
     }
 }
 
+/// Sets an identity header, if `value` can be one (see [`identity_value`]).
 pub fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
-    // Claims with characters a header cannot carry are left out rather than mangled.
-    if let Ok(v) = HeaderValue::from_str(value) {
+    if let Some(v) = identity_value(value) {
         h.insert(name.clone(), v);
     }
+}
+
+/// A claim as an identity header value. Claims with characters a header cannot carry are left
+/// out rather than mangled, and so are claims with blanks at either end: the app's HTTP parser
+/// drops those (RFC 9112 §5.1), so the user ` admin` would reach it as `admin`.
+pub fn identity_value(value: &str) -> Option<HeaderValue> {
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let bytes = value.as_bytes();
+    if bytes.first().is_some_and(blank) || bytes.last().is_some_and(blank) {
+        return None;
+    }
+    HeaderValue::from_str(value).ok()
 }
 
 /// The groups header value: names joined by commas, a comma, `%`, control character or
 /// non-ASCII byte inside a name percent-encoded (`%2C`, `%25`, UTF-8 bytes as `%C3%84`…) so
 /// that an app splitting on commas sees the real groups (`cn=a,ou=b` is one group, not two)
-/// and no group can make the header unsendable.
+/// and no group can make the header unsendable. Spaces at either end of a name are encoded
+/// too (`%20admins`): a list parser trims them, and ` admins` is not `admins`.
 pub fn groups_value(groups: &[String]) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(groups.iter().map(|g| g.len() + 1).sum());
@@ -415,8 +428,12 @@ pub fn groups_value(groups: &[String]) -> String {
         if i > 0 {
             out.push(',');
         }
-        for &b in g.as_bytes() {
-            if b == b',' || b == b'%' || !(b' '..=b'~').contains(&b) {
+        let bytes = g.as_bytes();
+        let inner = g.trim_start_matches(' ').len();
+        let (start, end) = (bytes.len() - inner, g.trim_end_matches(' ').len());
+        for (j, &b) in bytes.iter().enumerate() {
+            let edge = b == b' ' && (j < start || j >= end);
+            if edge || b == b',' || b == b'%' || !(b' '..=b'~').contains(&b) {
                 let _ = write!(out, "%{b:02X}");
             } else {
                 out.push(char::from(b));
@@ -446,8 +463,7 @@ pub fn identity_headers(s: &Session, cfg: &HeaderConfig) -> Vec<(HeaderName, Hea
         }
     }
     let mut put = |name: &HeaderName, value: &str| {
-        // Claims with characters a header cannot carry are left out rather than mangled.
-        if let Ok(v) = HeaderValue::from_str(value) {
+        if let Some(v) = identity_value(value) {
             out.push((name.clone(), v));
         }
     };
@@ -573,15 +589,34 @@ mod tests {
 
     #[test]
     fn group_names_keep_their_commas_apart() {
-        let groups: Vec<String> = ["users", "cn=a,ou=b", "50%", "x\ny", "Ärzte", "a b"]
-            .iter()
-            .map(|g| g.to_string())
-            .collect();
+        let groups: Vec<String> = [
+            "users",
+            "cn=a,ou=b",
+            "50%",
+            "x\ny",
+            "Ärzte",
+            "Domain Admins",
+            " admins",
+            "admins  ",
+            " ",
+        ]
+        .iter()
+        .map(|g| g.to_string())
+        .collect();
         assert_eq!(
             groups_value(&groups),
-            "users,cn=a%2Cou=b,50%25,x%0Ay,%C3%84rzte,a b"
+            "users,cn=a%2Cou=b,50%25,x%0Ay,%C3%84rzte,Domain Admins,%20admins,admins%20%20,%20"
         );
         assert_eq!(groups_value(&[]), "");
+    }
+
+    #[test]
+    fn claims_with_blanks_at_either_end_make_no_identity_header() {
+        assert_eq!(identity_value("alice").unwrap(), "alice");
+        assert_eq!(identity_value("Alice Smith").unwrap(), "Alice Smith");
+        for v in [" admin", "admin ", "\tadmin", "admin\t", " ", "a\nb"] {
+            assert!(identity_value(v).is_none(), "{v:?}");
+        }
     }
 
     fn cfg() -> HeaderConfig {
