@@ -214,13 +214,12 @@ where
             if !self.app.cfg.routes.is_empty() {
                 let host = request_host(&req);
                 let matched = self.app.route_for(req.method(), host, req.uri().path());
-                // A POST that asks to be taken as another method must fall under the same
+                // A request that asks to be taken as another method must fall under the same
                 // route either way: apps that honour the override act on the other method,
-                // those that do not on the POST, and the route's rules must hold for both.
-                let same = method_override(req.method(), req.headers(), req.uri().query())
-                    .is_ok_and(|m| {
-                        m.is_none_or(|m| self.app.route_for(&m, host, req.uri().path()) == matched)
-                    });
+                // those that do not on its own, and the route's rules must hold for both.
+                let same = method_override(req.headers(), req.uri().query()).is_ok_and(|m| {
+                    m.is_none_or(|m| self.app.route_for(&m, host, req.uri().path()) == matched)
+                });
                 if !same {
                     return Either::Right(bad_request(
                         "The request's method override falls under another route.",

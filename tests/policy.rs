@@ -348,11 +348,36 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
     ];
     let r = send("POST", &s.gw.url("/public/x"), &h, Vec::new()).await;
     assert_eq!(r.status, 400, "{}", r.dump());
+    // Nor a GET or HEAD of the public route taken as a DELETE (Flask's documented override
+    // middleware honours the header on any method).
+    for method in ["GET", "HEAD"] {
+        let h = [
+            ("accept", "application/json"),
+            ("x-http-method-override", "DELETE"),
+        ];
+        let r = send(method, &s.gw.url("/public/x"), &h, Vec::new()).await;
+        assert_eq!(r.status, 400, "anonymous {method} + override: {}", r.dump());
+        let r = send(
+            method,
+            &s.gw.url("/public/x?_method=DELETE"),
+            &json,
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 400, "anonymous {method} ?_method: {}", r.dump());
+    }
     assert_eq!(
         s.upstream.count(),
         before,
         "an override reached the upstream"
     );
+    // An override to the request's own method changes nothing.
+    let h = [
+        ("accept", "application/json"),
+        ("x-http-method-override", "GET"),
+    ];
+    let r = send("GET", &s.gw.url("/public/x"), &h, Vec::new()).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
     // An override under the same route passes; what a forward-auth proxy says of a method
     // is for the gateway only.
     let h = [
@@ -927,8 +952,8 @@ async fn open_redirect_corpus_never_leaves_the_site() {
 /// Forward auth decides by the original request a trusted proxy names, and refuses to
 /// guess when that request is ambiguous: a guess could pick a laxer route than the one the
 /// upstream serves.
-/// Forward-auth holds method rules under method overrides too: a POST the client asked to be
-/// taken as another method (the proxy passes the client's headers on) must fall under the same
+/// Forward-auth holds method rules under method overrides too: a request the client asked to
+/// be taken as another method (the proxy passes the client's headers on) must fall under the same
 /// route either way, as for proxied requests.
 #[tokio::test]
 async fn forward_auth_holds_method_rules_under_method_overrides() {
@@ -963,6 +988,25 @@ trusted_proxies: ["127.0.0.1/32"]
         assert_eq!(status("/open/x", &[over]).await, Some(400), "{over}");
     }
     assert_eq!(status("/open/x?_method=GET", &[]).await, Some(400));
+    // A GET of the public route the client asked to be taken as a DELETE.
+    let get_as_delete = |extra: &'static str| {
+        let headers = [
+            "X-Original-URL: http://app.test/open/x",
+            "X-Forwarded-Method: GET",
+            extra,
+        ];
+        let req = raw_get("/oauth2/auth", &host, &headers);
+        async move {
+            raw_exchange(port, &req, Duration::from_secs(10))
+                .await
+                .status
+        }
+    };
+    assert_eq!(
+        get_as_delete("X-HTTP-Method-Override: DELETE").await,
+        Some(400)
+    );
+    assert_eq!(get_as_delete("X-Nothing: 1").await, Some(202));
     // The same route either way: its rules decide.
     let over = "X-HTTP-Method-Override: DELETE";
     assert_eq!(status("/admin/x", &[over]).await, Some(403));

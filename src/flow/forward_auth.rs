@@ -102,7 +102,7 @@ fn find_route<'a>(
         .and_then(|i| app.cfg.routes.get(i))
 }
 
-/// A POST that asks to be taken as another method (the proxy passes the client's headers on)
+/// A request that asks to be taken as another method (the proxy passes the client's headers on)
 /// must fall under the same route either way, as for proxied requests (see `Router`).
 fn held_under_override(
     app: &App,
@@ -112,7 +112,7 @@ fn held_under_override(
     host: Option<&str>,
     path: &str,
 ) -> Result<(), Ambiguous> {
-    match method_override(method, h, query) {
+    match method_override(h, query) {
         Ok(None) => Ok(()),
         Ok(Some(m)) if app.route_for(&m, host, path) == app.route_for(method, host, path) => Ok(()),
         _ => Err(Ambiguous("x-http-method-override")),

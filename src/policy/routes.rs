@@ -139,18 +139,14 @@ const METHOD_OVERRIDES: [&[u8]; 3] = [
 #[derive(Debug)]
 pub struct BadOverride;
 
-/// The method a POST asks to be taken as (`POST` + `X-HTTP-Method-Override: DELETE` is a
-/// DELETE to such apps): `Ok(None)` when it asks for none. (A `_method` field in a form body is
-/// beyond the gateway's sight.)
+/// The method a request asks to be taken as (`POST` + `X-HTTP-Method-Override: DELETE` is a
+/// DELETE to such apps): `Ok(None)` when it asks for none. Whatever its own method: most apps
+/// honour overrides on a POST only, but some on any (Flask's documented middleware). (A
+/// `_method` field in a form body is beyond the gateway's sight.)
 pub fn method_override(
-    method: &Method,
     headers: &http::HeaderMap,
     query: Option<&str>,
 ) -> Result<Option<Method>, BadOverride> {
-    // In any case: a `post` is a POST to apps that upper-case the method (see `Route::matches`).
-    if !method.as_str().eq_ignore_ascii_case(Method::POST.as_str()) {
-        return Ok(None);
-    }
     let from_headers = headers.iter().filter_map(|(name, v)| {
         let n = name.as_str().as_bytes();
         METHOD_OVERRIDES
