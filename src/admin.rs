@@ -13,7 +13,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
-    match req.uri().path() {
+    let path = req.uri().path();
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
+    if known && !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
+        return pages::method_not_allowed("GET, HEAD");
+    }
+    match path {
         "/metrics" => {
             let mut r = Response::new(Body::full(app.metrics.render()));
             r.headers_mut().insert(

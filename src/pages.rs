@@ -134,6 +134,14 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     resp
 }
 
+/// `405` for a method an endpoint does not take, with the ones it does (`Allow`).
+pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -924,6 +924,15 @@ async fn gateway_endpoints_answer_wrong_methods_and_unknown_paths() {
     let r = send("PUT", &s.gw.url("/oauth2/sign_out"), &[], Vec::new()).await;
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("GET, HEAD, POST"));
+    for path in ["/healthz", "/readyz"] {
+        for method in ["POST", "DELETE"] {
+            let r = send(method, &s.gw.url(path), &[], Vec::new()).await;
+            assert_eq!(r.status, 405, "{method} {path}: {}", r.dump());
+            assert_eq!(r.header("allow"), Some("GET, HEAD"));
+        }
+        let r = send("HEAD", &s.gw.url(path), &[], Vec::new()).await;
+        assert_eq!(r.status, 200, "HEAD {path}: {}", r.dump());
+    }
     // HEAD is answered as GET, without the body (uptime and link checkers use it); not at
     // the callback, where it must not spend a one-time code.
     for (path, status) in [

@@ -572,6 +572,13 @@ async fn prometheus_scrapes_the_admin_listener() {
     let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
     let target = format!("127.0.0.1:{}", gw.admin_port.unwrap());
     let prom = Prometheus::start("portcullis", &target).await;
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let r = send("DELETE", &gw.admin_url(path), &[], Vec::new()).await;
+        assert_eq!(r.status, 405, "DELETE {path}: {}", r.dump());
+        assert_eq!(r.header("allow"), Some("GET, HEAD"));
+        let r = send("HEAD", &gw.admin_url(path), &[], Vec::new()).await;
+        assert_eq!(r.status, 200, "HEAD {path}: {}", r.dump());
+    }
 
     let within = Duration::from_secs(30);
     eventually(

@@ -40,8 +40,8 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         m => m.clone(),
     };
     match (path, &method) {
-        ("/healthz", _) => pages::text(StatusCode::OK, "ok\n"),
-        ("/readyz", _) => readyz(&app),
+        ("/healthz", &Method::GET) => pages::text(StatusCode::OK, "ok\n"),
+        ("/readyz", &Method::GET) => readyz(&app),
         ("/oauth2/start", &Method::GET) => {
             let rd = query_param(req.uri().query(), "rd");
             let jar = CookieJar::parse(req.headers());
@@ -66,25 +66,21 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         (p, _) if is_forward_auth_path(p) => forward_auth::handle(&app, &req).await,
         ("/oauth2/backchannel_logout", &Method::POST) => backchannel::handle(&app, req).await,
         (
-            "/oauth2/start"
+            "/healthz"
+            | "/readyz"
+            | "/oauth2/start"
             | "/oauth2/callback"
             | "/oauth2/sign_out"
             | "/oauth2/signed_out"
             | "/oauth2/userinfo"
             | "/oauth2/backchannel_logout",
             _,
-        ) => {
-            let mut r = pages::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-            let allow = match path {
-                "/oauth2/sign_out" => "GET, HEAD, POST",
-                "/oauth2/backchannel_logout" => "POST",
-                "/oauth2/callback" => "GET",
-                _ => "GET, HEAD",
-            };
-            r.headers_mut()
-                .insert(http::header::ALLOW, HeaderValue::from_static(allow));
-            r
-        }
+        ) => pages::method_not_allowed(match path {
+            "/oauth2/sign_out" => "GET, HEAD, POST",
+            "/oauth2/backchannel_logout" => "POST",
+            "/oauth2/callback" => "GET",
+            _ => "GET, HEAD",
+        }),
         _ => pages::html(
             StatusCode::NOT_FOUND,
             "Not found",
