@@ -675,7 +675,7 @@ async fn differing_content_lengths_are_refused() {
 }
 
 /// A Transfer-Encoding whose last coding is not `chunked` (the length of the body cannot be
-/// known) is refused with 400; nothing reaches the upstream.
+/// known), or that names `chunked` twice, is refused with 400; nothing reaches the upstream.
 #[tokio::test]
 async fn transfer_encoding_not_ending_in_chunked_is_refused() {
     let env = Env::start().await;
@@ -688,10 +688,25 @@ async fn transfer_encoding_not_ending_in_chunked_is_refused() {
             "Transfer-Encoding: chunked, gzip\r\n",
             "Transfer-Encoding: gzip\r\nContent-Length: 16\r\n",
             "Transfer-Encoding: xchunked\r\n",
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
         ],
         |te| format!("POST /te HTTP/1.1\r\nHost: {host}\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n"),
     )
     .await;
+    // `chunked` last, after a coding the gateway cannot undo: 501 (RFC 9112 §6.1).
+    for te in ["identity, chunked", "gzip, chunked"] {
+        let mut c = env.client().await;
+        c.send(format!(
+            "POST /te HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: {te}\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n"
+        ))
+        .await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, 501, "{te}: {}{}", r.head, r.text());
+        assert!(c.rest().await.is_empty());
+    }
+    assert_eq!(env.up.count(), 0, "{}", env.up.wire());
 }
 
 /// Transfer-Encoding in an HTTP/1.0 request (which has no chunked framing) is refused with
@@ -933,10 +948,23 @@ async fn expect_100_continue_is_answered_before_the_body() {
     }
     c.send(get("/continue/next", &host)).await;
     assert_eq!(c.response(false).await.text(), "GET /continue/next 0");
+    // HTTP/1.0 knows no 1xx (RFC 9110 §10.1.1, §15.2): the expectation is ignored, the
+    // answer is the final one, and the upstream is not asked to meet it either.
+    let mut ten = env.client().await;
+    ten.send(format!(
+        "POST /continue/ten HTTP/1.0\r\nHost: {host}\r\nContent-Length: 5\r\n\
+         Expect: 100-continue\r\n\r\nhello"
+    ))
+    .await;
+    let r = ten.response(false).await;
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    assert_eq!(r.text(), "POST /continue/ten 5");
     let reqs = env.up.settled().await;
-    assert_eq!(reqs.len(), 3, "{:?}", env.up.targets());
+    assert_eq!(reqs.len(), 4, "{:?}", env.up.targets());
     assert_eq!(reqs[0].body, b"hello world");
     assert_eq!(reqs[1].body, b"hello world");
+    assert_eq!(reqs[0].header("expect"), Some("100-continue"));
+    assert_eq!(reqs[3].header("expect"), None, "{:?}", reqs[3]);
 }
 
 /// HTTP/1.0: without `Connection: keep-alive` the connection closes after the response;

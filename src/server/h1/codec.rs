@@ -3,7 +3,7 @@
 //! so that what the gateway reads as one request is what the upstream reads as one request.
 
 use crate::policy::routes::valid_host;
-use crate::proxy::headers::has_token;
+use crate::proxy::headers::{has_token, tokens};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
@@ -41,6 +41,8 @@ pub enum HeadError {
     TooLarge,
     UriTooLong,
     Invalid,
+    /// A transfer coding besides one `chunked` (RFC 9112 §6.1: the gateway cannot decode it).
+    UnknownCoding,
 }
 
 impl HeadError {
@@ -49,6 +51,7 @@ impl HeadError {
             HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HeadError::UriTooLong => StatusCode::URI_TOO_LONG,
             HeadError::Invalid => StatusCode::BAD_REQUEST,
+            HeadError::UnknownCoding => StatusCode::NOT_IMPLEMENTED,
         }
     }
 }
@@ -161,6 +164,8 @@ pub fn parse_head(
     let mut expect_continue = false;
     let mut has_upgrade = false;
     let mut te = false;
+    // `chunked` codings seen, whether any other coding was, and whether `chunked` came last.
+    let (mut chunked, mut other_coding, mut chunked_last) = (0u32, false, false);
     let mut cl = false;
     // SAFETY: the first min(count, STACK_HEADERS) slots were written above.
     let written = unsafe {
@@ -186,11 +191,15 @@ pub fn parse_head(
                 if cl {
                     headers.remove(header::CONTENT_LENGTH);
                 }
-                framing = if last_is_chunked(&value) {
-                    Framing::Chunked
-                } else {
-                    Framing::None
-                };
+                for coding in tokens(&value).filter(|t| !t.is_empty()) {
+                    chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+                    if chunked_last {
+                        chunked += 1;
+                    } else {
+                        other_coding = true;
+                    }
+                }
+                framing = Framing::Chunked;
             }
             header::CONTENT_LENGTH => {
                 cl = true;
@@ -212,6 +221,8 @@ pub fn parse_head(
                     keep_alive = has_token(&value, "keep-alive");
                 }
             }
+            // HTTP/1.0 has no 1xx responses: its expectation is ignored (RFC 9110 §10.1.1).
+            header::EXPECT if !http11 => continue,
             header::EXPECT => {
                 expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
             }
@@ -227,8 +238,15 @@ pub fn parse_head(
         }
         headers.append(name, value);
     }
-    if te && framing != Framing::Chunked {
+    // Only `chunked`, once (RFC 9112 §6.1, §6.3, §7): without it last the body's length is
+    // unknown (400); a body coded otherwise as well would reach the upstream undecoded and
+    // unannounced (501), and lists such as `identity, chunked` are read differently by other
+    // servers (nginx refuses them too).
+    if te && (!chunked_last || chunked != 1) {
         return Err(HeadError::Invalid);
+    }
+    if other_coding {
+        return Err(HeadError::UnknownCoding);
     }
     // RFC 9112 §3.2: exactly one Host in HTTP/1.1, so that the gateway and the upstream
     // cannot disagree on which site a request is for.
@@ -270,13 +288,6 @@ fn parse_content_length(v: &[u8]) -> Option<u64> {
     v.iter().try_fold(0u64, |n, &b| {
         b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
     })
-}
-
-fn last_is_chunked(v: &HeaderValue) -> bool {
-    v.as_bytes()
-        .rsplit(|&b| b == b',')
-        .next()
-        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// What a response head says about its body on the wire.
@@ -593,8 +604,24 @@ mod tests {
             h.request.headers().get_all("content-length").iter().count(),
             1
         );
-        let h = head("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n");
-        assert_eq!(h.framing, Framing::Chunked);
+        for chunked in ["Chunked", " chunked ", "chunked,", ", chunked"] {
+            let h = head(&format!(
+                "POST / HTTP/1.1\r\nTransfer-Encoding: {chunked}\r\n\r\n"
+            ));
+            assert_eq!(h.framing, Framing::Chunked, "{chunked:?}");
+        }
+        // Codings the gateway cannot decode, before the final `chunked` (RFC 9112 §6.1: 501).
+        for coded in [
+            "Transfer-Encoding: gzip, Chunked",
+            "Transfer-Encoding: identity, chunked",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked",
+        ] {
+            let text = format!("POST / HTTP/1.1\r\n{coded}\r\n\r\n");
+            assert!(
+                matches!(parse(&text), Err(HeadError::UnknownCoding)),
+                "{coded:?}"
+            );
+        }
         // Both: Transfer-Encoding wins, Content-Length is dropped, the connection closes.
         for text in [
             "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -610,8 +637,14 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            // Chunked twice (RFC 9112 §6.1 forbids it), or no coding at all.
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: \r\n\r\n",
+            // Not `chunked` last: the length is unknown (RFC 9112 §6.3: 400).
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
             "GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
@@ -633,6 +666,10 @@ mod tests {
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
         assert!(head("GET / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
+        // HTTP/1.0 knows no 1xx: the expectation is ignored, and not passed on.
+        let h = head("POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+        assert!(!h.expect_continue);
+        assert!(h.request.headers().get("expect").is_none());
         assert!(
             head("GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n")
                 .upgrade
