@@ -32,6 +32,9 @@ pub enum BodyError {
     Http(#[from] hyper::Error),
     #[error(transparent)]
     Client(#[from] ClientBodyError),
+    /// The upstream sent nothing of its response body for the response timeout.
+    #[error("the upstream sent no more of its response in time")]
+    UpstreamStalled,
 }
 
 impl Body {

@@ -265,6 +265,9 @@ enum Misbehaviour {
     CutBody,
     /// Never answers (keeps the connection open).
     Hang,
+    /// Sends a 200 head and `CUT_BODY` of a longer announced body, then nothing (keeps the
+    /// connection open).
+    StallBody,
 }
 
 /// What `Misbehaviour::CutBody` sends of its 100-byte body.
@@ -301,6 +304,11 @@ async fn misbehaving_upstream(how: Misbehaviour) -> u16 {
                         let _ = tcp.set_zero_linger();
                     }
                     Misbehaviour::Hang => std::future::pending::<()>().await,
+                    Misbehaviour::StallBody => {
+                        let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
+                        let _ = tcp.write_all(format!("{head}{CUT_BODY}").as_bytes()).await;
+                        std::future::pending::<()>().await
+                    }
                 }
             });
         }
@@ -412,6 +420,53 @@ async fn an_upstream_body_cut_short_is_counted_and_logged() {
         "the cut HTTP/2 body counted as an upstream reset",
     )
     .await;
+}
+
+/// An upstream that sends a 200 head and part of its body, then nothing: given up after the
+/// (route's) response timeout without a byte, as nginx's `proxy_read_timeout`; the client's
+/// connection is closed, and the upstream's timeout counted and logged.
+#[tokio::test]
+async fn an_upstream_body_that_stops_coming_is_given_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stall = misbehaving_upstream(Misbehaviour::StallBody).await;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = format!(
+        r#"routes: [ {{ prefix: "/", auth: skip, upstream: "http://127.0.0.1:{stall}", timeouts: {{ upstream_response: 1s }} }} ]"#
+    );
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /stall HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: stall-1\r\n\r\n",
+        gw.port
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut got)).await;
+    assert!(
+        read.is_ok(),
+        "the client connection stays open:\n{}",
+        gw.tails()
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with(CUT_BODY), "{text}");
+    gw.await_metric(
+        r#"portcullis_upstream_errors_total{kind="timeout"}"#,
+        1.0,
+        "the stalled body counted as an upstream timeout",
+    )
+    .await;
+    let log = gw.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream response body failed"))
+        .unwrap_or_else(|| panic!("the stalled body is not logged:\n{}", gw.tails()));
+    assert!(
+        line.contains("stall-1") && line.contains("timeout"),
+        "{line}"
+    );
 }
 
 #[tokio::test]

@@ -191,7 +191,8 @@ fn send_failure(e: SendError) -> GatewayError {
             Some(BodyError::Http(_)) => {
                 return GatewayError::ClientBody(ClientBodyError::Incomplete)
             }
-            None => {}
+            // Only upstream response bodies stall so.
+            Some(BodyError::UpstreamStalled) | None => {}
         }
         cause = c.source();
     }
@@ -233,16 +234,14 @@ pub fn upstream_body_failed(
     request_id: Option<&http::HeaderValue>,
 ) {
     let kind = match e {
-        BodyError::Http(e) if broke_off(e) => UpstreamFailure::Reset,
-        _ => UpstreamFailure::Other,
+        BodyError::Http(e) if broke_off(e) => UpstreamFailure::Reset.label(),
+        BodyError::UpstreamStalled => "timeout",
+        _ => UpstreamFailure::Other.label(),
     };
-    metrics
-        .upstream_errors
-        .with_label_values(&[kind.label()])
-        .inc();
+    metrics.upstream_errors.with_label_values(&[kind]).inc();
     tracing::warn!(
         request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        kind = kind.label(),
+        kind,
         error = %source_chain(e),
         "upstream response body failed"
     );

@@ -430,6 +430,9 @@ impl Pool {
                             body,
                             ended: false,
                             conn: Some(up),
+                            window: deadline
+                                .saturating_duration_since(tokio::time::Instant::from_std(now)),
+                            watch: BodyWatch::Off,
                         }));
                     }
                     Err(mut e) => match e.take_message() {
@@ -615,12 +618,32 @@ impl http_body::Body for Upload {
 /// An upstream response body; its connection goes back to the pool once the body has been
 /// read to the end. Dropped early (the client went away), the connection is closed instead:
 /// the rest of that response is still on the wire.
+///
+/// An upstream that sends none of the body for the response timeout (`window`) is given up
+/// (nginx's `proxy_read_timeout`): else a hung upstream would hold the client's connection
+/// for good. Checked lazily, with the connection's response timer: armed the first time the
+/// body has to wait, and moved on when it fires if the body moved meanwhile, so a silence
+/// ends the answer between one and two windows in. A body read along with its head (most)
+/// never arms it.
 pub struct UpstreamBody {
     body: Incoming,
     /// Seen the end (a chunked body only says so by ending).
     ended: bool,
     /// The connection, lent to this response until its end.
     conn: Option<Box<Upstream>>,
+    window: Duration,
+    watch: BodyWatch,
+}
+
+/// The silence check of an [`UpstreamBody`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyWatch {
+    /// The body has not had to wait yet: the timer is not armed.
+    Off,
+    /// Armed; nothing arrived since it was.
+    Silent,
+    /// Armed; something arrived since it was.
+    Moved,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -639,6 +662,35 @@ impl UpstreamBody {
     }
 }
 
+impl BodyWatch {
+    /// While the body waits: `Pending`, or the error of an upstream silent for a window.
+    fn check<T>(
+        &mut self,
+        conn: &mut Upstream,
+        window: Duration,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<T, crate::body::BodyError>>> {
+        let rearm = |conn: &mut Upstream| {
+            let at = tokio::time::Instant::now() + window;
+            conn.deadline.as_mut().reset(at);
+        };
+        if *self == BodyWatch::Off {
+            rearm(conn);
+            *self = BodyWatch::Silent;
+        }
+        loop {
+            if conn.deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if *self == BodyWatch::Silent {
+                return Poll::Ready(Some(Err(crate::body::BodyError::UpstreamStalled)));
+            }
+            rearm(conn);
+            *self = BodyWatch::Silent;
+        }
+    }
+}
+
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
@@ -651,22 +703,34 @@ impl Drop for UpstreamBody {
 
 impl http_body::Body for UpstreamBody {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = crate::body::BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let body = &mut this.body;
         let frame = match this.conn.as_mut() {
             Some(c) => c.take(cx, |_, cx| Pin::new(&mut *body).poll_frame(cx)),
             None => Pin::new(body).poll_frame(cx),
         };
-        if let Poll::Ready(None) = frame {
-            this.ended = true;
+        match frame {
+            Poll::Ready(frame) => {
+                if frame.is_none() {
+                    this.ended = true;
+                }
+                if this.watch == BodyWatch::Silent {
+                    this.watch = BodyWatch::Moved;
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            // A tunnel (no connection lent) has no response timeout.
+            Poll::Pending => match this.conn.as_mut() {
+                Some(c) => this.watch.check(c, this.window, cx),
+                None => Poll::Pending,
+            },
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
