@@ -862,6 +862,37 @@ Connection: {connection}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
             );
         }
     }
+    // Nor one whose request has a body (the switch comes once the request is complete, RFC
+    // 9110 §7.8): it goes on as a plain request, none of its body in a tunnel.
+    for framing in ["Transfer-Encoding: chunked", "Content-Length: 7"] {
+        let body = if framing.starts_with("Transfer") {
+            "7\r\nREQBODY\r\n0\r\n\r\n"
+        } else {
+            "REQBODY"
+        };
+        let req = format!(
+            "GET /public/body HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{framing}\r\n\r\n{body}"
+        );
+        let r = support::corpus::raw_exchange(
+            gw.port,
+            req.as_bytes(),
+            std::time::Duration::from_secs(3),
+        )
+        .await;
+        assert_ne!(r.status, Some(101), "{framing}: tunnel opened: {}", r.text);
+        let h = heads.lock().unwrap().last().cloned().unwrap();
+        assert!(h.starts_with("get /public/body http/1.1"), "{h}");
+        assert!(
+            !h.contains("upgrade"),
+            "{framing}: upstream saw the upgrade: {h}"
+        );
+        // (hyper's client sends a GET's body only with a known length.)
+        if framing.starts_with("Content-Length") {
+            assert!(h.contains("content-length: 7"), "{h}");
+        }
+    }
     // A websocket upgrade still opens its tunnel.
     drop(open_tunnel(gw.port, "/public/ws").await);
 }

@@ -59,7 +59,8 @@ where
         let h = &mut parts.headers;
         let clean = sanitize_request(
             h,
-            parts.version == Version::HTTP_11,
+            // An HTTP/1.1 connection the server can hand over (see `ClientUpgrade`).
+            || parts.extensions.get::<ClientUpgrade>().is_some(),
             trusted_hop,
             &app.spoofable,
             |n| app.cookies.is_ours(n),

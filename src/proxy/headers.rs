@@ -84,10 +84,12 @@ pub struct Sanitized {
 
 /// Makes a client's request headers fit for the upstream: hop-by-hop headers (and those
 /// `Connection` names), every spoofable name and the gateway's own cookies go. One pass over
-/// the headers finds what is there; only that is then looked up or removed.
+/// the headers finds what is there; only that is then looked up or removed. `can_switch`:
+/// whether the client's connection could be switched to another protocol (asked only of a
+/// request that asks for a websocket).
 pub fn sanitize_request(
     h: &mut HeaderMap,
-    http11: bool,
+    can_switch: impl FnOnce() -> bool,
     trusted_hop: bool,
     spoofable: &Spoofable,
     is_ours: impl Fn(&str) -> bool,
@@ -96,7 +98,7 @@ pub fn sanitize_request(
     // Websockets only: an upstream that took `Upgrade: h2c` (or any other protocol) would
     // hand the client a raw connection to send it any request, past every route and with any
     // identity header.
-    let upgrading = http11 && seen.upgrade && !seen.other_protocol && seen.connection_upgrade;
+    let upgrading = seen.upgrade && !seen.other_protocol && seen.connection_upgrade && can_switch();
     // Read before the strip: these names are spoofable.
     let prior = if trusted_hop {
         PriorHop::read(h)
@@ -633,7 +635,7 @@ mod tests {
     }
 
     fn strip_spoofable(h: &mut HeaderMap, cfg: &HeaderConfig) {
-        sanitize_request(h, true, false, &Spoofable::new(cfg), |_| false);
+        sanitize_request(h, || true, false, &Spoofable::new(cfg), |_| false);
     }
 
     #[test]
@@ -761,9 +763,13 @@ mod tests {
                 );
             }
             h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-            sanitize_request(&mut h, true, trusted_hop, &Spoofable::new(&cfg()), |_| {
-                false
-            });
+            sanitize_request(
+                &mut h,
+                || true,
+                trusted_hop,
+                &Spoofable::new(&cfg()),
+                |_| false,
+            );
             let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
             assert_eq!(left, ["accept"], "trusted hop: {trusted_hop}");
         }
@@ -826,7 +832,7 @@ mod tests {
         );
         h.insert("x-request-id", HeaderValue::from_static("gw-1"));
         h.insert("x-secret", HeaderValue::from_static("1"));
-        sanitize_request(&mut h, true, false, &Spoofable::new(&cfg()), |_| false);
+        sanitize_request(&mut h, || true, false, &Spoofable::new(&cfg()), |_| false);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-request-id"]);
         assert_eq!(h["x-request-id"], "gw-1");
@@ -836,7 +842,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(header::CONNECTION, HeaderValue::from_static("X-TRACE"));
         h.insert("x-trace", HeaderValue::from_static("t"));
-        sanitize_request(&mut h, true, false, &Spoofable::new(&c), |_| false);
+        sanitize_request(&mut h, || true, false, &Spoofable::new(&c), |_| false);
         assert_eq!(h["x-trace"], "t");
         // Responses have no such header of the gateway's: what Connection names goes.
         let mut h = HeaderMap::new();
@@ -894,7 +900,7 @@ mod tests {
         ];
         for trusted_hop in [false, true] {
             let mut h = request(&sent);
-            let clean = sanitize_request(&mut h, true, trusted_hop, &spoofable, ours);
+            let clean = sanitize_request(&mut h, || true, trusted_hop, &spoofable, ours);
             assert!(!clean.upgrading, "Connection does not list upgrade");
             assert_eq!(clean.host.unwrap(), "app.example");
             assert_eq!(clean.prior.xff.is_some(), trusted_hop);
@@ -911,11 +917,11 @@ mod tests {
             ("upgrade", "websocket"),
         ];
         let mut h = request(&ws);
-        assert!(sanitize_request(&mut h, true, false, &spoofable, ours).upgrading);
+        assert!(sanitize_request(&mut h, || true, false, &spoofable, ours).upgrading);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
         let mut h = request(&ws);
-        assert!(!sanitize_request(&mut h, false, false, &spoofable, ours).upgrading);
+        assert!(!sanitize_request(&mut h, || false, false, &spoofable, ours).upgrading);
         assert!(!h.contains_key(header::UPGRADE) && !h.contains_key(header::CONNECTION));
         // Websockets only: no h2c (its settings are connection-specific too), nor a list.
         for protocol in ["h2c", "websocket, h2c", "TLS/1.0"] {
@@ -926,7 +932,7 @@ mod tests {
                 ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
             ]);
             h.insert(header::UPGRADE, HeaderValue::from_static(protocol));
-            assert!(!sanitize_request(&mut h, true, false, &spoofable, ours).upgrading);
+            assert!(!sanitize_request(&mut h, || true, false, &spoofable, ours).upgrading);
             let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
             assert_eq!(left, ["host"], "{protocol}");
         }
@@ -938,7 +944,7 @@ mod tests {
             ("x-other", "1"),
             ("cookie", "a=1;;b=2"),
         ]);
-        let clean = sanitize_request(&mut h, true, false, &spoofable, ours);
+        let clean = sanitize_request(&mut h, || true, false, &spoofable, ours);
         assert_eq!(clean.host.unwrap(), "app.example");
         assert_eq!(h[header::HOST], "app.example");
         assert!(!h.contains_key("x-other"));

@@ -257,7 +257,10 @@ pub fn parse_head(
     if te && cl {
         keep_alive = false;
     }
+    // A request with a body is not switched: the protocol changes once the request is
+    // complete (RFC 9110 §7.8), and bytes of the body must not go into the tunnel.
     let upgrade = has_upgrade
+        && matches!(framing, Framing::None | Framing::Length(0))
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -675,6 +678,12 @@ mod tests {
                 .upgrade
         );
         assert!(!head("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        for body in ["Content-Length: 5", "Transfer-Encoding: chunked"] {
+            let text = format!(
+                "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{body}\r\n\r\n"
+            );
+            assert!(!head(&text).upgrade, "{body}");
+        }
         assert!(
             !head("GET / HTTP/1.0\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n").upgrade
         );
