@@ -166,7 +166,8 @@ fn header_hygiene(c: &mut Criterion) {
     c.bench_function("header_hygiene", |b| {
         b.iter(|| {
             let mut h = base.clone();
-            let clean = sanitize_request(&mut h, true, false, &spoofable, |n| cookies.is_ours(n));
+            let clean =
+                sanitize_request(&mut h, || true, false, &spoofable, |n| cookies.is_ours(n));
             set_forwarded(&mut h, &ip, "http", clean.prior, clean.host);
             inject_identity(&mut h, active.upstream_headers(&cfg.headers));
             h
