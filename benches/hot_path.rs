@@ -73,7 +73,14 @@ fn cookie_header(cookies: &SessionCookies, s: &Session) -> HeaderValue {
 
 fn cookie_open(c: &mut Criterion) {
     let cfg = config(1, 2);
-    let cookies = SessionCookies::new(&cfg.cookie, cfg.session.lifetime, 8, "/", false);
+    let cookies = SessionCookies::new(
+        &cfg.cookie,
+        (&cfg.provider.issuer_url, &cfg.provider.client_id),
+        cfg.session.lifetime,
+        8,
+        "/",
+        false,
+    );
     let mut g = c.benchmark_group("cookie_open");
     // Access-token sizes giving ~1, ~4 and ~8 KB of cookie (tokens of base64url characters,
     // as JWTs are, sealed as their bytes).
@@ -138,7 +145,14 @@ fn cookie_open(c: &mut Criterion) {
 
 fn header_hygiene(c: &mut Criterion) {
     let cfg = config(1, 2);
-    let cookies = SessionCookies::new(&cfg.cookie, cfg.session.lifetime, 8, "/", false);
+    let cookies = SessionCookies::new(
+        &cfg.cookie,
+        (&cfg.provider.issuer_url, &cfg.provider.client_id),
+        cfg.session.lifetime,
+        8,
+        "/",
+        false,
+    );
     let spoofable = Spoofable::new(&cfg.headers);
     let s = session(43);
     let active = ActiveSession::new(s.clone());

@@ -127,6 +127,7 @@ impl App {
     ) -> Self {
         let cookies = SessionCookies::new(
             &cfg.cookie,
+            (&cfg.provider.issuer_url, &cfg.provider.client_id),
             cfg.session.lifetime,
             cfg.limits.max_cookie_chunks,
             "/",

@@ -170,6 +170,26 @@ async fn cookie_values_cannot_be_moved_between_cookies() {
     );
 }
 
+/// A session sealed by another deployment that shares the key and the cookie name (a staging
+/// copy of the config, another app on the domain) but not the provider is no session here:
+/// its tokens were issued to someone else.
+#[tokio::test]
+async fn sessions_of_a_deployment_with_another_provider_do_not_open() {
+    let a = Stack::start().await;
+    let mut b = Stack::start().await;
+    let browser = a.login("alice").await;
+    let cookie = session_header(&browser, &a);
+    let r = send(
+        "GET",
+        &a.gw.url("/data"),
+        &[("accept", "application/json"), ("cookie", &cookie)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "at home: {}", r.dump());
+    assert_rejected(&mut b, "a session of another provider", &cookie, &[]).await;
+}
+
 #[tokio::test]
 async fn single_cookie_value_sent_as_a_lone_chunk_is_rejected() {
     let mut s = Stack::start().await;

@@ -105,6 +105,11 @@ pub const MAX_CHUNKS: usize = 32;
 #[derive(Debug)]
 pub struct SessionCookies {
     pub name: String,
+    /// What a session cookie's value is sealed to (the AEAD's associated data): its name, the
+    /// provider's issuer and the client id. Another deployment that shares the key and the
+    /// cookie name (a staging copy of the config, a second app on the same domain) cannot
+    /// have its sessions taken here, with tokens issued to another client.
+    bound_to: Vec<u8>,
     flow_prefix: String,
     chunk_prefix: String,
     secure: bool,
@@ -125,8 +130,10 @@ pub struct SessionCookies {
 pub const NOT_THIS_STORE: CookieReject = CookieReject::Decode(DecodeError::Schema);
 
 impl SessionCookies {
+    /// `issuer` and `client_id`: the provider's, that session cookies are bound to.
     pub fn new(
         cfg: &CookieConfig,
+        (issuer, client_id): (&str, &str),
         lifetime: Duration,
         max_chunks: usize,
         flow_path: &str,
@@ -142,9 +149,13 @@ impl SessionCookies {
         } else {
             format!("{base}_flow_")
         };
+        let bound_to = [cfg.name.as_str(), issuer, client_id]
+            .join("\0")
+            .into_bytes();
         Self {
             chunk_prefix: format!("{}_", cfg.name),
             name: cfg.name.clone(),
+            bound_to,
             flow_prefix,
             secure: cfg.secure,
             domain: cfg.domain.clone(),
@@ -244,7 +255,7 @@ impl SessionCookies {
         }
         let value = self
             .keys
-            .open_with(self.name.as_bytes(), sealed, CookieValue::decode)??;
+            .open_with(&self.bound_to, sealed, CookieValue::decode)??;
         match value {
             CookieValue::Full(_) if self.holds_ref => Err(NOT_THIS_STORE),
             CookieValue::Ref(_) if !self.holds_ref => Err(NOT_THIS_STORE),
@@ -301,9 +312,7 @@ impl SessionCookies {
         jar: &CookieJar<'_>,
         now: u64,
     ) -> Vec<HeaderValue> {
-        let sealed = self
-            .keys
-            .seal(self.name.as_bytes(), &CookieValue::encode_ref(id));
+        let sealed = self.keys.seal(&self.bound_to, &CookieValue::encode_ref(id));
         let max_age = expires_at.saturating_sub(now).min(i64::MAX as u64) as i64;
         let mut out: Vec<HeaderValue> = Self::line(
             self.builder(self.name.clone(), sealed, "/")
@@ -356,7 +365,7 @@ impl SessionCookies {
         jar: &CookieJar<'_>,
         now: u64,
     ) -> Option<Vec<HeaderValue>> {
-        let sealed = self.keys.seal(self.name.as_bytes(), &session.encode());
+        let sealed = self.keys.seal(&self.bound_to, &session.encode());
         let max_age = session.expires_at.saturating_sub(now).min(i64::MAX as u64) as i64;
         let max_age = ::cookie::time::Duration::seconds(max_age);
         let mut out = Vec::new();
@@ -482,6 +491,7 @@ mod tests {
         };
         SessionCookies::new(
             &cfg,
+            ("https://idp.test", "app"),
             Duration::from_secs(3600),
             max_chunks,
             "/oauth2/callback",
