@@ -87,6 +87,10 @@ struct Upstream {
     deadline: Pin<Box<tokio::time::Sleep>>,
     /// While the request in flight is still sending its body (see `watch`).
     upload: Option<Uploading>,
+    /// The response timeout, and the check that the response body keeps coming (kept here,
+    /// not in `UpstreamBody`, which every response moves around).
+    window: Duration,
+    body_watch: BodyWatch,
 }
 
 /// The response timer of a request whose body is being sent, stopped until the body's end.
@@ -156,6 +160,8 @@ impl Upstream {
             relay,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             upload: None,
+            window: Duration::ZERO,
+            body_watch: BodyWatch::Off,
         })
     }
 
@@ -426,13 +432,13 @@ impl Pool {
                 let mut sent = std::pin::pin!(up.tx.try_send_request(req));
                 match poll_fn(|cx| up.until_deadline(cx, |_, cx| sent.as_mut().poll(cx))).await? {
                     Ok(resp) => {
+                        up.window =
+                            deadline.saturating_duration_since(tokio::time::Instant::from_std(now));
+                        up.body_watch = BodyWatch::Off;
                         return Ok(resp.map(|body| UpstreamBody {
                             body,
                             ended: false,
                             conn: Some(up),
-                            window: deadline
-                                .saturating_duration_since(tokio::time::Instant::from_std(now)),
-                            watch: BodyWatch::Off,
                         }));
                     }
                     Err(mut e) => match e.take_message() {
@@ -619,20 +625,18 @@ impl http_body::Body for Upload {
 /// read to the end. Dropped early (the client went away), the connection is closed instead:
 /// the rest of that response is still on the wire.
 ///
-/// An upstream that sends none of the body for the response timeout (`window`) is given up
-/// (nginx's `proxy_read_timeout`): else a hung upstream would hold the client's connection
-/// for good. Checked lazily, with the connection's response timer: armed the first time the
-/// body has to wait, and moved on when it fires if the body moved meanwhile, so a silence
-/// ends the answer between one and two windows in. A body read along with its head (most)
-/// never arms it.
+/// An upstream that sends none of the body for the response timeout is given up (nginx's
+/// `proxy_read_timeout`): else a hung upstream would hold the client's connection for good.
+/// Checked lazily, with the connection's response timer: armed the first time the body has
+/// to wait, and moved on when it fires if the body moved meanwhile, so a silence ends the
+/// answer between one and two timeouts in. A body read along with its head (most) never
+/// arms it.
 pub struct UpstreamBody {
     body: Incoming,
     /// Seen the end (a chunked body only says so by ending).
     ended: bool,
     /// The connection, lent to this response until its end.
     conn: Option<Box<Upstream>>,
-    window: Duration,
-    watch: BodyWatch,
 }
 
 /// The silence check of an [`UpstreamBody`].
@@ -662,32 +666,31 @@ impl UpstreamBody {
     }
 }
 
-impl BodyWatch {
-    /// While the body waits: `Pending`, or the error of an upstream silent for a window.
-    fn check<T>(
+impl Upstream {
+    /// While the response body waits: `Pending`, or the error of an upstream silent for the
+    /// response timeout.
+    fn body_silence<T>(
         &mut self,
-        conn: &mut Upstream,
-        window: Duration,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<T, crate::body::BodyError>>> {
-        let rearm = |conn: &mut Upstream| {
-            let at = tokio::time::Instant::now() + window;
-            conn.deadline.as_mut().reset(at);
-        };
-        if *self == BodyWatch::Off {
-            rearm(conn);
-            *self = BodyWatch::Silent;
+        if self.body_watch == BodyWatch::Off {
+            self.rearm_body_watch();
         }
         loop {
-            if conn.deadline.as_mut().poll(cx).is_pending() {
+            if self.deadline.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if *self == BodyWatch::Silent {
+            if self.body_watch == BodyWatch::Silent {
                 return Poll::Ready(Some(Err(crate::body::BodyError::UpstreamStalled)));
             }
-            rearm(conn);
-            *self = BodyWatch::Silent;
+            self.rearm_body_watch();
         }
+    }
+
+    fn rearm_body_watch(&mut self) {
+        let at = tokio::time::Instant::now() + self.window;
+        self.deadline.as_mut().reset(at);
+        self.body_watch = BodyWatch::Silent;
     }
 }
 
@@ -720,14 +723,16 @@ impl http_body::Body for UpstreamBody {
                 if frame.is_none() {
                     this.ended = true;
                 }
-                if this.watch == BodyWatch::Silent {
-                    this.watch = BodyWatch::Moved;
+                if let Some(c) = this.conn.as_mut() {
+                    if c.body_watch == BodyWatch::Silent {
+                        c.body_watch = BodyWatch::Moved;
+                    }
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             // A tunnel (no connection lent) has no response timeout.
             Poll::Pending => match this.conn.as_mut() {
-                Some(c) => this.watch.check(c, this.window, cx),
+                Some(c) => c.body_silence(cx),
                 None => Poll::Pending,
             },
         }
