@@ -7,11 +7,28 @@ use serde_yaml::{Mapping, Value};
 
 const PREFIX: &str = "PORTCULLIS_";
 
-/// Every leaf key path of the schema with its default value (which tells its type).
+/// Every leaf key path of the schema with its default value (which tells its type), serde
+/// aliases included (they are not serialised): every spelling has its variable.
 pub fn schema_keys() -> Vec<(Vec<String>, Value)> {
     let mut out = Vec::new();
     if let Ok(v) = serde_yaml::to_value(RawConfig::default()) {
         walk(&v, &mut Vec::new(), &mut out);
+    }
+    for group in SPELLINGS {
+        let dotted = |p: &[String]| p.join(".");
+        let Some(default) = out
+            .iter()
+            .find(|(p, _)| group.contains(&dotted(p).as_str()))
+            .map(|(_, v)| v.clone())
+        else {
+            continue;
+        };
+        for spelling in group.iter() {
+            if !out.iter().any(|(p, _)| dotted(p) == *spelling) {
+                let path = spelling.split('.').map(str::to_string).collect();
+                out.push((path, default.clone()));
+            }
+        }
     }
     out
 }

@@ -451,8 +451,26 @@ cookie:
         )
         .unwrap();
         assert_eq!(c.timeouts.shutdown.as_secs(), 3);
-        // A known variable: no start-up warning, and `portcullis env-vars` lists it.
+        // A known variable: no start-up warning, and `portcullis env-vars` lists it; so is
+        // the one of the serde alias `timeouts.shutdown_timeout`.
         assert!(unknown_env_vars(var("3s")).is_empty());
+        let alias = vec![(
+            "PORTCULLIS_TIMEOUTS_SHUTDOWN_TIMEOUT".to_string(),
+            "3s".to_string(),
+        )];
+        assert!(unknown_env_vars(alias.clone()).is_empty());
+        assert_eq!(
+            load_str(MINIMAL, alias)
+                .unwrap()
+                .timeouts
+                .shutdown
+                .as_secs(),
+            3
+        );
+        assert!(env_keys()
+            .iter()
+            .any(|((k, v), _)| k == "timeouts.shutdown_timeout"
+                && v == "PORTCULLIS_TIMEOUTS_SHUTDOWN_TIMEOUT"));
         assert!(env_keys().iter().any(|((k, v), d)| k == "shutdown_timeout"
             && v == "PORTCULLIS_SHUTDOWN_TIMEOUT"
             && d == "unset"));
@@ -469,6 +487,7 @@ cookie:
         ];
         let vars = [
             "PORTCULLIS_TIMEOUTS_SHUTDOWN",
+            "PORTCULLIS_TIMEOUTS_SHUTDOWN_TIMEOUT",
             "PORTCULLIS_LIFECYCLE_SHUTDOWN_TIMEOUT",
             "PORTCULLIS_SHUTDOWN_TIMEOUT",
         ];
