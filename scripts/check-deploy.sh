@@ -10,7 +10,8 @@
 #     root, the config mounted from a ConfigMap (not subPath, so hot reload works), listen and
 #     admin.listen matching the named ports, probes on /healthz and /readyz of the admin port,
 #     terminationGracePeriodSeconds >= shutdown_delay + timeouts.shutdown + 5s, an app
-#     container's preStop sleep covering that drain (+1s) within the grace period, Services and
+#     container's preStop sleep covering that drain (+1s) within the grace period, a Redis
+#     (session.coordination.redis_url or store: redis) for more than one replica, Services and
 #     NetworkPolicies that reach only the gateway's ports, the PodMonitor on admin /metrics,
 #     and ingress-nginx forward-auth annotations pointing at a rendered portcullis Service,
 #   - runs `$PORTCULLIS_BIN check` on the mounted portcullis.yaml, with every `*_file` it names
@@ -476,6 +477,12 @@ def check_gateway_config(label, objs, pod):
         p.append("inline secrets in the ConfigMap: use provider.client_secret_file / cookie.secrets_file")
     if (cfg.get("cookie") or {}).get("secure") is False:
         p.append("cookie.secure is false")
+    replicas = (pod.owner.get("spec") or {}).get("replicas", 1)
+    session = cfg.get("session") or {}
+    redis = session.get("store") == "redis" or (session.get("coordination") or {}).get("redis_url")
+    if replicas > 1 and not redis:
+        p.append(f"{replicas} replicas and no Redis (session.coordination.redis_url): they "
+                 "would refresh one session at once, and a rotating refresh token ends the grant")
     if not str(cfg.get("redirect_url", "")).startswith("https://"):
         p.append("redirect_url is not https")
     try:
