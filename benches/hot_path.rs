@@ -71,16 +71,21 @@ fn cookie_header(cookies: &SessionCookies, s: &Session) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static(""))
 }
 
-fn cookie_open(c: &mut Criterion) {
-    let cfg = config(1, 2);
-    let cookies = SessionCookies::new(
+/// The cookie-store session cookies of `cfg`, up to 8 chunks.
+fn session_cookies(cfg: &Config) -> SessionCookies {
+    SessionCookies::new(
         &cfg.cookie,
         (&cfg.provider.issuer_url, &cfg.provider.client_id),
         cfg.session.lifetime,
         8,
         "/",
         false,
-    );
+    )
+}
+
+fn cookie_open(c: &mut Criterion) {
+    let cfg = config(1, 2);
+    let cookies = session_cookies(&cfg);
     let mut g = c.benchmark_group("cookie_open");
     // Access-token sizes giving ~1, ~4 and ~8 KB of cookie (tokens of base64url characters,
     // as JWTs are, sealed as their bytes).
@@ -145,14 +150,7 @@ fn cookie_open(c: &mut Criterion) {
 
 fn header_hygiene(c: &mut Criterion) {
     let cfg = config(1, 2);
-    let cookies = SessionCookies::new(
-        &cfg.cookie,
-        (&cfg.provider.issuer_url, &cfg.provider.client_id),
-        cfg.session.lifetime,
-        8,
-        "/",
-        false,
-    );
+    let cookies = session_cookies(&cfg);
     let spoofable = Spoofable::new(&cfg.headers);
     let s = session(43);
     let active = ActiveSession::new(s.clone());

@@ -353,29 +353,21 @@ async fn upstream_errors_are_counted_by_what_went_wrong() {
     }
 }
 
-/// An upstream that sends a 200 head and part of the body it announced, then resets the
-/// connection: the client's answer is cut short and its connection closed, and the gateway
-/// says so (the access line, written at the head, says 200).
-#[tokio::test]
-async fn an_upstream_body_cut_short_is_counted_and_logged() {
+/// GETs `path` (request id `id`) over HTTP/1.1 through a gateway in front of a misbehaving
+/// upstream: a 200 with `CUT_BODY` of its body arrives, and the gateway then closes (or
+/// resets) the connection within `within`, instead of leaving it waiting for the rest.
+async fn get_cut_short(gw: &OpsGateway, path: &str, id: &str, within: Duration) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let cut = misbehaving_upstream(Misbehaviour::CutBody).await;
-    let (_idp, _upstream, mut opts) = parts(&[]).await;
-    opts.extra =
-        format!(r#"routes: [ {{ prefix: "/", auth: skip, upstream: "http://127.0.0.1:{cut}" }} ]"#);
-    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
-    let before = gw.metrics().await;
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
         .await
         .unwrap();
     let req = format!(
-        "GET /cut HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: cut-1\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: {id}\r\n\r\n",
         gw.port
     );
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut got = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got)).await;
-    // Closed (or reset) by the gateway, not left waiting for the rest.
+    let read = tokio::time::timeout(within, tcp.read_to_end(&mut got)).await;
     assert!(
         read.is_ok(),
         "the client connection stays open:\n{}",
@@ -384,17 +376,36 @@ async fn an_upstream_body_cut_short_is_counted_and_logged() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with(CUT_BODY), "{text}");
+}
+
+/// The gateway's warning about an upstream response body that failed.
+fn body_failure_line(gw: &OpsGateway) -> String {
+    gw.stderr()
+        .lines()
+        .find(|l| l.contains("upstream response body failed"))
+        .unwrap_or_else(|| panic!("the failed body is not logged:\n{}", gw.tails()))
+        .to_string()
+}
+
+/// An upstream that sends a 200 head and part of the body it announced, then resets the
+/// connection: the client's answer is cut short and its connection closed, and the gateway
+/// says so (the access line, written at the head, says 200).
+#[tokio::test]
+async fn an_upstream_body_cut_short_is_counted_and_logged() {
+    let cut = misbehaving_upstream(Misbehaviour::CutBody).await;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra =
+        format!(r#"routes: [ {{ prefix: "/", auth: skip, upstream: "http://127.0.0.1:{cut}" }} ]"#);
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let before = gw.metrics().await;
+    get_cut_short(&gw, "/cut", "cut-1", Duration::from_secs(10)).await;
     gw.await_metric(
         r#"portcullis_upstream_errors_total{kind="reset"}"#,
         before.value(r#"portcullis_upstream_errors_total{kind="reset"}"#) + 1.0,
         "the cut body counted as an upstream reset",
     )
     .await;
-    let log = gw.stderr();
-    let line = log
-        .lines()
-        .find(|l| l.contains("upstream response body failed"))
-        .unwrap_or_else(|| panic!("the cut body is not logged:\n{}", gw.tails()));
+    let line = body_failure_line(&gw);
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("cut-1"), "no request id: {line}");
     assert!(
@@ -427,42 +438,20 @@ async fn an_upstream_body_cut_short_is_counted_and_logged() {
 /// connection is closed, and the upstream's timeout counted and logged.
 #[tokio::test]
 async fn an_upstream_body_that_stops_coming_is_given_up() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stall = misbehaving_upstream(Misbehaviour::StallBody).await;
     let (_idp, _upstream, mut opts) = parts(&[]).await;
     opts.extra = format!(
         r#"routes: [ {{ prefix: "/", auth: skip, upstream: "http://127.0.0.1:{stall}", timeouts: {{ upstream_response: 1s }} }} ]"#
     );
     let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let req = format!(
-        "GET /stall HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: stall-1\r\n\r\n",
-        gw.port
-    );
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut got)).await;
-    assert!(
-        read.is_ok(),
-        "the client connection stays open:\n{}",
-        gw.tails()
-    );
-    let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(text.ends_with(CUT_BODY), "{text}");
+    get_cut_short(&gw, "/stall", "stall-1", Duration::from_secs(20)).await;
     gw.await_metric(
         r#"portcullis_upstream_errors_total{kind="timeout"}"#,
         1.0,
         "the stalled body counted as an upstream timeout",
     )
     .await;
-    let log = gw.stderr();
-    let line = log
-        .lines()
-        .find(|l| l.contains("upstream response body failed"))
-        .unwrap_or_else(|| panic!("the stalled body is not logged:\n{}", gw.tails()));
+    let line = body_failure_line(&gw);
     assert!(
         line.contains("stall-1") && line.contains("timeout"),
         "{line}"
