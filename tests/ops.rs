@@ -316,6 +316,75 @@ async fn misbehaving_upstream(how: Misbehaviour) -> u16 {
     port
 }
 
+/// A keep-alive upstream that closes its connection when a request for `/again` arrives on it
+/// after another one, as a server closing an idle keep-alive connection just as a request
+/// goes out on it; it answers every other request. Counts the `/again` requests it read.
+async fn closing_on_reuse_upstream() -> (u16, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicU64::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                for first in std::iter::once(true).chain(std::iter::repeat(false)) {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let again = head.split(|&b| b == b' ').nth(1) == Some(b"/again");
+                    if again {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if !first {
+                            return;
+                        }
+                    }
+                    let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if tcp.write_all(ok.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A pooled connection the upstream closes as a request goes out on it (its keep-alive
+/// timeout running out at that moment): an idempotent request without a body is sent again on
+/// a new connection, as nginx does (RFC 9112 §9.3.1), instead of failing with 502; a POST is
+/// not (it may have been acted on).
+#[tokio::test]
+async fn idempotent_requests_survive_an_upstream_closing_a_pooled_connection() {
+    let (port, seen) = closing_on_reuse_upstream().await;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = format!(
+        r#"routes: [ {{ prefix: "/", auth: skip, upstream: "http://127.0.0.1:{port}" }} ]"#
+    );
+    // One worker thread: one pool of upstream connections (they are kept per thread).
+    opts.env = vec![("PORTCULLIS_WORKER_THREADS".into(), "1".into())];
+    let gw = Gateway::start(opts).await;
+    // Each round: a first request opens the connection; after a pause (the connection idle as
+    // an app server's keep-alive runs out) the next goes out on it and meets the close.
+    for (method, status) in [("GET", 200), ("HEAD", 200), ("DELETE", 200), ("POST", 502)] {
+        let first = send("GET", &gw.url("/open"), &[], Vec::new()).await;
+        assert_eq!(first.status, 200, "{}", first.dump());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let before = seen.load(Ordering::SeqCst);
+        let r = send(method, &gw.url("/again"), &[], Vec::new()).await;
+        assert_eq!(r.status, status, "{method}: {}\n{}", r.dump(), gw.tails());
+        // The request reached the closing connection (and, sent again, a new one).
+        let reads = seen.load(Ordering::SeqCst) - before;
+        assert_eq!(reads, if status == 200 { 2 } else { 1 }, "{method}");
+    }
+}
+
 /// `upstream_errors_total{kind}` says what went wrong: no connection, a connection that
 /// broke off, an answer that is not HTTP.
 #[tokio::test]

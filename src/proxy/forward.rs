@@ -10,7 +10,7 @@ use crate::error::{source_chain, GatewayError, UpstreamFailure};
 use crate::metrics::{AbandonGuard, ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{AuthMode, Route};
-use crate::proxy::pool::SendError;
+use crate::proxy::pool::{broke_off, SendError};
 use crate::server::h1::io::{ClientBodyError, ClientUpgrade};
 use crate::session::ActiveSession;
 use http::uri::PathAndQuery;
@@ -205,24 +205,6 @@ fn send_failure(e: SendError) -> GatewayError {
         UpstreamFailure::Other
     };
     GatewayError::Upstream(failure, source_chain(&e))
-}
-
-/// The upstream connection broke off: reset, or closed before the whole response.
-fn broke_off(e: &hyper::Error) -> bool {
-    use std::io::ErrorKind::*;
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-            ) {
-                return true;
-            }
-        }
-        cause = c.source();
-    }
-    e.is_incomplete_message() || e.is_canceled() || e.is_closed()
 }
 
 /// An upstream response body that failed after its head went to the client (and to the

@@ -396,19 +396,26 @@ impl Pool {
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         let https = *scheme == Scheme::HTTPS;
         async move {
+            // Where to open a new connection for a request sent again (see `resend_copy`).
+            let mut fresh: Option<Arc<Home>> = None;
             loop {
-                let (mut up, reused) = match self.checkout(https, authority, now) {
+                let checked = match fresh.take() {
+                    Some(home) => Err(home),
+                    None => self.checkout(https, authority, now),
+                };
+                let (mut up, reused, idle) = match checked {
                     Ok(mut up) => {
+                        let idle = now.saturating_duration_since(up.since);
                         up.since = now;
                         up.deadline.as_mut().reset(deadline);
-                        (up, true)
+                        (up, true, idle)
                     }
                     // Boxed: the handshake holds a whole connection (3 KB), which would otherwise
                     // make every request's future that large, to be allocated and copied.
                     Err(home) => {
                         let connect = Box::pin(self.connect(home, now, deadline, connect_timeout));
                         match tokio::time::timeout_at(deadline, connect).await {
-                            Ok(up) => (up?, false),
+                            Ok(up) => (up?, false, Duration::ZERO),
                             Err(_) => return Err(SendError::Timeout),
                         }
                     }
@@ -428,6 +435,11 @@ impl Pool {
                     }
                 }
                 up.local();
+                let copy = if reused && idle >= RACY_IDLE && !upgrade {
+                    resend_copy(&req)
+                } else {
+                    None
+                };
                 up.watch(&mut req, now, deadline);
                 let mut sent = std::pin::pin!(up.tx.try_send_request(req));
                 match poll_fn(|cx| up.until_deadline(cx, |_, cx| sent.as_mut().poll(cx))).await? {
@@ -443,13 +455,70 @@ impl Pool {
                     }
                     Err(mut e) => match e.take_message() {
                         Some(unsent) if reused => req = unsent,
-                        _ => return Err(e.into_error().into()),
+                        _ => {
+                            let e = e.into_error();
+                            match copy {
+                                // The upstream closed the connection as the request went out:
+                                // once more, on a new one.
+                                Some(copy) if broke_off(&e) => {
+                                    req = *copy;
+                                    fresh = Some(up.home.clone());
+                                }
+                                _ => return Err(e.into()),
+                            }
+                        }
                     },
                 }
             }
         }
     }
+}
 
+/// How long a pooled connection must have been idle for its upstream to be closing it as a
+/// request goes out on it (servers close idle keep-alive connections after a second or more:
+/// Node 5 s, gunicorn 2 s). A connection in steady use is never this idle.
+const RACY_IDLE: Duration = Duration::from_millis(250);
+
+/// A copy of a request that may be sent again should its connection break off before any
+/// answer (RFC 9112 §9.3.1, as nginx does with a cached connection): an idempotent method and
+/// no body. Made only on a connection idle for `RACY_IDLE`, so requests on busy connections
+/// pay nothing for it (boxed: the request's future holds it across the exchange).
+fn resend_copy(req: &Request<Body>) -> Option<Box<Request<Body>>> {
+    use http::Method;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(Body::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(Box::new(copy))
+}
+
+/// The connection broke off before a whole response: reset, or closed.
+pub fn broke_off(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    e.is_incomplete_message() || e.is_canceled() || e.is_closed()
+}
+
+impl Pool {
     /// This thread's most recently used live connection to the origin, dropping dead and
     /// stale ones; or, when there is none, the thread's home for the origin (made on first
     /// use) for a new connection to return to.
