@@ -289,8 +289,9 @@ fn too_many_headers(h: &http::HeaderMap, max: usize) -> bool {
     }
 }
 
-/// An HTTP/2 request's `:authority` and Host (either may be absent) are valid host values,
-/// with one Host at most, naming the same site as `:authority` (RFC 9113 §8.3.1).
+/// An HTTP/2 request's `:authority` and Host (either may be absent, not both) are valid host
+/// values, with one Host at most, naming the same site as `:authority` (RFC 9113 §8.3.1). With
+/// neither, as an HTTP/1.1 request without Host, the upstream would be sent its own address.
 fn valid_h2_host<B>(req: &Request<B>) -> bool {
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
@@ -304,7 +305,7 @@ fn valid_h2_host<B>(req: &Request<B>) -> bool {
     match (req.uri().authority(), host) {
         (Some(a), Some(h)) => valid_host(a.as_str()) && a.as_str().eq_ignore_ascii_case(h),
         (Some(a), None) => valid_host(a.as_str()),
-        (None, _) => true,
+        (None, host) => host.is_some(),
     }
 }
 
@@ -340,6 +341,30 @@ fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), PathError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_http2_request_names_its_host_once_and_at_all() {
+        let req = |uri: &str, hosts: &[&str]| {
+            let mut b = http::Request::builder().uri(uri);
+            for h in hosts {
+                b = b.header(http::header::HOST, *h);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(super::valid_h2_host(&req("http://app.test/x", &[])));
+        assert!(super::valid_h2_host(&req("/x", &["app.test"])));
+        assert!(super::valid_h2_host(&req(
+            "http://app.test/x",
+            &["APP.test"]
+        )));
+        // Neither (an HTTP/1.1 request without Host is refused too), two, or disagreeing.
+        assert!(!super::valid_h2_host(&req("/x", &[])));
+        assert!(!super::valid_h2_host(&req("/x", &["a.test", "a.test"])));
+        assert!(!super::valid_h2_host(&req(
+            "http://app.test/x",
+            &["other.test"]
+        )));
+    }
+
     #[test]
     fn request_ids() {
         assert_eq!(super::new_request_id("ab12", 0), "ab12-0");
