@@ -67,6 +67,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::ClientBody(ClientBodyError::Stalled) => "request_timeout",
+            GatewayError::ClientBody(ClientBodyError::Incomplete) => "client_closed_request",
             GatewayError::ClientBody(_) => "bad_request",
             GatewayError::Upstream(..) => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
@@ -101,6 +102,11 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::ClientBody(ClientBodyError::Stalled) => StatusCode::REQUEST_TIMEOUT,
+            // The client left mid-body (a closed connection, a reset stream): counted and
+            // logged as an abandoned request (nginx's 499), which nobody is left to receive.
+            GatewayError::ClientBody(ClientBodyError::Incomplete) => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             GatewayError::ClientBody(_) => StatusCode::BAD_REQUEST,
             GatewayError::Upstream(..) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -226,6 +232,14 @@ mod tests {
         assert_eq!(
             GatewayError::ClientBody(ClientBodyError::Stalled).status(),
             408
+        );
+        assert_eq!(
+            GatewayError::ClientBody(ClientBodyError::Incomplete).status(),
+            499
+        );
+        assert_eq!(
+            GatewayError::ClientBody(ClientBodyError::Invalid).status(),
+            400
         );
         assert_eq!(
             GatewayError::ClientBody(ClientBodyError::Invalid).side(),

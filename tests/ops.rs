@@ -146,6 +146,38 @@ async fn abandoned_http1_requests_are_dropped_and_logged_499() {
     assert_abandoned_once(&gw).await;
 }
 
+/// An HTTP/1.1 client that closes its connection halfway through its request body, while the
+/// upstream reads it: logged and counted as an abandoned request (499), not as a bad one.
+#[tokio::test]
+async fn a_client_leaving_mid_upload_is_logged_499() {
+    use tokio::io::AsyncWriteExt;
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = r#"routes: [ { prefix: "/", auth: skip } ]"#.to_string();
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /upload HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 100000\r\n\r\n{}",
+        gw.port,
+        "x".repeat(20_000)
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    gw.await_metric("portcullis_requests_in_flight", 1.0, "the upload in flight")
+        .await;
+    drop(tcp);
+    gw.await_metric("portcullis_requests_in_flight", 0.0, "in-flight back to 0")
+        .await;
+    let log = gw.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("method=POST") && l.contains("status=499")),
+        "no 499 access line:\n{}",
+        gw.tails()
+    );
+    assert!(!log.contains("status=400"), "{}", gw.tails());
+}
+
 /// A client that stops sending its body is answered 408 (after `timeouts.idle`, or the
 /// shorter `timeouts.upstream_response`), one whose chunked body is malformed 400: the
 /// client's faults, not counted as upstream errors. A client that reads none of a large
