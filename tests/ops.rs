@@ -127,15 +127,22 @@ async fn assert_abandoned_once(gw: &OpsGateway) {
 /// being finished for nobody.
 #[tokio::test]
 async fn abandoned_http1_requests_are_dropped_and_logged_499() {
-    use tokio::io::AsyncWriteExt;
     let (_idp, _upstream, mut opts) = parts(&[]).await;
     opts.extra = r#"routes: [ { prefix: "/", auth: skip } ]"#.to_string();
     let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let req = format!("GET /slow HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", gw.port);
+    send_and_leave(&gw, req.as_bytes()).await;
+    assert_abandoned_once(&gw).await;
+}
+
+/// Sends `bytes` to the gateway on a new connection and, once its request is in flight,
+/// closes the connection.
+async fn send_and_leave(gw: &OpsGateway, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
         .await
         .unwrap();
-    let req = format!("GET /slow HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", gw.port);
-    tcp.write_all(req.as_bytes()).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
     gw.await_metric(
         "portcullis_requests_in_flight",
         1.0,
@@ -143,29 +150,21 @@ async fn abandoned_http1_requests_are_dropped_and_logged_499() {
     )
     .await;
     drop(tcp);
-    assert_abandoned_once(&gw).await;
 }
 
 /// An HTTP/1.1 client that closes its connection halfway through its request body, while the
 /// upstream reads it: logged and counted as an abandoned request (499), not as a bad one.
 #[tokio::test]
 async fn a_client_leaving_mid_upload_is_logged_499() {
-    use tokio::io::AsyncWriteExt;
     let (_idp, _upstream, mut opts) = parts(&[]).await;
     opts.extra = r#"routes: [ { prefix: "/", auth: skip } ]"#.to_string();
     let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
     let req = format!(
         "POST /upload HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 100000\r\n\r\n{}",
         gw.port,
         "x".repeat(20_000)
     );
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    gw.await_metric("portcullis_requests_in_flight", 1.0, "the upload in flight")
-        .await;
-    drop(tcp);
+    send_and_leave(&gw, req.as_bytes()).await;
     gw.await_metric("portcullis_requests_in_flight", 0.0, "in-flight back to 0")
         .await;
     let log = gw.stderr();
