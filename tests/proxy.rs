@@ -846,14 +846,7 @@ async fn only_websocket_upgrades_reach_the_upstream() {
             "GET /public/x HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nUpgrade: {upgrade}\r\n\
 Connection: {connection}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
         );
-        let r = support::corpus::raw_exchange(
-            gw.port,
-            req.as_bytes(),
-            std::time::Duration::from_secs(3),
-        )
-        .await;
-        assert_ne!(r.status, Some(101), "{upgrade}: tunnel opened: {}", r.text);
-        let h = heads.lock().unwrap().last().cloned().unwrap();
+        let h = head_without_tunnel(gw.port, &heads, &req, upgrade).await;
         assert!(h.starts_with("get /public/x http/1.1"), "{h}");
         for forbidden in ["upgrade:", "http2-settings", "connection: upgrade"] {
             assert!(
@@ -875,14 +868,7 @@ Connection: {connection}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
 Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{framing}\r\n\r\n{body}"
         );
-        let r = support::corpus::raw_exchange(
-            gw.port,
-            req.as_bytes(),
-            std::time::Duration::from_secs(3),
-        )
-        .await;
-        assert_ne!(r.status, Some(101), "{framing}: tunnel opened: {}", r.text);
-        let h = heads.lock().unwrap().last().cloned().unwrap();
+        let h = head_without_tunnel(gw.port, &heads, &req, framing).await;
         assert!(h.starts_with("get /public/body http/1.1"), "{h}");
         assert!(
             !h.contains("upgrade"),
@@ -895,6 +881,20 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{framing}\r\n\r\n{body}"
     }
     // A websocket upgrade still opens its tunnel.
     drop(open_tunnel(gw.port, "/public/ws").await);
+}
+
+/// Sends `req` to the gateway on `port`: no tunnel is opened (no `101`), and the head the echo
+/// upstream received (lower-cased) comes back.
+async fn head_without_tunnel(
+    port: u16,
+    heads: &std::sync::Mutex<Vec<String>>,
+    req: &str,
+    what: &str,
+) -> String {
+    let r = support::corpus::raw_exchange(port, req.as_bytes(), std::time::Duration::from_secs(3))
+        .await;
+    assert_ne!(r.status, Some(101), "{what}: tunnel opened: {}", r.text);
+    heads.lock().unwrap().last().cloned().unwrap()
 }
 
 /// Opens a websocket tunnel to `path` through the gateway on `port` and checks that it echoes.

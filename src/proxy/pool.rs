@@ -472,53 +472,7 @@ impl Pool {
             }
         }
     }
-}
 
-/// How long a pooled connection must have been idle for its upstream to be closing it as a
-/// request goes out on it (servers close idle keep-alive connections after a second or more:
-/// Node 5 s, gunicorn 2 s). A connection in steady use is never this idle.
-const RACY_IDLE: Duration = Duration::from_millis(250);
-
-/// A copy of a request that may be sent again should its connection break off before any
-/// answer (RFC 9112 §9.3.1, as nginx does with a cached connection): an idempotent method and
-/// no body. Made only on a connection idle for `RACY_IDLE`, so requests on busy connections
-/// pay nothing for it (boxed: the request's future holds it across the exchange).
-fn resend_copy(req: &Request<Body>) -> Option<Box<Request<Body>>> {
-    use http::Method;
-    let idempotent = matches!(
-        *req.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
-    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
-        return None;
-    }
-    let mut copy = Request::new(Body::Empty);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(Box::new(copy))
-}
-
-/// The connection broke off before a whole response: reset, or closed.
-pub fn broke_off(e: &hyper::Error) -> bool {
-    use std::io::ErrorKind::*;
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-            ) {
-                return true;
-            }
-        }
-        cause = c.source();
-    }
-    e.is_incomplete_message() || e.is_canceled() || e.is_closed()
-}
-
-impl Pool {
     /// This thread's most recently used live connection to the origin, dropping dead and
     /// stale ones; or, when there is none, the thread's home for the origin (made on first
     /// use) for a new connection to return to.
@@ -594,6 +548,50 @@ impl Pool {
             hyper::client::conn::http1::handshake(super::batch::Batched::new(io)).await?;
         Ok(Upstream::new(tx, conn, home, now, deadline))
     }
+}
+
+/// How long a pooled connection must have been idle for its upstream to be closing it as a
+/// request goes out on it (servers close idle keep-alive connections after a second or more:
+/// Node 5 s, gunicorn 2 s). A connection in steady use is never this idle.
+const RACY_IDLE: Duration = Duration::from_millis(250);
+
+/// A copy of a request that may be sent again should its connection break off before any
+/// answer (RFC 9112 §9.3.1, as nginx does with a cached connection): an idempotent method and
+/// no body. Made only on a connection idle for `RACY_IDLE`, so requests on busy connections
+/// pay nothing for it (boxed: the request's future holds it across the exchange).
+fn resend_copy(req: &Request<Body>) -> Option<Box<Request<Body>>> {
+    use http::Method;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(Body::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(Box::new(copy))
+}
+
+/// The connection broke off before a whole response: reset, or closed.
+pub fn broke_off(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    e.is_incomplete_message() || e.is_canceled() || e.is_closed()
 }
 
 impl Upstream {
