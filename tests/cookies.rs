@@ -179,13 +179,7 @@ async fn sessions_of_a_deployment_with_another_provider_do_not_open() {
     let mut b = Stack::start().await;
     let browser = a.login("alice").await;
     let cookie = session_header(&browser, &a);
-    let r = send(
-        "GET",
-        &a.gw.url("/data"),
-        &[("accept", "application/json"), ("cookie", &cookie)],
-        Vec::new(),
-    )
-    .await;
+    let r = support::ops::api_get(&a.gw.url("/data"), &cookie).await;
     assert_eq!(r.status, 200, "at home: {}", r.dump());
     assert_rejected(&mut b, "a session of another provider", &cookie, &[]).await;
 }
