@@ -556,6 +556,28 @@ async fn an_upstream_body_that_stops_coming_is_given_up() {
         line.contains("stall-1") && line.contains("timeout"),
         "{line}"
     );
+
+    // Over HTTP/2, the stream is reset after the same silence, and counted too.
+    let (mut sender, conn, _) = h2_slow_request(gw.port).await;
+    let req = http::Request::get(format!("http://127.0.0.1:{}/stall", gw.port))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect()).await;
+    assert!(
+        matches!(body, Ok(Err(_))),
+        "the HTTP/2 stream is not reset: {:?}\n{}",
+        body.map(|b| b.map(|b| b.to_bytes())),
+        gw.tails()
+    );
+    conn.abort();
+    gw.await_metric(
+        r#"portcullis_upstream_errors_total{kind="timeout"}"#,
+        2.0,
+        "the stalled HTTP/2 body counted as an upstream timeout",
+    )
+    .await;
 }
 
 #[tokio::test]
