@@ -286,6 +286,7 @@ impl Metrics {
             "success",
             "reused",
             "invalid_grant",
+            "rejected",
             "unavailable",
             "too_large",
         ] {

@@ -10,6 +10,7 @@ use crate::app::App;
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::metrics::{answered_for, AbandonGuard, ResponseFacts};
+use crate::oidc::idtoken::IdTokenError;
 use crate::oidc::ProviderError;
 use crate::policy::Rejected;
 use crate::session::layer::{take_ready, BoxFuture};
@@ -37,6 +38,10 @@ pub enum RefreshFailure {
     InvalidGrant,
     /// The provider could not be asked (down, 5xx, timeout): try again later.
     Unavailable,
+    /// The provider answered, but not with a usable refresh (an error other than
+    /// `invalid_grant`, such as `invalid_client`; an ID token that does not validate; a bad
+    /// answer): asking again would get the same, so the session is over.
+    Rejected,
     /// The refreshed session does not fit in the session cookie: the session is over (kept,
     /// its old cookie would spend the refresh token again, and rotation revokes the grant).
     TooLarge,
@@ -84,6 +89,12 @@ pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
     now + before >= s.access_expires_at
 }
 
+/// When an access token issued at `now` expires, from the provider's `expires_in` (0: not
+/// stated). A lifetime past the end of time is no reason to wrap into the past.
+pub fn access_expiry(now: u64, expires_in: Option<Duration>) -> u64 {
+    expires_in.map_or(0, |d| now.saturating_add(d.as_secs()))
+}
+
 /// The token generation a session carries, as refresh coordination names it: a digest of the
 /// access token, unkeyed so that replicas (and a reload that rotates cookie keys) agree on it.
 /// A bearer token has too much entropy for its digest to give anything away.
@@ -128,6 +139,7 @@ impl Refresher {
             (Ok(_), true) => "success",
             (Ok(_), false) => "reused",
             (Err(RefreshFailure::InvalidGrant), _) => "invalid_grant",
+            (Err(RefreshFailure::Rejected), _) => "rejected",
             (Err(RefreshFailure::TooLarge), _) => "too_large",
             (Err(RefreshFailure::Unavailable), _) => "unavailable",
         };
@@ -185,7 +197,11 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
                 let outcome = persisted(app, run_refresh(app, s, rt).await).await;
                 let published = match &outcome {
                     Ok(next) => Some([&[1u8][..], &next.encode()].concat()),
-                    Err(RefreshFailure::InvalidGrant | RefreshFailure::TooLarge) => Some(vec![0u8]),
+                    Err(
+                        RefreshFailure::InvalidGrant
+                        | RefreshFailure::Rejected
+                        | RefreshFailure::TooLarge,
+                    ) => Some(vec![0u8]),
                     Err(RefreshFailure::Unavailable) => None,
                 };
                 if let Some(p) = published {
@@ -287,14 +303,14 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
                 // OIDC Core §12.2: a refreshed ID token must name the same user.
                 if id.identity.sub != s.identity.sub {
                     tracing::warn!("refreshed ID token has a different subject; ending session");
-                    return Err(RefreshFailure::InvalidGrant);
+                    return Err(RefreshFailure::Rejected);
                 }
                 next.identity = id.refreshed_identity(&s.identity);
                 next.id_token = t.id_token;
             }
             next.access_token = t.access_token;
             next.last_seen = now;
-            next.access_expires_at = t.expires_in.map_or(0, |d| now + d.as_secs());
+            next.access_expires_at = access_expiry(now, t.expires_in);
             next.access_issued_at = now;
             if let Some(rt) = t.refresh_token {
                 next.refresh_token = Some(rt);
@@ -320,11 +336,18 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
             tracing::info!(sub = %s.identity.sub, reason = %reason, "refresh token refused; session ended");
             Err(RefreshFailure::InvalidGrant)
         }
-        Err(e) => {
-            // Anything but an explicit invalid_grant is the provider's problem, not the user's:
-            // never log anyone out because the provider blinked.
-            tracing::warn!(error = %e, "refresh failed");
+        // Never log anyone out because the provider blinked: down, 5xx, overloaded, or a new
+        // signing key not fetched yet.
+        Err(e)
+            if e.is_unavailable()
+                || matches!(e, ProviderError::IdToken(IdTokenError::UnknownKey(_))) =>
+        {
+            tracing::warn!(error = %e, "refresh failed; the provider will be asked again");
             Err(RefreshFailure::Unavailable)
+        }
+        Err(e) => {
+            tracing::warn!(sub = %s.identity.sub, error = %e, "provider refused the refresh; session ended");
+            Err(RefreshFailure::Rejected)
         }
     }
 }
@@ -510,7 +533,9 @@ const MAX_CHAIN: usize = 3;
 fn failed(e: RefreshFailure) -> Fresh {
     match e {
         RefreshFailure::Unavailable => Fresh::Unavailable,
-        RefreshFailure::InvalidGrant | RefreshFailure::TooLarge => Fresh::Ended,
+        RefreshFailure::InvalidGrant | RefreshFailure::Rejected | RefreshFailure::TooLarge => {
+            Fresh::Ended
+        }
     }
 }
 
@@ -637,5 +662,9 @@ mod tests {
         s.access_expires_at = 5000 + 60;
         assert!(!needs_refresh(&s, 5000 + 29, before));
         assert!(needs_refresh(&s, 5000 + 30, before));
+        // An `expires_in` near 2^64 does not wrap into the past.
+        s.access_expires_at = access_expiry(5000, Some(Duration::from_secs(u64::MAX - 10)));
+        assert!(!needs_refresh(&s, 5000 + 3600, before));
+        assert_eq!(access_expiry(5000, None), 0, "not stated");
     }
 }

@@ -747,6 +747,32 @@ async fn a_refreshed_session_too_large_for_the_cookie() {
         Some(1.0),
         "{m}"
     );
+
+    // A login follows the same rule: one chunk holds it without the ID token...
+    std::fs::write(&groups_file, groups(60, 27)).unwrap();
+    let again = login_cookie(&gw, "alice").await;
+    let r = api(&gw, "/logged-in-again", &again).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert!(upstream
+        .last()
+        .header("x-forwarded-groups")
+        .is_some_and(|g| g.contains("g059-")));
+    // ...and one too large even so fails, said and counted.
+    std::fs::write(&groups_file, groups(200, 27)).unwrap();
+    let b = Browser::new();
+    let (auth, _) = auth_redirect(&b.get(&gw.url("/")).await);
+    let r = b.get(&idp_walk(&b, &auth, "alice").await).await;
+    assert_eq!(r.status, 502, "{}", r.dump());
+    assert!(r.text().contains("too large"), "{}", r.dump());
+    let m = metrics(admin).await;
+    assert_eq!(
+        sample(
+            &m,
+            "portcullis_login_flows_total{event=\"failed\",reason=\"cookie_too_large\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
 }
 
 /// `/oauth2/userinfo` takes the same refresh decision as a proxied request: a due token is
@@ -885,6 +911,51 @@ async fn provider_down_during_refresh() {
         .location()
         .is_some_and(|l| l.starts_with(&idp.url("/auth?"))));
     assert_session_cleared(&nav, "browser after recovery");
+}
+
+/// A provider that answers a refresh with a refusal other than `invalid_grant` (here
+/// `invalid_client`: the client secret it knows changed) has answered: the session ends
+/// (401, login), counted as `rejected`, and the provider is not asked again per request.
+#[tokio::test]
+async fn a_refresh_the_provider_refuses_otherwise_ends_the_session() {
+    let gw_port = free_port();
+    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
+    let env = [("IDP_REDIRECT_URIS", redirect.as_str()), AT_TTL_ENV];
+    let mut idp = Idp::start(&env).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 3);
+    let admin = free_port();
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
+    let cookie = login_cookie(&gw, "alice").await;
+
+    let mut changed = env.to_vec();
+    changed.push(("IDP_CLIENT_SECRET", "a-secret-the-gateway-does-not-have"));
+    idp.restart(&changed).await;
+    let r = refused_eventually("the refused refresh ends the session", &gw, "/x", &cookie).await;
+    assert_session_cleared(&r, "api");
+    let refusals = idp
+        .requests()
+        .iter()
+        .filter(|l| l.contains(" POST /token 401 "))
+        .count();
+    assert_eq!(refusals, 1, "{}", idp.tails());
+    let m = metrics(admin).await;
+    assert_eq!(
+        sample(&m, "portcullis_refreshes_total{outcome=\"rejected\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "portcullis_refreshes_total{outcome=\"unavailable\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    let nav = navigate(&gw, "/page", &cookie).await;
+    assert_eq!(nav.status, 302, "{}", nav.dump());
+    assert_session_cleared(&nav, "browser");
+    assert!(gw
+        .stderr()
+        .contains("provider refused the refresh; session ended"));
 }
 
 #[tokio::test]

@@ -198,18 +198,23 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         );
     };
     let lifetime = app.cookies.lifetime.as_secs();
-    let session = Session {
+    let mut session = Session {
         id: random_bytes::<16>(),
         created_at_ms: crate::session::now_millis(),
         expires_at: now + lifetime,
         access_token: tokens.access_token,
-        access_expires_at: tokens.expires_in.map_or(0, |d| now + d.as_secs()),
+        access_expires_at: crate::refresh::access_expiry(now, tokens.expires_in),
         access_issued_at: now,
         refresh_token: tokens.refresh_token,
         id_token: tokens.id_token,
         identity: id.identity,
         last_seen: now,
     };
+    if app.cfg.session.store == crate::config::StoreKind::Cookie && !app.cookies.fits(&session, now)
+    {
+        // As on refresh: the ID token only serves as a logout hint, and repeats the claims.
+        session.id_token = None;
+    }
     let lines = match app.save_session(&session, &jar, true).await {
         Ok(lines) => lines,
         Err(SaveError::TooLarge) => {

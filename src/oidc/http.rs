@@ -20,6 +20,9 @@ pub enum ProviderHttpError {
     Body(String),
     #[error("invalid provider request: {0}")]
     Request(String),
+    /// 5xx or 429: the provider is down or overloaded, whatever its body says.
+    #[error("provider answered HTTP {0}")]
+    Unavailable(u16),
 }
 
 #[derive(Clone)]
@@ -102,6 +105,12 @@ impl ProviderHttp {
         let (parts, body) = req.into_parts();
         let req = Request::from_parts(parts, Body::full(body));
         let resp = self.send(req, Endpoint::Token).await?;
+        // Told apart before the oauth2 crate reads the body: a load balancer's 503 page would
+        // otherwise be an unparsable answer, as if the provider had refused.
+        let status = resp.status();
+        if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
+            return Err(ProviderHttpError::Unavailable(status.as_u16()));
+        }
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(parts, body.to_vec()))
     }

@@ -55,8 +55,28 @@ impl OneOrMany {
     }
 }
 
+/// An RFC 7519 NumericDate: seconds, a JSON number that may be fractional (read to the
+/// second below it). Negative, non-finite or non-numeric values are refused.
+pub(crate) fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    match (n.as_u64(), n.as_f64()) {
+        (Some(secs), _) => Ok(secs),
+        (None, Some(f)) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => Ok(f as u64),
+        _ => Err(serde::de::Error::custom("not a NumericDate")),
+    }
+}
+
+pub(crate) fn optional_numeric_date<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Date(#[serde(deserialize_with = "numeric_date")] u64);
+    Ok(Option::<Date>::deserialize(d)?.map(|Date(secs)| secs))
+}
+
 #[derive(Debug, Deserialize)]
 struct Claims {
+    #[serde(deserialize_with = "numeric_date")]
     iat: u64,
     /// Seconds (a JSON number, possibly fractional, as RFC 7519 §2 NumericDate allows).
     nbf: Option<f64>,
@@ -230,17 +250,15 @@ pub fn validate(
     exp: &Expectations<'_>,
 ) -> Result<ValidIdToken, IdTokenError> {
     let (kid, alg) = header(token)?;
-    let key = keys
-        .find(kid.as_deref(), alg)
-        .ok_or_else(|| IdTokenError::UnknownKey(kid.clone().unwrap_or_default()))?;
     let mut v = Validation::new(alg);
     v.leeway = exp.clock_skew.as_secs();
     v.set_issuer(&[exp.issuer]);
     v.set_audience(&[exp.client_id]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-    let all = jsonwebtoken::decode::<ClaimSet>(token, key, &v)
-        .map_err(|e| IdTokenError::Invalid(e.to_string()))?
-        .claims;
+    let all = keys
+        .decode::<ClaimSet>(token, kid.as_deref(), alg, &v)
+        .ok_or_else(|| IdTokenError::UnknownKey(kid.clone().unwrap_or_default()))?
+        .map_err(|e| IdTokenError::Invalid(e.to_string()))?;
     let groups = groups(&all, exp.groups_claim);
     let c: Claims = serde_json::from_value(serde_json::Value::Object(all))
         .map_err(|e| IdTokenError::Invalid(e.to_string()))?;
@@ -311,7 +329,7 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
 
     fn claims() -> serde_json::Value {
         json!({"iss": "https://idp", "aud": "client", "sub": "alice", "exp": NOW + 300,
-               "iat": NOW, "nonce": "n1", "email": "a@x", "email_verified": true,
+               "iat": NOW as f64 + 0.5, "nonce": "n1", "email": "a@x", "email_verified": true,
                "groups": ["g1", "g2"], "sid": "s1"})
     }
 
@@ -692,6 +710,61 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
         .unwrap();
         assert_eq!(v.identity.groups, ["alice.b"]);
         assert_eq!(v.identity.preferred_username.as_deref(), Some("alice.b"));
+    }
+
+    /// Keys of different types, and a rotation, may share a kid (RFC 7517 §4.5) and need
+    /// not name their `alg`: the token's algorithm picks by type and curve, and each key of
+    /// the kid is tried.
+    #[test]
+    fn keys_sharing_a_kid_are_told_apart() {
+        let shared = r#"{"keys":[
+            {"kty":"RSA","kid":"k1","e":"AQAB","n":"yz5Jz6443zRqNejwsgdmTJ7yng5akWbzX3U5HSwBOf18WscsZi_jg9OP3-C1Efq4Fp0pj82PoE2s0LdmBu7BVGm6-sTLqFT007vEpSDGCwt_7zwlUdy6JGgYsTVQONZkdvD5--2VsTghq611RaltK0BUZtYQBTka0OrdgQD1Kfs"},
+            {"kty":"EC","crv":"P-256","kid":"k1","x":"YFdquIo26TV4uYzu83b6fwYbMCeFTXYaCzRNX_f3h6o","y":"QIcxwBrjnbvgHlZ0fkJvCz6POamNXfOBHX6fFNVLMVc"},
+            {"kty":"EC","crv":"P-256","kid":"k1","x":"rwqlmPo6FdhmaSBysKFDD65b0vWaMW-a9KWPsGGiv28","y":"ygc29Sag4kVBVhH4wsSj7eQaJa_ZqH6IYy9ATqEX0Dk"}]}"#;
+        let keys = KeySet::parse(shared.as_bytes()).unwrap();
+        assert_eq!(keys.len(), 3);
+        let exp = Expectations {
+            issuer: "https://idp",
+            client_id: "client",
+            nonce: Some("n1"),
+            clock_skew: Duration::from_secs(60),
+            groups_claim: "groups",
+            now: NOW,
+        };
+        let good = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+        });
+        let v = validate(&good, &keys, &exp).unwrap();
+        assert_eq!(v.identity.sub, "alice");
+        // Signed by none of them: refused, not taken for an unknown key.
+        let mut forged: Vec<&str> = good.split('.').collect();
+        let other = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_001u64));
+        });
+        forged[2] = other.split('.').nth(2).unwrap();
+        assert!(matches!(
+            validate(&forged.join("."), &keys, &exp),
+            Err(IdTokenError::Invalid(_))
+        ));
+        // An ES384 token has no P-384 key to go to under that kid.
+        let mut h: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                good.split('.').next().unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        h["alg"] = json!("ES384");
+        let header = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            h.to_string(),
+        );
+        let relabelled = format!("{header}.{}.{}", forged[1], forged[2]);
+        assert!(matches!(
+            validate(&relabelled, &keys, &exp),
+            Err(IdTokenError::UnknownKey(_))
+        ));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The provider's signing keys, parsed once per fetch.
 
-use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,47 @@ impl RefetchLimit {
 pub struct Key {
     kid: Option<String>,
     alg: Option<Algorithm>,
+    family: Family,
     key: DecodingKey,
+}
+
+/// What a key can verify: keys of different types may share a `kid` (RFC 7517 §4.5), and a
+/// key's `alg` is optional, so the token's algorithm picks among them by type and curve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+    Other,
+}
+
+impl Family {
+    fn of_key(params: &AlgorithmParameters) -> Self {
+        match params {
+            AlgorithmParameters::RSA(_) => Family::Rsa,
+            AlgorithmParameters::EllipticCurve(p) => match p.curve {
+                EllipticCurve::P256 => Family::P256,
+                EllipticCurve::P384 => Family::P384,
+                _ => Family::Other,
+            },
+            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+                Family::Ed25519
+            }
+            _ => Family::Other,
+        }
+    }
+
+    fn of_algorithm(alg: Algorithm) -> Self {
+        use Algorithm::*;
+        match alg {
+            RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => Family::Rsa,
+            ES256 => Family::P256,
+            ES384 => Family::P384,
+            EdDSA => Family::Ed25519,
+            _ => Family::Other,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -74,6 +114,7 @@ impl KeySet {
             keys.push(Key {
                 kid: jwk.common.key_id.clone(),
                 alg,
+                family: Family::of_key(&jwk.algorithm),
                 key,
             });
         }
@@ -88,24 +129,64 @@ impl KeySet {
         self.keys.is_empty()
     }
 
-    /// The key for a token: by `kid` when it has one, else the only key fitting the algorithm.
-    pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<&DecodingKey> {
-        let fits = |k: &&Key| k.alg.is_none_or(|a| a == alg);
-        match kid {
-            Some(kid) => self
-                .keys
-                .iter()
-                .filter(fits)
-                .find(|k| k.kid.as_deref() == Some(kid))
-                .map(|k| &k.key),
+    /// The keys that may have signed a token: those of its `kid` (several keys of different
+    /// types, or a rotation, may share one) that fit its algorithm; without a `kid`, the only
+    /// key fitting the algorithm.
+    pub fn candidates<'a>(
+        &'a self,
+        kid: Option<&'a str>,
+        alg: Algorithm,
+    ) -> impl Iterator<Item = &'a DecodingKey> + 'a {
+        let family = Family::of_algorithm(alg);
+        let fits = move |k: &&Key| {
+            family != Family::Other && k.family == family && k.alg.is_none_or(|a| a == alg)
+        };
+        let only = match kid {
+            Some(_) => None,
             None => {
                 let mut it = self.keys.iter().filter(fits);
                 match (it.next(), it.next()) {
-                    (Some(k), None) => Some(&k.key),
+                    (Some(k), None) => Some(k),
                     _ => None,
                 }
             }
+        };
+        let by_kid = self
+            .keys
+            .iter()
+            .filter(move |k| kid.is_some() && k.kid.as_deref() == kid)
+            .filter(fits);
+        only.into_iter().chain(by_kid).map(|k| &k.key)
+    }
+
+    /// Decodes and verifies `token` with the first of its candidate keys whose signature
+    /// holds. `None`: no key fits its `kid` and algorithm.
+    pub fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        kid: Option<&str>,
+        alg: Algorithm,
+        validation: &jsonwebtoken::Validation,
+    ) -> Option<Result<T, jsonwebtoken::errors::Error>> {
+        use jsonwebtoken::errors::ErrorKind;
+        let mut last = None;
+        for key in self.candidates(kid, alg) {
+            match jsonwebtoken::decode::<T>(token, key, validation) {
+                Ok(data) => return Some(Ok(data.claims)),
+                // Another key of the same kid may be the one: try it.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::InvalidSignature | ErrorKind::InvalidKeyFormat
+                    ) =>
+                {
+                    last = Some(Err(e))
+                }
+                // Signature good, claims bad (signature is checked first): final.
+                Err(e) => return Some(Err(e)),
+            }
         }
+        last
     }
 }
 

@@ -29,6 +29,7 @@ pub enum LogoutTokenError {
 
 #[derive(Debug, Deserialize)]
 struct Claims {
+    #[serde(default, deserialize_with = "super::idtoken::optional_numeric_date")]
     iat: Option<u64>,
     jti: Option<String>,
     sub: Option<String>,
@@ -65,18 +66,16 @@ pub fn validate(
     now: u64,
 ) -> Result<LogoutToken, LogoutTokenError> {
     let (kid, alg) = super::idtoken::header(token).map_err(|_| LogoutTokenError::Malformed)?;
-    let key = keys
-        .find(kid.as_deref(), alg)
-        .ok_or(LogoutTokenError::UnknownKey)?;
     let mut v = Validation::new(alg);
     v.leeway = skew.as_secs();
     v.set_issuer(&[issuer]);
     v.set_audience(&[client_id]);
     // exp is optional in logout tokens but checked when present.
     v.set_required_spec_claims(&["iss", "aud"]);
-    let c = jsonwebtoken::decode::<Claims>(token, key, &v)
-        .map_err(|e| LogoutTokenError::Invalid(e.to_string()))?
-        .claims;
+    let c = keys
+        .decode::<Claims>(token, kid.as_deref(), alg, &v)
+        .ok_or(LogoutTokenError::UnknownKey)?
+        .map_err(|e| LogoutTokenError::Invalid(e.to_string()))?;
     match c.iat {
         Some(iat)
             if iat <= now + skew.as_secs()
@@ -116,7 +115,7 @@ mod tests {
     use serde_json::json;
 
     fn token(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
-        let claims = json!({"iss": "https://idp", "aud": "client", "iat": NOW, "jti": "j1",
+        let claims = json!({"iss": "https://idp", "aud": "client", "iat": NOW as f64 + 0.5, "jti": "j1",
             "sub": "alice", "sid": "s1", "events": {EVENT: {}}});
         signed(claims, f)
     }

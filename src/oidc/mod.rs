@@ -119,12 +119,18 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
-    /// True when the provider itself failed (unreachable, 5xx): the user did nothing wrong.
+    /// True when the provider itself failed (unreachable, 5xx, 429): the user did nothing wrong.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            ProviderError::NotReady | ProviderError::Http(_) | ProviderError::Status(500..=599)
-        )
+        match self {
+            ProviderError::NotReady
+            | ProviderError::Http(_)
+            | ProviderError::Status(429 | 500..=599) => true,
+            // RFC 6749 error codes a provider sends when it cannot serve the request now.
+            ProviderError::TokenError(code) => {
+                matches!(code.as_str(), "server_error" | "temporarily_unavailable")
+            }
+            _ => false,
+        }
     }
 }
 
@@ -659,6 +665,65 @@ cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fa
             f(m);
         }
         serde_json::from_value(v).unwrap()
+    }
+
+    /// A token endpoint that answers 5xx or 429 is unavailable, whatever its body (a load
+    /// balancer's HTML page, an OAuth `server_error`): never taken for a refusal. Other
+    /// statuses reach the oauth2 crate as they are.
+    #[tokio::test]
+    async fn token_endpoint_outages_are_told_from_refusals() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answers = [
+            ("503 Service Unavailable", "text/html", "<h1>down</h1>"),
+            (
+                "500 Internal Server Error",
+                "application/json",
+                r#"{"error":"server_error"}"#,
+            ),
+            ("429 Too Many Requests", "text/plain", "slow down"),
+            (
+                "401 Unauthorized",
+                "application/json",
+                r#"{"error":"invalid_client"}"#,
+            ),
+        ];
+        tokio::spawn(async move {
+            for (status, ty, body) in answers {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {ty}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(resp.as_bytes()).await;
+            }
+        });
+        let (p, _) = provider_for("https://idp");
+        let call = || {
+            let req = ::http::Request::post(format!("http://127.0.0.1:{port}/token"))
+                .body(b"grant_type=refresh_token&refresh_token=r".to_vec())
+                .unwrap();
+            p.http.oauth2(req)
+        };
+        for want in [503, 500, 429] {
+            match call().await {
+                Err(e @ http::ProviderHttpError::Unavailable(code)) => {
+                    assert_eq!(code, want);
+                    assert!(ProviderError::Http(e).is_unavailable());
+                }
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+        let refused = call().await.unwrap();
+        assert_eq!(refused.status(), 401);
+        assert!(!ProviderError::TokenError("invalid_client".into()).is_unavailable());
+        assert!(ProviderError::TokenError("temporarily_unavailable".into()).is_unavailable());
+        assert!(!ProviderError::Invalid("no id_token".into()).is_unavailable());
     }
 
     /// Token responses the gateway could not use as they are: a token type other than
