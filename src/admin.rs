@@ -6,7 +6,7 @@ use crate::body::Body;
 use crate::pages;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,14 +33,22 @@ fn handle(app: &App, req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Serves the admin endpoints until the process exits.
+/// Admin connections served at once: probes and scrapes need a handful; past this, new
+/// connections are closed at once rather than holding descriptors.
+const MAX_ADMIN_CONNECTIONS: usize = 256;
+
+/// Time for a request head to arrive, from the connection's start or its last answer.
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the admin endpoints until the process exits (HTTP/1.1: what probes and Prometheus
+/// speak; a connection that sends nothing is closed after `ADMIN_HEAD_TIMEOUT`).
 pub async fn serve(live: crate::live::Live, listener: TcpListener) {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5));
+        .header_read_timeout(ADMIN_HEAD_TIMEOUT);
     let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
@@ -50,9 +58,18 @@ pub async fn serve(live: crate::live::Live, listener: TcpListener) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let live = live.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            // hyper's head timer starts with the first byte: a silent connection is ours.
+            match tokio::time::timeout(ADMIN_HEAD_TIMEOUT, stream.readable()).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = handle(&live.load().app, &req);
                 async move { Ok::<_, Infallible>(resp) }

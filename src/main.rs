@@ -120,13 +120,15 @@ fn main() -> ExitCode {
 
 fn init_tracing(log: &portcullis::config::LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // `log.level` already holds `RUST_LOG` when that is set (checked with the config).
+    let filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(portcullis::logging::OneLineStderr);
+        .with_ansi(terminal)
+        .with_writer(portcullis::logging::OneLineStderr {
+            controls: !terminal,
+        });
     if log.json {
         builder.json().flatten_event(true).init();
     } else {

@@ -333,7 +333,7 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
             Ok(Arc::new(next))
         }
         Err(ProviderError::InvalidGrant(reason)) => {
-            tracing::info!(sub = %s.identity.sub, reason = %reason, "refresh token refused; session ended");
+            tracing::info!(sub = %s.identity.sub, reason = ?reason, "refresh token refused; session ended");
             Err(RefreshFailure::InvalidGrant)
         }
         // Never log anyone out because the provider blinked: down, 5xx, overloaded, or a new

@@ -429,6 +429,35 @@ fn secret_files_are_read() {
         "{}",
         l[0]
     );
+    // The same for cookie keys, also when the environment names the file: merged, the
+    // inline key would seal and the rotated file change nothing.
+    let both = text.replace(
+        &format!("secrets_file: \"{}\"", ks.display()),
+        &format!(
+            "secrets: [\"{}\"], secrets_file: \"{}\"",
+            key(1),
+            ks.display()
+        ),
+    );
+    let l = assert_invalid(&check_text(&both, &[]), 1);
+    assert!(
+        l[0].starts_with("config error: cookie.secrets: ") && l[0].contains("not both"),
+        "{}",
+        l[0]
+    );
+    let env_file = ks.display().to_string();
+    let l = assert_invalid(
+        &check_text(
+            &minimal(),
+            &[("PORTCULLIS_COOKIE_SECRETS_FILE", env_file.as_str())],
+        ),
+        1,
+    );
+    assert!(
+        l[0].starts_with("config error: cookie.secrets: "),
+        "{}",
+        l[0]
+    );
 }
 
 /// A secret file with nothing but line breaks or blanks in it (a Secret created from an
@@ -449,11 +478,7 @@ fn empty_secret_files_are_refused() {
     );
     let cookie = minimal().replace(
         &format!("secrets: [\"{}\"]", key(1)),
-        &format!(
-            "secrets: [\"{}\"], secrets_file: \"{}\"",
-            key(1),
-            f.display()
-        ),
+        &format!("secrets_file: \"{}\"", f.display()),
     );
     for (text, want) in [
         (&client, "config error: provider.client_secret_file: "),

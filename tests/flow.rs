@@ -505,6 +505,30 @@ async fn provider_error_renders_an_escaped_403_page() {
         !log.lines().any(|l| l.starts_with(forged)),
         "a forged log line: {log}"
     );
+    // Nor can terminal escapes or a made-up field: the value is quoted, its controls escaped.
+    let (auth, _) = auth_redirect(&b.get(&s.gw.url("/oauth2/start?rd=%2F")).await);
+    let state = query_param(&auth, "state").unwrap();
+    let r = b
+        .get(&s.gw.url(&format!(
+            "/oauth2/callback?error={}&state={}",
+            enc("denied\u{1b}[2J\u{1b}[1;31m user=admin \u{202e}status=200"),
+            enc(&state)
+        )))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.dump());
+    let log = s.gw.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("denied\\u{1b}[2J"))
+        .unwrap_or_else(|| panic!("escaped value not logged: {log:?}"));
+    assert!(
+        line.contains(r#"error="denied\u{1b}[2J\u{1b}[1;31m user=admin \u{202e}status=200""#),
+        "{line:?}"
+    );
+    assert!(
+        !log.contains('\u{1b}') && !log.contains('\u{202e}'),
+        "raw controls in the log: {log:?}"
+    );
     assert_no_session_set(&r);
     assert_eq!(s.idp.token_requests(), 0);
 }

@@ -580,6 +580,42 @@ async fn an_upstream_body_that_stops_coming_is_given_up() {
     .await;
 }
 
+/// The admin port keeps no connection that sends nothing, or only an HTTP/2 preface (it
+/// speaks HTTP/1.1, as probes and Prometheus do), and still answers meanwhile.
+#[tokio::test]
+async fn silent_admin_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_idp, _upstream, opts) = parts(&[]).await;
+    let gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let admin = ("127.0.0.1", gw.admin_port.unwrap());
+    let mut silent = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut h2 = tokio::net::TcpStream::connect(admin).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    assert_eq!(
+        gw.metrics().await.value("portcullis_requests_in_flight"),
+        0.0
+    );
+    for (what, conn) in [("silent", &mut silent), ("h2c preface", &mut h2)] {
+        let mut buf = [0u8; 256];
+        let closed = async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(20), closed)
+                .await
+                .is_ok(),
+            "{what}: the admin connection stays open"
+        );
+    }
+}
+
 #[tokio::test]
 async fn metrics_pass_promtool_and_count_without_identifying_labels() {
     let (idp, upstream, opts) = parts(&[]).await;

@@ -96,8 +96,16 @@ pub fn load_str(
         serde_yaml::from_str(text)
             .map_err(|e| ConfigError::new("", format!("invalid YAML: {e}")))?
     };
+    let vars: Vec<(String, String)> = vars.into_iter().collect();
+    // `RUST_LOG` overrides `log.level` under the same rules; set but empty (a common chart
+    // default), it is not set.
+    let rust_log = vars
+        .iter()
+        .find(|(k, _)| k == "RUST_LOG")
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|v| !v.is_empty());
     env::overlay(&mut value, vars)?;
-    let raw: raw::RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+    let mut raw: raw::RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
         let key = e.path().to_string();
         let key = if key == "." { String::new() } else { key };
         let message = e.into_inner().to_string();
@@ -108,6 +116,10 @@ pub fn load_str(
         };
         ConfigError::new(key, message)
     })?;
+    if let Some(level) = rust_log {
+        validate::check_log_level(&level).map_err(|m| ConfigError::new("RUST_LOG", m))?;
+        raw.log.level = level;
+    }
     validate::validate(raw)
 }
 
@@ -276,6 +288,29 @@ cookie:
                 ["post_logout_redirect_url"],
                 "{bad}"
             );
+        }
+    }
+
+    /// `RUST_LOG` overrides `log.level`, held to the same rules (a misspelt level would
+    /// silence every line, errors included); empty, it is not set.
+    #[test]
+    fn rust_log_overrides_the_level_under_the_same_rules() {
+        let env = |v: &str| vec![("RUST_LOG".to_string(), v.to_string())];
+        let text = format!("{MINIMAL}log: {{ level: warn }}\n");
+        assert_eq!(load_str(&text, none()).unwrap().log.level, "warn");
+        assert_eq!(load_str(&text, env("")).unwrap().log.level, "warn");
+        assert_eq!(load_str(&text, env("  ")).unwrap().log.level, "warn");
+        assert_eq!(load_str(&text, env("debug")).unwrap().log.level, "debug");
+        assert_eq!(
+            load_str(&text, env("info,portcullis::proxy=debug"))
+                .unwrap()
+                .log
+                .level,
+            "info,portcullis::proxy=debug"
+        );
+        for bad in ["verbose", "information", "garbage=", "info,nonsense"] {
+            let e = load_str(&text, env(bad)).unwrap_err();
+            assert_eq!(keys_of(Err(e)), ["RUST_LOG"], "{bad}");
         }
     }
 

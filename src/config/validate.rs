@@ -544,7 +544,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             Err(m) => c.err(&format!("cookie.secrets[{i}]"), m),
         }
     }
-    if !ck.secrets_file.is_empty() {
+    if !ck.secrets.is_empty() && !ck.secrets_file.is_empty() {
+        // Merged, the inline list (often the reference config's example key) would seal
+        // while the file an operator rotates changed nothing.
+        c.err(
+            "cookie.secrets",
+            "set either secrets or secrets_file, not both",
+        );
+    } else if !ck.secrets_file.is_empty() {
         if let Some(text) = read_secret_file(&mut c, "cookie.secrets_file", &ck.secrets_file) {
             let mut entries = 0;
             for (i, line) in text
@@ -1043,7 +1050,7 @@ pub(super) fn secret_files(raw: &RawConfig) -> Vec<std::path::PathBuf> {
 /// (`target=level`, `target[span{field=value}]=level`). `tracing`'s filter would take a bare
 /// word as a target to enable: a misspelt level (`verbose`) would silence every other log line,
 /// the access log included.
-fn check_log_level(level: &str) -> Result<(), String> {
+pub(crate) fn check_log_level(level: &str) -> Result<(), String> {
     use std::str::FromStr;
     use tracing::level_filters::LevelFilter;
     const LEVELS: &str = "off, error, warn, info, debug, trace";

@@ -99,7 +99,8 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     }
     if let Some(error) = query_param(query, "error") {
         let desc = query_param(query, "error_description").unwrap_or_default();
-        tracing::info!(error = %error, "provider returned an error to the callback");
+        // Quoted: anyone can send this parameter (`error=x user=admin` is one value).
+        tracing::info!(error = ?error, "provider returned an error to the callback");
         let msg = if desc.is_empty() {
             format!("The identity provider refused the sign-in: {error}.")
         } else {
