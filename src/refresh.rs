@@ -105,6 +105,13 @@ fn generation(s: &Session) -> String {
 }
 
 impl Refresher {
+    /// Has a refresh of `s`'s tokens begun here since `s` was read (or finished within the
+    /// reuse window)? Then `s` is stale: written back (an activity update, a cookie sent with
+    /// a slow answer), it would replace the newer tokens with spent ones.
+    pub fn superseded(&self, s: &Session) -> bool {
+        self.flights.contains(&(s.id, generation(s)))
+    }
+
     /// Refreshes `s` (or joins the refresh already under way for it). Waits at most
     /// `timeouts.provider`; the refresh itself goes on for later requests to find.
     pub async fn refresh(&self, app: &Arc<App>, s: &Session) -> Outcome {
@@ -409,7 +416,11 @@ where
                     req.extensions_mut()
                         .insert(ActiveSession::new((*next).clone()));
                     let mut resp = inner.call(req).await?;
-                    append_cookies(&mut resp, lines);
+                    // Renewed again while the upstream answered (another request of the
+                    // session): that one's cookie is the newer, and this one must not undo it.
+                    if !app.refresher.superseded(&next) {
+                        append_cookies(&mut resp, lines);
+                    }
                     Ok(resp)
                 }
                 Fresh::Unavailable => {
@@ -459,6 +470,10 @@ pub async fn ensure_fresh(app: &Arc<App>, s: Session, now: u64) -> Fresh {
             Fresh::Ended
         }
         Fresh::Unchanged(mut s) if s.needs_touch(now, app.cfg.session.idle_timeout) => {
+            if app.refresher.superseded(&s) {
+                // Renewed meanwhile by another request, which recorded the activity too.
+                return Fresh::Unchanged(s);
+            }
             s.last_seen = now;
             // The Redis store keeps it there; the cookie store sends a new cookie.
             if app.cfg.session.store == crate::config::StoreKind::Redis {

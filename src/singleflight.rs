@@ -118,6 +118,15 @@ where
         );
         (result, true)
     }
+
+    /// Is there a flight for `key`, under way or finished within the reuse window?
+    pub fn contains(&self, key: &K) -> bool {
+        let Ok(map) = self.flights.lock() else {
+            return false;
+        };
+        map.get(key)
+            .is_some_and(|e| e.finished.get().is_none_or(|at| at.elapsed() < self.reuse))
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +166,7 @@ mod tests {
         // Reused after finishing.
         let (flight, started) = sf.run(1, || async { 8 }, always, 0);
         assert_eq!((flight.await, started), (7, false));
+        assert!(sf.contains(&1) && !sf.contains(&2));
     }
 
     #[tokio::test]

@@ -1621,6 +1621,44 @@ async fn idle_timeout_ends_unused_sessions(store: Store) {
     assert_eq!(nav.status, 302, "browser: {}", nav.dump());
 }
 
+/// A request that records activity (idle timeout) while another request of the session
+/// refreshes it must not send back its older cookie after the refreshed one: with rotating
+/// refresh tokens that cookie holds a spent token, and the session would end at the next
+/// refresh.
+#[tokio::test]
+async fn an_activity_cookie_never_undoes_a_refresh() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1)
+        .replace("session: {", "session: { idle_timeout: 10s,");
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+
+    // Activity is due after a second; the refresh after three. The slow request records
+    // the activity, then waits on the upstream while another request refreshes.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let slow = spawn_api(&gw, "/slow", &cookie);
+    until_due(logged_in, 1).await;
+    let r = api(&gw, "/api/refreshing", &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let refreshed =
+        new_session_cookie(&r).unwrap_or_else(|| panic!("no refreshed cookie: {}", r.dump()));
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 200, "{}", slow.dump());
+    assert!(
+        new_session_cookie(&slow).is_none(),
+        "the slow answer sets an older cookie after the refreshed one: {}",
+        slow.dump()
+    );
+    // The refreshed cookie goes on working across the next refresh.
+    let cookie = cookie_of(&refreshed);
+    tokio::time::sleep(Duration::from_secs(AT_TTL)).await;
+    let r = api(&gw, "/api/later", &cookie).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.dump(), gw.tails());
+}
+
 #[tokio::test]
 async fn idle_timeout_with_the_cookie_store() {
     idle_timeout_ends_unused_sessions(Store::CookieOnly).await;
