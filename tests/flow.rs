@@ -776,6 +776,13 @@ async fn sign_out_end_to_end() {
     assert_eq!(cleared.attr("max-age"), Some("0"));
     assert_eq!(cleared.path(), Some("/"));
     assert!(b.cookie(&s.gw.url("/"), "_portcullis").is_none());
+    // Pages the browser cached while signed in are dropped (the back button).
+    assert_eq!(
+        r.header("clear-site-data"),
+        Some("\"cache\""),
+        "{}",
+        r.dump()
+    );
 
     // The provider accepts the logout request (valid hint, registered redirect URI).
     let end = b.get(&loc).await;
@@ -786,6 +793,7 @@ async fn sign_out_end_to_end() {
     let landed = b.get(&s.gw.url("/oauth2/signed_out")).await;
     assert_eq!(landed.status, 200);
     assert!(landed.text().contains("signed out"), "{}", landed.dump());
+    assert_eq!(landed.header("clear-site-data"), Some("\"cache\""));
     let after = b.get(&s.gw.url("/")).await;
     assert_eq!(after.status, 302, "{}", after.dump());
     // The copied cookie is over too (cookie store: its id is revoked).

@@ -193,6 +193,35 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
         let r = send("GET", &s.gw.url("/api/x"), &headers, Vec::new()).await;
         assert_401_json(&r, &format!("GET /api/x {headers:?}"));
     }
+    // A form a browser sends without a session: 401 too, never a redirect (the body would
+    // be lost); on a login route as a page offering to sign in and return to the form's page,
+    // on an API route as JSON.
+    let form = |referer: String| {
+        vec![
+            ("accept", BROWSER_ACCEPT.to_string()),
+            ("sec-fetch-mode", "navigate".to_string()),
+            ("sec-fetch-dest", "document".to_string()),
+            (
+                "content-type",
+                "application/x-www-form-urlencoded".to_string(),
+            ),
+            ("referer", referer),
+        ]
+    };
+    let headers = form(s.gw.url("/orders/new?draft=1"));
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = send("POST", &s.gw.url("/orders"), &headers, b"qty=1".to_vec()).await;
+    assert_eq!(r.status, 401, "{}", r.dump());
+    assert!(r.location().is_none(), "{}", r.dump());
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert!(
+        r.text()
+            .contains("href=\"/oauth2/start?rd=%2Forders%2Fnew%3Fdraft%3D1\""),
+        "{}",
+        r.dump()
+    );
+    let r = send("POST", &s.gw.url("/api/x"), &headers, b"qty=1".to_vec()).await;
+    assert_401_json(&r, "a form sent to an API route");
     // A cookie that does not open is no session (and is cleared), still 401.
     let r = send(
         "GET",

@@ -141,8 +141,15 @@ async fn end_session(
     for v in app.cookies.clear_session(jar) {
         resp.headers_mut().append(SET_COOKIE, v);
     }
+    // The app's pages the browser cached while signed in would come back with the back
+    // button (legacy apps rarely say `no-store`).
+    resp.headers_mut()
+        .insert(CLEAR_SITE_DATA, HeaderValue::from_static("\"cache\""));
     resp
 }
+
+pub const CLEAR_SITE_DATA: http::header::HeaderName =
+    http::header::HeaderName::from_static("clear-site-data");
 
 fn end_session_url(app: &App, endpoint: &str, s: Option<&Session>) -> Option<String> {
     let mut u = url::Url::parse(endpoint).ok()?;

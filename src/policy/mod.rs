@@ -43,6 +43,39 @@ pub fn is_browser_navigation(method: &Method, h: &HeaderMap) -> bool {
     prefers_html(h)
 }
 
+/// A browser's top-level navigation that is not a GET (a form sent): it gets the 401 every
+/// request that cannot be redirected gets, but as a page a person can act on rather than JSON.
+pub fn is_form_navigation(method: &Method, h: &HeaderMap) -> bool {
+    let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    method != Method::GET
+        && method != Method::HEAD
+        && header("sec-fetch-mode") == Some("navigate")
+        && header("sec-fetch-dest").is_none_or(|d| d == "document")
+        && prefers_html(h)
+}
+
+/// 401 for a form sent without a session: not redirected to the provider (the form's body
+/// would be lost, and its target fetched with a GET), but a page offering to sign in and
+/// return to the page the form was on (its `Referer`, when on this origin).
+fn session_needed_page(own_origin: &str, h: &HeaderMap) -> Response<Body> {
+    let back = h
+        .get(http::header::REFERER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| r.strip_prefix(own_origin))
+        .filter(|rest| rest.starts_with('/'));
+    let back = flow::redirect::or_root(back);
+    let rd: String = url::form_urlencoded::byte_serialize(back.as_bytes()).collect();
+    pages::html(
+        StatusCode::UNAUTHORIZED,
+        "Sign-in needed",
+        "Your session has ended, so this form was not sent. Sign in again, then send it once more.",
+        &format!(
+            "<p><a href=\"/oauth2/start?rd={}\">Sign in</a></p>",
+            pages::escape(&rd)
+        ),
+    )
+}
+
 /// Does `Accept` prefer HTML? Yes when `text/html` or `application/xhtml+xml` is listed with a
 /// q above 0 and no other listed type has a higher q. Wildcards (`*/*`, `text/*`) are fallbacks:
 /// they do not compete, nor do they count as HTML. Ties go to HTML (browsers list images at
@@ -165,13 +198,13 @@ where
             rules,
         ) {
             Decision::Forward => Either::Left(self.inner.call(req)),
-            d => Either::Right(std::future::ready(Ok(self.deny(d, &req)))),
+            d => Either::Right(std::future::ready(Ok(self.deny(d, mode, &req)))),
         }
     }
 }
 
 impl<S> AuthGate<S> {
-    fn deny(&self, d: Decision, req: &Request<Body>) -> Response<Body> {
+    fn deny(&self, d: Decision, mode: AuthMode, req: &Request<Body>) -> Response<Body> {
         let jar = CookieJar::parse(req.headers());
         let mut resp = match d {
             Decision::Login => {
@@ -188,6 +221,9 @@ impl<S> AuthGate<S> {
                     // Never: only a session is denied.
                     None => pages::forbidden(why),
                 }
+            }
+            _ if mode == AuthMode::Login && is_form_navigation(req.method(), req.headers()) => {
+                session_needed_page(&self.app.cfg.public_origin, req.headers())
             }
             _ => pages::json(
                 StatusCode::UNAUTHORIZED,
@@ -254,6 +290,63 @@ mod tests {
         assert_eq!(d(&Method::GET, &xhr), Decision::Unauthorized);
         let fetch = h(&[("accept", "text/html"), ("sec-fetch-mode", "cors")]);
         assert_eq!(d(&Method::GET, &fetch), Decision::Unauthorized);
+    }
+
+    /// A form a browser sends (a non-GET top-level navigation) is still refused with 401,
+    /// never redirected; only the page it gets differs.
+    #[test]
+    fn forms_browsers_send_are_told_from_api_calls() {
+        let form = h(&[
+            ("accept", "text/html,application/xhtml+xml"),
+            ("sec-fetch-mode", "navigate"),
+            ("sec-fetch-dest", "document"),
+        ]);
+        assert_eq!(d(&Method::POST, &form), Decision::Unauthorized);
+        assert!(is_form_navigation(&Method::POST, &form));
+        assert!(!is_form_navigation(&Method::GET, &form), "GET logs in");
+        for api in [
+            h(&[("accept", "text/html")]),
+            h(&[
+                ("accept", "application/json"),
+                ("sec-fetch-mode", "navigate"),
+            ]),
+            h(&[("accept", "text/html"), ("sec-fetch-mode", "cors")]),
+            h(&[
+                ("accept", "text/html"),
+                ("sec-fetch-mode", "navigate"),
+                ("sec-fetch-dest", "iframe"),
+            ]),
+        ] {
+            assert!(!is_form_navigation(&Method::POST, &api), "{api:?}");
+        }
+        let page = |referer: &'static str| {
+            let mut h = form.clone();
+            h.insert("referer", HeaderValue::from_static(referer));
+            let r = session_needed_page("http://gw.test", &h);
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+            r
+        };
+        let body = |r: Response<Body>| match r.into_body() {
+            Body::Full(Some(b)) => String::from_utf8(b.to_vec()).unwrap(),
+            _ => panic!("not a full body"),
+        };
+        let text = body(page("http://gw.test/orders/new?x=1&y=2"));
+        assert!(
+            text.contains("href=\"/oauth2/start?rd=%2Forders%2Fnew%3Fx%3D1%26y%3D2\""),
+            "{text}"
+        );
+        for elsewhere in [
+            "http://gw.test.evil/x",
+            "http://evil/x",
+            "http://gw.test//evil/x",
+            "http://gw.test",
+        ] {
+            let text = body(page(elsewhere));
+            assert!(
+                text.contains("href=\"/oauth2/start?rd=%2F\""),
+                "{elsewhere}: {text}"
+            );
+        }
     }
 
     #[test]
