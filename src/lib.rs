@@ -85,6 +85,13 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
         let flag = shared.draining.clone();
         async move {
             shutdown_signal().await;
+            tracing::info!("shutdown signal received");
+            // A second one (Ctrl-C again) does not wait for the drain.
+            tokio::spawn(async {
+                shutdown_signal().await;
+                tracing::warn!("second shutdown signal: exiting without draining");
+                std::process::exit(130);
+            });
             flag.store(true, std::sync::atomic::Ordering::Relaxed);
             let delay = live.load().app.cfg.shutdown_delay;
             tracing::info!(?delay, "not ready; closing the listener after the delay");
@@ -116,5 +123,4 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-    tracing::info!("shutdown signal received");
 }

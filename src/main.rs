@@ -64,6 +64,9 @@ fn main() -> ExitCode {
         for w in cfg.warnings() {
             eprintln!("warning: {w}");
         }
+        for name in portcullis::config::unknown_env_vars(std::env::vars()) {
+            eprintln!("warning: environment variable {name} names no configuration key; ignored (see `portcullis env-vars`)");
+        }
         match &path {
             Some(p) => println!("config ok: {}", p.display()),
             None => println!("config ok: (environment)"),

@@ -814,6 +814,24 @@ fn the_environment_alone_is_a_configuration() {
     );
 }
 
+/// A misspelt `PORTCULLIS_*` variable is named by `check` as by `serve`: otherwise the
+/// check passes and the setting silently does nothing.
+#[test]
+fn check_names_variables_that_name_no_key() {
+    let r = check_text(&minimal(), &[("PORTCULLIS_TIMEOUT_IDLE", "5s")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.lines().any(|l| l.starts_with("warning: ")
+            && l.contains("PORTCULLIS_TIMEOUT_IDLE")
+            && l.contains("names no configuration key")),
+        "{}",
+        r.stderr
+    );
+    let r = check_text(&minimal(), &[("PORTCULLIS_TIMEOUTS_IDLE", "5s")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+}
+
 /// `session.redis.url` is the Redis *store*'s: with `session.store: cookie` nothing uses it (the
 /// cookie store's coordination Redis is `session.coordination.redis_url`). A config that sets it
 /// there still loads, with a warning that names the key and what to set instead.

@@ -1086,6 +1086,31 @@ async fn requests_cut_at_the_shutdown_timeout_are_logged_503_not_499() {
     drop(tcp);
 }
 
+/// A second shutdown signal (Ctrl-C twice) does not wait for the delay and the drain.
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = "lifecycle: { shutdown_delay: 60s }".into();
+    let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    gw.signal("INT");
+    eventually(Duration::from_secs(10), "readiness fails", || async {
+        match try_send("GET", &gw.url("/readyz"), &[], Vec::new()).await {
+            Ok(r) if r.status == 503 => Ok(()),
+            other => Err(format!("{:?}", other.map(|r| r.status))),
+        }
+    })
+    .await;
+    assert!(gw.exited().is_none(), "gone before the delay ended");
+    gw.signal("INT");
+    let status = gw.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(130), "{}", gw.tails());
+    assert!(
+        gw.stderr().contains("second shutdown signal"),
+        "{}",
+        gw.tails()
+    );
+}
+
 /// SIGTERM with an HTTP/2 request in flight: HTTP/2 connections drain through the listener's
 /// drain too. The slow stream completes, the connection gets GOAWAY, the process exits 0.
 #[tokio::test]
