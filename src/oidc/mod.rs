@@ -16,10 +16,9 @@ use oauth2::basic::{
     BasicTokenIntrospectionResponse, BasicTokenType,
 };
 use oauth2::{
-    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet,
-    EndpointSet, ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
-    RequestTokenError, Scope, StandardRevocableToken, StandardTokenResponse, TokenResponse,
-    TokenUrl,
+    AccessToken, AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
+    EndpointNotSet, EndpointSet, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
+    RequestTokenError, Scope, StandardRevocableToken, TokenResponse, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,14 +45,72 @@ pub struct Metadata {
     pub authorization_response_iss_parameter_supported: bool,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct IdTokenField {
+/// A token endpoint answer (RFC 6749 §5.1, with the OpenID Connect ID token), read as
+/// providers send it: `token_type` in any case, and `expires_in` as a number or a numeric
+/// string (Azure AD's v1.0 endpoint), fractions dropped; any other `expires_in` (negative,
+/// not a number) counts as not stated instead of failing the login.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenResp {
+    access_token: AccessToken,
+    #[serde(deserialize_with = "token_type", serialize_with = "token_type_name")]
+    token_type: BasicTokenType,
+    #[serde(
+        default,
+        deserialize_with = "lenient_seconds",
+        skip_serializing_if = "Option::is_none"
+    )]
+    expires_in: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id_token: Option<String>,
+    refresh_token: Option<RefreshToken>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_token: Option<String>,
 }
-impl ExtraTokenFields for IdTokenField {}
 
-type TokenResp = StandardTokenResponse<IdTokenField, BasicTokenType>;
+fn token_type<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BasicTokenType, D::Error> {
+    let name = String::deserialize(d)?;
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "bearer" => BasicTokenType::Bearer,
+        "mac" => BasicTokenType::Mac,
+        _ => BasicTokenType::Extension(name),
+    })
+}
+
+fn token_type_name<S: serde::Serializer>(t: &BasicTokenType, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t.as_ref())
+}
+
+fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    let secs = match &v {
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
+        serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    Ok(secs)
+}
+
+impl TokenResponse for TokenResp {
+    type TokenType = BasicTokenType;
+    fn access_token(&self) -> &AccessToken {
+        &self.access_token
+    }
+    fn token_type(&self) -> &BasicTokenType {
+        &self.token_type
+    }
+    fn expires_in(&self) -> Option<Duration> {
+        self.expires_in.map(Duration::from_secs)
+    }
+    fn refresh_token(&self) -> Option<&RefreshToken> {
+        self.refresh_token.as_ref()
+    }
+    fn scopes(&self) -> Option<&Vec<Scope>> {
+        None
+    }
+}
 type OAuthClient = oauth2::Client<
     BasicErrorResponse,
     TokenResp,
@@ -452,7 +509,7 @@ impl Provider {
     /// code exchange), missing claims read from userinfo.
     async fn tokens(&self, resp: TokenResp, nonce: Option<&str>) -> Result<Tokens, ProviderError> {
         usable_access_token(&resp)?;
-        let id_token = resp.extra_fields().id_token.clone();
+        let id_token = resp.id_token.clone();
         let access_token = resp.access_token().secret();
         let id = match &id_token {
             Some(t) => {
@@ -665,6 +722,32 @@ cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fa
             f(m);
         }
         serde_json::from_value(v).unwrap()
+    }
+
+    /// `expires_in` as providers send it: a number, a numeric string (Azure AD v1.0), a
+    /// fraction; anything else is not stated rather than a failed login.
+    #[test]
+    fn expires_in_is_read_leniently() {
+        let secs = |v: serde_json::Value| {
+            response(None, |m| {
+                m.insert("expires_in".into(), v);
+            })
+            .expires_in()
+            .map(|d| d.as_secs())
+        };
+        assert_eq!(secs(json!(3599)), Some(3599));
+        assert_eq!(secs(json!("3599")), Some(3599));
+        assert_eq!(secs(json!(" 60 ")), Some(60));
+        assert_eq!(secs(json!(59.9)), Some(59));
+        assert_eq!(secs(json!(u64::MAX)), Some(u64::MAX));
+        for unstated in [json!(-5), json!("soon"), json!(null), json!("-1"), json!([1])] {
+            assert_eq!(secs(unstated.clone()), None, "{unstated}");
+        }
+        let without = response(None, |m| {
+            m.remove("expires_in");
+        });
+        assert_eq!(without.expires_in(), None);
+        assert_eq!(without.refresh_token().map(|r| r.secret().as_str()), Some("rt-1"));
     }
 
     /// A token endpoint that answers 5xx or 429 is unavailable, whatever its body (a load
