@@ -275,6 +275,51 @@ async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
     );
 }
 
+/// Anyone can post a logout token naming an unknown `kid`: that costs the provider a JWKS
+/// fetch now and then, but not the re-fetch a login needs when the provider's signing key
+/// changes (logins and logout tokens have budgets of their own).
+#[tokio::test]
+async fn logout_tokens_with_unknown_keys_do_not_hold_up_a_new_signing_key() {
+    let redis = support::redis::RedisServer::start().await;
+    let gw_port = free_port();
+    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
+    let env = [("IDP_REDIRECT_URIS", redirect.as_str())];
+    let mut idp = Idp::start(&env).await;
+    let upstream = Upstream::start();
+    let mut opts = GatewayOpts::new(gw_port, &idp, &upstream.url());
+    opts.extra = format!(
+        "session: {{ coordination: {{ redis_url: \"{}\" }} }}\n",
+        redis.url()
+    );
+    let gw = Gateway::start(opts).await;
+
+    let b64 = |v: serde_json::Value| {
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            v.to_string(),
+        )
+    };
+    let forged = format!(
+        "{}.{}.{}",
+        b64(serde_json::json!({"alg": "RS256", "kid": "nobody-has-this-key"})),
+        b64(serde_json::json!({"iss": idp.issuer(), "aud": "x", "iat": 0})),
+        "c2ln"
+    );
+    let r = send(
+        "POST",
+        &gw.url("/oauth2/backchannel_logout"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("logout_token={forged}").into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.dump());
+
+    // The provider's key changes right after: the next login fetches it at once.
+    idp.restart(&env).await;
+    let (b, cb) = login_attempt(&gw, "alice").await;
+    assert_logged_in(&gw, &b, &cb).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Discovery retried until the provider exists
 // ---------------------------------------------------------------------------------------

@@ -212,6 +212,9 @@ pub struct Provider {
     /// Held while a forced (unknown-`kid`) JWKS re-fetch runs: concurrent callers wait for it
     /// and then use its keys.
     jwks_refetch: tokio::sync::Mutex<RefetchLimit>,
+    /// Logout tokens have a budget of their own: anyone can post one, and an unknown `kid`
+    /// in them must not use up the re-fetch that a login's new signing key needs.
+    logout_jwks_refetch: tokio::sync::Mutex<RefetchLimit>,
 }
 
 fn discovery_url(issuer: &str) -> String {
@@ -242,6 +245,7 @@ impl Provider {
             discovered: ArcSwapOption::empty(),
             keys: ArcSwap::from_pointee(KeySet::default()),
             jwks_refetch: tokio::sync::Mutex::new(RefetchLimit::default()),
+            logout_jwks_refetch: tokio::sync::Mutex::new(RefetchLimit::default()),
         }
     }
 
@@ -585,7 +589,7 @@ impl Provider {
         };
         match idtoken::validate(token, &self.keys.load(), &exp) {
             Err(IdTokenError::UnknownKey(_)) => {
-                self.refetch_jwks().await?;
+                self.refetch_jwks(&self.jwks_refetch).await?;
                 Ok(idtoken::validate(token, &self.keys.load(), &exp)?)
             }
             r => Ok(r?),
@@ -610,7 +614,7 @@ impl Provider {
         };
         match check(&self.keys.load()) {
             Err(logout::LogoutTokenError::UnknownKey) => {
-                self.refetch_jwks().await?;
+                self.refetch_jwks(&self.logout_jwks_refetch).await?;
                 check(&self.keys.load()).map_err(|e| ProviderError::Invalid(e.to_string()))
             }
             r => r.map_err(|e| ProviderError::Invalid(e.to_string())),
@@ -620,8 +624,11 @@ impl Provider {
     /// A token named a key we do not have: re-fetch the JWKS, unless an unknown `kid` already
     /// forced a re-fetch within the interval (then the keys stay as they are). A caller that
     /// waited for another's re-fetch validates against the keys it brought.
-    async fn refetch_jwks(&self) -> Result<(), ProviderError> {
-        let mut limit = self.jwks_refetch.lock().await;
+    async fn refetch_jwks(
+        &self,
+        budget: &tokio::sync::Mutex<RefetchLimit>,
+    ) -> Result<(), ProviderError> {
+        let mut limit = budget.lock().await;
         if !limit.claim(Instant::now()) {
             return Ok(());
         }
@@ -740,14 +747,23 @@ cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fa
         assert_eq!(secs(json!(" 60 ")), Some(60));
         assert_eq!(secs(json!(59.9)), Some(59));
         assert_eq!(secs(json!(u64::MAX)), Some(u64::MAX));
-        for unstated in [json!(-5), json!("soon"), json!(null), json!("-1"), json!([1])] {
+        for unstated in [
+            json!(-5),
+            json!("soon"),
+            json!(null),
+            json!("-1"),
+            json!([1]),
+        ] {
             assert_eq!(secs(unstated.clone()), None, "{unstated}");
         }
         let without = response(None, |m| {
             m.remove("expires_in");
         });
         assert_eq!(without.expires_in(), None);
-        assert_eq!(without.refresh_token().map(|r| r.secret().as_str()), Some("rt-1"));
+        assert_eq!(
+            without.refresh_token().map(|r| r.secret().as_str()),
+            Some("rt-1")
+        );
     }
 
     /// A token endpoint that answers 5xx or 429 is unavailable, whatever its body (a load
