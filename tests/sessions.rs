@@ -823,18 +823,50 @@ async fn userinfo_refreshes_and_reports_a_revoked_grant_as_logged_out() {
     assert_eq!(call.status, 401, "{}", call.dump());
 }
 
+/// A logged-in cookie-store session whose token is due 1 s after issue and expires after
+/// 4 s, behind a gateway with its admin port, in front of an IdP that `restart` can replace
+/// on the same port (with `env` and whatever else).
+struct Restartable {
+    idp: Idp,
+    upstream: Upstream,
+    gw: Gateway,
+    admin: u16,
+    cookie: String,
+    redirect: String,
+}
+
+impl Restartable {
+    async fn start() -> Restartable {
+        let gw_port = free_port();
+        let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
+        let idp = Idp::start(&[("IDP_REDIRECT_URIS", redirect.as_str()), AT_TTL_ENV]).await;
+        let upstream = Upstream::start();
+        let yaml = session_yaml(Store::CookieOnly, None, 3);
+        let admin = free_port();
+        let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
+        let cookie = login_cookie(&gw, "alice").await;
+        Restartable {
+            idp,
+            upstream,
+            gw,
+            admin,
+            cookie,
+            redirect,
+        }
+    }
+}
+
 #[tokio::test]
 async fn provider_down_during_refresh() {
-    // Due 1 s after issue, expired after 4 s.
-    let gw_port = free_port();
-    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
+    let Restartable {
+        mut idp,
+        upstream,
+        gw,
+        admin,
+        cookie,
+        redirect,
+    } = Restartable::start().await;
     let env = [("IDP_REDIRECT_URIS", redirect.as_str()), AT_TTL_ENV];
-    let mut idp = Idp::start(&env).await;
-    let upstream = Upstream::start();
-    let yaml = session_yaml(Store::CookieOnly, None, 3);
-    let admin = free_port();
-    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
-    let cookie = login_cookie(&gw, "alice").await;
     let first = upstream.last().bearer();
     idp.kill();
 
@@ -918,18 +950,19 @@ async fn provider_down_during_refresh() {
 /// (401, login), counted as `rejected`, and the provider is not asked again per request.
 #[tokio::test]
 async fn a_refresh_the_provider_refuses_otherwise_ends_the_session() {
-    let gw_port = free_port();
-    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
-    let env = [("IDP_REDIRECT_URIS", redirect.as_str()), AT_TTL_ENV];
-    let mut idp = Idp::start(&env).await;
-    let upstream = Upstream::start();
-    let yaml = session_yaml(Store::CookieOnly, None, 3);
-    let admin = free_port();
-    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
-    let cookie = login_cookie(&gw, "alice").await;
-
-    let mut changed = env.to_vec();
-    changed.push(("IDP_CLIENT_SECRET", "a-secret-the-gateway-does-not-have"));
+    let Restartable {
+        mut idp,
+        gw,
+        admin,
+        cookie,
+        redirect,
+        ..
+    } = Restartable::start().await;
+    let changed = [
+        ("IDP_REDIRECT_URIS", redirect.as_str()),
+        AT_TTL_ENV,
+        ("IDP_CLIENT_SECRET", "a-secret-the-gateway-does-not-have"),
+    ];
     idp.restart(&changed).await;
     let r = refused_eventually("the refused refresh ends the session", &gw, "/x", &cookie).await;
     assert_session_cleared(&r, "api");
