@@ -224,6 +224,15 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 
 /// Revokes a token at the provider's revocation endpoint. Revoking an (opaque) access
 /// token makes oidc-provider revoke every token of its grant, the refresh token included.
+/// Asserts how many refreshes the gateway counted with each outcome.
+async fn assert_refreshes(admin: u16, want: &[(&str, f64)]) {
+    let m = metrics(admin).await;
+    for (outcome, n) in want {
+        let series = format!("portcullis_refreshes_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(sample(&m, &series), Some(*n), "{series}\n{m}");
+    }
+}
+
 async fn revoke_at_provider(idp: &Idp, token: &str) {
     use base64::Engine;
     let basic =
@@ -357,17 +366,7 @@ async fn expiring_token_is_refreshed_with_a_new_bearer_and_cookie() {
     assert_eq!(upstream.last().header("x-forwarded-user"), Some("alice"));
     assert_eq!(idp.token_requests(), grants + 1);
 
-    let m = metrics(admin).await;
-    assert_eq!(
-        sample(&m, "portcullis_refreshes_total{outcome=\"success\"}"),
-        Some(1.0),
-        "{m}"
-    );
-    assert_eq!(
-        sample(&m, "portcullis_refreshes_total{outcome=\"invalid_grant\"}"),
-        Some(0.0),
-        "{m}"
-    );
+    assert_refreshes(admin, &[("success", 1.0), ("invalid_grant", 0.0)]).await;
 }
 
 #[tokio::test]
@@ -727,12 +726,7 @@ async fn a_refreshed_session_too_large_for_the_cookie() {
         .unwrap_or_else(|| panic!("no refreshed cookie: {}\n{}", r.dump(), gw.tails()));
     let cookie = cookie_of(&next);
     let refreshed = Instant::now();
-    let r = api(&gw, "/with-it", &cookie).await;
-    assert_eq!(r.status, 200, "{}", r.dump());
-    assert!(upstream
-        .last()
-        .header("x-forwarded-groups")
-        .is_some_and(|g| g.contains("g059-")));
+    assert_all_60_groups_reach_the_app(&gw, &upstream, "/with-it", &cookie).await;
 
     // Far more than one chunk holds: the session ends at once, said and counted.
     std::fs::write(&groups_file, groups(200, 27)).unwrap();
@@ -741,22 +735,12 @@ async fn a_refreshed_session_too_large_for_the_cookie() {
     assert_eq!(r.status, 401, "{}\n{}", r.dump(), gw.tails());
     assert_session_cleared(&r, "too large");
     assert!(gw.stderr().contains("too large"), "{}", gw.tails());
-    let m = metrics(admin).await;
-    assert_eq!(
-        sample(&m, "portcullis_refreshes_total{outcome=\"too_large\"}"),
-        Some(1.0),
-        "{m}"
-    );
+    assert_refreshes(admin, &[("too_large", 1.0)]).await;
 
     // A login follows the same rule: one chunk holds it without the ID token...
     std::fs::write(&groups_file, groups(60, 27)).unwrap();
     let again = login_cookie(&gw, "alice").await;
-    let r = api(&gw, "/logged-in-again", &again).await;
-    assert_eq!(r.status, 200, "{}", r.dump());
-    assert!(upstream
-        .last()
-        .header("x-forwarded-groups")
-        .is_some_and(|g| g.contains("g059-")));
+    assert_all_60_groups_reach_the_app(&gw, &upstream, "/logged-in-again", &again).await;
     // ...and one too large even so fails, said and counted.
     std::fs::write(&groups_file, groups(200, 27)).unwrap();
     let b = Browser::new();
@@ -773,6 +757,20 @@ async fn a_refreshed_session_too_large_for_the_cookie() {
         Some(1.0),
         "{m}"
     );
+}
+
+async fn assert_all_60_groups_reach_the_app(
+    gw: &Gateway,
+    upstream: &Upstream,
+    path: &str,
+    cookie: &str,
+) {
+    let r = api(gw, path, cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert!(upstream
+        .last()
+        .header("x-forwarded-groups")
+        .is_some_and(|g| g.contains("g059-")));
 }
 
 /// `/oauth2/userinfo` takes the same refresh decision as a proxied request: a due token is
@@ -972,17 +970,7 @@ async fn a_refresh_the_provider_refuses_otherwise_ends_the_session() {
         .filter(|l| l.contains(" POST /token 401 "))
         .count();
     assert_eq!(refusals, 1, "{}", idp.tails());
-    let m = metrics(admin).await;
-    assert_eq!(
-        sample(&m, "portcullis_refreshes_total{outcome=\"rejected\"}"),
-        Some(1.0),
-        "{m}"
-    );
-    assert_eq!(
-        sample(&m, "portcullis_refreshes_total{outcome=\"unavailable\"}"),
-        Some(0.0),
-        "{m}"
-    );
+    assert_refreshes(admin, &[("rejected", 1.0), ("unavailable", 0.0)]).await;
     let nav = navigate(&gw, "/page", &cookie).await;
     assert_eq!(nav.status, 302, "{}", nav.dump());
     assert_session_cleared(&nav, "browser");
