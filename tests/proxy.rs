@@ -1158,6 +1158,19 @@ fn counting_upstream() -> (u16, RequestLog) {
                         }
                         r
                     }
+                    // Framed two ways at once: chunked wins (RFC 9112 §6.3).
+                    "/tecl" => s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                    ),
+                    "/tegzip" => s.write_all(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                    ),
+                    "/dupcl" => s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+                    ),
+                    "/csd" => s.write_all(
+                        b"HTTP/1.1 200 OK\r\nClear-Site-Data: \"cache\", \"cookies\"\r\nContent-Length: 5\r\n\r\nhello",
+                    ),
                     _ => s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
                 };
                 if ok.is_err() || path == "/close" {
@@ -1167,6 +1180,53 @@ fn counting_upstream() -> (u16, RequestLog) {
         }
     });
     (port, log)
+}
+
+/// What reaches the client says the body's length as the gateway framed it, whatever the
+/// upstream wrote: `Transfer-Encoding` beside `Content-Length` (the length goes), repeated
+/// lengths (one stays, which HTTP/2 clients need); a transfer coding the gateway cannot undo
+/// is a 502, and `Clear-Site-Data` cannot clear the session cookie.
+#[tokio::test]
+async fn upstream_framing_is_restated_for_the_client() {
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, &[]).await;
+    let (up, _) = counting_upstream();
+    let mut opts = GatewayOpts::new(port, &idp, &format!("http://127.0.0.1:{up}"));
+    opts.extra = "routes: [ { prefix: \"/\", auth: skip } ]".into();
+    let mut gw = Gateway::start(opts).await;
+    for h2 in [false, true] {
+        let get = |path: &str| {
+            let url = gw.url(path);
+            async move {
+                try_send_body("GET", &url, &[], full(Vec::new()), h2)
+                    .await
+                    .unwrap_or_else(|e| panic!("GET {url} (h2: {h2}): {e}"))
+            }
+        };
+        for path in ["/tecl", "/dupcl", "/csd"] {
+            let r = get(path).await;
+            assert_eq!(r.status, 200, "{path} (h2: {h2}): {}", r.dump());
+            assert_eq!(r.text(), "hello", "{path} (h2: {h2})");
+            assert!(
+                r.header_all("content-length").len() <= 1,
+                "{path} (h2: {h2}): {}",
+                r.dump()
+            );
+            if let Some(len) = r.header("content-length") {
+                assert_eq!(len, "5", "{path} (h2: {h2})");
+            }
+        }
+        let r = get("/csd").await;
+        assert_eq!(
+            r.header_all("clear-site-data"),
+            ["\"cache\""],
+            "{}",
+            r.dump()
+        );
+        let r = get("/tegzip").await;
+        assert_eq!(r.status, 502, "h2: {h2}: {}", r.dump());
+    }
+    gw.assert_healthy().await;
 }
 
 #[tokio::test]

@@ -307,6 +307,7 @@ async fn forward(
         return Ok(Response::from_parts(parts, Body::Empty));
     }
     let (mut parts, body) = resp.into_parts();
-    sanitize_response(&mut parts.headers, |n| app.cookies.is_ours(n));
+    sanitize_response(&mut parts.headers, |n| app.cookies.is_ours(n))
+        .map_err(|why| GatewayError::Upstream(UpstreamFailure::Other, why.into()))?;
     Ok(Response::from_parts(parts, Body::from(body)))
 }

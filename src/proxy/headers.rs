@@ -36,23 +36,91 @@ pub fn has_token(v: &HeaderValue, token: &str) -> bool {
 /// Makes an upstream's response headers fit for the client: hop-by-hop headers go, and so
 /// does a `Set-Cookie` for one of the gateway's own cookies. The app never sees those
 /// cookies; nor may it (or a header injected into its answers) replace or clear a user's
-/// session, or plant one of its choosing.
-pub fn sanitize_response(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
+/// session (`Clear-Site-Data: "cookies"`), or plant one of its choosing. The body's length is
+/// restated as the body was framed (RFC 9112 §6.3): a `Content-Length` beside
+/// `Transfer-Encoding` goes, repeated ones become one. Err: the upstream applied a transfer
+/// coding besides chunked, which the gateway cannot undo (and the client would not know of).
+pub fn sanitize_response(
+    h: &mut HeaderMap,
+    is_ours: impl Fn(&str) -> bool,
+) -> Result<(), &'static str> {
     let seen = Seen::scan(h, None);
+    if seen.foreign_coding {
+        return Err("the upstream's Transfer-Encoding names a coding besides chunked");
+    }
+    if seen.transfer_encoding && seen.lengths > 0 {
+        h.remove(header::CONTENT_LENGTH);
+    } else if seen.lengths > 1 || seen.length_list {
+        // hyper took the response only if every value agreed: keep one.
+        let one = h
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| tokens(v).next())
+            .and_then(|t| HeaderValue::from_bytes(t).ok());
+        h.remove(header::CONTENT_LENGTH);
+        if let Some(v) = one {
+            h.insert(header::CONTENT_LENGTH, v);
+        }
+    }
     seen.strip(h, false, None);
     if seen.set_cookie {
-        strip_set_cookies(h, is_ours);
+        strip_set_cookies(h, &is_ours);
     }
+    if seen.clear_site_data {
+        keep_session_cookies(h);
+    }
+    Ok(())
 }
 
+/// `Clear-Site-Data` without `"cookies"` (which would clear the gateway's session cookie) and
+/// with `"*"` narrowed to what else it covers.
+fn keep_session_cookies(h: &mut HeaderMap) {
+    let mut kept: Vec<&[u8]> = Vec::new();
+    let mut dropped = false;
+    for v in h.get_all(CLEAR_SITE_DATA) {
+        for t in tokens(v).filter(|t| !t.is_empty()) {
+            match t {
+                b"\"cookies\"" => dropped = true,
+                b"\"*\"" => {
+                    dropped = true;
+                    kept.extend([&b"\"cache\""[..], b"\"storage\"", b"\"executionContexts\""]);
+                }
+                other => kept.push(other),
+            }
+        }
+    }
+    if !dropped {
+        return;
+    }
+    let value = kept.join(&b", "[..]);
+    let value = HeaderValue::from_bytes(&value).ok();
+    h.remove(CLEAR_SITE_DATA);
+    if let Some(v) = value.filter(|v| !v.is_empty()) {
+        h.insert(CLEAR_SITE_DATA, v);
+    }
+    tracing::warn!(
+        "the upstream's Clear-Site-Data for cookies dropped (it would end the gateway's session)"
+    );
+}
+
+const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
+
 /// Drops the `Set-Cookie` lines that name one of the gateway's cookies (the name as a browser
-/// reads it: up to the first `=` of the first `;`-part, trimmed).
+/// reads it: up to the first `=` of the first `;`-part, trimmed). A nameless cookie
+/// (`=_portcullis=v`) counts by what follows: a browser that keeps it sends back
+/// `_portcullis=v`.
 pub fn strip_set_cookies(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
+    fn named(pair: &[u8]) -> Option<(&[u8], &[u8])> {
+        memchr::memchr(b'=', pair).map(|i| (pair[..i].trim_ascii(), &pair[i + 1..]))
+    }
     let ours = |v: &&HeaderValue| {
         let line = v.as_bytes();
         let pair = memchr::memchr(b';', line).map_or(line, |i| &line[..i]);
-        memchr::memchr(b'=', pair)
-            .and_then(|i| std::str::from_utf8(pair[..i].trim_ascii()).ok())
+        let name = match named(pair) {
+            Some((b"", rest)) => named(rest).map(|(n, _)| n),
+            Some((name, _)) => Some(name),
+            None => None,
+        };
+        name.and_then(|n| std::str::from_utf8(n).ok())
             .is_some_and(&is_ours)
     };
     if !h.get_all(header::SET_COOKIE).iter().any(|v| ours(&v)) {
@@ -129,6 +197,13 @@ struct Seen {
     other_protocol: bool,
     cookie: bool,
     set_cookie: bool,
+    transfer_encoding: bool,
+    /// `Transfer-Encoding` names a coding besides `chunked`.
+    foreign_coding: bool,
+    /// How many `Content-Length` lines, and whether one holds a list (`5, 5`).
+    lengths: u8,
+    length_list: bool,
+    clear_site_data: bool,
     /// Some hop-by-hop or spoofable name is present.
     doomed: bool,
     host: Option<HeaderValue>,
@@ -159,6 +234,16 @@ impl Seen {
                 seen.cookie = true;
             } else if *name == header::SET_COOKIE {
                 seen.set_cookie = true;
+            } else if *name == header::CONTENT_LENGTH {
+                seen.lengths = seen.lengths.saturating_add(1);
+                seen.length_list |= value.as_bytes().contains(&b',');
+            } else if *name == header::TRANSFER_ENCODING {
+                seen.transfer_encoding = true;
+                seen.foreign_coding |=
+                    tokens(value).any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked"));
+                seen.doomed = true;
+            } else if *name == CLEAR_SITE_DATA {
+                seen.clear_site_data = true;
             } else if is_hop_by_hop(name) || spoofable.is_some_and(|s| s.matches(name)) {
                 seen.doomed = true;
             }
@@ -1007,18 +1092,88 @@ mod tests {
             "_p; Path=/",
             "other=_p=1",
             "_pp=1",
+            // Nameless: a browser that keeps it sends `_p=planted` back.
+            "=_p=planted; Path=/a/",
+            " = _p_0=x",
+            "=other=1",
         ] {
             h.append(header::SET_COOKIE, HeaderValue::from_static(v));
         }
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        sanitize_response(&mut h, ours);
+        sanitize_response(&mut h, ours).unwrap();
         let left: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
         // A line without `=` in its first part sets a nameless cookie, not `_p`.
-        assert_eq!(left, ["app=1; Path=/", "_p; Path=/", "other=_p=1", "_pp=1"]);
+        assert_eq!(
+            left,
+            [
+                "app=1; Path=/",
+                "_p; Path=/",
+                "other=_p=1",
+                "_pp=1",
+                "=other=1"
+            ]
+        );
         assert_eq!(h.get(header::CONTENT_TYPE).unwrap(), "text/plain");
         // None of ours: the lines stay as they were.
         let before = h.clone();
         strip_set_cookies(&mut h, ours);
         assert_eq!(h, before);
+    }
+
+    fn response_with(
+        lines: &[(&'static str, &'static str)],
+    ) -> (HeaderMap, Result<(), &'static str>) {
+        let mut h = HeaderMap::new();
+        for (k, v) in lines {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        let r = sanitize_response(&mut h, |_| false);
+        (h, r)
+    }
+
+    fn values(h: &HeaderMap, name: &str) -> Vec<String> {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The client is told the body's length as the gateway framed it (RFC 9112 §6.3).
+    #[test]
+    fn response_lengths_are_restated_as_framed() {
+        let (h, r) = response_with(&[("content-length", "3"), ("transfer-encoding", "chunked")]);
+        assert!(r.is_ok());
+        assert!(h.get("content-length").is_none() && h.get("transfer-encoding").is_none());
+        for lines in [
+            &[("content-length", "5"), ("content-length", "5")][..],
+            &[("content-length", "5, 5")][..],
+            &[("content-length", "5")][..],
+        ] {
+            let (h, r) = response_with(lines);
+            assert!(r.is_ok());
+            assert_eq!(values(&h, "content-length"), ["5"], "{lines:?}");
+        }
+        for coding in ["gzip, chunked", "chunked, gzip", "gzip", "x-custom"] {
+            let (_, r) = response_with(&[("transfer-encoding", coding)]);
+            assert!(r.is_err(), "{coding}");
+        }
+    }
+
+    /// An app cannot end the gateway's session with `Clear-Site-Data`; the rest of it stays.
+    #[test]
+    fn clear_site_data_keeps_the_session_cookie() {
+        let csd = |v: &'static str| {
+            values(
+                &response_with(&[("clear-site-data", v)]).0,
+                "clear-site-data",
+            )
+        };
+        assert_eq!(csd("\"cache\", \"cookies\""), ["\"cache\""]);
+        assert_eq!(
+            csd("\"*\""),
+            ["\"cache\", \"storage\", \"executionContexts\""]
+        );
+        assert!(csd("\"cookies\"").is_empty());
+        assert_eq!(csd("\"cache\", \"storage\""), ["\"cache\", \"storage\""]);
     }
 }
