@@ -168,6 +168,15 @@ impl App {
         {
             return Err("redis unreachable");
         }
+        // Cookie store: sign-outs the other replicas recorded are known before taking
+        // traffic, else a copy of a signed-out cookie would pass here (with Redis down from
+        // the start there is nothing to wait for: see above).
+        if self.cfg.session.store == crate::config::StoreKind::Cookie
+            && self.redis.as_ref().is_some_and(|r| !r.is_known_down())
+            && !self.revocations.is_loaded()
+        {
+            return Err("sign-outs not read from redis yet");
+        }
         Ok(())
     }
 }

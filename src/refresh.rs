@@ -49,12 +49,19 @@ pub enum RefreshFailure {
 
 type Outcome = Result<Arc<Session>, RefreshFailure>;
 
+/// Who obtained a flight's outcome: this replica, or another one (through Redis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum By {
+    Here,
+    Elsewhere,
+}
+
 /// One refresh per (session id, token generation). The generation is a digest of the access
 /// token, not its expiry: two tokens issued in the same second share an expiry.
 type Key = ([u8; 16], String);
 
 pub struct Refresher {
-    flights: SingleFlight<Key, Outcome>,
+    flights: SingleFlight<Key, (Outcome, By)>,
     /// Sessions refreshed while the Redis store could not take the result: written by the
     /// next request that reuses it.
     unsaved: std::sync::Mutex<std::collections::HashSet<[u8; 16]>>,
@@ -126,12 +133,14 @@ impl Refresher {
                 async move { coordinated_refresh(&app, &s).await }
             },
             // An unavailable provider is asked again by the next request.
-            |o| *o != Err(RefreshFailure::Unavailable),
-            Err(RefreshFailure::Unavailable),
+            |(o, _)| *o != Err(RefreshFailure::Unavailable),
+            (Err(RefreshFailure::Unavailable), By::Here),
         );
-        let mut outcome = tokio::time::timeout(app.cfg.timeouts.provider, flight)
+        let (mut outcome, by) = tokio::time::timeout(app.cfg.timeouts.provider, flight)
             .await
-            .unwrap_or(Err(RefreshFailure::Unavailable));
+            .unwrap_or((Err(RefreshFailure::Unavailable), By::Here));
+        // Counted as a refresh by the replica that asked the provider only.
+        let ran = ran && by == By::Here;
         if let (Ok(next), false) = (&outcome, ran) {
             // Reused by a request that loaded the session before it was stored, and the
             // Redis store missed it (down when it came): written now.
@@ -161,12 +170,15 @@ const LOCK_TTL: Duration = Duration::from_secs(REFRESH_PATIENCE.as_secs() + 15);
 /// With Redis, one refresh across all replicas: the lock holder refreshes and publishes the
 /// result (sealed) for the others, which wait for it instead of spending the token again.
 /// Without Redis the refresh is local; with Redis down it waits for Redis (see below).
-async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
+async fn coordinated_refresh(app: &Arc<App>, s: &Session) -> (Outcome, By) {
     let Some(rt) = s.refresh_token.as_deref() else {
-        return Err(RefreshFailure::InvalidGrant);
+        return (Err(RefreshFailure::InvalidGrant), By::Here);
     };
     let Some(redis) = app.redis.as_deref() else {
-        return persisted(app, run_refresh(app, s, rt).await).await;
+        return (
+            persisted(app, run_refresh(app, s, rt).await).await,
+            By::Here,
+        );
     };
     let id = s.id_hex();
     let generation = generation(s);
@@ -181,9 +193,10 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
     let redis_down = |e: crate::store::StoreError| {
         tracing::warn!(error = %e, "redis unavailable for refresh coordination");
     };
+    let elsewhere = |o: Outcome| (o, By::Elsewhere);
     loop {
         match redis.get(&result_key).await {
-            Ok(Some(v)) => return shared_result(app, &result_key, &v),
+            Ok(Some(v)) => return elsewhere(shared_result(app, &result_key, &v)),
             Ok(None) => {}
             // Not refreshed here alone: other replicas may be refreshing the same token, and
             // with rotating refresh tokens a second use ends the grant (the user logged out
@@ -191,7 +204,7 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
             // while it is valid, then 503.
             Err(e) => {
                 redis_down(e);
-                return Err(RefreshFailure::Unavailable);
+                return (Err(RefreshFailure::Unavailable), By::Here);
             }
         }
         match redis.try_lock(&lock_key, &token, LOCK_TTL).await {
@@ -199,29 +212,20 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
                 // Another replica may have finished between our read and our lock.
                 if let Ok(Some(v)) = redis.get(&result_key).await {
                     let _ = redis.unlock(&lock_key, &token).await;
-                    return shared_result(app, &result_key, &v);
+                    return elsewhere(shared_result(app, &result_key, &v));
                 }
                 let outcome = persisted(app, run_refresh(app, s, rt).await).await;
-                let published = match &outcome {
-                    Ok(next) => Some([&[1u8][..], &next.encode()].concat()),
-                    Err(
-                        RefreshFailure::InvalidGrant
-                        | RefreshFailure::Rejected
-                        | RefreshFailure::TooLarge,
-                    ) => Some(vec![0u8]),
-                    Err(RefreshFailure::Unavailable) => None,
+                let held = Held {
+                    result_key,
+                    lock_key,
+                    token,
                 };
-                if let Some(p) = published {
-                    let sealed = app.cookies.keys.seal(result_key.as_bytes(), &p);
-                    if let Err(e) = redis
-                        .set_ex(&result_key, sealed.as_bytes(), REUSE_WINDOW)
-                        .await
-                    {
-                        redis_down(e);
-                    }
+                if !held.settle(app, &outcome).await {
+                    // Redis failed after the provider answered: the new tokens exist only here,
+                    // and the other replicas wait on the lock. Written as soon as Redis is back.
+                    tokio::spawn(held.settle_later(app.clone(), outcome.clone()));
                 }
-                let _ = redis.unlock(&lock_key, &token).await;
-                return outcome;
+                return (outcome, By::Here);
             }
             Ok(false) if Instant::now() < deadline => {
                 // Soon at first (a refresh usually takes a few ms), then more gently: a slow
@@ -229,14 +233,78 @@ async fn coordinated_refresh(app: &App, s: &Session) -> Outcome {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(500));
             }
-            Ok(false) => return Err(RefreshFailure::Unavailable),
+            Ok(false) => return (Err(RefreshFailure::Unavailable), By::Here),
             // Not refreshed here alone: other replicas may be refreshing the same token, and
             // with rotating refresh tokens a second use ends the grant (the user logged out
             // because Redis blinked). As with a provider that is down: the token is used
             // while it is valid, then 503.
             Err(e) => {
                 redis_down(e);
-                return Err(RefreshFailure::Unavailable);
+                return (Err(RefreshFailure::Unavailable), By::Here);
+            }
+        }
+    }
+}
+
+/// A refresh lock this replica holds, and where its result goes.
+struct Held {
+    result_key: String,
+    lock_key: String,
+    token: String,
+}
+
+impl Held {
+    /// Makes the outcome known to the other replicas: the session saved (Redis store), the
+    /// result published, the lock freed. False: Redis failed at some step.
+    async fn settle(&self, app: &App, outcome: &Outcome) -> bool {
+        let Some(redis) = app.redis.as_deref() else {
+            return true;
+        };
+        let unsaved = |next: &Session| {
+            app.refresher
+                .unsaved
+                .lock()
+                .is_ok_and(|u| u.contains(&next.id))
+        };
+        let mut outcome = outcome.clone();
+        if let Ok(next) = &outcome {
+            if unsaved(next) {
+                if let Err(e) = save_refreshed(app, next).await {
+                    outcome = Err(e);
+                }
+                if outcome.as_ref().is_ok_and(|next| unsaved(next)) {
+                    return false;
+                }
+            }
+        }
+        let published = match &outcome {
+            Ok(next) => Some([&[1u8][..], &next.encode()].concat()),
+            Err(
+                RefreshFailure::InvalidGrant | RefreshFailure::Rejected | RefreshFailure::TooLarge,
+            ) => Some(vec![0u8]),
+            Err(RefreshFailure::Unavailable) => None,
+        };
+        if let Some(p) = published {
+            let sealed = app.cookies.keys.seal(self.result_key.as_bytes(), &p);
+            if let Err(e) = redis
+                .set_ex(&self.result_key, sealed.as_bytes(), REUSE_WINDOW)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot publish the refresh result yet");
+                return false;
+            }
+        }
+        redis.unlock(&self.lock_key, &self.token).await.is_ok()
+    }
+
+    /// `settle`, again every second until it succeeds or the reuse window has passed.
+    async fn settle_later(self, app: Arc<App>, outcome: Outcome) {
+        let until = Instant::now() + REUSE_WINDOW;
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.settle(&app, &outcome).await {
+                tracing::info!("refresh result stored after Redis came back");
+                return;
             }
         }
     }

@@ -22,6 +22,10 @@ pub struct Redis {
     timeout: Duration,
     prefix: String,
     healthy: AtomicBool,
+    /// Some command has had its answer (or failed): `healthy` means something.
+    checked: AtomicBool,
+    /// When a failed command was last logged (seconds since the epoch): once a minute at most.
+    failure_logged: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Redis {
@@ -83,6 +87,8 @@ impl Redis {
             timeout: cfg.timeout,
             prefix: cfg.key_prefix.clone(),
             healthy: AtomicBool::new(false),
+            checked: AtomicBool::new(false),
+            failure_logged: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -101,6 +107,11 @@ impl Redis {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Has a command failed last (as opposed to: not asked yet, or answered)?
+    pub fn is_known_down(&self) -> bool {
+        self.checked.load(Ordering::Relaxed) && !self.is_healthy()
+    }
+
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = redis::RedisResult<T>>,
@@ -110,6 +121,21 @@ impl Redis {
             Ok(r) => r.map_err(StoreError::from),
         };
         self.healthy.store(r.is_ok(), Ordering::Relaxed);
+        self.checked.store(true, Ordering::Relaxed);
+        if let Err(e) = &r {
+            // Readiness follows every command, not only the pings: say why it fails (a
+            // permission a command lacks, while PING passes, would otherwise go unexplained).
+            let now = crate::session::now_secs();
+            let last = self.failure_logged.load(Ordering::Relaxed);
+            if now >= last.saturating_add(60)
+                && self
+                    .failure_logged
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(error = %e, "redis command failed");
+            }
+        }
         r
     }
 

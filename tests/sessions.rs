@@ -434,12 +434,13 @@ struct Replicas {
     /// When the login had finished.
     logged_in: Instant,
     admin_a: u16,
+    admin_b: u16,
 }
 
 impl Replicas {
     async fn start(store: Store, idp_env: &[(&str, &str)], backchannel: Option<u16>) -> Self {
         let redis = RedisServer::start().await;
-        let (pa, pb, admin_a) = (free_port(), free_port(), free_port());
+        let (pa, pb, admin_a, admin_b) = (free_port(), free_port(), free_port(), free_port());
         let uris = redirect_uris(&[pa, pb]);
         let bcl = backchannel.map(|p| format!("http://127.0.0.1:{p}/oauth2/backchannel_logout"));
         let mut env: Vec<(&str, &str)> = vec![("IDP_REDIRECT_URIS", &uris)];
@@ -451,7 +452,7 @@ impl Replicas {
         let upstream = Upstream::start();
         let yaml = session_yaml(store, Some(&redis), 1);
         let a = Gateway::start(gw_opts(pa, &idp, &upstream, &yaml, Some(admin_a))).await;
-        let b = Gateway::start(gw_opts(pb, &idp, &upstream, &yaml, None)).await;
+        let b = Gateway::start(gw_opts(pb, &idp, &upstream, &yaml, Some(admin_b))).await;
         let browser = Browser::new();
         let r = login(&browser, &a, "/", "alice").await;
         assert_eq!(r.status, 200, "{}", r.dump());
@@ -468,6 +469,7 @@ impl Replicas {
             cookie,
             logged_in,
             admin_a,
+            admin_b,
         }
     }
 }
@@ -502,6 +504,16 @@ async fn two_replicas_refresh_once(store: Store) {
     );
     let bearers: std::collections::BTreeSet<String> = rs.iter().map(bearer_in).collect();
     assert_eq!(bearers.len(), 1, "{store:?}: all forwarded with one token");
+    // One refresh, counted as such by the replica that made it; the other reused it.
+    let mut successes = 0.0;
+    for admin in [s.admin_a, s.admin_b] {
+        let m = metrics(admin).await;
+        successes += sample(&m, "portcullis_refreshes_total{outcome=\"success\"}").unwrap_or(0.0);
+    }
+    assert_eq!(
+        successes, 1.0,
+        "{store:?}: refreshes counted across both gateways"
+    );
     let second = bearers.into_iter().next().unwrap();
     assert_ne!(second, first);
     match store {
@@ -1399,16 +1411,18 @@ async fn sign_out_during_a_refresh_stays_signed_out_with_the_redis_store() {
 
 /// Redis store: Redis goes away while the provider answers a refresh (rotating refresh
 /// tokens). The new tokens are not thrown away: they serve the request, and once Redis is back
-/// the next request stores them, instead of spending the old refresh token again (which would
-/// end the grant).
+/// they are stored — by the next request, or by the replica itself if none comes — instead of
+/// another replica spending the old refresh token again (which would end the grant).
 #[tokio::test]
 async fn a_refresh_that_redis_misses_is_stored_once_redis_is_back() {
     let mut redis = RedisServer::start_persistent().await;
-    let gw_port = free_port();
-    let idp = Idp::start_for_gateway(gw_port, &[AT_TTL_ENV, ROTATE_ENV]).await;
+    let (gw_port, other_port) = (free_port(), free_port());
+    let uris = redirect_uris(&[gw_port, other_port]);
+    let idp = Idp::start(&[("IDP_REDIRECT_URIS", &uris), AT_TTL_ENV, ROTATE_ENV]).await;
     let upstream = Upstream::start();
     let yaml = session_yaml(Store::Redis, Some(&redis), 1);
     let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let other = Gateway::start(gw_opts(other_port, &idp, &upstream, &yaml, None)).await;
     let cookie = login_cookie(&gw, "alice").await;
     let logged_in = Instant::now();
     let first = upstream.last().bearer();
@@ -1424,8 +1438,9 @@ async fn a_refresh_that_redis_misses_is_stored_once_redis_is_back() {
     assert_ne!(second, first, "not refreshed");
 
     redis.restart().await;
-    let r = eventually("served once Redis is back", || async {
-        let r = api(&gw, "/back", &cookie).await;
+    // The other replica, which never saw the new tokens, serves the session with them.
+    let r = eventually("served by the other replica once Redis is back", || async {
+        let r = api(&other, "/back", &cookie).await;
         if r.status == 200 {
             Ok(r)
         } else {
@@ -1433,8 +1448,47 @@ async fn a_refresh_that_redis_misses_is_stored_once_redis_is_back() {
         }
     })
     .await;
-    assert_eq!(bearer_in(&r), second, "{}", gw.tails());
-    assert_eq!(idp.token_requests(), 2, "the login and one refresh");
+    // With the new tokens (or newer ones, renewed with the new refresh token when due by
+    // then): the grant was never refused, as it would be for a spent refresh token.
+    assert_ne!(bearer_in(&r), first, "{}\n{}", gw.tails(), other.tails());
+    assert!(
+        !idp.requests()
+            .iter()
+            .any(|l| l.contains(" POST /token 400 ")),
+        "a refresh token was spent twice:\n{}",
+        idp.tails()
+    );
+}
+
+/// A Redis user that may PING but not touch the gateway's keys: not ready, and the log says
+/// why (not only "reachable").
+#[tokio::test]
+async fn a_redis_user_without_access_to_the_keys_is_named_in_the_log() {
+    let redis = RedisServer::start().await;
+    redis.cmd(&[
+        "ACL", "SETUSER", "limited", "on", ">limpw", "~other:*", "+@all",
+    ]);
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let url = redis.url().replace("redis://", "redis://limited:limpw@");
+    let yaml = format!("session: {{ store: redis, redis: {{ url: \"{url}\", timeout: 1s }} }}\n");
+    let gw = Gateway::start_unready(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    // A login needs the store: refused, and the reason logged.
+    let b = Browser::new();
+    let first = b.get(&gw.url("/")).await;
+    assert_ne!(first.status, 200, "{}", first.dump());
+    eventually("the failed command is logged", || async {
+        let log = gw.stderr();
+        if log.contains("redis command failed") && log.contains("NoPerm") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    })
+    .await;
+    let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
+    assert_eq!(r.status, 503, "{}", r.dump());
 }
 
 /// Cookie store with a coordination Redis: signing out on one replica ends the session on

@@ -88,6 +88,8 @@ pub struct Revocations {
     /// What is revoked → time of the logout (milliseconds since the epoch).
     map: ArcSwap<Revoked>,
     synced_to: AtomicU64,
+    /// The record was read from Redis at least once.
+    loaded: std::sync::atomic::AtomicBool,
     /// The current config's `session.lifetime`, in seconds: how long the mirror keeps a
     /// logout (set by every config generation, so that a reload changes it).
     lifetime_secs: AtomicU64,
@@ -181,6 +183,11 @@ impl Revocations {
         Ok(())
     }
 
+    /// Has the record been read from Redis yet (since start-up)?
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Relaxed)
+    }
+
     pub fn set_lifetime(&self, lifetime: Duration) {
         self.lifetime_secs
             .store(lifetime.as_secs(), Ordering::Relaxed);
@@ -206,6 +213,7 @@ impl Revocations {
                 // Re-read the last second: logouts recorded in the same second are not missed.
                 self.synced_to
                     .store(now.saturating_sub(1), Ordering::Relaxed);
+                self.loaded.store(true, Ordering::Relaxed);
             }
             drop(redis);
             tokio::time::sleep(SYNC_EVERY).await;
