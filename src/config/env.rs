@@ -74,12 +74,18 @@ pub fn var_name(path: &[String]) -> String {
 /// as dotted paths. A variable for any spelling must win over the file whichever spelling
 /// the file uses: the file's other spellings of that setting are dropped first (else the
 /// file's would override the variable's, or, for a serde alias, be a duplicate key).
-pub const SPELLINGS: &[&[&str]] = &[&[
-    "timeouts.shutdown",
-    "timeouts.shutdown_timeout",
-    "lifecycle.shutdown_timeout",
-    "shutdown_timeout",
-]];
+pub const SPELLINGS: &[&[&str]] = &[
+    &[
+        "timeouts.shutdown",
+        "timeouts.shutdown_timeout",
+        "lifecycle.shutdown_timeout",
+        "shutdown_timeout",
+    ],
+    // A secret inline or from a file: a variable for either form replaces the file's.
+    &["cookie.secrets", "cookie.secrets_file"],
+    &["provider.client_secret", "provider.client_secret_file"],
+    &["session.redis.password", "session.redis.password_file"],
+];
 
 pub fn overlay(
     root: &mut Value,
