@@ -69,6 +69,8 @@ pub struct ResponseFacts {
     pub user: Option<Arc<str>>,
     /// When the response was ready, if its handler already read the clock.
     pub end: Option<Instant>,
+    /// Why the upstream exchange failed (kind, error): logged with the request's id.
+    pub upstream_failure: Option<Arc<(&'static str, String)>>,
 }
 
 thread_local! {
@@ -123,6 +125,7 @@ impl ResponseFacts {
             upstream_time: self.upstream_time.or(other.upstream_time),
             user: self.user.or(other.user),
             end: self.end.or(other.end),
+            upstream_failure: self.upstream_failure.or(other.upstream_failure),
         }
     }
 }
@@ -472,10 +475,24 @@ fn finish(
     let upstream = facts.and_then(|f| f.upstream_time);
     let gateway = total.saturating_sub(upstream.unwrap_or_default());
     metrics.record(route, method, status, gateway);
+    let request_id = || {
+        request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+    };
+    if let Some((kind, error)) = facts.and_then(|f| f.upstream_failure.as_deref()) {
+        tracing::warn!(
+            request_id = request_id(),
+            kind = *kind,
+            error = error.as_str(),
+            "upstream request failed"
+        );
+    }
     if tracing::enabled!(target: "access", tracing::Level::INFO) {
         tracing::info!(
             target: "access",
-            request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            request_id = request_id(),
             method = %method,
             route = route.label(),
             status,

@@ -441,7 +441,8 @@ async fn upstream_errors_are_counted_by_what_went_wrong() {
         ("/refused/x", "connect"),
     ] {
         let before = gw.metrics().await;
-        let r = send("GET", &gw.url(path), &[], Vec::new()).await;
+        let id = format!("failing-{kind}-{}", path.len());
+        let r = send("GET", &gw.url(path), &[("x-request-id", &id)], Vec::new()).await;
         assert_eq!(r.status, 502, "{path}: {}", r.dump());
         let after = gw.metrics().await;
         for k in ["connect", "timeout", "reset", "other"] {
@@ -450,6 +451,14 @@ async fn upstream_errors_are_counted_by_what_went_wrong() {
             let expected = if k == kind { 1.0 } else { 0.0 };
             assert_eq!(counted, expected, "{path}: {series}\n{}", gw.tails());
         }
+        // The warning names the request, as its access-log line does.
+        let log = gw.stderr();
+        assert!(
+            log.lines().any(|l| l.contains("upstream request failed")
+                && l.contains(&id)
+                && l.contains(&format!("kind=\"{kind}\""))),
+            "{path}: {log}"
+        );
     }
 }
 

@@ -158,7 +158,8 @@ impl Service<Request<Body>> for Forward {
                     };
                     if let Some(kind) = kind {
                         app.metrics.upstream_errors.with_label_values(&[kind]).inc();
-                        tracing::warn!(error = %e, kind, "upstream request failed");
+                        // Logged where the request's id is known (see `metrics::finish`).
+                        facts.upstream_failure = Some(Arc::new((kind, e.to_string())));
                     } else {
                         tracing::debug!(error = %e, "request not forwarded");
                     }
