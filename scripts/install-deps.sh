@@ -17,7 +17,7 @@
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "${HOME:-/root}/.cargo/bin/cargo" ]; then
-  echo "install-deps: ERROR: cargo not found. Install a Rust toolchain (>= 1.85) first;" >&2
+  echo "install-deps: ERROR: cargo not found. Install a Rust toolchain (>= 1.88) first;" >&2
   echo "install-deps:        it cannot be downloaded by this script (rustup is not reachable here)." >&2
   exit 1
 fi

@@ -83,12 +83,14 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
     let draining = {
         let live = live.clone();
         let flag = shared.draining.clone();
+        // Listened to from start-up: a signal is not lost while the first one is handled.
+        let mut signals = ShutdownSignals::new();
         async move {
-            shutdown_signal().await;
+            signals.next().await;
             tracing::info!("shutdown signal received");
             // A second one (Ctrl-C again) does not wait for the drain.
-            tokio::spawn(async {
-                shutdown_signal().await;
+            tokio::spawn(async move {
+                signals.next().await;
                 tracing::warn!("second shutdown signal: exiting without draining");
                 std::process::exit(130);
             });
@@ -102,25 +104,44 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT, registered once: each delivery is kept until `next` takes it.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl ShutdownSignals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(term), Ok(int)) => Some((term, int)),
+                _ => None,
+            };
+            Self { streams }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        match &mut self.streams {
+            Some((term, int)) => {
                 tokio::select! {
                     _ = term.recv() => {},
                     _ = int.recv() => {},
                 }
             }
-            _ => std::future::pending::<()>().await,
+            None => std::future::pending::<()>().await,
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -1118,6 +1118,20 @@ async fn a_second_signal_exits_at_once() {
         "{}",
         gw.tails()
     );
+
+    // Back to back (Ctrl-C in `make demo`: the terminal's SIGINT, then the launcher's
+    // SIGTERM): the second is not lost while the first is handled.
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = "lifecycle: { shutdown_delay: 60s }".into();
+    let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let both = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -INT {0}; kill -TERM {0}", gw.pid()))
+        .status()
+        .unwrap();
+    assert!(both.success());
+    let status = gw.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(130), "{}", gw.tails());
 }
 
 /// SIGTERM with an HTTP/2 request in flight: HTTP/2 connections drain through the listener's
