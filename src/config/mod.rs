@@ -315,6 +315,15 @@ cookie:
     }
 
     #[test]
+    fn identity_headers_need_names_of_their_own() {
+        let with =
+            |headers: &str| keys_of(load_str(&format!("{MINIMAL}headers: {headers}\n"), none()));
+        assert_eq!(with("{ user: X-Request-Id }"), ["headers.request_id"]);
+        assert_eq!(with("{ email: x-forwarded-user }"), ["headers.email"]);
+        assert!(with("{ user: X-Auth-User, email: X-Auth-Email }").is_empty());
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let k = keys_of(load_str(&format!("{MINIMAL}bogus: 1\n"), none()));
         assert_eq!(k, ["bogus"]);

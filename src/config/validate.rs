@@ -733,6 +733,23 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         pass_access_token: h.pass_access_token,
         unverified_email: !raw.authorization.require_email_verified,
     };
+    // One name, one meaning: a shared name would carry whichever value the gateway set last
+    // (the user as the request id, the email as the user).
+    let named = [
+        ("headers.user", &headers.user),
+        ("headers.email", &headers.email),
+        ("headers.groups", &headers.groups),
+        ("headers.preferred_username", &headers.preferred_username),
+        ("headers.request_id", &headers.request_id),
+    ];
+    for (i, (key, name)) in named.iter().enumerate() {
+        if let Some((first, _)) = named[..i].iter().find(|(_, other)| other == name) {
+            c.err(
+                key,
+                format!("`{name}` is already {first}'s name; each header needs its own"),
+            );
+        }
+    }
 
     let mut trusted_proxies = Vec::new();
     for (i, p) in raw.trusted_proxies.iter().enumerate() {
