@@ -522,7 +522,8 @@ def check_gateway_config(label, objs, pod):
 
 
 def check_portcullis(label, objs, pod, text, cfg, binary, tmp):
-    what = f"gateway  {label}: {ref(pod.owner)}: portcullis check accepts the mounted config"
+    what = (f"gateway  {label}: {ref(pod.owner)}: portcullis check accepts the mounted config"
+            " (and refuses the Secret's placeholder key)")
     binary = os.path.abspath(binary) if os.sep in binary else (shutil.which(binary) or binary)
     if not os.access(binary, os.X_OK):
         report(what, [f"{binary} not found or not executable: build it (make build) or set PORTCULLIS_BIN"])
@@ -534,6 +535,10 @@ def check_portcullis(label, objs, pod, text, cfg, binary, tmp):
         if "value" in e and e["name"] != "PORTCULLIS_CONFIG":
             env[e["name"]] = e["value"]
     p = []
+    # The shipped Secret holds the published example key as a placeholder: the gateway must
+    # refuse it (it listens beyond loopback), and take the config once it is replaced.
+    placeholder = "UkVQTEFDRXhXSVRIeFBPUlRDVUxMSVN4U0VDUkVUeHg="
+    as_shipped = {}
     for i, (keypath, path) in enumerate(file_keys(cfg)):
         try:
             content, _, _ = resolve_file(objs, pod, pod.gw, path)
@@ -541,18 +546,34 @@ def check_portcullis(label, objs, pod, text, cfg, binary, tmp):
             p.append(f"{'.'.join(keypath)}: {e}")
             continue
         local = os.path.join(d, f"file{i}")
+        if placeholder in content:
+            as_shipped[local] = content
+            fresh = subprocess.run([binary, "secret"], stdout=subprocess.PIPE, text=True,
+                                   timeout=60).stdout.strip()
+            content = content.replace(placeholder, fresh)
         with open(local, "w") as f:
             f.write(content)
         env["PORTCULLIS_" + "_".join(keypath).upper()] = local
     cfgfile = os.path.join(d, "portcullis.yaml")
     with open(cfgfile, "w") as f:
         f.write(text)
+    def run_check():
+        return subprocess.run([binary, "check", "--config", cfgfile], env=env, cwd=d,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=60)
     if not p:
         try:
-            r = subprocess.run([binary, "check", "--config", cfgfile], env=env, cwd=d,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+            r = run_check()
             if r.returncode != 0:
                 p.append(f"exit {r.returncode}: " + r.stdout.strip())
+            for local, content in as_shipped.items():
+                with open(local, "w") as f:
+                    f.write(content)
+            if as_shipped:
+                r = run_check()
+                if r.returncode != 2 or "published" not in r.stdout:
+                    p.append("the Secret's placeholder key is not refused: "
+                             f"exit {r.returncode}: " + r.stdout.strip())
         except (OSError, subprocess.TimeoutExpired) as e:
             p.append(f"{binary}: {e}")
     report(what, p)

@@ -607,6 +607,23 @@ fn published_example_keys_are_warned_about() {
     let r = check_text(&minimal(), &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    // Beyond loopback (a real deployment, e.g. an example Secret applied over the real one)
+    // a published key is refused, naming where it came from.
+    let exposed =
+        |text: &str| text.replace("listen: \"127.0.0.1:4180\"", "listen: \"0.0.0.0:4180\"");
+    for (text, key) in [
+        (minimal().replace(&key(1), k), "cookie.secrets"),
+        (from_file.clone(), "cookie.secrets_file"),
+    ] {
+        let l = assert_invalid(&check_text(&exposed(&text), &[]), 1);
+        assert!(
+            l[0].starts_with(&format!("config error: {key}: ")) && l[0].contains("published"),
+            "{}",
+            l[0]
+        );
+    }
+    let r = check_text(&exposed(&minimal()), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
 /// The drain time's spellings: `timeouts.shutdown` (alias `timeouts.shutdown_timeout`),

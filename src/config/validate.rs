@@ -579,6 +579,21 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             }
         }
     }
+    // A published example key seals sessions anyone can forge: tolerated (with a warning) on
+    // a loopback listener, for demos and trials; refused anywhere else, at start-up and on
+    // reload (an example Secret applied over the real one must not take effect).
+    if !listen.ip().is_loopback() && keys.iter().any(super::secret::is_published) {
+        c.err(
+            if ck.secrets_file.is_empty() {
+                "cookie.secrets"
+            } else {
+                "cookie.secrets_file"
+            },
+            "a key is one this project published as an example: anyone could forge sessions \
+             with it, so it is refused on a listener that is not loopback; generate one with \
+             `portcullis secret`",
+        );
+    }
     if keys.is_empty() && !c.0.iter().any(|e| e.key.starts_with("cookie.secrets")) {
         c.err(
             "cookie.secrets",
