@@ -460,6 +460,11 @@ const CLIENT_CLOSED: u16 = 499;
 const SHUT_DOWN: u16 = 503;
 
 /// Counts and logs one request, answered or abandoned.
+/// Milliseconds to the microsecond, so that a log line reads `0.02`, not `0.019860999999999997`.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
 fn finish(
     metrics: &Metrics,
     method: &Method,
@@ -496,8 +501,8 @@ fn finish(
             method = %method,
             route = route.label(),
             status,
-            gateway_ms = gateway.as_secs_f64() * 1000.0,
-            upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
+            gateway_ms = millis(gateway),
+            upstream_ms = upstream.map(millis),
             user = facts.and_then(|f| f.user.as_deref()).unwrap_or("-"),
         );
     }
@@ -562,6 +567,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_durations_are_milliseconds_to_the_microsecond() {
+        assert_eq!(millis(Duration::from_nanos(19_861)).to_string(), "0.02");
+        assert_eq!(
+            millis(Duration::from_micros(1_234_567)).to_string(),
+            "1234.567"
+        );
+        assert_eq!(millis(Duration::ZERO).to_string(), "0");
+    }
 
     /// A handler's guard (the user) inside the router's (the route): the 499 has both,
     /// whichever is dropped first.
