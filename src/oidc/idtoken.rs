@@ -58,12 +58,17 @@ impl OneOrMany {
 /// An RFC 7519 NumericDate: seconds, a JSON number that may be fractional (read to the
 /// second below it). Negative, non-finite or non-numeric values are refused.
 pub(crate) fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let n = serde_json::Number::deserialize(d)?;
-    match (n.as_u64(), n.as_f64()) {
-        (Some(secs), _) => Ok(secs),
-        (None, Some(f)) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => Ok(f as u64),
-        _ => Err(serde::de::Error::custom("not a NumericDate")),
-    }
+    whole_seconds(&serde_json::Number::deserialize(d)?)
+        .ok_or_else(|| serde::de::Error::custom("not a NumericDate"))
+}
+
+/// A JSON number of seconds, fractions dropped (saturating); `None` if negative or not finite.
+pub(crate) fn whole_seconds(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    })
 }
 
 pub(crate) fn optional_numeric_date<'de, D: serde::Deserializer<'de>>(

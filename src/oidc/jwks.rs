@@ -132,7 +132,7 @@ impl KeySet {
     /// The keys that may have signed a token: those of its `kid` (several keys of different
     /// types, or a rotation, may share one) that fit its algorithm; without a `kid`, the only
     /// key fitting the algorithm.
-    pub fn candidates<'a>(
+    fn candidates<'a>(
         &'a self,
         kid: Option<&'a str>,
         alg: Algorithm,

@@ -82,11 +82,7 @@ fn token_type_name<S: serde::Serializer>(t: &BasicTokenType, s: S) -> Result<S::
 fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let v = serde_json::Value::deserialize(d)?;
     let secs = match &v {
-        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.is_finite() && *f >= 0.0)
-                .map(|f| f as u64)
-        }),
+        serde_json::Value::Number(n) => idtoken::whole_seconds(n),
         serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
         _ => None,
     };

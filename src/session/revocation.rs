@@ -87,9 +87,8 @@ fn parse_id(hex: &str) -> Option<[u8; 16]> {
 pub struct Revocations {
     /// What is revoked → time of the logout (milliseconds since the epoch).
     map: ArcSwap<Revoked>,
+    /// Up to when (seconds) the record was read from Redis; 0: not read yet.
     synced_to: AtomicU64,
-    /// The record was read from Redis at least once.
-    loaded: std::sync::atomic::AtomicBool,
     /// The current config's `session.lifetime`, in seconds: how long the mirror keeps a
     /// logout (set by every config generation, so that a reload changes it).
     lifetime_secs: AtomicU64,
@@ -185,7 +184,7 @@ impl Revocations {
 
     /// Has the record been read from Redis yet (since start-up)?
     pub fn is_loaded(&self) -> bool {
-        self.loaded.load(Ordering::Relaxed)
+        self.synced_to.load(Ordering::Relaxed) != 0
     }
 
     pub fn set_lifetime(&self, lifetime: Duration) {
@@ -213,7 +212,6 @@ impl Revocations {
                 // Re-read the last second: logouts recorded in the same second are not missed.
                 self.synced_to
                     .store(now.saturating_sub(1), Ordering::Relaxed);
-                self.loaded.store(true, Ordering::Relaxed);
             }
             drop(redis);
             tokio::time::sleep(SYNC_EVERY).await;
