@@ -63,10 +63,7 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
                 "<p><a href=\"/oauth2/start?rd=%2F\">Sign in again</a></p>",
             );
             // Again here: a browser may not act on it in a redirect.
-            resp.headers_mut().insert(
-                sign_out::CLEAR_SITE_DATA,
-                HeaderValue::from_static("\"cache\""),
-            );
+            sign_out::forget_cached_pages(&mut resp);
             resp
         }
         ("/oauth2/userinfo", &Method::GET) => userinfo::handle(&app, &req).await,

@@ -141,15 +141,18 @@ async fn end_session(
     for v in app.cookies.clear_session(jar) {
         resp.headers_mut().append(SET_COOKIE, v);
     }
-    // The app's pages the browser cached while signed in would come back with the back
-    // button (legacy apps rarely say `no-store`).
-    resp.headers_mut()
-        .insert(CLEAR_SITE_DATA, HeaderValue::from_static("\"cache\""));
+    forget_cached_pages(&mut resp);
     resp
 }
 
-pub const CLEAR_SITE_DATA: http::header::HeaderName =
-    http::header::HeaderName::from_static("clear-site-data");
+/// Asks the browser to drop what it cached of the site: the app's pages cached while signed
+/// in would come back with the back button (legacy apps rarely say `no-store`).
+pub fn forget_cached_pages(resp: &mut Response<Body>) {
+    resp.headers_mut().insert(
+        crate::proxy::headers::CLEAR_SITE_DATA,
+        HeaderValue::from_static("\"cache\""),
+    );
+}
 
 fn end_session_url(app: &App, endpoint: &str, s: Option<&Session>) -> Option<String> {
     let mut u = url::Url::parse(endpoint).ok()?;

@@ -102,7 +102,7 @@ fn keep_session_cookies(h: &mut HeaderMap) {
     );
 }
 
-const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
+pub const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
 
 /// Drops the `Set-Cookie` lines that name one of the gateway's cookies (the name as a browser
 /// reads it: up to the first `=` of the first `;`-part, trimmed). A nameless cookie
