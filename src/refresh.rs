@@ -390,19 +390,13 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
             if let Some(rt) = t.refresh_token {
                 next.refresh_token = Some(rt);
             }
-            if app.cfg.session.store == crate::config::StoreKind::Cookie
-                && !app.cookies.fits(&next, now)
-            {
-                // The ID token only serves as a logout hint, and repeats the claims.
-                next.id_token = None;
-                if !app.cookies.fits(&next, now) {
-                    tracing::warn!(
-                        sub = ?next.identity.sub,
-                        "refreshed session too large for limits.max_cookie_chunks; session ended \
-                         (session.store: redis keeps large sessions)"
-                    );
-                    return Err(RefreshFailure::TooLarge);
-                }
+            if !app.fit_in_cookie(&mut next, now) {
+                tracing::warn!(
+                    sub = ?next.identity.sub,
+                    "refreshed session too large for limits.max_cookie_chunks; session ended \
+                     (session.store: redis keeps large sessions)"
+                );
+                return Err(RefreshFailure::TooLarge);
             }
             tracing::info!(sub = %next.identity.sub, "access token refreshed");
             Ok(Arc::new(next))

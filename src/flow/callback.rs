@@ -211,11 +211,8 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         identity: id.identity,
         last_seen: now,
     };
-    if app.cfg.session.store == crate::config::StoreKind::Cookie && !app.cookies.fits(&session, now)
-    {
-        // As on refresh: the ID token only serves as a logout hint, and repeats the claims.
-        session.id_token = None;
-    }
+    // Not fitting even so: `save_session` says TooLarge below.
+    app.fit_in_cookie(&mut session, now);
     let lines = match app.save_session(&session, &jar, true).await {
         Ok(lines) => lines,
         Err(SaveError::TooLarge) => {

@@ -131,6 +131,16 @@ impl App {
 
     /// After a refresh: the new cookie (cookie store), or nothing (the Redis store was
     /// updated by the refresh itself and the cookie only names the session).
+    /// Makes a cookie-store session fit its cookies if it can, by dropping its ID token (only
+    /// a logout hint, and a repeat of the claims). False: it does not fit even so.
+    pub fn fit_in_cookie(&self, s: &mut Session, now: u64) -> bool {
+        if self.cfg.session.store != StoreKind::Cookie || self.cookies.fits(s, now) {
+            return true;
+        }
+        s.id_token = None;
+        self.cookies.fits(s, now)
+    }
+
     pub fn refreshed_cookie(&self, s: &Session, jar: &CookieJar<'_>) -> Vec<HeaderValue> {
         match (self.cfg.session.store, &self.redis) {
             (StoreKind::Redis, Some(_)) => Vec::new(),
