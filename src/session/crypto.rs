@@ -298,4 +298,28 @@ mod tests {
         s[last] = if s[last] == b'A' { b'B' } else { b'A' };
         assert!(r.open(b"a", &s).is_err());
     }
+
+    /// Every value too short to hold a header and a tag, even one that starts like a real
+    /// seal (version byte, a configured key's id), is refused as malformed by both readers.
+    #[test]
+    fn short_values_are_malformed() {
+        let r = ring(1);
+        let real = URL_SAFE_NO_PAD
+            .decode(r.seal(b"a", b"").as_bytes())
+            .unwrap_or_default();
+        assert_eq!(real.len(), HEADER_LEN + TAG_LEN);
+        for len in 0..real.len() {
+            let short = base64_simd::URL_SAFE_NO_PAD.encode_to_string(&real[..len]);
+            assert_eq!(r.open(b"a", short.as_bytes()), Err(OpenError::Format));
+            assert_eq!(
+                r.open_with(b"a", short.as_bytes(), |p| p.len()),
+                Err(OpenError::Format),
+                "{len} bytes"
+            );
+        }
+        // The shortest real seal: an empty plaintext.
+        let empty = r.seal(b"a", b"");
+        assert_eq!(r.open(b"a", empty.as_bytes()), Ok(Vec::new()));
+        assert_eq!(r.open_with(b"a", empty.as_bytes(), |p| p.len()), Ok(0));
+    }
 }
