@@ -98,9 +98,27 @@ mod tests {
             "/search?q=C:%5Cdir&note=a%0Ab&t=a%09b",
             "/a?x=%2F%2Fevil.com",
             "/a#%5Cb",
+            // Encoded spaces and UTF-8 in a path are ordinary names, not tricks.
+            "/my%20docs/r%C3%A9sum%C3%A9",
         ] {
             assert_eq!(safe_relative(ok), Some(ok), "{ok}");
         }
+    }
+
+    /// Targets are bounded (they are sealed into the flow cookie, whose browser limit is 4 KB):
+    /// 2,048 bytes pass, one more does not.
+    #[test]
+    fn targets_are_at_most_2048_bytes() {
+        let longest = format!("/{}", "a".repeat(2047));
+        let over = format!("{longest}a");
+        assert_eq!(safe_relative(&longest), Some(longest.as_str()));
+        assert_eq!(safe_relative(&over), None);
+        assert_eq!(safe_relative(&format!("/{}", "a".repeat(5000))), None);
+        let own = "https://gw.local";
+        let origin_longest = format!("{own}{longest}");
+        let origin_longest = &origin_longest[..2048];
+        assert!(safe_absolute(origin_longest, own, &[]).is_some());
+        assert_eq!(safe_absolute(&format!("{origin_longest}a"), own, &[]), None);
     }
 
     #[test]
