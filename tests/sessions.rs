@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::redis::RedisServer;
+use support::redis::{RedisServer, Reply};
 use support::*;
 
 /// Access-token lifetime at the test provider, in seconds.
@@ -1499,10 +1499,51 @@ async fn sign_out_with_a_coordination_redis_ends_the_session_on_both_gateways() 
     for gw in [&s.a, &s.b] {
         assert_eq!(api(gw, "/before", &s.cookie).await.status, 200);
     }
+    // A sign-out older than any session's lifetime (7 days by default), left by someone.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let stale_at = now - 30 * 86_400;
+    let stale = format!("ms:{}:id:{}", stale_at * 1000, "ab".repeat(16));
+    let key = "portcullis:revoked";
+    redis_command(&s.redis, &["ZADD", key, &stale_at.to_string(), &stale]);
+
     let csrf = sign_out_csrf(&s.browser, &s.a).await;
     let out = post_sign_out(&s.browser, &s.a, &csrf).await;
     assert_eq!(out.status, 302, "{}", out.dump());
     await_refused_on_both(&s, "the copied cookie refused").await;
+
+    // The record holds this sign-out, scored in seconds, and no longer the stale one: every
+    // replica re-reads the record from a horizon, so it must not grow without end.
+    let Reply::Array(Some(items)) =
+        redis_command(&s.redis, &["ZRANGE", key, "0", "-1", "WITHSCORES"])
+    else {
+        panic!("ZRANGE answered no array");
+    };
+    let items: Vec<String> = items.iter().filter_map(Reply::text).collect();
+    assert_eq!(
+        items.len(),
+        2,
+        "one sign-out, the stale one trimmed: {items:?}"
+    );
+    assert!(
+        items[0].starts_with("ms:") && items[0].contains(":id:"),
+        "{items:?}"
+    );
+    let score: u64 = items[1].parse().unwrap_or_default();
+    let after = now + 120;
+    assert!(
+        (now..after).contains(&score),
+        "score {score} is not the sign-out's time in seconds ({now})"
+    );
+}
+
+fn redis_command(redis: &RedisServer, args: &[&str]) -> Reply {
+    match support::redis::command(redis.port, args) {
+        Ok(r @ (Reply::Int(_) | Reply::Array(_))) => r,
+        other => panic!("{args:?}: {other:?}"),
+    }
 }
 
 /// A coordination Redis that is down does not make each replica refresh on its own: with
