@@ -151,6 +151,12 @@ mod tests {
             "https://gw.local:8443/",
             "http://gw.local/back",
             "https://gw.local:80/",
+            // Whitespace, controls and non-ASCII that a URL parser would quietly strip or fix.
+            " https://app.example.com/",
+            "https://app.example.com/\t",
+            "https://app.example.com/a\nb",
+            "https://app.example.com/\u{7f}",
+            "https://app.example.com/caf\u{e9}",
         ] {
             assert_eq!(safe_absolute(bad, own, &allowed), None, "{bad}");
         }
