@@ -1491,6 +1491,43 @@ async fn a_redis_user_without_access_to_the_keys_is_named_in_the_log() {
     assert_eq!(r.status, 503, "{}", r.dump());
 }
 
+/// Cookie store with a coordination Redis: a replica takes no traffic before it has read the
+/// sign-outs the others recorded there (else a copy of a signed-out cookie would pass on it).
+/// Here Redis answers nothing (stopped) at start-up, and its timeout is long: the provider is
+/// ready, the replica is not, for that reason; once Redis answers, it is.
+#[tokio::test]
+async fn a_replica_is_ready_only_once_it_has_read_the_sign_outs() {
+    let redis = RedisServer::start().await;
+    redis.signal("STOP");
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let yaml = format!(
+        "session: {{ store: cookie, coordination: {{ redis_url: \"{}\" }}, redis: {{ timeout: 60s }} }}\n",
+        redis.url()
+    );
+    let gw = Gateway::start_unready(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    eventually("not ready for want of the sign-outs", || async {
+        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
+        if r.status == 503 && r.text().contains("sign-outs not read") {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    redis.signal("CONT");
+    eventually("ready once Redis answers", || async {
+        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+}
+
 /// Cookie store with a coordination Redis: signing out on one replica ends the session on
 /// the other too, even for a copy of the cookie taken before.
 #[tokio::test]
