@@ -1344,6 +1344,103 @@ async fn upstream_connections_stay_few_with_several_worker_threads() {
     );
 }
 
+/// A raw upstream that answers every request with "hello" on a kept-alive connection, except
+/// `/bye`, after which it closes the connection without a word. Counts its open connections
+/// (the others were closed by the gateway, or after `/bye`).
+fn keep_alive_upstream() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = open.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let count = count.clone();
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                while let Some(head) = read_head(&mut s) {
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                        .is_err()
+                        || head.starts_with(b"GET /bye ")
+                    {
+                        break;
+                    }
+                }
+                count.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (port, open)
+}
+
+/// This process's TCP sockets to 127.0.0.1:`port` in CLOSE-WAIT (the peer has closed, this
+/// end not yet), from /proc/net/tcp.
+fn close_wait_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let remote = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(2) == Some(&remote.as_str()) && f.get(3) == Some(&"08")
+        })
+        .count()
+}
+
+/// Idle upstream connections are closed without waiting for traffic to their upstream: one
+/// the upstream closed is let go (not held in CLOSE-WAIT, a descriptor each, until the next
+/// request there), and one unused for `timeouts.idle` is closed by the gateway.
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_without_traffic() {
+    use std::sync::atomic::Ordering;
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, &[]).await;
+    let (up, open) = keep_alive_upstream();
+    let mut opts = GatewayOpts::new(port, &idp, &format!("http://127.0.0.1:{up}"));
+    opts.extra = "timeouts: { idle: 2s }\n".into();
+    let mut gw = Gateway::start(opts).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let get = |path: &str| {
+        let url = gw.url(path);
+        let cookie = cookie.clone();
+        async move { send("GET", &url, &[("cookie", &cookie)], Vec::new()).await }
+    };
+
+    let r = get("/bye").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.text(), "hello");
+    let within = std::time::Duration::from_secs(20);
+    support::ops::eventually(
+        within,
+        "the connection the upstream closed let go",
+        || async {
+            match close_wait_to(up) {
+                0 => Ok(()),
+                n => Err(format!("{n} sockets in CLOSE-WAIT")),
+            }
+        },
+    )
+    .await;
+
+    let r = get("/kept").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(r.text(), "hello");
+    support::ops::eventually(
+        within,
+        "the idle connections closed by the gateway",
+        || async {
+            match open.load(Ordering::SeqCst) {
+                0 => Ok(()),
+                n => Err(format!("{n} upstream connections still open")),
+            }
+        },
+    )
+    .await;
+    gw.assert_healthy().await;
+}
+
 #[tokio::test]
 async fn a_client_reading_slowly_gets_the_whole_response() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

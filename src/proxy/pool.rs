@@ -306,6 +306,19 @@ impl Upstream {
         }
     }
 
+    /// A parked connection, polled once: false if it has ended (the upstream closed it, or
+    /// sent something unasked). The relay takes the poll's wake-ups, as for any parked one.
+    fn still_open(&mut self) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
+        let relay = &mut Context::from_waker(&self.waker);
+        if Pin::new(conn).poll(relay).is_ready() {
+            self.conn = None;
+        }
+        self.conn.is_some()
+    }
+
     /// Alive and waiting for a next request (not, say, still sending an earlier body).
     fn idle(&self) -> bool {
         self.conn.is_some() && self.tx.is_ready()
@@ -511,6 +524,9 @@ impl Pool {
                 conns: Mutex::new(VecDeque::new()),
             });
             homes.push(home.clone());
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(sweep(Arc::downgrade(&home)));
+            }
             Err(home)
         })
     }
@@ -547,6 +563,32 @@ impl Pool {
         let (tx, conn) =
             hyper::client::conn::http1::handshake(super::batch::Batched::new(io)).await?;
         Ok(Upstream::new(tx, conn, home, now, deadline))
+    }
+}
+
+/// How often a thread's idle connections to an origin are looked at when no request comes
+/// to take them (see `sweep`).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Closes idle connections without waiting for traffic: those the upstream closed (else each
+/// would sit in CLOSE-WAIT, holding a descriptor, until a next request to that origin on that
+/// thread), and those unused for `timeouts.idle`. Ends with the home (a reload's new pool
+/// makes new homes), letting its connections go.
+async fn sweep(home: Weak<Home>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(home) = home.upgrade() else {
+            return;
+        };
+        let Ok(mut conns) = home.conns.lock() else {
+            return;
+        };
+        if home.pool_alive.strong_count() == 0 {
+            conns.clear();
+            return;
+        }
+        let now = Instant::now();
+        conns.retain_mut(|c| c.usable(now, home.idle_timeout) && c.still_open());
     }
 }
 
