@@ -57,6 +57,14 @@ fn trust_bundle(extra: &[u8]) -> Vec<u8> {
 }
 
 /// Releases a lock only if it still holds our token.
+/// `index_add`. The keys it checks are derived from the members, not declared: fine on a
+/// single Redis (the gateway does not support Redis Cluster).
+const INDEX_ADD: &str = "for _, m in ipairs(redis.call('smembers', KEYS[1])) do \
+    if redis.call('exists', ARGV[3] .. m) == 0 then redis.call('srem', KEYS[1], m) end \
+end \
+redis.call('sadd', KEYS[1], ARGV[1]) \
+return redis.call('expire', KEYS[1], ARGV[2])";
+
 const UNLOCK: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 impl Redis {
@@ -203,18 +211,29 @@ impl Redis {
         self.run(async move { c.del::<_, ()>(keys).await }).await
     }
 
-    /// Adds `member` to a set and (re)sets the set's expiry.
-    pub async fn sadd_ex(&self, key: &str, member: &str, ttl: Duration) -> Result<(), StoreError> {
+    /// Adds `member` to an index set and (re)sets the set's expiry, first dropping the
+    /// members whose `<live_prefix><member>` key is gone (expired or deleted), so that an
+    /// index holds live entries only instead of growing by one at every login. One EVAL:
+    /// atomic, and one round trip.
+    pub async fn index_add(
+        &self,
+        key: &str,
+        member: &str,
+        ttl: Duration,
+        live_prefix: &str,
+    ) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         self.run(async move {
-            redis::pipe()
-                .atomic()
-                .sadd(key, member)
-                .ignore()
-                .expire(key, ttl.as_secs().max(1) as i64)
-                .ignore()
-                .query_async::<()>(&mut c)
+            redis::cmd("EVAL")
+                .arg(INDEX_ADD)
+                .arg(1)
+                .arg(key)
+                .arg(member)
+                .arg(ttl.as_secs().max(1))
+                .arg(live_prefix)
+                .query_async::<i64>(&mut c)
                 .await
+                .map(|_| ())
         })
         .await
     }

@@ -1327,6 +1327,21 @@ async fn sign_out_with_the_redis_store_deletes_the_session() {
     let after = api(&gw, "/x", &cookie).await;
     assert_eq!(after.status, 401, "old cookie: {}", after.dump());
     assert_session_cleared(&after, "old cookie");
+
+    // The user's index (for back-channel logout by subject) holds the sessions still there:
+    // logging in again drops the one signed out of instead of piling up ids.
+    let again = login_cookie(&gw, "alice").await;
+    assert_eq!(api(&gw, "/x", &again).await.status, 200);
+    let Reply::Array(Some(ids)) = redis.cmd(&["SMEMBERS", "portcullis:sub:alice"]) else {
+        panic!("no index of alice's sessions");
+    };
+    let live: Vec<String> = redis
+        .keys("portcullis:session:*")
+        .iter()
+        .map(|k| k.trim_start_matches("portcullis:session:").to_string())
+        .collect();
+    let ids: Vec<String> = ids.iter().filter_map(Reply::text).collect();
+    assert_eq!(ids, live, "index {ids:?}, sessions {live:?}");
 }
 
 /// Redis store: a whole session sealed into the cookie (by a cookie-store deployment with the

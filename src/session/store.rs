@@ -111,14 +111,17 @@ impl App {
                     return Ok(Vec::new());
                 }
                 redis.set_ex(&key, sealed.as_bytes(), ttl).await?;
-                // Indexes for back-channel logout (by provider session and by subject).
+                // Indexes for back-channel logout (by provider session and by subject), of
+                // the sessions still there.
+                let live = redis.key(&["session", ""]);
+                let id = s.id_hex();
                 if let Some(sid) = &s.identity.sid {
                     redis
-                        .sadd_ex(&redis.key(&["sid", sid]), &s.id_hex(), ttl)
+                        .index_add(&redis.key(&["sid", sid]), &id, ttl, &live)
                         .await?;
                 }
                 redis
-                    .sadd_ex(&redis.key(&["sub", &s.identity.sub]), &s.id_hex(), ttl)
+                    .index_add(&redis.key(&["sub", &s.identity.sub]), &id, ttl, &live)
                     .await?;
                 Ok(self.cookies.set_ref(&s.id, s.expires_at, jar, now))
             }
