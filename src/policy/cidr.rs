@@ -76,4 +76,32 @@ mod tests {
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("nope").is_err());
     }
+
+    /// A range holds its own addresses only, in both families: a mask gone wrong would make
+    /// every client a trusted proxy, believed in what it says of the original request.
+    #[test]
+    fn ranges_exclude_other_addresses() {
+        let outside = [
+            ("fd00::/8", "2001:db8::1"),
+            ("fd00::/8", "fe00::1"),
+            ("::1", "::2"),
+            ("2001:db8::/32", "2001:db9::"),
+            ("10.0.0.0/8", "9.255.255.255"),
+            ("127.0.0.1", "127.0.0.2"),
+            ("127.0.0.1", "::ffff:127.0.0.2"),
+            ("10.0.0.0/8", "::ffff:11.0.0.1"),
+            ("::/0", "1.2.3.4"),
+        ];
+        for (range, ip) in outside {
+            let c = Cidr::parse(range).unwrap();
+            assert!(!c.contains(ip.parse().unwrap()), "{range} holds {ip}");
+        }
+        let edges = [
+            ("2001:db8::/32", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"),
+            ("::/0", "2001:db8::1"),
+        ];
+        for (range, ip) in edges {
+            assert!(Cidr::parse(range).unwrap().contains(ip.parse().unwrap()));
+        }
+    }
 }
