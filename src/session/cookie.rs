@@ -585,6 +585,29 @@ mod tests {
         assert_eq!(open(&padded), Err(CookieReject::Oversize));
     }
 
+    /// `limits.max_cookie_chunks` is a limit the session may reach: one that takes exactly
+    /// that many chunks is written, fits, and opens.
+    #[test]
+    fn a_session_of_exactly_the_chunk_limit_round_trips() {
+        let c = cookies(2);
+        let s = session(5000);
+        assert!(c.fits(&s, 10));
+        let lines = c.set_session(&s, &CookieJar::default(), 10).unwrap();
+        assert_eq!(lines.len(), 2);
+        let h = request_headers(&lines);
+        assert_eq!(c.open_session(&CookieJar::parse(&h), 10), Ok(Some(s)));
+    }
+
+    /// A value longer than the chunks could hold is refused before it is decoded.
+    #[test]
+    fn values_over_the_chunk_limit_are_refused_unopened() {
+        let c = cookies(2);
+        let over = "A".repeat(2 * CHUNK_SIZE + 4);
+        assert_eq!(c.unseal(over.as_bytes(), 10), Err(CookieReject::Oversize));
+        let most = "A".repeat(2 * CHUNK_SIZE);
+        assert_ne!(c.unseal(most.as_bytes(), 10), Err(CookieReject::Oversize));
+    }
+
     #[test]
     fn too_many_chunks_rejected() {
         let c = cookies(2);
