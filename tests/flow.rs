@@ -390,6 +390,63 @@ async fn replayed_callback_is_rejected() {
     );
 }
 
+/// A sign-in attempt lasts `cookie.flow_lifetime`, whatever a client does with the flow
+/// cookie's Max-Age: a callback after that is refused before the code is spent. A state or a
+/// code longer than any provider's is refused as malformed, before anything is looked up.
+#[tokio::test]
+async fn a_callback_after_the_flow_lifetime_is_refused() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let gw = Gateway::start(GatewayOpts {
+        cookie_extra: vec!["flow_lifetime: 1s".to_string()],
+        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
+    })
+    .await;
+    let b = Browser::new();
+    let (auth, _) = auth_redirect(&b.get(&gw.url("/")).await);
+    let callback = idp_walk(&b, &auth, "alice").await;
+    let flow_cookie = b.cookie_header(&callback);
+    assert!(
+        flow_cookie.starts_with("_portcullis_flow_"),
+        "{flow_cookie}"
+    );
+    let call = |url: String| {
+        let cookie = flow_cookie.clone();
+        async move {
+            let headers = [("accept", BROWSER_ACCEPT), ("cookie", cookie.as_str())];
+            send("GET", &url, &headers, Vec::new()).await
+        }
+    };
+
+    let state = query_param(&callback, "state").unwrap_or_default();
+    let code = query_param(&callback, "code").unwrap_or_default();
+    for (what, url, says) in [
+        (
+            "a state over 512 bytes",
+            callback.replace(&state, &"a".repeat(513)),
+            "no state",
+        ),
+        (
+            "a code over 4096 bytes",
+            callback.replace(&code, &"c".repeat(4097)),
+            "no code",
+        ),
+    ] {
+        let r = call(url).await;
+        assert_eq!(r.status, 400, "{what}: {}", r.dump());
+        assert!(r.text().contains(says), "{what}: {}", r.dump());
+    }
+
+    // Past the lifetime: seconds are whole, so more than one has gone by after two.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let late = call(callback.clone()).await;
+    assert_eq!(late.status, 400, "{}", late.dump());
+    assert!(late.text().contains("has expired"), "{}", late.dump());
+    assert_no_session_set(&late);
+    assert_eq!(idp.token_requests(), 0, "the code was spent");
+}
+
 /// RFC 9207: the provider names itself in the authorization response (`iss`); a response
 /// naming another issuer, or none although the provider always sends it, is refused before
 /// the code is spent (a mix-up attack would hand the code to the wrong token endpoint).
