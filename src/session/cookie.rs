@@ -481,6 +481,10 @@ mod tests {
     use crate::session::Identity;
 
     fn cookies(max_chunks: usize) -> SessionCookies {
+        store_cookies(max_chunks, false)
+    }
+
+    fn store_cookies(max_chunks: usize, holds_ref: bool) -> SessionCookies {
         let cfg = CookieConfig {
             name: "_p".into(),
             keys: vec![CookieKey([3; 32])],
@@ -495,7 +499,7 @@ mod tests {
             Duration::from_secs(3600),
             max_chunks,
             "/oauth2/callback",
-            false,
+            holds_ref,
         )
     }
 
@@ -596,6 +600,30 @@ mod tests {
         assert_eq!(lines.len(), 2);
         let h = request_headers(&lines);
         assert_eq!(c.open_session(&CookieJar::parse(&h), 10), Ok(Some(s)));
+    }
+
+    /// Each store opens its own kind of cookie only: a reference is no session to the cookie
+    /// store, a whole session none to the Redis store (which could never end it).
+    #[test]
+    fn each_store_refuses_the_others_cookie() {
+        let (in_cookie, in_redis) = (cookies(8), store_cookies(8, true));
+        let open = |c: &SessionCookies, lines: &[HeaderValue]| {
+            c.open(&CookieJar::parse(&request_headers(lines)), 10)
+        };
+        let reference = in_redis.set_ref(&[7; 16], 1000, &CookieJar::default(), 10);
+        assert!(matches!(
+            open(&in_redis, &reference),
+            Ok(Some(CookieValue::Ref(_)))
+        ));
+        assert_eq!(open(&in_cookie, &reference), Err(NOT_THIS_STORE));
+        let whole = in_cookie
+            .set_session(&session(10), &CookieJar::default(), 10)
+            .unwrap();
+        assert!(matches!(
+            open(&in_cookie, &whole),
+            Ok(Some(CookieValue::Full(_)))
+        ));
+        assert_eq!(open(&in_redis, &whole), Err(NOT_THIS_STORE));
     }
 
     /// A value longer than the chunks could hold is refused before it is decoded.
