@@ -224,6 +224,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn session_ids_parse_from_their_hex() {
+        assert_eq!(parse_id(&"ab".repeat(16)), Some([0xab; 16]));
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = (i as u8) * 17;
+        }
+        assert_eq!(parse_id(&crate::session::crypto::hex(&id)), Some(id));
+        for bad in [
+            "ab".repeat(15),
+            "ab".repeat(17),
+            "zz".repeat(16),
+            String::new(),
+        ] {
+            assert_eq!(parse_id(&bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn revoked_by_sid_sub_or_id_since_the_logout() {
         let r = Revocations::default();
         let mut s = crate::session::tests::sample();
