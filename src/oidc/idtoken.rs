@@ -649,6 +649,14 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
             });
             assert_eq!(check(&t).unwrap().identity.sub, sub);
         }
+        // iat ahead by up to the clock skew (60 s) is fine; one second more is not.
+        for (iat, ok) in [(NOW + 60, true), (NOW + 61, false)] {
+            let t = with(|m| {
+                far(m);
+                m.insert("iat".into(), json!(iat));
+            });
+            assert_eq!(check(&t).is_ok(), ok, "iat now + {}", iat - NOW);
+        }
         // nbf in the past, or ahead within the clock skew, is fine.
         for nbf in [json!(NOW - 10), json!(NOW + 60), json!(NOW as f64 + 59.9)] {
             let t = with(|m| {
