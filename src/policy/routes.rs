@@ -446,6 +446,21 @@ mod tests {
         );
     }
 
+    /// Listed addresses pass, in any case; others do not, nor a listed one the provider has
+    /// not verified (and the page says which of the two it is).
+    #[test]
+    fn email_lists_are_exact() {
+        let a = authz(&[], &[]);
+        let listed = Rules::from_raw(&["bob@corp.com".to_string()], &[], &[]);
+        let check = |email, verified| a.check(&id(email, verified, &[]), Some(&listed));
+        assert!(check("bob@corp.com", true).is_ok());
+        assert!(check("Bob@Corp.com", true).is_ok());
+        let not_listed = check("eve@corp.com", true).unwrap_err();
+        assert!(not_listed.0.contains("not on the list"), "{}", not_listed.0);
+        let unverified = check("bob@corp.com", false).unwrap_err();
+        assert!(unverified.0.contains("not verified"), "{}", unverified.0);
+    }
+
     #[test]
     fn groups_and_route_rules() {
         let a = authz(&[], &[]);
