@@ -403,6 +403,27 @@ pub(crate) mod tests {
         }
     }
 
+    /// Idle after `idle` unused (not at it); activity recorded at most every tenth of it,
+    /// at least every second: often enough that a user who keeps going is never idled out.
+    #[test]
+    fn idleness_and_its_touches() {
+        let mut s = sample();
+        s.last_seen = 1_000;
+        let idle = std::time::Duration::from_secs(300);
+        assert!(!s.is_idle(1_300, idle));
+        assert!(s.is_idle(1_301, idle));
+        assert!(
+            !s.is_idle(1_000_000, std::time::Duration::ZERO),
+            "no idle timeout"
+        );
+        assert!(!s.needs_touch(1_029, idle));
+        assert!(s.needs_touch(1_030, idle));
+        let short = std::time::Duration::from_secs(4);
+        assert!(!s.needs_touch(1_000, short));
+        assert!(s.needs_touch(1_001, short));
+        assert!(!s.needs_touch(1_000_000, std::time::Duration::ZERO));
+    }
+
     #[test]
     fn round_trip() {
         let s = sample();
