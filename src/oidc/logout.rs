@@ -221,6 +221,17 @@ mod tests {
         for (what, t, want) in bad {
             assert_eq!(check(&t).err(), Some(want), "{what}");
         }
+        // The replay window is a day, ending where the clock skew reaches back to.
+        for (ago, ok) in [
+            (2 * 3600, true),
+            (24 * 3600 - 61, true),
+            (24 * 3600 - 60, false),
+        ] {
+            let t = token(|m| {
+                m.insert("iat".into(), json!(NOW - ago));
+            });
+            assert_eq!(check(&t).is_ok(), ok, "issued {ago} s ago");
+        }
         for (what, t) in [
             (
                 "wrong issuer",
