@@ -780,6 +780,55 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
         ));
     }
 
+    /// ES384 (P-384) and EdDSA (Ed25519) providers sign in as well as ES256 and RS256 ones,
+    /// their keys sharing the kid with a P-256 one.
+    #[test]
+    fn p384_and_ed25519_keys_verify_their_tokens() {
+        const P384: &str = "-----BEGIN PRIVATE KEY-----
+MIG2AgEAMBAGByqGSM49AgEGBSuBBAAiBIGeMIGbAgEBBDAkgL3lZMAMB8De+gbf
+sjZMqeb0e4YCZvkCmlXvx/eNOY96je6QGfyjfpofehAl8SShZANiAARoxuzdvM6I
+g82wBUoTaoO+12mwaaj/raUUJv/TG4f7vVtkFVXlOw0TOgXmu0g9susSqWRbRIyC
+uQpl4OMaTvosnA4grNFP7yuwdBSVJ1v+Aj25NOw5+N3CUtIDd+dEaAQ=
+-----END PRIVATE KEY-----";
+        const ED25519: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIFhMqk3bB9YbG6cHKYQHPc1578vtVGqKCuc3rOzXEUZ7
+-----END PRIVATE KEY-----";
+        let jwks = r#"{"keys":[
+            {"kty":"EC","crv":"P-256","kid":"k1","x":"rwqlmPo6FdhmaSBysKFDD65b0vWaMW-a9KWPsGGiv28","y":"ygc29Sag4kVBVhH4wsSj7eQaJa_ZqH6IYy9ATqEX0Dk"},
+            {"kty":"EC","crv":"P-384","kid":"k1","x":"aMbs3bzOiIPNsAVKE2qDvtdpsGmo_62lFCb_0xuH-71bZBVV5TsNEzoF5rtIPbLr","y":"EqlkW0SMgrkKZeDjGk76LJwOIKzRT-8rsHQUlSdb_gI9uTTsOfjdwlLSA3fnRGgE"},
+            {"kty":"OKP","crv":"Ed25519","kid":"k1","x":"K1rdwAFGLm_ZKObHzK61cwydU88y6agTopwUGR77dKo"}]}"#;
+        let keys = KeySet::parse(jwks.as_bytes()).unwrap();
+        let exp = Expectations {
+            issuer: "https://idp",
+            client_id: "client",
+            nonce: Some("n1"),
+            clock_skew: Duration::from_secs(60),
+            groups_claim: "groups",
+            now: NOW,
+        };
+        let signers = [
+            (
+                Algorithm::ES384,
+                EncodingKey::from_ec_pem(P384.as_bytes()).unwrap(),
+            ),
+            (
+                Algorithm::EdDSA,
+                EncodingKey::from_ed_pem(ED25519.as_bytes()).unwrap(),
+            ),
+        ];
+        for (alg, key) in signers {
+            let mut h = Header::new(alg);
+            h.kid = Some("k1".into());
+            let token = encode(&h, &claims(), &key).unwrap();
+            let v = validate(&token, &keys, &exp);
+            assert_eq!(
+                v.map(|v| v.identity.sub).ok().as_deref(),
+                Some("alice"),
+                "{alg:?}"
+            );
+        }
+    }
+
     #[test]
     fn signatures_and_algorithms() {
         let good = with(|m| {
