@@ -146,6 +146,19 @@ where
     }
 }
 
+/// Polls the gateway's `/readyz` until its answer is `wanted` (see `eventually`).
+async fn readyz_until(gw: &Gateway, what: &str, wanted: impl Fn(&Resp) -> bool) {
+    eventually(what, || async {
+        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
+        if wanted(&r) {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await
+}
+
 /// `IDP_REDIRECT_URIS` for gateways on these ports.
 fn redirect_uris(ports: &[u16]) -> String {
     ports
@@ -1035,15 +1048,7 @@ async fn redis_store_outage_gives_503_and_recovers() {
         assert_eq!(r.status, 503, "{method} sign-out: {}", r.dump());
         assert!(r.set_cookie("_portcullis").is_none(), "{}", r.dump());
     }
-    eventually("/readyz 503 while Redis is down", || async {
-        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
-        if r.status == 503 {
-            Ok(())
-        } else {
-            Err(r.dump())
-        }
-    })
-    .await;
+    readyz_until(&gw, "/readyz 503 while Redis is down", |r| r.status == 503).await;
     gw.assert_healthy().await;
     // Requests without a session need no Redis.
     let anon = send(
@@ -1066,15 +1071,7 @@ async fn redis_store_outage_gives_503_and_recovers() {
     })
     .await;
     assert_eq!(bearer_in(&back), first, "the same session survived");
-    eventually("/readyz 200 once Redis is back", || async {
-        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(r.dump())
-        }
-    })
-    .await;
+    readyz_until(&gw, "/readyz 200 once Redis is back", |r| r.status == 200).await;
     gw.assert_healthy().await;
 }
 
@@ -1522,25 +1519,12 @@ async fn a_replica_is_ready_only_once_it_has_read_the_sign_outs() {
         redis.url()
     );
     let gw = Gateway::start_unready(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
-    eventually("not ready for want of the sign-outs", || async {
-        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
-        if r.status == 503 && r.text().contains("sign-outs not read") {
-            Ok(())
-        } else {
-            Err(r.dump())
-        }
+    readyz_until(&gw, "not ready for want of the sign-outs", |r| {
+        r.status == 503 && r.text().contains("sign-outs not read")
     })
     .await;
     redis.signal("CONT");
-    eventually("ready once Redis answers", || async {
-        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(r.dump())
-        }
-    })
-    .await;
+    readyz_until(&gw, "ready once Redis answers", |r| r.status == 200).await;
 }
 
 /// Cookie store with a coordination Redis: signing out on one replica ends the session on

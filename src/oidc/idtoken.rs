@@ -365,15 +365,19 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
     }
 
     fn check_groups_in(token: &str, groups_claim: &str) -> Result<ValidIdToken, IdTokenError> {
-        let exp = Expectations {
+        validate(token, &keys(), &expectations(groups_claim))
+    }
+
+    /// The tests' provider, client and clock, a login's nonce, and a minute of clock skew.
+    fn expectations(groups_claim: &str) -> Expectations<'_> {
+        Expectations {
             issuer: "https://idp",
             client_id: "client",
             nonce: Some("n1"),
             clock_skew: Duration::from_secs(60),
             groups_claim,
             now: NOW,
-        };
-        validate(token, &keys(), &exp)
+        }
     }
 
     fn with(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
@@ -736,14 +740,7 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
             {"kty":"EC","crv":"P-256","kid":"k1","x":"rwqlmPo6FdhmaSBysKFDD65b0vWaMW-a9KWPsGGiv28","y":"ygc29Sag4kVBVhH4wsSj7eQaJa_ZqH6IYy9ATqEX0Dk"}]}"#;
         let keys = KeySet::parse(shared.as_bytes()).unwrap();
         assert_eq!(keys.len(), 3);
-        let exp = Expectations {
-            issuer: "https://idp",
-            client_id: "client",
-            nonce: Some("n1"),
-            clock_skew: Duration::from_secs(60),
-            groups_claim: "groups",
-            now: NOW,
-        };
+        let exp = expectations("groups");
         let good = with(|m| {
             m.insert("exp".into(), json!(4_000_000_000u64));
         });
@@ -798,14 +795,7 @@ MC4CAQAwBQYDK2VwBCIEIFhMqk3bB9YbG6cHKYQHPc1578vtVGqKCuc3rOzXEUZ7
             {"kty":"EC","crv":"P-384","kid":"k1","x":"aMbs3bzOiIPNsAVKE2qDvtdpsGmo_62lFCb_0xuH-71bZBVV5TsNEzoF5rtIPbLr","y":"EqlkW0SMgrkKZeDjGk76LJwOIKzRT-8rsHQUlSdb_gI9uTTsOfjdwlLSA3fnRGgE"},
             {"kty":"OKP","crv":"Ed25519","kid":"k1","x":"K1rdwAFGLm_ZKObHzK61cwydU88y6agTopwUGR77dKo"}]}"#;
         let keys = KeySet::parse(jwks.as_bytes()).unwrap();
-        let exp = Expectations {
-            issuer: "https://idp",
-            client_id: "client",
-            nonce: Some("n1"),
-            clock_skew: Duration::from_secs(60),
-            groups_claim: "groups",
-            now: NOW,
-        };
+        let exp = expectations("groups");
         let signers = [
             (
                 Algorithm::ES384,
