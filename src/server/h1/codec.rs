@@ -584,8 +584,19 @@ mod tests {
             "GET http://a/ HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             "GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+            // Host names, in the header or an absolute-form target, must be host names.
+            "GET / HTTP/1.1\r\nHost: a..b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x/y\r\n\r\n",
+            "GET http://a..b/ HTTP/1.0\r\n\r\n",
         ] {
             assert_eq!(parse_raw(bad).err(), Some(HeadError::Invalid), "{bad:?}");
+        }
+        for good in [
+            "GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http://example.com:8080/x?y HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+        ] {
+            assert!(matches!(parse_raw(good), Ok(Some(_))), "{good:?}");
         }
     }
 
