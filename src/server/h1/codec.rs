@@ -746,6 +746,26 @@ mod tests {
             parse_head(&mut BytesMut::from(fits.as_str()), 100, 4096).err(),
             Some(HeadError::TooLarge)
         );
+        // The limits are sizes a head may reach: a head of exactly `max_head` bytes, and a
+        // target of exactly MAX_URI_LEN, pass; a byte more does not.
+        let exact = |len: usize| {
+            let fill = len - "GET / HTTP/1.1\r\nHost: a\r\nX: \r\n\r\n".len();
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+                "h".repeat(fill)
+            )
+        };
+        let at =
+            |text: String, max_head| parse_head(&mut BytesMut::from(text.as_str()), 100, max_head);
+        assert!(matches!(at(exact(4096), 4096), Ok(Some(_))));
+        assert_eq!(at(exact(4097), 4096).err(), Some(HeadError::TooLarge));
+        let target =
+            |len: usize| format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(len - 1));
+        assert!(matches!(at(target(MAX_URI_LEN), 1 << 20), Ok(Some(_))));
+        assert_eq!(
+            at(target(MAX_URI_LEN + 1), 1 << 20).err(),
+            Some(HeadError::UriTooLong)
+        );
         let no_space = "G".repeat(70_000);
         assert_eq!(
             parse_head(&mut BytesMut::from(no_space.as_str()), 100, 65536).err(),
