@@ -612,6 +612,32 @@ mod tests {
         let h = head("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(h.framing, Framing::None);
         assert!(h.keep_alive);
+        let h = head("POST / HTTP/1.1\r\nContent-Length: 200000\r\n\r\n");
+        assert_eq!(h.framing, Framing::Length(200_000));
+        assert!(h.keep_alive, "a body of known length keeps the connection");
+        // Up to 19 digits (anything shorter fits in 64 bits), leading zeros included.
+        assert_eq!(
+            parse_content_length(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
+        assert_eq!(parse_content_length(b"0000000000000000042"), Some(42));
+        for bad in [
+            &b"10000000000000000000"[..],
+            b"",
+            b"+5",
+            b"-5",
+            b" 5",
+            b"5 ",
+            b"0x5",
+            b"5,5",
+        ] {
+            assert_eq!(
+                parse_content_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         let h = head("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(h.framing, Framing::Length(5));
         assert_eq!(
@@ -809,6 +835,12 @@ mod tests {
             b"-1\r\n",
             b"11111111111111111\r\n",
             b"0\r\n\n",
+            // Size lines another parser could read otherwise (smuggling): a bare LF inside an
+            // extension, no digits before an extension or whitespace, an empty size line.
+            b"1;a\nb\r\nx\r\n0\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b";5\r\nhello\r\n0\r\n\r\n",
+            b"\r\n\r\n",
         ] {
             assert!(
                 decode_all(bad).is_err(),
@@ -818,6 +850,15 @@ mod tests {
         }
         let ext = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(2000));
         assert_eq!(decode_all(ext.as_bytes()), Err(ChunkError::TooLong));
+        // Sizes of up to 16 hex digits, leading zeros included.
+        assert_eq!(
+            decode_all(b"0000000000000001\r\na\r\n0\r\n\r\n"),
+            Ok(b"a".to_vec())
+        );
+        // The overhead limit is a size the framing may reach.
+        let mut d = ChunkedDecoder::new(5);
+        let mut last = BytesMut::from(&b"0\r\n\r\n"[..]);
+        assert!(matches!(d.decode(&mut last), Ok(Decoded::End)));
     }
 
     proptest::proptest! {
