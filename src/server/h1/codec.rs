@@ -948,6 +948,23 @@ mod tests {
             !text.contains("content-length") && text.contains("connection: close"),
             "{text}"
         );
+        // A HEAD answered 204 says no length either (RFC 9110 §8.6); answered 200 or 304, it
+        // keeps the length a GET would have had.
+        for (status, head, kept) in [
+            (StatusCode::NO_CONTENT, true, false),
+            (StatusCode::OK, true, true),
+            (StatusCode::NOT_MODIFIED, true, true),
+        ] {
+            let mut out = BytesMut::new();
+            let kind = encode_head(&mut out, status, &h, head, true, None, true);
+            assert_eq!(kind, BodyKind::Nothing);
+            let text = String::from_utf8_lossy(&out);
+            assert_eq!(
+                text.contains("content-length: 5"),
+                kept,
+                "{status}, HEAD {head}: {text}"
+            );
+        }
         let mut buf = [0; 18];
         assert_eq!(chunk_size_line(0x1a2b, &mut buf), b"1a2b\r\n");
         let mut digits = itoa_buf();
