@@ -362,6 +362,9 @@ mod tests {
             "application/json;q=0.5, text/html",
             "text/html;q=0.5, application/json;q=0.5",
             "text/html;q=0.2, */*",
+            // A bare `*` (older clients) and empty ranges are wildcards too.
+            "text/html;q=0.5, *",
+            "text/html;q=0.5, , ,",
             "text/html; charset=utf-8; q=0.9, application/json;q=0.8",
             "application/json;q=bogus, text/html;q=0.1",
         ] {
