@@ -459,12 +459,12 @@ const CLIENT_CLOSED: u16 = 499;
 /// gateway gave up on it (as a 503 would say), the client did not; never sent.
 const SHUT_DOWN: u16 = 503;
 
-/// Counts and logs one request, answered or abandoned.
 /// Milliseconds to the microsecond, so that a log line reads `0.02`, not `0.019860999999999997`.
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
+/// Counts and logs one request, answered or abandoned.
 fn finish(
     metrics: &Metrics,
     method: &Method,

@@ -21,8 +21,13 @@ pub enum Loaded {
 
 use super::cookie::NOT_THIS_STORE;
 
+/// Where sessions live in Redis: this prefix, then the session id in hex.
+fn session_prefix(redis: &Redis) -> String {
+    redis.key(&["session", ""])
+}
+
 pub fn session_key(redis: &Redis, id: &[u8; 16]) -> String {
-    redis.key(&["session", &super::crypto::hex(id)])
+    session_prefix(redis) + &super::crypto::hex(id)
 }
 
 impl App {
@@ -113,7 +118,7 @@ impl App {
                 redis.set_ex(&key, sealed.as_bytes(), ttl).await?;
                 // Indexes for back-channel logout (by provider session and by subject), of
                 // the sessions still there.
-                let live = redis.key(&["session", ""]);
+                let live = session_prefix(redis);
                 let id = s.id_hex();
                 if let Some(sid) = &s.identity.sid {
                     redis
