@@ -204,11 +204,17 @@ impl<T: Write + Unpin + Send> Flush for Shared<T> {
             return;
         };
         state.queued = false;
-        let nobody = &mut Context::from_waker(Waker::noop());
-        if !matches!(state.write_out(nobody), Poll::Ready(Ok(()))) {
+        // A transport keeps one waker per direction: any wait this write registers must be the
+        // holder's, or it would replace the holder's own (a write it is waiting to retry) and
+        // the readiness that ends the wait would wake nobody.
+        let holder = state.holder.take();
+        let as_holder = &mut Context::from_waker(holder.as_ref().unwrap_or(Waker::noop()));
+        if matches!(state.write_out(as_holder), Poll::Ready(Ok(()))) {
+            state.holder = holder;
+        } else {
             // Full, or failed: the holder takes over (and finds out which).
             state.left = true;
-            if let Some(holder) = state.holder.take() {
+            if let Some(holder) = holder {
                 holder.wake();
             }
         }
@@ -358,22 +364,27 @@ mod tests {
                 let mut got = vec![0; len];
                 server.read_exact(&mut got).await.map(|_| got)
             });
-            for piece in data.chunks(chunk) {
-                let mut at = 0;
-                while at < piece.len() {
-                    let slice = IoSlice::new(&piece[at..]);
-                    at += std::future::poll_fn(|cx| {
-                        Pin::new(&mut io).poll_write_vectored(cx, std::slice::from_ref(&slice))
-                    })
-                    .await
-                    .unwrap();
+            let write_all = async {
+                for piece in data.chunks(chunk) {
+                    let mut at = 0;
+                    while at < piece.len() {
+                        let slice = IoSlice::new(&piece[at..]);
+                        at += std::future::poll_fn(|cx| {
+                            Pin::new(&mut io).poll_write_vectored(cx, std::slice::from_ref(&slice))
+                        })
+                        .await
+                        .unwrap();
+                    }
+                    std::future::poll_fn(|cx| Pin::new(&mut io).poll_flush(cx))
+                        .await
+                        .unwrap();
+                    // Lets the flusher run, as the other tasks of a round would.
+                    tokio::task::yield_now().await;
                 }
-                std::future::poll_fn(|cx| Pin::new(&mut io).poll_flush(cx))
-                    .await
-                    .unwrap();
-                // Lets the flusher run, as the other tasks of a round would.
-                tokio::task::yield_now().await;
-            }
+            };
+            tokio::time::timeout(Duration::from_secs(30), write_all)
+                .await
+                .expect("every write was taken in time (a lost wake-up hangs here)");
             read_all(&mut io, reader).await
         })
     }
@@ -445,12 +456,13 @@ mod tests {
         })
     }
 
-    /// A transport that takes every write but flushes only once asked with a real waker (a
-    /// TLS stream whose records did not all fit in the socket).
+    /// A transport that takes every write but flushes only when asked a second time (a TLS
+    /// stream whose records did not all fit in the socket at first).
     #[derive(Default)]
     struct SlowFlush {
         written: Vec<u8>,
         flushed: bool,
+        asked: bool,
     }
 
     impl Read for SlowFlush {
@@ -474,8 +486,8 @@ mod tests {
             Poll::Ready(Ok(buf.len()))
         }
 
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            if cx.waker().will_wake(Waker::noop()) {
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            if !std::mem::replace(&mut self.asked, true) {
                 return Poll::Pending;
             }
             self.flushed = true;
@@ -520,6 +532,87 @@ mod tests {
                 state.io.flushed,
                 "the connection flushed what the flusher could not"
             );
+        })
+    }
+
+    /// A socket as tokio's: one waker slot for writes, taken by the readiness event; the event
+    /// can come while a poll registers (it then wakes the waker just put in the slot).
+    #[derive(Default)]
+    struct OneSlot {
+        writable: bool,
+        slot: Option<Waker>,
+        /// The socket becomes writable during the next registration.
+        event_armed: bool,
+        written: Vec<u8>,
+    }
+
+    impl Read for OneSlot {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: ReadBufCursor<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl Write for OneSlot {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if !self.writable {
+                self.slot = Some(cx.waker().clone());
+                if !std::mem::take(&mut self.event_armed) {
+                    return Poll::Pending;
+                }
+                self.writable = true;
+                if let Some(w) = self.slot.take() {
+                    w.wake();
+                }
+            }
+            self.written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn the_flusher_never_takes_the_wake_up_its_holder_waits_for() {
+        runtime(1).block_on(async {
+            let io = Batched::new(OneSlot::default());
+            let shared = io.shared.clone();
+            let writer = tokio::spawn(async move {
+                let mut io = io;
+                let tail = vec![9u8; MAX_HELD];
+                let mut waited = false;
+                std::future::poll_fn(|cx| {
+                    if !waited {
+                        waited = true;
+                        // Held and queued; then a write too large to hold waits for the
+                        // socket, and the socket turns writable at the flusher's poll.
+                        assert!(Pin::new(&mut io).poll_write(cx, b"GET /").is_ready());
+                        assert!(Pin::new(&mut io).poll_write(cx, &tail).is_pending());
+                        shared.state.lock().unwrap().io.event_armed = true;
+                        return Poll::Pending;
+                    }
+                    Pin::new(&mut io).poll_write(cx, &tail).map(|n| n.unwrap())
+                })
+                .await
+            });
+            let n = tokio::time::timeout(Duration::from_secs(10), writer)
+                .await
+                .expect("the holder was woken when its socket turned writable")
+                .unwrap();
+            assert_eq!(n, MAX_HELD);
         })
     }
 
