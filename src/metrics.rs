@@ -427,6 +427,8 @@ pin_project_lite::pin_project! {
         start: Instant,
         method: Method,
         request_id: Option<http::HeaderValue>,
+        // Read only when the access log is on.
+        access: Option<Box<Access>>,
         metrics: Arc<Metrics>,
         // Set when the response was counted; a request dropped before (the client went away)
         // is counted on drop.
@@ -445,7 +447,7 @@ pin_project_lite::pin_project! {
                 } else {
                     CLIENT_CLOSED
                 };
-                finish(this.metrics, this.method, this.request_id, *this.start, status, facts.as_ref());
+                finish(this.metrics, this.method, this.request_id, this.access.as_deref(), *this.start, status, facts.as_ref());
             }
         }
     }
@@ -464,11 +466,19 @@ fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
+/// Who asked for what, for the access log: the peer's address and the path (never the query,
+/// which may carry a code or a token).
+pub struct Access {
+    client: Option<std::net::IpAddr>,
+    path: Box<str>,
+}
+
 /// Counts and logs one request, answered or abandoned.
 fn finish(
     metrics: &Metrics,
     method: &Method,
     request_id: &Option<http::HeaderValue>,
+    access: Option<&Access>,
     start: Instant,
     status: u16,
     facts: Option<&ResponseFacts>,
@@ -499,6 +509,8 @@ fn finish(
             target: "access",
             request_id = request_id(),
             method = %method,
+            path = access.map_or("-", |a| &*a.path),
+            client = access.and_then(|a| a.client).map(tracing::field::display),
             route = route.label(),
             status,
             gateway_ms = millis(gateway),
@@ -530,6 +542,7 @@ where
             this.metrics,
             this.method,
             this.request_id,
+            this.access.as_deref(),
             *this.start,
             status,
             facts,
@@ -553,10 +566,20 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         self.metrics.in_flight.inc();
         let request_id = req.headers().get(&self.request_id).cloned();
+        let access = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
+            Box::new(Access {
+                client: req
+                    .extensions()
+                    .get::<crate::proxy::forward::ConnInfo>()
+                    .map(|c| c.remote.ip()),
+                path: req.uri().path().into(),
+            })
+        });
         Observed {
             start: Instant::now(),
             method: req.method().clone(),
             request_id,
+            access,
             metrics: self.metrics.clone(),
             inner: Some(self.inner.call(req)),
             done: false,

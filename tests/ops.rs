@@ -2064,6 +2064,17 @@ async fn json_logs_are_one_object_per_line_without_secrets() {
     assert!(proxied["gateway_ms"].is_number(), "{proxied}");
     assert!(proxied["upstream_ms"].is_number(), "{proxied}");
     assert_eq!(proxied["user"], "alice", "{proxied}");
+    assert_eq!(proxied["client"], "127.0.0.1", "{proxied}");
+    assert!(
+        proxied["path"].as_str().is_some_and(|p| p.starts_with('/')),
+        "{proxied}"
+    );
+    // The callback's line names its path, never its query (the code, the state).
+    let callback = access
+        .iter()
+        .find(|v| v["path"] == "/oauth2/callback")
+        .unwrap_or_else(|| panic!("no access line for the callback:\n{log}"));
+    assert_eq!(callback["route"], "flow", "{callback}");
     assert!(
         access
             .iter()
