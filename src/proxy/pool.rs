@@ -56,7 +56,11 @@ struct Origin {
 
 impl Origin {
     fn is(&self, pool: u64, https: bool, authority: &Authority) -> bool {
-        self.pool == pool && self.https == https && self.authority == *authority
+        // The same bytes first (the same upstream, configured once): `Authority`'s own
+        // equality ignores case, a byte at a time.
+        self.pool == pool
+            && self.https == https
+            && (self.authority.as_str() == authority.as_str() || self.authority == *authority)
     }
 }
 
