@@ -92,19 +92,32 @@ pub fn host_only(authority: &str) -> &str {
 /// reg-name — no userinfo, percent-encoding, commas or other sub-delims, which upstreams
 /// that pick a site by host name read differently than the route matcher would.
 pub fn valid_host(authority: &str) -> bool {
-    let port = match authority.strip_prefix('[') {
-        Some(rest) => match rest.split_once(']') {
-            Some((ip, port)) if ip.parse::<std::net::Ipv6Addr>().is_ok() => port,
-            _ => return false,
-        },
+    valid_host_bytes(authority.as_bytes())
+}
+
+/// [`valid_host`] of a header value's bytes: no UTF-8 check first, as any byte outside the
+/// allowed ASCII is refused anyway (an HTTP/1 request's Host comes through here).
+pub fn valid_host_bytes(authority: &[u8]) -> bool {
+    let port = match authority.strip_prefix(b"[") {
+        Some(rest) => {
+            let Some(end) = memchr::memchr(b']', rest) else {
+                return false;
+            };
+            let ip = std::str::from_utf8(&rest[..end]).map(str::parse::<std::net::Ipv6Addr>);
+            if !matches!(ip, Ok(Ok(_))) {
+                return false;
+            }
+            &rest[end + 1..]
+        }
         None if authority.is_empty() => return true,
         None => {
-            let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
+            let colon = memchr::memchr(b':', authority).unwrap_or(authority.len());
+            let (host, port) = authority.split_at(colon);
             // Labels of name bytes, none empty (`.a`, `a..b`, `.`), one trailing dot at most:
             // one pass, as every HTTP/1 request's Host comes through here.
-            let name = host.strip_suffix('.').unwrap_or(host);
+            let name = host.strip_suffix(b".").unwrap_or(host);
             let mut after_dot = true;
-            for b in name.bytes() {
+            for &b in name {
                 match b {
                     b'.' if after_dot => return false,
                     b'.' => after_dot = true,
@@ -119,9 +132,9 @@ pub fn valid_host(authority: &str) -> bool {
             port
         }
     };
-    match port.strip_prefix(':') {
+    match port.strip_prefix(b":") {
         None => port.is_empty(),
-        Some(p) => p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()),
+        Some(p) => p.len() <= 5 && p.iter().all(u8::is_ascii_digit),
     }
 }
 
@@ -613,6 +626,16 @@ mod tests {
             "a.example.com..:80",
         ] {
             assert!(!valid_host(bad), "{bad:?}");
+        }
+        // A header value's bytes, not UTF-8 (nor ASCII) at all: refused wherever they are.
+        for bad in [
+            &b"app.ex\xffample.com"[..],
+            b"app.example.com:8\xe9",
+            b"\xc3\xa9.example.com",
+            b"[::1\xff]",
+            b"[::1]\xff",
+        ] {
+            assert!(!valid_host_bytes(bad), "{bad:?}");
         }
     }
 }

@@ -2,7 +2,7 @@
 //! request bodies decoded. The framing rules are RFC 9112's, applied as hyper applies them,
 //! so that what the gateway reads as one request is what the upstream reads as one request.
 
-use crate::policy::routes::valid_host;
+use crate::policy::routes::{valid_host, valid_host_bytes};
 use crate::proxy::headers::{has_token, tokens};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -167,6 +167,7 @@ pub fn parse_head(
     // `chunked` codings seen, whether any other coding was, and whether `chunked` came last.
     let (mut chunked, mut other_coding, mut chunked_last) = (0u32, false, false);
     let mut cl = false;
+    let mut hosts = 0usize;
     // SAFETY: the first min(count, STACK_HEADERS) slots were written above.
     let written = unsafe {
         std::slice::from_raw_parts(
@@ -229,8 +230,8 @@ pub fn parse_head(
             header::UPGRADE => has_upgrade = http11,
             // A host the route matcher and a name-based upstream would read differently.
             header::HOST => {
-                let ok = std::str::from_utf8(value.as_bytes()).is_ok_and(valid_host);
-                if !ok {
+                hosts += 1;
+                if !valid_host_bytes(value.as_bytes()) {
                     return Err(HeadError::Invalid);
                 }
             }
@@ -250,7 +251,6 @@ pub fn parse_head(
     }
     // RFC 9112 §3.2: exactly one Host in HTTP/1.1, so that the gateway and the upstream
     // cannot disagree on which site a request is for.
-    let hosts = headers.get_all(header::HOST).iter().count();
     if hosts > 1 || (http11 && hosts == 0) {
         return Err(HeadError::Invalid);
     }
