@@ -305,7 +305,9 @@ pub enum BodyKind {
 }
 
 /// Writes a response head. `length`: the body's exact length if known. The body framing
-/// headers are the gateway's: any the response carries are replaced.
+/// headers are the gateway's: any the response carries are replaced. `keep_alive`: whether
+/// the connection may stay open; set to false if the response's `Connection` lists `close`
+/// (read here, in the pass that writes the headers, not with a lookup of its own).
 pub fn encode_head(
     out: &mut BytesMut,
     status: StatusCode,
@@ -313,7 +315,7 @@ pub fn encode_head(
     head_request: bool,
     http11: bool,
     length: Option<u64>,
-    keep_alive: bool,
+    keep_alive: &mut bool,
 ) -> BodyKind {
     let code = status.as_u16();
     let no_body = (100..200).contains(&code) || code == 204 || code == 304;
@@ -333,15 +335,26 @@ pub fn encode_head(
             (None, None) => BodyKind::UntilClose,
         }
     };
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.extend_from_slice(b" ");
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    if status == StatusCode::OK {
+        // Most answers: the status line in one piece.
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.extend_from_slice(b" ");
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     let mut has_date = false;
     for (name, value) in headers {
         match *name {
-            header::TRANSFER_ENCODING | header::CONNECTION => continue,
+            header::TRANSFER_ENCODING => continue,
+            header::CONNECTION => {
+                if has_token(value, "close") {
+                    *keep_alive = false;
+                }
+                continue;
+            }
             header::CONTENT_LENGTH if no_body && code != 304 => continue,
             header::CONTENT_LENGTH if !head_request => continue,
             header::DATE => has_date = true,
@@ -369,7 +382,7 @@ pub fn encode_head(
     }
     if code == 101 {
         out.extend_from_slice(b"connection: upgrade\r\n");
-    } else if !keep_alive || kind == BodyKind::UntilClose {
+    } else if !*keep_alive || kind == BodyKind::UntilClose {
         out.extend_from_slice(b"connection: close\r\n");
     } else if !http11 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
@@ -914,7 +927,7 @@ mod tests {
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("date", HeaderValue::from_static("then"));
         let mut out = BytesMut::new();
-        let kind = encode_head(&mut out, StatusCode::OK, &h, false, true, None, true);
+        let kind = encode_head(&mut out, StatusCode::OK, &h, false, true, None, &mut true);
         assert_eq!(kind, BodyKind::Length(5));
         assert_eq!(
             String::from_utf8_lossy(&out),
@@ -928,7 +941,7 @@ mod tests {
             false,
             false,
             None,
-            true,
+            &mut true,
         );
         assert_eq!(kind, BodyKind::UntilClose);
         assert!(String::from_utf8_lossy(&out).ends_with("connection: close\r\n\r\n"));
@@ -940,7 +953,7 @@ mod tests {
             false,
             true,
             Some(3),
-            false,
+            &mut false,
         );
         assert_eq!(kind, BodyKind::Nothing);
         let text = String::from_utf8_lossy(&out);
@@ -956,13 +969,41 @@ mod tests {
             (StatusCode::NOT_MODIFIED, true, true),
         ] {
             let mut out = BytesMut::new();
-            let kind = encode_head(&mut out, status, &h, head, true, None, true);
+            let kind = encode_head(&mut out, status, &h, head, true, None, &mut true);
             assert_eq!(kind, BodyKind::Nothing);
             let text = String::from_utf8_lossy(&out);
             assert_eq!(
                 text.contains("content-length: 5"),
                 kept,
                 "{status}, HEAD {head}: {text}"
+            );
+        }
+        // A response whose Connection lists close ends the connection (and is not written
+        // as such: the gateway's own line says so); other Connection values change nothing.
+        for (value, stays) in [
+            ("close", false),
+            ("Keep-Alive, CLOSE", false),
+            ("x-a", true),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("connection", HeaderValue::from_static(value));
+            let (mut out, mut keep_alive) = (BytesMut::new(), true);
+            encode_head(
+                &mut out,
+                StatusCode::OK,
+                &h,
+                false,
+                true,
+                Some(0),
+                &mut keep_alive,
+            );
+            let text = String::from_utf8_lossy(&out);
+            assert_eq!(keep_alive, stays, "{value}");
+            assert_eq!(text.contains("connection: close\r\n"), !stays, "{text}");
+            assert_eq!(
+                text.matches("connection:").count(),
+                usize::from(!stays),
+                "{text}"
             );
         }
         let mut buf = [0; 18];

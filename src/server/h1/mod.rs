@@ -17,10 +17,9 @@ pub mod codec;
 pub mod io;
 
 use crate::body::Body;
-use crate::proxy::headers::has_token;
 use bytes::{Buf, Bytes, BytesMut};
 use codec::{encode_head, BodyKind, ChunkedDecoder, Decoded, Framing, Head};
-use http::{header, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use io::{
     body_channel, give_back, take_buffer, BodySender, ClientBodyError, Demand, Rewound, Transport,
@@ -424,7 +423,7 @@ impl<T: Transport> Conn<T> {
                 false,
                 true,
                 None,
-                true,
+                &mut true,
             );
             let mut out = Out::head();
             poll_fn(|cx| self.poll_out(cx, &mut out)).await?;
@@ -435,13 +434,8 @@ impl<T: Transport> Conn<T> {
             // Too late for `100 Continue` once the answer is on its way.
             f.continue_at = None;
         }
-        keep_alive &= body_complete
-            && !self.drain.draining.load(Ordering::Relaxed)
-            && !parts
-                .headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| has_token(v, "close"));
+        // And not if the response's `Connection` lists `close` (`encode_head` reads it).
+        keep_alive &= body_complete && !self.drain.draining.load(Ordering::Relaxed);
         let length = if body.is_end_stream() {
             Some(0)
         } else {
@@ -454,7 +448,7 @@ impl<T: Transport> Conn<T> {
             head_request,
             http11,
             length,
-            keep_alive,
+            &mut keep_alive,
         );
         let mut out = Out::head();
         // Body bytes still to send when the length was announced.
@@ -730,7 +724,7 @@ impl<T: Transport> Conn<T> {
                     false,
                     true,
                     Some(0),
-                    false,
+                    &mut false,
                 );
                 let mut out = Out::head();
                 if poll_fn(|cx| self.poll_out(cx, &mut out)).await.is_err() {
