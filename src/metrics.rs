@@ -564,8 +564,21 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        self.metrics.in_flight.inc();
         let request_id = req.headers().get(&self.request_id).cloned();
+        self.observe(req, request_id)
+    }
+}
+
+impl<S> Observe<S> {
+    fn observe<B>(
+        &mut self,
+        req: Request<B>,
+        request_id: Option<http::HeaderValue>,
+    ) -> Observed<S::Future>
+    where
+        S: Service<Request<B>>,
+    {
+        self.metrics.in_flight.inc();
         let access = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
             Box::new(Access {
                 client: req
@@ -584,6 +597,22 @@ where
             inner: Some(self.inner.call(req)),
             done: false,
         }
+    }
+}
+
+/// A service told the request's id by the layer that has just set it (`RequestId`): the id's
+/// header name is a custom one, hashed a byte at a time, and need not be looked up again.
+pub trait CallWithId<R>: Service<R> {
+    /// `call`, for a request whose id header holds `id` and nothing else.
+    fn call_with_id(&mut self, req: R, id: &http::HeaderValue) -> Self::Future;
+}
+
+impl<S, B> CallWithId<Request<B>> for Observe<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
+{
+    fn call_with_id(&mut self, req: Request<B>, id: &http::HeaderValue) -> Self::Future {
+        self.observe(req, Some(id.clone()))
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::app::App;
 use crate::body::Body;
 use crate::flow;
-use crate::metrics::{AbandonGuard, ResponseFacts, RouteKind};
+use crate::metrics::{AbandonGuard, CallWithId, ResponseFacts, RouteKind};
 use crate::pages;
 use crate::policy::routes::{host_only, method_override, valid_host, Route};
 use crate::proxy::headers::valid_request_id;
@@ -101,7 +101,7 @@ where
 
 impl<S> Service<Request<Body>> for RequestId<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    S: CallWithId<Request<Body>, Response = Response<Body>, Error = Infallible>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -118,7 +118,7 @@ where
         let close = req.version() < http::Version::HTTP_2
             && self.app.draining.load(std::sync::atomic::Ordering::Relaxed);
         WithRequestId {
-            inner: self.inner.call(req),
+            inner: self.inner.call_with_id(req, &id),
             id: Some((name, id)),
             close,
         }
