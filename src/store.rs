@@ -131,8 +131,7 @@ impl Redis {
         self.healthy.store(r.is_ok(), Ordering::Relaxed);
         self.checked.store(true, Ordering::Relaxed);
         if let Err(e) = &r {
-            // Readiness follows every command, not only the pings: say why it fails (a
-            // permission a command lacks, while PING passes, would otherwise go unexplained).
+            // Readiness follows every command, not only the probes: say why it fails.
             let now = crate::session::now_secs();
             let last = self.failure_logged.load(Ordering::Relaxed);
             if now >= last.saturating_add(60)
@@ -147,14 +146,17 @@ impl Redis {
         r
     }
 
+    /// Checks that Redis answers and that the gateway may use its keys: a short-lived key
+    /// under the prefix is written. (A PING passes for a user whose ACL allows no key of the
+    /// gateway's, and readiness would flap with every probe between the failing commands.)
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
-        self.run(async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+        let key = self.key(&["health"]);
+        self.run(async move { c.pset_ex::<_, _, ()>(key, 1u8, 10_000).await })
             .await
-            .map(|_| ())
     }
 
-    /// Pings every couple of seconds so readiness reflects Redis even without traffic.
+    /// Probes every couple of seconds so readiness reflects Redis even without traffic.
     /// Holds the client only while pinging: once the config generations using it are gone
     /// (a reload changed the Redis settings), the task ends and the connection closes.
     pub async fn watch_health(this: Weak<Self>) {

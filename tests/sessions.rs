@@ -1499,8 +1499,13 @@ async fn a_redis_user_without_access_to_the_keys_is_named_in_the_log() {
         }
     })
     .await;
-    let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
-    assert_eq!(r.status, 503, "{}", r.dump());
+    // And it stays so: the probes between requests fail too (a PING would pass, and turn it
+    // ready until the next failing request).
+    for _ in 0..10 {
+        let r = send("GET", &gw.url("/readyz"), &[], Vec::new()).await;
+        assert_eq!(r.status, 503, "{}", r.dump());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Cookie store with a coordination Redis: a replica takes no traffic before it has read the
