@@ -354,13 +354,15 @@ impl Metrics {
     /// A request the HTTP/1 parser refused (a malformed or oversized head): no layer saw it,
     /// but it is counted (method "other") and logged like any other, so that attack traffic
     /// shows.
-    pub fn refused(&self, status: http::StatusCode) {
+    pub fn refused(&self, status: http::StatusCode, client: std::net::IpAddr) {
         let other = METHODS.len() - 1;
         self.record_at(RouteKind::Proxied, other, status.as_u16(), Duration::ZERO);
         tracing::info!(
             target: "access",
             request_id = "-",
             method = "-",
+            path = "-",
+            client = %client,
             route = RouteKind::Proxied.label(),
             status = status.as_u16(),
             gateway_ms = 0.0,

@@ -278,9 +278,9 @@ async fn requests_refused_by_the_parser_are_counted_and_logged() {
     let lines = gw
         .stderr()
         .lines()
-        .filter(|l| l.contains("request refused by the parser"))
+        .filter(|l| l.contains("request refused by the parser") && l.contains("client=127.0.0.1"))
         .count();
-    assert_eq!(lines, 3, "{}", gw.tails());
+    assert_eq!(lines, 3, "each names the client: {}", gw.tails());
 }
 
 /// An upstream on a free port that reads one request per connection, then misbehaves.

@@ -60,12 +60,13 @@ async fn serve_connection<T: h1::io::Transport>(
     // HTTP/1.1 requests on a connection come one at a time: the stack is cloned once for the
     // connection and again only after a reload.
     let mut stack = ConnectionStack::new(&listener.live);
+    let peer = info.remote.ip();
     let h1_service = move |mut req: http::Request<Body>| {
         req.extensions_mut().insert(info.clone());
         stack.current().call(req)
     };
     let (settings, drain) = (listener.h1.clone(), listener.drain.clone());
-    match h1::serve(io, h1_service, settings, drain, id).await {
+    match h1::serve(io, h1_service, settings, drain, id, peer).await {
         h1::Outcome::Http2(io) => serve_h2(io, &listener, h2_service, id).await,
         // The connection is a websocket tunnel now: its slot and gauge stay taken until the
         // tunnel ends (HTTP/2 has no upgrades: extended CONNECT is not enabled).

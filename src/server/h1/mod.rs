@@ -150,6 +150,8 @@ struct Conn<T> {
     completed_at_check: u64,
     drain: Arc<Drain>,
     drained: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    /// The client's address, for the log line of a request the parser refuses.
+    peer: std::net::IpAddr,
 }
 
 /// Whether the deadline currently measures a stalled client.
@@ -202,6 +204,7 @@ pub async fn serve<T, S, F>(
     settings: Arc<Settings>,
     drain: Arc<Drain>,
     id: usize,
+    peer: std::net::IpAddr,
 ) -> Outcome<T>
 where
     T: Transport,
@@ -221,6 +224,7 @@ where
         completed_at_check: 0,
         drained: Box::pin(shard.notified_owned()),
         drain,
+        peer,
     };
     let mut first = true;
     loop {
@@ -280,7 +284,7 @@ impl<T: Transport> Conn<T> {
                         Ok(None) => {}
                         Err(e) => {
                             tracing::debug!(error = ?e, "bad request head");
-                            self.settings.metrics.refused(e.status());
+                            self.settings.metrics.refused(e.status(), self.peer);
                             return Err(Stop::Refuse(e.status()));
                         }
                     }
