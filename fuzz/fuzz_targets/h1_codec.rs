@@ -167,7 +167,8 @@ fn check_response(h: &Head, data: &[u8]) {
     let head_request = flags & 8 != 0;
     let http11 = flags & 16 != 0;
     let length = (flags & 32 != 0).then_some(u64::from(flags));
-    let keep_alive = flags & 64 != 0;
+    let asked_keep_alive = flags & 64 != 0;
+    let mut keep_alive = asked_keep_alive;
     let mut out = BytesMut::new();
     let kind = encode_head(
         &mut out,
@@ -176,8 +177,16 @@ fn check_response(h: &Head, data: &[u8]) {
         head_request,
         http11,
         length,
-        keep_alive,
+        &mut keep_alive,
     );
+    // Connection is the gateway's: a `close` in the headers ends keep-alive, nothing else does.
+    let listed_close = h
+        .request
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v, "close"));
+    assert_eq!(keep_alive, asked_keep_alive && !listed_close);
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS + 4];
     let mut res = httparse::Response::new(&mut slots);
     let parsed = res.parse(&out);
@@ -197,6 +206,11 @@ fn check_response(h: &Head, data: &[u8]) {
         usize::from(kind == BodyKind::Chunked)
     );
     assert!(count("content-length") <= 1);
+    assert!(
+        count("connection") <= 1,
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
     if let BodyKind::Length(n) = kind {
         let cl = res.headers.iter().find(|h| h.name == "content-length");
         assert_eq!(cl.map(|h| h.value), Some(n.to_string().as_bytes()));
