@@ -10,7 +10,7 @@ pub fn safe_relative(target: &str) -> Option<&str> {
     if b.first() != Some(&b'/') || matches!(b.get(1), Some(b'/') | Some(b'\\')) {
         return None;
     }
-    if target.len() > 2048 {
+    if target.len() > MAX_TARGET {
         return None;
     }
     // No backslashes, controls, spaces or non-ASCII anywhere (browsers "fix" them up into hosts).
@@ -46,7 +46,7 @@ fn domain_allowed(host: &str, allowed: &[String]) -> bool {
 /// downgrade), or any http(s) URL on an allowed domain.
 pub fn safe_absolute(target: &str, own_origin: &str, allowed: &[String]) -> Option<String> {
     let b = target.as_bytes();
-    if target.len() > 2048 || b.iter().any(|&c| c == b'\\' || c <= 0x20 || c >= 0x7f) {
+    if target.len() > MAX_TARGET || b.iter().any(|&c| c == b'\\' || c <= 0x20 || c >= 0x7f) {
         return None;
     }
     let lower = target.to_ascii_lowercase();
@@ -58,15 +58,17 @@ pub fn safe_absolute(target: &str, own_origin: &str, allowed: &[String]) -> Opti
         return None;
     }
     let own = url::Url::parse(own_origin).ok()?;
-    if u.origin() == own.origin() {
-        return Some(u.to_string());
-    }
-    // Allowed domains are names, never IP literals (those pass only as the own origin).
-    match u.host()? {
-        url::Host::Domain(d) if domain_allowed(d, allowed) => Some(u.to_string()),
-        _ => None,
-    }
+    let ok = u.origin() == own.origin()
+        // Allowed domains are names, never IP literals (those pass only as the own origin).
+        || matches!(u.host()?, url::Host::Domain(d) if domain_allowed(d, allowed));
+    // The canonical form percent-encodes what the target had raw (`"` is `%22`): bounded
+    // again, as it is what gets sealed into the flow cookie.
+    Some(u.to_string()).filter(|canonical| ok && canonical.len() <= MAX_TARGET)
 }
+
+/// The longest redirect target kept (it is sealed into the flow cookie, whose browser limit
+/// is 4 KB).
+const MAX_TARGET: usize = 2048;
 
 /// The redirect target to use: `target` when safe, else `/`.
 pub fn or_root(target: Option<&str>) -> String {
@@ -119,6 +121,25 @@ mod tests {
         let origin_longest = &origin_longest[..2048];
         assert!(safe_absolute(origin_longest, own, &[]).is_some());
         assert_eq!(safe_absolute(&format!("{origin_longest}a"), own, &[]), None);
+    }
+
+    /// The bound holds for what is returned, not only for what came in: the canonical form
+    /// percent-encodes `"`, `<`, `>`, `{`, `}` and `` ` `` (three bytes each), so a 2,048-byte
+    /// target could come back three times as long, sealed into a flow cookie no browser keeps.
+    #[test]
+    fn canonical_targets_are_at_most_2048_bytes_too() {
+        let own = "https://gw.local";
+        let allowed = vec![".example.com".to_string()];
+        for base in [own, "https://app.example.com"] {
+            let quoted = format!("{base}/{}", "\"".repeat(2000));
+            assert!(quoted.len() <= 2048);
+            assert_eq!(safe_absolute(&quoted, own, &allowed), None, "{base}");
+            assert_eq!(or_root_with(Some(&quoted), own, &allowed), "/");
+            // Encoded, but within the bound: kept.
+            let few = format!("{base}/a{}", "\"".repeat(10));
+            let ok = safe_absolute(&few, own, &allowed).unwrap();
+            assert_eq!(ok, format!("{base}/a{}", "%22".repeat(10)));
+        }
     }
 
     #[test]
