@@ -317,7 +317,9 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
         .map(host_only)
 }
 
-fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), PathError> {
+/// Puts the request's path in normal form (see [`normalize`]), its query unchanged; refuses a
+/// path that normalises out of the gateway's own endpoints.
+pub fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), PathError> {
     let normalized = match normalize(req.uri().path())? {
         std::borrow::Cow::Borrowed(_) => return Ok(()),
         std::borrow::Cow::Owned(p) => p,
