@@ -442,6 +442,30 @@ async fn forwarding_headers_are_replaced_unless_the_peer_is_a_trusted_proxy() {
     assert_eq!(rec.header("x-forwarded-proto"), Some("http"));
     let own_host = format!("127.0.0.1:{}", trusted.port);
     assert_eq!(rec.header("x-forwarded-host"), Some(own_host.as_str()));
+    // A trusted proxy's X-Forwarded-Host is held to a Host's rules: one the upstream could
+    // read as another site, or as a list, is not believed.
+    for bogus in [
+        "a.example, b.example",
+        "user@a.example",
+        "a.example/x",
+        "a%2eexample",
+        "",
+    ] {
+        let r = send(
+            "GET",
+            &trusted.url("/z"),
+            &[("x-forwarded-host", bogus)],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{bogus:?}: {}", r.dump());
+        let rec = upstream.last();
+        assert_eq!(
+            rec.header("x-forwarded-host"),
+            Some(own_host.as_str()),
+            "{bogus:?}: {rec:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------

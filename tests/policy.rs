@@ -1117,6 +1117,13 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
             "X-Forwarded-Uri: /admin/x".into(),
             "X-Forwarded-Host: a.test\r\nX-Forwarded-Host: b.test".into(),
         ],
+        // Not a host (a list, userinfo, a path): which site is meant is unknown too.
+        [
+            "X-Forwarded-Uri: /admin/x".into(),
+            "X-Forwarded-Host: a.test, b.test".into(),
+        ],
+        [url("/admin/x"), "X-Forwarded-Host: user@a.test".into()],
+        [url("/admin/x"), "X-Forwarded-Host: a.test/x".into()],
     ] {
         let two: Vec<&str> = two.iter().map(String::as_str).collect();
         assert_eq!(

@@ -8,7 +8,7 @@ use crate::body::Body;
 use crate::config::{ForwardAuthConfig, HeaderConfig};
 use crate::pages;
 use crate::policy::cidr::trusted;
-use crate::policy::routes::{host_only, method_override, AuthMode, Denied, Route};
+use crate::policy::routes::{host_only, method_override, valid_host, AuthMode, Denied, Route};
 use crate::policy::{decide, Decision};
 use crate::proxy::forward::ConnInfo;
 use crate::proxy::headers::put;
@@ -217,7 +217,6 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambig
         return Ok(Original::default());
     }
     let h = req.headers();
-    let forwarded_host = at_most_once(h, "x-forwarded-host")?.map(host_only);
     if let Some(rest) = envoy_path(req.uri().path()) {
         // Envoy: the router already normalised the whole path, this part with it. A proxy
         // that names the original request in headers too was pointed at `/oauth2/auth/` by
@@ -255,6 +254,11 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambig
         }
         (Some(uri), _) | (None, Some(uri)) => (uri, Form::Headers),
         (None, None) => return Ok(Original::default()),
+    };
+    // Held to a client's Host rules: the routes are matched on it.
+    let forwarded_host = match at_most_once(h, "x-forwarded-host")? {
+        Some(v) if v.is_empty() || !valid_host(v) => return Err(Ambiguous("x-forwarded-host")),
+        v => v.map(host_only),
     };
     let path = normalize(uri.path()).map_err(|_| Ambiguous("x-original-url"))?;
     let method = match (
