@@ -96,10 +96,38 @@ pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
     now + before >= s.access_expires_at
 }
 
-/// When an access token issued at `now` expires, from the provider's `expires_in` (0: not
-/// stated). A lifetime past the end of time is no reason to wrap into the past.
-pub fn access_expiry(now: u64, expires_in: Option<Duration>) -> u64 {
-    expires_in.map_or(0, |d| now.saturating_add(d.as_secs()))
+/// When an access token issued at `now` expires: from the provider's `expires_in`, or, when
+/// the answer leaves it out, from the token's own `exp` if it is a JWT (0: unknown, never
+/// refreshed for its age). A lifetime past the end of time is no reason to wrap into the past.
+pub fn access_expiry(now: u64, expires_in: Option<Duration>, access_token: &str) -> u64 {
+    match expires_in {
+        Some(d) => now.saturating_add(d.as_secs()),
+        None => jwt_expiry(access_token)
+            .filter(|exp| *exp > now)
+            .unwrap_or(0),
+    }
+}
+
+/// A JWT's `exp`, read without checking its signature: only when to refresh depends on it,
+/// and the token came straight from the provider. An `exp` already past (a provider whose
+/// clock is behind) says nothing usable: refreshing for it would refresh on every request.
+fn jwt_expiry(token: &str) -> Option<u64> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        exp: Option<f64>,
+    }
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || payload.len() > 8 * 1024 {
+        return None;
+    }
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let exp = serde_json::from_slice::<Claims>(&json).ok()?.exp?;
+    // Saturating: a NaN or negative `exp` is 0, a huge one the end of time.
+    (exp.is_finite() && exp >= 1.0).then_some(exp as u64)
 }
 
 /// The token generation a session carries, as refresh coordination names it: a digest of the
@@ -383,9 +411,9 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
                 next.identity = id.refreshed_identity(&s.identity);
                 next.id_token = t.id_token;
             }
+            next.access_expires_at = access_expiry(now, t.expires_in, &t.access_token);
             next.access_token = t.access_token;
             next.last_seen = now;
-            next.access_expires_at = access_expiry(now, t.expires_in);
             next.access_issued_at = now;
             if let Some(rt) = t.refresh_token {
                 next.refresh_token = Some(rt);
@@ -740,8 +768,46 @@ mod tests {
         assert!(!needs_refresh(&s, 5000 + 29, before));
         assert!(needs_refresh(&s, 5000 + 30, before));
         // An `expires_in` near 2^64 does not wrap into the past.
-        s.access_expires_at = access_expiry(5000, Some(Duration::from_secs(u64::MAX - 10)));
+        s.access_expires_at =
+            access_expiry(5000, Some(Duration::from_secs(u64::MAX - 10)), "opaque");
         assert!(!needs_refresh(&s, 5000 + 3600, before));
-        assert_eq!(access_expiry(5000, None), 0, "not stated");
+        assert_eq!(access_expiry(5000, None, "opaque"), 0, "not stated");
+    }
+
+    fn jwt(claims: &str) -> String {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64(claims))
+    }
+
+    /// Without `expires_in`, a JWT access token's own `exp` says when it expires; anything
+    /// else leaves it unknown, as before.
+    #[test]
+    fn without_expires_in_a_jwt_access_token_tells_its_expiry() {
+        let now = 5000;
+        assert_eq!(access_expiry(now, None, &jwt(r#"{"exp":8600}"#)), 8600);
+        assert_eq!(
+            access_expiry(now, None, &jwt(r#"{"sub":"a","exp":8600.9}"#)),
+            8600
+        );
+        // The provider's `expires_in` wins when it is there.
+        let stated = Some(Duration::from_secs(60));
+        assert_eq!(access_expiry(now, stated, &jwt(r#"{"exp":8600}"#)), 5060);
+        for unknown in [
+            "opaque-token".to_string(),
+            jwt(r#"{"sub":"a"}"#),
+            jwt(r#"{"exp":"8600"}"#),
+            jwt(r#"{"exp":-1}"#),
+            jwt(r#"{"exp":4999}"#),
+            jwt(r#"{"exp":5000}"#),
+            jwt("not json"),
+            format!("{}.extra", jwt(r#"{"exp":8600}"#)),
+            "a.!!!.c".to_string(),
+            format!("a.{}.c", "A".repeat(9000)),
+        ] {
+            assert_eq!(access_expiry(now, None, &unknown), 0, "{unknown}");
+        }
+        // Far future: the end of time, not a wrap.
+        assert_eq!(access_expiry(now, None, &jwt(r#"{"exp":1e300}"#)), u64::MAX);
     }
 }

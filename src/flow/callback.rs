@@ -199,12 +199,14 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         );
     };
     let lifetime = app.cookies.lifetime.as_secs();
+    let access_expires_at =
+        crate::refresh::access_expiry(now, tokens.expires_in, &tokens.access_token);
     let mut session = Session {
         id: random_bytes::<16>(),
         created_at_ms: crate::session::now_millis(),
         expires_at: now + lifetime,
         access_token: tokens.access_token,
-        access_expires_at: crate::refresh::access_expiry(now, tokens.expires_in),
+        access_expires_at,
         access_issued_at: now,
         refresh_token: tokens.refresh_token,
         id_token: tokens.id_token,
