@@ -8,7 +8,9 @@ use crate::body::Body;
 use crate::config::{ForwardAuthConfig, HeaderConfig};
 use crate::pages;
 use crate::policy::cidr::trusted;
-use crate::policy::routes::{host_only, method_override, valid_host, AuthMode, Denied, Route};
+use crate::policy::routes::{
+    host_only, method_override, valid_forwarded_host, AuthMode, Denied, Route,
+};
 use crate::policy::{decide, Decision};
 use crate::proxy::forward::ConnInfo;
 use crate::proxy::headers::put;
@@ -255,9 +257,11 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambig
         (Some(uri), _) | (None, Some(uri)) => (uri, Form::Headers),
         (None, None) => return Ok(Original::default()),
     };
-    // Held to a client's Host rules: the routes are matched on it.
+    // The routes are matched on it.
     let forwarded_host = match at_most_once(h, "x-forwarded-host")? {
-        Some(v) if v.is_empty() || !valid_host(v) => return Err(Ambiguous("x-forwarded-host")),
+        Some(v) if !valid_forwarded_host(v.as_bytes()) => {
+            return Err(Ambiguous("x-forwarded-host"))
+        }
         v => v.map(host_only),
     };
     let path = normalize(uri.path()).map_err(|_| Ambiguous("x-original-url"))?;

@@ -61,9 +61,12 @@ pub fn safe_absolute(target: &str, own_origin: &str, allowed: &[String]) -> Opti
     let ok = u.origin() == own.origin()
         // Allowed domains are names, never IP literals (those pass only as the own origin).
         || matches!(u.host()?, url::Host::Domain(d) if domain_allowed(d, allowed));
+    if !ok {
+        return None;
+    }
     // The canonical form percent-encodes what the target had raw (`"` is `%22`): bounded
     // again, as it is what gets sealed into the flow cookie.
-    Some(u.to_string()).filter(|canonical| ok && canonical.len() <= MAX_TARGET)
+    Some(u.to_string()).filter(|canonical| canonical.len() <= MAX_TARGET)
 }
 
 /// The longest redirect target kept (it is sealed into the flow cookie, whose browser limit

@@ -95,6 +95,12 @@ pub fn valid_host(authority: &str) -> bool {
     valid_host_bytes(authority.as_bytes())
 }
 
+/// A host named by a forwarding header (`X-Forwarded-Host`): held to a Host's rules, and not
+/// empty (an empty one names no site).
+pub fn valid_forwarded_host(value: &[u8]) -> bool {
+    !value.is_empty() && valid_host_bytes(value)
+}
+
 /// [`valid_host`] of a header value's bytes: no UTF-8 check first, as any byte outside the
 /// allowed ASCII is refused anyway (an HTTP/1 request's Host comes through here).
 pub fn valid_host_bytes(authority: &[u8]) -> bool {

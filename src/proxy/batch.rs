@@ -456,6 +456,22 @@ mod tests {
         })
     }
 
+    /// The test transports are written to only: nothing ever comes to read.
+    macro_rules! never_read {
+        ($($t:ty),*) => {$(
+            impl Read for $t {
+                fn poll_read(
+                    self: Pin<&mut Self>,
+                    _: &mut Context<'_>,
+                    _: ReadBufCursor<'_>,
+                ) -> Poll<std::io::Result<()>> {
+                    Poll::Pending
+                }
+            }
+        )*};
+    }
+    never_read!(SlowFlush, OneSlot);
+
     /// A transport that takes every write but flushes only when asked a second time (a TLS
     /// stream whose records did not all fit in the socket at first).
     #[derive(Default)]
@@ -463,16 +479,6 @@ mod tests {
         written: Vec<u8>,
         flushed: bool,
         asked: bool,
-    }
-
-    impl Read for SlowFlush {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: ReadBufCursor<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Pending
-        }
     }
 
     impl Write for SlowFlush {
@@ -544,16 +550,6 @@ mod tests {
         /// The socket becomes writable during the next registration.
         event_armed: bool,
         written: Vec<u8>,
-    }
-
-    impl Read for OneSlot {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: ReadBufCursor<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Pending
-        }
     }
 
     impl Write for OneSlot {

@@ -590,9 +590,9 @@ impl PriorHop {
             proto: single(h, "x-forwarded-proto")
                 .filter(|v| *v == "http" || *v == "https")
                 .cloned(),
-            // Held to a client's Host rules: the upstream may pick its site by it.
+            // The upstream may pick its site by it.
             host: single(h, "x-forwarded-host")
-                .filter(|v| !v.is_empty() && crate::policy::routes::valid_host_bytes(v.as_bytes()))
+                .filter(|v| crate::policy::routes::valid_forwarded_host(v.as_bytes()))
                 .cloned(),
         }
     }
