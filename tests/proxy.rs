@@ -721,6 +721,25 @@ fn read_head(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
     Some(head)
 }
 
+/// The `Sec-WebSocket-Accept` line a websocket server answers to the key in the request
+/// `head` (RFC 6455 §4.2.2); none without a key.
+fn websocket_accept(head: &str) -> String {
+    use base64::Engine;
+    use sha1::Digest;
+    let key = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("sec-websocket-key")
+            .then(|| value.trim())
+    });
+    key.map_or(String::new(), |key| {
+        let mut sha = sha1::Sha1::new();
+        sha.update(key.as_bytes());
+        sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+        let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+        format!("Sec-WebSocket-Accept: {accept}\r\n")
+    })
+}
+
 /// A raw upstream that answers an upgrade with 101 and then echoes every byte back.
 fn echo_upgrade_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
@@ -735,12 +754,13 @@ fn echo_upgrade_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>
                 let Some(head) = read_head(&mut s) else {
                     return;
                 };
-                seen.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&head).to_lowercase());
-                let _ = s.write_all(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                let head = String::from_utf8_lossy(&head);
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{}\r\n",
+                    websocket_accept(&head)
                 );
+                seen.lock().unwrap().push(head.to_lowercase());
+                let _ = s.write_all(answer.as_bytes());
                 let mut buf = [0u8; 1024];
                 loop {
                     match s.read(&mut buf) {
@@ -881,6 +901,90 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{framing}\r\n\r\n{body}"
     }
     // A websocket upgrade still opens its tunnel.
     drop(open_tunnel(gw.port, "/public/ws").await);
+}
+
+/// A raw upstream whose every answer is `101 Switching Protocols` that completes no websocket
+/// handshake (`head` after the status line), as an app endpoint relaying a status code an
+/// attacker picks would. Records every byte it receives after the first head.
+fn switching_upstream(head: &'static str) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let after = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = after.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                if read_head(&mut s).is_none() {
+                    return;
+                }
+                let _ = s.write_all(
+                    format!("HTTP/1.1 101 Switching Protocols\r\n{head}\r\n").as_bytes(),
+                );
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (port, after)
+}
+
+/// Websocket smuggling: a `101` that is no handshake for the client's key (RFC 6455 §4.1) must
+/// not turn the client's connection into a raw one to the upstream, where its next request
+/// would reach a protected path with a forged identity, past the gate and the hygiene.
+#[tokio::test]
+async fn a_101_that_completes_no_websocket_handshake_opens_no_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for head in [
+        "",
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n",
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOA=\r\n",
+    ] {
+        let (up_port, after) = switching_upstream(head);
+        let gw_port = free_port();
+        let idp = Idp::start_for_gateway(gw_port, &[]).await;
+        let _gw = Gateway::start(GatewayOpts {
+            extra: "routes: [{prefix: \"/public/\", auth: skip}]".into(),
+            ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw_port))
+            .await
+            .unwrap();
+        let req = format!(
+            "GET /public/status HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+        assert!(answer.starts_with("http/1.1 502"), "{head:?}: {answer}");
+        // What the client sends next is a new request to the gateway, not raw bytes to the
+        // upstream: it is answered (401: no session) and never reaches the upstream.
+        s.write_all(
+            b"GET /admin/secret HTTP/1.1\r\nHost: app\r\nX-Forwarded-User: admin\r\nAccept: application/json\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no answer to the next request")
+            .unwrap_or(0);
+        let next = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+        assert!(
+            n == 0 || next.starts_with("http/1.1 401"),
+            "{head:?}: {next}"
+        );
+        let got = String::from_utf8_lossy(&after.lock().unwrap()).to_string();
+        assert!(!got.contains("/admin/secret"), "{head:?}: tunnelled: {got:?}");
+    }
 }
 
 /// Sends `req` to the gateway on `port`: no tunnel is opened (no `101`), and the head the echo

@@ -231,6 +231,32 @@ pub fn upstream_body_failed(
     );
 }
 
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`: base64(SHA-1(key + the RFC's GUID)).
+fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    use sha1::Digest;
+    let mut sha = sha1::Sha1::new();
+    sha.update(key);
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// A `101` that completes the client's websocket handshake: `Upgrade: websocket` and the
+/// `Sec-WebSocket-Accept` its key calls for (`expected`; `None`: the client sent no key, so
+/// nothing the upstream says can complete it).
+fn is_websocket_handshake(h: &http::HeaderMap, expected: Option<&str>) -> bool {
+    let one = |name| {
+        let mut all = h.get_all(name).iter();
+        all.next().filter(|_| all.next().is_none())
+    };
+    let upgrade = one(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    let accepted = one(header::SEC_WEBSOCKET_ACCEPT)
+        .zip(expected)
+        .is_some_and(|(v, want)| v.as_bytes().trim_ascii() == want.as_bytes());
+    upgrade && accepted
+}
+
 /// The request target for the upstream, in origin form (`/path?query`).
 fn upstream_uri(up: &UpstreamConfig, original: Uri) -> Result<Uri, GatewayError> {
     let pq = match original.into_parts().path_and_query {
@@ -261,6 +287,11 @@ async fn forward(
     *req.uri_mut() = upstream_uri(up, std::mem::take(req.uri_mut()))?;
     *req.version_mut() = Version::HTTP_11;
     let upgrade = client_upgrade.is_some();
+    // What a genuine websocket handshake answers (RFC 6455 §4.2.2); none without a key.
+    let accept = client_upgrade
+        .as_ref()
+        .and_then(|_| req.headers().get("sec-websocket-key"))
+        .map(|key| websocket_accept(key.as_bytes()));
     let deadline = tokio::time::Instant::from_std(start) + timeout;
     let connect_timeout = route.and_then(|r| r.upstream_connect);
     let sent = app.upstream.send(
@@ -285,6 +316,15 @@ async fn forward(
                 "the upstream switched protocols unasked".into(),
             ));
         };
+        // Only a real handshake opens the tunnel: a bare `101` (an app endpoint relaying a
+        // status an attacker picks) would hand the client a raw upstream connection, past
+        // the auth gate and the header hygiene (websocket smuggling).
+        if !is_websocket_handshake(resp.headers(), accept.as_deref()) {
+            return Err(GatewayError::Upstream(
+                UpstreamFailure::Other,
+                "the upstream's 101 is no websocket handshake".into(),
+            ));
+        }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let open_tunnel = app.tunnels.open();
         let idle = app.cfg.timeouts.tunnel_idle;
@@ -311,4 +351,48 @@ async fn forward(
     sanitize_response(&mut parts.headers, |n| app.cookies.is_ours(n))
         .map_err(|why| GatewayError::Upstream(UpstreamFailure::Other, why.into()))?;
     Ok(Response::from_parts(parts, Body::from(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accept_value_is_the_rfc_6455_one() {
+        // RFC 6455 §1.3's example.
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn only_a_101_that_completes_the_handshake_opens_a_tunnel() {
+        let want = websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ==");
+        let head = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, http::HeaderValue::from_static(v));
+            }
+            h
+        };
+        let good = [
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        ];
+        assert!(is_websocket_handshake(&head(&good), Some(&want)));
+        for bad in [
+            head(&[]),
+            head(&good[1..]),
+            head(&good[..1]),
+            head(&[("upgrade", "h2c"), good[1]]),
+            head(&[good[0], ("sec-websocket-accept", "AAAA")]),
+            head(&[good[0], good[0], good[1]]),
+            head(&[good[0], good[1], good[1]]),
+        ] {
+            assert!(!is_websocket_handshake(&bad, Some(&want)), "{bad:?}");
+        }
+        // No key from the client: no answer completes it.
+        assert!(!is_websocket_handshake(&head(&good), None));
+    }
 }
