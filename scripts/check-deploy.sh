@@ -686,8 +686,16 @@ def check_forward_auth(label, ing, objs, pods, configs):
         p.append('auth-always-set-cookie is not "true": a session refreshed during the auth '
                  "subrequest would lose its new cookie whenever the app answers an error")
     hosts = {r.get("host") for r in (ing["spec"].get("rules") or [])}
+    def reaches(path, target):
+        # Whether an Ingress path (Exact, or Prefix by whole segments) takes `target`.
+        want = path.get("path", "")
+        if path.get("pathType") == "Exact":
+            return want == target
+        want = want.rstrip("/")
+        return target == want or target.startswith(want + "/")
+
     for host in hosts:
-        routed = False
+        to_gateway = []
         for other in objs:
             if other.get("kind") != "Ingress" or svc is None or ns_of(other) != ns_of(svc):
                 continue
@@ -696,16 +704,22 @@ def check_forward_auth(label, ing, objs, pods, configs):
                     continue
                 for path in (r.get("http") or {}).get("paths") or []:
                     b = (path.get("backend") or {}).get("service") or {}
-                    if path.get("path", "").rstrip("/") == "/oauth2" and b.get("name") == name_of(svc):
-                        routed = True
-        if svc is not None and not routed:
-            p.append(f"no Ingress routes https://{host}/oauth2/ to Service {name_of(svc)} (login, callback)")
+                    if b.get("name") == name_of(svc):
+                        to_gateway.append(path)
+        for endpoint in ("/oauth2/start", "/oauth2/callback", "/oauth2/sign_out"):
+            if svc is not None and not any(reaches(x, endpoint) for x in to_gateway):
+                p.append(f"no Ingress routes https://{host}{endpoint} to Service {name_of(svc)}")
+        for endpoint in ("/oauth2/auth", "/oauth2/auth/x"):
+            if any(reaches(x, endpoint) for x in to_gateway):
+                p.append(f"an Ingress routes https://{host}{endpoint} to Service {name_of(svc)}: the "
+                         "forward-auth answer (the access token for the controller, a trusted proxy) "
+                         "would reach a script on the page; list the browser's /oauth2/ endpoints one by one")
         for q in gw_pods:
             cfg = configs.get(id(q)) or {}
             rhost = urlsplit(str(cfg.get("redirect_url", ""))).hostname
             if cfg and rhost != host:
                 p.append(f"redirect_url host {rhost!r} of {ref(q.owner)} is not the Ingress host {host!r}")
-    report(f"fwdauth  {label}: {ref(ing)} -> portcullis /oauth2/auth, /oauth2/ routed, cookies passed, redirect_url host", p)
+    report(f"fwdauth  {label}: {ref(ing)} -> portcullis /oauth2/auth, login endpoints routed (not /oauth2/auth), cookies passed, redirect_url host", p)
 
 
 # ---------------------------------------------------------------- main

@@ -2244,6 +2244,12 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
         "{}",
         fa.dump()
     );
+    // Not through nginx, in either form: a script on the page would read the token.
+    for path in ["/oauth2/auth", "/oauth2/auth/some/page"] {
+        let r = api_get(&nginx.url(path), &cookie).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.dump());
+        assert!(r.header("x-auth-request-access-token").is_none());
+    }
     let no = api_get(&gw.url("/oauth2/auth"), "").await;
     assert_eq!(no.status, 401, "{}", no.dump());
     assert!(no.header("x-auth-request-user").is_none());

@@ -1256,6 +1256,9 @@ async fn forward_auth_ignores_the_original_request_from_untrusted_peers() {
         let r = exchange(req).await;
         assert_eq!(r.status, Some(202), "{target} {extra}: {}", r.text);
         assert_eq!(r.header("x-auth-request-user").as_deref(), Some("alice"));
+        // The bearer goes to a trusted proxy only, never to a client: a script on the
+        // app's origin would read it from this answer.
+        assert_eq!(r.header("x-auth-request-access-token"), None, "{}", r.text);
         // Without one, a "public" original request is no way in.
         let public = extra.replace("admin", "public");
         let req = raw_get(
@@ -1284,11 +1287,16 @@ async fn forward_auth_ignores_the_original_request_from_untrusted_peers() {
     // The operator learns of it (once a minute: a client can send these at will), without
     // the cookie in the log.
     let log = s.gw.stderr();
-    let warned = log
-        .lines()
-        .filter(|l| l.contains("WARN") && l.contains("trusted_proxies"))
-        .count();
-    assert_eq!(warned, 1, "warn lines naming trusted_proxies:\n{log}");
+    for what in ["original request named", "access token not passed"] {
+        let warned = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("trusted_proxies") && l.contains(what))
+            .count();
+        assert_eq!(
+            warned, 1,
+            "warn lines naming trusted_proxies ({what}):\n{log}"
+        );
+    }
     let session = cookie.split_once('=').unwrap().1;
     assert!(
         !log.contains(&session[..32]),

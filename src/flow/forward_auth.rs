@@ -18,8 +18,16 @@ use crate::proxy::path::normalize;
 use crate::session::{CookieJar, Session};
 use http::header::{HeaderMap, HeaderValue, SET_COOKIE};
 use http::{Request, Response, StatusCode};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, app: &HeaderConfig) {
+/// The answer's identity headers; the access token only when `pass_token`.
+fn identity_headers(
+    h: &mut HeaderMap,
+    s: &Session,
+    cfg: &ForwardAuthConfig,
+    app: &HeaderConfig,
+    pass_token: bool,
+) {
     put(h, &cfg.user, s.user(app));
     if let Some(e) = s.email(app.unverified_email) {
         put(h, &cfg.email, e);
@@ -34,7 +42,7 @@ fn identity_headers(h: &mut HeaderMap, s: &Session, cfg: &ForwardAuthConfig, app
     if let Some(u) = &s.identity.preferred_username {
         put(h, &cfg.preferred_username, u);
     }
-    if cfg.pass_access_token {
+    if pass_token {
         if let Ok(mut v) = HeaderValue::from_str(&s.access_token) {
             v.set_sensitive(true);
             h.insert(cfg.access_token.clone(), v);
@@ -164,15 +172,8 @@ struct Original<'a> {
 /// the proxy itself, left out of the list, its routes' rules are skipped: the operator is
 /// told, once a minute at most (a client can send these headers at will).
 fn warn_untrusted(peer: Option<std::net::IpAddr>, named_by: &'static str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = crate::session::now_secs();
-    let last = LAST.load(Ordering::Relaxed);
-    if (last != 0 && now < last + 60)
-        || LAST
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-    {
+    if !once_a_minute(&LAST) {
         return;
     }
     tracing::warn!(
@@ -182,6 +183,31 @@ fn warn_untrusted(peer: Option<std::net::IpAddr>, named_by: &'static str) {
          global rules decide); if that peer is the forward-auth proxy, list it in \
          trusted_proxies so that its routes' rules apply"
     );
+}
+
+/// The access token was withheld from a peer not in `trusted_proxies`: told once a minute at
+/// most, for the operator whose proxy was left out of the list.
+fn warn_token_withheld(peer: Option<std::net::IpAddr>) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    if !once_a_minute(&LAST) {
+        return;
+    }
+    tracing::warn!(
+        peer = %peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string()),
+        "forward-auth: access token not passed to a peer not in trusted_proxies (a browser \
+         script must not read it); if that peer is the forward-auth proxy, list it in \
+         trusted_proxies"
+    );
+}
+
+/// Whether a warning last given at `last` (seconds) may be given again now, claiming it.
+fn once_a_minute(last: &AtomicU64) -> bool {
+    let now = crate::session::now_secs();
+    let prev = last.load(Ordering::Relaxed);
+    (prev == 0 || now >= prev + 60)
+        && last
+            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// The original path of Envoy's form, `/oauth2/auth/<path>`.
@@ -210,9 +236,13 @@ fn names_original(req: &Request<Body>) -> Option<&'static str> {
 /// request it was (`X-Original-URL` from ingress-nginx, `X-Forwarded-Uri` from Traefik, the
 /// path after `/oauth2/auth` from Envoy): a client cannot choose the route. From anyone else,
 /// or named by no one, `Original::default()` (the global rules decide).
-fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambiguous> {
-    let peer = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
-    if !peer.is_some_and(|ip| trusted(&app.cfg.trusted_proxies, ip)) {
+fn original<'a>(
+    app: &'a App,
+    req: &Request<Body>,
+    peer: Option<std::net::IpAddr>,
+    trusted_peer: bool,
+) -> Result<Original<'a>, Ambiguous> {
+    if !trusted_peer {
         if let Some(named_by) = names_original(req) {
             warn_untrusted(peer, named_by);
         }
@@ -295,7 +325,9 @@ fn original<'a>(app: &'a App, req: &Request<Body>) -> Result<Original<'a>, Ambig
 }
 
 pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<Body> {
-    let original = match original(app, req) {
+    let peer = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
+    let trusted_peer = peer.is_some_and(|ip| trusted(&app.cfg.trusted_proxies, ip));
+    let original = match original(app, req, peer, trusted_peer) {
         Ok(o) => o,
         Err(Ambiguous(header)) => {
             tracing::debug!(header, "forward-auth: ambiguous original request refused");
@@ -346,7 +378,19 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
     }
     let mut resp = pages::text(allowed, "");
     let h = resp.headers_mut();
-    identity_headers(h, &session, &app.cfg.forward_auth, &app.cfg.headers);
+    // The bearer goes to the proxy that asks, never to a client: a script on the app's
+    // origin would read it from this answer (the session cookie is HttpOnly for that reason).
+    let pass_token = app.cfg.forward_auth.pass_access_token && trusted_peer;
+    if app.cfg.forward_auth.pass_access_token && !trusted_peer {
+        warn_token_withheld(peer);
+    }
+    identity_headers(
+        h,
+        &session,
+        &app.cfg.forward_auth,
+        &app.cfg.headers,
+        pass_token,
+    );
     for v in cookie_lines {
         h.append(SET_COOKIE, v);
     }
