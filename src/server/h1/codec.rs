@@ -254,6 +254,15 @@ pub fn parse_head(
     if hosts > 1 || (http11 && hosts == 0) {
         return Err(HeadError::Invalid);
     }
+    // An absolute-form target names the site too (RFC 9112 §3.2.2: it wins over Host): the
+    // two must agree, or routes matched on one would guard requests the upstream reads for
+    // the other (as over HTTP/2, where `:authority` and Host must agree).
+    if let Some(authority) = uri.authority() {
+        let host = headers.get(header::HOST).map(HeaderValue::as_bytes);
+        if host.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str().as_bytes())) {
+            return Err(HeadError::Invalid);
+        }
+    }
     if te && cl {
         keep_alive = false;
     }
@@ -601,11 +610,16 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a..b\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x/y\r\n\r\n",
             "GET http://a..b/ HTTP/1.0\r\n\r\n",
+            // An absolute-form target and Host that name different sites.
+            "GET http://evil.test/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http://a:8080/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http://a/x HTTP/1.0\r\nHost: a:8080\r\n\r\n",
         ] {
             assert_eq!(parse_raw(bad).err(), Some(HeadError::Invalid), "{bad:?}");
         }
         for good in [
             "GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http://A.test:8080/x HTTP/1.1\r\nHost: a.TEST:8080\r\n\r\n",
             "GET http://example.com:8080/x?y HTTP/1.0\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
         ] {
