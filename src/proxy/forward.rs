@@ -14,7 +14,8 @@ use crate::proxy::pool::{broke_off, SendError};
 use crate::server::h1::io::{ClientBodyError, ClientUpgrade};
 use crate::session::ActiveSession;
 use http::uri::PathAndQuery;
-use http::{header, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::future::Future;
@@ -286,6 +287,17 @@ async fn forward(
     // Host is there: the hygiene layer saw to it.
     *req.uri_mut() = upstream_uri(up, std::mem::take(req.uri_mut()))?;
     *req.version_mut() = Version::HTTP_11;
+    // hyper's client sends a GET's or HEAD's body of unknown length only when told to: a
+    // chunked one (a search API's query) would be dropped.
+    if matches!(*req.method(), Method::GET | Method::HEAD)
+        && req.body().size_hint().exact().is_none()
+        && !req.body().is_end_stream()
+    {
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     let upgrade = client_upgrade.is_some();
     // What a genuine websocket handshake answers (RFC 6455 §4.2.2); none without a key.
     let accept = client_upgrade
