@@ -657,8 +657,18 @@ fn append_cookies(resp: &mut Response<Body>, lines: Vec<HeaderValue>) {
 /// An upstream answer that now carries the user's session cookie must not be stored by a
 /// shared cache, which would hand the cookie to whoever asks next (an asset behind the login
 /// marked `public, max-age=…`): `private` is added and `public` / `s-maxage` dropped; what
-/// the browser's own cache may do (`max-age`, `no-cache`, …) is kept.
+/// the browser's own cache may do (`max-age`, `no-cache`, …) is kept. Fields aimed at CDNs
+/// alone (`CDN-Cache-Control`, RFC 9213, and its vendors' `*-CDN-Cache-Control`;
+/// `Surrogate-Control`) are dropped: a CDN obeys them instead of `Cache-Control`.
 fn keep_private(headers: &mut HeaderMap) {
+    let targeted: Vec<_> = headers
+        .keys()
+        .filter(|n| n.as_str().ends_with("cdn-cache-control") || n.as_str() == "surrogate-control")
+        .cloned()
+        .collect();
+    for n in targeted {
+        headers.remove(n);
+    }
     let directives: Vec<String> = headers
         .get_all(CACHE_CONTROL)
         .iter()
@@ -723,6 +733,22 @@ mod tests {
         );
         assert_eq!(private(&["no-store"]), "no-store");
         assert_eq!(private(&["private, max-age=5"]), "private, max-age=5");
+        // What only CDNs read goes, whatever Cache-Control says; other fields stay.
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("cache-control", "private"),
+            ("cdn-cache-control", "public, max-age=600"),
+            ("cloudflare-cdn-cache-control", "max-age=600"),
+            ("surrogate-control", "max-age=600"),
+            ("surrogate-key", "assets"),
+            ("etag", "\"x\""),
+        ] {
+            h.append(n, HeaderValue::from_static(v));
+        }
+        keep_private(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["cache-control", "etag", "surrogate-key"]);
     }
 
     #[test]
