@@ -361,15 +361,18 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
             }
         }
     }
-    let r = bob
-        .request(
-            "POST",
-            &s.gw.url("/items/1?_method=DELETE"),
-            &json,
-            Vec::new(),
-        )
-        .await;
-    assert_eq!(r.status, 400, "bob POST ?_method=DELETE: {}", r.dump());
+    // Also as PHP spells it: `.`, ` ` (`+`) or `[` for the leading `_`.
+    for query in ["_method", ".method", "+method", "%20method", "[method"] {
+        let r = bob
+            .request(
+                "POST",
+                &s.gw.url(&format!("/items/1?{query}=DELETE")),
+                &json,
+                Vec::new(),
+            )
+            .await;
+        assert_eq!(r.status, 400, "bob POST ?{query}=DELETE: {}", r.dump());
+    }
     // Nor a skip route's: an anonymous POST taken as a GET of /public/.
     let h = [
         ("accept", "application/json"),

@@ -174,7 +174,7 @@ pub fn method_override(
             .then(|| v.to_str().map(str::to_owned).map_err(|_| BadOverride))
     });
     let from_query = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .filter(|(k, _)| k == "_method")
+        .filter(|(k, _)| is_method_param(k))
         .map(|(_, v)| Ok(v.into_owned()));
     let mut found: Option<Method> = None;
     for name in from_headers.chain(from_query) {
@@ -186,6 +186,15 @@ pub fn method_override(
         }
     }
     Ok(found)
+}
+
+/// `_method`, also as PHP reads a query's names: a leading `.`, ` ` or `[` becomes `_`, so
+/// `.method` reaches a PHP app (Laravel, Symfony) as `_method`.
+fn is_method_param(name: &str) -> bool {
+    match name.as_bytes() {
+        [b'_' | b'.' | b' ' | b'[', rest @ ..] => rest == b"method",
+        _ => false,
+    }
 }
 
 /// Any match of any list lets the user pass; all lists empty lets everyone pass.
