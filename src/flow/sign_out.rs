@@ -166,7 +166,10 @@ fn revoke_at_provider(app: &App, s: &Session) {
     let provider = app.provider.clone();
     let metrics = app.metrics.clone();
     let sub = s.identity.sub.clone();
+    // Shutdown waits for it: a sign-out just before a restart still ends the grant.
+    let running = app.background.start();
     tokio::spawn(async move {
+        let _running = running;
         let outcome = match provider.revoke(&token, kind).await {
             Ok(Revoked::Done) => {
                 tracing::debug!(%sub, token_type_hint = kind.hint(), "token revoked at the provider");
