@@ -642,6 +642,10 @@ async fn metrics_pass_promtool_and_count_without_identifying_labels() {
         r#"portcullis_config_reloads_total{result="failure"}"#,
         r#"portcullis_logouts_total{kind="user"}"#,
         r#"portcullis_logouts_total{kind="backchannel"}"#,
+        r#"portcullis_token_revocations_total{outcome="revoked"}"#,
+        r#"portcullis_token_revocations_total{outcome="refused"}"#,
+        r#"portcullis_token_revocations_total{outcome="unavailable"}"#,
+        r#"portcullis_provider_request_duration_seconds_count{endpoint="revocation"}"#,
     ] {
         assert_eq!(m.value(series), 0.0, "{series}\n{}", m.text);
     }
