@@ -55,6 +55,8 @@ pub struct Shared {
     pub request_id_prefix: Arc<str>,
     /// Open websocket tunnels: shutdown waits for them to end.
     pub tunnels: Arc<Tunnels>,
+    /// Work left running after an answer (a sign-out's revocation): shutdown waits for it.
+    pub background: Arc<Background>,
 }
 
 /// Counts open upgraded connections (they live outside hyper's connection tracking).
@@ -81,6 +83,32 @@ impl Drop for TunnelGuard {
     }
 }
 
+/// Counts tasks a request left running after its answer (a sign-out's token revocation at
+/// the provider, bounded by `timeouts.provider`): shutdown waits for them as for connections
+/// (within `timeouts.shutdown`), so a sign-out just before a restart is not cut short.
+#[derive(Default)]
+pub struct Background(std::sync::atomic::AtomicUsize);
+
+/// Held by a background task until it ends.
+pub struct BackgroundGuard(Arc<Background>);
+
+impl Background {
+    pub fn start(self: &Arc<Self>) -> BackgroundGuard {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        BackgroundGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for BackgroundGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Shared {
     pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
         let prefix = crate::session::crypto::hex(&crate::session::crypto::random_bytes::<4>());
@@ -92,6 +120,7 @@ impl Shared {
             revocations: Arc::default(),
             request_id_prefix: prefix.into(),
             tunnels: Arc::default(),
+            background: Arc::default(),
         }
     }
 }
@@ -115,6 +144,7 @@ pub struct App {
     pub revocations: Arc<crate::session::revocation::Revocations>,
     pub request_id_prefix: Arc<str>,
     pub tunnels: Arc<Tunnels>,
+    pub background: Arc<Background>,
 }
 
 impl App {
@@ -145,6 +175,7 @@ impl App {
             revocations: shared.revocations.clone(),
             request_id_prefix: shared.request_id_prefix.clone(),
             tunnels: shared.tunnels.clone(),
+            background: shared.background.clone(),
             metrics: shared.metrics.clone(),
             draining: shared.draining.clone(),
             cfg,

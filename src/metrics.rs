@@ -160,6 +160,7 @@ pub struct Metrics {
     pub provider_seconds: HistogramVec,
     pub config_reloads: IntCounterVec,
     pub logouts: IntCounterVec,
+    pub revocations: IntCounterVec,
     build_info: IntGaugeVec,
     /// Set when the shutdown timeout ran out: a request dropped from then on was cut by the
     /// gateway, not abandoned by its client.
@@ -247,6 +248,13 @@ impl Metrics {
             Opts::new("logouts_total", "Sessions ended by sign-out, by kind."),
             &["kind"],
         )?;
+        let revocations = IntCounterVec::new(
+            Opts::new(
+                "token_revocations_total",
+                "Tokens of signed-out sessions revoked at the provider, by outcome.",
+            ),
+            &["outcome"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "Build information; always 1."),
             &["version"],
@@ -267,6 +275,7 @@ impl Metrics {
             Box::new(provider_seconds.clone()),
             Box::new(config_reloads.clone()),
             Box::new(logouts.clone()),
+            Box::new(revocations.clone()),
             Box::new(build_info.clone()),
         ] {
             r.register(c)?;
@@ -298,7 +307,7 @@ impl Metrics {
         for reason in ["tampered", "expired", "unknown_key", "oversize", "revoked"] {
             cookies_rejected.with_label_values(&[reason]);
         }
-        for e in ["token", "jwks", "discovery", "userinfo"] {
+        for e in ["token", "jwks", "discovery", "userinfo", "revocation"] {
             provider_seconds.with_label_values(&[e]);
         }
         login_flows.with_label_values(&["started", ""]);
@@ -308,6 +317,9 @@ impl Metrics {
         }
         for k in ["user", "backchannel"] {
             logouts.with_label_values(&[k]);
+        }
+        for o in ["revoked", "refused", "unavailable"] {
+            revocations.with_label_values(&[o]);
         }
         Ok(Self {
             registry: r,
@@ -323,6 +335,7 @@ impl Metrics {
             provider_seconds,
             config_reloads,
             logouts,
+            revocations,
             build_info,
             cut_off: std::sync::atomic::AtomicBool::new(false),
         })

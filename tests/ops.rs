@@ -642,6 +642,10 @@ async fn metrics_pass_promtool_and_count_without_identifying_labels() {
         r#"portcullis_config_reloads_total{result="failure"}"#,
         r#"portcullis_logouts_total{kind="user"}"#,
         r#"portcullis_logouts_total{kind="backchannel"}"#,
+        r#"portcullis_token_revocations_total{outcome="revoked"}"#,
+        r#"portcullis_token_revocations_total{outcome="refused"}"#,
+        r#"portcullis_token_revocations_total{outcome="unavailable"}"#,
+        r#"portcullis_provider_request_duration_seconds_count{endpoint="revocation"}"#,
     ] {
         assert_eq!(m.value(series), 0.0, "{series}\n{}", m.text);
     }
@@ -1093,6 +1097,59 @@ async fn requests_cut_at_the_shutdown_timeout_are_logged_503_not_499() {
     assert!(line.contains("status=503"), "{line}");
     assert!(!log.contains("status=499"), "{}", gw.tails());
     drop(tcp);
+}
+
+/// A sign-out right before a shutdown: the gateway waits (within `timeouts.shutdown`) for the
+/// revocation it started at the provider, however slow the provider is to answer, so that a
+/// restart does not cut it short.
+#[tokio::test]
+async fn shutdown_waits_for_a_sign_outs_revocation_at_the_provider() {
+    let (idp, upstream, mut opts) = parts(&[]).await;
+    opts.extra =
+        "lifecycle: { shutdown_delay: 0s }\ntimeouts: { shutdown: 20s, provider: 8s }".into();
+    let mut gw = OpsGateway::start(&OpsConfig::new(opts)).await;
+    let b = Browser::new();
+    let t = login_at(&b, &gw.origin(), "/", "alice").await;
+    assert_eq!(t.last.status, 200, "{}", t.last.dump());
+    let token = upstream.last().bearer();
+    let page = b.get(&gw.url("/oauth2/sign_out")).await;
+    let csrf = html::hidden_value(&page.text(), "csrf").expect("csrf");
+    let revocations = || {
+        idp.requests()
+            .into_iter()
+            .filter(|l| l.contains(" POST /token/revocation "))
+            .collect::<Vec<_>>()
+    };
+
+    idp.signal("STOP");
+    let out = b
+        .request(
+            "POST",
+            &gw.url("/oauth2/sign_out"),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &gw.origin()),
+            ],
+            format!("csrf={}", enc(&csrf)),
+        )
+        .await;
+    assert_eq!(out.status, 302, "{}", out.dump());
+    gw.signal("TERM");
+    // Past the drain's start (at most a second after the signal): still there, waiting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waited = gw.exited();
+    idp.signal("CONT");
+    assert!(
+        waited.is_none(),
+        "exited ({waited:?}) with the revocation under way\n{}",
+        gw.tails()
+    );
+    let status = gw.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status}\n{}", gw.tails());
+    let served = revocations();
+    assert_eq!(served.len(), 1, "{served:?}");
+    assert!(served[0].contains(" 200 "), "{served:?}");
+    assert_eq!(idp.userinfo(&token).await.status, 401, "the grant lives on");
 }
 
 /// A second shutdown signal (Ctrl-C twice) does not wait for the delay and the drain.

@@ -1,8 +1,9 @@
 //! The gateway and its OpenID provider, against the real test provider: the token
 //! endpoint's client authentication method (and the one-time fallback to
-//! `client_secret_post`), a JWKS re-fetch when the provider's signing key changes,
-//! discovery retried until the provider exists, a provider that issues no refresh
-//! token, and a discovery document whose issuer does not match the configuration.
+//! `client_secret_post`), which a sign-out's token revocation uses too, a JWKS re-fetch
+//! when the provider's signing key changes, discovery retried until the provider exists, a
+//! provider that issues no refresh token (a sign-out revokes the access token), and a
+//! discovery document whose issuer does not match the configuration.
 //!
 //! Waits are polls with deadlines. The one deliberate wait is the gateway's JWKS
 //! re-fetch rate limit (at most once per 10 s): the test waits it out instead of
@@ -33,6 +34,35 @@ fn token_statuses(idp: &Idp) -> Vec<u16> {
                 .unwrap_or_else(|| panic!("unparsable REQ line: {l}"))
         })
         .collect()
+}
+
+/// The statuses of the revocation requests (RFC 7009) the IdP served, in order.
+fn revocation_statuses(idp: &Idp) -> Vec<u16> {
+    idp.requests()
+        .iter()
+        .filter(|l| l.contains(" POST /token/revocation "))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(5)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("unparsable REQ line: {l}"))
+        })
+        .collect()
+}
+
+/// Polls until the IdP has served revocations with these statuses (a sign-out revokes in
+/// the background).
+async fn await_revocations(idp: &Idp, want: &[u16]) {
+    let deadline = Instant::now() + EVENTUALLY;
+    while revocation_statuses(idp) != want {
+        assert!(
+            Instant::now() < deadline,
+            "revocations {:?}, want {want:?}\n{}",
+            revocation_statuses(idp),
+            idp.tails()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Asserts that `resp` is a proper error page of the gateway: one of `statuses` (never a
@@ -178,6 +208,50 @@ async fn configured_post_against_a_basic_client_fails_cleanly() {
     auth_redirect(&again);
     assert_eq!(s.upstream.count(), 0, "nothing reached the upstream");
     s.gw.assert_healthy().await;
+}
+
+/// A sign-out's revocation authenticates the client as the token endpoint does. A gateway
+/// that has not learnt `client_secret_post` (a new process: the code was exchanged by
+/// another) tries Basic, is refused with `invalid_client`, and revokes with post.
+#[tokio::test]
+async fn sign_out_revocation_authenticates_as_the_token_endpoint_does() {
+    let s = stack(&[IDP_POST, IDP_STRICT], &[], "").await;
+    let (b, cb) = login_attempt(&s.gw, "alice").await;
+    assert_logged_in(&s.gw, &b, &cb).await;
+    assert_eq!(token_statuses(&s.idp), vec![401, 200]);
+    let token = s.upstream.last().bearer();
+    assert_eq!(s.idp.userinfo(&token).await.status, 200);
+
+    // The session signs out at a new gateway process with the same cookie keys.
+    let other = Gateway::start(GatewayOpts::new(free_port(), &s.idp, &s.upstream.url())).await;
+    let at_other = |b: &Browser| {
+        let value = b.cookie(&s.gw.url("/"), "_portcullis").expect("session");
+        let moved = Browser::new();
+        moved.put_cookie(&other.url("/"), "_portcullis", &value, "/");
+        moved
+    };
+    let b = at_other(&b);
+    let csrf = sign_out_csrf(&b, &other).await;
+    let out = post_sign_out(&b, &other, &csrf).await;
+    assert_eq!(out.status, 302, "{}", out.dump());
+    await_revocations(&s.idp, &[401, 200]).await;
+    // Revoking the refresh token ended the grant, its access token with it.
+    assert_eq!(s.idp.userinfo(&token).await.status, 401);
+
+    // Learnt: the next sign-out there revokes with post at once.
+    let (b, cb) = login_attempt(&s.gw, "bob").await;
+    assert_logged_in(&s.gw, &b, &cb).await;
+    let b = at_other(&b);
+    let csrf = sign_out_csrf(&b, &other).await;
+    assert_eq!(post_sign_out(&b, &other, &csrf).await.status, 302);
+    await_revocations(&s.idp, &[401, 200, 200]).await;
+    // Configured post: post from the start.
+    let s = stack(&[IDP_POST, IDP_STRICT], &[GW_POST], "").await;
+    let (b, cb) = login_attempt(&s.gw, "carol").await;
+    assert_logged_in(&s.gw, &b, &cb).await;
+    let csrf = sign_out_csrf(&b, &s.gw).await;
+    assert_eq!(post_sign_out(&b, &s.gw, &csrf).await.status, 302);
+    await_revocations(&s.idp, &[200]).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -509,6 +583,20 @@ async fn without_a_refresh_token_the_session_ends_when_the_access_token_expires(
         "no refresh was ever attempted\n{}",
         s.idp.tails()
     );
+}
+
+/// Without a refresh token, a sign-out revokes the access token (`token_type_hint`
+/// `access_token`): it stops working at the provider at once.
+#[tokio::test]
+async fn without_a_refresh_token_sign_out_revokes_the_access_token() {
+    let s = stack(&[("IDP_NO_REFRESH_TOKEN", "1")], &[], "").await;
+    let b = s.login("alice").await;
+    let token = s.upstream.last().bearer();
+    assert_eq!(s.idp.userinfo(&token).await.status, 200);
+    let csrf = sign_out_csrf(&b, &s.gw).await;
+    assert_eq!(post_sign_out(&b, &s.gw, &csrf).await.status, 302);
+    await_revocations(&s.idp, &[200]).await;
+    assert_eq!(s.idp.userinfo(&token).await.status, 401);
 }
 
 // ---------------------------------------------------------------------------------------

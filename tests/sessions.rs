@@ -1324,6 +1324,11 @@ async fn sign_out_with_the_redis_store_deletes_the_session() {
     let after = api(&gw, "/x", &cookie).await;
     assert_eq!(after.status, 401, "old cookie: {}", after.dump());
     assert_session_cleared(&after, "old cookie");
+    // The session's refresh token is revoked at the provider (in the background), and with
+    // it the grant: its access token is dead there too.
+    await_revocation(&idp).await;
+    assert_eq!(idp.userinfo(&token).await.status, 401, "the grant lives on");
+    assert_eq!(revocations_at(&idp).len(), 1, "{:?}", idp.requests());
 
     // The user's index (for back-channel logout by subject) holds the sessions still there:
     // logging in again drops the one signed out of instead of piling up ids.
@@ -1339,6 +1344,146 @@ async fn sign_out_with_the_redis_store_deletes_the_session() {
         .collect();
     let ids: Vec<String> = ids.iter().filter_map(Reply::text).collect();
     assert_eq!(ids, live, "index {ids:?}, sessions {live:?}");
+}
+
+/// The revocations (RFC 7009) the provider has served, with their status.
+fn revocations_at(idp: &Idp) -> Vec<String> {
+    idp.requests()
+        .into_iter()
+        .filter(|l| l.contains(" POST /token/revocation "))
+        .collect()
+}
+
+/// Waits (up to `EVENTUALLY`) for the sign-out's revocation, which runs in the background,
+/// to reach the provider; does not fail without it (the caller's assertions say what is
+/// wrong then).
+async fn await_revocation(idp: &Idp) {
+    let deadline = Instant::now() + EVENTUALLY;
+    while revocations_at(idp).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The cookie store without a coordination Redis remembers a sign-out in memory only. A copy
+/// of the signed-out cookie, presented to a new gateway process (same cookie keys: a
+/// restart, a rolling update) once its access token is due, is not refreshed: the sign-out
+/// revoked the refresh token at the provider. A session not signed out is refreshed there.
+#[tokio::test]
+async fn a_signed_out_cookie_is_not_refreshed_after_a_restart() {
+    let (gw_port, next_port, admin) = (free_port(), free_port(), free_port());
+    let uris = redirect_uris(&[gw_port, next_port]);
+    let idp = Idp::start(&[("IDP_REDIRECT_URIS", &uris), AT_TTL_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 1);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
+    let alice = Browser::new();
+    let r = login(&alice, &gw, "/", "alice").await;
+    let alice_token = bearer_in(&r);
+    let copied = alice.cookie_header(&gw.url("/"));
+    let kept = login_cookie(&gw, "bob").await;
+    let issued_by = Instant::now();
+
+    let csrf = sign_out_csrf(&alice, &gw).await;
+    let out = post_sign_out(&alice, &gw, &csrf).await;
+    assert_eq!(out.status, 302, "{}", out.dump());
+    assert_session_cleared(&out, "sign-out");
+    // This process remembers the sign-out.
+    assert_eq!(api(&gw, "/x", &copied).await.status, 401);
+    await_revocation(&idp).await;
+    // A new process with the same keys: a restart, or a rolling update's new replica (the old
+    // one may still run meanwhile; it is asked nothing more).
+    let next = Gateway::start(gw_opts(next_port, &idp, &upstream, &yaml, None)).await;
+    until_due(issued_by, 1).await;
+
+    // Not signed out: refreshed by the new process.
+    let r = api(&next, "/after-restart", &kept).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+    // Signed out: the provider refuses the refresh, the session is over.
+    let r = api(&next, "/after-restart", &copied).await;
+    assert_eq!(
+        r.status,
+        401,
+        "a signed-out cookie was refreshed after a restart: {}",
+        r.dump()
+    );
+    assert_session_cleared(&r, "signed-out copy");
+
+    // One revocation, a success; the whole grant is gone (oidc-provider revokes a refresh
+    // token's grant), its access token with it.
+    let revoked = revocations_at(&idp);
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert!(revoked[0].contains(" 200 "), "{revoked:?}");
+    let counted = eventually("the revocation counted", || async {
+        let m = metrics(admin).await;
+        match sample(
+            &m,
+            r#"portcullis_token_revocations_total{outcome="revoked"}"#,
+        ) {
+            Some(n) if n > 0.0 => Ok(m),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    for (outcome, n) in [("revoked", 1.0), ("refused", 0.0), ("unavailable", 0.0)] {
+        let series = format!("portcullis_token_revocations_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(sample(&counted, &series), Some(n), "{series}\n{counted}");
+    }
+    assert_eq!(idp.userinfo(&alice_token).await.status, 401);
+}
+
+/// `provider.revoke_on_sign_out: false`: a sign-out asks nothing of the provider (the grant
+/// lives on, as with providers where revoking a token ends the user's other sessions too).
+/// A provider that cannot be reached does not hold up the sign-out, which counts the failure.
+#[tokio::test]
+async fn sign_out_revocation_can_be_turned_off_and_never_holds_up_the_sign_out() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let mut opts = gw_opts(gw_port, &idp, &upstream, "", None);
+    opts.provider_extra.push("revoke_on_sign_out: false".into());
+    let gw = Gateway::start(opts).await;
+    let b = Browser::new();
+    let token = bearer_in(&login(&b, &gw, "/", "alice").await);
+    let csrf = sign_out_csrf(&b, &gw).await;
+    let out = post_sign_out(&b, &gw, &csrf).await;
+    assert_eq!(out.status, 302, "{}", out.dump());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(revocations_at(&idp), Vec::<String>::new());
+    assert_eq!(idp.userinfo(&token).await.status, 200, "the grant lives on");
+    drop(gw);
+
+    // Revoking, with the provider frozen: the sign-out answers at once all the same.
+    let admin = free_port();
+    let yaml = session_yaml(Store::CookieOnly, None, 60);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
+    let b = Browser::new();
+    assert_eq!(login(&b, &gw, "/", "alice").await.status, 200);
+    let csrf = sign_out_csrf(&b, &gw).await;
+    idp.signal("STOP");
+    let t0 = Instant::now();
+    let out = post_sign_out(&b, &gw, &csrf).await;
+    let took = t0.elapsed();
+    assert_eq!(out.status, 302, "{}", out.dump());
+    assert!(
+        took < Duration::from_secs(1),
+        "the sign-out waited {took:?}"
+    );
+    let series = r#"portcullis_token_revocations_total{outcome="unavailable"}"#;
+    eventually("the failed revocation counted", || async {
+        let m = metrics(admin).await;
+        match sample(&m, series) {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    idp.signal("CONT");
+    let warned = gw.stderr();
+    assert!(
+        warned.contains("cannot revoke the signed-out session's token at the provider"),
+        "{warned}"
+    );
 }
 
 /// Redis store: a whole session sealed into the cookie (by a cookie-store deployment with the

@@ -84,6 +84,9 @@ pub struct RawProvider {
     pub token_auth_method: String,
     #[serde(with = "humantime_serde")]
     pub clock_skew: Duration,
+    /// On sign-out, revoke the session's refresh token at the provider's
+    /// `revocation_endpoint` (RFC 7009), when discovery names one.
+    pub revoke_on_sign_out: bool,
 }
 
 impl Default for RawProvider {
@@ -96,6 +99,7 @@ impl Default for RawProvider {
             scopes: vec!["openid".into(), "email".into(), "profile".into()],
             token_auth_method: "auto".into(),
             clock_skew: Duration::from_secs(60),
+            revoke_on_sign_out: true,
         }
     }
 }

@@ -90,6 +90,8 @@ pub struct ProviderConfig {
     pub scopes: Vec<String>,
     pub token_auth_method: TokenAuthMethod,
     pub clock_skew: Duration,
+    /// Revoke a signed-out session's refresh token (or access token) at the provider.
+    pub revoke_on_sign_out: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1000,6 +1002,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             scopes: p.scopes.clone(),
             token_auth_method,
             clock_skew: p.clock_skew,
+            revoke_on_sign_out: p.revoke_on_sign_out,
         },
         cookie: CookieConfig {
             name: cookie_name,

@@ -127,6 +127,7 @@ async fn end_session(
             return crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response();
         }
         app.metrics.logouts.with_label_values(&["user"]).inc();
+        revoke_at_provider(app, s);
     }
     // Without a session too: the gateway's cookie may be gone (expired, cleared) while the
     // provider's session lives on, and would sign the user straight back in. The provider
@@ -143,6 +144,57 @@ async fn end_session(
     }
     forget_cached_pages(&mut resp);
     resp
+}
+
+/// Revokes the signed-out session's refresh token at the provider (RFC 7009), or its access
+/// token when it has none: the grant ends there too, so that a copy of the session cannot be
+/// refreshed by a gateway that does not know of this sign-out (restarted, or a replica without
+/// the coordination Redis). In the background, within `timeouts.provider`: the sign-out
+/// neither waits for the provider nor fails with it. No token is ever logged.
+fn revoke_at_provider(app: &App, s: &Session) {
+    use crate::oidc::revoke::{Revoked, TokenKind};
+    if !app.cfg.provider.revoke_on_sign_out {
+        return;
+    }
+    let (token, kind) = match &s.refresh_token {
+        Some(rt) => (rt.clone(), TokenKind::Refresh),
+        None => (s.access_token.clone(), TokenKind::Access),
+    };
+    if token.is_empty() {
+        return;
+    }
+    let provider = app.provider.clone();
+    let metrics = app.metrics.clone();
+    let sub = s.identity.sub.clone();
+    // Shutdown waits for it: a sign-out just before a restart still ends the grant.
+    let running = app.background.start();
+    tokio::spawn(async move {
+        let _running = running;
+        let outcome = match provider.revoke(&token, kind).await {
+            Ok(Revoked::Done) => {
+                tracing::debug!(%sub, token_type_hint = kind.hint(), "token revoked at the provider");
+                "revoked"
+            }
+            Ok(Revoked::NoEndpoint) => {
+                tracing::debug!("the provider has no revocation_endpoint: nothing revoked");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    %sub,
+                    token_type_hint = kind.hint(),
+                    error = %e,
+                    "cannot revoke the signed-out session's token at the provider"
+                );
+                if e.is_unavailable() {
+                    "unavailable"
+                } else {
+                    "refused"
+                }
+            }
+        };
+        metrics.revocations.with_label_values(&[outcome]).inc();
+    });
 }
 
 /// Asks the browser to drop what it cached of the site: the app's pages cached while signed

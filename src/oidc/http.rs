@@ -39,6 +39,7 @@ pub enum Endpoint {
     Jwks,
     Token,
     Userinfo,
+    Revocation,
 }
 
 impl Endpoint {
@@ -48,6 +49,7 @@ impl Endpoint {
             Endpoint::Jwks => "jwks",
             Endpoint::Token => "token",
             Endpoint::Userinfo => "userinfo",
+            Endpoint::Revocation => "revocation",
         }
     }
 }

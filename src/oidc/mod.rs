@@ -5,6 +5,7 @@ pub mod http;
 pub mod idtoken;
 pub mod jwks;
 pub mod logout;
+pub mod revoke;
 
 use self::http::{ProviderHttp, ProviderHttpError};
 use self::idtoken::{Expectations, IdTokenError, ValidIdToken};
@@ -36,6 +37,9 @@ pub struct Metadata {
     pub userinfo_endpoint: Option<String>,
     #[serde(default)]
     pub end_session_endpoint: Option<String>,
+    /// RFC 7009 token revocation (RFC 8414 metadata; OpenID providers list it too).
+    #[serde(default)]
+    pub revocation_endpoint: Option<String>,
     #[serde(default)]
     pub token_endpoint_auth_methods_supported: Vec<String>,
     #[serde(default)]

@@ -270,13 +270,15 @@ pub async fn serve(
     tokio::time::sleep(cfg.timeouts.header_read.min(Duration::from_secs(1))).await;
     tracing::info!("draining connections");
     let tunnels = live.load().app.tunnels.clone();
+    let background = live.load().app.background.clone();
     drain.start();
     let drained = async {
         while drain.open_connections() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Websocket tunnels live outside hyper's connections: wait for them too.
-        while tunnels.count() > 0 {
+        // Websocket tunnels live outside hyper's connections: wait for them too, and for
+        // what answered requests left running (a sign-out's revocation at the provider).
+        while tunnels.count() > 0 || background.count() > 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
