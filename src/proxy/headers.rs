@@ -642,15 +642,19 @@ pub fn set_forwarded(
         }
         _ => Some(client_ip.clone()),
     };
+    // Constants: `from_static` outside a const context checks its name on every call.
+    const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
     if let Some(v) = xff {
-        h.insert(HeaderName::from_static("x-forwarded-for"), v);
+        h.insert(X_FORWARDED_FOR, v);
     }
     h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
+        X_FORWARDED_PROTO,
         prior.proto.unwrap_or(HeaderValue::from_static(proto)),
     );
     if let Some(host) = prior.host.or(host) {
-        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+        h.insert(X_FORWARDED_HOST, host);
     }
 }
 
