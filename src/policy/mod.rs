@@ -171,10 +171,9 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = futures_util::future::Either<
-        S::Future,
-        std::future::Ready<Result<Response<Body>, Infallible>>,
-    >;
+    /// A denial's response is boxed, not held inline: an inline response (168 bytes) would
+    /// make every request's future that large in each layer, each moving it on.
+    type Future = futures_util::future::Either<S::Future, crate::session::layer::BoxFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -198,7 +197,7 @@ where
             rules,
         ) {
             Decision::Forward => Either::Left(self.inner.call(req)),
-            d => Either::Right(std::future::ready(Ok(self.deny(d, mode, &req)))),
+            d => Either::Right(Box::pin(std::future::ready(Ok(self.deny(d, mode, &req))))),
         }
     }
 }
