@@ -351,6 +351,9 @@ pub const SPOOFABLE_NAMES: [&str; 33] = [
     "x-original-method",
 ];
 
+/// The prefix of forward-auth's answer headers (oauth2-proxy's, and the gateway's own).
+const AUTH_REQUEST: &[u8] = b"x-auth-request-";
+
 /// Headers that frame or route a request, whose `_` spelling a client must not pass on
 /// (`Content_Length`, `Transfer_Encoding`, `Keep_Alive`…): servers that give `_` and `-` the same
 /// variable (Puma before 6.4.3 among them) would read the client's value as the real header,
@@ -423,6 +426,9 @@ impl Spoofable {
             || FRAMING_NAMES
                 .iter()
                 .any(|n| n.len() == k.len() && same_dashed(k, n.as_bytes()) && k.contains(&b'_'))
+            // Every `X-Auth-Request-*`: what a forward-auth gateway tells its proxy (and the
+            // proxy may pass on, as `-Redirect`), never a client's to say.
+            || (k.len() > AUTH_REQUEST.len() && same_dashed(&k[..AUTH_REQUEST.len()], AUTH_REQUEST))
     }
 }
 
@@ -774,6 +780,10 @@ mod tests {
             "authorization",
             "x-real-ip",
             "accept",
+            // Any forward-auth answer header, in any spelling; the bare prefix is no such name.
+            "x-auth-request-redirect",
+            "x_auth_request_anything",
+            "x-auth-request-",
         ] {
             h.insert(
                 HeaderName::from_bytes(n.as_bytes()).unwrap(),
@@ -781,8 +791,9 @@ mod tests {
             );
         }
         strip_spoofable(&mut h, &cfg());
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["accept"]);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "x-auth-request-"]);
 
         // Configured names of any length, also past the 63 bytes the length filter tells apart.
         let long = format!("x-{}", "a".repeat(70));
