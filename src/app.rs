@@ -54,22 +54,25 @@ pub struct Shared {
     pub revocations: Arc<crate::session::revocation::Revocations>,
     pub request_id_prefix: Arc<str>,
     /// Open websocket tunnels: shutdown waits for them to end.
-    pub tunnels: Arc<Tunnels>,
+    pub tunnels: Arc<Running>,
     /// Work left running after an answer (a sign-out's revocation): shutdown waits for it.
-    pub background: Arc<Background>,
+    pub background: Arc<Running>,
 }
 
-/// Counts open upgraded connections (they live outside hyper's connection tracking).
+/// Counts work that outlives hyper's connection tracking, which shutdown waits for (within
+/// `timeouts.shutdown`): open websocket tunnels, and tasks a request left running after its
+/// answer (a sign-out's token revocation at the provider, bounded by `timeouts.provider`, so
+/// that a sign-out just before a restart is not cut short).
 #[derive(Default)]
-pub struct Tunnels(std::sync::atomic::AtomicUsize);
+pub struct Running(std::sync::atomic::AtomicUsize);
 
-/// Held by a tunnel task for as long as the tunnel is open.
-pub struct TunnelGuard(Arc<Tunnels>);
+/// Held for as long as the counted work goes on.
+pub struct RunningGuard(Arc<Running>);
 
-impl Tunnels {
-    pub fn open(self: &Arc<Self>) -> TunnelGuard {
+impl Running {
+    pub fn hold(self: &Arc<Self>) -> RunningGuard {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        TunnelGuard(self.clone())
+        RunningGuard(self.clone())
     }
 
     pub fn count(&self) -> usize {
@@ -77,33 +80,7 @@ impl Tunnels {
     }
 }
 
-impl Drop for TunnelGuard {
-    fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Counts tasks a request left running after its answer (a sign-out's token revocation at
-/// the provider, bounded by `timeouts.provider`): shutdown waits for them as for connections
-/// (within `timeouts.shutdown`), so a sign-out just before a restart is not cut short.
-#[derive(Default)]
-pub struct Background(std::sync::atomic::AtomicUsize);
-
-/// Held by a background task until it ends.
-pub struct BackgroundGuard(Arc<Background>);
-
-impl Background {
-    pub fn start(self: &Arc<Self>) -> BackgroundGuard {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        BackgroundGuard(self.clone())
-    }
-
-    pub fn count(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl Drop for BackgroundGuard {
+impl Drop for RunningGuard {
     fn drop(&mut self) {
         self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -143,8 +120,8 @@ pub struct App {
     pub redis: Option<Arc<crate::store::Redis>>,
     pub revocations: Arc<crate::session::revocation::Revocations>,
     pub request_id_prefix: Arc<str>,
-    pub tunnels: Arc<Tunnels>,
-    pub background: Arc<Background>,
+    pub tunnels: Arc<Running>,
+    pub background: Arc<Running>,
 }
 
 impl App {

@@ -22,11 +22,13 @@ const EVENTUALLY: Duration = Duration::from_secs(40);
 /// count).
 const JWKS_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A token endpoint request the IdP logged: `REQ <n> <time> POST /token <status> <ms>ms`.
-fn token_statuses(idp: &Idp) -> Vec<u16> {
+/// The statuses of the IdP's answers to `POST <path>`, in order (its log lines read
+/// `REQ <n> <time> POST <path> <status> <ms>ms`).
+fn statuses(idp: &Idp, path: &str) -> Vec<u16> {
+    let needle = format!(" POST {path} ");
     idp.requests()
         .iter()
-        .filter(|l| l.contains(" POST /token "))
+        .filter(|l| l.contains(&needle))
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             f.get(5)
@@ -36,18 +38,14 @@ fn token_statuses(idp: &Idp) -> Vec<u16> {
         .collect()
 }
 
-/// The statuses of the revocation requests (RFC 7009) the IdP served, in order.
+/// The token endpoint's answers.
+fn token_statuses(idp: &Idp) -> Vec<u16> {
+    statuses(idp, "/token")
+}
+
+/// The revocation endpoint's answers (RFC 7009).
 fn revocation_statuses(idp: &Idp) -> Vec<u16> {
-    idp.requests()
-        .iter()
-        .filter(|l| l.contains(" POST /token/revocation "))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(5)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("unparsable REQ line: {l}"))
-        })
-        .collect()
+    statuses(idp, "/token/revocation")
 }
 
 /// Polls until the IdP has served revocations with these statuses (a sign-out revokes in

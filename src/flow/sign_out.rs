@@ -167,7 +167,7 @@ fn revoke_at_provider(app: &App, s: &Session) {
     let metrics = app.metrics.clone();
     let sub = s.identity.sub.clone();
     // Shutdown waits for it: a sign-out just before a restart still ends the grant.
-    let running = app.background.start();
+    let running = app.background.hold();
     tokio::spawn(async move {
         let _running = running;
         let outcome = match provider.revoke(&token, kind).await {

@@ -338,7 +338,7 @@ async fn forward(
             ));
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let open_tunnel = app.tunnels.open();
+        let open_tunnel = app.tunnels.hold();
         let idle = app.cfg.timeouts.tunnel_idle;
         tokio::spawn(async move {
             let _open_tunnel = open_tunnel;
