@@ -1264,6 +1264,126 @@ async fn backchannel_logout_retried_after_a_redis_stall_ends_the_session() {
     await_refused_on_both(&s, "session ended").await;
 }
 
+/// A TCP relay to Redis on `redis_port` that cuts the connection it carries once, right after
+/// passing on the answer to the first command that names a logout token's record (`jti`),
+/// and then lets no connection through for 3 s: Redis lost between two steps of a
+/// back-channel logout (as a Redis that persisted the first write and then crashed).
+fn cut_after_the_jti_command(redis_port: u16) -> u16 {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let cut_done = Arc::new(AtomicBool::new(false));
+    let cut_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    std::thread::spawn(move || {
+        for client in l.incoming().flatten() {
+            if cut_at
+                .lock()
+                .unwrap()
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(3))
+            {
+                continue; // dropped: Redis is "down"
+            }
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", redis_port)) else {
+                continue;
+            };
+            let armed = Arc::new(AtomicBool::new(false));
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let arm = armed.clone();
+            let done = cut_done.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                while let Ok(n @ 1..) = c_in.read(&mut buf) {
+                    if !done.load(Ordering::SeqCst) && buf[..n].windows(3).any(|w| w == b"jti") {
+                        arm.store(true, Ordering::SeqCst);
+                    }
+                    if s_out.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            let done = cut_done.clone();
+            let cut_at = cut_at.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                while let Ok(n @ 1..) = s_in.read(&mut buf) {
+                    if c_out.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    if armed.load(Ordering::SeqCst) && !done.swap(true, Ordering::SeqCst) {
+                        *cut_at.lock().unwrap() = Some(Instant::now());
+                        let _ = c_out.shutdown(std::net::Shutdown::Both);
+                        let _ = s_in.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// The connection to Redis is lost in the middle of a back-channel logout (also what a Redis
+/// that persisted a first write and then crashed looks like): the answer is 503, and the
+/// provider's retry must end the session, not be refused as a replay of a token never acted on.
+#[tokio::test]
+async fn backchannel_logout_cut_off_from_redis_midway_ends_the_session_on_retry() {
+    let redis = RedisServer::start().await;
+    let cutting = cut_after_the_jti_command(redis.port);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    let port = free_port();
+    let uris = redirect_uris(&[port]);
+    let bcl = format!("http://127.0.0.1:{relay_port}/oauth2/backchannel_logout");
+    let idp = Idp::start(&[
+        ("IDP_REDIRECT_URIS", &uris),
+        ("IDP_BACKCHANNEL_LOGOUT_URI", &bcl),
+    ])
+    .await;
+    let upstream = Upstream::start();
+    let yaml = format!(
+        "session: {{ store: redis, redis: {{ url: \"redis://127.0.0.1:{cutting}/0\", timeout: 1s }} }}\n"
+    );
+    let gw = Gateway::start(gw_opts(port, &idp, &upstream, &yaml, None)).await;
+    // The relay keeps the token and passes nothing on (a closed port): the test delivers it.
+    let relay = Relay::serve(listener, "http://127.0.0.1:1/".into());
+    let b = Browser::new();
+    let r = login(&b, &gw, "/", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let cookie = b.cookie_header(&gw.url("/"));
+    end_provider_session(&b, &idp).await;
+    let token = eventually("the provider delivers the back-channel logout", || async {
+        relay
+            .bodies()
+            .first()
+            .cloned()
+            .ok_or_else(|| "nothing yet".to_string())
+    })
+    .await;
+    let logout_url = gw.url("/oauth2/backchannel_logout");
+    let deliver = || {
+        send(
+            "POST",
+            &logout_url,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            token.clone(),
+        )
+    };
+    let r = deliver().await;
+    assert_eq!(r.status, 503, "the cut was not met: {}", r.dump());
+    eventually("the provider's retry is applied", || async {
+        let r = deliver().await;
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    refused_eventually("the session ended", &gw, "/after", &cookie).await;
+}
+
 #[tokio::test]
 async fn backchannel_logout_with_a_coordination_redis_ends_the_session_on_both_gateways() {
     backchannel_logout_ends_the_session_on_both(Store::Coordinated).await;

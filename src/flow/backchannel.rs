@@ -53,34 +53,22 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
             return answer(StatusCode::BAD_REQUEST, Some("invalid logout_token"));
         }
     };
-    // Each logout token is accepted once (jti), across replicas. The record holds a token of
-    // this attempt's, so that undoing it never removes another replica's record of the same
-    // logout (which would let the token be replayed). Named by an unkeyed digest of the jti
-    // (not a secret): replicas agree on it whatever their cookie keys, also across a rotation.
-    let attempt = super::random_token();
+    // Each logout token is accepted once (jti), across replicas, named by an unkeyed digest
+    // of the jti (not a secret): replicas agree on it whatever their cookie keys. The token
+    // is acted on first and recorded after: a record made before would outlive a failure to
+    // act (a connection lost in between, a Redis that crashed after persisting it) and
+    // refuse the provider's retry as a replay, leaving the sessions alive. Two deliveries at
+    // once may both act: ending sessions twice is the same as once.
     let jti_key = app
         .redis
         .as_deref()
         .map(|r| r.key(&["jti", &jti_digest(&claims.jti)]));
     if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
-        match redis
-            .try_lock(key, &attempt, crate::oidc::logout::REPLAY_WINDOW)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => return answer(StatusCode::BAD_REQUEST, Some("logout_token replayed")),
+        match redis.get(key).await {
+            Ok(None) => {}
+            Ok(Some(_)) => return answer(StatusCode::BAD_REQUEST, Some("logout_token replayed")),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot record the logout token");
-                // A stalled Redis may still carry out the write once it resumes, which would
-                // refuse the provider's retry as a replay: undo it, queued right behind it.
-                if let Some(redis) = app.redis.clone() {
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = redis.unlock(&key, &attempt).await {
-                            tracing::debug!(error = %e, "logout token record not undone yet");
-                        }
-                    });
-                }
+                tracing::warn!(error = %e, "cannot check the logout token for a replay");
                 return answer(StatusCode::SERVICE_UNAVAILABLE, Some("try again"));
             }
         }
@@ -93,6 +81,15 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
     };
     match app.end_sessions(sid, sub).await {
         Ok(()) => {
+            if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
+                let recorded = redis
+                    .set_ex(key, b"1", crate::oidc::logout::REPLAY_WINDOW)
+                    .await;
+                if let Err(e) = recorded {
+                    // Done all the same: a replay would only end the same sessions again.
+                    tracing::warn!(error = %e, "logout token acted on but not recorded");
+                }
+            }
             tracing::info!(
                 sub = claims.sub.as_deref().unwrap_or("-"),
                 "back-channel logout"
@@ -104,11 +101,8 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
             answer(StatusCode::OK, None)
         }
         Err(e) => {
+            // Nothing recorded: the provider's retry goes through.
             tracing::warn!(error = %e, "back-channel logout could not be recorded");
-            // Let the provider's retry through: the token was not acted upon.
-            if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
-                let _ = redis.unlock(key, &attempt).await;
-            }
             answer(StatusCode::SERVICE_UNAVAILABLE, Some("try again"))
         }
     }
