@@ -1215,6 +1215,22 @@ async fn backchannel_logout_ends_the_session_on_both(store: Store) {
         .await;
         assert_eq!(r.status, 400, "{body:?}: {}", r.dump());
     }
+    // Only the spec's form post (a charset parameter is fine: the token is then refused as
+    // a replay, having been read).
+    for (ct, status) in [
+        ("text/plain", 415),
+        ("application/json", 415),
+        ("application/x-www-form-urlencoded; charset=UTF-8", 400),
+    ] {
+        let r = send(
+            "POST",
+            &s.a.url("/oauth2/backchannel_logout"),
+            &[("content-type", ct)],
+            tokens[0].clone(),
+        )
+        .await;
+        assert_eq!(r.status, status, "{ct}: {}", r.dump());
+    }
 
     let m = metrics(s.admin_a).await;
     assert_eq!(

@@ -36,6 +36,24 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
             ),
         );
     }
+    // The spec's form post (§2.5); a charset parameter is fine, no content type at all too.
+    let form_post = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| {
+            v.as_bytes()
+                .split(|&b| b == b';')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii()
+        })
+        .is_none_or(|t| t.eq_ignore_ascii_case(b"application/x-www-form-urlencoded"));
+    if !form_post {
+        return answer(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Some("a form post (application/x-www-form-urlencoded) is expected"),
+        );
+    }
     let form = match read_limited(req.into_body(), MAX_BODY, app.cfg.timeouts.idle).await {
         Ok(b) => b,
         Err(e) => return answer(e.status(), Some(e.reason())),

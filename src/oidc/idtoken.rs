@@ -339,8 +339,14 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
     }
 
     pub fn sign(c: &serde_json::Value, kid: Option<&str>) -> String {
+        sign_typed(c, kid, Some("JWT"))
+    }
+
+    /// As `sign`, with this `typ` header (`None`: none).
+    pub fn sign_typed(c: &serde_json::Value, kid: Option<&str>, typ: Option<&str>) -> String {
         let mut h = Header::new(Algorithm::ES256);
         h.kid = kid.map(str::to_string);
+        h.typ = typ.map(str::to_string);
         encode(
             &h,
             c,

@@ -25,12 +25,18 @@ pub enum LogoutTokenError {
     NoJti,
     #[error("logout token iat is missing, in the future or older than a day")]
     Iat,
+    #[error("logout token not valid yet (nbf)")]
+    NotYetValid,
+    #[error("logout token is typed as another kind of token (typ)")]
+    Type,
 }
 
 #[derive(Debug, Deserialize)]
 struct Claims {
     #[serde(default, deserialize_with = "super::idtoken::optional_numeric_date")]
     iat: Option<u64>,
+    #[serde(default, deserialize_with = "super::idtoken::optional_numeric_date")]
+    nbf: Option<u64>,
     jti: Option<String>,
     sub: Option<String>,
     sid: Option<String>,
@@ -66,6 +72,18 @@ pub fn validate(
     now: u64,
 ) -> Result<LogoutToken, LogoutTokenError> {
     let (kid, alg) = super::idtoken::header(token).map_err(|_| LogoutTokenError::Malformed)?;
+    // Explicitly typed JWTs of another kind (an access token, `at+jwt`) are no logout token
+    // (RFC 8725 §3.11); untyped, `JWT` or `logout+jwt` (the spec's) are.
+    let typ = jsonwebtoken::decode_header(token)
+        .map_err(|_| LogoutTokenError::Malformed)?
+        .typ;
+    if let Some(t) = typ {
+        let t = t.to_ascii_lowercase();
+        let t = t.strip_prefix("application/").unwrap_or(&t);
+        if t != "jwt" && t != "logout+jwt" {
+            return Err(LogoutTokenError::Type);
+        }
+    }
     let mut v = Validation::new(alg);
     v.leeway = skew.as_secs();
     v.set_issuer(&[issuer]);
@@ -81,6 +99,10 @@ pub fn validate(
             if iat <= now + skew.as_secs()
                 && iat + REPLAY_WINDOW.as_secs() > now + skew.as_secs() => {}
         _ => return Err(LogoutTokenError::Iat),
+    }
+    // Against the same clock and skew as iat (jsonwebtoken skips nbf by default).
+    if c.nbf.is_some_and(|nbf| nbf > now + skew.as_secs()) {
+        return Err(LogoutTokenError::NotYetValid);
     }
     if !c
         .events
@@ -120,6 +142,13 @@ mod tests {
         signed(claims, f)
     }
 
+    /// A valid logout token's claims under this `typ` header.
+    fn typed(typ: Option<&str>) -> String {
+        let claims = json!({"iss": "https://idp", "aud": "client", "iat": NOW, "jti": "j1",
+            "sub": "alice", "sid": "s1", "events": {EVENT: {}}});
+        crate::oidc::idtoken::tests::sign_typed(&claims, Some("k1"), typ)
+    }
+
     fn check(t: &str) -> Result<LogoutToken, LogoutTokenError> {
         validate(
             t,
@@ -144,6 +173,21 @@ mod tests {
             }))
             .is_ok(),
             "sub alone is enough"
+        );
+        for typ in [
+            None,
+            Some("logout+jwt"),
+            Some("application/logout+jwt"),
+            Some("JWT"),
+        ] {
+            assert!(check(&typed(typ)).is_ok(), "typ {typ:?}");
+        }
+        assert!(
+            check(&token(|m| {
+                m.insert("nbf".into(), json!(NOW + 30));
+            }))
+            .is_ok(),
+            "nbf within the clock skew"
         );
         let bad: Vec<(&str, String, LogoutTokenError)> = vec![
             (
@@ -195,6 +239,18 @@ mod tests {
                     m.remove("jti");
                 }),
                 LogoutTokenError::NoJti,
+            ),
+            (
+                "not valid for an hour (nbf)",
+                token(|m| {
+                    m.insert("nbf".into(), json!(NOW + 3600));
+                }),
+                LogoutTokenError::NotYetValid,
+            ),
+            (
+                "typed as an access token",
+                typed(Some("at+jwt")),
+                LogoutTokenError::Type,
             ),
             (
                 "no iat",
