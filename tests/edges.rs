@@ -1202,6 +1202,40 @@ async fn partial_http2_preface_is_disconnected() {
     );
 }
 
+/// One HTTP/2 connection carries at most 100 requests at once (nginx's default is 128, hyper's
+/// 200): each request held open (a slow upload) holds an upstream connection, and one client
+/// connection must not multiply that without bound. Read from the server's SETTINGS frame.
+#[tokio::test]
+async fn http2_connections_announce_at_most_100_concurrent_streams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Stack::with(&[], ALL_PUBLIC).await;
+    let mut tcp = TcpStream::connect(("127.0.0.1", s.gw.port)).await.unwrap();
+    // The client preface, then an empty SETTINGS frame.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let settings = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            // SETTINGS (type 4) that is not an ACK (flag 1).
+            if head[3] == 4 && head[4] & 1 == 0 {
+                break payload;
+            }
+        }
+    })
+    .await
+    .expect("no SETTINGS frame from the server");
+    let max_streams = settings
+        .chunks_exact(6)
+        .find(|e| e[..2] == [0, 3])
+        .map(|e| u32::from_be_bytes([e[2], e[3], e[4], e[5]]));
+    assert_eq!(max_streams, Some(100), "SETTINGS: {settings:?}");
+}
+
 /// An HTTP/2 client connection (prior knowledge): hyper's client answers SETTINGS and PINGs.
 async fn h2_connection(
     port: u16,

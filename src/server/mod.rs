@@ -137,6 +137,9 @@ impl Listener {
         let mut h2 = h2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_header_list_size(cfg.limits.max_header_bytes as u32)
+            // Each open stream may hold an upstream connection (a slow upload): one client
+            // connection gets no more than nginx's order of them (128; hyper's default: 200).
+            .max_concurrent_streams(100)
             .keep_alive_interval(Some(Duration::from_secs(30)));
         Listener {
             live: live.clone(),
