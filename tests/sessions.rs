@@ -1400,6 +1400,52 @@ async fn backchannel_logout_cut_off_from_redis_midway_ends_the_session_on_retry(
     refused_eventually("the session ended", &gw, "/after", &cookie).await;
 }
 
+/// A provider whose ID tokens name no sid, while its logout tokens name the sid and the user:
+/// the session cannot be matched by sid, so the user's sessions without one end (and other
+/// users' stay).
+async fn a_logout_naming_a_sid_ends_the_users_sessions_without_one(store: Store) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    let s = Replicas::start(store, &[("IDP_NO_SID", "1")], Some(relay_port)).await;
+    let relay = Relay::serve(listener, s.a.url("/oauth2/backchannel_logout"));
+    let bob = login_cookie(&s.a, "bob").await;
+    end_provider_session(&s.browser, &s.idp).await;
+    let token = eventually("the provider delivers the back-channel logout", || async {
+        relay
+            .bodies()
+            .first()
+            .cloned()
+            .ok_or_else(|| "nothing yet".to_string())
+    })
+    .await;
+    // The scenario: the logout token names a sid (the ID token did not).
+    let jwt = token.trim_start_matches("logout_token=");
+    let payload = jwt.split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(&claims).unwrap();
+    assert!(
+        claims["sid"].is_string() && claims["sub"] == "alice",
+        "{claims}"
+    );
+    await_refused_on_both(&s, "alice's session without a sid ended").await;
+    for gw in [&s.a, &s.b] {
+        assert_eq!(api(gw, "/after", &bob).await.status, 200, "bob's session");
+    }
+}
+
+#[tokio::test]
+async fn a_logout_naming_a_sid_ends_sessions_without_one_with_a_coordination_redis() {
+    a_logout_naming_a_sid_ends_the_users_sessions_without_one(Store::Coordinated).await;
+}
+
+#[tokio::test]
+async fn a_logout_naming_a_sid_ends_sessions_without_one_with_the_redis_store() {
+    a_logout_naming_a_sid_ends_the_users_sessions_without_one(Store::Redis).await;
+}
+
 #[tokio::test]
 async fn backchannel_logout_with_a_coordination_redis_ends_the_session_on_both_gateways() {
     backchannel_logout_ends_the_session_on_both(Store::Coordinated).await;

@@ -91,13 +91,14 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
             }
         }
     }
-    // With a sid, only that provider session ends (the user's other devices stay signed in);
-    // without one, every session of the user (Back-Channel Logout 1.0 §2.4).
-    let (sid, sub) = match claims.sid.as_deref() {
-        Some(sid) => (Some(sid), None),
-        None => (None, claims.sub.as_deref()),
-    };
-    match app.end_sessions(sid, sub).await {
+    // With a sid, only that provider session ends (the user's other devices stay signed in),
+    // and with the user named too, that user's sessions whose ID token named no sid (they
+    // cannot be told apart); without one, every session of the user (Back-Channel Logout 1.0
+    // §2.4).
+    match app
+        .end_sessions(claims.sid.as_deref(), claims.sub.as_deref())
+        .await
+    {
         Ok(()) => {
             if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
                 let recorded = redis

@@ -23,12 +23,17 @@ use std::time::Duration;
 struct Revoked {
     sids: HashMap<String, u64>,
     subs: HashMap<String, u64>,
+    /// Users whose sessions without a sid ended (a logout token naming a sid and the user).
+    sidless_subs: HashMap<String, u64>,
     ids: HashMap<[u8; 16], u64>,
 }
 
 impl Revoked {
     fn is_empty(&self) -> bool {
-        self.sids.is_empty() && self.subs.is_empty() && self.ids.is_empty()
+        self.sids.is_empty()
+            && self.subs.is_empty()
+            && self.sidless_subs.is_empty()
+            && self.ids.is_empty()
     }
 
     /// Adds a "sid:<sid>" / "sub:<sub>" / "id:<hex id>" entry (the Redis member format) of a
@@ -39,6 +44,8 @@ impl Revoked {
             newest(self.sids.entry(sid.to_string()).or_default());
         } else if let Some(sub) = key.strip_prefix("sub:") {
             newest(self.subs.entry(sub.to_string()).or_default());
+        } else if let Some(sub) = key.strip_prefix("nosid:") {
+            newest(self.sidless_subs.entry(sub.to_string()).or_default());
         } else if let Some(id) = key.strip_prefix("id:").and_then(parse_id) {
             newest(self.ids.entry(id).or_default());
         }
@@ -103,12 +110,11 @@ impl Revocations {
             return false;
         }
         let since = |t: Option<&u64>| t.is_some_and(|t| *t >= s.created_at_ms);
-        s.identity
-            .sid
-            .as_deref()
-            .is_some_and(|sid| since(map.sids.get(sid)))
-            || since(map.subs.get(s.identity.sub.as_str()))
-            || since(map.ids.get(&s.id))
+        let by_session = match s.identity.sid.as_deref() {
+            Some(sid) => since(map.sids.get(sid)),
+            None => since(map.sidless_subs.get(s.identity.sub.as_str())),
+        };
+        by_session || since(map.subs.get(s.identity.sub.as_str())) || since(map.ids.get(&s.id))
     }
 
     /// Applies Redis members (with their scores, in seconds) to the mirror.
@@ -134,6 +140,7 @@ impl Revocations {
         redis: Option<&Redis>,
         sid: Option<&str>,
         sub: Option<&str>,
+        sidless_of: Option<&str>,
         now_ms: u64,
         lifetime: Duration,
     ) -> Result<(), crate::store::StoreError> {
@@ -141,6 +148,7 @@ impl Revocations {
             .map(|s| format!("sid:{s}"))
             .into_iter()
             .chain(sub.map(|s| format!("sub:{s}")))
+            .chain(sidless_of.map(|s| format!("nosid:{s}")))
             .collect();
         self.record_items(redis, items, now_ms, lifetime).await
     }
@@ -296,6 +304,26 @@ mod tests {
         let r = Revocations::default();
         r.apply([(format!("sub:{}", before.identity.sub), 100)], 0);
         assert!(r.is_revoked(&before) && r.is_revoked(&after));
+    }
+
+    #[test]
+    fn a_logout_naming_a_sid_and_the_user_ends_the_users_sessions_without_a_sid() {
+        let r = Revocations::default();
+        let mut sidless = crate::session::tests::sample();
+        sidless.created_at_ms = 100_000;
+        sidless.identity.sid = None;
+        let mut other_sid = sidless.clone();
+        other_sid.identity.sid = Some("another".into());
+        let entry = format!("nosid:{}", sidless.identity.sub);
+        r.apply([(member(&entry, 120_000), 120)], 0);
+        assert!(r.is_revoked(&sidless), "no sid to tell it apart by");
+        assert!(
+            !r.is_revoked(&other_sid),
+            "another provider session of the user"
+        );
+        let mut other_user = sidless.clone();
+        other_user.identity.sub = "someone-else".into();
+        assert!(!r.is_revoked(&other_user));
     }
 
     #[test]

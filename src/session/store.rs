@@ -120,11 +120,13 @@ impl App {
                 // the sessions still there.
                 let live = session_prefix(redis);
                 let id = s.id_hex();
-                if let Some(sid) = &s.identity.sid {
-                    redis
-                        .index_add(&redis.key(&["sid", sid]), &id, ttl, &live)
-                        .await?;
-                }
+                // A session whose ID token named no sid is indexed as such too: a logout
+                // token naming a sid and the user then ends it (see `end_sessions`).
+                let by_session = match &s.identity.sid {
+                    Some(sid) => redis.key(&["sid", sid]),
+                    None => redis.key(&["nosid", &s.identity.sub]),
+                };
+                redis.index_add(&by_session, &id, ttl, &live).await?;
                 redis
                     .index_add(&redis.key(&["sub", &s.identity.sub]), &id, ttl, &live)
                     .await?;
@@ -186,23 +188,31 @@ impl App {
     }
 
     /// Ends every session of a provider session (`sid`) and/or user (`sub`), on every replica.
+    /// Ends the sessions a back-channel logout names: by `sid` alone, by `sub` alone (every
+    /// session of the user), or by both, which is that provider session plus the user's
+    /// sessions whose ID token named no sid (which the provider's sid cannot be matched to).
     pub async fn end_sessions(
         &self,
         sid: Option<&str>,
         sub: Option<&str>,
     ) -> Result<(), StoreError> {
+        let (sub, sidless) = match sid {
+            Some(_) => (None, sub),
+            None => (sub, None),
+        };
         self.revocations
             .record(
                 self.redis.as_deref(),
                 sid,
                 sub,
+                sidless,
                 now_millis(),
                 self.cfg.session.lifetime,
             )
             .await?;
         if let (StoreKind::Redis, Some(redis)) = (self.cfg.session.store, self.redis.as_deref()) {
             let mut doomed = Vec::new();
-            for (kind, v) in [("sid", sid), ("sub", sub)] {
+            for (kind, v) in [("sid", sid), ("sub", sub), ("nosid", sidless)] {
                 let Some(v) = v else { continue };
                 let index = redis.key(&[kind, v]);
                 for id in redis.smembers(&index).await? {

@@ -28,6 +28,8 @@
 //   IDP_BACKCHANNEL_LOGOUT_SUB_ONLY "1": backchannel_logout_session_required
 //                                  false (oidc-provider's default), so logout
 //                                  tokens name the user (sub) and no sid
+//   IDP_NO_SID                     "1": ID tokens carry no sid; logout tokens
+//                                  still do (an inconsistent provider)
 //   IDP_ROTATE_REFRESH_TOKEN       "1" rotates refresh tokens on every use
 //                                  (default: never rotate)
 //   IDP_NO_REFRESH_TOKEN           "1" issues no refresh token at all (default:
@@ -353,7 +355,9 @@ const provider = new Provider(ISSUER, configuration);
 
 // oidc-provider puts `sid` into ID tokens only for clients registered with a
 // back-channel logout URI (and session_required). Make every client do so.
-provider.Client.prototype.includeSid = function includeSid() { return true; };
+// IDP_NO_SID=1: none does (logout tokens still name the sid, as session_required asks).
+const INCLUDE_SID = process.env.IDP_NO_SID !== '1';
+provider.Client.prototype.includeSid = function includeSid() { return INCLUDE_SID; };
 
 // oidc-provider accepts client_secret_basic and client_secret_post alike for a
 // client registered with either; IDP_STRICT_CLIENT_AUTH=1 holds it to its own.
