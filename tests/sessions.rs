@@ -1083,6 +1083,17 @@ struct Relay {
 }
 
 impl Relay {
+    /// The first body the provider delivered, once it has.
+    async fn first_body(&self) -> String {
+        eventually("the provider delivers the back-channel logout", || async {
+            self.bodies()
+                .first()
+                .cloned()
+                .ok_or_else(|| "nothing yet".to_string())
+        })
+        .await
+    }
+
     fn serve(listener: tokio::net::TcpListener, target: String) -> Relay {
         let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
         let kept = bodies.clone();
@@ -1251,14 +1262,7 @@ async fn backchannel_logout_retried_after_a_redis_stall_ends_the_session() {
     let relay = Relay::serve(listener, s.a.url("/oauth2/backchannel_logout"));
     s.redis.signal("STOP");
     end_provider_session(&s.browser, &s.idp).await;
-    let token = eventually("the provider delivers the back-channel logout", || async {
-        relay
-            .bodies()
-            .first()
-            .cloned()
-            .ok_or_else(|| "nothing yet".to_string())
-    })
-    .await;
+    let token = relay.first_body().await;
     // The gateway gave up on Redis (its timeout is 1 s) before Redis resumes.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     s.redis.signal("CONT");
@@ -1369,14 +1373,7 @@ async fn backchannel_logout_cut_off_from_redis_midway_ends_the_session_on_retry(
     assert_eq!(r.status, 200, "{}", r.dump());
     let cookie = b.cookie_header(&gw.url("/"));
     end_provider_session(&b, &idp).await;
-    let token = eventually("the provider delivers the back-channel logout", || async {
-        relay
-            .bodies()
-            .first()
-            .cloned()
-            .ok_or_else(|| "nothing yet".to_string())
-    })
-    .await;
+    let token = relay.first_body().await;
     let logout_url = gw.url("/oauth2/backchannel_logout");
     let deliver = || {
         send(
@@ -1410,14 +1407,7 @@ async fn a_logout_naming_a_sid_ends_the_users_sessions_without_one(store: Store)
     let relay = Relay::serve(listener, s.a.url("/oauth2/backchannel_logout"));
     let bob = login_cookie(&s.a, "bob").await;
     end_provider_session(&s.browser, &s.idp).await;
-    let token = eventually("the provider delivers the back-channel logout", || async {
-        relay
-            .bodies()
-            .first()
-            .cloned()
-            .ok_or_else(|| "nothing yet".to_string())
-    })
-    .await;
+    let token = relay.first_body().await;
     // The scenario: the logout token names a sid (the ID token did not).
     let jwt = token.trim_start_matches("logout_token=");
     let payload = jwt.split('.').nth(1).unwrap();
