@@ -234,6 +234,11 @@ impl SessionCookies {
             if part.len() > CHUNK_SIZE {
                 return Err(CookieReject::Oversize);
             }
+            // Nor an empty one: a whole value under a chunk's name beside an empty chunk is a
+            // lone chunk in disguise.
+            if part.is_empty() {
+                return Err(CookieReject::Decode(DecodeError::Malformed));
+            }
             value.extend_from_slice(part);
         }
         Ok(Some(value.into()))
@@ -587,6 +592,21 @@ mod tests {
         let mut padded = pairs.clone();
         padded[1] = padded[1].replacen("_p_1=", "_p_01=", 1);
         assert_eq!(open(&padded), Err(CookieReject::Oversize));
+        // The whole value under chunk 0's name, with an empty chunk 1: a lone chunk, refused
+        // like one.
+        let whole = c
+            .set_session(&session(10), &CookieJar::default(), 10)
+            .unwrap();
+        let whole = whole[0].to_str().unwrap().split(';').next().unwrap();
+        let disguised = [whole.replacen("_p=", "_p_0=", 1), "_p_1=".to_string()];
+        assert_eq!(
+            open(&disguised),
+            Err(CookieReject::Decode(DecodeError::Malformed))
+        );
+        assert_eq!(
+            open(&disguised[..1]),
+            Err(CookieReject::Decode(DecodeError::Malformed))
+        );
     }
 
     /// `limits.max_cookie_chunks` is a limit the session may reach: one that takes exactly
