@@ -15,7 +15,13 @@ pub enum StoreError {
     Timeout,
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("a value in redis is larger than any the gateway writes")]
+    Oversized,
 }
+
+/// The largest value read back: a sealed session holds at most a provider's token response
+/// (`MAX_PROVIDER_BODY`, 1 MiB), base64 grows it by a third.
+pub const MAX_VALUE_BYTES: usize = 2 * 1024 * 1024;
 
 pub struct Redis {
     conn: ConnectionManager,
@@ -176,9 +182,22 @@ impl Redis {
         }
     }
 
+    /// A value the gateway wrote (it never writes an empty one), read at most
+    /// [`MAX_VALUE_BYTES`] of it: whoever else can write to Redis cannot make each request
+    /// read hundreds of megabytes into memory.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut c = self.conn.clone();
-        self.run(async move { c.get(key).await }).await
+        let mut cmd = redis::cmd("GETRANGE");
+        // The end is inclusive: one byte more than the limit tells an oversized value.
+        cmd.arg(key).arg(0).arg(MAX_VALUE_BYTES);
+        let value: Vec<u8> = self
+            .run(async move { cmd.query_async(&mut c).await })
+            .await?;
+        match value.len() {
+            0 => Ok(None),
+            n if n > MAX_VALUE_BYTES => Err(StoreError::Oversized),
+            _ => Ok(Some(value)),
+        }
     }
 
     pub async fn set_ex(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {

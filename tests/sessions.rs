@@ -1701,6 +1701,43 @@ async fn the_redis_store_refuses_a_cookie_holding_a_whole_session() {
     assert_eq!(r.status, 401, "userinfo: {}", r.dump());
 }
 
+/// Redis store: a session value the gateway could not have written (here 64 MiB, put there by
+/// whoever else can write to Redis) is no session, and is not read whole: each request would
+/// otherwise read it into memory.
+#[tokio::test]
+async fn the_redis_store_reads_a_bounded_part_of_an_oversized_value() {
+    let redis = RedisServer::start().await;
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Redis, Some(&redis), 60);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    assert_eq!(api(&gw, "/x", &cookie).await.status, 200);
+    let keys = redis.keys("portcullis:session:*");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    const BIG: usize = 64 << 20;
+    redis.cmd(&["SETRANGE", &keys[0], &(BIG - 1).to_string(), "x"]);
+
+    let sent_by_redis = || {
+        let info = redis.cmd(&["INFO", "stats"]).text().expect("INFO stats");
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .expect("total_net_output_bytes")
+    };
+    let (before, reached) = (sent_by_redis(), upstream.count());
+    let r = api(&gw, "/x", &cookie).await;
+    let read = sent_by_redis() - before;
+    assert_eq!(r.status, 401, "{}", r.dump());
+    assert_session_cleared(&r, "oversized value");
+    assert!(
+        read < 4 << 20,
+        "the gateway read {read} bytes of a {BIG}-byte value"
+    );
+    assert_eq!(upstream.count(), reached, "the request reached the app");
+}
+
 /// Redis store: a sign-out while the session is being refreshed stays a sign-out — the
 /// refresh that ends afterwards does not write the session back.
 #[tokio::test]

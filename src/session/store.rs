@@ -41,8 +41,14 @@ impl App {
                     return Ok(Loaded::Rejected(NOT_THIS_STORE));
                 };
                 let key = session_key(redis, &id);
-                let Some(sealed) = redis.get(&key).await? else {
-                    return Ok(Loaded::Rejected(CookieReject::Expired));
+                let sealed = match redis.get(&key).await {
+                    Ok(Some(sealed)) => sealed,
+                    Ok(None) => return Ok(Loaded::Rejected(CookieReject::Expired)),
+                    // Not one the gateway wrote: no session, as for one that won't open.
+                    Err(StoreError::Oversized) => {
+                        return Ok(Loaded::Rejected(CookieReject::Oversize))
+                    }
+                    Err(e) => return Err(e),
                 };
                 let opened = self
                     .cookies
