@@ -1460,14 +1460,20 @@ async fn backchannel_logout_without_redis_is_not_implemented() {
     assert_eq!(r.json()["error"], "invalid_request");
 }
 
-#[tokio::test]
-async fn sign_out_with_the_redis_store_deletes_the_session() {
+/// A gateway with the Redis store, and its Redis, provider and upstream.
+async fn redis_store_gateway() -> (RedisServer, Idp, Upstream, Gateway) {
     let redis = RedisServer::start().await;
     let gw_port = free_port();
     let idp = Idp::start_for_gateway(gw_port, &[]).await;
     let upstream = Upstream::start();
     let yaml = session_yaml(Store::Redis, Some(&redis), 60);
     let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    (redis, idp, upstream, gw)
+}
+
+#[tokio::test]
+async fn sign_out_with_the_redis_store_deletes_the_session() {
+    let (redis, idp, upstream, gw) = redis_store_gateway().await;
     let b = Browser::new();
     let r = login(&b, &gw, "/", "alice").await;
     assert_eq!(r.status, 200, "{}", r.dump());
@@ -1706,12 +1712,7 @@ async fn the_redis_store_refuses_a_cookie_holding_a_whole_session() {
 /// otherwise read it into memory.
 #[tokio::test]
 async fn the_redis_store_reads_a_bounded_part_of_an_oversized_value() {
-    let redis = RedisServer::start().await;
-    let gw_port = free_port();
-    let idp = Idp::start_for_gateway(gw_port, &[]).await;
-    let upstream = Upstream::start();
-    let yaml = session_yaml(Store::Redis, Some(&redis), 60);
-    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let (redis, _idp, upstream, gw) = redis_store_gateway().await;
     let cookie = login_cookie(&gw, "alice").await;
     assert_eq!(api(&gw, "/x", &cookie).await.status, 200);
     let keys = redis.keys("portcullis:session:*");
