@@ -239,17 +239,19 @@ where
 pub struct RouteIdx(pub usize);
 
 impl App {
-    /// The first configured route a request matches (its index); `None`: the default.
+    /// The first configured route a request (its normalised path) matches, as its index;
+    /// `None`: the default.
     pub fn route_for(
         &self,
         method: &http::Method,
         host: Option<&str>,
         path: &str,
     ) -> Option<usize> {
+        let key = crate::proxy::path::route_key(path);
         self.cfg
             .routes
             .iter()
-            .position(|r| r.matches(method, host, path))
+            .position(|r| r.matches(method, host, &key))
     }
 
     pub fn route_of<B>(&self, req: &Request<B>) -> Option<&Route> {

@@ -321,6 +321,17 @@ fn every_error_is_reported_on_its_own_line() {
         l[0],
         "config error: routes[1].path: invalid regex `^/(x`: unclosed group"
     );
+    // A route prefix no normalised request path can start with.
+    let r = check_text(
+        &format!("{}routes: [ {{ prefix: \"/a/../admin/\" }} ]\n", minimal()),
+        &[],
+    );
+    let l = assert_invalid(&r, 1);
+    assert!(
+        l[0].starts_with("config error: routes[0].prefix: `/a/../admin/` never matches"),
+        "{}",
+        l[0]
+    );
     // A YAML syntax error is one line too.
     let r = check_text("listen: [unclosed\n", &[]);
     let l = assert_invalid(&r, 1);

@@ -551,6 +551,50 @@ async fn route_upstreams_and_hosts() {
 }
 
 /// One provider, several gateways that differ only in their `authorization` block.
+/// A route's rules hold for every spelling of its paths that apps read as one: escaped
+/// sub-delimiters, spaces and non-ASCII characters, in the request or in the config.
+#[tokio::test]
+async fn every_spelling_of_a_routes_path_meets_its_rules() {
+    let routes = r#"routes:
+  - { prefix: "/wiki/Special:", allow: { groups: ["admins"] } }
+  - { prefix: "/reports/q&a/", allow: { groups: ["admins"] } }
+  - { prefix: "/my docs/", allow: { groups: ["admins"] } }
+  - { prefix: "/caf%c3%a9/", allow: { groups: ["admins"] } }
+  - { path: "^/tr[eè]s/", allow: { groups: ["admins"] } }
+"#;
+    let s = Stack::with(&[], routes).await;
+    let b = s.login("alice").await;
+    let cookie = b.cookie_header(&s.gw.url("/"));
+    let get = |target: &str| {
+        let url = s.gw.url(target);
+        let cookie = cookie.clone();
+        async move { send("GET", &url, &[("cookie", &cookie)], Vec::new()).await }
+    };
+    let r = get("/wiki/Main_Page").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let reached = s.upstream.count();
+    for target in [
+        "/wiki/Special:Userrights",
+        "/wiki/Special%3AUserrights",
+        "/wiki/Special%3aUserrights",
+        "/reports/q&a/1",
+        "/reports/q%26a/1",
+        "/my%20docs/x",
+        "/caf%C3%A9/x",
+        "/caf%c3%a9/x",
+        "/tr%C3%A8s/x",
+        "/tr%65s/x",
+    ] {
+        let r = get(target).await;
+        assert_eq!(r.status, 403, "{target}: {}", r.dump());
+    }
+    assert_eq!(
+        s.upstream.count(),
+        reached,
+        "a denied request reached the app"
+    );
+}
+
 #[tokio::test]
 async fn authorization_lists_decide_after_login() {
     let configs: Vec<(&str, &str)> = vec![

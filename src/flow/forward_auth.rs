@@ -138,7 +138,8 @@ fn route_whatever_the_method<'a>(
     host: Option<&str>,
     path: &str,
 ) -> Result<Option<&'a Route>, Ambiguous> {
-    match app.cfg.routes.iter().find(|r| r.covers(host, path)) {
+    let key = crate::proxy::path::route_key(path);
+    match app.cfg.routes.iter().find(|r| r.covers(host, &key)) {
         Some(r) if !r.methods.is_empty() => Err(Ambiguous("x-forwarded-method")),
         found => Ok(found),
     }

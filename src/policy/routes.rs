@@ -333,12 +333,9 @@ pub fn build_route(
                 Regex::new(&anchored).map_err(|e| ("path".to_string(), regex_error(re, &e)))?,
             )
         }
-        (None, Some(p)) => {
-            if !p.starts_with('/') {
-                return Err(("prefix".into(), "must start with /".into()));
-            }
-            PathMatch::Prefix(p.clone())
-        }
+        (None, Some(p)) => PathMatch::Prefix(
+            crate::proxy::path::route_prefix(p).map_err(|e| ("prefix".to_string(), e))?,
+        ),
     };
     let mut methods = Vec::new();
     for m in &raw.methods {

@@ -153,9 +153,106 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(s))
 }
 
+/// What routes are matched against: the normalised path percent-decoded. Apps decode the path
+/// before they route it, so `/wiki/Special:x` and `/wiki/Special%3Ax`, or `/caf%C3%A9/` and
+/// `/café/`, are one page to them and must fall under one route here. Normalisation refused
+/// encoded separators, NUL and escapes that are not UTF-8: decoding changes no segment.
+pub fn route_key(normalised: &str) -> Cow<'_, str> {
+    if !normalised.as_bytes().contains(&b'%') {
+        return Cow::Borrowed(normalised);
+    }
+    percent_encoding::percent_decode_str(normalised)
+        .decode_utf8()
+        .unwrap_or(Cow::Borrowed(normalised))
+}
+
+/// A configured route prefix in the form of [`route_key`]: percent-decoded. Refused, with the
+/// reason, when no request could ever match it (requests are matched once normalised).
+pub fn route_prefix(prefix: &str) -> Result<String, String> {
+    if !prefix.starts_with('/') {
+        return Err("must start with /".into());
+    }
+    let lower = prefix.to_ascii_lowercase();
+    if ["%2f", "%5c", "%00", "%3b", ";", "\\"]
+        .iter()
+        .any(|s| lower.contains(s))
+    {
+        return Err(format!(
+            "`{prefix}` never matches: requests with an encoded / or \\, NUL or ';' parameters \
+             are refused (400)"
+        ));
+    }
+    let decoded = percent_encoding::percent_decode_str(prefix)
+        .decode_utf8()
+        .map_err(|_| format!("`{prefix}` is not UTF-8 once percent-decoded"))?;
+    if decoded.chars().any(char::is_control) {
+        return Err(format!(
+            "`{prefix}` never matches: requests with control characters are refused (400)"
+        ));
+    }
+    // Every segment followed by a `/` is whole in a request path, never `.`, `..` or empty;
+    // the last one may be the start of a name (`/.well-known` starts with `/.`).
+    let mut segments: Vec<&str> = decoded[1..].split('/').collect();
+    segments.pop();
+    if segments.iter().any(|s| matches!(*s, "" | "." | "..")) {
+        return Err(format!(
+            "`{prefix}` never matches: requests are matched with `.`, `..` and `//` resolved"
+        ));
+    }
+    Ok(decoded.into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_see_every_spelling_of_a_path_as_one() {
+        for (normalised, key) in [
+            ("/admin/", "/admin/"),
+            ("/wiki/Special%3AUserrights", "/wiki/Special:Userrights"),
+            ("/reports/q%26a/1", "/reports/q&a/1"),
+            ("/my%20docs/x", "/my docs/x"),
+            ("/caf%C3%A9/x", "/café/x"),
+            ("/x%3Fy%23z", "/x?y#z"),
+            ("/a%2541", "/a%41"),
+        ] {
+            assert_eq!(normalize(normalised).unwrap(), normalised);
+            assert_eq!(route_key(normalised), key, "{normalised}");
+        }
+        for (prefix, key) in [
+            ("/wiki/Special:", "/wiki/Special:"),
+            ("/wiki/Special%3a", "/wiki/Special:"),
+            ("/café/", "/café/"),
+            ("/caf%c3%a9/", "/café/"),
+            ("/my docs/", "/my docs/"),
+            ("/a%2541", "/a%41"),
+            ("/.well-known", "/.well-known"),
+            ("/a/..", "/a/.."),
+            ("/", "/"),
+        ] {
+            assert_eq!(route_prefix(prefix).as_deref(), Ok(key), "{prefix}");
+        }
+        for dead in [
+            "api/",
+            "/a/../b/",
+            "/a/./b",
+            "//a",
+            "/a//b",
+            "/a%2fb/",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a\\b",
+            "/a;v=1/",
+            "/a%3bb",
+            "/a%00",
+            "/a%0ab",
+            "/%ff/",
+            "/%2e%2e/x",
+        ] {
+            assert!(route_prefix(dead).is_err(), "{dead}");
+        }
+    }
 
     #[test]
     fn canonical_paths_pass_unchanged() {
