@@ -293,18 +293,27 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
                 .await;
             let what = format!("bob GET {path} ({accept})");
             assert_eq!(r.status, 403, "{what}: {}", r.dump());
+            // A page for a person, the same in JSON for a program.
+            let page = accept == BROWSER_ACCEPT;
             assert_eq!(
                 r.header("content-type"),
-                Some("text/html; charset=utf-8"),
+                Some(if page {
+                    "text/html; charset=utf-8"
+                } else {
+                    "application/json"
+                }),
                 "{what}"
             );
             let body = r.text();
+            if !page {
+                assert_eq!(r.json()["error"], "forbidden", "{what}: {body}");
+            }
             assert!(body.contains("Access denied"), "{what}: {body}");
             assert!(
                 body.contains("not on the list of users allowed here"),
                 "{what}: {body}"
             );
-            assert!(body.contains("href=\"/oauth2/sign_out\""), "{what}: {body}");
+            assert!(body.contains("/oauth2/sign_out"), "{what}: {body}");
             assert_page_headers(&r);
             assert!(r.location().is_none(), "{what}");
             assert!(

@@ -427,7 +427,10 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
                 .try_for_each(|rules| authz.check(&session.identity, Some(rules)))
         });
     if let Err(Denied(why)) = checked {
-        return crate::policy::forbidden(app, req, user, why);
+        // Traefik passes a denial's body on to the client: JSON for a program.
+        let mode = route.map_or(AuthMode::Login, |r| r.auth);
+        let json = crate::policy::wants_json(mode, req.headers());
+        return crate::policy::forbidden(app, req, user, why, json);
     }
     let mut resp = pages::text(allowed, "");
     let h = resp.headers_mut();

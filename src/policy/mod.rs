@@ -54,6 +54,22 @@ pub fn is_form_navigation(method: &Method, h: &HeaderMap) -> bool {
         && prefers_html(h)
 }
 
+/// Whether a denial goes to a program rather than a person, and is answered in JSON: on an
+/// `auth: api` route, for a script's request (`X-Requested-With`, a `Sec-Fetch-Mode` other
+/// than `navigate`), or for one that asks for JSON rather than HTML. Anything else (curl's
+/// `*/*` too) gets the page.
+pub fn wants_json(mode: AuthMode, h: &HeaderMap) -> bool {
+    let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    mode == AuthMode::Api
+        || header("x-requested-with").is_some_and(|v| v.eq_ignore_ascii_case("xmlhttprequest"))
+        || header("sec-fetch-mode").is_some_and(|m| m != "navigate")
+        || (h.get_all(ACCEPT).iter().any(|v| {
+            v.as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"json"))
+        }) && !prefers_html(h))
+}
+
 /// 401 for a form sent without a session: not redirected to the provider (the form's body
 /// would be lost, and its target fetched with a GET), but a page offering to sign in and
 /// return to the page the form was on (its `Referer`, when on this origin).
@@ -132,12 +148,14 @@ pub fn decide(
 }
 
 /// 403 for signed-in `user`, whom a rule keeps out: logged with who and which request, and
-/// named in the request's access-log line.
+/// named in the request's access-log line. A page saying why and offering sign-out, or the
+/// same in JSON for a program (`wants_json`).
 pub fn forbidden<B>(
     app: &crate::app::App,
     req: &Request<B>,
     user: std::sync::Arc<str>,
     why: &str,
+    json: bool,
 ) -> Response<Body> {
     let request_id = req
         .headers()
@@ -150,7 +168,18 @@ pub fn forbidden<B>(
         request_id,
         "authenticated user denied"
     );
-    let mut resp = pages::forbidden(why);
+    let mut resp = if json {
+        pages::json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({
+                "error": "forbidden",
+                "message": format!("Access denied: you are signed in, but {why}."),
+                "sign_out_url": "/oauth2/sign_out",
+            }),
+        )
+    } else {
+        pages::forbidden(why)
+    };
     crate::metrics::answered_for(&mut resp, user);
     resp
 }
@@ -216,7 +245,13 @@ impl<S> AuthGate<S> {
             }
             Decision::Forbidden(Denied(why)) => {
                 match req.extensions().get::<std::sync::Arc<ActiveSession>>() {
-                    Some(s) => forbidden(&self.app, req, s.sub.clone(), why),
+                    Some(s) => forbidden(
+                        &self.app,
+                        req,
+                        s.sub.clone(),
+                        why,
+                        wants_json(mode, req.headers()),
+                    ),
                     // Never: only a session is denied.
                     None => pages::forbidden(why),
                 }
@@ -250,6 +285,45 @@ mod tests {
             m.insert(*k, HeaderValue::from_static(v));
         }
         m
+    }
+
+    #[test]
+    fn denials_go_to_programs_in_json_and_to_people_as_a_page() {
+        const BROWSER: &str = "text/html,application/xhtml+xml,*/*;q=0.8";
+        for (mode, headers, json) in [
+            (AuthMode::Login, vec![("accept", BROWSER)], false),
+            (AuthMode::Login, vec![("accept", "*/*")], false),
+            (AuthMode::Login, vec![], false),
+            (AuthMode::Login, vec![("accept", "application/json")], true),
+            (
+                AuthMode::Login,
+                vec![("accept", "application/problem+JSON")],
+                true,
+            ),
+            (
+                AuthMode::Login,
+                vec![("accept", "text/html, application/json;q=0.9")],
+                false,
+            ),
+            (
+                AuthMode::Login,
+                vec![("x-requested-with", "XMLHttpRequest")],
+                true,
+            ),
+            (
+                AuthMode::Login,
+                vec![("accept", BROWSER), ("sec-fetch-mode", "cors")],
+                true,
+            ),
+            (
+                AuthMode::Login,
+                vec![("accept", BROWSER), ("sec-fetch-mode", "navigate")],
+                false,
+            ),
+            (AuthMode::Api, vec![("accept", BROWSER)], true),
+        ] {
+            assert_eq!(wants_json(mode, &h(&headers)), json, "{mode:?} {headers:?}");
+        }
     }
 
     fn d(m: &Method, h: &HeaderMap) -> Decision {
