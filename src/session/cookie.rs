@@ -203,6 +203,10 @@ impl SessionCookies {
         jar: &CookieJar<'a>,
     ) -> Result<Option<std::borrow::Cow<'a, [u8]>>, CookieReject> {
         if let Some(v) = jar.get_bytes(&self.name) {
+            // The gateway splits anything longer into chunks.
+            if v.len() > CHUNK_SIZE {
+                return Err(CookieReject::Oversize);
+            }
             return Ok(Some(v.into()));
         }
         // One pass finds every chunk (the first of each name), before anything is allocated.
@@ -654,6 +658,18 @@ mod tests {
         assert_eq!(c.unseal(over.as_bytes(), 10), Err(CookieReject::Oversize));
         let most = "A".repeat(2 * CHUNK_SIZE);
         assert_ne!(c.unseal(most.as_bytes(), 10), Err(CookieReject::Oversize));
+    }
+
+    #[test]
+    fn a_whole_value_longer_than_a_chunk_is_oversize() {
+        let c = cookies(8);
+        let mut h = HeaderMap::new();
+        let value = format!("_p={}", "A".repeat(CHUNK_SIZE + 1));
+        h.insert(COOKIE, HeaderValue::from_str(&value).unwrap());
+        assert_eq!(
+            c.open_session(&CookieJar::parse(&h), 10),
+            Err(CookieReject::Oversize)
+        );
     }
 
     #[test]
