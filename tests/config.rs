@@ -894,6 +894,33 @@ fn a_redis_url_the_cookie_store_does_not_use_is_warned_about() {
     }
 }
 
+/// Every address as a trusted proxy makes every client one: allowed (a gateway reachable only
+/// through its proxies), with a warning.
+#[test]
+fn trusting_every_address_is_warned_about() {
+    for everything in ["0.0.0.0/0", "::/0"] {
+        let yaml = format!(
+            "{}trusted_proxies: [\"10.0.0.0/8\", \"{everything}\"]\n",
+            minimal()
+        );
+        let r = check_text(&yaml, &[]);
+        assert_eq!(r.code, 0, "{everything}: {}", r.stderr);
+        assert!(
+            r.stderr
+                .lines()
+                .any(|l| l.starts_with("warning: trusted_proxies: a range of every address")),
+            "{everything}: {}",
+            r.stderr
+        );
+    }
+    let r = check_text(
+        &format!("{}trusted_proxies: [\"10.0.0.0/8\"]\n", minimal()),
+        &[],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+}
+
 /// A URL that fails to parse is quoted back without the credentials it may carry (an operator's
 /// `https://user:password@…` with a typo in the port).
 #[test]

@@ -192,7 +192,8 @@ pub struct LogConfig {
 
 impl Config {
     /// What is allowed but unsafe or unused, for start-up and `check` to say: a published
-    /// example cookie key (anyone can forge sessions with it), a Redis URL nothing uses.
+    /// example cookie key (anyone can forge sessions with it), a Redis URL nothing uses, every
+    /// address as a trusted proxy.
     pub fn warnings(&self) -> Vec<String> {
         let published = self.cookie.keys.iter().any(super::secret::is_published);
         let published = published.then(|| {
@@ -206,7 +207,21 @@ impl Config {
              there, or session.coordination.redis_url for coordination only"
                 .to_string()
         });
-        published.into_iter().chain(unused_redis).collect()
+        let everyone_trusted = self
+            .trusted_proxies
+            .iter()
+            .any(|c| c.is_everything())
+            .then(|| {
+                "trusted_proxies: a range of every address makes every client a trusted proxy: \
+                 anyone can set X-Forwarded-For/Proto/Host and name the original request to \
+                 forward-auth; list only the proxies in front of the gateway"
+                    .to_string()
+            });
+        published
+            .into_iter()
+            .chain(unused_redis)
+            .chain(everyone_trusted)
+            .collect()
     }
 }
 
