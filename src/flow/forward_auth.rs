@@ -1,8 +1,7 @@
 //! `GET /oauth2/auth`: the forward-auth answer for ingress-nginx `auth_request`, Traefik
 //! ForwardAuth and Envoy ext_authz. 202 with identity headers for a valid session
 //! (refreshed if due, the new cookie passed back), 401 otherwise (a browser navigation is
-//! told where to log in). The original request is believed only from `trusted_proxies`;
-//! from anyone else, what it names can only make the answer stricter.
+//! told where to log in). The original request is believed only from `trusted_proxies`.
 
 use crate::app::App;
 use crate::body::Body;
@@ -10,12 +9,12 @@ use crate::config::{ForwardAuthConfig, HeaderConfig};
 use crate::pages;
 use crate::policy::cidr::trusted;
 use crate::policy::routes::{
-    host_only, method_override, valid_forwarded_host, AuthMode, Denied, Route, Rules,
+    host_only, method_override, valid_forwarded_host, AuthMode, Denied, Route,
 };
 use crate::policy::{decide, Decision};
 use crate::proxy::forward::ConnInfo;
 use crate::proxy::headers::put;
-use crate::proxy::path::{normalize, route_key};
+use crate::proxy::path::normalize;
 use crate::session::{CookieJar, Session};
 use http::header::{HeaderMap, HeaderValue, SET_COOKIE};
 use http::{Request, Response, StatusCode};
@@ -167,16 +166,12 @@ struct Original<'a> {
     /// Its method, when the proxy said it (or, for Envoy, asked with it).
     method: Option<http::Method>,
     form: Form,
-    /// Named by a peer not in `trusted_proxies`: the `allow` rules of the routes it could be
-    /// under, checked on top of the global ones (see `stricter_rules`).
-    stricter: Vec<&'a Rules>,
 }
 
 /// A peer not in `trusted_proxies` named the original request (by this header, or the Envoy
-/// path). What it says cannot choose the route — a client could send it — and only makes the
-/// answer stricter (`stricter_rules`); if the peer is the proxy itself, left out of the list,
-/// its `auth: skip` routes then need a login and its method rules are not told apart: the
-/// operator is told, once a minute at most (a client can send these headers at will).
+/// path). What it says is ignored — a client does not choose the route — but if the peer is
+/// the proxy itself, left out of the list, its routes' rules are skipped: the operator is
+/// told, once a minute at most (a client can send these headers at will).
 fn warn_untrusted(peer: Option<std::net::IpAddr>, named_by: &'static str) {
     static LAST: AtomicU64 = AtomicU64::new(0);
     if !once_a_minute(&LAST) {
@@ -185,10 +180,9 @@ fn warn_untrusted(peer: Option<std::net::IpAddr>, named_by: &'static str) {
     tracing::warn!(
         peer = %peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string()),
         named_by,
-        "forward-auth: original request named by a peer not in trusted_proxies, not believed \
-         (the global rules decide, with the allow rules of any route it could fall under); if \
-         that peer is the forward-auth proxy, list it in trusted_proxies so that its routes \
-         apply as written"
+        "forward-auth: original request named by a peer not in trusted_proxies, ignored (the \
+         global rules decide); if that peer is the forward-auth proxy, list it in \
+         trusted_proxies so that its routes' rules apply"
     );
 }
 
@@ -239,41 +233,6 @@ fn names_original(req: &Request<Body>) -> Option<&'static str> {
     .find(|name| req.headers().contains_key(*name))
 }
 
-/// The `allow` rules of every route that the path a peer not in `trusted_proxies` names could
-/// fall under, whatever the method and host (which it could name wrongly too), up to the first
-/// route that takes every request for that path. Used only to refuse more: a client gains
-/// nothing by naming a path, and a forward-auth proxy left out of `trusted_proxies` still has
-/// its routes' `allow` rules enforced instead of silently losing them.
-fn stricter_rules<'a>(app: &'a App, req: &Request<Body>) -> Result<Vec<&'a Rules>, Ambiguous> {
-    let h = req.headers();
-    let mut paths: Vec<String> = envoy_path(req.uri().path())
-        .map(str::to_string)
-        .into_iter()
-        .collect();
-    for name in ["x-original-url", "x-forwarded-uri"] {
-        for v in h.get_all(name) {
-            let uri = v
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<http::Uri>().ok())
-                .ok_or(Ambiguous(name))?;
-            let path = normalize(uri.path()).map_err(|_| Ambiguous(name))?;
-            paths.push(path.into_owned());
-        }
-    }
-    let mut rules = Vec::new();
-    for path in &paths {
-        let key = route_key(path);
-        for r in app.cfg.routes.iter().filter(|r| r.covers_path(&key)) {
-            rules.extend(r.allow.as_ref());
-            if r.host.is_none() && r.methods.is_empty() {
-                break;
-            }
-        }
-    }
-    Ok(rules)
-}
-
 /// The route the original request would take — known only when a trusted proxy says which
 /// request it was (`X-Original-URL` from ingress-nginx, `X-Forwarded-Uri` from Traefik, the
 /// path after `/oauth2/auth` from Envoy): a client cannot choose the route. From anyone else,
@@ -285,14 +244,10 @@ fn original<'a>(
     trusted_peer: bool,
 ) -> Result<Original<'a>, Ambiguous> {
     if !trusted_peer {
-        let Some(named_by) = names_original(req) else {
-            return Ok(Original::default());
-        };
-        warn_untrusted(peer, named_by);
-        return Ok(Original {
-            stricter: stricter_rules(app, req)?,
-            ..Original::default()
-        });
+        if let Some(named_by) = names_original(req) {
+            warn_untrusted(peer, named_by);
+        }
+        return Ok(Original::default());
     }
     let h = req.headers();
     if let Some(rest) = envoy_path(req.uri().path()) {
@@ -316,7 +271,6 @@ fn original<'a>(
             target: Some(target),
             method: Some(req.method().clone()),
             form: Form::Envoy,
-            stricter: Vec::new(),
         });
     }
     // ingress-nginx sets X-Original-URL, Traefik X-Forwarded-Uri, and each passes the
@@ -368,7 +322,6 @@ fn original<'a>(
         target: uri.path_and_query().map(|pq| pq.to_string()),
         method,
         form,
-        stricter: Vec::new(),
     })
 }
 
@@ -417,16 +370,11 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
         }
         super::Caller::Unavailable(resp) => return resp,
     };
-    let authz = &app.cfg.authorization;
-    let checked = authz
+    if let Err(Denied(why)) = app
+        .cfg
+        .authorization
         .check(&session.identity, route.and_then(|r| r.allow.as_ref()))
-        .and_then(|()| {
-            original
-                .stricter
-                .iter()
-                .try_for_each(|rules| authz.check(&session.identity, Some(rules)))
-        });
-    if let Err(Denied(why)) = checked {
+    {
         // Traefik passes a denial's body on to the client: JSON for a program.
         let mode = route.map_or(AuthMode::Login, |r| r.auth);
         let json = crate::policy::wants_json(mode, req.headers());

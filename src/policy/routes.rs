@@ -50,18 +50,13 @@ impl Route {
             && self.covers(host, path)
     }
 
-    /// Whether the route's path fits (`path` as `path::route_key` gives it), whatever the
-    /// method and host.
-    pub fn covers_path(&self, path: &str) -> bool {
-        match &self.path {
-            PathMatch::Regex(r) => r.is_match(path),
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-        }
-    }
-
     /// Whether the route's host and path fit, whatever the method.
     pub fn covers(&self, host: Option<&str>, path: &str) -> bool {
-        self.covers_path(path)
+        let path_ok = match &self.path {
+            PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+        };
+        path_ok
             && self
                 .host
                 .as_deref()
