@@ -173,7 +173,9 @@ pub fn forbidden<B>(
             StatusCode::FORBIDDEN,
             &serde_json::json!({
                 "error": "forbidden",
-                "message": format!("Access denied: you are signed in, but {why}."),
+                "message": format!(
+                    "Access denied: you are signed in, but {why}. Sign out to use another account."
+                ),
                 "sign_out_url": "/oauth2/sign_out",
             }),
         )
