@@ -823,7 +823,7 @@ async fn renewed_upstream_ca_and_client_certificate_apply_without_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn secure_cookies_over_tls_use_the_host_prefix() {
+async fn secure_cookies_over_tls_with_the_host_prefix() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("gw", "gateway");
     let port = free_port();
@@ -840,7 +840,11 @@ async fn secure_cookies_over_tls_use_the_host_prefix() {
             &format!("redirect_url: \"http://127.0.0.1:{port}/"),
             &format!("redirect_url: \"{origin}/"),
         )
-        .replace("  secure: false\n", "  secure: true\n");
+        // The prefix is the operator's choice: no subdomain can overwrite such a cookie.
+        .replace(
+            "  secure: false\n",
+            "  secure: true\n  name: __Host-_portcullis\n",
+        );
     assert!(
         yaml.contains("secure: true") && yaml.contains(&origin),
         "{yaml}"

@@ -685,15 +685,32 @@ cookie:
     }
 
     #[test]
-    fn secure_cookie_gets_host_prefix() {
-        let text = MINIMAL.replace("secure: false", "secure: true").replace(
+    fn the_cookie_name_is_used_as_given() {
+        let secure = MINIMAL.replace("secure: false", "secure: true").replace(
             "http://127.0.0.1:4180/oauth2",
             "https://app.example.com/oauth2",
         );
         assert_eq!(
-            load_str(&text, none()).unwrap().cookie.name,
+            load_str(&secure, none()).unwrap().cookie.name,
+            "_portcullis"
+        );
+        let host = format!("{secure}  name: __Host-_portcullis\n");
+        assert_eq!(
+            load_str(&host, none()).unwrap().cookie.name,
             "__Host-_portcullis"
         );
+        // A prefix browsers would not honour is refused, naming the key.
+        for (text, why) in [
+            (format!("{MINIMAL}  name: __Host-_portcullis\n"), "secure"),
+            (
+                format!("{secure}  name: __Host-x\n  domain: example.com\n"),
+                "domain",
+            ),
+            (format!("{MINIMAL}  name: __Secure-x\n"), "secure"),
+        ] {
+            let e = load_str(&text, none()).unwrap_err().to_string();
+            assert!(e.starts_with("config error: cookie.name: "), "{why}: {e}");
+        }
     }
 
     #[test]

@@ -103,7 +103,7 @@ pub enum SameSite {
 
 #[derive(Debug, Clone)]
 pub struct CookieConfig {
-    /// The name the session cookie is set under (with `__Host-` when secure and host-only).
+    /// The name the session cookie is set under (`cookie.name`).
     pub name: String,
     pub keys: Vec<CookieKey>,
     pub secure: bool,
@@ -657,11 +657,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             SameSite::Lax
         }
     };
-    let cookie_name = if ck.secure && domain.is_none() && !ck.name.starts_with("__") {
-        format!("__Host-{}", ck.name)
-    } else {
-        ck.name.clone()
-    };
+    // The name is used as given: `__Host-_portcullis` (no subdomain can overwrite it) is the
+    // operator's choice, which browsers honour only as below.
+    let cookie_name = ck.name.clone();
+    if cookie_name.starts_with("__Host-") && (!ck.secure || domain.is_some()) {
+        c.err(
+            "cookie.name",
+            "a `__Host-` cookie needs cookie.secure: true and no cookie.domain: browsers refuse it otherwise",
+        );
+    } else if cookie_name.starts_with("__Secure-") && !ck.secure {
+        c.err(
+            "cookie.name",
+            "a `__Secure-` cookie needs cookie.secure: true: browsers refuse it otherwise",
+        );
+    }
     if let Some(u) = &redirect_url {
         if ck.secure && u.scheme() != "https" && !is_loopback(u) {
             c.err(
