@@ -28,8 +28,9 @@ use tokio::net::TcpListener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("{key}: cannot listen on {addr}: {source}")]
     Bind {
+        key: &'static str,
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
@@ -56,15 +57,12 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| StartError::Bind {
+            key: "listen",
             addr: cfg.listen,
             source,
         })?;
     let admin = match cfg.admin_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?,
-        ),
+        Some(addr) => Some(bind_admin(addr).await?),
         None => None,
     };
     let live: live::Live = Arc::new(arc_swap::ArcSwap::from_pointee(
@@ -143,5 +141,34 @@ impl ShutdownSignals {
         {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Binds the admin listener. Its default address (`admin.listen`'s, 127.0.0.1:9090) is also
+/// Prometheus's: when that one is taken, a free port on the same address serves instead, and
+/// the log says which, so that a config that does not name the admin listener still starts.
+/// Any other address is the operator's: not available, the gateway does not start.
+async fn bind_admin(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
+    let refused = |source| StartError::Bind {
+        key: "admin.listen",
+        addr,
+        source,
+    };
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse
+                && addr == config::DEFAULT_ADMIN_LISTEN =>
+        {
+            let l = TcpListener::bind((addr.ip(), 0)).await.map_err(refused)?;
+            let instead = l.local_addr().map_err(refused)?;
+            tracing::warn!(
+                %instead,
+                "admin.listen: its default {addr} is taken (by Prometheus?); /metrics, /healthz \
+                 and /readyz are served on {instead} instead: set admin.listen to choose"
+            );
+            Ok(l)
+        }
+        Err(e) => Err(refused(e)),
     }
 }

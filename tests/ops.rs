@@ -2503,3 +2503,81 @@ async fn demo_launcher_passes_no_stray_variable_and_finds_a_free_admin_port() {
         "the gateway outlived the demo"
     );
 }
+
+/// `admin.listen`'s default, 127.0.0.1:9090, is also Prometheus's port: a config that does not
+/// name the admin listener still starts when it is taken, on a free port it logs. An admin
+/// address the config names is the operator's: taken, the gateway does not start, and says
+/// which key.
+#[tokio::test]
+async fn a_taken_default_admin_port_moves_and_a_taken_configured_one_stops_the_start() {
+    use support::procs::{gateway_command, Proc, ADMIN_YAML};
+    // Taken for this test, or by someone else: busy either way.
+    let _default = std::net::TcpListener::bind("127.0.0.1:9090");
+    let configured = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let configured = configured.local_addr().unwrap();
+    let (idp, upstream, opts) = parts(&[]).await;
+    let spawn = |admin: &str| {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-admin-")
+            .tempdir()
+            .unwrap();
+        let cfg = dir.path().join("portcullis.yaml");
+        std::fs::write(&cfg, opts.yaml().replace(ADMIN_YAML, admin)).unwrap();
+        let mut cmd = gateway_command();
+        cmd.arg("--config").arg(&cfg);
+        Proc::spawn("gateway", cmd, dir)
+    };
+
+    let mut gw = spawn("");
+    let t0 = Instant::now();
+    let instead = loop {
+        assert!(gw.exited().is_none(), "it did not start\n{}", gw.tails());
+        assert!(t0.elapsed() < START_TIMEOUT, "{}", gw.tails());
+        let moved = gw.stderr().lines().find_map(|l| {
+            let rest = l
+                .split("admin.listen: its default 127.0.0.1:9090 is taken")
+                .nth(1)?;
+            let port = rest.split("served on 127.0.0.1:").nth(1)?;
+            port.split(' ').next()?.parse::<u16>().ok()
+        });
+        if let Some(port) = moved {
+            break port;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(instead, 9090);
+    let healthz = format!("http://127.0.0.1:{}/healthz", opts.port);
+    while !try_send("GET", &healthz, &[], Vec::new())
+        .await
+        .is_ok_and(|r| r.status == 200)
+    {
+        assert!(t0.elapsed() < START_TIMEOUT, "not serving\n{}", gw.tails());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Err(e) = admin_metrics(instead).await {
+        panic!("{e}\n{}", gw.tails());
+    }
+    drop(gw);
+
+    let mut gw = spawn(&format!("admin: {{ listen: \"{configured}\" }}"));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = gw.exited() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < START_TIMEOUT,
+            "still running\n{}",
+            gw.tails()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{}", gw.tails());
+    assert!(
+        gw.stderr()
+            .contains(&format!("admin.listen: cannot listen on {configured}")),
+        "{}",
+        gw.tails()
+    );
+    drop((idp, upstream));
+}

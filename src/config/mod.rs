@@ -9,6 +9,11 @@ mod validate;
 pub use secret::{CookieKey, Secret};
 pub use validate::*;
 
+/// `admin.listen`'s default (also Prometheus's own port: see `bind_admin`).
+pub const DEFAULT_ADMIN_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090),
+);
+
 use std::fmt;
 use std::path::Path;
 

@@ -303,7 +303,7 @@ pub struct RawAdmin {
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:9090".into(),
+            listen: super::DEFAULT_ADMIN_LISTEN.to_string(),
         }
     }
 }
