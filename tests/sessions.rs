@@ -968,6 +968,75 @@ async fn provider_down_during_refresh() {
     assert_session_cleared(&nav, "browser after recovery");
 }
 
+/// A token endpoint that gives no OAuth answer to a refresh (a maintenance or WAF page in front
+/// of the provider, a 404, an empty 200) has not refused it: the provider blinked. The old
+/// token is used while it is valid, then 503, the session kept; once the provider answers
+/// again, the refresh goes through.
+#[tokio::test]
+async fn a_refresh_answered_by_no_oauth_answer_keeps_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let override_file = dir.path().join("token-answer");
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(
+        gw_port,
+        &[
+            AT_TTL_ENV,
+            ("IDP_TOKEN_OVERRIDE_FILE", override_file.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::CookieOnly, None, 3);
+    let admin = free_port();
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, Some(admin))).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let logged_in = Instant::now();
+    let first = upstream.last().bearer();
+
+    std::fs::write(
+        &override_file,
+        "200 text/html <html><p>Down for maintenance</p></html>",
+    )
+    .unwrap();
+    until_due(logged_in, 3).await;
+    let r = api(&gw, "/while-valid", &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(bearer_in(&r), first);
+    assert!(new_session_cookie(&r).is_none(), "{}", r.dump());
+    tokio::time::sleep_until((logged_in + Duration::from_secs(AT_TTL + 1)).into()).await;
+    for answer in [
+        "200 text/html <html><p>Down for maintenance</p></html>",
+        "404 text/html <h1>Not Found</h1>",
+        "403 text/html <h1>Request blocked</h1>",
+        "200 - ",
+        "200 application/json {\"status\": \"ok\"}",
+    ] {
+        std::fs::write(&override_file, answer).unwrap();
+        let before = idp.token_requests();
+        let r = api(&gw, "/expired", &cookie).await;
+        assert_503(&r, Some("provider_unavailable"), answer);
+        assert!(
+            r.set_cookie("_portcullis").is_none(),
+            "{answer}: {}",
+            r.dump()
+        );
+        assert!(idp.token_requests() > before, "{answer}: not asked");
+    }
+    let m = metrics(admin).await;
+    assert_eq!(
+        sample(&m, "portcullis_refreshes_total{outcome=\"rejected\"}").unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+    assert!(sample(&m, "portcullis_refreshes_total{outcome=\"unavailable\"}").unwrap_or(0.0) > 0.0);
+
+    std::fs::remove_file(&override_file).unwrap();
+    let r = api(&gw, "/back", &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_ne!(bearer_in(&r), first, "not refreshed");
+    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+}
+
 /// A provider that answers a refresh with a refusal other than `invalid_grant` (here
 /// `invalid_client`: the client secret it knows changed) has answered: the session ends
 /// (401, login), counted as `rejected`, and the provider is not asked again per request.

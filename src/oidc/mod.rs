@@ -171,6 +171,10 @@ pub enum ProviderError {
     InvalidGrant(String),
     #[error("token endpoint error: {0}")]
     TokenError(String),
+    /// The token endpoint answered with no OAuth answer (a maintenance or WAF page, a 404, an
+    /// empty body): whatever stands in front of the provider, not the provider's word.
+    #[error("no OAuth answer from the token endpoint: {0}")]
+    NoOAuthAnswer(String),
     #[error(transparent)]
     IdToken(#[from] IdTokenError),
 }
@@ -181,6 +185,7 @@ impl ProviderError {
         match self {
             ProviderError::NotReady
             | ProviderError::Http(_)
+            | ProviderError::NoOAuthAnswer(_)
             | ProviderError::Status(429 | 500..=599) => true,
             // RFC 6749 error codes a provider sends when it cannot serve the request now.
             ProviderError::TokenError(code) => {
@@ -432,11 +437,10 @@ impl Provider {
                 other => ProviderError::TokenError(other.to_string()),
             },
             RequestTokenError::Request(e) => ProviderError::Http(e),
-            RequestTokenError::Parse(e, _) => ProviderError::Invalid(e.to_string()),
-            RequestTokenError::Other(s) => {
-                // oauth2 reports non-JSON error statuses here, e.g. "Server returned empty error response" or a 5xx.
-                ProviderError::TokenError(s)
-            }
+            // A body that is neither a token nor an RFC 6749 error, or (`Other`) an empty body
+            // or one that is not JSON: no refusal was said.
+            RequestTokenError::Parse(e, _) => ProviderError::NoOAuthAnswer(e.to_string()),
+            RequestTokenError::Other(s) => ProviderError::NoOAuthAnswer(s),
         }
     }
 

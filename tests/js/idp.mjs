@@ -54,6 +54,11 @@
 //   IDP_EXTRA_GROUPS_FILE          a file holding a JSON array of groups added to
 //                                  every user's, read at each token: claims that
 //                                  change between a login and a refresh
+//   IDP_TOKEN_OVERRIDE_FILE        while this file exists, POST /token answers with
+//                                  what it says instead of an OAuth answer, as a
+//                                  maintenance page or a WAF in front of a provider
+//                                  does: "<status> <content-type>|- <body>", e.g.
+//                                  "200 text/html <p>maintenance</p>", "404 - "
 //
 // Output on stdout:
 //   READY issuer=... port=... ...       once listening
@@ -384,6 +389,20 @@ provider.use(async (ctx, next) => {
       process.stdout.write(`REQ ${served} ${new Date().toISOString()} ${ctx.method} ${ctx.path} ${ctx.status} ${ms.toFixed(1)}ms\n`);
     }
   }
+});
+
+provider.use(async (ctx, next) => {
+  const file = env.IDP_TOKEN_OVERRIDE_FILE;
+  if (file && ctx.method === 'POST' && ctx.path === '/token' && fs.existsSync(file)) {
+    const [, status, type, body] = fs.readFileSync(file, 'utf8').match(/^(\d+) (\S+) ?([\s\S]*)$/) || [];
+    if (status) {
+      ctx.status = Number(status);
+      if (type !== '-') ctx.type = type;
+      ctx.body = body || '';
+      return;
+    }
+  }
+  await next();
 });
 
 provider.on('server_error', (_ctx, err) => { console.error('server_error', err); });
