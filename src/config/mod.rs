@@ -690,6 +690,32 @@ cookie:
     }
 
     #[test]
+    fn durations_are_at_most_a_century() {
+        let with = |extra: &str| load_str(&format!("{MINIMAL}{extra}\n"), none());
+        assert!(with("session: { lifetime: 100y }").is_ok());
+        for (extra, key) in [
+            (
+                "session: { lifetime: 18446744073709551615s }",
+                "session.lifetime",
+            ),
+            ("timeouts: { idle: 101y }", "timeouts.idle"),
+        ] {
+            let e = with(extra).unwrap_err().to_string();
+            assert_eq!(e, format!("config error: {key}: is longer than 100 years"));
+        }
+        let e = load_str(
+            MINIMAL,
+            vec![("PORTCULLIS_TIMEOUTS_PROVIDER".into(), "200years".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("timeouts.provider: is longer than 100 years"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn the_cookie_name_is_used_as_given() {
         let secure = MINIMAL.replace("secure: false", "secure: true").replace(
             "http://127.0.0.1:4180/oauth2",

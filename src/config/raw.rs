@@ -4,6 +4,47 @@
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// Durations as `humantime` writes them (`10s`, `7d`), at most a century: a longer one is a
+/// typo, and would overflow a cookie's `Max-Age` and the token checks' clock arithmetic.
+mod duration {
+    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+    use std::time::Duration;
+
+    const LONGEST: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+
+    pub trait Longest {
+        fn longest(&self) -> Duration;
+    }
+    impl Longest for Duration {
+        fn longest(&self) -> Duration {
+            *self
+        }
+    }
+    impl Longest for Option<Duration> {
+        fn longest(&self) -> Duration {
+            self.unwrap_or_default()
+        }
+    }
+
+    pub fn serialize<T, S: Serializer>(d: &T, s: S) -> Result<S::Ok, S::Error>
+    where
+        for<'a> humantime_serde::Serde<&'a T>: Serialize,
+    {
+        humantime_serde::serialize(d, s)
+    }
+
+    pub fn deserialize<'de, T: Longest, D: Deserializer<'de>>(d: D) -> Result<T, D::Error>
+    where
+        humantime_serde::Serde<T>: Deserialize<'de>,
+    {
+        let v: T = humantime_serde::deserialize(d)?;
+        if v.longest() > LONGEST {
+            return Err(D::Error::custom("is longer than 100 years"));
+        }
+        Ok(v)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
@@ -22,7 +63,7 @@ pub struct RawConfig {
     pub lifecycle: RawLifecycle,
     /// The drain time, as `timeouts.shutdown` (which it overrides when set); also
     /// `PORTCULLIS_SHUTDOWN_TIMEOUT`. Must agree with `lifecycle.shutdown_timeout` if both are set.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shutdown_timeout: Option<Duration>,
     pub trusted_proxies: Vec<String>,
     pub forward_auth: RawForwardAuth,
@@ -82,7 +123,7 @@ pub struct RawProvider {
     pub scopes: Vec<String>,
     /// `auto` (from discovery), `client_secret_basic` or `client_secret_post`.
     pub token_auth_method: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub clock_skew: Duration,
     /// On sign-out, revoke the session's refresh token at the provider's
     /// `revocation_endpoint` (RFC 7009), when discovery names one.
@@ -113,7 +154,7 @@ pub struct RawCookie {
     pub secure: bool,
     pub domain: String,
     pub same_site: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub flow_lifetime: Duration,
 }
 
@@ -134,12 +175,12 @@ impl Default for RawCookie {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawSession {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub lifetime: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub refresh_before: Duration,
     /// End sessions unused for this long (0: no idle timeout).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub idle_timeout: Duration,
     /// `cookie` (the session lives in the cookie) or `redis` (the cookie holds only an id).
     pub store: String,
@@ -155,7 +196,7 @@ pub struct RawRedis {
     pub password: String,
     pub password_file: String,
     /// Every Redis call gives up after this.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub timeout: Duration,
     pub key_prefix: String,
 }
@@ -223,19 +264,19 @@ impl Default for RawHeaders {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawTimeouts {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub upstream_connect: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub upstream_response: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub provider: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub header_read: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub idle: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub tunnel_idle: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     #[serde(alias = "shutdown_timeout")]
     pub shutdown: Duration,
 }
@@ -312,11 +353,11 @@ impl Default for RawAdmin {
 #[serde(deny_unknown_fields, default)]
 pub struct RawLifecycle {
     /// After SIGTERM: readiness fails at once, the listener keeps accepting this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shutdown_delay: Duration,
     /// The drain time (same as `timeouts.shutdown`, which it overrides when set; must agree
     /// with the top-level `shutdown_timeout` if both are set).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shutdown_timeout: Option<Duration>,
 }
 
@@ -373,10 +414,10 @@ pub struct RawRoute {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRouteTimeouts {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub upstream_response: Option<Duration>,
     /// For connections opened for this route's requests (to its upstream, or the main one).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub upstream_connect: Option<Duration>,
 }
 
