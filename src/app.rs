@@ -169,8 +169,9 @@ impl App {
         if !self.provider.is_ready() {
             return Err("provider not discovered yet");
         }
-        // Only the Redis store makes Redis a dependency of serving; a coordination-only Redis
-        // being down degrades to local refreshes and must not take every replica out.
+        // Only the Redis store makes Redis a dependency of serving. A coordination-only Redis
+        // being down must not take every replica out: sessions are still served from their
+        // cookies, and only their refreshes wait for Redis (503 once a token has expired).
         if self.cfg.session.store == crate::config::StoreKind::Redis
             && self.redis.as_ref().is_some_and(|r| !r.is_healthy())
         {

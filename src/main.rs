@@ -45,7 +45,13 @@ fn main() -> ExitCode {
     let cfg = match loaded {
         Ok(c) => c,
         Err(errors) => {
-            if path.is_none() {
+            // Without a file, keys missing from the environment may be a forgotten file; a
+            // bad value is only that (its line names the key).
+            let missing = errors
+                .0
+                .iter()
+                .any(|e| e.message.starts_with("is required"));
+            if path.is_none() && missing {
                 eprintln!("config error: no configuration file (pass --config FILE or set PORTCULLIS_CONFIG), and the PORTCULLIS_* environment alone is incomplete:");
             }
             eprintln!("{errors}");

@@ -840,6 +840,18 @@ fn the_environment_alone_is_a_configuration() {
         "{}",
         r.stderr
     );
+    // A bad value is only that: one line naming its key.
+    let mut bad = env.to_vec();
+    bad.push(("PORTCULLIS_TIMEOUTS_IDLE", "abc"));
+    let r = run(&["check"], &bad);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let lines = r.lines();
+    assert_eq!(lines.len(), 1, "{}", r.stderr);
+    assert!(
+        lines[0].starts_with("config error: timeouts.idle: "),
+        "{}",
+        r.stderr
+    );
 }
 
 /// A misspelt `PORTCULLIS_*` variable is named by `check` as by `serve`: otherwise the
