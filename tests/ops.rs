@@ -2560,18 +2560,7 @@ async fn a_taken_default_admin_port_moves_and_a_taken_configured_one_stops_the_s
     drop(gw);
 
     let mut gw = spawn(&format!("admin: {{ listen: \"{configured}\" }}"));
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = gw.exited() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < START_TIMEOUT,
-            "still running\n{}",
-            gw.tails()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = gw.wait_exit(START_TIMEOUT).await;
     assert!(!status.success(), "{}", gw.tails());
     assert!(
         gw.stderr()

@@ -250,18 +250,7 @@ impl OpsGateway {
 
     /// Waits for the process to exit, for at most `within`.
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.proc.exited() {
-                return st;
-            }
-            assert!(
-                t0.elapsed() < within,
-                "gateway still running {within:?} after being asked to stop\n{}",
-                self.tails()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.proc.wait_exit(within).await
     }
 
     pub fn stderr(&self) -> String {

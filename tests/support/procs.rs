@@ -84,6 +84,23 @@ impl Proc {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Waits for the process to exit, for at most `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.exited() {
+                return st;
+            }
+            assert!(
+                t0.elapsed() < within,
+                "{} still running after {within:?}\n{}",
+                self.name,
+                self.tails()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The last lines of both outputs, for failure messages.
     pub fn tails(&self) -> String {
         fn tail(s: &str, n: usize) -> String {
