@@ -247,11 +247,11 @@ impl App {
         host: Option<&str>,
         path: &str,
     ) -> Option<usize> {
-        let key = crate::proxy::path::route_key(path);
+        let path = crate::proxy::path::RoutePath::new(path);
         self.cfg
             .routes
             .iter()
-            .position(|r| r.matches(method, host, &key))
+            .position(|r| r.matches(method, host, &path))
     }
 
     pub fn route_of<B>(&self, req: &Request<B>) -> Option<&Route> {

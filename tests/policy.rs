@@ -561,7 +561,9 @@ async fn route_upstreams_and_hosts() {
 
 /// One provider, several gateways that differ only in their `authorization` block.
 /// A route's rules hold for every spelling of its paths that apps read as one: escaped
-/// sub-delimiters, spaces and non-ASCII characters, in the request or in the config.
+/// sub-delimiters, spaces and non-ASCII characters, in the request or in the config, and
+/// whether the app routes on the path decoded (most) or as sent (Express, Rails). A public
+/// route takes only a request both readings put there.
 #[tokio::test]
 async fn every_spelling_of_a_routes_path_meets_its_rules() {
     let routes = r#"routes:
@@ -570,6 +572,10 @@ async fn every_spelling_of_a_routes_path_meets_its_rules() {
   - { prefix: "/my docs/", allow: { groups: ["admins"] } }
   - { prefix: "/caf%c3%a9/", allow: { groups: ["admins"] } }
   - { path: "^/tr[eè]s/", allow: { groups: ["admins"] } }
+  - { path: "^/d%C3%A9j%C3%A0/", allow: { groups: ["admins"] } }
+  - { path: "^/api/[^ /]+/secret", allow: { groups: ["admins"] } }
+  - { path: "^/search\\?public", auth: skip }
+  - { prefix: "/@scope/", auth: skip }
 "#;
     let s = Stack::with(&[], routes).await;
     let b = s.login("alice").await;
@@ -593,6 +599,8 @@ async fn every_spelling_of_a_routes_path_meets_its_rules() {
         "/caf%c3%a9/x",
         "/tr%C3%A8s/x",
         "/tr%65s/x",
+        "/d%C3%A9j%C3%A0/x",
+        "/api/a%20b/secret",
     ] {
         let r = get(target).await;
         assert_eq!(r.status, 403, "{target}: {}", r.dump());
@@ -602,6 +610,16 @@ async fn every_spelling_of_a_routes_path_meets_its_rules() {
         reached,
         "a denied request reached the app"
     );
+    // Public routes: the spelling they were written for, not another.
+    let anonymous = |target: &str| {
+        let url = s.gw.url(target);
+        async move { send("GET", &url, &[("accept", "application/json")], Vec::new()).await }
+    };
+    assert_eq!(anonymous("/@scope/x").await.status, 200);
+    for target in ["/search%3Fpublic=1", "/%40scope/x"] {
+        let r = anonymous(target).await;
+        assert_eq!(r.status, 401, "{target}: {}", r.dump());
+    }
 }
 
 #[tokio::test]

@@ -138,8 +138,8 @@ fn route_whatever_the_method<'a>(
     host: Option<&str>,
     path: &str,
 ) -> Result<Option<&'a Route>, Ambiguous> {
-    let key = crate::proxy::path::route_key(path);
-    match app.cfg.routes.iter().find(|r| r.covers(host, &key)) {
+    let path = crate::proxy::path::RoutePath::new(path);
+    match app.cfg.routes.iter().find(|r| r.covers(host, &path)) {
         Some(r) if !r.methods.is_empty() => Err(Ambiguous("x-forwarded-method")),
         found => Ok(found),
     }

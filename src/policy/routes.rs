@@ -2,6 +2,7 @@
 
 use crate::config::raw::{RawAllow, RawAuthorization, RawRoute};
 use crate::config::UpstreamConfig;
+use crate::proxy::path::RoutePath;
 use crate::session::Identity;
 use http::Method;
 use regex::Regex;
@@ -20,7 +21,11 @@ pub enum AuthMode {
 #[derive(Debug, Clone)]
 pub enum PathMatch {
     Regex(Regex),
-    Prefix(String),
+    /// The configured prefix decoded, and as a browser sends it (see `Route::covers_path`).
+    Prefix {
+        decoded: String,
+        sent: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -41,7 +46,7 @@ pub struct Route {
 impl Route {
     /// Methods compare in any case: a `delete` is a DELETE to apps that upper-case the method
     /// (Django, Flask, Symfony, Laravel), so it must meet the DELETE route's rules.
-    pub fn matches(&self, method: &Method, host: Option<&str>, path: &str) -> bool {
+    pub fn matches(&self, method: &Method, host: Option<&str>, path: &RoutePath<'_>) -> bool {
         (self.methods.is_empty()
             || self
                 .methods
@@ -50,13 +55,42 @@ impl Route {
             && self.covers(host, path)
     }
 
-    /// Whether the route's host and path fit, whatever the method.
-    pub fn covers(&self, host: Option<&str>, path: &str) -> bool {
-        let path_ok = match &self.path {
-            PathMatch::Regex(r) => r.is_match(path),
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+    /// Whether the route's path fits, whatever the method and host. A path is looked at as
+    /// sent (normalised) and decoded, since apps route on one or the other (most decode it;
+    /// Express and Rails do not), and the route must hold for whichever the app reads: a
+    /// route that protects (login, api, allow rules) takes a request either spelling fits, a
+    /// public one (`auth: skip`) only a request both spellings fit. So `%3A` for `:`, or an
+    /// escaped space or non-ASCII character, gets no request out of a protected route, nor
+    /// into a public one written for the other spelling.
+    pub fn covers_path(&self, path: &RoutePath<'_>) -> bool {
+        let (sent, decoded) = match &self.path {
+            PathMatch::Regex(r) => {
+                let sent = r.is_match(path.sent);
+                let decoded = if path.decoded == path.sent {
+                    sent
+                } else {
+                    r.is_match(&path.decoded)
+                };
+                (sent, decoded)
+            }
+            PathMatch::Prefix {
+                decoded: p,
+                sent: q,
+            } => (
+                path.sent.starts_with(q.as_str()),
+                path.decoded.starts_with(p.as_str()),
+            ),
         };
-        path_ok
+        if self.auth == AuthMode::Skip {
+            sent && decoded
+        } else {
+            sent || decoded
+        }
+    }
+
+    /// Whether the route's host and path fit, whatever the method.
+    pub fn covers(&self, host: Option<&str>, path: &RoutePath<'_>) -> bool {
+        self.covers_path(path)
             && self
                 .host
                 .as_deref()
@@ -333,9 +367,14 @@ pub fn build_route(
                 Regex::new(&anchored).map_err(|e| ("path".to_string(), regex_error(re, &e)))?,
             )
         }
-        (None, Some(p)) => PathMatch::Prefix(
-            crate::proxy::path::route_prefix(p).map_err(|e| ("prefix".to_string(), e))?,
-        ),
+        (None, Some(p)) => {
+            let decoded =
+                crate::proxy::path::route_prefix(p).map_err(|e| ("prefix".to_string(), e))?;
+            PathMatch::Prefix {
+                sent: crate::proxy::path::sent_form(&decoded),
+                decoded,
+            }
+        }
     };
     let mut methods = Vec::new();
     for m in &raw.methods {
@@ -582,9 +621,9 @@ mod tests {
         let raw: RawRoute = serde_yaml::from_str(r#"{ path: "(?i)^/admin/" }"#).unwrap();
         let r = build_route(&raw, |_| Err(String::new())).unwrap();
         for p in ["/admin/x", "/ADMIN/x", "/Admin/"] {
-            assert!(r.matches(&Method::GET, None, p), "{p}");
+            assert!(r.matches(&Method::GET, None, &RoutePath::new(p)), "{p}");
         }
-        assert!(!r.matches(&Method::GET, None, "/public/admin/"));
+        assert!(!r.matches(&Method::GET, None, &RoutePath::new("/public/admin/")));
     }
 
     #[test]

@@ -153,10 +153,10 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(s))
 }
 
-/// What routes are matched against: the normalised path percent-decoded. Apps decode the path
-/// before they route it, so `/wiki/Special:x` and `/wiki/Special%3Ax`, or `/caf%C3%A9/` and
-/// `/café/`, are one page to them and must fall under one route here. Normalisation refused
-/// encoded separators, NUL and escapes that are not UTF-8: decoding changes no segment.
+/// The normalised path percent-decoded. Most apps decode the path before they route it, so
+/// `/wiki/Special:x` and `/wiki/Special%3Ax`, or `/caf%C3%A9/` and `/café/`, are one page to
+/// them; some (Express, Rails) route on it as sent. Normalisation refused encoded separators,
+/// NUL and escapes that are not UTF-8: decoding changes no segment.
 pub fn route_key(normalised: &str) -> Cow<'_, str> {
     if !normalised.as_bytes().contains(&b'%') {
         return Cow::Borrowed(normalised);
@@ -166,8 +166,47 @@ pub fn route_key(normalised: &str) -> Cow<'_, str> {
         .unwrap_or(Cow::Borrowed(normalised))
 }
 
-/// A configured route prefix in the form of [`route_key`]: percent-decoded. Refused, with the
-/// reason, when no request could ever match it (requests are matched once normalised).
+/// A normalised path in the two spellings routes look at: as sent (normalised) and decoded
+/// (see `Route::covers`).
+pub struct RoutePath<'a> {
+    pub sent: &'a str,
+    pub decoded: Cow<'a, str>,
+}
+
+impl<'a> RoutePath<'a> {
+    pub fn new(normalised: &'a str) -> Self {
+        Self {
+            sent: normalised,
+            decoded: route_key(normalised),
+        }
+    }
+}
+
+/// A decoded prefix as a browser sends it: spaces, quotes, `#`, `?`, `%`, `<`, `>`, `` ` ``,
+/// braces and non-ASCII characters escaped (upper-case hex, as normalisation writes them), the
+/// rest as it is.
+pub fn sent_form(decoded: &str) -> String {
+    let mut out = String::with_capacity(decoded.len());
+    for c in decoded.chars() {
+        let escape = !c.is_ascii()
+            || c.is_ascii_control()
+            || matches!(c, ' ' | '"' | '#' | '%' | '<' | '>' | '?' | '`' | '{' | '}');
+        if !escape {
+            out.push(c);
+            continue;
+        }
+        let mut buf = [0u8; 4];
+        for b in c.encode_utf8(&mut buf).bytes() {
+            out.push('%');
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 15)]));
+        }
+    }
+    out
+}
+
+/// A configured route prefix, percent-decoded (see [`route_key`]). Refused, with the reason,
+/// when no request could ever match it (requests are matched once normalised).
 pub fn route_prefix(prefix: &str) -> Result<String, String> {
     if !prefix.starts_with('/') {
         return Err("must start with /".into());
@@ -185,7 +224,7 @@ pub fn route_prefix(prefix: &str) -> Result<String, String> {
     let decoded = percent_encoding::percent_decode_str(prefix)
         .decode_utf8()
         .map_err(|_| format!("`{prefix}` is not UTF-8 once percent-decoded"))?;
-    if decoded.chars().any(char::is_control) {
+    if decoded.chars().any(|c| c.is_ascii_control()) {
         return Err(format!(
             "`{prefix}` never matches: requests with control characters are refused (400)"
         ));
@@ -228,10 +267,23 @@ mod tests {
             ("/my docs/", "/my docs/"),
             ("/a%2541", "/a%41"),
             ("/.well-known", "/.well-known"),
+            ("/a%C2%85b", "/a\u{85}b"),
             ("/a/..", "/a/.."),
             ("/", "/"),
         ] {
             assert_eq!(route_prefix(prefix).as_deref(), Ok(key), "{prefix}");
+        }
+        for (decoded, sent) in [
+            ("/wiki/Special:", "/wiki/Special:"),
+            ("/café/", "/caf%C3%A9/"),
+            ("/my docs/", "/my%20docs/"),
+            ("/a%41", "/a%2541"),
+            ("/q?a#b", "/q%3Fa%23b"),
+            ("/@scope/", "/@scope/"),
+        ] {
+            assert_eq!(sent_form(decoded), sent, "{decoded}");
+            assert_eq!(normalize(sent).unwrap(), sent, "{sent} is not normalised");
+            assert_eq!(route_key(sent), decoded, "{sent}");
         }
         for dead in [
             "api/",
@@ -247,6 +299,7 @@ mod tests {
             "/a%3bb",
             "/a%00",
             "/a%0ab",
+            "/a%7f",
             "/%ff/",
             "/%2e%2e/x",
         ] {
