@@ -68,8 +68,10 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
     let live: live::Live = Arc::new(arc_swap::ArcSwap::from_pointee(
         live::build(cfg.clone(), &shared, None).await?,
     ));
-    let admin_addr = cfg
-        .admin_listen
+    // Where it listens, which is not the configured address when that default was taken.
+    let admin_addr = admin
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
         .map_or_else(|| "off".to_string(), |a| a.to_string());
     tracing::info!(listen = %cfg.listen, admin = %admin_addr, upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority), "portcullis listening");
     if let Some(l) = admin {

@@ -2557,6 +2557,15 @@ async fn a_taken_default_admin_port_moves_and_a_taken_configured_one_stops_the_s
     if let Err(e) = admin_metrics(instead).await {
         panic!("{e}\n{}", gw.tails());
     }
+    // The start-up line names where it listens.
+    let listening = format!("admin=127.0.0.1:{instead}");
+    assert!(
+        gw.stderr()
+            .lines()
+            .any(|l| l.contains("portcullis listening") && l.contains(&listening)),
+        "{}",
+        gw.tails()
+    );
     drop(gw);
 
     let mut gw = spawn(&format!("admin: {{ listen: \"{configured}\" }}"));

@@ -112,6 +112,9 @@ pub struct SessionCookies {
     bound_to: Vec<u8>,
     flow_prefix: String,
     chunk_prefix: String,
+    /// The name without a `__Host-`/`__Secure-` prefix, by which `is_ours` knows the
+    /// gateway's cookies under any prefix.
+    bare_name: String,
     secure: bool,
     domain: Option<String>,
     same_site: ::cookie::SameSite,
@@ -124,6 +127,13 @@ pub struct SessionCookies {
     /// store the reverse). A value of the other kind was sealed by another deployment with the
     /// same key, or by this one before it changed stores: a sign-out here could not end it.
     holds_ref: bool,
+}
+
+/// A cookie name without the `__Host-` or `__Secure-` prefix browsers give a meaning to.
+fn unprefixed(name: &str) -> &str {
+    name.strip_prefix("__Host-")
+        .or_else(|| name.strip_prefix("__Secure-"))
+        .unwrap_or(name)
 }
 
 /// A cookie of the other store's kind: no session here.
@@ -154,6 +164,7 @@ impl SessionCookies {
             .into_bytes();
         Self {
             chunk_prefix: format!("{}_", cfg.name),
+            bare_name: unprefixed(base).to_string(),
             name: cfg.name.clone(),
             bound_to,
             flow_prefix,
@@ -173,9 +184,17 @@ impl SessionCookies {
         }
     }
 
-    /// Is this one of the gateway's cookies (session, chunk or flow)? Those never reach the upstream.
+    /// Is this one of the gateway's cookies (session, chunk or flow)? Those never reach the
+    /// upstream, also under another `__Host-`/`__Secure-` prefix than the one in use (set
+    /// before `cookie.name` or `cookie.secure` changed).
     pub fn is_ours(&self, name: &str) -> bool {
-        name == self.name || self.is_chunk(name) || name.starts_with(&self.flow_prefix)
+        match unprefixed(name).strip_prefix(self.bare_name.as_str()) {
+            Some("") => true,
+            Some(rest) => rest.strip_prefix('_').is_some_and(|r| {
+                r.starts_with("flow_") || (!r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+            }),
+            None => false,
+        }
     }
 
     /// `<name>_<digits>`: a chunk of the session cookie (never a flow cookie).
@@ -658,6 +677,28 @@ mod tests {
         assert_eq!(c.unseal(over.as_bytes(), 10), Err(CookieReject::Oversize));
         let most = "A".repeat(2 * CHUNK_SIZE);
         assert_ne!(c.unseal(most.as_bytes(), 10), Err(CookieReject::Oversize));
+    }
+
+    #[test]
+    fn the_gateways_cookies_are_known_under_any_prefix() {
+        let c = cookies(8);
+        for ours in [
+            "_p",
+            "_p_0",
+            "_p_12",
+            "_p_flow_abc",
+            "__Host-_p",
+            "__Host-_p_1",
+            "__Secure-_p_flow_abc",
+            "__Host-_p_flow_x",
+        ] {
+            assert!(c.is_ours(ours), "{ours}");
+        }
+        for other in [
+            "_pp", "_p_", "_p_x", "p", "__Host-p", "_p_1a", "session", "__Host-",
+        ] {
+            assert!(!c.is_ours(other), "{other}");
+        }
     }
 
     #[test]
