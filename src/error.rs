@@ -159,7 +159,14 @@ impl GatewayError {
             ),
             GatewayError::Internal(_) => ("Internal error", "Something went wrong in the gateway."),
         };
-        let mut resp = pages::html(status, title, msg, "");
+        // A session whose refresh keeps failing is not stuck: signing in again replaces it.
+        let extra = match &self {
+            GatewayError::ProviderUnavailable(_) => {
+                "<p>If this goes on, <a href=\"/oauth2/start\">sign in again</a>.</p>"
+            }
+            _ => "",
+        };
+        let mut resp = pages::html(status, title, msg, extra);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(RETRY_AFTER, http::HeaderValue::from_static("5"));

@@ -929,6 +929,12 @@ async fn provider_down_during_refresh() {
     let nav = navigate(&gw, "/page", &cookie).await;
     assert_503(&nav, None, "browser");
     assert!(nav.set_cookie("_portcullis").is_none(), "{}", nav.dump());
+    // Not stuck: the page offers to sign in again.
+    assert!(
+        nav.text().contains("href=\"/oauth2/start\""),
+        "{}",
+        nav.dump()
+    );
     // XHR and POST are API calls too.
     let xhr = send(
         "GET",
@@ -1032,9 +1038,21 @@ async fn a_refresh_answered_by_no_oauth_answer_keeps_the_session() {
 
     std::fs::remove_file(&override_file).unwrap();
     let r = api(&gw, "/back", &cookie).await;
+    let refreshed = Instant::now();
     assert_eq!(r.status, 200, "{}", r.dump());
     assert_ne!(bearer_in(&r), first, "not refreshed");
-    assert!(new_session_cookie(&r).is_some(), "{}", r.dump());
+    let cookie = cookie_of(&new_session_cookie(&r).expect("a refreshed cookie"));
+
+    // An RFC 6749 refusal is one whatever its status: here `invalid_grant` with a 200.
+    until_due(refreshed, 3).await;
+    std::fs::write(
+        &override_file,
+        "200 application/json {\"error\": \"invalid_grant\"}",
+    )
+    .unwrap();
+    let r = api(&gw, "/refused", &cookie).await;
+    assert_eq!(r.status, 401, "{}", r.dump());
+    assert_session_cleared(&r, "invalid_grant with a 200");
 }
 
 /// A provider that answers a refresh with a refusal other than `invalid_grant` (here

@@ -179,6 +179,19 @@ pub enum ProviderError {
     IdToken(#[from] IdTokenError),
 }
 
+/// The `error` member of a JSON object, if the body is one that names an error code: a
+/// token endpoint's refusal whatever status it came with.
+fn error_code(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Refusal {
+        error: String,
+    }
+    serde_json::from_slice::<Refusal>(body)
+        .ok()
+        .map(|r| r.error)
+        .filter(|e| !e.is_empty() && e.len() <= 64 && e.bytes().all(|b| b.is_ascii_graphic()))
+}
+
 impl ProviderError {
     /// True when the provider itself failed (unreachable, 5xx, 429): the user did nothing wrong.
     pub fn is_unavailable(&self) -> bool {
@@ -439,7 +452,12 @@ impl Provider {
             RequestTokenError::Request(e) => ProviderError::Http(e),
             // A body that is neither a token nor an RFC 6749 error, or (`Other`) an empty body
             // or one that is not JSON: no refusal was said.
-            RequestTokenError::Parse(e, _) => ProviderError::NoOAuthAnswer(e.to_string()),
+            RequestTokenError::Parse(e, body) => match error_code(&body) {
+                // An RFC 6749 error, sent with the wrong status (a 200): still the provider's.
+                Some(code) if code == "invalid_grant" => ProviderError::InvalidGrant(String::new()),
+                Some(code) => ProviderError::TokenError(code),
+                None => ProviderError::NoOAuthAnswer(e.to_string()),
+            },
             RequestTokenError::Other(s) => ProviderError::NoOAuthAnswer(s),
         }
     }
