@@ -153,13 +153,15 @@ impl Redis {
     }
 
     /// Checks that Redis answers and that the gateway may use its keys: a short-lived key
-    /// under the prefix is written. (A PING passes for a user whose ACL allows no key of the
-    /// gateway's, and readiness would flap with every probe between the failing commands.)
+    /// under the prefix is written and read back as sessions are. (A PING passes for a user
+    /// whose ACL allows no key of the gateway's, and readiness would flap with every probe
+    /// between the failing commands.)
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         let key = self.key(&["health"]);
-        self.run(async move { c.pset_ex::<_, _, ()>(key, 1u8, 10_000).await })
-            .await
+        self.run(async move { c.pset_ex::<_, _, ()>(&key, 1u8, 10_000).await })
+            .await?;
+        self.get(&self.key(&["health"])).await.map(drop)
     }
 
     /// Probes every couple of seconds so readiness reflects Redis even without traffic.

@@ -1950,6 +1950,39 @@ async fn a_redis_user_without_access_to_the_keys_is_named_in_the_log() {
     }
 }
 
+/// The health probe reads its key back as sessions are read (`GETRANGE`): a Redis user allowed
+/// to write its keys but not to read them that way is named in the log from the start, before
+/// any session request fails.
+#[tokio::test]
+async fn a_redis_user_that_cannot_read_sessions_back_is_named_in_the_log() {
+    let redis = RedisServer::start().await;
+    redis.cmd(&[
+        "ACL",
+        "SETUSER",
+        "writer",
+        "on",
+        ">wpw",
+        "~portcullis:*",
+        "+@all",
+        "-getrange",
+    ]);
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let url = redis.url().replace("redis://", "redis://writer:wpw@");
+    let yaml = format!("session: {{ store: redis, redis: {{ url: \"{url}\", timeout: 1s }} }}\n");
+    let gw = Gateway::start_unready(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    eventually("the refused read is logged", || async {
+        let log = gw.stderr();
+        if log.contains("NoPerm") && log.to_ascii_lowercase().contains("getrange") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    })
+    .await;
+}
+
 /// Cookie store with a coordination Redis: a replica takes no traffic before it has read the
 /// sign-outs the others recorded there (else a copy of a signed-out cookie would pass on it).
 /// Here Redis answers nothing (stopped) at start-up, and its timeout is long: the provider is
