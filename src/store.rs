@@ -19,9 +19,10 @@ pub enum StoreError {
     Oversized,
 }
 
-/// The largest value read back: a sealed session holds at most a provider's token response
-/// (`MAX_PROVIDER_BODY`, 1 MiB), base64 grows it by a third.
-pub const MAX_VALUE_BYTES: usize = 2 * 1024 * 1024;
+/// The largest value read back. A sealed session holds at most what a provider's token
+/// response carried (`MAX_PROVIDER_BODY`, 1 MiB: its tokens, and the claims decoded from its ID
+/// token a second time), base64 grows it by a third: under 3 MiB.
+pub const MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct Redis {
     conn: ConnectionManager,
