@@ -221,7 +221,7 @@ fn single_flight(c: &mut Criterion) {
                 for _ in 0..64 {
                     let sf = sf.clone();
                     tasks.push(tokio::spawn(async move {
-                        let (flight, _) = sf.run(
+                        let (flight, _, _) = sf.run(
                             k,
                             || async move {
                                 tokio::task::yield_now().await;

@@ -147,14 +147,15 @@ impl Refresher {
         self.flights.contains(&(s.id, generation(s)))
     }
 
-    /// Refreshes `s` (or joins the refresh already under way for it). Waits at most
-    /// `timeouts.provider`; the refresh itself goes on for later requests to find.
+    /// Refreshes `s` (or joins the refresh already under way for it). Waits at most until
+    /// `timeouts.provider` after the refresh began; the refresh itself goes on for later
+    /// requests to find.
     pub async fn refresh(&self, app: &Arc<App>, s: &Session) -> Outcome {
         if s.refresh_token.is_none() {
             return Err(RefreshFailure::InvalidGrant);
         }
         let key = (s.id, generation(s));
-        let (flight, ran) = self.flights.run(
+        let (flight, ran, since) = self.flights.run(
             key,
             || {
                 let (app, s) = (app.clone(), s.clone());
@@ -164,7 +165,11 @@ impl Refresher {
             |(o, _)| *o != Err(RefreshFailure::Unavailable),
             (Err(RefreshFailure::Unavailable), By::Here),
         );
-        let (mut outcome, by) = tokio::time::timeout(app.cfg.timeouts.provider, flight)
+        // `timeouts.provider` counts from when the provider was asked: a request joining a
+        // refresh under way waits for what is left of it, so a hung provider stalls a
+        // session's requests once per attempt instead of each of them in turn.
+        let deadline = tokio::time::Instant::from_std(since) + app.cfg.timeouts.provider;
+        let (mut outcome, by) = tokio::time::timeout_at(deadline, flight)
             .await
             .unwrap_or((Err(RefreshFailure::Unavailable), By::Here));
         // Counted as a refresh by the replica that asked the provider only.

@@ -17,6 +17,8 @@ pub type Flight<V> = Shared<BoxFuture<'static, V>>;
 
 struct Entry<V> {
     result: Flight<V>,
+    /// When the work began.
+    since: Instant,
     /// When the result became known; unset while the work runs.
     finished: Arc<OnceLock<Instant>>,
 }
@@ -42,7 +44,8 @@ where
     }
 
     /// The flight for `key`: the one under way or recently finished, or `work` started now
-    /// on its own task. Returns it and whether this call started it. A result for which
+    /// on its own task. Returns it, whether this call started it, and when it was started. A
+    /// result for which
     /// `keep` is false is not shared once known (the next caller starts again); `lost` is the
     /// result if the task dies.
     pub fn run<Fut>(
@@ -51,7 +54,7 @@ where
         work: impl FnOnce() -> Fut,
         keep: fn(&V) -> bool,
         lost: V,
-    ) -> (Flight<V>, bool)
+    ) -> (Flight<V>, bool, Instant)
     where
         Fut: Future<Output = V> + Send + 'static,
     {
@@ -59,7 +62,7 @@ where
             // A poisoned map: run unshared rather than not at all.
             let task = tokio::spawn(work());
             let result = async move { task.await.unwrap_or(lost) }.boxed().shared();
-            return (result, true);
+            return (result, true, Instant::now());
         };
         let reuse = self.reuse;
         let live = |e: &Entry<V>| e.finished.get().is_none_or(|at| at.elapsed() < reuse);
@@ -67,8 +70,9 @@ where
             map.retain(|_, e| live(e));
         }
         if let Some(e) = map.get(&key).filter(|e| live(e)) {
-            return (e.result.clone(), false);
+            return (e.result.clone(), false, e.since);
         }
+        let since = Instant::now();
         let finished = Arc::new(OnceLock::new());
         // Drops this flight's entry (not a newer one under the same key): the next caller
         // starts again.
@@ -113,10 +117,11 @@ where
             key,
             Entry {
                 result: result.clone(),
+                since,
                 finished,
             },
         );
-        (result, true)
+        (result, true, since)
     }
 
     /// Is there a flight for `key`, under way or finished within the reuse window?
@@ -146,7 +151,7 @@ mod tests {
         for _ in 0..50 {
             let (sf, runs) = (sf.clone(), runs.clone());
             tasks.push(tokio::spawn(async move {
-                let (flight, _) = sf.run(
+                let (flight, _, _) = sf.run(
                     1,
                     || async move {
                         runs.fetch_add(1, Ordering::SeqCst);
@@ -164,7 +169,7 @@ mod tests {
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         // Reused after finishing.
-        let (flight, started) = sf.run(1, || async { 8 }, always, 0);
+        let (flight, started, _) = sf.run(1, || async { 8 }, always, 0);
         assert_eq!((flight.await, started), (7, false));
         assert!(sf.contains(&1) && !sf.contains(&2));
     }
@@ -172,11 +177,11 @@ mod tests {
     #[tokio::test]
     async fn results_not_kept_run_again() {
         let sf = SingleFlight::<u8, u32>::new(Duration::from_secs(60));
-        let (flight, started) = sf.run(1, || async { 0 }, |v| *v != 0, 9);
+        let (flight, started, _) = sf.run(1, || async { 0 }, |v| *v != 0, 9);
         assert_eq!((flight.await, started), (0, true));
-        let (flight, started) = sf.run(1, || async { 5 }, |v| *v != 0, 9);
+        let (flight, started, _) = sf.run(1, || async { 5 }, |v| *v != 0, 9);
         assert_eq!((flight.await, started), (5, true));
-        let (flight, started) = sf.run(1, || async { 6 }, |v| *v != 0, 9);
+        let (flight, started, _) = sf.run(1, || async { 6 }, |v| *v != 0, 9);
         assert_eq!((flight.await, started), (5, false));
     }
 
@@ -185,7 +190,7 @@ mod tests {
         let sf = SingleFlight::<u8, u32>::new(Duration::from_secs(60));
         let runs = Arc::new(AtomicUsize::new(0));
         let r = runs.clone();
-        let (flight, _) = sf.run(
+        let (flight, _, _) = sf.run(
             1,
             || async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -200,7 +205,7 @@ mod tests {
             .await
             .is_err());
         // ...the next caller joins the same flight, which finishes once.
-        let (flight, started) = sf.run(1, || async { 4 }, always, 0);
+        let (flight, started, _) = sf.run(1, || async { 4 }, always, 0);
         assert!(!started);
         assert_eq!(flight.await, 3);
         assert_eq!(runs.load(Ordering::SeqCst), 1);

@@ -707,6 +707,59 @@ async fn a_token_that_expires_while_the_provider_hangs_is_not_forwarded() {
     assert_eq!(upstream.count(), seen, "forwarded with an expired bearer");
 }
 
+/// A hung provider stalls a session once per refresh attempt, not on every request: a request
+/// that joins a refresh already under way waits only for what is left of `timeouts.provider`
+/// (counted from when the provider was asked), then goes on with the still-valid token.
+#[tokio::test]
+async fn a_request_joining_a_hung_refresh_does_not_wait_the_provider_timeout_again() {
+    let gw_port = free_port();
+    // 30 s tokens, due after 4 s (refresh_before 26 s): valid throughout the test.
+    let idp = Idp::start_for_gateway(gw_port, &[("IDP_ACCESS_TOKEN_TTL", "30"), ROTATE_ENV]).await;
+    let upstream = Upstream::start();
+    let yaml = "session: { refresh_before: 26s }\ntimeouts: { provider: 4s }\n";
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let issued = Instant::now();
+    let first = upstream.last().bearer();
+    idp.signal("STOP");
+    tokio::time::sleep_until((issued + Duration::from_millis(4300)).into()).await;
+    // The first request starts the refresh and waits the provider timeout on it.
+    let r = api(&gw, "/starts", &cookie).await;
+    assert_eq!(
+        (r.status.as_u16(), bearer_in(&r)),
+        (200, first.clone()),
+        "{}",
+        gw.tails()
+    );
+    // The refresh still hangs: the next request joins it and, the timeout spent, goes on at
+    // once (it would otherwise wait another 4 s).
+    let joined = tokio::time::timeout(Duration::from_secs(2), api(&gw, "/joins", &cookie)).await;
+    idp.signal("CONT");
+    let r = joined.unwrap_or_else(|_| panic!("waited on the hung refresh again\n{}", gw.tails()));
+    assert_eq!(
+        (r.status.as_u16(), bearer_in(&r)),
+        (200, first.clone()),
+        "{}",
+        gw.tails()
+    );
+    // Once the provider answers, the one refresh carries the session on.
+    eventually("the session renewed", || async {
+        let r = api(&gw, "/back", &cookie).await;
+        if r.status == 200 && bearer_in(&r) != first {
+            Ok(r)
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await;
+    assert_eq!(
+        idp.token_requests(),
+        2,
+        "the login and one refresh\n{}",
+        idp.tails()
+    );
+}
+
 /// A refresh whose claims grow: a session that fits without its ID token (only a logout
 /// hint) goes on in the cookie; one that fits in no cookie ends, visibly (the old cookie
 /// would spend the rotated refresh token again and lose the grant a minute later).
