@@ -635,6 +635,19 @@ async fn short_lived_tokens_are_refreshed_once_per_generation() {
     assert_eq!(idp.token_requests(), bearers.len(), "{}", gw.tails());
 }
 
+/// The first answer (polled until it comes) forwarded with a bearer other than `old`.
+async fn renewed_session(gw: &Gateway, cookie: &str, old: &str) -> Resp {
+    eventually("the session renewed", || async {
+        let r = api(gw, "/back", cookie).await;
+        if r.status == 200 && bearer_in(&r) != old {
+            Ok(r)
+        } else {
+            Err(r.dump())
+        }
+    })
+    .await
+}
+
 /// A provider that hangs mid-refresh, then answers: with rotating refresh tokens, asking
 /// again with the spent token would end the grant. The refresh started is waited for in
 /// the background; requests meanwhile get the old token while it is valid, then 503, and
@@ -664,15 +677,7 @@ async fn a_hung_provider_does_not_end_a_session_with_rotating_refresh_tokens() {
     assert!(r.set_cookie("_portcullis").is_none(), "{}", r.dump());
     // The provider answers what it was sent: one refresh, whose tokens carry the session on.
     idp.signal("CONT");
-    let renewed = eventually("the session renewed", || async {
-        let r = api(&gw, "/back", &cookie).await;
-        if r.status == 200 && bearer_in(&r) != first {
-            Ok(r)
-        } else {
-            Err(r.dump())
-        }
-    })
-    .await;
+    let renewed = renewed_session(&gw, &cookie, &first).await;
     let next = new_session_cookie(&renewed)
         .unwrap_or_else(|| panic!("no new session cookie: {}", renewed.dump()));
     let r = api(&gw, "/after", &format!("_portcullis={}", next.value)).await;
@@ -743,15 +748,7 @@ async fn a_request_joining_a_hung_refresh_does_not_wait_the_provider_timeout_aga
         gw.tails()
     );
     // Once the provider answers, the one refresh carries the session on.
-    eventually("the session renewed", || async {
-        let r = api(&gw, "/back", &cookie).await;
-        if r.status == 200 && bearer_in(&r) != first {
-            Ok(r)
-        } else {
-            Err(r.dump())
-        }
-    })
-    .await;
+    renewed_session(&gw, &cookie, &first).await;
     assert_eq!(
         idp.token_requests(),
         2,
