@@ -190,7 +190,7 @@ mod tests {
         let sf = SingleFlight::<u8, u32>::new(Duration::from_secs(60));
         let runs = Arc::new(AtomicUsize::new(0));
         let r = runs.clone();
-        let (flight, _, _) = sf.run(
+        let (flight, _, since) = sf.run(
             1,
             || async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -204,9 +204,12 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_millis(10), flight)
             .await
             .is_err());
-        // ...the next caller joins the same flight, which finishes once.
-        let (flight, started, _) = sf.run(1, || async { 4 }, always, 0);
+        // ...the next caller joins the same flight, which finishes once, and learns when it
+        // began (its wait on it is what is left of the first caller's).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (flight, started, joined_since) = sf.run(1, || async { 4 }, always, 0);
         assert!(!started);
+        assert_eq!(joined_since, since);
         assert_eq!(flight.await, 3);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
