@@ -1105,6 +1105,61 @@ async fn claims_the_id_token_leaves_out_come_from_userinfo() {
     assert_eq!(userinfo_calls(), 1);
 }
 
+/// A userinfo endpoint that is unavailable at login fails the login (to be tried again): a
+/// session made without the claims it would have told denies its user until it ends. One that
+/// refuses (a `403`) leaves the identity as the ID token states it, as before.
+#[tokio::test]
+async fn an_unavailable_userinfo_endpoint_fails_the_login_instead_of_making_a_bare_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let override_file = dir.path().join("userinfo");
+    let s = Stack::with(
+        &[
+            ("IDP_CONFORM_ID_TOKEN_CLAIMS", "1"),
+            (
+                "IDP_USERINFO_OVERRIDE_FILE",
+                override_file.to_str().unwrap(),
+            ),
+        ],
+        r#"authorization: { allowed_groups: ["users"] }"#,
+    )
+    .await;
+    let attempt = |user: &'static str| {
+        let gw = &s.gw;
+        async move {
+            let b = Browser::new();
+            let (auth, _) = auth_redirect(&b.get(&gw.url("/page")).await);
+            let cb = b.get(&idp_walk(&b, &auth, user).await).await;
+            (b, cb)
+        }
+    };
+    for answer in ["503 text/html <p>maintenance</p>", "429 - "] {
+        std::fs::write(&override_file, answer).unwrap();
+        let (_, cb) = attempt("alice").await;
+        assert_eq!(cb.status, 502, "{answer}: {}", cb.dump());
+        let session = cb.set_cookie("_portcullis");
+        assert!(
+            session.is_none_or(|c| c.is_removal()),
+            "{answer}: a session was made: {}",
+            cb.dump()
+        );
+    }
+    // A refusal: the login completes with the token's identity, which lacks the group.
+    std::fs::write(&override_file, "403 - ").unwrap();
+    let (b, cb) = attempt("bob").await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    assert_eq!(b.get(&s.gw.url("/page")).await.status, 403);
+    // The endpoint back: the login completes with the groups.
+    std::fs::remove_file(&override_file).unwrap();
+    let (b, cb) = attempt("alice").await;
+    assert_eq!(cb.status, 302, "{}", cb.dump());
+    let r = b.get(&s.gw.url("/page")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert_eq!(
+        s.upstream.last().header("x-forwarded-groups"),
+        Some("users,user-alice")
+    );
+}
+
 /// With `cookie.same_site: strict` the callback cannot redirect: the browser would not send a
 /// Strict cookie on a redirect chain that began at the provider (another site), and the login
 /// would loop. It answers a page that continues to the target (a same-site navigation) instead.

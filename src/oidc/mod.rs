@@ -541,7 +541,13 @@ impl Provider {
             Some(t) => {
                 let mut id = self.validate_id_token(t, nonce).await?;
                 if id.incomplete() {
-                    self.complete_from_userinfo(&mut id, access_token).await;
+                    let told = self.complete_from_userinfo(&mut id, access_token).await;
+                    // At login, an identity short of what the provider could not tell right
+                    // now would deny the user for the whole session: the login fails, to be
+                    // tried again. A refresh keeps the session's earlier claims instead.
+                    if let (Err(e), Some(_)) = (told, nonce) {
+                        return Err(e);
+                    }
                 }
                 Some(id)
             }
@@ -562,12 +568,20 @@ impl Provider {
     }
 
     /// Fills the claims an ID token left out (email, name, groups) from the userinfo endpoint,
-    /// when the provider has one. On failure the identity stays as the token stated it: the
-    /// policy then decides on what is known (a missing email or group denies, never allows).
-    async fn complete_from_userinfo(&self, id: &mut ValidIdToken, access_token: &str) {
-        let Ok(d) = self.discovered() else { return };
+    /// when the provider has one. When the endpoint refuses or answers nonsense, the identity
+    /// stays as the token stated it: the policy then decides on what is known (a missing
+    /// email or group denies, never allows). When the provider is unavailable (unreachable,
+    /// timing out, `429`, `5xx`), that is the error.
+    async fn complete_from_userinfo(
+        &self,
+        id: &mut ValidIdToken,
+        access_token: &str,
+    ) -> Result<(), ProviderError> {
+        let Ok(d) = self.discovered() else {
+            return Ok(());
+        };
         let Some(url) = d.meta.userinfo_endpoint.as_deref() else {
-            return;
+            return Ok(());
         };
         let result = async {
             let req = ::http::Request::get(url)
@@ -577,21 +591,25 @@ impl Provider {
                     format!("Bearer {access_token}"),
                 )
                 .body(crate::body::Body::Empty)
-                .map_err(|e| e.to_string())?;
-            let resp = self
-                .http
-                .send(req, self::http::Endpoint::Userinfo)
-                .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ProviderError::Invalid(e.to_string()))?;
+            let resp = self.http.send(req, self::http::Endpoint::Userinfo).await?;
             if !resp.status().is_success() {
-                return Err(format!("status {}", resp.status()));
+                return Err(ProviderError::Status(resp.status().as_u16()));
             }
             id.complete_from(resp.body(), &self.groups_claim)
-                .map_err(|e| e.to_string())
+                .map_err(|e| ProviderError::Invalid(e.to_string()))
         }
         .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "userinfo request failed; identity from the ID token only");
+        match result {
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "userinfo request failed: the provider is unavailable");
+                Err(e)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "userinfo request failed; identity from the ID token only");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
         }
     }
 

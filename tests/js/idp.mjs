@@ -59,6 +59,7 @@
 //                                  maintenance page or a WAF in front of a provider
 //                                  does: "<status> <content-type>|- <body>", e.g.
 //                                  "200 text/html <p>maintenance</p>", "404 - "
+//   IDP_USERINFO_OVERRIDE_FILE     the same for the userinfo endpoint (GET/POST /me)
 //
 // Output on stdout:
 //   READY issuer=... port=... ...       once listening
@@ -392,8 +393,9 @@ provider.use(async (ctx, next) => {
 });
 
 provider.use(async (ctx, next) => {
-  const file = env.IDP_TOKEN_OVERRIDE_FILE;
-  if (file && ctx.method === 'POST' && ctx.path === '/token' && fs.existsSync(file)) {
+  const file = ctx.path === '/token' && ctx.method === 'POST' ? env.IDP_TOKEN_OVERRIDE_FILE
+    : ctx.path === '/me' ? env.IDP_USERINFO_OVERRIDE_FILE : undefined;
+  if (file && fs.existsSync(file)) {
     const [, status, type, body] = fs.readFileSync(file, 'utf8').match(/^(\d+) (\S+) ?([\s\S]*)$/) || [];
     if (status) {
       ctx.status = Number(status);
