@@ -14,6 +14,8 @@ pub const REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub struct RefetchLimit {
     last_forced: Option<Instant>,
+    /// `last_forced` before the latest claim, for [`RefetchLimit::unclaim`].
+    before: Option<Instant>,
 }
 
 impl RefetchLimit {
@@ -25,8 +27,14 @@ impl RefetchLimit {
         {
             return false;
         }
-        self.last_forced = Some(now);
+        self.before = self.last_forced.replace(now);
         true
+    }
+
+    /// The re-fetch just claimed failed: it does not count, and the next unknown `kid` may
+    /// try again at once.
+    pub fn unclaim(&mut self) {
+        self.last_forced = self.before;
     }
 }
 
@@ -209,5 +217,18 @@ mod tests {
         assert!(limit.claim(t1));
         assert!(!limit.claim(t1 + Duration::from_secs(9)));
         assert!(limit.claim(t1 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_failed_refetch_does_not_count() {
+        let mut limit = RefetchLimit::default();
+        let t0 = Instant::now();
+        assert!(limit.claim(t0));
+        let t1 = t0 + REFETCH_MIN_INTERVAL;
+        assert!(limit.claim(t1));
+        limit.unclaim();
+        // The one before it counts again: the next may go at once.
+        assert!(limit.claim(t1 + Duration::from_millis(1)));
+        assert!(!limit.claim(t1 + Duration::from_secs(1)));
     }
 }

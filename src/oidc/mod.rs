@@ -629,7 +629,10 @@ impl Provider {
         };
         match idtoken::validate(token, &self.keys.load(), &exp) {
             Err(IdTokenError::UnknownKey(_)) => {
-                self.refetch_jwks(&self.jwks_refetch).await?;
+                // An ID token comes from the token endpoint for a valid code or refresh
+                // token, so it cannot be sent in a flood: a failed re-fetch is not counted,
+                // and the next login asks again instead of failing the token as unsigned.
+                self.refetch_jwks(&self.jwks_refetch, true).await?;
                 Ok(idtoken::validate(token, &self.keys.load(), &exp)?)
             }
             r => Ok(r?),
@@ -654,7 +657,7 @@ impl Provider {
         };
         match check(&self.keys.load()) {
             Err(logout::LogoutTokenError::UnknownKey) => {
-                self.refetch_jwks(&self.logout_jwks_refetch).await?;
+                self.refetch_jwks(&self.logout_jwks_refetch, false).await?;
                 check(&self.keys.load()).map_err(|e| ProviderError::Invalid(e.to_string()))
             }
             r => r.map_err(|e| ProviderError::Invalid(e.to_string())),
@@ -664,17 +667,24 @@ impl Provider {
     /// A token named a key we do not have: re-fetch the JWKS, unless an unknown `kid` already
     /// forced a re-fetch within the interval (then the keys stay as they are). A caller that
     /// waited for another's re-fetch validates against the keys it brought.
+    /// Re-fetches the JWKS for an unknown `kid`, within `budget`; with `retry_failed`, a
+    /// fetch that failed is not counted against it.
     async fn refetch_jwks(
         &self,
         budget: &tokio::sync::Mutex<RefetchLimit>,
+        retry_failed: bool,
     ) -> Result<(), ProviderError> {
+        let d = self.discovered()?;
         let mut limit = budget.lock().await;
         if !limit.claim(Instant::now()) {
             return Ok(());
         }
-        let d = self.discovered()?;
         tracing::info!("unknown signing key id: re-fetching the provider's JWKS");
-        self.fetch_jwks(&d.meta.jwks_uri).await
+        let fetched = self.fetch_jwks(&d.meta.jwks_uri).await;
+        if fetched.is_err() && retry_failed {
+            limit.unclaim();
+        }
+        fetched
     }
 }
 
