@@ -192,6 +192,12 @@ fn error_code(body: &[u8]) -> Option<String> {
         .filter(|e| !e.is_empty() && e.len() <= 64 && e.bytes().all(|b| b.is_ascii_graphic()))
 }
 
+/// The ID token's signing key is not known and could not be fetched (the JWKS re-fetch
+/// failed, or was not due yet).
+fn key_not_available(e: &ProviderError) -> bool {
+    e.is_unavailable() || matches!(e, ProviderError::IdToken(IdTokenError::UnknownKey(_)))
+}
+
 impl ProviderError {
     /// True when the provider itself failed (unreachable, 5xx, 429): the user did nothing wrong.
     pub fn is_unavailable(&self) -> bool {
@@ -539,7 +545,25 @@ impl Provider {
         let access_token = resp.access_token().secret();
         let id = match &id_token {
             Some(t) => {
-                let mut id = self.validate_id_token(t, nonce).await?;
+                let mut id = match self.validate_id_token(t, nonce).await {
+                    Ok(id) => id,
+                    // A refresh signed with a key that cannot be had right now (rotated in,
+                    // its JWKS not fetched): the answer, straight from the token endpoint,
+                    // may hold the only usable refresh token, so its tokens are kept; the
+                    // session keeps its identity and logout hint until a refresh brings an
+                    // ID token that validates.
+                    Err(e) if nonce.is_none() && key_not_available(&e) => {
+                        tracing::warn!(error = %e, "refreshed ID token not checked now (its key cannot be fetched); tokens kept, identity unchanged");
+                        return Ok(Tokens {
+                            access_token: access_token.clone(),
+                            expires_in: resp.expires_in(),
+                            refresh_token: resp.refresh_token().map(|r| r.secret().clone()),
+                            id_token: None,
+                            id: None,
+                        });
+                    }
+                    Err(e) => return Err(e),
+                };
                 if id.incomplete() {
                     let told = self.complete_from_userinfo(&mut id, access_token).await;
                     // At login, an identity short of what the provider could not tell right
@@ -779,6 +803,33 @@ cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fa
             f(m);
         }
         serde_json::from_value(v).unwrap()
+    }
+
+    /// A refresh answer whose ID token is signed with a key that cannot be had now (rotated
+    /// in, the JWKS not fetched) keeps its tokens, the rotated refresh token may exist nowhere
+    /// else, and brings no identity; at login the same answer fails, as the provider being
+    /// unavailable. An ID token that fails for any other reason fails the refresh.
+    #[tokio::test]
+    async fn a_refreshed_id_token_whose_key_cannot_be_had_keeps_the_tokens() {
+        let (p, _) = provider_for("https://idp"); // knows no key, cannot fetch any
+        let t = p
+            .tokens(response(Some(id_token(|_| {})), |_| {}), None)
+            .await
+            .unwrap();
+        assert_eq!(t.access_token, "at-1.x_y~z+/=");
+        assert_eq!(t.refresh_token.as_deref(), Some("rt-1"));
+        assert!(t.id.is_none() && t.id_token.is_none());
+        let login = p
+            .tokens(response(Some(id_token(|_| {})), |_| {}), Some("n1"))
+            .await;
+        assert!(login.is_err_and(|e| e.is_unavailable()));
+        let wrong_audience = id_token(|m| {
+            m.insert("aud".into(), json!("other"));
+        });
+        let r = provider()
+            .tokens(response(Some(wrong_audience), |_| {}), None)
+            .await;
+        assert!(matches!(r, Err(ProviderError::IdToken(_))), "{:?}", r.err());
     }
 
     /// `expires_in` as providers send it: a number, a numeric string (Azure AD v1.0), a
