@@ -675,6 +675,20 @@ async fn a_hung_provider_does_not_end_a_session_with_rotating_refresh_tokens() {
     let r = api(&gw, "/expired", &cookie).await;
     assert_eq!(r.status, 503, "{}\n{}", r.dump(), gw.tails());
     assert!(r.set_cookie("_portcullis").is_none(), "{}", r.dump());
+    // Forward-auth's answer, which the proxy passes on: JSON for a program, a page for a
+    // browser navigation.
+    let r = api(&gw, "/oauth2/auth", &cookie).await;
+    assert_eq!(r.status, 503, "{}", r.dump());
+    assert_eq!(r.json()["error"], "provider_unavailable", "{}", r.dump());
+    assert!(r.header("retry-after").is_some(), "{}", r.dump());
+    let r = navigate(&gw, "/oauth2/auth", &cookie).await;
+    assert_eq!(r.status, 503, "{}", r.dump());
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("text/html")),
+        "{}",
+        r.dump()
+    );
     // The provider answers what it was sent: one refresh, whose tokens carry the session on.
     idp.signal("CONT");
     let renewed = renewed_session(&gw, &cookie, &first).await;

@@ -368,7 +368,15 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
             ) == Decision::Login;
             return unauthorized(app, &jar, clear, &original, login);
         }
-        super::Caller::Unavailable(resp) => return resp,
+        super::Caller::Unavailable(resp) => {
+            // The proxy passes it on too: JSON for a program, as the gateway's own 503s are.
+            let mode = route.map_or(AuthMode::Login, |r| r.auth);
+            return if crate::policy::wants_json(mode, req.headers()) {
+                crate::error::unavailable_as_json(resp)
+            } else {
+                resp
+            };
+        }
     };
     if let Err(Denied(why)) = app
         .cfg
