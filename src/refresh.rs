@@ -10,7 +10,6 @@ use crate::app::App;
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::metrics::{answered_for, AbandonGuard, ResponseFacts};
-use crate::oidc::idtoken::IdTokenError;
 use crate::oidc::ProviderError;
 use crate::policy::Rejected;
 use crate::session::layer::{take_ready, BoxFuture};
@@ -438,12 +437,9 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
             tracing::info!(sub = %s.identity.sub, reason = ?reason, "refresh token refused; session ended");
             Err(RefreshFailure::InvalidGrant)
         }
-        // Never log anyone out because the provider blinked: down, 5xx, overloaded, or a new
-        // signing key not fetched yet.
-        Err(e)
-            if e.is_unavailable()
-                || matches!(e, ProviderError::IdToken(IdTokenError::UnknownKey(_))) =>
-        {
+        // Never log anyone out because the provider blinked: down, 5xx, overloaded. (A new
+        // signing key not fetched yet keeps the refreshed tokens: see `Provider::tokens`.)
+        Err(e) if e.is_unavailable() => {
             tracing::warn!(error = %e, "refresh failed; the provider will be asked again");
             Err(RefreshFailure::Unavailable)
         }

@@ -45,9 +45,8 @@ where
 
     /// The flight for `key`: the one under way or recently finished, or `work` started now
     /// on its own task. Returns it, whether this call started it, and when it was started. A
-    /// result for which
-    /// `keep` is false is not shared once known (the next caller starts again); `lost` is the
-    /// result if the task dies.
+    /// result for which `keep` is false is not shared once known (the next caller starts
+    /// again); `lost` is the result if the task dies.
     pub fn run<Fut>(
         &self,
         key: K,

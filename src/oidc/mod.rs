@@ -544,37 +544,31 @@ impl Provider {
         let id_token = resp.id_token.clone();
         let access_token = resp.access_token().secret();
         let id = match &id_token {
-            Some(t) => {
-                let mut id = match self.validate_id_token(t, nonce).await {
-                    Ok(id) => id,
-                    // A refresh signed with a key that cannot be had right now (rotated in,
-                    // its JWKS not fetched): the answer, straight from the token endpoint,
-                    // may hold the only usable refresh token, so its tokens are kept; the
-                    // session keeps its identity and logout hint until a refresh brings an
-                    // ID token that validates.
-                    Err(e) if nonce.is_none() && key_not_available(&e) => {
-                        tracing::warn!(error = %e, "refreshed ID token not checked now (its key cannot be fetched); tokens kept, identity unchanged");
-                        return Ok(Tokens {
-                            access_token: access_token.clone(),
-                            expires_in: resp.expires_in(),
-                            refresh_token: resp.refresh_token().map(|r| r.secret().clone()),
-                            id_token: None,
-                            id: None,
-                        });
+            Some(t) => match self.validate_id_token(t, nonce).await {
+                Ok(mut id) => {
+                    if id.incomplete() {
+                        let told = self.complete_from_userinfo(&mut id, access_token).await;
+                        // At login, an identity short of what the provider could not tell
+                        // right now would deny the user for the whole session: the login
+                        // fails, to be tried again. A refresh keeps the session's earlier
+                        // claims instead.
+                        if let (Err(e), Some(_)) = (told, nonce) {
+                            return Err(e);
+                        }
                     }
-                    Err(e) => return Err(e),
-                };
-                if id.incomplete() {
-                    let told = self.complete_from_userinfo(&mut id, access_token).await;
-                    // At login, an identity short of what the provider could not tell right
-                    // now would deny the user for the whole session: the login fails, to be
-                    // tried again. A refresh keeps the session's earlier claims instead.
-                    if let (Err(e), Some(_)) = (told, nonce) {
-                        return Err(e);
-                    }
+                    Some(id)
                 }
-                Some(id)
-            }
+                // A refresh signed with a key that cannot be had right now (rotated in, its
+                // JWKS not fetched): the answer, straight from the token endpoint, may hold
+                // the only usable refresh token, so its tokens are kept; the session keeps
+                // its identity and logout hint until a refresh brings an ID token that
+                // validates.
+                Err(e) if nonce.is_none() && key_not_available(&e) => {
+                    tracing::warn!(error = %e, "refreshed ID token not checked now (its key cannot be fetched); tokens kept, identity unchanged");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             None if nonce.is_some() => {
                 return Err(ProviderError::Invalid(
                     "token response has no id_token".into(),
@@ -586,7 +580,8 @@ impl Provider {
             access_token: resp.access_token().secret().clone(),
             expires_in: resp.expires_in(),
             refresh_token: resp.refresh_token().map(|r| r.secret().clone()),
-            id_token,
+            // Only an ID token that validated is kept (as the next logout hint).
+            id_token: id_token.filter(|_| id.is_some()),
             id,
         })
     }
@@ -689,10 +684,9 @@ impl Provider {
     }
 
     /// A token named a key we do not have: re-fetch the JWKS, unless an unknown `kid` already
-    /// forced a re-fetch within the interval (then the keys stay as they are). A caller that
-    /// waited for another's re-fetch validates against the keys it brought.
-    /// Re-fetches the JWKS for an unknown `kid`, within `budget`; with `retry_failed`, a
-    /// fetch that failed is not counted against it.
+    /// forced a re-fetch within `budget`'s interval (then the keys stay as they are). A caller
+    /// that waited for another's re-fetch validates against the keys it brought. With
+    /// `retry_failed`, a fetch that failed is not counted against the budget.
     async fn refetch_jwks(
         &self,
         budget: &tokio::sync::Mutex<RefetchLimit>,
