@@ -22,14 +22,17 @@ pub enum RouteKind {
     SkipAuth,
     Flow,
     ForwardAuth,
+    /// `/healthz` and `/readyz` on the main listener: probes, kept out of the login figures.
+    Health,
 }
 
 impl RouteKind {
-    const ALL: [RouteKind; 4] = [
+    const ALL: [RouteKind; 5] = [
         RouteKind::Proxied,
         RouteKind::SkipAuth,
         RouteKind::Flow,
         RouteKind::ForwardAuth,
+        RouteKind::Health,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -37,6 +40,7 @@ impl RouteKind {
             RouteKind::SkipAuth => "skip_auth",
             RouteKind::Flow => "flow",
             RouteKind::ForwardAuth => "forward_auth",
+            RouteKind::Health => "health",
         }
     }
 }

@@ -190,8 +190,11 @@ where
         if flow::is_flow_path(req.uri().path()) {
             let app = self.app.clone();
             Either::Right(Box::pin(async move {
-                let route = if flow::is_forward_auth_path(req.uri().path()) {
+                let path = req.uri().path();
+                let route = if flow::is_forward_auth_path(path) {
                     RouteKind::ForwardAuth
+                } else if path == "/healthz" || path == "/readyz" {
+                    RouteKind::Health
                 } else {
                     RouteKind::Flow
                 };

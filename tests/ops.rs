@@ -679,7 +679,18 @@ async fn metrics_pass_promtool_and_count_without_identifying_labels() {
     let r = api_get(&gw2.url("/ops-dead-upstream"), &cookie).await;
     assert_eq!(r.status, 502, "{}", r.dump());
 
+    // Probes of the main listener are counted as `health`, not as login traffic.
+    let health = r#"portcullis_requests_total{method="GET",route="health",status="2xx"}"#;
+    let flow = r#"portcullis_requests_total{method="GET",route="flow",status="2xx"}"#;
+    let before = gw.metrics().await;
+    for path in ["/healthz", "/readyz"] {
+        let r = send("GET", &gw.url(path), &[], Vec::new()).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.dump());
+    }
+
     let m = gw.metrics().await;
+    assert_eq!(m.value(health), before.value(health) + 2.0, "{}", m.text);
+    assert_eq!(m.value(flow), before.value(flow), "{}", m.text);
     let (status, printed) = promtool_check_metrics(&m.text);
     assert!(
         status.success() && printed.trim().is_empty(),
