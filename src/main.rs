@@ -7,6 +7,10 @@ use std::process::ExitCode;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    // Set but empty (a chart's default) is not set: the environment alone configures it.
+    if std::env::var_os("PORTCULLIS_CONFIG").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("PORTCULLIS_CONFIG");
+    }
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
     match command {
@@ -121,7 +125,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "portcullis failed");
-            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

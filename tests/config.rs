@@ -403,6 +403,10 @@ fn secret_files_are_read() {
         );
     let r = check_text(&text, &[]);
     assert_eq!(r.code, 0, "{}\n{text}", r.stderr);
+    // Saved by a Windows editor: a byte-order mark before the config and before a secret.
+    write(dir.path(), "client_secret", "\u{feff}from-a-file\r\n");
+    let r = check_text(&format!("\u{feff}{text}"), &[]);
+    assert_eq!(r.code, 0, "{}\n{text}", r.stderr);
 
     // A missing file names its key.
     let missing = text.replace(cs.to_str().unwrap(), "/nonexistent/client_secret");
@@ -739,7 +743,8 @@ async fn running_gateway_uses_secret_files_and_env_overrides() {
     let idp = Idp::start_for_gateway(port, &[("IDP_CLIENT_SECRET", "only-in-a-file")]).await;
     let upstream = Upstream::start();
     let dir = tempfile::tempdir().unwrap();
-    let cs = write(dir.path(), "client_secret", "only-in-a-file\n");
+    // As a Windows editor saves it: a byte-order mark, which is no part of the secret.
+    let cs = write(dir.path(), "client_secret", "\u{feff}only-in-a-file\n");
     let ks = write(dir.path(), "cookie_secrets", &format!("{}\n", key(9)));
 
     // From files.
@@ -830,6 +835,15 @@ fn the_environment_alone_is_a_configuration() {
         .copied()
         .filter(|(k, _)| *k != "PORTCULLIS_PROVIDER_CLIENT_ID")
         .collect();
+    // Set but empty (a chart's default), PORTCULLIS_CONFIG is not set.
+    let mut empty = env.to_vec();
+    empty.push(("PORTCULLIS_CONFIG", ""));
+    let r = run(&["check"], &empty);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for command in ["secret", "env-vars"] {
+        let r = run(&[command], &[("PORTCULLIS_CONFIG", "")]);
+        assert_eq!(r.code, 0, "{command}: {}", r.stderr);
+    }
     let r = run(&["check"], &short);
     assert_eq!(r.code, 2, "{}", r.stderr);
     let lines = r.lines();

@@ -95,12 +95,8 @@ pub fn load_str(
     text: &str,
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigErrors> {
-    let mut value: serde_yaml::Value = if text.trim().is_empty() {
-        serde_yaml::Value::Mapping(Default::default())
-    } else {
-        serde_yaml::from_str(text)
-            .map_err(|e| ConfigError::new("", format!("invalid YAML: {e}")))?
-    };
+    let mut value = parse_yaml(text)
+        .map_err(|e| ConfigError::new("", format!("invalid YAML: {}", plain_message(&e))))?;
     let vars: Vec<(String, String)> = vars.into_iter().collect();
     // `RUST_LOG` overrides `log.level` under the same rules; set but empty (a common chart
     // default), it is not set.
@@ -109,17 +105,30 @@ pub fn load_str(
         .find(|(k, _)| k == "RUST_LOG")
         .map(|(_, v)| v.trim().to_string())
         .filter(|v| !v.is_empty());
+    let ours: Vec<String> = vars
+        .iter()
+        .filter(|(k, _)| k.starts_with("PORTCULLIS_"))
+        .map(|(k, _)| k.clone())
+        .collect();
     env::overlay(&mut value, vars)?;
     let mut raw: raw::RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
         let key = e.path().to_string();
         let key = if key == "." { String::new() } else { key };
-        let message = e.into_inner().to_string();
+        let message = plain_message(&e.into_inner().to_string());
+        // A serde alias written beside its key is a "duplicate" of a key the file never spelt.
+        let (key, message) = match (key.as_str(), message.as_str()) {
+            ("timeouts", "duplicate field `shutdown`") => (
+                "timeouts.shutdown_timeout".to_string(),
+                "another spelling of timeouts.shutdown: set one".to_string(),
+            ),
+            _ => (key, message),
+        };
         let message = if holds_secret(&key) {
             without_value(&message)
         } else {
             message
         };
-        ConfigError::new(key, message)
+        ConfigError::new(key.clone(), message + &from_variable(&key, &ours))
     })?;
     if let Some(level) = rust_log {
         validate::check_log_level(&level).map_err(|m| ConfigError::new("RUST_LOG", m))?;
@@ -137,13 +146,8 @@ pub fn named_secret_files(path: Option<&Path>) -> Vec<std::path::PathBuf> {
         Some(Err(_)) => return Vec::new(),
         None => String::new(),
     };
-    let mut value: serde_yaml::Value = if text.trim().is_empty() {
-        serde_yaml::Value::Mapping(Default::default())
-    } else {
-        match serde_yaml::from_str(&text) {
-            Ok(v) => v,
-            Err(_) => return Vec::new(),
-        }
+    let Ok(mut value) = parse_yaml(&text) else {
+        return Vec::new();
     };
     if env::overlay(&mut value, std::env::vars()).is_err() {
         return Vec::new();
@@ -151,6 +155,59 @@ pub fn named_secret_files(path: Option<&Path>) -> Vec<std::path::PathBuf> {
     serde_yaml::from_value::<raw::RawConfig>(value)
         .map(|raw| validate::secret_files(&raw))
         .unwrap_or_default()
+}
+
+/// The file's YAML as one value: a byte-order mark (Windows editors write one) skipped, merge
+/// keys (`<<: *defaults`) applied, an empty file an empty mapping.
+fn parse_yaml(text: &str) -> Result<serde_yaml::Value, String> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if text.trim().is_empty() {
+        return Ok(serde_yaml::Value::Mapping(Default::default()));
+    }
+    let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    value.apply_merge().map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+/// serde's message in the words of the file: what it expected rather than the schema's type
+/// names (`expected struct RawRoute`), and a number too large for any setting said so.
+fn plain_message(message: &str) -> String {
+    if message.contains("as u128") || message.contains("as i128") {
+        let at = message.find(" at line ").map_or("", |i| &message[i..]);
+        let key = message
+            .split_once(": invalid type")
+            .map_or(String::new(), |(k, _)| format!("{k}: "));
+        return format!("{key}the number is too large{at}");
+    }
+    let mut out = message.to_string();
+    while let Some(i) = out.find("expected struct Raw") {
+        let end = out[i..]
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != ' ')
+            .map_or(out.len(), |e| i + e);
+        out.replace_range(i..end, "expected a mapping of settings");
+    }
+    out
+}
+
+/// For an error in a value the environment set, the variable's name, which the user wrote
+/// rather than the key (` (from PORTCULLIS_COOKIE_SECURE)`).
+fn from_variable(key: &str, vars: &[String]) -> String {
+    let path: Vec<String> = key
+        .split('[')
+        .next()
+        .unwrap_or_default()
+        .split('.')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    if path.is_empty() {
+        return String::new();
+    }
+    let var = env::var_name(&path);
+    match vars.contains(&var) {
+        true => format!(" (from {var})"),
+        false => String::new(),
+    }
 }
 
 /// Keys whose values are secrets (also an item of a list, `cookie.secrets[0]`).
@@ -470,7 +527,10 @@ cookie:
             none(),
         )
         .unwrap_err();
-        assert!(e.to_string().contains("duplicate field"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "config error: timeouts.shutdown_timeout: another spelling of timeouts.shutdown: set one"
+        );
         assert_eq!(
             keys_of(load_str(
                 &format!("{MINIMAL}shutdown_timeout: soon\n"),
@@ -687,6 +747,107 @@ cookie:
         // A key with a line break in it, quoted back by the unknown-key error.
         let e = load_str(&format!("{MINIMAL}\"bad\\nkey\": 1\n"), none()).unwrap_err();
         assert_eq!(e.to_string().lines().count(), 1, "{e}");
+    }
+
+    /// What a new user writes by accident: each accepted as meant, or refused naming the key.
+    #[test]
+    fn accidents_of_writing_a_config() {
+        let with = |extra: &str| load_str(&format!("{MINIMAL}{extra}\n"), none());
+        // A byte-order mark, and YAML merge keys.
+        assert!(load_str(&format!("\u{feff}{MINIMAL}"), none()).is_ok());
+        let merged = with("defaults: &d { idle: 5s }\ntimeouts: { <<: *d, provider: 3s }");
+        assert_eq!(
+            keys_of(merged),
+            ["defaults"],
+            "merged, the anchor's key stays unknown"
+        );
+        let c = load_str(
+            &format!(
+                "{}timeouts: {{ <<: {{ idle: 5s }}, provider: 3s }}\n",
+                MINIMAL
+            ),
+            none(),
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.idle.as_secs(), 5);
+        // serde's type names and integer widths are not the user's words.
+        for text in ["[]\n", "hello\n", "session: []\n", "routes: [[]]\n"] {
+            let e = load_str(text, none()).unwrap_err().to_string();
+            assert!(!e.contains("Raw") && e.contains("mapping"), "{e}");
+        }
+        let e = with("limits: { max_header_bytes: 99999999999999999999999 }")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the number is too large") && !e.contains("u128"),
+            "{e}"
+        );
+        // An error in a variable's value names the variable.
+        let vars = vec![("PORTCULLIS_COOKIE_SECURE".to_string(), "maybe".to_string())];
+        let e = load_str(MINIMAL, vars).unwrap_err().to_string();
+        assert!(
+            e.contains("cookie.secure") && e.contains("(from PORTCULLIS_COOKIE_SECURE)"),
+            "{e}"
+        );
+        // Limits with upper bounds (a slot table, a semaphore, a buffer are sized from them).
+        for (extra, key) in [
+            (
+                "limits: { max_connections: 2305843009213693952 }",
+                "limits.max_connections",
+            ),
+            (
+                "limits: { max_headers: 18446744073709551615 }",
+                "limits.max_headers",
+            ),
+            (
+                "limits: { max_header_bytes: 4294967296 }",
+                "limits.max_header_bytes",
+            ),
+        ] {
+            assert_eq!(keys_of(with(extra)), [key], "{extra}");
+        }
+        let skew = MINIMAL.replace("  scopes:", "  clock_skew: 21000d\n  scopes:");
+        assert_eq!(keys_of(load_str(&skew, none())), ["provider.clock_skew"]);
+        let skew = MINIMAL.replace("  scopes:", "  clock_skew: 1h\n  scopes:");
+        assert!(load_str(&skew, none()).is_ok());
+        // Forward-auth's names, like the forwarded ones, each need their own.
+        assert_eq!(
+            keys_of(with("forward_auth: { access_token: X-Auth-Request-User }")),
+            ["forward_auth.access_token"]
+        );
+        // An empty method list would read as "no method" and match every one.
+        assert_eq!(
+            keys_of(with(
+                "routes: [ { prefix: /pub/, methods: [], auth: skip } ]"
+            )),
+            ["routes[0].methods"]
+        );
+        assert!(with("routes: [ { prefix: /pub/, methods: [GET], auth: skip } ]").is_ok());
+        // The gateway's own address as an upstream loops.
+        let own = |upstream: &str, listen: &str| {
+            let text = MINIMAL.replace("http://127.0.0.1:8081", upstream).replace(
+                "listen: \"127.0.0.1:4180\"",
+                &format!("listen: \"{listen}\""),
+            );
+            keys_of(load_str(&text, none()))
+        };
+        assert_eq!(own("http://127.0.0.1:4180", "127.0.0.1:4180"), ["upstream"]);
+        assert_eq!(
+            own("http://localhost:4180/app", "0.0.0.0:4180"),
+            ["upstream"]
+        );
+        assert_eq!(own("http://[::1]:4180", "[::]:4180"), ["upstream"]);
+        assert_eq!(own("http://127.0.0.1:80", "127.0.0.1:80"), ["upstream"]);
+        assert!(own("http://127.0.0.2:4180", "127.0.0.1:4180").is_empty());
+        assert!(own("http://127.0.0.1:4181", "127.0.0.1:4180").is_empty());
+        assert!(own("http://app:4180", "0.0.0.0:4180").is_empty());
+        assert_eq!(own("http://127.0.0.1:0", "127.0.0.1:4180"), ["upstream"]);
+        assert_eq!(
+            keys_of(with(
+                "routes: [ { prefix: /x/, upstream: \"http://127.0.0.1:4180\" } ]"
+            )),
+            ["routes[0].upstream"]
+        );
     }
 
     #[test]

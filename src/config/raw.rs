@@ -402,7 +402,8 @@ pub struct RawRoute {
     pub path: Option<String>,
     /// Literal prefix of the normalised path.
     pub prefix: Option<String>,
-    pub methods: Vec<String>,
+    /// Left out: every method. An empty list is refused (it reads as "none").
+    pub methods: Option<Vec<String>>,
     pub host: Option<String>,
     /// skip | api | login
     pub auth: Option<String>,

@@ -235,7 +235,8 @@ impl Collector {
 
 fn read_secret_file(c: &mut Collector, key: &str, path: &str) -> Option<String> {
     match std::fs::read_to_string(path) {
-        Ok(s) => Some(s),
+        // A byte-order mark (Windows editors write one) is no part of a secret.
+        Ok(s) => Some(s.strip_prefix('\u{feff}').map_or(s.clone(), str::to_string)),
         Err(e) => {
             c.err(key, format!("cannot read {path}: {e}"));
             None
@@ -316,6 +317,7 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
         None => return Err("has no host".into()),
     };
     let authority = match u.port() {
+        Some(0) => return Err("port 0 is no port to connect to".into()),
         Some(p) => format!("{host}:{p}"),
         None => host,
     };
@@ -326,6 +328,35 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
         authority,
         path_prefix: u.path().trim_end_matches('/').to_string(),
     })
+}
+
+const MAX_HEADER_BYTES: usize = 1 << 20;
+const MAX_HEADERS: usize = 10_000;
+const MAX_CONNECTIONS: usize = 1 << 24;
+/// More would accept ID tokens long expired, or issued in the future.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(3600);
+
+/// Whether an upstream URL names `addr` (a loopback name or address for a wildcard listener).
+fn is_address_of(u: &UpstreamConfig, addr: SocketAddr) -> bool {
+    let default_port = if u.scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    if u.authority.port_u16().unwrap_or(default_port) != addr.port() {
+        return false;
+    }
+    let host = u.authority.host();
+    let ip = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .ok();
+    let localhost = host.eq_ignore_ascii_case("localhost");
+    match ip {
+        Some(ip) => ip == addr.ip() || (addr.ip().is_unspecified() && ip.is_loopback()),
+        None => localhost && (addr.ip().is_unspecified() || addr.ip().is_loopback()),
+    }
 }
 
 /// Names the gateway sets on the forwarded request itself (the bearer, the forwarding headers).
@@ -371,6 +402,19 @@ fn identity_header(c: &mut Collector, key: &str, text: &str, gateway_sets: bool)
         );
     }
     name
+}
+
+/// One name, one meaning: a shared name would carry whichever value was set last (the user as
+/// the request id, the access token as the user).
+fn distinct_names(c: &mut Collector, named: &[(&str, &HeaderName)]) {
+    for (i, (key, name)) in named.iter().enumerate() {
+        if let Some((first, _)) = named[..i].iter().find(|(_, other)| other == name) {
+            c.err(
+                key,
+                format!("`{name}` is already {first}'s name; each header needs its own"),
+            );
+        }
+    }
 }
 
 /// Entries of `allowed_email_domains` lists: domains (a leading `@` is allowed), compared
@@ -446,11 +490,22 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         SocketAddr::from(([127, 0, 0, 1], 4180))
     });
 
+    // The gateway's own address as its upstream would send each request round until every
+    // connection slot is taken.
+    let upstream_of = |text: &str| {
+        parse_upstream(text).and_then(|u| match is_address_of(&u, listen) {
+            true => Err(format!(
+                "`{}` is the gateway's own listen address: requests would loop",
+                shown(text)
+            )),
+            false => Ok(u),
+        })
+    };
     let upstream = if raw.upstream.is_empty() {
         c.err("upstream", "is required");
         None
     } else {
-        parse_upstream(&raw.upstream)
+        upstream_of(&raw.upstream)
             .map_err(|m| c.err("upstream", m))
             .ok()
     };
@@ -538,6 +593,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         .find(|s| s.is_empty() || s.chars().any(|ch| ch.is_whitespace() || ch == '"'))
     {
         c.err("provider.scopes", format!("`{s}` is not a valid scope"));
+    }
+    if p.clock_skew > MAX_CLOCK_SKEW {
+        c.err(
+            "provider.clock_skew",
+            "must be at most 1h: a larger skew accepts ID tokens long expired",
+        );
     }
     let token_auth_method = match p.token_auth_method.as_str() {
         "auto" => TokenAuthMethod::Auto,
@@ -774,23 +835,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         pass_access_token: h.pass_access_token,
         unverified_email: !raw.authorization.require_email_verified,
     };
-    // One name, one meaning: a shared name would carry whichever value the gateway set last
-    // (the user as the request id, the email as the user).
-    let named = [
-        ("headers.user", &headers.user),
-        ("headers.email", &headers.email),
-        ("headers.groups", &headers.groups),
-        ("headers.preferred_username", &headers.preferred_username),
-        ("headers.request_id", &headers.request_id),
-    ];
-    for (i, (key, name)) in named.iter().enumerate() {
-        if let Some((first, _)) = named[..i].iter().find(|(_, other)| other == name) {
-            c.err(
-                key,
-                format!("`{name}` is already {first}'s name; each header needs its own"),
-            );
-        }
-    }
+    distinct_names(
+        &mut c,
+        &[
+            ("headers.user", &headers.user),
+            ("headers.email", &headers.email),
+            ("headers.groups", &headers.groups),
+            ("headers.preferred_username", &headers.preferred_username),
+            ("headers.request_id", &headers.request_id),
+        ],
+    );
 
     let mut trusted_proxies = Vec::new();
     for (i, p) in raw.trusted_proxies.iter().enumerate() {
@@ -813,10 +867,23 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         access_token: identity_header(&mut c, "forward_auth.access_token", &fa.access_token, false),
         pass_access_token: fa.pass_access_token,
     };
+    distinct_names(
+        &mut c,
+        &[
+            ("forward_auth.user", &forward_auth.user),
+            ("forward_auth.email", &forward_auth.email),
+            ("forward_auth.groups", &forward_auth.groups),
+            (
+                "forward_auth.preferred_username",
+                &forward_auth.preferred_username,
+            ),
+            ("forward_auth.access_token", &forward_auth.access_token),
+        ],
+    );
 
     let mut routes = Vec::new();
     for (i, r) in raw.routes.iter().enumerate() {
-        match crate::policy::routes::build_route(r, parse_upstream) {
+        match crate::policy::routes::build_route(r, upstream_of) {
             Ok(route) => routes.push(route),
             Err((k, m)) => c.err(&format!("routes[{i}].{k}"), m),
         }
@@ -973,11 +1040,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         shutdown: shutdown_timeout(&mut c, &raw),
     };
     let l = &raw.limits;
-    if l.max_header_bytes < 4096 {
-        c.err("limits.max_header_bytes", "must be at least 4096");
+    // Upper bounds too: each is memory or a slot table sized from it.
+    if !(4096..=MAX_HEADER_BYTES).contains(&l.max_header_bytes) {
+        c.err(
+            "limits.max_header_bytes",
+            format!("must be between 4096 and {MAX_HEADER_BYTES}"),
+        );
     }
-    if l.max_headers == 0 {
-        c.err("limits.max_headers", "must be greater than zero");
+    if !(1..=MAX_HEADERS).contains(&l.max_headers) {
+        c.err(
+            "limits.max_headers",
+            format!("must be between 1 and {MAX_HEADERS}"),
+        );
     }
     if !(1..=crate::session::cookie::MAX_CHUNKS).contains(&l.max_cookie_chunks) {
         c.err(
@@ -988,8 +1062,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             ),
         );
     }
-    if l.max_connections == 0 {
-        c.err("limits.max_connections", "must be greater than zero");
+    if !(1..=MAX_CONNECTIONS).contains(&l.max_connections) {
+        c.err(
+            "limits.max_connections",
+            format!("must be between 1 and {MAX_CONNECTIONS}"),
+        );
     }
     let log_json = match raw.log.format.as_str() {
         "text" => false,

@@ -376,8 +376,14 @@ pub fn build_route(
             }
         }
     };
+    if raw.methods.as_ref().is_some_and(Vec::is_empty) {
+        return Err((
+            "methods".into(),
+            "must list at least one method (leave `methods` out for every method)".into(),
+        ));
+    }
     let mut methods = Vec::new();
-    for m in &raw.methods {
+    for m in raw.methods.iter().flatten() {
         let m = Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
             (
                 "methods".to_string(),
