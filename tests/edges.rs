@@ -1348,6 +1348,123 @@ async fn http2_clients_that_read_no_answer_are_disconnected() {
     assert_eq!(got, support::upstream::BIG_BODY);
 }
 
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// An HTTP/2 frame: length, type, flags, stream, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A client that opens HTTP/2 flow control as wide as it goes, asks for large answers on
+/// every stream it may open and then reads nothing makes the gateway hold only a small buffer
+/// per stream (hyper's defaults held ~800 KB each: 100 streams of 10 such connections took
+/// 800 MB), not whatever the window allows.
+#[tokio::test]
+async fn http2_clients_that_open_their_window_and_read_nothing_hold_little_memory() {
+    use tokio::io::AsyncWriteExt;
+    const CONNECTIONS: usize = 4;
+    const STREAMS: u32 = 100;
+    let s = Stack::with(&[], ALL_PUBLIC).await;
+    let pid = s.gw.pid();
+    let before = rss_kib(pid);
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS_INITIAL_WINDOW_SIZE at its maximum, and the connection's window likewise.
+        out.extend(h2_frame(4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+        out.extend(h2_frame(8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+        let authority = b"127.0.0.1";
+        for i in 0..STREAMS {
+            // HPACK: GET, http, then :path and :authority as literals without indexing.
+            let mut block = vec![0x82, 0x86, 0x04, 4];
+            block.extend_from_slice(b"/mib");
+            block.extend_from_slice(&[0x01, authority.len() as u8]);
+            block.extend_from_slice(authority);
+            out.extend(h2_frame(1, 0x5, 2 * i + 1, &block));
+        }
+        let mut tcp = TcpStream::connect(("127.0.0.1", s.gw.port)).await.unwrap();
+        tcp.write_all(&out).await.unwrap();
+        held.push(tcp);
+    }
+    let asked = CONNECTIONS * STREAMS as usize;
+    let per_stream = settled_growth(&s, pid, before, asked).await / asked as u64;
+    assert!(
+        per_stream < 400,
+        "{per_stream} KiB held per unread stream ({before} KiB before, {asked} streams)"
+    );
+    drop(held);
+}
+
+/// The HTTP/1.1 form: each client asks for a large answer and reads none of it. The gateway
+/// holds one read of the upstream's answer per connection (hyper's default let that read grow
+/// to ~400 KB).
+#[tokio::test]
+async fn http1_clients_that_read_nothing_hold_little_memory() {
+    use tokio::io::AsyncWriteExt;
+    const CONNECTIONS: usize = 300;
+    let s = Stack::with(&[], ALL_PUBLIC).await;
+    let pid = s.gw.pid();
+    let before = rss_kib(pid);
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut tcp = TcpStream::connect(("127.0.0.1", s.gw.port)).await.unwrap();
+        tcp.write_all(b"GET /mib HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        held.push(tcp);
+    }
+    let per_connection = settled_growth(&s, pid, before, CONNECTIONS).await / CONNECTIONS as u64;
+    assert!(
+        per_connection < 150,
+        "{per_connection} KiB held per unread answer ({before} KiB before)"
+    );
+    drop(held);
+}
+
+/// Waits until the upstream was asked for `asked` answers of `/mib` and the gateway's memory
+/// stops growing (it reads the answers as far as it buffers them); the growth in KiB.
+async fn settled_growth(s: &Stack, pid: u32, before: u64, asked: usize) -> u64 {
+    let served = || {
+        s.upstream
+            .records()
+            .iter()
+            .filter(|r| r.path == "/mib")
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while served() < asked && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        served(),
+        asked,
+        "the upstream was not asked for every answer"
+    );
+    let mut peak = rss_kib(pid);
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss_kib(pid);
+        if now < peak + 1024 {
+            peak = peak.max(now);
+            break;
+        }
+        peak = now;
+    }
+    peak.saturating_sub(before)
+}
+
 #[tokio::test]
 async fn silent_connections_cannot_exhaust_max_connections() {
     let s = Stack::with(

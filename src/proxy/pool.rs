@@ -570,11 +570,18 @@ impl Pool {
         // write past `Batched`'s hold (16 KiB of upload) pays a copy it would not have.
         let (tx, conn) = hyper::client::conn::http1::Builder::new()
             .writev(false)
+            // What one read of the answer may take (hyper's default grows to ~400 KB): held
+            // until the client takes it, so a client that stops reading holds no more.
+            .max_buf_size(UPSTREAM_READ_BUFFER)
             .handshake(super::batch::Batched::new(io))
             .await?;
         Ok(Upstream::new(tx, conn, home, now, deadline))
     }
 }
+
+/// An upstream connection's read buffer at most (also the bound of an answer's head, as
+/// nginx's `proxy_buffer_size` is, at 4–8 KB).
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 /// How often a thread's idle connections to an origin are looked at when no request comes
 /// to take them (see `sweep`).

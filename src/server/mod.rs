@@ -130,6 +130,9 @@ where
     .await
 }
 
+/// An HTTP/2 stream's send buffer: a few frames, as nginx's `http2_chunk_size` buffers.
+const STREAM_SEND_BUFFER: usize = 64 * 1024;
+
 impl Listener {
     /// Connection settings from `cfg`: a reload applies them to connections opened after it.
     fn new(live: &Live, cfg: &crate::config::Config, drain: Arc<h1::Drain>) -> Self {
@@ -140,6 +143,10 @@ impl Listener {
             // Each open stream may hold an upstream connection (a slow upload): one client
             // connection gets no more than nginx's order of them (128; hyper's default: 200).
             .max_concurrent_streams(100)
+            // Answer bytes held per stream for a client that does not read them (hyper's
+            // default, ~400 KB, let one connection that opens its flow-control window and
+            // stops reading hold 100 × that of upstream answers).
+            .max_send_buf_size(STREAM_SEND_BUFFER)
             .keep_alive_interval(Some(Duration::from_secs(30)));
         Listener {
             live: live.clone(),

@@ -396,6 +396,10 @@ pub fn gateway_command() -> Command {
 }
 
 impl Gateway {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// Writes the config, starts the gateway and waits until `/readyz` answers 200.
     pub async fn start(opts: GatewayOpts) -> Gateway {
         Self::start_until(opts, "/readyz").await

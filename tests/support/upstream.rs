@@ -139,6 +139,11 @@ async fn handle(
     if rec.path == "/slow" {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    if rec.path == "/mib" {
+        // 1 MiB, shared: many at once cost this process nothing.
+        static MIB: [u8; 1 << 20] = [b'x'; 1 << 20];
+        return Ok(Response::new(Full::new(Bytes::from_static(&MIB))));
+    }
     if rec.path == "/big" {
         // More than any socket buffers hold: a client that reads none of it stalls the writer.
         return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; BIG_BODY]))));
