@@ -2270,6 +2270,27 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     assert_eq!(upstream.count(), before, "the POST reached the upstream");
     let get = api_get(&nginx.url("/writes/x"), &cookie).await;
     assert_eq!(get.status, 200, "{}", get.dump());
+    // nginx builds X-Original-URL from the client's Host and accepts one ending in `?` or `#`:
+    // the path must not slide into the query, where the gateway would judge `/` instead.
+    let before = upstream.count();
+    for host in ["?", "#"].map(|end| format!("127.0.0.1:{}{end}", nginx.port)) {
+        let post = format!(
+            "POST /writes/x HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\
+             Content-Length: 1\r\nConnection: close\r\n\r\nx"
+        );
+        let r = support::corpus::raw_exchange(nginx.port, post.as_bytes(), Duration::from_secs(10))
+            .await;
+        assert!(
+            !matches!(r.status, Some(200..=299)),
+            "Host {host}: {}",
+            r.text
+        );
+        assert_eq!(
+            upstream.count(),
+            before,
+            "Host {host}: the POST reached the upstream"
+        );
+    }
 
     // Without a session, through nginx, only a browser navigation on a login route is sent
     // to log in: an `auth: api` route (even for a browser) and an API caller anywhere get

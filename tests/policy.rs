@@ -1175,6 +1175,12 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
         "X-Forwarded-Uri: /admin/x`".to_string(),
         "X-Forwarded-Uri: /admin/x y".to_string(),
         "X-Forwarded-Uri: /admin/\u{e9}".to_string(),
+        // nginx builds the URL from the client's Host, and accepts one ending in `?` or `#`:
+        // the real path must not slide into the query or a fragment.
+        format!("X-Original-URL: http://{host}?/admin/x"),
+        format!("X-Original-URL: http://{host}#/admin/x"),
+        format!("X-Original-URL: http://{host}"),
+        url("/admin/x#/public/"),
     ] {
         let r = raw_exchange(port, &ask("/oauth2/auth", &[&bad]), Duration::from_secs(10)).await;
         assert_eq!(r.status, Some(400), "{bad}: {}", r.text);

@@ -276,6 +276,9 @@ fn original<'a>(
     // ingress-nginx sets X-Original-URL, Traefik X-Forwarded-Uri, and each passes the
     // other on from the client: both present, they must name the same request.
     let parse = |v: &str| {
+        if !names_a_path(v) {
+            return Err(Ambiguous("x-original-url"));
+        }
         v.parse::<http::Uri>()
             .map_err(|_| Ambiguous("x-original-url"))
     };
@@ -323,6 +326,19 @@ fn original<'a>(
         method,
         form,
     })
+}
+
+/// Whether an original URL names a path as a request line does: `/…`, or an absolute URL
+/// whose authority is followed by `/`. The proxy builds it from the client's Host (nginx:
+/// `$scheme://$http_host$request_uri`), and a Host ending in `?` or `#` (which nginx accepts)
+/// would move the real path out of the path: `http://app?/admin/x` parses as `/`, judged as
+/// that while the proxy serves `/admin/x`. No fragment either: it is not sent upstream.
+fn names_a_path(v: &str) -> bool {
+    let path = match v.split_once("://") {
+        Some((_, rest)) => rest.find(['/', '?', '#']).map_or("", |i| &rest[i..]),
+        None => v,
+    };
+    path.starts_with('/') && !v.contains('#')
 }
 
 pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<Body> {
@@ -447,6 +463,34 @@ mod tests {
             None
         );
         assert_eq!(envoy_path("/oauth2/authx"), None);
+    }
+
+    /// The original URL's path is where a request line has it, or the URL is refused.
+    #[test]
+    fn an_original_url_names_its_path_after_the_authority() {
+        for good in [
+            "/x",
+            "/",
+            "/a?b=c",
+            "http://app.test/x",
+            "https://app.test:8443/a/b?q=/c",
+            "http://app.test/?x",
+        ] {
+            assert!(names_a_path(good), "{good}");
+        }
+        for bad in [
+            "http://app.test?/admin/x",
+            "http://app.test:80?/admin/x",
+            "http://app.test#/admin/x",
+            "http://app.test",
+            "http://app.test/x#frag",
+            "/x#frag",
+            "x",
+            "",
+            "*",
+        ] {
+            assert!(!names_a_path(bad), "{bad}");
+        }
         assert_eq!(envoy_path("/oauth2/auth/a/b"), Some("/a/b"));
     }
 }
