@@ -877,20 +877,22 @@ cookie:
     }
 
     #[test]
-    fn the_cookie_name_is_used_as_given() {
+    fn a_secure_cookie_takes_the_host_prefix() {
         let secure = MINIMAL.replace("secure: false", "secure: true").replace(
             "http://127.0.0.1:4180/oauth2",
             "https://app.example.com/oauth2",
         );
+        let name = |text: &str| load_str(text, none()).unwrap().cookie.name;
+        assert_eq!(name(&secure), "__Host-_portcullis");
+        assert_eq!(name(MINIMAL), "_portcullis", "not secure: as given");
         assert_eq!(
-            load_str(&secure, none()).unwrap().cookie.name,
-            "_portcullis"
+            name(&format!("{secure}  domain: example.com\n")),
+            "__Secure-_portcullis",
+            "a domain cookie cannot be __Host-"
         );
-        let host = format!("{secure}  name: __Host-_portcullis\n");
-        assert_eq!(
-            load_str(&host, none()).unwrap().cookie.name,
-            "__Host-_portcullis"
-        );
+        for given in ["__Host-_portcullis", "__Secure-app"] {
+            assert_eq!(name(&format!("{secure}  name: {given}\n")), given);
+        }
         // A prefix browsers would not honour is refused, naming the key.
         for (text, why) in [
             (format!("{MINIMAL}  name: __Host-_portcullis\n"), "secure"),

@@ -718,9 +718,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             SameSite::Lax
         }
     };
-    // The name is used as given: `__Host-_portcullis` (no subdomain can overwrite it) is the
-    // operator's choice, which browsers honour only as below.
-    let cookie_name = ck.name.clone();
+    // A secure cookie takes the prefix browsers give a meaning to: `__Host-` (host-only,
+    // Path=/, Secure: no sibling subdomain can set or overwrite it), or `__Secure-` with a
+    // `cookie.domain`. A name that already has a prefix is used as given.
+    let cookie_name = match (ck.secure, &domain) {
+        (true, _) if ck.name.starts_with("__") => ck.name.clone(),
+        (true, None) => format!("__Host-{}", ck.name),
+        (true, Some(_)) => format!("__Secure-{}", ck.name),
+        (false, _) => ck.name.clone(),
+    };
     if cookie_name.starts_with("__Host-") && (!ck.secure || domain.is_some()) {
         c.err(
             "cookie.name",
