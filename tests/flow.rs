@@ -955,15 +955,50 @@ async fn sign_out_post_needs_the_csrf_token() {
         assert!(r.set_cookies().is_empty(), "session kept: {}", r.dump());
         assert!(r.location().is_none());
     }
-    // Still signed in.
-    let r = b.get(&s.gw.url("/")).await;
-    assert_eq!(r.status, 200, "{}", r.dump());
-    // And the real token works.
+    // A page elsewhere posting from a sandboxed frame, or with no-referrer, sends `Origin:
+    // null`; the browser says the request is cross-site.
     let r = b
         .request(
             "POST",
             &s.gw.url("/oauth2/sign_out"),
-            &[form_ct],
+            &[
+                form_ct,
+                ("origin", "null"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+            format!("csrf={}", enc(&csrf)),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.dump());
+    assert!(r.set_cookies().is_empty(), "session kept: {}", r.dump());
+    // A cross-site post arrives without the session cookie (SameSite): whatever it says, it
+    // cannot make the browser drop cookies the request did not carry.
+    let r = send(
+        "POST",
+        &s.gw.url("/oauth2/sign_out"),
+        &[form_ct, ("origin", "null")],
+        b"csrf=".to_vec(),
+    )
+    .await;
+    assert!(
+        r.set_cookie("_portcullis").is_none(),
+        "a cookie-less sign-out cleared the session: {}",
+        r.dump()
+    );
+    // Still signed in.
+    let r = b.get(&s.gw.url("/")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    // And the real token works, also from the sign-out page itself, whose no-referrer
+    // policy makes its form post with `Origin: null`.
+    let r = b
+        .request(
+            "POST",
+            &s.gw.url("/oauth2/sign_out"),
+            &[
+                form_ct,
+                ("origin", "null"),
+                ("sec-fetch-site", "same-origin"),
+            ],
             format!("csrf={}", enc(&csrf)),
         )
         .await;

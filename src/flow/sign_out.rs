@@ -71,9 +71,20 @@ pub async fn page(app: &App, req: &Request<Body>) -> Response<Body> {
 
 pub async fn submit(app: &App, req: Request<Body>) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    // A cross-site form post carries a foreign Origin: refuse it outright.
+    // A cross-site form post carries a foreign Origin: refuse it outright. `null` is what
+    // this page's own form sends (its Referrer-Policy is no-referrer), and also what a
+    // sandboxed frame or a no-referrer page elsewhere sends: believed only when the browser
+    // says the request is same-origin (`Sec-Fetch-Site`), or says nothing of it.
     if let Some(origin) = parts.headers.get(ORIGIN) {
-        if origin.as_bytes() != app.cfg.public_origin.as_bytes() && origin != "null" {
+        let foreign = if origin == "null" {
+            parts
+                .headers
+                .get("sec-fetch-site")
+                .is_some_and(|site| site != "same-origin")
+        } else {
+            origin.as_bytes() != app.cfg.public_origin.as_bytes()
+        };
+        if foreign {
             return pages::html(
                 StatusCode::FORBIDDEN,
                 "Sign-out refused",

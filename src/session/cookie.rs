@@ -432,8 +432,16 @@ impl SessionCookies {
     }
 
     /// `Set-Cookie` lines that delete the session (single value and every chunk present).
+    /// Expires the session cookie and its chunks the request carried, and only those: a
+    /// request that carries none (a cross-site post, which SameSite keeps them from) cannot
+    /// have the browser drop them.
     pub fn clear_session(&self, jar: &CookieJar<'_>) -> Vec<HeaderValue> {
-        let mut out: Vec<HeaderValue> = self.expire(&self.name, "/").into_iter().collect();
+        let sent = jar.get_bytes(&self.name).is_some();
+        let mut out: Vec<HeaderValue> = sent
+            .then(|| self.expire(&self.name, "/"))
+            .flatten()
+            .into_iter()
+            .collect();
         for i in self.sent_chunks(jar) {
             out.extend(self.expire(&self.chunk_name(i), "/"));
         }
@@ -742,14 +750,32 @@ mod tests {
             .iter()
             .map(|l| l.to_str().unwrap().split('=').next().unwrap())
             .collect();
-        // Every chunk some configuration could have set (a lower limit leaves older ones).
-        let want: Vec<String> = std::iter::once("_p".to_string())
-            .chain((0..MAX_CHUNKS).map(|i| format!("_p_{i}")))
-            .collect();
+        // Every chunk some configuration could have set (a lower limit leaves older ones);
+        // not the whole cookie, which the request did not carry.
+        let want: Vec<String> = (0..MAX_CHUNKS).map(|i| format!("_p_{i}")).collect();
         assert_eq!(names, want);
         // Storing a session clears the chunks it does not use, within the same bound.
         let stored = c.set_session(&session(10), &jar, 10).unwrap();
         assert!(stored.len() <= 1 + MAX_CHUNKS, "{}", stored.len());
+    }
+
+    /// Only what the request carried is expired: a request without the gateway's cookies (a
+    /// cross-site post, which SameSite keeps them from) cannot make the browser drop them.
+    #[test]
+    fn clearing_expires_only_the_cookies_sent() {
+        let c = cookies(8);
+        let clear = |cookie: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(COOKIE, HeaderValue::from_static(cookie));
+            let lines = c.clear_session(&CookieJar::parse(&h));
+            lines
+                .iter()
+                .map(|l| l.to_str().unwrap().split('=').next().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(clear("other=1").is_empty());
+        assert!(c.clear_session(&CookieJar::default()).is_empty());
+        assert_eq!(clear("_p=x; other=1"), ["_p"]);
     }
 
     #[test]
