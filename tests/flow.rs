@@ -880,6 +880,30 @@ async fn on_idp(b: &Browser, s: &Stack, url: &str) -> Resp {
     panic!("the provider kept redirecting: {url}");
 }
 
+/// The provider sends users to `/oauth2/signed_out` after its own logout too (its logout
+/// page, another app's sign-out): with a session still valid here, the page does not claim
+/// they are signed out.
+#[tokio::test]
+async fn the_signed_out_page_does_not_claim_a_live_session_is_over() {
+    let s = Stack::start().await;
+    let b = s.login("alice").await;
+    let page = b.get(&s.gw.url("/oauth2/signed_out")).await;
+    assert_eq!(page.status, 200, "{}", page.dump());
+    assert!(
+        !page.text().contains("You have been signed out"),
+        "{}",
+        page.dump()
+    );
+    assert!(page.text().contains("still active"), "{}", page.dump());
+    assert!(
+        page.text().contains("href=\"/oauth2/sign_out\""),
+        "{}",
+        page.dump()
+    );
+    // Still signed in, as it says.
+    assert_eq!(b.get(&s.gw.url("/")).await.status, 200);
+}
+
 #[tokio::test]
 async fn sign_out_without_a_session_still_ends_the_provider_session() {
     let s = Stack::start().await;

@@ -55,17 +55,7 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         ("/oauth2/callback", &Method::GET) => callback::handle(&app, &req).await,
         ("/oauth2/sign_out", &Method::GET) => sign_out::page(&app, &req).await,
         ("/oauth2/sign_out", &Method::POST) => sign_out::submit(&app, req).await,
-        ("/oauth2/signed_out", &Method::GET) => {
-            let mut resp = pages::html(
-                StatusCode::OK,
-                "Signed out",
-                "You have been signed out.",
-                "<p><a href=\"/oauth2/start?rd=%2F\">Sign in again</a></p>",
-            );
-            // Again here: a browser may not act on it in a redirect.
-            sign_out::forget_cached_pages(&mut resp);
-            resp
-        }
+        ("/oauth2/signed_out", &Method::GET) => sign_out::signed_out(&app, &req).await,
         ("/oauth2/userinfo", &Method::GET) => userinfo::handle(&app, &req).await,
         // Any method: Envoy's ext_authz asks with the original one (a check changes nothing).
         (p, _) if is_forward_auth_path(p) => forward_auth::handle(&app, &req).await,

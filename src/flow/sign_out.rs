@@ -208,6 +208,32 @@ fn revoke_at_provider(app: &App, s: &Session) {
     });
 }
 
+/// Where the provider sends the browser after its logout. A user who signed out at the
+/// provider alone (its own logout page, another app) still has a session here, until it
+/// ends or a back-channel logout ends it: the page says so rather than "signed out".
+pub async fn signed_out(app: &App, req: &Request<Body>) -> Response<Body> {
+    let jar = CookieJar::parse(req.headers());
+    let session = current(app, &jar).await.ok().flatten();
+    let mut resp = match &session {
+        None => pages::html(
+            StatusCode::OK,
+            "Signed out",
+            "You have been signed out.",
+            "<p><a href=\"/oauth2/start?rd=%2F\">Sign in again</a></p>",
+        ),
+        Some(_) => pages::html(
+            StatusCode::OK,
+            "Still signed in here",
+            "You have signed out at the identity provider, but your session on this site is \
+             still active.",
+            "<p><a href=\"/oauth2/sign_out\">Sign out of this site too</a></p>",
+        ),
+    };
+    // Again here: a browser may not act on it in a redirect.
+    forget_cached_pages(&mut resp);
+    for_session(resp, session.as_ref())
+}
+
 /// Asks the browser to drop what it cached of the site: the app's pages cached while signed
 /// in would come back with the back button (legacy apps rarely say `no-store`).
 pub fn forget_cached_pages(resp: &mut Response<Body>) {
