@@ -404,7 +404,7 @@ async fn a_callback_after_the_flow_lifetime_is_refused() {
     })
     .await;
     let b = Browser::new();
-    let (auth, _) = auth_redirect(&b.get(&gw.url("/")).await);
+    let (auth, _) = auth_redirect(&b.get(&gw.url("/reports?year=2026")).await);
     let callback = idp_walk(&b, &auth, "alice").await;
     let flow_cookie = b.cookie_header(&callback);
     assert!(
@@ -443,6 +443,13 @@ async fn a_callback_after_the_flow_lifetime_is_refused() {
     let late = call(callback.clone()).await;
     assert_eq!(late.status, 400, "{}", late.dump());
     assert!(late.text().contains("has expired"), "{}", late.dump());
+    // Trying again goes back to where that attempt was going, not to `/`.
+    assert!(
+        late.text()
+            .contains("href=\"/oauth2/start?rd=%2Freports%3Fyear%3D2026\""),
+        "{}",
+        late.dump()
+    );
     assert_no_session_set(&late);
     assert_eq!(idp.token_requests(), 0, "the code was spent");
 }

@@ -8,26 +8,33 @@ use crate::config::SameSite;
 use crate::oidc::ProviderError;
 use crate::pages;
 use crate::session::store::SaveError;
-use crate::session::{crypto::random_bytes, now_secs, CookieJar, Session};
+use crate::session::{crypto::random_bytes, now_secs, CookieJar, FlowState, Session};
 use http::header::SET_COOKIE;
 use http::{Request, Response, StatusCode};
 
+/// The error page of a failed sign-in; `flow`, when the attempt is known: its cookie is
+/// cleared, and "try again" returns to where that attempt was going.
 fn fail(
     app: &App,
     reason: &str,
     status: StatusCode,
     title: &str,
     msg: &str,
-    state: Option<&str>,
+    flow: Option<&FlowState>,
 ) -> Response<Body> {
     app.metrics.flow_failed(reason);
+    let back = flow.map_or("/", |f| f.return_to.as_str());
+    let again: String = url::form_urlencoded::byte_serialize(back.as_bytes()).collect();
     let mut resp = pages::html(
         status,
         title,
         msg,
-        "<p><a href=\"/oauth2/start?rd=%2F\">Try signing in again</a></p>",
+        &format!(
+            "<p><a href=\"/oauth2/start?rd={}\">Try signing in again</a></p>",
+            pages::escape(&again)
+        ),
     );
-    if let Some(v) = state.and_then(|s| app.cookies.clear_flow(s)) {
+    if let Some(v) = flow.and_then(|f| app.cookies.clear_flow(&f.state)) {
         resp.headers_mut().append(SET_COOKIE, v);
     }
     resp
@@ -94,7 +101,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "This sign-in attempt has expired. Please start again.",
-            Some(&state),
+            Some(&flow),
         );
     }
     if let Some(error) = query_param(query, "error") {
@@ -113,7 +120,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             StatusCode::FORBIDDEN,
             "Sign-in refused",
             &msg,
-            Some(&state),
+            Some(&flow),
         );
     }
     // Checked for a code (what a mix-up attack is after); an error page says no more either way.
@@ -128,7 +135,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "The sign-in response did not come from the configured identity provider.",
-            Some(&state),
+            Some(&flow),
         );
     }
     let Some(code) = query_param(query, "code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
@@ -138,7 +145,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "The sign-in response has no code.",
-            Some(&state),
+            Some(&flow),
         );
     };
     // One use per state, even if the flow cookie is replayed.
@@ -152,7 +159,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "This sign-in response was already used. Please start again.",
-            Some(&state),
+            Some(&flow),
         );
     }
     let tokens = match app
@@ -185,7 +192,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
                     "The identity provider answered the code exchange with an error.",
                 ),
             };
-            return fail(app, reason, status, "Sign-in failed", msg, Some(&state));
+            return fail(app, reason, status, "Sign-in failed", msg, Some(&flow));
         }
     };
     let Some(id) = tokens.id else {
@@ -195,7 +202,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             StatusCode::BAD_GATEWAY,
             "Sign-in failed",
             "No ID token.",
-            Some(&state),
+            Some(&flow),
         );
     };
     let lifetime = app.cookies.lifetime.as_secs();
@@ -224,7 +231,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
                 StatusCode::BAD_GATEWAY,
                 "Sign-in failed",
                 "The provider's tokens are too large to keep in a session cookie.",
-                Some(&state),
+                Some(&flow),
             )
         }
         // (`Ended` is for updates only; a new session is written whatever was there.)
@@ -236,7 +243,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Sign-in failed",
                 "Sessions cannot be stored right now. Please try again shortly.",
-                Some(&state),
+                Some(&flow),
             );
         }
     };
