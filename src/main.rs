@@ -133,7 +133,15 @@ fn main() -> ExitCode {
 fn init_tracing(log: &portcullis::config::LogConfig) {
     use tracing_subscriber::EnvFilter;
     // `log.level` already holds `RUST_LOG` when that is set (checked with the config).
-    let filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // rustls warns of each odd handshake (an IP address as SNI, a renegotiation attempt),
+    // quoting what the client sent: a line per client handshake is theirs to flood the log
+    // with. Its errors still show; a level that names rustls decides for itself.
+    if !log.level.contains("rustls") {
+        if let Ok(quiet) = "rustls=error".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

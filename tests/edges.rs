@@ -822,6 +822,67 @@ async fn renewed_upstream_ca_and_client_certificate_apply_without_a_restart() {
     );
 }
 
+/// A TLS 1.2 ClientHello naming `sni` in its server_name extension, as a client may send any.
+fn client_hello(sni: &[u8]) -> Vec<u8> {
+    let n = sni.len() as u16;
+    let mut ext = vec![0, 0]; // server_name
+    ext.extend_from_slice(&(n + 5).to_be_bytes());
+    ext.extend_from_slice(&(n + 3).to_be_bytes());
+    ext.push(0); // host_name
+    ext.extend_from_slice(&n.to_be_bytes());
+    ext.extend_from_slice(sni);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&[0, 2, 0xc0, 0x2f]); // ECDHE-RSA-AES128-GCM-SHA256
+    body.extend_from_slice(&[1, 0]); // no compression
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1, 0];
+    hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    hs.extend_from_slice(&body);
+    let mut record = vec![0x16, 3, 1];
+    record.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    record.extend_from_slice(&hs);
+    record
+}
+
+/// Handshakes with an odd server name (an IP address, a name with a line break in it) are
+/// any client's to send: they do not each put a warning in the log (rustls' own), which
+/// would be a client's way to flood it.
+#[tokio::test]
+async fn odd_tls_handshakes_do_not_flood_the_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("gw", "gateway");
+    let idp = Idp::start(&[]).await;
+    let upstream = Upstream::start();
+    let port = free_port();
+    let opts = GatewayOpts {
+        extra: format!("{ALL_PUBLIC}\n{}", tls_yaml(&cert, &key)),
+        ..GatewayOpts::new(port, &idp, &upstream.url())
+    };
+    let gw = TlsGateway::start(port, opts.yaml(), &pki.ca()).await;
+    for sni in [&b"127.0.0.1"[..], b"evil\nINFO forged line"] {
+        for _ in 0..5 {
+            let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            tcp.write_all(&client_hello(sni)).await.unwrap();
+            let mut sink = Vec::new();
+            let read = tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut sink)).await;
+            assert!(read.is_ok(), "the handshake was not ended");
+        }
+    }
+    // The gateway still serves.
+    let r = https_get(&gw.ca, &gw.url("/x"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let log = gw.proc.stderr();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("WARN") && l.contains("rustls")),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secure_cookies_over_tls_with_the_host_prefix() {
     let pki = Pki::new();
