@@ -849,9 +849,10 @@ fn client_hello(sni: &[u8]) -> Vec<u8> {
 
 /// Handshakes with an odd server name (an IP address, a name with a line break in it) are
 /// any client's to send: they do not each put a warning in the log (rustls' own), which
-/// would be a client's way to flood it.
+/// would be a client's way to flood it. Plain HTTP sent to the TLS port gets a 400 it can
+/// read.
 #[tokio::test]
-async fn odd_tls_handshakes_do_not_flood_the_log() {
+async fn odd_clients_of_the_tls_listener() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let (cert, key) = pki.issue("gw", "gateway");
@@ -872,6 +873,20 @@ async fn odd_tls_handshakes_do_not_flood_the_log() {
             assert!(read.is_ok(), "the handshake was not ended");
         }
     }
+    // Plain HTTP to the TLS port gets an answer it can read, as from nginx, not TLS bytes.
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "a plain HTTP request to the TLS port was not answered"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("https://"), "{answer}");
     // The gateway still serves.
     let r = https_get(&gw.ca, &gw.url("/x"), &[]).await;
     assert_eq!(r.status, 200, "{}", r.dump());

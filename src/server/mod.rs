@@ -133,6 +133,37 @@ where
 /// An HTTP/2 stream's send buffer: a few frames, as nginx's `http2_chunk_size` buffers.
 const STREAM_SEND_BUFFER: usize = 64 * 1024;
 
+/// Whether a client on the TLS listener started with a plain HTTP request: its first byte
+/// is a letter (a method), where a TLS record starts with 0x16.
+async fn plain_http_to_tls(stream: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
+}
+
+/// nginx's answer to plain HTTP on an https port: a 400 the client can read, then close.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: &str = "This port speaks HTTPS: use an https:// URL.\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    // Read what the client sent before closing: closed with unread bytes, the socket would
+    // reset the connection, and the client might lose the answer. Bounded by the caller's
+    // handshake timeout, and in size.
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    while left > 0 {
+        match stream.read(&mut sink).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
 impl Listener {
     /// Connection settings from `cfg`: a reload applies them to connections opened after it.
     fn new(live: &Live, cfg: &crate::config::Config, drain: Arc<h1::Drain>) -> Self {
@@ -257,13 +288,20 @@ pub async fn serve(
                 // Boxed for the same reason: TLS state is large.
                 Some(acceptor) => {
                     Box::pin(async move {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(tls_stream)) => {
+                        let handshake = async {
+                            if plain_http_to_tls(&stream).await {
+                                refuse_plain_http(stream).await;
+                                return None;
+                            }
+                            Some(acceptor.accept(stream).await)
+                        };
+                        match tokio::time::timeout(handshake_timeout, handshake).await {
+                            Ok(None) => tracing::debug!("plain HTTP sent to the TLS listener"),
+                            Ok(Some(Ok(tls_stream))) => {
                                 let h2_only = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
                                 serve_connection(tls_stream, h2_only, shared, info, id).await
                             }
-                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Ok(Some(Err(e))) => tracing::debug!(error = %e, "TLS handshake failed"),
                             Err(_) => tracing::debug!("TLS handshake timed out"),
                         }
                     })
