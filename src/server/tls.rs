@@ -14,11 +14,27 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A PEM error in words (rustls prints a missing end marker as a list of byte values).
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "a PEM section has no `-----END {}-----` line (is the file cut short?)",
+            text(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("a malformed PEM `-----BEGIN` line: `{}`", text(line).trim())
+        }
+        e => e.to_string(),
+    }
+}
+
 pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .map_err(|e| format!("cannot read {}: {}", path.display(), pem_error(&e)))?
         .collect();
-    let certs = certs.map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = certs.map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", path.display()));
     }
@@ -36,7 +52,11 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
                 path.display()
             )
         } else {
-            format!("{}: no usable private key: {e}", path.display())
+            format!(
+                "{}: no usable private key: {}",
+                path.display(),
+                pem_error(&e)
+            )
         }
     })
 }
@@ -258,5 +278,21 @@ mod tests {
         std::fs::write(&empty, "").unwrap();
         let e = read_key(&empty).unwrap_err();
         assert!(e.contains("no usable private key"), "{e}");
+    }
+
+    #[test]
+    fn a_truncated_certificate_is_said_to_be_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let cut = dir.path().join("cut.pem");
+        std::fs::write(
+            &cut,
+            "-----BEGIN CERTIFICATE-----\nMIIBvTBXBgkqhkiG9w0BBQ0w\n",
+        )
+        .unwrap();
+        let e = read_chain(&cut).unwrap_err();
+        assert!(
+            e.contains("no `-----END CERTIFICATE-----` line") && !e.contains("[67,"),
+            "{e}"
+        );
     }
 }
