@@ -2270,6 +2270,22 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     assert_eq!(upstream.count(), before, "the POST reached the upstream");
     let get = api_get(&nginx.url("/writes/x"), &cookie).await;
     assert_eq!(get.status, 200, "{}", get.dump());
+    // What a client says of the original request itself is not passed to the gateway by
+    // the snippet: no 400 from the gateway, which nginx would turn into a 500.
+    for spoof in [
+        ("x-forwarded-uri", "/public/x"),
+        ("x-original-method", "GET"),
+        ("x-forwarded-host", "a.test, b.test"),
+    ] {
+        let r = send(
+            "GET",
+            &nginx.url("/some/page"),
+            &[("accept", "application/json"), spoof],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 401, "{spoof:?}: {}\n{}", r.dump(), nginx.tails());
+    }
     // nginx builds X-Original-URL from the client's Host and accepts one ending in `?` or `#`:
     // the path must not slide into the query, where the gateway would judge `/` instead.
     let before = upstream.count();
