@@ -593,9 +593,11 @@ async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
             "{flag}: the handshake got further than the ClientHello:\n{out}"
         );
     }
-    // Plain HTTP on the TLS port is not served.
+    // Plain HTTP on the TLS port is not served: a 400 that names https, then the close.
+    let before = upstream.count();
     let r = raw_exchange(port, &raw_get("/x", "127.0.0.1", &[]), DEADLINE).await;
-    assert!(r.status.is_none() && r.closed, "{r:?}");
+    assert!(r.status == Some(400) && r.closed, "{r:?}");
+    assert_eq!(upstream.count(), before, "plain HTTP was served");
 
     // New certificate files: new connections get the new certificate within seconds.
     let before = upstream.count();
