@@ -1,15 +1,18 @@
 //! Log output: one line per event, whatever its fields hold.
 
+use std::fmt::Write as _;
 use std::io::{self, Write};
 
-/// Standard error, with line breaks inside an event escaped (`\n`, `\r`): a value that
+/// Standard error, with line breaks inside an event escaped (`\n`, `\r`, and the other
+/// characters that some reader takes for one: VT, FF, FS–RS, NEL, U+2028, U+2029): a value that
 /// carries one (a provider's error text, an odd `sub`, a client's parameter) cannot forge
-/// log lines. JSON output escapes them itself; this covers the text format. Written to
-/// anything but a terminal (where the gateway colours its own output), other control
-/// characters and bidirectional overrides are escaped too (`\x1b`, `\u{202e}`): a client's
-/// value cannot rewrite what a terminal or log viewer shows later.
+/// log lines. Written to anything but a terminal (where the gateway colours its own output),
+/// other control characters (C0, DEL, C1) and bidirectional controls are escaped too (`\x1b`,
+/// `\u{202e}`): a client's value cannot rewrite what a terminal or log viewer shows later. In
+/// JSON lines the escapes are JSON's own (`\u202e`), so every line stays a JSON document.
 pub struct OneLineStderr {
     pub controls: bool,
+    pub json: bool,
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for OneLineStderr {
@@ -18,6 +21,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for OneLineStderr {
         OneLine {
             out: io::stderr(),
             controls: self.controls,
+            json: self.json,
         }
     }
 }
@@ -27,15 +31,44 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for OneLineStderr {
 pub struct OneLine<W> {
     pub out: W,
     pub controls: bool,
+    pub json: bool,
 }
 
-/// A bidirectional-text control (U+202A–U+202E, U+2066–U+2069) starting at `rest[0]`.
-fn bidi_control(rest: &[u8]) -> Option<char> {
-    match rest {
-        [0xE2, 0x80, b @ 0xAA..=0xAE, ..] => char::from_u32(0x2000 + u32::from(*b - 0x80)),
-        [0xE2, 0x81, b @ 0xA6..=0xA9, ..] => char::from_u32(0x2040 + u32::from(*b - 0x80)),
-        _ => None,
+/// What a character needs in a log line.
+#[derive(PartialEq)]
+enum Kind {
+    Plain,
+    /// Ends a line for some reader: always escaped.
+    LineBreak,
+    /// A control or bidirectional control: escaped off a terminal.
+    Control,
+}
+
+fn kind(c: char) -> Kind {
+    match c {
+        '\n'
+        | '\r'
+        | '\u{b}'
+        | '\u{c}'
+        | '\u{1c}'..='\u{1e}'
+        | '\u{85}'
+        | '\u{2028}'
+        | '\u{2029}' => Kind::LineBreak,
+        '\0'..='\u{1f}'
+        | '\u{7f}'..='\u{9f}'
+        | '\u{61c}'
+        | '\u{200e}'
+        | '\u{200f}'
+        | '\u{202a}'..='\u{202e}'
+        | '\u{2066}'..='\u{2069}' => Kind::Control,
+        _ => Kind::Plain,
     }
+}
+
+/// Bytes that start a character [`kind`] may escape: ASCII controls and the lead bytes of
+/// U+0080–U+009F, U+061C and U+2000–U+207F.
+fn may_escape(b: u8) -> bool {
+    b < 0x20 || matches!(b, 0x7f | 0xC2 | 0xD8 | 0xE2)
 }
 
 impl<W: Write> Write for OneLine<W> {
@@ -44,37 +77,39 @@ impl<W: Write> Write for OneLine<W> {
             Some(line) => (line, &b"\n"[..]),
             None => (buf, &b""[..]),
         };
-        let controls = self.controls;
-        let special = |b: u8| {
-            matches!(b, b'\n' | b'\r') || (controls && (b < 0x20 || b == 0x7f || b == 0xE2))
-        };
-        if !line.iter().any(|&b| special(b)) {
+        if !line.iter().any(|&b| may_escape(b)) {
             self.out.write_all(buf)?;
             return Ok(buf.len());
         }
-        let mut out = Vec::with_capacity(buf.len() + 8);
-        let mut i = 0;
-        while i < line.len() {
-            let b = line[i];
-            i += 1;
-            match b {
-                b'\n' => out.extend_from_slice(b"\\n"),
-                b'\r' => out.extend_from_slice(b"\\r"),
-                _ if !controls => out.push(b),
-                b'\t' => out.extend_from_slice(b"\\t"),
-                0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
-                0xE2 => match bidi_control(&line[i - 1..]) {
-                    Some(c) => {
-                        out.extend_from_slice(format!("\\u{{{:x}}}", u32::from(c)).as_bytes());
-                        i += 2;
-                    }
-                    None => out.push(b),
-                },
-                _ => out.push(b),
+        // The formatter writes UTF-8; anything else passes as it is.
+        let Ok(text) = std::str::from_utf8(line) else {
+            self.out.write_all(buf)?;
+            return Ok(buf.len());
+        };
+        let mut out = String::with_capacity(buf.len() + 16);
+        for c in text.chars() {
+            let escape = match kind(c) {
+                Kind::Plain => false,
+                Kind::LineBreak => true,
+                Kind::Control => self.controls,
+            };
+            if !escape {
+                out.push(c);
+                continue;
             }
+            let _ = match c {
+                '\n' => out.write_str("\\n"),
+                '\r' => out.write_str("\\r"),
+                '\t' => out.write_str("\\t"),
+                _ if self.json => write!(out, "\\u{:04x}", u32::from(c)),
+                '\0'..='\u{7f}' => write!(out, "\\x{:02x}", u32::from(c)),
+                _ => write!(out, "\\u{{{:x}}}", u32::from(c)),
+            };
         }
-        out.extend_from_slice(end);
-        self.out.write_all(&out)?;
+        if !end.is_empty() {
+            out.push('\n');
+        }
+        self.out.write_all(out.as_bytes())?;
         Ok(buf.len())
     }
 
@@ -93,6 +128,7 @@ mod tests {
             let mut w = OneLine {
                 out: Vec::new(),
                 controls,
+                json: false,
             };
             w.write_all(b"INFO error=a\n2026 INFO forged\r\n").unwrap();
             w.write_all(b"INFO plain\n").unwrap();
@@ -109,6 +145,7 @@ mod tests {
         let mut w = OneLine {
             out: Vec::new(),
             controls: true,
+            json: false,
         };
         w.write_all(line.as_bytes()).unwrap();
         assert_eq!(
@@ -119,8 +156,58 @@ mod tests {
         let mut w = OneLine {
             out: Vec::new(),
             controls: false,
+            json: false,
         };
         w.write_all(line.as_bytes()).unwrap();
         assert_eq!(String::from_utf8(w.out).unwrap(), line);
+    }
+
+    fn escaped(line: &str, controls: bool, json: bool) -> String {
+        let mut w = OneLine {
+            out: Vec::new(),
+            controls,
+            json,
+        };
+        w.write_all(line.as_bytes()).unwrap();
+        String::from_utf8(w.out).unwrap()
+    }
+
+    #[test]
+    fn every_unicode_line_break_is_escaped_even_on_a_terminal() {
+        // Python's splitlines, JavaScript and log shippers end lines at these too.
+        let line = "INFO error=a\u{85}b\u{2028}c\u{2029}d\u{b}e\u{c}f\u{1c}g\u{1e}h é\n";
+        for json in [false, true] {
+            let out = escaped(line, false, json);
+            assert_eq!(out.lines().count(), 1, "{out}");
+            assert_eq!(out.split(['\u{85}', '\u{2028}', '\u{2029}']).count(), 1);
+        }
+        assert_eq!(
+            escaped(line, false, false),
+            "INFO error=a\\u{85}b\\u{2028}c\\u{2029}d\\x0be\\x0cf\\x1cg\\x1eh é\n"
+        );
+    }
+
+    #[test]
+    fn c1_controls_and_bidi_marks_are_escaped_off_a_terminal() {
+        let line = "INFO error=\u{9b}2J \u{200f}x\u{61c}y\u{200e} \u{2066}z\u{2069} \u{a0}ok\n";
+        assert_eq!(
+            escaped(line, true, false),
+            "INFO error=\\u{9b}2J \\u{200f}x\\u{61c}y\\u{200e} \\u{2066}z\\u{2069} \u{a0}ok\n"
+        );
+        assert_eq!(escaped(line, false, false), line);
+    }
+
+    #[test]
+    fn json_lines_get_json_escapes_and_stay_json() {
+        // What the JSON formatter leaves raw: DEL, C1, bidi and Unicode line breaks.
+        let value = "a\u{7f}b\u{9b}c\u{202e}d\u{2028}e\u{85}f";
+        let line = format!("{}\n", serde_json::json!({ "error": value }));
+        let out = escaped(&line, true, true);
+        assert_eq!(
+            out,
+            "{\"error\":\"a\\u007fb\\u009bc\\u202ed\\u2028e\\u0085f\"}\n"
+        );
+        let back: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(back["error"], value);
     }
 }

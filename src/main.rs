@@ -148,6 +148,7 @@ fn init_tracing(log: &portcullis::config::LogConfig) {
         .with_ansi(terminal)
         .with_writer(portcullis::logging::OneLineStderr {
             controls: !terminal,
+            json: log.json,
         });
     if log.json {
         builder.json().flatten_event(true).init();

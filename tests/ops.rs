@@ -2108,6 +2108,66 @@ async fn debug_logs_never_contain_secrets() {
     );
 }
 
+/// A provider's error text is logged as it was sent, escaped: whatever Unicode line breaks,
+/// C1 controls or bidirectional marks it holds, the event stays one line (in JSON, one JSON
+/// document that gives the text back), and none of them reaches the log raw.
+#[tokio::test]
+async fn a_providers_error_text_cannot_split_or_disguise_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let answer = dir.path().join("token-answer");
+    let answer_env = answer.to_str().unwrap().to_string();
+    let text = "A\u{2066}B\u{200f}C\u{61c}D\u{2029}E\u{2028}F\u{85}G\u{9b}H\u{7f}I\u{b}J";
+    for format in ["text", "json"] {
+        let (_idp, _upstream, opts) = parts(&[("IDP_TOKEN_OVERRIDE_FILE", &answer_env)]).await;
+        let mut cfg = OpsConfig::new(opts);
+        cfg.log = format!("{{ level: info, format: {format} }}");
+        let gw = OpsGateway::start(&cfg).await;
+        let b = Browser::new();
+        let (auth, _) = auth_redirect(&b.get(&gw.url("/oauth2/start?rd=%2F")).await);
+        let callback = idp_walk(&b, &auth, "alice").await;
+        let refusal = serde_json::json!({"error": "invalid_grant", "error_description": text});
+        std::fs::write(&answer, format!("400 application/json {refusal}")).unwrap();
+        let r = b.get(&callback).await;
+        std::fs::remove_file(&answer).unwrap();
+        assert!(r.status.is_client_error(), "{format}: {}", r.dump());
+        let log = gw.stderr();
+        for c in text.chars().filter(|c| !c.is_ascii_alphabetic()) {
+            assert!(!log.contains(c), "{format}: {c:?} raw in the log: {log:?}");
+        }
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("A\\u")).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{format}: the provider's text not logged once: {log}"
+        );
+        if format == "json" {
+            for line in log.lines() {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+            }
+            assert!(
+                log.lines().any(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                        v.as_object().is_some_and(|o| {
+                            o.values()
+                                .any(|f| f.as_str().is_some_and(|f| f.contains(text)))
+                        })
+                    })
+                }),
+                "the text does not read back from the JSON: {log}"
+            );
+        } else {
+            assert!(
+                lines[0].contains(
+                    r"A\u{2066}B\u{200f}C\u{61c}D\u{2029}E\u{2028}F\u{85}G\u{9b}H\x7fI\x0bJ"
+                ),
+                "{:?}",
+                lines[0]
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_without_secrets() {
     let (gw, secrets) = logged_run("{ level: debug, format: json }").await;
