@@ -65,10 +65,15 @@ fn kind(c: char) -> Kind {
     }
 }
 
-/// Bytes that start a character [`kind`] may escape: ASCII controls and the lead bytes of
-/// U+0080–U+009F, U+061C and U+2000–U+207F.
-fn may_escape(b: u8) -> bool {
-    b < 0x20 || matches!(b, 0x7f | 0xC2 | 0xD8 | 0xE2)
+/// Bytes that start a character [`kind`] may escape: line breaks and the lead bytes of NEL
+/// and U+2028/U+2029; with `controls`, ASCII controls and the lead bytes of U+0080–U+009F,
+/// U+061C and U+2000–U+207F (a terminal's colour codes take no slow path).
+fn may_escape(b: u8, controls: bool) -> bool {
+    if controls {
+        b < 0x20 || matches!(b, 0x7f | 0xC2 | 0xD8 | 0xE2)
+    } else {
+        matches!(b, b'\n' | b'\r' | 0x0b | 0x0c | 0x1c..=0x1e | 0xC2 | 0xE2)
+    }
 }
 
 impl<W: Write> Write for OneLine<W> {
@@ -77,7 +82,7 @@ impl<W: Write> Write for OneLine<W> {
             Some(line) => (line, &b"\n"[..]),
             None => (buf, &b""[..]),
         };
-        if !line.iter().any(|&b| may_escape(b)) {
+        if !line.iter().any(|&b| may_escape(b, self.controls)) {
             self.out.write_all(buf)?;
             return Ok(buf.len());
         }
