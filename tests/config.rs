@@ -269,6 +269,28 @@ fn bad_values_name_their_key() {
             ),
             "config error: routes[0].allow.allowed_email_domains[0]: ",
         ),
+        // An entry that is no address could never match a verified email.
+        (
+            format!(
+                "{}authorization: {{ allowed_emails: [\"alice@example.com\", \"bob\"] }}\n",
+                minimal()
+            ),
+            "config error: authorization.allowed_emails[1]: ",
+        ),
+        (
+            format!(
+                "{}routes: [ {{ prefix: /a/, allow: {{ allowed_emails: [\"@example.com\"] }} }} ]\n",
+                minimal()
+            ),
+            "config error: routes[0].allow.allowed_emails[0]: ",
+        ),
+        (
+            format!(
+                "{}authorization: {{ allowed_emails: [\"a b@example.com\"] }}\n",
+                minimal()
+            ),
+            "config error: authorization.allowed_emails[0]: ",
+        ),
     ];
     for (text, want) in cases {
         let r = check_text(&text, &[]);

@@ -433,6 +433,31 @@ fn email_domains(c: &mut Collector, key: &str, domains: &[String]) {
     }
 }
 
+/// Entries of `allowed_emails` lists: an address `local@domain`, compared whole (ignoring
+/// case) with a verified email; one that is not an address could never match.
+fn emails(c: &mut Collector, key: &str, emails: &[String]) {
+    for (i, e) in emails.iter().enumerate() {
+        let bare = e.trim();
+        let valid = match bare.rsplit_once('@') {
+            Some((local, domain)) => {
+                !local.is_empty()
+                    && !local.contains('@')
+                    && !local
+                        .chars()
+                        .any(|ch| ch.is_whitespace() || ch.is_control())
+                    && crate::policy::routes::is_host_name(domain)
+            }
+            None => false,
+        };
+        if !valid {
+            c.err(
+                &format!("{key}[{i}]"),
+                format!("`{e}`: must be an email address like alice@example.com"),
+            );
+        }
+    }
+}
+
 fn header_name(c: &mut Collector, key: &str, text: &str) -> HeaderName {
     match HeaderName::from_bytes(text.as_bytes()) {
         // The usual names as static values: the per-request clones touch no reference count.
@@ -899,12 +924,22 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "authorization.allowed_email_domains",
         &raw.authorization.allowed_email_domains,
     );
+    emails(
+        &mut c,
+        "authorization.allowed_emails",
+        &raw.authorization.allowed_emails,
+    );
     for (i, r) in raw.routes.iter().enumerate() {
         if let Some(allow) = &r.allow {
             email_domains(
                 &mut c,
                 &format!("routes[{i}].allow.allowed_email_domains"),
                 &allow.allowed_email_domains,
+            );
+            emails(
+                &mut c,
+                &format!("routes[{i}].allow.allowed_emails"),
+                &allow.allowed_emails,
             );
         }
     }
