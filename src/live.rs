@@ -12,7 +12,7 @@ use crate::{proxy, StartError};
 use arc_swap::ArcSwap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct Generation {
     pub app: Arc<App>,
@@ -156,6 +156,7 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
     let mut refused: Vec<PathBuf> = Vec::new();
     let watched = |refused: &[PathBuf]| with_refused(&live.load().app.cfg.watched_files, refused);
     let mut last = fingerprint(path, &watched(&refused));
+    let mut retry_redis: Option<Instant> = None;
     loop {
         let forced = {
             #[cfg(unix)]
@@ -178,7 +179,16 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
             }
         };
         let now = fingerprint(path, &watched(&refused));
-        if !forced && now == last {
+        // A config refused for its Redis is tried again while the running one's Redis fails
+        // as well: nothing works as it is, and the new settings may by now.
+        let retry = retry_redis.is_some_and(|at| Instant::now() >= at)
+            && live
+                .load()
+                .app
+                .redis
+                .as_ref()
+                .is_some_and(|r| r.is_known_down());
+        if !forced && !retry && now == last {
             continue;
         }
         // What was loaded, not what the files hold after a reload that waited (on a new
@@ -186,10 +196,16 @@ pub async fn watch(path: Option<PathBuf>, live: Live, shared: Shared) {
         last = match reload(path, &live, &shared, &started).await {
             Reloaded::Applied(loaded) => {
                 refused.clear();
+                retry_redis = None;
                 loaded
             }
-            Reloaded::Refused { files, loaded } => {
+            Reloaded::Refused {
+                files,
+                loaded,
+                redis,
+            } => {
                 refused = files;
+                retry_redis = redis.then(|| Instant::now() + REDIS_RETRY);
                 loaded.unwrap_or_else(|| fingerprint(path, &watched(&refused)))
             }
         };
@@ -204,8 +220,14 @@ enum Reloaded {
     Refused {
         files: Vec<PathBuf>,
         loaded: Option<[u8; 32]>,
+        /// For its Redis, which did not answer (or refused its password).
+        redis: bool,
     },
 }
+
+/// How often a config refused for its Redis is tried again while the running one's Redis
+/// fails too (a password rotated in the secret file first, on the Redis side next).
+const REDIS_RETRY: Duration = Duration::from_secs(10);
 
 async fn reload(path: Option<&Path>, live: &Live, shared: &Shared, started: &Config) -> Reloaded {
     let result = |r: &str| shared.metrics.config_reloads.with_label_values(&[r]).inc();
@@ -223,6 +245,7 @@ async fn reload(path: Option<&Path>, live: &Live, shared: &Shared, started: &Con
             return Reloaded::Refused {
                 files: config::named_secret_files(path),
                 loaded: None,
+                redis: false,
             };
         }
     };
@@ -254,6 +277,7 @@ async fn reload(path: Option<&Path>, live: &Live, shared: &Shared, started: &Con
             Reloaded::Refused {
                 files,
                 loaded: Some(refused),
+                redis: matches!(e, StartError::RedisUnreachable { .. }),
             }
         }
     }

@@ -25,7 +25,13 @@ pub enum StoreError {
 pub const MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct Redis {
-    conn: ConnectionManager,
+    /// Swapped for a new one after a failed authentication: the manager reconnects by itself
+    /// only after I/O errors, and would answer every later command with that error.
+    conn: arc_swap::ArcSwap<ConnectionManager>,
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
+    /// When `conn` was last replaced (seconds since the epoch): once a second at most.
+    renewed_at: std::sync::atomic::AtomicU64,
     timeout: Duration,
     prefix: String,
     healthy: AtomicBool,
@@ -98,13 +104,45 @@ impl Redis {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         Ok(Self {
-            conn: ConnectionManager::new_lazy_with_config(client, mc)?,
+            conn: arc_swap::ArcSwap::from_pointee(ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                mc.clone(),
+            )?),
+            client,
+            manager_config: mc,
+            renewed_at: std::sync::atomic::AtomicU64::new(0),
             timeout: cfg.timeout,
             prefix: cfg.key_prefix.clone(),
             healthy: AtomicBool::new(false),
             checked: AtomicBool::new(false),
             failure_logged: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.conn.load())
+    }
+
+    /// A new (lazy) connection after a failed authentication, so that the next command logs
+    /// in again: a password put right on either side (a rotation) is picked up by itself.
+    fn renew(&self) {
+        let now = crate::session::now_secs();
+        let last = self.renewed_at.load(Ordering::Relaxed);
+        if now <= last
+            || self
+                .renewed_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
+            Ok(conn) => self.conn.store(std::sync::Arc::new(conn)),
+            Err(e) => tracing::warn!(error = %e, "redis connection not renewed"),
+        }
     }
 
     pub fn key(&self, parts: &[&str]) -> String {
@@ -137,6 +175,11 @@ impl Redis {
         };
         self.healthy.store(r.is_ok(), Ordering::Relaxed);
         self.checked.store(true, Ordering::Relaxed);
+        if let Err(StoreError::Redis(e)) = &r {
+            if e.kind() == redis::ErrorKind::AuthenticationFailed {
+                self.renew();
+            }
+        }
         if let Err(e) = &r {
             // Readiness follows every command, not only the probes: say why it fails.
             let now = crate::session::now_secs();
@@ -158,7 +201,7 @@ impl Redis {
     /// whose ACL allows no key of the gateway's, and readiness would flap with every probe
     /// between the failing commands.)
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         let key = self.key(&["health"]);
         self.run(async move { c.pset_ex::<_, _, ()>(&key, 1u8, 10_000).await })
             .await?;
@@ -189,7 +232,7 @@ impl Redis {
     /// [`MAX_VALUE_BYTES`] of it: whoever else can write to Redis cannot make each request
     /// read hundreds of megabytes into memory.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         let mut cmd = redis::cmd("GETRANGE");
         // The end is inclusive: one byte more than the limit tells an oversized value.
         cmd.arg(key).arg(0).arg(MAX_VALUE_BYTES);
@@ -204,7 +247,7 @@ impl Redis {
     }
 
     pub async fn set_ex(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         let ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
         self.run(async move { c.pset_ex(key, value, ms).await })
             .await
@@ -217,7 +260,7 @@ impl Redis {
         value: &[u8],
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         let ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(value).arg("PX").arg(ms).arg("XX");
@@ -231,7 +274,7 @@ impl Redis {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         self.run(async move { c.del::<_, ()>(keys).await }).await
     }
 
@@ -246,7 +289,7 @@ impl Redis {
         ttl: Duration,
         live_prefix: &str,
     ) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         self.run(async move {
             redis::cmd("EVAL")
                 .arg(INDEX_ADD)
@@ -263,7 +306,7 @@ impl Redis {
     }
 
     pub async fn smembers(&self, key: &str) -> Result<Vec<String>, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         self.run(async move { c.smembers(key).await }).await
     }
 
@@ -274,7 +317,7 @@ impl Redis {
         token: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         let ms = ttl.as_millis() as u64;
         self.run(async move {
             let r: Option<String> = redis::cmd("SET")
@@ -291,7 +334,7 @@ impl Redis {
     }
 
     pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         // One EVAL, not EVALSHA with a load on NOSCRIPT: a command sent to a stalled Redis
         // runs after the ones before it even when the caller gave up waiting (the undo of a
         // logout token's record relies on that), where a second round trip would not happen.
@@ -315,7 +358,7 @@ impl Redis {
         members: &[(u64, String)],
         min_score: u64,
     ) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         self.run(async move {
             let mut p = redis::pipe();
             p.atomic();
@@ -336,7 +379,7 @@ impl Redis {
         key: &str,
         min_score: u64,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connection();
         self.run(async move { c.zrangebyscore_withscores(key, min_score, "+inf").await })
             .await
     }

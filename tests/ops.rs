@@ -1675,6 +1675,58 @@ async fn reload_to_an_unreachable_redis_is_rejected_and_the_pod_stays_ready() {
     gw.assert_healthy().await;
 }
 
+/// A Redis password rotated in the secret file first and on the Redis side next: the reload
+/// is refused while Redis still wants the old one, and the running config then fails too; the
+/// refused config is tried again by itself, and the gateway is back with the new password.
+#[tokio::test]
+async fn a_redis_password_rotated_file_first_is_picked_up_without_a_signal() {
+    use support::redis::{command, command_as, RedisServer};
+    let redis = RedisServer::start().await;
+    command(redis.port, &["CONFIG", "SET", "requirepass", "old-pass"]).expect("requirepass");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("redis-password");
+    std::fs::write(&pw, "old-pass\n").unwrap();
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.extra = format!(
+        "session: {{ store: redis, redis: {{ url: \"{}\", password_file: \"{}\", timeout: 1s }} }}",
+        redis.url(),
+        pw.display()
+    );
+    let cfg = OpsConfig::new(opts);
+    let gw = OpsGateway::start(&cfg).await;
+    let cookie = login_cookie_at(&gw.origin(), "alice").await;
+    assert_eq!(api_get(&gw.url("/before"), &cookie).await.status, 200);
+
+    write_atomic(&pw, "new-pass\n");
+    gw.await_reloads("failure", 1.0, RELOAD).await;
+    command_as(
+        redis.port,
+        "old-pass",
+        &["CONFIG", "SET", "requirepass", "new-pass"],
+    )
+    .expect("rotate the password");
+    // Connections logged in with the old password are closed (a restart of Redis, a failover).
+    command_as(
+        redis.port,
+        "new-pass",
+        &["CLIENT", "KILL", "TYPE", "normal"],
+    )
+    .expect("kill");
+    // The old password no longer works: the sessions are unreachable until the new one is in.
+    gw.await_reloads("success", 1.0, RELOAD).await;
+    eventually(
+        RELOAD,
+        "the session is served with the new password",
+        || async {
+            let r = api_get(&gw.url("/after"), &cookie).await;
+            (r.status == 200).then_some(()).ok_or(r.dump())
+        },
+    )
+    .await;
+    let ready = send("GET", &gw.admin_url("/readyz"), &[], Vec::new()).await;
+    assert_eq!(ready.status, 200, "{}", ready.dump());
+}
+
 /// Each reload that changes the Redis settings makes a new client; the old one's background
 /// work (health pings, the logout mirror) ends with it, and its connection closes.
 #[tokio::test]

@@ -1155,6 +1155,47 @@ async fn a_refresh_the_provider_refuses_otherwise_ends_the_session() {
         .contains("provider refused the refresh; session ended"));
 }
 
+/// A Redis that refuses the gateway's password is asked again: once the password is right on
+/// the Redis side (a rotation finished there), the gateway is ready and keeps sessions there
+/// by itself, without a restart or a reload.
+#[tokio::test]
+async fn a_redis_password_put_right_on_the_redis_side_is_picked_up() {
+    let redis = RedisServer::start().await;
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    // This Redis has no password yet: it refuses the gateway's AUTH.
+    let yaml = format!(
+        "session: {{ store: redis, redis: {{ url: \"{}\", password: rotated-in, timeout: 1s }} }}\n",
+        redis.url()
+    );
+    let opts = GatewayOpts {
+        extra: yaml,
+        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
+    };
+    let gw = Gateway::start_unready(opts).await;
+    readyz_until(&gw, "/readyz 503 while Redis refuses the password", |r| {
+        r.status == 503
+    })
+    .await;
+    // Long enough for several refused attempts on the same connection.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    support::redis::command(redis.port, &["CONFIG", "SET", "requirepass", "rotated-in"])
+        .expect("set the password");
+    readyz_until(&gw, "/readyz 200 once the password is right", |r| {
+        r.status == 200
+    })
+    .await;
+    let cookie = login_cookie(&gw, "alice").await;
+    let r = api(&gw, "/stored", &cookie).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert!(
+        cookie.len() < 300,
+        "a Redis-store cookie holds only an id: {cookie}"
+    );
+}
+
 #[tokio::test]
 async fn redis_store_outage_gives_503_and_recovers() {
     let mut redis = RedisServer::start_persistent().await;
@@ -1201,6 +1242,18 @@ async fn redis_store_outage_gives_503_and_recovers() {
     }
     readyz_until(&gw, "/readyz 503 while Redis is down", |r| r.status == 503).await;
     gw.assert_healthy().await;
+    // The outage is said at warn once, not once per request (the access log has those).
+    for _ in 0..5 {
+        assert_eq!(api(&gw, "/x", &cookie).await.status, 503);
+    }
+    let log = gw.stderr();
+    let warned = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains(what))
+            .count()
+    };
+    assert_eq!(warned("session store unavailable"), 0, "{log}");
+    assert_eq!(warned("redis command failed"), 1, "{log}");
     // Requests without a session need no Redis.
     let anon = send(
         "GET",

@@ -137,7 +137,7 @@ async fn caller(app: &Arc<App>, jar: &CookieJar<'_>) -> Caller {
             return Caller::Anonymous { clear: true };
         }
         Err(e) => {
-            tracing::warn!(error = %e, "session store unavailable");
+            tracing::debug!(error = %e, "session store unavailable");
             return Caller::Unavailable(
                 GatewayError::StoreUnavailable(e.to_string()).into_response(),
             );

@@ -114,7 +114,7 @@ where
                     json_503_for_api(inner, req).await
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "session store unavailable");
+                    tracing::debug!(error = %e, "session store unavailable");
                     Ok(GatewayError::StoreUnavailable(e.to_string())
                         .response_for(req.method(), req.headers()))
                 }

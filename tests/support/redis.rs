@@ -85,6 +85,28 @@ pub fn command(port: u16, args: &[&str]) -> Result<Reply, String> {
     read_reply(&mut BufReader::new(s))
 }
 
+/// Sends one command after `AUTH password`, over a fresh connection: its reply.
+pub fn command_as(port: u16, password: &str, args: &[&str]) -> Result<Reply, String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut req = Vec::new();
+    for cmd in [&["AUTH", password][..], args] {
+        req.extend_from_slice(format!("*{}\r\n", cmd.len()).as_bytes());
+        for a in cmd {
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a.as_bytes());
+            req.extend_from_slice(b"\r\n");
+        }
+    }
+    s.write_all(&req).map_err(|e| format!("write: {e}"))?;
+    let mut r = BufReader::new(s);
+    read_reply(&mut r)?;
+    read_reply(&mut r)
+}
+
 /// `redis-server`, started and stopped by the test.
 pub struct RedisServer {
     pub port: u16,
