@@ -35,7 +35,6 @@ pub struct OneLine<W> {
 }
 
 /// What a character needs in a log line.
-#[derive(PartialEq)]
 enum Kind {
     Plain,
     /// Ends a line for some reader: always escaped.
@@ -76,6 +75,20 @@ fn may_escape(b: u8, controls: bool) -> bool {
     }
 }
 
+impl<W> OneLine<W> {
+    /// `c` as an escape: JSON's own in JSON lines, Rust's in text.
+    fn escape(&self, out: &mut String, c: char) {
+        let _ = match c {
+            '\n' => out.write_str("\\n"),
+            '\r' => out.write_str("\\r"),
+            '\t' => out.write_str("\\t"),
+            _ if self.json => write!(out, "\\u{:04x}", u32::from(c)),
+            '\0'..='\u{7f}' => write!(out, "\\x{:02x}", u32::from(c)),
+            _ => write!(out, "\\u{{{:x}}}", u32::from(c)),
+        };
+    }
+}
+
 impl<W: Write> Write for OneLine<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let (line, end) = match buf.strip_suffix(b"\n") {
@@ -86,30 +99,27 @@ impl<W: Write> Write for OneLine<W> {
             self.out.write_all(buf)?;
             return Ok(buf.len());
         }
-        // The formatter writes UTF-8; anything else passes as it is.
-        let Ok(text) = std::str::from_utf8(line) else {
-            self.out.write_all(buf)?;
-            return Ok(buf.len());
-        };
         let mut out = String::with_capacity(buf.len() + 16);
-        for c in text.chars() {
-            let escape = match kind(c) {
-                Kind::Plain => false,
-                Kind::LineBreak => true,
-                Kind::Control => self.controls,
-            };
-            if !escape {
-                out.push(c);
-                continue;
+        // The formatter writes UTF-8; a byte that is not is escaped like a control.
+        for chunk in line.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                let escape = match kind(c) {
+                    Kind::Plain => false,
+                    Kind::LineBreak => true,
+                    Kind::Control => self.controls,
+                };
+                if escape {
+                    self.escape(&mut out, c);
+                } else {
+                    out.push(c);
+                }
             }
-            let _ = match c {
-                '\n' => out.write_str("\\n"),
-                '\r' => out.write_str("\\r"),
-                '\t' => out.write_str("\\t"),
-                _ if self.json => write!(out, "\\u{:04x}", u32::from(c)),
-                '\0'..='\u{7f}' => write!(out, "\\x{:02x}", u32::from(c)),
-                _ => write!(out, "\\u{{{:x}}}", u32::from(c)),
-            };
+            for &b in chunk.invalid() {
+                let _ = match self.json {
+                    true => out.write_str("\\ufffd"),
+                    false => write!(out, "\\x{b:02x}"),
+                };
+            }
         }
         if !end.is_empty() {
             out.push('\n');
@@ -214,5 +224,19 @@ mod tests {
         );
         let back: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
         assert_eq!(back["error"], value);
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_escaped_too() {
+        let mut w = OneLine {
+            out: Vec::new(),
+            controls: false,
+            json: false,
+        };
+        w.write_all(b"INFO error=\xff\nforged\n").unwrap();
+        assert_eq!(
+            String::from_utf8(w.out).unwrap(),
+            "INFO error=\\xff\\nforged\n"
+        );
     }
 }

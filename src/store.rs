@@ -126,14 +126,7 @@ impl Redis {
     /// A new (lazy) connection after a failed authentication, so that the next command logs
     /// in again: a password put right on either side (a rotation) is picked up by itself.
     fn renew(&self) {
-        let now = crate::session::now_secs();
-        let last = self.renewed_at.load(Ordering::Relaxed);
-        if now <= last
-            || self
-                .renewed_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if !crate::session::once_per(&self.renewed_at, 1) {
             return;
         }
         match ConnectionManager::new_lazy_with_config(
@@ -182,14 +175,7 @@ impl Redis {
         }
         if let Err(e) = &r {
             // Readiness follows every command, not only the probes: say why it fails.
-            let now = crate::session::now_secs();
-            let last = self.failure_logged.load(Ordering::Relaxed);
-            if now >= last.saturating_add(60)
-                && self
-                    .failure_logged
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
+            if crate::session::once_per(&self.failure_logged, 60) {
                 tracing::warn!(error = %e, "redis command failed");
             }
         }

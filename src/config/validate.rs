@@ -236,7 +236,10 @@ impl Collector {
 fn read_secret_file(c: &mut Collector, key: &str, path: &str) -> Option<String> {
     match std::fs::read_to_string(path) {
         // A byte-order mark (Windows editors write one) is no part of a secret.
-        Ok(s) => Some(s.strip_prefix('\u{feff}').map_or(s.clone(), str::to_string)),
+        Ok(s) => Some(match s.strip_prefix('\u{feff}') {
+            Some(rest) => rest.to_string(),
+            None => s,
+        }),
         Err(e) => {
             c.err(key, format!("cannot read {path}: {e}"));
             None

@@ -18,7 +18,7 @@ use crate::proxy::path::normalize;
 use crate::session::{CookieJar, Session};
 use http::header::{HeaderMap, HeaderValue, SET_COOKIE};
 use http::{Request, Response, StatusCode};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 /// The answer's identity headers; the access token only when `pass_token`.
 fn identity_headers(
@@ -174,7 +174,7 @@ struct Original<'a> {
 /// told, once a minute at most (a client can send these headers at will).
 fn warn_untrusted(peer: Option<std::net::IpAddr>, named_by: &'static str) {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    if !once_a_minute(&LAST) {
+    if !crate::session::once_per(&LAST, 60) {
         return;
     }
     tracing::warn!(
@@ -190,7 +190,7 @@ fn warn_untrusted(peer: Option<std::net::IpAddr>, named_by: &'static str) {
 /// most, for the operator whose proxy was left out of the list.
 fn warn_token_withheld(peer: Option<std::net::IpAddr>) {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    if !once_a_minute(&LAST) {
+    if !crate::session::once_per(&LAST, 60) {
         return;
     }
     tracing::warn!(
@@ -199,16 +199,6 @@ fn warn_token_withheld(peer: Option<std::net::IpAddr>) {
          script must not read it); if that peer is the forward-auth proxy, list it in \
          trusted_proxies"
     );
-}
-
-/// Whether a warning last given at `last` (seconds) may be given again now, claiming it.
-fn once_a_minute(last: &AtomicU64) -> bool {
-    let now = crate::session::now_secs();
-    let prev = last.load(Ordering::Relaxed);
-    (prev == 0 || now >= prev + 60)
-        && last
-            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
 }
 
 /// The original path of Envoy's form, `/oauth2/auth/<path>`.

@@ -431,17 +431,14 @@ impl SessionCookies {
         Some(out)
     }
 
-    /// `Set-Cookie` lines that delete the session (single value and every chunk present).
-    /// Expires the session cookie and its chunks the request carried, and only those: a
-    /// request that carries none (a cross-site post, which SameSite keeps them from) cannot
-    /// have the browser drop them.
+    /// `Set-Cookie` lines that delete the session: the cookie and its chunks the request
+    /// carried, and only those (a request that carries none, a cross-site post SameSite keeps
+    /// them from, cannot have the browser drop them).
     pub fn clear_session(&self, jar: &CookieJar<'_>) -> Vec<HeaderValue> {
-        let sent = jar.get_bytes(&self.name).is_some();
-        let mut out: Vec<HeaderValue> = sent
-            .then(|| self.expire(&self.name, "/"))
-            .flatten()
-            .into_iter()
-            .collect();
+        let mut out = Vec::new();
+        if jar.get_bytes(&self.name).is_some() {
+            out.extend(self.expire(&self.name, "/"));
+        }
         for i in self.sent_chunks(jar) {
             out.extend(self.expire(&self.chunk_name(i), "/"));
         }

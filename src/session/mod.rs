@@ -29,6 +29,18 @@ pub fn now_secs() -> u64 {
     now_millis() / 1000
 }
 
+/// Whether something last done at `last` (seconds since the epoch, 0: never) may be done
+/// again now, `period` later, claiming it: a warning once a minute at most, say.
+pub fn once_per(last: &std::sync::atomic::AtomicU64, period: u64) -> bool {
+    use std::sync::atomic::Ordering;
+    let now = now_secs();
+    let prev = last.load(Ordering::Relaxed);
+    (prev == 0 || now >= prev.saturating_add(period))
+        && last
+            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// Milliseconds since the epoch: orders a login and a logout within the same second.
 pub fn now_millis() -> u64 {
     SystemTime::now()
