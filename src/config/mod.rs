@@ -134,7 +134,13 @@ pub fn load_str(
         validate::check_log_level(&level).map_err(|m| ConfigError::new("RUST_LOG", m))?;
         raw.log.level = level;
     }
-    validate::validate(raw)
+    validate::validate(raw).map_err(|ConfigErrors(errors)| {
+        let named = |mut e: ConfigError| {
+            e.message += &from_variable(&e.key, &ours);
+            e
+        };
+        ConfigErrors(errors.into_iter().map(named).collect())
+    })
 }
 
 /// The secret files the config file at `path` names, as far as it can be read: for a config
@@ -782,13 +788,33 @@ cookie:
             e.contains("the number is too large") && !e.contains("u128"),
             "{e}"
         );
-        // An error in a variable's value names the variable.
-        let vars = vec![("PORTCULLIS_COOKIE_SECURE".to_string(), "maybe".to_string())];
-        let e = load_str(MINIMAL, vars).unwrap_err().to_string();
-        assert!(
-            e.contains("cookie.secure") && e.contains("(from PORTCULLIS_COOKIE_SECURE)"),
-            "{e}"
-        );
+        // An error in a variable's value names the variable: one the schema refuses, and one
+        // validation refuses.
+        for (var, value, key) in [
+            ("PORTCULLIS_COOKIE_SECURE", "maybe", "cookie.secure"),
+            ("PORTCULLIS_COOKIE_SAME_SITE", "bogus", "cookie.same_site"),
+            ("PORTCULLIS_COOKIE_SECRETS", "abc", "cookie.secrets[0]"),
+            ("PORTCULLIS_UPSTREAM", "notaurl", "upstream"),
+            ("PORTCULLIS_LIMITS_MAX_HEADERS", "0", "limits.max_headers"),
+            (
+                "PORTCULLIS_ROUTES",
+                "[{prefix: /a/, methods: []}]",
+                "routes[0].methods",
+            ),
+        ] {
+            let vars = vec![(var.to_string(), value.to_string())];
+            let e = load_str(MINIMAL, vars).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{key}:")) && e.contains(&format!("(from {var})")),
+                "{var}: {e}"
+            );
+        }
+        // Not a variable's doing: no variable named.
+        let vars = vec![("PORTCULLIS_COOKIE_SECURE".to_string(), "true".to_string())];
+        let e = load_str(&MINIMAL.replace("8081", "x:y"), vars)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream:") && !e.contains("(from "), "{e}");
         // Limits with upper bounds (a slot table, a semaphore, a buffer are sized from them).
         for (extra, key) in [
             (

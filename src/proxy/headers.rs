@@ -33,18 +33,27 @@ pub fn has_token(v: &HeaderValue, token: &str) -> bool {
     tokens(v).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// The largest response head passed on from the upstream (nginx's `proxy_buffer_size` is
+/// 4–8 KB). hyper's client refuses only a head that does not fit its read buffer, and one read
+/// may bring in more than the buffer's bound: over 64 KiB, a head passed or not by timing.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
 /// Makes an upstream's response headers fit for the client: hop-by-hop headers go, and so
 /// does a `Set-Cookie` for one of the gateway's own cookies. The app never sees those
 /// cookies; nor may it (or a header injected into its answers) replace or clear a user's
 /// session (`Clear-Site-Data: "cookies"`), or plant one of its choosing. The body's length is
 /// restated as the body was framed (RFC 9112 §6.3): a `Content-Length` beside
 /// `Transfer-Encoding` goes, repeated ones become one. Err: the upstream applied a transfer
-/// coding besides chunked, which the gateway cannot undo (and the client would not know of).
+/// coding besides chunked, which the gateway cannot undo (and the client would not know of),
+/// or its head is over [`MAX_RESPONSE_HEAD`].
 pub fn sanitize_response(
     h: &mut HeaderMap,
     is_ours: impl Fn(&str) -> bool,
 ) -> Result<(), &'static str> {
     let seen = Seen::scan(h, None);
+    if seen.bytes > MAX_RESPONSE_HEAD {
+        return Err("the upstream's response head is over 64 KiB");
+    }
     if seen.foreign_coding {
         return Err("the upstream's Transfer-Encoding names a coding besides chunked");
     }
@@ -207,12 +216,15 @@ struct Seen {
     /// Some hop-by-hop or spoofable name is present.
     doomed: bool,
     host: Option<HeaderValue>,
+    /// The header lines' length, as sent (`name: value` and its line end).
+    bytes: usize,
 }
 
 impl Seen {
     fn scan(h: &HeaderMap, spoofable: Option<&Spoofable>) -> Self {
         let mut seen = Seen::default();
         for (name, value) in h {
+            seen.bytes += name.as_str().len() + value.len() + 4;
             if *name == header::CONNECTION {
                 seen.connection = true;
                 for token in tokens(value) {

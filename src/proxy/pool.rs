@@ -579,8 +579,8 @@ impl Pool {
     }
 }
 
-/// An upstream connection's read buffer at most (also the bound of an answer's head, as
-/// nginx's `proxy_buffer_size` is, at 4–8 KB).
+/// An upstream connection's read buffer at most (an answer's head is bounded exactly by
+/// `headers::MAX_RESPONSE_HEAD`).
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 /// How often a thread's idle connections to an origin are looked at when no request comes
