@@ -1404,6 +1404,61 @@ async fn http2_clients_that_read_no_answer_are_disconnected() {
         tokio::time::timeout(DEADLINE, conn).await.is_ok(),
         "an HTTP/2 client that read no answer stayed connected for {DEADLINE:?}"
     );
+    // A window shut from the start (SETTINGS_INITIAL_WINDOW_SIZE 0): hyper never asks the
+    // body for a byte, and the answer still counts as waiting for the client.
+    for path in ["/big", "/healthz"] {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::get(format!("http://127.0.0.1:{port}{path}"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let _unread = resp.into_body();
+        assert!(
+            tokio::time::timeout(DEADLINE, conn).await.is_ok(),
+            "an HTTP/2 client with a window shut from the start ({path}) stayed connected"
+        );
+    }
+    // One answer left unread while the connection carries on with others: it makes progress,
+    // but the unread answer's stream (and its upstream connection) would be held for good.
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(1024)
+        .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let get = |path: &str| {
+        http::Request::get(format!("http://127.0.0.1:{port}{path}"))
+            .body(http_body_util::Empty::new())
+            .unwrap()
+    };
+    let _unread = sender.send_request(get("/big")).await.unwrap().into_body();
+    let mut reading = sender.send_request(get("/big")).await.unwrap().into_body();
+    let busy = tokio::spawn(async move {
+        let mut got = 0;
+        while let Some(Ok(frame)) = reading.frame().await {
+            got += frame.data_ref().map_or(0, |d| d.len());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        got
+    });
+    assert!(
+        tokio::time::timeout(DEADLINE, conn).await.is_ok(),
+        "an HTTP/2 client that left one answer unread while reading another stayed connected"
+    );
+    let got = busy.await.unwrap();
+    assert!(got > 0 && got < support::upstream::BIG_BODY, "{got}");
     // A client that reads slowly but keeps reading is served to the end.
     let (mut reader, _reader_conn) = h2_connection(port).await;
     let req = http::Request::get(format!("http://127.0.0.1:{port}/big"))

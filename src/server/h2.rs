@@ -1,8 +1,8 @@
 //! HTTP/2 connections (hyper's server), with the limits hyper's server does not keep itself:
 //! a connection that opens no stream within the header-read timeout, or none for the idle
 //! timeout, is closed (GOAWAY first); so is every connection when the listener drains, and
-//! one whose client takes no byte of the answers waiting for it for the idle timeout (its
-//! flow-control window kept shut: a slow reader).
+//! one with an answer its client has taken nothing of for the idle timeout (its flow-control
+//! window kept shut: a slow reader), whatever it does with its other streams.
 
 use super::h1::Drain;
 use crate::body::{Body, BodyError};
@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -36,11 +36,7 @@ struct Activity {
     open: AtomicUsize,
     /// Milliseconds after `start` at which the last stream ended.
     quiet_since_ms: AtomicU64,
-    /// Response bodies that handed hyper a part it has not yet sent on (hyper asks for the
-    /// next part once the client's flow-control window takes this one).
-    owed: AtomicUsize,
-    /// How many times hyper came back for more after a part: progress of those bodies.
-    taken: AtomicU64,
+    owed: Mutex<Owed>,
     start: Instant,
     /// Where a response body that failed upstream is counted.
     metrics: Arc<crate::metrics::Metrics>,
@@ -52,8 +48,7 @@ impl Activity {
             opened: AtomicBool::new(false),
             open: AtomicUsize::new(0),
             quiet_since_ms: AtomicU64::new(0),
-            owed: AtomicUsize::new(0),
-            taken: AtomicU64::new(0),
+            owed: Mutex::new(Owed::default()),
             start: Instant::now(),
             metrics,
         })
@@ -76,6 +71,50 @@ impl Activity {
     fn ever_opened(&self) -> bool {
         self.opened.load(Ordering::Relaxed)
     }
+
+    /// A response body now waits for its client: returns the round it began waiting in.
+    fn owe(&self) -> u64 {
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        owed.new += 1;
+        owed.round
+    }
+
+    /// The body that began waiting in `round` was taken up again.
+    fn settle(&self, round: u64) {
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        if round < owed.round {
+            owed.old -= 1;
+        } else {
+            owed.new -= 1;
+        }
+    }
+
+    /// The connection's periodic look: has a body waited since the previous look (for a whole
+    /// period) without its client taking anything of it? Then begins the next period.
+    fn stalled_since_last_look(&self) -> bool {
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        if owed.old > 0 {
+            return true;
+        }
+        owed.old = std::mem::take(&mut owed.new);
+        owed.round += 1;
+        false
+    }
+}
+
+/// Response bodies waiting for their clients: a body waits from when its head goes to hyper
+/// until hyper asks it for a part, and again from each part it hands over until hyper asks
+/// for the next or, after the last, drops it. hyper sends a part, and comes back for more,
+/// only once the client's flow-control window has room, so a client that keeps the window
+/// shut leaves its answers waiting. Counted by the period of the connection's looks they
+/// began waiting in.
+#[derive(Default)]
+struct Owed {
+    round: u64,
+    /// Bodies waiting since before the last look.
+    old: usize,
+    /// Bodies that began waiting after it.
+    new: usize,
 }
 
 /// One open stream; dropped with the response body (or the request, if it never got one).
@@ -90,20 +129,23 @@ impl Drop for StreamGuard {
 }
 
 /// A response body that keeps its stream counted as open until hyper is done with it, and
-/// counted as owed to the client between handing hyper a part and hyper asking for the next.
+/// counted as waiting for its client (see `Owed`) until hyper asks it for a part.
 struct Tracked {
     body: Body,
     open: StreamGuard,
-    owing: bool,
+    /// The round it began waiting in, while it waits.
+    owing: Option<u64>,
 }
 
 impl Tracked {
+    fn new(body: Body, open: StreamGuard) -> Self {
+        let owing = (!http_body::Body::is_end_stream(&body)).then(|| open.0.owe());
+        Self { body, open, owing }
+    }
+
     fn settle(&mut self) {
-        if self.owing {
-            self.owing = false;
-            let activity = &self.open.0;
-            activity.owed.fetch_sub(1, Ordering::Relaxed);
-            activity.taken.fetch_add(1, Ordering::Relaxed);
+        if let Some(round) = self.owing.take() {
+            self.open.0.settle(round);
         }
     }
 }
@@ -126,11 +168,10 @@ impl http_body::Body for Tracked {
         this.settle();
         let frame = Pin::new(&mut this.body).poll_frame(cx);
         match &frame {
-            // The last part: hyper sends it and drops the body (the stream then counts as
-            // ended, and the connection as quiet).
-            Poll::Ready(Some(Ok(_))) if !this.body.is_end_stream() => {
-                this.owing = true;
-                this.open.0.owed.fetch_add(1, Ordering::Relaxed);
+            // hyper holds the part until the client's window has room for it, and only then
+            // asks for the next one (or, after the last, drops the body).
+            Poll::Ready(Some(Ok(_))) => {
+                this.owing = Some(this.open.0.owe());
             }
             Poll::Ready(Some(Err(e))) if matches!(this.body, Body::Upstream(_)) => {
                 // The response head is gone (to hyper): no request id to name.
@@ -171,11 +212,7 @@ pub async fn serve<I, S, F>(
         let response = service(req.map(Body::from));
         async move {
             let resp = response.await?;
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
-                body,
-                open,
-                owing: false,
-            }))
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, open)))
         }
     });
     let _open = drain.hold();
@@ -189,8 +226,6 @@ pub async fn serve<I, S, F>(
     }
     // Set once the connection was asked to close: GOAWAY sent, open streams may finish.
     let mut closing_since: Option<Instant> = None;
-    // What `Activity::taken` was at the last look while a stream was open.
-    let mut taken_before = 0;
     loop {
         let limit = if activity.ever_opened() {
             timeouts.idle
@@ -222,14 +257,13 @@ pub async fn serve<I, S, F>(
             _ = tokio::time::sleep_until(check_at) => {
                 let quiet_for = activity.quiet_since().elapsed();
                 if !activity.is_quiet() {
-                    // Answers wait for the client, and it took none of them since the last
-                    // look, a whole limit ago: a slow reader holding the streams open.
-                    let taken = activity.taken.load(Ordering::Relaxed);
-                    if activity.owed.load(Ordering::Relaxed) > 0 && taken == taken_before {
+                    // An answer has waited for the client since the last look, a whole limit
+                    // ago, and it took nothing of it: a slow reader holding streams open
+                    // (and, through them, upstream connections).
+                    if activity.stalled_since_last_look() {
                         tracing::debug!("HTTP/2 client takes no response data: closing");
                         return;
                     }
-                    taken_before = taken;
                     continue;
                 }
                 if quiet_for < limit {
