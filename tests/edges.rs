@@ -110,6 +110,7 @@ async fn https_send(
             version: parts.version,
             headers: parts.headers,
             body,
+            trailers: Default::default(),
         })
     };
     tokio::time::timeout(REQUEST_TIMEOUT, work)

@@ -1296,6 +1296,10 @@ fn counting_upstream() -> (u16, RequestLog) {
                     "/csd" => s.write_all(
                         b"HTTP/1.1 200 OK\r\nClear-Site-Data: \"cache\", \"cookies\"\r\nContent-Length: 5\r\n\r\nhello",
                     ),
+                    "/204cl" => s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
+                    "/trailers" => s.write_all(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nSet-Cookie: _portcullis=planted\r\nContent-Length: 5\r\nX-Trailer: t\r\n\r\n",
+                    ),
                     p if p.starts_with("/bighead/") => {
                         let n: usize = p["/bighead/".len()..].parse().unwrap_or(0);
                         let close = if p.ends_with('0') { "" } else { "Connection: close\r\n" };
@@ -1322,8 +1326,9 @@ fn counting_upstream() -> (u16, RequestLog) {
 
 /// What reaches the client says the body's length as the gateway framed it, whatever the
 /// upstream wrote: `Transfer-Encoding` beside `Content-Length` (the length goes), repeated
-/// lengths (one stays, which HTTP/2 clients need); a transfer coding the gateway cannot undo
-/// is a 502, and `Clear-Site-Data` cannot clear the session cookie.
+/// lengths (one stays, which HTTP/2 clients need; none on a 204); a transfer coding the
+/// gateway cannot undo is a 502, `Clear-Site-Data` cannot clear the session cookie, and
+/// trailers are not passed on.
 #[tokio::test]
 async fn upstream_framing_is_restated_for_the_client() {
     let port = free_port();
@@ -1363,6 +1368,22 @@ async fn upstream_framing_is_restated_for_the_client() {
         );
         let r = get("/tegzip").await;
         assert_eq!(r.status, 502, "h2: {h2}: {}", r.dump());
+        // No length on a 204, and no trailers (a Set-Cookie or a framing field among them
+        // would pass the hygiene; an HTTP/2 client resets a stream with such trailers).
+        let r = get("/204cl").await;
+        assert_eq!(r.status, 204, "h2: {h2}: {}", r.dump());
+        assert!(
+            r.header("content-length").is_none(),
+            "h2: {h2}: {}",
+            r.dump()
+        );
+        let r = get("/trailers").await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (200, "hello"),
+            "h2: {h2}"
+        );
+        assert!(r.trailers.is_empty(), "h2: {h2}: {:?}", r.trailers);
     }
     gw.assert_healthy().await;
 }

@@ -362,6 +362,10 @@ async fn forward(
     let (mut parts, body) = resp.into_parts();
     sanitize_response(&mut parts.headers, |n| app.cookies.is_ours(n))
         .map_err(|why| GatewayError::Upstream(UpstreamFailure::Other, why.into()))?;
+    // An answer that has no body has no length either (an HTTP/2 client refuses one).
+    if parts.status == StatusCode::NO_CONTENT {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     Ok(Response::from_parts(parts, Body::from(body)))
 }
 

@@ -52,6 +52,8 @@ pub struct Resp {
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The body's trailers (HTTP/2 only: HTTP/1.1 answers from the gateway carry none).
+    pub trailers: HeaderMap,
 }
 
 impl Resp {
@@ -194,18 +196,19 @@ pub async fn try_send_body(
             .await
             .map_err(|e| portcullis::error::source_chain(&e))?;
         let (parts, body) = resp.into_parts();
-        let body = body
+        let collected = body
             .collect()
             .await
-            .map_err(|e| format!("reading body: {e}"))?
-            .to_bytes();
+            .map_err(|e| format!("reading body: {e}"))?;
+        let trailers = collected.trailers().cloned().unwrap_or_default();
         Ok::<_, String>(Resp {
             method: method.to_string(),
             url: url.to_string(),
             status: parts.status,
             version: parts.version,
             headers: parts.headers,
-            body,
+            body: collected.to_bytes(),
+            trailers,
         })
     };
     tokio::time::timeout(REQUEST_TIMEOUT, work)
