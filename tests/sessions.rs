@@ -681,6 +681,16 @@ async fn a_hung_provider_does_not_end_a_session_with_rotating_refresh_tokens() {
     assert_eq!(r.status, 503, "{}", r.dump());
     assert_eq!(r.json()["error"], "provider_unavailable", "{}", r.dump());
     assert!(r.header("retry-after").is_some(), "{}", r.dump());
+    // A program that says nothing of what it takes (curl's `*/*`, or no Accept at all) is
+    // no browser navigation either, as on the proxied path.
+    for accept in [
+        &[("accept", "*/*"), ("cookie", &cookie)][..],
+        &[("cookie", &cookie)],
+    ] {
+        let r = send("GET", &gw.url("/oauth2/auth"), accept, Vec::new()).await;
+        assert_eq!(r.status, 503, "{}", r.dump());
+        assert_eq!(r.json()["error"], "provider_unavailable", "{}", r.dump());
+    }
     let r = navigate(&gw, "/oauth2/auth", &cookie).await;
     assert_eq!(r.status, 503, "{}", r.dump());
     assert!(

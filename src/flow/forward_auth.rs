@@ -375,12 +375,13 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
             return unauthorized(app, &jar, clear, &original, login);
         }
         super::Caller::Unavailable(resp) => {
-            // The proxy passes it on too: JSON for a program, as the gateway's own 503s are.
-            let mode = route.map_or(AuthMode::Login, |r| r.auth);
-            return if crate::policy::wants_json(mode, req.headers()) {
-                crate::error::unavailable_as_json(resp)
-            } else {
+            // The proxy passes it on too: a page for a browser navigation, else JSON, as the
+            // proxied path answers (and as the 401 above is decided).
+            let method = original.method.as_ref().unwrap_or(req.method());
+            return if crate::policy::is_browser_navigation(method, req.headers()) {
                 resp
+            } else {
+                crate::error::unavailable_as_json(resp)
             };
         }
     };
