@@ -106,6 +106,10 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use http_body_util::BodyExt;
+    // A length said up front that is over the limit: refused now, not after waiting for it.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ReadError::TooLarge);
+    }
     let limited = http_body_util::Limited::new(body, limit);
     let mut limited = std::pin::pin!(limited);
     let mut data = bytes::BytesMut::new();

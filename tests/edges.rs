@@ -1745,6 +1745,11 @@ async fn sign_out_with_a_huge_body_is_refused_cleanly() {
             r.text
         );
     }
+    // Only the length said, not the body sent: refused at once, not after waiting for it.
+    let with_body = post(Some(&cookie), false);
+    let head_end = with_body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let r = raw_exchange(port, &with_body[..head_end], DEADLINE).await;
+    assert_eq!(r.status, Some(413), "{}", r.text);
     // Without a session there is nothing to sign out of: no error either way.
     let r = raw_exchange(port, &post(None, false), DEADLINE).await;
     let st = r.status.unwrap_or_else(|| panic!("no answer: {r:?}"));
