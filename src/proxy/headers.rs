@@ -50,10 +50,12 @@ pub fn sanitize_response(
     h: &mut HeaderMap,
     is_ours: impl Fn(&str) -> bool,
 ) -> Result<(), &'static str> {
-    let seen = Seen::scan(h, None);
-    if seen.bytes > MAX_RESPONSE_HEAD {
+    // The header lines as sent: `name: value` and the line end.
+    let head: usize = h.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if head > MAX_RESPONSE_HEAD {
         return Err("the upstream's response head is over 64 KiB");
     }
+    let seen = Seen::scan(h, None);
     if seen.foreign_coding {
         return Err("the upstream's Transfer-Encoding names a coding besides chunked");
     }
@@ -216,15 +218,12 @@ struct Seen {
     /// Some hop-by-hop or spoofable name is present.
     doomed: bool,
     host: Option<HeaderValue>,
-    /// The header lines' length, as sent (`name: value` and its line end).
-    bytes: usize,
 }
 
 impl Seen {
     fn scan(h: &HeaderMap, spoofable: Option<&Spoofable>) -> Self {
         let mut seen = Seen::default();
         for (name, value) in h {
-            seen.bytes += name.as_str().len() + value.len() + 4;
             if *name == header::CONNECTION {
                 seen.connection = true;
                 for token in tokens(value) {

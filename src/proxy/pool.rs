@@ -839,18 +839,10 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let frame = loop {
-            let body = &mut this.body;
-            let frame = match this.conn.as_mut() {
-                Some(c) => c.take(cx, |_, cx| Pin::new(&mut *body).poll_frame(cx)),
-                None => Pin::new(body).poll_frame(cx),
-            };
-            match frame {
-                // Trailers are not passed on (an HTTP/1.1 client gets none either): a
-                // `Set-Cookie` or a framing field in them would pass the header hygiene.
-                Poll::Ready(Some(Ok(f))) if f.is_trailers() => continue,
-                frame => break frame,
-            }
+        let body = &mut this.body;
+        let frame = match this.conn.as_mut() {
+            Some(c) => c.take(cx, |_, cx| Pin::new(&mut *body).poll_frame(cx)),
+            None => Pin::new(body).poll_frame(cx),
         };
         match frame {
             Poll::Ready(frame) => {

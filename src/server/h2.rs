@@ -166,7 +166,13 @@ impl http_body::Body for Tracked {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         this.settle();
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        let mut frame = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(&frame, Poll::Ready(Some(Ok(f))) if f.is_trailers()) {
+            // An upstream's trailers are not passed on (an HTTP/1.1 client gets none either):
+            // a `Set-Cookie` or a framing field in them would pass the header hygiene. What
+            // follows them is the body's end.
+            frame = Pin::new(&mut this.body).poll_frame(cx);
+        }
         match &frame {
             // hyper holds the part until the client's window has room for it, and only then
             // asks for the next one (or, after the last, drops the body).
