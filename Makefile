@@ -46,7 +46,7 @@ $(JS_STAMP): $(JS_DIR)/package-lock.json $(JS_DIR)/package.json
 
 check-cargo:
 	@command -v $(CARGO) >/dev/null 2>&1 || { \
-	  echo "ERROR: cargo not found. Install a Rust toolchain (>= 1.88); rustup is not reachable from this machine." >&2; \
+	  echo "ERROR: cargo not found. Install a Rust toolchain (>= 1.88), e.g. from https://rustup.rs, then run make again." >&2; \
 	  exit 1; }
 
 build: check-cargo

@@ -12,13 +12,13 @@
 # something is missing, and a temporary policy-rc.d keeps the packages from
 # starting system services (tests start their own instances on loopback).
 #
-# Rust is not installed here: the toolchain comes with the machine (rustup's
-# servers are not reachable), so a missing cargo is a hard error.
+# Rust is not installed here (the toolchain is the machine's: https://rustup.rs),
+# so a missing cargo is a hard error.
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "${HOME:-/root}/.cargo/bin/cargo" ]; then
-  echo "install-deps: ERROR: cargo not found. Install a Rust toolchain (>= 1.88) first;" >&2
-  echo "install-deps:        it cannot be downloaded by this script (rustup is not reachable here)." >&2
+  echo "install-deps: ERROR: cargo not found. Install a Rust toolchain (>= 1.88) first," >&2
+  echo "install-deps:        e.g. from https://rustup.rs; this script installs no toolchain." >&2
   exit 1
 fi
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then

@@ -38,10 +38,19 @@ function headerPairs(req) {
 function page(req) {
   const email = req.headers['x-forwarded-email'];
   const user = req.headers['x-forwarded-user'];
-  const rows = headerPairs(req).map(([k, v]) => {
+  // The gateway's headers first, then the browser's, each in the order received.
+  const pairs = headerPairs(req);
+  const ordered = [
+    ...pairs.filter(([k]) => HIGHLIGHT.has(k.toLowerCase())),
+    ...pairs.filter(([k]) => !HIGHLIGHT.has(k.toLowerCase())),
+  ];
+  const rows = ordered.map(([k, v]) => {
     const hl = HIGHLIGHT.has(k.toLowerCase());
     return `<tr${hl ? ' class="hl"' : ''}><th>${esc(k)}</th><td><code>${esc(v)}</code></td></tr>`;
   }).join('\n');
+  const cookieNote = req.headers.cookie
+    ? '<p class="note" id="cookie-note">The <code>Cookie</code> row holds other sites\' cookies, such as the demo provider\'s own session (<code>idp_session</code>): browsers share cookies between the ports of one host, and the gateway passes on what is not its own. The gateway\'s session cookie never reaches the app.</p>'
+    : '';
   const signedIn = email
     ? `<p class="who" id="signed-in">Signed in as <strong>${esc(email)}</strong>${user ? ` (user <code>${esc(user)}</code>)` : ''}</p>`
     : '<p class="who" id="anonymous">No <code>X-Forwarded-Email</code> header: this request did not come through the gateway, or the gateway sends no identity headers.</p>';
@@ -71,7 +80,8 @@ function page(req) {
 ${signedIn}
 <nav><a href="/oauth2/sign_out" id="sign-out">Sign out</a><a href="/oauth2/userinfo" id="userinfo">/oauth2/userinfo</a><a href="/echo">/echo (JSON)</a></nav>
 <h2>Request headers received by the app</h2>
-<p class="note">Highlighted: headers the gateway is expected to set (Authorization, X-Forwarded-User, X-Forwarded-Email, X-Forwarded-Groups, X-Forwarded-Preferred-Username, X-Request-Id).</p>
+<p class="note">Highlighted, first: the headers the gateway sets (Authorization, X-Forwarded-User, X-Forwarded-Email, X-Forwarded-Groups, X-Forwarded-Preferred-Username, X-Request-Id). The demo provider makes the email up from the username you typed.</p>
+${cookieNote}
 <table id="headers">
 ${rows}
 </table>

@@ -7,7 +7,7 @@
 //   admin    http://127.0.0.1:4181   (DEMO_ADMIN_PORT) the gateway's /metrics /healthz /readyz
 //
 // With the default ports the gateway runs on config/demo.yaml; when a port is
-// overridden an equivalent config is written to a temp directory instead. The cookie
+// overridden, a copy of it with the ports replaced is written to a temp directory. The cookie
 // key is generated per run and passed as PORTCULLIS_COOKIE_SECRETS.
 // The admin listener is passed as PORTCULLIS_ADMIN_LISTEN: when its default
 // port is taken (and DEMO_ADMIN_PORT is not set) a free one is used instead.
@@ -20,7 +20,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  JS_DIR, REPO_ROOT, freePort, gatewayEnv, spawnLogged, spawnReady, waitForHttp, killAll, gatewayConfigYaml,
+  JS_DIR, REPO_ROOT, freePort, gatewayEnv, spawnLogged, spawnReady, waitForHttp, killAll, sleep,
 } from './procs.mjs';
 
 // admin: next to the gateway, away from Prometheus' 9090 (the gateway's default).
@@ -92,27 +92,31 @@ const defaultPorts = ports.idp === DEFAULTS.idp && ports.app === DEFAULTS.app &&
 let configFile = DEMO_CONFIG;
 if (!defaultPorts) {
   configFile = path.join(tmp, 'demo.yaml');
-  fs.writeFileSync(configFile, gatewayConfigYaml({
-    gwPort: ports.gw,
-    appPort: ports.app,
-    idpPort: ports.idp,
-    clientSecret: CLIENT_SECRET,
-    cookieSecret: COOKIE_SECRET,
-    logLevel: 'info',
-  }));
+  let yaml = fs.readFileSync(DEMO_CONFIG, 'utf8');
+  for (const name of ['gw', 'idp', 'app']) {
+    yaml = yaml.replaceAll(`127.0.0.1:${DEFAULTS[name]}`, `127.0.0.1:${ports[name]}`);
+  }
+  fs.writeFileSync(configFile, yaml);
 }
 const gwUrl = `http://127.0.0.1:${ports.gw}/`;
 
 let stopping = false;
-async function stopAll(code) {
+const children = [];
+async function stopAll(code, { interrupted = false } = {}) {
   if (stopping) return;
   stopping = true;
   process.stdout.write('\ndemo: stopping gateway, demo app and IdP ...\n');
+  // Ctrl-C in the terminal reaches the children too (one process group): let them stop on
+  // it, rather than send the gateway a second signal (which skips its drain). A SIGINT sent
+  // to this process alone reaches no child: they get SIGTERM after the wait.
+  if (interrupted) {
+    await Promise.race([Promise.all(children.map((h) => h.exited)), sleep(2000)]);
+  }
   await killAll();
   process.stdout.write(`demo: stopped (logs in ${tmp})\n`);
   process.exit(code);
 }
-process.on('SIGINT', () => stopAll(0));
+process.on('SIGINT', () => stopAll(0, { interrupted: true }));
 process.on('SIGTERM', () => stopAll(0));
 
 function watch(h) {
@@ -144,6 +148,7 @@ try {
   ]);
   watch(idp);
   watch(app);
+  children.push(idp, app);
 
   const shown = (f) => (f.startsWith(`${REPO_ROOT}${path.sep}`) ? path.relative(REPO_ROOT, f) : f);
   process.stdout.write(`demo: starting ${shown(bin)} --config ${shown(configFile)}\n`);
@@ -155,6 +160,7 @@ try {
       PORTCULLIS_COOKIE_SECRETS: COOKIE_SECRET,
     }),
   });
+  children.push(gw);
   await waitForHttp(`http://127.0.0.1:${ports.gw}/readyz`, { timeoutMs: 60_000, proc: gw });
   watch(gw);
 
