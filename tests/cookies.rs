@@ -190,6 +190,42 @@ async fn sessions_of_a_deployment_with_another_provider_do_not_open() {
     assert_rejected(&mut b, "a session of another provider", &cookie, &[]).await;
 }
 
+/// A cookie of the session's name that is not the session — planted by a script on the app's
+/// origin under a longer path (browsers send it first, and the gateway's `Path=/` clearing
+/// cannot remove it) — does not end the session on the requests it rides on, which sent the
+/// browser round the login for good.
+#[tokio::test]
+async fn a_stray_cookie_of_the_sessions_name_does_not_hide_the_session() {
+    let mut s = Stack::start().await;
+    let b = s.login("alice").await;
+    let real = session_header(&b, &s);
+    let before = s.upstream.count();
+    for cookie in [
+        format!("_portcullis=QUFBQUFB; {real}"),
+        format!("{real}; _portcullis=QUFBQUFB"),
+    ] {
+        let r = send(
+            "GET",
+            &s.gw.url("/c/after"),
+            &[("accept", BROWSER_ACCEPT), ("cookie", &cookie)],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{cookie}: {}", r.dump());
+        assert!(r.set_cookies().is_empty(), "{}", r.dump());
+    }
+    assert_eq!(s.upstream.count(), before + 2);
+    assert!(!s.upstream.last().bearer().is_empty());
+    // Only strays: no session, as before.
+    assert_rejected(
+        &mut s,
+        "two strays",
+        "_portcullis=QUFBQUFB; _portcullis=QkJCQkJC",
+        &[],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn single_cookie_value_sent_as_a_lone_chunk_is_rejected() {
     let mut s = Stack::start().await;
@@ -387,6 +423,28 @@ async fn large_tokens_are_chunked_and_reassembled() {
         s.upstream.last().header("authorization").unwrap().len(),
         7 + 6000
     );
+
+    // A stray chunk cookie (planted under a longer path, which browsers send first, or past
+    // the last chunk) does not hide the session.
+    let real = session_header(&b, &s);
+    let n = chunks.len();
+    for stray in [
+        "_portcullis_0=QUFBQUFB".to_string(),
+        format!("_portcullis_{n}=QUFBQUFB"),
+    ] {
+        let r = send(
+            "GET",
+            &s.gw.url("/big?stray"),
+            &[
+                ("accept", "application/json"),
+                ("cookie", &format!("{stray}; {real}")),
+            ],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{stray}: {}", r.dump());
+        assert!(r.set_cookies().is_empty(), "{stray}: {}", r.dump());
+    }
 
     // A missing or reordered chunk is no session.
     let all: Vec<(String, String)> = chunks

@@ -101,6 +101,10 @@ impl<'a> CookieJar<'a> {
 /// The most chunks a session cookie may be split into (`limits.max_cookie_chunks` ≤ this).
 pub const MAX_CHUNKS: usize = 32;
 
+/// How many other readings of a request's session cookies are tried when the first does not
+/// open (see `SessionCookies::other_readings`).
+const MAX_OTHER_READINGS: usize = 6;
+
 /// Everything needed to read and write the gateway's cookies; built once.
 #[derive(Debug)]
 pub struct SessionCookies {
@@ -267,13 +271,83 @@ impl SessionCookies {
         Ok(Some(value.into()))
     }
 
+    /// Other readings of the request's session cookies, for when the first does not open:
+    /// a cookie of the session's name that is not the gateway's (planted under a longer path,
+    /// which browsers send first, or from a sibling domain; the gateway's `Path=/` clearing
+    /// cannot remove it) would otherwise end the session on every request it rides on, and
+    /// send the browser round the login for good. Tried: the other values of the whole name,
+    /// then the chunks as a run from `_0`, with the first and the last value sent for each
+    /// index, whole and without its last chunk (a stray chunk past the end). Bounded: a
+    /// planted pile costs a few failed opens, not one per cookie.
+    fn other_readings<'a>(&self, jar: &CookieJar<'a>) -> Vec<std::borrow::Cow<'a, [u8]>> {
+        use std::borrow::Cow;
+        let mut out: Vec<Cow<'a, [u8]>> = jar
+            .pairs
+            .iter()
+            .filter(|(n, v)| *n == self.name && v.len() <= CHUNK_SIZE)
+            .skip(1)
+            .map(|&(_, v)| Cow::Borrowed(v))
+            .collect();
+        let mut first: [Option<&'a [u8]>; MAX_CHUNKS] = [None; MAX_CHUNKS];
+        let mut last = first;
+        for &(name, value) in &jar.pairs {
+            if !self.is_chunk(name) || value.is_empty() || value.len() > CHUNK_SIZE {
+                continue;
+            }
+            if let Some(i) = self.chunk_index(name).filter(|&i| i < self.max_chunks) {
+                first[i].get_or_insert(value);
+                last[i] = Some(value);
+            }
+        }
+        let run = first.iter().take_while(|p| p.is_some()).count();
+        for parts in [&first, &last] {
+            for n in [run, run.saturating_sub(1)] {
+                if n < 2 {
+                    continue;
+                }
+                let value: Vec<u8> = parts[..n]
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .flatten()
+                    .copied()
+                    .collect();
+                if !out.iter().any(|o| **o == *value) {
+                    out.push(Cow::Owned(value));
+                }
+            }
+        }
+        out.truncate(MAX_OTHER_READINGS);
+        out
+    }
+
+    /// `open_one` on the request's session value; when that does not open, on the other
+    /// readings of its cookies (see `other_readings`). `Ok(None)`: no session cookie at all.
+    /// A rejection is the first reading's.
+    fn open_any<T>(
+        &self,
+        jar: &CookieJar<'_>,
+        mut open_one: impl FnMut(&[u8]) -> Result<T, CookieReject>,
+    ) -> Result<Option<T>, CookieReject> {
+        let rejected = match self.sealed_value(jar) {
+            Ok(None) => return Ok(None),
+            Ok(Some(sealed)) => match open_one(&sealed) {
+                Ok(v) => return Ok(Some(v)),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        self.other_readings(jar)
+            .iter()
+            .find_map(|v| open_one(v).ok())
+            .map(Some)
+            .ok_or(rejected)
+    }
+
     /// Opens the session cookie: a whole session, or (Redis store) a reference to one.
     /// `Ok(None)`: no session cookie at all.
     pub fn open(&self, jar: &CookieJar<'_>, now: u64) -> Result<Option<CookieValue>, CookieReject> {
-        let Some(sealed) = self.sealed_value(jar)? else {
-            return Ok(None);
-        };
-        self.unseal(&sealed, now).map(Some)
+        self.open_any(jar, |sealed| self.unseal(sealed, now))
     }
 
     /// Decrypts and decodes a sealed session value; an expired session is a rejection.
@@ -300,23 +374,22 @@ impl SessionCookies {
         now: u64,
         cache: &SessionCache,
     ) -> Result<Option<Opened>, CookieReject> {
-        let Some(sealed) = self.sealed_value(jar)? else {
-            return Ok(None);
-        };
-        if let Some(s) = cache.get(&sealed) {
-            return match s.is_expired(now) {
-                true => Err(CookieReject::Expired),
-                false => Ok(Some(Opened::Session(s))),
-            };
-        }
-        match self.unseal(&sealed, now)? {
-            CookieValue::Full(s) => {
-                let s = ActiveSession::new(s);
-                cache.insert(&sealed, s.clone());
-                Ok(Some(Opened::Session(s)))
+        self.open_any(jar, |sealed| {
+            if let Some(s) = cache.get(sealed) {
+                return match s.is_expired(now) {
+                    true => Err(CookieReject::Expired),
+                    false => Ok(Opened::Session(s)),
+                };
             }
-            CookieValue::Ref(id) => Ok(Some(Opened::Ref(id))),
-        }
+            match self.unseal(sealed, now)? {
+                CookieValue::Full(s) => {
+                    let s = ActiveSession::new(s);
+                    cache.insert(sealed, s.clone());
+                    Ok(Opened::Session(s))
+                }
+                CookieValue::Ref(id) => Ok(Opened::Ref(id)),
+            }
+        })
     }
 
     /// Opens a cookie that holds the whole session (the cookie store).
@@ -593,6 +666,80 @@ mod tests {
         }
     }
 
+    /// Cookies of the session's names that are not the session (planted under a longer
+    /// path, which browsers send first, or from a sibling domain) do not hide it: it opens
+    /// whichever comes first, and only when nothing opens is the first reading's rejection
+    /// the answer.
+    #[test]
+    fn stray_cookies_of_the_sessions_names_do_not_hide_it() {
+        let c = cookies(8);
+        let cache = SessionCache::new(1 << 20);
+        let pairs_of = |s: &Session| -> Vec<String> {
+            c.set_session(s, &CookieJar::default(), 10)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+                .collect()
+        };
+        let open = |pairs: &[String]| {
+            let mut h = HeaderMap::new();
+            h.insert(COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());
+            let jar = CookieJar::parse(&h);
+            let active = c
+                .open_active(&jar, 10, &cache)
+                .map(|o| matches!(o, Some(Opened::Session(_))));
+            (c.open_session(&jar, 10), active)
+        };
+        let small = session(10);
+        let whole = pairs_of(&small);
+        let stray = "_p=QUFBQUFB".to_string();
+        for pairs in [
+            vec![stray.clone(), whole[0].clone()],
+            vec![whole[0].clone(), stray.clone()],
+            vec![
+                stray.clone(),
+                "_p_0=QUFB".into(),
+                "_p_1=QUFB".into(),
+                whole[0].clone(),
+            ],
+        ] {
+            assert_eq!(
+                open(&pairs),
+                (Ok(Some(small.clone())), Ok(true)),
+                "{pairs:?}"
+            );
+        }
+        let big = session(12000);
+        let chunks = pairs_of(&big);
+        let n = chunks.len();
+        let with = |extra: &[&str], first: bool| -> Vec<String> {
+            let extra = extra.iter().map(|e| e.to_string());
+            match first {
+                true => extra.chain(chunks.iter().cloned()).collect(),
+                false => chunks.iter().cloned().chain(extra).collect(),
+            }
+        };
+        let past_end = format!("_p_{n}=QUFBQUFB");
+        for (what, pairs) in [
+            ("a whole-name stray", with(&["_p=QUFBQUFB"], true)),
+            ("a stray chunk 0 first", with(&["_p_0=QUFBQUFB"], true)),
+            ("a stray chunk 1 last", with(&["_p_1=QUFBQUFB"], false)),
+            ("a stray chunk past the end", with(&[&past_end], false)),
+            (
+                "a stray chunk far past the end",
+                with(&["_p_9=QUFBQUFB"], true),
+            ),
+        ] {
+            assert_eq!(open(&pairs), (Ok(Some(big.clone())), Ok(true)), "{what}");
+        }
+        // Nothing that opens: the first reading's rejection.
+        let none = open(&[stray.clone(), "_p=QkJCQkJC".into()]).0;
+        assert!(matches!(none, Err(CookieReject::Open(_))), "{none:?}");
+        let mut broken = chunks.clone();
+        broken[1] = broken[1].replacen("_p_1=", "_p_1=A", 1);
+        assert!(open(&broken).0.is_err());
+    }
+
     #[test]
     fn chunks_reassemble_in_any_order_and_only_under_their_own_names() {
         let c = cookies(8);
@@ -612,10 +759,10 @@ mod tests {
         let mut reversed = pairs.clone();
         reversed.reverse();
         assert_eq!(open(&reversed), Ok(Some(s.clone())));
-        // A chunk sent twice is one cookie too many: the last index is missing.
+        // A chunk sent twice (the same cookie under two paths) is still the session.
         let mut twice = pairs.clone();
         twice.push(pairs[0].clone());
-        assert_eq!(open(&twice), Err(CookieReject::Oversize));
+        assert_eq!(open(&twice), Ok(Some(s.clone())));
         // "_p_01" is not the name of chunk 1.
         let mut padded = pairs.clone();
         padded[1] = padded[1].replacen("_p_1=", "_p_01=", 1);
