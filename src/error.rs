@@ -121,6 +121,16 @@ impl GatewayError {
 
     /// The page shown: short, no internals (details go to the log).
     pub fn into_response(self) -> Response<Body> {
+        self.page(None)
+    }
+
+    /// Like [`into_response`](Self::into_response), for a request for `return_to` (a path on
+    /// this origin): the provider-unavailable page's "sign in again" comes back to it.
+    pub fn into_response_returning(self, return_to: &str) -> Response<Body> {
+        self.page(Some(return_to))
+    }
+
+    fn page(self, return_to: Option<&str>) -> Response<Body> {
         let status = self.status();
         let (title, msg) = match &self {
             GatewayError::BadRequest(m) => ("Bad request", *m),
@@ -162,11 +172,21 @@ impl GatewayError {
         // A session whose refresh keeps failing is not stuck: signing in again replaces it.
         let extra = match &self {
             GatewayError::ProviderUnavailable(_) => {
-                "<p>If this goes on, <a href=\"/oauth2/start\">sign in again</a>.</p>"
+                let start = match crate::flow::redirect::or_root(return_to) {
+                    back if back == "/" => "/oauth2/start".to_string(),
+                    back => format!(
+                        "/oauth2/start?rd={}",
+                        url::form_urlencoded::byte_serialize(back.as_bytes()).collect::<String>()
+                    ),
+                };
+                format!(
+                    "<p>If this goes on, <a href=\"{}\">sign in again</a>.</p>",
+                    pages::escape(&start)
+                )
             }
-            _ => "",
+            _ => String::new(),
         };
-        let mut resp = pages::html(status, title, msg, extra);
+        let mut resp = pages::html(status, title, msg, &extra);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(RETRY_AFTER, http::HeaderValue::from_static("5"));

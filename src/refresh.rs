@@ -515,10 +515,11 @@ where
                     Ok(resp)
                 }
                 Fresh::Unavailable => {
+                    let back = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
                     let mut resp = GatewayError::ProviderUnavailable(
                         "refresh failed and the access token has expired".into(),
                     )
-                    .into_response();
+                    .into_response_returning(back);
                     if let Some(user) = user {
                         answered_for(&mut resp, user);
                     }

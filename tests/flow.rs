@@ -388,6 +388,18 @@ async fn replayed_callback_is_rejected() {
         1,
         "the replay must not reach the token endpoint"
     );
+    // The signed-in browser opening the callback again (a reload, the Back button; its flow
+    // cookie is gone): refused too, but shown the way on to the app.
+    let again = b.get(&callback).await;
+    assert_eq!(again.status, 400, "{}", again.dump());
+    assert!(
+        again.text().contains("Continue to the app"),
+        "{}",
+        again.dump()
+    );
+    assert_no_session_set(&again);
+    assert_eq!(s.idp.token_requests(), 1);
+    assert_eq!(b.get(&s.gw.url("/x")).await.status, 200);
 }
 
 /// A sign-in attempt lasts `cookie.flow_lifetime`, whatever a client does with the flow

@@ -220,6 +220,14 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
         "{}",
         r.dump()
     );
+    // The same form sent from another site (which the browser sends no session with): the
+    // page says so, rather than that the session ended.
+    let mut cross = headers.clone();
+    cross.push(("sec-fetch-site", "cross-site"));
+    let r = send("POST", &s.gw.url("/orders"), &cross, b"qty=1".to_vec()).await;
+    assert_eq!(r.status, 401, "{}", r.dump());
+    assert!(r.text().contains("came from another site"), "{}", r.dump());
+    assert!(!r.text().contains("session has ended"), "{}", r.dump());
     let r = send("POST", &s.gw.url("/api/x"), &headers, b"qty=1".to_vec()).await;
     assert_401_json(&r, "a form sent to an API route");
     // A cookie that does not open is no session (and is cleared), still 401.

@@ -1003,9 +1003,9 @@ async fn provider_down_during_refresh() {
     let nav = navigate(&gw, "/page", &cookie).await;
     assert_503(&nav, None, "browser");
     assert!(nav.set_cookie("_portcullis").is_none(), "{}", nav.dump());
-    // Not stuck: the page offers to sign in again.
+    // Not stuck: the page offers to sign in again, and to come back to the page.
     assert!(
-        nav.text().contains("href=\"/oauth2/start\""),
+        nav.text().contains("href=\"/oauth2/start?rd=%2Fpage\""),
         "{}",
         nav.dump()
     );

@@ -7,7 +7,7 @@ use crate::body::Body;
 use crate::config::SameSite;
 use crate::oidc::ProviderError;
 use crate::pages;
-use crate::session::store::SaveError;
+use crate::session::store::{Loaded, SaveError};
 use crate::session::{crypto::random_bytes, now_secs, CookieJar, FlowState, Session};
 use http::header::SET_COOKIE;
 use http::{Request, Response, StatusCode};
@@ -83,6 +83,17 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         tracing::info!("callback with an unknown or expired state");
         if let Some(resp) = unverified_provider_error(app, query) {
             return resp;
+        }
+        // The callback opened again by someone signed in (a reload, the Back button): still
+        // refused, but the way on is the app, not another sign-in.
+        if let Ok(Loaded::Session(_)) = app.load_session(&jar).await {
+            app.metrics.flow_failed("unknown_state");
+            return pages::html(
+                StatusCode::BAD_REQUEST,
+                "Already signed in",
+                "This sign-in response was used already (a reload, or the browser's Back button), and you are signed in.",
+                "<p><a href=\"/\">Continue to the app</a></p>",
+            );
         }
         return fail(
             app,

@@ -74,6 +74,16 @@ pub fn wants_json(mode: AuthMode, h: &HeaderMap) -> bool {
 /// would be lost, and its target fetched with a GET), but a page offering to sign in and
 /// return to the page the form was on (its `Referer`, when on this origin).
 fn session_needed_page(own_origin: &str, h: &HeaderMap) -> Response<Body> {
+    // A form another site sent: the browser kept the session cookie from it (SameSite), so
+    // the user may well be signed in; saying the session ended would mislead.
+    if h.get("sec-fetch-site").is_some_and(|v| v == "cross-site") {
+        return pages::html(
+            StatusCode::UNAUTHORIZED,
+            "Form not sent",
+            "This form came from another site, which your browser does not send your session with, so it was not sent. Open the app and send it from there.",
+            "<p><a href=\"/\">Open the app</a></p>",
+        );
+    }
     let back = h
         .get(http::header::REFERER)
         .and_then(|v| v.to_str().ok())
