@@ -1323,17 +1323,28 @@ async fn h2_connection(
     hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
     tokio::task::JoinHandle<()>,
 ) {
+    h2_with_window(port, None).await
+}
+
+/// Like `h2_connection`, with each stream's flow-control window opened to `window` bytes (kept
+/// there unless the client reads); the task ends once the gateway closes the connection.
+async fn h2_with_window(
+    port: u16,
+    window: Option<u32>,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    (
-        sender,
-        tokio::spawn(async move {
-            let _ = conn.await;
-        }),
-    )
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    if let Some(window) = window {
+        builder.initial_stream_window_size(window);
+    }
+    let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await.unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (sender, conn)
 }
 
 async fn h2_get(
@@ -1385,65 +1396,27 @@ async fn http2_connections_without_streams_are_closed() {
 async fn http2_clients_that_read_no_answer_are_disconnected() {
     let s = Stack::with(&[], &format!("{ALL_PUBLIC}\ntimeouts: {{ idle: 1s }}")).await;
     let port = s.gw.port;
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(1024)
-        .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = http::Request::get(format!("http://127.0.0.1:{port}/big"))
-        .body(http_body_util::Empty::new())
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    // The body is held, never read: its window stays shut.
-    let _unread = resp.into_body();
-    assert!(
-        tokio::time::timeout(DEADLINE, conn).await.is_ok(),
-        "an HTTP/2 client that read no answer stayed connected for {DEADLINE:?}"
-    );
-    // A window shut from the start (SETTINGS_INITIAL_WINDOW_SIZE 0): hyper never asks the
-    // body for a byte, and the answer still counts as waiting for the client.
-    for path in ["/big", "/healthz"] {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        let conn = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let req = http::Request::get(format!("http://127.0.0.1:{port}{path}"))
-            .body(http_body_util::Empty::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), 200, "{path}");
-        let _unread = resp.into_body();
-        assert!(
-            tokio::time::timeout(DEADLINE, conn).await.is_ok(),
-            "an HTTP/2 client with a window shut from the start ({path}) stayed connected"
-        );
-    }
-    // One answer left unread while the connection carries on with others: it makes progress,
-    // but the unread answer's stream (and its upstream connection) would be held for good.
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(1024)
-        .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(async move {
-        let _ = conn.await;
-    });
     let get = |path: &str| {
         http::Request::get(format!("http://127.0.0.1:{port}{path}"))
             .body(http_body_util::Empty::new())
             .unwrap()
     };
+    // The body is held, never read: its window stays shut, after its first 1 KB, or from the
+    // start (SETTINGS_INITIAL_WINDOW_SIZE 0: hyper never asks the body for a byte, and the
+    // answer still counts as waiting for the client).
+    for (window, path) in [(1024, "/big"), (0, "/big"), (0, "/healthz")] {
+        let (mut sender, conn) = h2_with_window(port, Some(window)).await;
+        let resp = sender.send_request(get(path)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let _unread = resp.into_body();
+        assert!(
+            tokio::time::timeout(DEADLINE, conn).await.is_ok(),
+            "an HTTP/2 client that read no answer ({path}, window {window}) stayed connected"
+        );
+    }
+    // One answer left unread while the connection carries on with others: it makes progress,
+    // but the unread answer's stream (and its upstream connection) would be held for good.
+    let (mut sender, conn) = h2_with_window(port, Some(1024)).await;
     let _unread = sender.send_request(get("/big")).await.unwrap().into_body();
     let mut reading = sender.send_request(get("/big")).await.unwrap().into_body();
     let busy = tokio::spawn(async move {

@@ -1324,6 +1324,16 @@ fn counting_upstream() -> (u16, RequestLog) {
     (port, log)
 }
 
+/// A gateway in front of `counting_upstream`, every path public (and the provider it needs).
+async fn public_gateway_to_counting_upstream() -> (Gateway, Idp) {
+    let port = free_port();
+    let idp = Idp::start_for_gateway(port, &[]).await;
+    let (up, _) = counting_upstream();
+    let mut opts = GatewayOpts::new(port, &idp, &format!("http://127.0.0.1:{up}"));
+    opts.extra = "routes: [ { prefix: \"/\", auth: skip } ]".into();
+    (Gateway::start(opts).await, idp)
+}
+
 /// What reaches the client says the body's length as the gateway framed it, whatever the
 /// upstream wrote: `Transfer-Encoding` beside `Content-Length` (the length goes), repeated
 /// lengths (one stays, which HTTP/2 clients need; none on a 204); a transfer coding the
@@ -1331,12 +1341,7 @@ fn counting_upstream() -> (u16, RequestLog) {
 /// trailers are not passed on.
 #[tokio::test]
 async fn upstream_framing_is_restated_for_the_client() {
-    let port = free_port();
-    let idp = Idp::start_for_gateway(port, &[]).await;
-    let (up, _) = counting_upstream();
-    let mut opts = GatewayOpts::new(port, &idp, &format!("http://127.0.0.1:{up}"));
-    opts.extra = "routes: [ { prefix: \"/\", auth: skip } ]".into();
-    let mut gw = Gateway::start(opts).await;
+    let (mut gw, _idp) = public_gateway_to_counting_upstream().await;
     for h2 in [false, true] {
         let get = |path: &str| {
             let url = gw.url(path);
@@ -1392,12 +1397,7 @@ async fn upstream_framing_is_restated_for_the_client() {
 /// (hyper's own bound, its read buffer, let a 100 KB head through when it came in one read).
 #[tokio::test]
 async fn an_upstream_response_head_over_64_kib_is_a_502() {
-    let port = free_port();
-    let idp = Idp::start_for_gateway(port, &[]).await;
-    let (up, _) = counting_upstream();
-    let mut opts = GatewayOpts::new(port, &idp, &format!("http://127.0.0.1:{up}"));
-    opts.extra = "routes: [ { prefix: \"/\", auth: skip } ]".into();
-    let mut gw = Gateway::start(opts).await;
+    let (mut gw, _idp) = public_gateway_to_counting_upstream().await;
     for h2 in [false, true] {
         for round in 0..4 {
             // Kept open (ends in 0) or closed after the answer.
