@@ -137,12 +137,20 @@ fn usable_access_token(resp: &TokenResp) -> Result<(), ProviderError> {
         )));
     }
     let token = resp.access_token().secret();
-    if token.is_empty() || crate::proxy::headers::bearer_value(token).is_none() {
+    if token.is_empty() || !token.bytes().all(bearer_char) {
         return Err(ProviderError::Invalid(
             "access_token is empty or cannot be sent in an Authorization header".into(),
         ));
     }
     Ok(())
+}
+
+/// A character a bearer token may hold: visible ASCII, as RFC 6750's `b64token` and the
+/// tokens providers issue beyond it (Salesforce's `!`), but for a comma, quote or backslash,
+/// which an app's HTTP parser may take apart. A space would split the credential, and other
+/// bytes reach the app as whatever its parser makes of them.
+fn bearer_char(b: u8) -> bool {
+    b.is_ascii_graphic() && !matches!(b, b',' | b'"' | b'\\')
 }
 
 /// A token endpoint answer, validated.
@@ -241,6 +249,34 @@ pub struct Provider {
     logout_jwks_refetch: tokio::sync::Mutex<RefetchLimit>,
 }
 
+/// An `https` issuer's endpoints must be `https` too: one over plain http would carry the
+/// client secret, codes and tokens in clear, and serve signing keys anyone on the path could
+/// replace. (Another origin is allowed: Google's token and key endpoints are not on its
+/// issuer's host.)
+fn no_downgrade(issuer: &str, meta: &Metadata) -> Result<(), ProviderError> {
+    let https = |u: &str| url::Url::parse(u).is_ok_and(|u| u.scheme() == "https");
+    if !https(issuer) {
+        return Ok(());
+    }
+    let endpoints = [
+        ("authorization_endpoint", Some(&meta.authorization_endpoint)),
+        ("token_endpoint", Some(&meta.token_endpoint)),
+        ("jwks_uri", Some(&meta.jwks_uri)),
+        ("userinfo_endpoint", meta.userinfo_endpoint.as_ref()),
+        ("end_session_endpoint", meta.end_session_endpoint.as_ref()),
+        ("revocation_endpoint", meta.revocation_endpoint.as_ref()),
+    ];
+    match endpoints
+        .into_iter()
+        .find(|(_, url)| url.is_some_and(|u| !https(u)))
+    {
+        Some((key, Some(url))) => Err(ProviderError::Invalid(format!(
+            "discovery document: {key} `{url}` is not https, as provider.issuer_url is"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn discovery_url(issuer: &str) -> String {
     format!(
         "{}/.well-known/openid-configuration",
@@ -305,6 +341,7 @@ impl Provider {
                 meta.issuer, self.issuer
             )));
         }
+        no_downgrade(&self.issuer, &meta)?;
         let discovered = self.discovered_from(meta, None)?;
         self.fetch_jwks(&discovered.meta.jwks_uri).await?;
         self.discovered.store(Some(Arc::new(discovered)));
@@ -711,6 +748,38 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn an_https_issuers_endpoints_must_be_https() {
+        let meta = |token: &str, revocation: Option<&str>| -> Metadata {
+            serde_json::from_value(json!({
+                "issuer": "https://idp.example",
+                "authorization_endpoint": "https://idp.example/auth",
+                "token_endpoint": token,
+                "jwks_uri": "https://keys.example/jwks",
+                "revocation_endpoint": revocation,
+            }))
+            .unwrap()
+        };
+        let ok = meta("https://other.example/token", None);
+        assert!(no_downgrade("https://idp.example", &ok).is_ok());
+        for m in [
+            meta("http://idp.example/token", None),
+            meta("HTTP://idp.example/token", None),
+            meta(
+                "https://idp.example/token",
+                Some("http://idp.example/revoke"),
+            ),
+        ] {
+            let e = no_downgrade("https://idp.example", &m)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("is not https"), "{e}");
+        }
+        // A plain-http issuer (a provider on loopback) is the operator's choice.
+        let plain = meta("http://127.0.0.1:9000/token", None);
+        assert!(no_downgrade("http://127.0.0.1:9000", &plain).is_ok());
+    }
+
     /// A provider for `issuer` / `client`, with its HTTP client and metrics; not discovered.
     fn provider_for(issuer: &str) -> (Provider, Arc<crate::metrics::Metrics>) {
         let cfg = crate::config::load_str(
@@ -928,7 +997,7 @@ cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fa
     async fn unusable_access_tokens_are_refused_on_exchange_and_refresh() {
         let p = provider();
         type Change = fn(&mut serde_json::Map<String, serde_json::Value>);
-        let bad: [(&str, Change); 9] = [
+        let bad: [(&str, Change); 12] = [
             ("mac", |m| {
                 m.insert("token_type".into(), json!("mac"));
             }),
@@ -958,6 +1027,15 @@ cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fa
             }),
             ("empty token", |m| {
                 m.insert("access_token".into(), json!(""));
+            }),
+            ("space", |m| {
+                m.insert("access_token".into(), json!("abc def"));
+            }),
+            ("comma", |m| {
+                m.insert("access_token".into(), json!("abc,def"));
+            }),
+            ("non-ASCII", |m| {
+                m.insert("access_token".into(), json!("abc\u{e9}\u{20ac}"));
             }),
         ];
         for (what, change) in bad {
