@@ -281,11 +281,13 @@ impl SessionCookies {
     /// planted pile costs a few failed opens, not one per cookie.
     fn other_readings<'a>(&self, jar: &CookieJar<'a>) -> Vec<std::borrow::Cow<'a, [u8]>> {
         use std::borrow::Cow;
+        // A few of the whole name's, so that a pile of them leaves room for the chunks'.
         let mut out: Vec<Cow<'a, [u8]>> = jar
             .pairs
             .iter()
             .filter(|(n, v)| *n == self.name && v.len() <= CHUNK_SIZE)
             .skip(1)
+            .take(MAX_OTHER_READINGS / 3)
             .map(|&(_, v)| Cow::Borrowed(v))
             .collect();
         let mut first: [Option<&'a [u8]>; MAX_CHUNKS] = [None; MAX_CHUNKS];
@@ -308,8 +310,7 @@ impl SessionCookies {
                 let value: Vec<u8> = parts[..n]
                     .iter()
                     .flatten()
-                    .copied()
-                    .flatten()
+                    .flat_map(|p| p.iter())
                     .copied()
                     .collect();
                 if !out.iter().any(|o| **o == *value) {
@@ -729,6 +730,7 @@ mod tests {
                 "a stray chunk far past the end",
                 with(&["_p_9=QUFBQUFB"], true),
             ),
+            ("a pile of whole-name strays", with(&["_p=QUFB"; 8], true)),
         ] {
             assert_eq!(open(&pairs), (Ok(Some(big.clone())), Ok(true)), "{what}");
         }
