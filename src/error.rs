@@ -172,13 +172,8 @@ impl GatewayError {
         // A session whose refresh keeps failing is not stuck: signing in again replaces it.
         let extra = match &self {
             GatewayError::ProviderUnavailable(_) => {
-                let start = match crate::flow::redirect::or_root(return_to) {
-                    back if back == "/" => "/oauth2/start".to_string(),
-                    back => format!(
-                        "/oauth2/start?rd={}",
-                        url::form_urlencoded::byte_serialize(back.as_bytes()).collect::<String>()
-                    ),
-                };
+                let back = crate::flow::redirect::or_root(return_to);
+                let start = crate::flow::redirect::start_url(&back);
                 format!(
                     "<p>If this goes on, <a href=\"{}\">sign in again</a>.</p>",
                     pages::escape(&start)

@@ -24,14 +24,13 @@ fn fail(
 ) -> Response<Body> {
     app.metrics.flow_failed(reason);
     let back = flow.map_or("/", |f| f.return_to.as_str());
-    let again: String = url::form_urlencoded::byte_serialize(back.as_bytes()).collect();
     let mut resp = pages::html(
         status,
         title,
         msg,
         &format!(
-            "<p><a href=\"/oauth2/start?rd={}\">Try signing in again</a></p>",
-            pages::escape(&again)
+            "<p><a href=\"{}\">Try signing in again</a></p>",
+            pages::escape(&redirect::start_url(back))
         ),
     );
     if let Some(v) = flow.and_then(|f| app.cookies.clear_flow(&f.state)) {

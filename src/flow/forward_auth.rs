@@ -66,10 +66,7 @@ fn unauthorized(
     login: bool,
 ) -> Response<Body> {
     let login_url = match &original.target {
-        Some(target) => format!(
-            "/oauth2/start?rd={}",
-            url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>()
-        ),
+        Some(target) => super::redirect::start_url(target),
         None => "/oauth2/start".to_string(),
     };
     let mut resp = super::unauthorized(app, jar, clear, &login_url);

@@ -73,6 +73,12 @@ pub fn safe_absolute(target: &str, own_origin: &str, allowed: &[String]) -> Opti
 /// is 4 KB).
 const MAX_TARGET: usize = 2048;
 
+/// `/oauth2/start` with `return_to` (a target already checked) as its `rd`.
+pub fn start_url(return_to: &str) -> String {
+    let rd: String = url::form_urlencoded::byte_serialize(return_to.as_bytes()).collect();
+    format!("/oauth2/start?rd={rd}")
+}
+
 /// The redirect target to use: `target` when safe, else `/`.
 pub fn or_root(target: Option<&str>) -> String {
     target.and_then(safe_relative).unwrap_or("/").to_string()

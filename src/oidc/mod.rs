@@ -268,12 +268,12 @@ fn no_downgrade(issuer: &str, meta: &Metadata) -> Result<(), ProviderError> {
     ];
     match endpoints
         .into_iter()
-        .find(|(_, url)| url.is_some_and(|u| !https(u)))
+        .find_map(|(key, url)| url.filter(|u| !https(u)).map(|u| (key, u)))
     {
-        Some((key, Some(url))) => Err(ProviderError::Invalid(format!(
+        Some((key, url)) => Err(ProviderError::Invalid(format!(
             "discovery document: {key} `{url}` is not https, as provider.issuer_url is"
         ))),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 

@@ -90,14 +90,13 @@ fn session_needed_page(own_origin: &str, h: &HeaderMap) -> Response<Body> {
         .and_then(|r| r.strip_prefix(own_origin))
         .filter(|rest| rest.starts_with('/'));
     let back = flow::redirect::or_root(back);
-    let rd: String = url::form_urlencoded::byte_serialize(back.as_bytes()).collect();
     pages::html(
         StatusCode::UNAUTHORIZED,
         "Sign-in needed",
         "Your session has ended, so this form was not sent. Sign in again, then send it once more.",
         &format!(
-            "<p><a href=\"/oauth2/start?rd={}\">Sign in</a></p>",
-            pages::escape(&rd)
+            "<p><a href=\"{}\">Sign in</a></p>",
+            pages::escape(&flow::redirect::start_url(&back))
         ),
     )
 }
