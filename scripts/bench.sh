@@ -14,8 +14,8 @@
 #
 # Fails (exit 1) when any request through portcullis was not answered 2xx (the upstream's
 # /bench answers 401 without a bearer, so every measured request proves the bearer passed).
-# Builds nothing: the Makefile target depends on `build` and `deps-node`. Installs nginx and
-# wrk (apt-get, as root) when they are missing.
+# Builds nothing: the Makefile target depends on `build` and `deps-node`. Installs curl, nginx
+# and wrk (apt-get, as root) when they are missing.
 #
 # Environment:
 #   BENCH_DURATION     measured wrk run per target (default 10s)
@@ -72,9 +72,10 @@ ensure_tool() {
 
 [ -x "$BIN" ] || die "$BIN not found: run \`make build\` first (or set PORTCULLIS_BIN)"
 [ -d tests/js/node_modules/oidc-provider ] || die "tests/js/node_modules is missing: run \`make deps-node\`"
-for tool in node python3 curl; do
+for tool in node python3; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool not found"
 done
+ensure_tool curl curl
 ensure_tool nginx nginx
 ensure_tool wrk wrk
 
