@@ -7,6 +7,7 @@
 #   nginx                        reverse-proxy / upstream fixtures
 #   prometheus                   scraping the /metrics endpoint in ops tests
 #   openssl                      test certificates for the TLS tests
+#   python3-venv                 the deploy checks' virtualenv (kubernetes-validate, from PyPI)
 #
 # Packages are installed only when missing, `apt-get update` runs only when
 # something is missing, and a temporary policy-rc.d keeps the packages from
@@ -26,7 +27,7 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   exit 1
 fi
 
-PACKAGES=(chromium fonts-liberation redis-server nginx prometheus openssl)
+PACKAGES=(chromium fonts-liberation redis-server nginx prometheus openssl python3-venv)
 
 is_installed() {
   [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
