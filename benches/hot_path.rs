@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Micro-benchmarks of the per-request path: cookie open (1, 4, 8 KB sessions), header
 //! hygiene, path normalisation, single-flight under contention, and the whole stack
-//! in-process (a real loopback upstream, a real hyper client).
+//! in-process (a real loopback upstream, a real hyper client), and the tower stack alone, called
+//! in-process with an in-process upstream.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, Request};
@@ -241,6 +242,37 @@ fn single_flight(c: &mut Criterion) {
     });
 }
 
+/// An upstream in this process that answers 200 "ok" only with a bearer, like the load
+/// harness's; returns its port.
+async fn spawn_upstream() -> u16 {
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_port = up.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = up.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let ok = req.headers().contains_key(http::header::AUTHORIZATION);
+                        let mut r = http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok\n"),
+                        ));
+                        if !ok {
+                            *r.status_mut() = http::StatusCode::UNAUTHORIZED;
+                        }
+                        Ok::<_, std::convert::Infallible>(r)
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    up_port
+}
+
 /// The whole request path: hyper client → portcullis (in-process, real sockets) → upstream.
 fn whole_stack(c: &mut Criterion) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -251,33 +283,7 @@ fn whole_stack(c: &mut Criterion) {
         Err(e) => panic!("{e}"),
     };
     let (gateway_url, cookie) = rt.block_on(async {
-        // Upstream: 200 "ok" only with a bearer, like the load harness.
-        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let up_port = up.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = up.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        |req: Request<hyper::body::Incoming>| async move {
-                            let ok = req.headers().contains_key(http::header::AUTHORIZATION);
-                            let mut r = http::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from_static(b"ok\n"),
-                            ));
-                            if !ok {
-                                *r.status_mut() = http::StatusCode::UNAUTHORIZED;
-                            }
-                            Ok::<_, std::convert::Infallible>(r)
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
+        let up_port = spawn_upstream().await;
         let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gw_port = gw.local_addr().unwrap().port();
         let cfg = Arc::new(config(up_port, gw_port));
@@ -307,12 +313,61 @@ fn whole_stack(c: &mut Criterion) {
     });
 }
 
+/// The tower stack alone, called in-process as the server calls it for each request: no
+/// client socket and no HTTP/1 parsing, only the layers (route, session, refresh, policy,
+/// header hygiene, metrics) and the pooled client's exchange with an in-process upstream.
+fn stack_in_process(c: &mut Criterion) {
+    use tower::Service;
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("{e}"),
+    };
+    let (stack, cookie) = rt.block_on(async {
+        let up_port = spawn_upstream().await;
+        let cfg = Arc::new(config(up_port, 4180));
+        let shared =
+            portcullis::app::Shared::new(Arc::new(portcullis::metrics::Metrics::new().unwrap()));
+        let generation = portcullis::live::build(cfg, &shared, None).await.unwrap();
+        let cookie = cookie_header(&generation.app.cookies, &session(43));
+        (generation.stack.clone(), cookie)
+    });
+    let peer: std::net::SocketAddr = ([127, 0, 0, 1], 40000).into();
+    let conn = portcullis::proxy::forward::ConnInfo {
+        remote: peer,
+        tls: false,
+        ip: portcullis::proxy::headers::ip_header(peer.ip()),
+    };
+    c.bench_function("stack_in_process_authenticated_request", |b| {
+        b.to_async(&rt).iter(|| {
+            // A clone per request, as cheap as the server's per connection (Arcs only).
+            let mut stack = stack.clone();
+            let mut req = Request::get("/bench")
+                .header(http::header::HOST, "127.0.0.1:4180")
+                .header(http::header::COOKIE, cookie.clone())
+                .body(portcullis::body::Body::full(bytes::Bytes::new()))
+                .unwrap();
+            req.extensions_mut().insert(conn.clone());
+            async move {
+                let resp = stack.call(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap()
+            }
+        })
+    });
+}
+
 criterion_group!(
     benches,
     cookie_open,
     header_hygiene,
     path_normalize,
     single_flight,
-    whole_stack
+    whole_stack,
+    stack_in_process
 );
 criterion_main!(benches);
