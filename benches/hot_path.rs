@@ -98,7 +98,7 @@ fn cookie_open(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::from_parameter(label), &h, |b, h| {
             b.iter(|| {
                 let jar = CookieJar::parse(h);
-                cookies.open(&jar, 10)
+                cookies.open(&jar, 10, |_| None)
             })
         });
         g.bench_with_input(BenchmarkId::new("seal", label), &s, |b, s| {
@@ -122,13 +122,13 @@ fn cookie_open(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % headers.len();
             let jar = CookieJar::parse(&headers[i]);
-            cookies.open(&jar, 10)
+            cookies.open(&jar, 10, |_| None)
         })
     });
     g.bench_function("one_session", |b| {
         b.iter(|| {
             let jar = CookieJar::parse(&headers[0]);
-            cookies.open(&jar, 10)
+            cookies.open(&jar, 10, |_| None)
         })
     });
     // The request path: the session cache in front of the decryption (default size).
@@ -136,14 +136,18 @@ fn cookie_open(c: &mut Criterion) {
     g.bench_function("cached/one_session", |b| {
         b.iter(|| {
             let jar = CookieJar::parse(&headers[0]);
-            cookies.open_active(&jar, 10, &cache).map(|o| o.is_some())
+            cookies
+                .open_active(&jar, 10, &cache, |_| None)
+                .map(|o| o.is_some())
         })
     });
     g.bench_function("cached/rotating_10k_sessions", |b| {
         b.iter(|| {
             i = (i + 1) % headers.len();
             let jar = CookieJar::parse(&headers[i]);
-            cookies.open_active(&jar, 10, &cache).map(|o| o.is_some())
+            cookies
+                .open_active(&jar, 10, &cache, |_| None)
+                .map(|o| o.is_some())
         })
     });
     g.finish();

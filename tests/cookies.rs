@@ -226,6 +226,36 @@ async fn a_stray_cookie_of_the_sessions_name_does_not_hide_the_session() {
     .await;
 }
 
+/// A cookie of a session that still decrypts but is over (a copy kept after signing out)
+/// is passed over like a stray: planted beside a live session, it does not hide it.
+#[tokio::test]
+async fn a_signed_out_sessions_cookie_beside_the_live_one_does_not_hide_it() {
+    let mut s = Stack::start().await;
+    let m = s.login("mallory").await;
+    let planted = session_header(&m, &s);
+    let csrf = sign_out_csrf(&m, &s.gw).await;
+    let out = post_sign_out(&m, &s.gw, &csrf).await;
+    assert!(out.status.as_u16() < 400, "{}", out.dump());
+    let b = s.login("alice").await;
+    let real = session_header(&b, &s);
+    let before = s.upstream.count();
+    for cookie in [format!("{planted}; {real}"), format!("{real}; {planted}")] {
+        let r = send(
+            "GET",
+            &s.gw.url("/c/after"),
+            &[("accept", BROWSER_ACCEPT), ("cookie", &cookie)],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{cookie}: {}", r.dump());
+        assert!(r.set_cookies().is_empty(), "{}", r.dump());
+        assert_eq!(s.upstream.last().header("x-forwarded-user"), Some("alice"));
+    }
+    assert_eq!(s.upstream.count(), before + 2);
+    // Alone, it is no session.
+    assert_rejected(&mut s, "a signed-out session", &planted, &[]).await;
+}
+
 #[tokio::test]
 async fn single_cookie_value_sent_as_a_lone_chunk_is_rejected() {
     let mut s = Stack::start().await;

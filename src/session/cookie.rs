@@ -102,8 +102,10 @@ impl<'a> CookieJar<'a> {
 pub const MAX_CHUNKS: usize = 32;
 
 /// How many other readings of a request's session cookies are tried when the first does not
-/// open (see `SessionCookies::other_readings`).
-const MAX_OTHER_READINGS: usize = 6;
+/// open (see `SessionCookies::other_readings`), and how many of them may be other values of
+/// the whole name.
+const MAX_OTHER_READINGS: usize = 8;
+const MAX_WHOLE_READINGS: usize = 3;
 
 /// Everything needed to read and write the gateway's cookies; built once.
 #[derive(Debug)]
@@ -275,50 +277,75 @@ impl SessionCookies {
     /// a cookie of the session's name that is not the gateway's (planted under a longer path,
     /// which browsers send first, or from a sibling domain; the gateway's `Path=/` clearing
     /// cannot remove it) would otherwise end the session on every request it rides on, and
-    /// send the browser round the login for good. Tried: the other values of the whole name,
-    /// then the chunks as a run from `_0`, with the first and the last value sent for each
-    /// index, whole and without its last chunk (a stray chunk past the end). Bounded: a
-    /// planted pile costs a few failed opens, not one per cookie.
+    /// send the browser round the login for good. Tried: up to three other values of the whole
+    /// name, then the chunks. The gateway writes every chunk but the last at `CHUNK_SIZE`, so
+    /// a reading is the run of full-size chunks from `_0` (the first or the last value of
+    /// full size sent for each index) and then each short value sent for the next index (up
+    /// to three), or none. Strays of another size, or past the end, are passed over. Bounded:
+    /// a planted pile costs a few failed opens, not one per cookie (and a stray not sealed
+    /// under one of the keys fails from its first bytes).
     fn other_readings<'a>(&self, jar: &CookieJar<'a>) -> Vec<std::borrow::Cow<'a, [u8]>> {
         use std::borrow::Cow;
         // A few of the whole name's, so that a pile of them leaves room for the chunks'.
-        let mut out: Vec<Cow<'a, [u8]>> = jar
+        let mut whole = jar
             .pairs
             .iter()
             .filter(|(n, v)| *n == self.name && v.len() <= CHUNK_SIZE)
-            .skip(1)
-            .take(MAX_OTHER_READINGS / 3)
-            .map(|&(_, v)| Cow::Borrowed(v))
-            .collect();
-        let mut first: [Option<&'a [u8]>; MAX_CHUNKS] = [None; MAX_CHUNKS];
-        let mut last = first;
+            .map(|&(_, v)| v);
+        let first_whole = whole.next();
+        let mut out: Vec<Cow<'a, [u8]>> = Vec::new();
+        for v in whole {
+            if out.len() == MAX_WHOLE_READINGS {
+                break;
+            }
+            // The same stray sent twice is one reading.
+            if Some(v) != first_whole && !out.iter().any(|o| **o == *v) {
+                out.push(Cow::Borrowed(v));
+            }
+        }
+        // Per index: the first and the last value of full size, and up to three short ones.
+        let mut full_first: [Option<&'a [u8]>; MAX_CHUNKS] = [None; MAX_CHUNKS];
+        let mut full_last = full_first;
+        let mut short: [[Option<&'a [u8]>; 3]; MAX_CHUNKS] = [[None; 3]; MAX_CHUNKS];
         for &(name, value) in &jar.pairs {
             if !self.is_chunk(name) || value.is_empty() || value.len() > CHUNK_SIZE {
                 continue;
             }
-            if let Some(i) = self.chunk_index(name).filter(|&i| i < self.max_chunks) {
-                first[i].get_or_insert(value);
-                last[i] = Some(value);
+            let Some(i) = self.chunk_index(name).filter(|&i| i < self.max_chunks) else {
+                continue;
+            };
+            if value.len() == CHUNK_SIZE {
+                full_first[i].get_or_insert(value);
+                full_last[i] = Some(value);
+            } else if let Some(slot) = short[i].iter_mut().find(|s| s.is_none()) {
+                *slot = Some(value);
             }
         }
-        let run = first.iter().take_while(|p| p.is_some()).count();
-        for parts in [&first, &last] {
-            for n in [run, run.saturating_sub(1)] {
-                if n < 2 {
+        // The gateway writes every chunk but the last at full size: a run of full chunks from
+        // `_0`, then a short last chunk (strays past it do not count), or no short one at all
+        // (a session of an exact multiple of the chunk size).
+        let full_run = full_first.iter().take_while(|p| p.is_some()).count();
+        let lasts = short
+            .get(full_run)
+            .into_iter()
+            .flatten()
+            .copied()
+            .chain([None]);
+        for last in lasts {
+            for prefix in [&full_first, &full_last] {
+                if out.len() >= MAX_OTHER_READINGS {
+                    return out;
+                }
+                let parts = prefix[..full_run].iter().chain([&last]).flatten();
+                if full_run + usize::from(last.is_some()) < 2 {
                     continue;
                 }
-                let value: Vec<u8> = parts[..n]
-                    .iter()
-                    .flatten()
-                    .flat_map(|p| p.iter())
-                    .copied()
-                    .collect();
+                let value: Vec<u8> = parts.flat_map(|p| p.iter()).copied().collect();
                 if !out.iter().any(|o| **o == *value) {
                     out.push(Cow::Owned(value));
                 }
             }
         }
-        out.truncate(MAX_OTHER_READINGS);
         out
     }
 
@@ -346,9 +373,22 @@ impl SessionCookies {
     }
 
     /// Opens the session cookie: a whole session, or (Redis store) a reference to one.
-    /// `Ok(None)`: no session cookie at all.
-    pub fn open(&self, jar: &CookieJar<'_>, now: u64) -> Result<Option<CookieValue>, CookieReject> {
-        self.open_any(jar, |sealed| self.unseal(sealed, now))
+    /// `Ok(None)`: no session cookie at all. `ended` says why a session that opened is over
+    /// anyway (signed out, idle): such a reading is passed over like one that does not open,
+    /// so that a planted cookie of an ended session does not hide the live one.
+    pub fn open(
+        &self,
+        jar: &CookieJar<'_>,
+        now: u64,
+        ended: impl Fn(&Session) -> Option<CookieReject>,
+    ) -> Result<Option<CookieValue>, CookieReject> {
+        self.open_any(jar, |sealed| match self.unseal(sealed, now)? {
+            CookieValue::Full(s) => match ended(&s) {
+                Some(reason) => Err(reason),
+                None => Ok(CookieValue::Full(s)),
+            },
+            v => Ok(v),
+        })
     }
 
     /// Decrypts and decodes a sealed session value; an expired session is a rejection.
@@ -369,24 +409,30 @@ impl SessionCookies {
 
     /// Opens the session cookie on the request path: a session (from `cache` when this exact
     /// value was opened before), or (Redis store) a reference. `Ok(None)`: no session cookie.
+    /// `ended`: as for `open`.
     pub fn open_active(
         &self,
         jar: &CookieJar<'_>,
         now: u64,
         cache: &SessionCache,
+        ended: impl Fn(&Session) -> Option<CookieReject>,
     ) -> Result<Option<Opened>, CookieReject> {
+        let live = |s: std::sync::Arc<ActiveSession>| match ended(&s) {
+            Some(reason) => Err(reason),
+            None => Ok(Opened::Session(s)),
+        };
         self.open_any(jar, |sealed| {
             if let Some(s) = cache.get(sealed) {
                 return match s.is_expired(now) {
                     true => Err(CookieReject::Expired),
-                    false => Ok(Opened::Session(s)),
+                    false => live(s),
                 };
             }
             match self.unseal(sealed, now)? {
                 CookieValue::Full(s) => {
                     let s = ActiveSession::new(s);
                     cache.insert(sealed, s.clone());
-                    Ok(Opened::Session(s))
+                    live(s)
                 }
                 CookieValue::Ref(id) => Ok(Opened::Ref(id)),
             }
@@ -399,7 +445,7 @@ impl SessionCookies {
         jar: &CookieJar<'_>,
         now: u64,
     ) -> Result<Option<Session>, CookieReject> {
-        match self.open(jar, now)? {
+        match self.open(jar, now, |_| None)? {
             Some(CookieValue::Full(s)) => Ok(Some(s)),
             Some(CookieValue::Ref(_)) => Err(NOT_THIS_STORE),
             None => Ok(None),
@@ -646,7 +692,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(COOKIE, HeaderValue::from_bytes(b"_p=\xff\xfeAAAA").unwrap());
         let cache = SessionCache::new(1 << 20);
-        let opened = c.open_active(&CookieJar::parse(&h), 10, &cache);
+        let opened = c.open_active(&CookieJar::parse(&h), 10, &cache, |_| None);
         assert!(matches!(opened, Err(CookieReject::Open(_))), "{opened:?}");
     }
 
@@ -687,7 +733,7 @@ mod tests {
             h.insert(COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());
             let jar = CookieJar::parse(&h);
             let active = c
-                .open_active(&jar, 10, &cache)
+                .open_active(&jar, 10, &cache, |_| None)
                 .map(|o| matches!(o, Some(Opened::Session(_))));
             (c.open_session(&jar, 10), active)
         };
@@ -703,6 +749,14 @@ mod tests {
                 "_p_1=QUFB".into(),
                 whole[0].clone(),
             ],
+            vec![
+                stray.clone(),
+                "_p=QkJCQkJC".into(),
+                "_p=Q0NDQ0ND".into(),
+                whole[0].clone(),
+            ],
+            // The same stray many times is one reading.
+            [vec![stray.clone(); 6], vec![whole[0].clone()]].concat(),
         ] {
             assert_eq!(
                 open(&pairs),
@@ -731,8 +785,59 @@ mod tests {
                 with(&["_p_9=QUFBQUFB"], true),
             ),
             ("a pile of whole-name strays", with(&["_p=QUFB"; 8], true)),
+            ("three whole-name strays", with(&["_p=QUFB"; 3], true)),
+            (
+                "two strays past the end",
+                with(&[&past_end, &format!("_p_{}=QUFB", n + 1)], false),
+            ),
+            ("two strays past the end, first", {
+                let mut p = with(&[&past_end], true);
+                p.insert(0, format!("_p_{}=QUFB", n + 1));
+                p
+            }),
+            ("a stray chunk 0 before and after", {
+                let mut p = with(&["_p_0=QUFBQUFB"], false);
+                p.insert(0, "_p_0=QkJCQkJC".into());
+                p
+            }),
+            ("a full-size stray chunk 0 first", {
+                let full = format!("_p_0={}", "Q".repeat(CHUNK_SIZE));
+                with(&[&full], true)
+            }),
+            ("a full-size stray chunk 1 last", {
+                let full = format!("_p_1={}", "Q".repeat(CHUNK_SIZE));
+                with(&[&full], false)
+            }),
+            ("a stray chunk 1 before, chunk 2 after", {
+                let mut p = with(&["_p_2=QUFBQUFB"], false);
+                p.insert(0, "_p_1=QkJCQkJC".into());
+                p
+            }),
         ] {
             assert_eq!(open(&pairs), (Ok(Some(big.clone())), Ok(true)), "{what}");
+        }
+        // Any two short strays among the chunks, before them or after, in range or past the
+        // end (the gateway writes every chunk but the last at full size).
+        for i in 0..n + 2 {
+            for j in 0..n + 2 {
+                for (i_first, j_first) in
+                    [(true, true), (true, false), (false, true), (false, false)]
+                {
+                    let mut pairs = chunks.clone();
+                    for (k, first) in [(i, i_first), (j, j_first)] {
+                        let stray = format!("_p_{k}=QkJD{k}");
+                        match first {
+                            true => pairs.insert(0, stray),
+                            false => pairs.push(stray),
+                        }
+                    }
+                    assert_eq!(
+                        open(&pairs),
+                        (Ok(Some(big.clone())), Ok(true)),
+                        "strays {i} ({i_first}) and {j} ({j_first})"
+                    );
+                }
+            }
         }
         // Nothing that opens: the first reading's rejection.
         let none = open(&[stray.clone(), "_p=QkJCQkJC".into()]).0;
@@ -740,6 +845,53 @@ mod tests {
         let mut broken = chunks.clone();
         broken[1] = broken[1].replacen("_p_1=", "_p_1=A", 1);
         assert!(open(&broken).0.is_err());
+    }
+
+    #[test]
+    fn an_ended_session_planted_beside_the_live_one_does_not_hide_it() {
+        let c = cookies(8);
+        let cache = SessionCache::new(1 << 20);
+        let pair = |s: &Session| -> String {
+            let lines = c.set_session(s, &CookieJar::default(), 10).unwrap();
+            lines[0]
+                .to_str()
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let live = session(10);
+        let mut signed_out = session(10);
+        signed_out.id = [9; 16];
+        signed_out.identity.sub = "mallory".into();
+        let ended = |s: &Session| (s.id == [9; 16]).then_some(CookieReject::Revoked);
+        for pairs in [
+            [pair(&signed_out), pair(&live)],
+            [pair(&live), pair(&signed_out)],
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());
+            let jar = CookieJar::parse(&h);
+            let active = c.open_active(&jar, 10, &cache, ended);
+            assert!(
+                matches!(&active, Ok(Some(Opened::Session(s))) if s.identity.sub == live.identity.sub),
+                "{active:?}"
+            );
+            let opened = c.open(&jar, 10, ended);
+            assert!(
+                matches!(&opened, Ok(Some(CookieValue::Full(s))) if s.id == live.id),
+                "{opened:?}"
+            );
+        }
+        // Alone, the ended session is refused, and says why.
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_str(&pair(&signed_out)).unwrap());
+        let jar = CookieJar::parse(&h);
+        assert_eq!(
+            c.open_active(&jar, 10, &cache, ended).err(),
+            Some(CookieReject::Revoked)
+        );
     }
 
     #[test]
@@ -805,7 +957,7 @@ mod tests {
     fn each_store_refuses_the_others_cookie() {
         let (in_cookie, in_redis) = (cookies(8), store_cookies(8, true));
         let open = |c: &SessionCookies, lines: &[HeaderValue]| {
-            c.open(&CookieJar::parse(&request_headers(lines)), 10)
+            c.open(&CookieJar::parse(&request_headers(lines)), 10, |_| None)
         };
         let reference = in_redis.set_ref(&[7; 16], 1000, &CookieJar::default(), 10);
         assert!(matches!(

@@ -153,6 +153,26 @@ impl KeyRing {
             .map_err(|_| OpenError::Tampered)
     }
 
+    /// Refuses base64url text that is not sealed by this ring from its first 8 characters
+    /// (6 bytes: the version and the key id), as `open` would refuse it whole. Shorter text
+    /// is left to `open`.
+    fn check_head(&self, sealed: &[u8]) -> Result<(), OpenError> {
+        let Some(head) = sealed.get(..8) else {
+            return Ok(());
+        };
+        let mut raw = [0u8; 6];
+        URL_SAFE_NO_PAD
+            .decode_slice(head, &mut raw)
+            .map_err(|_| OpenError::Encoding)?;
+        if raw[0] != VERSION {
+            return Err(OpenError::Format);
+        }
+        match self.keys.iter().any(|k| k.id == raw[1..1 + KEY_ID_LEN]) {
+            true => Ok(()),
+            false => Err(OpenError::UnknownKey),
+        }
+    }
+
     /// Like `open`, but decodes and decrypts in a reused per-thread buffer and hands the
     /// plaintext to `f`: no allocation on the hot path.
     pub fn open_with<T>(
@@ -170,6 +190,9 @@ impl KeyRing {
                 return self.open(aad, sealed).map(|p| f(&p));
             };
             buf.clear();
+            // A value that is not sealed under one of these keys (a stray cookie of the
+            // session's name) is refused from its first bytes, before the whole is decoded.
+            self.check_head(sealed)?;
             // SIMD base64: the cookie is the largest thing decoded per request.
             base64_simd::URL_SAFE_NO_PAD
                 .decode_append(sealed, &mut *buf)
@@ -249,6 +272,31 @@ mod tests {
         assert!(!rotated.mac_matches(b"q", b"d", before.as_bytes()));
         assert!(!rotated.mac_matches(b"p", b"e", before.as_bytes()));
         assert!(!rotated.mac_matches(b"p", b"d", b""));
+    }
+
+    #[test]
+    fn values_not_sealed_under_the_ring_are_refused_from_their_first_bytes() {
+        let (r, other) = (ring(1), ring(2));
+        let mine = r.seal(b"a", b"hello");
+        assert_eq!(r.check_head(mine.as_bytes()), Ok(()));
+        assert_eq!(
+            r.open_with(b"a", mine.as_bytes(), |p| p.to_vec()),
+            Ok(b"hello".to_vec())
+        );
+        // Another key's seal, its tail cut off: refused from the head alone.
+        let theirs = other.seal(b"a", b"hello");
+        assert_eq!(
+            r.check_head(&theirs.as_bytes()[..8]),
+            Err(OpenError::UnknownKey)
+        );
+        assert_eq!(
+            r.open_with(b"a", theirs.as_bytes(), |p| p.to_vec()),
+            Err(OpenError::UnknownKey)
+        );
+        assert_eq!(r.check_head(b"!!!!!!!!!!!!"), Err(OpenError::Encoding));
+        assert_eq!(r.check_head(b"AAAAAAAAAAAAAAAA"), Err(OpenError::Format));
+        // Too short to say: left to the whole decode.
+        assert_eq!(r.check_head(b"AQID"), Ok(()));
     }
 
     #[test]

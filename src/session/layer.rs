@@ -78,22 +78,19 @@ where
             let jar = CookieJar::parse(req.headers());
             self.app
                 .cookies
-                .open_active(&jar, now, &self.app.session_cache)
+                .open_active(&jar, now, &self.app.session_cache, |s| {
+                    self.app.ended(s, now)
+                })
         };
         let value = match opened {
             Ok(Some(Opened::Session(s))) => {
                 // The cookie store: everything is here, no I/O on the hot path.
-                match self.app.ended(&s, now) {
-                    Some(reason) => reject(&self.app, &mut req, reason),
-                    None => {
-                        let due = needs_refresh(&s, now, self.app.cfg.session.refresh_before);
-                        req.extensions_mut().insert(s);
-                        if due {
-                            // The refresh step may answer 503 (provider down, token expired).
-                            let inner = take_ready(&mut self.inner);
-                            return Either::Right(json_503_for_api(inner, req));
-                        }
-                    }
+                let due = needs_refresh(&s, now, self.app.cfg.session.refresh_before);
+                req.extensions_mut().insert(s);
+                if due {
+                    // The refresh step may answer 503 (provider down, token expired).
+                    let inner = take_ready(&mut self.inner);
+                    return Either::Right(json_503_for_api(inner, req));
                 }
                 return Either::Left(self.inner.call(req));
             }

@@ -92,7 +92,7 @@ impl App {
     /// The request's session, from the cookie and (for the Redis store) Redis.
     pub async fn load_session(&self, jar: &CookieJar<'_>) -> Result<Loaded, StoreError> {
         let now = now_secs();
-        match self.cookies.open(jar, now) {
+        match self.cookies.open(jar, now, |s| self.ended(s, now)) {
             Ok(None) => Ok(Loaded::None),
             Err(r) => Ok(Loaded::Rejected(r)),
             Ok(Some(v)) => self.resolve(v, now).await,
