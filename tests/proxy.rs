@@ -1167,7 +1167,12 @@ fn duplex_echo_upstream() -> u16 {
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .and_then(|v| v.trim().parse().ok())
                     .unwrap_or(0);
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                // One answer per connection, and it says so: a connection the gateway pooled
+                // and this thread then closed could meet the next request (a POST, not sent
+                // again) and fail it with 502.
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+                );
                 let mut buf = [0u8; 1024];
                 while left > 0 {
                     let n = match s.read(&mut buf[..left.min(1024)]) {
