@@ -558,6 +558,34 @@ async fn two_gateways_with_the_redis_store_refresh_once() {
     two_replicas_refresh_once(Store::Redis).await;
 }
 
+/// A copy of a signed-out session's cookie planted beside the live one (its reference,
+/// with the Redis store) does not hide the live session; alone, it is no session.
+#[tokio::test]
+async fn a_signed_out_sessions_reference_beside_the_live_one_does_not_hide_it() {
+    let redis = RedisServer::start().await;
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Redis, Some(&redis), 60);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let m = Browser::new();
+    let r = login(&m, &gw, "/", "mallory").await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let planted = m.cookie_header(&gw.url("/"));
+    let csrf = sign_out_csrf(&m, &gw).await;
+    let out = post_sign_out(&m, &gw, &csrf).await;
+    assert!(out.status.as_u16() < 400, "{}", out.dump());
+    let live = login_cookie(&gw, "alice").await;
+    for cookie in [format!("{planted}; {live}"), format!("{live}; {planted}")] {
+        let r = api(&gw, "/api/x", &cookie).await;
+        assert_eq!(r.status, 200, "{cookie}: {}", r.dump());
+        assert_eq!(upstream.last().header("x-forwarded-user"), Some("alice"));
+        assert!(r.set_cookies().is_empty(), "{}", r.dump());
+    }
+    let alone = api(&gw, "/api/x", &planted).await;
+    assert_eq!(alone.status, 401, "{}", alone.dump());
+}
+
 #[tokio::test]
 async fn revoked_grant_ends_the_session() {
     revoked_grant_ends(Store::CookieOnly).await;

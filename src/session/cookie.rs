@@ -372,6 +372,21 @@ impl SessionCookies {
             .ok_or(rejected)
     }
 
+    /// The references (Redis store) the other readings of the request's session cookies open
+    /// to, but `first`: to be looked up in turn when the first one names no live session, so
+    /// that a planted reference to a signed-out session does not hide the live one.
+    pub fn other_refs(&self, jar: &CookieJar<'_>, now: u64, first: &[u8; 16]) -> Vec<[u8; 16]> {
+        let mut out: Vec<[u8; 16]> = Vec::new();
+        for v in self.other_readings(jar) {
+            if let Ok(CookieValue::Ref(id)) = self.unseal(&v, now) {
+                if id != *first && !out.contains(&id) {
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
     /// Opens the session cookie: a whole session, or (Redis store) a reference to one.
     /// `Ok(None)`: no session cookie at all. `ended` says why a session that opened is over
     /// anyway (signed out, idle): such a reading is passed over like one that does not open,

@@ -7,7 +7,7 @@ use crate::error::{unavailable_as_json, GatewayError};
 use crate::policy::{is_browser_navigation, Rejected};
 use crate::refresh::needs_refresh;
 use crate::session::store::Loaded;
-use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, CookieValue, Opened};
+use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, Opened};
 use http::{Request, Response};
 use std::convert::Infallible;
 use std::future::Future;
@@ -99,13 +99,18 @@ where
                 reject(&self.app, &mut req, reason);
                 return Either::Left(self.inner.call(req));
             }
-            Ok(Some(Opened::Ref(id))) => CookieValue::Ref(id),
+            Ok(Some(Opened::Ref(id))) => id,
         };
-        // A reference: look the session up in Redis.
+        // A reference: look the session up in Redis (and, should it name no live session,
+        // the others the request's cookies hold).
+        let others = {
+            let jar = CookieJar::parse(req.headers());
+            self.app.cookies.other_refs(&jar, now, &value)
+        };
         let inner = take_ready(&mut self.inner);
         let app = self.app.clone();
         Either::Right(Box::pin(async move {
-            match app.resolve(value, now).await {
+            match app.resolve_ref(value, others, now).await {
                 Ok(loaded) => {
                     attach(&app, &mut req, loaded);
                     json_503_for_api(inner, req).await
