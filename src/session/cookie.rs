@@ -277,73 +277,109 @@ impl SessionCookies {
     /// a cookie of the session's name that is not the gateway's (planted under a longer path,
     /// which browsers send first, or from a sibling domain; the gateway's `Path=/` clearing
     /// cannot remove it) would otherwise end the session on every request it rides on, and
-    /// send the browser round the login for good. Tried: up to three other values of the whole
-    /// name, then the chunks. The gateway writes every chunk but the last at `CHUNK_SIZE`, so
-    /// a reading is the run of full-size chunks from `_0` (the first or the last value of
-    /// full size sent for each index) and then each short value sent for the next index (up
-    /// to three), or none. Strays of another size, or past the end, are passed over. Bounded:
-    /// a planted pile costs a few failed opens, not one per cookie (and a stray not sealed
-    /// under one of the keys fails from its first bytes).
-    fn other_readings<'a>(&self, jar: &CookieJar<'a>) -> Vec<std::borrow::Cow<'a, [u8]>> {
-        use std::borrow::Cow;
-        // A few of the whole name's, so that a pile of them leaves room for the chunks'.
+    /// send the browser round the login for good. Each reading is a list of values to join;
+    /// one whose first value is not sealed under one of the keys (checked from its first
+    /// bytes) is not counted. Tried, up to `MAX_OTHER_READINGS`:
+    /// - up to three other values of the whole name (the same one sent twice counts once);
+    /// - the chunks as the browser sent them together, `_0`, `_1`, … one after the other (the
+    ///   gateway sets them in one answer, so they arrive side by side);
+    /// - the chunks as the gateway writes them, every chunk but the last at `CHUNK_SIZE`: a
+    ///   run of full-size values from `_0` (the first or the last sent for each index), then a
+    ///   short value for the next index, or none.
+    ///
+    /// Strays of another size, or past the end, are passed over.
+    fn other_readings<'a>(&self, jar: &CookieJar<'a>) -> Vec<Vec<&'a [u8]>> {
+        let mut out: Vec<Vec<&'a [u8]>> = Vec::new();
+        let offer = |out: &mut Vec<Vec<&'a [u8]>>, parts: Vec<&'a [u8]>| {
+            let sealed = parts
+                .first()
+                .is_some_and(|p| self.keys.check_head(p).is_ok());
+            let seen = out
+                .iter()
+                .any(|o| o.len() == parts.len() && o.iter().zip(&parts).all(|(a, b)| a == b));
+            if sealed && !seen && out.len() < MAX_OTHER_READINGS {
+                out.push(parts);
+            }
+        };
         let mut whole = jar
             .pairs
             .iter()
             .filter(|(n, v)| *n == self.name && v.len() <= CHUNK_SIZE)
             .map(|&(_, v)| v);
         let first_whole = whole.next();
-        let mut out: Vec<Cow<'a, [u8]>> = Vec::new();
-        for v in whole {
-            if out.len() == MAX_WHOLE_READINGS {
+        for v in whole.filter(|v| Some(*v) != first_whole) {
+            offer(&mut out, vec![v]);
+            if out.len() >= MAX_WHOLE_READINGS {
                 break;
             }
-            // The same stray sent twice is one reading.
-            if Some(v) != first_whole && !out.iter().any(|o| **o == *v) {
-                out.push(Cow::Borrowed(v));
-            }
         }
-        // Per index: the first and the last value of full size, and up to three short ones.
+        // The chunks in the order sent, and per index the first and the last value of full
+        // size, and up to three short ones.
+        let chunks: Vec<(usize, &'a [u8])> = jar
+            .pairs
+            .iter()
+            .filter(|(n, v)| self.is_chunk(n) && !v.is_empty() && v.len() <= CHUNK_SIZE)
+            .filter_map(|&(n, v)| Some((self.chunk_index(n)?, v)))
+            .filter(|&(i, _)| i < self.max_chunks)
+            .collect();
+        // A chunk shorter than `CHUNK_SIZE` is the last: what follows it is not the session's.
+        let cut = |mut parts: Vec<&'a [u8]>| {
+            if let Some(end) = parts.iter().position(|p| p.len() < CHUNK_SIZE) {
+                parts.truncate(end + 1);
+            }
+            parts
+        };
+        let mut run: Vec<&'a [u8]> = Vec::new();
+        for &(i, v) in &chunks {
+            if i == 0 || i != run.len() {
+                if run.len() >= 2 {
+                    offer(&mut out, cut(std::mem::take(&mut run)));
+                }
+                run.clear();
+                if i != 0 {
+                    continue;
+                }
+            }
+            run.push(v);
+        }
+        if run.len() >= 2 {
+            offer(&mut out, cut(run));
+        }
         let mut full_first: [Option<&'a [u8]>; MAX_CHUNKS] = [None; MAX_CHUNKS];
         let mut full_last = full_first;
         let mut short: [[Option<&'a [u8]>; 3]; MAX_CHUNKS] = [[None; 3]; MAX_CHUNKS];
-        for &(name, value) in &jar.pairs {
-            if !self.is_chunk(name) || value.is_empty() || value.len() > CHUNK_SIZE {
-                continue;
-            }
-            let Some(i) = self.chunk_index(name).filter(|&i| i < self.max_chunks) else {
-                continue;
-            };
-            if value.len() == CHUNK_SIZE {
-                full_first[i].get_or_insert(value);
-                full_last[i] = Some(value);
+        for &(i, v) in &chunks {
+            if v.len() == CHUNK_SIZE {
+                full_first[i].get_or_insert(v);
+                full_last[i] = Some(v);
             } else if let Some(slot) = short[i].iter_mut().find(|s| s.is_none()) {
-                *slot = Some(value);
+                *slot = Some(v);
             }
         }
-        // The gateway writes every chunk but the last at full size: a run of full chunks from
-        // `_0`, then a short last chunk (strays past it do not count), or no short one at all
-        // (a session of an exact multiple of the chunk size).
         let full_run = full_first.iter().take_while(|p| p.is_some()).count();
-        let lasts = short
-            .get(full_run)
-            .into_iter()
-            .flatten()
-            .copied()
-            .chain([None]);
-        for last in lasts {
+        // The last chunk is short, at any index the full-size run reaches (a full-size stray
+        // at its own index must not hide it), or the run ends on a full chunk.
+        for k in (1..=full_run.min(MAX_CHUNKS - 1)).rev() {
+            for last in short[k].iter().flatten() {
+                for prefix in [&full_first, &full_last] {
+                    offer(
+                        &mut out,
+                        prefix[..k]
+                            .iter()
+                            .flatten()
+                            .copied()
+                            .chain([*last])
+                            .collect(),
+                    );
+                }
+            }
+        }
+        if full_run >= 2 {
             for prefix in [&full_first, &full_last] {
-                if out.len() >= MAX_OTHER_READINGS {
-                    return out;
-                }
-                let parts = prefix[..full_run].iter().chain([&last]).flatten();
-                if full_run + usize::from(last.is_some()) < 2 {
-                    continue;
-                }
-                let value: Vec<u8> = parts.flat_map(|p| p.iter()).copied().collect();
-                if !out.iter().any(|o| **o == *value) {
-                    out.push(Cow::Owned(value));
-                }
+                offer(
+                    &mut out,
+                    prefix[..full_run].iter().flatten().copied().collect(),
+                );
             }
         }
         out
@@ -367,7 +403,7 @@ impl SessionCookies {
         };
         self.other_readings(jar)
             .iter()
-            .find_map(|v| open_one(v).ok())
+            .find_map(|parts| open_one(&parts.concat()).ok())
             .map(Some)
             .ok_or(rejected)
     }
@@ -377,8 +413,8 @@ impl SessionCookies {
     /// that a planted reference to a signed-out session does not hide the live one.
     pub fn other_refs(&self, jar: &CookieJar<'_>, now: u64, first: &[u8; 16]) -> Vec<[u8; 16]> {
         let mut out: Vec<[u8; 16]> = Vec::new();
-        for v in self.other_readings(jar) {
-            if let Ok(CookieValue::Ref(id)) = self.unseal(&v, now) {
+        for parts in self.other_readings(jar) {
+            if let Ok(CookieValue::Ref(id)) = self.unseal(&parts.concat(), now) {
                 if id != *first && !out.contains(&id) {
                     out.push(id);
                 }
@@ -853,6 +889,33 @@ mod tests {
                     );
                 }
             }
+        }
+        // Full-size strays (forged chunks): one at any index on either side, or one on each
+        // side of the chunks at the same index.
+        let full = |k: usize| format!("_p_{k}={}", "Q".repeat(CHUNK_SIZE));
+        for k in 0..n + 2 {
+            for (before, after) in [(true, false), (false, true), (true, true)] {
+                let mut pairs = chunks.clone();
+                if before {
+                    pairs.insert(0, full(k));
+                }
+                if after {
+                    pairs.push(full(k));
+                }
+                assert_eq!(
+                    open(&pairs),
+                    (Ok(Some(big.clone())), Ok(true)),
+                    "full-size stray {k} ({before}, {after})"
+                );
+            }
+        }
+        // Another session's chunks split around this one's (a kept copy of one's own).
+        let mut other = big.clone();
+        other.id = [7; 16];
+        let others = pairs_of(&other);
+        for k in 0..others.len() - 1 {
+            let pairs = [&others[..=k], &chunks[..], &others[k + 1..]].concat();
+            assert_eq!(open(&pairs).0, Ok(Some(big.clone())), "split after {k}");
         }
         // Nothing that opens: the first reading's rejection.
         let none = open(&[stray.clone(), "_p=QkJCQkJC".into()]).0;

@@ -156,7 +156,7 @@ impl KeyRing {
     /// Refuses base64url text that is not sealed by this ring from its first 8 characters
     /// (6 bytes: the version and the key id), as `open` would refuse it whole. Shorter text
     /// is left to `open`.
-    fn check_head(&self, sealed: &[u8]) -> Result<(), OpenError> {
+    pub fn check_head(&self, sealed: &[u8]) -> Result<(), OpenError> {
         let Some(head) = sealed.get(..8) else {
             return Ok(());
         };
