@@ -290,14 +290,16 @@ impl SessionCookies {
     /// Strays of another size, or past the end, are passed over.
     fn other_readings<'a>(&self, jar: &CookieJar<'a>) -> Vec<Vec<&'a [u8]>> {
         let mut out: Vec<Vec<&'a [u8]>> = Vec::new();
-        let offer = |out: &mut Vec<Vec<&'a [u8]>>, parts: Vec<&'a [u8]>| {
-            let sealed = parts
-                .first()
-                .is_some_and(|p| self.keys.check_head(p).is_ok());
+        let offer = |out: &mut Vec<Vec<&'a [u8]>>, parts: Vec<&'a [u8]>, chunked: bool| {
+            let sealed = parts.first().is_some_and(|p| {
+                p.len() >= super::crypto::MIN_SEALED_CHARS && self.keys.check_head(p).is_ok()
+            });
+            // A lone chunk is never written: a whole value moved under a chunk's name.
+            let lone_chunk = parts.len() == 1 && chunked;
             let seen = out
                 .iter()
                 .any(|o| o.len() == parts.len() && o.iter().zip(&parts).all(|(a, b)| a == b));
-            if sealed && !seen && out.len() < MAX_OTHER_READINGS {
+            if sealed && !seen && !lone_chunk && out.len() < MAX_OTHER_READINGS {
                 out.push(parts);
             }
         };
@@ -308,7 +310,7 @@ impl SessionCookies {
             .map(|&(_, v)| v);
         let first_whole = whole.next();
         for v in whole.filter(|v| Some(*v) != first_whole) {
-            offer(&mut out, vec![v]);
+            offer(&mut out, vec![v], false);
             if out.len() >= MAX_WHOLE_READINGS {
                 break;
             }
@@ -333,7 +335,7 @@ impl SessionCookies {
         for &(i, v) in &chunks {
             if i == 0 || i != run.len() {
                 if run.len() >= 2 {
-                    offer(&mut out, cut(std::mem::take(&mut run)));
+                    offer(&mut out, cut(std::mem::take(&mut run)), true);
                 }
                 run.clear();
                 if i != 0 {
@@ -343,7 +345,7 @@ impl SessionCookies {
             run.push(v);
         }
         if run.len() >= 2 {
-            offer(&mut out, cut(run));
+            offer(&mut out, cut(run), true);
         }
         let mut full_first: [Option<&'a [u8]>; MAX_CHUNKS] = [None; MAX_CHUNKS];
         let mut full_last = full_first;
@@ -370,15 +372,19 @@ impl SessionCookies {
                             .copied()
                             .chain([*last])
                             .collect(),
+                        true,
                     );
                 }
             }
         }
-        if full_run >= 2 {
+        // A session of an exact multiple of `CHUNK_SIZE` ends on a full chunk, and full-size
+        // strays may follow it.
+        for k in (2..=full_run).rev() {
             for prefix in [&full_first, &full_last] {
                 offer(
                     &mut out,
-                    prefix[..full_run].iter().flatten().copied().collect(),
+                    prefix[..k].iter().flatten().copied().collect(),
+                    true,
                 );
             }
         }
@@ -1027,6 +1033,56 @@ mod tests {
         assert_eq!(lines.len(), 2);
         let h = request_headers(&lines);
         assert_eq!(c.open_session(&CookieJar::parse(&h), 10), Ok(Some(s)));
+    }
+
+    /// Strays beside a session of an exact multiple of the chunk size (its last chunk full
+    /// too), short garbage of the whole name, and a whole value under a chunk's name.
+    #[test]
+    fn strays_beside_full_last_chunks_short_garbage_and_lone_chunks() {
+        let c = cookies(8);
+        let pairs_of = |s: &Session| -> Vec<String> {
+            c.set_session(s, &CookieJar::default(), 10)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+                .collect()
+        };
+        let open = |pairs: &[String]| {
+            let mut h = HeaderMap::new();
+            h.insert(COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());
+            let opened = c.open_session(&CookieJar::parse(&h), 10);
+            opened
+        };
+        let exact = (4000..7000)
+            .map(session)
+            .find(|s| {
+                let p = pairs_of(s);
+                p.len() == 2 && p.iter().all(|l| l.len() == "_p_0=".len() + CHUNK_SIZE)
+            })
+            .expect("a session of exactly two full chunks");
+        let chunks = pairs_of(&exact);
+        let full_stray = format!("_p_2={}", "Q".repeat(CHUNK_SIZE));
+        for pairs in [
+            [chunks.clone(), vec![full_stray.clone()]].concat(),
+            [vec![full_stray.clone()], chunks.clone()].concat(),
+            vec![chunks[0].clone(), full_stray.clone(), chunks[1].clone()],
+        ] {
+            assert_eq!(open(&pairs), Ok(Some(exact.clone())));
+        }
+        // Short garbage of the whole name is no reading: any number of it.
+        let small = session(10);
+        let whole = pairs_of(&small);
+        let garbage: Vec<String> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|v| format!("_p={v}"))
+            .collect();
+        assert_eq!(
+            open(&[garbage, whole.clone()].concat()),
+            Ok(Some(small.clone()))
+        );
+        // A whole value under `_0`, with a junk `_1`: still no session.
+        let moved = whole[0].replacen("_p=", "_p_0=", 1);
+        assert!(open(&[moved, "_p_1=x".into()]).is_err());
     }
 
     /// Each store opens its own kind of cookie only: a reference is no session to the cookie

@@ -14,6 +14,8 @@ const KEY_ID_LEN: usize = 4;
 const NONCE_LEN: usize = 12;
 const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
 const TAG_LEN: usize = 16;
+/// The shortest text `seal` makes (an empty plaintext): anything shorter is not sealed.
+pub const MIN_SEALED_CHARS: usize = ((HEADER_LEN + TAG_LEN) * 4).div_ceil(3);
 
 /// Why a sealed value did not open. Callers treat all of them as "no session";
 /// the reason feeds metrics and debug logs.
