@@ -732,6 +732,15 @@ mod tests {
         }
     }
 
+    /// The `name=value` pairs a browser sends back for `s`'s `Set-Cookie` lines.
+    fn cookie_pairs(c: &SessionCookies, s: &Session) -> Vec<String> {
+        c.set_session(s, &CookieJar::default(), 10)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+            .collect()
+    }
+
     fn request_headers(set_cookies: &[HeaderValue]) -> HeaderMap {
         let pairs: Vec<String> = set_cookies
             .iter()
@@ -778,13 +787,7 @@ mod tests {
     fn stray_cookies_of_the_sessions_names_do_not_hide_it() {
         let c = cookies(8);
         let cache = SessionCache::new(1 << 20);
-        let pairs_of = |s: &Session| -> Vec<String> {
-            c.set_session(s, &CookieJar::default(), 10)
-                .unwrap()
-                .iter()
-                .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
-                .collect()
-        };
+        let pairs_of = |s: &Session| cookie_pairs(&c, s);
         let open = |pairs: &[String]| {
             let mut h = HeaderMap::new();
             h.insert(COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());
@@ -935,16 +938,7 @@ mod tests {
     fn an_ended_session_planted_beside_the_live_one_does_not_hide_it() {
         let c = cookies(8);
         let cache = SessionCache::new(1 << 20);
-        let pair = |s: &Session| -> String {
-            let lines = c.set_session(s, &CookieJar::default(), 10).unwrap();
-            lines[0]
-                .to_str()
-                .unwrap()
-                .split(';')
-                .next()
-                .unwrap()
-                .to_string()
-        };
+        let pair = |s: &Session| cookie_pairs(&c, s).remove(0);
         let live = session(10);
         let mut signed_out = session(10);
         signed_out.id = [9; 16];
@@ -1040,13 +1034,7 @@ mod tests {
     #[test]
     fn strays_beside_full_last_chunks_short_garbage_and_lone_chunks() {
         let c = cookies(8);
-        let pairs_of = |s: &Session| -> Vec<String> {
-            c.set_session(s, &CookieJar::default(), 10)
-                .unwrap()
-                .iter()
-                .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
-                .collect()
-        };
+        let pairs_of = |s: &Session| cookie_pairs(&c, s);
         let open = |pairs: &[String]| {
             let mut h = HeaderMap::new();
             h.insert(COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());

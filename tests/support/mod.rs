@@ -206,6 +206,19 @@ pub async fn post_sign_out(b: &Browser, gw: &Gateway, csrf: &str) -> Resp {
     .await
 }
 
+/// Logs `user` in, keeps a copy of the session's cookies and signs out: the copy still
+/// decrypts, but names a session that is over.
+pub async fn signed_out_copy(gw: &Gateway, user: &str) -> String {
+    let b = Browser::new();
+    let r = login(&b, gw, "/", user).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let copy = b.cookie_header(&gw.url("/"));
+    let csrf = sign_out_csrf(&b, gw).await;
+    let out = post_sign_out(&b, gw, &csrf).await;
+    assert!(out.status.as_u16() < 400, "{}", out.dump());
+    copy
+}
+
 /// The authorization URL and the flow cookie of a login the gateway started
 /// (`resp` is the gateway's 302 to the provider).
 pub fn auth_redirect(resp: &Resp) -> (String, SetCookie) {
