@@ -246,6 +246,14 @@ fn single_flight(c: &mut Criterion) {
     });
 }
 
+/// The single-threaded runtime the in-process benchmarks run on, as a one-core gateway's.
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// An upstream in this process that answers 200 "ok" only with a bearer, like the load
 /// harness's; returns its port.
 async fn spawn_upstream() -> u16 {
@@ -279,13 +287,7 @@ async fn spawn_upstream() -> u16 {
 
 /// The whole request path: hyper client → portcullis (in-process, real sockets) → upstream.
 fn whole_stack(c: &mut Criterion) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => panic!("{e}"),
-    };
+    let rt = current_thread();
     let (gateway_url, cookie) = rt.block_on(async {
         let up_port = spawn_upstream().await;
         let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -322,13 +324,7 @@ fn whole_stack(c: &mut Criterion) {
 /// header hygiene, metrics) and the pooled client's exchange with an in-process upstream.
 fn stack_in_process(c: &mut Criterion) {
     use tower::Service;
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => panic!("{e}"),
-    };
+    let rt = current_thread();
     let (stack, cookie) = rt.block_on(async {
         let up_port = spawn_upstream().await;
         let cfg = Arc::new(config(up_port, 4180));

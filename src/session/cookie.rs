@@ -291,9 +291,7 @@ impl SessionCookies {
     fn other_readings<'a>(&self, jar: &CookieJar<'a>) -> Vec<Vec<&'a [u8]>> {
         let mut out: Vec<Vec<&'a [u8]>> = Vec::new();
         let offer = |out: &mut Vec<Vec<&'a [u8]>>, parts: Vec<&'a [u8]>, chunked: bool| {
-            let sealed = parts.first().is_some_and(|p| {
-                p.len() >= super::crypto::MIN_SEALED_CHARS && self.keys.check_head(p).is_ok()
-            });
+            let sealed = parts.first().is_some_and(|p| self.keys.may_open(p));
             // A lone chunk is never written: a whole value moved under a chunk's name.
             let lone_chunk = parts.len() == 1 && chunked;
             let seen = out
@@ -741,6 +739,17 @@ mod tests {
             .collect()
     }
 
+    /// A `_p=` pair that looks sealed under `c`'s key (its head is a real one) but does not
+    /// open: another session's value with one character of its ciphertext changed.
+    fn forged(c: &SessionCookies, k: u8) -> String {
+        let mut s = session(10);
+        s.id = [k; 16];
+        let mut pair = cookie_pairs(c, &s).remove(0).into_bytes();
+        let mid = pair.len() / 2;
+        pair[mid] = if pair[mid] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(pair).unwrap()
+    }
+
     fn request_headers(set_cookies: &[HeaderValue]) -> HeaderMap {
         let pairs: Vec<String> = set_cookies
             .iter()
@@ -809,14 +818,20 @@ mod tests {
                 "_p_1=QUFB".into(),
                 whole[0].clone(),
             ],
+            // Three forged values (each takes a turn): the whole name's bound.
             vec![
-                stray.clone(),
-                "_p=QkJCQkJC".into(),
-                "_p=Q0NDQ0ND".into(),
+                forged(&c, 1),
+                forged(&c, 2),
+                forged(&c, 3),
                 whole[0].clone(),
             ],
-            // The same stray many times is one reading.
-            [vec![stray.clone(); 6], vec![whole[0].clone()]].concat(),
+            // The same forged value many times is one reading.
+            [
+                vec![forged(&c, 1)],
+                vec![forged(&c, 2); 6],
+                vec![whole[0].clone()],
+            ]
+            .concat(),
         ] {
             assert_eq!(
                 open(&pairs),
@@ -845,7 +860,10 @@ mod tests {
                 with(&["_p_9=QUFBQUFB"], true),
             ),
             ("a pile of whole-name strays", with(&["_p=QUFB"; 8], true)),
-            ("three whole-name strays", with(&["_p=QUFB"; 3], true)),
+            (
+                "three forged whole-name strays",
+                with(&[&forged(&c, 1), &forged(&c, 2), &forged(&c, 3)], true),
+            ),
             (
                 "two strays past the end",
                 with(&[&past_end, &format!("_p_{}=QUFB", n + 1)], false),

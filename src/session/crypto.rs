@@ -15,7 +15,7 @@ const NONCE_LEN: usize = 12;
 const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
 const TAG_LEN: usize = 16;
 /// The shortest text `seal` makes (an empty plaintext): anything shorter is not sealed.
-pub const MIN_SEALED_CHARS: usize = ((HEADER_LEN + TAG_LEN) * 4).div_ceil(3);
+const MIN_SEALED_CHARS: usize = ((HEADER_LEN + TAG_LEN) * 4).div_ceil(3);
 
 /// Why a sealed value did not open. Callers treat all of them as "no session";
 /// the reason feeds metrics and debug logs.
@@ -158,7 +158,7 @@ impl KeyRing {
     /// Refuses base64url text that is not sealed by this ring from its first 8 characters
     /// (6 bytes: the version and the key id), as `open` would refuse it whole. Shorter text
     /// is left to `open`.
-    pub fn check_head(&self, sealed: &[u8]) -> Result<(), OpenError> {
+    fn check_head(&self, sealed: &[u8]) -> Result<(), OpenError> {
         let Some(head) = sealed.get(..8) else {
             return Ok(());
         };
@@ -173,6 +173,12 @@ impl KeyRing {
             true => Ok(()),
             false => Err(OpenError::UnknownKey),
         }
+    }
+
+    /// Whether base64url text may be sealed by this ring: as long as the shortest seal, with
+    /// the version and a known key id in its head. False is certain; true still needs `open`.
+    pub fn may_open(&self, sealed: &[u8]) -> bool {
+        sealed.len() >= MIN_SEALED_CHARS && self.check_head(sealed).is_ok()
     }
 
     /// Like `open`, but decodes and decrypts in a reused per-thread buffer and hands the
@@ -299,6 +305,10 @@ mod tests {
         assert_eq!(r.check_head(b"AAAAAAAAAAAAAAAA"), Err(OpenError::Format));
         // Too short to say: left to the whole decode.
         assert_eq!(r.check_head(b"AQID"), Ok(()));
+        assert!(r.may_open(mine.as_bytes()));
+        assert!(!r.may_open(theirs.as_bytes()));
+        // A head of the right key, too short to be a seal.
+        assert!(!r.may_open(&mine.as_bytes()[..40]));
     }
 
     #[test]

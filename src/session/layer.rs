@@ -82,7 +82,7 @@ where
                     self.app.ended(s, now)
                 })
         };
-        let value = match opened {
+        let id = match opened {
             Ok(Some(Opened::Session(s))) => {
                 // The cookie store: everything is here, no I/O on the hot path.
                 let due = needs_refresh(&s, now, self.app.cfg.session.refresh_before);
@@ -103,14 +103,14 @@ where
         };
         // A reference: look the session up in Redis (and, should it name no live session,
         // the others the request's cookies hold).
-        let others = {
-            let jar = CookieJar::parse(req.headers());
-            self.app.cookies.other_refs(&jar, now, &value)
-        };
         let inner = take_ready(&mut self.inner);
         let app = self.app.clone();
         Either::Right(Box::pin(async move {
-            match app.resolve_ref(value, others, now).await {
+            let loaded = {
+                let jar = CookieJar::parse(req.headers());
+                app.resolve_ref(id, &jar, now).await
+            };
+            match loaded {
                 Ok(loaded) => {
                     attach(&app, &mut req, loaded);
                     json_503_for_api(inner, req).await

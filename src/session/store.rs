@@ -95,28 +95,26 @@ impl App {
         match self.cookies.open(jar, now, |s| self.ended(s, now)) {
             Ok(None) => Ok(Loaded::None),
             Err(r) => Ok(Loaded::Rejected(r)),
-            Ok(Some(CookieValue::Ref(id))) => {
-                let others = self.cookies.other_refs(jar, now, &id);
-                self.resolve_ref(id, others, now).await
-            }
+            Ok(Some(CookieValue::Ref(id))) => self.resolve_ref(id, jar, now).await,
             Ok(Some(v)) => self.resolve(v, now).await,
         }
     }
 
     /// A reference's session; when it names none that is live (a planted reference to a
-    /// signed-out session), the `others` the request's cookies also open to, in turn. The
-    /// first reference's answer stands when none of them does better.
+    /// signed-out session), the other references `jar` opens to, in turn (looked for only
+    /// then). The first reference's answer stands when none of them does better, or when
+    /// Redis fails on one of them.
     pub async fn resolve_ref(
         &self,
         id: [u8; 16],
-        others: Vec<[u8; 16]>,
+        jar: &CookieJar<'_>,
         now: u64,
     ) -> Result<Loaded, StoreError> {
         let first = self.resolve(CookieValue::Ref(id), now).await?;
         if !matches!(first, Loaded::Rejected(_)) {
             return Ok(first);
         }
-        for other in others {
+        for other in self.cookies.other_refs(jar, now, &id) {
             match self.resolve(CookieValue::Ref(other), now).await {
                 Ok(found @ Loaded::Session(_)) => return Ok(found),
                 Ok(_) => {}
