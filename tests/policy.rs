@@ -378,8 +378,20 @@ async fn api_routes_answer_401_and_allow_rules_answer_403() {
             }
         }
     }
-    // Also as PHP spells it: `.`, ` ` (`+`) or `[` for the leading `_`.
-    for query in ["_method", ".method", "+method", "%20method", "[method"] {
+    // Also as PHP reads it: leading spaces dropped (`+` or `%20`), the name cut at a NUL or
+    // a `[`, a `.` for the `_`.
+    for query in [
+        "_method",
+        ".method",
+        "+method",
+        "%20method",
+        "[method",
+        "%20_method",
+        "+_method",
+        "_method%00",
+        "_method%00junk",
+        "_method%5B%5D",
+    ] {
         let r = bob
             .request(
                 "POST",

@@ -226,13 +226,18 @@ pub fn method_override(
     Ok(found)
 }
 
-/// `_method`, also as PHP reads a query's names: a leading `.`, ` ` or `[` becomes `_`, so
-/// `.method` reaches a PHP app (Laravel, Symfony) as `_method`.
+/// `_method`, also as PHP (Laravel, Symfony) reads a query's names: leading spaces dropped,
+/// the name cut at a NUL and at a `[` (`_method[]` is PHP's array of that name), and a `.` or
+/// ` ` taken for `_`, so `%20_method`, `.method` and `_method%00x` all reach the app as
+/// `_method`. ` method` and `[method`, which PHP drops, count too: refusing them costs nothing.
 fn is_method_param(name: &str) -> bool {
-    match name.as_bytes() {
+    let name = name.split('\0').next().unwrap_or(name);
+    let as_php = name.trim_start_matches(' ');
+    let as_php = as_php.split('[').next().unwrap_or(as_php);
+    [name, as_php].iter().any(|n| match n.as_bytes() {
         [b'_' | b'.' | b' ' | b'[', rest @ ..] => rest == b"method",
         _ => false,
-    }
+    })
 }
 
 /// Any match of any list lets the user pass; all lists empty lets everyone pass.
@@ -476,6 +481,36 @@ fn route_host(h: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_params_as_php_reads_them() {
+        for name in [
+            "_method",
+            ".method",
+            " method",
+            "[method",
+            " _method",
+            "   .method",
+            "_method\0",
+            "_method\0junk",
+            "_method[]",
+            "_method[x]",
+            " _method[",
+        ] {
+            assert!(is_method_param(name), "{name:?}");
+        }
+        for name in [
+            "method",
+            "_methods",
+            "__method",
+            "_method_",
+            "x_method",
+            "\0_method",
+            "_Method",
+        ] {
+            assert!(!is_method_param(name), "{name:?}");
+        }
+    }
 
     fn id(email: &str, verified: bool, groups: &[&str]) -> Identity {
         Identity {
