@@ -365,8 +365,8 @@ pub const SPOOFABLE_NAMES: [&str; 33] = [
 /// The prefix of forward-auth's answer headers (oauth2-proxy's, and the gateway's own).
 const AUTH_REQUEST: &[u8] = b"x-auth-request-";
 
-/// Headers that frame or route a request, whose `_` spelling a client must not pass on
-/// (`Content_Length`, `Transfer_Encoding`, `Keep_Alive`…): servers that give `_` and `-` the same
+/// Headers that frame or route a request, whose other spellings a client must not pass on
+/// (`Content_Length`, `Transfer.Encoding`, `Keep_Alive`…): servers that give `_` and `-` the same
 /// variable (Puma before 6.4.3 among them) would read the client's value as the real header,
 /// a request the upstream frames differently than the gateway did, on a pooled connection that
 /// carries other users' requests next.
@@ -424,9 +424,9 @@ impl Spoofable {
         }
     }
 
-    /// Is this a spoofable name? Header names are already lower-case; `_` and `-` are
-    /// compared as the same (CGI, PHP and WSGI servers give both the same variable). The `_`
-    /// spelling of a header that frames or routes the request goes too.
+    /// Is this a spoofable name? Header names are already lower-case; `_`, `-` and the other
+    /// punctuation are compared as the same (see `same_dashed`). Another spelling of a header
+    /// that frames or routes the request (`Content_Length`, `Transfer.Encoding`) goes too.
     fn matches(&self, name: &HeaderName) -> bool {
         let k = name.as_str().as_bytes();
         // The length first, `_` last: most names fail at once (memchr on a name this short
@@ -436,18 +436,21 @@ impl Spoofable {
             .is_some_and(|names| names.iter().any(|n| same_dashed(k, n)))
             || FRAMING_NAMES
                 .iter()
-                .any(|n| n.len() == k.len() && same_dashed(k, n.as_bytes()) && k.contains(&b'_'))
+                .any(|n| n.len() == k.len() && same_dashed(k, n.as_bytes()) && k != n.as_bytes())
             // Every `X-Auth-Request-*`: what a forward-auth gateway tells its proxy (and the
             // proxy may pass on, as `-Redirect`), never a client's to say.
             || (k.len() > AUTH_REQUEST.len() && same_dashed(&k[..AUTH_REQUEST.len()], AUTH_REQUEST))
     }
 }
 
-/// Header-name equality where `_` and `-` count as the same, either way round: a configured
-/// `X_Remote_User` is spoofed by a client's `X-Remote-User` as much as the reverse (nginx and
-/// gunicorn drop names with `_` by default, so the app would see the client's alone).
+/// Header-name equality where `-`, `_` and every other character that is not a letter or a
+/// digit count as the same, either way round. CGI-style servers give such names one variable
+/// (`HTTP_X_REMOTE_USER`: Apache, PHP and WSGI servers make `-` a `_`, lighttpd every such
+/// character), so a configured `X_Remote_User` is spoofed by a client's `X-Remote-User` as
+/// much as the reverse, and `X.Remote.User` spoofs both (nginx and gunicorn drop names with
+/// `_` by default, so the app would see the client's alone).
 pub fn same_dashed(client: &[u8], ours: &[u8]) -> bool {
-    let dash = |b: u8| if b == b'_' { b'-' } else { b };
+    let dash = |b: u8| if b.is_ascii_alphanumeric() { b } else { b'-' };
     client.len() == ours.len() && client.iter().zip(ours).all(|(&c, &o)| dash(c) == dash(o))
 }
 
@@ -788,6 +791,8 @@ mod tests {
             "x-forwarded-user",
             "x_forwarded_user",
             "x-forwarded_email",
+            "x.forwarded.groups",
+            "x~forwarded*preferred-username",
             "authorization",
             "x-real-ip",
             "accept",
@@ -826,11 +831,13 @@ mod tests {
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, [format!("x-{}", "a".repeat(80))]);
 
-        // The `_` spelling of a header that frames or routes the request; the real ones stay.
+        // Another spelling of a header that frames or routes the request; the real ones stay.
         let mut h = HeaderMap::new();
         for n in [
             "content_length",
             "transfer_encoding",
+            "content.length",
+            "transfer~encoding",
             "content-length",
             "host",
             "x_host_x",
