@@ -256,6 +256,13 @@ async fn sign_out_revocation_authenticates_as_the_token_endpoint_does() {
 // 2. JWKS re-fetch on an unknown kid
 // ---------------------------------------------------------------------------------------
 
+fn jwks_fetches(idp: &Idp) -> usize {
+    idp.requests()
+        .iter()
+        .filter(|l| l.contains(" GET /jwks "))
+        .count()
+}
+
 #[tokio::test]
 async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
     let gw_port = free_port();
@@ -264,12 +271,6 @@ async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
     let mut idp = Idp::start(&env).await;
     let upstream = Upstream::start();
     let gw = Gateway::start(GatewayOpts::new(gw_port, &idp, &upstream.url())).await;
-    let jwks_fetches = |idp: &Idp| {
-        idp.requests()
-            .iter()
-            .filter(|l| l.contains(" GET /jwks "))
-            .count()
-    };
 
     let (b, cb) = login_attempt(&gw, "alice").await;
     assert_logged_in(&gw, &b, &cb).await;
@@ -344,6 +345,35 @@ async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
         jwks_fetches(&idp) >= 1,
         "the gateway fetched the new provider's JWKS\n{}",
         idp.tails()
+    );
+}
+
+/// A provider that replaces its signing key under the same `kid`: the ID token's signature
+/// does not verify with the key the gateway holds, so the JWKS is re-fetched at once, rather
+/// than every login failing until a restart.
+#[tokio::test]
+async fn a_key_replaced_under_the_same_kid_is_fetched_at_once() {
+    let gw_port = free_port();
+    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
+    let env = [
+        ("IDP_REDIRECT_URIS", redirect.as_str()),
+        ("IDP_SIGNING_KID", "the-signing-key"),
+    ];
+    let mut idp = Idp::start(&env).await;
+    let upstream = Upstream::start();
+    let gw = Gateway::start(GatewayOpts::new(gw_port, &idp, &upstream.url())).await;
+    let (b, cb) = login_attempt(&gw, "alice").await;
+    assert_logged_in(&gw, &b, &cb).await;
+
+    idp.restart(&env).await;
+    let (b, cb) = login_attempt(&gw, "bob").await;
+    assert_logged_in(&gw, &b, &cb).await;
+    assert_eq!(upstream.last().header("x-forwarded-user"), Some("bob"));
+    assert_eq!(
+        jwks_fetches(&idp),
+        1,
+        "one JWKS fetch for the replaced key\n{}",
+        gw.tails()
     );
 }
 

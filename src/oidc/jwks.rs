@@ -7,6 +7,11 @@ use std::time::{Duration, Instant};
 /// An unknown `kid` forces a JWKS re-fetch at most this often.
 pub const REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The most keys a token is tried against: keys of different types, or a rotation, may share
+/// a `kid`, but a key set of hundreds under one `kid` would make every token (logout tokens
+/// come from anyone) cost hundreds of signature checks.
+const MAX_TRIED: usize = 4;
+
 /// When a token signed with an unknown `kid` may force a JWKS re-fetch: at most once per
 /// [`REFETCH_MIN_INTERVAL`], counted from the last *forced* re-fetch. The start-up fetch does not
 /// count, so a key the provider rotated in just after the gateway started is fetched at once; a
@@ -164,7 +169,10 @@ impl KeySet {
             .iter()
             .filter(move |k| kid.is_some() && k.kid.as_deref() == kid)
             .filter(fits);
-        only.into_iter().chain(by_kid).map(|k| &k.key)
+        only.into_iter()
+            .chain(by_kid)
+            .take(MAX_TRIED)
+            .map(|k| &k.key)
     }
 
     /// Decodes and verifies `token` with the first of its candidate keys whose signature

@@ -13,6 +13,8 @@ pub enum LogoutTokenError {
     Malformed,
     #[error("no provider key for the logout token")]
     UnknownKey,
+    #[error("logout token signature does not verify with the provider's keys")]
+    BadSignature,
     #[error("logout token rejected: {0}")]
     Invalid(String),
     #[error("logout token has no back-channel logout event")]
@@ -93,7 +95,10 @@ pub fn validate(
     let c = keys
         .decode::<Claims>(token, kid.as_deref(), alg, &v)
         .ok_or(LogoutTokenError::UnknownKey)?
-        .map_err(|e| LogoutTokenError::Invalid(e.to_string()))?;
+        .map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => LogoutTokenError::BadSignature,
+            _ => LogoutTokenError::Invalid(e.to_string()),
+        })?;
     match c.iat {
         Some(iat)
             if iat <= now + skew.as_secs()

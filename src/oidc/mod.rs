@@ -684,18 +684,29 @@ impl Provider {
             now: crate::session::now_secs(),
         };
         match idtoken::validate(token, &self.keys.load(), &exp) {
-            Err(IdTokenError::UnknownKey(_)) => {
-                // An ID token comes from the token endpoint for a valid code or refresh
-                // token, so it cannot be sent in a flood: a failed re-fetch is not counted,
-                // and the next login asks again instead of failing the token as unsigned.
-                self.refetch_jwks(&self.jwks_refetch, true).await?;
-                Ok(idtoken::validate(token, &self.keys.load(), &exp)?)
+            // A key we do not have, or one the provider replaced under the same `kid` (or
+            // its only key, without one): the keys are re-fetched. An ID token comes from the
+            // token endpoint for a valid code or refresh token, so it cannot be sent in a
+            // flood: a failed re-fetch is not counted, and the next login asks again instead
+            // of failing the token as unsigned.
+            Err(IdTokenError::UnknownKey(_) | IdTokenError::BadSignature) => {
+                let fetched = self.refetch_jwks(&self.jwks_refetch, true).await?;
+                match idtoken::validate(token, &self.keys.load(), &exp) {
+                    // No re-fetch was due: the provider's new key may simply not be here
+                    // yet, so the key is not available rather than the token forged.
+                    Err(IdTokenError::BadSignature) if !fetched => {
+                        let kid = idtoken::header(token).ok().and_then(|(kid, _)| kid);
+                        Err(IdTokenError::UnknownKey(kid.unwrap_or_default()).into())
+                    }
+                    r => Ok(r?),
+                }
             }
             r => Ok(r?),
         }
     }
 
-    /// Validates a back-channel logout token (an unknown `kid` re-fetches the JWKS once).
+    /// Validates a back-channel logout token (an unknown `kid`, or a signature that does not
+    /// verify, re-fetches the JWKS once, within the logout tokens' own budget).
     pub async fn validate_logout_token(
         &self,
         token: &str,
@@ -712,7 +723,7 @@ impl Provider {
             )
         };
         match check(&self.keys.load()) {
-            Err(logout::LogoutTokenError::UnknownKey) => {
+            Err(logout::LogoutTokenError::UnknownKey | logout::LogoutTokenError::BadSignature) => {
                 self.refetch_jwks(&self.logout_jwks_refetch, false).await?;
                 check(&self.keys.load()).map_err(|e| ProviderError::Invalid(e.to_string()))
             }
@@ -720,26 +731,29 @@ impl Provider {
         }
     }
 
-    /// A token named a key we do not have: re-fetch the JWKS, unless an unknown `kid` already
-    /// forced a re-fetch within `budget`'s interval (then the keys stay as they are). A caller
-    /// that waited for another's re-fetch validates against the keys it brought. With
-    /// `retry_failed`, a fetch that failed is not counted against the budget.
+    /// A token named a key we do not have, or its signature did not verify with the one we
+    /// have: re-fetch the JWKS, unless a token already forced a re-fetch within `budget`'s
+    /// interval (then the keys stay as they are: `Ok(false)`). A caller that waited for
+    /// another's re-fetch validates against the keys it brought. With `retry_failed`, a fetch
+    /// that failed is not counted against the budget.
     async fn refetch_jwks(
         &self,
         budget: &tokio::sync::Mutex<RefetchLimit>,
         retry_failed: bool,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<bool, ProviderError> {
         let d = self.discovered()?;
         let mut limit = budget.lock().await;
         if !limit.claim(Instant::now()) {
-            return Ok(());
+            return Ok(false);
         }
-        tracing::info!("unknown signing key id: re-fetching the provider's JWKS");
+        tracing::info!(
+            "token signed with a key not among the provider's known ones: re-fetching its JWKS"
+        );
         let fetched = self.fetch_jwks(&d.meta.jwks_uri).await;
         if fetched.is_err() && retry_failed {
             limit.unclaim();
         }
-        fetched
+        fetched.map(|()| true)
     }
 }
 

@@ -41,6 +41,8 @@
 //                                    "redirect_uris":["http://127.0.0.1:5000/oauth2/callback"]}]
 //                                  (grant_types/response_types/scope default to
 //                                  the main client's when omitted)
+//   IDP_SIGNING_KID                the signing key's kid (default: a fresh UUID per
+//                                  start; fixed, a restart replaces the key under it)
 //   IDP_ACCESS_TOKEN_TTL           access token TTL in seconds (default 3600)
 //   IDP_ID_TOKEN_TTL               ID token TTL in seconds (default = access TTL)
 //   IDP_REFRESH_TOKEN_TTL          refresh token TTL in seconds (default 14 days)
@@ -278,7 +280,7 @@ function isLoopbackUrl(url) {
 
 // fresh signing key per IdP start (RS256)
 const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
-const signingJwk = { ...privateKey.export({ format: 'jwk' }), use: 'sig', alg: 'RS256', kid: crypto.randomUUID() };
+const signingJwk = { ...privateKey.export({ format: 'jwk' }), use: 'sig', alg: 'RS256', kid: env.IDP_SIGNING_KID || crypto.randomUUID() };
 
 const configuration = {
   adapter: MapAdapter,
