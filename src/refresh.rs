@@ -98,8 +98,10 @@ pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
 /// When an access token issued at `now` expires: from the provider's `expires_in`, or, when
 /// the answer leaves it out, from the token's own `exp` if it is a JWT (0: unknown, never
 /// refreshed for its age). A lifetime past the end of time is no reason to wrap into the past.
+/// An `expires_in` of 0 says as little as an `exp` already past: taken at its word, every
+/// request would refresh (and get 0 again).
 pub fn access_expiry(now: u64, expires_in: Option<Duration>, access_token: &str) -> u64 {
-    match expires_in {
+    match expires_in.filter(|d| d.as_secs() > 0) {
         Some(d) => now.saturating_add(d.as_secs()),
         None => jwt_expiry(access_token)
             .filter(|exp| *exp > now)
@@ -800,6 +802,12 @@ mod tests {
             access_expiry(5000, Some(Duration::from_secs(u64::MAX - 10)), "opaque");
         assert!(!needs_refresh(&s, 5000 + 3600, before));
         assert_eq!(access_expiry(5000, None, "opaque"), 0, "not stated");
+        // `expires_in: 0`: as if not stated (a JWT's `exp` still tells), not due at once.
+        let zero = Some(Duration::ZERO);
+        assert_eq!(access_expiry(5000, zero, "opaque"), 0);
+        assert_eq!(access_expiry(5000, zero, &jwt(r#"{"exp":8600}"#)), 8600);
+        s.access_expires_at = access_expiry(5000, zero, "opaque");
+        assert!(!needs_refresh(&s, 5000, before));
     }
 
     fn jwt(claims: &str) -> String {
