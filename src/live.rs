@@ -79,6 +79,7 @@ pub async fn build(
         },
     ));
     let adopted = prev.is_some_and(|p| provider.adopt(&p.provider));
+    tokio::spawn(provider.clone().keep_keys_fresh());
     if !adopted {
         match prev {
             Some(p) if p.provider.is_ready() => {

@@ -377,6 +377,39 @@ async fn a_key_replaced_under_the_same_kid_is_fetched_at_once() {
     );
 }
 
+/// The keys are fetched again every `provider.jwks_refresh_interval` with no token asking
+/// for it, so a key the provider removed stops being trusted without a restart.
+#[tokio::test]
+async fn the_keys_are_fetched_again_every_refresh_interval() {
+    let gw_port = free_port();
+    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
+    let env = [("IDP_REDIRECT_URIS", redirect.as_str())];
+    let mut idp = Idp::start(&env).await;
+    let upstream = Upstream::start();
+    let gw = Gateway::start(GatewayOpts {
+        provider_extra: vec!["jwks_refresh_interval: 1s".into()],
+        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
+    })
+    .await;
+    let (b, cb) = login_attempt(&gw, "alice").await;
+    assert_logged_in(&gw, &b, &cb).await;
+
+    // A new provider (a new key under a new kid), and no login to name it.
+    idp.restart(&env).await;
+    let deadline = Instant::now() + EVENTUALLY;
+    while jwks_fetches(&idp) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the JWKS was not fetched again on its own\n{}\n{}",
+            gw.tails(),
+            idp.tails()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (b, cb) = login_attempt(&gw, "bob").await;
+    assert_logged_in(&gw, &b, &cb).await;
+}
+
 /// Anyone can post a logout token naming an unknown `kid`: that costs the provider a JWKS
 /// fetch now and then, but not the re-fetch a login needs when the provider's signing key
 /// changes (logins and logout tokens have budgets of their own).

@@ -836,6 +836,17 @@ cookie:
         assert_eq!(keys_of(load_str(&skew, none())), ["provider.clock_skew"]);
         let skew = MINIMAL.replace("  scopes:", "  clock_skew: 1h\n  scopes:");
         assert!(load_str(&skew, none()).is_ok());
+        let jwks = MINIMAL.replace("  scopes:", "  jwks_refresh_interval: 0s\n  scopes:");
+        assert_eq!(
+            keys_of(load_str(&jwks, none())),
+            ["provider.jwks_refresh_interval"]
+        );
+        let jwks = MINIMAL.replace("  scopes:", "  jwks_refresh_interval: 15m\n  scopes:");
+        let cfg = load_str(&jwks, none()).unwrap();
+        assert_eq!(
+            cfg.provider.jwks_refresh_interval,
+            std::time::Duration::from_secs(900)
+        );
         // Forward-auth's names, like the forwarded ones, each need their own.
         assert_eq!(
             keys_of(with("forward_auth: { access_token: X-Auth-Request-User }")),

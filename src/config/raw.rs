@@ -125,6 +125,10 @@ pub struct RawProvider {
     pub token_auth_method: String,
     #[serde(with = "duration")]
     pub clock_skew: Duration,
+    /// How often the provider's JWKS is fetched again, so that a key it removed stops being
+    /// trusted without a restart.
+    #[serde(with = "duration")]
+    pub jwks_refresh_interval: Duration,
     /// On sign-out, revoke the session's refresh token at the provider's
     /// `revocation_endpoint` (RFC 7009), when discovery names one.
     pub revoke_on_sign_out: bool,
@@ -140,6 +144,7 @@ impl Default for RawProvider {
             scopes: vec!["openid".into(), "email".into(), "profile".into()],
             token_auth_method: "auto".into(),
             clock_skew: Duration::from_secs(60),
+            jwks_refresh_interval: Duration::from_secs(3600),
             revoke_on_sign_out: true,
         }
     }

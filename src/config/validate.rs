@@ -90,6 +90,8 @@ pub struct ProviderConfig {
     pub scopes: Vec<String>,
     pub token_auth_method: TokenAuthMethod,
     pub clock_skew: Duration,
+    /// How often the JWKS is fetched again (besides a token naming a key not held).
+    pub jwks_refresh_interval: Duration,
     /// Revoke a signed-out session's refresh token (or access token) at the provider.
     pub revoke_on_sign_out: bool,
 }
@@ -628,6 +630,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             "must be at most 1h: a larger skew accepts ID tokens long expired",
         );
     }
+    if p.jwks_refresh_interval < Duration::from_secs(1) {
+        c.err(
+            "provider.jwks_refresh_interval",
+            "must be at least 1s (the keys are fetched again this often)",
+        );
+    }
     let token_auth_method = match p.token_auth_method.as_str() {
         "auto" => TokenAuthMethod::Auto,
         "client_secret_basic" => TokenAuthMethod::ClientSecretBasic,
@@ -1147,6 +1155,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             scopes: p.scopes.clone(),
             token_auth_method,
             clock_skew: p.clock_skew,
+            jwks_refresh_interval: p.jwks_refresh_interval,
             revoke_on_sign_out: p.revoke_on_sign_out,
         },
         cookie: CookieConfig {

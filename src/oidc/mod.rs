@@ -237,6 +237,7 @@ pub struct Provider {
     scopes: Vec<Scope>,
     auth_method: TokenAuthMethod,
     clock_skew: Duration,
+    jwks_refresh_interval: Duration,
     groups_claim: String,
     http: ProviderHttp,
     discovered: ArcSwapOption<Discovered>,
@@ -300,6 +301,7 @@ impl Provider {
                 .collect(),
             auth_method: cfg.provider.token_auth_method,
             clock_skew: cfg.provider.clock_skew,
+            jwks_refresh_interval: cfg.provider.jwks_refresh_interval,
             groups_claim: cfg.authorization.groups_claim.clone(),
             http,
             discovered: ArcSwapOption::empty(),
@@ -427,6 +429,32 @@ impl Provider {
             drop(p);
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Fetches the JWKS again every `provider.jwks_refresh_interval`, so that a key the
+    /// provider removed stops being trusted (and one it added is held before a token names
+    /// it), until the config generation this provider belongs to is gone. A failed fetch keeps
+    /// the keys: tokens signed with them still validate while the provider is down.
+    pub async fn keep_keys_fresh(self: Arc<Self>) {
+        let interval = self.jwks_refresh_interval;
+        let provider = Arc::downgrade(&self);
+        drop(self);
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(p) = provider.upgrade() else {
+                return;
+            };
+            // Not discovered yet: discovery fetches the keys.
+            let Ok(d) = p.discovered() else {
+                continue;
+            };
+            match p.fetch_jwks(&d.meta.jwks_uri).await {
+                Ok(()) => tracing::debug!(keys = p.keys.load().len(), "provider JWKS refreshed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "provider JWKS refresh failed; the keys held are kept")
+                }
+            }
         }
     }
 
