@@ -1451,6 +1451,22 @@ async fn backchannel_logout_ends_the_session_on_both(store: Store) {
         assert_eq!(r.status, 400, "replay: {}", r.dump());
         assert_eq!(r.json()["error"], "invalid_request");
     }
+    // A token sent twice is ambiguous (RFC 6749 §3.1), whatever the copies hold.
+    let twice = format!("{}&{}", tokens[0], tokens[0]);
+    let r = send(
+        "POST",
+        &s.a.url("/oauth2/backchannel_logout"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        twice,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.dump());
+    assert_eq!(
+        r.json()["error_description"],
+        "logout_token sent more than once",
+        "{}",
+        r.dump()
+    );
     // Garbage and a missing token.
     for body in ["logout_token=garbage", "logout_token=a.b.c", "other=1", ""] {
         let r = send(

@@ -58,11 +58,17 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
         Ok(b) => b,
         Err(e) => return answer(e.status(), Some(e.reason())),
     };
-    let Some(token) = url::form_urlencoded::parse(&form)
-        .find(|(k, _)| k == "logout_token")
-        .map(|(_, v)| v.into_owned())
-    else {
-        return answer(StatusCode::BAD_REQUEST, Some("missing logout_token"));
+    // One logout_token: a parameter sent twice is an ambiguous request (RFC 6749 §3.1).
+    let mut tokens = url::form_urlencoded::parse(&form).filter(|(k, _)| k == "logout_token");
+    let token = match (tokens.next(), tokens.next()) {
+        (Some((_, v)), None) => v.into_owned(),
+        (None, _) => return answer(StatusCode::BAD_REQUEST, Some("missing logout_token")),
+        (Some(_), Some(_)) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                Some("logout_token sent more than once"),
+            )
+        }
     };
     let claims = match app.provider.validate_logout_token(&token).await {
         Ok(c) => c,
