@@ -263,39 +263,76 @@ fn jwks_fetches(idp: &Idp) -> usize {
         .count()
 }
 
+/// A gateway (with extra `provider:` lines) in front of an IdP started with `idp_env`, alice
+/// signed in through it.
+struct KeyStack {
+    idp_env: Vec<(String, String)>,
+    idp: Idp,
+    upstream: Upstream,
+    gw: Gateway,
+}
+
+impl KeyStack {
+    async fn start(idp_env: &[(&str, &str)], provider_extra: &[&str]) -> Self {
+        let gw_port = free_port();
+        let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
+        let idp_env: Vec<(String, String)> = [("IDP_REDIRECT_URIS", redirect.as_str())]
+            .iter()
+            .chain(idp_env)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let idp = Idp::start(&pairs(&idp_env)).await;
+        let upstream = Upstream::start();
+        let gw = Gateway::start(GatewayOpts {
+            provider_extra: provider_extra.iter().map(|s| s.to_string()).collect(),
+            ..GatewayOpts::new(gw_port, &idp, &upstream.url())
+        })
+        .await;
+        let (b, cb) = login_attempt(&gw, "alice").await;
+        assert_logged_in(&gw, &b, &cb).await;
+        Self {
+            idp_env,
+            idp,
+            upstream,
+            gw,
+        }
+    }
+
+    /// A fresh provider on the same port and settings: a new signing key.
+    async fn restart_idp(&mut self) {
+        self.idp.restart(&pairs(&self.idp_env)).await;
+    }
+}
+
+fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 #[tokio::test]
 async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
-    let gw_port = free_port();
-    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
-    let env = [("IDP_REDIRECT_URIS", redirect.as_str())];
-    let mut idp = Idp::start(&env).await;
-    let upstream = Upstream::start();
-    let gw = Gateway::start(GatewayOpts::new(gw_port, &idp, &upstream.url())).await;
-
-    let (b, cb) = login_attempt(&gw, "alice").await;
-    assert_logged_in(&gw, &b, &cb).await;
+    let mut s = KeyStack::start(&[], &[]).await;
 
     // A fresh provider on the same port (new signing key, new kid), a moment after the
     // gateway fetched the old keys at start-up. That fetch does not count against the rate
     // limit: the first unknown kid re-fetches the JWKS at once and the login succeeds.
-    idp.restart(&env).await;
+    s.restart_idp().await;
     let before_refetch = Instant::now();
-    let (b, cb) = login_attempt(&gw, "alice").await;
+    let (b, cb) = login_attempt(&s.gw, "alice").await;
     let after_refetch = Instant::now();
-    assert_logged_in(&gw, &b, &cb).await;
+    assert_logged_in(&s.gw, &b, &cb).await;
     assert_eq!(
-        jwks_fetches(&idp),
+        jwks_fetches(&s.idp),
         1,
         "one JWKS fetch for the new key\n{}",
-        idp.tails()
+        s.idp.tails()
     );
 
     // The key changes again right away. Within 10 s of that forced re-fetch no other is
     // allowed (a flood of unknown kids costs the provider one fetch per 10 s), so the
     // callback fails — but only a callback answered before `before_refetch + 10 s` is surely
     // inside that window.
-    idp.restart(&env).await;
-    let (_, early) = login_attempt(&gw, "bob").await;
+    s.restart_idp().await;
+    let (_, early) = login_attempt(&s.gw, "bob").await;
     if Instant::now() < before_refetch + JWKS_MIN_INTERVAL {
         assert_error_page(
             &early,
@@ -308,10 +345,10 @@ async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
             early.dump()
         );
         assert_eq!(
-            jwks_fetches(&idp),
+            jwks_fetches(&s.idp),
             0,
             "no JWKS fetch within the rate limit\n{}",
-            idp.tails()
+            s.idp.tails()
         );
     } else {
         eprintln!(
@@ -325,7 +362,7 @@ async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
     tokio::time::sleep_until((after_refetch + JWKS_MIN_INTERVAL).into()).await;
     let deadline = Instant::now() + EVENTUALLY;
     let (b, cb) = loop {
-        let (b, cb) = login_attempt(&gw, "bob").await;
+        let (b, cb) = login_attempt(&s.gw, "bob").await;
         if cb.status == 302 {
             break (b, cb);
         }
@@ -334,17 +371,17 @@ async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
             Instant::now() < deadline,
             "no login succeeded with the new key: {}\n{}\n{}",
             cb.dump(),
-            gw.tails(),
-            idp.tails()
+            s.gw.tails(),
+            s.idp.tails()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    assert_logged_in(&gw, &b, &cb).await;
-    assert_eq!(upstream.last().header("x-forwarded-user"), Some("bob"));
+    assert_logged_in(&s.gw, &b, &cb).await;
+    assert_eq!(s.upstream.last().header("x-forwarded-user"), Some("bob"));
     assert!(
-        jwks_fetches(&idp) >= 1,
+        jwks_fetches(&s.idp) >= 1,
         "the gateway fetched the new provider's JWKS\n{}",
-        idp.tails()
+        s.idp.tails()
     );
 }
 
@@ -353,27 +390,17 @@ async fn new_signing_key_is_fetched_at_once_then_rate_limited() {
 /// than every login failing until a restart.
 #[tokio::test]
 async fn a_key_replaced_under_the_same_kid_is_fetched_at_once() {
-    let gw_port = free_port();
-    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
-    let env = [
-        ("IDP_REDIRECT_URIS", redirect.as_str()),
-        ("IDP_SIGNING_KID", "the-signing-key"),
-    ];
-    let mut idp = Idp::start(&env).await;
-    let upstream = Upstream::start();
-    let gw = Gateway::start(GatewayOpts::new(gw_port, &idp, &upstream.url())).await;
-    let (b, cb) = login_attempt(&gw, "alice").await;
-    assert_logged_in(&gw, &b, &cb).await;
+    let mut s = KeyStack::start(&[("IDP_SIGNING_KID", "the-signing-key")], &[]).await;
 
-    idp.restart(&env).await;
-    let (b, cb) = login_attempt(&gw, "bob").await;
-    assert_logged_in(&gw, &b, &cb).await;
-    assert_eq!(upstream.last().header("x-forwarded-user"), Some("bob"));
+    s.restart_idp().await;
+    let (b, cb) = login_attempt(&s.gw, "bob").await;
+    assert_logged_in(&s.gw, &b, &cb).await;
+    assert_eq!(s.upstream.last().header("x-forwarded-user"), Some("bob"));
     assert_eq!(
-        jwks_fetches(&idp),
+        jwks_fetches(&s.idp),
         1,
         "one JWKS fetch for the replaced key\n{}",
-        gw.tails()
+        s.gw.tails()
     );
 }
 
@@ -381,33 +408,22 @@ async fn a_key_replaced_under_the_same_kid_is_fetched_at_once() {
 /// for it, so a key the provider removed stops being trusted without a restart.
 #[tokio::test]
 async fn the_keys_are_fetched_again_every_refresh_interval() {
-    let gw_port = free_port();
-    let redirect = format!("http://127.0.0.1:{gw_port}/oauth2/callback");
-    let env = [("IDP_REDIRECT_URIS", redirect.as_str())];
-    let mut idp = Idp::start(&env).await;
-    let upstream = Upstream::start();
-    let gw = Gateway::start(GatewayOpts {
-        provider_extra: vec!["jwks_refresh_interval: 1s".into()],
-        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
-    })
-    .await;
-    let (b, cb) = login_attempt(&gw, "alice").await;
-    assert_logged_in(&gw, &b, &cb).await;
+    let mut s = KeyStack::start(&[], &["jwks_refresh_interval: 1s"]).await;
 
     // A new provider (a new key under a new kid), and no login to name it.
-    idp.restart(&env).await;
+    s.restart_idp().await;
     let deadline = Instant::now() + EVENTUALLY;
-    while jwks_fetches(&idp) < 2 {
+    while jwks_fetches(&s.idp) < 2 {
         assert!(
             Instant::now() < deadline,
             "the JWKS was not fetched again on its own\n{}\n{}",
-            gw.tails(),
-            idp.tails()
+            s.gw.tails(),
+            s.idp.tails()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (b, cb) = login_attempt(&gw, "bob").await;
-    assert_logged_in(&gw, &b, &cb).await;
+    let (b, cb) = login_attempt(&s.gw, "bob").await;
+    assert_logged_in(&s.gw, &b, &cb).await;
 }
 
 /// Anyone can post a logout token naming an unknown `kid`: that costs the provider a JWKS
