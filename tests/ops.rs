@@ -2324,7 +2324,8 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     let mut cfg = OpsConfig::new(GatewayOpts {
         extra: "trusted_proxies: [\"127.0.0.1/32\"]\nroutes:\n  \
                 - { prefix: \"/writes/\", methods: [\"POST\"], allow: { groups: [\"admins\"] } }\n  \
-                - { prefix: \"/api/\", auth: api }"
+                - { prefix: \"/api/\", auth: api }\n  \
+                - { prefix: \"/\", host: \"admin.test\", allow: { groups: [\"admins\"] } }"
             .into(),
         ..GatewayOpts::new(gw_port, &idp, &upstream.url())
     });
@@ -2373,6 +2374,22 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     );
     assert_eq!(rec.header("x-user"), Some("alice"), "{rec:?}");
     assert_eq!(rec.header("x-email"), Some("alice@example.test"), "{rec:?}");
+    // The client's own say under forward-auth's answer names stays out of the app's request.
+    let spoofed = send(
+        "GET",
+        &nginx.url("/some/page"),
+        &[
+            ("cookie", b.cookie_header(&nginx.url("/")).as_str()),
+            ("x-auth-request-user", "mallory"),
+            ("x-auth-request-access-token", "forged"),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(spoofed.status, 200, "{}", spoofed.dump());
+    let rec = upstream.last();
+    assert_eq!(rec.header("x-auth-request-user"), None, "{rec:?}");
+    assert_eq!(rec.header("x-auth-request-access-token"), None, "{rec:?}");
 
     // nginx asks with GET whatever the method: the rules of a route for POST apply to the
     // POST only because the snippet passes the method on.
@@ -2426,6 +2443,20 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
             "Host {host}: the POST reached the upstream"
         );
     }
+
+    // nginx serves the site a request line names (`GET http://admin.test/…`) whatever the
+    // Host header says: the snippet names that site to the gateway (`$host`, not the client's
+    // `$http_host`), so admin.test's rules apply.
+    let before = upstream.count();
+    let absolute = format!(
+        "GET http://admin.test/some/page HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nCookie: {cookie}\r\n\
+         Accept: application/json\r\nConnection: close\r\n\r\n",
+        nginx.port
+    );
+    let r = support::corpus::raw_exchange(nginx.port, absolute.as_bytes(), Duration::from_secs(10))
+        .await;
+    assert_eq!(r.status, Some(403), "{}\n{}", r.text, nginx.tails());
+    assert_eq!(upstream.count(), before, "admin.test's page reached alice");
 
     // Without a session, through nginx, only a browser navigation on a login route is sent
     // to log in: an `auth: api` route (even for a browser) and an API caller anywhere get

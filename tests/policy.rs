@@ -1201,6 +1201,11 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
         format!("X-Original-URL: http://{host}#/admin/x"),
         format!("X-Original-URL: http://{host}"),
         url("/admin/x#/public/"),
+        // nginx serves the site named before the first `:`; a port that is not one, or
+        // userinfo, would have the gateway judge the request as another (no) site's.
+        "X-Original-URL: http://app.test:abc/admin/x".to_string(),
+        "X-Original-URL: http://app.test:80@other.test/admin/x".to_string(),
+        "X-Original-URL: http://app.test:+80/admin/x".to_string(),
     ] {
         let r = raw_exchange(port, &ask("/oauth2/auth", &[&bad]), Duration::from_secs(10)).await;
         assert_eq!(r.status, Some(400), "{bad}: {}", r.text);
@@ -1224,6 +1229,13 @@ async fn forward_auth_decides_by_the_original_request_and_refuses_ambiguous_ones
         ],
         [url("/admin/x"), "X-Forwarded-Host: user@a.test".into()],
         [url("/admin/x"), "X-Forwarded-Host: a.test/x".into()],
+        // The URL's site and X-Forwarded-Host's differ (Traefik sends its own X-Forwarded-Host
+        // and passes a client's X-Original-URL on).
+        [url("/admin/x"), "X-Forwarded-Host: other.test".into()],
+        [
+            "X-Original-URL: http://other.test/admin/x".into(),
+            "X-Forwarded-Uri: /admin/x\r\nX-Forwarded-Host: app.test".into(),
+        ],
     ] {
         let two: Vec<&str> = two.iter().map(String::as_str).collect();
         assert_eq!(

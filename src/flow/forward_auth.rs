@@ -296,10 +296,23 @@ fn original<'a>(
         ),
         (None, None) => None,
     };
-    let host = uri
-        .authority()
-        .map(|a| host_only(a.as_str()))
-        .or(forwarded_host);
+    // The site the proxy served. The URL's authority is held to a Host's rules: nginx picks
+    // its server by the Host up to the first `:`, so `app.test:abc` or `app.test:80@x` would
+    // be judged as no site of the routes' while nginx serves `app.test`. Both it and an
+    // X-Forwarded-Host naming a site, they must name the same one: Traefik sends its own
+    // X-Forwarded-Host and passes a client's X-Original-URL on.
+    let url_host = match uri.authority() {
+        Some(a) if !valid_forwarded_host(a.as_str().as_bytes()) => {
+            return Err(Ambiguous("x-original-url"))
+        }
+        a => a.map(|a| host_only(a.as_str())),
+    };
+    if let (Some(u), Some(f)) = (url_host, forwarded_host) {
+        if !u.eq_ignore_ascii_case(f) {
+            return Err(Ambiguous("x-forwarded-host"));
+        }
+    }
+    let host = url_host.or(forwarded_host);
     let route = match &method {
         Some(method) => {
             held_under_override(app, method, h, uri.query(), host, &path)?;
