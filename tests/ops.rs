@@ -2390,7 +2390,11 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     assert_eq!(spoofed.status, 200, "{}", spoofed.dump());
     let rec = upstream.last();
     assert_eq!(rec.header("x-auth-request-user"), None, "{rec:?}");
-    assert_eq!(rec.header("x-auth-request-preferred-username"), None, "{rec:?}");
+    assert_eq!(
+        rec.header("x-auth-request-preferred-username"),
+        None,
+        "{rec:?}"
+    );
     assert_eq!(rec.header("x-auth-request-access-token"), None, "{rec:?}");
 
     // nginx asks with GET whatever the method: the rules of a route for POST apply to the
