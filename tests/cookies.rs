@@ -12,19 +12,24 @@ fn session_header(b: &Browser, s: &Stack) -> String {
     b.cookie_header(&s.gw.url("/"))
 }
 
+/// A browser navigation to `path` with a raw `Cookie` header.
+async fn navigate(gw: &Gateway, path: &str, cookie: &str) -> Resp {
+    send(
+        "GET",
+        &gw.url(path),
+        &[("accept", BROWSER_ACCEPT), ("cookie", cookie)],
+        Vec::new(),
+    )
+    .await
+}
+
 /// A cookie that must not count as a session: a browser navigation is sent to the
 /// provider and an API call gets 401, both clearing the session cookie (and the
 /// listed chunk cookies); nothing reaches the upstream.
 /// Returns the API call's response.
 async fn assert_rejected(s: &mut Stack, what: &str, cookie: &str, cleared: &[&str]) -> Resp {
     let before = s.upstream.count();
-    let nav = send(
-        "GET",
-        &s.gw.url("/private?x=1"),
-        &[("accept", BROWSER_ACCEPT), ("cookie", cookie)],
-        Vec::new(),
-    )
-    .await;
+    let nav = navigate(&s.gw, "/private?x=1", cookie).await;
     assert_eq!(nav.status, 302, "{what}: browser: {}", nav.dump());
     assert!(
         nav.location()
@@ -204,13 +209,7 @@ async fn a_stray_cookie_of_the_sessions_name_does_not_hide_the_session() {
         format!("_portcullis=QUFBQUFB; {real}"),
         format!("{real}; _portcullis=QUFBQUFB"),
     ] {
-        let r = send(
-            "GET",
-            &s.gw.url("/c/after"),
-            &[("accept", BROWSER_ACCEPT), ("cookie", &cookie)],
-            Vec::new(),
-        )
-        .await;
+        let r = navigate(&s.gw, "/c/after", &cookie).await;
         assert_eq!(r.status, 200, "{cookie}: {}", r.dump());
         assert!(r.set_cookies().is_empty(), "{}", r.dump());
     }
@@ -236,13 +235,7 @@ async fn a_signed_out_sessions_cookie_beside_the_live_one_does_not_hide_it() {
     let real = session_header(&b, &s);
     let before = s.upstream.count();
     for cookie in [format!("{planted}; {real}"), format!("{real}; {planted}")] {
-        let r = send(
-            "GET",
-            &s.gw.url("/c/after"),
-            &[("accept", BROWSER_ACCEPT), ("cookie", &cookie)],
-            Vec::new(),
-        )
-        .await;
+        let r = navigate(&s.gw, "/c/after", &cookie).await;
         assert_eq!(r.status, 200, "{cookie}: {}", r.dump());
         assert!(r.set_cookies().is_empty(), "{}", r.dump());
         assert_eq!(s.upstream.last().header("x-forwarded-user"), Some("alice"));
@@ -555,13 +548,7 @@ async fn key_rotation_old_cookies_open_with_a_second_key() {
         r.dump()
     );
     assert!(r.set_cookie("_portcullis").is_some_and(|c| c.is_removal()));
-    let nav = send(
-        "GET",
-        &gw_c.url("/data"),
-        &[("accept", BROWSER_ACCEPT), ("cookie", &old_cookie)],
-        Vec::new(),
-    )
-    .await;
+    let nav = navigate(&gw_c, "/data", &old_cookie).await;
     assert_eq!(nav.status, 302, "{}", nav.dump());
     assert!(nav
         .set_cookie("_portcullis")

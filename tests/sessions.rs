@@ -109,6 +109,17 @@ async fn api(gw: &Gateway, path: &str, cookie: &str) -> Resp {
     .await
 }
 
+/// A back-channel logout delivery to `gw`, as the provider posts it (`body`: the form).
+async fn post_logout(gw: &Gateway, body: impl Into<bytes::Bytes>) -> Resp {
+    send(
+        "POST",
+        &gw.url("/oauth2/backchannel_logout"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        body,
+    )
+    .await
+}
+
 /// A browser navigation (`Accept: text/html`) with a raw `Cookie` header.
 async fn navigate(gw: &Gateway, path: &str, cookie: &str) -> Resp {
     send(
@@ -1441,25 +1452,13 @@ async fn backchannel_logout_ends_the_session_on_both(store: Store) {
 
     // The same logout token again, to either gateway: refused (one use, across replicas).
     for gw in [&s.a, &s.b] {
-        let r = send(
-            "POST",
-            &gw.url("/oauth2/backchannel_logout"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            tokens[0].clone(),
-        )
-        .await;
+        let r = post_logout(gw, tokens[0].clone()).await;
         assert_eq!(r.status, 400, "replay: {}", r.dump());
         assert_eq!(r.json()["error"], "invalid_request");
     }
     // A token sent twice is ambiguous (RFC 6749 §3.1), whatever the copies hold.
     let twice = format!("{}&{}", tokens[0], tokens[0]);
-    let r = send(
-        "POST",
-        &s.a.url("/oauth2/backchannel_logout"),
-        &[("content-type", "application/x-www-form-urlencoded")],
-        twice,
-    )
-    .await;
+    let r = post_logout(&s.a, twice).await;
     assert_eq!(r.status, 400, "{}", r.dump());
     assert_eq!(
         r.json()["error_description"],
@@ -1469,13 +1468,7 @@ async fn backchannel_logout_ends_the_session_on_both(store: Store) {
     );
     // Garbage and a missing token.
     for body in ["logout_token=garbage", "logout_token=a.b.c", "other=1", ""] {
-        let r = send(
-            "POST",
-            &s.a.url("/oauth2/backchannel_logout"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            body,
-        )
-        .await;
+        let r = post_logout(&s.a, body).await;
         assert_eq!(r.status, 400, "{body:?}: {}", r.dump());
     }
     // Only the spec's form post (a charset parameter is fine: the token is then refused as
@@ -1519,13 +1512,7 @@ async fn backchannel_logout_retried_after_a_redis_stall_ends_the_session() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     s.redis.signal("CONT");
     eventually("the provider's retry is applied", || async {
-        let r = send(
-            "POST",
-            &s.a.url("/oauth2/backchannel_logout"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            token.clone(),
-        )
-        .await;
+        let r = post_logout(&s.a, token.clone()).await;
         if r.status == 200 {
             Ok(())
         } else {
