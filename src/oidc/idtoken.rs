@@ -1,7 +1,7 @@
 //! ID-token validation (OpenID Connect Core §3.1.3.7): signature via JWKS,
 //! `iss`, `aud`, `azp`, `exp`/`iat`/`nbf` with clock skew, `nonce`, a usable `sub`.
 
-use super::jwks::KeySet;
+use super::jwks::{KeySet, Refusal};
 use crate::config::secret::ct_eq;
 use crate::session::Identity;
 use jsonwebtoken::{Algorithm, Validation};
@@ -264,10 +264,10 @@ pub fn validate(
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
     let all = keys
         .decode::<ClaimSet>(token, kid.as_deref(), alg, &v)
-        .ok_or_else(|| IdTokenError::UnknownKey(kid.clone().unwrap_or_default()))?
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::InvalidSignature => IdTokenError::BadSignature,
-            _ => IdTokenError::Invalid(e.to_string()),
+        .map_err(|e| match e {
+            Refusal::NoKey => IdTokenError::UnknownKey(kid.clone().unwrap_or_default()),
+            Refusal::BadSignature => IdTokenError::BadSignature,
+            Refusal::Invalid(e) => IdTokenError::Invalid(e.to_string()),
         })?;
     let groups = groups(&all, exp.groups_claim);
     let c: Claims = serde_json::from_value(serde_json::Value::Object(all))

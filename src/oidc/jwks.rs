@@ -176,34 +176,46 @@ impl KeySet {
     }
 
     /// Decodes and verifies `token` with the first of its candidate keys whose signature
-    /// holds. `None`: no key fits its `kid` and algorithm.
+    /// holds.
     pub fn decode<T: serde::de::DeserializeOwned>(
         &self,
         token: &str,
         kid: Option<&str>,
         alg: Algorithm,
         validation: &jsonwebtoken::Validation,
-    ) -> Option<Result<T, jsonwebtoken::errors::Error>> {
+    ) -> Result<T, Refusal> {
         use jsonwebtoken::errors::ErrorKind;
-        let mut last = None;
+        let mut refusal = Refusal::NoKey;
         for key in self.candidates(kid, alg) {
             match jsonwebtoken::decode::<T>(token, key, validation) {
-                Ok(data) => return Some(Ok(data.claims)),
+                Ok(data) => return Ok(data.claims),
                 // Another key of the same kid may be the one: try it.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::InvalidSignature | ErrorKind::InvalidKeyFormat
-                    ) =>
-                {
-                    last = Some(Err(e))
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
+                    refusal = Refusal::BadSignature
+                }
+                // A key that cannot verify this algorithm says nothing of the signature.
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidKeyFormat) => {
+                    if !matches!(refusal, Refusal::BadSignature) {
+                        refusal = Refusal::Invalid(e)
+                    }
                 }
                 // Signature good, claims bad (signature is checked first): final.
-                Err(e) => return Some(Err(e)),
+                Err(e) => return Err(Refusal::Invalid(e)),
             }
         }
-        last
+        Err(refusal)
     }
+}
+
+/// Why a token did not decode against the key set.
+#[derive(Debug)]
+pub enum Refusal {
+    /// No key fits its `kid` and algorithm: one the provider may have added since.
+    NoKey,
+    /// Its signature holds with none of the keys of its `kid`: a forgery, or a key the
+    /// provider replaced under the same `kid`.
+    BadSignature,
+    Invalid(jsonwebtoken::errors::Error),
 }
 
 #[cfg(test)]

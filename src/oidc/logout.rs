@@ -1,6 +1,6 @@
 //! Back-channel logout tokens (OpenID Connect Back-Channel Logout 1.0 §2.6).
 
-use super::jwks::KeySet;
+use super::jwks::{KeySet, Refusal};
 use jsonwebtoken::Validation;
 use serde::Deserialize;
 use std::time::Duration;
@@ -94,10 +94,10 @@ pub fn validate(
     v.set_required_spec_claims(&["iss", "aud"]);
     let c = keys
         .decode::<Claims>(token, kid.as_deref(), alg, &v)
-        .ok_or(LogoutTokenError::UnknownKey)?
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::InvalidSignature => LogoutTokenError::BadSignature,
-            _ => LogoutTokenError::Invalid(e.to_string()),
+        .map_err(|e| match e {
+            Refusal::NoKey => LogoutTokenError::UnknownKey,
+            Refusal::BadSignature => LogoutTokenError::BadSignature,
+            Refusal::Invalid(e) => LogoutTokenError::Invalid(e.to_string()),
         })?;
     match c.iat {
         Some(iat)

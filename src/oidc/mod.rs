@@ -697,7 +697,8 @@ impl Provider {
         }
     }
 
-    /// Validates an ID token; an unknown `kid` re-fetches the JWKS (rate-limited) once.
+    /// Validates an ID token; an unknown `kid`, or a signature that does not verify,
+    /// re-fetches the JWKS (rate-limited) once.
     pub async fn validate_id_token(
         &self,
         token: &str,

@@ -183,9 +183,9 @@ pub fn valid_host_bytes(authority: &[u8]) -> bool {
 }
 
 /// Headers with which a POST asks to be taken as another method (in any spelling that
-/// `same_dashed` takes for them, as CGI-style servers read them), honoured by Rails (Rack), Laravel, Symfony, Express's
-/// method-override and ASP.NET Core; Symfony, Laravel and Express also read a `_method` query
-/// parameter.
+/// `same_dashed` takes for them, as CGI-style servers read them), honoured by Rails (Rack),
+/// Laravel, Symfony, Express's method-override and ASP.NET Core; Symfony, Laravel and Express
+/// also read a `_method` query parameter.
 const METHOD_OVERRIDES: [&[u8]; 3] = [
     b"x-http-method-override",
     b"x-http-method",
