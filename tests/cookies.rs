@@ -12,17 +12,6 @@ fn session_header(b: &Browser, s: &Stack) -> String {
     b.cookie_header(&s.gw.url("/"))
 }
 
-/// A browser navigation to `path` with a raw `Cookie` header.
-async fn navigate(gw: &Gateway, path: &str, cookie: &str) -> Resp {
-    send(
-        "GET",
-        &gw.url(path),
-        &[("accept", BROWSER_ACCEPT), ("cookie", cookie)],
-        Vec::new(),
-    )
-    .await
-}
-
 /// A cookie that must not count as a session: a browser navigation is sent to the
 /// provider and an API call gets 401, both clearing the session cookie (and the
 /// listed chunk cookies); nothing reaches the upstream.

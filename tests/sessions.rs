@@ -120,17 +120,6 @@ async fn post_logout(gw: &Gateway, body: impl Into<bytes::Bytes>) -> Resp {
     .await
 }
 
-/// A browser navigation (`Accept: text/html`) with a raw `Cookie` header.
-async fn navigate(gw: &Gateway, path: &str, cookie: &str) -> Resp {
-    send(
-        "GET",
-        &gw.url(path),
-        &[("accept", BROWSER_ACCEPT), ("cookie", cookie)],
-        Vec::new(),
-    )
-    .await
-}
-
 /// Sleeps until a token the gateway received before `issued_by` is due for a refresh
 /// (`AT_TTL - refresh_before` later; the gateway counts whole seconds from its receipt).
 async fn until_due(issued_by: Instant, refresh_before: u64) {

@@ -29,6 +29,17 @@ pub const CLIENT_ID: &str = "portcullis";
 pub const CLIENT_SECRET: &str = "portcullis-demo-secret";
 pub const BROWSER_ACCEPT: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
 
+/// A browser navigation (`Accept: text/html`) to `path` with a raw `Cookie` header.
+pub async fn navigate(gw: &Gateway, path: &str, cookie: &str) -> Resp {
+    send(
+        "GET",
+        &gw.url(path),
+        &[("accept", BROWSER_ACCEPT), ("cookie", cookie)],
+        Vec::new(),
+    )
+    .await
+}
+
 /// A cookie secret (base64 of 32 bytes) derived from a seed, so tests can name keys.
 pub fn key(seed: u8) -> String {
     use base64::Engine;
