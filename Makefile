@@ -57,8 +57,8 @@ test: deps build
 	PORTCULLIS_BIN=$(PORTCULLIS_BIN) bash scripts/check-deploy.sh
 	PORTCULLIS_BIN=$(PORTCULLIS_BIN) $(NODE) $(JS_DIR)/browser-e2e.mjs
 
-# only the browser end-to-end test (expects an existing release build)
-e2e: deps
+# only the browser end-to-end test (against the release build)
+e2e: deps build
 	PORTCULLIS_BIN=$(PORTCULLIS_BIN) $(NODE) $(JS_DIR)/browser-e2e.mjs
 
 lint: check-cargo

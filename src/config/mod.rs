@@ -388,7 +388,25 @@ cookie:
             |headers: &str| keys_of(load_str(&format!("{MINIMAL}headers: {headers}\n"), none()));
         assert_eq!(with("{ user: X-Request-Id }"), ["headers.request_id"]);
         assert_eq!(with("{ email: x-forwarded-user }"), ["headers.email"]);
+        // Spellings a CGI-style app reads as one name are one name.
+        assert_eq!(with("{ user: X_Forwarded_Email }"), ["headers.email"]);
+        assert_eq!(with("{ groups: X_Forwarded_For }"), ["headers.groups"]);
+        assert_eq!(with("{ groups: Content_Length }"), ["headers.groups"]);
         assert!(with("{ user: X-Auth-User, email: X-Auth-Email }").is_empty());
+        let forward_auth = |names: &str| {
+            keys_of(load_str(
+                &format!("{MINIMAL}forward_auth: {names}\n"),
+                none(),
+            ))
+        };
+        // A forward-auth answer may carry the bearer as `Authorization` (the proxy copies it
+        // onto its request), but never a `Host`, which would reroute that request.
+        assert!(forward_auth("{ access_token: Authorization }").is_empty());
+        assert_eq!(forward_auth("{ user: Host }"), ["forward_auth.user"]);
+        assert_eq!(
+            forward_auth("{ user: X-Auth, email: X_Auth }"),
+            ["forward_auth.email"]
+        );
     }
 
     #[test]

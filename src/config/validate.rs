@@ -4,6 +4,7 @@ use super::raw::RawConfig;
 use super::secret::{decode_cookie_key, CookieKey, Secret};
 use super::{ConfigError, ConfigErrors};
 use crate::flow::redirect;
+use crate::proxy::headers::same_dashed;
 use http::header::HeaderName;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -365,8 +366,7 @@ fn is_address_of(u: &UpstreamConfig, addr: SocketAddr) -> bool {
 }
 
 /// Names the gateway sets on the forwarded request itself (the bearer, the forwarding headers).
-const SET_BY_GATEWAY: [&str; 7] = [
-    "host",
+const SET_BY_GATEWAY: [&str; 6] = [
     "authorization",
     "proxy-authorization",
     "forwarded",
@@ -376,7 +376,8 @@ const SET_BY_GATEWAY: [&str; 7] = [
 ];
 
 /// Names that frame or route a message, or carry cookies: no header of identity may take them.
-const FRAMING: [&str; 10] = [
+const FRAMING: [&str; 11] = [
+    "host",
     "cookie",
     "set-cookie",
     "content-length",
@@ -389,18 +390,24 @@ const FRAMING: [&str; 10] = [
     "trailer",
 ];
 
-/// An identity header's name: valid, and none that frames messages or carries cookies; for
-/// the forwarded request (`gateway_sets`), none the gateway sets itself either. Forward-auth
-/// answers may use those: the proxy copies them onto its request (Traefik's
-/// `authResponseHeaders: [Authorization]` is a known setup).
+/// An identity header's name: valid, and none that frames or routes messages or carries
+/// cookies; for the forwarded request (`gateway_sets`), none the gateway sets itself either.
+/// Forward-auth answers may use those: the proxy copies them onto its request (Traefik's
+/// `authResponseHeaders: [Authorization]` is a known setup). Spellings that differ only in
+/// punctuation (`X_Forwarded_For`) count as the same name: CGI-style apps read them as one.
 fn identity_header(c: &mut Collector, key: &str, text: &str, gateway_sets: bool) -> HeaderName {
     let name = header_name(c, key, text);
-    if FRAMING.contains(&name.as_str()) {
+    let taken = |names: &[&str]| {
+        names
+            .iter()
+            .any(|n| same_dashed(name.as_str().as_bytes(), n.as_bytes()))
+    };
+    if taken(&FRAMING) {
         c.err(
             key,
-            format!("`{text}` frames messages or carries cookies; pick another name"),
+            format!("`{text}` frames or routes messages or carries cookies; pick another name"),
         );
-    } else if gateway_sets && SET_BY_GATEWAY.contains(&name.as_str()) {
+    } else if gateway_sets && taken(&SET_BY_GATEWAY) {
         c.err(
             key,
             format!("`{text}` is a header the gateway sets itself; pick another name"),
@@ -410,10 +417,14 @@ fn identity_header(c: &mut Collector, key: &str, text: &str, gateway_sets: bool)
 }
 
 /// One name, one meaning: a shared name would carry whichever value was set last (the user as
-/// the request id, the access token as the user).
+/// the request id, the access token as the user), and so would two spellings a CGI-style app
+/// reads as one (`X-Forwarded-Email`, `X_Forwarded_Email`).
 fn distinct_names(c: &mut Collector, named: &[(&str, &HeaderName)]) {
     for (i, (key, name)) in named.iter().enumerate() {
-        if let Some((first, _)) = named[..i].iter().find(|(_, other)| other == name) {
+        let same = |other: &&(&str, &HeaderName)| {
+            same_dashed(other.1.as_str().as_bytes(), name.as_str().as_bytes())
+        };
+        if let Some((first, _)) = named[..i].iter().find(same) {
             c.err(
                 key,
                 format!("`{name}` is already {first}'s name; each header needs its own"),
