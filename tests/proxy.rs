@@ -921,6 +921,19 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{framing}\r\n\r\n{body}"
         };
         assert!(h.contains(framed), "{h}");
     }
+    // Nor one on a method other than GET (a websocket handshake is a GET, RFC 6455 §4.1):
+    // it goes on as a plain request.
+    let req = format!(
+        "POST /public/post HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let h = head_without_tunnel(gw.port, &heads, &req, "POST").await;
+    assert!(h.starts_with("post /public/post http/1.1"), "{h}");
+    assert!(
+        !h.contains("upgrade"),
+        "POST: upstream saw the upgrade: {h}"
+    );
     // A websocket upgrade still opens its tunnel.
     drop(open_tunnel(gw.port, "/public/ws").await);
 }

@@ -60,8 +60,13 @@ where
         let h = &mut parts.headers;
         let clean = sanitize_request(
             h,
-            // An HTTP/1.1 connection the server can hand over (see `ClientUpgrade`).
-            || parts.extensions.get::<ClientUpgrade>().is_some(),
+            // An HTTP/1.1 connection the server can hand over (see `ClientUpgrade`), and a
+            // GET: a websocket handshake is one (RFC 6455 §4.1); another method goes on as a
+            // plain request.
+            || {
+                parts.method == http::Method::GET
+                    && parts.extensions.get::<ClientUpgrade>().is_some()
+            },
             trusted_hop,
             &app.spoofable,
             |n| app.cookies.is_ours(n),
