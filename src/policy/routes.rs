@@ -178,7 +178,12 @@ pub fn valid_host_bytes(authority: &[u8]) -> bool {
     };
     match port.strip_prefix(b":") {
         None => port.is_empty(),
-        Some(p) => p.len() <= 5 && p.iter().all(u8::is_ascii_digit),
+        // A port is a number up to 65535 (RFC 3986 lets it be empty).
+        Some(p) => {
+            p.len() <= 5
+                && p.iter().all(u8::is_ascii_digit)
+                && p.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65535
+        }
     }
 }
 
@@ -211,7 +216,12 @@ pub fn method_override(
             .any(|o| crate::proxy::headers::same_dashed(n, o))
             .then(|| v.to_str().map(str::to_owned).map_err(|_| BadOverride))
     });
-    let from_query = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+    // `;` separates parameters too for some apps (Rack 2, Python before 3.9.2, PHP's
+    // `arg_separator.input`): `?a=1;_method=PUT` is a PUT to them.
+    let from_query = query
+        .unwrap_or("")
+        .split(';')
+        .flat_map(|part| url::form_urlencoded::parse(part.as_bytes()))
         .filter(|(k, _)| is_method_param(k))
         .map(|(_, v)| Ok(v.into_owned()));
     let mut found: Option<Method> = None;
@@ -483,6 +493,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn method_overrides_in_the_query() {
+        let none = http::HeaderMap::new();
+        let of = |q: &str| method_override(&none, Some(q)).map_err(|_| ());
+        assert_eq!(of("a=1"), Ok(None));
+        assert_eq!(of("a=1&_method=put"), Ok(Some(Method::PUT)));
+        // `;` separates parameters for some apps too.
+        assert_eq!(of("a=1;_method=PUT"), Ok(Some(Method::PUT)));
+        assert_eq!(of("_method=PUT;_method=DELETE"), Err(()));
+        assert_eq!(of("a=x%3B_method%3DPUT"), Ok(None));
+    }
+
+    #[test]
     fn method_params_as_php_reads_them() {
         for name in [
             "_method",
@@ -691,6 +713,8 @@ mod tests {
             "app.example.com:",
             "my_host-1.internal",
             "127.0.0.1:80",
+            "a:65535",
+            "a:00080",
             "[::1]",
             "[::1]:8080",
             "[::ffff:10.0.0.1]:1",
@@ -713,6 +737,9 @@ mod tests {
             "a:b",
             ":80",
             "a:123456",
+            "a:65536",
+            "a:99999",
+            "[::1]:65536",
             "a:80:80",
             ".",
             "..",

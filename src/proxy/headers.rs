@@ -672,7 +672,8 @@ pub fn set_forwarded(
         X_FORWARDED_PROTO,
         prior.proto.unwrap_or(HeaderValue::from_static(proto)),
     );
-    if let Some(host) = prior.host.or(host) {
+    // An empty Host (a request without an authority) names no host to forward.
+    if let Some(host) = prior.host.or(host.filter(|v| !v.is_empty())) {
         h.insert(X_FORWARDED_HOST, host);
     }
 }
@@ -781,6 +782,17 @@ mod tests {
         assert_eq!(out["x-forwarded-for"], "6.6.6.6, 203.0.113.9, 10.0.0.1");
         assert_eq!(out["x-forwarded-host"], "gw.example");
         assert_eq!(out["x-forwarded-proto"], "https");
+        // An empty Host names no host: no empty X-Forwarded-Host.
+        let mut out = HeaderMap::new();
+        let ip = HeaderValue::from_static("10.0.0.1");
+        set_forwarded(
+            &mut out,
+            &ip,
+            "http",
+            PriorHop::default(),
+            Some(HeaderValue::from_static("")),
+        );
+        assert!(out.get("x-forwarded-host").is_none());
     }
 
     #[test]
