@@ -23,6 +23,8 @@ pub enum PathError {
     NotUtf8,
     #[error("dot segments leave the gateway's own endpoints")]
     LeavesGatewayPaths,
+    #[error("a segment of dots and spaces other than . and ..")]
+    WindowsDots,
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -88,9 +90,30 @@ fn segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(out))
 }
 
-/// A segment that resolution removes when it is not the last: `.`, `..` or empty (`//`).
+/// A segment that needs a closer look: empty (`//`), or dots only (`.` and `..` are resolved,
+/// more dots refused).
 fn is_dot_or_empty(segment: &[u8]) -> bool {
-    matches!(segment, b"" | b"." | b"..")
+    segment.iter().all(|&c| c == b'.')
+}
+
+/// Dots and (escaped) spaces only, but not `.` or `..` (`...`, `..%20`): Windows drops a
+/// name's trailing dots and spaces, so an app on IIS would take it for `..` or `.` and climb
+/// where the routes did not look.
+fn is_windows_dots(canonical: &str) -> bool {
+    let mut b = canonical.as_bytes();
+    let mut dot = false;
+    while let Some((&c, rest)) = b.split_first() {
+        match c {
+            b'.' => dot = true,
+            b'%' if rest.starts_with(b"20") => {
+                b = &rest[2..];
+                continue;
+            }
+            _ => return false,
+        }
+        b = rest;
+    }
+    dot
 }
 
 /// Normalises a request path. Returns the input unchanged (borrowed) when already canonical.
@@ -115,7 +138,8 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
             _ => {}
         }
     }
-    plain &= !matches!(&b[segment_start..], b"." | b"..");
+    let last = &b[segment_start..];
+    plain &= last.is_empty() || !is_dot_or_empty(last);
     if plain {
         return Ok(Cow::Borrowed(path));
     }
@@ -133,6 +157,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 }
                 trailing = i == last;
             }
+            s if is_windows_dots(s) => return Err(PathError::WindowsDots),
             _ => {
                 out.push(seg);
                 trailing = false;
@@ -367,6 +392,13 @@ mod tests {
             "/\u{e9}",
             "/a b",
             "/%09",
+            // Dots and spaces Windows would trim to `..` or `.`.
+            "/public/...",
+            "/public/.../admin",
+            "/public/..%20/admin",
+            "/public/.%20/x",
+            "/public/..%2e/admin",
+            "/public/%20../x",
         ] {
             assert!(normalize(p).is_err(), "{p:?}");
         }

@@ -185,17 +185,18 @@ pub const PATH_CONFUSION: &[&str] = &[
     "/%70ublic/../admin",
     "/public/\t/../admin",
     "/admin",
+    // Dots and spaces that Windows trims to `..` (an app on IIS climbs out of /public/).
+    "/public/..%20/admin",
+    "/public/..%20%20/admin",
+    "/public/.../admin",
+    "/public/..../admin",
+    "/public/%2e%2e%2e/admin",
+    "/public/..%2e%20/admin",
 ];
 
 /// Targets that stay under `/public/` when decoded once (as the gateway does): they may be
 /// forwarded, but only as a path under `/public/`, never as `/admin`.
-pub const PATH_STAYS_PUBLIC: &[&str] = &[
-    "/public/%252e%252e/admin",
-    "/public/..../admin",
-    "/public/.../admin",
-    "/public/%2e%2e%2e/admin",
-    "/public/x/..",
-];
+pub const PATH_STAYS_PUBLIC: &[&str] = &["/public/%252e%252e/admin", "/public/x/.."];
 
 /// Targets under `/public/` whose escapes do not decode to UTF-8: overlong forms (`%c0%ae` is
 /// an overlong `.`, which a lenient decoder resolves as a dot segment; `%c0%af` an overlong
