@@ -16,6 +16,8 @@ pub enum IdTokenError {
     Algorithm(String),
     #[error("no provider key for the ID token (kid {0})")]
     UnknownKey(String),
+    #[error("the provider's keys, fetched just now, hold none for the ID token (kid {0})")]
+    UnpublishedKey(String),
     #[error("ID token signature does not verify with the provider's keys")]
     BadSignature,
     #[error("ID token rejected: {0}")]
@@ -329,7 +331,7 @@ MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQguplBSjcpCtSIcOHi
 WyHx5XeRYTHQk5Nk+Gxtvut6kSyhRANCAASvCqWY+joV2GZpIHKwoUMPrlvS9Zox
 b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
 -----END PRIVATE KEY-----";
-    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig",
+    pub const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig",
         "x":"rwqlmPo6FdhmaSBysKFDD65b0vWaMW-a9KWPsGGiv28","y":"ygc29Sag4kVBVhH4wsSj7eQaJa_ZqH6IYy9ATqEX0Dk"}]}"#;
     pub const NOW: u64 = 1_800_000_000;
 

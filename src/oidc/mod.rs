@@ -727,6 +727,11 @@ impl Provider {
                         let kid = idtoken::header(token).ok().and_then(|(kid, _)| kid);
                         Err(IdTokenError::UnknownKey(kid.unwrap_or_default()).into())
                     }
+                    // The provider's keys, fetched just now, do not hold the token's: it is
+                    // not the provider's, not merely signed with a key still on its way.
+                    Err(IdTokenError::UnknownKey(kid)) if fetched => {
+                        Err(IdTokenError::UnpublishedKey(kid).into())
+                    }
                     r => Ok(r?),
                 }
             }
@@ -936,6 +941,55 @@ cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fa
             .tokens(response(Some(wrong_audience), |_| {}), None)
             .await;
         assert!(matches!(r, Err(ProviderError::IdToken(_))), "{:?}", r.err());
+    }
+
+    /// A refreshed ID token under a `kid` that the provider's keys, fetched just now, do not
+    /// hold is not the provider's: the refresh fails (its tokens are not kept under the
+    /// session's identity), where a key that could not be fetched keeps them (above).
+    #[tokio::test]
+    async fn a_refreshed_id_token_under_a_key_the_provider_does_not_publish_fails() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let jwks_fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let fetches = jwks_fetches.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                fetches.fetch_add(1, Ordering::SeqCst);
+                let body = idtoken::tests::JWKS;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(resp.as_bytes()).await;
+            }
+        });
+        let p = provider();
+        let meta: Metadata = serde_json::from_value(json!({
+            "issuer": "https://idp",
+            "authorization_endpoint": "https://idp/auth",
+            "token_endpoint": "https://idp/token",
+            "jwks_uri": format!("http://127.0.0.1:{port}/jwks"),
+        }))
+        .unwrap();
+        let discovered = p.discovered_from(meta, None).unwrap();
+        p.discovered.store(Some(Arc::new(discovered)));
+        let now = crate::session::now_secs();
+        let claims = json!({"iss": "https://idp", "aud": "client", "sub": "mallory",
+            "exp": now + 300, "iat": now});
+        let foreign = idtoken::tests::sign(&claims, Some("not-published"));
+        let r = p.tokens(response(Some(foreign), |_| {}), None).await;
+        assert!(
+            matches!(
+                r,
+                Err(ProviderError::IdToken(IdTokenError::UnpublishedKey(_)))
+            ),
+            "{:?}",
+            r.map(|t| t.access_token)
+        );
+        assert_eq!(jwks_fetches.load(Ordering::SeqCst), 1);
     }
 
     /// `expires_in` as providers send it: a number, a numeric string (Azure AD v1.0), a
