@@ -250,15 +250,14 @@ pub struct Provider {
     logout_jwks_refetch: tokio::sync::Mutex<RefetchLimit>,
 }
 
-/// An `https` issuer's endpoints must be `https` too: one over plain http would carry the
-/// client secret, codes and tokens in clear, and serve signing keys anyone on the path could
-/// replace. (Another origin is allowed: Google's token and key endpoints are not on its
-/// issuer's host.)
+/// Every endpoint is an `http(s)` URL (browsers are sent to some: a `javascript:` one would
+/// run in the app's page), and an `https` issuer's endpoints must be `https` too: one over
+/// plain http would carry the client secret, codes and tokens in clear, and serve signing
+/// keys anyone on the path could replace. (Another origin is allowed: Google's token and key
+/// endpoints are not on its issuer's host.)
 fn no_downgrade(issuer: &str, meta: &Metadata) -> Result<(), ProviderError> {
-    let https = |u: &str| url::Url::parse(u).is_ok_and(|u| u.scheme() == "https");
-    if !https(issuer) {
-        return Ok(());
-    }
+    let scheme = |u: &str| url::Url::parse(u).map(|u| u.scheme().to_owned());
+    let https_only = scheme(issuer).is_ok_and(|s| s == "https");
     let endpoints = [
         ("authorization_endpoint", Some(&meta.authorization_endpoint)),
         ("token_endpoint", Some(&meta.token_endpoint)),
@@ -267,15 +266,24 @@ fn no_downgrade(issuer: &str, meta: &Metadata) -> Result<(), ProviderError> {
         ("end_session_endpoint", meta.end_session_endpoint.as_ref()),
         ("revocation_endpoint", meta.revocation_endpoint.as_ref()),
     ];
-    match endpoints
-        .into_iter()
-        .find_map(|(key, url)| url.filter(|u| !https(u)).map(|u| (key, u)))
-    {
-        Some((key, url)) => Err(ProviderError::Invalid(format!(
-            "discovery document: {key} `{url}` is not https, as provider.issuer_url is"
-        ))),
-        None => Ok(()),
+    for (key, url) in endpoints {
+        let Some(url) = url else { continue };
+        match scheme(url).as_deref() {
+            Ok("https") => {}
+            Ok("http") if !https_only => {}
+            Ok("http") => {
+                return Err(ProviderError::Invalid(format!(
+                    "discovery document: {key} `{url}` is not https, as provider.issuer_url is"
+                )))
+            }
+            _ => {
+                return Err(ProviderError::Invalid(format!(
+                    "discovery document: {key} `{url}` is not an http(s) URL"
+                )))
+            }
+        }
     }
+    Ok(())
 }
 
 fn discovery_url(issuer: &str) -> String {
@@ -826,6 +834,21 @@ mod tests {
         // A plain-http issuer (a provider on loopback) is the operator's choice.
         let plain = meta("http://127.0.0.1:9000/token", None);
         assert!(no_downgrade("http://127.0.0.1:9000", &plain).is_ok());
+        // Whatever the issuer, every endpoint is an http(s) URL.
+        for issuer in ["http://127.0.0.1:9000", "https://idp.example"] {
+            for m in [
+                meta("file:///etc/passwd", None),
+                meta("https://idp.example/token", Some("gopher://idp.example/")),
+                meta("not a url", None),
+            ] {
+                let e = no_downgrade(issuer, &m).unwrap_err().to_string();
+                assert!(e.contains("is not an http(s) URL"), "{e}");
+            }
+            let mut script = meta("https://idp.example/token", None);
+            script.end_session_endpoint = Some("javascript:alert(1)//".into());
+            let e = no_downgrade(issuer, &script).unwrap_err().to_string();
+            assert!(e.contains("end_session_endpoint"), "{e}");
+        }
     }
 
     /// A provider for `issuer` / `client`, with its HTTP client and metrics; not discovered.
