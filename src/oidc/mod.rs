@@ -255,7 +255,7 @@ pub struct Provider {
 /// plain http would carry the client secret, codes and tokens in clear, and serve signing
 /// keys anyone on the path could replace. (Another origin is allowed: Google's token and key
 /// endpoints are not on its issuer's host.)
-fn no_downgrade(issuer: &str, meta: &Metadata) -> Result<(), ProviderError> {
+fn endpoints_fit_issuer(issuer: &str, meta: &Metadata) -> Result<(), ProviderError> {
     let scheme = |u: &str| url::Url::parse(u).map(|u| u.scheme().to_owned());
     let https_only = scheme(issuer).is_ok_and(|s| s == "https");
     let endpoints = [
@@ -351,7 +351,7 @@ impl Provider {
                 meta.issuer, self.issuer
             )));
         }
-        no_downgrade(&self.issuer, &meta)?;
+        endpoints_fit_issuer(&self.issuer, &meta)?;
         let discovered = self.discovered_from(meta, None)?;
         self.fetch_jwks(&discovered.meta.jwks_uri).await?;
         self.discovered.store(Some(Arc::new(discovered)));
@@ -817,7 +817,7 @@ mod tests {
             .unwrap()
         };
         let ok = meta("https://other.example/token", None);
-        assert!(no_downgrade("https://idp.example", &ok).is_ok());
+        assert!(endpoints_fit_issuer("https://idp.example", &ok).is_ok());
         for m in [
             meta("http://idp.example/token", None),
             meta("HTTP://idp.example/token", None),
@@ -826,14 +826,14 @@ mod tests {
                 Some("http://idp.example/revoke"),
             ),
         ] {
-            let e = no_downgrade("https://idp.example", &m)
+            let e = endpoints_fit_issuer("https://idp.example", &m)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("is not https"), "{e}");
         }
         // A plain-http issuer (a provider on loopback) is the operator's choice.
         let plain = meta("http://127.0.0.1:9000/token", None);
-        assert!(no_downgrade("http://127.0.0.1:9000", &plain).is_ok());
+        assert!(endpoints_fit_issuer("http://127.0.0.1:9000", &plain).is_ok());
         // Whatever the issuer, every endpoint is an http(s) URL.
         for issuer in ["http://127.0.0.1:9000", "https://idp.example"] {
             for m in [
@@ -841,12 +841,14 @@ mod tests {
                 meta("https://idp.example/token", Some("gopher://idp.example/")),
                 meta("not a url", None),
             ] {
-                let e = no_downgrade(issuer, &m).unwrap_err().to_string();
+                let e = endpoints_fit_issuer(issuer, &m).unwrap_err().to_string();
                 assert!(e.contains("is not an http(s) URL"), "{e}");
             }
             let mut script = meta("https://idp.example/token", None);
             script.end_session_endpoint = Some("javascript:alert(1)//".into());
-            let e = no_downgrade(issuer, &script).unwrap_err().to_string();
+            let e = endpoints_fit_issuer(issuer, &script)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("end_session_endpoint"), "{e}");
         }
     }
