@@ -1,5 +1,6 @@
 //! ID-token validation (OpenID Connect Core §3.1.3.7): signature via JWKS,
-//! `iss`, `aud`, `azp`, `exp`/`iat`/`nbf` with clock skew, `nonce`, a usable `sub`.
+//! `iss`, `aud`, `azp`, `exp`/`iat`/`nbf` with clock skew, `nonce`, a usable `sub`, and
+//! `at_hash` against the access token issued with it (§3.1.3.8) when the token states one.
 
 use super::jwks::{KeySet, Refusal};
 use crate::config::secret::ct_eq;
@@ -32,6 +33,8 @@ pub enum IdTokenError {
     NotYetValid,
     #[error("ID token sub is empty or cannot be sent in a header")]
     Subject,
+    #[error("ID token at_hash does not match the access token issued with it")]
+    AccessTokenHash,
 }
 
 /// Whether `sub` can identify a user upstream: non-empty (OpenID Connect Core §2), and a
@@ -93,6 +96,7 @@ struct Claims {
     azp: Option<String>,
     nonce: Option<String>,
     sid: Option<String>,
+    at_hash: Option<String>,
     #[serde(flatten)]
     profile: Profile,
 }
@@ -242,6 +246,8 @@ pub struct Expectations<'a> {
     pub clock_skew: Duration,
     pub groups_claim: &'a str,
     pub now: u64,
+    /// The access token issued with the ID token, which its `at_hash` (if any) must match.
+    pub access_token: Option<&'a str>,
 }
 
 /// The `kid` and algorithm a token says it was signed with (to pick/refresh keys).
@@ -291,6 +297,13 @@ pub fn validate(
         None if aud.len() > 1 => return Err(IdTokenError::Azp),
         _ => {}
     }
+    if let (Some(stated), Some(token)) = (&c.at_hash, exp.access_token) {
+        // Ties the access token to the signed ID token: one swapped in on the way (or by a
+        // token endpoint mixing up answers) is not forwarded under this identity.
+        if !ct_eq(stated.as_bytes(), access_token_hash(alg, token).as_bytes()) {
+            return Err(IdTokenError::AccessTokenHash);
+        }
+    }
     if let Some(expected) = exp.nonce {
         let ok = c
             .nonce
@@ -316,6 +329,25 @@ pub fn validate(
             sid: c.sid,
         },
     })
+}
+
+/// An access token's `at_hash` (OpenID Connect Core §3.2.2.9): the left half of its digest
+/// under the hash of the ID token's algorithm, base64url. Ed25519 signs with SHA-512.
+pub(crate) fn access_token_hash(alg: Algorithm, token: &str) -> String {
+    use base64::Engine as _;
+    use sha2::{Digest, Sha256, Sha384, Sha512};
+    let digest: Vec<u8> = match alg {
+        Algorithm::RS256 | Algorithm::PS256 | Algorithm::ES256 | Algorithm::HS256 => {
+            Sha256::digest(token).to_vec()
+        }
+        Algorithm::RS384 | Algorithm::PS384 | Algorithm::ES384 | Algorithm::HS384 => {
+            Sha384::digest(token).to_vec()
+        }
+        Algorithm::RS512 | Algorithm::PS512 | Algorithm::HS512 | Algorithm::EdDSA => {
+            Sha512::digest(token).to_vec()
+        }
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..digest.len() / 2])
 }
 
 /// Signed test tokens, shared with the logout-token tests.
@@ -390,6 +422,7 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
             clock_skew: Duration::from_secs(60),
             groups_claim,
             now: NOW,
+            access_token: None,
         }
     }
 
@@ -520,6 +553,68 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
             m.insert("email_verified".into(), json!(false));
         });
         assert!(!denied.refreshed_identity(&before).email_verified);
+    }
+
+    #[test]
+    fn at_hash_is_the_left_half_of_the_access_tokens_digest() {
+        // OpenID Connect Core, Appendix A.3 (RS256), and the same token under SHA-384/512.
+        let t = "jHkWEdUXMU1BwAsC4vtUsZwnNvTIxEl0z9K3vx5KF0Y";
+        assert_eq!(
+            access_token_hash(Algorithm::RS256, t),
+            "77QmUPtjPfzWtF2AnpK9RQ"
+        );
+        assert_eq!(
+            access_token_hash(Algorithm::ES384, t),
+            "jtAeDp945y1dDqU3nkIVGNZP1HjH_MFs"
+        );
+        assert_eq!(
+            access_token_hash(Algorithm::EdDSA, t),
+            "q7nS86GgvvFaZkzALLWqJYaJIKw2wCDAVfCAsm5CrBM"
+        );
+    }
+
+    #[test]
+    fn an_at_hash_must_match_the_access_token_issued_with_it() {
+        let issued = "access-token-issued-with-the-id-token";
+        let token = |at_hash: Option<&str>| {
+            with(|m| {
+                m.insert("exp".into(), json!(4_000_000_000u64));
+                if let Some(h) = at_hash {
+                    m.insert("at_hash".into(), json!(h));
+                }
+            })
+        };
+        let check_with = |t: &str, access_token: Option<&str>| {
+            let exp = Expectations {
+                access_token,
+                ..expectations("groups")
+            };
+            validate(t, &keys(), &exp)
+        };
+        let right = access_token_hash(Algorithm::ES256, issued);
+        assert!(check_with(&token(Some(&right)), Some(issued)).is_ok());
+        // Another access token than the one the ID token was issued with.
+        assert_eq!(
+            check_with(&token(Some(&right)), Some("a-swapped-access-token")).err(),
+            Some(IdTokenError::AccessTokenHash)
+        );
+        // The hash under another algorithm than the token's (ES256: SHA-256).
+        let sha512 = access_token_hash(Algorithm::EdDSA, issued);
+        assert_eq!(
+            check_with(&token(Some(&sha512)), Some(issued)).err(),
+            Some(IdTokenError::AccessTokenHash)
+        );
+        // at_hash is optional in the code flow: a token without one is not refused for it.
+        assert!(check_with(&token(None), Some(issued)).is_ok());
+        // Not a string: the claims do not parse.
+        let numeric = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+            m.insert("at_hash".into(), json!(7));
+        });
+        assert!(matches!(
+            check_with(&numeric, Some(issued)),
+            Err(IdTokenError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -617,7 +617,7 @@ impl Provider {
         let id_token = resp.id_token.clone();
         let access_token = resp.access_token().secret();
         let id = match &id_token {
-            Some(t) => match self.validate_id_token(t, nonce).await {
+            Some(t) => match self.validate_id_token(t, nonce, access_token).await {
                 Ok(mut id) => {
                     if id.incomplete() {
                         let told = self.complete_from_userinfo(&mut id, access_token).await;
@@ -711,6 +711,7 @@ impl Provider {
         &self,
         token: &str,
         nonce: Option<&str>,
+        access_token: &str,
     ) -> Result<ValidIdToken, ProviderError> {
         let exp = Expectations {
             issuer: &self.issuer,
@@ -719,6 +720,7 @@ impl Provider {
             clock_skew: self.clock_skew,
             groups_claim: &self.groups_claim,
             now: crate::session::now_secs(),
+            access_token: Some(access_token),
         };
         match idtoken::validate(token, &self.keys.load(), &exp) {
             // A key we do not have, or one the provider replaced under the same `kid` (or
@@ -966,6 +968,39 @@ cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fa
             .tokens(response(Some(wrong_audience), |_| {}), None)
             .await;
         assert!(matches!(r, Err(ProviderError::IdToken(_))), "{:?}", r.err());
+    }
+
+    /// The access token a code exchange or refresh answer carries is the one its ID token's
+    /// `at_hash` names: an answer pairing the ID token with another access token is refused,
+    /// at login and on refresh alike.
+    #[tokio::test]
+    async fn an_id_tokens_at_hash_names_the_access_token_of_its_answer() {
+        let hash_of = |t: &str| idtoken::access_token_hash(jsonwebtoken::Algorithm::ES256, t);
+        let stating = |h: String| {
+            id_token(move |m| {
+                m.insert("at_hash".into(), json!(h));
+            })
+        };
+        for nonce in [Some("n1"), None] {
+            let paired = stating(hash_of("at-1.x_y~z+/="));
+            let t = provider()
+                .tokens(response(Some(paired), |_| {}), nonce)
+                .await
+                .unwrap();
+            assert_eq!(t.id.map(|id| id.identity.sub).as_deref(), Some("alice"));
+            let swapped = stating(hash_of("another-users-access-token"));
+            let r = provider()
+                .tokens(response(Some(swapped), |_| {}), nonce)
+                .await;
+            assert!(
+                matches!(
+                    r,
+                    Err(ProviderError::IdToken(IdTokenError::AccessTokenHash))
+                ),
+                "{:?}",
+                r.map(|t| t.access_token)
+            );
+        }
     }
 
     /// A refreshed ID token under a `kid` that the provider's keys, fetched just now, do not
