@@ -258,6 +258,11 @@ pub fn parse_head(
     // two must agree, or routes matched on one would guard requests the upstream reads for
     // the other (as over HTTP/2, where `:authority` and Host must agree).
     if let Some(authority) = uri.authority() {
+        // Only http(s) URLs name a resource here (nginx refuses others too).
+        let scheme = uri.scheme_str().unwrap_or_default();
+        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+            return Err(HeadError::Invalid);
+        }
         let host = headers.get(header::HOST).map(HeaderValue::as_bytes);
         if host.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str().as_bytes())) {
             return Err(HeadError::Invalid);
@@ -614,6 +619,10 @@ mod tests {
             "GET http://evil.test/x HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET http://a:8080/x HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET http://a/x HTTP/1.0\r\nHost: a:8080\r\n\r\n",
+            // Absolute-form targets other than http(s) URLs.
+            "GET ftp://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET gopher://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET httpx://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert_eq!(parse_raw(bad).err(), Some(HeadError::Invalid), "{bad:?}");
         }
@@ -621,6 +630,7 @@ mod tests {
             "GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET http://A.test:8080/x HTTP/1.1\r\nHost: a.TEST:8080\r\n\r\n",
             "GET http://example.com:8080/x?y HTTP/1.0\r\n\r\n",
+            "GET HTTPS://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
         ] {
             assert!(matches!(parse_raw(good), Ok(Some(_))), "{good:?}");
