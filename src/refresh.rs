@@ -588,6 +588,17 @@ async fn refresh_if_due(app: &Arc<App>, s: Session, now: u64) -> Fresh {
     if !needs_refresh(&s, now, app.cfg.session.refresh_before) {
         return Fresh::Unchanged(s);
     }
+    // Ended while the provider was asked (a sign-out, a back-channel logout, on any replica):
+    // not forwarded, with the new tokens or the old. (The Redis store also refuses to write
+    // an ended session back; a cookie session is checked here.)
+    match refresh_now(app, s, now).await {
+        Fresh::Unchanged(s) if app.revocations.is_revoked(&s) => Fresh::Ended,
+        Fresh::Refreshed(s) if app.revocations.is_revoked(&s) => Fresh::Ended,
+        fresh => fresh,
+    }
+}
+
+async fn refresh_now(app: &Arc<App>, s: Session, now: u64) -> Fresh {
     let still_valid = now < s.access_expires_at;
     if s.refresh_token.is_none() {
         // No refresh possible: use the token while it lasts.

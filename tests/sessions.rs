@@ -2004,6 +2004,54 @@ async fn sign_out_during_a_refresh_stays_signed_out_with_the_redis_store() {
     assert_eq!(after.status, 401, "copied cookie: {}", after.dump());
 }
 
+/// Cookie store with a coordination Redis: a back-channel logout (here delivered to the other
+/// replica) while a request waits on the session's refresh ends the session — that request is
+/// not forwarded with the tokens the refresh brings, nor is its cookie sent.
+#[tokio::test]
+async fn a_backchannel_logout_during_a_refresh_ends_the_session_with_the_cookie_store() {
+    // The provider's back-channel logout goes to a relay that only records it (its target
+    // is closed), so that it can be delivered while the refresh is under way.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    // The grant outlives the provider session: the refresh would succeed.
+    let env = [AT_TTL_ENV, ROTATE_ENV, ("IDP_GRANTS_OUTLIVE_LOGOUT", "1")];
+    let s = Replicas::start(Store::Coordinated, &env, Some(relay_port)).await;
+    let relay = Relay::serve(
+        listener,
+        format!("http://127.0.0.1:{}/oauth2/backchannel_logout", free_port()),
+    );
+    end_provider_session(&s.browser, &s.idp).await;
+    let token = relay.first_body().await;
+    assert_eq!(api(&s.a, "/before", &s.cookie).await.status, 200);
+
+    until_due(s.logged_in, 1).await;
+    let reached = s.upstream.count();
+    // Due: the refresh starts, and the provider hangs while the logout arrives.
+    s.idp.signal("STOP");
+    let due = spawn_api(&s.a, "/due", &s.cookie);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = post_logout(&s.b, token).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    // Replica A learns of it from Redis (within half a second).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    s.idp.signal("CONT");
+    let r = due.await.expect("request task");
+    assert_eq!(
+        r.status,
+        401,
+        "forwarded after the logout: {}\n{}",
+        r.dump(),
+        s.a.tails()
+    );
+    assert_eq!(s.upstream.count(), reached, "the request reached the app");
+    assert!(
+        new_session_cookie(&r).is_none(),
+        "a refreshed cookie was sent: {}",
+        r.dump()
+    );
+    await_refused_on_both(&s, "the session ended").await;
+}
+
 /// Redis store: Redis goes away while the provider answers a refresh (rotating refresh
 /// tokens). The new tokens are not thrown away: they serve the request, and once Redis is back
 /// they are stored — by the next request, or by the replica itself if none comes — instead of

@@ -34,6 +34,10 @@
 //                                  (default: never rotate)
 //   IDP_NO_REFRESH_TOKEN           "1" issues no refresh token at all (default:
 //                                  one to every client allowed the grant)
+//   IDP_GRANTS_OUTLIVE_LOGOUT      "1": signing out at the provider leaves the
+//                                  client's grant, and its refresh token, alive
+//                                  (as offline tokens outlive the SSO session at
+//                                  many providers); default: revoked with it
 //   IDP_EXTRA_CLIENTS              JSON array of extra client metadata objects
 //                                  registered as-is, e.g.
 //                                  [{"client_id":"post","client_secret":"s",
@@ -109,6 +113,7 @@ const AT_CHARS = intEnv('IDP_ACCESS_TOKEN_CHARS', 43);
 const RT_CHARS = intEnv('IDP_REFRESH_TOKEN_CHARS', 43);
 const ROTATE_RT = env.IDP_ROTATE_REFRESH_TOKEN === '1';
 const NO_RT = env.IDP_NO_REFRESH_TOKEN === '1';
+const GRANTS_OUTLIVE_LOGOUT = env.IDP_GRANTS_OUTLIVE_LOGOUT === '1';
 const STRICT_CLIENT_AUTH = env.IDP_STRICT_CLIENT_AUTH === '1';
 const BACKCHANNEL_URI = env.IDP_BACKCHANNEL_LOGOUT_URI || '';
 const BACKCHANNEL_SUB_ONLY = env.IDP_BACKCHANNEL_LOGOUT_SUB_ONLY === '1';
@@ -330,6 +335,9 @@ const configuration = {
   // even when offline_access was dropped (e.g. prompt without consent);
   // none at all with IDP_NO_REFRESH_TOKEN=1.
   issueRefreshToken: async (_ctx, client) => !NO_RT && client.grantTypeAllowed('refresh_token'),
+  // Codes without offline_access (dropped unless prompt=consent) tie the grant to the
+  // provider session, which revokes it at logout; IDP_GRANTS_OUTLIVE_LOGOUT unties it.
+  expiresWithSession: async (_ctx, source) => !GRANTS_OUTLIVE_LOGOUT && !source.scopes.has('offline_access'),
   formats: {
     // opaque token length: 6 bits per character
     bitsOfOpaqueRandomness: (_ctx, token) => {
