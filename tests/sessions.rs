@@ -2004,6 +2004,52 @@ async fn sign_out_during_a_refresh_stays_signed_out_with_the_redis_store() {
     assert_eq!(after.status, 401, "copied cookie: {}", after.dump());
 }
 
+/// A sign-in's state is used once across replicas: its callback (URL and flow cookie, as an
+/// attacker who captured them would send it) replayed on the other replica is refused there
+/// before its code reaches the provider again, with either store.
+async fn a_callback_replayed_on_another_replica_is_refused(store: Store) {
+    let s = Replicas::start(store, &[], None).await;
+    let b = Browser::new();
+    let (auth, _) = auth_redirect(&b.get(&s.a.url("/")).await);
+    let callback = idp_walk(&b, &auth, "bob").await;
+    let flow_cookie = b.cookie_header(&callback);
+    assert!(
+        flow_cookie.starts_with("_portcullis_flow_"),
+        "{flow_cookie}"
+    );
+    let ok = b.get(&callback).await;
+    assert_eq!(ok.status, 302, "{}", ok.dump());
+    let exchanges = s.idp.token_requests();
+
+    let on_b = callback.replace(&s.a.url("/"), &s.b.url("/"));
+    assert_ne!(on_b, callback);
+    let replay = send(
+        "GET",
+        &on_b,
+        &[("accept", BROWSER_ACCEPT), ("cookie", &flow_cookie)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(replay.status, 400, "{store:?}: {}", replay.dump());
+    assert!(replay.text().contains("already used"), "{}", replay.dump());
+    assert!(new_session_cookie(&replay).is_none(), "{}", replay.dump());
+    assert_eq!(
+        s.idp.token_requests(),
+        exchanges,
+        "{store:?}: the replayed code reached the provider"
+    );
+}
+
+#[tokio::test]
+async fn a_callback_replayed_on_another_replica_is_refused_with_a_coordination_redis() {
+    a_callback_replayed_on_another_replica_is_refused(Store::Coordinated).await;
+}
+
+#[tokio::test]
+async fn a_callback_replayed_on_another_replica_is_refused_with_the_redis_store() {
+    a_callback_replayed_on_another_replica_is_refused(Store::Redis).await;
+}
+
 /// Cookie store with a coordination Redis: a back-channel logout (here delivered to the other
 /// replica) while a request waits on the session's refresh ends the session — that request is
 /// not forwarded with the tokens the refresh brings, nor is its cookie sent.

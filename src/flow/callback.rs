@@ -158,10 +158,11 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             Some(&flow),
         );
     };
-    // One use per state, even if the flow cookie is replayed.
+    // One use per state, even if the flow cookie is replayed (on another replica too).
     if !app
         .used_states
         .claim(&state, now + app.cookies.flow_lifetime.as_secs())
+        || !claimed_across_replicas(app, &state).await
     {
         return fail(
             app,
@@ -288,4 +289,25 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         std::sync::Arc::from(session.identity.sub.as_str()),
     );
     resp
+}
+
+/// Records `state` as used in the shared Redis, when there is one, so that a replica other
+/// than the one that took the callback refuses it too, before spending its code at the
+/// provider again (which may revoke what the first use issued, RFC 6749 §4.1.2). False if it
+/// was used already. A Redis that cannot be asked does not hold up sign-ins: this replica's
+/// own record still refuses replays here.
+async fn claimed_across_replicas(app: &App, state: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let Some(redis) = app.redis.as_deref() else {
+        return true;
+    };
+    let digest = crate::session::crypto::hex(&Sha256::digest(state.as_bytes()));
+    let key = redis.key(&["state", &digest]);
+    match redis.try_lock(&key, "1", app.cookies.flow_lifetime).await {
+        Ok(first) => first,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record the sign-in state in redis");
+            true
+        }
+    }
 }
