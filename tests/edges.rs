@@ -1388,6 +1388,26 @@ async fn http2_connections_without_streams_are_closed() {
     }
 }
 
+/// An HTTP/2 connection serves 1000 streams and is then asked to close (GOAWAY; what is open
+/// finishes), as nginx does: streams reset one by one after they were accepted get past h2's
+/// rapid-reset guard and each leave work running upstream, so one connection may not open
+/// them without end. The client goes on over a new connection.
+#[tokio::test]
+async fn http2_connections_close_after_1000_streams() {
+    let s = Stack::with(&[], ALL_PUBLIC).await;
+    let port = s.gw.port;
+    let (mut sender, conn) = h2_connection(port).await;
+    for i in 0..1000 {
+        assert_eq!(h2_get(&mut sender, port).await, 200, "stream {i}");
+    }
+    assert!(
+        tokio::time::timeout(DEADLINE, conn).await.is_ok(),
+        "the connection stayed open after 1000 streams"
+    );
+    let (mut next, _next_conn) = h2_connection(port).await;
+    assert_eq!(h2_get(&mut next, port).await, 200);
+}
+
 /// Slow read over HTTP/2: a client that takes no byte of an answer (its flow-control window
 /// kept shut) while keeping the connection alive (it answers PINGs) is disconnected after
 /// `timeouts.idle`, as a slow HTTP/1.1 reader is; it does not hold the connection, the stream

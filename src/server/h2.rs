@@ -2,7 +2,11 @@
 //! a connection that opens no stream within the header-read timeout, or none for the idle
 //! timeout, is closed (GOAWAY first); so is every connection when the listener drains, and
 //! one with an answer its client has taken nothing of for the idle timeout (its flow-control
-//! window kept shut: a slow reader), whatever it does with its other streams.
+//! window kept shut: a slow reader), whatever it does with its other streams. After
+//! `MAX_STREAMS` streams a connection is asked to close (GOAWAY; open streams finish), as
+//! nginx does after 1000 requests: streams reset one by one once accepted (past h2's own
+//! rapid-reset guard) each leave work running upstream, so a connection may not open them
+//! without end.
 
 use super::h1::Drain;
 use crate::body::{Body, BodyError};
@@ -29,11 +33,17 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// Streams a connection may open before it is asked to close.
+const MAX_STREAMS: usize = 1000;
+
 /// The streams of one connection: how many are open (request received, response body not yet
 /// ended) and when the last one ended.
 struct Activity {
     opened: AtomicBool,
     open: AtomicUsize,
+    /// Streams opened so far; at `MAX_STREAMS`, `spent` is notified.
+    total: AtomicUsize,
+    spent: tokio::sync::Notify,
     /// Milliseconds after `start` at which the last stream ended.
     quiet_since_ms: AtomicU64,
     owed: Mutex<Owed>,
@@ -47,6 +57,8 @@ impl Activity {
         Arc::new(Self {
             opened: AtomicBool::new(false),
             open: AtomicUsize::new(0),
+            total: AtomicUsize::new(0),
+            spent: tokio::sync::Notify::new(),
             quiet_since_ms: AtomicU64::new(0),
             owed: Mutex::new(Owed::default()),
             start: Instant::now(),
@@ -57,6 +69,10 @@ impl Activity {
     fn begin(self: &Arc<Self>) -> StreamGuard {
         self.opened.store(true, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
+        if self.total.fetch_add(1, Ordering::Relaxed) + 1 == MAX_STREAMS {
+            // Kept for the loop if it is not waiting right now.
+            self.spent.notify_one();
+        }
         StreamGuard(self.clone())
     }
 
@@ -257,6 +273,11 @@ pub async fn serve<I, S, F>(
                 return;
             }
             _ = &mut drained, if closing_since.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing_since = Some(Instant::now());
+            }
+            _ = activity.spent.notified(), if closing_since.is_none() => {
+                tracing::debug!("HTTP/2 connection opened {MAX_STREAMS} streams: closing");
                 conn.as_mut().graceful_shutdown();
                 closing_since = Some(Instant::now());
             }
