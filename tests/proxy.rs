@@ -760,6 +760,57 @@ fn websocket_accept(head: &str) -> String {
     })
 }
 
+/// An upstream with a common bug: it answers HEAD with the head and, a moment later, a body
+/// anyway. Everything else gets `ok`.
+fn head_with_a_body_upstream() -> u16 {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                while let Some(head) = read_head(&mut s) {
+                    if head.starts_with(b"HEAD ") {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+                        std::thread::sleep(std::time::Duration::from_millis(300));
+                        let _ = s.write_all(b"STRAY");
+                    } else {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A connection that answered a HEAD is not reused: the body a buggy app sends after the head
+/// anyway would be read as the next request's answer (another user's request, perhaps).
+#[tokio::test]
+async fn a_connection_that_answered_a_head_is_not_reused() {
+    let up_port = head_with_a_body_upstream();
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let gw = Gateway::start(GatewayOpts {
+        extra: "routes: [{ prefix: \"/\", auth: skip }]".into(),
+        ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
+    })
+    .await;
+    for i in 0..3 {
+        let head = send("HEAD", &gw.url("/page"), &[], Vec::new()).await;
+        assert_eq!(head.status, 200, "{i}: {}", head.dump());
+        // Sent before the stray body arrives.
+        let next = send("GET", &gw.url("/other"), &[], Vec::new()).await;
+        assert_eq!(
+            (next.status.as_u16(), next.text()),
+            (200, "ok".to_string()),
+            "{i}: {}\n{}",
+            next.dump(),
+            gw.tails()
+        );
+    }
+}
+
 /// A raw upstream that answers an upgrade with 101 and then echoes every byte back.
 fn echo_upgrade_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};

@@ -458,16 +458,21 @@ impl Pool {
                     None
                 };
                 up.watch(&mut req, now, deadline);
+                let head = req.method() == http::Method::HEAD;
                 let mut sent = std::pin::pin!(up.tx.try_send_request(req));
                 match poll_fn(|cx| up.until_deadline(cx, |_, cx| sent.as_mut().poll(cx))).await? {
                     Ok(resp) => {
                         up.window =
                             deadline.saturating_duration_since(tokio::time::Instant::from_std(now));
                         up.body_watch = BodyWatch::Off;
+                        // Not reused after a HEAD: an app that answers it with a body
+                        // anyway (a common bug) would have those bytes read as the next
+                        // request's answer, another user's perhaps. Its answer has no body
+                        // to read through the connection.
                         return Ok(resp.map(|body| UpstreamBody {
                             body,
                             ended: false,
-                            conn: Some(up),
+                            conn: (!head).then_some(up),
                         }));
                     }
                     Err(mut e) => match e.take_message() {
