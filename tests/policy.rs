@@ -887,6 +887,13 @@ fn lands_safely(
     {
         return Err("backslash, whitespace, control or non-ASCII in Location".into());
     }
+    // A client that resolves dot segments as text (`/x/..//evil.com` to `//evil.com`) would
+    // leave the origin where a browser stays.
+    let path = location.split(['?', '#']).next().unwrap_or_default();
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    if decoded.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("dot segments in Location".into());
+    }
     let target = base
         .join(location)
         .map_err(|e| format!("a browser cannot resolve it: {e}"))?;

@@ -28,6 +28,14 @@ pub fn safe_relative(target: &str) -> Option<&str> {
     {
         return None;
     }
+    // No dot segments: resolved, `/x/..//evil.com` is `//evil.com`, which a browser keeps on
+    // this origin as a path but a client that resolves it as text reads as another host.
+    if decoded
+        .split(|&c| c == b'/')
+        .any(|seg| seg == b"." || seg == b"..")
+    {
+        return None;
+    }
     Some(target)
 }
 
@@ -249,6 +257,11 @@ mod tests {
             "/%09/evil.com",
             "/\r\n/evil",
             "data:text/html,x",
+            "/x/..//evil.com",
+            "/x/%2e%2e//evil.com",
+            "/./x",
+            "/x/.",
+            "/..",
         ] {
             assert_eq!(safe_relative(bad), None, "{bad:?}");
         }

@@ -55,6 +55,10 @@ pub const OPEN_REDIRECTS: &[&str] = &[
     "%2f%2fevil.com",
     "%5C%5Cevil.com",
     "/%2F/evil.com",
+    // Dot segments that resolve to a network-path reference.
+    "/x/..//evil.com",
+    "/x/%2e%2e//evil.com",
+    "/./\\evil.com",
     // Whitespace and controls that browsers strip or turn into separators.
     "/\t/evil.com",
     "/%09/evil.com",
