@@ -682,6 +682,15 @@ def check_forward_auth(label, ing, objs, pods, configs):
     for h in ("X-Auth-Request-User", "X-Auth-Request-Email"):
         if h not in headers:
             p.append(f"auth-response-headers lacks {h}")
+    # The site nginx served, beside X-Original-URL (built from the client's Host header).
+    set_headers = ann.get(AUTH + "auth-proxy-set-headers", "")
+    ns, _, name = set_headers.rpartition("/")
+    extra = find(objs, "ConfigMap", ns or ns_of(ing), name) if name else None
+    if extra is None:
+        p.append("auth-proxy-set-headers names no rendered ConfigMap: X-Original-URL carries the "
+                 "client's Host, so routes' host rules need X-Forwarded-Host: $host beside it")
+    elif (extra.get("data") or {}).get("X-Forwarded-Host") != "$host":
+        p.append(f"ConfigMap {name_of(extra)} (auth-proxy-set-headers) does not set X-Forwarded-Host to $host")
     if str(ann.get(AUTH + "auth-always-set-cookie", "")).lower() != "true":
         p.append('auth-always-set-cookie is not "true": a session refreshed during the auth '
                  "subrequest would lose its new cookie whenever the app answers an error")
@@ -719,7 +728,7 @@ def check_forward_auth(label, ing, objs, pods, configs):
             rhost = urlsplit(str(cfg.get("redirect_url", ""))).hostname
             if cfg and rhost != host:
                 p.append(f"redirect_url host {rhost!r} of {ref(q.owner)} is not the Ingress host {host!r}")
-    report(f"fwdauth  {label}: {ref(ing)} -> portcullis /oauth2/auth, login endpoints routed (not /oauth2/auth), cookies passed, redirect_url host", p)
+    report(f"fwdauth  {label}: {ref(ing)} -> portcullis /oauth2/auth, login endpoints routed (not /oauth2/auth), cookies passed, X-Forwarded-Host $host, redirect_url host", p)
 
 
 # ---------------------------------------------------------------- main

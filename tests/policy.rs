@@ -1548,6 +1548,17 @@ async fn forward_auth_sends_only_browser_navigations_to_log_in() {
     let r = ask("/oauth2/auth", &[&url("/page"), &fwd("/page"), browser]).await;
     assert_eq!(r.status, Some(401), "{}", r.text);
     assert_eq!(r.header("x-auth-request-login"), Some(login_for("/page")));
+    // A target too long for the header once encoded (nginx holds the answer's headers in 4 KB,
+    // or answers 500): the login goes without it, and returns to `/`.
+    let long = format!("/page?q={}", "/&".repeat(700));
+    let r = ask("/oauth2/auth", &[&url(&long), browser]).await;
+    assert_eq!(r.status, Some(401), "{}", r.text);
+    assert_eq!(
+        r.header("x-auth-request-login").as_deref(),
+        Some("/oauth2/start"),
+        "{}",
+        r.text
+    );
 
     // Envoy: its answers as before, the login header by the same rule.
     let r = ask("/oauth2/auth/page?a=1", &[browser]).await;

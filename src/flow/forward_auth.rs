@@ -53,6 +53,8 @@ fn identity_headers(
 /// The header naming where to send the browser to log in, back to the original request:
 /// a proxy cannot percent-encode `rd` itself (nginx has no escaping function).
 const LOGIN_HEADER: &str = "x-auth-request-login";
+/// The longest `X-Auth-Request-Login` sent (see `unauthorized`).
+const MAX_LOGIN_URL: usize = 2048;
 
 /// The answer without a session: 401. Only a browser navigation on a login route (`login`)
 /// is told where to log in, in `X-Auth-Request-Login`, for a proxy that redirects on it
@@ -65,10 +67,16 @@ fn unauthorized(
     original: &Original<'_>,
     login: bool,
 ) -> Response<Body> {
-    let login_url = match &original.target {
-        Some(target) => super::redirect::start_url(target),
-        None => "/oauth2/start".to_string(),
-    };
+    // The target rides in a response header, which the proxy must hold in one buffer (nginx:
+    // 4 KB for all of them, else a 500): one the login would not return to anyway (see
+    // `safe_relative`), or too long once encoded, leaves `rd` out (the login returns to `/`).
+    let login_url = original
+        .target
+        .as_deref()
+        .filter(|t| super::redirect::safe_relative(t).is_some())
+        .map(super::redirect::start_url)
+        .filter(|url| url.len() <= MAX_LOGIN_URL)
+        .unwrap_or_else(|| "/oauth2/start".to_string());
     let mut resp = super::unauthorized(app, jar, clear, &login_url);
     if login {
         if let Ok(v) = HeaderValue::from_str(&login_url) {
