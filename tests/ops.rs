@@ -2383,6 +2383,8 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
             ("x-auth-request-user", "mallory"),
             ("x-auth-request-preferred-username", "mallory"),
             ("x-auth-request-access-token", "forged"),
+            ("x-forwarded-user", "mallory"),
+            ("x-forwarded-email", "mallory@example.test"),
         ],
         Vec::new(),
     )
@@ -2390,6 +2392,9 @@ async fn nginx_auth_request_forward_auth_end_to_end() {
     assert_eq!(spoofed.status, 200, "{}", spoofed.dump());
     let rec = upstream.last();
     assert_eq!(rec.header("x-auth-request-user"), None, "{rec:?}");
+    // Nor under the proxied mode's names, which an app moved from it may trust.
+    assert_eq!(rec.header("x-forwarded-user"), None, "{rec:?}");
+    assert_eq!(rec.header("x-forwarded-email"), None, "{rec:?}");
     assert_eq!(
         rec.header("x-auth-request-preferred-username"),
         None,
