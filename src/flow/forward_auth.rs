@@ -448,7 +448,7 @@ mod tests {
     }
 
     /// Everything by which a proxy names the original request counts: from an untrusted
-    /// peer each one is refused, not ignored.
+    /// peer each one is ignored (the global rules decide) and named in the warning.
     #[test]
     fn what_names_an_original_request() {
         for h in [
