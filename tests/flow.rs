@@ -360,26 +360,14 @@ async fn callback_with_a_state_that_has_no_flow_cookie_is_rejected() {
 async fn replayed_callback_is_rejected() {
     let s = Stack::start().await;
     let b = Browser::new();
-    let (auth, _) = auth_redirect(&b.get(&s.gw.url("/")).await);
-    let callback = idp_walk(&b, &auth, "alice").await;
-    let flow_cookie = b.cookie_header(&callback);
-    assert!(
-        flow_cookie.starts_with("_portcullis_flow_"),
-        "{flow_cookie}"
-    );
+    let (callback, flow_cookie) = captured_callback(&b, &s.gw, "alice").await;
 
     let ok = b.get(&callback).await;
     assert_eq!(ok.status, 302, "{}", ok.dump());
     assert_eq!(s.idp.token_requests(), 1);
 
     // Same URL, same flow cookie, a second time (an attacker who captured both).
-    let replay = send(
-        "GET",
-        &callback,
-        &[("accept", BROWSER_ACCEPT), ("cookie", &flow_cookie)],
-        Vec::new(),
-    )
-    .await;
+    let replay = navigate_url(&callback, &flow_cookie).await;
     assert_eq!(replay.status, 400, "{}", replay.dump());
     assert!(replay.text().contains("already used"), "{}", replay.dump());
     assert_no_session_set(&replay);

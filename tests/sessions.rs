@@ -2010,26 +2010,14 @@ async fn sign_out_during_a_refresh_stays_signed_out_with_the_redis_store() {
 async fn a_callback_replayed_on_another_replica_is_refused(store: Store) {
     let s = Replicas::start(store, &[], None).await;
     let b = Browser::new();
-    let (auth, _) = auth_redirect(&b.get(&s.a.url("/")).await);
-    let callback = idp_walk(&b, &auth, "bob").await;
-    let flow_cookie = b.cookie_header(&callback);
-    assert!(
-        flow_cookie.starts_with("_portcullis_flow_"),
-        "{flow_cookie}"
-    );
+    let (callback, flow_cookie) = captured_callback(&b, &s.a, "bob").await;
     let ok = b.get(&callback).await;
     assert_eq!(ok.status, 302, "{}", ok.dump());
     let exchanges = s.idp.token_requests();
 
     let on_b = callback.replace(&s.a.url("/"), &s.b.url("/"));
     assert_ne!(on_b, callback);
-    let replay = send(
-        "GET",
-        &on_b,
-        &[("accept", BROWSER_ACCEPT), ("cookie", &flow_cookie)],
-        Vec::new(),
-    )
-    .await;
+    let replay = navigate_url(&on_b, &flow_cookie).await;
     assert_eq!(replay.status, 400, "{store:?}: {}", replay.dump());
     assert!(replay.text().contains("already used"), "{}", replay.dump());
     assert!(new_session_cookie(&replay).is_none(), "{}", replay.dump());

@@ -4,6 +4,7 @@
 use crate::app::App;
 use crate::body::{read_limited, Body};
 use crate::pages;
+use crate::session::crypto::sha256_hex;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
 const MAX_BODY: usize = 16 * 1024;
@@ -19,12 +20,6 @@ fn answer(status: StatusCode, error: Option<&str>) -> Response<Body> {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
-}
-
-/// The digest naming a logout token's `jti` in Redis: fixed length, any bytes.
-fn jti_digest(jti: &str) -> String {
-    use sha2::{Digest, Sha256};
-    crate::session::crypto::hex(&Sha256::digest(jti.as_bytes()))
 }
 
 pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
@@ -86,7 +81,7 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
     let jti_key = app
         .redis
         .as_deref()
-        .map(|r| r.key(&["jti", &jti_digest(&claims.jti)]));
+        .map(|r| r.key(&["jti", &sha256_hex(claims.jti.as_bytes())]));
     if let (Some(redis), Some(key)) = (app.redis.as_deref(), jti_key.as_ref()) {
         match redis.get(key).await {
             Ok(None) => {}

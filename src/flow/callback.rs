@@ -297,12 +297,13 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
 /// was used already. A Redis that cannot be asked does not hold up sign-ins: this replica's
 /// own record still refuses replays here.
 async fn claimed_across_replicas(app: &App, state: &str) -> bool {
-    use sha2::{Digest, Sha256};
     let Some(redis) = app.redis.as_deref() else {
         return true;
     };
-    let digest = crate::session::crypto::hex(&Sha256::digest(state.as_bytes()));
-    let key = redis.key(&["state", &digest]);
+    let key = redis.key(&[
+        "state",
+        &crate::session::crypto::sha256_hex(state.as_bytes()),
+    ]);
     match redis.try_lock(&key, "1", app.cookies.flow_lifetime).await {
         Ok(first) => first,
         Err(e) => {

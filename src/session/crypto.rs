@@ -64,6 +64,12 @@ fn key_id(key: &[u8; 32]) -> [u8; KEY_ID_LEN] {
 /// The lower-case hex digits, by value.
 pub const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
+/// The SHA-256 of `data` in lower-case hex: how a value that must not be stored as it is
+/// (a sign-in state, a logout token's `jti`) is named in Redis, the same on every replica.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
 /// Lower-case hex of `bytes`: ids and digests in storage keys and names.
 pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);

@@ -31,9 +31,28 @@ pub const BROWSER_ACCEPT: &str = "text/html,application/xhtml+xml,application/xm
 
 /// A browser navigation (`Accept: text/html`) to `path` with a raw `Cookie` header.
 pub async fn navigate(gw: &Gateway, path: &str, cookie: &str) -> Resp {
+    navigate_url(&gw.url(path), cookie).await
+}
+
+/// A login walked through the provider up to its callback, which is not opened yet: the
+/// callback URL and the browser's flow cookie for it (what an attacker who captured both
+/// would replay).
+pub async fn captured_callback(b: &Browser, gw: &Gateway, user: &str) -> (String, String) {
+    let (auth, _) = auth_redirect(&b.get(&gw.url("/")).await);
+    let callback = idp_walk(b, &auth, user).await;
+    let flow_cookie = b.cookie_header(&callback);
+    assert!(
+        flow_cookie.starts_with("_portcullis_flow_"),
+        "{flow_cookie}"
+    );
+    (callback, flow_cookie)
+}
+
+/// A browser navigation to `url` (absolute) with `cookie` as its only cookie.
+pub async fn navigate_url(url: &str, cookie: &str) -> Resp {
     send(
         "GET",
-        &gw.url(path),
+        url,
         &[("accept", BROWSER_ACCEPT), ("cookie", cookie)],
         Vec::new(),
     )
