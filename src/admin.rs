@@ -53,7 +53,7 @@ pub async fn serve(live: crate::live::Live, listener: TcpListener) {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
+                tracing::warn!(error = e.to_string().as_str(), "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -240,7 +240,10 @@ async fn reload(path: Option<&Path>, live: &Live, shared: &Shared, started: &Con
         Ok(c) => c,
         Err(errors) => {
             for e in &errors.0 {
-                tracing::error!(error = %e, "config reload rejected; the previous config keeps serving");
+                tracing::error!(
+                    error = e.to_string().as_str(),
+                    "config reload rejected; the previous config keeps serving"
+                );
             }
             result("failure");
             return Reloaded::Refused {
@@ -273,7 +276,10 @@ async fn reload(path: Option<&Path>, live: &Live, shared: &Shared, started: &Con
             Reloaded::Applied(applied)
         }
         Err(e) => {
-            tracing::error!(error = %e, "config reload failed; the previous config keeps serving");
+            tracing::error!(
+                error = e.to_string().as_str(),
+                "config reload failed; the previous config keeps serving"
+            );
             result("failure");
             Reloaded::Refused {
                 files,

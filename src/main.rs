@@ -88,7 +88,10 @@ fn main() -> ExitCode {
         tracing::warn!("{w}");
     }
     for name in portcullis::config::unknown_env_vars(std::env::vars()) {
-        tracing::warn!(variable = %name, "environment variable names no configuration key; ignored (see `portcullis env-vars`)");
+        tracing::warn!(
+            variable = &*name,
+            "environment variable names no configuration key; ignored (see `portcullis env-vars`)"
+        );
     }
     if rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
@@ -124,7 +127,7 @@ fn main() -> ExitCode {
     match runtime.block_on(portcullis::run(cfg, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "portcullis failed");
+            tracing::error!(error = e.to_string().as_str(), "portcullis failed");
             ExitCode::FAILURE
         }
     }

@@ -225,7 +225,10 @@ async fn coordinated_refresh(app: &Arc<App>, s: &Session) -> (Outcome, By) {
     let deadline = Instant::now() + LOCK_TTL;
     let mut pause = Duration::from_millis(25);
     let redis_down = |e: crate::store::StoreError| {
-        tracing::warn!(error = %e, "redis unavailable for refresh coordination");
+        tracing::warn!(
+            error = e.to_string().as_str(),
+            "redis unavailable for refresh coordination"
+        );
     };
     let elsewhere = |o: Outcome| (o, By::Elsewhere);
     loop {
@@ -324,7 +327,10 @@ impl Held {
                 .set_ex(&self.result_key, sealed.as_bytes(), REUSE_WINDOW)
                 .await
             {
-                tracing::warn!(error = %e, "cannot publish the refresh result yet");
+                tracing::warn!(
+                    error = e.to_string().as_str(),
+                    "cannot publish the refresh result yet"
+                );
                 return false;
             }
         }
@@ -371,7 +377,10 @@ async fn save_refreshed(app: &App, next: &Session) -> Result<(), RefreshFailure>
         // Signed out while the provider was asked: it stays signed out.
         Err(crate::session::store::SaveError::Ended) => Err(RefreshFailure::InvalidGrant),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot save the refreshed session yet");
+            tracing::warn!(
+                error = e.to_string().as_str(),
+                "cannot save the refreshed session yet"
+            );
             if let Some(u) = unsaved.as_mut() {
                 // Bounded: after a long outage the results are gone from the reuse window anyway.
                 if u.len() >= 10_000 {
@@ -426,27 +435,34 @@ async fn run_refresh(app: &App, s: &Session, refresh_token: &str) -> Outcome {
             }
             if !app.fit_in_cookie(&mut next, now) {
                 tracing::warn!(
-                    sub = ?next.identity.sub,
+                    sub = &*next.identity.sub,
                     "refreshed session too large for limits.max_cookie_chunks; session ended \
                      (session.store: redis keeps large sessions)"
                 );
                 return Err(RefreshFailure::TooLarge);
             }
-            tracing::info!(sub = %next.identity.sub, "access token refreshed");
+            tracing::info!(sub = &*next.identity.sub, "access token refreshed");
             Ok(Arc::new(next))
         }
         Err(ProviderError::InvalidGrant(reason)) => {
-            tracing::info!(sub = %s.identity.sub, reason = ?reason, "refresh token refused; session ended");
+            tracing::info!(sub = &*s.identity.sub, reason = ?reason, "refresh token refused; session ended");
             Err(RefreshFailure::InvalidGrant)
         }
         // Never log anyone out because the provider blinked: down, 5xx, overloaded. (A new
         // signing key not fetched yet keeps the refreshed tokens: see `Provider::tokens`.)
         Err(e) if e.is_unavailable() => {
-            tracing::warn!(error = %e, "refresh failed; the provider will be asked again");
+            tracing::warn!(
+                error = e.to_string().as_str(),
+                "refresh failed; the provider will be asked again"
+            );
             Err(RefreshFailure::Unavailable)
         }
         Err(e) => {
-            tracing::warn!(sub = %s.identity.sub, error = %e, "provider refused the refresh; session ended");
+            tracing::warn!(
+                sub = &*s.identity.sub,
+                error = e.to_string().as_str(),
+                "provider refused the refresh; session ended"
+            );
             Err(RefreshFailure::Rejected)
         }
     }
@@ -559,7 +575,10 @@ pub async fn ensure_fresh(app: &Arc<App>, s: Session, now: u64) -> Fresh {
         Fresh::Ended => {
             // Nothing may renew it again: a stored session goes now, not at its TTL.
             if let Err(e) = app.delete_session_id(&id).await {
-                tracing::warn!(error = %e, "cannot delete an ended session from the store");
+                tracing::warn!(
+                    error = e.to_string().as_str(),
+                    "cannot delete an ended session from the store"
+                );
             }
             Fresh::Ended
         }
@@ -575,7 +594,10 @@ pub async fn ensure_fresh(app: &Arc<App>, s: Session, now: u64) -> Fresh {
                     Ok(_) => {}
                     // Signed out meanwhile: not brought back by this request.
                     Err(crate::session::store::SaveError::Ended) => return Fresh::Ended,
-                    Err(e) => tracing::warn!(error = %e, "cannot record session activity"),
+                    Err(e) => tracing::warn!(
+                        error = e.to_string().as_str(),
+                        "cannot record session activity"
+                    ),
                 }
             }
             Fresh::Refreshed(Arc::new(s))

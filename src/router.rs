@@ -184,7 +184,10 @@ where
         }
         // One normalised path for everything after this point, the upstream included.
         if let Err(e) = normalize_uri(&mut req) {
-            tracing::debug!(error = %e, "ambiguous request path refused");
+            tracing::debug!(
+                error = e.to_string().as_str(),
+                "ambiguous request path refused"
+            );
             return Either::Right(bad_request("The request path is ambiguous."));
         }
         if flow::is_flow_path(req.uri().path()) {

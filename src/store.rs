@@ -134,7 +134,10 @@ impl Redis {
             self.manager_config.clone(),
         ) {
             Ok(conn) => self.conn.store(std::sync::Arc::new(conn)),
-            Err(e) => tracing::warn!(error = %e, "redis connection not renewed"),
+            Err(e) => tracing::warn!(
+                error = e.to_string().as_str(),
+                "redis connection not renewed"
+            ),
         }
     }
 
@@ -176,7 +179,7 @@ impl Redis {
         if let Err(e) = &r {
             // Readiness follows every command, not only the probes: say why it fails.
             if crate::session::once_per(&self.failure_logged, 60) {
-                tracing::warn!(error = %e, "redis command failed");
+                tracing::warn!(error = e.to_string().as_str(), "redis command failed");
             }
         }
         r
@@ -206,7 +209,7 @@ impl Redis {
             if was != Some(ok) {
                 match result {
                     Ok(()) => tracing::info!("redis reachable"),
-                    Err(e) => tracing::warn!(error = %e, "redis unreachable"),
+                    Err(e) => tracing::warn!(error = e.to_string().as_str(), "redis unreachable"),
                 }
                 was = Some(ok);
             }

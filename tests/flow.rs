@@ -523,6 +523,26 @@ async fn reused_code_with_a_fresh_flow_is_rejected() {
     assert!(b2.cookie(&s.gw.url("/"), "_portcullis").is_none());
 }
 
+/// A subject is the provider's (often the user's own choice): in a text log line it is one
+/// quoted value, so `eve" status=200 forged="1` adds no fields for a logfmt reader.
+#[tokio::test]
+async fn a_subject_with_quotes_adds_no_fields_to_a_log_line() {
+    let s = Stack::start().await;
+    let user = r#"eve" status=200 forged="1"#;
+    let b = s.login(user).await;
+    let r = b.get(&s.gw.url("/oauth2/userinfo")).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let log = s.gw.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("login completed"))
+        .unwrap_or_else(|| panic!("no login line: {log}"));
+    assert!(
+        line.contains(r#"sub="eve\" status=200 forged=\"1""#),
+        "{line}"
+    );
+}
+
 #[tokio::test]
 async fn provider_error_renders_an_escaped_403_page() {
     let s = Stack::start().await;

@@ -68,7 +68,10 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
     let claims = match app.provider.validate_logout_token(&token).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::info!(error = %e, "back-channel logout token rejected");
+            tracing::info!(
+                error = e.to_string().as_str(),
+                "back-channel logout token rejected"
+            );
             return answer(StatusCode::BAD_REQUEST, Some("invalid logout_token"));
         }
     };
@@ -87,7 +90,10 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
             Ok(None) => {}
             Ok(Some(_)) => return answer(StatusCode::BAD_REQUEST, Some("logout_token replayed")),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot check the logout token for a replay");
+                tracing::warn!(
+                    error = e.to_string().as_str(),
+                    "cannot check the logout token for a replay"
+                );
                 return answer(StatusCode::SERVICE_UNAVAILABLE, Some("try again"));
             }
         }
@@ -107,7 +113,10 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
                     .await;
                 if let Err(e) = recorded {
                     // Done all the same: a replay would only end the same sessions again.
-                    tracing::warn!(error = %e, "logout token acted on but not recorded");
+                    tracing::warn!(
+                        error = e.to_string().as_str(),
+                        "logout token acted on but not recorded"
+                    );
                 }
             }
             tracing::info!(
@@ -122,7 +131,10 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
         }
         Err(e) => {
             // Nothing recorded: the provider's retry goes through.
-            tracing::warn!(error = %e, "back-channel logout could not be recorded");
+            tracing::warn!(
+                error = e.to_string().as_str(),
+                "back-channel logout could not be recorded"
+            );
             answer(StatusCode::SERVICE_UNAVAILABLE, Some("try again"))
         }
     }

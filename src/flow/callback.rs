@@ -117,7 +117,10 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     if let Some(error) = query_param(query, "error") {
         let desc = query_param(query, "error_description").unwrap_or_default();
         // Quoted: anyone can send this parameter (`error=x user=admin` is one value).
-        tracing::info!(error = ?error, "provider returned an error to the callback");
+        tracing::info!(
+            error = &*error,
+            "provider returned an error to the callback"
+        );
         let msg = if desc.is_empty() {
             format!("The identity provider refused the sign-in: {error}.")
         } else {
@@ -180,7 +183,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     {
         Ok(t) => t,
         Err(e) => {
-            tracing::warn!(error = %e, "code exchange failed");
+            tracing::warn!(error = e.to_string().as_str(), "code exchange failed");
             let (reason, status, msg) = match &e {
                 ProviderError::InvalidGrant(_) => (
                     "invalid_grant",
@@ -247,7 +250,10 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         }
         // (`Ended` is for updates only; a new session is written whatever was there.)
         Err(e @ (SaveError::Store(_) | SaveError::Ended)) => {
-            tracing::warn!(error = %e, "cannot store the new session");
+            tracing::warn!(
+                error = e.to_string().as_str(),
+                "cannot store the new session"
+            );
             return fail(
                 app,
                 "store_unavailable",
@@ -258,7 +264,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             );
         }
     };
-    tracing::info!(sub = %session.identity.sub, "login completed");
+    tracing::info!(sub = &*session.identity.sub, "login completed");
     app.metrics
         .login_flows
         .with_label_values(&["completed", ""])
@@ -307,7 +313,10 @@ async fn claimed_across_replicas(app: &App, state: &str) -> bool {
     match redis.try_lock(&key, "1", app.cookies.flow_lifetime).await {
         Ok(first) => first,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot record the sign-in state in redis");
+            tracing::warn!(
+                error = e.to_string().as_str(),
+                "cannot record the sign-in state in redis"
+            );
             true
         }
     }

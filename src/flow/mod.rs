@@ -137,7 +137,7 @@ async fn caller(app: &Arc<App>, jar: &CookieJar<'_>) -> Caller {
             return Caller::Anonymous { clear: true };
         }
         Err(e) => {
-            tracing::debug!(error = %e, "session store unavailable");
+            tracing::debug!(error = e.to_string().as_str(), "session store unavailable");
             return Caller::Unavailable(
                 GatewayError::StoreUnavailable(e.to_string()).into_response(),
             );
@@ -231,7 +231,7 @@ pub fn start_login(app: &App, return_to: &str, jar: &CookieJar<'_>) -> Response<
     let (url, verifier) = match app.provider.authorization_url(&state, &nonce) {
         Ok(x) => x,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot start login");
+            tracing::warn!(error = e.to_string().as_str(), "cannot start login");
             return crate::error::GatewayError::ProviderUnavailable(e.to_string()).into_response();
         }
     };

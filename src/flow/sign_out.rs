@@ -132,9 +132,12 @@ async fn end_session(
                 "<p><a href=\"/oauth2/sign_out\">Sign out</a></p>",
             );
         }
-        tracing::info!(sub = %s.identity.sub, "signed out");
+        tracing::info!(sub = &*s.identity.sub, "signed out");
         if let Err(e) = app.delete_session(s).await {
-            tracing::warn!(error = %e, "cannot delete the session from the store");
+            tracing::warn!(
+                error = e.to_string().as_str(),
+                "cannot delete the session from the store"
+            );
             return crate::error::GatewayError::StoreUnavailable(e.to_string()).into_response();
         }
         app.metrics.logouts.with_label_values(&["user"]).inc();
@@ -194,7 +197,7 @@ fn revoke_at_provider(app: &App, s: &Session) {
                 tracing::warn!(
                     %sub,
                     token_type_hint = kind.hint(),
-                    error = %e,
+                    error = e.to_string().as_str(),
                     "cannot revoke the signed-out session's token at the provider"
                 );
                 if e.is_unavailable() {

@@ -430,7 +430,7 @@ impl Provider {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(issuer = %p.issuer, error = %e, retry_in = ?delay, "provider discovery failed");
+                    tracing::warn!(issuer = %p.issuer, error = e.to_string().as_str(), retry_in = ?delay, "provider discovery failed");
                 }
             }
             // Not held while waiting: that is when a reload lets it go.
@@ -460,7 +460,10 @@ impl Provider {
             match p.fetch_jwks(&d.meta.jwks_uri).await {
                 Ok(()) => tracing::debug!(keys = p.keys.load().len(), "provider JWKS refreshed"),
                 Err(e) => {
-                    tracing::warn!(error = %e, "provider JWKS refresh failed; the keys held are kept")
+                    tracing::warn!(
+                        error = e.to_string().as_str(),
+                        "provider JWKS refresh failed; the keys held are kept"
+                    )
                 }
             }
         }
@@ -637,7 +640,7 @@ impl Provider {
                 // its identity and logout hint until a refresh brings an ID token that
                 // validates.
                 Err(e) if nonce.is_none() && key_not_available(&e) => {
-                    tracing::warn!(error = %e, "refreshed ID token not checked now (its key cannot be fetched); tokens kept, identity unchanged");
+                    tracing::warn!(error = e.to_string().as_str(), "refreshed ID token not checked now (its key cannot be fetched); tokens kept, identity unchanged");
                     None
                 }
                 Err(e) => return Err(e),
@@ -694,11 +697,17 @@ impl Provider {
         .await;
         match result {
             Err(e) if e.is_unavailable() => {
-                tracing::warn!(error = %e, "userinfo request failed: the provider is unavailable");
+                tracing::warn!(
+                    error = e.to_string().as_str(),
+                    "userinfo request failed: the provider is unavailable"
+                );
                 Err(e)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "userinfo request failed; identity from the ID token only");
+                tracing::warn!(
+                    error = e.to_string().as_str(),
+                    "userinfo request failed; identity from the ID token only"
+                );
                 Ok(())
             }
             Ok(()) => Ok(()),

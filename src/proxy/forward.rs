@@ -167,7 +167,7 @@ impl Service<Request<Body>> for Forward {
                         // Logged where the request's id is known (see `metrics::finish`).
                         facts.upstream_failure = Some(Arc::new((kind, e.to_string())));
                     } else {
-                        tracing::debug!(error = %e, "request not forwarded");
+                        tracing::debug!(error = e.to_string().as_str(), "request not forwarded");
                     }
                     e.into_response()
                 }
@@ -232,7 +232,7 @@ pub fn upstream_body_failed(
     tracing::warn!(
         request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or("-"),
         kind,
-        error = %source_chain(e),
+        error = source_chain(e).as_str(),
         "upstream response body failed"
     );
 }
@@ -356,8 +356,12 @@ async fn forward(
                         tracing::debug!("websocket tunnel idle for timeouts.tunnel_idle, closed");
                     }
                 }
-                (Err(e), _) => tracing::debug!(error = %e, "client upgrade failed"),
-                (_, Err(e)) => tracing::debug!(error = %e, "upstream upgrade failed"),
+                (Err(e), _) => {
+                    tracing::debug!(error = e.to_string().as_str(), "client upgrade failed")
+                }
+                (_, Err(e)) => {
+                    tracing::debug!(error = e.to_string().as_str(), "upstream upgrade failed")
+                }
             }
         });
         let (mut parts, _) = resp.into_parts();

@@ -196,7 +196,7 @@ impl Upstream {
             let relay = &mut Context::from_waker(&self.waker);
             if let Poll::Ready(r) = Pin::new(conn).poll(relay) {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream connection ended");
+                    tracing::debug!(error = e.to_string().as_str(), "upstream connection ended");
                 }
                 self.conn = None;
                 continue;
@@ -304,7 +304,7 @@ impl Upstream {
         if let Some(conn) = self.conn.take() {
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(error = %e, "upstream connection ended");
+                    tracing::debug!(error = e.to_string().as_str(), "upstream connection ended");
                 }
             });
         }

@@ -268,7 +268,7 @@ pub async fn serve<I, S, F>(
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "HTTP/2 connection closed with error");
+                    tracing::debug!(error = e.to_string().as_str(), "HTTP/2 connection closed with error");
                 }
                 return;
             }

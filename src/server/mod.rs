@@ -220,7 +220,7 @@ pub async fn serve(
             Ok(server_config) => Some(tokio_rustls::TlsAcceptor::from(server_config)),
             Err(e) => {
                 // Validated at start-up; only a file changed in between can get here.
-                tracing::error!(error = %e, "cannot serve TLS");
+                tracing::error!(error = e.to_string().as_str(), "cannot serve TLS");
                 return;
             }
         },
@@ -259,7 +259,7 @@ pub async fn serve(
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: log, breathe, go on.
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(error = e.to_string().as_str(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -301,7 +301,10 @@ pub async fn serve(
                                 let h2_only = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
                                 serve_connection(tls_stream, h2_only, shared, info, id).await
                             }
-                            Ok(Some(Err(e))) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Ok(Some(Err(e))) => tracing::debug!(
+                                error = e.to_string().as_str(),
+                                "TLS handshake failed"
+                            ),
                             Err(_) => tracing::debug!("TLS handshake timed out"),
                         }
                     })

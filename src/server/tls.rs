@@ -117,11 +117,17 @@ impl ReloadingCert {
                 }
                 Err(e) if !retrying => {
                     retrying = true;
-                    tracing::debug!(error = %e, "TLS files do not load (yet); trying again");
+                    tracing::debug!(
+                        error = e.to_string().as_str(),
+                        "TLS files do not load (yet); trying again"
+                    );
                 }
                 Err(e) => {
                     retrying = false;
-                    tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one");
+                    tracing::error!(
+                        error = e.to_string().as_str(),
+                        "TLS certificate reload failed; keeping the previous one"
+                    );
                     reloads.with_label_values(&["failure"]).inc();
                 }
             }

@@ -116,7 +116,7 @@ where
                     json_503_for_api(inner, req).await
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "session store unavailable");
+                    tracing::debug!(error = e.to_string().as_str(), "session store unavailable");
                     Ok(GatewayError::StoreUnavailable(e.to_string())
                         .response_for(req.method(), req.headers()))
                 }

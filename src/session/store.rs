@@ -204,7 +204,10 @@ impl App {
                 .await;
             if let Err(e) = recorded {
                 // Revoked on this replica; the others learn it only if Redis comes back.
-                tracing::warn!(error = %e, "cannot record the sign-out in Redis");
+                tracing::warn!(
+                    error = e.to_string().as_str(),
+                    "cannot record the sign-out in Redis"
+                );
             }
             return Ok(());
         }

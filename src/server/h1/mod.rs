@@ -305,7 +305,7 @@ impl<T: Transport> Conn<T> {
                 match self.io.poll_read_ready(cx) {
                     Poll::Pending => return self.poll_wait(cx),
                     Poll::Ready(Err(e)) => {
-                        tracing::debug!(error = %e, "client connection failed");
+                        tracing::debug!(error = e.to_string().as_str(), "client connection failed");
                         return Poll::Ready(Err(Stop::Now));
                     }
                     Poll::Ready(Ok(())) => self.rbuf = take_buffer(),
@@ -319,7 +319,7 @@ impl<T: Transport> Conn<T> {
             Poll::Ready(Ok(0)) => Poll::Ready(Err(Stop::Now)),
             Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
             Poll::Ready(Err(e)) => {
-                tracing::debug!(error = %e, "client connection failed");
+                tracing::debug!(error = e.to_string().as_str(), "client connection failed");
                 Poll::Ready(Err(Stop::Now))
             }
             Poll::Pending => {
@@ -495,7 +495,7 @@ impl<T: Transport> Conn<T> {
                                 parts.headers.get(&self.settings.request_id),
                             );
                         } else {
-                            tracing::debug!(error = %e, "response body failed");
+                            tracing::debug!(error = e.to_string().as_str(), "response body failed");
                         }
                         finished = true;
                         failed = true;
