@@ -50,16 +50,21 @@ pub const PROCESS_VARS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// `PORTCULLIS_WORKER_THREADS`: unset, or a positive number (anything else is refused, not
-/// silently replaced by the default).
+/// The most worker threads `PORTCULLIS_WORKER_THREADS` may ask for: far more than any machine
+/// has cores, and far fewer than would exhaust memory or the process limit at start-up.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// `PORTCULLIS_WORKER_THREADS`: unset, or a number from 1 to [`MAX_WORKER_THREADS`] (anything
+/// else is refused, not silently replaced by the default).
 pub fn worker_threads(value: Option<&str>) -> Result<Option<usize>, String> {
     let Some(v) = value else {
         return Ok(None);
     };
     match v.trim().parse::<usize>() {
-        Ok(n) if n > 0 => Ok(Some(n)),
+        Ok(n) if (1..=MAX_WORKER_THREADS).contains(&n) => Ok(Some(n)),
         _ => Err(format!(
-            "config error: PORTCULLIS_WORKER_THREADS: `{v}` is not a positive number of threads"
+            "config error: PORTCULLIS_WORKER_THREADS: `{v}` is not a number of threads \
+             from 1 to {MAX_WORKER_THREADS}"
         )),
     }
 }
@@ -69,11 +74,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn worker_threads_is_unset_or_a_positive_number() {
+    fn worker_threads_is_unset_or_a_bounded_positive_number() {
         assert_eq!(worker_threads(None), Ok(None));
         assert_eq!(worker_threads(Some("4")), Ok(Some(4)));
         assert_eq!(worker_threads(Some(" 2 ")), Ok(Some(2)));
-        for bad in ["", "0", "-1", "two", "1.5"] {
+        assert_eq!(worker_threads(Some("1024")), Ok(Some(1024)));
+        for bad in ["", "0", "-1", "two", "1.5", "1025", "100000"] {
             let e = worker_threads(Some(bad)).unwrap_err();
             assert!(e.contains("PORTCULLIS_WORKER_THREADS"), "{e}");
         }

@@ -741,11 +741,11 @@ fn env_vars_prints_one_line_per_variable() {
     assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
 
-/// A `PORTCULLIS_WORKER_THREADS` that is not a positive number is refused, naming it (it
-/// used to be ignored silently), by `check` as by `serve`.
+/// A `PORTCULLIS_WORKER_THREADS` that is not a number from 1 to 1024 is refused, naming it (it
+/// used to be ignored silently; 100000 ran the process out of memory), by `check` as by `serve`.
 #[test]
 fn a_bad_worker_threads_value_is_refused() {
-    for bad in ["0", "two", "-1"] {
+    for bad in ["0", "two", "-1", "100000"] {
         let r = check_text(&minimal(), &[("PORTCULLIS_WORKER_THREADS", bad)]);
         let lines = assert_invalid(&r, 1);
         assert!(
