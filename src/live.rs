@@ -232,10 +232,18 @@ const REDIS_RETRY: Duration = Duration::from_secs(10);
 
 async fn reload(path: Option<&Path>, live: &Live, shared: &Shared, started: &Config) -> Reloaded {
     let result = |r: &str| shared.metrics.config_reloads.with_label_values(&[r]).inc();
-    let loaded = match path {
-        Some(path) => config::load(path),
+    tracing::info!("configuration changed (or SIGHUP); reloading");
+    // Off the request threads: parsing a large or pathological file (and reading the secret
+    // files it names) must not hold up the requests they serve meanwhile.
+    let owned = path.map(Path::to_path_buf);
+    let loaded = tokio::task::spawn_blocking(move || match owned {
+        Some(path) => config::load(&path),
         None => config::load_str("", std::env::vars()),
-    };
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(config::ConfigError::new("", format!("config reload did not finish: {e}")).into())
+    });
     let cfg = match loaded {
         Ok(c) => c,
         Err(errors) => {

@@ -538,6 +538,67 @@ fn empty_secret_files_are_refused() {
     }
 }
 
+/// A client secret or Redis password file holds the secret alone: a second line or a NUL
+/// inside it is refused at start-up, naming the key, instead of failing the first login with
+/// `invalid_client` (the value is not echoed).
+#[test]
+fn secret_files_with_a_second_line_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("secret");
+    let client = minimal().replace(
+        "client_secret: \"s3cret\"",
+        &format!("client_secret_file: \"{}\"", f.display()),
+    );
+    let redis = format!(
+        "{}session: {{ store: redis, redis: {{ url: \"redis://127.0.0.1:6379\", password_file: \"{}\" }} }}\n",
+        minimal(),
+        f.display()
+    );
+    for (text, want) in [
+        (&client, "config error: provider.client_secret_file: "),
+        (&redis, "config error: session.redis.password_file: "),
+    ] {
+        for content in [
+            "hunter2\nsecond\n",
+            "hunter2\r\nx",
+            "hun\0ter2\n",
+            "hunter2\n\nx\n",
+        ] {
+            std::fs::write(&f, content).unwrap();
+            let l = assert_invalid(&check_text(text, &[]), 1);
+            assert!(l[0].starts_with(want), "{content:?}: {}", l[0]);
+            assert!(!l[0].contains("hunter2"), "{}", l[0]);
+        }
+        std::fs::write(&f, "hunter 2\r\n").unwrap();
+        let r = check_text(text, &[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+}
+
+/// A config (or secret) file past its size limit is refused at once, naming the file: a path
+/// pointed at `/dev/zero` is not read until memory runs out.
+#[test]
+fn files_past_their_size_limit_are_refused() {
+    let r = run(&["check", "--config", "/dev/zero"], &[]);
+    let l = assert_invalid(&r, 1);
+    assert!(
+        l[0].contains("/dev/zero") && l[0].contains("larger than"),
+        "{}",
+        l[0]
+    );
+    let client = minimal().replace(
+        "client_secret: \"s3cret\"",
+        "client_secret_file: \"/dev/zero\"",
+    );
+    let l = assert_invalid(&check_text(&client, &[]), 1);
+    assert!(
+        l[0].starts_with("config error: provider.client_secret_file: ")
+            && l[0].contains("larger than"),
+        "{}",
+        l[0]
+    );
+}
+
 #[test]
 fn secret_command_prints_a_fresh_32_byte_key() {
     use base64::Engine;

@@ -1897,6 +1897,39 @@ async fn reloaded_timeouts_take_effect() {
     );
 }
 
+/// A reload reads and parses the file off the threads that serve requests: a file that takes
+/// long to parse (deeply nested YAML, refused in the end) holds up no request meanwhile, even
+/// with a single worker thread.
+#[tokio::test]
+async fn a_slow_reload_holds_up_no_request() {
+    let (_idp, _upstream, mut opts) = parts(&[]).await;
+    opts.env = vec![("PORTCULLIS_WORKER_THREADS".into(), "1".into())];
+    let cfg = OpsConfig::new(opts);
+    let gw = OpsGateway::start(&cfg).await;
+    let depth = 20_000;
+    let mut nested = cfg.yaml();
+    nested.push_str(&format!(
+        "nested: {}{}\n",
+        "[".repeat(depth),
+        "]".repeat(depth)
+    ));
+    write_atomic(&gw.config, &nested);
+    let deadline = Instant::now() + RELOAD;
+    while !gw.stderr().contains("reloading") {
+        assert!(Instant::now() < deadline, "{}", gw.tails());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = send("GET", &gw.url("/healthz"), &[], Vec::new()).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert!(
+        !gw.stderr().contains("config reload rejected"),
+        "the request waited for the reload: {}",
+        gw.tails()
+    );
+    gw.await_reloads("failure", 1.0, RELOAD).await;
+    assert!(gw.stderr().contains("recursion limit"), "{}", gw.tails());
+}
+
 #[tokio::test]
 async fn sighup_reloads_the_config() {
     let (_idp, upstream, opts) = parts(&[]).await;

@@ -15,7 +15,42 @@ pub const DEFAULT_ADMIN_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
 );
 
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
+
+/// The largest configuration file read: far past any real one (a few KB), and small enough
+/// that a file gone wrong (`/dev/zero`, a log written over it, deeply nested YAML) is
+/// refused at once rather than read until memory runs out or parsed for minutes.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The largest secret, certificate or key file read (a CA bundle of every public root is
+/// ~250 KB).
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// A file's bytes, refused past `limit` (never read further).
+pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "larger than {} KiB",
+            limit >> 10
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A text file's contents, refused past `limit` or when not UTF-8.
+pub fn read_text_bounded(path: &Path, limit: u64) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path, limit)?).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
+}
 
 /// One configuration problem, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +116,7 @@ impl From<ConfigError> for ConfigErrors {
 
 /// Reads, overlays the environment, and validates the configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_text_bounded(path, MAX_CONFIG_BYTES).map_err(|e| {
         ConfigError::new(
             "",
             format!("cannot read config file {}: {e}", path.display()),
@@ -147,7 +182,7 @@ pub fn load_str(
 /// that was refused (perhaps because such a file is not there yet), so that a reload watches
 /// for them. Empty when the file does not parse.
 pub fn named_secret_files(path: Option<&Path>) -> Vec<std::path::PathBuf> {
-    let text = match path.map(std::fs::read_to_string) {
+    let text = match path.map(|p| read_text_bounded(p, MAX_CONFIG_BYTES)) {
         Some(Ok(text)) => text,
         Some(Err(_)) => return Vec::new(),
         None => String::new(),

@@ -237,7 +237,7 @@ impl Collector {
 }
 
 fn read_secret_file(c: &mut Collector, key: &str, path: &str) -> Option<String> {
-    match std::fs::read_to_string(path) {
+    match super::read_text_bounded(std::path::Path::new(path), super::MAX_FILE_BYTES) {
         // A byte-order mark (Windows editors write one) is no part of a secret.
         Ok(s) => Some(match s.strip_prefix('\u{feff}') {
             Some(rest) => rest.to_string(),
@@ -258,6 +258,14 @@ fn read_secret_value(c: &mut Collector, key: &str, path: &str) -> Option<Secret>
     let value = text.trim_end_matches(['\r', '\n']);
     if value.trim().is_empty() {
         c.err(key, format!("{path} is empty"));
+        return None;
+    }
+    // A second line, or a NUL, would only be found out at the first login (`invalid_client`).
+    if value.chars().any(char::is_control) {
+        c.err(
+            key,
+            format!("{path} holds a line break or a control character inside the secret; it must hold the secret alone"),
+        );
         return None;
     }
     Some(Secret::new(value.to_string()))
@@ -1089,7 +1097,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         rc.ca_pem = tls_client
             .ca_file
             .as_deref()
-            .and_then(|p| std::fs::read(p).ok());
+            .and_then(|p| super::read_bounded(p, super::MAX_FILE_BYTES).ok());
     }
 
     let t = &raw.timeouts;
@@ -1220,7 +1228,7 @@ pub fn files_digest<'a>(files: impl IntoIterator<Item = &'a std::path::Path>) ->
     let mut h = Sha256::new();
     for f in files {
         h.update(f.as_os_str().as_encoded_bytes());
-        match std::fs::read(f) {
+        match super::read_bounded(f, super::MAX_CONFIG_BYTES.max(super::MAX_FILE_BYTES)) {
             Ok(bytes) => h.update(&bytes),
             Err(_) => h.update(b"\0missing"),
         }

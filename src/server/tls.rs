@@ -30,10 +30,15 @@ fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
     }
 }
 
+/// A PEM file's bytes (bounded: see [`MAX_FILE_BYTES`](crate::config::MAX_FILE_BYTES)).
+fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    crate::config::read_bounded(path, crate::config::MAX_FILE_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
 pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {}", path.display(), pem_error(&e)))?
-        .collect();
+    let pem = read_pem(path)?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
     let certs = certs.map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", path.display()));
@@ -42,9 +47,10 @@ pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+    let pem = read_pem(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         // A passphrase-protected key parses as "no key": say what it is instead.
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&pem);
         if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
             format!(
                 "{}: the private key is encrypted (passphrase-protected), which is not \
@@ -96,7 +102,7 @@ impl ReloadingCert {
     /// failed renewal must reach the reload alert before the old certificate expires), and
     /// the old one kept.
     pub async fn watch(self: Arc<Self>, reloads: prometheus::IntCounterVec) {
-        let stamp = |p: &Path| std::fs::read(p).ok();
+        let stamp = |p: &Path| crate::config::read_bounded(p, crate::config::MAX_FILE_BYTES).ok();
         let mut last = (stamp(&self.cert), stamp(&self.key));
         // A pair that failed once is tried again on the next tick before the failure counts:
         // a renewal that writes the certificate and the key one at a time is no failure.
