@@ -543,6 +543,36 @@ async fn a_subject_with_quotes_adds_no_fields_to_a_log_line() {
     );
 }
 
+/// `server_error` and `temporarily_unavailable` are the provider failing, not refusing
+/// (RFC 6749 §4.1.2.1): 503 with `Retry-After` and a page that says to try again, not 403.
+#[tokio::test]
+async fn a_provider_failing_at_the_callback_is_a_503_to_try_again() {
+    let s = Stack::start().await;
+    let b = Browser::new();
+    for error in ["temporarily_unavailable", "server_error"] {
+        let (auth, _) = auth_redirect(&b.get(&s.gw.url("/oauth2/start?rd=%2Fdocs")).await);
+        let state = query_param(&auth, "state").unwrap();
+        let r = b
+            .get(&s.gw.url(&format!(
+                "/oauth2/callback?error={error}&state={}&iss={}",
+                enc(&state),
+                enc(&s.idp.issuer())
+            )))
+            .await;
+        assert_eq!(r.status, 503, "{}", r.dump());
+        assert_eq!(r.header("retry-after"), Some("5"), "{}", r.dump());
+        assert!(r.text().contains("try again shortly"), "{}", r.dump());
+        assert!(r.text().contains(error), "{}", r.dump());
+        assert!(
+            r.text().contains("/oauth2/start?rd=%2Fdocs"),
+            "{}",
+            r.dump()
+        );
+        assert_no_session_set(&r);
+    }
+    assert_eq!(s.idp.token_requests(), 0);
+}
+
 #[tokio::test]
 async fn provider_error_renders_an_escaped_403_page() {
     let s = Stack::start().await;

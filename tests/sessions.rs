@@ -869,6 +869,13 @@ async fn a_refreshed_session_too_large_for_the_cookie() {
     let r = b.get(&idp_walk(&b, &auth, "alice").await).await;
     assert_eq!(r.status, 502, "{}", r.dump());
     assert!(r.text().contains("too large"), "{}", r.dump());
+    assert!(
+        gw.stderr()
+            .lines()
+            .any(|l| l.contains("login refused") && l.contains("max_cookie_chunks")),
+        "the log says why: {}",
+        gw.tails()
+    );
     let m = metrics(admin).await;
     assert_eq!(
         sample(

@@ -121,20 +121,37 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             error = &*error,
             "provider returned an error to the callback"
         );
-        let msg = if desc.is_empty() {
-            format!("The identity provider refused the sign-in: {error}.")
+        // RFC 6749 §4.1.2.1: the redirect's stand-ins for the 500 and 503 it cannot send. The
+        // provider failed, it did not refuse: a 503 to try again, as the refresh answers.
+        let (status, title, said) = if matches!(&*error, "server_error" | "temporarily_unavailable")
+        {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in unavailable",
+                "The identity provider could not complete the sign-in right now \
+                     (please try again shortly)",
+            )
         } else {
-            format!("The identity provider refused the sign-in: {error}: {desc}")
+            (
+                StatusCode::FORBIDDEN,
+                "Sign-in refused",
+                "The identity provider refused the sign-in",
+            )
+        };
+        let msg = if desc.is_empty() {
+            format!("{said}: {error}.")
+        } else {
+            format!("{said}: {error}: {desc}")
         };
         let msg: String = msg.chars().take(500).collect();
-        return fail(
-            app,
-            "provider_error",
-            StatusCode::FORBIDDEN,
-            "Sign-in refused",
-            &msg,
-            Some(&flow),
-        );
+        let mut resp = fail(app, "provider_error", status, title, &msg, Some(&flow));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("5"),
+            );
+        }
+        return resp;
     }
     // Checked for a code (what a mix-up attack is after); an error page says no more either way.
     if !app
@@ -239,6 +256,11 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     let lines = match app.save_session(&session, &jar, true).await {
         Ok(lines) => lines,
         Err(SaveError::TooLarge) => {
+            tracing::warn!(
+                sub = &*session.identity.sub,
+                "login refused: the session does not fit in limits.max_cookie_chunks \
+                 (session.store: redis keeps large sessions)"
+            );
             return fail(
                 app,
                 "cookie_too_large",
@@ -246,7 +268,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
                 "Sign-in failed",
                 "The provider's tokens are too large to keep in a session cookie.",
                 Some(&flow),
-            )
+            );
         }
         // (`Ended` is for updates only; a new session is written whatever was there.)
         Err(e @ (SaveError::Store(_) | SaveError::Ended)) => {
