@@ -25,7 +25,7 @@ pub enum IdTokenError {
     Invalid(String),
     #[error("ID token nonce does not match")]
     Nonce,
-    #[error("ID token azp does not name this client")]
+    #[error("ID token azp does not name this client (or several audiences and no azp)")]
     Azp,
     #[error("ID token issued in the future")]
     IssuedInFuture,
@@ -117,8 +117,20 @@ type ClaimSet = serde_json::Map<String, serde_json::Value>;
 /// The groups claim `claim` of a token's or userinfo's claims, when stated at all (a string
 /// or a list of strings). Looked up in all the claims, not in what the structs above leave
 /// over: any claim may hold the groups, a standard one (`preferred_username`, `email`) too.
+///
+/// A claim of that exact name wins; otherwise a dotted name is a path into nested objects
+/// (Keycloak's `realm_access.roles`). Exact first, since claim names may hold dots
+/// themselves (Auth0's namespaced `https://example.com/groups`).
 fn groups(claims: &ClaimSet, claim: &str) -> Option<Vec<String>> {
-    match claims.get(claim)? {
+    let value = match claims.get(claim) {
+        Some(v) => v,
+        None => {
+            let mut names = claim.split('.');
+            let first = claims.get(names.next()?)?;
+            names.try_fold(first, |v, name| v.as_object()?.get(name))?
+        }
+    };
+    match value {
         serde_json::Value::String(s) => Some(vec![s.clone()]),
         serde_json::Value::Array(a) => Some(
             a.iter()
@@ -252,11 +264,33 @@ pub struct Expectations<'a> {
 
 /// The `kid` and algorithm a token says it was signed with (to pick/refresh keys).
 pub fn header(token: &str) -> Result<(Option<String>, Algorithm), IdTokenError> {
-    let h = jsonwebtoken::decode_header(token).map_err(|_| IdTokenError::Malformed)?;
+    let h = jsonwebtoken::decode_header(token).map_err(|_| match stated_algorithm(token) {
+        // An algorithm jsonwebtoken has no name for (ES512, Ed25519 as RFC 9864 names it):
+        // said as such, so that the provider's setting can be changed.
+        Some(alg) => IdTokenError::Algorithm(alg),
+        None => IdTokenError::Malformed,
+    })?;
     if !ACCEPTED_ALGORITHMS.contains(&h.alg) {
         return Err(IdTokenError::Algorithm(format!("{:?}", h.alg)));
     }
     Ok((h.kid, h.alg))
+}
+
+/// The `alg` a JWS header states, whatever it is (for the error message only; bounded).
+fn stated_algorithm(token: &str) -> Option<String> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let alg = v.get("alg")?.as_str()?;
+    let printable = !alg.is_empty()
+        && alg.len() <= 32
+        && alg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    printable.then(|| alg.to_string())
 }
 
 pub fn validate(
@@ -789,6 +823,46 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
     /// `authorization.groups_claim` may name any claim, also one the token's claims are
     /// parsed into named fields for (`preferred_username`, `sub`, `sid`, `aud`, ...).
     #[test]
+    fn a_dotted_groups_claim_is_a_path_unless_a_claim_has_that_name() {
+        let t = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+            m.insert("realm_access".into(), json!({"roles": ["admin", "dev"]}));
+            m.insert("https://example.com/groups".into(), json!(["ns"]));
+            m.insert("a.b".into(), json!("exact"));
+            m.insert("a".into(), json!({"b": "nested"}));
+        });
+        for (claim, want) in [
+            ("realm_access.roles", vec!["admin", "dev"]),
+            ("https://example.com/groups", vec!["ns"]),
+            ("a.b", vec!["exact"]),
+        ] {
+            let v = check_groups_in(&t, claim).unwrap();
+            assert!(v.groups_stated, "{claim}");
+            assert_eq!(v.identity.groups, want, "{claim}");
+        }
+        for claim in [
+            "realm_access.missing",
+            "realm_access",
+            "realm_access.roles.x",
+            ".",
+        ] {
+            let v = check_groups_in(&t, claim).unwrap();
+            assert!(!v.groups_stated && v.identity.groups.is_empty(), "{claim}");
+        }
+        // From userinfo too.
+        let bare = with(|m| {
+            m.insert("exp".into(), json!(4_000_000_000u64));
+        });
+        let mut v = check_groups_in(&bare, "realm_access.roles").unwrap();
+        v.complete_from(
+            br#"{"sub":"alice","realm_access":{"roles":["ops"]}}"#,
+            "realm_access.roles",
+        )
+        .unwrap();
+        assert_eq!(v.identity.groups, ["ops"]);
+    }
+
+    #[test]
     fn the_groups_claim_may_be_a_standard_claim() {
         let t = with(|m| {
             m.insert("exp".into(), json!(4_000_000_000u64));
@@ -992,6 +1066,21 @@ MC4CAQAwBQYDK2VwBCIEIFhMqk3bB9YbG6cHKYQHPc1578vtVGqKCuc3rOzXEUZ7
             parts[1]
         );
         assert!(check(&none).is_err());
+        // Algorithms without a name here are named in the refusal, not called malformed.
+        for alg in ["Ed25519", "ES512"] {
+            let t = format!(
+                "{}.{}.c2ln",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                    format!(r#"{{"alg":"{alg}","kid":"k1"}}"#)
+                ),
+                parts[1]
+            );
+            match check(&t) {
+                Err(e @ IdTokenError::Algorithm(_)) => assert!(e.to_string().contains(alg), "{e}"),
+                other => panic!("{alg}: {:?}", other.map(|v| v.identity.sub)),
+            }
+        }
         let hs = encode(
             &Header::new(Algorithm::HS256),
             &c,

@@ -40,13 +40,23 @@ pub struct Metadata {
     /// RFC 7009 token revocation (RFC 8414 metadata; OpenID providers list it too).
     #[serde(default)]
     pub revocation_endpoint: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub token_endpoint_auth_methods_supported: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub backchannel_logout_supported: bool,
     /// RFC 9207: the provider names itself (`iss`) in every authorization response.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub authorization_response_iss_parameter_supported: bool,
+}
+
+/// An optional metadata value stated as `null` reads as left out (as the `Option` fields do):
+/// one such field would otherwise keep the gateway from ever becoming ready.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// A token endpoint answer (RFC 6749 §5.1, with the OpenID Connect ID token), read as
@@ -1059,6 +1069,42 @@ cookie: {{ secrets: ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="], secure: fa
             r.map(|t| t.access_token)
         );
         assert_eq!(jwks_fetches.load(Ordering::SeqCst), 1);
+    }
+
+    /// Optional metadata stated as `null` reads as left out, for every optional field.
+    #[test]
+    fn null_metadata_reads_as_left_out() {
+        let meta: Metadata = serde_json::from_value(json!({
+            "issuer": "https://idp",
+            "authorization_endpoint": "https://idp/auth",
+            "token_endpoint": "https://idp/token",
+            "jwks_uri": "https://idp/jwks",
+            "userinfo_endpoint": null,
+            "end_session_endpoint": null,
+            "revocation_endpoint": null,
+            "token_endpoint_auth_methods_supported": null,
+            "backchannel_logout_supported": null,
+            "authorization_response_iss_parameter_supported": null,
+        }))
+        .unwrap();
+        assert!(meta.token_endpoint_auth_methods_supported.is_empty());
+        assert!(!meta.backchannel_logout_supported);
+        assert!(!meta.authorization_response_iss_parameter_supported);
+        assert!(meta.end_session_endpoint.is_none());
+        let stated: Metadata = serde_json::from_value(json!({
+            "issuer": "https://idp",
+            "authorization_endpoint": "https://idp/auth",
+            "token_endpoint": "https://idp/token",
+            "jwks_uri": "https://idp/jwks",
+            "token_endpoint_auth_methods_supported": ["client_secret_post"],
+            "authorization_response_iss_parameter_supported": true,
+        }))
+        .unwrap();
+        assert_eq!(
+            stated.token_endpoint_auth_methods_supported,
+            ["client_secret_post"]
+        );
+        assert!(stated.authorization_response_iss_parameter_supported);
     }
 
     /// `expires_in` as providers send it: a number, a numeric string (Azure AD v1.0), a
