@@ -276,6 +276,15 @@ pub fn header(token: &str) -> Result<(Option<String>, Algorithm), IdTokenError> 
     Ok((h.kid, h.alg))
 }
 
+/// A token's `kid` as errors name it: without one, only a key set holding exactly one key of
+/// the token's type can verify it (OpenID Connect Core §10.1).
+pub(crate) fn kid_named(kid: Option<&str>) -> String {
+    kid.map_or_else(
+        || "none, and the key set does not hold exactly one key of its type".to_string(),
+        str::to_string,
+    )
+}
+
 /// The `alg` a JWS header states, whatever it is (for the error message only; bounded).
 fn stated_algorithm(token: &str) -> Option<String> {
     use base64::Engine;
@@ -307,7 +316,7 @@ pub fn validate(
     let all = keys
         .decode::<ClaimSet>(token, kid.as_deref(), alg, &v)
         .map_err(|e| match e {
-            Refusal::NoKey => IdTokenError::UnknownKey(kid.clone().unwrap_or_default()),
+            Refusal::NoKey => IdTokenError::UnknownKey(kid_named(kid.as_deref())),
             Refusal::BadSignature => IdTokenError::BadSignature,
             Refusal::Invalid(e) => IdTokenError::Invalid(e.to_string()),
         })?;

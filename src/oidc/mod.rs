@@ -754,7 +754,7 @@ impl Provider {
                     // yet, so the key is not available rather than the token forged.
                     Err(IdTokenError::BadSignature) if !fetched => {
                         let kid = idtoken::header(token).ok().and_then(|(kid, _)| kid);
-                        Err(IdTokenError::UnknownKey(kid.unwrap_or_default()).into())
+                        Err(IdTokenError::UnknownKey(idtoken::kid_named(kid.as_deref())).into())
                     }
                     // The provider's keys, fetched just now, do not hold the token's: it is
                     // not the provider's, not merely signed with a key still on its way.
