@@ -1215,6 +1215,26 @@ async fn claims_the_id_token_leaves_out_come_from_userinfo() {
     assert_eq!(userinfo_calls(), 1);
 }
 
+/// A provider registered to sign userinfo answers (`application/jwt`, OIDC Core §5.3.2, as
+/// Keycloak's per-client setting does): its claims are read once the signature holds.
+#[tokio::test]
+async fn claims_from_a_signed_userinfo_answer_are_used() {
+    let s = Stack::with(
+        &[
+            ("IDP_CONFORM_ID_TOKEN_CLAIMS", "1"),
+            ("IDP_USERINFO_SIGNED", "1"),
+        ],
+        r#"authorization: { allowed_groups: ["users"] }"#,
+    )
+    .await;
+    let b = s.login("alice").await;
+    let rec = s.upstream.last();
+    assert_eq!(rec.header("x-forwarded-email"), Some("alice@example.test"));
+    assert_eq!(rec.header("x-forwarded-groups"), Some("users,user-alice"));
+    let me = b.get(&s.gw.url("/oauth2/userinfo")).await;
+    assert_eq!(me.json()["email"], "alice@example.test", "{}", me.dump());
+}
+
 /// A userinfo endpoint that is unavailable at login fails the login (to be tried again): a
 /// session made without the claims it would have told denies its user until it ends. One that
 /// refuses (a `403`) leaves the identity as the ID token states it, as before.

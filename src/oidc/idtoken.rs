@@ -374,6 +374,47 @@ pub fn validate(
     })
 }
 
+/// The claims of a signed userinfo answer (OpenID Connect Core §5.3.2, `application/jwt`),
+/// as JSON, once its signature holds with the provider's keys and its `iss` and `aud`, when
+/// stated (they SHOULD be), name the provider and this client.
+pub fn signed_userinfo(
+    token: &str,
+    keys: &KeySet,
+    issuer: &str,
+    client_id: &str,
+) -> Result<Vec<u8>, IdTokenError> {
+    let (kid, alg) = header(token)?;
+    let mut v = Validation::new(alg);
+    v.validate_exp = false;
+    v.validate_aud = false;
+    v.required_spec_claims.clear();
+    let claims: ClaimSet = keys
+        .decode(token, kid.as_deref(), alg, &v)
+        .map_err(|e| match e {
+            Refusal::NoKey => IdTokenError::UnknownKey(kid_named(kid.as_deref())),
+            Refusal::BadSignature => IdTokenError::BadSignature,
+            Refusal::Invalid(e) => IdTokenError::Invalid(e.to_string()),
+        })?;
+    if claims
+        .get("iss")
+        .is_some_and(|i| i.as_str() != Some(issuer))
+    {
+        return Err(IdTokenError::Invalid("iss names another issuer".into()));
+    }
+    let for_us = |a: &serde_json::Value| a.as_str() == Some(client_id);
+    let aud_ok = match claims.get("aud") {
+        None => true,
+        Some(serde_json::Value::Array(list)) => list.iter().any(for_us),
+        Some(one) => for_us(one),
+    };
+    if !aud_ok {
+        return Err(IdTokenError::Invalid(
+            "aud does not name this client".into(),
+        ));
+    }
+    serde_json::to_vec(&claims).map_err(|e| IdTokenError::Invalid(e.to_string()))
+}
+
 /// An access token's `at_hash` (OpenID Connect Core §3.2.2.9): the left half of its digest
 /// under the hash of the ID token's algorithm, base64url. Ed25519 signs with SHA-512.
 pub(crate) fn access_token_hash(alg: Algorithm, token: &str) -> String {
@@ -831,6 +872,36 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
 
     /// `authorization.groups_claim` may name any claim, also one the token's claims are
     /// parsed into named fields for (`preferred_username`, `sub`, `sid`, `aud`, ...).
+    #[test]
+    fn a_signed_userinfo_answer_must_verify_and_name_this_provider_and_client() {
+        let keys = keys();
+        let read = |c: serde_json::Value| {
+            signed_userinfo(&sign(&c, Some("k1")), &keys, "https://idp", "client")
+        };
+        let ok =
+            read(json!({"sub": "alice", "iss": "https://idp", "aud": "client", "email": "a@x"}));
+        let claims: serde_json::Value = serde_json::from_slice(&ok.unwrap()).unwrap();
+        assert_eq!(claims["email"], "a@x");
+        assert!(read(json!({"sub": "alice", "aud": ["other", "client"]})).is_ok());
+        assert!(
+            read(json!({"sub": "alice"})).is_ok(),
+            "iss and aud are SHOULDs"
+        );
+        assert!(read(json!({"sub": "alice", "iss": "https://evil"})).is_err());
+        assert!(read(json!({"sub": "alice", "aud": "other"})).is_err());
+        let good = sign(&json!({"sub": "alice"}), Some("k1"));
+        let (head, rest) = good.split_once('.').unwrap();
+        let (_, sig) = rest.split_once('.').unwrap();
+        let forged = format!(
+            "{head}.{}.{sig}",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                br#"{"sub":"mallory"}"#
+            )
+        );
+        assert!(signed_userinfo(&forged, &keys, "https://idp", "client").is_err());
+    }
+
     #[test]
     fn a_dotted_groups_claim_is_a_path_unless_a_claim_has_that_name() {
         let t = with(|m| {

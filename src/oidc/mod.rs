@@ -701,7 +701,31 @@ impl Provider {
             if !resp.status().is_success() {
                 return Err(ProviderError::Status(resp.status().as_u16()));
             }
-            id.complete_from(resp.body(), &self.groups_claim)
+            let signed = resp
+                .headers()
+                .get(::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| {
+                    v.split(';')
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .eq_ignore_ascii_case("application/jwt")
+                });
+            let claims = if signed {
+                let jwt = std::str::from_utf8(resp.body())
+                    .map_err(|_| ProviderError::Invalid("signed userinfo is not text".into()))?;
+                idtoken::signed_userinfo(
+                    jwt.trim(),
+                    &self.keys.load(),
+                    &self.issuer,
+                    &self.client_id,
+                )
+                .map_err(|e| ProviderError::Invalid(format!("signed userinfo: {e}")))?
+            } else {
+                resp.body().to_vec()
+            };
+            id.complete_from(&claims, &self.groups_claim)
                 .map_err(|e| ProviderError::Invalid(e.to_string()))
         }
         .await;

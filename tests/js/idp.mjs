@@ -56,6 +56,10 @@
 //   IDP_REFRESH_TOKEN_CHARS        same for refresh tokens (default 43)
 //   IDP_CONFORM_ID_TOKEN_CLAIMS    "1": scope claims (email, name, groups) in
 //                                  userinfo only, as oidc-provider's default
+//   IDP_USERINFO_SIGNED            "1": the client is registered with
+//                                  userinfo_signed_response_alg RS256, so the
+//                                  userinfo endpoint answers a signed JWT
+//                                  (application/jwt, OIDC Core §5.3.2)
 //   IDP_LOG                        "0" disables the per-request log line
 //   IDP_EXTRA_GROUPS_FILE          a file holding a JSON array of groups added to
 //                                  every user's, read at each token: claims that
@@ -144,6 +148,7 @@ const mainClient = {
   grant_types: ['authorization_code', 'refresh_token'],
   response_types: ['code'],
   token_endpoint_auth_method: AUTH_METHOD,
+  ...(env.IDP_USERINFO_SIGNED === '1' ? { userinfo_signed_response_alg: 'RS256' } : {}),
   scope: SCOPE,
   ...(BACKCHANNEL_URI ? {
     backchannel_logout_uri: BACKCHANNEL_URI,
@@ -318,6 +323,7 @@ const configuration = {
     introspection: { enabled: true },
     revocation: { enabled: true },
     userinfo: { enabled: true },
+    jwtUserinfo: { enabled: env.IDP_USERINFO_SIGNED === '1' },
     // RP-initiated logout with the library's default confirmation page
     // ("Yes, sign me out" / "No, stay signed in").
     rpInitiatedLogout: { enabled: true },
