@@ -285,6 +285,10 @@ pub fn env_keys() -> Vec<((String, String), String)> {
         .into_iter()
         .map(|(path, default)| {
             let d = match default {
+                // An alias holds no default of its own: the key it spells does.
+                _ if path == ["timeouts", "shutdown_timeout"] => {
+                    "unset: another spelling of timeouts.shutdown".to_string()
+                }
                 serde_yaml::Value::Null => "unset".to_string(),
                 v => one_line_value(&v),
             };
