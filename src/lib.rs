@@ -92,6 +92,7 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result
             tokio::spawn(async move {
                 signals.next().await;
                 tracing::warn!("second shutdown signal: exiting without draining");
+                crate::logging::flush(std::time::Duration::from_millis(500));
                 std::process::exit(130);
             });
             flag.store(true, std::sync::atomic::Ordering::Relaxed);

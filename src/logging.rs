@@ -1,7 +1,11 @@
-//! Log output: one line per event, whatever its fields hold.
+//! Log output: one line per event, whatever its fields hold, and a log reader that stops
+//! reading costs log lines, never requests.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::time::Duration;
 
 /// Standard error, with line breaks inside an event escaped (`\n`, `\r`, and the other
 /// characters that some reader takes for one: VT, FF, FS–RS, NEL, U+2028, U+2029): a value that
@@ -13,15 +17,140 @@ use std::io::{self, Write};
 pub struct OneLineStderr {
     pub controls: bool,
     pub json: bool,
+    /// Lines to the writer thread, when standard error can block (see [`stderr_queue`]).
+    pub queue: Option<SyncSender<Msg>>,
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for OneLineStderr {
-    type Writer = OneLine<io::Stderr>;
+    type Writer = OneLine<Stderr>;
     fn make_writer(&'a self) -> Self::Writer {
         OneLine {
-            out: io::stderr(),
+            out: match &self.queue {
+                Some(q) => Stderr::Queued(q.clone()),
+                None => Stderr::Direct(io::stderr()),
+            },
             controls: self.controls,
             json: self.json,
+        }
+    }
+}
+
+/// What goes to the log writer thread.
+pub enum Msg {
+    Line(Vec<u8>),
+    /// Answered once every line sent before it is written.
+    Flush(mpsc::Sender<()>),
+}
+
+/// Lines the queue had no room for (its reader stalled): `log_lines_dropped_total`.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// How many lines may wait for a stalled reader (a few MB at most).
+const QUEUE_LINES: usize = 8192;
+
+/// A queue to a thread that writes standard error, unless it is a regular file (or
+/// `/dev/null`), which never waits for a reader. A pipe (a container runtime's log pipe, a
+/// `| tee`) or a terminal can: written directly, a reader that stopped reading would stop
+/// every request at its next log line, and `/healthz` with them. Queued, lines are written in
+/// batches, and dropped (counted) while the queue is full.
+pub fn stderr_queue() -> Option<SyncSender<Msg>> {
+    if never_blocks(&io::stderr()) {
+        return None;
+    }
+    let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
+    std::thread::Builder::new()
+        .name("portcullis-log".into())
+        .spawn(move || write_queued(rx, io::stderr()))
+        .ok()?;
+    let _ = QUEUE.set(tx.clone());
+    Some(tx)
+}
+
+/// The process's queue, for [`flush`].
+static QUEUE: std::sync::OnceLock<SyncSender<Msg>> = std::sync::OnceLock::new();
+
+#[cfg(unix)]
+fn never_blocks(out: &io::Stderr) -> bool {
+    use std::os::fd::AsFd;
+    let Ok(fd) = out.as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd).metadata().is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_file()
+            || m.file_type().is_char_device() && !io::IsTerminal::is_terminal(out)
+    })
+}
+
+#[cfg(not(unix))]
+fn never_blocks(_: &io::Stderr) -> bool {
+    true
+}
+
+/// The writer thread: what is waiting goes out in one write (up to 64 KiB).
+fn write_queued(rx: Receiver<Msg>, mut out: impl Write) {
+    let mut batch = Vec::with_capacity(1 << 16);
+    let mut flushed = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Line(line) => batch.extend_from_slice(&line),
+                Msg::Flush(done) => flushed.push(done),
+            }
+            if batch.len() < 1 << 16 {
+                next = rx.try_recv().ok();
+            }
+        }
+        let _ = out.write_all(&batch);
+        batch.clear();
+        for done in flushed.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Waits (up to `within`) for the lines queued so far to be written: at exit.
+pub fn flush(within: Duration) {
+    let Some(q) = QUEUE.get() else { return };
+    let (done, wait) = mpsc::channel();
+    if q.try_send(Msg::Flush(done)).is_ok() {
+        let _ = wait.recv_timeout(within);
+    }
+}
+
+/// Standard error itself, or the queue to its writer thread.
+pub enum Stderr {
+    Direct(io::Stderr),
+    Queued(SyncSender<Msg>),
+}
+
+impl Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stderr::Direct(out) => out.write(buf),
+            Stderr::Queued(q) => {
+                match q.try_send(Msg::Line(buf.to_vec())) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        DROPPED.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The writer thread is gone (it never panics; at exit): write directly.
+                    Err(TrySendError::Disconnected(_)) => io::stderr().write_all(buf)?,
+                }
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stderr::Direct(out) => out.flush(),
+            Stderr::Queued(_) => Ok(()),
         }
     }
 }
@@ -136,6 +265,36 @@ impl<W: Write> Write for OneLine<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_lines_are_written_whole_and_in_order() {
+        let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Shared(out.clone());
+        let writer = std::thread::spawn(move || write_queued(rx, sink));
+        for i in 0..1000 {
+            tx.send(Msg::Line(format!("line {i}\n").into_bytes()))
+                .unwrap();
+        }
+        let (done, wait) = mpsc::channel();
+        tx.send(Msg::Flush(done)).unwrap();
+        wait.recv_timeout(Duration::from_secs(10)).unwrap();
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let want: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(text, want);
+        drop(tx);
+        writer.join().unwrap();
+    }
 
     #[test]
     fn inner_line_breaks_are_escaped() {

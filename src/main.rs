@@ -124,13 +124,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(portcullis::run(cfg, path)) {
+    let code = match runtime.block_on(portcullis::run(cfg, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = e.to_string().as_str(), "portcullis failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last lines (the shutdown's) out before the process ends, unless the log's reader
+    // has stalled.
+    portcullis::logging::flush(std::time::Duration::from_secs(2));
+    code
 }
 
 fn init_tracing(log: &portcullis::config::LogConfig) {
@@ -148,11 +152,12 @@ fn init_tracing(log: &portcullis::config::LogConfig) {
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(terminal)
-        .with_writer(portcullis::logging::OneLineStderr {
-            controls: !terminal,
-            json: log.json,
-        });
+        .with_ansi(terminal);
+    let builder = builder.with_writer(portcullis::logging::OneLineStderr {
+        controls: !terminal,
+        json: log.json,
+        queue: portcullis::logging::stderr_queue(),
+    });
     if log.json {
         builder.json().flatten_event(true).init();
     } else {

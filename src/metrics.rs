@@ -166,6 +166,8 @@ pub struct Metrics {
     pub logouts: IntCounterVec,
     pub revocations: IntCounterVec,
     build_info: IntGaugeVec,
+    /// Brought up to [`crate::logging::dropped_lines`] at each scrape.
+    log_lines_dropped: IntCounter,
     /// Set when the shutdown timeout ran out: a request dropped from then on was cut by the
     /// gateway, not abandoned by its client.
     cut_off: std::sync::atomic::AtomicBool,
@@ -266,6 +268,10 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let log_lines_dropped = IntCounter::new(
+            "log_lines_dropped_total",
+            "Log lines dropped because the log's reader (standard error's pipe) did not keep up.",
+        )?;
         for c in [
             Box::new(requests_vec.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(gateway_vec.clone()),
@@ -281,6 +287,7 @@ impl Metrics {
             Box::new(logouts.clone()),
             Box::new(revocations.clone()),
             Box::new(build_info.clone()),
+            Box::new(log_lines_dropped.clone()),
         ] {
             r.register(c)?;
         }
@@ -341,6 +348,7 @@ impl Metrics {
             logouts,
             revocations,
             build_info,
+            log_lines_dropped,
             cut_off: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -396,6 +404,11 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        let dropped = crate::logging::dropped_lines();
+        let counted = self.log_lines_dropped.get();
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         let _ = &self.build_info;

@@ -1993,6 +1993,91 @@ fn api_request(port: u16, cookie: &str, path: &str) -> http::Request<Empty<Bytes
         .unwrap()
 }
 
+/// A log reader that stops reading (stderr a pipe nobody reads: a stalled container-runtime
+/// pipe) costs log lines, counted, never requests: each request is answered and `/healthz`
+/// still is, where written directly every request stopped at its access line once the pipe
+/// was full. What was queued is written once the reader reads again, whole lines.
+#[tokio::test]
+async fn a_stalled_log_reader_holds_up_no_request() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.path().join("portcullis.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"listen: "127.0.0.1:{port}"
+upstream: "http://127.0.0.1:{dead}"
+provider: {{ issuer_url: "http://127.0.0.1:{dead}", client_id: "c", client_secret: "s" }}
+redirect_url: "http://127.0.0.1:{port}/oauth2/callback"
+cookie: {{ secrets: ["{key}"], secure: false }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+log: {{ level: info }}
+"#,
+            dead = free_port(),
+            key = key(1)
+        ),
+    )
+    .unwrap();
+    let mut child = support::procs::gateway_command()
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stalled = child.stderr.take().unwrap();
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    eventually(Duration::from_secs(30), "the gateway listens", || async {
+        try_send("GET", &url, &[], Vec::new()).await.map(|_| ())
+    })
+    .await;
+    // Far more access lines than the pipe (64 KiB) and the queue (8,192 lines) hold.
+    let mut client = keep_alive_client(port).await;
+    for i in 0..10_000 {
+        let req = http::Request::get("/healthz")
+            .header("host", format!("127.0.0.1:{port}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(10), client.send_request(req)).await;
+        let resp = sent
+            .unwrap_or_else(|_| panic!("request {i} hung on the log"))
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    let m = tokio::time::timeout(Duration::from_secs(10), admin_metrics(admin))
+        .await
+        .expect("/metrics hung on the log")
+        .unwrap();
+    assert!(
+        m.value("portcullis_log_lines_dropped_total") > 0.0,
+        "{}",
+        m.text
+    );
+    // The reader reads again: what waited comes out as whole lines.
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stalled.read_to_end(&mut text);
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = reader.join().unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() > 1000, "{} lines", lines.len());
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(" INFO ") || l.contains(" WARN ")),
+        "{:?}",
+        lines
+            .iter()
+            .find(|l| !l.contains(" INFO ") && !l.contains(" WARN "))
+    );
+}
+
 /// An HTTP/1.1 client on one connection to the gateway, kept open.
 async fn keep_alive_client(port: u16) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
