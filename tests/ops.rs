@@ -2334,9 +2334,10 @@ async fn a_providers_error_text_cannot_split_or_disguise_log_lines() {
                 "the text does not read back from the JSON: {log}"
             );
         } else {
+            // One quoted value, escaped as Rust quotes a string.
             assert!(
                 lines[0].contains(
-                    r"A\u{2066}B\u{200f}C\u{61c}D\u{2029}E\u{2028}F\u{85}G\u{9b}H\x7fI\x0bJ"
+                    r#"A\u{2066}B\u{200f}C\u{61c}D\u{2029}E\u{2028}F\u{85}G\u{9b}H\u{7f}I\u{b}J""#
                 ),
                 "{:?}",
                 lines[0]
