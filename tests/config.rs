@@ -500,10 +500,9 @@ fn secret_files_are_read() {
 /// A secret file with nothing but line breaks or blanks in it (a Secret created from an
 /// empty literal, a truncated write) holds no secret: refused, naming the key, rather than a
 /// gateway whose every login (or Redis command) fails.
-#[test]
-fn empty_secret_files_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("secret");
+/// The minimal config with its client secret, a Redis password and its cookie keys each read
+/// from `f` instead, with the error line prefix naming that key.
+fn configs_reading_secret_file(f: &Path) -> [(String, &'static str); 3] {
     let client = minimal().replace(
         "client_secret: \"s3cret\"",
         &format!("client_secret_file: \"{}\"", f.display()),
@@ -517,11 +516,18 @@ fn empty_secret_files_are_refused() {
         &format!("secrets: [\"{}\"]", key(1)),
         &format!("secrets_file: \"{}\"", f.display()),
     );
-    for (text, want) in [
-        (&client, "config error: provider.client_secret_file: "),
-        (&redis, "config error: session.redis.password_file: "),
-        (&cookie, "config error: cookie.secrets_file: "),
-    ] {
+    [
+        (client, "config error: provider.client_secret_file: "),
+        (redis, "config error: session.redis.password_file: "),
+        (cookie, "config error: cookie.secrets_file: "),
+    ]
+}
+
+#[test]
+fn empty_secret_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("secret");
+    for (text, want) in &configs_reading_secret_file(&f) {
         for content in ["", "\n", "\r\n", "\n\n\n", "  \n\t\n"] {
             std::fs::write(&f, content).unwrap();
             let l = assert_invalid(&check_text(text, &[]), 1);
@@ -545,19 +551,8 @@ fn empty_secret_files_are_refused() {
 fn secret_files_with_a_second_line_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("secret");
-    let client = minimal().replace(
-        "client_secret: \"s3cret\"",
-        &format!("client_secret_file: \"{}\"", f.display()),
-    );
-    let redis = format!(
-        "{}session: {{ store: redis, redis: {{ url: \"redis://127.0.0.1:6379\", password_file: \"{}\" }} }}\n",
-        minimal(),
-        f.display()
-    );
-    for (text, want) in [
-        (&client, "config error: provider.client_secret_file: "),
-        (&redis, "config error: session.redis.password_file: "),
-    ] {
+    // (Cookie key files hold one key a line: theirs is another rule.)
+    for (text, want) in configs_reading_secret_file(&f).iter().take(2) {
         for content in [
             "hunter2\nsecond\n",
             "hunter2\r\nx",
