@@ -284,16 +284,17 @@ def resolve_file(objs, pod, container, path):
 
 
 def config_path(container):
-    for e in container.get("env") or []:
-        if e.get("name") == "PORTCULLIS_CONFIG" and "value" in e:
-            return e["value"]
+    # As the binary reads it: `--config` wins over PORTCULLIS_CONFIG, which the image sets.
     argv = (container.get("command") or []) + (container.get("args") or [])
     for i, a in enumerate(argv):
         if a in ("--config", "-c") and i + 1 < len(argv):
             return argv[i + 1]
         if a.startswith("--config="):
             return a.split("=", 1)[1]
-    return "/etc/portcullis/portcullis.yaml"  # the image's CMD
+    for e in container.get("env") or []:
+        if e.get("name") == "PORTCULLIS_CONFIG" and "value" in e:
+            return e["value"]
+    return "/etc/portcullis/portcullis.yaml"  # the image's PORTCULLIS_CONFIG
 
 
 def file_keys(cfg, path=()):
@@ -601,10 +602,31 @@ def check_service(label, svc, pods):
     report(f"service  {label}: {ref(svc)} reaches only the gateway's http port", p)
 
 
-def check_networkpolicy(label, np, pods):
+def auth_ingresses(objs, ns=None):
+    """The Ingresses that send their requests to an external auth service (forward-auth)."""
+    return [o for o in objs if o.get("kind") == "Ingress"
+            and AUTH + "auth-url" in ((o.get("metadata") or {}).get("annotations") or {})
+            and (ns is None or ns_of(o) == ns)]
+
+
+def admits_only_namespaces(spec):
+    """Whether every ingress rule of a NetworkPolicy admits only pods of chosen namespaces."""
+    rules = spec.get("ingress") or []
+    return "Ingress" in (spec.get("policyTypes") or ["Ingress"]) and all(
+        r.get("from") and all(f.get("namespaceSelector") and not f.get("ipBlock") for f in r["from"])
+        for r in rules)
+
+
+def check_networkpolicy(label, np, pods, objs):
     p = []
     spec = np.get("spec") or {}
     matched = pods_selected(pods, ns_of(np), spec.get("podSelector") or {})
+    if not matched and auth_ingresses(objs, ns_of(np)):
+        # The forward-auth example's policy for the protected app, whose pods are not ours.
+        report(f"netpol   {label}: {ref(np)} admits the protected app's pods only from chosen namespaces",
+               [] if admits_only_namespaces(spec) else
+               ["a rule admits peers other than pods of chosen namespaces (the controller's)"])
+        return
     if not matched:
         p.append("podSelector matches no pod template")
     if "Ingress" not in (spec.get("policyTypes") or ["Ingress"]):
@@ -691,6 +713,10 @@ def check_forward_auth(label, ing, objs, pods, configs):
                  "client's Host, so routes' host rules need X-Forwarded-Host: $host beside it")
     elif (extra.get("data") or {}).get("X-Forwarded-Host") != "$host":
         p.append(f"ConfigMap {name_of(extra)} (auth-proxy-set-headers) does not set X-Forwarded-Host to $host")
+    if not any(o.get("kind") == "NetworkPolicy" and ns_of(o) == ns_of(ing)
+               and admits_only_namespaces(o.get("spec") or {}) for o in objs):
+        p.append(f"no NetworkPolicy in namespace {ns_of(ing)} admits the app only from the controller: "
+                 "any pod could reach it with forged X-Auth-Request-* headers")
     if str(ann.get(AUTH + "auth-always-set-cookie", "")).lower() != "true":
         p.append('auth-always-set-cookie is not "true": a session refreshed during the auth '
                  "subrequest would lose its new cookie whenever the app answers an error")
@@ -728,7 +754,51 @@ def check_forward_auth(label, ing, objs, pods, configs):
             rhost = urlsplit(str(cfg.get("redirect_url", ""))).hostname
             if cfg and rhost != host:
                 p.append(f"redirect_url host {rhost!r} of {ref(q.owner)} is not the Ingress host {host!r}")
-    report(f"fwdauth  {label}: {ref(ing)} -> portcullis /oauth2/auth, login endpoints routed (not /oauth2/auth), cookies passed, X-Forwarded-Host $host, redirect_url host", p)
+    report(f"fwdauth  {label}: {ref(ing)} -> portcullis /oauth2/auth, login endpoints routed (not /oauth2/auth), cookies passed, X-Forwarded-Host $host, redirect_url host, app reachable only through the controller", p)
+
+
+def mebibytes(quantity):
+    """A Kubernetes memory quantity (128Mi, 1Gi, 134217728, 500M) in MiB, or None."""
+    m = re.fullmatch(r"([0-9.]+)(Ki|Mi|Gi|K|M|G)?", str(quantity or ""))
+    if not m:
+        return None
+    unit = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 1e3, "M": 1e6, "G": 1e9, None: 1}[m.group(2)]
+    return float(m.group(1)) * unit / 2**20
+
+
+def check_memory_budget(label, q, cfg):
+    """The worst the config lets the gateway hold fits the container's memory limit: every
+    connection with a request head of max_header_bytes arriving, a full session cache, and
+    ~32 MiB for the rest."""
+    lim = cfg.get("limits") or {}
+    conns = int(lim.get("max_connections", 10000))
+    head = int(lim.get("max_header_bytes", 65536))
+    cache = int(lim.get("session_cache_bytes", 33554432))
+    worst = (conns * head + cache) / 2**20 + 32
+    limit = mebibytes(((q.gw.get("resources") or {}).get("limits") or {}).get("memory"))
+    p = []
+    if limit is None:
+        p.append("the gateway container has no memory limit")
+    elif worst > limit:
+        p.append(f"limits allow ~{worst:.0f} MiB (max_connections {conns} x max_header_bytes {head} "
+                 f"+ session_cache_bytes {cache} + 32 MiB), over the container's {limit:.0f} MiB limit")
+    report(f"memory   {label}: {ref(q.owner)} connection and cache limits fit the memory limit", p)
+
+
+def check_sidecar_token(label, q, cfg, objs):
+    """A gateway in front of its app (no forward-auth Ingress asks it) whose trusted proxies
+    bring browsers' requests: its /oauth2/auth answer must not carry the access token."""
+    for ing in auth_ingresses(objs):
+        url = urlsplit(((ing.get("metadata") or {}).get("annotations") or {})[AUTH + "auth-url"])
+        parts = (url.hostname or "").split(".")
+        svc = find(objs, "Service", parts[1], parts[0]) if len(parts) >= 3 else None
+        if svc and q in pods_selected([q], ns_of(svc), svc["spec"].get("selector") or {}):
+            return
+    p = []
+    if cfg.get("trusted_proxies") and (cfg.get("forward_auth") or {}).get("pass_access_token") is not False:
+        p.append("trusted_proxies is set and forward_auth.pass_access_token is not false: a browser's "
+                 "own /oauth2/auth request, through that proxy, would read the access token")
+    report(f"token    {label}: {ref(q.owner)} keeps the access token out of /oauth2/auth answers", p)
 
 
 # ---------------------------------------------------------------- main
@@ -784,12 +854,14 @@ def main():
             if text is not None:
                 configs[id(q)] = cfg
                 check_portcullis(label, objs, q, text, cfg, a.bin, a.tmp)
+                check_sidecar_token(label, q, cfg, objs)
+                check_memory_budget(label, q, cfg)
         for o in objs:
             kind = o.get("kind")
             if kind == "Service":
                 check_service(label, o, pods)
             elif kind == "NetworkPolicy":
-                check_networkpolicy(label, o, pods)
+                check_networkpolicy(label, o, pods, objs)
             elif kind == "PodMonitor":
                 check_podmonitor(label, o, pods)
             elif kind == "PodDisruptionBudget":
