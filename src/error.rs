@@ -81,9 +81,7 @@ impl GatewayError {
     /// with a 503 in JSON for an API client (anything but a browser navigation, as for the 401).
     pub fn response_for(self, method: &Method, headers: &HeaderMap) -> Response<Body> {
         let resp = self.into_response();
-        if crate::policy::is_browser_navigation(method, headers)
-            || crate::policy::is_form_navigation(method, headers)
-        {
+        if crate::policy::is_page_navigation(method, headers) {
             resp
         } else {
             unavailable_as_json(resp)

@@ -113,12 +113,18 @@ pub fn redirect(location: &str) -> Response<Body> {
 /// A 200 page that goes on to `location` (a validated redirect target) by a meta refresh, no
 /// script needed (the CSP allows none), with a link for a browser that does not follow it.
 pub fn continue_to(location: &str) -> Response<Body> {
+    go_on(location, "Signed in", "Taking you back to where you were.")
+}
+
+/// A 200 page that goes on to `location` as [`continue_to`] does, saying `message`: a
+/// navigation this site's page starts is same-site, so a `SameSite=Strict` cookie goes with it.
+pub fn go_on(location: &str, title: &str, message: &str) -> Response<Body> {
     let url = escape(location);
     page(
         StatusCode::OK,
         &format!("<meta http-equiv=\"refresh\" content=\"0;url={url}\">"),
-        "Signed in",
-        "Taking you back to where you were.",
+        title,
+        message,
         &format!("<p><a href=\"{url}\">Continue</a></p>"),
     )
 }

@@ -1356,6 +1356,91 @@ async fn strict_same_site_callback_lands_on_a_page_that_continues_to_the_target(
     assert_eq!(upstream.count(), 1);
 }
 
+/// With `cookie.same_site: strict`, the provider's redirect to `/oauth2/signed_out` (a
+/// cross-site navigation) arrives without the session cookie: the page goes on to itself
+/// from this site, where the cookie is sent, instead of telling a user who is still signed
+/// in that they are signed out. With lax, the cookie comes along and no detour is made.
+#[tokio::test]
+async fn strict_same_site_signed_out_page_looks_again_from_this_site() {
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let gw = Gateway::start(GatewayOpts {
+        cookie_extra: vec!["same_site: strict".to_string()],
+        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
+    })
+    .await;
+    let b = Browser::new();
+    let (auth, _) = auth_redirect(&b.get(&gw.url("/oauth2/start?rd=%2F")).await);
+    let cb = b.get(&idp_walk(&b, &auth, "alice").await).await;
+    assert_eq!(cb.status, 200, "{}", cb.dump());
+    let cookie = format!(
+        "_portcullis={}",
+        b.cookie(&gw.url("/"), "_portcullis").expect("session")
+    );
+    // From the provider: no cookie (Strict), a cross-site navigation.
+    let from_provider = [
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-mode", "navigate"),
+    ];
+    let r = send(
+        "GET",
+        &gw.url("/oauth2/signed_out"),
+        &from_provider,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    assert!(
+        !r.text().contains("You have been signed out"),
+        "{}",
+        r.dump()
+    );
+    assert!(
+        r.text()
+            .contains("<meta http-equiv=\"refresh\" content=\"0;url=/oauth2/signed_out\">"),
+        "{}",
+        r.dump()
+    );
+    // Again from this site, the cookie sent: the session is still active, and it says so.
+    let again = send(
+        "GET",
+        &gw.url("/oauth2/signed_out"),
+        &[("sec-fetch-site", "same-origin"), ("cookie", &cookie)],
+        Vec::new(),
+    )
+    .await;
+    assert!(again.text().contains("still active"), "{}", again.dump());
+    // Without a session here either, it is signed out (and there is no loop).
+    let gone = send(
+        "GET",
+        &gw.url("/oauth2/signed_out"),
+        &[("sec-fetch-site", "same-origin")],
+        Vec::new(),
+    )
+    .await;
+    assert!(
+        gone.text().contains("You have been signed out"),
+        "{}",
+        gone.dump()
+    );
+
+    // Lax: a cross-site navigation carries the cookie; no detour.
+    let s = Stack::start().await;
+    let r = send(
+        "GET",
+        &s.gw.url("/oauth2/signed_out"),
+        &from_provider,
+        Vec::new(),
+    )
+    .await;
+    assert!(
+        r.text().contains("You have been signed out"),
+        "{}",
+        r.dump()
+    );
+}
+
 /// The default (lax) callback still redirects, to the same kind of target.
 #[tokio::test]
 async fn lax_same_site_callback_still_redirects() {

@@ -1053,6 +1053,21 @@ async fn provider_down_during_refresh() {
     assert_503(&xhr, Some("provider_unavailable"), "xhr");
     let post = send("POST", &gw.url("/form"), &[("cookie", &cookie)], Vec::new()).await;
     assert_503(&post, Some("provider_unavailable"), "post");
+    // A form a browser submits is shown to a person: the page, as its 401 would be.
+    let form = send(
+        "POST",
+        &gw.url("/form"),
+        &[
+            ("cookie", &cookie),
+            ("accept", "text/html,application/xhtml+xml"),
+            ("sec-fetch-mode", "navigate"),
+            ("sec-fetch-dest", "document"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        b"a=1".to_vec(),
+    )
+    .await;
+    assert_503(&form, None, "form");
     // userinfo takes the same decision: the provider is unavailable, not the session over.
     let me = api(&gw, "/oauth2/userinfo", &cookie).await;
     assert_503(&me, Some("provider_unavailable"), "userinfo");

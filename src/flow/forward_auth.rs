@@ -396,7 +396,7 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
             // The proxy passes it on too: a page for a browser navigation, else JSON, as the
             // proxied path answers (and as the 401 above is decided).
             let method = original.method.as_ref().unwrap_or(req.method());
-            return if crate::policy::is_browser_navigation(method, req.headers()) {
+            return if crate::policy::is_page_navigation(method, req.headers()) {
                 resp
             } else {
                 crate::error::unavailable_as_json(resp)

@@ -3,6 +3,7 @@
 
 use crate::app::App;
 use crate::body::{read_limited, Body};
+use crate::config::SameSite;
 use crate::pages;
 use crate::session::store::Loaded;
 use crate::session::{CookieJar, Session};
@@ -217,6 +218,18 @@ fn revoke_at_provider(app: &App, s: &Session) {
 pub async fn signed_out(app: &App, req: &Request<Body>) -> Response<Body> {
     let jar = CookieJar::parse(req.headers());
     let session = current(app, &jar).await.ok().flatten();
+    // The provider's redirect here is a cross-site navigation, on which a SameSite=Strict
+    // session cookie is not sent: "signed out" would be said to a user still signed in. Once
+    // more from a page of this site, which sends it (and says it: no loop).
+    let cross_site = req
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site");
+    if session.is_none() && cross_site && app.cfg.cookie.same_site == SameSite::Strict {
+        let mut resp = pages::go_on("/oauth2/signed_out", "Signing out", "One moment.");
+        forget_cached_pages(&mut resp);
+        return resp;
+    }
     let mut resp = match &session {
         None => pages::html(
             StatusCode::OK,

@@ -45,6 +45,12 @@ pub fn is_browser_navigation(method: &Method, h: &HeaderMap) -> bool {
 
 /// A browser's top-level navigation that is not a GET (a form sent): it gets the 401 every
 /// request that cannot be redirected gets, but as a page a person can act on rather than JSON.
+/// Whether a person's browser is showing the answer (a navigation, or a form's submission):
+/// the gateway's own error answers are pages for them and JSON for anything else.
+pub fn is_page_navigation(method: &Method, h: &HeaderMap) -> bool {
+    is_browser_navigation(method, h) || is_form_navigation(method, h)
+}
+
 pub fn is_form_navigation(method: &Method, h: &HeaderMap) -> bool {
     let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
     method != Method::GET

@@ -4,7 +4,7 @@
 use crate::app::App;
 use crate::body::Body;
 use crate::error::{unavailable_as_json, GatewayError};
-use crate::policy::{is_browser_navigation, Rejected};
+use crate::policy::{is_page_navigation, Rejected};
 use crate::refresh::needs_refresh;
 use crate::session::store::Loaded;
 use crate::session::{now_secs, ActiveSession, CookieJar, CookieReject, Opened};
@@ -126,7 +126,8 @@ where
 }
 
 /// Calls `inner`; a 503 the gateway answers itself on the way (the refresh step's, when the
-/// provider cannot renew an expired token) is JSON for an API client, as its 401 would be.
+/// provider cannot renew an expired token) is JSON for an API client, a page for a browser
+/// navigation or a form it submits, as its 401 would be.
 /// Only for requests that may meet one: the others keep the unboxed fast path.
 fn json_503_for_api<S, B>(mut inner: S, req: Request<B>) -> BoxFuture
 where
@@ -134,7 +135,7 @@ where
     S::Future: Send + 'static,
     B: Send + 'static,
 {
-    let api = !is_browser_navigation(req.method(), req.headers());
+    let api = !is_page_navigation(req.method(), req.headers());
     let call = inner.call(req);
     Box::pin(async move {
         let resp = call.await?;
