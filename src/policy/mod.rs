@@ -99,7 +99,8 @@ fn session_needed_page(own_origin: &str, h: &HeaderMap) -> Response<Body> {
     pages::html(
         StatusCode::UNAUTHORIZED,
         "Sign-in needed",
-        "Your session has ended, so this form was not sent. Sign in again, then send it once more.",
+        "You are not signed in (or your session has ended), so this form was not sent. Sign in, \
+         then send it once more.",
         &format!(
             "<p><a href=\"{}\">Sign in</a></p>",
             pages::escape(&flow::redirect::start_url(&back))
