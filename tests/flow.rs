@@ -395,14 +395,11 @@ async fn replayed_callback_is_rejected() {
 /// code longer than any provider's is refused as malformed, before anything is looked up.
 #[tokio::test]
 async fn a_callback_after_the_flow_lifetime_is_refused() {
-    let gw_port = free_port();
-    let idp = Idp::start_for_gateway(gw_port, &[]).await;
-    let upstream = Upstream::start();
-    let gw = Gateway::start(GatewayOpts {
-        cookie_extra: vec!["flow_lifetime: 1s".to_string()],
-        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
-    })
-    .await;
+    let Stack {
+        gw,
+        idp,
+        upstream: _upstream,
+    } = Stack::with_cookie("flow_lifetime: 1s").await;
     let b = Browser::new();
     let (auth, _) = auth_redirect(&b.get(&gw.url("/reports?year=2026")).await);
     let callback = idp_walk(&b, &auth, "alice").await;
@@ -1295,14 +1292,11 @@ async fn an_unavailable_userinfo_endpoint_fails_the_login_instead_of_making_a_ba
 /// would loop. It answers a page that continues to the target (a same-site navigation) instead.
 #[tokio::test]
 async fn strict_same_site_callback_lands_on_a_page_that_continues_to_the_target() {
-    let gw_port = free_port();
-    let idp = Idp::start_for_gateway(gw_port, &[]).await;
-    let upstream = Upstream::start();
-    let gw = Gateway::start(GatewayOpts {
-        cookie_extra: vec!["same_site: strict".to_string()],
-        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
-    })
-    .await;
+    let Stack {
+        gw,
+        upstream,
+        idp: _idp,
+    } = Stack::with_cookie("same_site: strict").await;
     // Characters an attribute must escape (raw, as `rd` can carry them): the target
     // validation lets them through.
     let target = "/app/page?q=1&x=\"a\"&y=<b>'c'";
@@ -1362,14 +1356,11 @@ async fn strict_same_site_callback_lands_on_a_page_that_continues_to_the_target(
 /// in that they are signed out. With lax, the cookie comes along and no detour is made.
 #[tokio::test]
 async fn strict_same_site_signed_out_page_looks_again_from_this_site() {
-    let gw_port = free_port();
-    let idp = Idp::start_for_gateway(gw_port, &[]).await;
-    let upstream = Upstream::start();
-    let gw = Gateway::start(GatewayOpts {
-        cookie_extra: vec!["same_site: strict".to_string()],
-        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
-    })
-    .await;
+    let Stack {
+        gw,
+        idp: _idp,
+        upstream: _upstream,
+    } = Stack::with_cookie("same_site: strict").await;
     let b = Browser::new();
     let (auth, _) = auth_redirect(&b.get(&gw.url("/oauth2/start?rd=%2F")).await);
     let cb = b.get(&idp_walk(&b, &auth, "alice").await).await;

@@ -118,6 +118,19 @@ impl Stack {
         Stack { gw, upstream, idp }
     }
 
+    /// A stack whose gateway has one more setting in its `cookie:` block.
+    pub async fn with_cookie(setting: &str) -> Stack {
+        let gw_port = free_port();
+        let idp = Idp::start_for_gateway(gw_port, &[]).await;
+        let upstream = Upstream::start();
+        let gw = Gateway::start(GatewayOpts {
+            cookie_extra: vec![setting.to_string()],
+            ..GatewayOpts::new(gw_port, &idp, &upstream.url())
+        })
+        .await;
+        Stack { gw, upstream, idp }
+    }
+
     /// Logs `user` in through a fresh browser; returns it with the session established.
     pub async fn login(&self, user: &str) -> Browser {
         let b = Browser::new();
