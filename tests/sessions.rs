@@ -1564,7 +1564,9 @@ fn cut_after_the_jti_command(redis_port: u16) -> u16 {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 16384];
                 while let Ok(n @ 1..) = c_in.read(&mut buf) {
-                    if !done.load(Ordering::SeqCst) && buf[..n].windows(3).any(|w| w == b"jti") {
+                    // The logout token's key (`…jti:<digest>`): a colon appears in no sealed
+                    // value, where a bare "jti" could, by chance (a flaky cut at login).
+                    if !done.load(Ordering::SeqCst) && buf[..n].windows(4).any(|w| w == b"jti:") {
                         arm.store(true, Ordering::SeqCst);
                     }
                     if s_out.write_all(&buf[..n]).is_err() {
