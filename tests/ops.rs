@@ -2019,14 +2019,24 @@ log: {{ level: info }}
         ),
     )
     .unwrap();
-    let mut child = support::procs::gateway_command()
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stalled = child.stderr.take().unwrap();
+    /// Killed and reaped however the test ends (its stderr is a pipe, not Proc's file).
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reaped(
+        support::procs::gateway_command()
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stalled = child.0.stderr.take().unwrap();
     let url = format!("http://127.0.0.1:{port}/healthz");
     eventually(Duration::from_secs(30), "the gateway listens", || async {
         try_send("GET", &url, &[], Vec::new()).await.map(|_| ())
@@ -2062,8 +2072,7 @@ log: {{ level: info }}
         String::from_utf8_lossy(&text).into_owned()
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let text = reader.join().unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() > 1000, "{} lines", lines.len());
