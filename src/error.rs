@@ -181,13 +181,15 @@ impl GatewayError {
         };
         let mut resp = pages::html(status, title, msg, &extra);
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(RETRY_AFTER, http::HeaderValue::from_static("5"));
+            resp.headers_mut().insert(RETRY_AFTER, RETRY_SOON);
         }
         resp.extensions_mut().insert(ErrorPage(self.code()));
         resp
     }
 }
+
+/// `Retry-After` on the gateway's own 503s: the provider or Redis blinked, try again shortly.
+pub const RETRY_SOON: http::HeaderValue = http::HeaderValue::from_static("5");
 
 /// The gateway's own 503 page as `{"error": "<code>"}` for an API client, status and
 /// `Retry-After` kept; any other response (an upstream's own 503 included) as it is.

@@ -14,18 +14,17 @@ use std::time::Duration;
 /// other control characters (C0, DEL, C1) and bidirectional controls are escaped too (`\x1b`,
 /// `\u{202e}`): a client's value cannot rewrite what a terminal or log viewer shows later. In
 /// JSON lines the escapes are JSON's own (`\u202e`), so every line stays a JSON document.
+/// Written through the process's queue once [`start_queue`] made one.
 pub struct OneLineStderr {
     pub controls: bool,
     pub json: bool,
-    /// Lines to the writer thread, when standard error can block (see [`stderr_queue`]).
-    pub queue: Option<SyncSender<Msg>>,
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for OneLineStderr {
     type Writer = OneLine<Stderr>;
     fn make_writer(&'a self) -> Self::Writer {
         OneLine {
-            out: match &self.queue {
+            out: match QUEUE.get() {
                 Some(q) => Stderr::Queued(q.clone()),
                 None => Stderr::Direct(io::stderr()),
             },
@@ -57,20 +56,20 @@ const QUEUE_LINES: usize = 8192;
 /// `| tee`) or a terminal can: written directly, a reader that stopped reading would stop
 /// every request at its next log line, and `/healthz` with them. Queued, lines are written in
 /// batches, and dropped (counted) while the queue is full.
-pub fn stderr_queue() -> Option<SyncSender<Msg>> {
+pub fn start_queue() {
     if never_blocks(&io::stderr()) {
-        return None;
+        return;
     }
     let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
-    std::thread::Builder::new()
+    let started = std::thread::Builder::new()
         .name("portcullis-log".into())
-        .spawn(move || write_queued(rx, io::stderr()))
-        .ok()?;
-    let _ = QUEUE.set(tx.clone());
-    Some(tx)
+        .spawn(move || write_queued(rx, io::stderr()));
+    if started.is_ok() {
+        let _ = QUEUE.set(tx);
+    }
 }
 
-/// The process's queue, for [`flush`].
+/// The process's queue, when [`start_queue`] made one.
 static QUEUE: std::sync::OnceLock<SyncSender<Msg>> = std::sync::OnceLock::new();
 
 #[cfg(unix)]

@@ -150,14 +150,14 @@ fn init_tracing(log: &portcullis::config::LogConfig) {
         }
     }
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    portcullis::logging::start_queue();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(terminal);
-    let builder = builder.with_writer(portcullis::logging::OneLineStderr {
-        controls: !terminal,
-        json: log.json,
-        queue: portcullis::logging::stderr_queue(),
-    });
+        .with_ansi(terminal)
+        .with_writer(portcullis::logging::OneLineStderr {
+            controls: !terminal,
+            json: log.json,
+        });
     if log.json {
         builder.json().flatten_event(true).init();
     } else {

@@ -24,7 +24,7 @@ use std::path::Path;
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The largest secret, certificate or key file read (a CA bundle of every public root is
-/// ~250 KB).
+/// ~250 KB), and the most read of any file to tell whether it changed.
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
 
 /// A file's bytes, refused past `limit` (never read further).

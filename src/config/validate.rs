@@ -1228,7 +1228,7 @@ pub fn files_digest<'a>(files: impl IntoIterator<Item = &'a std::path::Path>) ->
     let mut h = Sha256::new();
     for f in files {
         h.update(f.as_os_str().as_encoded_bytes());
-        match super::read_bounded(f, super::MAX_CONFIG_BYTES.max(super::MAX_FILE_BYTES)) {
+        match super::read_bounded(f, super::MAX_FILE_BYTES) {
             Ok(bytes) => h.update(&bytes),
             Err(_) => h.update(b"\0missing"),
         }

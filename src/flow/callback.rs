@@ -146,10 +146,8 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
         let msg: String = msg.chars().take(500).collect();
         let mut resp = fail(app, "provider_error", status, title, &msg, Some(&flow));
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("5"),
-            );
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, crate::error::RETRY_SOON);
         }
         return resp;
     }

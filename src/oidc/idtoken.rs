@@ -112,7 +112,7 @@ pub struct Profile {
     preferred_username: Option<String>,
 }
 
-type ClaimSet = serde_json::Map<String, serde_json::Value>;
+pub type ClaimSet = serde_json::Map<String, serde_json::Value>;
 
 /// The groups claim `claim` of a token's or userinfo's claims, when stated at all (a string
 /// or a list of strings). Looked up in all the claims, not in what the structs above leave
@@ -186,6 +186,15 @@ impl ValidIdToken {
     ) -> Result<(), UserinfoError> {
         let claims: ClaimSet = serde_json::from_slice(userinfo)
             .map_err(|e| UserinfoError::Malformed(e.to_string()))?;
+        self.complete_from_claims(claims, groups_claim)
+    }
+
+    /// [`complete_from`](Self::complete_from) for claims already read (a signed answer's).
+    pub fn complete_from_claims(
+        &mut self,
+        claims: ClaimSet,
+        groups_claim: &str,
+    ) -> Result<(), UserinfoError> {
         let stated_groups = groups(&claims, groups_claim);
         let p: Profile = serde_json::from_value(serde_json::Value::Object(claims))
             .map_err(|e| UserinfoError::Malformed(e.to_string()))?;
@@ -276,6 +285,15 @@ pub fn header(token: &str) -> Result<(Option<String>, Algorithm), IdTokenError> 
     Ok((h.kid, h.alg))
 }
 
+/// Why the key set did not verify a token with `kid`, as the token's error.
+fn refused(e: Refusal, kid: Option<&str>) -> IdTokenError {
+    match e {
+        Refusal::NoKey => IdTokenError::UnknownKey(kid_named(kid)),
+        Refusal::BadSignature => IdTokenError::BadSignature,
+        Refusal::Invalid(e) => IdTokenError::Invalid(e.to_string()),
+    }
+}
+
 /// A token's `kid` as errors name it: without one, only a key set holding exactly one key of
 /// the token's type can verify it (OpenID Connect Core §10.1).
 pub(crate) fn kid_named(kid: Option<&str>) -> String {
@@ -315,11 +333,7 @@ pub fn validate(
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
     let all = keys
         .decode::<ClaimSet>(token, kid.as_deref(), alg, &v)
-        .map_err(|e| match e {
-            Refusal::NoKey => IdTokenError::UnknownKey(kid_named(kid.as_deref())),
-            Refusal::BadSignature => IdTokenError::BadSignature,
-            Refusal::Invalid(e) => IdTokenError::Invalid(e.to_string()),
-        })?;
+        .map_err(|e| refused(e, kid.as_deref()))?;
     let groups = groups(&all, exp.groups_claim);
     let c: Claims = serde_json::from_value(serde_json::Value::Object(all))
         .map_err(|e| IdTokenError::Invalid(e.to_string()))?;
@@ -375,14 +389,14 @@ pub fn validate(
 }
 
 /// The claims of a signed userinfo answer (OpenID Connect Core §5.3.2, `application/jwt`),
-/// as JSON, once its signature holds with the provider's keys and its `iss` and `aud`, when
+/// once its signature holds with the provider's keys and its `iss` and `aud`, when
 /// stated (they SHOULD be), name the provider and this client.
 pub fn signed_userinfo(
     token: &str,
     keys: &KeySet,
     issuer: &str,
     client_id: &str,
-) -> Result<Vec<u8>, IdTokenError> {
+) -> Result<ClaimSet, IdTokenError> {
     let (kid, alg) = header(token)?;
     let mut v = Validation::new(alg);
     v.validate_exp = false;
@@ -390,11 +404,7 @@ pub fn signed_userinfo(
     v.required_spec_claims.clear();
     let claims: ClaimSet = keys
         .decode(token, kid.as_deref(), alg, &v)
-        .map_err(|e| match e {
-            Refusal::NoKey => IdTokenError::UnknownKey(kid_named(kid.as_deref())),
-            Refusal::BadSignature => IdTokenError::BadSignature,
-            Refusal::Invalid(e) => IdTokenError::Invalid(e.to_string()),
-        })?;
+        .map_err(|e| refused(e, kid.as_deref()))?;
     if claims
         .get("iss")
         .is_some_and(|i| i.as_str() != Some(issuer))
@@ -412,7 +422,7 @@ pub fn signed_userinfo(
             "aud does not name this client".into(),
         ));
     }
-    serde_json::to_vec(&claims).map_err(|e| IdTokenError::Invalid(e.to_string()))
+    Ok(claims)
 }
 
 /// An access token's `at_hash` (OpenID Connect Core §3.2.2.9): the left half of its digest
@@ -880,8 +890,7 @@ b5r0pY+wYaK/b8oHNvUmoOJFQVYR+MLEo+3kGiWv2ah+iGMvQE6hF9A5
         };
         let ok =
             read(json!({"sub": "alice", "iss": "https://idp", "aud": "client", "email": "a@x"}));
-        let claims: serde_json::Value = serde_json::from_slice(&ok.unwrap()).unwrap();
-        assert_eq!(claims["email"], "a@x");
+        assert_eq!(ok.unwrap()["email"], "a@x");
         assert!(read(json!({"sub": "alice", "aud": ["other", "client"]})).is_ok());
         assert!(
             read(json!({"sub": "alice"})).is_ok(),

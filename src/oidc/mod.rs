@@ -712,21 +712,21 @@ impl Provider {
                         .trim()
                         .eq_ignore_ascii_case("application/jwt")
                 });
-            let claims = if signed {
+            let completed = if signed {
                 let jwt = std::str::from_utf8(resp.body())
                     .map_err(|_| ProviderError::Invalid("signed userinfo is not text".into()))?;
-                idtoken::signed_userinfo(
+                let claims = idtoken::signed_userinfo(
                     jwt.trim(),
                     &self.keys.load(),
                     &self.issuer,
                     &self.client_id,
                 )
-                .map_err(|e| ProviderError::Invalid(format!("signed userinfo: {e}")))?
+                .map_err(|e| ProviderError::Invalid(format!("signed userinfo: {e}")))?;
+                id.complete_from_claims(claims, &self.groups_claim)
             } else {
-                resp.body().to_vec()
+                id.complete_from(resp.body(), &self.groups_claim)
             };
-            id.complete_from(&claims, &self.groups_claim)
-                .map_err(|e| ProviderError::Invalid(e.to_string()))
+            completed.map_err(|e| ProviderError::Invalid(e.to_string()))
         }
         .await;
         match result {
