@@ -98,8 +98,10 @@ pub async fn build(
     }
     // Nothing below fails: this generation will be swapped in.
     // The logout mirror keeps revocations for a session lifetime: the new one, also when
-    // the Redis settings stayed the same.
-    shared.revocations.set_lifetime(cfg.session.lifetime);
+    // the Redis settings stayed the same; and reads back as far as clocks may differ.
+    shared
+        .revocations
+        .configure(cfg.session.lifetime, cfg.provider.clock_skew);
     if let (true, Some(r)) = (fresh, &redis) {
         // Both end once the generations holding this client are gone.
         tokio::spawn(Redis::watch_health(Arc::downgrade(r)));

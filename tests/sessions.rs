@@ -2302,6 +2302,40 @@ async fn sign_out_with_a_coordination_redis_ends_the_session_on_both_gateways() 
     );
 }
 
+/// Cookie store with a coordination Redis: a logout recorded by a replica whose clock is a
+/// few seconds behind this one's (well within `provider.clock_skew`) still reaches it. The
+/// record is scored by the recording replica's clock; a replica that read only its own last
+/// second never saw it.
+#[tokio::test]
+async fn a_logout_recorded_by_a_replica_with_a_slow_clock_is_heard() {
+    let redis = RedisServer::start().await;
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let upstream = Upstream::start();
+    let yaml = session_yaml(Store::Coordinated, Some(&redis), 60);
+    let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, &yaml, None)).await;
+    let cookie = login_cookie(&gw, "alice").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(api(&gw, "/before", &cookie).await.status, 200);
+    // The other replica's clock says 3 s ago: after the login, before this replica's "now".
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+        - 3_000;
+    let entry = format!("ms:{at_ms}:sub:alice");
+    redis_command(
+        &redis,
+        &[
+            "ZADD",
+            "portcullis:revoked",
+            &(at_ms / 1000).to_string(),
+            &entry,
+        ],
+    );
+    refused_eventually("the slow replica's logout", &gw, "/after", &cookie).await;
+}
+
 fn redis_command(redis: &RedisServer, args: &[&str]) -> Reply {
     match support::redis::command(redis.port, args) {
         Ok(r @ (Reply::Int(_) | Reply::Array(_))) => r,

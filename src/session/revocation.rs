@@ -5,7 +5,11 @@
 //! per-request check is a local lookup.
 //!
 //! Times are in milliseconds: a user who logs in again in the second their sessions were
-//! ended must not find the new session ended too. Redis members carry their millisecond as
+//! ended must not find the new session ended too. A signed-out session id is over whatever
+//! the times say (the replica that recorded it may have a clock behind the one that made the
+//! session). Entries are scored by the recording replica's clock, so each replica reads back
+//! `provider.clock_skew` (plus a second) of them on every pass: a replica whose clock is
+//! behind by up to that much is still heard. Redis members carry their millisecond as
 //! `ms:<millis>:<what>` and are scored in seconds (older releases wrote `<what>` alone, read
 //! as the end of its second).
 
@@ -53,23 +57,46 @@ impl Revoked {
 
     /// Adds a member as Redis holds it, scored in seconds.
     fn add_member(&mut self, member: &str, score_secs: u64) {
-        let timed = member
-            .strip_prefix("ms:")
-            .and_then(|m| m.split_once(':'))
-            .and_then(|(ms, what)| Some((ms.parse::<u64>().ok()?, what)));
-        match timed {
-            Some((at_ms, what)) => self.add(what, at_ms),
-            // An older release's entry: the end of its second, so that it still ends every
-            // session created within that second, as it did there.
-            None => self.add(member, score_secs.saturating_mul(1000).saturating_add(999)),
-        }
+        let (at_ms, what) = parse_member(member, score_secs);
+        self.add(what, at_ms);
     }
 
     fn retain_after(&mut self, horizon_ms: u64) {
         self.sids.retain(|_, t| *t >= horizon_ms);
         self.subs.retain(|_, t| *t >= horizon_ms);
+        self.sidless_subs.retain(|_, t| *t >= horizon_ms);
         self.ids.retain(|_, t| *t >= horizon_ms);
     }
+
+    /// Does the mirror already hold this Redis member (as late a logout, or later)? Each
+    /// pass reads back a window of entries it mostly has: only news costs a new mirror.
+    fn holds_member(&self, member: &str, score_secs: u64) -> bool {
+        let (at_ms, what) = parse_member(member, score_secs);
+        let held = |t: Option<&u64>| t.is_some_and(|t| *t >= at_ms);
+        if let Some(sid) = what.strip_prefix("sid:") {
+            held(self.sids.get(sid))
+        } else if let Some(sub) = what.strip_prefix("sub:") {
+            held(self.subs.get(sub))
+        } else if let Some(sub) = what.strip_prefix("nosid:") {
+            held(self.sidless_subs.get(sub))
+        } else if let Some(id) = what.strip_prefix("id:").and_then(parse_id) {
+            held(self.ids.get(&id))
+        } else {
+            // Garbage: nothing to add either.
+            true
+        }
+    }
+}
+
+/// A Redis member's logout time (milliseconds) and what it names.
+fn parse_member(member: &str, score_secs: u64) -> (u64, &str) {
+    member
+        .strip_prefix("ms:")
+        .and_then(|m| m.split_once(':'))
+        .and_then(|(ms, what)| Some((ms.parse::<u64>().ok()?, what)))
+        // An older release's entry: the end of its second, so that it still ends every
+        // session created within that second, as it did there.
+        .unwrap_or((score_secs.saturating_mul(1000).saturating_add(999), member))
 }
 
 /// The Redis member for a logout of `what` at `at_ms`.
@@ -99,6 +126,8 @@ pub struct Revocations {
     /// The current config's `session.lifetime`, in seconds: how long the mirror keeps a
     /// logout (set by every config generation, so that a reload changes it).
     lifetime_secs: AtomicU64,
+    /// How far back (seconds) each pass reads: how far behind another replica's clock may be.
+    lookback_secs: AtomicU64,
 }
 
 const SYNC_EVERY: Duration = Duration::from_millis(500);
@@ -114,13 +143,24 @@ impl Revocations {
             Some(sid) => since(map.sids.get(sid)),
             None => since(map.sidless_subs.get(s.identity.sub.as_str())),
         };
-        by_session || since(map.subs.get(s.identity.sub.as_str())) || since(map.ids.get(&s.id))
+        by_session || since(map.subs.get(s.identity.sub.as_str())) || map.ids.contains_key(&s.id)
     }
 
-    /// Applies Redis members (with their scores, in seconds) to the mirror.
-    fn apply(&self, members: impl IntoIterator<Item = (String, u64)>, horizon_ms: u64) {
+    /// Applies Redis members (with their scores, in seconds) to the mirror: a new mirror only
+    /// when some of them are news (which is also when entries past the horizon go).
+    fn apply(&self, members: Vec<(String, u64)>, horizon_ms: u64) {
+        let news: Vec<_> = {
+            let map = self.map.load();
+            members
+                .into_iter()
+                .filter(|(m, score)| !map.holds_member(m, *score))
+                .collect()
+        };
+        if news.is_empty() {
+            return;
+        }
         self.update(horizon_ms, |next| {
-            for (m, score) in members {
+            for (m, score) in news {
                 next.add_member(&m, score);
             }
         });
@@ -195,9 +235,12 @@ impl Revocations {
         self.synced_to.load(Ordering::Relaxed) != 0
     }
 
-    pub fn set_lifetime(&self, lifetime: Duration) {
+    /// The current config's `session.lifetime` and `provider.clock_skew`.
+    pub fn configure(&self, lifetime: Duration, clock_skew: Duration) {
         self.lifetime_secs
             .store(lifetime.as_secs(), Ordering::Relaxed);
+        self.lookback_secs
+            .store(clock_skew.as_secs().saturating_add(1), Ordering::Relaxed);
     }
 
     /// Logouts before this (seconds) are past every session's lifetime.
@@ -214,12 +257,12 @@ impl Revocations {
             let horizon = self.horizon(now);
             let from = self.synced_to.load(Ordering::Relaxed).max(horizon);
             if let Ok(items) = redis.zrange_from(&key, from).await {
-                if !items.is_empty() {
-                    self.apply(items, horizon.saturating_mul(1000));
-                }
-                // Re-read the last second: logouts recorded in the same second are not missed.
+                self.apply(items, horizon.saturating_mul(1000));
+                // Read again next time: logouts recorded in the same second, and those of a
+                // replica whose clock is behind, are not missed.
+                let lookback = self.lookback_secs.load(Ordering::Relaxed).max(1);
                 self.synced_to
-                    .store(now.saturating_sub(1), Ordering::Relaxed);
+                    .store(now.saturating_sub(lookback).max(1), Ordering::Relaxed);
             }
             drop(redis);
             tokio::time::sleep(SYNC_EVERY).await;
@@ -255,24 +298,28 @@ mod tests {
         let mut s = crate::session::tests::sample();
         s.created_at_ms = 100_000;
         assert!(!r.is_revoked(&s));
-        r.apply([(member(&format!("id:{}", s.id_hex()), 150_000), 150)], 0);
+        r.apply(
+            vec![(member(&format!("id:{}", s.id_hex()), 150_000), 150)],
+            0,
+        );
         assert!(r.is_revoked(&s), "its id");
         let mut other = s.clone();
         other.id = [9; 16];
         assert!(!r.is_revoked(&other), "another session of the user");
         r.apply(
-            [(member(&format!("sub:{}", s.identity.sub), 90_000), 90)],
+            vec![(member(&format!("sub:{}", s.identity.sub), 90_000), 90)],
             0,
         );
         assert!(!r.is_revoked(&other), "a logout before it was created");
         r.apply(
-            [(member(&format!("sub:{}", s.identity.sub), 120_000), 120)],
+            vec![(member(&format!("sub:{}", s.identity.sub), 120_000), 120)],
             0,
         );
         assert!(r.is_revoked(&other), "its user, after it was created");
-        // Old entries go; garbage is ignored.
+        // Old entries go (with the next news); garbage is ignored.
         r.apply(
-            [
+            vec![
+                (member("sub:someone-else", 200_000), 200),
                 ("id:zz".to_string(), 200),
                 ("what".to_string(), 200),
                 ("ms:x:sub:a".to_string(), 200),
@@ -285,6 +332,40 @@ mod tests {
     }
 
     #[test]
+    fn a_signed_out_session_is_over_whatever_the_recording_clock_said() {
+        // Signed out on a replica whose clock is behind the one that made the session.
+        let r = Revocations::default();
+        let mut s = crate::session::tests::sample();
+        s.created_at_ms = 100_000;
+        r.apply(vec![(member(&format!("id:{}", s.id_hex()), 98_000), 98)], 0);
+        assert!(r.is_revoked(&s));
+    }
+
+    #[test]
+    fn entries_read_again_leave_the_mirror_as_it_was() {
+        let r = Revocations::default();
+        let entries = || {
+            vec![
+                (member("sub:a", 120_000), 120),
+                (member("nosid:b", 120_000), 120),
+                (member(&format!("id:{}", "ab".repeat(16)), 120_000), 120),
+                ("garbage".to_string(), 120),
+            ]
+        };
+        r.apply(entries(), 0);
+        let before = r.map.load_full();
+        r.apply(entries(), 0);
+        assert!(Arc::ptr_eq(&before, &r.map.load_full()), "nothing new");
+        r.apply(vec![(member("sub:a", 130_000), 130)], 0);
+        assert_eq!(r.map.load().subs.get("a"), Some(&130_000), "a later logout");
+        // Past the horizon, every kind goes.
+        r.apply(vec![(member("sub:c", 200_000), 200)], 150_000);
+        let map = r.map.load();
+        assert!(map.sidless_subs.is_empty() && map.ids.is_empty());
+        assert_eq!(map.subs.len(), 1);
+    }
+
+    #[test]
     fn a_login_in_the_second_of_a_logout_is_ordered_by_the_millisecond() {
         let r = Revocations::default();
         let mut before = crate::session::tests::sample();
@@ -292,7 +373,7 @@ mod tests {
         let mut after = before.clone();
         after.created_at_ms = 100_700;
         r.apply(
-            [(
+            vec![(
                 member(&format!("sub:{}", before.identity.sub), 100_500),
                 100,
             )],
@@ -302,7 +383,7 @@ mod tests {
         assert!(!r.is_revoked(&after), "logged in again after it");
         // An older release's entry (seconds only) still ends the whole second's sessions.
         let r = Revocations::default();
-        r.apply([(format!("sub:{}", before.identity.sub), 100)], 0);
+        r.apply(vec![(format!("sub:{}", before.identity.sub), 100)], 0);
         assert!(r.is_revoked(&before) && r.is_revoked(&after));
     }
 
@@ -315,7 +396,7 @@ mod tests {
         let mut other_sid = sidless.clone();
         other_sid.identity.sid = Some("another".into());
         let entry = format!("nosid:{}", sidless.identity.sub);
-        r.apply([(member(&entry, 120_000), 120)], 0);
+        r.apply(vec![(member(&entry, 120_000), 120)], 0);
         assert!(r.is_revoked(&sidless), "no sid to tell it apart by");
         assert!(
             !r.is_revoked(&other_sid),
@@ -329,10 +410,10 @@ mod tests {
     #[test]
     fn the_mirror_keeps_logouts_for_the_current_lifetime() {
         let r = Revocations::default();
-        r.set_lifetime(Duration::from_secs(3600));
+        r.configure(Duration::from_secs(3600), Duration::ZERO);
         assert_eq!(r.horizon(10_000), 6_400);
         // A reload that lengthens sessions keeps older logouts too.
-        r.set_lifetime(Duration::from_secs(7200));
+        r.configure(Duration::from_secs(7200), Duration::ZERO);
         assert_eq!(r.horizon(10_000), 2_800);
     }
 }
