@@ -490,6 +490,9 @@ pub struct ChunkedDecoder {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     Size,
+    /// Blanks after the size: only more of them, an extension or the line's end may follow
+    /// (RFC 9112 §7.1.1; `5 x` is no size line, as hyper and nginx agree).
+    SizeWs,
     Extension,
     SizeLf,
     Data,
@@ -556,8 +559,12 @@ impl ChunkedDecoder {
                     self.size = (self.size << 4) | u64::from(d);
                     Size
                 }
-                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
+                (Size, b';') if self.digits > 0 => Extension,
+                (Size, b' ' | b'\t') if self.digits > 0 => SizeWs,
                 (Size, b'\r') if self.digits > 0 => SizeLf,
+                (SizeWs, b' ' | b'\t') => SizeWs,
+                (SizeWs, b';') => Extension,
+                (SizeWs, b'\r') => SizeLf,
                 (Extension, b'\r') => SizeLf,
                 (Extension, b'\n') => return Err(ChunkError::Invalid),
                 (Extension, _) => Extension,
@@ -863,6 +870,11 @@ mod tests {
             decode_all(b"3\r\nabc\r\nA;ext=1\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n"),
             Ok(b"abc0123456789".to_vec())
         );
+        // Blanks after the size, before an extension or the line's end.
+        assert_eq!(
+            decode_all(b"3 \t ;x\r\nabc\r\n2 \r\nde\r\n0\r\n\r\n"),
+            Ok(b"abcde".to_vec())
+        );
         assert_eq!(decode_all(b"0\r\n\r\n"), Ok(Vec::new()));
         for bad in [
             &b"3\nabc\r\n0\r\n\r\n"[..],
@@ -876,6 +888,9 @@ mod tests {
             // extension, no digits before an extension or whitespace, an empty size line.
             b"1;a\nb\r\nx\r\n0\r\n\r\n",
             b" 5\r\nhello\r\n0\r\n\r\n",
+            // Text after the size that is no extension.
+            b"5 garbage\r\nhello\r\n0\r\n\r\n",
+            b"5 6\r\nhello\r\n0\r\n\r\n",
             b";5\r\nhello\r\n0\r\n\r\n",
             b"\r\n\r\n",
         ] {
