@@ -76,21 +76,17 @@ impl Default for Refresher {
 }
 
 /// Does this session need a refresh now? When its token expires within `refresh_before`, or
-/// has expired. A token that lives no longer than `refresh_before` would be due the moment it
-/// arrives (a refresh per request): it is renewed after half its life instead.
+/// has expired, but never before half its life: a token that lives about as long as
+/// `refresh_before` would otherwise be due soon after it arrives (a 61 s token with the
+/// default 60 s: a refresh a second).
 pub fn needs_refresh(s: &Session, now: u64, refresh_before: Duration) -> bool {
     if s.access_expires_at == 0 {
         return false;
     }
     let mut before = refresh_before.as_secs();
     if s.access_issued_at != 0 {
-        // Only a token that lives no longer than `refresh_before` is renewed at half-life: one
-        // that lives longer is due once it expires within `refresh_before`, as configured
-        // (a 90 s token with the default 60 s: after 30 s, not 45).
         let lifetime = s.access_expires_at.saturating_sub(s.access_issued_at);
-        if lifetime <= before {
-            before = lifetime / 2;
-        }
+        before = before.min(lifetime / 2);
     }
     now + before >= s.access_expires_at
 }
@@ -821,11 +817,22 @@ mod tests {
         s.access_expires_at = 5000 + 3600;
         assert!(!needs_refresh(&s, 5000 + 3539, before));
         assert!(needs_refresh(&s, 5000 + 3540, before));
-        // A token that lives longer than refresh_before, but less than twice as long: due
-        // once it expires within refresh_before (after 30 s of 90), not at half-life (45 s).
+        // A token that lives longer than refresh_before, but less than twice as long: due at
+        // half-life (45 s of 90), not once it expires within refresh_before (30 s).
         s.access_expires_at = 5000 + 90;
+        assert!(!needs_refresh(&s, 5000 + 44, before));
+        assert!(needs_refresh(&s, 5000 + 45, before));
+        // Just past refresh_before: half-life too, not a second after it came.
+        s.access_expires_at = 5000 + 61;
+        assert!(!needs_refresh(&s, 5000 + 2, before));
         assert!(!needs_refresh(&s, 5000 + 29, before));
-        assert!(needs_refresh(&s, 5000 + 30, before));
+        assert!(needs_refresh(&s, 5000 + 31, before));
+        // Twice refresh_before and longer: refresh_before as configured.
+        s.access_expires_at = 5000 + 120;
+        assert!(needs_refresh(&s, 5000 + 60, before));
+        s.access_expires_at = 5000 + 300;
+        assert!(!needs_refresh(&s, 5000 + 239, before));
+        assert!(needs_refresh(&s, 5000 + 240, before));
         // Exactly refresh_before: half-life.
         s.access_expires_at = 5000 + 60;
         assert!(!needs_refresh(&s, 5000 + 29, before));

@@ -121,9 +121,11 @@ async fn post_logout(gw: &Gateway, body: impl Into<bytes::Bytes>) -> Resp {
 }
 
 /// Sleeps until a token the gateway received before `issued_by` is due for a refresh
-/// (`AT_TTL - refresh_before` later; the gateway counts whole seconds from its receipt).
+/// (`AT_TTL - refresh_before` later, but not before half its life; the gateway counts whole
+/// seconds from its receipt).
 async fn until_due(issued_by: Instant, refresh_before: u64) {
-    let due = issued_by + Duration::from_secs(AT_TTL - refresh_before) + Duration::from_millis(200);
+    let before = refresh_before.min(AT_TTL / 2);
+    let due = issued_by + Duration::from_secs(AT_TTL - before) + Duration::from_millis(200);
     tokio::time::sleep_until(due.into()).await;
 }
 
@@ -764,16 +766,16 @@ async fn a_token_that_expires_while_the_provider_hangs_is_not_forwarded() {
 #[tokio::test]
 async fn a_request_joining_a_hung_refresh_does_not_wait_the_provider_timeout_again() {
     let gw_port = free_port();
-    // 30 s tokens, due after 4 s (refresh_before 26 s): valid throughout the test.
-    let idp = Idp::start_for_gateway(gw_port, &[("IDP_ACCESS_TOKEN_TTL", "30"), ROTATE_ENV]).await;
+    // 14 s tokens, due after 7 s (half their life): valid throughout the test.
+    let idp = Idp::start_for_gateway(gw_port, &[("IDP_ACCESS_TOKEN_TTL", "14"), ROTATE_ENV]).await;
     let upstream = Upstream::start();
-    let yaml = "session: { refresh_before: 26s }\ntimeouts: { provider: 4s }\n";
+    let yaml = "session: { refresh_before: 7s }\ntimeouts: { provider: 4s }\n";
     let gw = Gateway::start(gw_opts(gw_port, &idp, &upstream, yaml, None)).await;
     let cookie = login_cookie(&gw, "alice").await;
     let issued = Instant::now();
     let first = upstream.last().bearer();
     idp.signal("STOP");
-    tokio::time::sleep_until((issued + Duration::from_millis(4300)).into()).await;
+    tokio::time::sleep_until((issued + Duration::from_millis(7300)).into()).await;
     // The first request starts the refresh and waits the provider timeout on it.
     let r = api(&gw, "/starts", &cookie).await;
     assert_eq!(
