@@ -29,6 +29,17 @@ impl Cidr {
                 .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
             None => max,
         };
+        // An IPv4 peer is matched as IPv4 whatever socket it came in on: a range written in
+        // IPv4-mapped form (`::ffff:10.0.0.0/104`, as an IPv6 socket shows such a peer) is
+        // that IPv4 range.
+        if let IpAddr::V6(v6) = net {
+            if let (Some(v4), Some(p4)) = (v6.to_ipv4_mapped(), prefix.checked_sub(96)) {
+                return Ok(Self {
+                    net: IpAddr::V4(v4),
+                    prefix: p4,
+                });
+            }
+        }
         Ok(Self { net, prefix })
     }
 
@@ -75,6 +86,13 @@ mod tests {
             .unwrap()
             .contains("1.2.3.4".parse().unwrap()));
         assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        // IPv4-mapped ranges are the IPv4 ranges they map.
+        let mapped = Cidr::parse("::ffff:127.0.0.1").unwrap();
+        assert!(mapped.contains("127.0.0.1".parse().unwrap()));
+        assert!(!mapped.contains("127.0.0.2".parse().unwrap()));
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(mapped, Cidr::parse("10.0.0.0/8").unwrap());
+        assert!(Cidr::parse("::ffff:0:0/96").unwrap().is_everything());
         assert!(Cidr::parse("fd00::/8")
             .unwrap()
             .contains("fd12::1".parse().unwrap()));
