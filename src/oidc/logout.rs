@@ -29,8 +29,18 @@ pub enum LogoutTokenError {
     Iat,
     #[error("logout token not valid yet (nbf)")]
     NotYetValid,
+    #[error("logout token has expired (exp)")]
+    Expired,
     #[error("logout token is typed as another kind of token (typ)")]
     Type,
+}
+
+impl LogoutTokenError {
+    /// Refused for its times alone (signed by the provider, for this client): the provider's
+    /// clock and this one's are apart, or the token was delayed.
+    pub fn is_timing(&self) -> bool {
+        matches!(self, Self::Expired | Self::Iat | Self::NotYetValid)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,7 +107,11 @@ pub fn validate(
         .map_err(|e| match e {
             Refusal::NoKey => LogoutTokenError::UnknownKey,
             Refusal::BadSignature => LogoutTokenError::BadSignature,
-            Refusal::Invalid(e) => LogoutTokenError::Invalid(e.to_string()),
+            Refusal::Invalid(e) => match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => LogoutTokenError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => LogoutTokenError::NotYetValid,
+                _ => LogoutTokenError::Invalid(e.to_string()),
+            },
         })?;
     match c.iat {
         Some(iat)
@@ -306,18 +320,20 @@ mod tests {
                     m.insert("aud".into(), json!("other"));
                 }),
             ),
-            (
-                "expired",
-                token(|m| {
-                    m.insert("exp".into(), json!(1_000_000u64));
-                }),
-            ),
         ] {
             assert!(
                 matches!(check(&t), Err(LogoutTokenError::Invalid(_))),
                 "{what}"
             );
         }
+        // Refused for its times: told apart (a warning for the operator's clocks).
+        let expired = token(|m| {
+            m.insert("exp".into(), json!(1_000_000u64));
+        });
+        let err = check(&expired).err();
+        assert_eq!(err, Some(LogoutTokenError::Expired));
+        assert!(err.is_some_and(|e| e.is_timing()));
+        assert!(!LogoutTokenError::BadSignature.is_timing());
         assert_eq!(check("garbage").err(), Some(LogoutTokenError::Malformed));
     }
 }

@@ -195,6 +195,8 @@ pub enum ProviderError {
     NoOAuthAnswer(String),
     #[error(transparent)]
     IdToken(#[from] IdTokenError),
+    #[error(transparent)]
+    LogoutToken(#[from] logout::LogoutTokenError),
 }
 
 /// The `error` member of a JSON object, if the body is one that names an error code: a
@@ -812,9 +814,9 @@ impl Provider {
         match check(&self.keys.load()) {
             Err(logout::LogoutTokenError::UnknownKey | logout::LogoutTokenError::BadSignature) => {
                 self.refetch_jwks(&self.logout_jwks_refetch, false).await?;
-                check(&self.keys.load()).map_err(|e| ProviderError::Invalid(e.to_string()))
+                Ok(check(&self.keys.load())?)
             }
-            r => r.map_err(|e| ProviderError::Invalid(e.to_string())),
+            r => Ok(r?),
         }
     }
 
