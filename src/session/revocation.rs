@@ -5,9 +5,11 @@
 //! per-request check is a local lookup.
 //!
 //! Times are in milliseconds: a user who logs in again in the second their sessions were
-//! ended must not find the new session ended too. A signed-out session id is over whatever
-//! the times say (the replica that recorded it may have a clock behind the one that made the
-//! session). Entries are scored by the recording replica's clock, so each replica reads back
+//! ended must not find the new session ended too. A signed-out session id, and a provider
+//! session (`sid`) that ended, are over whatever the times say: the replica that recorded it
+//! may have a clock behind the one that made the session, and a login of that provider
+//! session may finish after its logout (its code issued before). An ended provider session
+//! starts no new login (Back-Channel Logout 1.0 §2.7). Entries are scored by the recording replica's clock, so each replica reads back
 //! `provider.clock_skew` (plus a second) of them on every pass: a replica whose clock is
 //! behind by up to that much is still heard. Redis members carry their millisecond as
 //! `ms:<millis>:<what>` and are scored in seconds (older releases wrote `<what>` alone, read
@@ -140,7 +142,7 @@ impl Revocations {
         }
         let since = |t: Option<&u64>| t.is_some_and(|t| *t >= s.created_at_ms);
         let by_session = match s.identity.sid.as_deref() {
-            Some(sid) => since(map.sids.get(sid)),
+            Some(sid) => map.sids.contains_key(sid),
             None => since(map.sidless_subs.get(s.identity.sub.as_str())),
         };
         by_session || since(map.subs.get(s.identity.sub.as_str())) || map.ids.contains_key(&s.id)
@@ -339,6 +341,20 @@ mod tests {
         s.created_at_ms = 100_000;
         r.apply(vec![(member(&format!("id:{}", s.id_hex()), 98_000), 98)], 0);
         assert!(r.is_revoked(&s));
+    }
+
+    #[test]
+    fn an_ended_provider_session_ends_sessions_made_after_its_logout_too() {
+        // A login of the provider session that finished after the logout (code issued before).
+        let r = Revocations::default();
+        let mut s = crate::session::tests::sample();
+        s.created_at_ms = 100_000;
+        s.identity.sid = Some("op-session".into());
+        r.apply(vec![(member("sid:op-session", 90_000), 90)], 0);
+        assert!(r.is_revoked(&s));
+        let mut other = s.clone();
+        other.identity.sid = Some("another".into());
+        assert!(!r.is_revoked(&other), "another provider session");
     }
 
     #[test]
