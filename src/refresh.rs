@@ -44,6 +44,22 @@ pub enum RefreshFailure {
     /// The refreshed session does not fit in the session cookie: the session is over (kept,
     /// its old cookie would spend the refresh token again, and rotation revokes the grant).
     TooLarge,
+    /// Renewed, but the session ended (a sign-out, a back-channel logout) while the provider
+    /// was asked: it stays ended.
+    Ended,
+}
+
+impl RefreshFailure {
+    /// Its `refreshes_total` outcome: what the provider did.
+    fn label(self) -> &'static str {
+        match self {
+            Self::InvalidGrant => "invalid_grant",
+            Self::Unavailable => "unavailable",
+            Self::Rejected => "rejected",
+            Self::TooLarge => "too_large",
+            Self::Ended => "success",
+        }
+    }
 }
 
 type Outcome = Result<Arc<Session>, RefreshFailure>;
@@ -156,7 +172,16 @@ impl Refresher {
             key,
             || {
                 let (app, s) = (app.clone(), s.clone());
-                async move { coordinated_refresh(&app, &s).await }
+                // Counted here, once, by the replica that asked the provider (the task runs
+                // to its end even when every request waiting on it has gone).
+                async move {
+                    let (outcome, by) = coordinated_refresh(&app, &s).await;
+                    if by == By::Here {
+                        let label = outcome.as_ref().map_or_else(|e| e.label(), |_| "success");
+                        app.metrics.refreshes.with_label_values(&[label]).inc();
+                    }
+                    (outcome, by)
+                }
             },
             // An unavailable provider is asked again by the next request.
             |(o, _)| *o != Err(RefreshFailure::Unavailable),
@@ -166,9 +191,15 @@ impl Refresher {
         // refresh under way waits for what is left of it, so a hung provider stalls a
         // session's requests once per attempt instead of each of them in turn.
         let deadline = tokio::time::Instant::from_std(since) + app.cfg.timeouts.provider;
-        let (mut outcome, by) = tokio::time::timeout_at(deadline, flight)
-            .await
-            .unwrap_or((Err(RefreshFailure::Unavailable), By::Here));
+        let (mut outcome, by) = match tokio::time::timeout_at(deadline, flight).await {
+            Ok(done) => done,
+            Err(_) => {
+                // A hung provider shows now, not once the refresh gives up.
+                let unavailable = &["unavailable"];
+                app.metrics.refreshes.with_label_values(unavailable).inc();
+                (Err(RefreshFailure::Unavailable), By::Here)
+            }
+        };
         // Counted as a refresh by the replica that asked the provider only.
         let ran = ran && by == By::Here;
         if let (Ok(next), false) = (&outcome, ran) {
@@ -181,15 +212,9 @@ impl Refresher {
                 }
             }
         }
-        let label = match (&outcome, ran) {
-            (Ok(_), true) => "success",
-            (Ok(_), false) => "reused",
-            (Err(RefreshFailure::InvalidGrant), _) => "invalid_grant",
-            (Err(RefreshFailure::Rejected), _) => "rejected",
-            (Err(RefreshFailure::TooLarge), _) => "too_large",
-            (Err(RefreshFailure::Unavailable), _) => "unavailable",
-        };
-        app.metrics.refreshes.with_label_values(&[label]).inc();
+        if outcome.is_ok() && !ran {
+            app.metrics.refreshes.with_label_values(&["reused"]).inc();
+        }
         outcome
     }
 }
@@ -313,7 +338,10 @@ impl Held {
         let published = match &outcome {
             Ok(next) => Some([&[1u8][..], &next.encode()].concat()),
             Err(
-                RefreshFailure::InvalidGrant | RefreshFailure::Rejected | RefreshFailure::TooLarge,
+                RefreshFailure::InvalidGrant
+                | RefreshFailure::Rejected
+                | RefreshFailure::TooLarge
+                | RefreshFailure::Ended,
             ) => Some(vec![0u8]),
             Err(RefreshFailure::Unavailable) => None,
         };
@@ -371,7 +399,7 @@ async fn save_refreshed(app: &App, next: &Session) -> Result<(), RefreshFailure>
             Ok(())
         }
         // Signed out while the provider was asked: it stays signed out.
-        Err(crate::session::store::SaveError::Ended) => Err(RefreshFailure::InvalidGrant),
+        Err(crate::session::store::SaveError::Ended) => Err(RefreshFailure::Ended),
         Err(e) => {
             tracing::warn!(
                 error = e.to_string().as_str(),
@@ -671,9 +699,10 @@ const MAX_CHAIN: usize = 3;
 fn failed(e: RefreshFailure) -> Fresh {
     match e {
         RefreshFailure::Unavailable => Fresh::Unavailable,
-        RefreshFailure::InvalidGrant | RefreshFailure::Rejected | RefreshFailure::TooLarge => {
-            Fresh::Ended
-        }
+        RefreshFailure::InvalidGrant
+        | RefreshFailure::Rejected
+        | RefreshFailure::TooLarge
+        | RefreshFailure::Ended => Fresh::Ended,
     }
 }
 
