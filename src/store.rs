@@ -267,6 +267,26 @@ impl Redis {
         self.run(async move { c.del::<_, ()>(keys).await }).await
     }
 
+    /// Deletes `key` and takes `member` out of the index sets that name it (a set left empty
+    /// goes with it), in one transaction.
+    pub async fn del_indexed(
+        &self,
+        key: &str,
+        member: &str,
+        indexes: &[String],
+    ) -> Result<(), StoreError> {
+        let mut c = self.connection();
+        self.run(async move {
+            let mut p = redis::pipe();
+            p.atomic().del(key).ignore();
+            for index in indexes {
+                p.srem(index, member).ignore();
+            }
+            p.query_async::<()>(&mut c).await
+        })
+        .await
+    }
+
     /// Adds `member` to an index set and (re)sets the set's expiry, first dropping the
     /// members whose `<live_prefix><member>` key is gone (expired or deleted), so that an
     /// index holds live entries only instead of growing by one at every login. One EVAL:

@@ -1753,6 +1753,11 @@ async fn sign_out_with_the_redis_store_deletes_the_session() {
         Vec::<String>::new(),
         "the session is gone from Redis"
     );
+    // And from the back-channel indexes (by provider session and by user), which would
+    // otherwise name it for the session lifetime.
+    for index in ["portcullis:sid:*", "portcullis:nosid:*", "portcullis:sub:*"] {
+        assert_eq!(redis.keys(index), Vec::<String>::new(), "{index}");
+    }
     let after = api(&gw, "/x", &cookie).await;
     assert_eq!(after.status, 401, "old cookie: {}", after.dump());
     assert_session_cleared(&after, "old cookie");

@@ -26,6 +26,16 @@ fn session_prefix(redis: &Redis) -> String {
     redis.key(&["session", ""])
 }
 
+/// The back-channel index a session is in by its provider session: `sid:<sid>`, or, when
+/// its ID token named no sid, `nosid:<sub>` (a logout token naming a sid and the user then
+/// ends it: see `end_sessions`).
+fn index_key(redis: &Redis, s: &Session) -> String {
+    match &s.identity.sid {
+        Some(sid) => redis.key(&["sid", sid]),
+        None => redis.key(&["nosid", &s.identity.sub]),
+    }
+}
+
 pub fn session_key(redis: &Redis, id: &[u8; 16]) -> String {
     session_prefix(redis) + &super::crypto::hex(id)
 }
@@ -151,13 +161,9 @@ impl App {
                 // the sessions still there.
                 let live = session_prefix(redis);
                 let id = s.id_hex();
-                // A session whose ID token named no sid is indexed as such too: a logout
-                // token naming a sid and the user then ends it (see `end_sessions`).
-                let by_session = match &s.identity.sid {
-                    Some(sid) => redis.key(&["sid", sid]),
-                    None => redis.key(&["nosid", &s.identity.sub]),
-                };
-                redis.index_add(&by_session, &id, ttl, &live).await?;
+                redis
+                    .index_add(&index_key(redis, s), &id, ttl, &live)
+                    .await?;
                 redis
                     .index_add(&redis.key(&["sub", &s.identity.sub]), &id, ttl, &live)
                     .await?;
@@ -211,7 +217,15 @@ impl App {
             }
             return Ok(());
         }
-        self.delete_session_id(&s.id).await
+        if let (StoreKind::Redis, Some(redis)) = (self.cfg.session.store, self.redis.as_deref()) {
+            // Out of the back-channel indexes too: a provider session's index would otherwise
+            // stay for the session lifetime, naming a session that is gone.
+            let indexes = [index_key(redis, s), redis.key(&["sub", &s.identity.sub])];
+            redis
+                .del_indexed(&session_key(redis, &s.id), &s.id_hex(), &indexes)
+                .await?;
+        }
+        Ok(())
     }
 
     pub async fn delete_session_id(&self, id: &[u8; 16]) -> Result<(), StoreError> {
