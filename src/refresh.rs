@@ -194,9 +194,12 @@ impl Refresher {
         let (mut outcome, by) = match tokio::time::timeout_at(deadline, flight).await {
             Ok(done) => done,
             Err(_) => {
-                // A hung provider shows now, not once the refresh gives up.
-                let unavailable = &["unavailable"];
-                app.metrics.refreshes.with_label_values(unavailable).inc();
+                // A hung provider shows now, not once the refresh gives up: counted by the
+                // request that started the refresh, not by each one that joined it.
+                if ran {
+                    let unavailable = &["unavailable"];
+                    app.metrics.refreshes.with_label_values(unavailable).inc();
+                }
                 (Err(RefreshFailure::Unavailable), By::Here)
             }
         };
