@@ -42,19 +42,30 @@ impl Revoked {
             && self.ids.is_empty()
     }
 
-    /// Adds a "sid:<sid>" / "sub:<sub>" / "id:<hex id>" entry (the Redis member format) of a
-    /// logout at `at_ms`.
+    /// Adds a "sid:<sid>" / "sub:<sub>" / "nosid:<sub>" / "id:<hex id>" entry (the Redis
+    /// member format) of a logout at `at_ms`.
     fn add(&mut self, key: &str, at_ms: u64) {
         let newest = |t: &mut u64| *t = (*t).max(at_ms);
-        if let Some(sid) = key.strip_prefix("sid:") {
-            newest(self.sids.entry(sid.to_string()).or_default());
-        } else if let Some(sub) = key.strip_prefix("sub:") {
-            newest(self.subs.entry(sub.to_string()).or_default());
-        } else if let Some(sub) = key.strip_prefix("nosid:") {
-            newest(self.sidless_subs.entry(sub.to_string()).or_default());
-        } else if let Some(id) = key.strip_prefix("id:").and_then(parse_id) {
-            newest(self.ids.entry(id).or_default());
+        match Named::parse(key) {
+            Some(Named::Sid(sid)) => newest(self.sids.entry(sid.to_string()).or_default()),
+            Some(Named::Sub(sub)) => newest(self.subs.entry(sub.to_string()).or_default()),
+            Some(Named::SidlessSub(sub)) => {
+                newest(self.sidless_subs.entry(sub.to_string()).or_default())
+            }
+            Some(Named::Id(id)) => newest(self.ids.entry(id).or_default()),
+            None => {}
         }
+    }
+
+    /// When the logout of what `key` names happened, if it is held.
+    fn held(&self, key: &str) -> Option<u64> {
+        match Named::parse(key)? {
+            Named::Sid(sid) => self.sids.get(sid),
+            Named::Sub(sub) => self.subs.get(sub),
+            Named::SidlessSub(sub) => self.sidless_subs.get(sub),
+            Named::Id(id) => self.ids.get(&id),
+        }
+        .copied()
     }
 
     /// Adds a member as Redis holds it, scored in seconds.
@@ -72,21 +83,32 @@ impl Revoked {
 
     /// Does the mirror already hold this Redis member (as late a logout, or later)? Each
     /// pass reads back a window of entries it mostly has: only news costs a new mirror.
+    /// Garbage counts as held: there is nothing to add for it.
     fn holds_member(&self, member: &str, score_secs: u64) -> bool {
         let (at_ms, what) = parse_member(member, score_secs);
-        let held = |t: Option<&u64>| t.is_some_and(|t| *t >= at_ms);
-        if let Some(sid) = what.strip_prefix("sid:") {
-            held(self.sids.get(sid))
-        } else if let Some(sub) = what.strip_prefix("sub:") {
-            held(self.subs.get(sub))
-        } else if let Some(sub) = what.strip_prefix("nosid:") {
-            held(self.sidless_subs.get(sub))
-        } else if let Some(id) = what.strip_prefix("id:").and_then(parse_id) {
-            held(self.ids.get(&id))
-        } else {
-            // Garbage: nothing to add either.
-            true
-        }
+        Named::parse(what).is_none() || self.held(what).is_some_and(|t| t >= at_ms)
+    }
+}
+
+/// What a revocation entry names.
+enum Named<'a> {
+    Sid(&'a str),
+    Sub(&'a str),
+    /// A user's sessions whose ID token named no sid.
+    SidlessSub(&'a str),
+    Id([u8; 16]),
+}
+
+impl<'a> Named<'a> {
+    fn parse(key: &'a str) -> Option<Self> {
+        let (kind, what) = key.split_once(':')?;
+        Some(match kind {
+            "sid" => Self::Sid(what),
+            "sub" => Self::Sub(what),
+            "nosid" => Self::SidlessSub(what),
+            "id" => Self::Id(parse_id(what)?),
+            _ => return None,
+        })
     }
 }
 
