@@ -67,20 +67,18 @@ pub async fn handle(app: &App, req: Request<Body>) -> Response<Body> {
     };
     let claims = match app.provider.validate_logout_token(&token).await {
         Ok(c) => c,
-        // A provider's own token refused for its times: logouts fail silently while logins
-        // still work (ID tokens live longer), so it is worth a warning.
-        Err(crate::oidc::ProviderError::LogoutToken(e)) if e.is_timing() => {
-            tracing::warn!(
-                error = e.to_string().as_str(),
-                "back-channel logout token rejected for its times: are this host's and the provider's clocks apart (beyond provider.clock_skew)?"
-            );
-            return answer(StatusCode::BAD_REQUEST, Some("invalid logout_token"));
-        }
         Err(e) => {
-            tracing::info!(
-                error = e.to_string().as_str(),
-                "back-channel logout token rejected"
-            );
+            let error = e.to_string();
+            // A provider's own token refused for its times: logouts fail silently while
+            // logins still work (ID tokens live longer), so it is worth a warning.
+            if matches!(&e, crate::oidc::ProviderError::LogoutToken(t) if t.is_timing()) {
+                tracing::warn!(
+                    error = error.as_str(),
+                    "back-channel logout token rejected for its times: are this host's and the provider's clocks apart (beyond provider.clock_skew)?"
+                );
+            } else {
+                tracing::info!(error = error.as_str(), "back-channel logout token rejected");
+            }
             return answer(StatusCode::BAD_REQUEST, Some("invalid logout_token"));
         }
     };

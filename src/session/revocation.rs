@@ -9,7 +9,9 @@
 //! session (`sid`) that ended, are over whatever the times say: the replica that recorded it
 //! may have a clock behind the one that made the session, and a login of that provider
 //! session may finish after its logout (its code issued before). An ended provider session
-//! starts no new login (Back-Channel Logout 1.0 §2.7). Entries are scored by the recording replica's clock, so each replica reads back
+//! starts no new login (Back-Channel Logout 1.0 §2.7).
+//!
+//! Entries are scored by the recording replica's clock, so each replica reads back
 //! `provider.clock_skew` (plus a second) of them on every pass: a replica whose clock is
 //! behind by up to that much is still heard. Redis members carry their millisecond as
 //! `ms:<millis>:<what>` and are scored in seconds (older releases wrote `<what>` alone, read
