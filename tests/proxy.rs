@@ -1215,6 +1215,51 @@ async fn idle_websocket_tunnels_are_closed() {
     .await;
 }
 
+/// SIGTERM with a websocket tunnel open: the gateway stays up and the tunnel keeps carrying
+/// bytes until the client closes it, then the process exits 0; a tunnel still open at
+/// `timeouts.shutdown` is cut and the process exits all the same.
+#[tokio::test]
+async fn shutdown_waits_for_open_websocket_tunnels_up_to_the_shutdown_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let quick = "lifecycle: { shutdown_delay: 0s }\ntimeouts: { shutdown: 30s }";
+    let (mut gw, _idp) = tunnel_gateway(quick).await;
+    let mut s = open_tunnel(gw.port, "/ws").await;
+    gw.signal("TERM");
+    // Well past the drain of ordinary connections: the tunnel holds the shutdown.
+    for i in 0..8u8 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        s.write_all(&[i]).await.unwrap();
+        let mut got = [0u8];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            got,
+            [i],
+            "the tunnel stopped carrying bytes during shutdown"
+        );
+    }
+    assert!(
+        gw.exited().is_none(),
+        "exited with a tunnel open\n{}",
+        gw.tails()
+    );
+    drop(s);
+    let status = gw.wait_exit(REQUEST_TIMEOUT).await;
+    assert!(status.success(), "{status:?}\n{}", gw.tails());
+
+    let cut = "lifecycle: { shutdown_delay: 0s }\ntimeouts: { shutdown: 2s }";
+    let (mut gw, _idp) = tunnel_gateway(cut).await;
+    let mut s = open_tunnel(gw.port, "/ws").await;
+    gw.signal("TERM");
+    let status = gw.wait_exit(REQUEST_TIMEOUT).await;
+    assert!(status.success(), "{status:?}\n{}", gw.tails());
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(REQUEST_TIMEOUT, s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the tunnel outlived the process: {closed:?}"
+    );
+}
+
 /// A raw upstream that answers at once with a chunked response, then echoes each piece of
 /// the request body as it arrives (a full-duplex exchange, like a streaming RPC).
 fn duplex_echo_upstream() -> u16 {
