@@ -8,6 +8,8 @@
 #   prometheus                   scraping the /metrics endpoint in ops tests
 #   openssl                      test certificates for the TLS tests
 #   python3-venv                 the deploy checks' virtualenv (kubernetes-validate, from PyPI)
+#   procps                       `kill`, with which the tests stop the servers they started
+#   build-essential              only when there is no C compiler: cargo links with `cc`
 #
 # Packages are installed only when missing, `apt-get update` runs only when
 # something is missing, and a temporary policy-rc.d keeps the packages from
@@ -27,7 +29,11 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   exit 1
 fi
 
-PACKAGES=(chromium fonts-liberation redis-server nginx prometheus openssl python3-venv)
+PACKAGES=(chromium fonts-liberation redis-server nginx prometheus openssl python3-venv procps)
+# A Rust toolchain from rustup brings no linker of its own.
+if ! command -v cc >/dev/null 2>&1; then
+  PACKAGES+=(build-essential)
+fi
 
 is_installed() {
   [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
