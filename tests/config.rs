@@ -132,8 +132,10 @@ fn tls_file_errors_name_the_file_at_fault() {
     let (not_pem, missing) = (not_pem.display(), missing.display());
     let cases = [
         (
+            // The listener is still declared TLS, so the plain-http redirect_url at its
+            // address is refused as well.
             format!("tls: {{ cert_file: \"{missing}\", key_file: \"{not_pem}\" }}"),
-            vec!["tls.cert_file", "tls.key_file"],
+            vec!["tls.cert_file", "tls.key_file", "redirect_url"],
         ),
         (
             format!("tls: {{ client_cert_file: \"{not_pem}\", client_key_file: \"{missing}\" }}"),
@@ -153,6 +155,41 @@ fn tls_file_errors_name_the_file_at_fault() {
                 "{tls}: want {key}, got {line}"
             );
         }
+    }
+}
+
+/// With the listener serving HTTPS, a plain-http `redirect_url` at the same address would
+/// bring every login back to the HTTPS port over plain HTTP: refused. Another address (a
+/// proxy in front) or https is fine.
+#[test]
+fn a_plain_http_redirect_url_at_the_tls_listener_is_refused() {
+    let pki = support::pki::Pki::new();
+    let (cert, key) = pki.issue("gateway", "gateway");
+    let tls = format!(
+        "tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+        cert.display(),
+        key.display()
+    );
+    let with_tls = format!("{}{tls}", minimal());
+    let l = assert_invalid(&check_text(&with_tls, &[]), 1);
+    assert!(
+        l[0].starts_with("config error: redirect_url: ") && l[0].contains("https://"),
+        "{}",
+        l[0]
+    );
+    for ok in [
+        with_tls.replace(
+            "http://127.0.0.1:4180/oauth2",
+            "https://127.0.0.1:4180/oauth2",
+        ),
+        with_tls.replace(
+            "http://127.0.0.1:4180/oauth2",
+            "http://app.example:8080/oauth2",
+        ),
+        minimal(),
+    ] {
+        let r = check_text(&ok, &[]);
+        assert_eq!(r.code, 0, "{ok}\n{}", r.stderr);
     }
 }
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::browser::{full, ReqBody};
+use support::browser::{full, try_send_body, ReqBody};
 use support::corpus::{raw_exchange, raw_get};
 use support::pki::Pki;
 use support::procs::{gateway_command, Proc};
@@ -169,8 +169,13 @@ struct TlsGateway {
 }
 
 impl TlsGateway {
-    /// Starts the gateway on `yaml` and waits until `https://…/readyz` answers 200.
+    /// Starts the gateway on `yaml` and waits until `https://…/readyz` answers 200. Its
+    /// `redirect_url` becomes https (a plain-http one at the TLS listener is refused).
     async fn start(port: u16, yaml: String, ca: &Path) -> TlsGateway {
+        let yaml = yaml.replace(
+            &format!("redirect_url: \"http://127.0.0.1:{port}/"),
+            &format!("redirect_url: \"https://127.0.0.1:{port}/"),
+        );
         let dir = tempfile::Builder::new()
             .prefix("portcullis-tls-gw-")
             .tempdir()
@@ -715,6 +720,116 @@ async fn https_upstreams_need_the_ca_file_and_mtls_needs_the_client_certificate(
             None => assert_eq!(seen.len(), before, "case {i}: the request got through"),
         }
     }
+}
+
+/// An https upstream that answers and then closes TCP without TLS `close_notify`, as many
+/// legacy stacks do (Python's `ssl`, embedded servers): `/close` with a body delimited by the
+/// close, `/short` with a `Content-Length` it falls short of.
+async fn upstream_closing_without_close_notify(cert: &Path, key: &Path) -> u16 {
+    let chain: Vec<CertificateDer> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(aws_lc())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = if head.starts_with(b"GET /close ") {
+                    let mut a = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+                    a.resize(a.len() + 100_000, b'x');
+                    a
+                } else {
+                    let mut a = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
+                    a.resize(a.len() + 50_000, b'x');
+                    a
+                };
+                let _ = tls.write_all(&answer).await;
+                let _ = tls.flush().await;
+                // Dropped without `shutdown`: a TCP FIN and no close_notify alert.
+            });
+        }
+    });
+    port
+}
+
+/// An https upstream that ends its answer by closing the connection without `close_notify`
+/// gets its whole answer through (as through nginx); a length-framed answer cut short is
+/// still not passed on as complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_closing_without_close_notify_ends_its_body() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("upstream", "upstream");
+    let up = upstream_closing_without_close_notify(&cert, &key).await;
+    let idp = Idp::start(&[]).await;
+    let gw = Gateway::start(GatewayOpts {
+        extra: format!(
+            "{ALL_PUBLIC}\ntls: {{ ca_file: \"{}\" }}",
+            pki.ca().display()
+        ),
+        ..GatewayOpts::new(free_port(), &idp, &format!("https://127.0.0.1:{up}"))
+    })
+    .await;
+    for version in [false, true] {
+        let r = try_send_body("GET", &gw.url("/close"), &[], full(Bytes::new()), version)
+            .await
+            .unwrap_or_else(|e| panic!("h2 {version}: {e}\n{}", gw.stderr()));
+        assert_eq!(r.status, 200, "{}", r.dump());
+        assert_eq!(r.body.len(), 100_000, "h2 {version}");
+    }
+    let short = try_send("GET", &gw.url("/short"), &[], Vec::new()).await;
+    assert!(
+        short.as_ref().map_or(true, |r| r.body.len() < 100_000),
+        "a body cut short passed as whole: {:?}",
+        short.map(|r| r.body.len())
+    );
+}
+
+/// An https upstream that takes the connection and never answers the TLS handshake gets
+/// `timeouts.upstream_connect`, as a TCP connect does (502), not `upstream_response` (504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_the_upstream_never_answers_is_a_connect_failure() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut taken = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            taken.push(tcp);
+        }
+    });
+    let idp = Idp::start(&[]).await;
+    let gw = Gateway::start(GatewayOpts {
+        extra: format!(
+            "{ALL_PUBLIC}\ntimeouts: {{ upstream_connect: 1s, upstream_response: 600s }}"
+        ),
+        ..GatewayOpts::new(free_port(), &idp, &format!("https://127.0.0.1:{port}"))
+    })
+    .await;
+    let r = send("GET", &gw.url("/x"), &[], Vec::new()).await;
+    assert_eq!(r.status, 502, "{}", r.dump());
+    let log = gw.stderr();
+    assert!(log.contains("TLS handshake not done within"), "{log}");
+    held.abort();
 }
 
 /// The usual self-signed certificate (`openssl req -x509`: a CA certificate, which webpki

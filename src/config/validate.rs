@@ -1048,6 +1048,19 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             }
         }
     }
+    // The provider would send every login back over plain HTTP to the HTTPS port.
+    if let (Some(_), Some(u)) = (&tls_server, &redirect_url) {
+        let origin = u.origin().ascii_serialization();
+        if u.scheme() == "http" && parse_upstream(&origin).is_ok_and(|o| is_address_of(&o, listen))
+        {
+            c.err(
+                "redirect_url",
+                format!(
+                    "`{origin}` is plain http but the gateway serves HTTPS there (tls.cert_file): use https://"
+                ),
+            );
+        }
+    }
     let client_cert = pair(
         &mut c,
         &tl.client_cert_file,

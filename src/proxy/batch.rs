@@ -232,7 +232,16 @@ impl<T: Read + Write + Unpin> Read for Batched<T> {
         if let Poll::Ready(Err(e)) = state.write_left(cx) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut state.io).poll_read(cx, buf)
+        match Pin::new(&mut state.io).poll_read(cx, buf) {
+            // A TLS peer that closed without close_notify (many legacy and embedded stacks
+            // do): the end of the stream, as nginx, curl and browsers take it. Only a body
+            // delimited by the close relies on it; hyper still finds a length-framed or
+            // chunked body cut short.
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Poll::Ready(Ok(()))
+            }
+            read => read,
+        }
     }
 }
 

@@ -86,6 +86,7 @@ impl UpstreamClients {
             pool: Pool::new(
                 id,
                 http_connector(opts),
+                opts.connect_timeout,
                 tls.clone(),
                 opts.idle_timeout,
                 opts.max_idle_per_host,

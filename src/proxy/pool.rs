@@ -360,6 +360,8 @@ pub struct Pool {
     /// TCP (with the configured connect timeout) and TLS, put together per new connection
     /// so that a route can bring its own connect timeout.
     http: HttpConnector,
+    /// The configured `timeouts.upstream_connect`, which also bounds the TLS handshake.
+    connect_timeout: Duration,
     tls: Arc<rustls::ClientConfig>,
     server_names: Arc<hyper_rustls::DefaultServerNameResolver>,
     idle_timeout: Duration,
@@ -372,6 +374,7 @@ impl Pool {
     pub fn new(
         id: u64,
         http: HttpConnector,
+        connect_timeout: Duration,
         tls: rustls::ClientConfig,
         idle_timeout: Duration,
         max_idle: usize,
@@ -380,6 +383,7 @@ impl Pool {
             id,
             alive: Arc::new(()),
             http,
+            connect_timeout,
             tls: Arc::new(tls),
             server_names: Arc::new(hyper_rustls::DefaultServerNameResolver::default()),
             idle_timeout,
@@ -565,10 +569,24 @@ impl Pool {
         // What HttpsConnectorBuilder's https_or_http().enable_http1() builds.
         let mut connector =
             HttpsConnector::new(http, self.tls.clone(), false, self.server_names.clone());
-        let io = connector
-            .call(uri)
-            .await
-            .map_err(|e| SendError::Connect(crate::error::source_chain(&*e)))?;
+        let connecting = connector.call(uri);
+        let io = if origin.https {
+            // The handshake too, as nginx's proxy_connect_timeout: an upstream that accepts
+            // and never answers the ClientHello would otherwise hold the request until
+            // `timeouts.upstream_response`.
+            let limit = connect_timeout.unwrap_or(self.connect_timeout);
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(io) => io,
+                Err(_) => {
+                    return Err(SendError::Connect(format!(
+                        "TCP connect and TLS handshake not done within timeouts.upstream_connect ({limit:?})"
+                    )));
+                }
+            }
+        } else {
+            connecting.await
+        }
+        .map_err(|e| SendError::Connect(crate::error::source_chain(&*e)))?;
         // Flat writes: hyper puts a request's head, and any body it buffers, in one buffer and
         // writes that. Vectored, it gathers 16 slices for every write (~280 instructions per
         // request) for `Batched`, which copies them into its own buffer all the same; only a
@@ -918,7 +936,7 @@ mod tests {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
-        Pool::new(1, http, tls, Duration::from_secs(60), 8)
+        Pool::new(1, http, connect_timeout, tls, Duration::from_secs(60), 8)
     }
 
     fn pool() -> Pool {
