@@ -162,12 +162,14 @@ impl App {
 
 impl App {
     /// Ready to take traffic: provider discovered with its keys, and not shutting down.
-    pub fn is_ready(&self) -> Result<(), &'static str> {
+    /// Otherwise every condition not met, so that an operator sees them all at once.
+    pub fn is_ready(&self) -> Result<(), String> {
+        let mut unmet: Vec<&'static str> = Vec::new();
         if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err("shutting down");
+            unmet.push("shutting down");
         }
         if !self.provider.is_ready() {
-            return Err("provider not discovered yet");
+            unmet.push("provider not discovered yet");
         }
         // Only the Redis store makes Redis a dependency of serving. A coordination-only Redis
         // being down must not take every replica out: sessions are still served from their
@@ -175,7 +177,7 @@ impl App {
         if self.cfg.session.store == crate::config::StoreKind::Redis
             && self.redis.as_ref().is_some_and(|r| !r.is_healthy())
         {
-            return Err("redis unreachable");
+            unmet.push("redis unreachable");
         }
         // Cookie store: sign-outs the other replicas recorded are known before taking
         // traffic, else a copy of a signed-out cookie would pass here (with Redis down from
@@ -184,9 +186,13 @@ impl App {
             && self.redis.as_ref().is_some_and(|r| !r.is_known_down())
             && !self.revocations.is_loaded()
         {
-            return Err("sign-outs not read from redis yet");
+            unmet.push("sign-outs not read from redis yet");
         }
-        Ok(())
+        if unmet.is_empty() {
+            Ok(())
+        } else {
+            Err(unmet.join("; "))
+        }
     }
 }
 

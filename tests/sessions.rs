@@ -2751,6 +2751,37 @@ async fn a_refreshed_cookie_never_rides_on_an_answer_shared_caches_may_store() {
     );
 }
 
+/// `/readyz` names every condition not met, not only the first: here both the provider and
+/// the Redis store are unreachable.
+#[tokio::test]
+async fn readyz_names_every_unmet_condition() {
+    let dead = |p: u16| format!("127.0.0.1:{p}");
+    let upstream = Upstream::start();
+    let port = free_port();
+    let opts = GatewayOpts {
+        port,
+        issuer: format!("http://{}", dead(free_port())),
+        upstream: upstream.url(),
+        client_secret: support::CLIENT_SECRET.to_string(),
+        secrets: vec![support::key(1)],
+        provider_extra: Vec::new(),
+        cookie_extra: Vec::new(),
+        extra: format!(
+            "session: {{ store: redis, redis: {{ url: \"redis://{}/0\", timeout: 1s }} }}\n",
+            dead(free_port())
+        ),
+        env: Vec::new(),
+    };
+    let gw = Gateway::start_unready(opts).await;
+    readyz_until(&gw, "both reasons named", |r| {
+        let t = r.text();
+        r.status == 503
+            && t.contains("provider not discovered yet")
+            && t.contains("redis unreachable")
+    })
+    .await;
+}
+
 /// `rediss://`: the session store over TLS, trusting the private CA named in `tls.ca_file`
 /// (besides the system's roots). Without it the server's certificate is refused: no session
 /// can be stored, and the log says why.
