@@ -332,10 +332,20 @@ async fn callback_with_a_state_that_has_no_flow_cookie_is_rejected() {
     assert!(r.text().contains("unknown or has expired"), "{}", r.dump());
     assert_no_session_set(&r);
 
-    // (b) the right state but no flow cookie at all (another browser)
+    // (b) the right state but no flow cookie at all (another browser, or a login started
+    // at another host name): the log says which of the two cases it was
     let r = send("GET", &callback, &[("accept", BROWSER_ACCEPT)], Vec::new()).await;
     assert_eq!(r.status, 400, "{}", r.dump());
     assert_no_session_set(&r);
+    let hint = "no flow cookie came with it";
+    support::ops::eventually(std::time::Duration::from_secs(10), hint, || async {
+        let log = s.gw.stderr();
+        match log.matches(hint).count() {
+            1 => Ok(()),
+            _ => Err(log),
+        }
+    })
+    .await;
 
     // (c) no state at all
     let r = b

@@ -79,7 +79,18 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     };
     let jar = CookieJar::parse(req.headers());
     let Some(flow) = app.cookies.open_flow(&jar, &state) else {
-        tracing::info!("callback with an unknown or expired state");
+        // No flow cookie at all: the usual cause is a login started at another host name
+        // than redirect_url's (the browser keeps the flow cookie for that one).
+        let flow_cookies = jar.names().any(|n| app.cookies.is_flow_cookie(n));
+        tracing::info!(
+            flow_cookies,
+            "callback with an unknown or expired state{}",
+            if flow_cookies {
+                ""
+            } else {
+                " (no flow cookie came with it: did the login start at another host name than redirect_url's?)"
+            }
+        );
         if let Some(resp) = unverified_provider_error(app, query) {
             return resp;
         }
