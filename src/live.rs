@@ -42,10 +42,12 @@ pub async fn build(
 ) -> Result<Generation, StartError> {
     let upstream = match prev {
         Some(p) if p.upstream.opts == client_options(&cfg) => p.upstream.clone(),
-        _ => Arc::new(
-            proxy::client::UpstreamClients::new(&client_options(&cfg))
-                .map_err(StartError::Client)?,
-        ),
+        _ => {
+            let clients = proxy::client::UpstreamClients::new(&client_options(&cfg))
+                .map_err(StartError::Client)?;
+            note_client_cert_expiry(&cfg, &shared.metrics);
+            Arc::new(clients)
+        }
     };
     // Redis first: a reload refused here has started nothing.
     let mut fresh = false;
@@ -115,6 +117,22 @@ pub async fn build(
         stack: stack::build(app.clone()),
         app,
     })
+}
+
+/// The client certificate's expiry, published and checked each time it is loaded.
+fn note_client_cert_expiry(cfg: &Config, metrics: &crate::metrics::Metrics) {
+    const KEY: &str = "tls.client_cert_file";
+    match &cfg.tls_client.client_cert {
+        Some((cert, _)) => {
+            // It loaded just now, in the client's TLS config.
+            if let Ok(chain) = crate::server::tls::read_chain(cert) {
+                crate::server::tls::note_expiry(KEY, &chain, metrics, std::time::SystemTime::now());
+            }
+        }
+        None => {
+            let _ = metrics.tls_cert_expiry.remove_label_values(&[KEY]);
+        }
+    }
 }
 
 /// A reload that points the gateway at a Redis that does not answer is refused, as one that

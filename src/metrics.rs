@@ -165,6 +165,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub logouts: IntCounterVec,
     pub revocations: IntCounterVec,
+    /// When each loaded certificate chain expires, by config key (see `server::tls`).
+    pub tls_cert_expiry: IntGaugeVec,
     build_info: IntGaugeVec,
     /// Brought up to [`crate::logging::dropped_lines`] at each scrape.
     log_lines_dropped: IntCounter,
@@ -261,6 +263,13 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let tls_cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "tls_certificate_expiry_timestamp_seconds",
+                "When the first certificate of the chain loaded from a file expires (Unix time), by config key.",
+            ),
+            &["file"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "Build information; always 1."),
             &["version"],
@@ -286,6 +295,7 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(logouts.clone()),
             Box::new(revocations.clone()),
+            Box::new(tls_cert_expiry.clone()),
             Box::new(build_info.clone()),
             Box::new(log_lines_dropped.clone()),
         ] {
@@ -347,6 +357,7 @@ impl Metrics {
             config_reloads,
             logouts,
             revocations,
+            tls_cert_expiry,
             build_info,
             log_lines_dropped,
             cut_off: std::sync::atomic::AtomicBool::new(false),

@@ -481,8 +481,9 @@ async fn forwarding_headers_are_replaced_unless_the_peer_is_a_trusted_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
     let pki = Pki::new();
+    // The first expires in two days (warned about), its renewal in 90.
     let (cert1, key1) = pki.issue("one", "gateway-one");
-    let (cert2, key2) = pki.issue("two", "gateway-two");
+    let (cert2, key2) = pki.issue_for_days("two", "gateway-two", 90);
     // The gateway serves from its own copies, replaced later.
     let (cert, key) = (pki.path("serving.pem"), pki.path("serving.key"));
     std::fs::copy(&cert1, &cert).unwrap();
@@ -511,6 +512,19 @@ async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
             .unwrap_or(-1.0)
     };
     assert_eq!(reloads("success").await, 0.0);
+    let expiry = || async move {
+        support::ops::admin_metrics(admin)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .value("portcullis_tls_certificate_expiry_timestamp_seconds{file=\"tls.cert_file\"}")
+    };
+    assert_eq!(expiry().await, support::pki::not_after(&cert1) as f64);
+    let soon = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("certificate expires soon") && l.contains("tls.cert_file"))
+            .count()
+    };
+    assert_eq!(soon(&gw.proc.stderr()), 1, "{}", gw.proc.tails());
 
     // HTTP/2 when offered, HTTP/1.1 otherwise; the upstream learns it was https.
     let r = https_get(&gw.ca, &gw.url("/x?y=1"), &[("x-forwarded-proto", "http")]).await;
@@ -633,6 +647,9 @@ async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
     assert_eq!(r.status, 200, "{}", r.dump());
     assert_eq!(upstream.count(), before + 1);
     assert!(reloads("success").await >= 1.0);
+    // The renewal's expiry is published, and it is not warned about.
+    assert_eq!(expiry().await, support::pki::not_after(&cert2) as f64);
+    assert_eq!(soon(&gw.proc.stderr()), 1, "{}", gw.proc.tails());
     // A broken pair is not loaded: the current certificate stays, and the failure is
     // counted (a failed renewal must reach the reload alert).
     assert_eq!(reloads("failure").await, 0.0);
@@ -879,8 +896,9 @@ async fn a_self_signed_upstream_certificate_named_in_ca_file_is_trusted() {
 async fn renewed_upstream_ca_and_client_certificate_apply_without_a_restart() {
     let pki = Pki::new();
     let (up_cert, up_key) = pki.issue("upstream", "upstream");
-    let (client_cert, client_key) = pki.issue("client", "portcullis-client");
-    // What the files held before: another CA's bundle and client certificate.
+    let (client_cert, client_key) = pki.issue_for_days("client", "portcullis-client", 90);
+    // What the files held before: another CA's bundle and client certificate, which
+    // expires in two days.
     let before = Pki::new();
     let (old_cert, old_key) = before.issue("client", "portcullis-client");
     let mtls = tls_upstream(&up_cert, &up_key, Some(&pki.ca())).await;
@@ -937,6 +955,25 @@ async fn renewed_upstream_ca_and_client_certificate_apply_without_a_restart() {
     assert!(
         hit.client_cert,
         "no client certificate reached the upstream"
+    );
+    // The client certificate's dates were checked at each load (a reload may have come
+    // between the files' replacements): the old one's warned about, the renewal's noted.
+    let log = gw.stderr();
+    let lines = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains("tls.client_cert_file"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(!lines("certificate expires soon").is_empty(), "{log}");
+    let renewed =
+        std::time::UNIX_EPOCH + Duration::from_secs(support::pki::not_after(&client_cert) as u64);
+    let checked = lines("certificate dates checked");
+    assert!(
+        checked
+            .last()
+            .is_some_and(|l| l.contains(&httpdate::fmt_http_date(renewed))),
+        "{log}"
     );
 }
 

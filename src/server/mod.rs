@@ -214,7 +214,7 @@ pub async fn serve(
     let mut shared = Arc::new(Listener::new(&live, &cfg, drain.clone()));
     let tls = match &cfg.tls_server {
         Some((cert, key)) => match tls::ReloadingCert::new(cert, key).and_then(|certs| {
-            tokio::spawn(certs.clone().watch(metrics.config_reloads.clone()));
+            tokio::spawn(certs.clone().watch(metrics.clone()));
             tls::server_config(certs)
         }) {
             Ok(server_config) => Some(tokio_rustls::TlsAcceptor::from(server_config)),

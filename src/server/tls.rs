@@ -12,7 +12,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// A PEM error in words (rustls prints a missing end marker as a list of byte values).
 fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
@@ -75,6 +75,84 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Strin
     Ok(ck)
 }
 
+/// How soon an expiry is warned about at load: renewals (cert-manager's default, ACME
+/// clients') happen weeks before it, so one this close has failed.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// When the leaf becomes valid and when the chain's first certificate expires; `None` when a
+/// certificate is not RFC 5280 DER (rustls took it anyway: its dates go unchecked).
+pub fn chain_validity(chain: &[CertificateDer<'_>]) -> Option<(SystemTime, SystemTime)> {
+    use x509_cert::der::Decode;
+    let mut dates = chain
+        .iter()
+        .map(|der| x509_cert::Certificate::from_der(der).map(|c| *c.tbs_certificate().validity()));
+    let leaf = dates.next()?.ok()?;
+    let first_expiry = dates.try_fold(leaf.not_after.to_system_time(), |end, v| {
+        v.map(|v| end.min(v.not_after.to_system_time()))
+    });
+    Some((leaf.not_before.to_system_time(), first_expiry.ok()?))
+}
+
+/// Publishes when the chain loaded for config key `file` expires, and logs it if it has, will
+/// within [`EXPIRY_WARNING`], or is not valid yet. Such a chain is still served, as nginx
+/// does: clients may not check dates, and refusing to start would take them down too.
+pub fn note_expiry(
+    file: &str,
+    chain: &[CertificateDer<'_>],
+    metrics: &crate::metrics::Metrics,
+    now: SystemTime,
+) {
+    let Some((not_before, expires)) = chain_validity(chain) else {
+        tracing::debug!(file, "certificate dates unreadable; not checked");
+        let _ = metrics.tls_cert_expiry.remove_label_values(&[file]);
+        return;
+    };
+    let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    metrics
+        .tls_cert_expiry
+        .with_label_values(&[file])
+        .set(i64::try_from(unix(expires).as_secs()).unwrap_or(i64::MAX));
+    let at = httpdate::fmt_http_date(expires);
+    match judge_dates(not_before, expires, now) {
+        Dates::Expired => tracing::error!(
+            file,
+            expired = at.as_str(),
+            "certificate has expired; clients checking dates will refuse it"
+        ),
+        Dates::ExpiresSoon { days_left } => tracing::warn!(
+            file,
+            expires = at.as_str(),
+            days_left,
+            "certificate expires soon; has its renewal failed?"
+        ),
+        Dates::NotValidYet => tracing::warn!(
+            file,
+            valid_from = httpdate::fmt_http_date(not_before).as_str(),
+            "certificate is not valid yet; is this clock behind?"
+        ),
+        Dates::Fine => tracing::debug!(file, expires = at.as_str(), "certificate dates checked"),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Dates {
+    Expired,
+    ExpiresSoon { days_left: u64 },
+    NotValidYet,
+    Fine,
+}
+
+fn judge_dates(not_before: SystemTime, expires: SystemTime, now: SystemTime) -> Dates {
+    match expires.duration_since(now) {
+        Err(_) => Dates::Expired,
+        Ok(left) if left < EXPIRY_WARNING => Dates::ExpiresSoon {
+            days_left: left.as_secs() / 86_400,
+        },
+        Ok(_) if not_before > now => Dates::NotValidYet,
+        Ok(_) => Dates::Fine,
+    }
+}
+
 /// The serving certificate, swapped in place when its files change.
 #[derive(Debug)]
 pub struct ReloadingCert {
@@ -101,7 +179,14 @@ impl ReloadingCert {
     /// Re-reads the files every couple of seconds; a bad pair is logged and counted (a
     /// failed renewal must reach the reload alert before the old certificate expires), and
     /// the old one kept.
-    pub async fn watch(self: Arc<Self>, reloads: prometheus::IntCounterVec) {
+    pub async fn watch(self: Arc<Self>, metrics: Arc<crate::metrics::Metrics>) {
+        let reloads = &metrics.config_reloads;
+        note_expiry(
+            "tls.cert_file",
+            &self.current.load().cert,
+            &metrics,
+            SystemTime::now(),
+        );
         let stamp = |p: &Path| crate::config::read_bounded(p, crate::config::MAX_FILE_BYTES).ok();
         let mut last = (stamp(&self.cert), stamp(&self.key));
         // A pair that failed once is tried again on the next tick before the failure counts:
@@ -117,8 +202,9 @@ impl ReloadingCert {
             match load_certified_key(&self.cert, &self.key) {
                 Ok(ck) => {
                     retrying = false;
-                    self.current.store(Arc::new(ck));
                     tracing::info!("TLS certificate reloaded");
+                    note_expiry("tls.cert_file", &ck.cert, &metrics, SystemTime::now());
+                    self.current.store(Arc::new(ck));
                     reloads.with_label_values(&["success"]).inc();
                 }
                 Err(e) if !retrying => {
@@ -306,5 +392,91 @@ mod tests {
             e.contains("no `-----END CERTIFICATE-----` line") && !e.contains("[67,"),
             "{e}"
         );
+    }
+
+    /// Self-signed, valid from 2020-01-01 to 2020-03-01 (UTCTime).
+    const EXPIRED: &str = "-----BEGIN CERTIFICATE-----
+MIIBCzCBsgIBATAKBggqhkjOPQQDAjASMRAwDgYDVQQDDAdleHBpcmVkMB4XDTIw
+MDEwMTAwMDAwMFoXDTIwMDMwMTAwMDAwMFowEjEQMA4GA1UEAwwHZXhwaXJlZDBZ
+MBMGByqGSM49AgEGCCqGSM49AwEHA0IABPsmtGg6qtTVPUAqIldnijARj9U782w9
+yNLye3hJFbuNuW3Al+tE4y3DydaqBbkXy+BWiNX1G5pfHPF0LxocjokwCgYIKoZI
+zj0EAwIDSAAwRQIhAO9U/ve3wRd5DHNiiQ5lHVKsXGr6ca+Vut9WR5aCu86iAiAP
+eW+wSX+3/OE8cCsdB8hCeFD7Yx3lORlj+QCaG1cfhg==
+-----END CERTIFICATE-----
+";
+    /// Self-signed, valid from 2099-01-01 to 2100-01-01 (GeneralizedTime).
+    const FUTURE: &str = "-----BEGIN CERTIFICATE-----
+MIIBDjCBtAIBAjAKBggqhkjOPQQDAjARMQ8wDQYDVQQDDAZmdXR1cmUwIhgPMjA5
+OTAxMDEwMDAwMDBaGA8yMTAwMDEwMTAwMDAwMFowETEPMA0GA1UEAwwGZnV0dXJl
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEGZDcgLrLIC4cC5iS7zLjonoHBB0p
+Z59amCVSWsURvjGJYI40ohfH8jh+yMMusJFZyZtfj2FGVCjN802J/VbZGjAKBggq
+hkjOPQQDAgNJADBGAiEAvcsT2Q9iTzUACLjCYjA0dV73hU8AjenvSRLdQtd2UJEC
+IQDtO680kUtSJrLWIHtR+Oc+9fQPZp/YVTiuJlkwtXAtug==
+-----END CERTIFICATE-----
+";
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    fn unix(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_chain_expires_with_its_first_certificate_to_expire() {
+        let (expired, future) = (der(EXPIRED), der(FUTURE));
+        // `date -u -d '<notBefore/notAfter as openssl prints them>' +%s`
+        assert_eq!(
+            chain_validity(std::slice::from_ref(&expired)),
+            Some((unix(1_577_836_800), unix(1_583_020_800)))
+        );
+        assert_eq!(
+            chain_validity(std::slice::from_ref(&future)),
+            Some((unix(4_070_908_800), unix(4_102_444_800)))
+        );
+        // The leaf's start, the earliest end, whichever certificate it is.
+        let chain = [future.clone(), expired.clone()];
+        assert_eq!(
+            chain_validity(&chain),
+            Some((unix(4_070_908_800), unix(1_583_020_800)))
+        );
+        assert_eq!(chain_validity(&[]), None);
+        let junk = CertificateDer::from(b"\x30\x03\x02\x01\x01".to_vec());
+        assert_eq!(chain_validity(std::slice::from_ref(&junk)), None);
+        assert_eq!(chain_validity(&[future, junk]), None);
+    }
+
+    #[test]
+    fn expiry_is_judged_against_the_clock() {
+        let day = 86_400;
+        let (from, until) = (100 * day, 200 * day);
+        let judge = |now: u64| judge_dates(unix(from), unix(until), unix(now));
+        assert_eq!(judge(150 * day), Dates::Fine);
+        assert_eq!(judge(186 * day - 1), Dates::Fine);
+        assert_eq!(judge(186 * day + 1), Dates::ExpiresSoon { days_left: 13 });
+        assert_eq!(judge(200 * day - 1), Dates::ExpiresSoon { days_left: 0 });
+        assert_eq!(judge(200 * day + 1), Dates::Expired);
+        assert_eq!(judge(99 * day), Dates::NotValidYet);
+    }
+
+    #[test]
+    fn the_expiry_gauge_follows_the_chain_loaded() {
+        let m = crate::metrics::Metrics::new().unwrap();
+        let get = |m: &crate::metrics::Metrics| {
+            m.tls_cert_expiry
+                .get_metric_with_label_values(&["tls.cert_file"])
+                .map(|g| g.get())
+                .ok()
+        };
+        note_expiry("tls.cert_file", &[der(EXPIRED)], &m, SystemTime::now());
+        assert_eq!(get(&m), Some(1_583_020_800));
+        note_expiry("tls.cert_file", &[der(FUTURE)], &m, SystemTime::now());
+        assert_eq!(get(&m), Some(4_102_444_800));
+        // Unreadable dates: no figure rather than a wrong one.
+        let junk = CertificateDer::from(vec![0x30, 0x00]);
+        note_expiry("tls.cert_file", &[junk], &m, SystemTime::now());
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains("tls.cert_file"), "{text}");
     }
 }

@@ -68,8 +68,13 @@ impl Pki {
         self.dir.path().join(name)
     }
 
-    /// Issues `<name>.pem` / `<name>.key` for `cn` (server and client auth).
+    /// Issues `<name>.pem` / `<name>.key` for `cn` (server and client auth), valid two days.
     pub fn issue(&self, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+        self.issue_for_days(name, cn, 2)
+    }
+
+    /// [`Pki::issue`] with a validity of `days`.
+    pub fn issue_for_days(&self, name: &str, cn: &str, days: u32) -> (PathBuf, PathBuf) {
         let d = self.dir.path();
         std::fs::write(
             d.join(format!("{name}.ext")),
@@ -109,7 +114,7 @@ impl Pki {
                 "-set_serial",
                 &serial,
                 "-days",
-                "2",
+                &days.to_string(),
                 "-out",
                 &pem,
                 "-extfile",
@@ -118,4 +123,28 @@ impl Pki {
         );
         (d.join(pem), d.join(key))
     }
+}
+
+/// When the certificate in `pem` expires, in Unix seconds, as `openssl x509` and GNU `date`
+/// read it.
+pub fn not_after(pem: &Path) -> i64 {
+    let out = openssl(
+        Path::new("."),
+        &[
+            "x509",
+            "-noout",
+            "-enddate",
+            "-in",
+            &pem.display().to_string(),
+        ],
+    );
+    let date = out.trim().trim_start_matches("notAfter=");
+    let unix = Command::new("date")
+        .args(["-u", "-d", date, "+%s"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&unix.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("date -d {date:?}: {e}"))
 }
