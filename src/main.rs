@@ -2,6 +2,7 @@ use clap::Parser;
 
 use portcullis::cli::{new_secret, worker_threads, Cli, Command, PROCESS_VARS};
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 /// Exit code for an invalid configuration.
 const EXIT_CONFIG: u8 = 2;
@@ -71,7 +72,8 @@ fn main() -> ExitCode {
         }
     };
     if matches!(command, Command::Check) {
-        for w in cfg.warnings() {
+        let dates = portcullis::server::tls::certificate_warnings(&cfg, SystemTime::now());
+        for w in cfg.warnings().into_iter().chain(dates) {
             eprintln!("warning: {w}");
         }
         for name in portcullis::config::unknown_env_vars(std::env::vars()) {

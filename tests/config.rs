@@ -1087,3 +1087,34 @@ fn bad_urls_are_quoted_without_their_credentials() {
         }
     }
 }
+
+/// `check` says when a certificate the config names has expired or is about to (a failed
+/// renewal), naming its key; the config is still valid.
+#[test]
+fn check_warns_of_certificates_about_to_expire() {
+    let pki = support::pki::Pki::new();
+    let (cert, key) = pki.issue("gateway", "gateway");
+    let (client, client_key) = pki.issue_for_days("client", "portcullis", 90);
+    let yaml = format!(
+        "{}tls: {{ cert_file: \"{}\", key_file: \"{}\", client_cert_file: \"{}\", client_key_file: \"{}\" }}\n",
+        minimal().replace("http://127.0.0.1:4180/oauth2", "https://127.0.0.1:4180/oauth2"),
+        cert.display(),
+        key.display(),
+        client.display(),
+        client_key.display()
+    );
+    let r = check_text(&yaml, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let warnings: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", r.stderr);
+    assert!(
+        warnings[0].starts_with("warning: tls.cert_file: the certificate expires on ")
+            && warnings[0].contains("(days left: 1)"),
+        "{}",
+        r.stderr
+    );
+}

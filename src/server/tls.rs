@@ -142,6 +142,37 @@ enum Dates {
     Fine,
 }
 
+/// What `portcullis check` says of the dates of the certificates `cfg` names (read as the
+/// gateway reads them at start-up), each line naming its key.
+pub fn certificate_warnings(cfg: &crate::config::Config, now: SystemTime) -> Vec<String> {
+    let server = cfg.tls_server.as_ref().map(|(c, _)| ("tls.cert_file", c));
+    let client = (cfg.tls_client.client_cert.as_ref()).map(|(c, _)| ("tls.client_cert_file", c));
+    server
+        .into_iter()
+        .chain(client)
+        .filter_map(|(file, path)| {
+            let (not_before, expires) = chain_validity(&read_chain(path).ok()?)?;
+            let date = httpdate::fmt_http_date;
+            let why = match judge_dates(not_before, expires, now) {
+                Dates::Expired => format!(
+                    "the certificate expired on {}; clients checking dates will refuse it",
+                    date(expires)
+                ),
+                Dates::ExpiresSoon { days_left } => format!(
+                    "the certificate expires on {} (days left: {days_left}); has its renewal failed?",
+                    date(expires)
+                ),
+                Dates::NotValidYet => format!(
+                    "the certificate is not valid until {}; is this clock behind?",
+                    date(not_before)
+                ),
+                Dates::Fine => return None,
+            };
+            Some(format!("{file}: {why}"))
+        })
+        .collect()
+}
+
 fn judge_dates(not_before: SystemTime, expires: SystemTime, now: SystemTime) -> Dates {
     match expires.duration_since(now) {
         Err(_) => Dates::Expired,
