@@ -521,7 +521,7 @@ async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
     assert_eq!(expiry().await, support::pki::not_after(&cert1) as f64);
     let soon = |log: &str| {
         log.lines()
-            .filter(|l| l.contains("certificate expires soon") && l.contains("tls.cert_file"))
+            .filter(|l| l.contains("the certificate expires on") && l.contains("tls.cert_file"))
             .count()
     };
     assert_eq!(soon(&gw.proc.stderr()), 1, "{}", gw.proc.tails());
@@ -965,7 +965,7 @@ async fn renewed_upstream_ca_and_client_certificate_apply_without_a_restart() {
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
-    assert!(!lines("certificate expires soon").is_empty(), "{log}");
+    assert!(!lines("the certificate expires on").is_empty(), "{log}");
     let renewed =
         std::time::UNIX_EPOCH + Duration::from_secs(support::pki::not_after(&client_cert) as u64);
     let checked = lines("certificate dates checked");

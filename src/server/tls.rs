@@ -112,34 +112,15 @@ pub fn note_expiry(
         .tls_cert_expiry
         .with_label_values(&[file])
         .set(i64::try_from(unix(expires).as_secs()).unwrap_or(i64::MAX));
-    let at = httpdate::fmt_http_date(expires);
-    match judge_dates(not_before, expires, now) {
-        Dates::Expired => tracing::error!(
+    match dates_problem(not_before, expires, now) {
+        Some((true, why)) => tracing::error!(file, "{why}"),
+        Some((false, why)) => tracing::warn!(file, "{why}"),
+        None => tracing::debug!(
             file,
-            expired = at.as_str(),
-            "certificate has expired; clients checking dates will refuse it"
+            expires = httpdate::fmt_http_date(expires).as_str(),
+            "certificate dates checked"
         ),
-        Dates::ExpiresSoon { days_left } => tracing::warn!(
-            file,
-            expires = at.as_str(),
-            days_left,
-            "certificate expires soon; has its renewal failed?"
-        ),
-        Dates::NotValidYet => tracing::warn!(
-            file,
-            valid_from = httpdate::fmt_http_date(not_before).as_str(),
-            "certificate is not valid yet; is this clock behind?"
-        ),
-        Dates::Fine => tracing::debug!(file, expires = at.as_str(), "certificate dates checked"),
     }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Dates {
-    Expired,
-    ExpiresSoon { days_left: u64 },
-    NotValidYet,
-    Fine,
 }
 
 /// What `portcullis check` says of the dates of the certificates `cfg` names (read as the
@@ -152,35 +133,43 @@ pub fn certificate_warnings(cfg: &crate::config::Config, now: SystemTime) -> Vec
         .chain(client)
         .filter_map(|(file, path)| {
             let (not_before, expires) = chain_validity(&read_chain(path).ok()?)?;
-            let date = httpdate::fmt_http_date;
-            let why = match judge_dates(not_before, expires, now) {
-                Dates::Expired => format!(
-                    "the certificate expired on {}; clients checking dates will refuse it",
-                    date(expires)
-                ),
-                Dates::ExpiresSoon { days_left } => format!(
-                    "the certificate expires on {} (days left: {days_left}); has its renewal failed?",
-                    date(expires)
-                ),
-                Dates::NotValidYet => format!(
-                    "the certificate is not valid until {}; is this clock behind?",
-                    date(not_before)
-                ),
-                Dates::Fine => return None,
-            };
+            let (_, why) = dates_problem(not_before, expires, now)?;
             Some(format!("{file}: {why}"))
         })
         .collect()
 }
 
-fn judge_dates(not_before: SystemTime, expires: SystemTime, now: SystemTime) -> Dates {
+/// What is wrong with a certificate's dates at `now`, if anything, and whether it has expired.
+fn dates_problem(
+    not_before: SystemTime,
+    expires: SystemTime,
+    now: SystemTime,
+) -> Option<(bool, String)> {
+    let date = httpdate::fmt_http_date;
     match expires.duration_since(now) {
-        Err(_) => Dates::Expired,
-        Ok(left) if left < EXPIRY_WARNING => Dates::ExpiresSoon {
-            days_left: left.as_secs() / 86_400,
-        },
-        Ok(_) if not_before > now => Dates::NotValidYet,
-        Ok(_) => Dates::Fine,
+        Err(_) => Some((
+            true,
+            format!(
+                "the certificate expired on {}; clients checking dates refuse it",
+                date(expires)
+            ),
+        )),
+        Ok(left) if left < EXPIRY_WARNING => Some((
+            false,
+            format!(
+                "the certificate expires on {} (days left: {}); has its renewal failed?",
+                date(expires),
+                left.as_secs() / 86_400
+            ),
+        )),
+        Ok(_) if not_before > now => Some((
+            false,
+            format!(
+                "the certificate is not valid until {}; is this clock behind?",
+                date(not_before)
+            ),
+        )),
+        Ok(_) => None,
     }
 }
 
@@ -482,13 +471,27 @@ IQDtO680kUtSJrLWIHtR+Oc+9fQPZp/YVTiuJlkwtXAtug==
     fn expiry_is_judged_against_the_clock() {
         let day = 86_400;
         let (from, until) = (100 * day, 200 * day);
-        let judge = |now: u64| judge_dates(unix(from), unix(until), unix(now));
-        assert_eq!(judge(150 * day), Dates::Fine);
-        assert_eq!(judge(186 * day - 1), Dates::Fine);
-        assert_eq!(judge(186 * day + 1), Dates::ExpiresSoon { days_left: 13 });
-        assert_eq!(judge(200 * day - 1), Dates::ExpiresSoon { days_left: 0 });
-        assert_eq!(judge(200 * day + 1), Dates::Expired);
-        assert_eq!(judge(99 * day), Dates::NotValidYet);
+        let judge = |now: u64| dates_problem(unix(from), unix(until), unix(now));
+        assert_eq!(judge(150 * day), None);
+        assert_eq!(judge(186 * day - 1), None);
+        let soon = "the certificate expires on Mon, 20 Jul 1970 00:00:00 GMT";
+        let (expired, why) = judge(186 * day + 1).unwrap();
+        assert!(
+            !expired && why.starts_with(soon) && why.contains("(days left: 13)"),
+            "{why}"
+        );
+        let (expired, why) = judge(200 * day - 1).unwrap();
+        assert!(!expired && why.contains("(days left: 0)"), "{why}");
+        let (expired, why) = judge(200 * day + 1).unwrap();
+        assert!(
+            expired && why.starts_with("the certificate expired on Mon, 20 Jul 1970"),
+            "{why}"
+        );
+        let (expired, why) = judge(99 * day).unwrap();
+        assert!(
+            !expired && why.starts_with("the certificate is not valid until Sat, 11 Apr 1970"),
+            "{why}"
+        );
     }
 
     #[test]
