@@ -770,10 +770,32 @@ fn head_with_a_body_upstream() -> u16 {
         for mut s in l.incoming().flatten() {
             std::thread::spawn(move || {
                 while let Some(head) = read_head(&mut s) {
-                    if head.starts_with(b"HEAD ") {
-                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+                    let stray_after = |s: &mut std::net::TcpStream, answer: &[u8]| {
+                        let _ = s.write_all(answer);
                         std::thread::sleep(std::time::Duration::from_millis(300));
                         let _ = s.write_all(b"STRAY");
+                    };
+                    if head.starts_with(b"HEAD ") {
+                        stray_after(&mut s, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+                    } else if head.starts_with(b"GET /204 ") {
+                        stray_after(
+                            &mut s,
+                            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                        );
+                    } else if head.starts_with(b"GET /304 ") {
+                        stray_after(
+                            &mut s,
+                            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                        );
+                    } else if head.starts_with(b"GET /echo/") {
+                        // The request line it read.
+                        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                            line.len()
+                        );
+                        let _ = s.write_all(line);
                     } else {
                         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
                     }
@@ -785,7 +807,8 @@ fn head_with_a_body_upstream() -> u16 {
 }
 
 /// A connection that answered a HEAD is not reused: the body a buggy app sends after the head
-/// anyway would be read as the next request's answer (another user's request, perhaps).
+/// anyway would be read as the next request's answer (another user's request, perhaps). Nor
+/// one whose 204 or 304 announced a body.
 #[tokio::test]
 async fn a_connection_that_answered_a_head_is_not_reused() {
     let up_port = head_with_a_body_upstream();
@@ -793,12 +816,23 @@ async fn a_connection_that_answered_a_head_is_not_reused() {
     let idp = Idp::start_for_gateway(gw_port, &[]).await;
     let gw = Gateway::start(GatewayOpts {
         extra: "routes: [{ prefix: \"/\", auth: skip }]".into(),
+        // One upstream pool: the next request takes the connection the first one freed.
+        env: vec![("PORTCULLIS_WORKER_THREADS".into(), "1".into())],
         ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
     })
     .await;
-    for i in 0..3 {
-        let head = send("HEAD", &gw.url("/page"), &[], Vec::new()).await;
-        assert_eq!(head.status, 200, "{i}: {}", head.dump());
+    for (i, (method, path, status)) in [
+        ("HEAD", "/page", 200),
+        ("GET", "/204", 204),
+        ("GET", "/304", 304),
+    ]
+    .into_iter()
+    .cycle()
+    .take(6)
+    .enumerate()
+    {
+        let head = send(method, &gw.url(path), &[], Vec::new()).await;
+        assert_eq!(head.status, status, "{i}: {}", head.dump());
         // Sent before the stray body arrives.
         let next = send("GET", &gw.url("/other"), &[], Vec::new()).await;
         assert_eq!(
@@ -1836,5 +1870,39 @@ async fn unverified_emails_are_not_passed_as_identity() {
                 "{extra}: {rec:#?}"
             );
         }
+    }
+}
+
+/// A GET's content (a search API's query) is passed on, on an upstream connection that is
+/// closed after it: an app that does not read it would take it for the next request on that
+/// connection ("CL.0" smuggling), another user's perhaps.
+#[tokio::test]
+async fn a_connection_that_carried_a_gets_body_is_not_reused() {
+    let up_port = head_with_a_body_upstream();
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let gw = Gateway::start(GatewayOpts {
+        extra: "routes: [{ prefix: \"/\", auth: skip }]".into(),
+        env: vec![("PORTCULLIS_WORKER_THREADS".into(), "1".into())],
+        ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
+    })
+    .await;
+    // The upstream reads heads only: this body would be its next request's head.
+    let smuggled = b"GET /echo/smuggled HTTP/1.1\r\nX-Ignore: ".to_vec();
+    for i in 0..3 {
+        let r = send("GET", &gw.url("/early"), &[], smuggled.clone()).await;
+        assert_eq!(
+            (r.status.as_u16(), r.text()),
+            (200, "ok".to_string()),
+            "{i}"
+        );
+        let victim = send("GET", &gw.url("/echo/victim"), &[], Vec::new()).await;
+        assert_eq!(
+            (victim.status.as_u16(), victim.text()),
+            (200, "GET /echo/victim HTTP/1.1".to_string()),
+            "{i}: {}\n{}",
+            victim.dump(),
+            gw.tails()
+        );
     }
 }

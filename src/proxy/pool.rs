@@ -463,6 +463,18 @@ impl Pool {
                 };
                 up.watch(&mut req, now, deadline);
                 let head = req.method() == http::Method::HEAD;
+                // Content in a GET or HEAD has no meaning (RFC 9110 §9.3.1): an app that does
+                // not read it would take it for the next request on this connection, another
+                // user's perhaps ("CL.0" smuggling). Passed on (search APIs send it), on a
+                // connection closed after it.
+                let bodied = (head || req.method() == http::Method::GET)
+                    && !http_body::Body::is_end_stream(req.body());
+                if bodied {
+                    req.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 let mut sent = std::pin::pin!(up.tx.try_send_request(req));
                 match poll_fn(|cx| up.until_deadline(cx, |_, cx| sent.as_mut().poll(cx))).await? {
                     Ok(resp) => {
@@ -472,11 +484,13 @@ impl Pool {
                         // Not reused after a HEAD: an app that answers it with a body
                         // anyway (a common bug) would have those bytes read as the next
                         // request's answer, another user's perhaps. Its answer has no body
-                        // to read through the connection.
+                        // to read through the connection. Nor after a 204 or 304 whose head
+                        // announces a body, which their status says they have not.
+                        let reusable = !head && !bodied && !announces_a_body_it_cannot_have(&resp);
                         return Ok(resp.map(|body| UpstreamBody {
                             body,
                             ended: false,
-                            conn: (!head).then_some(up),
+                            conn: reusable.then_some(up),
                         }));
                     }
                     Err(mut e) => match e.take_message() {
@@ -600,6 +614,16 @@ impl Pool {
             .await?;
         Ok(Upstream::new(tx, conn, home, now, deadline))
     }
+}
+
+/// A 204 or 304 with a `Transfer-Encoding` or a non-zero `Content-Length`: the body the app
+/// may send after it would be read as the next answer on the connection.
+fn announces_a_body_it_cannot_have<B>(resp: &http::Response<B>) -> bool {
+    let h = resp.headers();
+    matches!(resp.status().as_u16(), 204 | 304)
+        && (h.contains_key(http::header::TRANSFER_ENCODING)
+            || h.get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v != "0"))
 }
 
 /// An upstream connection's read buffer at most (an answer's head is bounded exactly by
