@@ -217,6 +217,13 @@ where
                 Ok(resp)
             }))
         } else {
+            // A tunnel through the gateway is no request to the app (and hyper's client takes a
+            // 2xx answer to it for a protocol switch, cutting its body off), as with nginx.
+            if req.method() == http::Method::CONNECT {
+                let resp =
+                    pages::method_not_allowed("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH");
+                return Either::Right(Box::pin(std::future::ready(Ok(resp))));
+            }
             if !self.app.cfg.routes.is_empty() {
                 let host = request_host(&req);
                 let matched = self.app.route_for(req.method(), host, req.uri().path());

@@ -1906,3 +1906,33 @@ async fn a_connection_that_carried_a_gets_body_is_not_reused() {
         );
     }
 }
+
+/// `CONNECT` opens no tunnel and reaches no app, whatever its target's form: 405, as with nginx.
+#[tokio::test]
+async fn connect_is_not_allowed() {
+    let upstream = Upstream::start();
+    let gw_port = free_port();
+    let idp = Idp::start_for_gateway(gw_port, &[]).await;
+    let gw = Gateway::start(GatewayOpts {
+        extra: "routes: [{ prefix: \"/\", auth: skip }]".into(),
+        ..GatewayOpts::new(gw_port, &idp, &upstream.url())
+    })
+    .await;
+    let before = upstream.count();
+    let req = format!(
+        "CONNECT /public/x HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nConnection: close\r\n\r\n"
+    );
+    let r =
+        support::corpus::raw_exchange(gw.port, req.as_bytes(), std::time::Duration::from_secs(10))
+            .await;
+    assert_eq!(r.status, Some(405), "{}", r.text);
+    assert!(
+        r.text.to_ascii_lowercase().contains("\r\nallow: get"),
+        "{}",
+        r.text
+    );
+    assert_eq!(upstream.count(), before, "CONNECT reached the upstream");
+    // The gateway's answers to other methods are unchanged.
+    let get = send("GET", &gw.url("/public/x"), &[], Vec::new()).await;
+    assert_eq!(get.status, 200, "{}", get.dump());
+}
