@@ -806,21 +806,27 @@ fn head_with_a_body_upstream() -> u16 {
     port
 }
 
-/// A connection that answered a HEAD is not reused: the body a buggy app sends after the head
-/// anyway would be read as the next request's answer (another user's request, perhaps). Nor
-/// one whose 204 or 304 announced a body.
-#[tokio::test]
-async fn a_connection_that_answered_a_head_is_not_reused() {
+/// A gateway, all public, before [`head_with_a_body_upstream`], with one upstream pool: the
+/// next request takes the connection the one before freed, if it was kept.
+async fn gateway_before_a_buggy_upstream() -> (Idp, Gateway) {
     let up_port = head_with_a_body_upstream();
     let gw_port = free_port();
     let idp = Idp::start_for_gateway(gw_port, &[]).await;
     let gw = Gateway::start(GatewayOpts {
         extra: "routes: [{ prefix: \"/\", auth: skip }]".into(),
-        // One upstream pool: the next request takes the connection the first one freed.
         env: vec![("PORTCULLIS_WORKER_THREADS".into(), "1".into())],
         ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
     })
     .await;
+    (idp, gw)
+}
+
+/// A connection that answered a HEAD is not reused: the body a buggy app sends after the head
+/// anyway would be read as the next request's answer (another user's request, perhaps). Nor
+/// one whose 204 or 304 announced a body.
+#[tokio::test]
+async fn a_connection_that_answered_a_head_is_not_reused() {
+    let (_idp, gw) = gateway_before_a_buggy_upstream().await;
     for (i, (method, path, status)) in [
         ("HEAD", "/page", 200),
         ("GET", "/204", 204),
@@ -1878,15 +1884,7 @@ async fn unverified_emails_are_not_passed_as_identity() {
 /// connection ("CL.0" smuggling), another user's perhaps.
 #[tokio::test]
 async fn a_connection_that_carried_a_gets_body_is_not_reused() {
-    let up_port = head_with_a_body_upstream();
-    let gw_port = free_port();
-    let idp = Idp::start_for_gateway(gw_port, &[]).await;
-    let gw = Gateway::start(GatewayOpts {
-        extra: "routes: [{ prefix: \"/\", auth: skip }]".into(),
-        env: vec![("PORTCULLIS_WORKER_THREADS".into(), "1".into())],
-        ..GatewayOpts::new(gw_port, &idp, &format!("http://127.0.0.1:{up_port}"))
-    })
-    .await;
+    let (_idp, gw) = gateway_before_a_buggy_upstream().await;
     // The upstream reads heads only: this body would be its next request's head.
     let smuggled = b"GET /echo/smuggled HTTP/1.1\r\nX-Ignore: ".to_vec();
     for i in 0..3 {
