@@ -81,7 +81,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     let Some(flow) = app.cookies.open_flow(&jar, &state) else {
         // No flow cookie at all: the usual cause is a login started at another host name
         // than redirect_url's (the browser keeps the flow cookie for that one).
-        let flow_cookies = jar.names().any(|n| app.cookies.is_flow_cookie(n));
+        let flow_cookies = app.cookies.flow_names(&jar).next().is_some();
         tracing::info!(
             flow_cookies,
             "callback with an unknown or expired state{}",

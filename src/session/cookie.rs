@@ -633,11 +633,6 @@ impl SessionCookies {
         (0..MAX_CHUNKS).filter(|&i| sent[i]).collect()
     }
 
-    /// Whether `name` is one of the login flows' cookies.
-    pub fn is_flow_cookie(&self, name: &str) -> bool {
-        name.starts_with(&*self.flow_prefix)
-    }
-
     /// The flow cookie for one login attempt: its name is derived from the state.
     pub fn flow_cookie_name(&self, state: &str) -> String {
         let d = Sha256::digest(state.as_bytes());
@@ -662,7 +657,7 @@ impl SessionCookies {
 
     /// Names of flow cookies the request carries (to cap them per client).
     pub fn flow_names<'a>(&'a self, jar: &'a CookieJar<'_>) -> impl Iterator<Item = &'a str> + 'a {
-        jar.names().filter(|n| self.is_flow_cookie(n))
+        jar.names().filter(|n| n.starts_with(&self.flow_prefix))
     }
 
     pub fn expire_flow_named(&self, name: &str) -> Option<HeaderValue> {
