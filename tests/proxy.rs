@@ -851,8 +851,11 @@ async fn a_connection_that_answered_a_head_is_not_reused() {
     }
 }
 
-/// A raw upstream that answers an upgrade with 101 and then echoes every byte back.
-fn echo_upgrade_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+/// A raw upstream that answers an upgrade with 101 (and the head lines `extra`) and then echoes
+/// every byte back.
+fn echo_upgrade_upstream(
+    extra: &'static str,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -867,7 +870,7 @@ fn echo_upgrade_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>
                 };
                 let head = String::from_utf8_lossy(&head);
                 let answer = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{}\r\n",
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{}{extra}\r\n",
                     websocket_accept(&head)
                 );
                 seen.lock().unwrap().push(head.to_lowercase());
@@ -892,7 +895,12 @@ fn echo_upgrade_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>
 #[tokio::test]
 async fn websocket_upgrades_pass_through_with_the_identity() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (up_port, heads) = echo_upgrade_upstream();
+    // The app's 101 also tries what any other answer of its loses: planting the session
+    // cookie, clearing it, and hop-by-hop fields for the client's connection.
+    let (up_port, heads) = echo_upgrade_upstream(
+        "Set-Cookie: _portcullis=planted; Path=/\r\nSet-Cookie: app=1\r\n\
+Clear-Site-Data: \"cookies\", \"cache\"\r\nKeep-Alive: timeout=5\r\nConnection: X-Hop\r\nX-Hop: 1\r\n",
+    );
     let gw_port = free_port();
     let idp = Idp::start_for_gateway(gw_port, &[]).await;
     let gw = Gateway::start(GatewayOpts {
@@ -926,6 +934,12 @@ Cookie: {cookie}\r\n\r\n"
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade\r\n"), "{head}");
+    assert!(head.contains("set-cookie: app=1"), "{head}");
+    assert!(head.contains("clear-site-data: \"cache\"\r\n"), "{head}");
+    for gone in ["planted", "\"cookies\"", "keep-alive", "x-hop"] {
+        assert!(!head.contains(gone), "{gone}: {head}");
+    }
     // The tunnel carries bytes both ways, also after being idle for thrice header_read.
     for (i, msg) in [&b"hello"[..], b"second frame", &[0u8, 1, 2, 255]]
         .into_iter()
@@ -960,7 +974,7 @@ Cookie: {cookie}\r\n\r\n"
 /// upstream never sees the upgrade, and an upstream that switches anyway gets no tunnel.
 #[tokio::test]
 async fn only_websocket_upgrades_reach_the_upstream() {
-    let (up_port, heads) = echo_upgrade_upstream();
+    let (up_port, heads) = echo_upgrade_upstream("");
     let gw_port = free_port();
     let idp = Idp::start_for_gateway(gw_port, &[]).await;
     let gw = Gateway::start(GatewayOpts {
@@ -1157,7 +1171,7 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
 /// config; the provider comes back too, to be kept alive as long as the gateway.
 async fn tunnel_gateway(extra: &str) -> (support::ops::OpsGateway, Idp) {
     use support::ops::{OpsConfig, OpsGateway};
-    let (up_port, _) = echo_upgrade_upstream();
+    let (up_port, _) = echo_upgrade_upstream("");
     let gw_port = free_port();
     let idp = Idp::start_for_gateway(gw_port, &[]).await;
     let gw = OpsGateway::start(&OpsConfig::new(GatewayOpts {

@@ -1,7 +1,7 @@
 //! The last two steps: header hygiene and injection, then the streamed forward to the upstream.
 
 use super::headers::{
-    inject_identity, sanitize_request, sanitize_response, set_forwarded, strip_set_cookies,
+    inject_identity, sanitize_request, sanitize_response, sanitize_switch, set_forwarded,
 };
 use crate::app::App;
 use crate::body::{Body, BodyError};
@@ -365,7 +365,7 @@ async fn forward(
             }
         });
         let (mut parts, _) = resp.into_parts();
-        strip_set_cookies(&mut parts.headers, |n| app.cookies.is_ours(n));
+        sanitize_switch(&mut parts.headers, |n| app.cookies.is_ours(n));
         return Ok(Response::from_parts(parts, Body::Empty));
     }
     let (mut parts, body) = resp.into_parts();

@@ -82,6 +82,21 @@ pub fn sanitize_response(
     Ok(())
 }
 
+/// The head of an upstream's `101` that completed a websocket handshake: the same hygiene as
+/// [`sanitize_response`], but `Upgrade` and `Connection: upgrade` stay (the client's end of the
+/// tunnel needs them), and a switch has no body to frame.
+pub fn sanitize_switch(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
+    let seen = Seen::scan(h, None);
+    seen.strip(h, true, None);
+    h.remove(header::CONTENT_LENGTH);
+    if seen.set_cookie {
+        strip_set_cookies(h, &is_ours);
+    }
+    if seen.clear_site_data {
+        keep_session_cookies(h);
+    }
+}
+
 /// `Clear-Site-Data` without `"cookies"` (which would clear the gateway's session cookie) and
 /// with `"*"` narrowed to what else it covers.
 fn keep_session_cookies(h: &mut HeaderMap) {
