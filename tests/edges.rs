@@ -1002,6 +1002,122 @@ fn client_hello(sni: &[u8]) -> Vec<u8> {
     record
 }
 
+/// HTTP/1.1 over TLS: an idle keep-alive connection waits on its socket without a read buffer,
+/// as a plain one does. Requests still come through whichever way their bytes are cut into
+/// records (a head over two records, two heads in one), and a client that closes its
+/// connection while the upstream works has its request dropped at once (logged as 499), not
+/// finished for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_over_tls_between_and_during_requests() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("gw", "gateway");
+    let idp = Idp::start(&[]).await;
+    let upstream = Upstream::start();
+    let port = free_port();
+    let opts = GatewayOpts {
+        extra: format!("{ALL_PUBLIC}\n{}", tls_yaml(&cert, &key)),
+        ..GatewayOpts::new(port, &idp, &upstream.url())
+    };
+    let admin = free_port();
+    let yaml = opts.yaml().replace(
+        support::procs::ADMIN_YAML,
+        &format!("admin: {{ listen: \"127.0.0.1:{admin}\" }}"),
+    );
+    let gw = TlsGateway::start(port, yaml, &pki.ca()).await;
+    let connect = || async {
+        let mut cfg = client_config(&gw.ca, rustls::DEFAULT_VERSIONS);
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    };
+    let head = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    // Reads one answer (the upstream's bodies are short, with a Content-Length).
+    async fn answer(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> String {
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        let ends = |g: &[u8]| {
+            let text = String::from_utf8_lossy(g).to_lowercase();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            body.len() >= len
+        };
+        while !ends(&got) {
+            let n = tokio::time::timeout(DEADLINE, tls.read(&mut byte))
+                .await
+                .expect("no answer in time")
+                .unwrap();
+            assert_eq!(n, 1, "closed mid-answer: {}", String::from_utf8_lossy(&got));
+            got.push(byte[0]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    let mut tls = connect().await;
+    tls.write_all(head("/one").as_bytes()).await.unwrap();
+    assert!(answer(&mut tls).await.starts_with("HTTP/1.1 200"));
+    // Idle (the connection gives its buffer back), then a head cut over two records.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let two = head("/two");
+    tls.write_all(&two.as_bytes()[..10]).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls.write_all(&two.as_bytes()[10..]).await.unwrap();
+    assert!(answer(&mut tls).await.starts_with("HTTP/1.1 200"));
+    // Two heads in one record: both answered, in order.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tls.write_all(format!("{}{}", head("/three"), head("/four")).as_bytes())
+        .await
+        .unwrap();
+    assert!(answer(&mut tls).await.starts_with("HTTP/1.1 200"));
+    assert!(answer(&mut tls).await.starts_with("HTTP/1.1 200"));
+    let paths: Vec<String> = upstream.records().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/one", "/two", "/three", "/four"]);
+
+    // A client that leaves while the upstream works (it answers /slow after 3 s).
+    let in_flight = || async move {
+        support::ops::admin_metrics(admin)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .value("portcullis_requests_in_flight")
+    };
+    let mut tls = connect().await;
+    tls.write_all(head("/slow").as_bytes()).await.unwrap();
+    let t0 = Instant::now();
+    while in_flight().await != 1.0 {
+        assert!(t0.elapsed() < DEADLINE, "the request never went out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(tls);
+    let t0 = Instant::now();
+    while in_flight().await != 0.0 {
+        assert!(t0.elapsed() < DEADLINE, "{}", gw.proc.tails());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = gw.proc.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("path=\"/slow\"") && l.contains("status=499")),
+        "{}",
+        gw.proc.tails()
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("path=\"/slow\"") && l.contains("status=200")),
+        "finished for nobody: {}",
+        gw.proc.tails()
+    );
+}
+
 /// Handshakes with an odd server name (an IP address, a name with a line break in it) are
 /// any client's to send: they do not each put a warning in the log (rustls' own), which
 /// would be a client's way to flood it. Plain HTTP sent to the TLS port gets a 400 it can

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A client connection: plain TCP or TLS.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Plain TCP can wait for data without a buffer, so an idle connection holds none.
+    /// It can wait for data without a buffer, so an idle connection holds none.
     const WAITS_WITHOUT_BUFFER: bool = false;
 
     fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -27,7 +27,29 @@ impl Transport for tokio::net::TcpStream {
     }
 }
 
-impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    const WAITS_WITHOUT_BUFFER: bool = true;
+
+    /// Ready when rustls holds what a read returns without the socket (plaintext it has
+    /// decrypted, or the client's close_notify): `wants_read` is false then. Otherwise when
+    /// the socket has data, which may turn out to be part of a record only: the read then
+    /// returns `Pending`, and an idle connection gives its buffer back again.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (tcp, tls) = self.get_ref();
+        if !tls.wants_read() {
+            return Poll::Ready(Ok(()));
+        }
+        tcp.poll_read_ready(cx)
+    }
+}
+
+impl<T: Transport> Transport for Box<T> {
+    const WAITS_WITHOUT_BUFFER: bool = T::WAITS_WITHOUT_BUFFER;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
 
 pub const READ_BUF: usize = 8192;
 /// Read and write buffers of connections that went idle, kept per thread for the next busy one.

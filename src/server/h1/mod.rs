@@ -655,8 +655,9 @@ impl<T: Transport> Conn<T> {
 
     /// While the answer is being prepared: has the client closed its side? (Then the
     /// request is abandoned, as nginx does, instead of finishing it for nobody.) Ready(false):
-    /// stop watching (the client pipelined more, which waits in the buffer). Plain TCP only:
-    /// its readiness is known without a read, so a quiet client costs no system call.
+    /// stop watching (the client pipelined more, which waits in the buffer). Only where
+    /// readiness is known without a read (`Transport::WAITS_WITHOUT_BUFFER`), so a quiet client
+    /// costs no system call.
     fn poll_client_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         if ready!(self.io.poll_read_ready(cx)).is_err() {
             return Poll::Ready(true);
