@@ -223,6 +223,28 @@ impl TlsGateway {
     }
 }
 
+/// A gateway serving TLS with `cert` and `key`, every route public, and its admin listener on
+/// a port of its own (returned with it).
+async fn public_tls_gateway(
+    idp: &Idp,
+    upstream: &Upstream,
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> (TlsGateway, u16) {
+    let port = free_port();
+    let opts = GatewayOpts {
+        extra: format!("{ALL_PUBLIC}\n{}", tls_yaml(cert, key)),
+        ..GatewayOpts::new(port, idp, &upstream.url())
+    };
+    let admin = free_port();
+    let yaml = opts.yaml().replace(
+        support::procs::ADMIN_YAML,
+        &format!("admin: {{ listen: \"127.0.0.1:{admin}\" }}"),
+    );
+    (TlsGateway::start(port, yaml, ca).await, admin)
+}
+
 fn tls_yaml(cert: &Path, key: &Path) -> String {
     format!(
         "tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
@@ -491,17 +513,8 @@ async fn tls_listener_alpn_protocol_floor_and_certificate_reload() {
 
     let idp = Idp::start(&[]).await;
     let upstream = Upstream::start();
-    let port = free_port();
-    let opts = GatewayOpts {
-        extra: format!("{ALL_PUBLIC}\n{}", tls_yaml(&cert, &key)),
-        ..GatewayOpts::new(port, &idp, &upstream.url())
-    };
-    let admin = free_port();
-    let yaml = opts.yaml().replace(
-        support::procs::ADMIN_YAML,
-        &format!("admin: {{ listen: \"127.0.0.1:{admin}\" }}"),
-    );
-    let gw = TlsGateway::start(port, yaml, &pki.ca()).await;
+    let (gw, admin) = public_tls_gateway(&idp, &upstream, &cert, &key, &pki.ca()).await;
+    let port = gw.port;
     let reloads = |result: &'static str| async move {
         support::ops::admin_metrics(admin)
             .await
@@ -1013,17 +1026,8 @@ async fn http1_over_tls_between_and_during_requests() {
     let (cert, key) = pki.issue("gw", "gateway");
     let idp = Idp::start(&[]).await;
     let upstream = Upstream::start();
-    let port = free_port();
-    let opts = GatewayOpts {
-        extra: format!("{ALL_PUBLIC}\n{}", tls_yaml(&cert, &key)),
-        ..GatewayOpts::new(port, &idp, &upstream.url())
-    };
-    let admin = free_port();
-    let yaml = opts.yaml().replace(
-        support::procs::ADMIN_YAML,
-        &format!("admin: {{ listen: \"127.0.0.1:{admin}\" }}"),
-    );
-    let gw = TlsGateway::start(port, yaml, &pki.ca()).await;
+    let (gw, admin) = public_tls_gateway(&idp, &upstream, &cert, &key, &pki.ca()).await;
+    let port = gw.port;
     let connect = || async {
         let mut cfg = client_config(&gw.ca, rustls::DEFAULT_VERSIONS);
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
