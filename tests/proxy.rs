@@ -852,9 +852,24 @@ async fn a_connection_that_answered_a_head_is_not_reused() {
 }
 
 /// A raw upstream that answers an upgrade with 101 (and the head lines `extra`) and then echoes
-/// every byte back.
+/// every byte back, closing when the client's side ends.
 fn echo_upgrade_upstream(
     extra: &'static str,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    upgrade_upstream(extra, AtEof::Close)
+}
+
+/// What the echoing upgrade upstream does when the client's side of the tunnel ends.
+#[derive(Clone, Copy)]
+enum AtEof {
+    Close,
+    /// Notes "eof" among the heads and keeps its own side open.
+    Linger,
+}
+
+fn upgrade_upstream(
+    extra: &'static str,
+    at_eof: AtEof,
 ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -878,7 +893,14 @@ fn echo_upgrade_upstream(
                 let mut buf = [0u8; 1024];
                 loop {
                     match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) => {
+                            if let AtEof::Linger = at_eof {
+                                seen.lock().unwrap().push("eof".into());
+                                std::thread::sleep(std::time::Duration::from_secs(120));
+                            }
+                            return;
+                        }
+                        Err(_) => return,
                         Ok(n) => {
                             if s.write_all(&buf[..n]).is_err() {
                                 return;
@@ -1170,8 +1192,11 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
 /// A gateway in front of the echoing upgrade upstream, every route public, with `extra`
 /// config; the provider comes back too, to be kept alive as long as the gateway.
 async fn tunnel_gateway(extra: &str) -> (support::ops::OpsGateway, Idp) {
+    tunnel_gateway_to(echo_upgrade_upstream("").0, extra).await
+}
+
+async fn tunnel_gateway_to(up_port: u16, extra: &str) -> (support::ops::OpsGateway, Idp) {
     use support::ops::{OpsConfig, OpsGateway};
-    let (up_port, _) = echo_upgrade_upstream("");
     let gw_port = free_port();
     let idp = Idp::start_for_gateway(gw_port, &[]).await;
     let gw = OpsGateway::start(&OpsConfig::new(GatewayOpts {
@@ -1261,6 +1286,36 @@ async fn idle_websocket_tunnels_are_closed() {
     let closed = tokio::time::timeout(REQUEST_TIMEOUT, s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "an idle tunnel stayed open\n{}", gw.tails());
     assert!(rest.is_empty(), "{rest:?}");
+    gw.await_metric(
+        "portcullis_connections_open",
+        0.0,
+        "the tunnel's connection released",
+    )
+    .await;
+}
+
+/// A client that closes its half of a tunnel has left: the app is told (the half-close is
+/// passed on), and an app that keeps its own side open does not keep the tunnel and its
+/// connection slot until `timeouts.tunnel_idle` (the app's side gets a few seconds' grace).
+#[tokio::test]
+async fn a_tunnel_the_client_half_closes_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up_port, seen) = upgrade_upstream("", AtEof::Linger);
+    let (gw, _idp) = tunnel_gateway_to(up_port, "").await;
+    let mut s = open_tunnel(gw.port, "/ws").await;
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(REQUEST_TIMEOUT, s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "a half-closed tunnel stayed open: {closed:?}\n{}",
+        gw.tails()
+    );
+    assert_eq!(
+        seen.lock().unwrap().last().map(String::as_str),
+        Some("eof"),
+        "the app was not told of the half-close"
+    );
     gw.await_metric(
         "portcullis_connections_open",
         0.0,
