@@ -175,15 +175,31 @@ impl Idp {
     /// for its `READY` line. Retries on another port if the port was taken, or if the start
     /// hangs (seen rarely on a busy CI machine: the first line printed, then nothing).
     pub async fn start(env: &[(&str, &str)]) -> Idp {
+        let mut last = String::new();
+        for _attempt in 0..3 {
+            let port = free_port();
+            match Idp::launch(port, env).await {
+                Ok(proc) => return Idp { port, proc },
+                // Port taken between free_port() and node's listen(): another one.
+                Err(Launch::Exited(why)) if why.contains("EADDRINUSE") => last = why,
+                Err(Launch::Exited(why)) => panic!("cannot start the idp: {why}"),
+                Err(Launch::Hung(why)) => last = why,
+            }
+        }
+        panic!("cannot start the idp: {last}");
+    }
+
+    /// Spawns `node tests/js/idp.mjs` on `port` with `env` and waits for its `READY` line;
+    /// a start that hangs is killed and tried again on the same port, twice at most.
+    async fn launch(port: u16, env: &[(&str, &str)]) -> Result<Proc, Launch> {
         let js = repo().join("tests/js");
         assert!(
             js.join("node_modules/oidc-provider").is_dir(),
             "tests/js/node_modules is missing: run `make deps-node` (or `npm ci` in tests/js)"
         );
         let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_string());
-        let mut last = String::new();
+        let mut hung = String::new();
         for _attempt in 0..3 {
-            let port = free_port();
             let mut cmd = Command::new(&node);
             cmd.arg(js.join("idp.mjs")).current_dir(&js);
             for (k, _) in std::env::vars() {
@@ -201,32 +217,31 @@ impl Idp {
                 .expect("tempdir");
             let mut proc = Proc::spawn("idp", cmd, dir);
             let t0 = Instant::now();
-            let retry = loop {
+            loop {
                 if proc.stdout().lines().any(|l| l.starts_with("READY ")) {
-                    return Idp { port, proc };
+                    return Ok(proc);
                 }
                 if let Some(st) = proc.exited() {
-                    last = format!("idp exited with {st}\n{}", proc.tails());
-                    // Port taken between free_port() and node's listen(): another one.
-                    break last.contains("EADDRINUSE");
+                    return Err(Launch::Exited(format!(
+                        "idp on port {port} exited with {st}\n{}",
+                        proc.tails()
+                    )));
                 }
                 if t0.elapsed() > START_TIMEOUT * 2 / 3 {
-                    last = format!(
-                        "idp not READY after {:?} (threads: {})\n{}",
+                    hung = format!(
+                        "idp on port {port} not READY after {:?} (threads: {})\n{}",
                         t0.elapsed(),
                         thread_states(proc.pid()),
                         proc.tails()
                     );
-                    eprintln!("{last}\nstarting it again");
-                    break true;
+                    eprintln!("{hung}\nstarting it again");
+                    proc.stop();
+                    break;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
-            };
-            if !retry {
-                break;
             }
         }
-        panic!("cannot start the idp: {last}");
+        Err(Launch::Hung(hung))
     }
 
     /// An IdP whose client accepts the callback of a gateway on `gw_port`.
@@ -501,37 +516,17 @@ impl Idp {
     /// token store and a new signing key. Its log starts empty.
     pub async fn restart(&mut self, env: &[(&str, &str)]) {
         self.proc.stop();
-        let js = repo().join("tests/js");
-        let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_string());
-        let mut cmd = Command::new(&node);
-        cmd.arg(js.join("idp.mjs")).current_dir(&js);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("IDP_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("IDP_PORT", self.port.to_string());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("portcullis-idp-")
-            .tempdir()
-            .expect("tempdir");
-        self.proc = Proc::spawn("idp", cmd, dir);
-        let t0 = Instant::now();
-        while !self.proc.stdout().lines().any(|l| l.starts_with("READY ")) {
-            if let Some(st) = self.proc.exited() {
-                panic!("restarted idp exited with {st}\n{}", self.proc.tails());
-            }
-            assert!(
-                t0.elapsed() < START_TIMEOUT,
-                "restarted idp not READY\n{}",
-                self.proc.tails()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        match Idp::launch(self.port, env).await {
+            Ok(proc) => self.proc = proc,
+            Err(Launch::Exited(why) | Launch::Hung(why)) => panic!("restarted {why}"),
         }
     }
+}
+
+/// Why the IdP did not start.
+enum Launch {
+    Exited(String),
+    Hung(String),
 }
 
 // Starting processes without waiting for readiness, and the IdP on a chosen port
@@ -540,36 +535,10 @@ impl Idp {
     /// Starts the IdP on `port` (which must be free) with `env` and waits for its
     /// `READY` line. Unlike `start`, no other port is tried.
     pub async fn start_on(port: u16, env: &[(&str, &str)]) -> Idp {
-        let js = repo().join("tests/js");
-        let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_string());
-        let mut cmd = Command::new(&node);
-        cmd.arg(js.join("idp.mjs")).current_dir(&js);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("IDP_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("IDP_PORT", port.to_string());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("portcullis-idp-")
-            .tempdir()
-            .expect("tempdir");
-        let mut proc = Proc::spawn("idp", cmd, dir);
-        let t0 = Instant::now();
-        while !proc.stdout().lines().any(|l| l.starts_with("READY ")) {
-            if let Some(st) = proc.exited() {
-                panic!("idp on port {port} exited with {st}\n{}", proc.tails());
-            }
-            assert!(
-                t0.elapsed() < START_TIMEOUT,
-                "idp on port {port} not READY\n{}",
-                proc.tails()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let proc = match Idp::launch(port, env).await {
+            Ok(proc) => proc,
+            Err(Launch::Exited(why) | Launch::Hung(why)) => panic!("{why}"),
+        };
         Idp { port, proc }
     }
 }
