@@ -7,8 +7,8 @@
 mod support;
 
 use support::corpus::{
-    raw_exchange, raw_get, OPEN_REDIRECTS, PATH_CONFUSION, PATH_ENCODED_UTF8, PATH_NOT_UTF8,
-    PATH_STAYS_PUBLIC, SAME_ORIGIN,
+    raw_exchange, raw_get, OPEN_REDIRECTS, PATH_CONFUSION, PATH_ENCODED_UTF8, PATH_LOOK_ALIKES,
+    PATH_NOT_UTF8, PATH_STAYS_PUBLIC, SAME_ORIGIN,
 };
 use support::*;
 
@@ -789,8 +789,9 @@ async fn path_confusion_never_reaches_a_protected_path_unauthenticated() {
             s.upstream.records().last().map(|r| r.path.clone())
         ));
     }
-    // Escapes that do not decode to UTF-8: 400, although the route needs no login.
-    for target in PATH_NOT_UTF8 {
+    // Escapes that do not decode to UTF-8, and look-alikes of separators and dot segments:
+    // 400, although the route needs no login.
+    for target in PATH_NOT_UTF8.iter().chain(PATH_LOOK_ALIKES) {
         let before = s.upstream.count();
         let r = raw_exchange(port, &raw_get(target, &host, &[]), deadline).await;
         let reached = s.upstream.count() - before;

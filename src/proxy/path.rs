@@ -1,7 +1,8 @@
 //! One normalised path decides everything: the router, the route matcher and the upstream
 //! all see the same one. Dot segments and `//` are resolved; anything a server could read
 //! two ways (encoded `/` or `\`, NUL, `;` parameters, raw backslashes, controls, non-ASCII,
-//! escapes that do not decode to UTF-8) is refused rather than guessed.
+//! escapes that do not decode to UTF-8, encoded look-alikes of `/`, `\` and dot segments) is
+//! refused rather than guessed.
 
 use std::borrow::Cow;
 
@@ -25,6 +26,8 @@ pub enum PathError {
     LeavesGatewayPaths,
     #[error("a segment of dots and spaces other than . and ..")]
     WindowsDots,
+    #[error("an encoded look-alike of /, \\ or a dot segment")]
+    LookAlike,
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -80,14 +83,34 @@ fn segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
     }
     // Every escape is well-formed by now, and the raw bytes are ASCII (see `normalize`): the
     // segment decodes to UTF-8 exactly when its escaped bytes form whole UTF-8 sequences.
-    if non_ascii
-        && percent_encoding::percent_decode_str(raw)
+    if non_ascii {
+        let decoded = percent_encoding::percent_decode_str(raw)
             .decode_utf8()
-            .is_err()
-    {
-        return Err(PathError::NotUtf8);
+            .map_err(|_| PathError::NotUtf8)?;
+        if is_look_alike(&decoded) {
+            return Err(PathError::LookAlike);
+        }
     }
     Ok(Cow::Owned(out))
+}
+
+/// Characters Unicode compatibility normalisation (NFKC, which some apps and frameworks apply
+/// to paths, and Windows' best-fit mappings) turns into `/` or `\`...
+const SEPARATOR_LOOK_ALIKES: [char; 3] = ['\u{FF0F}', '\u{FF3C}', '\u{FE68}'];
+/// ...into dots (one, two or three)...
+const DOT_LOOK_ALIKES: [char; 5] = ['\u{FF0E}', '\u{2024}', '\u{2025}', '\u{2026}', '\u{FE52}'];
+/// ...and into a space.
+const SPACE_LOOK_ALIKE: char = '\u{3000}';
+
+/// A decoded segment that such an app would read as holding a separator, or as a segment of
+/// dots (and spaces): `/public/．．/admin` is `/admin` to it, past the routes. Dots in a name
+/// (`Wait…`) pass.
+fn is_look_alike(decoded: &str) -> bool {
+    decoded.contains(SEPARATOR_LOOK_ALIKES)
+        || (decoded.contains(DOT_LOOK_ALIKES)
+            && decoded
+                .chars()
+                .all(|c| matches!(c, '.' | ' ' | SPACE_LOOK_ALIKE) || DOT_LOOK_ALIKES.contains(&c)))
 }
 
 /// A segment that needs a closer look: empty (`//`), or dots only (`.` and `..` are resolved,
@@ -263,6 +286,12 @@ pub fn route_prefix(prefix: &str) -> Result<String, String> {
             "`{prefix}` never matches: requests are matched with `.`, `..` and `//` resolved"
         ));
     }
+    if decoded.contains(SEPARATOR_LOOK_ALIKES) || segments.iter().any(|s| is_look_alike(s)) {
+        return Err(format!(
+            "`{prefix}` never matches: requests with look-alikes of `/`, `\\` or dot segments \
+             are refused (400)"
+        ));
+    }
     Ok(decoded.into_owned())
 }
 
@@ -294,6 +323,7 @@ mod tests {
             ("/.well-known", "/.well-known"),
             ("/a%C2%85b", "/a\u{85}b"),
             ("/a/..", "/a/.."),
+            ("/．", "/．"),
             ("/", "/"),
         ] {
             assert_eq!(route_prefix(prefix).as_deref(), Ok(key), "{prefix}");
@@ -327,6 +357,9 @@ mod tests {
             "/a%7f",
             "/%ff/",
             "/%2e%2e/x",
+            "/a／b",
+            "/a%EF%BC%BCb",
+            "/．．/x",
         ] {
             assert!(route_prefix(dead).is_err(), "{dead}");
         }
@@ -401,6 +434,34 @@ mod tests {
             "/public/%20../x",
         ] {
             assert!(normalize(p).is_err(), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn encoded_look_alikes_of_separators_and_dot_segments_are_refused() {
+        for p in [
+            "/public/%EF%BC%8E%EF%BC%8E/admin", // fullwidth full stops
+            "/public/%ef%bc%8e%ef%bc%8e",
+            "/public/.%EF%BC%8E/admin",
+            "/public/%E2%80%A5/admin",      // two dot leader
+            "/public/%E2%80%A4%E2%80%A4/x", // one dot leaders
+            "/public/%E2%80%A6/admin",      // ellipsis: `...`
+            "/public/%EF%B9%92%EF%B9%92/x", // small full stops
+            "/public/%EF%BC%8E%E3%80%80/x", // a dot and an ideographic space
+            "/public/a%EF%BC%8Fb",          // fullwidth solidus
+            "/public/%EF%BC%BC..%EF%BC%BCadmin",
+            "/public/a%EF%B9%A8b", // small reverse solidus
+        ] {
+            assert_eq!(normalize(p), Err(PathError::LookAlike), "{p:?}");
+        }
+        // Look-alike dots inside a name, and other fullwidth characters, are names.
+        for p in [
+            "/wiki/Wait%E2%80%A6",
+            "/v%EF%BC%8E2/x",
+            "/%EF%BC%A1%EF%BC%A2",
+            "/q%EF%BC%9F",
+        ] {
+            assert!(normalize(p).is_ok(), "{p:?}");
         }
     }
 

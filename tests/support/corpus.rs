@@ -224,10 +224,32 @@ pub const PATH_NOT_UTF8: &[&str] = &[
     "/public/%f8%88%80%80%80",
 ];
 
+/// Targets under `/public/` with escaped look-alikes that Unicode compatibility normalisation
+/// (NFKC, applied by some apps and frameworks) or Windows' best-fit mappings turn into `/`, `\`
+/// or a segment of dots: fullwidth, small and leader dots, the ellipsis, fullwidth and small
+/// solidi. Each gets `400` even on a route that needs no login, and never reaches the upstream.
+pub const PATH_LOOK_ALIKES: &[&str] = &[
+    "/public/%EF%BC%8E%EF%BC%8E/admin",
+    "/public/%ef%bc%8e%ef%bc%8e/admin",
+    "/public/.%EF%BC%8E/admin",
+    "/public/%E2%80%A5/admin",
+    "/public/%E2%80%A4%E2%80%A4/admin",
+    "/public/%E2%80%A6/admin",
+    "/public/%EF%B9%92%EF%B9%92/admin",
+    "/public/%EF%BC%8E%EF%BC%8E%E3%80%80/admin",
+    "/public/..%EF%BC%8Fadmin",
+    "/public/%EF%BC%8F..%EF%BC%8Fadmin",
+    "/public/..%EF%BC%BCadmin",
+    "/public/..%EF%B9%A8admin",
+];
+
 /// Targets under `/public/` with escaped UTF-8: forwarded, as the canonical (upper-case)
 /// escapes.
 pub const PATH_ENCODED_UTF8: &[(&str, &str)] = &[
     ("/public/caf%C3%A9", "/public/caf%C3%A9"),
+    // Look-alike dots in a name, not a segment of dots.
+    ("/public/Wait%e2%80%a6", "/public/Wait%E2%80%A6"),
+    ("/public/v%EF%BC%8E2/x", "/public/v%EF%BC%8E2/x"),
     ("/public/caf%c3%a9", "/public/caf%C3%A9"),
     ("/public/%e2%82%ac/x", "/public/%E2%82%AC/x"),
     ("/public/%F0%9F%A6%80", "/public/%F0%9F%A6%80"),
