@@ -3,7 +3,8 @@
 #   make deps    install system packages (chromium, redis, nginx, prometheus)
 #                and the Node.js test/demo dependencies, when missing
 #   make build   release build of the gateway
-#   make test    deps + build + cargo tests + headless-browser end-to-end test
+#   make test    deps + build + cargo tests + deploy checks + headless-browser
+#                end-to-end test
 #   make lint    rustfmt check + clippy with warnings as errors
 #   make demo    IdP + demo app + gateway on 127.0.0.1 (open http://127.0.0.1:4180/)
 #   make bench   criterion micro-benchmarks + wrk load test of the release gateway

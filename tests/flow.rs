@@ -655,23 +655,41 @@ async fn provider_error_renders_an_escaped_403_page() {
 }
 
 /// A provider error whose state does not check out (the flow cookie expired, another browser)
-/// still says the provider refused, with the error code only: the text is anybody's.
+/// still says what the provider said, with the error code only: the text is anybody's. A
+/// provider that failed (rather than refused) is a 503 to try again, as with a valid state.
 #[tokio::test]
 async fn provider_error_without_a_valid_state_names_only_the_code() {
     let s = Stack::start().await;
     let b = Browser::new();
-    for (query, code) in [
+    for (query, code, status) in [
         (
             "error=access_denied&error_description=Injected+text&state=bogus",
             "access_denied",
+            403,
         ),
-        ("error=access_denied", "access_denied"),
-        ("error=%3Cb%3Ebold%3C%2Fb%3E&state=bogus", "unknown_error"),
+        ("error=access_denied", "access_denied", 403),
+        (
+            "error=%3Cb%3Ebold%3C%2Fb%3E&state=bogus",
+            "unknown_error",
+            403,
+        ),
+        (
+            "error=temporarily_unavailable&error_description=Injected+text&state=bogus",
+            "temporarily_unavailable",
+            503,
+        ),
+        ("error=server_error", "server_error", 503),
     ] {
         let r = b.get(&s.gw.url(&format!("/oauth2/callback?{query}"))).await;
-        assert_eq!(r.status, 403, "{query}: {}", r.dump());
+        assert_eq!(r.status, status, "{query}: {}", r.dump());
         let body = r.text();
-        assert!(body.contains("refused the sign-in"), "{query}: {body}");
+        if status == 503 {
+            assert!(body.contains("could not complete"), "{query}: {body}");
+            assert_eq!(r.header("retry-after"), Some("5"), "{query}: {}", r.dump());
+        } else {
+            assert!(body.contains("refused the sign-in"), "{query}: {body}");
+            assert!(r.header("retry-after").is_none(), "{query}: {}", r.dump());
+        }
         assert!(body.contains(code), "{query}: {body}");
         assert!(
             !body.contains("Injected") && !body.contains("bold"),

@@ -51,14 +51,40 @@ fn unverified_provider_error(app: &App, query: Option<&str>) -> Option<Response<
     } else {
         "unknown_error".into()
     };
-    Some(fail(
-        app,
-        "provider_error",
-        StatusCode::FORBIDDEN,
-        "Sign-in refused",
-        &format!("The identity provider refused the sign-in: {code}."),
-        None,
-    ))
+    Some(provider_error(app, &code, "", None))
+}
+
+/// The page for the provider's `error` (and its description, when the state checked out).
+/// RFC 6749 §4.1.2.1's stand-ins for the 500 and 503 a redirect cannot send are the provider
+/// failing, not refusing: a 503 to try again, as the refresh answers.
+fn provider_error(app: &App, error: &str, desc: &str, flow: Option<&FlowState>) -> Response<Body> {
+    let failed = matches!(error, "server_error" | "temporarily_unavailable");
+    let (status, title, said) = if failed {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in unavailable",
+            "The identity provider could not complete the sign-in right now \
+                 (please try again shortly)",
+        )
+    } else {
+        (
+            StatusCode::FORBIDDEN,
+            "Sign-in refused",
+            "The identity provider refused the sign-in",
+        )
+    };
+    let msg = if desc.is_empty() {
+        format!("{said}: {error}.")
+    } else {
+        format!("{said}: {error}: {desc}")
+    };
+    let msg: String = msg.chars().take(500).collect();
+    let mut resp = fail(app, "provider_error", status, title, &msg, flow);
+    if failed {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, crate::error::RETRY_SOON);
+    }
+    resp
 }
 
 pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
@@ -132,35 +158,7 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
             error = &*error,
             "provider returned an error to the callback"
         );
-        // RFC 6749 §4.1.2.1: the redirect's stand-ins for the 500 and 503 it cannot send. The
-        // provider failed, it did not refuse: a 503 to try again, as the refresh answers.
-        let (status, title, said) = if matches!(&*error, "server_error" | "temporarily_unavailable")
-        {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Sign-in unavailable",
-                "The identity provider could not complete the sign-in right now \
-                     (please try again shortly)",
-            )
-        } else {
-            (
-                StatusCode::FORBIDDEN,
-                "Sign-in refused",
-                "The identity provider refused the sign-in",
-            )
-        };
-        let msg = if desc.is_empty() {
-            format!("{said}: {error}.")
-        } else {
-            format!("{said}: {error}: {desc}")
-        };
-        let msg: String = msg.chars().take(500).collect();
-        let mut resp = fail(app, "provider_error", status, title, &msg, Some(&flow));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, crate::error::RETRY_SOON);
-        }
-        return resp;
+        return provider_error(app, &error, &desc, Some(&flow));
     }
     // Checked for a code (what a mix-up attack is after); an error page says no more either way.
     if !app
