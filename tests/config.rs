@@ -294,6 +294,13 @@ fn bad_values_name_their_key() {
         ),
         (
             format!(
+                "{}allowed_redirect_domains: [\".example.co.uk\", \".co.uk\"]\n",
+                minimal()
+            ),
+            "config error: allowed_redirect_domains[1]: ",
+        ),
+        (
+            format!(
                 "{}authorization: {{ allowed_email_domains: [\"example.com\", \".example.com\"] }}\n",
                 minimal()
             ),

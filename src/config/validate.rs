@@ -525,6 +525,24 @@ fn positive(c: &mut Collector, key: &str, d: Duration) -> Duration {
     d
 }
 
+/// A top-level domain, or a second-level one that ccTLD registries sell names under
+/// (`co.uk`, `com.au`, `co.jp`): not anyone's own domain. A short list, not the Public
+/// Suffix List: it catches the common mistake, and the operator names their own domain.
+fn is_registry_suffix(domain: &str) -> bool {
+    const REGISTRY_LABELS: [&str; 18] = [
+        "ac", "co", "com", "edu", "gob", "go", "gov", "ltd", "me", "mil", "ne", "net", "nhs",
+        "nom", "or", "org", "plc", "sch",
+    ];
+    match domain.split('.').collect::<Vec<_>>()[..] {
+        [_] => true,
+        [second, tld] => {
+            tld.len() == 2
+                && tld.bytes().all(|b| b.is_ascii_alphabetic())
+                && REGISTRY_LABELS.contains(&second)
+        }
+        _ => false,
+    }
+}
 pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let mut c = Collector(Vec::new());
 
@@ -981,10 +999,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     for (i, d) in raw.allowed_redirect_domains.iter().enumerate() {
         let d = d.trim().to_ascii_lowercase();
         let bare = d.strip_prefix('.').unwrap_or(&d);
-        if d.starts_with('.') && !bare.contains('.') {
+        if d.starts_with('.') && is_registry_suffix(bare) {
             c.err(
                 &format!("allowed_redirect_domains[{i}]"),
-                format!("`{d}` would allow every site in a top-level domain"),
+                format!(
+                    "`{d}` would allow every site under a public suffix (a top-level domain, \
+                     or a registry's like .co.uk); name your own domain"
+                ),
             );
         } else if crate::policy::routes::is_host_name(bare) {
             allowed_redirect_domains.push(d);
