@@ -289,6 +289,12 @@ fn bad_values_name_their_key() {
             "config error: cookie.domain: ",
         ),
         (
+            minimal()
+                .replace("127.0.0.1:4180/oauth2", "app.example.co.uk:4180/oauth2")
+                .replace("secure: false", "secure: false, domain: .co.uk"),
+            "config error: cookie.domain: ",
+        ),
+        (
             format!("{}allowed_redirect_domains: [\".com\"]\n", minimal()),
             "config error: allowed_redirect_domains[0]: ",
         ),

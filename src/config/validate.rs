@@ -772,6 +772,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                 "cookie.domain",
                 format!("`{d}` does not cover redirect_url's host `{host}`: browsers would refuse the cookie"),
             );
+        } else if host != d && is_registry_suffix(&d) {
+            c.err(
+                "cookie.domain",
+                format!("`{d}` is a public suffix: browsers refuse a cookie for it"),
+            );
         }
     }
     let same_site = match ck.same_site.to_ascii_lowercase().as_str() {
