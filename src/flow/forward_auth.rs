@@ -299,6 +299,11 @@ fn original<'a>(
         at_most_once(h, "x-original-method")?,
     ) {
         (Some(a), Some(b)) if a != b => return Err(Ambiguous("x-forwarded-method")),
+        // In lower case (`get`) it is one method to the routes and another to an app that
+        // treats every non-`GET` as a write: refused, as the proxied path refuses it.
+        (Some(m), _) | (None, Some(m)) if m.bytes().any(|b| b.is_ascii_lowercase()) => {
+            return Err(Ambiguous("x-forwarded-method"))
+        }
         (Some(m), _) | (None, Some(m)) => Some(
             http::Method::from_bytes(m.as_bytes()).map_err(|_| Ambiguous("x-forwarded-method"))?,
         ),
