@@ -134,7 +134,10 @@ pub fn validate(
     if c.nonce {
         return Err(LogoutTokenError::Nonce);
     }
-    if c.sid.is_none() && c.sub.is_none() {
+    // An empty one names nobody (OIDC Back-Channel Logout: non-empty strings).
+    let sid = c.sid.filter(|s| !s.is_empty());
+    let sub = c.sub.filter(|s| !s.is_empty());
+    if sid.is_none() && sub.is_none() {
         return Err(LogoutTokenError::NoSubject);
     }
     let jti = c
@@ -143,8 +146,8 @@ pub fn validate(
         .ok_or(LogoutTokenError::NoJti)?;
     Ok(LogoutToken {
         jti,
-        sid: c.sid,
-        sub: c.sub,
+        sid,
+        sub,
         iat: c.iat.unwrap_or(now),
     })
 }
@@ -249,6 +252,14 @@ mod tests {
                 token(|m| {
                     m.remove("sid");
                     m.remove("sub");
+                }),
+                LogoutTokenError::NoSubject,
+            ),
+            (
+                "an empty sid and sub",
+                token(|m| {
+                    m.insert("sid".into(), json!(""));
+                    m.insert("sub".into(), json!(""));
                 }),
                 LogoutTokenError::NoSubject,
             ),
