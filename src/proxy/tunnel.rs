@@ -169,7 +169,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_tunnel_ends_and_a_busy_one_does_not() {
@@ -197,18 +197,19 @@ mod tests {
         assert_eq!(ended.expect("still open").unwrap(), Idle::Yes);
     }
 
+    /// A tunnel with an hour's idle limit: its client's end, its app's end, and its task.
+    fn hour_long_tunnel() -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Idle>) {
+        let (client, mut client_end) = tokio::io::duplex(64);
+        let (upstream, mut upstream_end) = tokio::io::duplex(64);
+        let idle = Duration::from_secs(3600);
+        let tunnel =
+            tokio::spawn(async move { relay(&mut client_end, &mut upstream_end, idle).await });
+        (client, upstream, tunnel)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_half_close_is_passed_on_and_the_other_side_gets_a_grace() {
-        let (mut client, mut client_end) = tokio::io::duplex(64);
-        let (mut upstream, mut upstream_end) = tokio::io::duplex(64);
-        let tunnel = tokio::spawn(async move {
-            relay(
-                &mut client_end,
-                &mut upstream_end,
-                Duration::from_secs(3600),
-            )
-            .await
-        });
+        let (mut client, mut upstream, tunnel) = hour_long_tunnel();
         client.write_all(b"bye").await.unwrap();
         client.shutdown().await.unwrap();
         // The app sees the bytes, then the end of the client's half.
@@ -233,16 +234,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tunnel_closed_by_both_ends_at_once() {
-        let (mut client, mut client_end) = tokio::io::duplex(64);
-        let (mut upstream, mut upstream_end) = tokio::io::duplex(64);
-        let tunnel = tokio::spawn(async move {
-            relay(
-                &mut client_end,
-                &mut upstream_end,
-                Duration::from_secs(3600),
-            )
-            .await
-        });
+        let (mut client, mut upstream, tunnel) = hour_long_tunnel();
         upstream.write_all(b"close").await.unwrap();
         upstream.shutdown().await.unwrap();
         let mut got = Vec::new();
