@@ -73,12 +73,7 @@ pub fn sanitize_response(
         }
     }
     seen.strip(h, false, None);
-    if seen.set_cookie {
-        strip_set_cookies(h, &is_ours);
-    }
-    if seen.clear_site_data {
-        keep_session_cookies(h);
-    }
+    keep_session(h, &seen, is_ours);
     Ok(())
 }
 
@@ -89,6 +84,11 @@ pub fn sanitize_switch(h: &mut HeaderMap, is_ours: impl Fn(&str) -> bool) {
     let seen = Seen::scan(h, None);
     seen.strip(h, true, None);
     h.remove(header::CONTENT_LENGTH);
+    keep_session(h, &seen, is_ours);
+}
+
+/// What no answer of the app's may do to the gateway's session: set or clear its cookies.
+fn keep_session(h: &mut HeaderMap, seen: &Seen, is_ours: impl Fn(&str) -> bool) {
     if seen.set_cookie {
         strip_set_cookies(h, &is_ours);
     }

@@ -330,7 +330,6 @@ pub async fn serve(
             ip: crate::proxy::headers::ip_header(remote.ip()),
         };
         let shared = shared.clone();
-        let handshake_timeout = cfg.timeouts.header_read;
         let slot = Slot::new(permit, &metrics.connections);
         next_id = next_id.wrapping_add(1);
         let id = next_id;
@@ -342,6 +341,7 @@ pub async fn serve(
             }),
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
+                let handshake_timeout = cfg.timeouts.header_read;
                 tokio::spawn(async move {
                     serve_tls(acceptor, stream, handshake_timeout, shared, info, id).await;
                     drop(slot);
