@@ -78,13 +78,13 @@ impl GatewayError {
     }
 
     /// The answer to a request the gateway has in hand: like [`into_response`](Self::into_response),
-    /// with a 503 in JSON for an API client (anything but a browser navigation, as for the 401).
+    /// in JSON for an API client (anything but a browser navigation, as for the 401).
     pub fn response_for(self, method: &Method, headers: &HeaderMap) -> Response<Body> {
         let resp = self.into_response();
         if crate::policy::is_page_navigation(method, headers) {
             resp
         } else {
-            unavailable_as_json(resp)
+            error_as_json(resp)
         }
     }
 
@@ -191,18 +191,18 @@ impl GatewayError {
 /// `Retry-After` on the gateway's own 503s: the provider or Redis blinked, try again shortly.
 pub const RETRY_SOON: http::HeaderValue = http::HeaderValue::from_static("5");
 
-/// The gateway's own 503 page as `{"error": "<code>"}` for an API client, status and
-/// `Retry-After` kept; any other response (an upstream's own 503 included) as it is.
-pub fn unavailable_as_json(mut resp: Response<Body>) -> Response<Body> {
-    let code = match resp.extensions().get::<ErrorPage>() {
-        Some(&ErrorPage(code)) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => code,
-        _ => return resp,
+/// One of the gateway's own error pages (a 503, a 502 or 504 in place of the app's answer) as
+/// `{"error": "<code>"}` for an API client, status and `Retry-After` kept; any other response
+/// (the app's own 502 or 503 included) as it is.
+pub fn error_as_json(mut resp: Response<Body>) -> Response<Body> {
+    // Taken out: the JSON answer is not a page, so a second pass leaves it alone.
+    let Some(ErrorPage(code)) = resp.extensions_mut().remove::<ErrorPage>() else {
+        return resp;
     };
     let mut json = pages::json(resp.status(), &serde_json::json!({ "error": code }));
     if let Some(v) = resp.headers().get(RETRY_AFTER) {
         json.headers_mut().insert(RETRY_AFTER, v.clone());
     }
-    json.extensions_mut().insert(ErrorPage(code));
     // Who asked, for the access log.
     if let Some(facts) = resp
         .extensions_mut()
@@ -276,7 +276,7 @@ mod tests {
     }
 
     #[test]
-    fn api_clients_get_503_in_json() {
+    fn api_clients_get_error_pages_in_json() {
         let api = {
             let mut h = HeaderMap::new();
             h.insert(http::header::ACCEPT, "application/json".parse().unwrap());
@@ -298,16 +298,23 @@ mod tests {
             .unwrap()
             .starts_with("text/html"));
         assert_eq!(r.headers()[RETRY_AFTER], "5");
-        // Only the gateway's own 503s: a 502 page, and an upstream's 503, stay as they are.
+        // A 504 or 502 in place of the app's answer likewise; the JSON is not converted again.
         let r = GatewayError::UpstreamTimeout.response_for(&Method::GET, &api);
         assert_eq!(r.status(), 504);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let r = error_as_json(r);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let r = GatewayError::Upstream(UpstreamFailure::Connect, "x".into())
+            .response_for(&Method::GET, &browser);
+        assert_eq!(r.status(), 502);
         assert!(r.headers()["content-type"]
             .to_str()
             .unwrap()
             .starts_with("text/html"));
+        // The app's own 503 stays as it is.
         let mut upstream = Response::new(Body::full("busy"));
         *upstream.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        let r = unavailable_as_json(upstream);
+        let r = error_as_json(upstream);
         assert!(r.headers().get("content-type").is_none());
     }
 }

@@ -468,10 +468,17 @@ async fn upstream_down_gives_502_and_the_gateway_keeps_serving() {
         "internal details leaked: {body}"
     );
     gw.assert_healthy().await;
+    // A program gets it in JSON, as it gets its 401 and 503.
     for _ in 0..3 {
         let r = b.api_get(&gw.url("/again")).await;
         assert_eq!(r.status, 502, "{}", r.dump());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.json()["error"], "upstream_unavailable");
     }
+    // No `Accept` at all: no browser's navigation either.
+    let r = b.request("GET", &gw.url("/again"), &[], Vec::new()).await;
+    assert_eq!(r.status, 502, "{}", r.dump());
+    assert_eq!(r.json()["error"], "upstream_unavailable");
     // The session and the gateway's own endpoints are unaffected.
     let me = b.api_get(&gw.url("/oauth2/userinfo")).await;
     assert_eq!(me.status, 200, "{}", me.dump());
@@ -501,6 +508,9 @@ async fn slow_upstream_gives_504_and_the_gateway_keeps_serving() {
         let r = b.get(&s.gw.url("/fast")).await;
         assert_eq!(r.status, 200, "{}", r.dump());
     }
+    let r = b.api_get(&s.gw.url("/slow")).await;
+    assert_eq!(r.status, 504, "{}", r.dump());
+    assert_eq!(r.json()["error"], "upstream_timeout", "{}", r.dump());
 }
 
 /// A body of `chunks` parts of 4 KiB, one every 250 ms.
@@ -578,7 +588,7 @@ async fn a_slow_upload_is_not_an_upstream_timeout() {
         assert_eq!(r.json()["body_len"], CHUNKS * 4096, "{}", r.dump());
     }
     assert_eq!(slow.status, 504, "{}", slow.dump());
-    assert!(slow.text().contains("Gateway timeout"), "{}", slow.dump());
+    assert_eq!(slow.json()["error"], "upstream_timeout", "{}", slow.dump());
     // The stalled upload is the client's fault, not the upstream's.
     assert_eq!(stalled.status, 408, "{}", stalled.dump());
     let rec = s.upstream.records();

@@ -404,7 +404,7 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
             return if crate::policy::is_page_navigation(method, req.headers()) {
                 resp
             } else {
-                crate::error::unavailable_as_json(resp)
+                crate::error::error_as_json(resp)
             };
         }
     };

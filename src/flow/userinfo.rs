@@ -5,7 +5,7 @@
 use super::{caller, unauthorized, Caller};
 use crate::app::App;
 use crate::body::Body;
-use crate::error::unavailable_as_json;
+use crate::error::error_as_json;
 use crate::pages;
 use crate::session::{CookieJar, Session};
 use http::header::SET_COOKIE;
@@ -44,6 +44,6 @@ pub async fn handle(app: &std::sync::Arc<App>, req: &Request<Body>) -> Response<
         }
         Caller::Anonymous { clear } => unauthorized(app, &jar, clear, "/oauth2/start"),
         // A JSON endpoint: its 503 is JSON too, whoever asks.
-        Caller::Unavailable(resp) => unavailable_as_json(resp),
+        Caller::Unavailable(resp) => error_as_json(resp),
     }
 }

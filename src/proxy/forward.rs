@@ -6,9 +6,10 @@ use super::headers::{
 use crate::app::App;
 use crate::body::{Body, BodyError};
 use crate::config::UpstreamConfig;
-use crate::error::{source_chain, GatewayError, UpstreamFailure};
+use crate::error::{error_as_json, source_chain, GatewayError, UpstreamFailure};
 use crate::metrics::{AbandonGuard, ResponseFacts, RouteKind};
 use crate::policy::cidr::trusted;
+use crate::policy::is_page_navigation;
 use crate::policy::routes::{AuthMode, Route};
 use crate::proxy::pool::{broke_off, SendError};
 use crate::server::h1::io::{ClientBodyError, ClientUpgrade};
@@ -89,6 +90,12 @@ where
                 h.insert(header::HOST, v);
             }
         }
+        // The gateway's own 502 or 504 is a page for a person's browser, else JSON (as its 401
+        // and 503 are). Decided here, where the headers are read anyway: only a request with
+        // `Accept` can be a navigation, and only a navigation is marked.
+        if clean.accept && is_page_navigation(&parts.method, h) {
+            parts.extensions.insert(PageCaller);
+        }
         // Left in place: `Forward` takes the subject from it for the access log.
         if let Some(s) = parts.extensions.get::<Arc<ActiveSession>>() {
             inject_identity(h, s.upstream_headers(&app.cfg.headers));
@@ -96,6 +103,10 @@ where
         self.inner.call(Request::from_parts(parts, body))
     }
 }
+
+/// Marks a request a person's browser shows the answer to (see `is_page_navigation`).
+#[derive(Debug, Clone, Copy)]
+struct PageCaller;
 
 /// Sends the request to the upstream over the pooled client, streaming both bodies.
 #[derive(Clone)]
@@ -169,7 +180,10 @@ impl Service<Request<Body>> for Forward {
                     } else {
                         tracing::debug!(error = e.to_string().as_str(), "request not forwarded");
                     }
-                    e.into_response()
+                    match extensions.get::<PageCaller>() {
+                        Some(PageCaller) => e.into_response(),
+                        None => error_as_json(e.into_response()),
+                    }
                 }
             };
             facts.upstream_time = Some(upstream_time);

@@ -174,6 +174,8 @@ pub struct Sanitized {
     pub host: Option<HeaderValue>,
     /// What a trusted proxy in front said (empty unless `trusted_hop`).
     pub prior: PriorHop,
+    /// The client sent `Accept` (every browser navigation does).
+    pub accept: bool,
 }
 
 /// Makes a client's request headers fit for the upstream: hop-by-hop headers (and those
@@ -208,6 +210,7 @@ pub fn sanitize_request(
         // `Connection` cannot name Host away (see `remove_listed`).
         host: seen.host,
         prior,
+        accept: seen.accept,
     }
 }
 
@@ -230,6 +233,7 @@ struct Seen {
     lengths: u8,
     length_list: bool,
     clear_site_data: bool,
+    accept: bool,
     /// Some hop-by-hop or spoofable name is present.
     doomed: bool,
     host: Option<HeaderValue>,
@@ -270,6 +274,8 @@ impl Seen {
                 seen.doomed = true;
             } else if *name == CLEAR_SITE_DATA {
                 seen.clear_site_data = true;
+            } else if *name == header::ACCEPT {
+                seen.accept = true;
             } else if is_hop_by_hop(name) || spoofable.is_some_and(|s| s.matches(name)) {
                 seen.doomed = true;
             }

@@ -3,7 +3,7 @@
 
 use crate::app::App;
 use crate::body::Body;
-use crate::error::{unavailable_as_json, GatewayError};
+use crate::error::{error_as_json, GatewayError};
 use crate::policy::{is_page_navigation, Rejected};
 use crate::refresh::needs_refresh;
 use crate::session::store::Loaded;
@@ -139,6 +139,6 @@ where
     let call = inner.call(req);
     Box::pin(async move {
         let resp = call.await?;
-        Ok(if api { unavailable_as_json(resp) } else { resp })
+        Ok(if api { error_as_json(resp) } else { resp })
     })
 }
