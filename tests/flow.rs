@@ -495,6 +495,35 @@ async fn a_callback_from_another_issuer_is_refused() {
             "{what}: the code was not spent"
         );
     }
+    // A parameter given twice (RFC 6749 §3.1: never), the genuine value first: refused, not
+    // read as the first one, and the flow is left for the genuine response.
+    let b = Browser::new();
+    let (auth, _) = auth_redirect(&b.get(&s.gw.url("/")).await);
+    let callback = idp_walk(&b, &auth, "alice").await;
+    let [code, state, iss] =
+        ["code", "state", "iss"].map(|p| enc(&query_param(&callback, p).unwrap()));
+    let evil = enc("https://evil.example");
+    for forged in [
+        format!("code={code}&state={state}&iss={iss}&iss={evil}"),
+        format!("code={code}&code=bogus&state={state}&iss={iss}"),
+        format!("code={code}&state={state}&state=other&iss={iss}"),
+        format!("code={code}&state={state}&iss={iss}&error=access_denied&error=x"),
+    ] {
+        let r = b
+            .get(&s.gw.url(&format!("/oauth2/callback?{forged}")))
+            .await;
+        assert_eq!(r.status, 400, "{forged}: {}", r.dump());
+        assert!(
+            r.text().contains("repeats a parameter"),
+            "{forged}: {}",
+            r.dump()
+        );
+        assert_no_session_set(&r);
+    }
+    let before = s.idp.token_requests();
+    let r = b.get(&callback).await;
+    assert_eq!(r.status, 302, "{}", r.dump());
+    assert_eq!(s.idp.token_requests(), before + 1);
 }
 
 #[tokio::test]

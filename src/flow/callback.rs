@@ -87,8 +87,35 @@ fn provider_error(app: &App, error: &str, desc: &str, flow: Option<&FlowState>) 
     resp
 }
 
+/// The response parameters a callback reads; each may appear once (RFC 6749 §3.1): with two,
+/// which one counts would be a guess (the `iss` checked, or another one).
+const RESPONSE_PARAMS: [&str; 5] = ["state", "code", "iss", "error", "error_description"];
+
+fn repeated_param(query: Option<&str>) -> Option<&'static str> {
+    let mut seen = [false; RESPONSE_PARAMS.len()];
+    for (k, _) in url::form_urlencoded::parse(query?.as_bytes()) {
+        if let Some(i) = RESPONSE_PARAMS.iter().position(|p| *p == k) {
+            if std::mem::replace(&mut seen[i], true) {
+                return Some(RESPONSE_PARAMS[i]);
+            }
+        }
+    }
+    None
+}
+
 pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     let query = req.uri().query();
+    if let Some(name) = repeated_param(query) {
+        tracing::info!(name, "callback with a repeated parameter");
+        return fail(
+            app,
+            "bad_request",
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "The sign-in response repeats a parameter. Please start again.",
+            None,
+        );
+    }
     let Some(state) = query_param(query, "state").filter(|s| !s.is_empty() && s.len() <= 512)
     else {
         if let Some(resp) = unverified_provider_error(app, query) {
