@@ -1008,6 +1008,9 @@ async fn open_redirect_corpus_never_leaves_the_site() {
             &format!("{}/own", with_domains.public),
             format!("{}/own", with_domains.public),
         ),
+        // A path the gateway refuses (400) is no place to land.
+        ("/x;url=http://evil.example/", "/".to_string()),
+        (&format!("{}/own;a=b", with_domains.public), "/".to_string()),
         ("", "/".to_string()),
     ] {
         assert_eq!(with_domains.land(&b, &idp, rd).await, want, "rd={rd:?}");

@@ -36,6 +36,11 @@ pub fn safe_relative(target: &str) -> Option<&str> {
     {
         return None;
     }
+    // Nor a path the gateway would refuse (`;` parameters, an encoded `/`, …): the user would
+    // end the login on a 400 page.
+    if crate::proxy::path::normalize(path).is_err() {
+        return None;
+    }
     Some(target)
 }
 
@@ -66,7 +71,8 @@ pub fn safe_absolute(target: &str, own_origin: &str, allowed: &[String]) -> Opti
         return None;
     }
     let own = url::Url::parse(own_origin).ok()?;
-    let ok = u.origin() == own.origin()
+    // On the own origin, only a path the gateway would take (see `safe_relative`).
+    let ok = (u.origin() == own.origin() && crate::proxy::path::normalize(u.path()).is_ok())
         // Allowed domains are names, never IP literals (those pass only as the own origin).
         || matches!(u.host()?, url::Host::Domain(d) if domain_allowed(d, allowed));
     if !ok {
@@ -229,6 +235,19 @@ mod tests {
             assert_eq!(safe_absolute(bad, own, &[]), None, "{bad}");
             assert_eq!(or_root_with(Some(bad), own, &[]), "/", "{bad}");
         }
+        // Nor a path the gateway itself refuses (400), on its own origin; another site's
+        // paths are its own business.
+        for refused in ["/x;url=http://evil.example/", "/a%2Fb", "/a/%00"] {
+            assert_eq!(safe_relative(refused), None, "{refused}");
+            let abs = format!("{own}{refused}");
+            assert_eq!(safe_absolute(&abs, own, &[]), None, "{abs}");
+        }
+        assert!(safe_absolute(
+            "https://app.example.com/x;jsessionid=1",
+            own,
+            &[".example.com".into()]
+        )
+        .is_some());
         // An IP literal never passes as an allowed domain.
         assert_eq!(
             safe_absolute("http://127.0.0.1:9999/x", own, &["127.0.0.1".into()]),
