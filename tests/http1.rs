@@ -853,6 +853,60 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!(reqs[1].body, b"hello");
 }
 
+/// A client that pipelines without end (and reads no answer) is not read ahead of: the
+/// gateway takes the next request when it has answered the last, so the client's writes stop
+/// once the sockets' buffers are full, and the gateway's memory stays bounded. (It read on
+/// while a request was with the upstream, a buffer's worth each time: gigabytes a minute.)
+#[tokio::test]
+async fn an_endless_pipeline_is_not_read_ahead() {
+    const OFFERED: usize = 128 << 20;
+    let env = Env::start().await;
+    let batch = get("/pipe/x", &env.host()).repeat(2000).into_bytes();
+    let c = env.client().await;
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    let writer = tokio::spawn(async move {
+        let mut c = c;
+        while counter.load(std::sync::atomic::Ordering::Relaxed) < OFFERED {
+            if c.s.write_all(&batch).await.is_err() {
+                break;
+            }
+            counter.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        c
+    });
+    // Until the writes stop moving (or all of it went: the failure).
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last || now >= OFFERED {
+            break;
+        }
+        last = now;
+    }
+    let taken = written.load(std::sync::atomic::Ordering::Relaxed);
+    let rss = rss_kib(env.gw.pid());
+    writer.abort();
+    assert!(
+        taken < 32 << 20,
+        "the gateway took {} MiB of pipelined requests it had not answered",
+        taken >> 20
+    );
+    assert!(rss < 200 << 10, "the gateway holds {} MiB", rss >> 10);
+    // Other clients are served meanwhile.
+    let mut other = env.client().await;
+    other.send(get("/after", &env.host())).await;
+    assert_eq!(other.response(false).await.text(), "GET /after 0");
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// A Content-Length body and a chunked body (extensions, trailers, sent in pieces) reach
 /// the upstream byte for byte, and the keep-alive connection then serves the next request.
 #[tokio::test]

@@ -659,6 +659,10 @@ impl<T: Transport> Conn<T> {
     /// readiness is known without a read (`Transport::WAITS_WITHOUT_BUFFER`), so a quiet client
     /// costs no system call.
     fn poll_client_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        // Already pipelined: reading on would buffer whatever the client sends, without bound.
+        if !self.rbuf.is_empty() {
+            return Poll::Ready(false);
+        }
         if ready!(self.io.poll_read_ready(cx)).is_err() {
             return Poll::Ready(true);
         }
