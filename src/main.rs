@@ -144,11 +144,14 @@ fn init_tracing(log: &portcullis::config::LogConfig) {
     // `log.level` already holds `RUST_LOG` when that is set (checked with the config).
     let mut filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
     // rustls warns of each odd handshake (an IP address as SNI, a renegotiation attempt),
-    // quoting what the client sent: a line per client handshake is theirs to flood the log
-    // with. Its errors still show; a level that names rustls decides for itself.
-    if !log.level.contains("rustls") {
-        if let Ok(quiet) = "rustls=error".parse() {
-            filter = filter.add_directive(quiet);
+    // quoting what the client sent, and h2 of each odd frame (a PING acknowledged that was
+    // never sent): a line per client handshake or frame is theirs to flood the log with.
+    // Their errors still show; a level that names the crate decides for itself.
+    for quiet in ["rustls", "h2"] {
+        if !log.level.contains(quiet) {
+            if let Ok(quiet) = format!("{quiet}=error").parse() {
+                filter = filter.add_directive(quiet);
+            }
         }
     }
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());

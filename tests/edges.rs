@@ -1680,6 +1680,109 @@ async fn http2_connections_close_after_1000_streams() {
     assert_eq!(h2_get(&mut next, port).await, 200);
 }
 
+/// A client that goes on opening streams after the GOAWAY of the 1000-stream limit (which a
+/// client must not do), and never answers the PING after which h2 would refuse them, is cut
+/// off a few streams later, not served without end.
+#[tokio::test]
+async fn http2_clients_that_ignore_goaway_are_cut_off() {
+    const TRIED: u32 = 3000;
+    const IN_FLIGHT: u32 = 50;
+    let s = Stack::with(&[], ALL_PUBLIC).await;
+    let mut tcp = TcpStream::connect(("127.0.0.1", s.gw.port)).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(4, 0, 0, &[]));
+    // Flow control wide open: the answers never wait for the window.
+    hello.extend(h2_frame(8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    tcp.write_all(&hello).await.unwrap();
+    // GET / with `:authority`, as HPACK: static-table indexes, one literal.
+    let authority = format!("127.0.0.1:{}", s.gw.port);
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, authority.len() as u8];
+    block.extend_from_slice(authority.as_bytes());
+    let (mut sent, mut answered, mut goaway) = (0u32, 0u32, false);
+    let mut frames = Vec::new();
+    let closed = loop {
+        while sent < TRIED && sent < answered + IN_FLIGHT {
+            let stream = 2 * sent + 1;
+            if tcp
+                .write_all(&h2_frame(1, 0x05, stream, &block))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match tokio::time::timeout(DEADLINE, tcp.read(&mut chunk)).await {
+            Err(_) => break false,
+            Ok(Ok(0) | Err(_)) => break true,
+            Ok(Ok(n)) => frames.extend_from_slice(&chunk[..n]),
+        }
+        // Whole frames: count the answers' heads; SETTINGS are acknowledged, PINGs not.
+        while frames.len() >= 9 {
+            let len = u32::from_be_bytes([0, frames[0], frames[1], frames[2]]) as usize;
+            if frames.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (frames[3], frames[4]);
+            match kind {
+                1 => answered += 1,
+                4 if flags & 1 == 0 => tcp.write_all(&h2_frame(4, 1, 0, &[])).await.unwrap(),
+                7 => goaway = true,
+                _ => {}
+            }
+            frames.drain(..9 + len);
+        }
+    };
+    assert!(goaway, "no GOAWAY after {answered} answers");
+    assert!(
+        closed,
+        "the connection stayed open, {answered} streams answered"
+    );
+    assert!(
+        (1000..1200).contains(&answered),
+        "{answered} streams answered on one connection"
+    );
+    // Others are served.
+    let (mut next, _next_conn) = h2_connection(s.gw.port).await;
+    assert_eq!(h2_get(&mut next, s.gw.port).await, 200);
+}
+
+/// Frames h2 warns of (a PING acknowledged that was never sent) are a client's to send by the
+/// thousand: they do not each put a line in the log at the default level.
+#[tokio::test]
+async fn odd_http2_frames_do_not_flood_the_log() {
+    let s = Stack::with(&[], ALL_PUBLIC).await;
+    let mut tcp = TcpStream::connect(("127.0.0.1", s.gw.port)).await.unwrap();
+    let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    wire.extend(h2_frame(4, 0, 0, &[]));
+    for _ in 0..200 {
+        wire.extend(h2_frame(6, 1, 0, b"unasked!"));
+    }
+    tcp.write_all(&wire).await.unwrap();
+    // A PING of its own, answered once the 200 are read.
+    tcp.write_all(&h2_frame(6, 0, 0, b"answerme"))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while find_bytes(&seen, b"answerme").is_none() {
+        match tokio::time::timeout(DEADLINE, tcp.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&chunk[..n]),
+            other => panic!("no PING answer: {other:?}"),
+        }
+    }
+    let (mut next, _next_conn) = h2_connection(s.gw.port).await;
+    assert_eq!(h2_get(&mut next, s.gw.port).await, 200);
+    let log = s.gw.stderr();
+    let warned = log.lines().filter(|l| l.contains("PING")).count();
+    assert_eq!(warned, 0, "{log}");
+}
+
+fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 /// Slow read over HTTP/2: a client that takes no byte of an answer (its flow-control window
 /// kept shut) while keeping the connection alive (it answers PINGs) is disconnected after
 /// `timeouts.idle`, as a slow HTTP/1.1 reader is; it does not hold the connection, the stream

@@ -6,7 +6,7 @@
 //! `MAX_STREAMS` streams a connection is asked to close (GOAWAY; open streams finish), as
 //! nginx does after 1000 requests: streams reset one by one once accepted (past h2's own
 //! rapid-reset guard) each leave work running upstream, so a connection may not open them
-//! without end.
+//! without end; a client that opens more than a few after the GOAWAY is cut off.
 
 use super::h1::Drain;
 use crate::body::{Body, BodyError};
@@ -36,14 +36,21 @@ pub struct Timeouts {
 /// Streams a connection may open before it is asked to close.
 const MAX_STREAMS: usize = 1000;
 
+/// Streams a client may still open once asked to close: those it sent before the GOAWAY
+/// reached it (a client must open none after, RFC 9113 §6.8). One that goes on, ignoring
+/// the GOAWAY (and not answering the PING that would let h2 refuse them), is cut off.
+const LATE_STREAMS: usize = 100;
+
 /// The streams of one connection: how many are open (request received, response body not yet
 /// ended) and when the last one ended.
 struct Activity {
     opened: AtomicBool,
     open: AtomicUsize,
-    /// Streams opened so far; at `MAX_STREAMS`, `spent` is notified.
+    /// Streams opened so far; at `MAX_STREAMS`, `spent` is notified, and `overrun` at
+    /// `LATE_STREAMS` more.
     total: AtomicUsize,
     spent: tokio::sync::Notify,
+    overrun: tokio::sync::Notify,
     /// Milliseconds after `start` at which the last stream ended.
     quiet_since_ms: AtomicU64,
     owed: Mutex<Owed>,
@@ -59,6 +66,7 @@ impl Activity {
             open: AtomicUsize::new(0),
             total: AtomicUsize::new(0),
             spent: tokio::sync::Notify::new(),
+            overrun: tokio::sync::Notify::new(),
             quiet_since_ms: AtomicU64::new(0),
             owed: Mutex::new(Owed::default()),
             start: Instant::now(),
@@ -69,9 +77,11 @@ impl Activity {
     fn begin(self: &Arc<Self>) -> StreamGuard {
         self.opened.store(true, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
-        if self.total.fetch_add(1, Ordering::Relaxed) + 1 == MAX_STREAMS {
-            // Kept for the loop if it is not waiting right now.
-            self.spent.notify_one();
+        // Kept for the loop if it is not waiting right now.
+        match self.total.fetch_add(1, Ordering::Relaxed) + 1 {
+            MAX_STREAMS => self.spent.notify_one(),
+            n if n == MAX_STREAMS + LATE_STREAMS => self.overrun.notify_one(),
+            _ => {}
         }
         StreamGuard(self.clone())
     }
@@ -280,6 +290,10 @@ pub async fn serve<I, S, F>(
                 tracing::debug!("HTTP/2 connection opened {MAX_STREAMS} streams: closing");
                 conn.as_mut().graceful_shutdown();
                 closing_since = Some(Instant::now());
+            }
+            _ = activity.overrun.notified() => {
+                tracing::debug!("HTTP/2 client opens streams after GOAWAY: closing");
+                return;
             }
             _ = tokio::time::sleep_until(check_at) => {
                 let quiet_for = activity.quiet_since().elapsed();
