@@ -182,6 +182,13 @@ where
             tracing::debug!("request method not in upper case refused");
             return Either::Right(bad_request("The request method is not in upper case."));
         }
+        // A tunnel through the gateway is no request to the app (and hyper's client takes a
+        // 2xx answer to it for a protocol switch, cutting its body off), as with nginx; its
+        // target (`host:port`) is no path.
+        if req.method() == http::Method::CONNECT {
+            let resp = pages::method_not_allowed("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH");
+            return Either::Right(Box::pin(std::future::ready(Ok(resp))));
+        }
         // One normalised path for everything after this point, the upstream included.
         if let Err(e) = normalize_uri(&mut req) {
             tracing::debug!(
@@ -217,13 +224,6 @@ where
                 Ok(resp)
             }))
         } else {
-            // A tunnel through the gateway is no request to the app (and hyper's client takes a
-            // 2xx answer to it for a protocol switch, cutting its body off), as with nginx.
-            if req.method() == http::Method::CONNECT {
-                let resp =
-                    pages::method_not_allowed("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH");
-                return Either::Right(Box::pin(std::future::ready(Ok(resp))));
-            }
             if !self.app.cfg.routes.is_empty() {
                 let host = request_host(&req);
                 let matched = self.app.route_for(req.method(), host, req.uri().path());

@@ -1996,18 +1996,27 @@ async fn connect_is_not_allowed() {
     })
     .await;
     let before = upstream.count();
-    let req = format!(
-        "CONNECT /public/x HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nConnection: close\r\n\r\n"
-    );
-    let r =
-        support::corpus::raw_exchange(gw.port, req.as_bytes(), std::time::Duration::from_secs(10))
-            .await;
-    assert_eq!(r.status, Some(405), "{}", r.text);
-    assert!(
-        r.text.to_ascii_lowercase().contains("\r\nallow: get"),
-        "{}",
-        r.text
-    );
+    let up = format!("127.0.0.1:{}", upstream.port);
+    for (target, host) in [
+        ("/public/x", format!("127.0.0.1:{gw_port}")),
+        // The authority form a proxy client sends.
+        (up.as_str(), up.clone()),
+        ("evil.example:443", "evil.example:443".into()),
+    ] {
+        let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let r = support::corpus::raw_exchange(
+            gw.port,
+            req.as_bytes(),
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(r.status, Some(405), "{target}: {}", r.text);
+        assert!(
+            r.text.to_ascii_lowercase().contains("\r\nallow: get"),
+            "{target}: {}",
+            r.text
+        );
+    }
     assert_eq!(upstream.count(), before, "CONNECT reached the upstream");
     // The gateway's answers to other methods are unchanged.
     let get = send("GET", &gw.url("/public/x"), &[], Vec::new()).await;

@@ -257,7 +257,10 @@ pub fn parse_head(
     // An absolute-form target names the site too (RFC 9112 §3.2.2: it wins over Host): the
     // two must agree, or routes matched on one would guard requests the upstream reads for
     // the other (as over HTTP/2, where `:authority` and Host must agree).
-    if let Some(authority) = uri.authority() {
+    // A CONNECT's target is an authority alone (`host:port`): it names no resource, and the
+    // router answers it `405`.
+    let tunnel = method == http::Method::CONNECT && uri.scheme().is_none();
+    if let Some(authority) = uri.authority().filter(|_| !tunnel) {
         // Only http(s) URLs name a resource here (nginx refuses others too).
         let scheme = uri.scheme_str().unwrap_or_default();
         if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
