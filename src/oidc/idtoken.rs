@@ -1115,6 +1115,51 @@ MC4CAQAwBQYDK2VwBCIEIFhMqk3bB9YbG6cHKYQHPc1578vtVGqKCuc3rOzXEUZ7
         }
     }
 
+    /// An Ed25519 key of small order in the provider's key set (the identity point, say)
+    /// would verify a signature of anyone's making: such keys are skipped, and a token
+    /// "signed" for one finds no key.
+    #[test]
+    fn small_order_ed25519_keys_verify_nothing() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        use base64::Engine as _;
+        let hex = [
+            "0000000000000000000000000000000000000000000000000000000000000000",
+            "0000000000000000000000000000000000000000000000000000000000000080",
+            "0100000000000000000000000000000000000000000000000000000000000000",
+            "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+            "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+            "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+            "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+            "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        ];
+        let weak: Vec<String> = hex
+            .iter()
+            .map(|h| {
+                let bytes: Vec<u8> = (0..32)
+                    .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap())
+                    .collect();
+                format!(
+                    r#"{{"kty":"OKP","crv":"Ed25519","kid":"ed0","x":"{}"}}"#,
+                    B64.encode(bytes)
+                )
+            })
+            .collect();
+        let good = r#"{"kty":"OKP","crv":"Ed25519","kid":"k1","x":"K1rdwAFGLm_ZKObHzK61cwydU88y6agTopwUGR77dKo"}"#;
+        let jwks = format!(r#"{{"keys":[{},{good}]}}"#, weak.join(","));
+        assert_eq!(KeySet::parse(jwks.as_bytes()).unwrap().len(), 1);
+        // R the identity, S zero: valid for the identity key, whatever was signed.
+        let header = B64.encode(r#"{"alg":"EdDSA","kid":"ed0"}"#);
+        let body = B64.encode(claims().to_string());
+        let mut sig = [0u8; 64];
+        sig[0] = 1;
+        let forged = format!("{header}.{body}.{}", B64.encode(sig));
+        let identity = format!(r#"{{"keys":[{}]}}"#, weak[2]);
+        let keys = KeySet::parse(identity.as_bytes()).unwrap();
+        assert!(validate(&forged, &keys, &expectations("groups")).is_err());
+    }
+
     #[test]
     fn signatures_and_algorithms() {
         let good = with(|m| {

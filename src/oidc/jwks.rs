@@ -117,6 +117,15 @@ impl KeySet {
             if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
                 continue;
             }
+            if let AlgorithmParameters::OctetKeyPair(p) = &jwk.algorithm {
+                if p.curve == EllipticCurve::Ed25519 && is_weak_ed25519(&p.x) {
+                    tracing::warn!(
+                        kid = jwk.common.key_id.as_deref().unwrap_or("-"),
+                        "the provider's key set holds an Ed25519 key of small order: skipped"
+                    );
+                    continue;
+                }
+            }
             let Ok(key) = DecodingKey::from_jwk(&jwk) else {
                 continue;
             };
@@ -216,6 +225,49 @@ pub enum Refusal {
     /// provider replaced under the same `kid`.
     BadSignature,
     Invalid(jsonwebtoken::errors::Error),
+}
+
+/// An Ed25519 public key of small order (the identity among them), or not a key at all:
+/// with one, a signature that says anything verifies (R the identity, S zero), and
+/// aws-lc does not refuse them. The y coordinates of the eight small-order points, and the
+/// non-canonical p and p + 1, as libsodium's blocklist; the sign bit is ignored.
+fn is_weak_ed25519(x: &str) -> bool {
+    use base64::Engine;
+    // p - 1, p and p + 1: 0xec, 0xed, 0xee, then 0xff up to a last 0x7f.
+    const fn near_p(first: u8) -> [u8; 32] {
+        let mut b = [0xff; 32];
+        b[0] = first;
+        b[31] = 0x7f;
+        b
+    }
+    const fn one() -> [u8; 32] {
+        let mut b = [0; 32];
+        b[0] = 1;
+        b
+    }
+    const BLOCKED: [[u8; 32]; 7] = [
+        [0; 32],
+        one(),
+        [
+            0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef,
+            0x98, 0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88,
+            0x6d, 0x53, 0xfc, 0x05,
+        ],
+        [
+            0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10,
+            0x67, 0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77,
+            0x92, 0xac, 0x03, 0x7a,
+        ],
+        near_p(0xec),
+        near_p(0xed),
+        near_p(0xee),
+    ];
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(x.trim_end_matches('='));
+    let Some(mut key) = key.ok().and_then(|k| <[u8; 32]>::try_from(k).ok()) else {
+        return true;
+    };
+    key[31] &= 0x7f;
+    BLOCKED.contains(&key)
 }
 
 #[cfg(test)]
