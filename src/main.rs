@@ -95,6 +95,7 @@ fn main() -> ExitCode {
             "environment variable names no configuration key; ignored (see `portcullis env-vars`)"
         );
     }
+    raise_open_file_limit(cfg.limits.max_connections);
     if rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
         .is_err()
@@ -137,6 +138,47 @@ fn main() -> ExitCode {
     // has stalled.
     portcullis::logging::flush(std::time::Duration::from_secs(2));
     code
+}
+
+/// Every client connection is an open file, and so is each upstream connection: a soft limit
+/// of 1024 (systemd's and many containers' default) would stop the listeners, the admin
+/// probes' included, long before `limits.max_connections`. Raised to the hard limit, as Go
+/// programs and nginx's `worker_rlimit_nofile` do; a warning when even that is short.
+fn raise_open_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or write the struct they are given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    // An unlimited hard limit still stops at the kernel's fs.nr_open (1048576 by default).
+    for target in [limit.rlim_max, limit.rlim_max.min(1 << 20)] {
+        if limit.rlim_cur >= target {
+            break;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+            break;
+        }
+    }
+    // A proxied request holds two files (the client's and the upstream's), and the rest of
+    // the process a few dozen.
+    let wanted = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64);
+    if (limit.rlim_cur as u64) < wanted {
+        tracing::warn!(
+            open_files = limit.rlim_cur as u64,
+            "the open-file limit (ulimit -n) is below twice limits.max_connections: past it, new connections fail (the admin listener's too); raise the limit or lower limits.max_connections"
+        );
+    }
 }
 
 fn init_tracing(log: &portcullis::config::LogConfig) {

@@ -1122,6 +1122,72 @@ async fn http1_over_tls_between_and_during_requests() {
     );
 }
 
+/// The open-file limit is raised to the hard limit at start-up (a soft limit of 1024, many
+/// hosts' default, would stop accepting connections long before `limits.max_connections`),
+/// and a hard limit below twice that setting is warned of, naming it.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let idp = Idp::start(&[]).await;
+    let upstream = Upstream::start();
+    let limits = |pid: u32| -> (u64, u64) {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .skip(3)
+            .map(|w| w.parse().unwrap_or(u64::MAX))
+            .collect();
+        (n[0], n[1])
+    };
+    let (_, ours) = limits(std::process::id());
+    let low = ours.min(512);
+    for (ulimit, hard) in [
+        ("ulimit -S -n 256".to_string(), ours),
+        (format!("ulimit -n {low}"), low),
+    ] {
+        let port = free_port();
+        let yaml = GatewayOpts::new(port, &idp, &upstream.url()).yaml();
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-nofile-")
+            .tempdir()
+            .unwrap();
+        let cfg = dir.path().join("portcullis.yaml");
+        std::fs::write(&cfg, &yaml).unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{ulimit} && exec \"$0\" --config \"$1\""))
+            .arg(support::procs::bin())
+            .arg(&cfg)
+            .env("NO_COLOR", "1");
+        let mut gw = Proc::spawn("gateway", cmd, dir);
+        let t0 = Instant::now();
+        let ready = format!("http://127.0.0.1:{port}/readyz");
+        while !try_send_body("GET", &ready, &[], full(Bytes::new()), false)
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
+            assert!(gw.exited().is_none(), "{}", gw.tails());
+            assert!(t0.elapsed() < DEADLINE, "not ready: {}", gw.tails());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // An unlimited hard limit: raised as far as the kernel allows.
+        let (soft, hard_seen) = limits(gw.pid());
+        assert_eq!(hard_seen, hard, "{ulimit}");
+        assert!(
+            soft == hard || (hard == u64::MAX && soft >= 1 << 20),
+            "{ulimit}: soft limit {soft}"
+        );
+        let warned = gw
+            .stderr()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("limits.max_connections"));
+        assert_eq!(warned, soft < 2 * 10_000 + 64, "{ulimit}: {}", gw.stderr());
+    }
+}
+
 /// Handshakes with an odd server name (an IP address, a name with a line break in it) are
 /// any client's to send: they do not each put a warning in the log (rustls' own), which
 /// would be a client's way to flood it. Plain HTTP sent to the TLS port gets a 400 it can
