@@ -173,9 +173,9 @@ fn raise_open_file_limit(max_connections: usize) {
     let wanted = (max_connections as u64)
         .saturating_mul(2)
         .saturating_add(64);
-    if (limit.rlim_cur as u64) < wanted {
+    if limit.rlim_cur < wanted {
         tracing::warn!(
-            open_files = limit.rlim_cur as u64,
+            open_files = limit.rlim_cur,
             "the open-file limit (ulimit -n) is below twice limits.max_connections: past it, new connections fail (the admin listener's too); raise the limit or lower limits.max_connections"
         );
     }
