@@ -261,6 +261,16 @@ impl<W: Write> Write for OneLine<W> {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary: for values a client chooses,
+/// which a log line must not repeat at any length.
+pub fn at_most(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

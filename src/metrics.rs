@@ -516,6 +516,17 @@ pub struct Access {
     path: Box<str>,
 }
 
+/// The longest path an access line holds whole: over HTTP/2 a client repeats a long path for
+/// a byte or two (HPACK), and its log lines must not outgrow its traffic by hundreds of times.
+const LOGGED_PATH: usize = 1024;
+
+fn logged_path(path: &str) -> Box<str> {
+    if path.len() <= LOGGED_PATH {
+        return path.into();
+    }
+    format!("{}…", crate::logging::at_most(path, LOGGED_PATH)).into()
+}
+
 /// Counts and logs one request, answered or abandoned.
 fn finish(
     metrics: &Metrics,
@@ -628,7 +639,7 @@ impl<S> Observe<S> {
                     .extensions()
                     .get::<crate::proxy::forward::ConnInfo>()
                     .map(|c| c.remote.ip()),
-                path: req.uri().path().into(),
+                path: logged_path(req.uri().path()),
             })
         });
         Observed {
@@ -662,6 +673,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_paths_are_cut_in_the_access_log() {
+        assert_eq!(&*logged_path("/a/b"), "/a/b");
+        let long = format!("/{}", "é".repeat(1000));
+        let cut = logged_path(&long);
+        assert!(cut.len() <= LOGGED_PATH + "…".len(), "{}", cut.len());
+        assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
+    }
 
     #[test]
     fn log_durations_are_milliseconds_to_the_microsecond() {

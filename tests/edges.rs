@@ -1814,6 +1814,27 @@ async fn http2_clients_that_ignore_goaway_are_cut_off() {
     assert_eq!(h2_get(&mut next, s.gw.port).await, 200);
 }
 
+/// An access line holds at most 1 KiB of a path: over HTTP/2 a client repeats a 4 KB path
+/// for a byte or two (HPACK), and the log must not grow by hundreds of times its traffic.
+#[tokio::test]
+async fn long_paths_are_cut_short_in_the_access_log() {
+    let s = Stack::with(&[], ALL_PUBLIC).await;
+    let long = format!("/{}", "a".repeat(4000));
+    let r = send("GET", &s.gw.url(&long), &[], Vec::new()).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let t0 = Instant::now();
+    let line = loop {
+        let log = s.gw.stderr();
+        if let Some(l) = log.lines().find(|l| l.contains("path=\"/aaaa")) {
+            break l.to_string();
+        }
+        assert!(t0.elapsed() < DEADLINE, "no access line: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(line.len() < 1400, "{} bytes: {line}", line.len());
+    assert!(line.contains("aaaa…"), "{line}");
+}
+
 /// Frames h2 warns of (a PING acknowledged that was never sent) are a client's to send by the
 /// thousand: they do not each put a line in the log at the default level.
 #[tokio::test]

@@ -180,9 +180,10 @@ pub async fn handle(app: &App, req: &Request<Body>) -> Response<Body> {
     }
     if let Some(error) = query_param(query, "error") {
         let desc = query_param(query, "error_description").unwrap_or_default();
-        // Quoted: anyone can send this parameter (`error=x user=admin` is one value).
+        // Quoted: anyone can send this parameter (`error=x user=admin` is one value); cut
+        // short (the page shows 500 characters of it).
         tracing::info!(
-            error = &*error,
+            error = crate::logging::at_most(&error, 128),
             "provider returned an error to the callback"
         );
         return provider_error(app, &error, &desc, Some(&flow));
