@@ -1781,6 +1781,20 @@ async fn sign_out_with_the_redis_store_deletes_the_session() {
         .collect();
     let ids: Vec<String> = ids.iter().filter_map(Reply::text).collect();
     assert_eq!(ids, live, "index {ids:?}, sessions {live:?}");
+
+    // A login checks 16 of the index's members, not all: a user with thousands of sessions
+    // does not make each login of theirs scan them (Redis runs nothing else meanwhile).
+    let mut sadd = vec!["SADD".to_string(), "portcullis:sub:alice".to_string()];
+    sadd.extend((0..200).map(|i| format!("ended{i}")));
+    let sadd: Vec<&str> = sadd.iter().map(String::as_str).collect();
+    redis.cmd(&sadd);
+    let third = login_cookie(&gw, "alice").await;
+    assert_eq!(api(&gw, "/x", &third).await.status, 200);
+    let Reply::Int(n) = redis.cmd(&["SCARD", "portcullis:sub:alice"]) else {
+        panic!("no index of alice's sessions");
+    };
+    // 200 ended and 1 live, less the ended among the 16 checked, plus the new one.
+    assert!((186..=187).contains(&n), "{n} members");
 }
 
 /// The revocations (RFC 7009) the provider has served, with their status.
